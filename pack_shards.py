@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Pack ImageNet-style folders into globally shuffled WebDataset shards, DALI index files and a manifest.
+
+    python pack_shards.py --data-path /data/imagenet100 --out /data/imagenet100-shards
+    python pack_shards.py --data-path /data/imagenet100 --out /data/in100-160 --resize-short 160  # smaller, faster
+
+Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manifest.json.
+"""
+
+import argparse
+import sys
+
+from vitdeit.classes import DataError
+from vitdeit.packing import SKIP_FLAG, PackOptions, pack
+
+
+def main(argv=None) -> int:
+    d = PackOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", required=True, help="folder with train.X1..X4 (or train/), val.X (or val/), Labels.json")
+    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--labels", default=None, help="WNID -> name JSON (default: DATA_PATH/Labels.json)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard, at most")
+    p.add_argument("--resize-short", type=int, default=None, metavar="S",
+                   help="re-encode images whose shorter side exceeds S px down to S (default: keep originals)")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of re-encoded images")
+    p.add_argument(SKIP_FLAG, action="store_true", help="skip unreadable images (listed in manifest.json)")
+    p.add_argument("--workers", type=int, default=d.workers, help="parallel processes")
+    a = p.parse_args(argv)
+    if a.shard_size < 1 or a.workers < 1 or (a.resize_short is not None and a.resize_short < 8):
+        p.error("--shard-size and --workers must be >= 1, --resize-short >= 8")
+    opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
+                       jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers)
+    try:
+        m = pack(a.data_path, a.out, a.labels, opts)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['num_samples']} images of {s['input_files']} in {len(s['shards'])} shards")
+    if m["skipped"]:
+        print(f"skipped {len(m['skipped'])} unreadable files (listed in {a.out}/manifest.json)")
+    if m["converted"]:
+        print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/resized; listed in the manifest)")
+    print(f"wrote {a.out}/manifest.json ({len(m['classes'])} classes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The class map (Labels.json, sorted WNIDs) and the shard manifest, the single source of truth."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+WNID_RE = re.compile(r"^n\d{8}$")
+MANIFEST_NAME = "manifest.json"
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or value and the fix."""
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DataError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def load_labels(path: str | Path) -> dict[str, str]:
+    """Read and validate a Labels.json (WNID -> human-readable name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: Labels.json not found; pass --labels PATH (the WNID -> name JSON file).")
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); it must be one object mapping WNID -> name.") from e
+    except DataError as e:
+        raise DataError(f"{path}: {e}; every WNID must appear once.") from e
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{path}: must be a non-empty JSON object mapping WNID -> name.")
+    for wnid, name in labels.items():
+        if not WNID_RE.match(wnid):
+            raise DataError(f"{path}: key {wnid!r} is not a WNID (expected 'n' + 8 digits, e.g. 'n01440764').")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{path}: the name of {wnid} must be a non-empty string, got {name!r}.")
+    return labels
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """WNIDs in sorted order; a WNID's class index is its position in that list."""
+
+    wnids: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, str]) -> "ClassMap":
+        wnids = tuple(sorted(labels))
+        return cls(wnids, tuple(labels[w] for w in wnids))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ClassMap":
+        return cls.from_labels(load_labels(path))
+
+    def __len__(self) -> int:
+        return len(self.wnids)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """WNID -> class index."""
+        return {w: i for i, w in enumerate(self.wnids)}
+
+    def short_name(self, index: int, max_len: int = 22) -> str:
+        """First synonym of the class name, cut to max_len characters ('tench, Tinca tinca' -> 'tench')."""
+        name = self.names[index].split(",")[0].strip()
+        return name if len(name) <= max_len else name[: max_len - 1] + "…"
+
+
+def load_manifest(shards_dir: str | Path) -> dict:
+    """Read SHARDS_DIR/manifest.json, the description of a packed dataset."""
+    path = Path(shards_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: {shards_dir} is not a packed dataset. "
+            f"Create it with: python pack_shards.py --data-path IMAGENET_DIR --out {shards_dir}"
+        )
+    manifest = json.loads(path.read_text())
+    for key in ("classes", "labels", "splits"):
+        if key not in manifest:
+            raise DataError(f"{path}: missing key {key!r}; re-run pack_shards.py to rewrite it.")
+    return manifest
+
+
+def manifest_class_map(manifest: dict) -> ClassMap:
+    return ClassMap(tuple(manifest["classes"]), tuple(manifest["labels"][w] for w in manifest["classes"]))

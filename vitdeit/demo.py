@@ -1,0 +1,133 @@
+"""A small synthetic dataset in the exact ImageNet-100 layout, for CPU demos and tests.
+
+It is synthetic, and says so: each class is a geometric shape (disk, ring, triangle, cross, ...)
+drawn at a random position, size, rotation and colour over a textured, cluttered background,
+and the class names are real ImageNet WNIDs only so that the layout matches. The class is carried
+by local shape alone (colour and position are random), which a convolution's translation
+equivariance picks up in a few epochs while a ViT trained from scratch has to learn it from data:
+the gap a distilled DeiT is meant to close.
+
+Layout written: OUT/train.X1..X4/WNID/WNID_N.JPEG, OUT/val.X/WNID/ILSVRC2012_val_NNNNNNNN.JPEG,
+OUT/Labels.json (only the chosen classes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from .classes import load_labels
+
+SHAPES = ("disk", "ring", "square", "triangle", "cross", "arrow", "diamond", "star", "bars", "hourglass",
+          "frame", "arc")
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[list[tuple[float, float]]]:
+    """Polygons (lists of points) making up a shape of radius r px centred at (cx, cy)."""
+
+    def rotated(pts):
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+    def regular(n, rad, phase=0.0):
+        return [(rad * math.cos(phase + 2 * math.pi * k / n), rad * math.sin(phase + 2 * math.pi * k / n))
+                for k in range(n)]
+
+    t = r * 0.32  # stroke half-width
+    if kind == "square":
+        return [rotated(regular(4, r, math.pi / 4))]
+    if kind == "triangle":
+        return [rotated(regular(3, r, -math.pi / 2))]
+    if kind == "diamond":
+        return [rotated([(0, -r), (r * 0.55, 0), (0, r), (-r * 0.55, 0)])]
+    if kind == "star":
+        pts = [((r if k % 2 == 0 else r * 0.42) * math.cos(math.pi * k / 5 - math.pi / 2),
+                (r if k % 2 == 0 else r * 0.42) * math.sin(math.pi * k / 5 - math.pi / 2)) for k in range(10)]
+        return [rotated(pts)]
+    if kind == "cross":
+        return [rotated([(-r, -t), (r, -t), (r, t), (-r, t)]), rotated([(-t, -r), (t, -r), (t, r), (-t, r)])]
+    if kind == "arrow":
+        return [rotated([(-r, -t * 0.8), (0, -t * 0.8), (0, -r * 0.7), (r, 0), (0, r * 0.7), (0, t * 0.8), (-r, t * 0.8)])]
+    if kind == "bars":
+        return [rotated([(-r, y0), (r, y0), (r, y0 + 0.4 * r), (-r, y0 + 0.4 * r)]) for y0 in (-r, -0.2 * r, 0.6 * r)]
+    if kind == "hourglass":
+        return [rotated([(-r, -r), (r, -r), (-r, r), (r, r)])]
+    if kind == "frame":
+        return [rotated([(-r, -r), (r, -r), (r, -r + t), (-r, -r + t)]), rotated([(-r, r - t), (r, r - t), (r, r), (-r, r)]),
+                rotated([(-r, -r), (-r + t, -r), (-r + t, r), (-r, r)]), rotated([(r - t, -r), (r, -r), (r, r), (r - t, r)])]
+    if kind == "arc":
+        outer = [(r * math.cos(a), r * math.sin(a)) for a in np.linspace(0, math.pi, 12)]
+        inner = [((r - 1.6 * t) * math.cos(a), (r - 1.6 * t) * math.sin(a)) for a in np.linspace(math.pi, 0, 12)]
+        return [rotated(outer + inner)]
+    raise ValueError(kind)
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def draw_sample(shape: str, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    w, h = size
+    # Background: a smooth random two-colour gradient plus grain, so that no pixel statistic gives the class.
+    a, b = np.array(_random_colour(rng), float), np.array(_random_colour(rng), float)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ramp = ((xx * math.cos(angle) + yy * math.sin(angle)) / max(w, h) + 1) / 2
+    bg = a * ramp[..., None] + b * (1 - ramp[..., None]) + rng.normal(0, 14, (h, w, 3))
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):  # clutter: thin random strokes
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        draw.line([(x0, y0), (x0 + rng.uniform(-w / 3, w / 3), y0 + rng.uniform(-h / 3, h / 3))],
+                  fill=_random_colour(rng), width=1)
+    short = min(w, h)
+    r = rng.uniform(0.22, 0.36) * short
+    cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    fill = _random_colour(rng)
+    if shape in ("disk", "ring"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        if shape == "ring":
+            ri = r * 0.55
+            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=tuple(int(v) for v in (a + b) / 2))
+    else:
+        for poly in _polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)):
+            draw.polygon(poly, fill=fill)
+    return img.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int = 10,
+                      train_per_class: int = 240, val_per_class: int = 50, seed: int = 0,
+                      min_size: int = 56, max_size: int = 88) -> Path:
+    """Write the demo dataset to `out`; return it. Image sides are random in [min_size, max_size] px."""
+    out = Path(out)
+    all_labels = load_labels(labels_path)
+    if not 2 <= num_classes <= min(len(all_labels), len(SHAPES)):
+        raise ValueError(f"num_classes={num_classes}: the demo supports 2..{min(len(all_labels), len(SHAPES))}.")
+    wnids = sorted(all_labels)
+    step = len(wnids) / num_classes  # spread over the list: varied, real class names
+    chosen = [wnids[int(i * step)] for i in range(num_classes)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "Labels.json").write_text(json.dumps({w: all_labels[w] for w in chosen}, indent=1))
+    rng = np.random.default_rng(seed)
+    val_counter = 0
+    for ci, wnid in enumerate(chosen):
+        train_counter = 0
+        for split_dir, count in [(f"train.X{k + 1}", train_per_class // 4 + (k < train_per_class % 4))
+                                 for k in range(4)] + [("val.X", val_per_class)]:
+            d = out / split_dir / wnid
+            d.mkdir(parents=True, exist_ok=True)
+            for _ in range(count):
+                size = tuple(int(v) for v in rng.integers(min_size, max_size + 1, 2))
+                img = draw_sample(SHAPES[ci], rng, size)
+                if split_dir == "val.X":
+                    val_counter += 1
+                    name = f"ILSVRC2012_val_{val_counter:08d}.JPEG"
+                else:
+                    train_counter += 1
+                    name = f"{wnid}_{train_counter}.JPEG"
+                img.save(d / name, format="JPEG", quality=90)
+    return out

@@ -1,0 +1,346 @@
+"""ImageNet-style folders -> globally shuffled WebDataset shards + DALI index files + manifest.json.
+
+Input layout (the ImageNet-100 download):
+    DATA/train.X1 .. train.X4/WNID/*.JPEG   (or a plain DATA/train/)
+    DATA/val.X/WNID/*.JPEG                  (or DATA/val/)
+    DATA/Labels.json                        WNID -> name; class index = position in the sorted WNIDs
+
+Output (SHARDS_DIR):
+    train-000000.tar + train-000000.idx, ..., val-000000.tar + .idx, manifest.json
+
+Each sample is `KEY.jpg` (JPEG bytes), `KEY.cls` (class index as ASCII, WebDataset's convention) and
+`KEY.lbl` (the same index as a little-endian int32, so DALI reads labels without Python). KEY is the
+source file's stem, so every sample traces back to its file.
+
+Safe to interrupt: a shard is written under a temporary name and renamed when complete; a record of
+each finished shard lets a rerun with the same inputs and options skip it. manifest.json is written
+last, and only when every check passed: its presence means the output is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import struct
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import webdataset
+from PIL import Image
+
+from .classes import MANIFEST_NAME, ClassMap, DataError, load_labels
+
+FORMAT_VERSION = 1
+SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compile(r"^val(\.X\d*)?$")}
+PROGRESS_DIR = ".progress"
+SKIP_FLAG = "--skip-bad"
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    seed: int = 0
+    shard_size: int = 1000  # samples per shard (at most); ~110 MB shards on original ImageNet JPEGs
+    resize_short: int | None = None  # re-encode so the shorter side is at most this many px (None: keep)
+    jpeg_quality: int = 90  # only for images that are re-encoded (converted or resized)
+    skip_bad: bool = False
+    workers: int = max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    key: str
+    label: int
+
+
+@dataclass
+class ShardResult:
+    split: str
+    name: str
+    fingerprint: str
+    num_inputs: int = 0
+    num_samples: int = 0
+    class_counts: dict[int, int] = field(default_factory=dict)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (path, what was done)
+    hashes: list[tuple[str, str]] = field(default_factory=list)  # (sha1 of source bytes, path)
+    bytes: int = 0
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
+    if not data_path.is_dir():
+        raise DataError(f"{data_path}: not a directory; pass --data-path DIR with train.X*/ and val.X/ in it.")
+    found: dict[str, list[Path]] = {"train": [], "val": []}
+    for d in sorted(data_path.iterdir()):
+        for split, pattern in SPLIT_DIR_PATTERNS.items():
+            if d.is_dir() and pattern.match(d.name):
+                found[split].append(d)
+    for split, dirs in found.items():
+        if not dirs:
+            raise DataError(
+                f"{data_path}: no {split} split found (expected a folder {split}.X* or {split}/ with WNID "
+                f"class folders inside). The val split is required: validation is how runs are compared."
+            )
+    return found
+
+
+def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list[Source]:
+    sources = []
+    for d in dirs:
+        for class_dir in sorted(d.iterdir()):
+            if class_dir.name.startswith("."):
+                continue
+            if not class_dir.is_dir():
+                raise DataError(f"{class_dir}: expected only WNID class folders in {d}; move this file away.")
+            if class_dir.name not in class_map.index:
+                raise DataError(
+                    f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; add it there "
+                    f"(WNID -> name) or remove the folder."
+                )
+            label = class_map.index[class_dir.name]
+            for f in sorted(class_dir.iterdir()):
+                if f.name.startswith("."):
+                    continue
+                if not f.is_file():
+                    raise DataError(f"{f}: expected image files in {class_dir}, found a folder.")
+                if "." in f.stem:
+                    raise DataError(
+                        f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to separate "
+                        f"a sample's key from its extension; rename the file."
+                    )
+                sources.append(Source(str(f), f.stem, label))
+    return sources
+
+
+def check_unique_keys(sources: list[Source]) -> None:
+    first: dict[str, str] = {}
+    dups = []
+    for s in sources:
+        if s.key in first:
+            dups.append(f"  {s.path}  (same stem as {first[s.key]})")
+        else:
+            first[s.key] = s.path
+    if dups:
+        raise DataError(
+            f"{len(dups)} duplicate file stem(s): the stem is each sample's key and must be unique across "
+            f"all splits. Rename or remove:\n" + "\n".join(dups[:50])
+        )
+
+
+def plan_shards(sources: list[Source], shard_size: int, seed: int, split: str) -> list[list[Source]]:
+    """Globally shuffle (seeded, independent of file-system order), then cut into near-equal shards."""
+    order = sorted(sources, key=lambda s: s.key)
+    random.Random(f"{seed}-{split}").shuffle(order)
+    n_shards = max(1, math.ceil(len(order) / shard_size))
+    bounds = [round(i * len(order) / n_shards) for i in range(n_shards + 1)]
+    return [order[bounds[i] : bounds[i + 1]] for i in range(n_shards)]
+
+
+# ---------------------------------------------------------------- per image
+
+
+def encode_image(raw: bytes, resize_short: int | None, quality: int) -> tuple[bytes, str | None]:
+    """Verify by a full decode; return JPEG RGB bytes and what was changed (None: the original bytes)."""
+    with Image.open(io.BytesIO(raw)) as im:
+        im.load()  # a full decode: truncated or corrupt files raise here
+        changes = []
+        if im.format != "JPEG":
+            changes.append(f"{im.format} bytes -> JPEG")
+        if im.mode != "RGB":
+            changes.append(f"{im.mode} -> RGB")
+        w, h = im.size
+        if resize_short and min(w, h) > resize_short:
+            scale = resize_short / min(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            changes.append(f"resized {w}x{h} -> {size[0]}x{size[1]}")
+        if not changes:
+            return raw, None
+        out = im.convert("RGB")
+        if resize_short and min(w, h) > resize_short:
+            out = out.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue(), "; ".join(changes)
+
+
+def write_index(tar_path: Path, idx_path: Path) -> int:
+    """Write DALI's wds2idx index (v1.2) for a tar: one line per sample, `ext offset size name` per component.
+
+    The offset is that of the member's data (after its 512-byte tar header), as DALI's wds2idx tool writes it.
+    """
+    samples: dict[str, list[str]] = {}
+    with tarfile.open(tar_path) as tf:
+        for m in tf.getmembers():
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            key, ext = base.split(".", 1)
+            samples.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    tmp = idx_path.with_name(idx_path.name + ".tmp")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(c) + "\n" for c in samples.values()))
+    os.replace(tmp, idx_path)
+    return len(samples)
+
+
+def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
+    h = hashlib.sha1(json.dumps([FORMAT_VERSION, opts.resize_short, opts.jpeg_quality, opts.skip_bad]).encode())
+    for s in sources:
+        h.update(f"{s.path}\0{s.key}\0{s.label}\0{os.path.getsize(s.path)}\n".encode())
+    return h.hexdigest()
+
+
+def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardResult:
+    split, name, sources, opts, out_dir = task
+    out = Path(out_dir)
+    result = ShardResult(split, name, shard_fingerprint(sources, opts), num_inputs=len(sources))
+    record = out / PROGRESS_DIR / f"{name}.json"
+    tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
+    if record.is_file() and tar_path.is_file() and idx_path.is_file():
+        done = json.loads(record.read_text())
+        if done["fingerprint"] == result.fingerprint:  # same inputs, same options: reuse the shard
+            done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
+            return ShardResult(**done)
+    tmp = out / f".{name}.tar.tmp"
+    counts: Counter = Counter()
+    with open(tmp, "wb") as f:
+        # mtime fixed: the same inputs and seed give byte-identical shards
+        sink = webdataset.TarWriter(f, user="vitdeit", group="vitdeit", mtime=0)
+        for s in sources:
+            try:
+                raw = Path(s.path).read_bytes()
+                data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
+            except Exception as e:  # PIL raises many types for corrupt files
+                result.bad.append((s.path, f"{type(e).__name__}: {e}"))
+                continue
+            result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
+            if change:
+                result.converted.append((s.path, change))
+            sink.write({"__key__": s.key, "jpg": data, "cls": s.label, "lbl": struct.pack("<i", s.label)})
+            counts[s.label] += 1
+        sink.close()
+    if result.bad and not opts.skip_bad:
+        tmp.unlink()  # an incomplete shard never gets a real name
+        return result
+    os.replace(tmp, tar_path)
+    result.num_samples = write_index(tar_path, idx_path)
+    assert result.num_samples == sum(counts.values()), f"{tar_path}: index disagrees with what was written"
+    result.class_counts = dict(counts)
+    result.bytes = tar_path.stat().st_size
+    record.write_text(json.dumps(asdict(result)))
+    return result
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | None = None,
+         opts: PackOptions = PackOptions(), progress: bool = True) -> dict:
+    """Pack a dataset; return the manifest. Raises DataError on bad input (nothing is dropped silently)."""
+    from tqdm import tqdm
+
+    data_path, out = Path(data_path), Path(out_dir)
+    labels_path = Path(labels_path) if labels_path else data_path / "Labels.json"
+    class_map = ClassMap.from_labels(load_labels(labels_path))
+    split_dirs = find_split_dirs(data_path)
+    sources = {split: scan_split(dirs, class_map, labels_path) for split, dirs in split_dirs.items()}
+    check_unique_keys(sources["train"] + sources["val"])
+    for split, srcs in sources.items():
+        if not srcs:
+            raise DataError(f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files.")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
+    tasks = []
+    for split, srcs in sources.items():
+        shards = plan_shards(srcs, opts.shard_size, opts.seed, split)
+        tasks += [(split, f"{split}-{i:06d}", s, opts, str(out)) for i, s in enumerate(shards)]
+    planned = {t[1] for t in tasks}
+    for stale in list(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].*")) + list((out / PROGRESS_DIR).glob("*.json")):
+        if stale.name.split(".")[0] not in planned:  # left by an earlier run with other inputs
+            stale.unlink()
+
+    n_total = sum(len(s) for s in sources.values())
+    results: list[ShardResult] = []
+    bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
+    if opts.workers > 1:
+        pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(opts.workers)
+        stream = pool.imap_unordered(write_shard, tasks)
+    else:
+        pool, stream = None, map(write_shard, tasks)
+    for r in stream:
+        results.append(r)
+        bar.update(r.num_inputs)
+    if pool:
+        pool.close()
+        pool.join()
+    bar.close()
+    results.sort(key=lambda r: r.name)
+    return _finish(results, sources, split_dirs, class_map, labels_path, out, opts)
+
+
+def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> dict:
+    bad = [(r.split, p, why) for r in results for p, why in r.bad]
+    if bad and not opts.skip_bad:
+        lines = "\n".join(f"  {p}: {why}" for _, p, why in bad)
+        raise DataError(
+            f"{len(bad)} unreadable image file(s); nothing was written to {out / MANIFEST_NAME}:\n{lines}\n"
+            f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest)."
+        )
+    split_of = {}
+    for r in results:
+        for digest, path in r.hashes:
+            split_of.setdefault(digest, {}).setdefault(r.split, path)
+    overlap = [paths for paths in split_of.values() if len(paths) > 1]
+    if overlap:
+        lines = "\n".join(f"  {p['train']}  ==  {p['val']}" for p in overlap[:50])
+        raise DataError(
+            f"{len(overlap)} image(s) appear in both train and val (identical bytes); validation would be "
+            f"contaminated. Remove one copy of each:\n{lines}"
+        )
+
+    manifest = {
+        "format": "vitdeit-webdataset",
+        "format_version": FORMAT_VERSION,
+        "classes": list(class_map.wnids),
+        "labels": dict(zip(class_map.wnids, class_map.names)),
+        "sample_format": {"jpg": "JPEG bytes (RGB)", "cls": "class index, ASCII",
+                          "lbl": "class index, int32 little-endian"},
+        "source": {"data_path": str(Path(split_dirs["train"][0]).parent.resolve()), "labels": str(labels_path)},
+        "options": {k: v for k, v in asdict(opts).items() if k != "workers"},
+        "splits": {},
+        "skipped": [{"split": s, "path": p, "reason": why} for s, p, why in bad],
+        "converted": [{"path": p, "change": c} for r in results for p, c in r.converted],
+    }
+    for split, srcs in sources.items():
+        rs = [r for r in results if r.split == split]
+        counts = Counter()
+        for r in rs:
+            counts.update(r.class_counts)
+        n = sum(r.num_samples for r in rs)
+        n_skipped = sum(len(r.bad) for r in rs)
+        assert n == len(srcs) - n_skipped, f"{split}: {n} packed != {len(srcs)} found - {n_skipped} skipped"
+        manifest["splits"][split] = {
+            "num_samples": n,
+            "input_files": len(srcs),
+            "source_dirs": [d.name for d in split_dirs[split]],
+            "class_counts": {w: counts.get(i, 0) for i, w in enumerate(class_map.wnids)},
+            "shards": [{"file": f"{r.name}.tar", "index": f"{r.name}.idx", "num_samples": r.num_samples,
+                        "bytes": r.bytes} for r in rs],
+        }
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest

@@ -217,19 +217,21 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     with open(tmp, "wb") as f:
         # mtime fixed: the same inputs and seed give byte-identical shards
         sink = webdataset.TarWriter(f, user="vitdeit", group="vitdeit", mtime=0)
-        for s in sources:
-            try:
-                raw = Path(s.path).read_bytes()
-                data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
-            except Exception as e:  # PIL raises many types for corrupt files
-                result.bad.append((s.path, f"{type(e).__name__}: {e}"))
-                continue
-            result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
-            if change:
-                result.converted.append((s.path, change))
-            sink.write({"__key__": s.key, "jpg": data, "cls": s.label, "lbl": struct.pack("<i", s.label)})
-            counts[s.label] += 1
-        sink.close()
+        try:
+            for s in sources:
+                try:
+                    raw = Path(s.path).read_bytes()
+                    data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
+                except Exception as e:  # PIL raises many types for corrupt files
+                    result.bad.append((s.path, f"{type(e).__name__}: {e}"))
+                    continue
+                result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
+                if change:
+                    result.converted.append((s.path, change))
+                sink.write({"__key__": s.key, "jpg": data, "cls": s.label, "lbl": struct.pack("<i", s.label)})
+                counts[s.label] += 1
+        finally:
+            sink.close()
     if result.bad and not opts.skip_bad:
         tmp.unlink()  # an incomplete shard never gets a real name
         return result

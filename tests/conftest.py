@@ -1,0 +1,42 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from vitdeit.demo import make_demo_dataset  # noqa: E402
+from vitdeit.packing import PackOptions, pack  # noqa: E402
+
+LABELS = ROOT / "Labels.json"
+
+
+def small_dataset(path: Path, num_classes=4, train_per_class=24, val_per_class=6, seed=0) -> Path:
+    return make_demo_dataset(path, LABELS, num_classes=num_classes, train_per_class=train_per_class,
+                             val_per_class=val_per_class, seed=seed, min_size=40, max_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 classes, 24 train + 6 val images per class, in the ImageNet-100 layout."""
+    return small_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    pack(tiny_data, out, opts=PackOptions(shard_size=30, workers=1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def learn_shards(tmp_path_factory) -> Path:
+    """A learnable demo set for short training runs: 4 classes, 160 train + 30 val per class."""
+    base = tmp_path_factory.mktemp("learn")
+    data = make_demo_dataset(base / "data", LABELS, num_classes=4, train_per_class=160, val_per_class=30,
+                             seed=1, min_size=40, max_size=56)
+    pack(data, base / "shards", opts=PackOptions(shard_size=200, workers=2), progress=False)
+    return base / "shards"

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from vitdeit.classes import ClassMap, DataError, load_labels
+
+
+def write(tmp_path, text):
+    p = tmp_path / "Labels.json"
+    p.write_text(text)
+    return p
+
+
+def test_class_index_is_position_in_sorted_wnids(tmp_path):
+    p = write(tmp_path, json.dumps({"n02000000": "b", "n01000000": "a", "n03000000": "c"}))
+    cm = ClassMap.from_file(p)
+    assert cm.wnids == ("n01000000", "n02000000", "n03000000")
+    assert [cm.index[w] for w in ("n03000000", "n01000000")] == [2, 0]
+    assert cm.names == ("a", "b", "c") and len(cm) == 3
+
+
+def test_shipped_labels_json_has_100_classes():
+    from conftest import LABELS
+
+    assert len(load_labels(LABELS)) == 100
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('{"n01000000": "a", "n01000000": "b"}', "duplicate key 'n01000000'"),
+    ("[1, 2]", "non-empty JSON object"),
+    ("{}", "non-empty JSON object"),
+    ('{"dog": "a"}', "not a WNID"),
+    ('{"n01000000": ""}', "non-empty string"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_labels_json_is_a_clear_error_naming_the_file(tmp_path, text, fragment):
+    p = write(tmp_path, text)
+    with pytest.raises(DataError) as e:
+        load_labels(p)
+    assert fragment in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_labels_file_names_the_flag(tmp_path):
+    with pytest.raises(DataError, match="--labels"):
+        load_labels(tmp_path / "nope.json")
+
+
+def test_short_name_takes_the_first_synonym():
+    cm = ClassMap(("n01440764",), ("tench, Tinca tinca",))
+    assert cm.short_name(0) == "tench"
+    assert ClassMap(("n0",), ("a" * 40,)).short_name(0, 10) == "a" * 9 + "…"

@@ -1,0 +1,129 @@
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from test_packing import read_tar
+from vitdeit.classes import DataError, load_manifest
+from vitdeit.data.torch_loader import RankSampler, ShardSamples, TorchLoader, TrainTransform, ValTransform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def all_samples(shards, split):
+    """Independent read: the split's (key, label, jpeg bytes) in shard order, via tarfile."""
+    m = load_manifest(shards)
+    out = []
+    for s in m["splits"][split]["shards"]:
+        for key, comp in read_tar(shards / s["file"]).items():
+            out.append((key, int(comp["cls"]), comp["jpg"]))
+    return out
+
+
+def test_val_batches_are_normalised_channels_last_with_the_right_labels(tiny_shards):
+    m = load_manifest(tiny_shards)
+    loader = TorchLoader(tiny_shards, m, "val", batch_size=8, img_size=32, workers=0)
+    images, labels = zip(*loader)
+    assert [len(y) for y in labels] == [8, 8, 8]  # 24 val images, none dropped
+    x = images[0]
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    expected = all_samples(tiny_shards, "val")
+    assert torch.cat(labels).tolist() == [lab for _, lab, _ in expected]
+    # the same image through torchvision's classic val transform (Resize + CenterCrop + Normalize)
+    ref_tf = v2.Compose([v2.Resize(math.floor(32 / 0.875)), v2.CenterCrop(32), v2.ToImage(),
+                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    ref = torch.stack([ref_tf(Image.open(io.BytesIO(jpg)).convert("RGB")) for _, _, jpg in expected[:8]])
+    # one bilinear resize of the crop box vs resize-then-crop: sub-pixel differences only
+    assert (x - ref).abs().mean() < 0.06
+
+
+def test_train_batches_have_fixed_shape_and_labels_from_the_shards(tiny_shards):
+    m = load_manifest(tiny_shards)
+    loader = TorchLoader(tiny_shards, m, "train", batch_size=10, img_size=24, workers=2)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 96 // 10  # drop_last: every rank takes the same number of steps
+    x, y = batches[0]
+    assert x.shape == (10, 3, 24, 24) and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    labels = [lab for _, lab, _ in all_samples(tiny_shards, "train")]
+    drawn = loader.sampler.indices()[: 90]
+    assert torch.cat([b[1] for b in batches]).tolist() == [labels[i] for i in drawn]
+
+
+def test_same_epoch_same_batches_next_epoch_new_order(tiny_shards):
+    m = load_manifest(tiny_shards)
+    a = TorchLoader(tiny_shards, m, "train", batch_size=16, img_size=24, workers=0)
+    b = TorchLoader(tiny_shards, m, "train", batch_size=16, img_size=24, workers=2)
+    xa, ya = next(iter(a))
+    xb, yb = next(iter(b))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # augmentation depends on (seed, epoch, index) only
+    a.set_epoch(1)
+    assert a.sampler.indices() != b.sampler.indices()
+
+
+@pytest.mark.parametrize("n,world", [(96, 1), (96, 3), (97, 4), (10, 8)])
+def test_train_ranks_are_disjoint_equal_sized_and_cover_everything(n, world):
+    parts = [RankSampler(n, r, world, shuffle=True, seed=3).indices() for r in range(world)]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == math.ceil(n / world)
+    drawn = [i for p in parts for i in p]
+    assert set(drawn) == set(range(n))
+    assert len(drawn) - n == math.ceil(n / world) * world - n  # repeats: only the documented padding
+
+
+@pytest.mark.parametrize("n,world", [(24, 1), (24, 5), (7, 8)])
+def test_val_ranks_see_each_image_exactly_once(n, world):
+    drawn = [i for r in range(world) for i in RankSampler(n, r, world, shuffle=False).indices()]
+    assert sorted(drawn) == list(range(n))
+
+
+def test_train_transform_uses_reduced_dct_scale_and_matches_a_full_decode(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    decoded_sizes, real_draft = [], JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real_draft(self, mode, size)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(np.kron(rng.integers(0, 255, (16, 16, 3)), np.ones((32, 32, 1))).astype(np.uint8))
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=95)  # 512 x 512
+    tf = TrainTransform(64, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    out = tf(buf.getvalue(), random.Random(0))
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert decoded_sizes == [(128, 128)]  # decoded at 1/4 scale: 2x the output size, not 512 px
+    full = np.asarray(Image.open(io.BytesIO(buf.getvalue())).resize((64, 64), Image.BILINEAR)).astype(float)
+    assert np.abs(out.astype(float) - full).mean() < 3  # of 255
+
+
+def test_val_transform_keeps_the_center(tmp_path):
+    arr = np.zeros((80, 120, 3), np.uint8)
+    arr[:, 40:80] = 255  # a white band in the middle third
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    out = ValTransform(32)(buf.getvalue())
+    assert out.shape == (32, 32, 3) and out[:, 10:22].min() > 200 and out[:, :3].max() < 60
+
+
+def test_too_few_samples_for_a_batch_is_a_clear_error(tiny_shards):
+    with pytest.raises(DataError, match="--batch-size"):
+        TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=500, img_size=24, workers=0)
+
+
+def test_missing_index_file_says_how_to_make_it(tiny_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(tiny_shards, copy)
+    (copy / "val-000000.idx").unlink()
+    with pytest.raises(DataError, match="re-run pack_shards.py"):
+        ShardSamples(copy, load_manifest(copy), "val")

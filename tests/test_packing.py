@@ -1,0 +1,228 @@
+import io
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, small_dataset
+from vitdeit import packing
+from vitdeit.classes import DataError, load_manifest
+from vitdeit.packing import PackOptions, pack
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """Independent reader: key -> {ext: bytes}, with tarfile."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples[key][ext] = tf.extractfile(m).read()
+    return samples
+
+
+def input_files(data: Path) -> dict[str, tuple[str, int, Path]]:
+    """stem -> (split, class index, path), straight from the folders."""
+    wnids = sorted(json.loads((data / "Labels.json").read_text()))
+    out = {}
+    for split_dir in data.iterdir():
+        if split_dir.is_dir():
+            split = "val" if split_dir.name.startswith("val") else "train"
+            for f in split_dir.glob("*/*"):
+                out[f.stem] = (split, wnids.index(f.parent.name), f)
+    return out
+
+
+def test_round_trip_every_image_once_with_its_label(tiny_data, tiny_shards):
+    m = load_manifest(tiny_shards)
+    expected = input_files(tiny_data)
+    seen = {}
+    for split in ("train", "val"):
+        for shard in m["splits"][split]["shards"]:
+            for key, comp in read_tar(tiny_shards / shard["file"]).items():
+                assert key not in seen, f"{key} packed twice"
+                seen[key] = (split, int(comp["cls"]), comp)
+    assert set(seen) == set(expected)
+    for key, (split, label, comp) in seen.items():
+        assert (split, label) == expected[key][:2]
+        assert struct.unpack("<i", comp["lbl"])[0] == label
+        assert comp["jpg"] == expected[key][2].read_bytes()  # RGB JPEGs are kept byte for byte
+
+
+def test_manifest_counts_equal_input_counts(tiny_data, tiny_shards):
+    m = load_manifest(tiny_shards)
+    expected = input_files(tiny_data)
+    assert m["classes"] == sorted(json.loads((tiny_data / "Labels.json").read_text()))
+    for split in ("train", "val"):
+        by_class = Counter(m["classes"][lab] for s, lab, _ in expected.values() if s == split)
+        assert m["splits"][split]["class_counts"] == dict(by_class)
+        assert m["splits"][split]["num_samples"] == sum(by_class.values()) == m["splits"][split]["input_files"]
+        assert sum(s["num_samples"] for s in m["splits"][split]["shards"]) == sum(by_class.values())
+    assert m["skipped"] == [] and m["options"]["seed"] == 0
+
+
+def test_every_train_shard_mixes_all_classes(tiny_shards):
+    m = load_manifest(tiny_shards)
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) == 4  # 96 images cut into near-equal shards of at most 30
+    assert sorted(s["num_samples"] for s in shards) == [24, 24, 24, 24]
+    for s in shards:
+        labels = {int(c["cls"]) for c in read_tar(tiny_shards / s["file"]).values()}
+        assert labels == set(range(len(m["classes"])))
+
+
+def test_index_files_match_dalis_wds2idx_and_the_tar(tiny_shards):
+    wds2idx = pytest.importorskip("wds2idx")  # DALI's own index tool, shipped with nvidia-dali
+    for idx in sorted(tiny_shards.glob("*.idx")):
+        tar = idx.with_suffix(".tar")
+        ref = tiny_shards / (idx.name + ".ref")
+        with wds2idx.IndexCreator(str(tar), str(ref), verbose=False) as creator:
+            creator.create_index()
+        assert idx.read_text() == ref.read_text()
+        ref.unlink()
+        data, contents = tar.read_bytes(), read_tar(tar)
+        for line in idx.read_text().splitlines()[1:]:
+            f = line.split()
+            for i in range(0, len(f), 4):
+                ext, off, size, name = f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]
+                assert data[off: off + size] == contents[name.split(".")[0]][ext]
+
+
+def test_same_seed_same_shards_other_seed_other_order(tiny_data, tiny_shards, tmp_path):
+    pack(tiny_data, tmp_path / "again", opts=PackOptions(shard_size=30, workers=2), progress=False)
+    for f in sorted(tiny_shards.glob("*.tar")):
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes()
+    pack(tiny_data, tmp_path / "other", opts=PackOptions(shard_size=30, seed=1, workers=1), progress=False)
+    assert list(read_tar(tmp_path / "other" / "train-000000.tar")) != list(read_tar(tiny_shards / "train-000000.tar"))
+
+
+def test_resize_short_bounds_the_shorter_side(tiny_data, tmp_path):
+    m = pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, workers=1), progress=False)
+    sizes = []
+    for s in m["splits"]["val"]["shards"]:
+        for comp in read_tar(tmp_path / "s" / s["file"]).values():
+            with Image.open(io.BytesIO(comp["jpg"])) as im:
+                sizes.append(im.size)
+    assert min(min(s) for s in sizes) == 32 and max(min(s) for s in sizes) == 32  # all inputs are >= 40 px
+    assert m["options"]["resize_short"] == 32 and len(m["converted"]) == m["splits"]["train"]["num_samples"] + len(sizes)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def data(tmp_path):
+    return small_dataset(tmp_path / "data", num_classes=2, train_per_class=8, val_per_class=2)
+
+
+def first_image(data: Path, split="train.X1") -> Path:
+    return sorted((data / split).glob("*/*.JPEG"))[0]
+
+
+def test_cmyk_grayscale_and_png_bytes_are_converted_and_kept(data, tmp_path):
+    files = sorted((data / "train.X2").glob("*/*.JPEG"))
+    Image.open(files[0]).convert("CMYK").save(files[0], format="JPEG")
+    Image.open(files[1]).convert("L").save(files[1], format="JPEG")
+    Image.open(files[2]).save(files[2], format="PNG")  # PNG bytes under a .JPEG name, as in ImageNet
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["splits"]["train"]["num_samples"] == 16
+    changes = {Path(c["path"]).name: c["change"] for c in m["converted"]}
+    assert changes == {files[0].name: "CMYK -> RGB", files[1].name: "L -> RGB", files[2].name: "PNG bytes -> JPEG"}
+    packed = {}
+    for s in m["splits"]["train"]["shards"]:
+        packed.update(read_tar(tmp_path / "s" / s["file"]))
+    for f in files[:3]:
+        with Image.open(io.BytesIO(packed[f.stem]["jpg"])) as im:
+            assert (im.format, im.mode) == ("JPEG", "RGB")
+
+
+def break_two(data: Path) -> list[Path]:
+    a, b = sorted((data / "train.X3").glob("*/*.JPEG"))[:2]
+    a.write_bytes(a.read_bytes()[: len(a.read_bytes()) // 2])  # truncated
+    b.write_bytes(b"not an image at all")
+    return [a, b]
+
+
+def test_unreadable_files_stop_the_packer_and_all_are_listed(data, tmp_path):
+    bad = break_two(data)
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    msg = str(e.value)
+    assert all(str(p) in msg for p in bad) and "--skip-bad" in msg and "2 unreadable" in msg
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_skip_bad_skips_and_lists_them(data, tmp_path):
+    bad = break_two(data)
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
+    assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
+    assert m["splits"]["train"]["input_files"] == 16 and m["splits"]["train"]["num_samples"] == 14
+
+
+def test_cli_exits_nonzero_with_the_list(data, tmp_path):
+    bad = break_two(data)
+    r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
+                        str(tmp_path / "s"), "--workers", "1"], capture_output=True, text=True)
+    assert r.returncode == 1 and all(str(p) in r.stderr for p in bad) and "--skip-bad" in r.stderr
+
+
+def test_unknown_wnid_folder_is_an_error_naming_it(data, tmp_path):
+    (data / "val.X" / "n99999999").mkdir()
+    with pytest.raises(DataError, match=r"val\.X/n99999999.*not in .*Labels\.json"):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_missing_val_split_is_an_error(data, tmp_path):
+    shutil.rmtree(data / "val.X")
+    with pytest.raises(DataError, match="no val split"):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_duplicate_stems_are_an_error_naming_both(data, tmp_path):
+    src = first_image(data)
+    dst = data / "train.X4" / src.parent.name / src.name
+    Image.open(first_image(data, "train.X4")).save(dst)  # other pixels, same stem
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert "duplicate file stem" in str(e.value) and str(src) in str(e.value) and str(dst) in str(e.value)
+
+
+def test_an_image_in_both_train_and_val_is_an_error(data, tmp_path):
+    src = first_image(data)
+    copy = data / "val.X" / src.parent.name / "ILSVRC2012_val_99999999.JPEG"
+    shutil.copyfile(src, copy)
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert "both train and val" in str(e.value) and str(src) in str(e.value) and str(copy) in str(e.value)
+
+
+def test_a_rerun_after_a_kill_gives_the_complete_output(data, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    pack(data, clean, opts=PackOptions(shard_size=4, workers=1), progress=False)
+
+    real, calls = packing.encode_image, [0]
+
+    def dies_midway(*a):
+        calls[0] += 1
+        if calls[0] == 11:  # in the third shard
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(packing, "encode_image", dies_midway)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) == 2
+    monkeypatch.setattr(packing, "encode_image", real)
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in clean.glob("*.tar"))
+    for f in clean.glob("*.tar"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    a, b = load_manifest(out), load_manifest(clean)
+    assert a["splits"] == b["splits"] and a["classes"] == b["classes"]

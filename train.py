@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Train ViT-Tiny, the ResNet-18 teacher, or DeiT-Tiny distilled from it, on packed shards.
+
+    python train.py --data-path SHARDS --model resnet18 --run-name teacher_resnet18
+    python train.py --data-path SHARDS --model vit_tiny --epochs 5 --batch-size 128 --lr 5e-4 --run-name baseline_vit_tiny
+    python train.py --data-path SHARDS --model deit_tiny_distill --teacher resnet18 \\
+        --teacher-ckpt runs/teacher_resnet18/best.pth --run-name deit_tiny_distill
+    torchrun --nproc_per_node=8 train.py ...       # same flags; --batch-size is per GPU
+    python train.py --config runs/deit_tiny_distill/config.json --eval-only
+
+Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.pth}.
+"""
+
+import sys
+
+from vitdeit.classes import DataError
+from vitdeit.config import parse_args
+from vitdeit.engine import NonFiniteLoss
+from vitdeit.trainer import evaluate_checkpoint, train
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv, description=__doc__)
+    try:
+        evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
+    except (DataError, NonFiniteLoss, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Checkpoints: best.pth / last.pth with the plain module's weights, the resolved config and all training state.
+
+Keys: model, best_top1, epoch (the last finished, 0-based), config, classes (the WNID list: the class map
+the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .classes import ClassMap, DataError
+
+REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint under the real name
+
+
+def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: str = "checkpoint") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: file not found; train one with train.py (it writes "
+                                f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
+    if class_map is not None and tuple(state["classes"]) != tuple(class_map.wnids):
+        ours, theirs = set(class_map.wnids), set(state["classes"])
+        raise DataError(
+            f"{what} {path} was trained on another class map ({len(theirs)} classes, {len(theirs - ours)} not in "
+            f"this dataset's {len(ours)}); use a checkpoint trained on these shards' manifest, or the shards it "
+            f"was trained on (its config's data_path: {state['config'].get('data_path')})."
+        )
+    return state

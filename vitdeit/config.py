@@ -1,0 +1,155 @@
+"""One configuration object: defaults <- JSON config file <- command-line flags; validated; saved with every run.
+
+Every field is a flag (`lr` -> `--lr`, `eval_only` -> `--eval-only`); a config file is a JSON object of
+the same names (a run's own `config.json` works: `--config runs/NAME/config.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import get_type_hints
+
+MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
+
+
+@dataclass
+class Config:
+    # --- data
+    data_path: str = "demo_shards"  # a folder written by pack_shards.py (holds manifest.json)
+    loader: str = "auto"  # auto | dali | torch; auto = DALI on CUDA when installed, else the PyTorch loader
+    workers: int = field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 2) - 1)))  # decode processes per rank
+    img_size: int = 224  # px, square, train and val
+    crop_pct: float = 0.875  # val: resize shorter side to img_size / crop_pct, centre-crop img_size
+    crop_scale_min: float = 0.08  # train RandomResizedCrop area range [crop_scale_min, 1]
+    rand_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
+    # --- model
+    model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
+    patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
+    drop_path: float = 0.1
+    # --- teacher (deit_tiny_distill only)
+    teacher: str = "resnet18"
+    teacher_ckpt: str = ""  # a best.pth from `train.py --model resnet18` on the same class map
+    teacher_weights: str = ""  # "imagenet1k" (torchvision, sliced to the dataset's WNIDs) or a local .pth of it
+    allow_weak_teacher: bool = False  # distil even from a teacher whose val top-1 is near chance
+    distillation_type: str = "soft"  # soft | hard | none
+    distillation_alpha: float = 0.5  # total = (1 - alpha) * CE(labels) + alpha * distillation
+    distillation_tau: float = 1.0  # soft-distillation temperature
+    # --- optimisation (the DeiT recipe, shortened)
+    epochs: int = 5
+    batch_size: int = 128  # per process; global batch = batch_size * world size
+    lr: float = 5e-4  # per 512 images of global batch: effective lr = lr * global_batch / 512 (DeiT)
+    min_lr: float = 1e-6  # cosine floor (absolute)
+    warmup_epochs: float = 1.0  # linear per-step warmup from 0
+    weight_decay: float = 0.05  # not applied to norms, biases, position embeddings and tokens
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # timm Mixup alpha (DeiT: 0.8); 0 = off
+    cutmix: float = 0.0  # timm CutMix alpha (DeiT: 1.0); 0 = off
+    clip_grad: float = 1.0  # max global grad norm; 0 = off
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998  # per step
+    # --- system
+    device: str = "auto"  # auto | cuda | cpu
+    amp: str = "auto"  # auto (bf16 where supported, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    channels_last: bool = True
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
+    resume: str = ""  # a last.pth to continue exactly from
+    eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth) on val and exit
+    progress: bool = True  # tqdm bars
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.model in MODELS, f"--model {self.model!r}: choose one of {', '.join(MODELS)}")
+        need(self.loader in ("auto", "dali", "torch"), f"--loader {self.loader!r}: choose auto, dali or torch")
+        need(self.device in ("auto", "cuda", "cpu"), f"--device {self.device!r}: choose auto, cuda or cpu")
+        need(self.amp in ("auto", "bf16", "fp16", "off"), f"--amp {self.amp!r}: choose auto, bf16, fp16 or off")
+        need(self.compile in ("auto", "on", "off"), f"--compile {self.compile!r}: choose auto, on or off")
+        need(self.distillation_type in ("soft", "hard", "none"),
+             f"--distillation-type {self.distillation_type!r}: choose soft, hard or none")
+        need(self.teacher == "resnet18", f"--teacher {self.teacher!r}: only resnet18 is supported")
+        need(0 <= self.distillation_alpha <= 1, f"--distillation-alpha {self.distillation_alpha}: must be in [0, 1]")
+        need(self.distillation_tau > 0, f"--distillation-tau {self.distillation_tau}: must be > 0")
+        need(self.img_size >= 8, f"--img-size {self.img_size}: must be >= 8")
+        need(self.patch_size >= 1 and self.img_size % self.patch_size == 0,
+             f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")
+        need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+        need(self.lr > 0 and self.workers >= 0, "--lr must be > 0 and --workers >= 0")
+        need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1, "--crop-scale-min and --crop-pct must be in (0, 1]")
+        need(not (self.teacher_ckpt and self.teacher_weights),
+             "give either --teacher-ckpt or --teacher-weights, not both")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or self.model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def from_dict(values: dict, source: str = "config") -> Config:
+    """Build a Config from a dict, rejecting unknown keys and wrong types."""
+    hints = get_type_hints(Config)
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are the flags' names, e.g. 'batch_size'")
+    for k, v in values.items():
+        if not _type_ok(hints[k], v):
+            raise ValueError(f"{source}: {k}={v!r} should be of type {hints[k].__name__}")
+    return Config(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
+
+
+def _type_ok(t: type, v) -> bool:
+    if t is bool or isinstance(v, bool):
+        return t is bool and isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float))
+    return isinstance(v, t)
+
+
+def parse_args(argv=None, description: str = "") -> Config:
+    """defaults <- --config FILE <- flags."""
+    hints = get_type_hints(Config)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="JSON file of config values; flags override it")
+    for f in fields(Config):
+        t = hints[f.name]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = _parse_bool if t is bool else t
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, metavar=t.__name__.upper(),
+                       nargs="?" if t is bool else None, const=True if t is bool else None,
+                       help=f"(default: {default!r})")
+    ns = vars(p.parse_args(argv))
+    values = {}
+    path = ns.pop("config")
+    if path:
+        try:
+            values = json.loads(open(path).read())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--config {path}: {e}")
+        if not isinstance(values, dict):
+            p.error(f"--config {path}: must hold a JSON object")
+    values.update({k: v for k, v in ns.items() if v is not None})
+    try:
+        return from_dict(values, source=path or "arguments")
+    except ValueError as e:
+        p.error(str(e))

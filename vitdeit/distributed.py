@@ -1,0 +1,75 @@
+"""Distributed concerns in one place: torchrun set-up, rank helpers, exact metric sums, unwrapping."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def resolve_device(pref: str) -> str:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto).")
+    return "cuda" if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def setup(device_pref: str = "auto") -> Dist:
+    """Single process, or the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    kind = resolve_device(device_pref)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                 device_id=device if kind == "cuda" else None)
+    return Dist(rank, world, local_rank, device)
+
+
+def cleanup() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place); exact for integer counts held in float64 or int64."""
+    if tdist.is_initialized():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

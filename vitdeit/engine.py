@@ -1,0 +1,112 @@
+"""train_one_epoch / evaluate: AMP, channels-last, exact metric sums across ranks, data-wait accounting."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .distributed import all_reduce_sum, unwrap
+from .models import head_logits
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, mixup, amp_dtype, clip_grad: float,
+                    epoch: int, dist, progress: bool = True, log_every: int = 10) -> dict:
+    model.train()
+    device = dist.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n  (kept on device: no sync)
+    steps = len(loader)
+    wait = 0.0
+    bar = tqdm(total=steps, desc=f"train {epoch}", disable=not (progress and dist.is_main), leave=False)
+    t_start = t_last = time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        wait += time.perf_counter() - t_last  # time blocked on the loader
+        scheduler.step_update(epoch * steps + i)
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+            loss = loss_fn(images, outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(unwrap(model), step=epoch * steps + i)
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        n = labels.shape[0]
+        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                             torch.tensor(n, dtype=torch.float64, device=device)])
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            loss_avg, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
+            if not math.isfinite(loss_avg):
+                raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is {loss_avg / seen}; stopping. The last good "
+                                    f"checkpoint is kept. Lower --lr, raise --warmup-epochs, or keep --clip-grad on.")
+            bar.set_postfix(loss=f"{loss_avg / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
+                            img_s=f"{seen * dist.world / (time.perf_counter() - t_start):.0f}")
+        bar.update(1)
+        t_last = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t_start
+    bar.close()
+    all_reduce_sum(sums)
+    loss_sum, correct, seen = sums.tolist()
+    return {"train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, "train_samples": int(seen),
+            "images_per_s": seen / elapsed, "data_wait_frac": wait / elapsed, "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model, loader, dist, amp_dtype=None, num_classes: int | None = None, progress: bool = True,
+             desc: str = "val") -> dict:
+    """Exact val metrics: per-rank sums of counts, summed over ranks; each val image counted once.
+
+    For DeiT the prediction is the mean of its two heads; each head's own top-1 is reported too.
+    """
+    model.eval()
+    device = dist.device
+    n_heads = 2 if hasattr(model, "head_dist") else 1
+    sums = torch.zeros(4 + n_heads, dtype=torch.float64, device=device)  # loss, top1, top5, n, per-head top1
+    per_class = torch.zeros(2, num_classes or 1, dtype=torch.float64, device=device)  # correct, total per class
+    for images, labels in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), leave=False):
+        with autocast(device, amp_dtype):
+            heads = head_logits(model, images)
+        heads = [h.float() for h in heads]
+        logits = torch.stack(heads).mean(0)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit1 = top5[:, 0] == labels
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += hit1.sum()
+        sums[2] += (top5 == labels[:, None]).any(1).sum()
+        sums[3] += labels.shape[0]
+        for k, h in enumerate(heads):
+            sums[4 + k] += (h.argmax(1) == labels).sum()
+        if num_classes:
+            per_class[0].index_add_(0, labels, hit1.double())
+            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+    all_reduce_sum(sums)
+    all_reduce_sum(per_class)
+    s = sums.tolist()
+    n = max(s[3], 1)
+    out = {"val_loss": s[0] / n, "val_top1": 100 * s[1] / n, "val_top5": 100 * s[2] / n, "val_samples": int(s[3])}
+    if n_heads == 2:
+        out["val_top1_cls_head"], out["val_top1_dist_head"] = 100 * s[4] / n, 100 * s[5] / n
+    if num_classes:
+        out["per_class_top1"] = (100 * per_class[0] / per_class[1].clamp(min=1)).tolist()
+    return out

@@ -1,0 +1,31 @@
+"""Run outputs: metrics.jsonl (one JSON object per epoch), config.json, and running averages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON line per epoch to RUN_DIR/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_epoch: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled and self.path.exists():
+            # keep only epochs up to the one resumed from: a resumed run rewrites what followed
+            keep = [] if resume_epoch is None else [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= resume_epoch]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a train.py run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

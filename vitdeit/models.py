@@ -1,0 +1,103 @@
+"""Models: timm ViT-Tiny and DeiT-Tiny (distillation token), torchvision ResNet-18 (the teacher).
+
+The teacher comes from a checkpoint of `train.py --model resnet18`, or from torchvision's ImageNet-1k
+weights with the 1000-way classifier sliced to the dataset's WNIDs (every ImageNet-100 class is an
+ImageNet-1k class, so that teacher needs no fine-tuning).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .classes import ClassMap, DataError
+
+TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "deit_tiny_distill": "deit_tiny_distilled_patch16_224"}
+RESNET18_IMAGENET1K = "https://download.pytorch.org/models/resnet18-f37072fd.pth"  # torchvision IMAGENET1K_V1
+
+
+def create_model(model: str, num_classes: int, img_size: int = 224, patch_size: int = 16,
+                 drop_path: float = 0.0) -> nn.Module:
+    if model == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=num_classes)
+    import timm
+
+    net = timm.create_model(TIMM_NAMES[model], pretrained=False, num_classes=num_classes, img_size=img_size,
+                            patch_size=patch_size, drop_path_rate=drop_path)
+    if model == "deit_tiny_distill":
+        net.set_distilled_training(True)  # train mode returns (class head, distillation head) logits
+    return net
+
+
+def head_logits(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each head's logits: [class, distillation] for DeiT, [logits] otherwise. The prediction is their mean."""
+    if hasattr(model, "head_dist"):
+        feats = model.forward_features(images)
+        return [model.head(feats[:, 0]), model.head_dist(feats[:, 1])]
+    return [model(images)]
+
+
+def imagenet1k_indices(wnids) -> list[int]:
+    """Positions of `wnids` in ImageNet-1k's class order (timm ships the synset list)."""
+    from timm.data import ImageNetInfo
+
+    order = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+    missing = [w for w in wnids if w not in order]
+    if missing:
+        raise DataError(f"WNIDs not in ImageNet-1k: {missing[:10]}; an ImageNet-1k teacher cannot predict them. "
+                        f"Train a teacher on this data instead (train.py --model resnet18) and pass --teacher-ckpt.")
+    return [order[w] for w in wnids]
+
+
+def load_imagenet1k_resnet18(weights: str) -> dict:
+    if weights != "imagenet1k":
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
+                                    f"copy of {RESNET18_IMAGENET1K}).")
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False)
+    except Exception as e:  # offline, proxy, ...
+        raise RuntimeError(
+            f"could not download torchvision's ResNet-18 ImageNet-1k weights ({type(e).__name__}: {e}). "
+            f"Download {RESNET18_IMAGENET1K} on a machine with internet and pass --teacher-weights /path/to/it, "
+            f"or train a teacher here (train.py --model resnet18) and pass --teacher-ckpt."
+        ) from e
+
+
+def sliced_resnet18(state_dict: dict, wnids) -> nn.Module:
+    """An ImageNet-1k ResNet-18 whose classifier keeps only the rows of `wnids`, in their order."""
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=1000)
+    net.load_state_dict(state_dict)
+    idx = torch.tensor(imagenet1k_indices(wnids))
+    fc = nn.Linear(net.fc.in_features, len(idx))
+    with torch.no_grad():
+        fc.weight.copy_(net.fc.weight[idx])
+        fc.bias.copy_(net.fc.bias[idx])
+    net.fc = fc
+    return net
+
+
+def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
+    """A frozen ResNet-18 teacher for `class_map`, in eval mode."""
+    if ckpt:
+        from .checkpoint import load_checkpoint
+
+        state = load_checkpoint(ckpt, class_map, what="--teacher-ckpt")
+        if state["config"]["model"] != "resnet18":
+            raise ValueError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
+                             f"a resnet18 (train one with train.py --model resnet18).")
+        net = create_model("resnet18", len(class_map))
+        net.load_state_dict(state["model"])
+    else:
+        net = sliced_resnet18(load_imagenet1k_resnet18(weights or "imagenet1k"), class_map.wnids)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net

@@ -1,0 +1,195 @@
+"""One run: loaders, model, teacher, loss, optimiser, schedule; the epoch loop; checkpoints and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .classes import load_manifest, manifest_class_map
+from .config import Config
+from .data import build_loader, resolve_loader
+from .distill import DistillationLoss
+from .distributed import Dist, cleanup, setup, unwrap
+from .engine import evaluate, train_one_epoch
+from .metrics import MetricsLog
+from .models import create_model, load_teacher
+
+
+def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on GPUs that support it, else fp16 (+ GradScaler); off on CPU (slow there)."""
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def seed_everything(*parts: int) -> None:
+    seed = hash(parts) % 2**31  # ints and tuples of ints hash the same in every process
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(net: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    return net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
+def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> None:
+    """Refuse a teacher at chance level: a randomly initialised head is not a teacher."""
+    chance = 100.0 / num_classes
+    dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images (chance {chance:.2f}%)")
+    if metrics["val_top1"] < 2 * chance and not cfg.allow_weak_teacher:
+        raise ValueError(
+            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({2 * chance:.2f}%): it "
+            f"knows nothing of these classes. Train one (train.py --model resnet18) and pass --teacher-ckpt, or "
+            f"pass --allow-weak-teacher to distil anyway."
+        )
+
+
+def train(cfg: Config, on_epoch_end=None) -> dict:
+    """Train per `cfg`; return the last epoch's metrics. `on_epoch_end(epoch, record)` is called on every rank."""
+    dist = setup(cfg.device)
+    try:
+        return _train(cfg, dist, on_epoch_end)
+    finally:
+        cleanup()
+
+
+def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
+    import timm.optim
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+
+    device = dist.device
+    manifest = load_manifest(cfg.data_path)
+    class_map = manifest_class_map(manifest)
+    num_classes = len(class_map)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    amp_dtype = resolve_amp(cfg.amp, device)
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+    train_loader = build_loader(cfg, manifest, "train", dist)
+    val_loader = build_loader(cfg, manifest, "val", dist)
+    global_batch = cfg.batch_size * dist.world
+    lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
+    dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
+               f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
+               f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {amp_dtype}, "
+               f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)
+
+    teacher, teacher_top1 = None, None
+    if cfg.model == "deit_tiny_distill" and cfg.distillation_type != "none":
+        teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, device)
+        t_metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
+        check_teacher(t_metrics, num_classes, cfg, dist)
+        teacher_top1 = t_metrics["val_top1"]
+
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+    base_loss = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # no weight decay on norms, biases and the model's no_weight_decay() (position embedding, cls/dist tokens)
+    optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                               **({"fused": True} if device.type == "cuda" else {}))
+    steps = len(train_loader)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
+                                  warmup_t=int(cfg.warmup_epochs * steps), warmup_lr_init=lr * 1e-3,
+                                  warmup_prefix=False, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
+
+    start_epoch, best_top1 = 0, 0.0
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, class_map, what="--resume")
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
+        dist.print(f"resumed from {cfg.resume} after epoch {state['epoch']} (best val top-1 {best_top1:.2f}%)")
+
+    model = torch.compile(net) if use_compile else net
+    if teacher is not None and use_compile:
+        teacher = torch.compile(teacher)
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.model == "deit_tiny_distill" and cfg.distillation_type == "none")
+    loss_fn = DistillationLoss(base_loss, teacher, cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none",
+                               cfg.distillation_alpha, cfg.distillation_tau)
+    log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)
+
+    record = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/mixup draws depend on (seed, epoch) only
+        train_loader.set_epoch(epoch)
+        tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, mixup, amp_dtype,
+                             cfg.clip_grad, epoch, dist, cfg.progress)
+        va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
+        record = {"epoch": epoch, **tr, **va}
+        if ema is not None:
+            record["val_top1_ema"] = evaluate(ema.module, val_loader, dist, amp_dtype, progress=False)["val_top1"]
+        if teacher_top1 is not None:
+            record["teacher_val_top1"] = teacher_top1
+        is_best = va["val_top1"] > best_top1
+        best_top1 = max(best_top1, va["val_top1"])
+        if dist.is_main:
+            save_checkpoint(run_dir / "last.pth", {
+                "model": unwrap(net).state_dict(), "best_top1": best_top1, "epoch": epoch, "config": cfg.to_dict(),
+                "classes": list(class_map.wnids), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
+                "teacher_top1": teacher_top1, "loader": train_loader.name})
+            if is_best:
+                shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth")
+            log.write(record)
+        dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
+                   f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
+                   f"({va['val_samples']} images) | {tr['images_per_s']:.0f} img/s, data wait "
+                   f"{100 * tr['data_wait_frac']:.0f}%" + (" *best" if is_best else ""))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    return record
+
+
+def evaluate_checkpoint(cfg: Config) -> dict:
+    """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split."""
+    dist = setup(cfg.device)
+    try:
+        manifest = load_manifest(cfg.data_path)
+        class_map = manifest_class_map(manifest)
+        path = cfg.resume or str(Path(cfg.output_dir) / cfg.name / "best.pth")
+        state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
+        trained = state["config"]
+        # the geometry the weights were trained with; data and system settings from this invocation
+        ecfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("model", "img_size", "patch_size", "crop_pct")})
+        net = create_model(ecfg.model, len(class_map), ecfg.img_size, ecfg.patch_size)
+        net.load_state_dict(state["model"])
+        net = to_device(net, ecfg, dist.device)
+        loader = build_loader(ecfg, manifest, "val", dist, backend=resolve_loader(ecfg.loader, dist.device.type))
+        out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
+        dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
+                   f"images (checkpoint's best_top1 {state['best_top1']:.2f}%, epoch {state['epoch']})")
+        return out
+    finally:
+        cleanup()

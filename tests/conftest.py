@@ -34,9 +34,10 @@ def tiny_shards(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def learn_shards(tmp_path_factory) -> Path:
-    """A learnable demo set for short training runs: 4 classes, 160 train + 30 val per class."""
+    """A quickly learnable demo set for short training runs: 4 classes (each its own shape and hue),
+    160 train + 30 val per class."""
     base = tmp_path_factory.mktemp("learn")
     data = make_demo_dataset(base / "data", LABELS, num_classes=4, train_per_class=160, val_per_class=30,
-                             seed=1, min_size=40, max_size=56)
+                             seed=1, min_size=40, max_size=56, colour_cue=1.0)
     pack(data, base / "shards", opts=PackOptions(shard_size=200, workers=2), progress=False)
     return base / "shards"

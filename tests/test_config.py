@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from vitdeit.config import Config, from_dict, parse_args
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": 0.01, "epochs": 3, "model": "resnet18"}))
+    cfg = parse_args(["--config", str(f), "--epochs", "7", "--model-ema"])
+    assert (cfg.lr, cfg.epochs, cfg.model, cfg.model_ema, cfg.batch_size) == (0.01, 7, "resnet18", True, Config().batch_size)
+
+
+def test_a_saved_config_round_trips():
+    cfg = Config(model="deit_tiny_distill", img_size=32, patch_size=4, teacher_ckpt="x.pth")
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("values,fragment", [
+    ({"learning_rate": 0.1}, "unknown key"),
+    ({"epochs": "5"}, "should be of type int"),
+    ({"model_ema": 1}, "should be of type bool"),
+    ({"model": "vit_huge"}, "--model 'vit_huge'"),
+    ({"img_size": 32, "patch_size": 5}, "--patch-size 5 must divide --img-size 32"),
+    ({"distillation_type": "medium"}, "soft, hard or none"),
+    ({"teacher_ckpt": "a", "teacher_weights": "imagenet1k"}, "not both"),
+])
+def test_bad_values_are_errors_that_name_them(values, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        from_dict(values)
+
+
+def test_bad_flag_value_exits_with_a_message(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--amp", "fp8"])
+    assert "--amp 'fp8'" in capsys.readouterr().err

@@ -1,0 +1,47 @@
+import pytest
+import torch
+import torchvision
+
+from vitdeit.classes import ClassMap, DataError
+from vitdeit.models import create_model, head_logits, imagenet1k_indices, load_teacher, sliced_resnet18
+
+
+def test_teacher_slicing_keeps_the_logits_of_the_datasets_wnids(tmp_path):
+    from timm.data import ImageNetInfo
+
+    synsets = ImageNetInfo().label_names()
+    wnids = sorted(["n01440764", "n02102040", "n03000134", "n01530575"])
+    expected_idx = [synsets.index(w) for w in wnids]
+    assert imagenet1k_indices(wnids) == expected_idx
+    torch.manual_seed(0)
+    full = torchvision.models.resnet18(num_classes=1000).eval()
+    torch.save(full.state_dict(), tmp_path / "r18.pth")
+    sliced = load_teacher("", str(tmp_path / "r18.pth"), ClassMap(tuple(wnids), tuple(wnids))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(sliced(x), full(x)[:, expected_idx], atol=1e-5)
+    assert not any(p.requires_grad for p in sliced.parameters()) and not sliced.training
+
+
+def test_a_wnid_outside_imagenet1k_is_a_clear_error():
+    with pytest.raises(DataError, match="n00000001.*--teacher-ckpt"):
+        sliced_resnet18(torchvision.models.resnet18().state_dict(), ["n01440764", "n00000001"])
+
+
+def test_missing_local_weights_name_the_options():
+    with pytest.raises(FileNotFoundError, match="imagenet1k"):
+        load_teacher("", "/nonexistent/r18.pth", ClassMap(("n01440764",), ("tench",)))
+
+
+@pytest.mark.parametrize("name,heads", [("vit_tiny", 1), ("deit_tiny_distill", 2), ("resnet18", 1)])
+def test_models_take_the_class_count_and_image_size_from_arguments(name, heads):
+    net = create_model(name, 7, img_size=32, patch_size=8).eval()
+    out = head_logits(net, torch.randn(2, 3, 32, 32))
+    assert len(out) == heads and all(o.shape == (2, 7) for o in out)
+    if name == "deit_tiny_distill":
+        net.train()
+        cls, dist = net(torch.randn(2, 3, 32, 32))  # training mode: both heads, for the distillation loss
+        net.eval()
+        with torch.no_grad():
+            x = torch.randn(2, 3, 32, 32)
+            assert torch.allclose(net(x), sum(head_logits(net, x)) / 2, atol=1e-5)  # timm's eval = mean of heads

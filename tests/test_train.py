@@ -1,0 +1,129 @@
+"""train.py on CPU: learning, checkpoints, exact resume, eval-only, torchrun with 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from vitdeit.classes import load_manifest
+from vitdeit.config import Config
+from vitdeit.trainer import evaluate_checkpoint, train
+
+FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False, warmup_epochs=0.5,
+            crop_scale_min=0.5, drop_path=0.0)
+
+
+def cfg_for(shards, out, **kw) -> Config:
+    return Config(data_path=str(shards), output_dir=str(out), **{**FAST, **kw})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(learn_shards, tmp_path_factory):
+    """A ResNet-18 teacher trained on the learnable demo set (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = cfg_for(learn_shards, out, model="resnet18", epochs=3, lr=0.005, run_name="teacher")
+    return cfg, train(cfg)
+
+
+def test_teacher_learns_and_writes_its_run_folder(teacher_run, learn_shards):
+    cfg, last = teacher_run
+    run = os.path.join(cfg.output_dir, "teacher")
+    assert sorted(os.listdir(run)) == ["best.pth", "config.json", "last.pth", "metrics.jsonl"]
+    chance = 100 / len(load_manifest(learn_shards)["classes"])
+    assert last["val_top1"] > 2 * chance  # 4 classes: well above 25 %
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_samples", "lr",
+                "images_per_s", "data_wait_frac"):
+        assert key in lines[-1]
+    assert all(r["val_samples"] == 120 for r in lines)  # every val image, once
+    assert Config(**json.load(open(os.path.join(run, "config.json")))) == cfg
+
+
+def test_checkpoints_hold_plain_weights_config_and_training_state(teacher_run, learn_shards):
+    cfg, _ = teacher_run
+    run = os.path.join(cfg.output_dir, "teacher")
+    last = torch.load(os.path.join(run, "last.pth"), weights_only=True)
+    best = torch.load(os.path.join(run, "best.pth"), weights_only=True)
+    for key in ("model", "best_top1", "epoch", "config", "classes", "optimizer", "scheduler", "scaler", "ema"):
+        assert key in last
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
+    assert last["epoch"] == 2 and last["config"] == cfg.to_dict()
+    assert last["classes"] == load_manifest(learn_shards)["classes"]
+    metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    top = max(metrics, key=lambda r: r["val_top1"])
+    assert best["best_top1"] == last["best_top1"] == top["val_top1"] and best["epoch"] == top["epoch"]
+
+
+def test_eval_only_reproduces_best_top1(teacher_run):
+    cfg, _ = teacher_run
+    best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
+    out = evaluate_checkpoint(cfg_for(cfg.data_path, cfg.output_dir, run_name="teacher", eval_only=True))
+    assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
+
+
+def test_vit_learns(learn_shards, tmp_path):
+    last = train(cfg_for(learn_shards, tmp_path, model="vit_tiny", epochs=4, lr=0.003))
+    assert last["val_top1"] > 40  # chance is 25 %
+
+
+def test_deit_distils_from_the_teacher_and_reports_each_head(teacher_run, learn_shards, tmp_path):
+    tcfg, tlast = teacher_run
+    ckpt = os.path.join(tcfg.output_dir, "teacher", "best.pth")
+    last = train(cfg_for(learn_shards, tmp_path, model="deit_tiny_distill", teacher_ckpt=ckpt, epochs=4,
+                         lr=0.003, distillation_type="hard"))
+    assert last["val_top1"] > 40
+    assert last["teacher_val_top1"] == pytest.approx(torch.load(ckpt, weights_only=True)["best_top1"])
+    assert {"val_top1_cls_head", "val_top1_dist_head"} <= set(last)
+
+
+def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
+    weak = tmp_path / "weak"
+    train(cfg_for(learn_shards, weak, model="resnet18", epochs=1, lr=1e-9, run_name="t"))
+    with pytest.raises(ValueError, match="--allow-weak-teacher"):
+        train(cfg_for(learn_shards, tmp_path, model="deit_tiny_distill", epochs=1,
+                      teacher_ckpt=str(weak / "t" / "best.pth")))
+
+
+def test_resume_after_an_interruption_reaches_the_same_weights(learn_shards, tmp_path):
+    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True)
+    train(cfg_for(learn_shards, tmp_path / "a", **kw))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch, record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg_for(learn_shards, tmp_path / "b", **kw), on_epoch_end=kill_after_first_epoch)
+    train(cfg_for(learn_shards, tmp_path / "b", resume=str(tmp_path / "b" / "vit_tiny" / "last.pth"), **kw))
+    a = torch.load(tmp_path / "a" / "vit_tiny" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "vit_tiny" / "last.pth", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    metrics_b = [json.loads(x) for x in open(tmp_path / "b" / "vit_tiny" / "metrics.jsonl")]
+    assert [r["epoch"] for r in metrics_b] == [0, 1]
+
+
+def test_checkpoint_from_another_class_map_is_refused(teacher_run, tiny_shards, tmp_path):
+    cfg, _ = teacher_run
+    with pytest.raises(Exception, match="another class map"):
+        evaluate_checkpoint(cfg_for(tiny_shards, cfg.output_dir, run_name="teacher", eval_only=True))
+
+
+def test_torchrun_two_processes_evaluate_each_val_image_once(learn_shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(ROOT / "train.py"), "--data-path", str(learn_shards), "--output-dir", str(tmp_path),
+           "--model", "resnet18", "--epochs", "1", "--img-size", "32", "--batch-size", "32", "--workers", "0",
+           "--lr", "0.005", "--progress", "false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
+    rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
+    assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from vitdeit.classes import load_manifest
+from conftest import ROOT, small_dataset
+from vitdeit.classes import DataError, load_manifest
+from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
 from vitdeit.trainer import evaluate_checkpoint, train
 
@@ -110,10 +111,13 @@ def test_resume_after_an_interruption_reaches_the_same_weights(learn_shards, tmp
     assert [r["epoch"] for r in metrics_b] == [0, 1]
 
 
-def test_checkpoint_from_another_class_map_is_refused(teacher_run, tiny_shards, tmp_path):
+def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
     cfg, _ = teacher_run
-    with pytest.raises(Exception, match="another class map"):
-        evaluate_checkpoint(cfg_for(tiny_shards, cfg.output_dir, run_name="teacher", eval_only=True))
+    other = tmp_path / "shards"
+    pack(small_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2), other,
+         opts=PackOptions(workers=1), progress=False)
+    with pytest.raises(DataError, match="another class map"):
+        evaluate_checkpoint(cfg_for(other, cfg.output_dir, run_name="teacher", eval_only=True))
 
 
 def test_torchrun_two_processes_evaluate_each_val_image_once(learn_shards, tmp_path):

@@ -1,0 +1,95 @@
+"""viz.py: the prediction panels, the curves and the report, checked against checkpoints and metrics."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, small_dataset
+from vitdeit.classes import DataError, load_manifest, manifest_class_map
+from vitdeit.config import Config
+from vitdeit.data.torch_loader import ShardSamples
+from vitdeit.packing import PackOptions, pack
+from vitdeit.report import load_model, make_all, predict, prediction_figure, sample_indices
+from vitdeit.trainer import train
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vizruns")
+    common = dict(data_path=str(tiny_shards), output_dir=str(out), img_size=32, patch_size=8, batch_size=16,
+                  workers=0, progress=False, lr=0.005)
+    train(Config(model="resnet18", epochs=1, run_name="teacher_resnet18", **common))
+    train(Config(model="vit_tiny", epochs=2, run_name="baseline_vit_tiny", **common))
+    train(Config(model="deit_tiny_distill", epochs=2, run_name="deit_tiny_distill", allow_weak_teacher=True,
+                 teacher_ckpt=str(out / "teacher_resnet18" / "best.pth"), **common))
+    return out
+
+
+def test_panels_show_truth_and_both_predictions_by_name(runs, tiny_shards):
+    manifest = load_manifest(tiny_shards)
+    cm = manifest_class_map(manifest)
+    preds = [predict(*load_model(runs / run / "best.pth", cm), tiny_shards, manifest, name, workers=0)
+             for run, name in (("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT"))]
+    indices = sample_indices(len(preds[0].labels), 7, seed=5)
+    fig = prediction_figure(tiny_shards, manifest, preds, indices)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 7
+    ds = ShardSamples(tiny_shards, manifest, "val")
+    for ax, idx in zip(panels, indices):
+        texts = [t.get_text() for t in ax.texts]
+        truth = ds.raw(idx)[1]  # the label stored in the shard, read independently of the predictions
+        assert texts[0] == f"true: {cm.short_name(truth)}"
+        for text, p, t in zip(texts[1:], preds, ax.texts[1:]):
+            assert text == f"{p.name}: {cm.short_name(int(p.pred[idx]))} ({100 * p.conf[idx]:.0f}%)"
+            assert t.get_color() == ("#1a7f37" if p.pred[idx] == truth else "#cf222e")
+    assert not np.array_equal(preds[0].conf, preds[1].conf)  # two models, two sets of predictions
+
+
+def test_same_seed_same_images_other_seed_others():
+    assert sample_indices(500, 10, 0) == sample_indices(500, 10, 0) != sample_indices(500, 10, 1)
+    with pytest.raises(ValueError, match="--num-images"):
+        sample_indices(5, 10, 0)
+
+
+def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(runs, tmp_path):
+    out = tmp_path / "pic.png"
+    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+                 teacher_run=str(runs / "teacher_resnet18"), num_images=10, out=str(out),
+                 report_dir=str(tmp_path / "report"), workers=0)
+    assert Image.open(out).size[0] > 1000 and len(w["panels"]) == 10
+    assert (tmp_path / "report" / "curves.png").is_file()
+    md = (tmp_path / "report" / "report.md").read_text()
+    for run, name in (("teacher_resnet18", "teacher"), ("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT")):
+        metrics = [json.loads(x) for x in open(runs / run / "metrics.jsonl")]
+        ckpt = torch.load(runs / run / "best.pth", weights_only=True)
+        best = max(metrics, key=lambda r: r["val_top1"])
+        assert best["val_top1"] == ckpt["best_top1"]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[2] == f"{best['val_top1']:.2f}" and cells[3] == f"{best['val_top5']:.2f}"
+        assert cells[5] == f"{sum(p.numel() for p in load_model(runs / run / 'best.pth', None)[0].parameters()) / 1e6:.2f} M"
+        assert cells[6] == f"{np.mean([r['images_per_s'] for r in metrics]):.0f}"
+    deit_best = max((json.loads(x) for x in open(runs / "deit_tiny_distill" / "metrics.jsonl")), key=lambda r: r["val_top1"])
+    assert f"class head {deit_best['val_top1_cls_head']:.2f}%" in md and f"{deit_best['teacher_val_top1']:.2f}%" in md
+    comp = json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]
+    assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "viz.py"), "--vit", str(tmp_path / "nope.pth")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "nope.pth: checkpoint not found" in r.stderr and "--vit" in r.stderr
+
+
+def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
+    other = tmp_path / "shards"
+    pack(small_dataset(tmp_path / "d", num_classes=3, train_per_class=8, val_per_class=2), other,
+         opts=PackOptions(workers=1), progress=False)
+    with pytest.raises(DataError, match="another class map"):
+        make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+                 data_path=str(other), out=str(tmp_path / "x.png"), report_dir=None, workers=0)

@@ -1,0 +1,231 @@
+"""What users look at: ViT vs DeiT prediction panels, training curves and the comparison report."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .classes import ClassMap, DataError, load_manifest, manifest_class_map
+from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
+from .metrics import read_metrics
+from .models import create_model, head_logits
+
+RIGHT, WRONG = "#1a7f37", "#cf222e"  # green / red: right and wrong at a glance
+
+
+@dataclass
+class Predictions:
+    """A model's predictions on the whole val split, in manifest order."""
+
+    name: str
+    labels: np.ndarray  # (N,) true class
+    pred: np.ndarray  # (N,) predicted class
+    conf: np.ndarray  # (N,) softmax probability of the prediction
+    img_size: int
+    crop_pct: float
+
+
+def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = "cpu"):
+    state = load_checkpoint(ckpt_path, class_map)
+    cfg = state["config"]
+    net = create_model(cfg["model"], len(state["classes"]), cfg["img_size"], cfg["patch_size"])
+    net.load_state_dict(state["model"])
+    return net.to(device).eval(), state
+
+
+@torch.no_grad()
+def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, device: str = "cpu",
+            workers: int = 2, batch_size: int = 100) -> Predictions:
+    cfg = state["config"]
+    loader = TorchLoader(shards, manifest, "val", batch_size=batch_size, img_size=cfg["img_size"],
+                         workers=workers, device=device, crop_pct=cfg["crop_pct"])
+    labels, preds, confs = [], [], []
+    for images, y in loader:
+        probs = torch.stack(head_logits(net, images)).mean(0).float().softmax(1)  # DeiT: mean of both heads
+        conf, pred = probs.max(1)
+        labels.append(y.cpu()), preds.append(pred.cpu()), confs.append(conf.cpu())
+    return Predictions(name, torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(confs).numpy(),
+                       cfg["img_size"], cfg["crop_pct"])
+
+
+def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
+    if not 1 <= n <= n_total:
+        raise ValueError(f"--num-images {n}: must be between 1 and the {n_total} val images")
+    return random.Random(seed).sample(range(n_total), n)
+
+
+def panel_texts(class_map: ClassMap, idx: int, preds: list[Predictions]) -> list[tuple[str, str]]:
+    """(text, colour) lines of one panel: the truth, then each model's prediction with its confidence."""
+    truth = int(preds[0].labels[idx])
+    lines = [(f"true: {class_map.short_name(truth)}", "black")]
+    for p in preds:
+        k = int(p.pred[idx])
+        lines.append((f"{p.name}: {class_map.short_name(k)} ({100 * p.conf[idx]:.0f}%)",
+                      RIGHT if k == truth else WRONG))
+    return lines
+
+
+def prediction_figure(shards: str | Path, manifest: dict, preds: list[Predictions], indices: list[int],
+                      ncols: int = 5, display_px: int = 160):
+    """One panel per val image: the image in true colours (the centre crop the models saw), the ground
+    truth and each model's prediction, green when right and red when wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    class_map = manifest_class_map(manifest)
+    ds = ShardSamples(shards, manifest, "val", ValTransform(display_px, preds[0].crop_pct))
+    ncols = min(ncols, len(indices))
+    nrows = -(-len(indices) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 3.45 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, idx in zip(axes.flat, indices):
+        image, _ = ds[idx]
+        ax.imshow(image)
+        for row, (text, colour) in enumerate(panel_texts(class_map, idx, preds)):
+            ax.text(0.0, -0.04 - 0.1 * row, text, transform=ax.transAxes, ha="left", va="top", fontsize=9,
+                    color=colour, fontweight="bold" if row == 0 else "normal")
+    names = " vs ".join(p.name for p in preds)
+    acc = ", ".join(f"{p.name} {100 * np.mean(p.pred[indices] == p.labels[indices]):.0f}%" for p in preds)
+    fig.suptitle(f"{names} on {len(indices)} random val images (right here: {acc}; green = right, red = wrong)",
+                 fontsize=11)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.92, bottom=0.02, hspace=0.55, wspace=0.08)
+    return fig
+
+
+# ---------------------------------------------------------------- curves and the report
+
+
+def curves_figure(runs: dict[str, list[dict]]):
+    """Train/val loss and top-1 per epoch, every run on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, rows) in enumerate(runs.items()):
+        colour = f"C{i}"
+        ep = [r["epoch"] + 1 for r in rows]
+        axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour, label=f"{name} train")
+        axes[0].plot(ep, [r["val_loss"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
+        axes[1].plot(ep, [r["train_top1"] for r in rows], "--", color=colour, label=f"{name} train")
+        axes[1].plot(ep, [r["val_top1"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
+    for ax, what in zip(axes, ("loss", "top-1 (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def run_summary(name: str, run_dir: Path, ckpt: dict, n_params: int) -> dict:
+    rows = read_metrics(run_dir)
+    best = max(rows, key=lambda r: r["val_top1"])
+    out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
+           "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows),
+           "train_images_per_s": float(np.mean([r["images_per_s"] for r in rows]))}
+    for key in ("val_top1_cls_head", "val_top1_dist_head", "teacher_val_top1"):
+        if key in best:
+            out[key] = best[key]
+    return out
+
+
+def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: int = 5) -> dict:
+    """Per-class top-1 of both, the classes DeiT gains and loses most, and how often the two agree."""
+    n = len(class_map)
+    per_class = []
+    for c in range(n):
+        mask = vit.labels == c
+        if mask.any():
+            per_class.append({"class": class_map.wnids[c], "name": class_map.short_name(c), "images": int(mask.sum()),
+                              "vit_top1": 100 * float(np.mean(vit.pred[mask] == c)),
+                              "deit_top1": 100 * float(np.mean(deit.pred[mask] == c))})
+    for row in per_class:
+        row["delta"] = row["deit_top1"] - row["vit_top1"]
+    by_delta = sorted(per_class, key=lambda r: r["delta"])
+    both_right = (vit.pred == vit.labels) & (deit.pred == deit.labels)
+    return {"per_class": per_class, "gains": [r for r in by_delta[::-1][:top] if r["delta"] > 0],
+            "losses": [r for r in by_delta[:top] if r["delta"] < 0],
+            "agreement": 100 * float(np.mean(vit.pred == deit.pred)), "both_right": 100 * float(np.mean(both_right)),
+            "val_images": int(len(vit.labels))}
+
+
+def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:
+    v, d = names
+    lines = ["# ViT vs DeiT: comparison report", "",
+             "Measured by `viz.py` from the runs' `metrics.jsonl` and `best.pth` on this machine; best epoch by val top-1.",
+             "", "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params | train images/s (mean) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
+                     f"{s['best_epoch'] + 1} / {s['epochs']} | {s['params'] / 1e6:.2f} M | {s['train_images_per_s']:.0f} |")
+    deit = next((s for s in summaries if "val_top1_cls_head" in s), None)
+    if deit:
+        lines += ["", f"DeiT heads at its best epoch: class head {deit['val_top1_cls_head']:.2f}%, distillation head "
+                      f"{deit['val_top1_dist_head']:.2f}%, their mean (the prediction) {deit['val_top1']:.2f}%."]
+        if "teacher_val_top1" in deit:
+            lines.append(f"The teacher it distilled from: val top-1 {deit['teacher_val_top1']:.2f}%.")
+    lines += ["", f"## Where {v} and {d} differ ({comp['val_images']} val images)", "",
+              f"They predict the same class on {comp['agreement']:.1f}% of the val images; both are right on "
+              f"{comp['both_right']:.1f}%.", ""]
+    for title, rows in ((f"Classes {d} gains most", comp["gains"]), (f"Classes {d} loses most", comp["losses"])):
+        lines += [f"**{title}:** " + (", ".join(f"{r['name']} ({r['vit_top1']:.0f}% → {r['deit_top1']:.0f}%)"
+                                                 for r in rows) or "none"), ""]
+    lines += ["| class | WNID | images | " + v + " top-1 (%) | " + d + " top-1 (%) | Δ |", "|---|---|---:|---:|---:|---:|"]
+    for r in sorted(comp["per_class"], key=lambda r: -r["delta"]):
+        lines.append(f"| {r['name']} | {r['class']} | {r['images']} | {r['vit_top1']:.1f} | {r['deit_top1']:.1f} | "
+                     f"{r['delta']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
+             num_images: int = 10, seed: int = 0, out: str = "vit_vs_deit_random10.png",
+             report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
+    """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written."""
+    for path in (vit_ckpt, deit_ckpt):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
+                                    f"train.py --run-name ...), or pass its path with --vit / --deit.")
+    data_path = data_path or torch.load(vit_ckpt, map_location="cpu", weights_only=True)["config"]["data_path"]
+    manifest = load_manifest(data_path)
+    class_map = manifest_class_map(manifest)
+    (vit_net, vit_state), (deit_net, deit_state) = (load_model(p, class_map, device) for p in (vit_ckpt, deit_ckpt))
+    vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
+    deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
+    indices = sample_indices(len(vit.labels), num_images, seed)
+    fig = prediction_figure(data_path, manifest, [vit, deit], indices)
+    fig.savefig(out, dpi=110)
+    written = {"figure": out, "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
+                                         for i in indices]}
+    if report_dir is None:
+        return written
+    rdir = Path(report_dir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    if teacher_run and (Path(teacher_run) / "best.pth").is_file():
+        runs["teacher"] = Path(teacher_run)
+    runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
+    summaries = []
+    for name, run_dir in runs.items():
+        if name == "teacher":
+            net, state = load_model(run_dir / "best.pth", class_map)
+        else:
+            net, state = (vit_net, vit_state) if name == "ViT" else (deit_net, deit_state)
+        summaries.append(run_summary(name, run_dir, state, sum(p.numel() for p in net.parameters())))
+    curves_figure({s["run"]: read_metrics(runs[s["run"]]) for s in summaries}).savefig(rdir / "curves.png", dpi=110)
+    comp = comparison(class_map, vit, deit)
+    (rdir / "report.md").write_text(report_markdown(summaries, comp, ("ViT", "DeiT")))
+    (rdir / "report.json").write_text(json.dumps({"runs": summaries, "comparison": comp}, indent=1))
+    written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,
+                   comparison=comp)
+    return written

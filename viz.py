@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""ViT vs DeiT in pictures: predictions on random val images, training curves and a comparison report.
+
+    python viz.py                                   # runs/baseline_vit_tiny + runs/deit_tiny_distill
+    python viz.py --num-images 20 --seed 3 --out more.png
+    python viz.py --vit A/best.pth --deit B/best.pth --data-path SHARDS --no-report
+
+Writes vit_vs_deit_random10.png, and runs/report/{report.md, report.json, curves.png}.
+"""
+
+import argparse
+import sys
+
+from vitdeit.classes import DataError
+from vitdeit.report import make_all
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vit", default="runs/baseline_vit_tiny/best.pth", help="ViT checkpoint")
+    p.add_argument("--deit", default="runs/deit_tiny_distill/best.pth", help="DeiT checkpoint")
+    p.add_argument("--teacher-run", default="runs/teacher_resnet18", help="teacher run folder (for the report)")
+    p.add_argument("--data-path", default=None, help="shards (default: the ViT checkpoint's data_path)")
+    p.add_argument("--num-images", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="which random val images")
+    p.add_argument("--out", default="vit_vs_deit_random10.png")
+    p.add_argument("--report-dir", default="runs/report")
+    p.add_argument("--no-report", action="store_true", help="only the picture")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    try:
+        w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
+                     None if a.no_report else a.report_dir, a.device, a.workers)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {w['figure']}")
+    if "report" in w:
+        print(f"wrote {w['report']} and {w['curves']}")
+        for s in w["summaries"]:
+            print(f"  {s['run']:8s} best val top-1 {s['val_top1']:6.2f}%  top-5 {s['val_top5']:6.2f}%")
+        print(f"  ViT and DeiT agree on {w['comparison']['agreement']:.1f}% of {w['comparison']['val_images']} val images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Throughput in images/s: loaders, model step, end to end, packing; side by side, on one machine.
+
+    python benchmarks/throughput.py                      # CPU-sized defaults, a few minutes on 2 cores
+    python benchmarks/throughput.py --device cuda --batch-size 256 --json bench.json
+    python benchmarks/throughput.py --data-path DIR      # your own ImageNet-style folders
+
+Without --data-path it makes its own ImageNet-sized JPEG set (benchmarks/imageset.py says how), packs
+it twice (originals and --resize-short), and measures every loader on the same images, same output
+size and batch size. Each figure is the median of --repeats timed runs after warm-up; CUDA timings
+synchronise. The JSON schema is in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from vitdeit.classes import load_manifest  # noqa: E402
+from vitdeit.config import Config  # noqa: E402
+from vitdeit.data import build_loader, dali_available  # noqa: E402
+from vitdeit.distill import DistillationLoss  # noqa: E402
+from vitdeit.distributed import Dist  # noqa: E402
+from vitdeit.models import create_model  # noqa: E402
+from vitdeit.packing import PackOptions, pack  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for mod in ("torchvision", "timm", "PIL", "nvidia.dali"):
+        try:
+            info[mod] = __import__(mod, fromlist=["_"]).__version__
+        except ImportError:
+            info[mod] = None
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                            text=True).stdout.strip() or None
+    except OSError:
+        info["git_commit"] = None
+    return info
+
+
+def timed(fn, repeats: int, sync) -> float:
+    """Median seconds of fn() over `repeats` runs (fn does its own warm-up if it needs one)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def loader_rate(make_iter, batches: int, batch_size: int, repeats: int, sync) -> float:
+    """images/s of a loader: warm up (workers started, first batches), then time `batches` batches."""
+    it = make_iter()
+    state = {"it": it}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = make_iter()
+            return next(state["it"])
+
+    for _ in range(2):
+        next_batch()
+
+    def run():
+        for _ in range(batches):
+            x = next_batch()[0]
+        x.sum().item() if hasattr(x, "sum") else None  # noqa: B018 (device work finished)
+
+    return batches * batch_size / timed(run, repeats, sync)
+
+
+def imagefolder_loader(root: Path, img_size: int, batch_size: int, workers: int):
+    """The baseline users start from: ImageFolder + classic PIL transforms + DataLoader."""
+    import torchvision
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    ds = torchvision.datasets.ImageFolder(str(root), tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def bench_loaders(a, data_dir: Path, shard_dirs: dict, sync) -> list[dict]:
+    rows = []
+    worker_counts = sorted({1, a.workers})
+    for w in worker_counts:
+        dl = imagefolder_loader(data_dir / "train.X1", a.img_size, a.batch_size, w)
+        rate = loader_rate(lambda: iter(dl), a.batches, a.batch_size, a.repeats, lambda: None)
+        rows.append({"name": "imagefolder", "images_per_s": rate, "workers": w, "data": "original JPEGs"})
+        del dl
+        for label, sdir in shard_dirs.items():
+            backends = ["torch"] + (["dali"] if dali_available() and a.dali else [])
+            for backend in backends:
+                cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=w,
+                             loader=backend, progress=False)
+                dev = torch.device(a.device)
+                loader = build_loader(cfg, load_manifest(sdir), "train", Dist(device=dev), backend=backend)
+                rate = loader_rate(lambda: iter(loader), a.batches, a.batch_size, a.repeats, sync)
+                name = f"shards_{backend}" + ("_cpu" if backend == "dali" and dev.type == "cpu" else "")
+                rows.append({"name": name + ("_resized" if label != "original" else ""), "images_per_s": rate,
+                             "workers": w, "data": label})
+                del loader
+    for r in rows:
+        r["images_per_s_per_worker"] = r["images_per_s"] / max(1, r["workers"])
+    return rows
+
+
+def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, compile_: bool):
+    """A closure running one full training step (forward, loss incl. teacher, backward, AdamW step)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = create_model(model_name, 100, a.img_size, 16).to(device, memory_format=fmt).train()
+    teacher = None
+    if model_name == "deit_tiny_distill":
+        teacher = create_model("resnet18", 100).to(device, memory_format=fmt).eval().requires_grad_(False)
+    model = torch.compile(net) if compile_ else net
+    if teacher is not None and compile_:
+        teacher = torch.compile(teacher)
+    loss_fn = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, "soft" if teacher is not None else "none")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(x, model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step, net, teacher
+
+
+def bench_model_step(a, device, sync) -> list[dict]:
+    rows = []
+    amps = [None] + ([torch.bfloat16] if device.type == "cuda" or a.amp else [])
+    compiles = [False] + ([True] if device.type == "cuda" or a.compile else [])
+    for model_name in ("vit_tiny", "deit_tiny_distill", "resnet18"):
+        for compile_ in compiles:
+            for amp in amps:
+                for cl in (False, True):
+                    step, net, teacher = train_step_fn(model_name, a, device, amp, cl, compile_)
+                    fmt = torch.channels_last if cl else torch.contiguous_format
+                    x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device).contiguous(memory_format=fmt)
+                    y = torch.randint(0, 100, (a.batch_size,), device=device)
+                    for _ in range(a.warmup_steps):
+                        step(x, y)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    secs = timed(lambda: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
+                    rows.append({"model": model_name + (" + resnet18 teacher" if teacher is not None else ""),
+                                 "compile": compile_, "dtype": "bf16" if amp else "fp32",
+                                 "layout": "channels_last" if cl else "nchw", "batch_size": a.batch_size,
+                                 "images_per_s": a.steps * a.batch_size / secs,
+                                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+                    print(f"  model step {rows[-1]['model']:35s} compile={compile_!s:5s} {rows[-1]['dtype']} "
+                          f"{rows[-1]['layout']:13s} {rows[-1]['images_per_s']:9.1f} img/s", flush=True)
+                    del step, net, teacher
+    return rows
+
+
+def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], sync) -> list[dict]:
+    """The DeiT distillation step fed by each loader, against its model-step ceiling (same settings)."""
+    rows = []
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    cl, compile_ = True, device.type == "cuda"
+    ceiling = next(r["images_per_s"] for r in model_rows if r["model"].startswith("deit") and r["compile"] == compile_
+                   and r["dtype"] == ("bf16" if amp else "fp32") and r["layout"] == "channels_last")
+    step, _, _ = train_step_fn("deit_tiny_distill", a, device, amp, cl, compile_)
+    for label, sdir in shard_dirs.items():
+        for backend in ["torch"] + (["dali"] if dali_available() and a.dali else []):
+            cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=a.workers,
+                         loader=backend, progress=False)
+            loader = build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
+            it = iter(loader)
+
+            def run(n):
+                nonlocal it
+                for _ in range(n):
+                    try:
+                        x, y = next(it)
+                    except StopIteration:
+                        it = iter(loader)
+                        x, y = next(it)
+                    step(x, y)
+
+            run(a.warmup_steps)
+            secs = timed(lambda: run(a.steps), a.repeats, sync)
+            rate = a.steps * a.batch_size / secs
+            rows.append({"loader": f"shards_{backend}" + ("_resized" if label != "original" else ""),
+                         "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
+                         "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling})
+            print(f"  end to end {rows[-1]['loader']:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step",
+                  flush=True)
+            del loader
+    return rows
+
+
+def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
+    rows = []
+    n = sum(1 for _ in data_dir.glob("*/*/*.JPEG"))
+    for w in sorted({1, workers}):
+        out = work / f"pack_w{w}"
+        t = time.perf_counter()
+        pack(data_dir, out, opts=PackOptions(workers=w, shard_size=256), progress=False)
+        rows.append({"workers": w, "images": n, "images_per_s": n / (time.perf_counter() - t)})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--data-path", default=None, help="ImageNet-style folders (default: make a synthetic set)")
+    p.add_argument("--num-images", type=int, default=512, help="size of the synthetic train set")
+    p.add_argument("--work-dir", default=None, help="where to put images and shards (default: a temp dir)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
+    p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")
+    p.add_argument("--batches", type=int, default=8, help="timed batches per loader repeat")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model-step repeat")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", default="loaders,model,e2e,packing", help="comma-separated subset to run")
+    p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
+    p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
+    p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
+    p.add_argument("--json", default=None, help="write every figure here")
+    a = p.parse_args(argv)
+    parts = set(a.parts.split(","))
+    device = torch.device(a.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(a)}
+
+    data_dir = Path(a.data_path) if a.data_path else work / "images"
+    if not a.data_path and not (data_dir / "Labels.json").exists():
+        from benchmarks.imageset import make_imageset
+
+        print(f"making {a.num_images} synthetic ImageNet-sized JPEGs in {data_dir} ...", flush=True)
+        make_imageset(data_dir, ROOT / "Labels.json", n_train=a.num_images, n_val=max(16, a.num_images // 8))
+    sizes = [f.stat().st_size for f in data_dir.glob("train*/*/*")]
+    result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
+    shard_dirs = {}
+    if parts & {"loaders", "e2e"}:
+        for label, resize in (("original", None), (f"resize_short={a.resize_short}", a.resize_short)):
+            sdir = work / ("shards" if resize is None else f"shards_{resize}")
+            if not (sdir / "manifest.json").exists():
+                pack(data_dir, sdir, opts=PackOptions(workers=a.workers, resize_short=resize, shard_size=256),
+                     progress=False)
+            shard_dirs[label] = sdir
+    if "packing" in parts:
+        print("packing ...", flush=True)
+        result["packing"] = bench_packing(data_dir, work, a.workers)
+    if "loaders" in parts:
+        print("loaders ...", flush=True)
+        result["loaders"] = bench_loaders(a, data_dir, shard_dirs, sync)
+    if parts & {"model", "e2e"}:
+        print("model step ...", flush=True)
+        result["model_step"] = bench_model_step(a, device, sync)
+    if "e2e" in parts:
+        print("end to end ...", flush=True)
+        result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result["model_step"], sync)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    print_tables(result)
+    return 0
+
+
+def print_tables(r: dict) -> None:
+    m = r["machine"]
+    print(f"\n{m['cpu']} x{m['cpu_count']}, GPU {m['gpu']}, torch {m['torch']}, timm {m['timm']}, "
+          f"DALI {m['nvidia.dali']}, commit {str(m['git_commit'])[:10]}; {r['images']['count']} images, "
+          f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, batch {r['settings']['batch_size']}")
+    if "packing" in r:
+        for row in r["packing"]:
+            print(f"packing    workers={row['workers']:<2d} {row['images_per_s']:9.1f} img/s")
+    if "loaders" in r:
+        base = {row["workers"]: row["images_per_s"] for row in r["loaders"] if row["name"] == "imagefolder"}
+        print(f"{'loader':24s} {'workers':>7s} {'img/s':>9s} {'img/s/worker':>13s} {'x imagefolder':>14s}")
+        for row in r["loaders"]:
+            print(f"{row['name']:24s} {row['workers']:7d} {row['images_per_s']:9.1f} "
+                  f"{row['images_per_s_per_worker']:13.1f} {row['images_per_s'] / base[row['workers']]:14.2f}")
+    if "model_step" in r:
+        print(f"{'model step':36s} {'compile':7s} {'dtype':5s} {'layout':13s} {'img/s':>9s}")
+        for row in r["model_step"]:
+            print(f"{row['model']:36s} {row['compile']!s:7s} {row['dtype']:5s} {row['layout']:13s} {row['images_per_s']:9.1f}"
+                  + (f"  {row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] else ""))
+    if "end_to_end" in r:
+        for row in r["end_to_end"]:
+            print(f"end to end {row['loader']:24s} {row['images_per_s']:9.1f} img/s = "
+                  f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

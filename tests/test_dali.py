@@ -1,0 +1,86 @@
+"""The DALI loader in CPU mode (device_id=None): the same pipeline definition the GPU runs with `mixed`."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from test_loader import all_samples  # noqa: E402
+from vitdeit.classes import DataError, load_manifest  # noqa: E402
+from vitdeit.config import Config  # noqa: E402
+from vitdeit.data.dali_loader import DaliLoader  # noqa: E402
+from vitdeit.data.torch_loader import TorchLoader  # noqa: E402
+from vitdeit.trainer import train  # noqa: E402
+
+
+def test_val_matches_the_pytorch_loader(tiny_shards):
+    m = load_manifest(tiny_shards)
+    dali = DaliLoader(tiny_shards, m, "val", batch_size=10, img_size=32, workers=1, with_keys=True)
+    torch_ = TorchLoader(tiny_shards, m, "val", batch_size=10, img_size=32, workers=0)
+    xd, yd, keys = zip(*dali)
+    xt, yt = zip(*torch_)
+    assert [k for batch in keys for k in batch] == [key for key, _, _ in all_samples(tiny_shards, "val")]
+    assert torch.equal(torch.cat(yd), torch.cat(yt))
+    xd, xt = torch.cat(xd), torch.cat(xt)
+    assert xd.shape == xt.shape == (24, 3, 32, 32) and xd.dtype == torch.float32
+    # Two decoders (libjpeg-turbo via DALI vs PIL) and two bilinear resamplers: pixels differ by a few grey
+    # levels (1/255 is 0.017 here, in std units), edges by more. Mean |diff| under 0.08 ~ 4.5 grey levels.
+    assert (xd - xt).abs().mean() < 0.08
+
+
+@pytest.mark.parametrize("world,batch", [(1, 10), (3, 5)])
+def test_val_counts_each_image_once_across_ranks(tiny_shards, world, batch):
+    m = load_manifest(tiny_shards)
+    keys = []
+    for rank in range(world):
+        loader = DaliLoader(tiny_shards, m, "val", batch_size=batch, img_size=32, rank=rank, world=world,
+                            workers=1, with_keys=True)
+        ks = [k for _, _, b in loader for k in b]
+        assert len(ks) == loader.num_samples  # DALI's padding removed
+        keys += ks
+    assert sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "val"))
+
+
+def test_train_epoch_across_ranks_draws_every_sample_once(tiny_shards):
+    m = load_manifest(tiny_shards)  # 96 train samples: 3 ranks x 4 steps x 8 leaves nothing undrawn
+    keys, steps = [], set()
+    for rank in range(3):
+        loader = DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=24, rank=rank, world=3, workers=1,
+                            with_keys=True)
+        batches = list(loader)
+        steps.add(len(batches))
+        x, y, _ = batches[0]
+        assert x.shape == (8, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        keys += [k for _, _, b in batches for k in b]
+    assert steps == {4} and sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "train"))
+
+
+def test_labels_come_from_the_shards(tiny_shards):
+    m = load_manifest(tiny_shards)
+    truth = {key: label for key, label, _ in all_samples(tiny_shards, "train")}
+    loader = DaliLoader(tiny_shards, m, "train", batch_size=16, img_size=24, workers=1, with_keys=True)
+    for _, y, keys in loader:
+        assert y.tolist() == [truth[k] for k in keys]
+
+
+def test_missing_index_file_says_how_to_make_it(tiny_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(tiny_shards, copy)
+    (copy / "train-000001.idx").unlink()
+    with pytest.raises(DataError, match="re-run pack_shards.py"):
+        DaliLoader(copy, load_manifest(copy), "train", batch_size=8, img_size=24, workers=1)
+
+
+def test_train_py_with_the_dali_loader_learns_on_cpu(learn_shards, tmp_path):
+    cfg = Config(data_path=str(learn_shards), output_dir=str(tmp_path), model="resnet18", loader="dali",
+                 epochs=3, lr=0.005, img_size=32, batch_size=32, workers=1, progress=False, warmup_epochs=0.5,
+                 crop_scale_min=0.5)
+    last = train(cfg)
+    assert last["val_top1"] > 50 and last["val_samples"] == 120  # chance: 25 %
+    assert torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["loader"] == "dali"

@@ -159,29 +159,30 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
 
 def bench_model_step(a, device, sync) -> list[dict]:
     rows = []
-    amps = [None] + ([torch.bfloat16] if device.type == "cuda" or a.amp else [])
-    compiles = [False] + ([True] if device.type == "cuda" or a.compile else [])
+    amp16 = torch.bfloat16 if device.type == "cuda" or a.amp else None
+    # eager: fp32 / bf16 x NCHW / channels-last; compiled: the production setting only (each compile costs ~1 min)
+    variants = [(False, amp, cl) for amp in dict.fromkeys([None, amp16]) for cl in (False, True)]
+    if device.type == "cuda" or a.compile:
+        variants.append((True, amp16, True))
     for model_name in ("vit_tiny", "deit_tiny_distill", "resnet18"):
-        for compile_ in compiles:
-            for amp in amps:
-                for cl in (False, True):
-                    step, net, teacher = train_step_fn(model_name, a, device, amp, cl, compile_)
-                    fmt = torch.channels_last if cl else torch.contiguous_format
-                    x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device).contiguous(memory_format=fmt)
-                    y = torch.randint(0, 100, (a.batch_size,), device=device)
-                    for _ in range(a.warmup_steps):
-                        step(x, y)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    secs = timed(lambda: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
-                    rows.append({"model": model_name + (" + resnet18 teacher" if teacher is not None else ""),
-                                 "compile": compile_, "dtype": "bf16" if amp else "fp32",
-                                 "layout": "channels_last" if cl else "nchw", "batch_size": a.batch_size,
-                                 "images_per_s": a.steps * a.batch_size / secs,
-                                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
-                    print(f"  model step {rows[-1]['model']:35s} compile={compile_!s:5s} {rows[-1]['dtype']} "
-                          f"{rows[-1]['layout']:13s} {rows[-1]['images_per_s']:9.1f} img/s", flush=True)
-                    del step, net, teacher
+        for compile_, amp, cl in variants:
+            step, net, teacher = train_step_fn(model_name, a, device, amp, cl, compile_)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device).contiguous(memory_format=fmt)
+            y = torch.randint(0, 100, (a.batch_size,), device=device)
+            for _ in range(a.warmup_steps):
+                step(x, y)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            secs = timed(lambda: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
+            rows.append({"model": model_name + (" + resnet18 teacher" if teacher is not None else ""),
+                         "compile": compile_, "dtype": "bf16" if amp else "fp32",
+                         "layout": "channels_last" if cl else "nchw", "batch_size": a.batch_size,
+                         "images_per_s": a.steps * a.batch_size / secs,
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
+            print(f"  model step {rows[-1]['model']:35s} compile={compile_!s:5s} {rows[-1]['dtype']} "
+                  f"{rows[-1]['layout']:13s} {rows[-1]['images_per_s']:9.1f} img/s", flush=True)
+            del step, net, teacher
     return rows
 
 
@@ -240,12 +241,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=512, help="size of the synthetic train set")
     p.add_argument("--work-dir", default=None, help="where to put images and shards (default: a temp dir)")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
     p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")
     p.add_argument("--batches", type=int, default=8, help="timed batches per loader repeat")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model-step repeat")
-    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
+    p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", default="loaders,model,e2e,packing", help="comma-separated subset to run")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")

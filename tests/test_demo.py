@@ -26,3 +26,21 @@ def test_demo_is_deterministic(tmp_path):
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.JPEG"))
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.JPEG"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
+def test_the_readme_demo_command_runs_end_to_end(tmp_path):
+    """`python -m vitdeit.demo` (here --quick): generate -> pack -> teacher, ViT, DeiT -> picture and report."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "vitdeit.demo", "--quick", "--out", str(tmp_path), "--workers", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for run in ("teacher_resnet18", "baseline_vit_tiny", "deit_tiny_distill"):
+        assert (tmp_path / "runs" / run / "best.pth").is_file()
+    assert (tmp_path / "vit_vs_deit_random10.png").stat().st_size > 10_000
+    report = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert "| ViT |" in report and "| DeiT |" in report and "| teacher |" in report
+    assert "demo finished" in r.stdout

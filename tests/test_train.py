@@ -131,3 +131,20 @@ def test_torchrun_two_processes_evaluate_each_val_image_once(learn_shards, tmp_p
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
     assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit import distill
+    from vitdeit.engine import NonFiniteLoss
+
+    kw = dict(model="resnet18", epochs=2, lr=0.005, batch_size=16, workers=0)
+    cfg = cfg_for(tiny_shards, tmp_path, **kw)
+
+    def poison_after_first_epoch(epoch, record):
+        real = distill.DistillationLoss.forward
+        monkeypatch.setattr(distill.DistillationLoss, "forward", lambda *a: real(*a) * float("nan"))
+
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+        train(cfg, on_epoch_end=poison_after_first_epoch)
+    last = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

@@ -176,6 +176,10 @@ def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) 
         [py, str(ROOT / "train.py"), "--model", "deit_tiny_distill", "--teacher", "resnet18", "--teacher-ckpt",
          str(runs / "teacher_resnet18" / "best.pth"), "--epochs", str(epochs["vit"]), "--run-name",
          "deit_tiny_distill", *common] + (["--allow-weak-teacher"] if quick else []),
+        [py, str(ROOT / "viz.py"), "--vit", str(runs / "baseline_vit_tiny" / "best.pth"), "--deit",
+         str(runs / "deit_tiny_distill" / "best.pth"), "--teacher-run", str(runs / "teacher_resnet18"),
+         "--out", str(out / "vit_vs_deit_random10.png"), "--report-dir", str(runs / "report"),
+         "--workers", str(workers)],
     ]
 
 
@@ -206,7 +210,8 @@ def main(argv=None) -> int:
         if subprocess.run(cmd).returncode != 0:
             print(f"demo: this step failed; see the error above.", file=sys.stderr)
             return 1
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; runs are in {out / 'runs'}")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:\n  {out / 'vit_vs_deit_random10.png'}\n"
+          f"  {out / 'runs' / 'report' / 'report.md'} and curves.png\n  {out / 'runs'}/*/metrics.jsonl")
     return 0
 
 

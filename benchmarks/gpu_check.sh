@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The ready GPU check: one call, at most ~8 minutes on one H100/H200 machine (16 cores, no network) where
+# torch, torchvision and timm are installed. Makes a synthetic ImageNet-sized JPEG set there, packs it, and
+# measures packing, the loaders, the model step and end to end at 224 px, batch 256. Writes
+# $OUT/throughput.json and $OUT/throughput.log and prints the table last.
+#
+#   bash benchmarks/gpu_check.sh             # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU, at tiny sizes: proves the script before the GPU call
+#
+# Pure-Python dependencies missing there (webdataset, braceexpand) come as wheels in the git-ignored wheels/:
+#   pip download --no-deps -d wheels webdataset braceexpand
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+if ! $PY -c "import webdataset" 2>/dev/null; then
+  ls wheels/*.whl >/dev/null 2>&1 || { echo "webdataset is missing and wheels/ is empty: pip download --no-deps -d wheels webdataset braceexpand"; exit 1; }
+  $PY -m pip install -q --no-index --no-deps --target /tmp/vitdeit-pydeps wheels/*.whl
+  export PYTHONPATH=/tmp/vitdeit-pydeps:${PYTHONPATH:-}
+fi
+if [ "${1:-}" = "--dry-run" ]; then
+  ARGS=(--device cpu --num-images 48 --img-size 64 --batch-size 8 --batches 2 --steps 1 --warmup-steps 1 --repeats 1 --workers 2)
+else
+  ARGS=(--device cuda --num-images 4096 --img-size 224 --batch-size 256 --batches 8 --steps 10 --warmup-steps 3 --repeats 3 --workers 16)
+fi
+$PY benchmarks/throughput.py "${ARGS[@]}" --work-dir /tmp/vitdeit-bench --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"

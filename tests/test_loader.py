@@ -127,3 +127,14 @@ def test_missing_index_file_says_how_to_make_it(tiny_shards, tmp_path):
     (copy / "val-000000.idx").unlink()
     with pytest.raises(DataError, match="re-run pack_shards.py"):
         ShardSamples(copy, load_manifest(copy), "val")
+
+
+def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkeypatch):
+    from vitdeit import data
+
+    monkeypatch.setattr(data, "dali_available", lambda: True)
+    assert data.resolve_loader("auto", "cuda") == "dali" and data.resolve_loader("auto", "cpu") == "torch"
+    monkeypatch.setattr(data, "dali_available", lambda: False)
+    assert data.resolve_loader("auto", "cuda") == "torch"
+    with pytest.raises(RuntimeError, match="pip install nvidia-dali-cuda120.*--loader torch"):
+        data.resolve_loader("dali", "cpu")

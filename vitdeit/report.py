@@ -84,7 +84,7 @@ def prediction_figure(shards: str | Path, manifest: dict, preds: list[Prediction
     ds = ShardSamples(shards, manifest, "val", ValTransform(display_px, preds[0].crop_pct))
     ncols = min(ncols, len(indices))
     nrows = -(-len(indices) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 3.45 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 3.6 * nrows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, idx in zip(axes.flat, indices):
@@ -97,7 +97,9 @@ def prediction_figure(shards: str | Path, manifest: dict, preds: list[Prediction
     acc = ", ".join(f"{p.name} {100 * np.mean(p.pred[indices] == p.labels[indices]):.0f}%" for p in preds)
     fig.suptitle(f"{names} on {len(indices)} random val images (right here: {acc}; green = right, red = wrong)",
                  fontsize=11)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.92, bottom=0.02, hspace=0.55, wspace=0.08)
+    # room under each image for its three text lines (~0.33 of an image's height)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.45 / fig.get_figheight(), bottom=0.85 / fig.get_figheight(),
+                        hspace=0.42, wspace=0.1)
     return fig
 
 

@@ -68,14 +68,14 @@ def test_eval_only_reproduces_best_top1(teacher_run):
 
 
 def test_vit_learns(learn_shards, tmp_path):
-    last = train(cfg_for(learn_shards, tmp_path, model="vit_tiny", epochs=4, lr=0.003))
+    last = train(cfg_for(learn_shards, tmp_path, model="vit_tiny", epochs=2, lr=0.003))
     assert last["val_top1"] > 40  # chance is 25 %
 
 
 def test_deit_distils_from_the_teacher_and_reports_each_head(teacher_run, learn_shards, tmp_path):
     tcfg, tlast = teacher_run
     ckpt = os.path.join(tcfg.output_dir, "teacher", "best.pth")
-    last = train(cfg_for(learn_shards, tmp_path, model="deit_tiny_distill", teacher_ckpt=ckpt, epochs=4,
+    last = train(cfg_for(learn_shards, tmp_path, model="deit_tiny_distill", teacher_ckpt=ckpt, epochs=2,
                          lr=0.003, distillation_type="hard"))
     assert last["val_top1"] > 40
     assert last["teacher_val_top1"] == pytest.approx(torch.load(ckpt, weights_only=True)["best_top1"])
@@ -90,9 +90,9 @@ def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
                       teacher_ckpt=str(weak / "t" / "best.pth")))
 
 
-def test_resume_after_an_interruption_reaches_the_same_weights(learn_shards, tmp_path):
-    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True)
-    train(cfg_for(learn_shards, tmp_path / "a", **kw))
+def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path):
+    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2)
+    train(cfg_for(tiny_shards, tmp_path / "a", **kw))
 
     class Killed(Exception):
         pass
@@ -101,8 +101,8 @@ def test_resume_after_an_interruption_reaches_the_same_weights(learn_shards, tmp
         raise Killed
 
     with pytest.raises(Killed):
-        train(cfg_for(learn_shards, tmp_path / "b", **kw), on_epoch_end=kill_after_first_epoch)
-    train(cfg_for(learn_shards, tmp_path / "b", resume=str(tmp_path / "b" / "vit_tiny" / "last.pth"), **kw))
+        train(cfg_for(tiny_shards, tmp_path / "b", **kw), on_epoch_end=kill_after_first_epoch)
+    train(cfg_for(tiny_shards, tmp_path / "b", resume=str(tmp_path / "b" / "vit_tiny" / "last.pth"), **kw))
     a = torch.load(tmp_path / "a" / "vit_tiny" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "vit_tiny" / "last.pth", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

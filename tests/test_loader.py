@@ -138,3 +138,15 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
     assert data.resolve_loader("auto", "cuda") == "torch"
     with pytest.raises(RuntimeError, match="pip install nvidia-dali-cuda120.*--loader torch"):
         data.resolve_loader("dali", "cpu")
+
+
+def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
+    data, _ = ShardSamples(tiny_shards, load_manifest(tiny_shards), "train").raw(0)
+    plain = TrainTransform(32)
+    aug = TrainTransform(32, rand_augment="rand-m9-mstd0.5-inc1")
+    outs = [aug(data, random.Random(s)) for s in range(20)]
+    assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+    assert all(np.array_equal(o, aug(data, random.Random(s))) for s, o in enumerate(outs))
+    # same crop and flip as without RandAugment (same draws), then 2 ops, each applied with p = 0.5 (some,
+    # like a small rotation of a flat region, barely change a 32 px image): a quarter of the samples or more
+    assert sum(not np.array_equal(o, plain(data, random.Random(s))) for s, o in enumerate(outs)) >= 5

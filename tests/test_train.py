@@ -1,6 +1,7 @@
 """train.py on CPU: learning, checkpoints, exact resume, eval-only, torchrun with 2 processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,3 +149,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
         train(cfg, on_epoch_end=poison_after_first_epoch)
     last = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path):
+    last = train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
+                         batch_size=16, workers=0, mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5-inc1"))
+    assert last["val_samples"] == 24 and last["train_samples"] == 96 and math.isfinite(last["train_loss"])
+
+
+def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):
+    from vitdeit.classes import ClassMap
+    from vitdeit.models import load_teacher
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="could not download.*--teacher-weights /path/to/it"):
+        load_teacher("", "imagenet1k", ClassMap(("n01440764",), ("tench",)))

@@ -1,0 +1,40 @@
+"""Data backends behind one interface: build_loader(cfg, manifest, split, dist).
+
+A loader yields (images, labels) on the run's device, images normalised and channels-last, knows its
+length in batches (`len`) and how many real samples this rank sees (`num_samples`), and takes
+`set_epoch(e)`. DALI is imported only when chosen.
+"""
+
+from __future__ import annotations
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_loader(choice: str, device_type: str) -> str:
+    """auto = DALI on CUDA when installed, the PyTorch loader elsewhere."""
+    if choice == "auto":
+        return "dali" if device_type == "cuda" and dali_available() else "torch"
+    if choice == "dali" and not dali_available():
+        raise RuntimeError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120 "
+                           "(or use --loader torch).")
+    return choice
+
+
+def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = None):
+    backend = backend or resolve_loader(cfg.loader, dist.device.type)
+    kwargs = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, rank=dist.rank, world=dist.world,
+                  workers=cfg.workers, device=dist.device, seed=cfg.seed, rand_augment=cfg.rand_augment or None,
+                  crop_pct=cfg.crop_pct, scale=(cfg.crop_scale_min, 1.0))
+    if backend == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(cfg.data_path, manifest, split, **kwargs)
+    from .torch_loader import TorchLoader
+
+    return TorchLoader(cfg.data_path, manifest, split, **kwargs)

@@ -1,0 +1,129 @@
+"""The NVIDIA DALI loader: reads the packed shards with fn.readers.webdataset and the packer's index files,
+decodes and augments on the GPU (`mixed` decoder: nvJPEG, ROI decoding), or on the CPU with the very same
+pipeline definition when there is no GPU (device_id=None; that is how CI tests it).
+
+No Python runs per sample: labels are the shards' int32 `lbl` component, images leave
+crop_mirror_normalize as normalised NHWC (float16 on GPU, float32 on CPU) and reach PyTorch as NCHW
+tensors in channels-last memory: a permuted view, no copy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..classes import DataError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+KEY_BYTES = 512
+
+
+def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
+              num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
+              with_keys: bool = False):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2)
+    def pipe():
+        jpegs, labels = fn.readers.webdataset(
+            paths=files, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],
+            missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards, name="Reader",
+            random_shuffle=train, initial_fill=4096 if train else 1,  # buffer shuffle on top of the global one
+            shuffle_after_epoch=train, pad_last_batch=not train,  # train: a new tar order every epoch
+            **({"shuffle_after_epoch_seed": seed} if train else {}))  # the same order on every rank
+        decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
+        if train:
+            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                                   random_area=list(scale), random_aspect_ratio=list(ratio),
+                                                   num_attempts=10)
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR,
+                               antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=math.floor(img_size / crop_pct),
+                               interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror = 0
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
+            mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
+        outputs = [images, labels.gpu() if gpu else labels]
+        if with_keys:  # "tar:offset:KEY.jpg", zero-padded to a fixed length (tests: which samples were drawn)
+            outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), axes=(0,), shape=(KEY_BYTES,)))
+        return tuple(outputs)
+
+    return pipe()
+
+
+class DaliLoader:
+    """Same interface as TorchLoader: yields (images NCHW channels-last, int64 labels) on the run's device.
+
+    Train: rank r reads DALI shard r of `world` (contiguous slices of the globally shuffled samples; DALI
+    moves each rank to the next slice every epoch) and every rank takes floor(N / world / batch) steps, so
+    up to batch - 1 + (N mod world) samples per epoch are not drawn (as drop_last). Val: no shuffle, the
+    last batch padded by DALI and the padding removed here, so every image is counted exactly once.
+    """
+
+    name = "dali"
+
+    def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
+                 world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
+                 crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
+                 with_keys: bool = False):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if rand_augment:
+            raise ValueError("--rand-augment is implemented in the PyTorch loader only; use --loader torch with it.")
+        self.device = torch.device(device)
+        gpu = self.device.type == "cuda"
+        shards_dir = Path(shards_dir)
+        shards = manifest["splits"][split]["shards"]
+        files = [str(shards_dir / s["file"]) for s in shards]
+        indexes = [str(shards_dir / s["index"]) for s in shards]
+        for path in indexes:
+            if not Path(path).is_file():
+                raise DataError(f"{path}: DALI index file missing; re-run pack_shards.py on the source folders "
+                                f"(it writes one .idx beside every shard).")
+        n = manifest["splits"][split]["num_samples"]
+        self.train = split == "train"
+        self.batch_size = batch_size
+        if self.train:
+            self.steps = n // world // batch_size
+            if self.steps == 0:
+                raise DataError(f"{split}: {n // world} samples per rank < --batch-size {batch_size}; lower it.")
+            self.num_samples = self.steps * batch_size
+        else:  # DALI's shard r of `world` holds samples [floor(r n / world), floor((r + 1) n / world))
+            self.num_samples = (rank + 1) * n // world - rank * n // world
+            self.steps = math.ceil(self.num_samples / batch_size)
+        self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
+                              seed, gpu, fp16=gpu, batch_size=batch_size, num_threads=max(1, workers),
+                              device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys)
+        self.pipe.build()
+        self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
+        if self.train:  # a fixed number of samples per epoch, the same on every rank
+            with warnings.catch_warnings():  # DALI warns that `size` may skip samples: that is the point here,
+                warnings.simplefilter("ignore")  # the stream continues into the next epoch (see class docstring)
+                self.it = DALIGenericIterator(self.pipe, self.outputs, size=self.num_samples, auto_reset=True,
+                                              last_batch_policy=LastBatchPolicy.DROP)
+        else:
+            self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
+                                          last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # DALI's reader advances its own shuffle every epoch
+
+    def __iter__(self):
+        for out in self.it:
+            images, labels = out[0]["images"], out[0]["labels"]
+            batch = (images.permute(0, 3, 1, 2), labels.view(-1).long())  # NHWC memory = channels-last NCHW
+            if "keys" in out[0]:
+                batch += ([bytes(k.cpu().numpy()).rstrip(b"\0").decode().rsplit(":", 1)[1].split(".")[0]
+                           for k in out[0]["keys"]],)
+            yield batch

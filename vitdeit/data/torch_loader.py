@@ -1,0 +1,242 @@
+"""The PyTorch shard loader: the CPU path, and the fallback where DALI is not wanted.
+
+Random access into the packed tars through the DALI index files the packer wrote (the same
+index serves both backends): each sample is a (JPEG bytes, int32 label) slice of an mmap, so an
+epoch is a true global permutation, ranks read disjoint index sets, and validation visits every
+image exactly once. Workers decode to uint8 only (PIL `draft` decodes at a reduced DCT scale when
+the crop allows, and one `resize(box=...)` does crop + resize); the float work (normalisation)
+happens on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import mmap
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..classes import DataError
+
+DRAFT_GAP = 2.0  # decode at >= 2x the output resolution (see resize_box)
+
+def read_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Parse a wds2idx v1.2 file: per sample, (key, {ext: (data_offset, size)})."""
+    if not idx_path.is_file():
+        raise DataError(f"{idx_path}: index file missing; re-run pack_shards.py on the source folders to write it.")
+    lines = idx_path.read_text().splitlines()
+    version, count = lines[0].split()
+    if version != "v1.2" or int(count) != len(lines) - 1:
+        raise DataError(f"{idx_path}: not a wds2idx v1.2 index for {count} samples; re-run pack_shards.py.")
+    samples = []
+    for line in lines[1:]:
+        f = line.split()
+        components = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+        samples.append((f[3].split(".", 1)[0], components))
+    return samples
+
+
+class ShardSamples(Dataset):
+    """Sample i of a split = (uint8 HWC image, label); `transform` maps JPEG bytes to the uint8 array."""
+
+    def __init__(self, shards_dir: str | Path, manifest: dict, split: str, transform=None):
+        self.dir = Path(shards_dir)
+        self.transform = transform
+        shards = manifest["splits"][split]["shards"]
+        self.files = [str(self.dir / s["file"]) for s in shards]
+        rows, self.keys = [], []
+        for shard_id, s in enumerate(shards):
+            entries = read_index(self.dir / s["index"])
+            if len(entries) != s["num_samples"]:
+                raise DataError(f"{self.dir / s['index']}: {len(entries)} samples, manifest says "
+                                f"{s['num_samples']}; the shards changed after packing: re-run pack_shards.py.")
+            for key, e in entries:
+                rows.append((shard_id, *e["jpg"], e["lbl"][0]))
+                self.keys.append(key)
+        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # shard, jpg offset, jpg size, label offset
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _map(self, shard: int) -> mmap.mmap:
+        m = self._maps.get(shard)
+        if m is None:  # opened lazily, so each DataLoader worker has its own maps
+            with open(self.files[shard], "rb") as f:
+                m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
+
+    def raw(self, i: int) -> tuple[bytes, int]:
+        shard, off, size, lbl_off = (int(v) for v in self.rows[i])
+        m = self._map(shard)
+        return m[off : off + size], struct.unpack_from("<i", m, lbl_off)[0]
+
+    def __getitem__(self, item):
+        """item: an index, or (index, seed) from RankSampler: the augmentation of a sample is a function
+        of (run seed, epoch, index) alone, so a resumed run sees exactly the batches it would have seen."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        data, label = self.raw(i)
+        return self.transform(data, random.Random(seed)), label
+
+    def __getstate__(self):  # mmaps don't pickle (spawned workers); they reopen lazily
+        return {**self.__dict__, "_maps": {}}
+
+
+# ---------------------------------------------------------------- transforms (uint8 in workers)
+
+
+class TrainTransform:
+    """RandomResizedCrop + horizontal flip (+ timm RandAugment) on JPEG bytes -> uint8 HWC array."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 rand_augment: str | None = None):
+        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.aa = None
+        if rand_augment:
+            from timm.data.auto_augment import rand_augment_transform
+            self.aa = rand_augment_transform(rand_augment, {"img_mean": (124, 116, 104)})
+
+    def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(left, top, width, height) in px, torchvision's RandomResizedCrop sampling (10 tries, then centre)."""
+        area = w * h
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            ar = math.exp(rng.uniform(*self.log_ratio))
+            cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            cw, ch = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            ch, cw = h, int(round(h * self.ratio[1]))
+        else:
+            cw, ch = w, h
+        return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+    def __call__(self, data: bytes, rng: random.Random) -> np.ndarray:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        left, top, cw, ch = self.crop_box(w, h, rng)
+        im = resize_box(im, (left, top, left + cw, top + ch), self.size)
+        if rng.random() < self.hflip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.aa is not None:  # timm's RandAugment draws from the global `random` and `np.random`
+            random.seed(rng.getrandbits(64))
+            np.random.seed(rng.getrandbits(32))
+            im = self.aa(im)
+        return np.asarray(im)
+
+
+class ValTransform:
+    """Resize the shorter side to size / crop_pct, centre-crop size x size -> uint8 HWC array."""
+
+    def __init__(self, size: int, crop_pct: float = 0.875):
+        self.size, self.crop_pct = size, crop_pct
+
+    def __call__(self, data: bytes, rng: random.Random | None = None) -> np.ndarray:
+        im = Image.open(io.BytesIO(data))
+        return np.asarray(resize_box(im, center_crop_box(*im.size, self.size, self.crop_pct), self.size))
+
+
+def center_crop_box(w: int, h: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """The source box that `Resize(floor(size / crop_pct))` + `CenterCrop(size)` keeps, in source px."""
+    short = math.floor(size / crop_pct)
+    rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+    sx, sy = rw / w, rh / h
+    return left / sx, top / sy, (left + size) / sx, (top + size) / sy
+
+
+def resize_box(im: Image.Image, box, size: int) -> Image.Image:
+    """Crop `box` (source px) and resize it to size x size RGB, decoding JPEGs at the smallest DCT scale
+    (1/2, 1/4, 1/8) that still leaves at least 2 * size px across the box: a reduced-scale decode is a box
+    filter, and the factor 2 (PIL's `reducing_gap=2` in `thumbnail`) leaves the final antialiased resize
+    the last word on quality."""
+    w, h = im.size
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    im.draft("RGB", (math.ceil(DRAFT_GAP * w * size / bw), math.ceil(DRAFT_GAP * h * size / bh)))
+    sx, sy = im.size[0] / w, im.size[1] / h
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im.resize((size, size), Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+
+
+# ---------------------------------------------------------------- distribution over ranks
+
+
+class RankSampler(Sampler):
+    """Indices of one rank. Train: a fresh seeded permutation per epoch, padded (by wrapping) so every
+    rank gets the same count. Val: in order, no padding, rank r takes r, r+world, ...: each index once."""
+
+    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int = 0):
+        self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world))
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = math.ceil(self.n / self.world) * self.world
+        order += order[: total - self.n]
+        return order[self.rank : total : self.world]
+
+    def __iter__(self):
+        base = (self.seed * 1000003 + self.epoch) * 2654435761  # per-sample augmentation seeds
+        return iter([(i, (base + i) % 2**63) for i in self.indices()])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world) if self.shuffle else len(range(self.rank, self.n, self.world))
+
+
+def collate_uint8(batch):
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, C) uint8
+    return images, torch.tensor([b[1] for b in batch], dtype=torch.int64)
+
+
+class TorchLoader:
+    """Yields (images, labels) on `device`: images normalised, float32, NCHW shape in channels-last memory."""
+
+    name = "torch"
+
+    def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
+                 world: int = 1, workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
+                 train_aug: bool | None = None, rand_augment: str | None = None, crop_pct: float = 0.875,
+                 scale=(0.08, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        train = split == "train" if train_aug is None else train_aug
+        transform = TrainTransform(img_size, scale=scale, rand_augment=rand_augment) if train else ValTransform(img_size, crop_pct)
+        self.dataset = ShardSamples(shards_dir, manifest, split, transform)
+        self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=split == "train", seed=seed)
+        self.drop_last = split == "train"  # every rank takes the same number of train steps
+        if self.drop_last and len(self.sampler) < batch_size:
+            raise DataError(f"{split}: {len(self.sampler)} samples per rank < --batch-size {batch_size}; "
+                            f"lower --batch-size (or use fewer processes).")
+        self.device = torch.device(device)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",
+                                 drop_last=self.drop_last, persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.num_samples = len(self.sampler) if not self.drop_last else len(self) * batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory = channels-last NCHW
+            yield (images.float() - self.mean) / self.std, labels.to(self.device, non_blocking=True)

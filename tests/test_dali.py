@@ -84,3 +84,9 @@ def test_train_py_with_the_dali_loader_learns_on_cpu(learn_shards, tmp_path):
     last = train(cfg)
     assert last["val_top1"] > 50 and last["val_samples"] == 120  # chance: 25 %
     assert torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["loader"] == "dali"
+
+
+def test_half_precision_output_when_asked(tiny_shards):
+    loader = DaliLoader(tiny_shards, load_manifest(tiny_shards), "val", batch_size=8, img_size=24, workers=1, half=True)
+    x, _ = next(iter(loader))
+    assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)

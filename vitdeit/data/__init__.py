@@ -34,7 +34,9 @@ def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = No
     if backend == "dali":
         from .dali_loader import DaliLoader
 
-        return DaliLoader(cfg.data_path, manifest, split, **kwargs)
+        # float16 straight out of DALI where autocast will run the model in 16 bits anyway; float32 otherwise
+        half = dist.device.type == "cuda" and cfg.amp != "off"
+        return DaliLoader(cfg.data_path, manifest, split, half=half, **kwargs)
     from .torch_loader import TorchLoader
 
     return TorchLoader(cfg.data_path, manifest, split, **kwargs)

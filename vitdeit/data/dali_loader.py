@@ -3,7 +3,7 @@ decodes and augments on the GPU (`mixed` decoder: nvJPEG, ROI decoding), or on t
 pipeline definition when there is no GPU (device_id=None; that is how CI tests it).
 
 No Python runs per sample: labels are the shards' int32 `lbl` component, images leave
-crop_mirror_normalize as normalised NHWC (float16 on GPU, float32 on CPU) and reach PyTorch as NCHW
+crop_mirror_normalize as normalised NHWC (float16 for 16-bit autocast on a GPU, else float32) and reach PyTorch as NCHW
 tensors in channels-last memory: a permuted view, no copy.
 """
 
@@ -73,7 +73,8 @@ class DaliLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
-                 with_keys: bool = False):
+                 with_keys: bool = False, half: bool | None = None):
+        """half: float16 images (default: on CUDA); float32 otherwise."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if rand_augment:
@@ -100,7 +101,7 @@ class DaliLoader:
             self.num_samples = (rank + 1) * n // world - rank * n // world
             self.steps = math.ceil(self.num_samples / batch_size)
         self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
-                              seed, gpu, fp16=gpu, batch_size=batch_size, num_threads=max(1, workers),
+                              seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size, num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])

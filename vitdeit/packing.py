@@ -277,20 +277,21 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []
     bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
-    if opts.workers > 1:
-        pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(opts.workers)
-        stream = pool.imap_unordered(write_shard, tasks)
-    else:
-        pool, stream = None, map(write_shard, tasks)
-    for r in stream:
+    for r in _run(tasks, opts.workers):
         results.append(r)
         bar.update(r.num_inputs)
-    if pool:
-        pool.close()
-        pool.join()
     bar.close()
     results.sort(key=lambda r: r.name)
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts)
+
+
+def _run(tasks, workers: int):
+    """write_shard over the tasks, in `workers` processes; the pool ends with the loop (or its interruption)."""
+    if workers == 1:
+        yield from map(write_shard, tasks)
+        return
+    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+        yield from pool.imap_unordered(write_shard, tasks)
 
 
 def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> dict:

@@ -211,13 +211,13 @@ class TorchLoader:
 
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
-                 train_aug: bool | None = None, rand_augment: str | None = None, crop_pct: float = 0.875,
-                 scale=(0.08, 1.0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-        train = split == "train" if train_aug is None else train_aug
+                 rand_augment: str | None = None, crop_pct: float = 0.875, scale=(0.08, 1.0),
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        train = split == "train"
         transform = TrainTransform(img_size, scale=scale, rand_augment=rand_augment) if train else ValTransform(img_size, crop_pct)
         self.dataset = ShardSamples(shards_dir, manifest, split, transform)
-        self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=split == "train", seed=seed)
-        self.drop_last = split == "train"  # every rank takes the same number of train steps
+        self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=train, seed=seed)
+        self.drop_last = train  # every rank takes the same number of train steps
         if self.drop_last and len(self.sampler) < batch_size:
             raise DataError(f"{split}: {len(self.sampler)} samples per rank < --batch-size {batch_size}; "
                             f"lower --batch-size (or use fewer processes).")
@@ -239,4 +239,4 @@ class TorchLoader:
     def __iter__(self):
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory = channels-last NCHW
-            yield (images.float() - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+            yield images.float().sub_(self.mean).div_(self.std), labels.to(self.device, non_blocking=True)

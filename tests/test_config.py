@@ -35,3 +35,11 @@ def test_bad_flag_value_exits_with_a_message(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--amp", "fp8"])
     assert "--amp 'fp8'" in capsys.readouterr().err
+
+
+def test_every_flag_has_a_help_text():
+    from dataclasses import fields
+
+    from vitdeit.config import field_comments
+
+    assert sorted(field_comments()) == sorted(f.name for f in fields(Config))

@@ -7,8 +7,10 @@ the same names (a run's own `config.json` works: `--config runs/NAME/config.json
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import get_type_hints
 
@@ -28,9 +30,9 @@ class Config:
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate (ViT/DeiT)
     # --- teacher (deit_tiny_distill only)
-    teacher: str = "resnet18"
+    teacher: str = "resnet18"  # the teacher architecture (resnet18 only)
     teacher_ckpt: str = ""  # a best.pth from `train.py --model resnet18` on the same class map
     teacher_weights: str = ""  # "imagenet1k" (torchvision, sliced to the dataset's WNIDs) or a local .pth of it
     allow_weak_teacher: bool = False  # distil even from a teacher whose val top-1 is near chance
@@ -38,25 +40,25 @@ class Config:
     distillation_alpha: float = 0.5  # total = (1 - alpha) * CE(labels) + alpha * distillation
     distillation_tau: float = 1.0  # soft-distillation temperature
     # --- optimisation (the DeiT recipe, shortened)
-    epochs: int = 5
+    epochs: int = 5  # training epochs
     batch_size: int = 128  # per process; global batch = batch_size * world size
     lr: float = 5e-4  # per 512 images of global batch: effective lr = lr * global_batch / 512 (DeiT)
     min_lr: float = 1e-6  # cosine floor (absolute)
     warmup_epochs: float = 1.0  # linear per-step warmup from 0
     weight_decay: float = 0.05  # not applied to norms, biases, position embeddings and tokens
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # of the label cross-entropy
     mixup: float = 0.0  # timm Mixup alpha (DeiT: 0.8); 0 = off
     cutmix: float = 0.0  # timm CutMix alpha (DeiT: 1.0); 0 = off
     clip_grad: float = 1.0  # max global grad norm; 0 = off
-    model_ema: bool = False
+    model_ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); its val top-1 is logged
     model_ema_decay: float = 0.9998  # per step
     # --- system
     device: str = "auto"  # auto | cuda | cpu
     amp: str = "auto"  # auto (bf16 where supported, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    channels_last: bool = True
-    seed: int = 0
-    output_dir: str = "runs"
+    channels_last: bool = True  # model weights in channels-last memory (inputs always are)
+    seed: int = 0  # weights, data order and augmentation all follow from it
+    output_dir: str = "runs"  # runs go to OUTPUT_DIR/RUN_NAME/
     run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
     resume: str = ""  # a last.pth to continue exactly from
     eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth) on val and exit
@@ -126,9 +128,20 @@ def _type_ok(t: type, v) -> bool:
     return isinstance(v, t)
 
 
+def field_comments() -> dict[str, str]:
+    """Each field's trailing comment in the Config source: one place documents a field, --help shows it."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
 def parse_args(argv=None, description: str = "") -> Config:
     """defaults <- --config FILE <- flags."""
     hints = get_type_hints(Config)
+    comments = field_comments()
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values; flags override it")
     for f in fields(Config):
@@ -137,7 +150,7 @@ def parse_args(argv=None, description: str = "") -> Config:
         kind = _parse_bool if t is bool else t
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, metavar=t.__name__.upper(),
                        nargs="?" if t is bool else None, const=True if t is bool else None,
-                       help=f"(default: {default!r})")
+                       help=f"{comments.get(f.name, '')} (default: {default!r})".strip())
     ns = vars(p.parse_args(argv))
     values = {}
     path = ns.pop("config")

@@ -25,6 +25,7 @@ def test_a_saved_config_round_trips():
     ({"img_size": 32, "patch_size": 5}, "--patch-size 5 must divide --img-size 32"),
     ({"distillation_type": "medium"}, "soft, hard or none"),
     ({"teacher_ckpt": "a", "teacher_weights": "imagenet1k"}, "not both"),
+    ({"mixup": 0.8, "batch_size": 31}, "--batch-size 31: Mixup/CutMix pair images"),
 ])
 def test_bad_values_are_errors_that_name_them(values, fragment):
     with pytest.raises(ValueError, match=fragment):

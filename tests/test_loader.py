@@ -134,6 +134,7 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     assert data.resolve_loader("auto", "cuda") == "dali" and data.resolve_loader("auto", "cpu") == "torch"
+    assert data.resolve_loader("auto", "cuda", rand_augment="rand-m9-mstd0.5") == "torch"  # DALI has no RandAugment
     monkeypatch.setattr(data, "dali_available", lambda: False)
     assert data.resolve_loader("auto", "cuda") == "torch"
     with pytest.raises(RuntimeError, match="pip install nvidia-dali-cuda120.*--loader torch"):

@@ -88,6 +88,8 @@ class Config:
         need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
         need(self.lr > 0 and self.workers >= 0, "--lr must be > 0 and --workers >= 0")
         need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1, "--crop-scale-min and --crop-pct must be in (0, 1]")
+        need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
+             f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
 

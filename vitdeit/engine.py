@@ -55,8 +55,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, m
                              torch.tensor(n, dtype=torch.float64, device=device)])
         if (i + 1) % log_every == 0 or i + 1 == steps:
             loss_avg, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
-            if not math.isfinite(loss_avg):
-                raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is {loss_avg / seen}; stopping. The last good "
+            # every rank stops together: a rank raising alone would leave the others waiting in backward()
+            if all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss_avg) else 1.0], device=device)).item() > 0:
+                raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is not finite on some rank; stopping. The last good "
                                     f"checkpoint is kept. Lower --lr, raise --warmup-epochs, or keep --clip-grad on.")
             bar.set_postfix(loss=f"{loss_avg / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
                             img_s=f"{seen * dist.world / (time.perf_counter() - t_start):.0f}")

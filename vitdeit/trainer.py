@@ -28,7 +28,7 @@ def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "off" or (choice == "auto" and device.type != "cuda"):
         return None
     if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
@@ -93,6 +93,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)
+    if cfg.model == "deit_tiny_distill" and cfg.distillation_type == "none":
+        net.set_distilled_training(False)  # no teacher: both heads learn the labels (their mean), as in timm
 
     teacher, teacher_top1 = None, None
     if cfg.model == "deit_tiny_distill" and cfg.distillation_type != "none":
@@ -121,8 +123,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         state = load_checkpoint(cfg.resume, class_map, what="--resume")
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        # the schedule is not restored: step_update() recomputes the lr from the step count every step, and
+        # a restored one would keep the old run's epochs and global batch if those changed
+        if state["scaler"]:  # empty when the saved run did not use fp16
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
@@ -133,8 +137,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         teacher = torch.compile(teacher)
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.model == "deit_tiny_distill" and cfg.distillation_type == "none")
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     loss_fn = DistillationLoss(base_loss, teacher, cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none",
                                cfg.distillation_alpha, cfg.distillation_tau)
     log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)

@@ -16,10 +16,10 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_loader(choice: str, device_type: str) -> str:
-    """auto = DALI on CUDA when installed, the PyTorch loader elsewhere."""
+def resolve_loader(choice: str, device_type: str, rand_augment: str = "") -> str:
+    """auto = DALI on CUDA when installed (and no --rand-augment, which only the PyTorch loader has), else torch."""
     if choice == "auto":
-        return "dali" if device_type == "cuda" and dali_available() else "torch"
+        return "dali" if device_type == "cuda" and dali_available() and not rand_augment else "torch"
     if choice == "dali" and not dali_available():
         raise RuntimeError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120 "
                            "(or use --loader torch).")
@@ -27,7 +27,9 @@ def resolve_loader(choice: str, device_type: str) -> str:
 
 
 def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = None):
-    backend = backend or resolve_loader(cfg.loader, dist.device.type)
+    backend = backend or resolve_loader(cfg.loader, dist.device.type, cfg.rand_augment)
+    if backend == "dali" and split == "val" and manifest["splits"]["val"]["num_samples"] < dist.world:
+        backend = "torch"  # DALI needs a sample per shard; the PyTorch loader gives empty ranks no batches
     kwargs = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, rank=dist.rank, world=dist.world,
                   workers=cfg.workers, device=dist.device, seed=cfg.seed, rand_augment=cfg.rand_augment or None,
                   crop_pct=cfg.crop_pct, scale=(cfg.crop_scale_min, 1.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -163,8 +164,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
                 "teacher_top1": teacher_top1, "loader": train_loader.name})
-            if is_best:
-                shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth")
+            if is_best:  # copied under a temporary name, then renamed: never a half-written best.pth
+                shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth.tmp")
+                os.replace(run_dir / "best.pth.tmp", run_dir / "best.pth")
             log.write(record)
         dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                    f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "

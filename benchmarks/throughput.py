@@ -31,13 +31,11 @@ import torch  # noqa: E402
 
 from vitdeit.classes import load_manifest  # noqa: E402
 from vitdeit.config import Config  # noqa: E402
-from vitdeit.data import build_loader, dali_available  # noqa: E402
+from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
 from vitdeit.packing import PackOptions, pack  # noqa: E402
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def machine() -> dict:

@@ -16,7 +16,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .classes import load_manifest, manifest_class_map
 from .config import Config
-from .data import build_loader, resolve_loader
+from .data import build_loader
 from .distill import DistillationLoss
 from .distributed import Dist, cleanup, setup, unwrap
 from .engine import evaluate, train_one_epoch
@@ -191,7 +191,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         net = create_model(ecfg.model, len(class_map), ecfg.img_size, ecfg.patch_size)
         net.load_state_dict(state["model"])
         net = to_device(net, ecfg, dist.device)
-        loader = build_loader(ecfg, manifest, "val", dist, backend=resolve_loader(ecfg.loader, dist.device.type))
+        loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
                    f"images (checkpoint's best_top1 {state['best_top1']:.2f}%, epoch {state['epoch']})")

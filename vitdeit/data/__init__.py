@@ -7,6 +7,9 @@ length in batches (`len`) and how many real samples this rank sees (`num_samples
 
 from __future__ import annotations
 
+# ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def dali_available() -> bool:
     try:

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from ..classes import DataError
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from . import MEAN, STD
 KEY_BYTES = 512
 
 

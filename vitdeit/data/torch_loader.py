@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..classes import DataError
+from . import MEAN, STD
 
 DRAFT_GAP = 2.0  # decode at >= 2x the output resolution (see resize_box)
 
@@ -212,7 +213,7 @@ class TorchLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
                  rand_augment: str | None = None, crop_pct: float = 0.875, scale=(0.08, 1.0),
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=MEAN, std=STD):
         train = split == "train"
         transform = TrainTransform(img_size, scale=scale, rand_augment=rand_augment) if train else ValTransform(img_size, crop_pct)
         self.dataset = ShardSamples(shards_dir, manifest, split, transform)

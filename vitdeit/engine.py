@@ -74,8 +74,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, m
 
 
 @torch.no_grad()
-def evaluate(model, loader, dist, amp_dtype=None, num_classes: int | None = None, progress: bool = True,
-             desc: str = "val") -> dict:
+def evaluate(model, loader, dist, amp_dtype=None, progress: bool = True, desc: str = "val") -> dict:
     """Exact val metrics: per-rank sums of counts, summed over ranks; each val image counted once.
 
     For DeiT the prediction is the mean of its two heads; each head's own top-1 is reported too.
@@ -84,7 +83,6 @@ def evaluate(model, loader, dist, amp_dtype=None, num_classes: int | None = None
     device = dist.device
     n_heads = 2 if hasattr(model, "head_dist") else 1
     sums = torch.zeros(4 + n_heads, dtype=torch.float64, device=device)  # loss, top1, top5, n, per-head top1
-    per_class = torch.zeros(2, num_classes or 1, dtype=torch.float64, device=device)  # correct, total per class
     for images, labels in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), leave=False):
         with autocast(device, amp_dtype):
             heads = head_logits(model, images)
@@ -98,16 +96,10 @@ def evaluate(model, loader, dist, amp_dtype=None, num_classes: int | None = None
         sums[3] += labels.shape[0]
         for k, h in enumerate(heads):
             sums[4 + k] += (h.argmax(1) == labels).sum()
-        if num_classes:
-            per_class[0].index_add_(0, labels, hit1.double())
-            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
     all_reduce_sum(sums)
-    all_reduce_sum(per_class)
     s = sums.tolist()
     n = max(s[3], 1)
     out = {"val_loss": s[0] / n, "val_top1": 100 * s[1] / n, "val_top5": 100 * s[2] / n, "val_samples": int(s[3])}
     if n_heads == 2:
         out["val_top1_cls_head"], out["val_top1_dist_head"] = 100 * s[4] / n, 100 * s[5] / n
-    if num_classes:
-        out["per_class_top1"] = (100 * per_class[0] / per_class[1].clamp(min=1)).tolist()
     return out

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from vitdeit.classes import load_manifest  # noqa: E402
 from vitdeit.config import Config  # noqa: E402
-from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
+from vitdeit.data import MEAN, STD, build_loader, dali_available, uint8_normalizer  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
@@ -127,6 +127,63 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, sync) -> list[dict]:
                 del loader
     for r in rows:
         r["images_per_s_per_worker"] = r["images_per_s"] / max(1, r["workers"])
+    return rows
+
+
+def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
+    """Milliseconds per image on one core, in this process: where a loader's time goes (why the PyTorch
+    loader decodes with torchvision and resizes with torch rather than PIL)."""
+    import io
+    import random
+
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.io import ImageReadMode, decode_image
+
+    from vitdeit.data.torch_loader import TrainTransform
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    datas = [f.read_bytes() for f in sorted(data_dir.glob("train*/*/*"))[:n]]
+    decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas]
+    tensors = [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
+    train_tf, rng = TrainTransform(img_size), random.Random(0)
+    boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]
+    classic = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    batch = torch.randint(0, 256, (16, img_size, img_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    scale, shift = uint8_normalizer("cpu")
+
+    def torch_resize(i):
+        x, (left, top, w, h) = tensors[i], boxes[i]
+        crop = x[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
+        return F.interpolate(crop, size=(img_size, img_size), mode="bilinear", antialias=True)
+
+    cases = {
+        "decode_pil": lambda i: Image.open(io.BytesIO(datas[i])).convert("RGB"),
+        "decode_torchvision": lambda i: decode_image(torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8),
+                                                     mode=ImageReadMode.RGB),
+        "crop_resize_pil": lambda i: decoded[i].resize((img_size, img_size), Image.BILINEAR, box=(
+            boxes[i][0], boxes[i][1], boxes[i][0] + boxes[i][2], boxes[i][1] + boxes[i][3])),
+        "crop_resize_torch_uint8": torch_resize,
+        "baseline_transform (decode + classic PIL train transform)": lambda i: classic(
+            Image.open(io.BytesIO(datas[i])).convert("RGB")),
+        "train_transform (this project's worker, decode included)": lambda i: train_tf(datas[i], rng),
+        "normalise (main process, per image of a batch of 16)": lambda i: torch.addcmul(shift, batch.float(), scale),
+    }
+    rows = []
+    for name, fn in cases.items():
+        per_batch = name.startswith("normalise")
+        count = 20 if per_batch else len(datas)
+        for i in range(min(10, count)):
+            fn(i)
+        t = time.perf_counter()
+        for i in range(count):
+            fn(i)
+        ms = (time.perf_counter() - t) / count * 1e3 / (16 if per_batch else 1)
+        rows.append({"name": name, "ms_per_image": ms})
+        print(f"  {name:60s} {ms:6.2f} ms/image", flush=True)
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -246,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="loaders,model,e2e,packing", help="comma-separated subset to run")
+    p.add_argument("--parts", default="transforms,loaders,model,e2e,packing", help="comma-separated subset to run")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
@@ -279,6 +336,9 @@ def main(argv=None) -> int:
     if "packing" in parts:
         print("packing ...", flush=True)
         result["packing"] = bench_packing(data_dir, work, a.workers)
+    if "transforms" in parts:
+        print("per-image costs on one core ...", flush=True)
+        result["transforms"] = bench_transforms(data_dir, a.img_size)
     if "loaders" in parts:
         print("loaders ...", flush=True)
         result["loaders"] = bench_loaders(a, data_dir, shard_dirs, sync)
@@ -302,6 +362,9 @@ def print_tables(r: dict) -> None:
     if "packing" in r:
         for row in r["packing"]:
             print(f"packing    workers={row['workers']:<2d} {row['images_per_s']:9.1f} img/s")
+    if "transforms" in r:
+        for row in r["transforms"]:
+            print(f"{row['name']:60s} {row['ms_per_image']:6.2f} ms/image (1 core)")
     if "loaders" in r:
         base = {row["workers"]: row["images_per_s"] for row in r["loaders"] if row["name"] == "imagefolder"}
         print(f"{'loader':24s} {'workers':>7s} {'img/s':>9s} {'img/s/worker':>13s} {'x imagefolder':>14s}")

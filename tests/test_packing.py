@@ -226,3 +226,24 @@ def test_a_rerun_after_a_kill_gives_the_complete_output(data, tmp_path, monkeypa
         assert (out / f.name).read_bytes() == f.read_bytes()
     a, b = load_manifest(out), load_manifest(clean)
     assert a["splits"] == b["splits"] and a["classes"] == b["classes"]
+
+
+def test_a_rerun_with_another_plan_removes_what_the_killed_run_left(data, tmp_path, monkeypatch):
+    real, calls = packing.encode_image, [0]
+
+    def dies_midway(*a):
+        calls[0] += 1
+        if calls[0] == 11:  # in train-000002, a shard the second plan does not have
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(packing, "encode_image", dies_midway)
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert [p.name for p in out.glob(".*.tmp")] == [".train-000002.tar.tmp"]
+    monkeypatch.setattr(packing, "encode_image", real)
+    m = pack(data, out, opts=PackOptions(shard_size=16, workers=1), progress=False)
+    files = {s["file"] for split in m["splits"].values() for s in split["shards"]}
+    files |= {s["index"] for split in m["splits"].values() for s in split["shards"]}
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(files | {"manifest.json"})

@@ -273,6 +273,8 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     for stale in list(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].*")) + list((out / PROGRESS_DIR).glob("*.json")):
         if stale.name.split(".")[0] not in planned:  # left by an earlier run with other inputs
             stale.unlink()
+    for partial in out.glob(".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard a killed run was writing
+        partial.unlink()
 
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []

@@ -1,0 +1,40 @@
+"""benchmarks/throughput.py end to end at tiny sizes: every part runs and the JSON keeps its documented schema."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitdeit.data import dali_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--num-images", "24", "--img-size", "32",
+           "--batch-size", "4", "--batches", "1", "--steps", "1", "--warmup-steps", "1", "--repeats", "1",
+           "--workers", "1", "--work-dir", str(tmp_path / "w"), "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
+    n_val = 16  # max(16, 24 // 8)
+    assert [(p["workers"], p["images"]) for p in r["packing"]] == [(1, 24 + n_val)]
+    backends = ["torch", "dali_cpu"] if dali_available() else ["torch"]
+    names = ["imagefolder"] + [f"shards_{b}" for b in backends] + [f"shards_{b}_resized" for b in backends]
+    assert sorted(x["name"] for x in r["loaders"]) == sorted(names)
+    for row in r["loaders"]:
+        assert row["workers"] == 1 and row["images_per_s"] > 0
+        assert row["images_per_s_per_worker"] == row["images_per_s"] / row["workers"]
+    assert len(r["model_step"]) == 3 * 2  # 3 models x (NCHW, channels-last), fp32 eager on a CPU by default
+    ceiling = next(m["images_per_s"] for m in r["model_step"]
+                   if m["model"].startswith("deit") and m["layout"] == "channels_last")
+    assert len(r["end_to_end"]) == len(backends) * 2
+    for row in r["end_to_end"]:
+        assert row["ceiling_images_per_s"] == ceiling
+        assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_s"] / ceiling)
+    assert len(r["transforms"]) == 7 and all(t["ms_per_image"] > 0 for t in r["transforms"])
+    assert run.stdout.rstrip().splitlines()[-1].startswith("end to end")  # the table comes last

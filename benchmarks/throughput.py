@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 
 from vitdeit.classes import load_manifest  # noqa: E402
 from vitdeit.config import Config  # noqa: E402
-from vitdeit.data import MEAN, STD, build_loader, dali_available, uint8_normalizer  # noqa: E402
+from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
@@ -151,8 +152,6 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
     train_tf, rng = TrainTransform(img_size), random.Random(0)
     boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]
     classic = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    batch = torch.randint(0, 256, (16, img_size, img_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    scale, shift = uint8_normalizer("cpu")
 
     def torch_resize(i):
         x, (left, top, w, h) = tensors[i], boxes[i]
@@ -169,18 +168,15 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
         "baseline_transform (decode + classic PIL train transform)": lambda i: classic(
             Image.open(io.BytesIO(datas[i])).convert("RGB")),
         "train_transform (this project's worker, decode included)": lambda i: train_tf(datas[i], rng),
-        "normalise (main process, per image of a batch of 16)": lambda i: torch.addcmul(shift, batch.float(), scale),
     }
     rows = []
     for name, fn in cases.items():
-        per_batch = name.startswith("normalise")
-        count = 20 if per_batch else len(datas)
-        for i in range(min(10, count)):
+        for i in range(10):
             fn(i)
         t = time.perf_counter()
-        for i in range(count):
+        for i in range(len(datas)):
             fn(i)
-        ms = (time.perf_counter() - t) / count * 1e3 / (16 if per_batch else 1)
+        ms = (time.perf_counter() - t) / len(datas) * 1e3
         rows.append({"name": name, "ms_per_image": ms})
         print(f"  {name:60s} {ms:6.2f} ms/image", flush=True)
     torch.set_num_threads(threads)
@@ -283,6 +279,7 @@ def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
     n = sum(1 for _ in data_dir.glob("*/*/*.JPEG"))
     for w in sorted({1, workers}):
         out = work / f"pack_w{w}"
+        shutil.rmtree(out, ignore_errors=True)  # a rerun would otherwise reuse the finished shards
         t = time.perf_counter()
         pack(data_dir, out, opts=PackOptions(workers=w, shard_size=256), progress=False)
         rows.append({"workers": w, "images": n, "images_per_s": n / (time.perf_counter() - t)})
@@ -299,7 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
     p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")
-    p.add_argument("--batches", type=int, default=8, help="timed batches per loader repeat")
+    p.add_argument("--batches", type=int, default=24, help="timed batches per loader repeat")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)

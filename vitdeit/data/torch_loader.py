@@ -159,7 +159,7 @@ class ValTransform:
 def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], out_hw: tuple[int, int]) -> torch.Tensor:
     """Decode `data`, crop `box` (left, top, right, bottom in source px), resize to out_hw -> uint8 HWC tensor.
 
-    Costs per 500 x 375 JPEG on one core (measured, benchmarks/README.md): decode ~1.3 ms, this resize
+    Costs per 500 x 375 JPEG on one core (BENCHMARKS.md, "per-image costs"): decode ~1.0-1.3 ms, this resize
     ~0.2 ms, where PIL's resize takes ~1.2 ms. So: libjpeg-turbo through torchvision decodes, and torch's
     antialiased bilinear resize (AVX2 uint8 kernel, fast only on channels-last input; PIL's filter within
     +-1 grey level) resizes. Where the box is at least 2x out_hw at a reduced DCT scale (1/2, 1/4, 1/8),

@@ -265,7 +265,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], sync) 
             run(a.warmup_steps)
             secs = timed(lambda: run(a.steps), a.repeats, sync)
             rate = a.steps * a.batch_size / secs
-            rows.append({"loader": f"shards_{backend}" + ("_resized" if label != "original" else ""),
+            name = f"shards_{backend}" + ("_cpu" if backend == "dali" and device.type == "cpu" else "")
+            rows.append({"loader": name + ("_resized" if label != "original" else ""),
                          "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
                          "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling})
             print(f"  end to end {rows[-1]['loader']:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step",

@@ -26,9 +26,10 @@ def test_val_matches_the_pytorch_loader(tiny_shards):
     assert torch.equal(torch.cat(yd), torch.cat(yt))
     xd, xt = torch.cat(xd), torch.cat(xt)
     assert xd.shape == xt.shape == (24, 3, 32, 32) and xd.dtype == torch.float32
-    # Two decoders (libjpeg-turbo via DALI vs PIL) and two bilinear resamplers: pixels differ by a few grey
-    # levels (1/255 is 0.017 here, in std units), edges by more. Mean |diff| under 0.08 ~ 4.5 grey levels.
-    assert (xd - xt).abs().mean() < 0.08
+    # Two libjpeg-turbo builds (DALI's, torchvision's) and two antialiased bilinear resamplers: pixels differ
+    # by a grey level or two (1/255 is 0.017 here, in std units), edges by more: measured 0.028 (~1.6 grey
+    # levels) on these images; under 0.05 (~2.9 grey levels) passes.
+    assert (xd - xt).abs().mean() < 0.05
 
 
 @pytest.mark.parametrize("world,batch", [(1, 10), (3, 5)])
@@ -57,6 +58,25 @@ def test_train_epoch_across_ranks_draws_every_sample_once(tiny_shards):
         assert x.is_contiguous(memory_format=torch.channels_last)
         keys += [k for _, _, b in batches for k in b]
     assert steps == {4} and sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "train"))
+
+
+def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True)
+
+    def epoch(loader):
+        batches = list(loader)
+        return [k for _, _, b in batches for k in b], torch.cat([x for x, _, _ in batches])
+
+    first = DaliLoader(tiny_shards, m, "train", **kw)
+    epoch(first)
+    saved = first.state()
+    e1, e2 = epoch(first), epoch(first)
+    restored = DaliLoader(tiny_shards, m, "train", checkpoint=saved, **kw)
+    r1, r2 = epoch(restored), epoch(restored)
+    assert e1[0] != e2[0]  # a new order every epoch...
+    assert r1[0] == e1[0] and r2[0] == e2[0]  # ...and the restored loader draws the same samples
+    assert torch.equal(r1[1], e1[1]) and torch.equal(r2[1], e2[1])  # with the same crops and flips
 
 
 def test_labels_come_from_the_shards(tiny_shards):

@@ -91,8 +91,11 @@ def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
                       teacher_ckpt=str(weak / "t" / "best.pth")))
 
 
-def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path):
-    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2)
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2, loader=loader)
     train(cfg_for(tiny_shards, tmp_path / "a", **kw))
 
     class Killed(Exception):

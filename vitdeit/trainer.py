@@ -18,7 +18,7 @@ from .classes import load_manifest, manifest_class_map
 from .config import Config
 from .data import build_loader
 from .distill import DistillationLoss
-from .distributed import Dist, cleanup, setup, unwrap
+from .distributed import Dist, all_gather_object, cleanup, setup, unwrap
 from .engine import evaluate, train_one_epoch
 from .metrics import MetricsLog
 from .models import create_model, load_teacher
@@ -83,7 +83,12 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     amp_dtype = resolve_amp(cfg.amp, device)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
-    train_loader = build_loader(cfg, manifest, "train", dist)
+    resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
+    loader_state = dali_state(resumed, cfg, dist)
+    train_loader = build_loader(cfg, manifest, "train", dist, state=loader_state)
+    if resumed is not None and train_loader.name == "dali" and loader_state is None:
+        dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
+                   f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     val_loader = build_loader(cfg, manifest, "val", dist)
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
@@ -120,8 +125,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
 
     start_epoch, best_top1 = 0, 0.0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume, class_map, what="--resume")
+    if resumed is not None:
+        state = resumed
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         # the schedule is not restored: step_update() recomputes the lr from the step count every step, and
@@ -157,13 +162,14 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             record["teacher_val_top1"] = teacher_top1
         is_best = va["val_top1"] > best_top1
         best_top1 = max(best_top1, va["val_top1"])
+        loader_states = all_gather_object(train_loader.state())  # DALI: each rank's reader position and RNGs
         if dist.is_main:
             save_checkpoint(run_dir / "last.pth", {
                 "model": unwrap(net).state_dict(), "best_top1": best_top1, "epoch": epoch, "config": cfg.to_dict(),
                 "classes": list(class_map.wnids), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
-                "teacher_top1": teacher_top1, "loader": train_loader.name})
+                "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states})
             if is_best:  # copied under a temporary name, then renamed: never a half-written best.pth
                 shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth.tmp")
                 os.replace(run_dir / "best.pth.tmp", run_dir / "best.pth")
@@ -175,6 +181,16 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return record
+
+
+def dali_state(resumed: dict | None, cfg: Config, dist: Dist):
+    """This rank's saved DALI reader state, where the resumed run read the same shards the same way; else None."""
+    if resumed is None or resumed.get("loader") != "dali":
+        return None
+    old, states = resumed["config"], resumed.get("loader_states") or []
+    same = len(states) == dist.world and all(old.get(k) == getattr(cfg, k) for k in
+                                              ("data_path", "batch_size", "img_size", "seed", "crop_scale_min"))
+    return states[dist.rank] if same else None
 
 
 def evaluate_checkpoint(cfg: Config) -> dict:

@@ -39,7 +39,8 @@ def resolve_loader(choice: str, device_type: str, rand_augment: str = "") -> str
     return choice
 
 
-def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = None):
+def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = None, state=None):
+    """state: the `state()` this rank's train loader returned in an earlier run (only DALI has one)."""
     backend = backend or resolve_loader(cfg.loader, dist.device.type, cfg.rand_augment)
     if backend == "dali" and split == "val" and manifest["splits"]["val"]["num_samples"] < dist.world:
         backend = "torch"  # DALI needs a sample per shard; the PyTorch loader gives empty ranks no batches
@@ -51,7 +52,7 @@ def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = No
 
         # float16 straight out of DALI where autocast will run the model in 16 bits anyway; float32 otherwise
         half = dist.device.type == "cuda" and cfg.amp != "off"
-        return DaliLoader(cfg.data_path, manifest, split, half=half, **kwargs)
+        return DaliLoader(cfg.data_path, manifest, split, half=half, checkpoint=state, **kwargs)
     from .torch_loader import TorchLoader
 
     return TorchLoader(cfg.data_path, manifest, split, **kwargs)

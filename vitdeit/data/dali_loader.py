@@ -22,11 +22,13 @@ KEY_BYTES = 512
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False):
+              with_keys: bool = False, checkpoint: str | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
+    # checkpointing (train): the readers' positions and every random generator's state, saved with the run's
+    # checkpoint, so --resume continues the very sample and augmentation stream an uninterrupted run would see
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=2, enable_checkpointing=train, checkpoint=checkpoint)
     def pipe():
         jpegs, labels = fn.readers.webdataset(
             paths=files, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],
@@ -72,8 +74,9 @@ class DaliLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
-                 with_keys: bool = False, half: bool | None = None):
-        """half: float16 images (default: on CUDA); float32 otherwise."""
+                 with_keys: bool = False, half: bool | None = None, checkpoint: str | None = None):
+        """half: float16 images (default: on CUDA); float32 otherwise. checkpoint: `state()` of the same rank's
+        train loader in an earlier run with the same shards and settings: continue exactly where it stopped."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if rand_augment:
@@ -101,7 +104,8 @@ class DaliLoader:
             self.steps = math.ceil(self.num_samples / batch_size)
         self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
                               seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size, num_threads=max(1, workers),
-                              device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys)
+                              device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
+                              checkpoint=checkpoint if self.train else None)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
         if self.train:  # a fixed number of samples per epoch, the same on every rank
@@ -118,6 +122,10 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int) -> None:
         pass  # DALI's reader advances its own shuffle every epoch
+
+    def state(self) -> str | None:
+        """Train: DALI's checkpoint of this rank's pipeline after the batches consumed so far (a string)."""
+        return self.it.checkpoints()[0] if self.train else None
 
     def __iter__(self):
         for out in self.it:

@@ -202,24 +202,28 @@ def test_an_image_in_both_train_and_val_is_an_error(data, tmp_path):
     assert "both train and val" in str(e.value) and str(src) in str(e.value) and str(copy) in str(e.value)
 
 
-def test_a_rerun_after_a_kill_gives_the_complete_output(data, tmp_path, monkeypatch):
-    clean = tmp_path / "clean"
-    pack(data, clean, opts=PackOptions(shard_size=4, workers=1), progress=False)
-
+def pack_killed_at_image(n: int, data, out, monkeypatch, shard_size: int = 4) -> None:
+    """A pack run interrupted (as by Ctrl-C) when it reaches its n-th image; packing works again afterwards."""
     real, calls = packing.encode_image, [0]
 
     def dies_midway(*a):
         calls[0] += 1
-        if calls[0] == 11:  # in the third shard
+        if calls[0] == n:
             raise KeyboardInterrupt
         return real(*a)
 
     monkeypatch.setattr(packing, "encode_image", dies_midway)
-    out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
-    assert not (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) == 2
+        pack(data, out, opts=PackOptions(shard_size=shard_size, workers=1), progress=False)
     monkeypatch.setattr(packing, "encode_image", real)
+
+
+def test_a_rerun_after_a_kill_gives_the_complete_output(data, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    pack(data, clean, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    out = tmp_path / "killed"
+    pack_killed_at_image(11, data, out, monkeypatch)  # in the third shard
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) == 2
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in clean.glob("*.tar"))
     for f in clean.glob("*.tar"):
@@ -229,20 +233,9 @@ def test_a_rerun_after_a_kill_gives_the_complete_output(data, tmp_path, monkeypa
 
 
 def test_a_rerun_with_another_plan_removes_what_the_killed_run_left(data, tmp_path, monkeypatch):
-    real, calls = packing.encode_image, [0]
-
-    def dies_midway(*a):
-        calls[0] += 1
-        if calls[0] == 11:  # in train-000002, a shard the second plan does not have
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(packing, "encode_image", dies_midway)
     out = tmp_path / "s"
-    with pytest.raises(KeyboardInterrupt):
-        pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    pack_killed_at_image(11, data, out, monkeypatch)  # in train-000002, a shard the second plan does not have
     assert [p.name for p in out.glob(".*.tmp")] == [".train-000002.tar.tmp"]
-    monkeypatch.setattr(packing, "encode_image", real)
     m = pack(data, out, opts=PackOptions(shard_size=16, workers=1), progress=False)
     files = {s["file"] for split in m["splits"].values() for s in split["shards"]}
     files |= {s["index"] for split in m["splits"].values() for s in split["shards"]}

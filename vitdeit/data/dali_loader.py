@@ -22,7 +22,7 @@ KEY_BYTES = 512
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False, checkpoint: str | None = None):
+              with_keys: bool = False, checkpoint: bytes | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     # checkpointing (train): the readers' positions and every random generator's state, saved with the run's
@@ -74,7 +74,7 @@ class DaliLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
-                 with_keys: bool = False, half: bool | None = None, checkpoint: str | None = None):
+                 with_keys: bool = False, half: bool | None = None, checkpoint: bytes | None = None):
         """half: float16 images (default: on CUDA); float32 otherwise. checkpoint: `state()` of the same rank's
         train loader in an earlier run with the same shards and settings: continue exactly where it stopped."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -123,8 +123,8 @@ class DaliLoader:
     def set_epoch(self, epoch: int) -> None:
         pass  # DALI's reader advances its own shuffle every epoch
 
-    def state(self) -> str | None:
-        """Train: DALI's checkpoint of this rank's pipeline after the batches consumed so far (a string)."""
+    def state(self) -> bytes | None:
+        """Train: DALI's checkpoint of this rank's pipeline after the batches consumed so far (~0.5 KB)."""
         return self.it.checkpoints()[0] if self.train else None
 
     def __iter__(self):

@@ -34,11 +34,17 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise ValueError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
-    if class_map is not None and tuple(state["classes"]) != tuple(class_map.wnids):
+    if class_map is not None:
+        check_class_map(state, class_map, path, what)
+    return state
+
+
+def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: str = "checkpoint") -> None:
+    """A clear error unless the checkpoint's classes are exactly `class_map`'s, in the same order."""
+    if tuple(state["classes"]) != tuple(class_map.wnids):
         ours, theirs = set(class_map.wnids), set(state["classes"])
         raise DataError(
             f"{what} {path} was trained on another class map ({len(theirs)} classes, {len(theirs - ours)} not in "
             f"this dataset's {len(ours)}); use a checkpoint trained on these shards' manifest, or the shards it "
             f"was trained on (its config's data_path: {state['config'].get('data_path')})."
         )
-    return state

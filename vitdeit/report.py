@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_class_map, load_checkpoint
 from .classes import ClassMap, DataError, load_manifest, manifest_class_map
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
@@ -33,10 +33,14 @@ class Predictions:
 
 def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = "cpu"):
     state = load_checkpoint(ckpt_path, class_map)
+    return model_from_state(state, device), state
+
+
+def model_from_state(state: dict, device: str = "cpu"):
     cfg = state["config"]
     net = create_model(cfg["model"], len(state["classes"]), cfg["img_size"], cfg["patch_size"])
     net.load_state_dict(state["model"])
-    return net.to(device).eval(), state
+    return net.to(device).eval()
 
 
 @torch.no_grad()
@@ -130,8 +134,8 @@ def curves_figure(runs: dict[str, list[dict]]):
     return fig
 
 
-def run_summary(name: str, run_dir: Path, ckpt: dict, n_params: int) -> dict:
-    rows = read_metrics(run_dir)
+def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
+    """rows: the run's metrics.jsonl records."""
     best = max(rows, key=lambda r: r["val_top1"])
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows),
@@ -198,10 +202,13 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
                                     f"train.py --run-name ...), or pass its path with --vit / --deit.")
-    data_path = data_path or torch.load(vit_ckpt, map_location="cpu", weights_only=True)["config"]["data_path"]
+    vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
+    data_path = data_path or vit_state["config"]["data_path"]
     manifest = load_manifest(data_path)
     class_map = manifest_class_map(manifest)
-    (vit_net, vit_state), (deit_net, deit_state) = (load_model(p, class_map, device) for p in (vit_ckpt, deit_ckpt))
+    check_class_map(vit_state, class_map, vit_ckpt)
+    vit_net = model_from_state(vit_state, device)
+    deit_net, deit_state = load_model(deit_ckpt, class_map, device)
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     indices = sample_indices(len(vit.labels), num_images, seed)
@@ -217,14 +224,15 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
+    metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
     summaries = []
     for name, run_dir in runs.items():
         if name == "teacher":
             net, state = load_model(run_dir / "best.pth", class_map)
         else:
             net, state = (vit_net, vit_state) if name == "ViT" else (deit_net, deit_state)
-        summaries.append(run_summary(name, run_dir, state, sum(p.numel() for p in net.parameters())))
-    curves_figure({s["run"]: read_metrics(runs[s["run"]]) for s in summaries}).savefig(rdir / "curves.png", dpi=110)
+        summaries.append(run_summary(name, metrics[name], state, sum(p.numel() for p in net.parameters())))
+    curves_figure(metrics).savefig(rdir / "curves.png", dpi=110)
     comp = comparison(class_map, vit, deit)
     (rdir / "report.md").write_text(report_markdown(summaries, comp, ("ViT", "DeiT")))
     (rdir / "report.json").write_text(json.dumps({"runs": summaries, "comparison": comp}, indent=1))

@@ -51,8 +51,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, m
             ema.update(unwrap(model), step=epoch * steps + i)
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
         n = labels.shape[0]
-        sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                             torch.tensor(n, dtype=torch.float64, device=device)])
+        sums[:2] += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
+        sums[2] += n  # a Python number: no host-to-device copy, which would synchronise every step
         if (i + 1) % log_every == 0 or i + 1 == steps:
             loss_avg, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
             # every rank stops together: a rank raising alone would leave the others waiting in backward()

@@ -271,10 +271,10 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         tasks += [(split, f"{split}-{i:06d}", s, opts, str(out)) for i, s in enumerate(shards)]
     planned = {t[1] for t in tasks}
     for stale in list(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].*")) + list((out / PROGRESS_DIR).glob("*.json")):
-        if stale.name.split(".")[0] not in planned:  # left by an earlier run with other inputs
+        # left by an earlier run with other inputs; also a killed run's partial ".NAME.tar.tmp" (pathlib's glob
+        # matches dot files, and its name before the first dot is "")
+        if stale.name.split(".")[0] not in planned:
             stale.unlink()
-    for partial in out.glob(".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):  # a shard a killed run was writing
-        partial.unlink()
 
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []
@@ -289,7 +289,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
 
 def _run(tasks, workers: int):
     """write_shard over the tasks, in `workers` processes; the pool ends with the loop (or its interruption)."""
-    if workers == 1:
+    if workers <= 1:
         yield from map(write_shard, tasks)
         return
     with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:

@@ -32,8 +32,8 @@ if ! $PY -c "import nvidia.dali" 2>/dev/null && ls dali_parts/dali.tar.part-* >/
 fi
 $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" 2>/dev/null || echo "DALI: not installed (its loader rows are skipped)"
 if [ "${1:-}" = "--dry-run" ]; then
-  ARGS=(--device cpu --num-images 48 --img-size 64 --batch-size 8 --batches 2 --steps 1 --warmup-steps 1 --repeats 1 --workers 2)
+  ARGS=(--device cpu --num-images 48 --img-size 64 --batch-size 8 --steps 1 --warmup-steps 1 --repeats 1 --workers 2)
 else
-  ARGS=(--device cuda --num-images 4096 --img-size 224 --batch-size 256 --batches 4 --steps 10 --warmup-steps 3 --repeats 3 --workers 16)
+  ARGS=(--device cuda --num-images 4096 --img-size 224 --batch-size 256 --steps 10 --warmup-steps 3 --repeats 3 --workers 16 --loader-workers 16)
 fi
 $PY benchmarks/throughput.py "${ARGS[@]}" --work-dir /tmp/vitdeit-bench --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"

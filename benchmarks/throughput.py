@@ -72,27 +72,29 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
-def loader_rate(make_iter, batches: int, batch_size: int, repeats: int, sync) -> float:
-    """images/s of a loader: warm up (workers started, first batches), then time `batches` batches."""
-    it = make_iter()
-    state = {"it": it}
+def loader_rate(loader, repeats: int, sync) -> float:
+    """images/s of a loader over whole epochs: one warm-up epoch (workers started, files mapped), then the median
+    of `repeats` timed epochs, each from a fresh iterator. Whole epochs, because a window of a few batches would
+    mostly drain what workers x prefetch_factor batches had decoded ahead; an epoch includes its start-up (each
+    worker's first batch), which weighs more on this small image set than on a real epoch."""
+    images = [0]
 
-    def next_batch():
-        try:
-            return next(state["it"])
-        except StopIteration:
-            state["it"] = make_iter()
-            return next(state["it"])
+    def epoch():
+        images[0] = sum(len(batch[1]) for batch in loader)
 
-    for _ in range(2):
-        next_batch()
+    epoch()
+    return images[0] / timed(epoch, repeats, sync)
 
-    def run():
-        for _ in range(batches):
-            x = next_batch()[0]
-        x.sum().item() if hasattr(x, "sum") else None  # noqa: B018 (device work finished)
 
-    return batches * batch_size / timed(run, repeats, sync)
+def shard_loaders(a, shard_dirs: dict, workers: int, device):
+    """(name, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each + _resized."""
+    for label, sdir in shard_dirs.items():
+        for backend in ["torch"] + (["dali"] if dali_available() and a.dali else []):
+            cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
+                         loader=backend, progress=False)
+            name = f"shards_{backend}" + ("_cpu" if backend == "dali" and device.type == "cpu" else "")
+            yield (name + ("_resized" if label != "original" else ""),
+                   build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend))
 
 
 def imagefolder_loader(root: Path, img_size: int, batch_size: int, workers: int):
@@ -106,26 +108,17 @@ def imagefolder_loader(root: Path, img_size: int, batch_size: int, workers: int)
                                        persistent_workers=workers > 0)
 
 
-def bench_loaders(a, data_dir: Path, shard_dirs: dict, sync) -> list[dict]:
+def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dict]:
     rows = []
-    worker_counts = sorted({1, a.workers})
-    for w in worker_counts:
+    for w in sorted({int(w) for w in (a.loader_workers or f"1,{a.workers}").split(",")}):
         dl = imagefolder_loader(data_dir / "train.X1", a.img_size, a.batch_size, w)
-        rate = loader_rate(lambda: iter(dl), a.batches, a.batch_size, a.repeats, lambda: None)
-        rows.append({"name": "imagefolder", "images_per_s": rate, "workers": w, "data": "original JPEGs"})
+        rows.append({"name": "imagefolder", "images_per_s": loader_rate(dl, a.repeats, lambda: None), "workers": w,
+                     "data": "original JPEGs"})
         del dl
-        for label, sdir in shard_dirs.items():
-            backends = ["torch"] + (["dali"] if dali_available() and a.dali else [])
-            for backend in backends:
-                cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=w,
-                             loader=backend, progress=False)
-                dev = torch.device(a.device)
-                loader = build_loader(cfg, load_manifest(sdir), "train", Dist(device=dev), backend=backend)
-                rate = loader_rate(lambda: iter(loader), a.batches, a.batch_size, a.repeats, sync)
-                name = f"shards_{backend}" + ("_cpu" if backend == "dali" and dev.type == "cpu" else "")
-                rows.append({"name": name + ("_resized" if label != "original" else ""), "images_per_s": rate,
-                             "workers": w, "data": label})
-                del loader
+        for name, loader in shard_loaders(a, shard_dirs, w, device):
+            rows.append({"name": name, "images_per_s": loader_rate(loader, a.repeats, sync), "workers": w,
+                         "data": f"resize_short={a.resize_short}" if name.endswith("_resized") else "original"})
+            del loader
     for r in rows:
         r["images_per_s_per_worker"] = r["images_per_s"] / max(1, r["workers"])
     return rows
@@ -208,8 +201,14 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     return step, net, teacher
 
 
-def bench_model_step(a, device, sync) -> list[dict]:
-    rows = []
+def e2e_setting(device) -> tuple[bool, torch.dtype | None, bool]:
+    """(compile, autocast dtype, channels-last) of the end-to-end runs: the production setting of `device`."""
+    return device.type == "cuda", torch.bfloat16 if device.type == "cuda" else None, True
+
+
+def bench_model_step(a, device, sync):
+    """Rows, and the DeiT + teacher step at the end-to-end setting (kept: compiling it again costs ~1 min)."""
+    rows, e2e_step = [], None
     amp16 = torch.bfloat16 if device.type == "cuda" or a.amp else None
     # eager: fp32 / bf16 x NCHW / channels-last; compiled: the production setting only (each compile costs ~1 min)
     variants = [(False, amp, cl) for amp in dict.fromkeys([None, amp16]) for cl in (False, True)]
@@ -233,46 +232,53 @@ def bench_model_step(a, device, sync) -> list[dict]:
                          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})
             print(f"  model step {rows[-1]['model']:35s} compile={compile_!s:5s} {rows[-1]['dtype']} "
                   f"{rows[-1]['layout']:13s} {rows[-1]['images_per_s']:9.1f} img/s", flush=True)
+            if model_name == "deit_tiny_distill" and (compile_, amp, cl) == e2e_setting(device):
+                e2e_step = step
             del step, net, teacher
-    return rows
+    return rows, e2e_step
 
 
-def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], sync) -> list[dict]:
-    """The DeiT distillation step fed by each loader, against its model-step ceiling (same settings)."""
+def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], step, sync) -> list[dict]:
+    """The DeiT distillation `step` fed by each loader, against its model-step ceiling (same settings). The timed
+    unit (--e2e-unit auto): on CUDA a whole epoch from a fresh iterator (as for loaders: a few steps would drain
+    the prefetched batches); on a CPU --steps steps, since the model step there is ~50x slower than any loader
+    and the prefetch queue never drains (whole epochs would take minutes each)."""
+    whole_epochs = a.e2e_unit == "epoch" or (a.e2e_unit == "auto" and device.type == "cuda")
     rows = []
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    cl, compile_ = True, device.type == "cuda"
+    compile_, amp, cl = e2e_setting(device)
     ceiling = next(r["images_per_s"] for r in model_rows if r["model"].startswith("deit") and r["compile"] == compile_
-                   and r["dtype"] == ("bf16" if amp else "fp32") and r["layout"] == "channels_last")
-    step, _, _ = train_step_fn("deit_tiny_distill", a, device, amp, cl, compile_)
-    for label, sdir in shard_dirs.items():
-        for backend in ["torch"] + (["dali"] if dali_available() and a.dali else []):
-            cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=a.workers,
-                         loader=backend, progress=False)
-            loader = build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
-            it = iter(loader)
-
-            def run(n):
-                nonlocal it
-                for _ in range(n):
-                    try:
-                        x, y = next(it)
-                    except StopIteration:
-                        it = iter(loader)
-                        x, y = next(it)
+                   and r["dtype"] == ("bf16" if amp else "fp32") and r["layout"] == ("channels_last" if cl else "nchw"))
+    for name, loader in shard_loaders(a, shard_dirs, a.workers, device):
+        images = [0]
+        if whole_epochs:
+            def run():
+                images[0] = 0
+                for x, y in loader:
                     step(x, y)
+                    images[0] += len(y)
+            run()
+        else:
+            batches = forever(loader)
 
-            run(a.warmup_steps)
-            secs = timed(lambda: run(a.steps), a.repeats, sync)
-            rate = a.steps * a.batch_size / secs
-            name = f"shards_{backend}" + ("_cpu" if backend == "dali" and device.type == "cpu" else "")
-            rows.append({"loader": name + ("_resized" if label != "original" else ""),
-                         "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
-                         "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling})
-            print(f"  end to end {rows[-1]['loader']:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step",
-                  flush=True)
-            del loader
+            def run():
+                images[0] = 0
+                for _ in range(a.steps):
+                    x, y = next(batches)
+                    step(x, y)
+                    images[0] += len(y)
+            for _ in range(a.warmup_steps):
+                step(*next(batches))
+        rate = images[0] / timed(run, a.repeats, sync)
+        rows.append({"loader": name, "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
+                     "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling})
+        print(f"  end to end {name:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step", flush=True)
+        del loader
     return rows
+
+
+def forever(loader):
+    while True:
+        yield from loader
 
 
 def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
@@ -296,12 +302,15 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
+    p.add_argument("--loader-workers", default=None, help="comma-separated worker counts of the loader runs "
+                   "(default: 1 and --workers)")
     p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")
-    p.add_argument("--batches", type=int, default=24, help="timed batches per loader repeat")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", default="transforms,loaders,model,e2e,packing", help="comma-separated subset to run")
+    p.add_argument("--e2e-unit", default="auto", choices=["auto", "epoch", "steps"],
+                   help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
@@ -339,13 +348,13 @@ def main(argv=None) -> int:
         result["transforms"] = bench_transforms(data_dir, a.img_size)
     if "loaders" in parts:
         print("loaders ...", flush=True)
-        result["loaders"] = bench_loaders(a, data_dir, shard_dirs, sync)
+        result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
     if parts & {"model", "e2e"}:
         print("model step ...", flush=True)
-        result["model_step"] = bench_model_step(a, device, sync)
+        result["model_step"], e2e_step = bench_model_step(a, device, sync)
     if "e2e" in parts:
         print("end to end ...", flush=True)
-        result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result["model_step"], sync)
+        result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result["model_step"], e2e_step, sync)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
     print_tables(result)

@@ -12,11 +12,12 @@ from vitdeit.data import dali_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path):
+@pytest.mark.parametrize("e2e_unit", ["steps", "epoch"])
+def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--num-images", "24", "--img-size", "32",
-           "--batch-size", "4", "--batches", "1", "--steps", "1", "--warmup-steps", "1", "--repeats", "1",
-           "--workers", "1", "--work-dir", str(tmp_path / "w"), "--json", str(out)]
+           "--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--repeats", "1", "--workers", "1",
+           "--e2e-unit", e2e_unit, "--work-dir", str(tmp_path / "w"), "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())

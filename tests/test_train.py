@@ -170,3 +170,22 @@ def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="could not download.*--teacher-weights /path/to/it"):
         load_teacher("", "imagenet1k", ClassMap(("n01440764",), ("tench",)))
+
+
+def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards, tmp_path):
+    kw = dict(model="vit_tiny", epochs=2, lr=0.003, batch_size=16, workers=0)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg_for(tiny_shards, tmp_path, **kw), on_epoch_end=kill)  # saved without an EMA
+    w0 = torch.load(tmp_path / "vit_tiny" / "last.pth", weights_only=True)["model"]
+    train(cfg_for(tiny_shards, tmp_path, resume=str(tmp_path / "vit_tiny" / "last.pth"), model_ema=True, **kw))
+    last = torch.load(tmp_path / "vit_tiny" / "last.pth", weights_only=True)
+    dist = lambda a, b: sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
+    # decay 0.9998 over the 6 steps of one epoch: the EMA moves ~0.1 % of the way from where it started
+    assert dist(last["ema"], w0) < 0.01 * dist(last["model"], w0)

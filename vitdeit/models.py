@@ -84,6 +84,14 @@ def sliced_resnet18(state_dict: dict, wnids) -> nn.Module:
     return net
 
 
+def model_from_checkpoint(state: dict) -> nn.Module:
+    """The network a vitdeit checkpoint (load_checkpoint's dict) holds, with its weights, on the CPU."""
+    cfg = state["config"]
+    net = create_model(cfg["model"], len(state["classes"]), cfg["img_size"], cfg["patch_size"])
+    net.load_state_dict(state["model"])
+    return net
+
+
 def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
     """A frozen ResNet-18 teacher for `class_map`, in eval mode."""
     if ckpt:
@@ -93,8 +101,7 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
         if state["config"]["model"] != "resnet18":
             raise ValueError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
                              f"a resnet18 (train one with train.py --model resnet18).")
-        net = create_model("resnet18", len(class_map))
-        net.load_state_dict(state["model"])
+        net = model_from_checkpoint(state)
     else:
         net = sliced_resnet18(load_imagenet1k_resnet18(weights or "imagenet1k"), class_map.wnids)
     net.eval()

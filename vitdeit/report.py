@@ -14,7 +14,7 @@ from .checkpoint import check_class_map, load_checkpoint
 from .classes import ClassMap, DataError, load_manifest, manifest_class_map
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
-from .models import create_model, head_logits
+from .models import head_logits, model_from_checkpoint
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green / red: right and wrong at a glance
 
@@ -33,14 +33,7 @@ class Predictions:
 
 def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = "cpu"):
     state = load_checkpoint(ckpt_path, class_map)
-    return model_from_state(state, device), state
-
-
-def model_from_state(state: dict, device: str = "cpu"):
-    cfg = state["config"]
-    net = create_model(cfg["model"], len(state["classes"]), cfg["img_size"], cfg["patch_size"])
-    net.load_state_dict(state["model"])
-    return net.to(device).eval()
+    return model_from_checkpoint(state).to(device).eval(), state
 
 
 @torch.no_grad()
@@ -207,7 +200,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     manifest = load_manifest(data_path)
     class_map = manifest_class_map(manifest)
     check_class_map(vit_state, class_map, vit_ckpt)
-    vit_net = model_from_state(vit_state, device)
+    vit_net = model_from_checkpoint(vit_state).to(device).eval()
     deit_net, deit_state = load_model(deit_ckpt, class_map, device)
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)

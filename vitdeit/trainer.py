@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from .classes import load_manifest, manifest_class_map
 from .config import Config
 from .data import build_loader
 from .distill import DistillationLoss
-from .distributed import Dist, all_gather_object, cleanup, setup, unwrap
+from .distributed import Dist, all_gather_object, cleanup, setup
 from .engine import evaluate, train_one_epoch
 from .metrics import MetricsLog
-from .models import create_model, load_teacher
+from .models import create_model, load_teacher, model_from_checkpoint
 
 
 def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
@@ -99,11 +97,12 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)
-    if cfg.model == "deit_tiny_distill" and cfg.distillation_type == "none":
+    distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
+    if cfg.model == "deit_tiny_distill" and distill == "none":
         net.set_distilled_training(False)  # no teacher: both heads learn the labels (their mean), as in timm
 
     teacher, teacher_top1 = None, None
-    if cfg.model == "deit_tiny_distill" and cfg.distillation_type != "none":
+    if distill != "none":
         teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, device)
         t_metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
         check_teacher(t_metrics, num_classes, cfg, dist)
@@ -122,21 +121,21 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                                   warmup_t=int(cfg.warmup_epochs * steps), warmup_lr_init=lr * 1e-3,
                                   warmup_prefix=False, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
 
     start_epoch, best_top1 = 0, 0.0
     if resumed is not None:
-        state = resumed
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        net.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
         # the schedule is not restored: step_update() recomputes the lr from the step count every step, and
         # a restored one would keep the old run's epochs and global batch if those changed
-        if state["scaler"]:  # empty when the saved run did not use fp16
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
-        dist.print(f"resumed from {cfg.resume} after epoch {state['epoch']} (best val top-1 {best_top1:.2f}%)")
+        if resumed["scaler"]:  # empty when the saved run did not use fp16
+            scaler.load_state_dict(resumed["scaler"])
+        start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
+        dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} (best val top-1 {best_top1:.2f}%)")
+    # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
+    ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    if ema is not None and resumed is not None and resumed.get("ema") is not None:
+        ema.module.load_state_dict(resumed["ema"])
 
     model = torch.compile(net) if use_compile else net
     if teacher is not None and use_compile:
@@ -144,8 +143,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    loss_fn = DistillationLoss(base_loss, teacher, cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none",
-                               cfg.distillation_alpha, cfg.distillation_tau)
+    loss_fn = DistillationLoss(base_loss, teacher, distill, cfg.distillation_alpha, cfg.distillation_tau)
     log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)
 
     record = {}
@@ -165,14 +163,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         loader_states = all_gather_object(train_loader.state())  # DALI: each rank's reader position and RNGs
         if dist.is_main:
             save_checkpoint(run_dir / "last.pth", {
-                "model": unwrap(net).state_dict(), "best_top1": best_top1, "epoch": epoch, "config": cfg.to_dict(),
+                "model": net.state_dict(), "best_top1": best_top1, "epoch": epoch, "config": cfg.to_dict(),
                 "classes": list(class_map.wnids), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
                 "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states})
-            if is_best:  # copied under a temporary name, then renamed: never a half-written best.pth
-                shutil.copyfile(run_dir / "last.pth", run_dir / "best.pth.tmp")
-                os.replace(run_dir / "best.pth.tmp", run_dir / "best.pth")
+            if is_best:
+                copy_checkpoint(run_dir / "last.pth", run_dir / "best.pth")
             log.write(record)
         dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                    f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
@@ -204,9 +201,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         ecfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("model", "img_size", "patch_size", "crop_pct")})
-        net = create_model(ecfg.model, len(class_map), ecfg.img_size, ecfg.patch_size)
-        net.load_state_dict(state["model"])
-        net = to_device(net, ecfg, dist.device)
+        net = to_device(model_from_checkpoint(state), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "

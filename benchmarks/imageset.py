@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from vitdeit.classes import load_labels
+
 
 def pink_noise(rng: np.random.Generator, h: int, w: int, alpha: float) -> np.ndarray:
     fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
@@ -49,7 +51,7 @@ def make_imageset(out: str | Path, labels_path: str | Path, n_train: int = 512, 
                   num_classes: int = 10, seed: int = 0, workers: int | None = None) -> Path:
     """OUT/train.X1/WNID/WNID_N.JPEG and OUT/val.X/..., OUT/Labels.json: packable and ImageFolder-readable."""
     out = Path(out)
-    labels = json.loads(Path(labels_path).read_text())
+    labels = load_labels(labels_path)
     wnids = sorted(labels)[:num_classes]
     out.mkdir(parents=True, exist_ok=True)
     (out / "Labels.json").write_text(json.dumps({w: labels[w] for w in wnids}))

@@ -36,7 +36,7 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.packing import PackOptions, pack  # noqa: E402
+from vitdeit.packing import PackOptions, find_split_dirs, pack  # noqa: E402
 
 
 def machine() -> dict:
@@ -97,13 +97,20 @@ def shard_loaders(a, shard_dirs: dict, workers: int, device):
                    build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend))
 
 
-def imagefolder_loader(root: Path, img_size: int, batch_size: int, workers: int):
-    """The baseline users start from: ImageFolder + classic PIL transforms + DataLoader."""
-    import torchvision
+def classic_transform(img_size: int):
+    """The baseline's train transform: what users start from (PIL in, normalised float tensor out)."""
     from torchvision import transforms as T
 
-    tf = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    ds = torchvision.datasets.ImageFolder(str(root), tf)
+    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int):
+    """The baseline users start from: ImageFolder (one per train folder) + classic PIL transforms + DataLoader."""
+    import torchvision
+
+    tf = classic_transform(img_size)
+    ds = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(str(d), tf)
+                                         for d in find_split_dirs(data_dir)["train"]])
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)
 
@@ -111,7 +118,7 @@ def imagefolder_loader(root: Path, img_size: int, batch_size: int, workers: int)
 def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dict]:
     rows = []
     for w in sorted({int(w) for w in (a.loader_workers or f"1,{a.workers}").split(",")}):
-        dl = imagefolder_loader(data_dir / "train.X1", a.img_size, a.batch_size, w)
+        dl = imagefolder_loader(data_dir, a.img_size, a.batch_size, w)
         rows.append({"name": "imagefolder", "images_per_s": loader_rate(dl, a.repeats, lambda: None), "workers": w,
                      "data": "original JPEGs"})
         del dl
@@ -132,7 +139,6 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
 
     import torch.nn.functional as F
     from PIL import Image
-    from torchvision import transforms as T
     from torchvision.io import ImageReadMode, decode_image
 
     from vitdeit.data.torch_loader import TrainTransform
@@ -144,7 +150,7 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
     tensors = [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
     train_tf, rng = TrainTransform(img_size), random.Random(0)
     boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]
-    classic = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    classic = classic_transform(img_size)
 
     def torch_resize(i):
         x, (left, top, w, h) = tensors[i], boxes[i]
@@ -283,12 +289,12 @@ def forever(loader):
 
 def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
     rows = []
-    n = sum(1 for _ in data_dir.glob("*/*/*.JPEG"))
     for w in sorted({1, workers}):
         out = work / f"pack_w{w}"
         shutil.rmtree(out, ignore_errors=True)  # a rerun would otherwise reuse the finished shards
         t = time.perf_counter()
-        pack(data_dir, out, opts=PackOptions(workers=w, shard_size=256), progress=False)
+        m = pack(data_dir, out, opts=PackOptions(workers=w, shard_size=256), progress=False)
+        n = sum(split["num_samples"] for split in m["splits"].values())
         rows.append({"workers": w, "images": n, "images_per_s": n / (time.perf_counter() - t)})
     return rows
 

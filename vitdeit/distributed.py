@@ -68,11 +68,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def barrier() -> None:
-    if tdist.is_initialized():
-        tdist.barrier()
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
     while True:

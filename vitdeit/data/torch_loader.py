@@ -53,15 +53,14 @@ class ShardSamples(Dataset):
         self.transform = transform
         shards = manifest["splits"][split]["shards"]
         self.files = [str(self.dir / s["file"]) for s in shards]
-        rows, self.keys = [], []
+        rows = []
         for shard_id, s in enumerate(shards):
             entries = read_index(self.dir / s["index"])
             if len(entries) != s["num_samples"]:
                 raise DataError(f"{self.dir / s['index']}: {len(entries)} samples, manifest says "
                                 f"{s['num_samples']}; the shards changed after packing: re-run pack_shards.py.")
-            for key, e in entries:
+            for _key, e in entries:
                 rows.append((shard_id, *e["jpg"], e["lbl"][0]))
-                self.keys.append(key)
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # shard, jpg offset, jpg size, label offset
         self._maps: dict[int, mmap.mmap] = {}
 

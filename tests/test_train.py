@@ -189,3 +189,13 @@ def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards,
     dist = lambda a, b: sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
     # decay 0.9998 over the 6 steps of one epoch: the EMA moves ~0.1 % of the way from where it started
     assert dist(last["ema"], w0) < 0.01 * dist(last["model"], w0)
+
+
+def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit import trainer
+
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 9.0, "val_top1": 0.0, "val_top5": 0.0,
+                                                              "val_samples": 24})
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0))
+    best = torch.load(tmp_path / "vit_tiny" / "best.pth", weights_only=True)
+    assert best["epoch"] == 0 and best["best_top1"] == 0.0

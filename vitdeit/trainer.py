@@ -122,7 +122,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                                   warmup_prefix=False, t_in_epochs=False)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_top1 = 0, 0.0
+    start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
     if resumed is not None:
         net.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])

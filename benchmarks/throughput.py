@@ -72,18 +72,13 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
-def loader_rate(loader, repeats: int, sync) -> float:
-    """images/s of a loader over whole epochs: one warm-up epoch (workers started, files mapped), then the median
-    of `repeats` timed epochs, each from a fresh iterator. Whole epochs, because a window of a few batches would
-    mostly drain what workers x prefetch_factor batches had decoded ahead; an epoch includes its start-up (each
-    worker's first batch), which weighs more on this small image set than on a real epoch."""
-    images = [0]
-
-    def epoch():
-        images[0] = sum(len(batch[1]) for batch in loader)
-
-    epoch()
-    return images[0] / timed(epoch, repeats, sync)
+def epoch_seconds(loader, sync) -> tuple[int, float]:
+    """(images, seconds) of one whole epoch of `loader` from a fresh iterator."""
+    sync()
+    t = time.perf_counter()
+    images = sum(len(batch[1]) for batch in loader)
+    sync()
+    return images, time.perf_counter() - t
 
 
 def shard_loaders(a, shard_dirs: dict, workers: int, device):
@@ -116,16 +111,26 @@ def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: 
 
 
 def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dict]:
+    """images/s of each loader over whole epochs, each from a fresh iterator: a window of a few batches would
+    mostly drain what workers x prefetch_factor batches had decoded ahead (an epoch includes its start-up, each
+    worker's first batch, which weighs more on a small image set than on a real epoch). One warm-up epoch each
+    (workers started, files mapped), then --repeats rounds in which every loader runs one epoch in turn, so that
+    a busy moment of a shared machine hits them all alike; the median epoch per loader."""
     rows = []
     for w in sorted({int(w) for w in (a.loader_workers or f"1,{a.workers}").split(",")}):
-        dl = imagefolder_loader(data_dir, a.img_size, a.batch_size, w)
-        rows.append({"name": "imagefolder", "images_per_s": loader_rate(dl, a.repeats, lambda: None), "workers": w,
-                     "data": "original JPEGs"})
-        del dl
-        for name, loader in shard_loaders(a, shard_dirs, w, device):
-            rows.append({"name": name, "images_per_s": loader_rate(loader, a.repeats, sync), "workers": w,
-                         "data": f"resize_short={a.resize_short}" if name.endswith("_resized") else "original"})
-            del loader
+        loaders = {"imagefolder": (imagefolder_loader(data_dir, a.img_size, a.batch_size, w), lambda: None)}
+        loaders.update((name, (loader, sync)) for name, loader in shard_loaders(a, shard_dirs, w, device))
+        images = {name: epoch_seconds(*ls)[0] for name, ls in loaders.items()}  # warm-up
+        secs = {name: [] for name in loaders}
+        for _ in range(a.repeats):
+            for name, ls in loaders.items():
+                secs[name].append(epoch_seconds(*ls)[1])
+        for name in loaders:
+            data = "original JPEGs" if name == "imagefolder" else (
+                f"resize_short={a.resize_short}" if name.endswith("_resized") else "original")
+            rows.append({"name": name, "images_per_s": images[name] / statistics.median(secs[name]), "workers": w,
+                         "data": data})
+        del loaders
     for r in rows:
         r["images_per_s_per_worker"] = r["images_per_s"] / max(1, r["workers"])
     return rows
@@ -274,7 +279,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], step, 
                     images[0] += len(y)
             for _ in range(a.warmup_steps):
                 step(*next(batches))
-        rate = images[0] / timed(run, a.repeats, sync)
+        secs = timed(run, a.repeats, sync)  # before reading images[0], which run() sets
+        rate = images[0] / secs
         rows.append({"loader": name, "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
                      "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling})
         print(f"  end to end {name:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step", flush=True)

@@ -10,7 +10,7 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
-from vitdeit.classes import DataError
+from vitdeit.errors import VitdeitError
 from vitdeit.packing import SKIP_FLAG, PackOptions, pack
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                        jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers)
     try:
         m = pack(a.data_path, a.out, a.labels, opts)
-    except DataError as e:
+    except VitdeitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, s in m["splits"].items():

@@ -13,9 +13,8 @@ Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.
 
 import sys
 
-from vitdeit.classes import DataError
 from vitdeit.config import parse_args
-from vitdeit.engine import NonFiniteLoss
+from vitdeit.errors import VitdeitError
 from vitdeit.trainer import evaluate_checkpoint, train
 
 
@@ -23,7 +22,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv, description=__doc__)
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
-    except (DataError, NonFiniteLoss, FileNotFoundError, ValueError, RuntimeError) as e:
+    except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

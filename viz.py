@@ -11,7 +11,7 @@ Writes vit_vs_deit_random10.png, and runs/report/{report.md, report.json, curves
 import argparse
 import sys
 
-from vitdeit.classes import DataError
+from vitdeit.errors import VitdeitError
 from vitdeit.report import make_all
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
                      None if a.no_report else a.report_dir, a.device, a.workers)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {w['figure']}")

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from vitdeit.classes import ClassMap, DataError, load_labels
+from vitdeit.classes import ClassMap, load_labels
+from vitdeit.errors import DataError
 
 
 def write(tmp_path, text):

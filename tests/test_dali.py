@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from test_loader import all_samples  # noqa: E402
-from vitdeit.classes import DataError, load_manifest  # noqa: E402
+from vitdeit.classes import load_manifest  # noqa: E402
+from vitdeit.errors import DataError
 from vitdeit.config import Config  # noqa: E402
 from vitdeit.data.dali_loader import DaliLoader  # noqa: E402
 from vitdeit.data.torch_loader import TorchLoader  # noqa: E402

@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from test_packing import read_tar
-from vitdeit.classes import DataError, load_manifest
+from vitdeit.classes import load_manifest
+from vitdeit.errors import DataError
 from vitdeit.data.torch_loader import RankSampler, ShardSamples, TorchLoader, TrainTransform, ValTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -137,7 +138,9 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
     assert data.resolve_loader("auto", "cuda", rand_augment="rand-m9-mstd0.5") == "torch"  # DALI has no RandAugment
     monkeypatch.setattr(data, "dali_available", lambda: False)
     assert data.resolve_loader("auto", "cuda") == "torch"
-    with pytest.raises(RuntimeError, match="pip install nvidia-dali-cuda120.*--loader torch"):
+    from vitdeit.errors import SettingError
+
+    with pytest.raises(SettingError, match="pip install nvidia-dali-cuda120.*--loader torch"):
         data.resolve_loader("dali", "cpu")
 
 

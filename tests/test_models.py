@@ -2,7 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from vitdeit.classes import ClassMap, DataError
+from vitdeit.classes import ClassMap
+from vitdeit.errors import DataError
 from vitdeit.models import create_model, head_logits, imagenet1k_indices, load_teacher, sliced_resnet18
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import ROOT, small_dataset
 from vitdeit import packing
-from vitdeit.classes import DataError, load_manifest
+from vitdeit.classes import load_manifest
+from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, small_dataset
-from vitdeit.classes import DataError, load_manifest, manifest_class_map
+from vitdeit.classes import load_manifest, manifest_class_map
+from vitdeit.errors import DataError
 from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples
 from vitdeit.packing import PackOptions, pack

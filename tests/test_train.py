@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, small_dataset
-from vitdeit.classes import DataError, load_manifest
+from vitdeit.classes import load_manifest
+from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
 from vitdeit.trainer import evaluate_checkpoint, train
@@ -168,7 +169,9 @@ def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="could not download.*--teacher-weights /path/to/it"):
+    from vitdeit.errors import MissingFile
+
+    with pytest.raises(MissingFile, match="could not download.*--teacher-weights /path/to/it"):
         load_teacher("", "imagenet1k", ClassMap(("n01440764",), ("tench",)))
 
 

@@ -9,12 +9,14 @@ function of (seed, epoch) alone).
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
-from .classes import ClassMap, DataError
+from .classes import ClassMap
+from .errors import DataError, MissingFile
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
 
@@ -36,15 +38,27 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
 def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: str = "checkpoint") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path}: file not found; train one with train.py (it writes "
-                                f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingFile(f"{what} {path}: file not found; train one with train.py (it writes "
+                          f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated copy, not a torch file
+        raise DataError(f"{what} {path}: cannot be read as a checkpoint ({type(e).__name__}: {first_line(e)}); copy "
+                        f"it again or pass another one.") from e
+    if not isinstance(state, dict):
+        raise DataError(f"{what} {path}: not a vitdeit checkpoint (a {type(state).__name__}, not a dict).")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
-        raise ValueError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
+        raise DataError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
     if class_map is not None:
         check_class_map(state, class_map, path, what)
     return state
+
+
+def first_line(e: Exception, limit: int = 160) -> str:
+    """The start of an exception's message: torch's own can run to a page."""
+    line = (str(e).splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: str = "checkpoint") -> None:

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .errors import DataError
+
 WNID_RE = re.compile(r"^n\d{8}$")
 MANIFEST_NAME = "manifest.json"
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file or value and the fix."""
 
 
 def _no_duplicate_keys(pairs):

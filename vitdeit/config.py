@@ -14,6 +14,8 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import get_type_hints
 
+from .errors import SettingError
+
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 
 
@@ -70,7 +72,7 @@ class Config:
     def validate(self) -> None:
         def need(ok: bool, msg: str):
             if not ok:
-                raise ValueError(msg)
+                raise SettingError(msg)
 
         need(self.model in MODELS, f"--model {self.model!r}: choose one of {', '.join(MODELS)}")
         need(self.loader in ("auto", "dali", "torch"), f"--loader {self.loader!r}: choose auto, dali or torch")
@@ -115,10 +117,10 @@ def from_dict(values: dict, source: str = "config") -> Config:
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are the flags' names, e.g. 'batch_size'")
+        raise SettingError(f"{source}: unknown key(s) {unknown}; valid keys are the flags' names, e.g. 'batch_size'")
     for k, v in values.items():
         if not _type_ok(hints[k], v):
-            raise ValueError(f"{source}: {k}={v!r} should be of type {hints[k].__name__}")
+            raise SettingError(f"{source}: {k}={v!r} should be of type {hints[k].__name__}")
     return Config(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import load_labels
+from .errors import SettingError
 
 SHAPES = ("disk", "ring", "square", "triangle", "cross", "arrow", "diamond", "star", "bars", "hourglass",
           "frame", "arc")
@@ -122,7 +123,7 @@ def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int
     out = Path(out)
     all_labels = load_labels(labels_path)
     if not 2 <= num_classes <= min(len(all_labels), len(SHAPES)):
-        raise ValueError(f"num_classes={num_classes}: the demo supports 2..{min(len(all_labels), len(SHAPES))}.")
+        raise SettingError(f"num_classes={num_classes}: the demo supports 2..{min(len(all_labels), len(SHAPES))}.")
     wnids = sorted(all_labels)
     step = len(wnids) / num_classes  # spread over the list: varied, real class names
     chosen = [wnids[int(i * step)] for i in range(num_classes)]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from .errors import SettingError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -27,7 +29,7 @@ class Dist:
 
 def resolve_device(pref: str) -> str:
     if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto).")
+        raise SettingError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto).")
     return "cuda" if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else "cpu"
 
 

@@ -11,11 +11,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum, unwrap
+from .errors import NonFiniteLoss
 from .models import head_logits
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import MissingFile
+
 
 class MetricsLog:
     """Appends one JSON line per epoch to RUN_DIR/metrics.jsonl (rank 0 only)."""
@@ -27,5 +29,5 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a train.py run folder?")
+        raise MissingFile(f"{path}: no metrics; is {run_dir} a train.py run folder?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .classes import ClassMap, DataError
+from .classes import ClassMap
+from .errors import DataError, MissingFile, SettingError
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "deit_tiny_distill": "deit_tiny_distilled_patch16_224"}
 RESNET18_IMAGENET1K = "https://download.pytorch.org/models/resnet18-f37072fd.pth"  # torchvision IMAGENET1K_V1
@@ -56,13 +57,13 @@ def imagenet1k_indices(wnids) -> list[int]:
 def load_imagenet1k_resnet18(weights: str) -> dict:
     if weights != "imagenet1k":
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
-                                    f"copy of {RESNET18_IMAGENET1K}).")
+            raise MissingFile(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
+                              f"copy of {RESNET18_IMAGENET1K}).")
         return torch.load(weights, map_location="cpu", weights_only=True)
     try:
         return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False)
     except Exception as e:  # offline, proxy, ...
-        raise RuntimeError(
+        raise MissingFile(
             f"could not download torchvision's ResNet-18 ImageNet-1k weights ({type(e).__name__}: {e}). "
             f"Download {RESNET18_IMAGENET1K} on a machine with internet and pass --teacher-weights /path/to/it, "
             f"or train a teacher here (train.py --model resnet18) and pass --teacher-ckpt."
@@ -99,7 +100,7 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
 
         state = load_checkpoint(ckpt, class_map, what="--teacher-ckpt")
         if state["config"]["model"] != "resnet18":
-            raise ValueError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
+            raise SettingError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
                              f"a resnet18 (train one with train.py --model resnet18).")
         net = model_from_checkpoint(state)
     else:

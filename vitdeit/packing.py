@@ -37,7 +37,8 @@ from pathlib import Path
 import webdataset
 from PIL import Image
 
-from .classes import MANIFEST_NAME, ClassMap, DataError, load_labels
+from .classes import MANIFEST_NAME, ClassMap, load_labels
+from .errors import DataError
 
 FORMAT_VERSION = 1
 SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compile(r"^val(\.X\d*)?$")}
@@ -254,8 +255,8 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
 
     data_path, out = Path(data_path), Path(out_dir)
     labels_path = Path(labels_path) if labels_path else data_path / "Labels.json"
+    split_dirs = find_split_dirs(data_path)  # first: a wrong --data-path is named as such, not as a missing Labels.json
     class_map = ClassMap.from_labels(load_labels(labels_path))
-    split_dirs = find_split_dirs(data_path)
     sources = {split: scan_split(dirs, class_map, labels_path) for split, dirs in split_dirs.items()}
     check_unique_keys(sources["train"] + sources["val"])
     for split, srcs in sources.items():

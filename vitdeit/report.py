@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint
-from .classes import ClassMap, DataError, load_manifest, manifest_class_map
+from .classes import ClassMap, load_manifest, manifest_class_map
+from .errors import DataError, MissingFile, SettingError
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint
@@ -53,7 +54,7 @@ def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, dev
 
 def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
     if not 1 <= n <= n_total:
-        raise ValueError(f"--num-images {n}: must be between 1 and the {n_total} val images")
+        raise SettingError(f"--num-images {n}: must be between 1 and the {n_total} val images")
     return random.Random(seed).sample(range(n_total), n)
 
 
@@ -193,8 +194,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written."""
     for path in (vit_ckpt, deit_ckpt):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
-                                    f"train.py --run-name ...), or pass its path with --vit / --deit.")
+            raise MissingFile(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
+                              f"train.py --run-name ...), or pass its path with --vit / --deit.")
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
     data_path = data_path or vit_state["config"]["data_path"]
     manifest = load_manifest(data_path)

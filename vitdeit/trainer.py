@@ -18,6 +18,7 @@ from .data import build_loader
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, cleanup, setup
 from .engine import evaluate, train_one_epoch
+from .errors import SettingError
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
 
@@ -47,7 +48,7 @@ def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> N
     chance = 100.0 / num_classes
     dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images (chance {chance:.2f}%)")
     if metrics["val_top1"] < 2 * chance and not cfg.allow_weak_teacher:
-        raise ValueError(
+        raise SettingError(
             f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({2 * chance:.2f}%): it "
             f"knows nothing of these classes. Train one (train.py --model resnet18) and pass --teacher-ckpt, or "
             f"pass --allow-weak-teacher to distil anyway."

@@ -34,7 +34,9 @@ def resolve_loader(choice: str, device_type: str, rand_augment: str = "") -> str
     if choice == "auto":
         return "dali" if device_type == "cuda" and dali_available() and not rand_augment else "torch"
     if choice == "dali" and not dali_available():
-        raise RuntimeError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120 "
+        from ..errors import SettingError
+
+        raise SettingError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120 "
                            "(or use --loader torch).")
     return choice
 

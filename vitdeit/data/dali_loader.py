@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..classes import DataError
+from ..errors import DataError, SettingError
 from . import MEAN, STD
 KEY_BYTES = 512
 
@@ -80,7 +80,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if rand_augment:
-            raise ValueError("--rand-augment is implemented in the PyTorch loader only; use --loader torch with it.")
+            raise SettingError("--rand-augment is implemented in the PyTorch loader only; use --loader torch with it.")
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         shards_dir = Path(shards_dir)

@@ -1,0 +1,25 @@
+"""The project's errors: problems a user can fix, each message naming the file, value or flag and the fix.
+
+Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line and exit 1. Anything else
+(CUDA out of memory, NCCL, a bug) keeps its traceback: a one-line message would hide where it came from.
+"""
+
+
+class VitdeitError(Exception):
+    """Base: bad input, a setting that cannot work, a missing file; the message says what to do."""
+
+
+class DataError(VitdeitError, ValueError):
+    """Bad input data: the message names the file or value and the fix."""
+
+
+class SettingError(VitdeitError, ValueError):
+    """A flag or setting that cannot work here: the message names the flag and what to use instead."""
+
+
+class MissingFile(VitdeitError, FileNotFoundError):
+    """A file the command needs (checkpoint, weights, metrics) is not there: the message says how to make it."""
+
+
+class NonFiniteLoss(VitdeitError, RuntimeError):
+    """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""

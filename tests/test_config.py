@@ -17,6 +17,15 @@ def test_a_saved_config_round_trips():
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_path):
+    resumed = Config(model="resnet18", epochs=9, resume="runs/resnet18/last.pth")
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(resumed.to_dict()))
+    again = parse_args(["--config", str(saved)])
+    assert (again.model, again.epochs, again.resume, again.eval_only) == ("resnet18", 9, "", False)
+    assert parse_args(["--config", str(saved), "--eval-only"]).resume == ""  # -> RUN_DIR/best.pth, not last.pth
+
+
 @pytest.mark.parametrize("values,fragment", [
     ({"learning_rate": 0.1}, "unknown key"),
     ({"epochs": "5"}, "should be of type int"),

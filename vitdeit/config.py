@@ -17,6 +17,9 @@ from typing import get_type_hints
 from .errors import SettingError
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
+# what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json`
+# of a resumed run trains that recipe (or, with --eval-only, evaluates best.pth) instead of resuming again
+INVOCATION_FIELDS = ("resume", "eval_only")
 
 
 @dataclass
@@ -100,7 +103,8 @@ class Config:
         return self.run_name or self.model
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""
+        return {k: v for k, v in asdict(self).items() if k not in INVOCATION_FIELDS}
 
 
 def _parse_bool(text: str) -> bool:

@@ -73,11 +73,22 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
     epoch(first)
     saved = first.state()
     e1, e2 = epoch(first), epoch(first)
-    restored = DaliLoader(tiny_shards, m, "train", checkpoint=saved, **kw)
+    restored = DaliLoader(tiny_shards, m, "train", state=saved, **kw)
+    assert restored.restored
     r1, r2 = epoch(restored), epoch(restored)
     assert e1[0] != e2[0]  # a new order every epoch...
     assert r1[0] == e1[0] and r2[0] == e2[0]  # ...and the restored loader draws the same samples
     assert torch.equal(r1[1], e1[1]) and torch.equal(r2[1], e2[1])  # with the same crops and flips
+
+
+@pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32)])
+def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=1, seed=3)
+    first = DaliLoader(tiny_shards, m, "train", **kw)
+    next(iter(first))
+    other = DaliLoader(tiny_shards, m, "train", state=first.state(), **{**kw, **change})
+    assert not other.restored and len(list(other)) == len(other)  # a fresh stream, whole epochs
 
 
 def test_labels_come_from_the_shards(tiny_shards):

@@ -2,8 +2,8 @@
 
 Keys: model, best_top1, epoch (the last finished, 0-based), config, classes (the WNID list: the class map
 the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), loader (torch or
-dali), loader_states (per rank: DALI's reader checkpoint, bytes; None for the PyTorch loader, whose epoch is a
-function of (seed, epoch) alone).
+dali), loader_states (per rank: the DALI loader's state(), its reader checkpoint and the settings it is
+valid for; None for the PyTorch loader, whose epoch is a function of (seed, epoch) alone).
 """
 
 from __future__ import annotations

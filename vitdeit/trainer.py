@@ -83,9 +83,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
     resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
-    loader_state = dali_state(resumed, cfg, dist)
-    train_loader = build_loader(cfg, manifest, "train", dist, state=loader_state)
-    if resumed is not None and train_loader.name == "dali" and loader_state is None:
+    states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
+    train_loader = build_loader(cfg, manifest, "train", dist, state=states[dist.rank] if dist.rank < len(states) else None)
+    if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     val_loader = build_loader(cfg, manifest, "val", dist)
@@ -179,16 +179,6 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return record
-
-
-def dali_state(resumed: dict | None, cfg: Config, dist: Dist):
-    """This rank's saved DALI reader state, where the resumed run read the same shards the same way; else None."""
-    if resumed is None or resumed.get("loader") != "dali":
-        return None
-    old, states = resumed["config"], resumed.get("loader_states") or []
-    same = len(states) == dist.world and all(old.get(k) == getattr(cfg, k) for k in
-                                              ("data_path", "batch_size", "img_size", "seed", "crop_scale_min"))
-    return states[dist.rank] if same else None
 
 
 def evaluate_checkpoint(cfg: Config) -> dict:

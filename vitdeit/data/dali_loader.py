@@ -74,9 +74,10 @@ class DaliLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
-                 with_keys: bool = False, half: bool | None = None, checkpoint: bytes | None = None):
-        """half: float16 images (default: on CUDA); float32 otherwise. checkpoint: `state()` of the same rank's
-        train loader in an earlier run with the same shards and settings: continue exactly where it stopped."""
+                 with_keys: bool = False, half: bool | None = None, state: dict | None = None):
+        """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
+        loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
+        settings (`restored` says whether it did); otherwise the sample stream starts afresh."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if rand_augment:
@@ -93,6 +94,12 @@ class DaliLoader:
                                 f"(it writes one .idx beside every shard).")
         n = manifest["splits"][split]["num_samples"]
         self.train = split == "train"
+        # what a saved reader state depends on: the shards (name, samples, bytes), every rank's slice of them,
+        # the batches and the random ops' arguments; decode threads do not matter (per-sample generators)
+        self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
+                         "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
+                         "scale": list(scale), "ratio": list(ratio), "gpu": gpu}
+        self.restored = bool(self.train and state and state.get("settings") == self.settings)
         self.batch_size = batch_size
         if self.train:
             self.steps = n // world // batch_size
@@ -105,7 +112,7 @@ class DaliLoader:
         self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
                               seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size, num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
-                              checkpoint=checkpoint if self.train else None)
+                              checkpoint=state["checkpoint"] if self.restored else None)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
         if self.train:  # a fixed number of samples per epoch, the same on every rank
@@ -123,9 +130,10 @@ class DaliLoader:
     def set_epoch(self, epoch: int) -> None:
         pass  # DALI's reader advances its own shuffle every epoch
 
-    def state(self) -> bytes | None:
-        """Train: DALI's checkpoint of this rank's pipeline after the batches consumed so far (~0.5 KB)."""
-        return self.it.checkpoints()[0] if self.train else None
+    def state(self) -> dict | None:
+        """Train: DALI's checkpoint of this rank's pipeline after the batches consumed so far (~0.5 KB), with the
+        settings it is valid for."""
+        return {"settings": self.settings, "checkpoint": self.it.checkpoints()[0]} if self.train else None
 
     def __iter__(self):
         for out in self.it:

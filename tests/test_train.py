@@ -125,7 +125,7 @@ def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
         evaluate_checkpoint(cfg_for(other, cfg.output_dir, run_name="teacher", eval_only=True))
 
 
-def test_torchrun_two_processes_evaluate_each_val_image_once(learn_shards, tmp_path):
+def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weights(learn_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(ROOT / "train.py"), "--data-path", str(learn_shards), "--output-dir", str(tmp_path),
@@ -136,6 +136,10 @@ def test_torchrun_two_processes_evaluate_each_val_image_once(learn_shards, tmp_p
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
     assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
+    # one process evaluating the saved weights (rank 0's, BatchNorm statistics included) gets what both ranks logged
+    alone = evaluate_checkpoint(cfg_for(learn_shards, tmp_path, model="resnet18", img_size=32, workers=0,
+                                        resume=str(tmp_path / "resnet18" / "last.pth"), eval_only=True))
+    assert alone["val_loss"] == pytest.approx(rec["val_loss"], rel=1e-5) and alone["val_top1"] == rec["val_top1"]
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch):

@@ -61,6 +61,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP copies them from rank 0 before each
+    training forward, and each rank then updates them with its own batch: without this, every rank would
+    evaluate slightly different statistics from the ones the checkpoint (rank 0's) saves."""
+    if tdist.is_initialized():
+        for b in module.buffers():
+            tdist.broadcast(b, src=0)
+
+
 def all_gather_object(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (a small picklable object each)."""
     if not tdist.is_initialized():

@@ -16,7 +16,7 @@ from .classes import load_manifest, manifest_class_map
 from .config import Config
 from .data import build_loader
 from .distill import DistillationLoss
-from .distributed import Dist, all_gather_object, cleanup, setup
+from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
 from .engine import evaluate, train_one_epoch
 from .errors import SettingError
 from .metrics import MetricsLog
@@ -153,9 +153,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, mixup, amp_dtype,
                              cfg.clip_grad, epoch, dist, cfg.progress)
+        broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}
         if ema is not None:
+            broadcast_buffers(ema.module)
             record["val_top1_ema"] = evaluate(ema.module, val_loader, dist, amp_dtype, progress=False)["val_top1"]
         if teacher_top1 is not None:
             record["teacher_val_top1"] = teacher_top1

@@ -120,13 +120,14 @@ def test_too_few_samples_for_a_batch_is_a_clear_error(tiny_shards):
         TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=500, img_size=24, workers=0)
 
 
-def test_missing_index_file_says_how_to_make_it(tiny_shards, tmp_path):
+@pytest.mark.parametrize("gone", ["val-000000.idx", "val-000000.tar"])
+def test_a_missing_shard_or_index_file_is_named_with_the_fix_before_any_worker_starts(tiny_shards, tmp_path, gone):
     import shutil
 
     copy = tmp_path / "s"
     shutil.copytree(tiny_shards, copy)
-    (copy / "val-000000.idx").unlink()
-    with pytest.raises(DataError, match="re-run pack_shards.py"):
+    (copy / gone).unlink()
+    with pytest.raises(DataError, match=f"{gone}: listed in .*manifest.json but missing; re-run pack_shards.py"):
         ShardSamples(copy, load_manifest(copy), "val")
 
 

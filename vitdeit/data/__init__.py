@@ -7,6 +7,8 @@ length in batches (`len`) and how many real samples this rank sees (`num_samples
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -19,6 +21,21 @@ def uint8_normalizer(device, mean=MEAN, std=STD):
 
     std255 = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     return 1 / std255, -torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255 / std255
+
+
+def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path]]:
+    """(tar, DALI index) of each shard of `split`, in the manifest's order; a missing file is a DataError now,
+    not a worker crash at its first sample."""
+    from ..classes import MANIFEST_NAME
+    from ..errors import DataError
+
+    d = Path(shards_dir)
+    out = [(d / s["file"], d / s["index"]) for s in manifest["splits"][split]["shards"]]
+    for path in (p for pair in out for p in pair):
+        if not path.is_file():
+            raise DataError(f"{path}: listed in {d / MANIFEST_NAME} but missing; re-run pack_shards.py on the source "
+                            f"folders (it writes every shard, an .idx beside each, and the manifest).")
+    return out
 
 
 def dali_available() -> bool:

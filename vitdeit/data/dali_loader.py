@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import torch
 
 from ..errors import DataError, SettingError
-from . import MEAN, STD
+from . import MEAN, STD, shard_paths
 KEY_BYTES = 512
 
 
@@ -84,14 +83,8 @@ class DaliLoader:
             raise SettingError("--rand-augment is implemented in the PyTorch loader only; use --loader torch with it.")
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
-        shards_dir = Path(shards_dir)
         shards = manifest["splits"][split]["shards"]
-        files = [str(shards_dir / s["file"]) for s in shards]
-        indexes = [str(shards_dir / s["index"]) for s in shards]
-        for path in indexes:
-            if not Path(path).is_file():
-                raise DataError(f"{path}: DALI index file missing; re-run pack_shards.py on the source folders "
-                                f"(it writes one .idx beside every shard).")
+        files, indexes = zip(*[(str(tar), str(idx)) for tar, idx in shard_paths(shards_dir, manifest, split)])
         n = manifest["splits"][split]["num_samples"]
         self.train = split == "train"
         # what a saved reader state depends on: the shards (name, samples, bytes), every rank's slice of them,

@@ -25,14 +25,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import DataError
-from . import MEAN, STD, uint8_normalizer
+from . import MEAN, STD, shard_paths, uint8_normalizer
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
 def read_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Parse a wds2idx v1.2 file: per sample, (key, {ext: (data_offset, size)})."""
-    if not idx_path.is_file():
-        raise DataError(f"{idx_path}: index file missing; re-run pack_shards.py on the source folders to write it.")
     lines = idx_path.read_text().splitlines()
     version, count = lines[0].split()
     if version != "v1.2" or int(count) != len(lines) - 1:
@@ -49,15 +47,15 @@ class ShardSamples(Dataset):
     """Sample i of a split = (uint8 HWC image, label); `transform` maps JPEG bytes to the uint8 array."""
 
     def __init__(self, shards_dir: str | Path, manifest: dict, split: str, transform=None):
-        self.dir = Path(shards_dir)
         self.transform = transform
         shards = manifest["splits"][split]["shards"]
-        self.files = [str(self.dir / s["file"]) for s in shards]
+        paths = shard_paths(shards_dir, manifest, split)
+        self.files = [str(tar) for tar, _ in paths]
         rows = []
-        for shard_id, s in enumerate(shards):
-            entries = read_index(self.dir / s["index"])
+        for shard_id, (s, (_, idx)) in enumerate(zip(shards, paths)):
+            entries = read_index(idx)
             if len(entries) != s["num_samples"]:
-                raise DataError(f"{self.dir / s['index']}: {len(entries)} samples, manifest says "
+                raise DataError(f"{idx}: {len(entries)} samples, manifest says "
                                 f"{s['num_samples']}; the shards changed after packing: re-run pack_shards.py.")
             for _key, e in entries:
                 rows.append((shard_id, *e["jpg"], e["lbl"][0]))

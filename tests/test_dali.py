@@ -91,6 +91,21 @@ def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     assert not other.restored and len(list(other)) == len(other)  # a fresh stream, whole epochs
 
 
+def test_each_rank_draws_its_own_crops_and_flips(tmp_path):
+    from conftest import small_dataset
+    from vitdeit.packing import PackOptions, pack
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=16, val_per_class=2)
+    train_files = sorted(data.glob("train.X*/*/*.JPEG"))
+    for f in train_files[1:]:  # every train image the same picture: only the augmentation can tell them apart
+        f.write_bytes(train_files[0].read_bytes())
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    m = load_manifest(tmp_path / "s")
+    first = [next(iter(DaliLoader(tmp_path / "s", m, "train", batch_size=8, img_size=24, rank=r, world=2,
+                                  workers=1, seed=5)))[0] for r in (0, 1)]
+    assert not torch.equal(first[0], first[1])
+
+
 def test_labels_come_from_the_shards(tiny_shards):
     m = load_manifest(tiny_shards)
     truth = {key: label for key, label, _ in all_samples(tiny_shards, "train")}

@@ -26,7 +26,10 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
 
     # checkpointing (train): the readers' positions and every random generator's state, saved with the run's
     # checkpoint, so --resume continues the very sample and augmentation stream an uninterrupted run would see
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    # DALI seeds every operator from the pipeline seed alone: one seed per rank, or every rank would draw the same
+    # crops and flips for the same batch position (the reader's tar order keeps `seed` itself, set below)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  seed=(seed + 1_000_003 * shard_id) % 2**31,
                   prefetch_queue_depth=2, enable_checkpointing=train, checkpoint=checkpoint)
     def pipe():
         jpegs, labels = fn.readers.webdataset(

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU machine's python3 is the one holding torch
 if ! $PY -c "import webdataset" 2>/dev/null; then
   ls wheels/*.whl >/dev/null 2>&1 || { echo "webdataset is missing and wheels/ is empty: pip download --no-deps -d wheels webdataset braceexpand"; exit 1; }
   $PY -m pip install -q --no-index --no-deps --target /tmp/vitdeit-pydeps wheels/*.whl
@@ -30,7 +30,8 @@ if ! $PY -c "import nvidia.dali" 2>/dev/null && ls dali_parts/dali.tar.part-* >/
   $PY -m pip install -q --no-index --no-deps --target /tmp/vitdeit-dali /tmp/vitdeit-dali-whl/*.whl
   export PYTHONPATH=/tmp/vitdeit-dali:${PYTHONPATH:-}
 fi
-$PY -c "import nvidia.dali as d; print('DALI', d.__version__)" 2>/dev/null || echo "DALI: not installed (its loader rows are skipped)"
+# not silent: a broken install (a missing dependency, a wrong PYTHONPATH) shows its import error here
+$PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || echo "DALI: not importable (above); its loader rows are skipped"
 if [ "${1:-}" = "--dry-run" ]; then
   ARGS=(--device cpu --num-images 48 --img-size 64 --batch-size 8 --steps 1 --warmup-steps 1 --repeats 1 --workers 2)
 else

@@ -22,6 +22,7 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
+    assert r.get("dali_error") is None  # present (None) where DALI is installed: its one-batch check passed
     n_val = 16  # max(16, 24 // 8)
     assert [(p["workers"], p["images"]) for p in r["packing"]] == [(1, 24 + n_val)]
     backends = ["torch", "dali_cpu"] if dali_available() else ["torch"]
@@ -39,3 +40,17 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
         assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_s"] / ceiling)
     assert len(r["transforms"]) == 6 and all(t["ms_per_image"] > 0 for t in r["transforms"])
     assert run.stdout.rstrip().splitlines()[-1].startswith("end to end")  # the table comes last
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+def test_a_dali_failure_is_reported_not_raised(tiny_shards):
+    import argparse
+
+    import torch
+
+    from benchmarks.throughput import dali_error
+
+    ok = argparse.Namespace(img_size=32, batch_size=8)
+    assert dali_error(ok, tiny_shards, torch.device("cpu")) is None
+    too_big = argparse.Namespace(img_size=32, batch_size=1000)  # more than the 96 train samples: a DataError
+    assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("DataError: train: 96 samples per rank")

@@ -91,6 +91,15 @@ def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     assert not other.restored and len(list(other)) == len(other)  # a fresh stream, whole epochs
 
 
+def test_a_bare_reader_checkpoint_of_an_earlier_version_is_not_restored(tiny_shards):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, workers=1)
+    first = DaliLoader(tiny_shards, m, "train", **kw)
+    next(iter(first))
+    old = DaliLoader(tiny_shards, m, "train", state=first.state()["checkpoint"], **kw)  # bytes, no settings
+    assert not old.restored and len(list(old)) == len(old)
+
+
 def test_each_rank_draws_its_own_crops_and_flips(tmp_path):
     from conftest import small_dataset
     from vitdeit.packing import PackOptions, pack

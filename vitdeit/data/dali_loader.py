@@ -95,7 +95,8 @@ class DaliLoader:
         self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
                          "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
                          "scale": list(scale), "ratio": list(ratio), "gpu": gpu}
-        self.restored = bool(self.train and state and state.get("settings") == self.settings)
+        # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
+        self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
         self.batch_size = batch_size
         if self.train:
             self.steps = n // world // batch_size

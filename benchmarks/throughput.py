@@ -7,8 +7,8 @@
 
 Without --data-path it makes its own ImageNet-sized JPEG set (benchmarks/imageset.py says how), packs
 it twice (originals and --resize-short), and measures every loader on the same images, same output
-size and batch size. Each figure is the median of --repeats timed runs after warm-up; CUDA timings
-synchronise. The JSON schema is in benchmarks/README.md.
+size and batch size. Loader, model-step and end-to-end figures are medians of --repeats timed runs after
+warm-up (packing: one timed run per worker count; transforms: one pass); CUDA timings synchronise. The JSON schema is in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": vars(a)}
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": dict(vars(a))}  # a copy: a DALI failure turns a.dali off later
 
     data_dir = Path(a.data_path) if a.data_path else work / "images"
     if not a.data_path and not (data_dir / "Labels.json").exists():

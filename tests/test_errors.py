@@ -37,5 +37,46 @@ def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
     assert load_checkpoint(whole)["epoch"] == 0
     cut = tmp_path / "cut.pth"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(DataError, match=r"cut\.pth: cannot be read as a checkpoint"):
+    with pytest.raises(DataError, match=r"cut\.pth: cannot be read by torch\.load"):
         load_checkpoint(cut)
+
+
+def _break_manifest(shards):
+    (shards / "manifest.json").write_text('{"classes": [')
+
+
+def _break_index(shards):
+    (shards / "val-000000.idx").write_text("v1.2 3\nnot an index line\n")
+
+
+@pytest.mark.parametrize("damage, named", [(_break_manifest, "manifest.json: not valid JSON"),
+                                           (_break_index, "val-000000.idx: not a wds2idx v1.2 index")])
+def test_damaged_shard_files_are_data_errors_naming_them(tiny_shards, tmp_path, damage, named):
+    import shutil
+
+    from vitdeit.classes import load_manifest
+    from vitdeit.data.torch_loader import ShardSamples
+
+    copy = tmp_path / "s"
+    shutil.copytree(tiny_shards, copy)
+    damage(copy)
+    with pytest.raises(DataError, match=named):
+        ShardSamples(copy, load_manifest(copy), "val")
+
+
+def test_a_partial_metrics_line_is_a_data_error_naming_the_line(tmp_path):
+    from vitdeit.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "val_top1": 50.0}\n{"epoch": 1, "val_to')
+    with pytest.raises(DataError, match=r"metrics\.jsonl line 2: not a JSON object"):
+        read_metrics(tmp_path)
+
+
+def test_teacher_weights_of_another_network_are_a_data_error(tmp_path):
+    from vitdeit.classes import ClassMap
+    from vitdeit.models import load_teacher
+
+    wrong = tmp_path / "vit.pth"
+    torch.save({"head.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(DataError, match=r"vit\.pth: not the state dict of torchvision's ResNet-18"):
+        load_teacher("", str(wrong), ClassMap(("n01440764",), ("tench",)))

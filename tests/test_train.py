@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -114,6 +115,18 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     metrics_b = [json.loads(x) for x in open(tmp_path / "b" / "vit_tiny" / "metrics.jsonl")]
     assert [r["epoch"] for r in metrics_b] == [0, 1]
+
+
+@pytest.mark.parametrize("change, named", [(dict(model="vit_tiny"), "--model resnet18 (this run: vit_tiny)"),
+                                           (dict(img_size=48), "--img-size 32 (this run: 48)"),
+                                           (dict(weight_decay=0.0), "optimiser state does not fit")])
+def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, tmp_path, change, named):
+    from vitdeit.errors import SettingError
+
+    cfg, _ = teacher_run
+    last = os.path.join(cfg.output_dir, "teacher", "last.pth")
+    with pytest.raises(SettingError, match=re.escape(named)):
+        train(cfg_for(cfg.data_path, tmp_path, **{"model": "resnet18", "lr": 0.005, **change}, resume=last))
 
 
 def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):

@@ -1,8 +1,8 @@
 """Checkpoints: best.pth / last.pth with the plain module's weights, the resolved config and all training state.
 
 Keys: model, best_top1, epoch (the last finished, 0-based), config, classes (the WNID list: the class map
-the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), loader (torch or
-dali), loader_states (per rank: the DALI loader's state(), its reader checkpoint and the settings it is
+the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), teacher_top1 (the teacher's val top-1 when
+distilling, else None), loader (torch or dali), loader_states (per rank: the DALI loader's state(), its reader checkpoint and the settings it is
 valid for; None for the PyTorch loader, whose epoch is a function of (seed, epoch) alone).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .classes import ClassMap
-from .errors import DataError, MissingFile
+from .errors import DataError, MissingFile, first_line
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
 
@@ -40,11 +40,7 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     if not path.is_file():
         raise MissingFile(f"{what} {path}: file not found; train one with train.py (it writes "
                           f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated copy, not a torch file
-        raise DataError(f"{what} {path}: cannot be read as a checkpoint ({type(e).__name__}: {first_line(e)}); copy "
-                        f"it again or pass another one.") from e
+    state = torch_load(path, what)
     if not isinstance(state, dict):
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (a {type(state).__name__}, not a dict).")
     missing = [k for k in REQUIRED if k not in state]
@@ -55,10 +51,13 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     return state
 
 
-def first_line(e: Exception, limit: int = 160) -> str:
-    """The start of an exception's message: torch's own can run to a page."""
-    line = (str(e).splitlines() or [""])[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def torch_load(path: Path, what: str):
+    """torch.load on the CPU, tensors and plain containers only; a file it cannot read is a DataError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated copy, not a torch file, pickled code
+        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({type(e).__name__}: "
+                        f"{first_line(e)}); copy it again or pass another file.") from e
 
 
 def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: str = "checkpoint") -> None:

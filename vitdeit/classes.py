@@ -82,7 +82,10 @@ def load_manifest(shards_dir: str | Path) -> dict:
             f"{path} not found: {shards_dir} is not a packed dataset. "
             f"Create it with: python pack_shards.py --data-path IMAGENET_DIR --out {shards_dir}"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-run pack_shards.py to rewrite it.") from e
     for key in ("classes", "labels", "splits"):
         if key not in manifest:
             raise DataError(f"{path}: missing key {key!r}; re-run pack_shards.py to rewrite it.")

@@ -1,8 +1,15 @@
 """The project's errors: problems a user can fix, each message naming the file, value or flag and the fix.
 
-Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line and exit 1. Anything else
+Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line and exit 1 (a bad flag or
+--config value is argparse's usage message and exit 2, as for any command-line tool). Anything else
 (CUDA out of memory, NCCL, a bug) keeps its traceback: a one-line message would hide where it came from.
 """
+
+
+def first_line(e: Exception, limit: int = 160) -> str:
+    """The start of an exception's message, for a one-line error that quotes it: torch's can run to a page."""
+    line = (str(e).splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class VitdeitError(Exception):

@@ -1,11 +1,12 @@
-"""Run outputs: metrics.jsonl (one JSON object per epoch), config.json, and running averages."""
+"""metrics.jsonl: one JSON object per epoch, appended by rank 0, cut back to the resumed epoch on --resume, read
+by the report."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import MissingFile
+from .errors import DataError, MissingFile
 
 
 class MetricsLog:
@@ -30,4 +31,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise MissingFile(f"{path}: no metrics; is {run_dir} a train.py run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:  # e.g. a partial last line: the disk filled up mid-write
+                raise DataError(f"{path} line {n}: not a JSON object ({e}); delete that line (the run's last.pth "
+                                f"can redo its epoch: train.py --resume).") from e
+    return records

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .classes import ClassMap
-from .errors import DataError, MissingFile, SettingError
+from .errors import DataError, MissingFile, SettingError, first_line
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "deit_tiny_distill": "deit_tiny_distilled_patch16_224"}
 RESNET18_IMAGENET1K = "https://download.pytorch.org/models/resnet18-f37072fd.pth"  # torchvision IMAGENET1K_V1
@@ -59,7 +59,9 @@ def load_imagenet1k_resnet18(weights: str) -> dict:
         if not Path(weights).is_file():
             raise MissingFile(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
                               f"copy of {RESNET18_IMAGENET1K}).")
-        return torch.load(weights, map_location="cpu", weights_only=True)
+        from .checkpoint import torch_load
+
+        return torch_load(Path(weights), "--teacher-weights")
     try:
         return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False)
     except Exception as e:  # offline, proxy, ...
@@ -104,7 +106,12 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
                              f"a resnet18 (train one with train.py --model resnet18).")
         net = model_from_checkpoint(state)
     else:
-        net = sliced_resnet18(load_imagenet1k_resnet18(weights or "imagenet1k"), class_map.wnids)
+        state = load_imagenet1k_resnet18(weights or "imagenet1k")
+        try:
+            net = sliced_resnet18(state, class_map.wnids)
+        except (RuntimeError, AttributeError) as e:  # load_state_dict: missing/unexpected keys, wrong shapes
+            raise DataError(f"--teacher-weights {weights or 'imagenet1k'}: not the state dict of torchvision's ResNet-18 for "
+                            f"ImageNet-1k ({first_line(e)}); pass {RESNET18_IMAGENET1K.rsplit('/', 1)[1]}.") from e
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import check_class_map, load_checkpoint
 from .classes import ClassMap, load_manifest, manifest_class_map
-from .errors import DataError, MissingFile, SettingError
+from .errors import MissingFile, SettingError
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint

@@ -18,7 +18,7 @@ from .data import build_loader
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
 from .engine import evaluate, train_one_epoch
-from .errors import SettingError
+from .errors import SettingError, first_line
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
 
@@ -53,6 +53,15 @@ def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> N
             f"knows nothing of these classes. Train one (train.py --model resnet18) and pass --teacher-ckpt, or "
             f"pass --allow-weak-teacher to distil anyway."
         )
+
+
+def check_resumable(saved: dict, cfg: Config) -> None:
+    """The resumed weights' shapes follow from these settings: a clear error here, not a page of missing keys."""
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (this run: {getattr(cfg, k)})"
+            for k in ("model", "img_size", "patch_size") if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe "
+                           f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
 
 
 def train(cfg: Config, on_epoch_end=None) -> dict:
@@ -125,8 +134,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
     if resumed is not None:
+        check_resumable(resumed["config"], cfg)
         net.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        try:
+            optimizer.load_state_dict(resumed["optimizer"])
+        except ValueError as e:  # other parameter groups: --weight-decay 0 has one group, else two
+            raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
+                               f"resume with the saved recipe: --config RUN_DIR/config.json --resume ...") from e
         # the schedule is not restored: step_update() recomputes the lr from the step count every step, and
         # a restored one would keep the old run's epochs and global batch if those changed
         if resumed["scaler"]:  # empty when the saved run did not use fp16

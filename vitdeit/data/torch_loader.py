@@ -32,14 +32,17 @@ DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see
 def read_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Parse a wds2idx v1.2 file: per sample, (key, {ext: (data_offset, size)})."""
     lines = idx_path.read_text().splitlines()
-    version, count = lines[0].split()
-    if version != "v1.2" or int(count) != len(lines) - 1:
-        raise DataError(f"{idx_path}: not a wds2idx v1.2 index for {count} samples; re-run pack_shards.py.")
-    samples = []
-    for line in lines[1:]:
-        f = line.split()
-        components = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-        samples.append((f[3].split(".", 1)[0], components))
+    try:
+        version, count = lines[0].split()
+        if version != "v1.2" or int(count) != len(lines) - 1:
+            raise ValueError(f"header {lines[0]!r} for {len(lines) - 1} sample lines")
+        samples = []
+        for line in lines[1:]:
+            f = line.split()
+            components = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+            samples.append((f[3].split(".", 1)[0], components))
+    except (ValueError, IndexError) as e:
+        raise DataError(f"{idx_path}: not a wds2idx v1.2 index ({e}); re-run pack_shards.py.") from e
     return samples
 
 
@@ -156,8 +159,8 @@ class ValTransform:
 def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], out_hw: tuple[int, int]) -> torch.Tensor:
     """Decode `data`, crop `box` (left, top, right, bottom in source px), resize to out_hw -> uint8 HWC tensor.
 
-    Costs per 500 x 375 JPEG on one core (BENCHMARKS.md, "per-image costs"): decode ~0.9 ms, this resize
-    ~0.25 ms, where PIL's resize takes ~0.85 ms. So: libjpeg-turbo through torchvision decodes, and torch's
+    Costs per 500 x 375 JPEG on one core (BENCHMARKS.md, "per-image costs"; one run): decode ~1.3 ms, this
+    resize ~0.37 ms, where PIL's resize takes ~1.14 ms. So: libjpeg-turbo through torchvision decodes, and torch's
     antialiased bilinear resize (AVX2 uint8 kernel, fast only on channels-last input) resizes: against PIL's
     decode + resize of the same box, 99.8 % of pixels within +-1 grey level (mean |diff| 0.01; measured on
     100 of the benchmark's JPEGs). Where the box is at least 2x out_hw at a reduced DCT scale (1/2, 1/4, 1/8),

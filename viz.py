@@ -11,6 +11,7 @@ Writes vit_vs_deit_random10.png, and runs/report/{report.md, report.json, curves
 import argparse
 import sys
 
+from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError
 from vitdeit.report import make_all
 
@@ -26,12 +27,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="vit_vs_deit_random10.png")
     p.add_argument("--report-dir", default="runs/report")
     p.add_argument("--no-report", action="store_true", help="only the picture")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU where there is one")
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
-                     None if a.no_report else a.report_dir, a.device, a.workers)
+                     None if a.no_report else a.report_dir, resolve_device(a.device), a.workers)
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -80,3 +80,9 @@ def test_teacher_weights_of_another_network_are_a_data_error(tmp_path):
     torch.save({"head.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(DataError, match=r"vit\.pth: not the state dict of torchvision's ResNet-18"):
         load_teacher("", str(wrong), ClassMap(("n01440764",), ("tench",)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_viz_on_a_machine_without_a_gpu_names_the_device_flag(capsys):
+    assert viz.main(["--device", "cuda"]) == 1
+    assert "--device cuda: no CUDA GPU" in capsys.readouterr().err

@@ -241,3 +241,83 @@ def test_a_rerun_with_another_plan_removes_what_the_killed_run_left(data, tmp_pa
     files = {s["file"] for split in m["splits"].values() for s in split["shards"]}
     files |= {s["index"] for split in m["splits"].values() for s in split["shards"]}
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(files | {"manifest.json"})
+
+
+def test_a_rerun_repacks_an_image_changed_in_place_even_at_the_same_size(data, tmp_path):
+    import os
+
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(workers=1), progress=False)
+    files = sorted((data / "train.X1").glob("*/*.JPEG"), key=lambda f: f.stat().st_size)
+    small, big = files[0], files[-1]
+    assert small.stat().st_size < big.stat().st_size
+    new = small.read_bytes() + b"\0" * (big.stat().st_size - small.stat().st_size)  # decoders stop at EOI
+    stat = big.stat()
+    big.write_bytes(new)
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # one second later, as a real rewrite
+    m = pack(data, out, opts=PackOptions(workers=1), progress=False)
+    packed = {}
+    for s in m["splits"]["train"]["shards"]:
+        packed.update(read_tar(out / s["file"]))
+    assert packed[big.stem]["jpg"] == new
+
+
+def test_a_file_name_with_whitespace_is_an_error_naming_it(data, tmp_path):
+    f = first_image(data)
+    spaced = f.with_name("my photo.JPEG")
+    f.rename(spaced)
+    with pytest.raises(DataError, match=r"my photo\.JPEG: the file name contains whitespace"):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
+    bad = break_two(data)
+    plan = packing.plan_shards(packing.scan_split(packing.find_split_dirs(data)["train"],
+                                                  packing.ClassMap.from_labels(packing.load_labels(data / "Labels.json")),
+                                                  data / "Labels.json"), 1, 0, "train")
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, shard_size=1), progress=False)
+    shards = m["splits"]["train"]["shards"]
+    assert len(plan) == 16 and len(shards) == 14 and all(s["num_samples"] == 1 for s in shards)
+    assert sorted(p.name for p in (tmp_path / "s").glob("train-*.tar")) == sorted(s["file"] for s in shards)
+    assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
+
+
+def test_a_damaged_progress_record_is_rewritten_not_fatal(data, tmp_path):
+    out = tmp_path / "s"
+    first = pack(data, out, opts=PackOptions(workers=1), progress=False)
+    (out / ".progress" / "train-000000.json").write_text('{"fingerprint": "ab')  # killed mid-write
+    assert pack(data, out, opts=PackOptions(workers=1), progress=False)["splits"] == first["splits"]
+
+
+def test_only_the_packers_own_files_are_removed_from_the_output_folder(data, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    mine = out / "photo-123456.jpg"
+    mine.write_bytes(b"the user's")
+    pack(data, out, opts=PackOptions(workers=1), progress=False)
+    assert mine.read_bytes() == b"the user's"
+
+
+def test_a_run_killed_while_replacing_a_shard_leaves_nothing_a_later_run_would_reuse(data, tmp_path, monkeypatch):
+    import os
+
+    clean, out = tmp_path / "clean", tmp_path / "s"
+    pack(data, clean, opts=PackOptions(workers=1), progress=False)
+    pack(data, out, opts=PackOptions(workers=1), progress=False)
+    f = first_image(data)
+    original, stat = f.read_bytes(), f.stat()
+    f.write_bytes(sorted((data / "train.X2").glob("*/*.JPEG"))[0].read_bytes())  # other inputs...
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # ...and a run killed after its new tar replaced the old one, before its index
+
+    monkeypatch.setattr(packing, "write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pack(data, out, opts=PackOptions(workers=1), progress=False)
+    monkeypatch.undo()
+    f.write_bytes(original)  # back to the first inputs, to the nanosecond
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    pack(data, out, opts=PackOptions(workers=1), progress=False)
+    for t in clean.glob("*.tar"):
+        assert (out / t.name).read_bytes() == t.read_bytes()
+        assert (out / t.with_suffix(".idx").name).read_text() == t.with_suffix(".idx").read_text()

@@ -43,6 +43,8 @@ from .errors import DataError
 FORMAT_VERSION = 1
 SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compile(r"^val(\.X\d*)?$")}
 PROGRESS_DIR = ".progress"
+# the files a run writes per shard NAME: NAME.tar, NAME.idx, .NAME.tar.tmp, .progress/NAME.json(.tmp)
+SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|json|json\.tmp)$")
 SKIP_FLAG = "--skip-bad"
 
 
@@ -121,6 +123,9 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
                         f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to separate "
                         f"a sample's key from its extension; rename the file."
                     )
+                if re.search(r"\s", f.name):
+                    raise DataError(f"{f}: the file name contains whitespace, which DALI's index format (fields "
+                                    f"separated by spaces) cannot hold; rename the file.")
                 sources.append(Source(str(f), f.stem, label))
     return sources
 
@@ -198,7 +203,8 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
 def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
     h = hashlib.sha1(json.dumps([FORMAT_VERSION, opts.resize_short, opts.jpeg_quality, opts.skip_bad]).encode())
     for s in sources:
-        h.update(f"{s.path}\0{s.key}\0{s.label}\0{os.path.getsize(s.path)}\n".encode())
+        st = os.stat(s.path)  # size and modification time, as make and rsync judge a changed file
+        h.update(f"{s.path}\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -209,10 +215,16 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     record = out / PROGRESS_DIR / f"{name}.json"
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
     if record.is_file() and tar_path.is_file() and idx_path.is_file():
-        done = json.loads(record.read_text())
-        if done["fingerprint"] == result.fingerprint:  # same inputs, same options: reuse the shard
+        try:
+            done = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            done = {}  # unreadable: write the shard again
+        if done.get("fingerprint") == result.fingerprint:  # same inputs, same options: reuse the shard
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             return ShardResult(**done)
+    # the record goes first: a run killed while the tar and index below are replaced leaves no record that
+    # would pair them with another run's inputs
+    record.unlink(missing_ok=True)
     tmp = out / f".{name}.tar.tmp"
     counts: Counter = Counter()
     with open(tmp, "wb") as f:
@@ -241,7 +253,9 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     assert result.num_samples == sum(counts.values()), f"{tar_path}: index disagrees with what was written"
     result.class_counts = dict(counts)
     result.bytes = tar_path.stat().st_size
-    record.write_text(json.dumps(asdict(result)))
+    record_tmp = record.with_name(record.name + ".tmp")
+    record_tmp.write_text(json.dumps(asdict(result)))
+    os.replace(record_tmp, record)  # never a half-written record
     return result
 
 
@@ -271,11 +285,12 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         shards = plan_shards(srcs, opts.shard_size, opts.seed, split)
         tasks += [(split, f"{split}-{i:06d}", s, opts, str(out)) for i, s in enumerate(shards)]
     planned = {t[1] for t in tasks}
-    for stale in list(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].*")) + list((out / PROGRESS_DIR).glob("*.json")):
-        # left by an earlier run with other inputs; also a killed run's partial ".NAME.tar.tmp" (pathlib's glob
-        # matches dot files, and its name before the first dot is "")
-        if stale.name.split(".")[0] not in planned:
-            stale.unlink()
+    for d in (out, out / PROGRESS_DIR):
+        for stale in d.iterdir():
+            # what an earlier run with other inputs wrote (a killed one's ".NAME.tar.tmp" too), and nothing else
+            m = SHARD_FILE.match(stale.name)
+            if m and m.group(1) not in planned:
+                stale.unlink()
 
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []
@@ -330,13 +345,20 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> 
         "skipped": [{"split": s, "path": p, "reason": why} for s, p, why in bad],
         "converted": [{"path": p, "change": c} for r in results for p, c in r.converted],
     }
+    for r in results:
+        if r.num_samples == 0:  # every image of it skipped: DALI refuses an empty index, and it holds nothing
+            (out / f"{r.name}.tar").unlink(missing_ok=True)
+            (out / f"{r.name}.idx").unlink(missing_ok=True)
     for split, srcs in sources.items():
-        rs = [r for r in results if r.split == split]
+        rs = [r for r in results if r.split == split and r.num_samples > 0]
+        if not rs:
+            raise DataError(f"{', '.join(map(str, split_dirs[split]))}: every image of the {split} split was "
+                            f"unreadable and skipped; nothing to pack.")
         counts = Counter()
         for r in rs:
             counts.update(r.class_counts)
         n = sum(r.num_samples for r in rs)
-        n_skipped = sum(len(r.bad) for r in rs)
+        n_skipped = sum(len(r.bad) for r in results if r.split == split)  # empty shards' too
         assert n == len(srcs) - n_skipped, f"{split}: {n} packed != {len(srcs)} found - {n_skipped} skipped"
         manifest["splits"][split] = {
             "num_samples": n,

@@ -129,6 +129,30 @@ def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, 
         train(cfg_for(cfg.data_path, tmp_path, **{"model": "resnet18", "lr": 0.005, **change}, resume=last))
 
 
+def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_logged_once(tiny_shards, tmp_path,
+                                                                                        monkeypatch):
+    from vitdeit.metrics import MetricsLog
+
+    kw = dict(model="resnet18", epochs=3, lr=0.005, batch_size=16, workers=0)
+    write = MetricsLog.write
+
+    def killed_at_epoch_1(self, record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt  # after that epoch's checkpoints were (or were not yet) written
+        write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", killed_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_shards, tmp_path, **kw))
+    monkeypatch.undo()
+    run = tmp_path / "resnet18"
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "last.pth"), **kw))
+    metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [r["epoch"] for r in metrics] == [0, 1, 2]
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert best["best_top1"] == max(r["val_top1"] for r in metrics)
+
+
 def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
     cfg, _ = teacher_run
     other = tmp_path / "shards"

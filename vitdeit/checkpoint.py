@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,13 +25,6 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
-
-
-def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)  # as save_checkpoint: never a half-written copy under the real name
 
 
 def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: str = "checkpoint") -> dict:

@@ -163,7 +163,8 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
-             "Measured by `viz.py` from the runs' `metrics.jsonl` and `best.pth` on this machine; best epoch by val top-1.",
+             "The table comes from each run's `metrics.jsonl` (written during training, on the machine that trained it; "
+             "best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val with both `best.pth`.",
              "", "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params | train images/s (mean) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in summaries:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .classes import load_manifest, manifest_class_map
 from .config import Config
 from .data import build_loader
@@ -179,15 +179,18 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         best_top1 = max(best_top1, va["val_top1"])
         loader_states = all_gather_object(train_loader.state())  # DALI: each rank's reader position and RNGs
         if dist.is_main:
-            save_checkpoint(run_dir / "last.pth", {
+            state = {
                 "model": net.state_dict(), "best_top1": best_top1, "epoch": epoch, "config": cfg.to_dict(),
                 "classes": list(class_map.wnids), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
-                "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states})
+                "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states}
+            # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
+            # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing
             if is_best:
-                copy_checkpoint(run_dir / "last.pth", run_dir / "best.pth")
+                save_checkpoint(run_dir / "best.pth", state)
             log.write(record)
+            save_checkpoint(run_dir / "last.pth", state)
         dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                    f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
                    f"({va['val_samples']} images) | {tr['images_per_s']:.0f} img/s, data wait "

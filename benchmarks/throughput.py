@@ -369,23 +369,31 @@ def main(argv=None) -> int:
             if result["dali_error"]:
                 print(f"DALI failed, its rows are skipped: {result['dali_error']}", flush=True)
                 a.dali = False
+    def save():  # after every part: a run stopped at a time limit keeps what it measured
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=1))
+
     if "packing" in parts:
         print("packing ...", flush=True)
         result["packing"] = bench_packing(data_dir, work, a.workers)
+        save()
     if "transforms" in parts:
         print("per-image costs on one core ...", flush=True)
         result["transforms"] = bench_transforms(data_dir, a.img_size)
+        save()
     if "loaders" in parts:
         print("loaders ...", flush=True)
         result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
+        save()
+        print_tables(result)  # early too: the loader table survives a later time-out in the log
     if parts & {"model", "e2e"}:
         print("model step ...", flush=True)
         result["model_step"], e2e_step = bench_model_step(a, device, sync)
+        save()
     if "e2e" in parts:
         print("end to end ...", flush=True)
         result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result["model_step"], e2e_step, sync)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        save()
     print_tables(result)
     return 0
 

@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU, at tiny sizes: proves the script before the GPU call
+#   bash benchmarks/gpu_check.sh --parts e2e --e2e-unit steps --steps 40 --workers 12   # one part, other settings
 #
 # Pure-Python dependencies missing there (webdataset, braceexpand) come as wheels in the git-ignored wheels/:
 #   pip download --no-deps -d wheels webdataset braceexpand
@@ -33,8 +34,10 @@ fi
 # not silent: a broken install (a missing dependency, a wrong PYTHONPATH) shows its import error here
 $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || echo "DALI: not importable (above); its loader rows are skipped"
 if [ "${1:-}" = "--dry-run" ]; then
+  shift
   ARGS=(--device cpu --num-images 48 --img-size 64 --batch-size 8 --steps 1 --warmup-steps 1 --repeats 1 --workers 2)
 else
   ARGS=(--device cuda --num-images 4096 --img-size 224 --batch-size 256 --steps 10 --warmup-steps 3 --repeats 3 --workers 16 --loader-workers 16)
 fi
-$PY benchmarks/throughput.py "${ARGS[@]}" --work-dir /tmp/vitdeit-bench --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
+# any further arguments go to throughput.py after these (the last of a flag wins): e.g. --parts e2e --workers 12
+$PY benchmarks/throughput.py "${ARGS[@]}" "$@" --work-dir /tmp/vitdeit-bench --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"

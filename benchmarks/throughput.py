@@ -52,11 +52,15 @@ def machine() -> dict:
             info[mod] = __import__(mod, fromlist=["_"]).__version__
         except ImportError:
             info[mod] = None
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True).stdout.strip() or None
+        info["git_commit"] = git("rev-parse", "HEAD") or None
+        # True: the code that ran is not that commit (edits, or a copy of a newer tree under older git metadata)
+        info["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
     except OSError:
-        info["git_commit"] = None
+        info["git_commit"] = info["git_dirty"] = None
     return info
 
 

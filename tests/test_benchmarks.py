@@ -22,6 +22,7 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
+    assert r["machine"]["git_dirty"] in (True, False)
     assert ("dali_error" in r) == dali_available() and r.get("dali_error") is None  # DALI's one-batch check passed
     n_val = 16  # max(16, 24 // 8)
     assert [(p["workers"], p["images"]) for p in r["packing"]] == [(1, 24 + n_val)]

@@ -85,23 +85,26 @@ def epoch_seconds(loader, sync) -> tuple[int, float]:
     return images, time.perf_counter() - t
 
 
+def shard_loader(a, sdir: Path, backend: str, workers: int, device):
+    """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
+    cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
+                 loader=backend, progress=False)
+    return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
+
+
 def shard_loaders(a, shard_dirs: dict, workers: int, device):
     """(name, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each + _resized."""
     for label, sdir in shard_dirs.items():
         for backend in ["torch"] + (["dali"] if dali_available() and a.dali else []):
-            cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
-                         loader=backend, progress=False)
             name = f"shards_{backend}" + ("_cpu" if backend == "dali" and device.type == "cpu" else "")
-            yield (name + ("_resized" if label != "original" else ""),
-                   build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend))
+            yield name + ("_resized" if label != "original" else ""), shard_loader(a, sdir, backend, workers, device)
 
 
 def dali_error(a, sdir: Path, device) -> str | None:
     """None if a DALI train loader on `device` builds and yields a batch; else the error, so that a DALI failure
     (a new GPU's decoder, a partial install) costs its rows, not the whole (GPU) run."""
     try:
-        cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=1, loader="dali")
-        next(iter(build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend="dali")))
+        next(iter(shard_loader(a, sdir, "dali", 1, device)))
     except Exception as e:  # noqa: BLE001 -- any failure: report it, go on without DALI
         return f"{type(e).__name__}: {e}"
     return None

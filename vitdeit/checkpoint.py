@@ -1,9 +1,10 @@
 """Checkpoints: best.pth / last.pth with the plain module's weights, the resolved config and all training state.
 
 Keys: model, best_top1, epoch (the last finished, 0-based), config, classes (the WNID list: the class map
-the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), teacher_top1 (the teacher's val top-1 when
-distilling, else None), loader (torch or dali), loader_states (per rank: the DALI loader's state(), its reader checkpoint and the settings it is
-valid for; None for the PyTorch loader, whose epoch is a function of (seed, epoch) alone).
+the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), teacher_top1
+(the teacher's val top-1 when distilling, else None), loader (torch or dali), loader_states (per rank: the
+DALI loader's state(), its reader checkpoint and the settings it is valid for; None for the PyTorch loader,
+whose epoch is a function of (seed, epoch) alone).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import load_checkpoint, torch_load
 from .classes import ClassMap
 from .errors import DataError, MissingFile, SettingError, first_line
 
@@ -59,8 +60,6 @@ def load_imagenet1k_resnet18(weights: str) -> dict:
         if not Path(weights).is_file():
             raise MissingFile(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
                               f"copy of {RESNET18_IMAGENET1K}).")
-        from .checkpoint import torch_load
-
         return torch_load(Path(weights), "--teacher-weights")
     try:
         return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False)
@@ -98,20 +97,19 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
     """A frozen ResNet-18 teacher for `class_map`, in eval mode."""
     if ckpt:
-        from .checkpoint import load_checkpoint
-
         state = load_checkpoint(ckpt, class_map, what="--teacher-ckpt")
         if state["config"]["model"] != "resnet18":
             raise SettingError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
-                             f"a resnet18 (train one with train.py --model resnet18).")
+                               f"a resnet18 (train one with train.py --model resnet18).")
         net = model_from_checkpoint(state)
     else:
         state = load_imagenet1k_resnet18(weights or "imagenet1k")
         try:
             net = sliced_resnet18(state, class_map.wnids)
         except (RuntimeError, AttributeError) as e:  # load_state_dict: missing/unexpected keys, wrong shapes
-            raise DataError(f"--teacher-weights {weights or 'imagenet1k'}: not the state dict of torchvision's ResNet-18 for "
-                            f"ImageNet-1k ({first_line(e)}); pass {RESNET18_IMAGENET1K.rsplit('/', 1)[1]}.") from e
+            raise DataError(f"--teacher-weights {weights or 'imagenet1k'}: not the state dict of torchvision's "
+                            f"ResNet-18 for ImageNet-1k ({first_line(e)}); pass "
+                            f"{RESNET18_IMAGENET1K.rsplit('/', 1)[1]}.") from e
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

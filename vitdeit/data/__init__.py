@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..classes import MANIFEST_NAME
+from ..errors import DataError, SettingError
+
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -26,9 +29,6 @@ def uint8_normalizer(device, mean=MEAN, std=STD):
 def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path]]:
     """(tar, DALI index) of each shard of `split`, in the manifest's order; a missing file is a DataError now,
     not a worker crash at its first sample."""
-    from ..classes import MANIFEST_NAME
-    from ..errors import DataError
-
     d = Path(shards_dir)
     out = [(d / s["file"], d / s["index"]) for s in manifest["splits"][split]["shards"]]
     for path in (p for pair in out for p in pair):
@@ -51,8 +51,6 @@ def resolve_loader(choice: str, device_type: str, rand_augment: str = "") -> str
     if choice == "auto":
         return "dali" if device_type == "cuda" and dali_available() and not rand_augment else "torch"
     if choice == "dali" and not dali_available():
-        from ..errors import SettingError
-
         raise SettingError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120 "
                            "(or use --loader torch).")
     return choice

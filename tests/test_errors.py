@@ -6,8 +6,8 @@ import torch
 import pack_shards
 import train
 import viz
-from vitdeit.checkpoint import load_checkpoint
-from vitdeit.errors import DataError
+from vitdeit.checkpoint import load_checkpoint, save_checkpoint
+from vitdeit.errors import DataError, WriteFailed
 
 
 @pytest.mark.parametrize("entry, flags", [
@@ -39,6 +39,22 @@ def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(DataError, match=r"cut\.pth: cannot be read by torch\.load"):
         load_checkpoint(cut)
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, {"epoch": 0})
+    before = path.read_bytes()
+
+    def full_disk(obj, f):  # what torch.save does when the disk fills: part of the file, then an error
+        open(f, "wb").write(b"PK" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WriteFailed, match=r"last\.pth: \[enforce fail.*GiB free on its disk\); the previous last\.pth is kept"):
+        save_checkpoint(path, {"epoch": 1})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no last.pth.tmp left behind
 
 
 def _break_manifest(shards):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 
 from .classes import ClassMap
-from .errors import DataError, MissingFile, first_line
+from .errors import DataError, MissingFile, WriteFailed, first_line
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
 
@@ -24,7 +25,14 @@ REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
 def save_checkpoint(path: str | Path, state: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as torch's "PytorchStreamWriter failed writing file"
+        tmp.unlink(missing_ok=True)  # a truncated .tmp would only take more of the space that ran out
+        free_gib = shutil.disk_usage(path.parent).free / 2**30
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise WriteFailed(f"could not write {path}: {first_line(e)} ({free_gib:.1f} GiB free on its disk); {kept}. "
+                          f"Free space there or pass another --output-dir") from e
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
 
 

@@ -28,5 +28,9 @@ class MissingFile(VitdeitError, FileNotFoundError):
     """A file the command needs (checkpoint, weights, metrics) is not there: the message says how to make it."""
 
 
+class WriteFailed(VitdeitError, OSError):
+    """An output (a checkpoint) could not be written, usually a full disk: the message names the file and the space left."""
+
+
 class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""

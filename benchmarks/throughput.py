@@ -85,26 +85,31 @@ def epoch_seconds(loader, sync) -> tuple[int, float]:
     return images, time.perf_counter() - t
 
 
-def shard_loader(a, sdir: Path, backend: str, workers: int, device):
+def shard_loader(a, sdir: Path, backend: str, workers: int, device, hw_decoder_load: float = 0.65):
     """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
-                 loader=backend, progress=False)
+                 loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load)
     return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
 
 
 def shard_loaders(a, shard_dirs: dict, workers: int, device):
-    """(name, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each + _resized."""
+    """(name, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each + _resized; DALI on a GPU
+    once per --dali-hw-decoder-load value, named with "@hwVALUE" when there are several."""
+    loads = a.dali_hw_decoder_load if device.type == "cuda" else [0.65]  # the CPU decoder has no hardware share
     for label, sdir in shard_dirs.items():
-        for backend in ["torch"] + (["dali"] if dali_available() and a.dali else []):
-            name = f"shards_{backend}" + ("_cpu" if backend == "dali" and device.type == "cpu" else "")
-            yield name + ("_resized" if label != "original" else ""), shard_loader(a, sdir, backend, workers, device)
+        suffix = "_resized" if label != "original" else ""
+        yield "shards_torch" + suffix, shard_loader(a, sdir, "torch", workers, device)
+        for hw in loads if dali_available() and a.dali else []:
+            name = "shards_dali" + ("_cpu" if device.type == "cpu" else "") + suffix
+            yield name + (f"@hw{hw:g}" if len(loads) > 1 else ""), shard_loader(a, sdir, "dali", workers, device, hw)
 
 
 def dali_error(a, sdir: Path, device) -> str | None:
     """None if a DALI train loader on `device` builds and yields a batch; else the error, so that a DALI failure
     (a new GPU's decoder, a partial install) costs its rows, not the whole (GPU) run."""
     try:
-        next(iter(shard_loader(a, sdir, "dali", 1, device)))
+        # with the most hardware decoding asked for: the engines are what a new GPU may lack
+        next(iter(shard_loader(a, sdir, "dali", 1, device, max(a.dali_hw_decoder_load))))
     except Exception as e:  # noqa: BLE001 -- any failure: report it, go on without DALI
         return f"{type(e).__name__}: {e}"
     return None
@@ -268,7 +273,19 @@ def bench_model_step(a, device, sync):
     return rows, e2e_step
 
 
-def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], step, sync) -> list[dict]:
+def overlap_bounds(loader_alone: float | None, step_alone: float) -> dict:
+    """Where end to end must land, from the loader's and the step's rates alone (images/s, L and S): at most
+    min(1, L / S) of the step if loading and the step overlap completely; L / (L + S) if they never overlap
+    (each image costs 1/L + 1/S seconds, as when both need the same GPU and it runs one at a time). A measured
+    fraction near the second says the loader's work is serialised with the step's."""
+    if not loader_alone:
+        return {"fraction_if_overlapped": None, "fraction_if_serial": None}
+    return {"fraction_if_overlapped": min(1.0, loader_alone / step_alone),
+            "fraction_if_serial": loader_alone / (loader_alone + step_alone)}
+
+
+def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], loader_rows: list[dict], step,
+                     sync) -> list[dict]:
     """The DeiT distillation `step` fed by each loader, against its model-step ceiling (same settings). The timed
     unit (--e2e-unit auto): on CUDA a whole epoch from a fresh iterator (as for loaders: a few steps would drain
     the prefetched batches); on a CPU --steps steps, since the model step there is ~50x slower than any loader
@@ -278,6 +295,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], step, 
     compile_, amp, cl = e2e_setting(device)
     ceiling = next(r["images_per_s"] for r in model_rows if r["model"].startswith("deit") and r["compile"] == compile_
                    and r["dtype"] == ("bf16" if amp else "fp32") and r["layout"] == ("channels_last" if cl else "nchw"))
+    # each loader's rate alone, from the loaders part of this run at the same worker count (if it ran)
+    alone = {r["name"]: r["images_per_s"] for r in loader_rows if r["workers"] == a.workers}
     for name, loader in shard_loaders(a, shard_dirs, a.workers, device):
         images = [0]
         if whole_epochs:
@@ -301,7 +320,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], step, 
         secs = timed(run, a.repeats, sync)  # before reading images[0], which run() sets
         rate = images[0] / secs
         rows.append({"loader": name, "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
-                     "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling})
+                     "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling,
+                     **overlap_bounds(alone.get(name), ceiling)})
         print(f"  end to end {name:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step", flush=True)
         del loader
     return rows
@@ -322,6 +342,17 @@ def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
         n = sum(split["num_samples"] for split in m["splits"].values())
         rows.append({"workers": w, "images": n, "images_per_s": n / (time.perf_counter() - t)})
     return rows
+
+
+def fractions(text: str) -> list[float]:
+    """argparse type: comma-separated numbers in [0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers in [0, 1], e.g. 0,0.65,1")
+    return values
 
 
 def main(argv=None) -> int:
@@ -345,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
+    p.add_argument("--dali-hw-decoder-load", type=fractions, default=[0.65], metavar="LOADS",
+                   help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "
+                   "row per value (e.g. 0,0.65,1)")
     p.add_argument("--json", default=None, help="write every figure here")
     a = p.parse_args(argv)
     parts = set(a.parts.split(","))
@@ -399,7 +433,8 @@ def main(argv=None) -> int:
         save()
     if "e2e" in parts:
         print("end to end ...", flush=True)
-        result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result["model_step"], e2e_step, sync)
+        result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result["model_step"], result.get("loaders", []),
+                                                e2e_step, sync)
         save()
     print_tables(result)
     return 0
@@ -429,8 +464,11 @@ def print_tables(r: dict) -> None:
                   + (f"  {row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] else ""))
     if "end_to_end" in r:
         for row in r["end_to_end"]:
+            bounds = ("" if row.get("fraction_if_serial") is None else
+                      f"  (bounds from the rates alone: {row['fraction_if_serial']:.2f} serial, "
+                      f"{row['fraction_if_overlapped']:.2f} overlapped)")
             print(f"end to end {row['loader']:24s} {row['images_per_s']:9.1f} img/s = "
-                  f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}")
+                  f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}" + bounds)
 
 
 if __name__ == "__main__":

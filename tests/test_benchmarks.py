@@ -36,9 +36,13 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     ceiling = next(m["images_per_s"] for m in r["model_step"]
                    if m["model"].startswith("deit") and m["layout"] == "channels_last")
     assert len(r["end_to_end"]) == len(backends) * 2
+    alone = {x["name"]: x["images_per_s"] for x in r["loaders"]}
     for row in r["end_to_end"]:
         assert row["images_per_s"] > 0 and row["ceiling_images_per_s"] == ceiling
         assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_s"] / ceiling)
+        seconds_per_image = 1 / alone[row["loader"]] + 1 / ceiling  # loading, then the step, never at once
+        assert row["fraction_if_serial"] == pytest.approx((1 / seconds_per_image) / ceiling)
+        assert row["fraction_if_overlapped"] == pytest.approx(min(1.0, alone[row["loader"]] / ceiling))
     assert len(r["transforms"]) == 6 and all(t["ms_per_image"] > 0 for t in r["transforms"])
     assert run.stdout.rstrip().splitlines()[-1].startswith("end to end")  # the table comes last
 
@@ -51,7 +55,33 @@ def test_a_dali_failure_is_reported_not_raised(tiny_shards):
 
     from benchmarks.throughput import dali_error
 
-    ok = argparse.Namespace(img_size=32, batch_size=8)
+    ok = argparse.Namespace(img_size=32, batch_size=8, dali_hw_decoder_load=[0.65])
     assert dali_error(ok, tiny_shards, torch.device("cpu")) is None
-    too_big = argparse.Namespace(img_size=32, batch_size=1000)  # more than the 96 train samples: a DataError
+    too_big = argparse.Namespace(img_size=32, batch_size=1000, dali_hw_decoder_load=[0.65])  # more than the 96 train samples: a DataError
     assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("DataError: train: 96 samples per rank")
+
+
+def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(monkeypatch):
+    import argparse
+
+    import torch
+
+    from benchmarks import throughput
+
+    built = []
+    monkeypatch.setattr(throughput, "dali_available", lambda: True)
+    monkeypatch.setattr(throughput, "shard_loader", lambda a, sdir, backend, workers, device, hw=0.65:
+                        built.append((sdir, backend, hw)) or len(built))
+    a = argparse.Namespace(dali=True, dali_hw_decoder_load=throughput.fractions("0,1"))
+    dirs = {"original": "o", "resize_short=256": "r"}
+    names = [name for name, _ in throughput.shard_loaders(a, dirs, 4, torch.device("cuda"))]
+    assert names == ["shards_torch", "shards_dali@hw0", "shards_dali@hw1",
+                     "shards_torch_resized", "shards_dali_resized@hw0", "shards_dali_resized@hw1"]
+    assert built == [("o", "torch", 0.65), ("o", "dali", 0.0), ("o", "dali", 1.0),
+                     ("r", "torch", 0.65), ("r", "dali", 0.0), ("r", "dali", 1.0)]
+    one = argparse.Namespace(dali=True, dali_hw_decoder_load=[0.65])  # the default: the documented names
+    assert [n for n, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
+        "shards_torch", "shards_dali", "shards_torch_resized", "shards_dali_resized"]
+    for bad in ("1.5", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated numbers in"):
+            throughput.fractions(bad)

@@ -32,6 +32,8 @@ class Config:
     crop_pct: float = 0.875  # val: resize shorter side to img_size / crop_pct, centre-crop img_size
     crop_scale_min: float = 0.08  # train RandomResizedCrop area range [crop_scale_min, 1]
     rand_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
+    # the rest go to nvJPEG on the CUDA cores, which the training step needs too; 0.65 is DALI's own default
+    dali_hw_decoder_load: float = 0.65  # DALI on a GPU: share of JPEGs decoded by the hardware JPEG engines (A100/H100)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
@@ -92,6 +94,8 @@ class Config:
              f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")
         need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
         need(self.lr > 0 and self.workers >= 0, "--lr must be > 0 and --workers >= 0")
+        need(0 <= self.dali_hw_decoder_load <= 1,
+             f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1, "--crop-scale-min and --crop-pct must be in (0, 1]")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")

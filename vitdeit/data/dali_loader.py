@@ -21,7 +21,7 @@ KEY_BYTES = 512
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False, checkpoint: bytes | None = None):
+              with_keys: bool = False, checkpoint: bytes | None = None, hw_decoder_load: float = 0.65):
     from nvidia.dali import fn, pipeline_def, types
 
     # checkpointing (train): the readers' positions and every random generator's state, saved with the run's
@@ -39,15 +39,16 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             shuffle_after_epoch=train, pad_last_batch=not train,  # train: a new tar order every epoch
             **({"shuffle_after_epoch_seed": seed} if train else {}))  # the same order on every rank
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
+        hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
         if train:
             images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
                                                    random_area=list(scale), random_aspect_ratio=list(ratio),
-                                                   num_attempts=10)
+                                                   num_attempts=10, **hw)
             images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR,
                                antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
-            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
             images = fn.resize(images, resize_shorter=math.floor(img_size / crop_pct),
                                interp_type=types.INTERP_LINEAR, antialias=True)
             mirror = 0
@@ -76,10 +77,12 @@ class DaliLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
-                 with_keys: bool = False, half: bool | None = None, state: dict | None = None):
+                 with_keys: bool = False, half: bool | None = None, state: dict | None = None,
+                 hw_decoder_load: float = 0.65):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
-        settings (`restored` says whether it did); otherwise the sample stream starts afresh."""
+        settings (`restored` says whether it did); otherwise the sample stream starts afresh. hw_decoder_load: on a
+        GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if rand_augment:
@@ -109,7 +112,8 @@ class DaliLoader:
         self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
                               seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size, num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
-                              checkpoint=state["checkpoint"] if self.restored else None)
+                              checkpoint=state["checkpoint"] if self.restored else None,
+                              hw_decoder_load=hw_decoder_load)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
         if self.train:  # a fixed number of samples per epoch, the same on every rank

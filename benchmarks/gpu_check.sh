@@ -8,31 +8,12 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU, at tiny sizes: proves the script before the GPU call
 #   bash benchmarks/gpu_check.sh --parts e2e --e2e-unit steps --steps 40 --workers 12   # one part, other settings
 #
-# Pure-Python dependencies missing there (webdataset, braceexpand) come as wheels in the git-ignored wheels/:
-#   pip download --no-deps -d wheels webdataset braceexpand
-# DALI (optional: its rows are skipped without it) comes in parts: see benchmarks/dali_parts.sh.
+# What is missing there (webdataset and braceexpand as wheels in wheels/, DALI in parts): see gpu_env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}  # the GPU machine's python3 is the one holding torch
-if ! $PY -c "import webdataset" 2>/dev/null; then
-  ls wheels/*.whl >/dev/null 2>&1 || { echo "webdataset is missing and wheels/ is empty: pip download --no-deps -d wheels webdataset braceexpand"; exit 1; }
-  $PY -m pip install -q --no-index --no-deps --target /tmp/vitdeit-pydeps wheels/*.whl
-  export PYTHONPATH=/tmp/vitdeit-pydeps:${PYTHONPATH:-}
-fi
-# DALI, where it is not installed and benchmarks/dali_parts.sh's parts were brought (the last call carrying them
-# runs this script): reassemble, check the SHA-256, install into a private folder
-if ! $PY -c "import nvidia.dali" 2>/dev/null && ls dali_parts/dali.tar.part-* >/dev/null 2>&1; then
-  cat dali_parts/dali.tar.part-* > /tmp/vitdeit-dali.tar
-  [ "$(sha256sum < /tmp/vitdeit-dali.tar | cut -d' ' -f1)" = "$(cut -d' ' -f1 dali_parts/dali.tar.sha256)" ] || {
-    echo "dali_parts/: the parts present do not make the tar dali_parts.sh wrote; bring every part (and dali.tar.sha256)"; exit 1; }
-  rm -rf /tmp/vitdeit-dali-whl && mkdir -p /tmp/vitdeit-dali-whl && tar -C /tmp/vitdeit-dali-whl -xf /tmp/vitdeit-dali.tar
-  $PY -m pip install -q --no-index --no-deps --target /tmp/vitdeit-dali /tmp/vitdeit-dali-whl/*.whl
-  export PYTHONPATH=/tmp/vitdeit-dali:${PYTHONPATH:-}
-fi
-# not silent: a broken install (a missing dependency, a wrong PYTHONPATH) shows its import error here
-$PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || echo "DALI: not importable (above); its loader rows are skipped"
+source benchmarks/gpu_env.sh  # PY, with webdataset and (where its parts were brought) DALI importable
 if [ "${1:-}" = "--dry-run" ]; then
   shift
   ARGS=(--device cpu --num-images 48 --img-size 64 --batch-size 8 --steps 1 --warmup-steps 1 --repeats 1 --workers 2)

@@ -370,7 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="transforms,loaders,model,e2e,packing", help="comma-separated subset to run")
+    p.add_argument("--parts", default="transforms,loaders,model,e2e,packing",
+                   help="comma-separated subset to run; 'data' alone only makes the images and shards (in --work-dir)")
     p.add_argument("--e2e-unit", default="auto", choices=["auto", "epoch", "steps"],
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
     sizes = [f.stat().st_size for f in data_dir.glob("train*/*/*")]
     result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
     shard_dirs = {}
-    if parts & {"loaders", "e2e"}:
+    if parts & {"loaders", "e2e", "data"}:  # "data" alone: make the images and shards, measure nothing
         for label, resize in (("original", None), (f"resize_short={a.resize_short}", a.resize_short)):
             sdir = work / ("shards" if resize is None else f"shards_{resize}")
             if not (sdir / "manifest.json").exists():

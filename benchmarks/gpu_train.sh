@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# train.py itself on one GPU, in one call of about 5 minutes (H100/H200 machine, 16 cores, no network): a
+# ResNet-18 teacher for 1 epoch, then DeiT-Tiny distilled from it for 3 epochs, on gpu_check.sh's synthetic
+# ImageNet-sized shards (made here if that did not run first on this machine), 224 px, batch 256, with the
+# production defaults (DALI where installed, bf16, channels-last, torch.compile). The synthetic labels carry
+# no signal, so accuracies sit at chance: this checks that the trainer runs on CUDA, and measures its own
+# images/s and data wait per epoch (epoch 0 includes compilation). Writes $OUT/train_*.log, the runs'
+# config.json and metrics.jsonl (no checkpoints), and prints the per-epoch table last, with the DeiT rate as
+# a fraction of the compiled model step when gpu_check.sh's $OUT/throughput.json is there.
+#
+#   bash benchmarks/gpu_train.sh                    # on the GPU machine (DALI as gpu_env.sh says)
+#   bash benchmarks/gpu_train.sh --loader torch     # further arguments go to both train.py runs
+#   bash benchmarks/gpu_train.sh --dry-run          # here, on the CPU, at tiny sizes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+WORK=/tmp/vitdeit-bench  # shared with gpu_check.sh: its images and shards are reused
+RUNS=/tmp/vitdeit-train
+if [ "${1:-}" = "--dry-run" ]; then
+  shift
+  DATA=(--device cpu --num-images 48 --workers 2)
+  TRAIN=(--device cpu --img-size 32 --patch-size 4 --batch-size 8 --workers 2)
+else
+  DATA=(--device cuda --num-images 4096 --workers 16)
+  TRAIN=(--device cuda --img-size 224 --batch-size 256 --workers 16)
+fi
+$PY benchmarks/throughput.py "${DATA[@]}" --parts data --work-dir "$WORK"
+rm -rf "$RUNS"
+COMMON=(--data-path "$WORK/shards" "${TRAIN[@]}" --output-dir "$RUNS" --progress false)
+$PY train.py "${COMMON[@]}" --model resnet18 --epochs 1 --run-name teacher "$@" 2>&1 | tee "$OUT/train_teacher.log"
+$PY train.py "${COMMON[@]}" --model deit_tiny_distill --teacher-ckpt "$RUNS/teacher/best.pth" --allow-weak-teacher \
+  --epochs 3 --run-name deit "$@" 2>&1 | tee "$OUT/train_deit.log"
+for run in teacher deit; do
+  mkdir -p "$OUT/runs/$run" && cp "$RUNS/$run/config.json" "$RUNS/$run/metrics.jsonl" "$OUT/runs/$run/"
+done
+$PY - "$RUNS" "$OUT/throughput.json" <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+runs, bench = Path(sys.argv[1]), Path(sys.argv[2])
+ceiling = None
+if bench.exists():  # the compiled bf16 channels-last DeiT + teacher step of gpu_check.sh, same machine
+    rows = json.loads(bench.read_text()).get("model_step", [])
+    ceiling = next((r["images_per_s"] for r in rows if r["model"].startswith("deit") and r["compile"]), None)
+print(f"{'run':8s} {'epoch':>5s} {'img/s':>9s} {'data wait':>9s} {'val top-1':>9s}" + ("  of the step" if ceiling else ""))
+for run in ("teacher", "deit"):
+    for line in (runs / run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        frac = f"  {m['images_per_s'] / ceiling:12.2f}" if ceiling and run == "deit" else ""
+        print(f"{run:8s} {m['epoch']:5d} {m['images_per_s']:9.0f} {100 * m['data_wait_frac']:8.0f}% "
+              f"{m['val_top1']:8.2f}%" + frac)
+PYEOF

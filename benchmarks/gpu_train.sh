@@ -11,13 +11,14 @@
 #   bash benchmarks/gpu_train.sh                    # on the GPU machine (DALI as gpu_env.sh says)
 #   bash benchmarks/gpu_train.sh --loader torch     # further arguments go to both train.py runs
 #   bash benchmarks/gpu_train.sh --dry-run          # here, on the CPU, at tiny sizes
+# BENCH_DIR (default /tmp/vitdeit-bench, gpu_check.sh's too) and TRAIN_DIR (/tmp/vitdeit-train) move its folders.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
-WORK=/tmp/vitdeit-bench  # shared with gpu_check.sh: its images and shards are reused
-RUNS=/tmp/vitdeit-train
+WORK=${BENCH_DIR:-/tmp/vitdeit-bench}  # shared with gpu_check.sh: its images and shards are reused
+RUNS=${TRAIN_DIR:-/tmp/vitdeit-train}  # checkpoints stay here, out of $OUT
 if [ "${1:-}" = "--dry-run" ]; then
   shift
   DATA=(--device cpu --num-images 48 --workers 2)

@@ -85,3 +85,21 @@ def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(
     for bad in ("1.5", "x", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="comma-separated numbers in"):
             throughput.fractions(bad)
+
+
+def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tmp_path):
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "BENCH_DIR": str(tmp_path / "bench"), "TRAIN_DIR": str(tmp_path / "train")}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_train.sh"), "--dry-run"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    table = run.stdout.rstrip().splitlines()[-4:]  # printed last: teacher epoch 0, DeiT epochs 0-2
+    assert [line.split()[:2] for line in table] == [["teacher", "0"], ["deit", "0"], ["deit", "1"], ["deit", "2"]]
+    for name, epochs in (("teacher", 1), ("deit", 3)):
+        lines = (tmp_path / "out/runs" / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs))
+        assert json.loads((tmp_path / "out/runs" / name / "config.json").read_text())["model"] == (
+            "resnet18" if name == "teacher" else "deit_tiny_distill")
+    assert not list((tmp_path / "out").rglob("*.pth"))  # checkpoints stay out of $OUT

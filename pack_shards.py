@@ -17,7 +17,8 @@ from vitdeit.packing import SKIP_FLAG, PackOptions, pack
 def main(argv=None) -> int:
     d = PackOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", required=True, help="folder with train.X1..X4 (or train/), val.X (or val/), Labels.json")
+    p.add_argument("--data-path", required=True,
+                   help="folder with train.X1..X4 (or train/), val.X (or val/), Labels.json")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--labels", default=None, help="WNID -> name JSON (default: DATA_PATH/Labels.json)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")

@@ -2,7 +2,8 @@
 """Train ViT-Tiny, the ResNet-18 teacher, or DeiT-Tiny distilled from it, on packed shards.
 
     python train.py --data-path SHARDS --model resnet18 --run-name teacher_resnet18
-    python train.py --data-path SHARDS --model vit_tiny --epochs 5 --batch-size 128 --lr 5e-4 --run-name baseline_vit_tiny
+    python train.py --data-path SHARDS --model vit_tiny --epochs 5 --batch-size 128 --lr 5e-4 \\
+        --run-name baseline_vit_tiny
     python train.py --data-path SHARDS --model deit_tiny_distill --teacher resnet18 \\
         --teacher-ckpt runs/teacher_resnet18/best.pth --run-name deit_tiny_distill
     torchrun --nproc_per_node=8 train.py ...       # same flags; --batch-size is per GPU

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
         print(f"wrote {w['report']} and {w['curves']}")
         for s in w["summaries"]:
             print(f"  {s['run']:8s} best val top-1 {s['val_top1']:6.2f}%  top-5 {s['val_top5']:6.2f}%")
-        print(f"  ViT and DeiT agree on {w['comparison']['agreement']:.1f}% of {w['comparison']['val_images']} val images")
+        c = w["comparison"]
+        print(f"  ViT and DeiT agree on {c['agreement']:.1f}% of {c['val_images']} val images")
     return 0
 
 

@@ -8,7 +8,8 @@
 Without --data-path it makes its own ImageNet-sized JPEG set (benchmarks/imageset.py says how), packs
 it twice (originals and --resize-short), and measures every loader on the same images, same output
 size and batch size. Loader, model-step and end-to-end figures are medians of --repeats timed runs after
-warm-up (packing: one timed run per worker count; transforms: one pass); CUDA timings synchronise. The JSON schema is in benchmarks/README.md.
+warm-up (packing: one timed run per worker count; transforms: one pass); CUDA timings synchronise. The JSON
+schema is in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -388,7 +389,8 @@ def main(argv=None) -> int:
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "settings": dict(vars(a))}  # a copy: a DALI failure turns a.dali off later
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "settings": dict(vars(a))}  # a copy: a DALI failure turns a.dali off later
 
     data_dir = Path(a.data_path) if a.data_path else work / "images"
     if not a.data_path and not (data_dir / "Labels.json").exists():
@@ -445,7 +447,8 @@ def print_tables(r: dict) -> None:
     m = r["machine"]
     print(f"\n{m['cpu']} x{m['cpu_count']}, GPU {m['gpu']}, torch {m['torch']}, timm {m['timm']}, "
           f"DALI {m['nvidia.dali']}, commit {str(m['git_commit'])[:10]}; {r['images']['count']} images, "
-          f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, batch {r['settings']['batch_size']}")
+          f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, "
+          f"batch {r['settings']['batch_size']}")
     if "packing" in r:
         for row in r["packing"]:
             print(f"packing    workers={row['workers']:<2d} {row['images_per_s']:9.1f} img/s")
@@ -461,7 +464,8 @@ def print_tables(r: dict) -> None:
     if "model_step" in r:
         print(f"{'model step':36s} {'compile':7s} {'dtype':5s} {'layout':13s} {'img/s':>9s}")
         for row in r["model_step"]:
-            print(f"{row['model']:36s} {row['compile']!s:7s} {row['dtype']:5s} {row['layout']:13s} {row['images_per_s']:9.1f}"
+            print(f"{row['model']:36s} {row['compile']!s:7s} {row['dtype']:5s} {row['layout']:13s} "
+                  f"{row['images_per_s']:9.1f}"
                   + (f"  {row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] else ""))
     if "end_to_end" in r:
         for row in r["end_to_end"]:

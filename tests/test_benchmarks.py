@@ -57,7 +57,8 @@ def test_a_dali_failure_is_reported_not_raised(tiny_shards):
 
     ok = argparse.Namespace(img_size=32, batch_size=8, dali_hw_decoder_load=[0.65])
     assert dali_error(ok, tiny_shards, torch.device("cpu")) is None
-    too_big = argparse.Namespace(img_size=32, batch_size=1000, dali_hw_decoder_load=[0.65])  # more than the 96 train samples: a DataError
+    # more than the 96 train samples: a DataError
+    too_big = argparse.Namespace(img_size=32, batch_size=1000, dali_hw_decoder_load=[0.65])
     assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("DataError: train: 96 samples per rank")
 
 

@@ -9,7 +9,8 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"lr": 0.01, "epochs": 3, "model": "resnet18"}))
     cfg = parse_args(["--config", str(f), "--epochs", "7", "--model-ema"])
-    assert (cfg.lr, cfg.epochs, cfg.model, cfg.model_ema, cfg.batch_size) == (0.01, 7, "resnet18", True, Config().batch_size)
+    assert (cfg.lr, cfg.epochs, cfg.model, cfg.model_ema, cfg.batch_size) == (
+        0.01, 7, "resnet18", True, Config().batch_size)
 
 
 def test_a_saved_config_round_trips():

@@ -72,5 +72,6 @@ def test_teacher_gets_no_gradient_and_sees_the_student_batch():
 
     teacher, x = Teacher(), torch.randn(6, 3, 4, 4)
     dist = logits(9).requires_grad_()
-    DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft")(x, (logits(10), dist), torch.zeros(6, dtype=torch.long)).backward()
+    loss = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft")
+    loss(x, (logits(10), dist), torch.zeros(6, dtype=torch.long)).backward()
     assert seen[0] is x and teacher.w.grad is None and dist.grad is not None

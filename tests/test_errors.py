@@ -51,7 +51,8 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_file_and_leaves_no_par
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(WriteFailed, match=r"last\.pth: \[enforce fail.*GiB free on its disk\); the previous last\.pth is kept"):
+    kept = r"last\.pth: \[enforce fail.*GiB free on its disk\); the previous last\.pth is kept"
+    with pytest.raises(WriteFailed, match=kept):
         save_checkpoint(path, {"epoch": 1})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no last.pth.tmp left behind

@@ -111,7 +111,8 @@ def test_resize_short_bounds_the_shorter_side(tiny_data, tmp_path):
             with Image.open(io.BytesIO(comp["jpg"])) as im:
                 sizes.append(im.size)
     assert min(min(s) for s in sizes) == 32 and max(min(s) for s in sizes) == 32  # all inputs are >= 40 px
-    assert m["options"]["resize_short"] == 32 and len(m["converted"]) == m["splits"]["train"]["num_samples"] + len(sizes)
+    assert m["options"]["resize_short"] == 32
+    assert len(m["converted"]) == m["splits"]["train"]["num_samples"] + len(sizes)
 
 
 # ---------------------------------------------------------------- bad input
@@ -272,9 +273,9 @@ def test_a_file_name_with_whitespace_is_an_error_naming_it(data, tmp_path):
 
 def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
     bad = break_two(data)
-    plan = packing.plan_shards(packing.scan_split(packing.find_split_dirs(data)["train"],
-                                                  packing.ClassMap.from_labels(packing.load_labels(data / "Labels.json")),
-                                                  data / "Labels.json"), 1, 0, "train")
+    class_map = packing.ClassMap.from_labels(packing.load_labels(data / "Labels.json"))
+    samples = packing.scan_split(packing.find_split_dirs(data)["train"], class_map, data / "Labels.json")
+    plan = packing.plan_shards(samples, 1, 0, "train")
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, shard_size=1), progress=False)
     shards = m["splits"]["train"]["shards"]
     assert len(plan) == 16 and len(shards) == 14 and all(s["num_samples"] == 1 for s in shards)

@@ -73,9 +73,11 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
         row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[2] == f"{best['val_top1']:.2f}" and cells[3] == f"{best['val_top5']:.2f}"
-        assert cells[5] == f"{sum(p.numel() for p in load_model(runs / run / 'best.pth', None)[0].parameters()) / 1e6:.2f} M"
+        params = sum(p.numel() for p in load_model(runs / run / "best.pth", None)[0].parameters())
+        assert cells[5] == f"{params / 1e6:.2f} M"
         assert cells[6] == f"{np.mean([r['images_per_s'] for r in metrics]):.0f}"
-    deit_best = max((json.loads(x) for x in open(runs / "deit_tiny_distill" / "metrics.jsonl")), key=lambda r: r["val_top1"])
+    deit_lines = (runs / "deit_tiny_distill" / "metrics.jsonl").read_text().splitlines()
+    deit_best = max((json.loads(x) for x in deit_lines), key=lambda r: r["val_top1"])
     assert f"class head {deit_best['val_top1_cls_head']:.2f}%" in md and f"{deit_best['teacher_val_top1']:.2f}%" in md
     comp = json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]
     assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24

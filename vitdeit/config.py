@@ -96,7 +96,8 @@ class Config:
         need(self.lr > 0 and self.workers >= 0, "--lr must be > 0 and --workers >= 0")
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
-        need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1, "--crop-scale-min and --crop-pct must be in (0, 1]")
+        need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1,
+             "--crop-scale-min and --crop-pct must be in (0, 1]")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
         need(not (self.teacher_ckpt and self.teacher_weights),

@@ -56,14 +56,17 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[list
     if kind == "cross":
         return [rotated([(-r, -t), (r, -t), (r, t), (-r, t)]), rotated([(-t, -r), (t, -r), (t, r), (-t, r)])]
     if kind == "arrow":
-        return [rotated([(-r, -t * 0.8), (0, -t * 0.8), (0, -r * 0.7), (r, 0), (0, r * 0.7), (0, t * 0.8), (-r, t * 0.8)])]
+        return [rotated([(-r, -t * 0.8), (0, -t * 0.8), (0, -r * 0.7), (r, 0), (0, r * 0.7), (0, t * 0.8),
+                         (-r, t * 0.8)])]
     if kind == "bars":
         return [rotated([(-r, y0), (r, y0), (r, y0 + 0.4 * r), (-r, y0 + 0.4 * r)]) for y0 in (-r, -0.2 * r, 0.6 * r)]
     if kind == "hourglass":
         return [rotated([(-r, -r), (r, -r), (-r, r), (r, r)])]
     if kind == "frame":
-        return [rotated([(-r, -r), (r, -r), (r, -r + t), (-r, -r + t)]), rotated([(-r, r - t), (r, r - t), (r, r), (-r, r)]),
-                rotated([(-r, -r), (-r + t, -r), (-r + t, r), (-r, r)]), rotated([(r - t, -r), (r, -r), (r, r), (r - t, r)])]
+        return [rotated([(-r, -r), (r, -r), (r, -r + t), (-r, -r + t)]),  # top, bottom, left, right
+                rotated([(-r, r - t), (r, r - t), (r, r), (-r, r)]),
+                rotated([(-r, -r), (-r + t, -r), (-r + t, r), (-r, r)]),
+                rotated([(r - t, -r), (r, -r), (r, r), (r - t, r)])]
     if kind == "arc":
         outer = [(r * math.cos(a), r * math.sin(a)) for a in np.linspace(0, math.pi, 12)]
         inner = [((r - 1.6 * t) * math.cos(a), (r - 1.6 * t) * math.sin(a)) for a in np.linspace(math.pi, 0, 12)]

@@ -54,8 +54,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, m
             loss_avg, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
             # every rank stops together: a rank raising alone would leave the others waiting in backward()
             if all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss_avg) else 1.0], device=device)).item() > 0:
-                raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is not finite on some rank; stopping. The last good "
-                                    f"checkpoint is kept. Lower --lr, raise --warmup-epochs, or keep --clip-grad on.")
+                raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is not finite on some rank; stopping. The "
+                                    f"last good checkpoint is kept. Lower --lr, raise --warmup-epochs, or keep "
+                                    f"--clip-grad on.")
             bar.set_postfix(loss=f"{loss_avg / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
                             img_s=f"{seen * dist.world / (time.perf_counter() - t_start):.0f}")
         bar.update(1)

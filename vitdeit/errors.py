@@ -29,7 +29,8 @@ class MissingFile(VitdeitError, FileNotFoundError):
 
 
 class WriteFailed(VitdeitError, OSError):
-    """An output (a checkpoint) could not be written, usually a full disk: the message names the file and the space left."""
+    """An output (a checkpoint) could not be written, usually a full disk: the message names the file and the
+    space left."""
 
 
 class NonFiniteLoss(VitdeitError, RuntimeError):

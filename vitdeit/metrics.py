@@ -18,7 +18,8 @@ class MetricsLog:
         if enabled and self.path.exists():
             # keep only epochs up to the one resumed from: a resumed run rewrites what followed
             keep = [] if resume_epoch is None else [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["epoch"] <= resume_epoch]
+                line for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["epoch"] <= resume_epoch]
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:

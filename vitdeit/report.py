@@ -163,13 +163,16 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
-             "The table comes from each run's `metrics.jsonl` (written during training, on the machine that trained it; "
-             "best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val with both `best.pth`.",
-             "", "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params | train images/s (mean) |",
+             "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
+             "trained it; best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val "
+             "with both `best.pth`.", "",
+             "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params "
+             "| train images/s (mean) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
-                     f"{s['best_epoch'] + 1} / {s['epochs']} | {s['params'] / 1e6:.2f} M | {s['train_images_per_s']:.0f} |")
+                     f"{s['best_epoch'] + 1} / {s['epochs']} | {s['params'] / 1e6:.2f} M | "
+                     f"{s['train_images_per_s']:.0f} |")
     deit = next((s for s in summaries if "val_top1_cls_head" in s), None)
     if deit:
         lines += ["", f"DeiT heads at its best epoch: class head {deit['val_top1_cls_head']:.2f}%, distillation head "
@@ -182,7 +185,7 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     for title, rows in ((f"Classes {d} gains most", comp["gains"]), (f"Classes {d} loses most", comp["losses"])):
         lines += [f"**{title}:** " + (", ".join(f"{r['name']} ({r['vit_top1']:.0f}% → {r['deit_top1']:.0f}%)"
                                                  for r in rows) or "none"), ""]
-    lines += ["| class | WNID | images | " + v + " top-1 (%) | " + d + " top-1 (%) | Δ |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| class | WNID | images | {v} top-1 (%) | {d} top-1 (%) | Δ |", "|---|---|---:|---:|---:|---:|"]
     for r in sorted(comp["per_class"], key=lambda r: -r["delta"]):
         lines.append(f"| {r['name']} | {r['class']} | {r['images']} | {r['vit_top1']:.1f} | {r['deit_top1']:.1f} | "
                      f"{r['delta']:+.1f} |")

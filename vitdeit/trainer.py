@@ -46,7 +46,8 @@ def to_device(net: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
 def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> None:
     """Refuse a teacher at chance level: a randomly initialised head is not a teacher."""
     chance = 100.0 / num_classes
-    dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images (chance {chance:.2f}%)")
+    dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images "
+               f"(chance {chance:.2f}%)")
     if metrics["val_top1"] < 2 * chance and not cfg.allow_weak_teacher:
         raise SettingError(
             f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({2 * chance:.2f}%): it "
@@ -93,7 +94,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
     states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
-    train_loader = build_loader(cfg, manifest, "train", dist, state=states[dist.rank] if dist.rank < len(states) else None)
+    train_loader = build_loader(cfg, manifest, "train", dist,
+                                state=states[dist.rank] if dist.rank < len(states) else None)
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")

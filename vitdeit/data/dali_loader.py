@@ -110,7 +110,8 @@ class DaliLoader:
             self.num_samples = (rank + 1) * n // world - rank * n // world
             self.steps = math.ceil(self.num_samples / batch_size)
         self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
-                              seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size, num_threads=max(1, workers),
+                              seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size,
+                              num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
                               hw_decoder_load=hw_decoder_load)

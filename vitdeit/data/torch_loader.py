@@ -156,7 +156,8 @@ class ValTransform:
         return x[top : top + self.size, left : left + self.size].contiguous().numpy()
 
 
-def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int],
+                  out_hw: tuple[int, int]) -> torch.Tensor:
     """Decode `data`, crop `box` (left, top, right, bottom in source px), resize to out_hw -> uint8 HWC tensor.
 
     Costs per 500 x 375 JPEG on one core (BENCHMARKS.md, "per-image costs"; one run): decode ~1.3 ms, this
@@ -226,7 +227,8 @@ class TorchLoader:
                  rand_augment: str | None = None, crop_pct: float = 0.875, scale=(0.08, 1.0),
                  mean=MEAN, std=STD):
         train = split == "train"
-        transform = TrainTransform(img_size, scale=scale, rand_augment=rand_augment) if train else ValTransform(img_size, crop_pct)
+        transform = (TrainTransform(img_size, scale=scale, rand_augment=rand_augment) if train
+                     else ValTransform(img_size, crop_pct))
         self.dataset = ShardSamples(shards_dir, manifest, split, transform)
         self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=train, seed=seed)
         self.drop_last = train  # every rank takes the same number of train steps

@@ -6,8 +6,14 @@
 #   benchmarks/dali_parts.sh writes to dali_parts/; the call that brings the last part reassembles them.
 # On a warm machine the folders stay between calls: a second script finds DALI installed.
 PY=${PYTHON:-python3}  # the GPU machine's python3 is the one holding torch
-# installed by an earlier call on this (warm) machine: use it again
-for d in /tmp/vitdeit-pydeps /tmp/vitdeit-dali; do [ -d "$d" ] && export PYTHONPATH=$d:${PYTHONPATH:-}; done
+# a folder an earlier call on this (warm) machine installed is used again, only where the import fails without it
+reuse() {  # reuse MODULE FOLDER
+  if ! $PY -c "import $1" 2>/dev/null && [ -d "$2" ] && PYTHONPATH=$2:${PYTHONPATH:-} $PY -c "import $1" 2>/dev/null; then
+    export PYTHONPATH=$2:${PYTHONPATH:-}
+  fi
+}
+reuse webdataset /tmp/vitdeit-pydeps
+reuse nvidia.dali /tmp/vitdeit-dali
 if ! $PY -c "import webdataset" 2>/dev/null; then
   ls wheels/*.whl >/dev/null 2>&1 || { echo "webdataset is missing and wheels/ is empty: pip download --no-deps -d wheels webdataset braceexpand"; exit 1; }
   rm -rf /tmp/vitdeit-pydeps  # pip --target skips packages already in a folder, broken ones too

@@ -6,7 +6,7 @@
 # no signal, so accuracies sit at chance: this checks that the trainer runs on CUDA, and measures its own
 # images/s and data wait per epoch (epoch 0 includes compilation). Writes $OUT/train_*.log, the runs'
 # config.json and metrics.jsonl (no checkpoints), and prints the per-epoch table last, with the DeiT rate as
-# a fraction of the compiled model step when gpu_check.sh's $OUT/throughput.json is there.
+# a fraction of the compiled model step when gpu_check.sh ran before on this machine (its JSON in BENCH_DIR).
 #
 #   bash benchmarks/gpu_train.sh                    # on the GPU machine (DALI as gpu_env.sh says)
 #   bash benchmarks/gpu_train.sh --loader torch     # further arguments go to both train.py runs
@@ -36,7 +36,7 @@ $PY train.py "${COMMON[@]}" --model deit_tiny_distill --teacher-ckpt "$RUNS/teac
 for run in teacher deit; do
   mkdir -p "$OUT/runs/$run" && cp "$RUNS/$run/config.json" "$RUNS/$run/metrics.jsonl" "$OUT/runs/$run/"
 done
-$PY - "$RUNS" "$OUT/throughput.json" <<'PYEOF'
+$PY - "$RUNS" "$WORK/throughput.json" <<'PYEOF'
 import json, sys
 from pathlib import Path
 

@@ -151,7 +151,7 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
                 secs[name].append(epoch_seconds(*ls)[1])
         for name in loaders:
             data = "original JPEGs" if name == "imagefolder" else (
-                f"resize_short={a.resize_short}" if name.endswith("_resized") else "original")
+                f"resize_short={a.resize_short}" if name.split("@")[0].endswith("_resized") else "original")
             rows.append({"name": name, "images_per_s": images[name] / statistics.median(secs[name]), "workers": w,
                          "data": data})
         del loaders
@@ -275,10 +275,12 @@ def bench_model_step(a, device, sync):
 
 
 def overlap_bounds(loader_alone: float | None, step_alone: float) -> dict:
-    """Where end to end must land, from the loader's and the step's rates alone (images/s, L and S): at most
-    min(1, L / S) of the step if loading and the step overlap completely; L / (L + S) if they never overlap
-    (each image costs 1/L + 1/S seconds, as when both need the same GPU and it runs one at a time). A measured
-    fraction near the second says the loader's work is serialised with the step's."""
+    """Two reference points for end to end, from the loader's and the step's rates alone (images/s, L and S):
+    min(1, L / S) of the step if loading and the step overlap completely (no loader can do better), L / (L + S)
+    if they never overlap (each image costs 1/L + 1/S seconds, as when both need the same GPU and it runs one
+    at a time). Not a lower bound: start-up and waits can cost more. A measured fraction near the second says
+    the loader's work adds to the step's instead of hiding behind it. L comes from whole epochs (start-up
+    included), so it reads slightly low against a steady-state end-to-end run."""
     if not loader_alone:
         return {"fraction_if_overlapped": None, "fraction_if_serial": None}
     return {"fraction_if_overlapped": min(1.0, loader_alone / step_alone),
@@ -323,7 +325,7 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], loader
         rows.append({"loader": name, "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
                      "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling,
                      **overlap_bounds(alone.get(name), ceiling)})
-        print(f"  end to end {name:22s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step", flush=True)
+        print(f"  end to end {name:28s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step", flush=True)
         del loader
     return rows
 
@@ -348,7 +350,7 @@ def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
 def fractions(text: str) -> list[float]:
     """argparse type: comma-separated numbers in [0, 1]."""
     try:
-        values = [float(v) for v in text.split(",")]
+        values = list(dict.fromkeys(float(v) for v in text.split(",")))  # a repeated value: one loader
     except ValueError:
         values = []
     if not values or not all(0 <= v <= 1 for v in values):
@@ -372,7 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", default="transforms,loaders,model,e2e,packing",
-                   help="comma-separated subset to run; 'data' alone only makes the images and shards (in --work-dir)")
+                   help="comma-separated subset to run; 'data' alone makes the images and shards (in --work-dir) and, "
+                   "where DALI is installed, runs its one-batch check, nothing else")
     p.add_argument("--e2e-unit", default="auto", choices=["auto", "epoch", "steps"],
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
@@ -413,10 +416,12 @@ def main(argv=None) -> int:
             if result["dali_error"]:
                 print(f"DALI failed, its rows are skipped: {result['dali_error']}", flush=True)
                 a.dali = False
+
     def save():  # after every part: a run stopped at a time limit keeps what it measured
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=1))
 
+    save()  # the machine and the images, even when no part measures anything (--parts data)
     if "packing" in parts:
         print("packing ...", flush=True)
         result["packing"] = bench_packing(data_dir, work, a.workers)
@@ -457,9 +462,9 @@ def print_tables(r: dict) -> None:
             print(f"{row['name']:60s} {row['ms_per_image']:6.2f} ms/image (1 core)")
     if "loaders" in r:
         base = {row["workers"]: row["images_per_s"] for row in r["loaders"] if row["name"] == "imagefolder"}
-        print(f"{'loader':24s} {'workers':>7s} {'img/s':>9s} {'img/s/worker':>13s} {'x imagefolder':>14s}")
+        print(f"{'loader':28s} {'workers':>7s} {'img/s':>9s} {'img/s/worker':>13s} {'x imagefolder':>14s}")
         for row in r["loaders"]:
-            print(f"{row['name']:24s} {row['workers']:7d} {row['images_per_s']:9.1f} "
+            print(f"{row['name']:28s} {row['workers']:7d} {row['images_per_s']:9.1f} "
                   f"{row['images_per_s_per_worker']:13.1f} {row['images_per_s'] / base[row['workers']]:14.2f}")
     if "model_step" in r:
         print(f"{'model step':36s} {'compile':7s} {'dtype':5s} {'layout':13s} {'img/s':>9s}")
@@ -472,7 +477,7 @@ def print_tables(r: dict) -> None:
             bounds = ("" if row.get("fraction_if_serial") is None else
                       f"  (bounds from the rates alone: {row['fraction_if_serial']:.2f} serial, "
                       f"{row['fraction_if_overlapped']:.2f} overlapped)")
-            print(f"end to end {row['loader']:24s} {row['images_per_s']:9.1f} img/s = "
+            print(f"end to end {row['loader']:28s} {row['images_per_s']:9.1f} img/s = "
                   f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}" + bounds)
 
 

@@ -83,6 +83,7 @@ def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(
     one = argparse.Namespace(dali=True, dali_hw_decoder_load=[0.65])  # the default: the documented names
     assert [n for n, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
         "shards_torch", "shards_dali", "shards_torch_resized", "shards_dali_resized"]
+    assert throughput.fractions("0.65,0.65,1") == [0.65, 1.0]  # a repeated value would name two loaders alike
     for bad in ("1.5", "x", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="comma-separated numbers in"):
             throughput.fractions(bad)
@@ -104,3 +105,23 @@ def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tm
         assert json.loads((tmp_path / "out/runs" / name / "config.json").read_text())["model"] == (
             "resnet18" if name == "teacher" else "deit_tiny_distill")
     assert not list((tmp_path / "out").rglob("*.pth"))  # checkpoints stay out of $OUT
+
+
+def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suffix(monkeypatch):
+    import argparse
+
+    import torch
+
+    from benchmarks import throughput
+
+    one_batch = [(None, [0] * 4)]
+    names = ["shards_torch", "shards_dali@hw0", "shards_torch_resized", "shards_dali_resized@hw0",
+             "shards_dali_resized"]
+    monkeypatch.setattr(throughput, "imagefolder_loader", lambda *args: one_batch)
+    monkeypatch.setattr(throughput, "shard_loaders", lambda a, dirs, w, device: ((n, one_batch) for n in names))
+    a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, repeats=1, resize_short=256)
+    rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cuda"), lambda: None)
+    assert {r["name"]: r["data"] for r in rows} == {
+        "imagefolder": "original JPEGs", "shards_torch": "original", "shards_dali@hw0": "original",
+        "shards_torch_resized": "resize_short=256", "shards_dali_resized@hw0": "resize_short=256",
+        "shards_dali_resized": "resize_short=256"}

@@ -27,11 +27,19 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as torch's "PytorchStreamWriter failed writing file"
+    except (OSError, RuntimeError) as e:
+        # a full disk surfaces as OSError or as a RuntimeError of torch's zip writer (inline_container.cc:
+        # "PytorchStreamWriter failed writing file ...", "unexpected pos 704 vs 598"); any other RuntimeError (a
+        # CUDA error while copying tensors to the host) keeps its traceback
+        if not isinstance(e, OSError) and not any(m in str(e) for m in ("inline_container", "failed writing")):
+            raise
         tmp.unlink(missing_ok=True)  # a truncated .tmp would only take more of the space that ran out
-        free_gib = shutil.disk_usage(path.parent).free / 2**30
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk"
+        except OSError:
+            free = "its folder cannot be read"
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise WriteFailed(f"could not write {path}: {first_line(e)} ({free_gib:.1f} GiB free on its disk); {kept}. "
+        raise WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. "
                           f"Free space there or pass another --output-dir") from e
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
 

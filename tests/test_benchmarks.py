@@ -125,3 +125,20 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
         "imagefolder": "original JPEGs", "shards_torch": "original", "shards_dali@hw0": "original",
         "shards_torch_resized": "resize_short=256", "shards_dali_resized@hw0": "resize_short=256",
         "shards_dali_resized": "resize_short=256"}
+
+
+def test_an_end_to_end_run_without_the_model_part_times_only_its_own_ceiling(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--parts", "e2e", "--no-dali", "--num-images", "24",
+           "--img-size", "32", "--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--repeats", "1",
+           "--workers", "1", "--work-dir", str(tmp_path / "w"), "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(out.read_text())
+    # the DeiT + teacher step at the end-to-end setting of a CPU (eager, fp32, channels-last), nothing else
+    assert [(m["model"], m["compile"], m["dtype"], m["layout"]) for m in r["model_step"]] == [
+        ("deit_tiny_distill + resnet18 teacher", False, "fp32", "channels_last")]
+    assert [e["loader"] for e in r["end_to_end"]] == ["shards_torch", "shards_torch_resized"]
+    for e in r["end_to_end"]:
+        assert e["ceiling_images_per_s"] == r["model_step"][0]["images_per_s"]
+        assert e["fraction_if_serial"] is None and e["fraction_if_overlapped"] is None  # no loaders part ran

@@ -479,8 +479,8 @@ def print_tables(r: dict) -> None:
     if "end_to_end" in r:
         for row in r["end_to_end"]:
             bounds = ("" if row.get("fraction_if_serial") is None else
-                      f"  (bounds from the rates alone: {row['fraction_if_serial']:.2f} serial, "
-                      f"{row['fraction_if_overlapped']:.2f} overlapped)")
+                      f"  (from the rates alone: {row['fraction_if_serial']:.2f} if serial, "
+                      f"{row['fraction_if_overlapped']:.2f} if overlapped)")
             print(f"end to end {row['loader']:28s} {row['images_per_s']:9.1f} img/s = "
                   f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}" + bounds)
 

@@ -194,10 +194,15 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
             base = os.path.basename(m.name)
             key, ext = base.split(".", 1)
             samples.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(c) + "\n" for c in samples.values()))
-    os.replace(tmp, idx_path)
+    write_text_atomic(idx_path, f"v1.2 {len(samples)}\n" + "".join(" ".join(c) + "\n" for c in samples.values()))
     return len(samples)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write PATH.tmp, then rename it to PATH: a killed run never leaves a half-written file under the real name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
@@ -253,9 +258,7 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     assert result.num_samples == sum(counts.values()), f"{tar_path}: index disagrees with what was written"
     result.class_counts = dict(counts)
     result.bytes = tar_path.stat().st_size
-    record_tmp = record.with_name(record.name + ".tmp")
-    record_tmp.write_text(json.dumps(asdict(result)))
-    os.replace(record_tmp, record)  # never a half-written record
+    write_text_atomic(record, json.dumps(asdict(result)))
     return result
 
 
@@ -368,7 +371,5 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> 
             "shards": [{"file": f"{r.name}.tar", "index": f"{r.name}.idx", "num_samples": r.num_samples,
                         "bytes": r.bytes} for r in rs],
         }
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest

@@ -97,11 +97,13 @@ def test_damaged_shard_files_are_data_errors_naming_them(tiny_shards, tmp_path, 
 
 
 def test_a_partial_metrics_line_is_a_data_error_naming_the_line(tmp_path):
-    from vitdeit.metrics import read_metrics
+    from vitdeit.metrics import MetricsLog, read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "val_top1": 50.0}\n{"epoch": 1, "val_to')
     with pytest.raises(DataError, match=r"metrics\.jsonl line 2: not a JSON object"):
         read_metrics(tmp_path)
+    with pytest.raises(DataError, match=r"metrics\.jsonl line 2: not a JSON object"):  # --resume reads it alike
+        MetricsLog(tmp_path, enabled=True, resume_epoch=0)
 
 
 def test_teacher_weights_of_another_network_are_a_data_error(tmp_path):

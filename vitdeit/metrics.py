@@ -17,10 +17,9 @@ class MetricsLog:
         self.enabled = enabled
         if enabled and self.path.exists():
             # keep only epochs up to the one resumed from: a resumed run rewrites what followed
-            keep = [] if resume_epoch is None else [
-                line for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["epoch"] <= resume_epoch]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # (read_metrics: a damaged line is a DataError naming it, as when the report reads the file)
+            keep = [] if resume_epoch is None else [r for r in read_metrics(run_dir) if r["epoch"] <= resume_epoch]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))  # as write() writes them
 
     def write(self, record: dict) -> None:
         if self.enabled:

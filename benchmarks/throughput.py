@@ -86,7 +86,8 @@ def epoch_seconds(loader, sync) -> tuple[int, float]:
     return images, time.perf_counter() - t
 
 
-def shard_loader(a, sdir: Path, backend: str, workers: int, device, hw_decoder_load: float = 0.65):
+def shard_loader(a, sdir: Path, backend: str, workers: int, device,
+                 hw_decoder_load: float = Config.dali_hw_decoder_load):
     """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
                  loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load)
@@ -94,15 +95,17 @@ def shard_loader(a, sdir: Path, backend: str, workers: int, device, hw_decoder_l
 
 
 def shard_loaders(a, shard_dirs: dict, workers: int, device):
-    """(name, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each + _resized; DALI on a GPU
-    once per --dali-hw-decoder-load value, named with "@hwVALUE" when there are several."""
-    loads = a.dali_hw_decoder_load if device.type == "cuda" else [0.65]  # the CPU decoder has no hardware share
+    """(name, shard-set label, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each +
+    _resized; DALI on a GPU once per --dali-hw-decoder-load value, named with "@hwVALUE" when there are several."""
+    # the CPU decoder has no hardware share
+    loads = a.dali_hw_decoder_load if device.type == "cuda" else [Config.dali_hw_decoder_load]
     for label, sdir in shard_dirs.items():
         suffix = "_resized" if label != "original" else ""
-        yield "shards_torch" + suffix, shard_loader(a, sdir, "torch", workers, device)
+        yield "shards_torch" + suffix, label, shard_loader(a, sdir, "torch", workers, device)
         for hw in loads if dali_available() and a.dali else []:
             name = "shards_dali" + ("_cpu" if device.type == "cpu" else "") + suffix
-            yield name + (f"@hw{hw:g}" if len(loads) > 1 else ""), shard_loader(a, sdir, "dali", workers, device, hw)
+            yield (name + (f"@hw{hw:g}" if len(loads) > 1 else ""), label,
+                   shard_loader(a, sdir, "dali", workers, device, hw))
 
 
 def dali_error(a, sdir: Path, device) -> str | None:
@@ -143,17 +146,17 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
     rows = []
     for w in sorted({int(w) for w in (a.loader_workers or f"1,{a.workers}").split(",")}):
         loaders = {"imagefolder": (imagefolder_loader(data_dir, a.img_size, a.batch_size, w), lambda: None)}
-        loaders.update((name, (loader, sync)) for name, loader in shard_loaders(a, shard_dirs, w, device))
+        data = {"imagefolder": "original JPEGs"}
+        for name, label, loader in shard_loaders(a, shard_dirs, w, device):
+            loaders[name], data[name] = (loader, sync), label
         images = {name: epoch_seconds(*ls)[0] for name, ls in loaders.items()}  # warm-up
         secs = {name: [] for name in loaders}
         for _ in range(a.repeats):
             for name, ls in loaders.items():
                 secs[name].append(epoch_seconds(*ls)[1])
         for name in loaders:
-            data = "original JPEGs" if name == "imagefolder" else (
-                f"resize_short={a.resize_short}" if name.split("@")[0].endswith("_resized") else "original")
             rows.append({"name": name, "images_per_s": images[name] / statistics.median(secs[name]), "workers": w,
-                         "data": data})
+                         "data": data[name]})
         del loaders
     for r in rows:
         r["images_per_s_per_worker"] = r["images_per_s"] / max(1, r["workers"])
@@ -304,7 +307,7 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], loader
                    and r["dtype"] == ("bf16" if amp else "fp32") and r["layout"] == ("channels_last" if cl else "nchw"))
     # each loader's rate alone, from the loaders part of this run at the same worker count (if it ran)
     alone = {r["name"]: r["images_per_s"] for r in loader_rows if r["workers"] == a.workers}
-    for name, loader in shard_loaders(a, shard_dirs, a.workers, device):
+    for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
         images = [0]
         if whole_epochs:
             def run():
@@ -385,7 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
-    p.add_argument("--dali-hw-decoder-load", type=fractions, default=[0.65], metavar="LOADS",
+    p.add_argument("--dali-hw-decoder-load", type=fractions, default=[Config.dali_hw_decoder_load], metavar="LOADS",
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "
                    "row per value (e.g. 0,0.65,1)")
     p.add_argument("--json", default=None, help="write every figure here")

@@ -12,15 +12,21 @@ from vitdeit.data import dali_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("e2e_unit", ["steps", "epoch"])
-def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit):
+def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
+    """benchmarks/throughput.py at tiny sizes (24 images, 32 px, batch 4, one step and repeat, 1 worker) + flags:
+    its run, and the JSON it wrote."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--num-images", "24", "--img-size", "32",
            "--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--repeats", "1", "--workers", "1",
-           "--e2e-unit", e2e_unit, "--work-dir", str(tmp_path / "w"), "--json", str(out)]
+           *flags, "--work-dir", str(tmp_path / "w"), "--json", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(out.read_text())
+    return run, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("e2e_unit", ["steps", "epoch"])
+def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit):
+    run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit)
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
     assert r["machine"]["git_dirty"] in (True, False)
     assert ("dali_error" in r) == dali_available() and r.get("dali_error") is None  # DALI's one-batch check passed
@@ -75,13 +81,13 @@ def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(
                         built.append((sdir, backend, hw)) or len(built))
     a = argparse.Namespace(dali=True, dali_hw_decoder_load=throughput.fractions("0,1"))
     dirs = {"original": "o", "resize_short=256": "r"}
-    names = [name for name, _ in throughput.shard_loaders(a, dirs, 4, torch.device("cuda"))]
+    names = [name for name, _, _ in throughput.shard_loaders(a, dirs, 4, torch.device("cuda"))]
     assert names == ["shards_torch", "shards_dali@hw0", "shards_dali@hw1",
                      "shards_torch_resized", "shards_dali_resized@hw0", "shards_dali_resized@hw1"]
     assert built == [("o", "torch", 0.65), ("o", "dali", 0.0), ("o", "dali", 1.0),
                      ("r", "torch", 0.65), ("r", "dali", 0.0), ("r", "dali", 1.0)]
     one = argparse.Namespace(dali=True, dali_hw_decoder_load=[0.65])  # the default: the documented names
-    assert [n for n, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
+    assert [n for n, _, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
         "shards_torch", "shards_dali", "shards_torch_resized", "shards_dali_resized"]
     assert throughput.fractions("0.65,0.65,1") == [0.65, 1.0]  # a repeated value would name two loaders alike
     for bad in ("1.5", "x", ""):
@@ -115,26 +121,25 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
     from benchmarks import throughput
 
     one_batch = [(None, [0] * 4)]
-    names = ["shards_torch", "shards_dali@hw0", "shards_torch_resized", "shards_dali_resized@hw0",
-             "shards_dali_resized"]
     monkeypatch.setattr(throughput, "imagefolder_loader", lambda *args: one_batch)
-    monkeypatch.setattr(throughput, "shard_loaders", lambda a, dirs, w, device: ((n, one_batch) for n in names))
-    a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, repeats=1, resize_short=256)
-    rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cuda"), lambda: None)
-    assert {r["name"]: r["data"] for r in rows} == {
+    monkeypatch.setattr(throughput, "dali_available", lambda: True)
+    monkeypatch.setattr(throughput, "shard_loader", lambda *args: one_batch)
+    dirs = {"original": "o", "resize_short=256": "r"}  # as main() labels the two shard sets
+    data = {}
+    for loads in ([0.0, 1.0], [0.65]):  # a sweep (names with "@hw"), and the default (names without)
+        a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, repeats=1, resize_short=256,
+                               dali=True, dali_hw_decoder_load=loads)
+        data.update((r["name"], r["data"]) for r in throughput.bench_loaders(a, Path("unused"), dirs,
+                                                                               torch.device("cuda"), lambda: None))
+    assert data == {
         "imagefolder": "original JPEGs", "shards_torch": "original", "shards_dali@hw0": "original",
+        "shards_dali@hw1": "original", "shards_dali": "original",
         "shards_torch_resized": "resize_short=256", "shards_dali_resized@hw0": "resize_short=256",
-        "shards_dali_resized": "resize_short=256"}
+        "shards_dali_resized@hw1": "resize_short=256", "shards_dali_resized": "resize_short=256"}
 
 
 def test_an_end_to_end_run_without_the_model_part_times_only_its_own_ceiling(tmp_path):
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks/throughput.py"), "--parts", "e2e", "--no-dali", "--num-images", "24",
-           "--img-size", "32", "--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--repeats", "1",
-           "--workers", "1", "--work-dir", str(tmp_path / "w"), "--json", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(out.read_text())
+    _, r = run_throughput(tmp_path, "--parts", "e2e", "--no-dali")
     # the DeiT + teacher step at the end-to-end setting of a CPU (eager, fp32, channels-last), nothing else
     assert [(m["model"], m["compile"], m["dtype"], m["layout"]) for m in r["model_step"]] == [
         ("deit_tiny_distill + resnet18 teacher", False, "fp32", "channels_last")]

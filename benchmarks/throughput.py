@@ -308,31 +308,38 @@ def bench_end_to_end(a, device, shard_dirs: dict, model_rows: list[dict], loader
     # each loader's rate alone, from the loaders part of this run at the same worker count (if it ran)
     alone = {r["name"]: r["images_per_s"] for r in loader_rows if r["workers"] == a.workers}
     for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
-        images = [0]
-        if whole_epochs:
-            def run():
-                images[0] = 0
-                for x, y in loader:
-                    step(x, y)
-                    images[0] += len(y)
-            run()
-        else:
-            batches = forever(loader)
+        images, waits = [0], []  # waits: seconds the host spent blocked in the loader's next(), per timed run
 
-            def run():
-                images[0] = 0
-                for _ in range(a.steps):
-                    x, y = next(batches)
-                    step(x, y)
-                    images[0] += len(y)
+        def fed(batches, n=None):  # n batches of `batches` (None: to its end), timing each next()
+            while n is None or n > 0:
+                n = None if n is None else n - 1
+                t = time.perf_counter()
+                batch = next(batches, None)
+                waits[-1] += time.perf_counter() - t
+                if batch is None:
+                    return
+                yield batch
+
+        def run():
+            images[0] = 0
+            waits.append(0.0)
+            # a whole epoch from a fresh iterator, or the next --steps batches of an endless stream
+            for x, y in (fed(iter(loader)) if whole_epochs else fed(batches, a.steps)):
+                step(x, y)
+                images[0] += len(y)
+        if not whole_epochs:
+            batches = forever(loader)
             for _ in range(a.warmup_steps):
                 step(*next(batches))
+        else:
+            run()  # warm-up
         secs = timed(run, a.repeats, sync)  # before reading images[0], which run() sets
-        rate = images[0] / secs
+        rate, wait = images[0] / secs, statistics.median(waits[-a.repeats:]) / secs
         rows.append({"loader": name, "model": "deit_tiny_distill + resnet18 teacher", "workers": a.workers,
                      "images_per_s": rate, "ceiling_images_per_s": ceiling, "fraction_of_ceiling": rate / ceiling,
-                     **overlap_bounds(alone.get(name), ceiling)})
-        print(f"  end to end {name:28s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step", flush=True)
+                     "host_wait_frac": wait, **overlap_bounds(alone.get(name), ceiling)})
+        print(f"  end to end {name:28s} {rate:9.1f} img/s = {rate / ceiling:.2f} of the model step, host waits "
+              f"{100 * wait:.0f} % in next()", flush=True)
         del loader
     return rows
 
@@ -485,7 +492,8 @@ def print_tables(r: dict) -> None:
                       f"  (from the rates alone: {row['fraction_if_serial']:.2f} if serial, "
                       f"{row['fraction_if_overlapped']:.2f} if overlapped)")
             print(f"end to end {row['loader']:28s} {row['images_per_s']:9.1f} img/s = "
-                  f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}" + bounds)
+                  f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}, host waits "
+                  f"{100 * row['host_wait_frac']:.0f} %" + bounds)
 
 
 if __name__ == "__main__":

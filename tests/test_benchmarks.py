@@ -46,6 +46,7 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     for row in r["end_to_end"]:
         assert row["images_per_s"] > 0 and row["ceiling_images_per_s"] == ceiling
         assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_s"] / ceiling)
+        assert 0 <= row["host_wait_frac"] < 1  # a share of the timed run, which also holds the (slow CPU) steps
         seconds_per_image = 1 / alone[row["loader"]] + 1 / ceiling  # loading, then the step, never at once
         assert row["fraction_if_serial"] == pytest.approx((1 / seconds_per_image) / ceiling)
         assert row["fraction_if_overlapped"] == pytest.approx(min(1.0, alone[row["loader"]] / ceiling))

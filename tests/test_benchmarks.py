@@ -87,7 +87,7 @@ def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(
                      "shards_torch_resized", "shards_dali_resized@hw0", "shards_dali_resized@hw1"]
     assert built == [("o", "torch", 0.65), ("o", "dali", 0.0), ("o", "dali", 1.0),
                      ("r", "torch", 0.65), ("r", "dali", 0.0), ("r", "dali", 1.0)]
-    one = argparse.Namespace(dali=True, dali_hw_decoder_load=[0.65])  # the default: the documented names
+    one = argparse.Namespace(dali=True, dali_hw_decoder_load=[throughput.Config.dali_hw_decoder_load])  # one value: the
     assert [n for n, _, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
         "shards_torch", "shards_dali", "shards_torch_resized", "shards_dali_resized"]
     assert throughput.fractions("0.65,0.65,1") == [0.65, 1.0]  # a repeated value would name two loaders alike

@@ -32,8 +32,10 @@ class Config:
     crop_pct: float = 0.875  # val: resize shorter side to img_size / crop_pct, centre-crop img_size
     crop_scale_min: float = 0.08  # train RandomResizedCrop area range [crop_scale_min, 1]
     rand_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
-    # the rest go to nvJPEG on the CUDA cores, which the training step needs too; 0.65 is DALI's own default
-    dali_hw_decoder_load: float = 0.65  # DALI on a GPU: share of JPEGs decoded by the hardware JPEG engines (A100/H100)
+    # the rest go to nvJPEG on the CUDA cores, which the training step needs too. 1.0, not DALI's own 0.65: on an
+    # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
+    # 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
+    dali_hw_decoder_load: float = 1.0  # DALI on a GPU: share of JPEGs decoded by the hardware JPEG engines (A100/H100)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)

@@ -21,10 +21,10 @@ WORK=${BENCH_DIR:-/tmp/vitdeit-bench}  # shared with gpu_check.sh: its images an
 RUNS=${TRAIN_DIR:-/tmp/vitdeit-train}  # checkpoints stay here, out of $OUT
 if [ "${1:-}" = "--dry-run" ]; then
   shift
-  DATA=(--device cpu --num-images 48 --workers 2)
+  DATA=(--device cpu --num-images 48 --batch-size 8 --workers 2)  # batch: only the header line shows it
   TRAIN=(--device cpu --img-size 32 --patch-size 4 --batch-size 8 --workers 2)
 else
-  DATA=(--device cuda --num-images 4096 --workers 16)
+  DATA=(--device cuda --num-images 4096 --batch-size 256 --workers 16)
   TRAIN=(--device cuda --img-size 224 --batch-size 256 --workers 16)
 fi
 $PY benchmarks/throughput.py "${DATA[@]}" --parts data --work-dir "$WORK"

@@ -15,6 +15,7 @@ schema is in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -222,14 +223,17 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     teacher = None
     if model_name == "deit_tiny_distill":
         teacher = create_model("resnet18", 100).to(device, memory_format=fmt).eval().requires_grad_(False)
-    model = torch.compile(net) if compile_ else net
+    model = torch.compile(net, mode=a.compile_mode) if compile_ else net
     if teacher is not None and compile_:
-        teacher = torch.compile(teacher)
+        teacher = torch.compile(teacher, mode=a.compile_mode)
+    graphs = compile_ and a.compile_mode == "reduce-overhead" and device.type == "cuda"  # CUDA graphs
     loss_fn = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, "soft" if teacher is not None else "none")
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def step(x, y):
+        if graphs:  # a new iteration: the graphs' outputs of the last step (loss, teacher logits) may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(x, model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -408,6 +412,12 @@ def main(argv=None) -> int:
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                   help="torch.compile mode of the compiled steps; reduce-overhead replays each step's kernels as "
+                   "CUDA graphs, launched with a few calls instead of one per kernel from Python")
+    p.add_argument("--step-stream", default="default", choices=["default", "side"],
+                   help="CUDA: run the model-step and end-to-end parts on a side stream instead of PyTorch's default "
+                   "(the legacy NULL stream, which also waits for, and holds up, work on any blocking stream)")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
     p.add_argument("--dali-hw-decoder-load", type=fractions, default=[Config.dali_hw_decoder_load], metavar="LOADS",
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "
@@ -463,14 +473,16 @@ def main(argv=None) -> int:
         result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
         save()
         print_tables(result)  # early too: the loader table survives a later time-out in the log
-    if parts & {"model", "e2e"}:
-        print("model step ...", flush=True)
-        result["model_step"], e2e_step = bench_model_step(a, device, sync, only_e2e="model" not in parts)
-        save()
-    if "e2e" in parts:
-        print("end to end ...", flush=True)
-        result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []), e2e_step, sync)
-        save()
+    side = device.type == "cuda" and a.step_stream == "side"
+    with torch.cuda.stream(torch.cuda.Stream()) if side else contextlib.nullcontext():
+        if parts & {"model", "e2e"}:
+            print("model step ...", flush=True)
+            result["model_step"], e2e_step = bench_model_step(a, device, sync, only_e2e="model" not in parts)
+            save()
+        if "e2e" in parts:
+            print("end to end ...", flush=True)
+            result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []), e2e_step, sync)
+            save()
     print_tables(result)
     return 0
 
@@ -480,7 +492,9 @@ def print_tables(r: dict) -> None:
     print(f"\n{m['cpu']} x{m['cpu_count']}, GPU {m['gpu']}, torch {m['torch']}, timm {m['timm']}, "
           f"DALI {m['nvidia.dali']}, commit {str(m['git_commit'])[:10]}; {r['images']['count']} images, "
           f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, "
-          f"batch {r['settings']['batch_size']}")
+          f"batch {r['settings']['batch_size']}"
+          + "".join(f", {k.replace('_', '-')} {r['settings'][k]}" for k in ("compile_mode", "step_stream")
+                    if r["settings"].get(k, "default") != "default"))
     if "packing" in r:
         for row in r["packing"]:
             print(f"packing    workers={row['workers']:<2d} {row['images_per_s']:9.1f} img/s")

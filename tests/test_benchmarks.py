@@ -139,7 +139,9 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
 
 
 def test_an_end_to_end_run_without_the_model_part_times_only_its_own_ceiling(tmp_path):
-    _, r = run_throughput(tmp_path, "--parts", "e2e", "--no-dali")
+    run, r = run_throughput(tmp_path, "--parts", "e2e", "--no-dali", "--step-stream", "side")
+    assert r["settings"]["step_stream"] == "side" and r["settings"]["compile_mode"] == "default"
+    assert "step-stream side" in run.stdout and "compile-mode" not in run.stdout  # the header names non-defaults
     # the DeiT + teacher step at the end-to-end setting of a CPU (eager, fp32, channels-last), nothing else
     assert [(m["model"], m["compile"], m["dtype"], m["layout"]) for m in r["model_step"]] == [
         ("deit_tiny_distill + resnet18 teacher", False, "fp32", "channels_last")]

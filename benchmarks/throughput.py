@@ -15,6 +15,7 @@ schema is in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import itertools
 import json
@@ -299,14 +300,40 @@ def overlap_bounds(loader_alone: float | None, step_alone: float) -> dict:
             "fraction_if_serial": loader_alone / (loader_alone + step_alone)}
 
 
+class EpochStream:
+    """A loader's batches across epochs, with drain(): finish the current epoch without using its batches. A drained
+    loader decodes nothing ahead (PyTorch's workers wait for the next iter()), so it neither lends the next timed
+    window batches decoded while other units ran nor takes CPU from them."""
+
+    def __init__(self, loader):
+        self.loader, self.it = loader, None
+
+    def __next__(self):
+        while True:
+            if self.it is None:
+                self.it = iter(self.loader)
+            batch = next(self.it, None)
+            if batch is not None:
+                return batch
+            self.it = None  # the epoch ended: the next batch opens a new one
+
+    def drain(self) -> None:
+        if self.it is not None:
+            for _ in self.it:
+                pass
+        self.it = None
+
+
 def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step, sync) -> list[dict]:
     """The DeiT distillation `step` fed by each loader, against its ceiling: the same step on one batch already on
-    the device, timed in turns with the loaders (every round times the ceiling, then each loader), so that the
-    machine drifting between timings falls on both alike (on an H200 the compiled step alone moved between 9,400 and
-    12,800 img/s from one call to the next). Rates are medians over --repeats rounds. The timed unit (--e2e-unit
-    auto): on CUDA a whole epoch from a fresh iterator (start-up included); on a CPU a window of --steps steps of an
-    endless stream, each after --warmup-steps untimed steps from the same loader (the batches it prefetched while
-    the others ran would otherwise count as free): the model step there is ~50x slower than any loader."""
+    the device (float32; DALI's float16 batches run the same model, compiled once more for that dtype), timed in
+    turns with the loaders (every round times the ceiling, then each loader), so that the machine drifting between
+    timings falls on both alike (on an H200 the compiled step alone moved between 9,400 and 12,800 img/s from one
+    call to the next). Rates are medians over --repeats rounds. The timed unit (--e2e-unit auto: epoch on CUDA):
+    - epoch: a whole epoch from a fresh iterator, start-up included, as training sees it every epoch;
+    - steps: --steps steps after --warmup-steps untimed ones, from a fresh epoch (crossing into the next ones if the
+      window is longer), then the rest of that epoch drained untimed, so the loader rests until its next turn. On a
+      CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each."""
     whole_epochs = a.e2e_unit == "epoch" or (a.e2e_unit == "auto" and device.type == "cuda")
     _, _, cl = e2e_setting(device)
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -329,21 +356,23 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
         sync()
         return images, time.perf_counter() - t0, waited
 
-    ceiling_batches = itertools.repeat((x, y))
-    units = {"ceiling": lambda: steps(ceiling_batches, a.steps)}  # name -> one timed unit
-    for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
-        if whole_epochs:
-            units[name] = lambda loader=loader: steps(iter(loader))
-        else:
-            stream = forever(loader)
+    def window(batches, drain=lambda: None):
+        for _ in range(a.warmup_steps):
+            step(*next(batches)[:2])
+        result = steps(batches, a.steps)
+        drain()
+        return result
 
-            def unit(stream=stream):
-                for _ in range(a.warmup_steps):
-                    step(*next(stream)[:2])
-                return steps(stream, a.steps)
-            units[name] = unit
-    for run in units.values():  # one untimed unit each: worker start, DALI's first batches, a recompile for a dtype
-        run()
+    units = {"ceiling": lambda: window(itertools.repeat((x, y)))}  # name -> one timed unit
+    for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
+        stream = EpochStream(loader)
+        units[name] = ((lambda loader=loader: steps(iter(loader))) if whole_epochs else
+                       (lambda stream=stream: window(stream, stream.drain)))
+    # whole epochs time their start-up, so one untimed round first (worker start, DALI's first batches, a recompile
+    # for a dtype); a window of --e2e-unit steps has its own untimed lead-in for that
+    if whole_epochs:
+        for run in units.values():
+            run()
     runs = {name: [] for name in units}
     for _ in range(a.repeats):
         for name, run in units.items():
@@ -360,11 +389,6 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
         print(f"  end to end {name:28s} {r:9.1f} img/s = {r / ceiling:.2f} of the step's {ceiling:.1f} in the same "
               f"rounds, host waits {100 * wait:.0f} % in next()", flush=True)
     return rows
-
-
-def forever(loader):
-    while True:
-        yield from loader
 
 
 def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
@@ -395,7 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--data-path", default=None, help="ImageNet-style folders (default: make a synthetic set)")
     p.add_argument("--num-images", type=int, default=512, help="size of the synthetic train set")
-    p.add_argument("--work-dir", default=None, help="where to put images and shards (default: a temp dir)")
+    p.add_argument("--work-dir", default=None,
+                   help="where to put images and shards, kept for reruns (default: a temp dir, deleted at the end)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
@@ -424,10 +449,16 @@ def main(argv=None) -> int:
                    "row per value (e.g. 0,0.65,1)")
     p.add_argument("--json", default=None, help="write every figure here")
     a = p.parse_args(argv)
+    if a.step_stream != "default" and a.device != "cuda":
+        p.error(f"--step-stream {a.step_stream}: a CUDA stream; use it with --device cuda")
+    if a.compile_mode != "default" and a.device != "cuda" and not a.compile:
+        p.error(f"--compile-mode {a.compile_mode}: nothing is compiled on a CPU without --compile; add it")
     parts = set(a.parts.split(","))
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
+    if not a.work_dir:  # a temp folder of images and shards (~30 MB at the defaults): gone when the run ends
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

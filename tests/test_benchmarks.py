@@ -139,9 +139,7 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
 
 
 def test_an_end_to_end_run_without_the_model_part_times_only_its_own_ceiling(tmp_path):
-    run, r = run_throughput(tmp_path, "--parts", "e2e", "--no-dali", "--step-stream", "side")
-    assert r["settings"]["step_stream"] == "side" and r["settings"]["compile_mode"] == "default"
-    assert "step-stream side" in run.stdout and "compile-mode" not in run.stdout  # the header names non-defaults
+    _, r = run_throughput(tmp_path, "--parts", "e2e", "--no-dali")
     # the DeiT + teacher step at the end-to-end setting of a CPU (eager, fp32, channels-last), nothing else
     assert [(m["model"], m["compile"], m["dtype"], m["layout"]) for m in r["model_step"]] == [
         ("deit_tiny_distill + resnet18 teacher", False, "fp32", "channels_last")]
@@ -158,19 +156,48 @@ def test_end_to_end_times_the_ceiling_in_turns_with_the_loaders(monkeypatch, uni
 
     from benchmarks import throughput
 
-    def fake_loader(tag):  # 3 batches of 2 images at 4 px, labels = the tag (the ceiling's batch is 8 px)
-        return [(torch.zeros(2, 3, 4, 4), torch.full((2,), tag)) for _ in range(3)]
+    class FakeLoader:  # epochs of 4 batches of 2 images at 4 px (the ceiling's are 8 px); labels: tag, then index
+        def __init__(self, tag):
+            self.tag, self.epochs, self.served = tag, 0, 0
 
+        def __iter__(self):
+            self.epochs += 1
+            for i in range(4):
+                self.served += 1
+                yield torch.zeros(2, 3, 4, 4), torch.tensor([self.tag, i])
+
+    loaders = [FakeLoader(0), FakeLoader(1)]
     monkeypatch.setattr(throughput, "shard_loaders", lambda a, dirs, workers, device: iter(
-        [("shards_a", "original", fake_loader(1)), ("shards_b", "original", fake_loader(2))]))
+        [("shards_a", "original", loaders[0]), ("shards_b", "original", loaders[1])]))
     seen = []
-    step = lambda x, y: seen.append("c" if x.shape[-1] == 8 else "ab"[int(y[0]) - 1])  # noqa: E731
+    step = lambda x, y: seen.append("c" if x.shape[-1] == 8 else "ab"[int(y[0])] + str(int(y[1])))  # noqa: E731
     a = argparse.Namespace(e2e_unit=unit, batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=2)
     rows = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
-    # one untimed unit of each, then 2 rounds: the ceiling's --steps steps, then each loader's unit (steps: 1
-    # untimed + 2 timed steps of its endless stream; epoch: its 3 batches)
-    per_loader = 3
-    assert "".join(seen) == ("cc" + "a" * per_loader + "b" * per_loader) * 3
+    # 2 rounds, each: the ceiling (1 untimed + 2 timed steps), then each loader's unit from a fresh epoch: a whole
+    # one (4 batches), or 1 untimed + 2 timed steps with the 4th batch drained unused; whole epochs after one
+    # untimed round (their start-up is timed, so the first one's must not be)
+    per_loader = {"epoch": "0123", "steps": "012"}[unit]
+    one_round = "ccc" + "".join(tag + i for tag in "ab" for i in per_loader)
+    rounds = {"epoch": 3, "steps": 2}[unit]
+    assert "".join(seen) == one_round * rounds
+    assert [(ld.epochs, ld.served) for ld in loaders] == [(rounds, 4 * rounds)] * 2  # one whole epoch per unit
     assert [r["loader"] for r in rows] == ["shards_a", "shards_b"]
     assert rows[0]["ceiling_images_per_s"] == rows[1]["ceiling_images_per_s"] > 0
     assert all(r["fraction_of_ceiling"] == r["images_per_s"] / r["ceiling_images_per_s"] for r in rows)
+
+
+def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_the_header(capsys):
+    from benchmarks import throughput
+
+    for flags, message in ((["--step-stream", "side"], "--step-stream side: a CUDA stream; use it with --device cuda"),
+                           (["--compile-mode", "reduce-overhead"], "nothing is compiled on a CPU without --compile")):
+        with pytest.raises(SystemExit):
+            throughput.main(flags)
+        assert message in capsys.readouterr().err
+    result = {"machine": {"cpu": "c", "cpu_count": 1, "gpu": "g", "torch": "t", "timm": "m", "nvidia.dali": None,
+                          "git_commit": None}, "images": {"count": 1, "mean_kb": 1.0},
+              "settings": {"img_size": 224, "batch_size": 256, "compile_mode": "reduce-overhead",
+                           "step_stream": "default"}}
+    throughput.print_tables(result)
+    header = capsys.readouterr().out.strip()
+    assert header.endswith("batch 256, compile-mode reduce-overhead")  # non-defaults only

@@ -41,6 +41,8 @@ $PY - "$RUNS" "$WORK/throughput.json" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
+from benchmarks.throughput import step_switches
+
 runs, bench = Path(sys.argv[1]), Path(sys.argv[2])
 ceiling = None
 if bench.exists():  # the compiled bf16 channels-last DeiT + teacher step of gpu_check.sh, same machine
@@ -50,10 +52,9 @@ if bench.exists():  # the compiled bf16 channels-last DeiT + teacher step of gpu
     else:
         ceiling = next((m["images_per_s"] for m in r.get("model_step", [])
                         if m["model"].startswith("deit") and m["compile"]), None)
-    other = [f"--{k.replace('_', '-')} {v}" for k, v in r["settings"].items()
-             if k in ("compile_mode", "step_stream") and v != "default"]
+    other = step_switches(r["settings"])
     if ceiling and other:
-        print(f"(the step's ceiling was timed with {' '.join(other)}; train.py ran without them)")
+        print(f"(the step's ceiling was timed with {', '.join(other)}; train.py ran without that)")
 print(f"{'run':8s} {'epoch':>5s} {'img/s':>9s} {'data wait':>9s} {'val top-1':>9s}" + ("  of the step" if ceiling else ""))
 for run in ("teacher", "deit"):
     for line in (runs / run / "metrics.jsonl").read_text().splitlines():

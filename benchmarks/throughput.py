@@ -365,9 +365,11 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
 
     units = {"ceiling": lambda: window(itertools.repeat((x, y)))}  # name -> one timed unit
     for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
-        stream = EpochStream(loader)
-        units[name] = ((lambda loader=loader: steps(iter(loader))) if whole_epochs else
-                       (lambda stream=stream: window(stream, stream.drain)))
+        if whole_epochs:
+            units[name] = lambda loader=loader: steps(iter(loader))
+        else:
+            stream = EpochStream(loader)
+            units[name] = lambda stream=stream: window(stream, stream.drain)
     # whole epochs time their start-up, so one untimed round first (worker start, DALI's first batches, a recompile
     # for a dtype); a window of --e2e-unit steps has its own untimed lead-in for that
     if whole_epochs:
@@ -518,14 +520,21 @@ def main(argv=None) -> int:
     return 0
 
 
+STEP_SWITCHES = ("compile_mode", "step_stream")  # settings that change how the GPU step runs
+
+
+def step_switches(settings: dict) -> list[str]:
+    """A run's GPU-step switches that are not at their defaults, e.g. ['compile-mode reduce-overhead']."""
+    return [f"{k.replace('_', '-')} {settings[k]}" for k in STEP_SWITCHES if settings.get(k, "default") != "default"]
+
+
 def print_tables(r: dict) -> None:
     m = r["machine"]
     print(f"\n{m['cpu']} x{m['cpu_count']}, GPU {m['gpu']}, torch {m['torch']}, timm {m['timm']}, "
           f"DALI {m['nvidia.dali']}, commit {str(m['git_commit'])[:10]}; {r['images']['count']} images, "
           f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, "
           f"batch {r['settings']['batch_size']}"
-          + "".join(f", {k.replace('_', '-')} {r['settings'][k]}" for k in ("compile_mode", "step_stream")
-                    if r["settings"].get(k, "default") != "default"))
+          + "".join(f", {s}" for s in step_switches(r["settings"])))
     if "packing" in r:
         for row in r["packing"]:
             print(f"packing    workers={row['workers']:<2d} {row['images_per_s']:9.1f} img/s")

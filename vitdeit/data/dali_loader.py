@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ..config import Config
 from ..errors import DataError, SettingError
 from . import MEAN, STD, shard_paths
 KEY_BYTES = 512
@@ -21,7 +22,7 @@ KEY_BYTES = 512
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False, checkpoint: bytes | None = None, hw_decoder_load: float = 1.0):
+              with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float):
     from nvidia.dali import fn, pipeline_def, types
 
     # checkpointing (train): the readers' positions and every random generator's state, saved with the run's
@@ -78,7 +79,7 @@ class DaliLoader:
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
                  with_keys: bool = False, half: bool | None = None, state: dict | None = None,
-                 hw_decoder_load: float = 1.0):
+                 hw_decoder_load: float = Config.dali_hw_decoder_load):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
         settings (`restored` says whether it did); otherwise the sample stream starts afresh. hw_decoder_load: on a

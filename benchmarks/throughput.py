@@ -250,6 +250,13 @@ def e2e_setting(device) -> tuple[bool, torch.dtype | None, bool]:
     return device.type == "cuda", torch.bfloat16 if device.type == "cuda" else None, True
 
 
+def device_batch(a, device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random batch (images, labels) already on `device`: what the model step is timed on."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device).contiguous(memory_format=fmt)
+    return x, torch.randint(0, 100, (a.batch_size,), device=device)
+
+
 def bench_model_step(a, device, sync, only_e2e: bool = False):
     """Rows, and the DeiT + teacher step at the end-to-end setting (kept: compiling it again costs ~1 min).
     only_e2e: that step alone (the ceiling of an end-to-end run without the model part: minutes less on a GPU)."""
@@ -266,9 +273,7 @@ def bench_model_step(a, device, sync, only_e2e: bool = False):
     for model_name in models:
         for compile_, amp, cl in variants:
             step, net, teacher = train_step_fn(model_name, a, device, amp, cl, compile_)
-            fmt = torch.channels_last if cl else torch.contiguous_format
-            x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device).contiguous(memory_format=fmt)
-            y = torch.randint(0, 100, (a.batch_size,), device=device)
+            x, y = device_batch(a, device, cl)
             for _ in range(a.warmup_steps):
                 step(x, y)
             if device.type == "cuda":
@@ -335,10 +340,7 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
       window is longer), then the rest of that epoch drained untimed, so the loader rests until its next turn. On a
       CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each."""
     whole_epochs = a.e2e_unit == "epoch" or (a.e2e_unit == "auto" and device.type == "cuda")
-    _, _, cl = e2e_setting(device)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    x = torch.randn(a.batch_size, 3, a.img_size, a.img_size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 100, (a.batch_size,), device=device)
+    x, y = device_batch(a, device, channels_last=e2e_setting(device)[2])
 
     def steps(batches, n=None) -> tuple[int, float, float]:
         """(images, seconds, seconds the host spent blocked in next()) of n steps (None: to the end) on `batches`."""

@@ -37,8 +37,9 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             paths=files, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],
             missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards, name="Reader",
             random_shuffle=train, initial_fill=4096 if train else 1,  # buffer shuffle on top of the global one
-            shuffle_after_epoch=train, pad_last_batch=not train,  # train: a new tar order every epoch
-            **({"shuffle_after_epoch_seed": seed} if train else {}))  # the same order on every rank
+            shuffle_after_epoch=train,  # train: a new tar order every epoch
+            # the last batch of a pass is padded, never topped up from the next pass: one epoch = one pass
+            pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}))  # same order on all ranks
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
         hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
         if train:
@@ -67,10 +68,13 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
 class DaliLoader:
     """Same interface as TorchLoader: yields (images NCHW channels-last, int64 labels) on the run's device.
 
-    Train: rank r reads DALI shard r of `world` (contiguous slices of the globally shuffled samples; DALI
-    moves each rank to the next slice every epoch) and every rank takes floor(N / world / batch) steps, so
-    up to batch - 1 + (N mod world) samples per epoch are not drawn (as drop_last). Val: no shuffle, the
-    last batch padded by DALI and the padding removed here, so every image is counted exactly once.
+    Train: rank r reads slice r of `world` of the samples in tar order (contiguous; the tars hold the globally
+    shuffled samples, and their order is reshuffled every epoch, the same on every rank, so a rank's slice
+    holds other tars' samples each epoch: with fewer train tars than ranks a rank would keep the same
+    samples). One epoch is one pass over that slice: every rank takes floor(N / world / batch) steps, each
+    sample at most once, and the rest of its slice (under batch + 1 samples, drawn anew each epoch) is read
+    and dropped, as drop_last. Val: no shuffle, the last batch padded by DALI and the padding removed here, so
+    every image is counted exactly once.
     """
 
     name = "dali"
@@ -94,6 +98,11 @@ class DaliLoader:
         files, indexes = zip(*[(str(tar), str(idx)) for tar, idx in shard_paths(shards_dir, manifest, split)])
         n = manifest["splits"][split]["num_samples"]
         self.train = split == "train"
+        if self.train and len(shards) < world:
+            warnings.warn(f"{shards_dir}: {len(shards)} train shard(s) for {world} processes: DALI gives each process "
+                          f"the same slice of them every epoch (a new tar order cannot move it). Repack with "
+                          f"pack_shards.py --shard-size {max(1, n // (4 * world))} (4 tars per process), or use "
+                          f"--loader torch.", stacklevel=2)
         # what a saved reader state depends on: the shards (name, samples, bytes), every rank's slice of them,
         # the batches and the random ops' arguments; decode threads do not matter (per-sample generators)
         self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
@@ -118,14 +127,14 @@ class DaliLoader:
                               hw_decoder_load=hw_decoder_load)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
-        if self.train:  # a fixed number of samples per epoch, the same on every rank
-            with warnings.catch_warnings():  # DALI warns that `size` may skip samples: that is the point here,
-                warnings.simplefilter("ignore")  # the stream continues into the next epoch (see class docstring)
-                self.it = DALIGenericIterator(self.pipe, self.outputs, size=self.num_samples, auto_reset=True,
-                                              last_batch_policy=LastBatchPolicy.DROP)
-        else:
-            self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
-                                          last_batch_policy=LastBatchPolicy.PARTIAL)
+        # the reader drives the epoch: DROP ends it after floor(smallest slice / batch) batches on every rank and
+        # reads the padded rest of the pass, so the next epoch starts a new pass (a fixed `size` instead would carry
+        # the rest into the next epoch, which then spans two passes: up to a quarter of its draws repeats)
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
+                                      last_batch_policy=policy)
+        if len(self.it) != self.steps:
+            raise AssertionError(f"DALI's iterator plans {len(self.it)} batches per epoch, not {self.steps}")
 
     def __len__(self) -> int:
         return self.steps

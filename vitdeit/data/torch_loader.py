@@ -239,7 +239,11 @@ class TorchLoader:
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",
                                  drop_last=self.drop_last, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+                                 prefetch_factor=4 if workers > 0 else None,
+                                 # its own generator for the workers' base seed (unused: samples carry their seeds),
+                                 # which each new iterator otherwise draws from the global one; with persistent
+                                 # workers only the first does, so a resumed run's drop-path masks would differ
+                                 generator=torch.Generator().manual_seed(seed))
         self.scale, self.shift = uint8_normalizer(self.device, mean, std)
         self.num_samples = len(self.sampler) if not self.drop_last else len(self) * batch_size
 

@@ -43,6 +43,12 @@ def test_bad_values_are_errors_that_name_them(values, fragment):
         from_dict(values)
 
 
+def test_the_patch_size_binds_only_the_transformers():
+    assert from_dict({"model": "resnet18", "img_size": 100}).img_size == 100  # no patches in a ResNet
+    with pytest.raises(ValueError, match="--patch-size 16 must divide --img-size 100"):
+        from_dict({"model": "vit_tiny", "img_size": 100})
+
+
 def test_bad_flag_value_exits_with_a_message(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--amp", "fp8"])

@@ -92,8 +92,8 @@ class Config:
         need(0 <= self.distillation_alpha <= 1, f"--distillation-alpha {self.distillation_alpha}: must be in [0, 1]")
         need(self.distillation_tau > 0, f"--distillation-tau {self.distillation_tau}: must be > 0")
         need(self.img_size >= 8, f"--img-size {self.img_size}: must be >= 8")
-        need(self.patch_size >= 1 and self.img_size % self.patch_size == 0,
-             f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")
+        need(self.patch_size >= 1 and (self.model == "resnet18" or self.img_size % self.patch_size == 0),
+             f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")  # ViT/DeiT only
         need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
         need(self.lr > 0 and self.workers >= 0, "--lr must be > 0 and --workers >= 0")
         need(0 <= self.dali_hw_decoder_load <= 1,

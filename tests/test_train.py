@@ -246,3 +246,21 @@ def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_p
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0))
     best = torch.load(tmp_path / "vit_tiny" / "best.pth", weights_only=True)
     assert best["epoch"] == 0 and best["best_top1"] == 0.0
+
+
+@pytest.mark.parametrize("saved_best", [True, False])
+def test_resuming_into_another_run_folder_brings_best_pth_along(tiny_shards, tmp_path, monkeypatch, saved_best):
+    from vitdeit import trainer
+
+    top1 = iter([50.0, 10.0])  # epoch 0 stays the best: the resumed run writes no best.pth of its own
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(top1),
+                                                              "val_top5": 90.0, "val_samples": 24})
+    kw = dict(model="vit_tiny", batch_size=16, workers=0)
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
+    if not saved_best:  # only last.pth was kept: the resumed run's own epochs decide its best.pth
+        (tmp_path / "vit_tiny" / "best.pth").unlink()
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, run_name="longer",
+                  resume=str(tmp_path / "vit_tiny" / "last.pth"), **kw))
+    best = torch.load(tmp_path / "longer" / "best.pth", weights_only=True)
+    assert (best["epoch"], best["best_top1"]) == ((0, 50.0) if saved_best else (1, 10.0))
+    assert torch.load(tmp_path / "longer" / "last.pth", weights_only=True)["best_top1"] == best["best_top1"]

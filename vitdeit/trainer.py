@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if resumed["scaler"]:  # empty when the saved run did not use fp16
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
+        best, saved_best = run_dir / "best.pth", Path(cfg.resume).with_name("best.pth")
+        if not best.exists():  # resumed into another run folder: its best.pth comes along, as best_top1 does
+            if not saved_best.is_file():
+                best_top1 = -1.0  # nothing to bring: the next epoch writes best.pth
+            elif dist.is_main:
+                shutil.copyfile(saved_best, best.with_name("best.pth.tmp"))
+                os.replace(best.with_name("best.pth.tmp"), best)
         dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} (best val top-1 {best_top1:.2f}%)")
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None

@@ -133,7 +133,8 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     best = max(rows, key=lambda r: r["val_top1"])
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows),
-           "train_images_per_s": float(np.mean([r["images_per_s"] for r in rows]))}
+           # the first epoch also compiles the model and starts the loader: steady speed is the later epochs'
+           "train_images_per_s": float(np.median([r["images_per_s"] for r in rows[1:] or rows]))}
     for key in ("val_top1_cls_head", "val_top1_dist_head", "teacher_val_top1"):
         if key in best:
             out[key] = best[key]
@@ -167,7 +168,7 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
              "trained it; best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val "
              "with both `best.pth`.", "",
              "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params "
-             "| train images/s (mean) |",
+             "| train images/s (median, epochs 2+) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "

@@ -46,7 +46,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, m
         scaler.update()
         if ema is not None:
             ema.update(unwrap(model), step=epoch * steps + i)
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        # DeiT: the mean of its two heads, its prediction, as evaluate() scores it; under Mixup/CutMix the train top-1
+        # is scored against the unmixed labels, so it reads low there
+        logits = torch.stack(outputs).mean(0) if isinstance(outputs, tuple) else outputs
         n = labels.shape[0]
         sums[:2] += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
         sums[2] += n  # a Python number: no host-to-device copy, which would synchronise every step

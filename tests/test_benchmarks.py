@@ -190,6 +190,7 @@ def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_
     from benchmarks import throughput
 
     for flags, message in ((["--step-stream", "side"], "--step-stream side: a CUDA stream; use it with --device cuda"),
+                           (["--step-stream", "high"], "--step-stream high: a CUDA stream; use it with --device cuda"),
                            (["--compile-mode", "reduce-overhead"], "nothing is compiled on a CPU without --compile")):
         with pytest.raises(SystemExit):
             throughput.main(flags)

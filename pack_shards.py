@@ -2,7 +2,10 @@
 """Pack ImageNet-style folders into globally shuffled WebDataset shards, DALI index files and a manifest.
 
     python pack_shards.py --data-path /data/imagenet100 --out /data/imagenet100-shards
-    python pack_shards.py --data-path /data/imagenet100 --out /data/in100-160 --resize-short 160  # smaller, faster
+    python pack_shards.py --data-path /data/imagenet100 --out /data/in100-256 --resize-short 256  # smaller, faster
+
+--resize-short S should stay at least train.py's --img-size / --crop-pct (256 for 224 px): val resizes the
+shorter side to that, and a smaller S would upscale.
 
 Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manifest.json.
 """
@@ -31,6 +34,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.shard_size < 1 or a.workers < 1 or (a.resize_short is not None and a.resize_short < 8):
         p.error("--shard-size and --workers must be >= 1, --resize-short >= 8")
+    if not 1 <= a.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) without a word
+        p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
                        jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers)
     try:
@@ -43,7 +48,8 @@ def main(argv=None) -> int:
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} unreadable files (listed in {a.out}/manifest.json)")
     if m["converted"]:
-        print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/resized; listed in the manifest)")
+        print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the "
+              f"manifest)")
     print(f"wrote {a.out}/manifest.json ({len(m['classes'])} classes)")
     return 0
 

@@ -144,6 +144,35 @@ def test_cmyk_grayscale_and_png_bytes_are_converted_and_kept(data, tmp_path):
             assert (im.format, im.mode) == ("JPEG", "RGB")
 
 
+def test_exif_orientation_is_applied_and_16_bit_pixels_are_scaled(data, tmp_path):
+    import numpy as np
+
+    files = sorted((data / "train.X2").glob("*/*.JPEG"))
+    with Image.open(files[0]) as im:
+        pixels = np.asarray(im.convert("RGB"))
+        exif = im.getexif()
+        exif[0x0112] = 6  # Orientation: shown rotated 90 degrees clockwise (DALI's decoder applies it)
+        im.save(files[0], format="JPEG", quality=95, exif=exif)
+    ramp = (np.arange(40 * 48).reshape(40, 48) * 33).astype(np.uint16)  # 0 .. 63,327
+    Image.fromarray(ramp).save(files[1], format="PNG")  # mode I;16
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, resize_short=32), progress=False)
+    changes = {Path(c["path"]).name: c["change"] for c in m["converted"]}
+    assert changes[files[0].name].startswith("EXIF orientation 6 applied")
+    packed = {}
+    for sh in m["splits"]["train"]["shards"]:
+        packed.update(read_tar(tmp_path / "s" / sh["file"]))
+    with Image.open(io.BytesIO(packed[files[0].stem]["jpg"])) as im:
+        assert im.getexif().get(0x0112) is None  # upright pixels, no tag left to apply twice
+        h, w = pixels.shape[:2]
+        assert im.size == (32, round(w * 32 / h)) if h < w else im.size == (round(h * 32 / w), 32)
+        upright = np.rot90(pixels, k=-1)  # rotated 90 degrees clockwise: the picture as a viewer shows it
+        small = np.asarray(Image.fromarray(upright).resize(im.size, Image.BICUBIC), dtype=float)
+        assert np.abs(np.asarray(im, dtype=float) - small).mean() < 12  # the same picture, the same way up
+    with Image.open(io.BytesIO(packed[files[1].stem]["jpg"])) as im:
+        grey = np.asarray(im.convert("L"), dtype=float)
+        assert 100 < grey.mean() < 150 and grey.min() < 20  # the ramp's mid-grey average, not clipped to white
+
+
 def break_two(data: Path) -> list[Path]:
     a, b = sorted((data / "train.X3").glob("*/*.JPEG"))[:2]
     a.write_bytes(a.read_bytes()[: len(a.read_bytes()) // 2])  # truncated
@@ -165,6 +194,21 @@ def test_skip_bad_skips_and_lists_them(data, tmp_path):
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
     assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
     assert m["splits"]["train"]["input_files"] == 16 and m["splits"]["train"]["num_samples"] == 14
+
+
+def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(data, tmp_path):
+    bad = break_two(data)
+    with pytest.raises(DataError):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
+    good = {f: f.stat().st_mtime_ns for f in (tmp_path / "s").glob("*.tar")}  # the shards without a bad file
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True), progress=False)
+    # 16 train and 4 val images in shards of 4: a shard that held a bad file is the one now short of 4
+    whole = {s["file"] for split in ("train", "val") for s in m["splits"][split]["shards"] if s["num_samples"] == 4}
+    assert {f.name for f in good} == whole and len(whole) < 5
+    assert all(f.stat().st_mtime_ns == t for f, t in good.items())  # reused, not re-encoded
+    assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
+    with pytest.raises(DataError, match="2 unreadable"):  # and without --skip-bad the reused record still stops it
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
 
 
 def test_cli_exits_nonzero_with_the_list(data, tmp_path):
@@ -322,3 +366,34 @@ def test_a_run_killed_while_replacing_a_shard_leaves_nothing_a_later_run_would_r
     for t in clean.glob("*.tar"):
         assert (out / t.name).read_bytes() == t.read_bytes()
         assert (out / t.with_suffix(".idx").name).read_text() == t.with_suffix(".idx").read_text()
+
+
+@pytest.mark.parametrize("what", ["split", "class", "file"])
+def test_a_broken_symlink_is_an_error_naming_it_not_a_silent_gap(data, tmp_path, what):
+    target = tmp_path / "unmounted" / "gone"
+    if what == "split":
+        shutil.rmtree(data / "train.X2")
+        link = data / "train.X2"
+    elif what == "class":
+        link = data / "train.X1" / "n09999999"
+    else:
+        link = first_image(data).with_name("n0_broken.JPEG")
+    link.symlink_to(target)
+    with pytest.raises(DataError, match=f"{link}: .*broken symlink"):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_naming_it(data, tmp_path):
+    import os
+
+    src = first_image(data)
+    bad = os.path.join(os.fsencode(src.parent), b"caf\xe9_2.JPEG")  # Latin-1, as old archives extract
+    os.rename(os.fsencode(src), bad)
+    with pytest.raises(DataError, match=r"not valid UTF-8 .*rename the file"):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_the_cli_refuses_a_jpeg_quality_outside_1_to_100(data, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
+                        str(tmp_path / "s"), "--jpeg-quality", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--jpeg-quality 0: must be in 1..100" in r.stderr

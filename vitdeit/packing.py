@@ -35,12 +35,16 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import webdataset
-from PIL import Image
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
 
 from .classes import MANIFEST_NAME, ClassMap, load_labels
 from .errors import DataError
 
 FORMAT_VERSION = 1
+# in every shard's fingerprint: raise it when the same input and options would be written differently, so that
+# shards an earlier packer wrote are rewritten, not reused (2: EXIF orientation applied, 16-bit pixels scaled)
+ENCODING_VERSION = 2
 SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compile(r"^val(\.X\d*)?$")}
 PROGRESS_DIR = ".progress"
 # the files a run writes per shard NAME: NAME.tar, NAME.idx, .NAME.tar.tmp, .progress/NAME.json(.tmp)
@@ -88,7 +92,10 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {"train": [], "val": []}
     for d in sorted(data_path.iterdir()):
         for split, pattern in SPLIT_DIR_PATTERNS.items():
-            if d.is_dir() and pattern.match(d.name):
+            if pattern.match(d.name):
+                if not d.is_dir():  # a split left out would be a quarter of the data lost without a word
+                    raise DataError(f"{d}: {not_a_folder(d)}; it is named like a {split} split folder: fix it, "
+                                    f"or move it out of {data_path}.")
                 found[split].append(d)
     for split, dirs in found.items():
         if not dirs:
@@ -99,6 +106,12 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     return found
 
 
+def not_a_folder(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"a broken symlink (to {os.readlink(path)}, which does not exist)"
+    return "a file, not a folder"
+
+
 def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list[Source]:
     sources = []
     for d in dirs:
@@ -106,7 +119,8 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
             if class_dir.name.startswith("."):
                 continue
             if not class_dir.is_dir():
-                raise DataError(f"{class_dir}: expected only WNID class folders in {d}; move this file away.")
+                raise DataError(f"{class_dir}: {not_a_folder(class_dir)}; expected only WNID class folders in {d}: "
+                                f"fix it or move it away.")
             if class_dir.name not in class_map.index:
                 raise DataError(
                     f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; add it there "
@@ -117,7 +131,13 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
                 if f.name.startswith("."):
                     continue
                 if not f.is_file():
-                    raise DataError(f"{f}: expected image files in {class_dir}, found a folder.")
+                    what = "a broken symlink" if f.is_symlink() and not f.exists() else "a folder"
+                    raise DataError(f"{f}: expected image files in {class_dir}, found {what}; fix it or move it away.")
+                try:
+                    f.name.encode("utf-8")
+                except UnicodeEncodeError:  # tar member names and DALI's index are UTF-8
+                    raise DataError(f"{f}: the file name is not valid UTF-8 (bytes {os.fsencode(f.name)!r}); rename "
+                                    f"the file.") from None
                 if "." in f.stem:
                     raise DataError(
                         f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to separate "
@@ -166,6 +186,16 @@ def encode_image(raw: bytes, resize_short: int | None, quality: int) -> tuple[by
             changes.append(f"{im.format} bytes -> JPEG")
         if im.mode != "RGB":
             changes.append(f"{im.mode} -> RGB")
+        # DALI's decoders apply an EXIF orientation, torchvision's and PIL's do not: apply it once, here, so that
+        # every loader sees the picture upright (a re-encode drops the tag, which would lose it otherwise)
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation in range(2, 9):
+            changes.append(f"EXIF orientation {orientation} applied")
+            im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16"):  # 16-bit: scale to 8 bits (convert("RGB") would clip nearly all to white)
+            im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))
+        elif im.mode in ("I", "F"):  # 32-bit: no range to scale from
+            raise ValueError(f"{im.mode} (32-bit) pixels have no 8-bit range to convert to; save it as 8-bit")
         w, h = im.size
         if resize_short and min(w, h) > resize_short:
             scale = resize_short / min(w, h)
@@ -206,10 +236,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
-    h = hashlib.sha1(json.dumps([FORMAT_VERSION, opts.resize_short, opts.jpeg_quality, opts.skip_bad]).encode())
+    # not skip_bad: a shard is written whole or, where it holds a bad file, only with --skip-bad, and the bad files
+    # are in its record either way; so the rerun a bad file's error suggests re-encodes only the shards that hold one
+    h = hashlib.sha1(json.dumps([FORMAT_VERSION, ENCODING_VERSION, opts.resize_short, opts.jpeg_quality]).encode())
     for s in sources:
         st = os.stat(s.path)  # size and modification time, as make and rsync judge a changed file
-        h.update(f"{s.path}\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(s.path) + f"\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vit", default="runs/baseline_vit_tiny/best.pth", help="ViT checkpoint")
     p.add_argument("--deit", default="runs/deit_tiny_distill/best.pth", help="DeiT checkpoint")
-    p.add_argument("--teacher-run", default="runs/teacher_resnet18", help="teacher run folder (for the report)")
+    p.add_argument("--teacher-run", default=None, help="teacher run folder for the report (default: the folder of "
+                   "the --teacher-ckpt the DeiT distilled from; none for --teacher-weights)")
     p.add_argument("--data-path", default=None, help="shards (default: the ViT checkpoint's data_path)")
     p.add_argument("--num-images", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="which random val images")

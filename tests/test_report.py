@@ -97,3 +97,30 @@ def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
     with pytest.raises(DataError, match="another class map"):
         make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
                  data_path=str(other), out=str(tmp_path / "x.png"), report_dir=None, workers=0)
+
+
+def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tmp_path):
+    import shutil
+
+    kw = dict(num_images=2, report_dir=str(tmp_path / "report"), workers=0, out=str(tmp_path / "p.png"))
+    make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"), **kw)
+    assert "| teacher |" in (tmp_path / "report" / "report.md").read_text()  # no --teacher-run: found from DeiT's
+    # a DeiT whose teacher run is not here (moved, or torchvision's weights): no teacher row, not another run's
+    moved = tmp_path / "deit"
+    shutil.copytree(runs / "deit_tiny_distill", moved)
+    state = torch.load(moved / "best.pth", weights_only=True)
+    state["config"]["teacher_ckpt"] = str(tmp_path / "elsewhere" / "best.pth")
+    torch.save(state, moved / "best.pth")
+    make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), **kw)
+    assert "| teacher |" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_run_without_a_finished_epoch_is_an_error_naming_its_metrics(runs, tmp_path):
+    import shutil
+
+    vit = tmp_path / "vit"
+    shutil.copytree(runs / "baseline_vit_tiny", vit)
+    (vit / "metrics.jsonl").write_text("")  # a fresh run in this folder, killed in its first epoch
+    with pytest.raises(DataError, match=f"{vit / 'metrics.jsonl'}: no finished epoch yet"):
+        make_all(str(vit / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"), num_images=2,
+                 report_dir=str(tmp_path / "report"), workers=0, out=str(tmp_path / "p.png"))

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import check_class_map, load_checkpoint
 from .classes import ClassMap, load_manifest, manifest_class_map
-from .errors import MissingFile, SettingError
+from .errors import DataError, MissingFile, SettingError
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint
@@ -193,6 +193,17 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     return "\n".join(lines) + "\n"
 
 
+def distilled_from(deit_state: dict) -> str | None:
+    """The train.py run folder of the teacher the DeiT checkpoint distilled from: its --teacher-ckpt's folder, if it is
+    one here (None for torchvision's weights or no distillation: the report then shows no teacher row; the DeiT's
+    metrics still hold the teacher's val top-1)."""
+    cfg = deit_state["config"]
+    if cfg.get("distillation_type") == "none" or not cfg.get("teacher_ckpt"):
+        return None
+    run_dir = Path(cfg["teacher_ckpt"]).parent
+    return str(run_dir) if (run_dir / "metrics.jsonl").is_file() else None
+
+
 def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
              num_images: int = 10, seed: int = 0, out: str = "vit_vs_deit_random10.png",
              report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
@@ -220,10 +231,15 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     rdir = Path(report_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     runs = {}
+    teacher_run = teacher_run or distilled_from(deit_state)
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
     metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
+    for name, rows in metrics.items():
+        if not rows:  # a run restarted in this folder, before its first epoch ended
+            raise DataError(f"{runs[name] / 'metrics.jsonl'}: no finished epoch yet; wait for the run's first epoch, "
+                            f"or pass another run's checkpoint.")
     summaries = []
     for name, run_dir in runs.items():
         if name == "teacher":

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from PIL import Image
 
 from conftest import LABELS, small_dataset
@@ -7,8 +8,8 @@ from vitdeit.classes import load_labels
 
 
 def test_demo_writes_the_imagenet100_layout(tiny_data):
-    assert sorted(p.name for p in tiny_data.iterdir()) == ["Labels.json", "train.X1", "train.X2", "train.X3",
-                                                            "train.X4", "val.X"]
+    assert sorted(p.name for p in tiny_data.iterdir()) == [".vitdeit-demo", "Labels.json", "train.X1", "train.X2",
+                                                            "train.X3", "train.X4", "val.X"]
     labels = json.loads((tiny_data / "Labels.json").read_text())
     assert len(labels) == 4 and set(labels) <= set(load_labels(LABELS))  # real WNIDs from the class list
     for wnid in labels:
@@ -19,6 +20,21 @@ def test_demo_writes_the_imagenet100_layout(tiny_data):
         assert all(f.name.startswith("ILSVRC2012_val_") and f.suffix == ".JPEG" for f in val)
         with Image.open(train[0]) as im:
             assert im.format == "JPEG" and im.mode == "RGB"
+
+
+def test_a_second_generation_replaces_the_first_and_nothing_the_demo_did_not_write(tmp_path):
+    from vitdeit.errors import SettingError
+    from vitdeit.packing import PackOptions, pack
+
+    small_dataset(tmp_path / "d", num_classes=4, train_per_class=4, val_per_class=1)  # as --quick, then the full demo
+    data = small_dataset(tmp_path / "d", num_classes=3, train_per_class=4, val_per_class=1)
+    assert len(json.loads((data / "Labels.json").read_text())) == 3
+    assert len({p.name for p in data.glob("*/*")}) == 3 and len(list(data.glob("*/*/*"))) == 15
+    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 12
+    (tmp_path / "real" / "train.X1").mkdir(parents=True)  # somebody's dataset: refused, untouched
+    with pytest.raises(SettingError, match="which the demo did not write"):
+        small_dataset(tmp_path / "real", num_classes=2, train_per_class=4, val_per_class=1)
+    assert (tmp_path / "real" / "train.X1").is_dir()
 
 
 def test_demo_is_deterministic(tmp_path):

@@ -9,7 +9,8 @@ structure at a random position, which a convolution's translation equivariance p
 epochs while a ViT has to learn it from data: the gap a distilled DeiT is meant to close.
 
 Layout written: OUT/train.X1..X4/WNID/WNID_N.JPEG, OUT/val.X/WNID/ILSVRC2012_val_NNNNNNNN.JPEG,
-OUT/Labels.json (only the chosen classes).
+OUT/Labels.json (only the chosen classes), OUT/.vitdeit-demo (a marker: a later generation replaces the
+splits of a folder that has it, and refuses one that does not).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import colorsys
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -115,6 +117,20 @@ def draw_sample(shape: str, rng: np.random.Generator, size: tuple[int, int],
     return img.filter(ImageFilter.GaussianBlur(0.6))
 
 
+DEMO_MARKER = ".vitdeit-demo"  # in every folder the generator wrote: what it may replace
+
+
+def clear_demo_dataset(out: Path) -> None:
+    """Remove what an earlier generation wrote to `out` (another class count leaves class folders the new
+    Labels.json lacks); refuse a dataset the demo did not write."""
+    made = [p for p in (out / "Labels.json", out / "val.X", *sorted(out.glob("train.X*"))) if p.exists()]
+    if made and not (out / DEMO_MARKER).is_file():
+        raise SettingError(f"{out} already holds {made[0].name}, which the demo did not write; give the demo another "
+                           f"--out (it replaces its own earlier data, nothing else).")
+    for p in made:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int = 10,
                       train_per_class: int = 240, val_per_class: int = 50, seed: int = 0,
                       min_size: int = 56, max_size: int = 88, colour_cue: float = 0.5) -> Path:
@@ -130,7 +146,9 @@ def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int
     wnids = sorted(all_labels)
     step = len(wnids) / num_classes  # spread over the list: varied, real class names
     chosen = [wnids[int(i * step)] for i in range(num_classes)]
+    clear_demo_dataset(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by vitdeit.demo, which replaces this folder's splits when it runs again\n")
     (out / "Labels.json").write_text(json.dumps({w: all_labels[w] for w in chosen}, indent=1))
     rng = np.random.default_rng(seed)
     val_counter = 0

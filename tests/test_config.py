@@ -37,6 +37,10 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"teacher_ckpt": "a", "teacher_weights": "imagenet1k"}, "not both"),
     ({"mixup": 0.8, "batch_size": 31}, "--batch-size 31: Mixup/CutMix pair images"),
     ({"dali_hw_decoder_load": 1.5}, r"--dali-hw-decoder-load 1\.5: must be in \[0, 1\]"),
+    ({"label_smoothing": 1.5}, r"--label-smoothing 1\.5: must be in \[0, 1\]"),
+    ({"drop_path": 2.0}, r"--drop-path 2\.0: must be in \[0, 1\]"),
+    ({"mixup": -0.8}, r"--mixup -0\.8: must be >= 0"),
+    ({"warmup_epochs": -1.0}, r"--warmup-epochs -1\.0: must be >= 0"),
 ])
 def test_bad_values_are_errors_that_name_them(values, fragment):
     with pytest.raises(ValueError, match=fragment):

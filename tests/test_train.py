@@ -264,3 +264,9 @@ def test_resuming_into_another_run_folder_brings_best_pth_along(tiny_shards, tmp
     best = torch.load(tmp_path / "longer" / "best.pth", weights_only=True)
     assert (best["epoch"], best["best_top1"]) == ((0, 50.0) if saved_best else (1, 10.0))
     assert torch.load(tmp_path / "longer" / "last.pth", weights_only=True)["best_top1"] == best["best_top1"]
+
+
+def test_shards_packed_smaller_than_the_val_resize_are_named_in_a_warning(tiny_data, tmp_path, capsys):
+    pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
+    train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))
+    assert "packed with --resize-short 32, under the 36 px" in capsys.readouterr().out  # floor(32 / 0.875)

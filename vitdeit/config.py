@@ -100,6 +100,10 @@ class Config:
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1,
              "--crop-scale-min and --crop-pct must be in (0, 1]")
+        for name in ("label_smoothing", "drop_path", "model_ema_decay"):  # probabilities and fractions
+            need(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1]")
+        for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr", "weight_decay"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
         need(not (self.teacher_ckpt and self.teacher_weights),

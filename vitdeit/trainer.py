@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -102,6 +103,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     val_loader = build_loader(cfg, manifest, "val", dist)
+    packed, val_short = manifest.get("options", {}).get("resize_short"), math.floor(cfg.img_size / cfg.crop_pct)
+    if packed and packed < val_short:
+        dist.print(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px shorter "
+                   f"side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are upscaled. "
+                   f"Repack with --resize-short {val_short} or more, or lower --img-size.")
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "

@@ -116,6 +116,17 @@ def test_teacher_weights_of_another_network_are_a_data_error(tmp_path):
         load_teacher("", str(wrong), ClassMap(("n01440764",), ("tench",)))
 
 
+def test_a_train_py_checkpoint_given_as_teacher_weights_names_the_right_flag(tmp_path):
+    from vitdeit.classes import ClassMap
+    from vitdeit.errors import SettingError
+    from vitdeit.models import load_teacher
+
+    ckpt = tmp_path / "best.pth"
+    torch.save({"model": {}, "config": {"model": "resnet18"}, "classes": ["n01440764"]}, ckpt)
+    with pytest.raises(SettingError, match=f"a train.py checkpoint.*pass it as --teacher-ckpt {ckpt}"):
+        load_teacher("", str(ckpt), ClassMap(("n01440764",), ("tench",)))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_viz_on_a_machine_without_a_gpu_names_the_device_flag(capsys):
     assert viz.main(["--device", "cuda"]) == 1

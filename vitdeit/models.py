@@ -104,6 +104,9 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
         net = model_from_checkpoint(state)
     else:
         state = load_imagenet1k_resnet18(weights or "imagenet1k")
+        if isinstance(state, dict) and {"model", "config"} <= state.keys():
+            raise SettingError(f"--teacher-weights {weights}: a train.py checkpoint, not torchvision's ImageNet-1k "
+                               f"weights; pass it as --teacher-ckpt {weights}.")
         try:
             net = sliced_resnet18(state, class_map.wnids)
         except (RuntimeError, AttributeError) as e:  # load_state_dict: missing/unexpected keys, wrong shapes

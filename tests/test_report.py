@@ -124,3 +124,14 @@ def test_a_run_without_a_finished_epoch_is_an_error_naming_its_metrics(runs, tmp
     with pytest.raises(DataError, match=f"{vit / 'metrics.jsonl'}: no finished epoch yet"):
         make_all(str(vit / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"), num_images=2,
                  report_dir=str(tmp_path / "report"), workers=0, out=str(tmp_path / "p.png"))
+
+
+def test_shards_named_by_the_checkpoint_but_not_here_ask_for_data_path(runs, tmp_path, monkeypatch):
+    from vitdeit.errors import MissingFile
+
+    monkeypatch.chdir(tmp_path)  # the checkpoint's data_path is relative to where it trained, as the demo's is
+    state = torch.load(runs / "baseline_vit_tiny" / "best.pth", weights_only=True)
+    state["config"]["data_path"] = "demo_shards"
+    torch.save(state, tmp_path / "vit.pth")
+    with pytest.raises(MissingFile, match=r"vit\.pth was trained on demo_shards, .*pass the shards with --data-path"):
+        make_all(str(tmp_path / "vit.pth"), str(runs / "deit_tiny_distill" / "best.pth"), report_dir=None)

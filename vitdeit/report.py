@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint
-from .classes import ClassMap, load_manifest, manifest_class_map
+from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
@@ -213,7 +213,11 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
             raise MissingFile(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
                               f"train.py --run-name ...), or pass its path with --vit / --deit.")
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
-    data_path = data_path or vit_state["config"]["data_path"]
+    if data_path is None:
+        data_path = vit_state["config"]["data_path"]
+        if not (Path(data_path) / MANIFEST_NAME).is_file():  # e.g. a relative path, viz.py run from elsewhere
+            raise MissingFile(f"{vit_ckpt} was trained on {data_path}, which holds no {MANIFEST_NAME} seen from here "
+                              f"({Path.cwd()}); pass the shards with --data-path.")
     manifest = load_manifest(data_path)
     class_map = manifest_class_map(manifest)
     check_class_map(vit_state, class_map, vit_ckpt)

@@ -58,7 +58,7 @@ def test_same_seed_same_images_other_seed_others():
 
 
 def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(runs, tmp_path):
-    out = tmp_path / "pic.png"
+    out = tmp_path / "new_folder" / "pic.png"  # --out into a folder that does not exist yet
     w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
                  teacher_run=str(runs / "teacher_resnet18"), num_images=10, out=str(out),
                  report_dir=str(tmp_path / "report"), workers=0)

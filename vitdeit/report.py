@@ -227,6 +227,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     indices = sample_indices(len(vit.labels), num_images, seed)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     written = {"figure": out, "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                                          for i in indices]}

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -61,10 +62,11 @@ def test_train_epoch_across_ranks_draws_every_sample_once(tiny_shards):
     assert steps == {4} and sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "train"))
 
 
-@pytest.mark.parametrize("world,batch", [(1, 10), (2, 10), (3, 7)])
+@pytest.mark.parametrize("world,batch", [(1, 10), (2, 10), (3, 7), (5, 19)])
 def test_every_epoch_is_one_pass_no_sample_twice(tiny_shards, world, batch):
-    # 96 samples leave a remainder on every rank (6, 8, 4): it is dropped, not carried into the next epoch, where
-    # it would make that epoch span two independently shuffled passes and draw some samples twice
+    # 96 samples leave a remainder on every rank (6, 8, 4; with 5 ranks one slice holds 20, the others 19, one
+    # batch): it is dropped, not carried into the next epoch, where it would make that epoch span two
+    # independently shuffled passes and draw some samples twice
     m = load_manifest(tiny_shards)
     loaders = [DaliLoader(tiny_shards, m, "train", batch_size=batch, img_size=16, rank=r, world=world, workers=1,
                           with_keys=True) for r in range(world)]
@@ -74,10 +76,27 @@ def test_every_epoch_is_one_pass_no_sample_twice(tiny_shards, world, batch):
         assert len(keys) == len(set(keys)) == per_epoch
 
 
-def test_fewer_train_tars_than_ranks_is_a_warning_naming_the_repack(tiny_shards):
-    m = load_manifest(tiny_shards)  # 4 train tars (shard_size 30)
-    with pytest.warns(UserWarning, match=r"4 train shard\(s\) for 5 processes.*--shard-size 4 "):
-        DaliLoader(tiny_shards, m, "train", batch_size=4, img_size=16, rank=0, world=5, workers=1)
+def test_one_train_tar_for_several_ranks_is_a_warning_naming_the_repack(tiny_data, tiny_shards, tmp_path):
+    from vitdeit.packing import PackOptions, pack
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 4 tars for 5 ranks: each rank's slice still changes every epoch
+        DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=4, img_size=16, world=5, workers=1)
+    pack(tiny_data, tmp_path / "one", opts=PackOptions(workers=1), progress=False)  # 96 samples, one tar
+    with pytest.warns(UserWarning, match=r"one train shard for 2 processes.*--shard-size 12 "):
+        DaliLoader(tmp_path / "one", load_manifest(tmp_path / "one"), "train", batch_size=4, img_size=16, world=2,
+                   workers=1)
+
+
+def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, workers=1)
+    first = DaliLoader(tiny_shards, m, "train", **kw)
+    next(iter(first))
+    old = first.state()
+    del old["settings"]["epoch"]  # what an earlier version saved; its iterator state lacks what this one reads
+    again = DaliLoader(tiny_shards, m, "train", state=old, **kw)
+    assert not again.restored and len(list(again)) == len(again)
 
 
 def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards):

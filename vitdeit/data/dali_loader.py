@@ -70,11 +70,10 @@ class DaliLoader:
 
     Train: rank r reads slice r of `world` of the samples in tar order (contiguous; the tars hold the globally
     shuffled samples, and their order is reshuffled every epoch, the same on every rank, so a rank's slice
-    holds other tars' samples each epoch: with fewer train tars than ranks a rank would keep the same
-    samples). One epoch is one pass over that slice: every rank takes floor(N / world / batch) steps, each
-    sample at most once, and the rest of its slice (under batch + 1 samples, drawn anew each epoch) is read
-    and dropped, as drop_last. Val: no shuffle, the last batch padded by DALI and the padding removed here, so
-    every image is counted exactly once.
+    holds other tars' samples each epoch; from a single tar a rank would keep the same samples). One epoch is
+    one pass over that slice: every rank takes floor(N / world / batch) steps, each sample at most once, and
+    the rest of its slice (at most one batch, with DALI's padding) is read and dropped, as drop_last. Val: no
+    shuffle, the last batch padded by DALI and the padding removed here, so every image is counted exactly once.
     """
 
     name = "dali"
@@ -98,16 +97,17 @@ class DaliLoader:
         files, indexes = zip(*[(str(tar), str(idx)) for tar, idx in shard_paths(shards_dir, manifest, split)])
         n = manifest["splits"][split]["num_samples"]
         self.train = split == "train"
-        if self.train and len(shards) < world:
-            warnings.warn(f"{shards_dir}: {len(shards)} train shard(s) for {world} processes: DALI gives each process "
-                          f"the same slice of them every epoch (a new tar order cannot move it). Repack with "
+        if self.train and len(shards) == 1 and world > 1:
+            warnings.warn(f"{shards_dir}: one train shard for {world} processes: DALI gives each process the same "
+                          f"slice of it every epoch (only the order of several tars can change). Repack with "
                           f"pack_shards.py --shard-size {max(1, n // (4 * world))} (4 tars per process), or use "
                           f"--loader torch.", stacklevel=2)
         # what a saved reader state depends on: the shards (name, samples, bytes), every rank's slice of them,
         # the batches and the random ops' arguments; decode threads do not matter (per-sample generators)
         self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
                          "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
-                         "scale": list(scale), "ratio": list(ratio), "gpu": gpu}
+                         "scale": list(scale), "ratio": list(ratio), "gpu": gpu,
+                         "epoch": "reader pass"}  # what an epoch is: states of the earlier fixed-size epochs don't fit
         # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
         self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
         self.batch_size = batch_size
@@ -127,14 +127,12 @@ class DaliLoader:
                               hw_decoder_load=hw_decoder_load)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
-        # the reader drives the epoch: DROP ends it after floor(smallest slice / batch) batches on every rank and
-        # reads the padded rest of the pass, so the next epoch starts a new pass (a fixed `size` instead would carry
-        # the rest into the next epoch, which then spans two passes: up to a quarter of its draws repeats)
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train
+        # uses the first `steps` batches (__iter__). A fixed `size` would carry the rest into the next epoch, which
+        # then spans two passes and draws up to a quarter of its samples twice; DROP leaves the padded last batch of
+        # a pass in the pipeline when the smallest slice divides into batches (it ends the epoch on that slice).
         self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
-                                      last_batch_policy=policy)
-        if len(self.it) != self.steps:
-            raise AssertionError(f"DALI's iterator plans {len(self.it)} batches per epoch, not {self.steps}")
+                                      last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
         return self.steps
@@ -148,7 +146,9 @@ class DaliLoader:
         return {"settings": self.settings, "checkpoint": self.it.checkpoints()[0]} if self.train else None
 
     def __iter__(self):
-        for out in self.it:
+        for i, out in enumerate(self.it):  # the whole pass: a new epoch then starts a new one
+            if i >= self.steps:  # train: the rest of this rank's slice, under a batch more than the smallest one's
+                continue
             images, labels = out[0]["images"], out[0]["labels"]
             batch = (images.permute(0, 3, 1, 2), labels.view(-1).long())  # NHWC memory = channels-last NCHW
             if "keys" in out[0]:

@@ -207,8 +207,25 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     assert {f.name for f in good} == whole and len(whole) < 5
     assert all(f.stat().st_mtime_ns == t for f, t in good.items())  # reused, not re-encoded
     assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
-    with pytest.raises(DataError, match="2 unreadable"):  # and without --skip-bad the reused record still stops it
+    with pytest.raises(DataError, match="2 unreadable"):  # without --skip-bad they are read again, and stop it
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
+
+
+def test_a_file_that_failed_once_packs_when_it_reads_again_without_skip_bad(data, tmp_path, monkeypatch):
+    flaky = first_image(data)  # unreadable for one run (permissions, a network file system), then fine, unchanged
+    real = packing.encode_image
+
+    def fail_once(raw, *a):
+        if raw == flaky.read_bytes():
+            raise PermissionError(f"[Errno 13] Permission denied: '{flaky}'")
+        return real(raw, *a)
+
+    monkeypatch.setattr(packing, "encode_image", fail_once)
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
+    assert [x["path"] for x in m["skipped"]] == [str(flaky)]
+    monkeypatch.setattr(packing, "encode_image", real)
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)  # the record that skipped it: not reused
+    assert m["skipped"] == [] and m["splits"]["train"]["num_samples"] == 16
 
 
 def test_cli_exits_nonzero_with_the_list(data, tmp_path):

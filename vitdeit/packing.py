@@ -236,8 +236,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
-    # not skip_bad: a shard is written whole or, where it holds a bad file, only with --skip-bad, and the bad files
-    # are in its record either way; so the rerun a bad file's error suggests re-encodes only the shards that hold one
+    # not skip_bad: a shard without bad files is the same either way, so the rerun a bad file's error suggests
+    # (--skip-bad) re-encodes only the shards that hold one (write_shard reuses a record with bad files only then)
     h = hashlib.sha1(json.dumps([FORMAT_VERSION, ENCODING_VERSION, opts.resize_short, opts.jpeg_quality]).encode())
     for s in sources:
         st = os.stat(s.path)  # size and modification time, as make and rsync judge a changed file
@@ -256,7 +256,9 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             done = json.loads(record.read_text())
         except json.JSONDecodeError:
             done = {}  # unreadable: write the shard again
-        if done.get("fingerprint") == result.fingerprint:  # same inputs, same options: reuse the shard
+        # same inputs, same options: reuse the shard; one that skipped bad files only where skipping is asked for
+        # (without --skip-bad they are read again: a file fixed in place, e.g. its permissions, then packs)
+        if done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             return ShardResult(**done)
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that

@@ -414,3 +414,19 @@ def test_the_cli_refuses_a_jpeg_quality_outside_1_to_100(data, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
                         str(tmp_path / "s"), "--jpeg-quality", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--jpeg-quality 0: must be in 1..100" in r.stderr
+
+
+def test_16_bit_grey_is_scaled_however_pillow_opens_it_and_32_bit_is_refused():
+    import numpy as np
+
+    ramp = (np.arange(40 * 48).reshape(40, 48) * 33).astype(np.int32)  # 0 .. 63,327: 16-bit values
+    for im in (Image.fromarray(ramp.astype(np.uint16)), Image.fromarray(ramp, mode="I")):  # I: older Pillow's PNG
+        buf = io.BytesIO()
+        im.save(buf, format="TIFF")
+        data, change = packing.encode_image(buf.getvalue(), None, 90)
+        with Image.open(io.BytesIO(data)) as out:
+            assert abs(np.asarray(out.convert("L"), dtype=float).mean() - ramp.mean() / 256) < 2, im.mode
+    buf = io.BytesIO()
+    Image.fromarray(ramp * 100, mode="I").save(buf, format="TIFF")  # beyond 16 bits: no range to scale from
+    with pytest.raises(ValueError, match="32-bit"):
+        packing.encode_image(buf.getvalue(), None, 90)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import webdataset
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 
 from .classes import MANIFEST_NAME, ClassMap, load_labels
 from .errors import DataError
@@ -188,11 +188,13 @@ def encode_image(raw: bytes, resize_short: int | None, quality: int) -> tuple[by
             changes.append(f"{im.mode} -> RGB")
         # DALI's decoders apply an EXIF orientation, torchvision's and PIL's do not: apply it once, here, so that
         # every loader sees the picture upright (a re-encode drops the tag, which would lose it otherwise)
-        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        orientation = im.getexif().get(0x0112, 1)  # the EXIF Orientation tag
         if orientation in range(2, 9):
             changes.append(f"EXIF orientation {orientation} applied")
             im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16"):  # 16-bit: scale to 8 bits (convert("RGB") would clip nearly all to white)
+        # 16-bit grey: scale to 8 bits (convert("RGB") would clip nearly all to white). Pillow opens 16-bit PNGs as
+        # I;16, or as I (32-bit) before version 10.x: I within 0..65535 is taken as 16-bit too
+        if im.mode.startswith("I;16") or (im.mode == "I" and 0 <= im.getextrema()[0] <= im.getextrema()[1] < 2**16):
             im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))
         elif im.mode in ("I", "F"):  # 32-bit: no range to scale from
             raise ValueError(f"{im.mode} (32-bit) pixels have no 8-bit range to convert to; save it as 8-bit")

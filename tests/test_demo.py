@@ -30,7 +30,8 @@ def test_a_second_generation_replaces_the_first_and_nothing_the_demo_did_not_wri
     data = small_dataset(tmp_path / "d", num_classes=3, train_per_class=4, val_per_class=1)
     assert len(json.loads((data / "Labels.json").read_text())) == 3
     assert len({p.name for p in data.glob("*/*")}) == 3 and len(list(data.glob("*/*/*"))) == 15
-    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 12
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["splits"]["train"]["num_samples"] == 12
     (tmp_path / "real" / "train.X1").mkdir(parents=True)  # somebody's dataset: refused, untouched
     with pytest.raises(SettingError, match="which the demo did not write"):
         small_dataset(tmp_path / "real", num_classes=2, train_per_class=4, val_per_class=1)

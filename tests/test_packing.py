@@ -224,7 +224,7 @@ def test_a_file_that_failed_once_packs_when_it_reads_again_without_skip_bad(data
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
     assert [x["path"] for x in m["skipped"]] == [str(flaky)]
     monkeypatch.setattr(packing, "encode_image", real)
-    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)  # the record that skipped it: not reused
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)  # the record that skipped it: unused
     assert m["skipped"] == [] and m["splits"]["train"]["num_samples"] == 16
 
 

@@ -248,8 +248,8 @@ def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_p
     assert best["epoch"] == 0 and best["best_top1"] == 0.0
 
 
-@pytest.mark.parametrize("saved_best", [True, False])
-def test_resuming_into_another_run_folder_brings_best_pth_along(tiny_shards, tmp_path, monkeypatch, saved_best):
+@pytest.mark.parametrize("saved_best", ["its own", "none", "another run's"])
+def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, tmp_path, monkeypatch, saved_best):
     from vitdeit import trainer
 
     top1 = iter([50.0, 10.0])  # epoch 0 stays the best: the resumed run writes no best.pth of its own
@@ -257,13 +257,22 @@ def test_resuming_into_another_run_folder_brings_best_pth_along(tiny_shards, tmp
                                                               "val_top5": 90.0, "val_samples": 24})
     kw = dict(model="vit_tiny", batch_size=16, workers=0)
     train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
-    if not saved_best:  # only last.pth was kept: the resumed run's own epochs decide its best.pth
-        (tmp_path / "vit_tiny" / "best.pth").unlink()
+    saved = tmp_path / "vit_tiny" / "best.pth"
+    if saved_best == "none":  # only last.pth was kept: the resumed run's own epochs decide its best.pth
+        saved.unlink()
+    elif saved_best == "another run's":  # e.g. a later attempt's, beside a copied last.pth: not this run's best
+        other = torch.load(saved, weights_only=True)
+        other["best_top1"] = 99.0
+        torch.save(other, saved)
+    (tmp_path / "longer").mkdir()
+    torch.save({"stale": True}, tmp_path / "longer" / "best.pth")  # left by an earlier attempt: replaced or removed
     train(cfg_for(tiny_shards, tmp_path, epochs=2, run_name="longer",
                   resume=str(tmp_path / "vit_tiny" / "last.pth"), **kw))
     best = torch.load(tmp_path / "longer" / "best.pth", weights_only=True)
-    assert (best["epoch"], best["best_top1"]) == ((0, 50.0) if saved_best else (1, 10.0))
+    assert (best["epoch"], best["best_top1"]) == ((0, 50.0) if saved_best == "its own" else (1, 10.0))
     assert torch.load(tmp_path / "longer" / "last.pth", weights_only=True)["best_top1"] == best["best_top1"]
+    rows = [json.loads(x) for x in open(tmp_path / "longer" / "metrics.jsonl")]
+    assert [(r["epoch"], r["val_top1"]) for r in rows] == [(0, 50.0), (1, 10.0)]  # the whole run, as report reads it
 
 
 def test_shards_packed_smaller_than_the_val_resize_are_named_in_a_warning(tiny_data, tmp_path, capsys):

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, torch_load
 from .classes import load_manifest, manifest_class_map
 from .config import Config
-from .data import build_loader
+from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
 from .engine import evaluate, train_one_epoch
-from .errors import SettingError, first_line
-from .metrics import MetricsLog
+from .errors import DataError, SettingError, first_line
+from .metrics import MetricsLog, read_metrics
 from .models import create_model, load_teacher, model_from_checkpoint
 
 
@@ -68,6 +68,28 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                            f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
 
 
+def adopt_history(resume: Path, run_dir: Path, resumed: dict) -> float:
+    """--resume from another run folder: copy that run's metrics.jsonl lines up to the resumed epoch, and its best.pth
+    where it is this run's (the resumed best_top1, from an epoch not after the resumed one), into run_dir, so the
+    folder holds the whole run. Returns the best top-1 to go on from: -1 when no best.pth came along (the next
+    epoch writes one; a best.pth of another run left in run_dir goes)."""
+    src = resume.parent
+    rows = read_metrics(src) if (src / "metrics.jsonl").is_file() else []
+    kept = [r for r in rows if r["epoch"] <= resumed["epoch"]]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))  # as MetricsLog writes
+    best = run_dir / "best.pth"
+    try:
+        saved = torch_load(src / "best.pth", "best.pth") if (src / "best.pth").is_file() else {}
+    except DataError:
+        saved = {}
+    if saved.get("best_top1") == resumed["best_top1"] and saved.get("epoch", math.inf) <= resumed["epoch"]:
+        shutil.copyfile(src / "best.pth", best.with_name("best.pth.tmp"))
+        os.replace(best.with_name("best.pth.tmp"), best)
+        return resumed["best_top1"]
+    best.unlink(missing_ok=True)
+    return -1.0
+
+
 def train(cfg: Config, on_epoch_end=None) -> dict:
     """Train per `cfg`; return the last epoch's metrics. `on_epoch_end(epoch, record)` is called on every rank."""
     dist = setup(cfg.device)
@@ -103,11 +125,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     val_loader = build_loader(cfg, manifest, "val", dist)
-    packed, val_short = manifest.get("options", {}).get("resize_short"), math.floor(cfg.img_size / cfg.crop_pct)
+    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
     if packed and packed < val_short:
-        dist.print(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px shorter "
-                   f"side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are upscaled. "
-                   f"Repack with --resize-short {val_short} or more, or lower --img-size.")
+        dist.print(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
+                   f"shorter side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are "
+                   f"upscaled. Repack with --resize-short {val_short} or more, or lower --img-size.")
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
@@ -156,13 +178,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if resumed["scaler"]:  # empty when the saved run did not use fp16
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
-        best, saved_best = run_dir / "best.pth", Path(cfg.resume).with_name("best.pth")
-        if not best.exists():  # resumed into another run folder: its best.pth comes along, as best_top1 does
-            if not saved_best.is_file():
-                best_top1 = -1.0  # nothing to bring: the next epoch writes best.pth
-            elif dist.is_main:
-                shutil.copyfile(saved_best, best.with_name("best.pth.tmp"))
-                os.replace(best.with_name("best.pth.tmp"), best)
+        if dist.is_main and Path(cfg.resume).parent.resolve() != run_dir.resolve():
+            best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed)  # (rank 0's is the one that counts)
         dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} (best val top-1 {best_top1:.2f}%)")
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None

@@ -7,6 +7,7 @@ length in batches (`len`) and how many real samples this rank sees (`num_samples
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..classes import MANIFEST_NAME
@@ -14,6 +15,11 @@ from ..errors import DataError, SettingError
 
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def val_resize(img_size: int, crop_pct: float) -> int:
+    """Val: the shorter side (px) images are resized to before the centre crop of img_size (timm's crop_pct)."""
+    return math.floor(img_size / crop_pct)
 
 
 def uint8_normalizer(device, mean=MEAN, std=STD):

@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config
 from ..errors import DataError, SettingError
-from . import MEAN, STD, shard_paths
+from . import MEAN, STD, shard_paths, val_resize
 KEY_BYTES = 512
 
 
@@ -51,7 +51,7 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
-            images = fn.resize(images, resize_shorter=math.floor(img_size / crop_pct),
+            images = fn.resize(images, resize_shorter=val_resize(img_size, crop_pct),
                                interp_type=types.INTERP_LINEAR, antialias=True)
             mirror = 0
         images = fn.crop_mirror_normalize(

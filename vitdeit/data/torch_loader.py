@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import DataError
-from . import MEAN, STD, shard_paths, uint8_normalizer
+from . import MEAN, STD, shard_paths, uint8_normalizer, val_resize
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
@@ -149,7 +149,7 @@ class ValTransform:
     def __call__(self, data: bytes, rng: random.Random | None = None) -> np.ndarray:
         im = Image.open(io.BytesIO(data))
         w, h = im.size
-        short = math.floor(self.size / self.crop_pct)
+        short = val_resize(self.size, self.crop_pct)
         rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         x = decode_resize(data, im, (0, 0, w, h), (rh, rw))
         top, left = int(round((rh - self.size) / 2.0)), int(round((rw - self.size) / 2.0))

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -8,8 +9,8 @@ from vitdeit.classes import load_labels
 
 
 def test_demo_writes_the_imagenet100_layout(tiny_data):
-    assert sorted(p.name for p in tiny_data.iterdir()) == [".vitdeit-demo", "Labels.json", "train.X1", "train.X2",
-                                                            "train.X3", "train.X4", "val.X"]
+    assert sorted(p.name for p in tiny_data.iterdir()) == ["Labels.json", "train.X1", "train.X2", "train.X3",
+                                                            "train.X4", "val.X"]
     labels = json.loads((tiny_data / "Labels.json").read_text())
     assert len(labels) == 4 and set(labels) <= set(load_labels(LABELS))  # real WNIDs from the class list
     for wnid in labels:
@@ -32,10 +33,13 @@ def test_a_second_generation_replaces_the_first_and_nothing_the_demo_did_not_wri
     assert len({p.name for p in data.glob("*/*")}) == 3 and len(list(data.glob("*/*/*"))) == 15
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     assert m["splits"]["train"]["num_samples"] == 12
-    (tmp_path / "real" / "train.X1").mkdir(parents=True)  # somebody's dataset: refused, untouched
-    with pytest.raises(SettingError, match="which the demo did not write"):
-        small_dataset(tmp_path / "real", num_classes=2, train_per_class=4, val_per_class=1)
-    assert (tmp_path / "real" / "train.X1").is_dir()
+    (data / "train.X1.bak").mkdir()  # not a split folder: not the demo's to remove
+    small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    assert (data / "train.X1.bak").is_dir()
+    shutil.copy(LABELS, data / "Labels.json")  # the real ImageNet-100 unpacked over it: refused, untouched
+    with pytest.raises(SettingError, match="a dataset the demo did not write"):
+        small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    assert len(list(data.glob("*/*/*"))) == 10
 
 
 def test_demo_is_deterministic(tmp_path):

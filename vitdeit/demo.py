@@ -9,8 +9,8 @@ structure at a random position, which a convolution's translation equivariance p
 epochs while a ViT has to learn it from data: the gap a distilled DeiT is meant to close.
 
 Layout written: OUT/train.X1..X4/WNID/WNID_N.JPEG, OUT/val.X/WNID/ILSVRC2012_val_NNNNNNNN.JPEG,
-OUT/Labels.json (only the chosen classes), OUT/.vitdeit-demo (a marker: a later generation replaces the
-splits of a folder that has it, and refuses one that does not).
+OUT/Labels.json (only the chosen classes). A later generation replaces them where OUT/Labels.json is one the
+demo writes, and refuses any other dataset.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import load_labels
-from .errors import SettingError
+from .errors import SettingError, VitdeitError
+from .packing import SPLIT_DIR_PATTERNS
 
 SHAPES = ("disk", "ring", "square", "triangle", "cross", "arrow", "diamond", "star", "bars", "hourglass",
           "frame", "arc")
@@ -117,18 +118,29 @@ def draw_sample(shape: str, rng: np.random.Generator, size: tuple[int, int],
     return img.filter(ImageFilter.GaussianBlur(0.6))
 
 
-DEMO_MARKER = ".vitdeit-demo"  # in every folder the generator wrote: what it may replace
+def demo_classes(all_labels: dict[str, str], num_classes: int) -> dict[str, str]:
+    """The classes a demo of `num_classes` uses: spread over the sorted list (varied, real class names)."""
+    wnids = sorted(all_labels)
+    step = len(wnids) / num_classes
+    return {w: all_labels[w] for w in (wnids[int(i * step)] for i in range(num_classes))}
 
 
-def clear_demo_dataset(out: Path) -> None:
-    """Remove what an earlier generation wrote to `out` (another class count leaves class folders the new
-    Labels.json lacks); refuse a dataset the demo did not write."""
-    made = [p for p in (out / "Labels.json", out / "val.X", *sorted(out.glob("train.X*"))) if p.exists()]
-    if made and not (out / DEMO_MARKER).is_file():
-        raise SettingError(f"{out} already holds {made[0].name}, which the demo did not write; give the demo another "
-                           f"--out (it replaces its own earlier data, nothing else).")
+def clear_demo_dataset(out: Path, all_labels: dict[str, str]) -> None:
+    """Remove what an earlier generation wrote to `out` (another class count leaves class folders the new Labels.json
+    lacks). Only a demo dataset: its Labels.json is one the demo writes; a real one has its own classes."""
+    made = [p for p in sorted(out.iterdir()) if p.name == "Labels.json" or any(
+        pattern.match(p.name) for pattern in SPLIT_DIR_PATTERNS.values())] if out.is_dir() else []
+    if not made:
+        return
+    try:
+        ours = json.loads((out / "Labels.json").read_text()) in [demo_classes(all_labels, k) for k in range(2, 11)]
+    except (OSError, ValueError):  # missing or not JSON
+        ours = False
+    if not ours:
+        raise SettingError(f"{out} holds {made[0].name} of a dataset the demo did not write (its Labels.json is not "
+                           f"one the demo writes); move it away, or run the demo with another --out.")
     for p in made:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int = 10,
@@ -143,13 +155,10 @@ def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int
     all_labels = load_labels(labels_path)
     if not 2 <= num_classes <= min(len(all_labels), len(SHAPES)):
         raise SettingError(f"num_classes={num_classes}: the demo supports 2..{min(len(all_labels), len(SHAPES))}.")
-    wnids = sorted(all_labels)
-    step = len(wnids) / num_classes  # spread over the list: varied, real class names
-    chosen = [wnids[int(i * step)] for i in range(num_classes)]
-    clear_demo_dataset(out)
+    chosen = demo_classes(all_labels, num_classes)
+    clear_demo_dataset(out, all_labels)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by vitdeit.demo, which replaces this folder's splits when it runs again\n")
-    (out / "Labels.json").write_text(json.dumps({w: all_labels[w] for w in chosen}, indent=1))
+    (out / "Labels.json").write_text(json.dumps(chosen, indent=1))
     rng = np.random.default_rng(seed)
     val_counter = 0
     for ci, wnid in enumerate(chosen):
@@ -223,7 +232,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.generate_only:
         kw = dict(num_classes=4, train_per_class=48, val_per_class=12) if a.quick else {}
-        make_demo_dataset(a.out, ROOT / "Labels.json", **kw)
+        try:
+            make_demo_dataset(a.out, ROOT / "Labels.json", **kw)
+        except VitdeitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"wrote the synthetic demo dataset to {a.out}")
         return 0
     out = Path(a.out)

@@ -210,9 +210,8 @@ def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) 
          str(runs / "teacher_resnet18" / "best.pth"), "--distillation-type", "hard", "--epochs", str(epochs["vit"]),
          "--run-name", "deit_tiny_distill", *common] + (["--allow-weak-teacher"] if quick else []),
         [py, str(ROOT / "viz.py"), "--vit", str(runs / "baseline_vit_tiny" / "best.pth"), "--deit",
-         str(runs / "deit_tiny_distill" / "best.pth"), "--teacher-run", str(runs / "teacher_resnet18"),
-         "--out", str(out / "vit_vs_deit_random10.png"), "--report-dir", str(runs / "report"),
-         "--workers", str(workers)],
+         str(runs / "deit_tiny_distill" / "best.pth"), "--out", str(out / "vit_vs_deit_random10.png"),
+         "--report-dir", str(runs / "report"), "--workers", str(workers)],  # the teacher row: the DeiT's teacher run
     ]
 
 

@@ -94,8 +94,8 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
         for split, pattern in SPLIT_DIR_PATTERNS.items():
             if pattern.match(d.name):
                 if not d.is_dir():  # a split left out would be a quarter of the data lost without a word
-                    raise DataError(f"{d}: {not_a_folder(d)}; it is named like a {split} split folder: fix it, "
-                                    f"or move it out of {data_path}.")
+                    raise DataError(f"{d}: {what_is(d)}, not a folder; it is named like a {split} split folder: fix "
+                                    f"it, or move it out of {data_path}.")
                 found[split].append(d)
     for split, dirs in found.items():
         if not dirs:
@@ -106,10 +106,11 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     return found
 
 
-def not_a_folder(path: Path) -> str:
+def what_is(path: Path) -> str:
+    """What a path that is not what it should be is, for an error message."""
     if path.is_symlink() and not path.exists():
         return f"a broken symlink (to {os.readlink(path)}, which does not exist)"
-    return "a file, not a folder"
+    return "a folder" if path.is_dir() else "a file"
 
 
 def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list[Source]:
@@ -119,7 +120,7 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
             if class_dir.name.startswith("."):
                 continue
             if not class_dir.is_dir():
-                raise DataError(f"{class_dir}: {not_a_folder(class_dir)}; expected only WNID class folders in {d}: "
+                raise DataError(f"{class_dir}: {what_is(class_dir)}; expected only WNID class folders in {d}: "
                                 f"fix it or move it away.")
             if class_dir.name not in class_map.index:
                 raise DataError(
@@ -131,8 +132,8 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
                 if f.name.startswith("."):
                     continue
                 if not f.is_file():
-                    what = "a broken symlink" if f.is_symlink() and not f.exists() else "a folder"
-                    raise DataError(f"{f}: expected image files in {class_dir}, found {what}; fix it or move it away.")
+                    raise DataError(f"{f}: expected image files in {class_dir}, found {what_is(f)}; fix it or move it "
+                                    f"away.")
                 try:
                     f.name.encode("utf-8")
                 except UnicodeEncodeError:  # tar member names and DALI's index are UTF-8

@@ -168,7 +168,7 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
              "trained it; best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val "
              "with both `best.pth`.", "",
              "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params "
-             "| train images/s (median, epochs 2+) |",
+             "| train images/s (median of the epochs after the first, if any) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "

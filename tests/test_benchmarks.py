@@ -24,24 +24,26 @@ def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]
     return run, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("e2e_unit", ["steps", "epoch"])
-def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit):
-    run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit)
+@pytest.mark.parametrize("e2e_unit,loader_workers", [("steps", [1, 2]), ("epoch", [1])])
+def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit, loader_workers):
+    run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit, "--loader-workers", ",".join(map(str, loader_workers)))
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
-    assert r["machine"]["git_dirty"] in (True, False)
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    assert r["machine"]["git_commit"] == git("rev-parse", "HEAD")
+    assert r["machine"]["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
     assert ("dali_error" in r) == dali_available() and r.get("dali_error") is None  # DALI's one-batch check passed
     n_val = 16  # max(16, 24 // 8)
     assert [(p["workers"], p["images"]) for p in r["packing"]] == [(1, 24 + n_val)]
     backends = ["torch", "dali_cpu"] if dali_available() else ["torch"]
     names = ["imagefolder"] + [f"shards_{b}" for b in backends] + [f"shards_{b}_resized" for b in backends]
-    assert sorted(x["name"] for x in r["loaders"]) == sorted(names)
+    rows = sorted((x["name"], x["workers"]) for x in r["loaders"])
+    assert rows == sorted((n, w) for n in names for w in loader_workers)
     for row in r["loaders"]:
-        assert row["workers"] == 1 and row["images_per_s"] > 0
-        assert row["images_per_s_per_worker"] == row["images_per_s"] / row["workers"]
+        assert row["images_per_s"] > 0 and row["images_per_s_per_worker"] == row["images_per_s"] / row["workers"]
     assert len(r["model_step"]) == 3 * 2  # 3 models x (NCHW, channels-last), fp32 eager on a CPU by default
     assert len(r["end_to_end"]) == len(backends) * 2
     ceiling = r["end_to_end"][0]["ceiling_images_per_s"]  # timed in turns with the loaders: one for all of them
-    alone = {x["name"]: x["images_per_s"] for x in r["loaders"]}
+    alone = {x["name"]: x["images_per_s"] for x in r["loaders"] if x["workers"] == 1}  # the end-to-end runs' count
     for row in r["end_to_end"]:
         assert row["images_per_s"] > 0 and row["ceiling_images_per_s"] == ceiling > 0
         assert row["fraction_of_ceiling"] == pytest.approx(row["images_per_s"] / ceiling)

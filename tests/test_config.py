@@ -54,8 +54,9 @@ def test_the_patch_size_binds_only_the_transformers():
 
 
 def test_bad_flag_value_exits_with_a_message(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         parse_args(["--amp", "fp8"])
+    assert e.value.code == 2  # argparse's usage error
     assert "--amp 'fp8'" in capsys.readouterr().err
 
 

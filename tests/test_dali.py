@@ -158,7 +158,9 @@ def test_labels_come_from_the_shards(tiny_shards):
     m = load_manifest(tiny_shards)
     truth = {key: label for key, label, _ in all_samples(tiny_shards, "train")}
     loader = DaliLoader(tiny_shards, m, "train", batch_size=16, img_size=24, workers=1, with_keys=True)
-    for _, y, keys in loader:
+    batches = list(loader)
+    assert len(batches) == 96 // 16
+    for _, y, keys in batches:
         assert y.tolist() == [truth[k] for k in keys]
 
 

@@ -46,7 +46,7 @@ def test_demo_is_deterministic(tmp_path):
     a, b = small_dataset(tmp_path / "a", 2, 4, 2), small_dataset(tmp_path / "b", 2, 4, 2)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.JPEG"))
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.JPEG"))
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+    assert len(files_a) == 2 * (4 + 2) and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
 def test_the_readme_demo_command_runs_end_to_end(tmp_path):

@@ -17,11 +17,11 @@ def test_teacher_slicing_keeps_the_logits_of_the_datasets_wnids(tmp_path):
     torch.manual_seed(0)
     full = torchvision.models.resnet18(num_classes=1000).eval()
     torch.save(full.state_dict(), tmp_path / "r18.pth")
-    sliced = load_teacher("", str(tmp_path / "r18.pth"), ClassMap(tuple(wnids), tuple(wnids))).eval()
+    sliced = load_teacher("", str(tmp_path / "r18.pth"), ClassMap(tuple(wnids), tuple(wnids)))
+    assert not any(p.requires_grad for p in sliced.parameters()) and not sliced.training  # frozen, as returned
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(sliced(x), full(x)[:, expected_idx], atol=1e-5)
-    assert not any(p.requires_grad for p in sliced.parameters()) and not sliced.training
 
 
 def test_a_wnid_outside_imagenet1k_is_a_clear_error():
@@ -41,7 +41,8 @@ def test_models_take_the_class_count_and_image_size_from_arguments(name, heads):
     assert len(out) == heads and all(o.shape == (2, 7) for o in out)
     if name == "deit_tiny_distill":
         net.train()
-        cls, dist = net(torch.randn(2, 3, 32, 32))  # training mode: both heads, for the distillation loss
+        out = net(torch.randn(3, 3, 32, 32))  # training mode: both heads, for the distillation loss
+        assert isinstance(out, tuple) and [o.shape for o in out] == [(3, 7), (3, 7)]
         net.eval()
         with torch.no_grad():
             x = torch.randn(2, 3, 32, 32)

@@ -80,6 +80,7 @@ def test_every_train_shard_mixes_all_classes(tiny_shards):
 
 def test_index_files_match_dalis_wds2idx_and_the_tar(tiny_shards):
     wds2idx = pytest.importorskip("wds2idx")  # DALI's own index tool, shipped with nvidia-dali
+    assert len(list(tiny_shards.glob("*.idx"))) == 4 + 1  # 96 train images in shards of at most 30, 24 val
     for idx in sorted(tiny_shards.glob("*.idx")):
         tar = idx.with_suffix(".tar")
         ref = tiny_shards / (idx.name + ".ref")
@@ -167,7 +168,8 @@ def test_exif_orientation_is_applied_and_16_bit_pixels_are_scaled(data, tmp_path
         assert im.size == (32, round(w * 32 / h)) if h < w else im.size == (round(h * 32 / w), 32)
         upright = np.rot90(pixels, k=-1)  # rotated 90 degrees clockwise: the picture as a viewer shows it
         small = np.asarray(Image.fromarray(upright).resize(im.size, Image.BICUBIC), dtype=float)
-        assert np.abs(np.asarray(im, dtype=float) - small).mean() < 12  # the same picture, the same way up
+        assert np.abs(np.asarray(im, dtype=float) - small).mean() < 5  # the same picture, the same way up (a mirror
+        # of it, what orientation 5 or 7 gives, measured 8.9 here; the wrong rotation 13.8)
     with Image.open(io.BytesIO(packed[files[1].stem]["jpg"])) as im:
         grey = np.asarray(im.convert("L"), dtype=float)
         assert 100 < grey.mean() < 150 and grey.min() < 20  # the ramp's mid-grey average, not clipped to white
@@ -200,12 +202,12 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     bad = break_two(data)
     with pytest.raises(DataError):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
-    good = {f: f.stat().st_mtime_ns for f in (tmp_path / "s").glob("*.tar")}  # the shards without a bad file
+    good = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in (tmp_path / "s").glob("*.tar")}  # no bad file in them
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True), progress=False)
     # 16 train and 4 val images in shards of 4: a shard that held a bad file is the one now short of 4
     whole = {s["file"] for split in ("train", "val") for s in m["splits"][split]["shards"] if s["num_samples"] == 4}
     assert {f.name for f in good} == whole and len(whole) < 5
-    assert all(f.stat().st_mtime_ns == t for f, t in good.items())  # reused, not re-encoded
+    assert all((f.stat().st_ino, f.stat().st_mtime_ns) == t for f, t in good.items())  # reused, not rewritten
     assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
     with pytest.raises(DataError, match="2 unreadable"):  # without --skip-bad they are read again, and stop it
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)

@@ -43,12 +43,16 @@ def test_panels_show_truth_and_both_predictions_by_name(runs, tiny_shards):
     ds = ShardSamples(tiny_shards, manifest, "val")
     for ax, idx in zip(panels, indices):
         texts = [t.get_text() for t in ax.texts]
+        assert len(texts) == 3  # the truth, then each model's prediction
         truth = ds.raw(idx)[1]  # the label stored in the shard, read independently of the predictions
         assert texts[0] == f"true: {cm.short_name(truth)}"
         for text, p, t in zip(texts[1:], preds, ax.texts[1:]):
             assert text == f"{p.name}: {cm.short_name(int(p.pred[idx]))} ({100 * p.conf[idx]:.0f}%)"
             assert t.get_color() == ("#1a7f37" if p.pred[idx] == truth else "#cf222e")
     assert not np.array_equal(preds[0].conf, preds[1].conf)  # two models, two sets of predictions
+    for p, run in zip(preds, ("baseline_vit_tiny", "deit_tiny_distill")):  # predict() against training's evaluate()
+        best = torch.load(runs / run / "best.pth", weights_only=True)["best_top1"]
+        assert 100 * np.mean(p.pred == p.labels) == pytest.approx(best, abs=100 / 24 + 1e-9)  # within one image
 
 
 def test_same_seed_same_images_other_seed_others():
@@ -79,7 +83,9 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
         assert cells[6] == f"{np.median([r['images_per_s'] for r in steady]):.0f}"
     deit_lines = (runs / "deit_tiny_distill" / "metrics.jsonl").read_text().splitlines()
     deit_best = max((json.loads(x) for x in deit_lines), key=lambda r: r["val_top1"])
-    assert f"class head {deit_best['val_top1_cls_head']:.2f}%" in md and f"{deit_best['teacher_val_top1']:.2f}%" in md
+    assert f"class head {deit_best['val_top1_cls_head']:.2f}%, distillation head " \
+           f"{deit_best['val_top1_dist_head']:.2f}%, their mean (the prediction) {deit_best['val_top1']:.2f}%." in md
+    assert f"The teacher it distilled from: val top-1 {deit_best['teacher_val_top1']:.2f}%." in md.splitlines()
     comp = json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]
     assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24
 

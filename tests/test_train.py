@@ -45,6 +45,12 @@ def test_teacher_learns_and_writes_its_run_folder(teacher_run, learn_shards):
                 "images_per_s", "data_wait_frac"):
         assert key in lines[-1]
     assert all(r["val_samples"] == 120 for r in lines)  # every val image, once
+    # --lr per 512 images (0.005 * 32 / 512), warm-up 0.5 epoch (10 of 20 steps), then cosine to min_lr over 60
+    # steps; each line logs the rate of its epoch's last step
+    peak, steps = 0.005 * 32 / 512, 60
+    for r in lines:
+        t = 20 * (r["epoch"] + 1) - 1
+        assert r["lr"] == pytest.approx(1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * t / steps)), rel=1e-9)
     assert Config(**json.load(open(os.path.join(run, "config.json")))) == cfg
 
 
@@ -75,11 +81,21 @@ def test_vit_learns(learn_shards, tmp_path):
     assert last["val_top1"] > 40  # chance is 25 %
 
 
-def test_deit_distils_from_the_teacher_and_reports_each_head(teacher_run, learn_shards, tmp_path):
+def test_deit_distils_from_the_teacher_and_reports_each_head(teacher_run, learn_shards, tmp_path, monkeypatch):
+    from vitdeit import distill
+
     tcfg, tlast = teacher_run
     ckpt = os.path.join(tcfg.output_dir, "teacher", "best.pth")
+    calls, hard = [], distill.hard_distillation
+
+    def spy(student_logits, teacher_logits):
+        calls.append(teacher_logits.requires_grad)
+        return hard(student_logits, teacher_logits)
+
+    monkeypatch.setattr(distill, "hard_distillation", spy)
     last = train(cfg_for(learn_shards, tmp_path, model="deit_tiny_distill", teacher_ckpt=ckpt, epochs=2,
                          lr=0.003, distillation_type="hard"))
+    assert calls == [False] * (2 * 640 // 32)  # every step of both epochs, the teacher without gradients
     assert last["val_top1"] > 40
     assert last["teacher_val_top1"] == pytest.approx(torch.load(ckpt, weights_only=True)["best_top1"])
     assert {"val_top1_cls_head", "val_top1_dist_head"} <= set(last)
@@ -111,7 +127,12 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
 
     with pytest.raises(Killed):
         train(cfg_for(tiny_shards, tmp_path / "b", **kw), on_epoch_end=kill_after_first_epoch)
-    train(cfg_for(tiny_shards, tmp_path / "b", resume=str(tmp_path / "b" / "vit_tiny" / "last.pth"), **kw))
+    epoch0 = (tmp_path / "b" / "vit_tiny" / "metrics.jsonl").read_text()  # with its own measured images/s
+    trained = []  # a resume that started over would reach the same weights: these runs are seeded
+    train(cfg_for(tiny_shards, tmp_path / "b", resume=str(tmp_path / "b" / "vit_tiny" / "last.pth"), **kw),
+          on_epoch_end=lambda epoch, record: trained.append(epoch))
+    assert trained == [1]
+    assert (tmp_path / "b" / "vit_tiny" / "metrics.jsonl").read_text().startswith(epoch0)
     a = torch.load(tmp_path / "a" / "vit_tiny" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "vit_tiny" / "last.pth", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -149,7 +170,10 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
         train(cfg_for(tiny_shards, tmp_path, **kw))
     monkeypatch.undo()
     run = tmp_path / "resnet18"
-    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "last.pth"), **kw))
+    trained = []
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "last.pth"), **kw),
+          on_epoch_end=lambda epoch, record: trained.append(epoch))
+    assert trained == [1, 2]  # epoch 1 again (its outputs were cut short), not epoch 0
     metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [r["epoch"] for r in metrics] == [0, 1, 2]
     best = torch.load(run / "best.pth", weights_only=True)
@@ -176,6 +200,8 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
     assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
+    saved = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["model"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved)  # DDP's wrapper left out
     # one process evaluating the saved weights (rank 0's, BatchNorm statistics included) gets what both ranks logged
     alone = evaluate_checkpoint(cfg_for(learn_shards, tmp_path, model="resnet18", img_size=32, workers=0,
                                         resume=str(tmp_path / "resnet18" / "last.pth"), eval_only=True))

@@ -1,0 +1,50 @@
+"""engine.evaluate: exact counts against logits chosen here, for one head and for DeiT's two."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitdeit.distributed import Dist
+from vitdeit.engine import evaluate
+
+torch.manual_seed(0)
+N, C = 13, 10  # more classes than top-5, a last batch of 3
+CLS, DIST = torch.randn(N, C), torch.randn(N, C)
+LABELS = torch.randint(0, C, (N,))
+BATCHES = [(torch.arange(i, min(i + 5, N)).float().view(-1, 1, 1, 1), LABELS[i : i + 5]) for i in range(0, N, 5)]
+
+
+class OneHead(nn.Module):  # the "image" is its row index into the fixed logits
+    def forward(self, x):
+        return CLS[x.view(-1).long()]
+
+
+class TwoHeads(nn.Module):  # what head_logits reads of a timm DeiT: forward_features, head, head_dist
+    head, head_dist = nn.Identity(), nn.Identity()
+
+    def forward_features(self, x):
+        i = x.view(-1).long()
+        return torch.stack([CLS[i], DIST[i]], dim=1)
+
+
+def counted(logits):
+    """(top-1 %, top-5 %, mean loss) of `logits` over all N images, from counts."""
+    top5 = logits.topk(5, dim=1).indices
+    hits1, hits5 = int((top5[:, 0] == LABELS).sum()), int((top5 == LABELS[:, None]).any(1).sum())
+    return 100 * hits1 / N, 100 * hits5 / N, F.cross_entropy(logits.double(), LABELS).item()
+
+
+def test_one_head_top1_top5_and_loss_over_every_image_once():
+    out = evaluate(OneHead(), BATCHES, Dist(), progress=False)
+    top1, top5, loss = counted(CLS)
+    assert out["val_samples"] == N and out["val_top1"] == top1 and out["val_top5"] == top5
+    assert abs(out["val_loss"] - loss) < 1e-5 and top5 > top1  # top-5 is not top-1 here
+    assert "val_top1_cls_head" not in out
+
+
+def test_deit_predicts_by_the_mean_of_its_heads_and_reports_each():
+    out = evaluate(TwoHeads(), BATCHES, Dist(), progress=False)
+    top1, top5, loss = counted((CLS + DIST) / 2)
+    assert out["val_top1"] == top1 and out["val_top5"] == top5 and abs(out["val_loss"] - loss) < 1e-5
+    assert out["val_top1_cls_head"] == counted(CLS)[0] and out["val_top1_dist_head"] == counted(DIST)[0]
+    assert len({out["val_top1"], out["val_top1_cls_head"], out["val_top1_dist_head"]}) > 1  # the three differ

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -65,3 +66,21 @@ def test_the_readme_demo_command_runs_end_to_end(tmp_path):
     report = (tmp_path / "runs" / "report" / "report.md").read_text()
     assert "| ViT |" in report and "| DeiT |" in report and "| teacher |" in report
     assert "demo finished" in r.stdout
+
+
+def test_the_full_demo_runs_hard_distillation_and_gives_the_teacher_half_the_epochs(tmp_path, monkeypatch):
+    import subprocess
+
+    from vitdeit import demo
+
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert demo.main(["--epochs", "6", "--out", str(tmp_path), "--workers", "1"]) == 0
+    scripts = [c[2] if c[1] == "-m" else Path(c[1]).name for c in ran]
+    assert scripts == ["vitdeit.demo", "pack_shards.py", "train.py", "train.py", "train.py", "viz.py"]
+    teacher, vit, deit = (c for c in ran if c[1].endswith("train.py"))
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert [flag(c, "--model") for c in (teacher, vit, deit)] == ["resnet18", "vit_tiny", "deit_tiny_distill"]
+    assert [flag(c, "--epochs") for c in (teacher, vit, deit)] == ["3", "6", "6"]
+    assert flag(deit, "--distillation-type") == "hard" and "--allow-weak-teacher" not in deit  # --quick only
+    assert flag(deit, "--teacher-ckpt") == str(tmp_path / "runs" / "teacher_resnet18" / "best.pth")

@@ -104,6 +104,25 @@ def test_same_seed_same_shards_other_seed_other_order(tiny_data, tiny_shards, tm
     assert list(read_tar(tmp_path / "other" / "train-000000.tar")) != list(read_tar(tiny_shards / "train-000000.tar"))
 
 
+def test_resize_short_is_an_upper_bound_smaller_images_are_kept_byte_for_byte(tiny_data, tmp_path):
+    m = pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=48, workers=1), progress=False)
+    originals = {stem: path for stem, (_, _, path) in input_files(tiny_data).items()}
+    kept = resized = 0
+    for split in ("train", "val"):
+        for sh in m["splits"][split]["shards"]:
+            for key, comp in read_tar(tmp_path / "s" / sh["file"]).items():
+                with Image.open(originals[key]) as im:
+                    short = min(im.size)
+                if short <= 48:
+                    assert comp["jpg"] == originals[key].read_bytes()
+                    kept += 1
+                else:
+                    with Image.open(io.BytesIO(comp["jpg"])) as im:
+                        assert min(im.size) == 48
+                    resized += 1
+    assert kept > 0 and resized > 0 and len(m["converted"]) == resized  # sides from 40 to 64 px: both kinds
+
+
 def test_resize_short_bounds_the_shorter_side(tiny_data, tmp_path):
     m = pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, workers=1), progress=False)
     sizes = []
@@ -351,6 +370,7 @@ def test_a_damaged_progress_record_is_rewritten_not_fatal(data, tmp_path):
     first = pack(data, out, opts=PackOptions(workers=1), progress=False)
     (out / ".progress" / "train-000000.json").write_text('{"fingerprint": "ab')  # killed mid-write
     assert pack(data, out, opts=PackOptions(workers=1), progress=False)["splits"] == first["splits"]
+    assert len(json.loads((out / ".progress" / "train-000000.json").read_text())["fingerprint"]) == 40  # rewritten
 
 
 def test_only_the_packers_own_files_are_removed_from_the_output_folder(data, tmp_path):

@@ -225,10 +225,18 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path):
+def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, monkeypatch):
+    import timm.data
+    from timm.data import auto_augment
+
+    mixed, augmenters, mix, make_ra = [], [], timm.data.Mixup.__call__, auto_augment.rand_augment_transform
+    monkeypatch.setattr(timm.data.Mixup, "__call__", lambda self, x, y: mixed.append(len(x)) or mix(self, x, y))
+    monkeypatch.setattr(auto_augment, "rand_augment_transform",
+                        lambda *a, **k: augmenters.append(a[0]) or make_ra(*a, **k))
     last = train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
                          batch_size=16, workers=0, mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5-inc1"))
     assert last["val_samples"] == 24 and last["train_samples"] == 96 and math.isfinite(last["train_loss"])
+    assert mixed == [16] * 6 and augmenters == ["rand-m9-mstd0.5-inc1"]  # every step mixed; RandAugment built
 
 
 def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):

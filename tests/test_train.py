@@ -313,3 +313,19 @@ def test_shards_packed_smaller_than_the_val_resize_are_named_in_a_warning(tiny_d
     pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
     train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))
     assert "packed with --resize-short 32, under the 36 px" in capsys.readouterr().out  # floor(32 / 0.875)
+
+
+def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):
+    """What a GPU run does by default (compile, 16-bit autocast, the teacher compiled too), here on a CPU: 1-2 min,
+    most of it compiling. The checkpoint must hold the plain module's weights, not the compiled wrapper's."""
+    tcfg, _ = teacher_run
+    kw = dict(model="deit_tiny_distill", compile="on", amp="bf16")
+    last = train(cfg_for(learn_shards, tmp_path, teacher_ckpt=os.path.join(tcfg.output_dir, "teacher", "best.pth"),
+                         epochs=1, lr=0.003, model_ema=True, **kw))
+    assert math.isfinite(last["train_loss"]) and last["val_samples"] == 120 and "val_top1_ema" in last
+    saved = torch.load(tmp_path / "deit_tiny_distill" / "last.pth", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for part in ("model", "ema") for k in saved[part])
+    # the saved weights, in a plain (eager) model, score what the compiled run logged, within an image or two
+    out = evaluate_checkpoint(cfg_for(learn_shards, tmp_path, resume=str(tmp_path / "deit_tiny_distill" / "last.pth"),
+                                      eval_only=True, **kw))
+    assert out["val_top1"] == pytest.approx(last["val_top1"], abs=2 * 100 / 120)

@@ -312,7 +312,9 @@ def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, 
 def test_shards_packed_smaller_than_the_val_resize_are_named_in_a_warning(tiny_data, tmp_path, capsys):
     pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
     train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))
-    assert "packed with --resize-short 32, under the 36 px" in capsys.readouterr().out  # floor(32 / 0.875)
+    out = capsys.readouterr().out
+    assert "packed with --resize-short 32, under the 36 px" in out  # floor(32 / 0.875)
+    assert out.startswith("run ") and ", loader torch, " in out.splitlines()[0]  # the first line names the loader
 
 
 def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):

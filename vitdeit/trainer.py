@@ -121,21 +121,21 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
     train_loader = build_loader(cfg, manifest, "train", dist,
                                 state=states[dist.rank] if dist.rank < len(states) else None)
-    if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
-        dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
-                   f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     val_loader = build_loader(cfg, manifest, "val", dist)
-    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
-    if packed and packed < val_short:
-        dist.print(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
-                   f"shorter side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are "
-                   f"upscaled. Repack with --resize-short {val_short} or more, or lower --img-size.")
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
                f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {amp_dtype}, "
                f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
+    if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
+        dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
+                   f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
+    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
+    if packed and packed < val_short:
+        dist.print(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
+                   f"shorter side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are "
+                   f"upscaled. Repack with --resize-short {val_short} or more, or lower --img-size.")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)

@@ -195,7 +195,8 @@ def encode_image(raw: bytes, resize_short: int | None, quality: int) -> tuple[by
             im = ImageOps.exif_transpose(im)
         # 16-bit grey: scale to 8 bits (convert("RGB") would clip nearly all to white). Pillow opens 16-bit PNGs as
         # I;16, or as I (32-bit) before version 10.x: I within 0..65535 is taken as 16-bit too
-        if im.mode.startswith("I;16") or (im.mode == "I" and 0 <= im.getextrema()[0] <= im.getextrema()[1] < 2**16):
+        lo, hi = im.getextrema() if im.mode == "I" else (0, 0)  # one pass over the pixels, for 32-bit only
+        if im.mode.startswith("I;16") or (im.mode == "I" and 0 <= lo <= hi < 2**16):
             im = Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))
         elif im.mode in ("I", "F"):  # 32-bit: no range to scale from
             raise ValueError(f"{im.mode} (32-bit) pixels have no 8-bit range to convert to; save it as 8-bit")

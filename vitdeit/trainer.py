@@ -22,7 +22,7 @@ from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
 from .engine import evaluate, train_one_epoch
 from .errors import DataError, SettingError, first_line
-from .metrics import MetricsLog, read_metrics
+from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
 
 
@@ -73,11 +73,11 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict) -> float:
     where it is this run's (the resumed best_top1, from an epoch not after the resumed one), into run_dir, so the
     folder holds the whole run. Returns the best top-1 to go on from: -1 when no best.pth came along (the next
     epoch writes one; a best.pth of another run left in run_dir goes)."""
-    src = resume.parent
-    rows = read_metrics(src) if (src / "metrics.jsonl").is_file() else []
-    kept = [r for r in rows if r["epoch"] <= resumed["epoch"]]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))  # as MetricsLog writes
-    best = run_dir / "best.pth"
+    src, metrics, best = resume.parent, run_dir / "metrics.jsonl", run_dir / "best.pth"
+    if (src / "metrics.jsonl").is_file():
+        shutil.copyfile(src / "metrics.jsonl", metrics)  # MetricsLog then cuts it back to the resumed epoch
+    else:
+        metrics.unlink(missing_ok=True)
     try:
         saved = torch_load(src / "best.pth", "best.pth") if (src / "best.pth").is_file() else {}
     except DataError:

@@ -15,7 +15,7 @@ from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
-from vitdeit.trainer import evaluate_checkpoint, train
+from vitdeit.trainer import evaluate_checkpoint, lr_schedule, train
 
 FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False, warmup_epochs=0.5,
             crop_scale_min=0.5, drop_path=0.0)
@@ -23,6 +23,21 @@ FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False,
 
 def cfg_for(shards, out, **kw) -> Config:
     return Config(data_path=str(shards), output_dir=str(out), **{**FAST, **kw})
+
+
+def test_the_lr_warms_up_to_its_peak_then_follows_a_cosine_to_min_lr_over_the_steps_left():
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.8)
+    cfg = Config(epochs=5, warmup_epochs=1.0, min_lr=1e-3)
+    sched = lr_schedule(opt, cfg, steps=10)  # 50 steps: 10 of warm-up, 40 of cosine
+    lrs = []
+    for t in range(50):
+        sched.step_update(t)
+        lrs.append(opt.param_groups[0]["lr"])
+    warm = [0.8e-3 + t * (0.8 - 0.8e-3) / 10 for t in range(10)]  # linear from lr/1000
+    cos = [1e-3 + 0.5 * (0.8 - 1e-3) * (1 + math.cos(math.pi * t / 40)) for t in range(40)]
+    assert lrs == pytest.approx(warm + cos, rel=1e-12)
+    assert lrs[10] == max(lrs) == 0.8  # the peak, reached when the warm-up ends
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +60,12 @@ def test_teacher_learns_and_writes_its_run_folder(teacher_run, learn_shards):
                 "images_per_s", "data_wait_frac"):
         assert key in lines[-1]
     assert all(r["val_samples"] == 120 for r in lines)  # every val image, once
-    # --lr per 512 images (0.005 * 32 / 512), warm-up 0.5 epoch (10 of 20 steps), then cosine to min_lr over 60
-    # steps; each line logs the rate of its epoch's last step
-    peak, steps = 0.005 * 32 / 512, 60
+    # --lr per 512 images (0.005 * 32 / 512), warm-up 0.5 epoch (10 of 20 steps), then cosine to min_lr over the
+    # 50 steps left; each line logs the rate of its epoch's last step
+    peak = 0.005 * 32 / 512
     for r in lines:
         t = 20 * (r["epoch"] + 1) - 1
-        assert r["lr"] == pytest.approx(1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * t / steps)), rel=1e-9)
+        assert r["lr"] == pytest.approx(1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * (t - 10) / 50)), rel=1e-9)
     assert Config(**json.load(open(os.path.join(run, "config.json")))) == cfg
 
 

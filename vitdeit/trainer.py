@@ -46,6 +46,17 @@ def to_device(net: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     return net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
+def lr_schedule(optimizer, cfg: Config, steps: int):
+    """Per step: linear warm-up from lr/1000 to the peak (the optimiser's lr) over warmup_epochs, then a cosine from
+    the peak down to min_lr over the steps left. warmup_prefix: the cosine starts when the warm-up ends, so the peak
+    is reached (without it the cosine's clock runs during warm-up: a 1-of-5-epoch warm-up ends at 0.905 of it)."""
+    from timm.scheduler import CosineLRScheduler
+
+    total, warm, lr = cfg.epochs * steps, int(cfg.warmup_epochs * steps), optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(optimizer, t_initial=max(1, total - warm), lr_min=cfg.min_lr, warmup_t=warm,
+                             warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
+
+
 def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> None:
     """Refuse a teacher at chance level: a randomly initialised head is not a teacher."""
     chance = 100.0 / num_classes
@@ -103,7 +114,6 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     import timm.optim
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
     device = dist.device
@@ -159,9 +169,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
                                                **({"fused": True} if device.type == "cuda" else {}))
     steps = len(train_loader)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr,
-                                  warmup_t=int(cfg.warmup_epochs * steps), warmup_lr_init=lr * 1e-3,
-                                  warmup_prefix=False, t_in_epochs=False)
+    scheduler = lr_schedule(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
@@ -197,7 +205,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     record = {}
     for epoch in range(start_epoch, cfg.epochs):
-        seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/mixup draws depend on (seed, epoch) only
+        seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, mixup, amp_dtype,
                              cfg.clip_grad, epoch, dist, cfg.progress)

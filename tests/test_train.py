@@ -15,7 +15,7 @@ from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
-from vitdeit.trainer import evaluate_checkpoint, lr_schedule, train
+from vitdeit.trainer import ema_warning, evaluate_checkpoint, lr_schedule, train
 
 FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False, warmup_epochs=0.5,
             crop_scale_min=0.5, drop_path=0.0)
@@ -38,6 +38,15 @@ def test_the_lr_warms_up_to_its_peak_then_follows_a_cosine_to_min_lr_over_the_st
     cos = [1e-3 + 0.5 * (0.8 - 1e-3) * (1 + math.cos(math.pi * t / 40)) for t in range(40)]
     assert lrs == pytest.approx(warm + cos, rel=1e-12)
     assert lrs[10] == max(lrs) == 0.8  # the peak, reached when the warm-up ends
+
+
+def test_an_ema_that_would_still_be_mostly_its_starting_weights_is_warned_of_with_a_decay_that_fits():
+    assert "leaves 37% of the EMA" in ema_warning(0.9998, 5000)  # 0.9998 ** 5000 = 0.3678
+    assert ema_warning(0.99, 1000) is None  # 0.99 ** 1000: 4e-5 left
+    msg = ema_warning(0.9998, 1000)  # 0.9998 ** 1000 = 0.8187
+    assert "leaves 82% of the EMA at its starting weights" in msg
+    decay = float(msg.rsplit(" ", 1)[1])
+    assert decay ** 1000 == pytest.approx(0.01, rel=0.01)  # the decay printed to 5 decimals
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ class Config:
     cutmix: float = 0.0  # timm CutMix alpha (DeiT: 1.0); 0 = off
     clip_grad: float = 1.0  # max global grad norm; 0 = off
     model_ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); its val top-1 is logged
-    model_ema_decay: float = 0.9998  # per step
+    model_ema_decay: float = 0.9998  # per step: the starting weights keep decay**steps of the EMA (warned above 5 %)
     # --- system
     device: str = "auto"  # auto | cuda | cpu
     amp: str = "auto"  # auto (bf16 where supported, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off

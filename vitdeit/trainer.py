@@ -57,6 +57,16 @@ def lr_schedule(optimizer, cfg: Config, steps: int):
                              warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
 
 
+def ema_warning(decay: float, total_steps: int) -> str | None:
+    """A warning when the EMA would still be mostly its starting weights at the end of the run: their share after n
+    updates is decay**n (0.9998 keeps 37 % after 5,000 steps)."""
+    kept = decay ** total_steps
+    if kept <= 0.05:
+        return None
+    return (f"warning: --model-ema-decay {decay} over this run's {total_steps} steps leaves {100 * kept:.0f}% of the "
+            f"EMA at its starting weights; for 1% use --model-ema-decay {0.01 ** (1 / total_steps):.5f}")
+
+
 def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> None:
     """Refuse a teacher at chance level: a randomly initialised head is not a teacher."""
     chance = 100.0 / num_classes
@@ -191,6 +201,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} (best val top-1 {best_top1:.2f}%)")
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    if ema is not None and (warning := ema_warning(cfg.model_ema_decay, cfg.epochs * steps)):
+        dist.print(warning)
     if ema is not None and resumed is not None and resumed.get("ema") is not None:
         ema.module.load_state_dict(resumed["ema"])
 

@@ -60,9 +60,15 @@ def test_bad_flag_value_exits_with_a_message(capsys):
     assert "--amp 'fp8'" in capsys.readouterr().err
 
 
-def test_every_flag_has_a_help_text():
+def test_every_flag_has_a_help_text_and_help_prints_each(capsys):
     from dataclasses import fields
 
     from vitdeit.config import field_comments
 
-    assert sorted(field_comments()) == sorted(f.name for f in fields(Config))
+    comments = field_comments()
+    assert sorted(comments) == sorted(f.name for f in fields(Config))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(" ".join(c.split()) in text for c in comments.values())  # a "%" in a comment printed as itself

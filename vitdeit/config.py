@@ -169,7 +169,7 @@ def parse_args(argv=None, description: str = "") -> Config:
         kind = _parse_bool if t is bool else t
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, metavar=t.__name__.upper(),
                        nargs="?" if t is bool else None, const=True if t is bool else None,
-                       help=f"{comments.get(f.name, '')} (default: {default!r})".strip())
+                       help=f"{comments.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
     ns = vars(p.parse_args(argv))
     values = {}
     path = ns.pop("config")

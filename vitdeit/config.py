@@ -106,6 +106,9 @@ class Config:
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
+        need(not (self.loader == "dali" and self.rand_augment),
+             f"--rand-augment {self.rand_augment!r} runs in the PyTorch loader only, not in DALI's pipeline: use "
+             f"--loader torch (or auto, which picks it when --rand-augment is set), or drop --rand-augment")
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
 

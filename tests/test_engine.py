@@ -5,12 +5,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitdeit.distributed import Dist
-from vitdeit.engine import evaluate
+from vitdeit.engine import evaluate, train_one_epoch
 
 torch.manual_seed(0)
 N, C = 13, 10  # more classes than top-5, a last batch of 3
 CLS, DIST = torch.randn(N, C), torch.randn(N, C)
 LABELS = torch.randint(0, C, (N,))
+LABELS[0] = CLS[0].argsort(descending=True)[4]  # a label at rank 5 exactly: in the top-5, not the top-4
+LABELS[1] = ((CLS + DIST) / 2)[1].argsort(descending=True)[4]  # and one for DeiT's prediction
 BATCHES = [(torch.arange(i, min(i + 5, N)).float().view(-1, 1, 1, 1), LABELS[i : i + 5]) for i in range(0, N, 5)]
 
 
@@ -39,6 +41,7 @@ def test_one_head_top1_top5_and_loss_over_every_image_once():
     top1, top5, loss = counted(CLS)
     assert out["val_samples"] == N and out["val_top1"] == top1 and out["val_top5"] == top5
     assert abs(out["val_loss"] - loss) < 1e-5 and top5 > top1  # top-5 is not top-1 here
+    assert int((CLS.topk(4, dim=1).indices == LABELS[:, None]).any(1).sum()) < top5 * N / 100  # nor top-4
     assert "val_top1_cls_head" not in out
 
 
@@ -46,5 +49,25 @@ def test_deit_predicts_by_the_mean_of_its_heads_and_reports_each():
     out = evaluate(TwoHeads(), BATCHES, Dist(), progress=False)
     top1, top5, loss = counted((CLS + DIST) / 2)
     assert out["val_top1"] == top1 and out["val_top5"] == top5 and abs(out["val_loss"] - loss) < 1e-5
+    assert int(((CLS + DIST) / 2).topk(4, dim=1).indices.eq(LABELS[:, None]).any(1).sum()) < top5 * N / 100
     assert out["val_top1_cls_head"] == counted(CLS)[0] and out["val_top1_dist_head"] == counted(DIST)[0]
     assert len({out["val_top1"], out["val_top1_cls_head"], out["val_top1_dist_head"]}) > 1  # the three differ
+
+
+def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts_the_prediction():
+    class Model(OneHead):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+    class NoSchedule:
+        def step_update(self, t):
+            pass
+
+    model = Model()
+    loss_fn = lambda images, outputs, targets: images.mean() + 0 * model.w  # the batch's mean row index
+    out = train_one_epoch(model, loss_fn, BATCHES, torch.optim.SGD(model.parameters(), lr=0.0), NoSchedule(),
+                          torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(), progress=False)
+    assert out["train_samples"] == N
+    assert abs(out["train_loss"] - sum(range(N)) / N) < 1e-12  # 6.0; the mean of the 3 batch means is 6.67
+    assert out["train_top1"] == counted(CLS)[0]

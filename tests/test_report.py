@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, small_dataset
-from vitdeit.classes import load_manifest, manifest_class_map
+from vitdeit.checkpoint import check_class_map
+from vitdeit.classes import ClassMap, load_manifest, manifest_class_map
 from vitdeit.errors import DataError
 from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples
 from vitdeit.packing import PackOptions, pack
-from vitdeit.report import load_model, make_all, predict, prediction_figure, sample_indices
+from vitdeit.report import Predictions, comparison, load_model, make_all, predict, prediction_figure, sample_indices
 from vitdeit.trainer import train
 
 
@@ -141,3 +142,55 @@ def test_shards_named_by_the_checkpoint_but_not_here_ask_for_data_path(runs, tmp
     torch.save(state, tmp_path / "vit.pth")
     with pytest.raises(MissingFile, match=r"vit\.pth was trained on demo_shards, .*pass the shards with --data-path"):
         make_all(str(tmp_path / "vit.pth"), str(runs / "deit_tiny_distill" / "best.pth"), report_dir=None)
+
+
+def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_both_right():
+    cm = ClassMap.from_labels({"n00000001": "alpha, a", "n00000002": "beta", "n00000003": "gamma",
+                               "n00000004": "delta"})  # the 4th class has no val image here: no row
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    vit = [0, 1, 2, 1, 1, 1, 0, 2, 2, 2, 2, 2]  # right: 1 of class 0, 2 of class 1, 4 of class 2
+    deit = [0, 0, 2, 0, 1, 1, 1, 0, 2, 0, 1, 1]  # right: 3, 3, 1
+    as_preds = lambda name, p: Predictions(name, np.array(labels), np.array(p), np.ones(12), 32, 0.875)
+    comp = comparison(cm, as_preds("ViT", vit), as_preds("DeiT", deit))
+    rows = [(r["class"], r["name"], r["images"], r["vit_top1"], r["deit_top1"], r["delta"]) for r in comp["per_class"]]
+    assert rows == [("n00000001", "alpha", 4, 25.0, 75.0, 50.0), ("n00000002", "beta", 4, 50.0, 75.0, 25.0),
+                    ("n00000003", "gamma", 4, 100.0, 25.0, -75.0)]
+    assert [r["class"] for r in comp["gains"]] == ["n00000001", "n00000002"]  # largest gain first
+    assert [r["class"] for r in comp["losses"]] == ["n00000003"]
+    assert [r["class"] for r in comparison(cm, as_preds("ViT", vit), as_preds("DeiT", deit), top=1)["gains"]] == [
+        "n00000001"]
+    same = sum(v == d for v, d in zip(vit, deit))  # images 0, 2, 4, 5, 8: 5 of 12
+    both = sum(v == y == d for v, d, y in zip(vit, deit, labels))  # images 0, 4, 5, 8: 4 of 12
+    assert (same, both) == (5, 4)
+    assert (comp["agreement"], comp["both_right"], comp["val_images"]) == (pytest.approx(100 * 5 / 12),
+                                                                          pytest.approx(100 * 4 / 12), 12)
+
+
+def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence(tiny_shards):
+    manifest = load_manifest(tiny_shards)
+    c = len(manifest["classes"])
+    cls_logits, dist_logits = torch.zeros(c), torch.zeros(c)
+    cls_logits[0], dist_logits[1] = 2.0, 3.0  # class head says 0, distillation head 1, their mean [1, 1.5, 0..] 1
+
+    class TwoHeads(torch.nn.Module):  # what head_logits reads of a timm DeiT
+        def forward_features(self, x):
+            return torch.zeros(x.shape[0], 2, 1)
+
+        def head(self, f):
+            return f + cls_logits
+
+        def head_dist(self, f):
+            return f + dist_logits
+
+    p = predict(TwoHeads(), {"config": {"img_size": 32, "crop_pct": 0.875}}, tiny_shards, manifest, "DeiT", workers=0)
+    assert len(p.pred) == manifest["splits"]["val"]["num_samples"] and set(p.pred.tolist()) == {1}
+    mean = [1.0, 1.5] + [0.0] * (c - 2)
+    expected = np.exp(1.5) / sum(np.exp(v) for v in mean)
+    assert np.allclose(p.conf, expected, rtol=1e-6)
+
+
+def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():
+    cm = ClassMap.from_labels({"n00000001": "a", "n00000002": "b"})
+    check_class_map({"classes": ["n00000001", "n00000002"], "config": {}}, cm, "x.pth")
+    with pytest.raises(DataError, match="x.pth was trained on the same classes in another order"):
+        check_class_map({"classes": ["n00000002", "n00000001"], "config": {}}, cm, "x.pth")

@@ -73,8 +73,9 @@ def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: st
     """A clear error unless the checkpoint's classes are exactly `class_map`'s, in the same order."""
     if tuple(state["classes"]) != tuple(class_map.wnids):
         ours, theirs = set(class_map.wnids), set(state["classes"])
+        which = ("the same classes in another order (class indices differ)" if ours == theirs else
+                 f"another class map ({len(theirs)} classes, {len(theirs - ours)} not in this dataset's {len(ours)})")
         raise DataError(
-            f"{what} {path} was trained on another class map ({len(theirs)} classes, {len(theirs - ours)} not in "
-            f"this dataset's {len(ours)}); use a checkpoint trained on these shards' manifest, or the shards it "
-            f"was trained on (its config's data_path: {state['config'].get('data_path')})."
+            f"{what} {path} was trained on {which}; use a checkpoint trained on these shards' manifest, or the shards "
+            f"it was trained on (its config's data_path: {state['config'].get('data_path')})."
         )

@@ -50,3 +50,4 @@ def test_short_name_takes_the_first_synonym():
     cm = ClassMap(("n01440764",), ("tench, Tinca tinca",))
     assert cm.short_name(0) == "tench"
     assert ClassMap(("n0",), ("a" * 40,)).short_name(0, 10) == "a" * 9 + "…"
+    assert ClassMap(("n0",), ("a" * 10,)).short_name(0, 10) == "a" * 10  # exactly max_len: kept whole

@@ -41,6 +41,12 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"drop_path": 2.0}, r"--drop-path 2\.0: must be in \[0, 1\]"),
     ({"mixup": -0.8}, r"--mixup -0\.8: must be >= 0"),
     ({"warmup_epochs": -1.0}, r"--warmup-epochs -1\.0: must be >= 0"),
+    ({"distillation_alpha": 1.5}, r"--distillation-alpha 1\.5: must be in \[0, 1\]"),
+    ({"distillation_tau": 0.0}, r"--distillation-tau 0\.0: must be > 0"),
+    ({"crop_pct": 1.2}, r"--crop-scale-min and --crop-pct must be in \(0, 1\]"),
+    ({"crop_scale_min": 0.0}, r"--crop-scale-min and --crop-pct must be in \(0, 1\]"),
+    ({"model_ema_decay": 1.01}, r"--model-ema-decay 1\.01: must be in \[0, 1\]"),
+    ({"clip_grad": -1.0}, r"--clip-grad -1\.0: must be >= 0"),
     ({"loader": "dali", "rand_augment": "rand-m9"}, "--rand-augment 'rand-m9' runs in the PyTorch loader only"),
 ])
 def test_bad_values_are_errors_that_name_them(values, fragment):

@@ -68,6 +68,40 @@ def test_same_epoch_same_batches_next_epoch_new_order(tiny_shards):
     assert a.sampler.indices() != b.sampler.indices()
 
 
+def test_the_order_and_augmentation_seeds_follow_the_run_seed_and_each_sample_gets_its_own():
+    a, b = RankSampler(50, 0, 1, shuffle=True, seed=0), RankSampler(50, 0, 1, shuffle=True, seed=1)
+    assert a.indices() != b.indices()  # another --seed, another order
+    seeds = [s for _, s in a]
+    a.set_epoch(1)
+    assert len(set(seeds)) == 50 and not set(seeds) & {s for _, s in a}  # per sample, and new each epoch
+
+
+def test_the_normaliser_is_the_imagenet_statistics_in_rgb_order():
+    from vitdeit.data import uint8_normalizer
+
+    scale, shift = uint8_normalizer("cpu")
+    x = torch.arange(256.0).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    literal = ((0.485, 0.229), (0.456, 0.224), (0.406, 0.225))  # R, G, B: (mean, std) on the 0..1 scale
+    for c, (m, s) in enumerate(literal):
+        assert torch.allclose(torch.addcmul(shift, x, scale)[0, c], (x[0, c] / 255 - m) / s, atol=1e-5)
+
+
+def test_the_flip_is_horizontal_and_the_crop_box_lies_inside_the_image_within_scale_and_ratio():
+    jpg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(jpg, "JPEG")
+    kept, flipped = TrainTransform(24, hflip=0.0), TrainTransform(24, hflip=1.0)
+    a, b = kept(jpg.getvalue(), random.Random(7)), flipped(jpg.getvalue(), random.Random(7))
+    assert np.array_equal(b, a[:, ::-1]) and not np.array_equal(a, a[:, ::-1])  # columns reversed, rows not
+    t, rng = TrainTransform(24, scale=(0.2, 0.9)), random.Random(0)
+    for w, h in ((500, 120), (120, 500), (300, 300)):
+        for _ in range(2000):
+            left, top, cw, ch = t.crop_box(w, h, rng)
+            assert 0 <= left and left + cw <= w and 0 <= top and top + ch <= h
+            fallback = (left, top) == ((w - cw) // 2, (h - ch) // 2)  # 10 misses: the centre crop
+            assert fallback or (0.2 * w * h * 0.95 <= cw * ch <= 0.9 * w * h * 1.05
+                                and 3 / 4 * 0.9 <= cw / ch <= 4 / 3 * 1.1)
+
+
 @pytest.mark.parametrize("n,world", [(96, 1), (96, 3), (97, 4), (10, 8)])
 def test_train_ranks_are_disjoint_equal_sized_and_cover_everything(n, world):
     parts = [RankSampler(n, r, world, shuffle=True, seed=3).indices() for r in range(world)]

@@ -204,3 +204,44 @@ def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_
     throughput.print_tables(result)
     header = capsys.readouterr().out.strip()
     assert header.endswith("batch 256, compile-mode reduce-overhead")  # non-defaults only
+
+
+def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_mean(monkeypatch):
+    import argparse
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+
+    # loaders: 4 images per epoch; after an untimed warm-up epoch, rounds of 4, 1 and 10 s: median 4 s, 1 img/s
+    # (the mean 5 s, the last and the slowest 10 s, the fastest 1 s)
+    durations = iter([100.0, 4.0, 1.0, 10.0])
+    monkeypatch.setattr(throughput, "imagefolder_loader", lambda *args: "loader")
+    monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([]))
+    monkeypatch.setattr(throughput, "epoch_seconds", lambda loader, sync: (4, next(durations)))
+    a = argparse.Namespace(loader_workers="1", workers=1, img_size=8, batch_size=4, repeats=3)
+    rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
+    assert [(r["name"], r["images_per_s"]) for r in rows] == [("imagefolder", 1.0)]
+
+    # end to end on a fake clock: the ceiling's step takes 1 s; the loader's 1, 4 and 10 s in rounds 1, 2 and 3
+    clock = [0.0]
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Loader:
+        epochs = 0
+
+        def __iter__(self):
+            self.epochs += 1
+            for i in range(4):
+                yield torch.zeros(2, 3, 4, 4), torch.tensor([0, i])
+
+    loader = Loader()
+    monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([("shards_a", "original", loader)]))
+
+    def step(x, y):
+        clock[0] += 1.0 if x.shape[-1] == 8 else [1.0, 4.0, 10.0][loader.epochs - 1]
+
+    a = argparse.Namespace(e2e_unit="steps", batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=3)
+    (row,) = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
+    assert (row["ceiling_images_per_s"], row["images_per_s"], row["fraction_of_ceiling"]) == (2.0, 0.5, 0.25)

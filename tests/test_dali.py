@@ -34,17 +34,18 @@ def test_val_matches_the_pytorch_loader(tiny_shards):
     assert (xd - xt).abs().mean() < 0.05
 
 
-@pytest.mark.parametrize("world,batch", [(1, 10), (3, 5), (5, 4)])  # 24 images: 5 ranks hold 4 or 5
-def test_val_counts_each_image_once_across_ranks(tiny_shards, world, batch):
+@pytest.mark.parametrize("world,batch", [(1, 10), (3, 5), (5, 4), (3, 4), (5, 5)])  # 24 images: 5 ranks hold 4 or 5
+def test_val_counts_each_image_once_across_ranks_every_epoch(tiny_shards, world, batch):
     m = load_manifest(tiny_shards)
-    keys = []
-    for rank in range(world):
-        loader = DaliLoader(tiny_shards, m, "val", batch_size=batch, img_size=32, rank=rank, world=world,
-                            workers=1, with_keys=True)
-        ks = [k for _, _, b in loader for k in b]
-        assert len(ks) == loader.num_samples  # DALI's padding removed
-        keys += ks
-    assert sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "val"))
+    loaders = [DaliLoader(tiny_shards, m, "val", batch_size=batch, img_size=32, rank=rank, world=world, workers=1,
+                          with_keys=True) for rank in range(world)]
+    for epoch in range(3):  # (3, 4) and (5, 5): a slice that divides into batches, where DALI moved ranks on a slice
+        keys = []
+        for loader in loaders:
+            ks = [k for _, _, b in loader for k in b]
+            assert len(ks) == loader.num_samples  # DALI's padding removed
+            keys += ks
+        assert sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "val")), epoch
 
 
 def test_train_epoch_across_ranks_draws_every_sample_once(tiny_shards):

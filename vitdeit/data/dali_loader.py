@@ -38,6 +38,8 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards, name="Reader",
             random_shuffle=train, initial_fill=4096 if train else 1,  # buffer shuffle on top of the global one
             shuffle_after_epoch=train,  # train: a new tar order every epoch
+            stick_to_shard=not train,  # val: rank r reads slice r every pass (DALI moves a rank on a slice by default,
+            # and slices differ by a sample, so a later pass skipped or repeated images: 16 of 17 over 2 ranks)
             # the last batch of a pass is padded, never topped up from the next pass: one epoch = one pass
             pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}))  # same order on all ranks
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline

@@ -83,4 +83,22 @@ def test_the_full_demo_runs_hard_distillation_and_gives_the_teacher_half_the_epo
     assert [flag(c, "--model") for c in (teacher, vit, deit)] == ["resnet18", "vit_tiny", "deit_tiny_distill"]
     assert [flag(c, "--epochs") for c in (teacher, vit, deit)] == ["3", "6", "6"]
     assert flag(deit, "--distillation-type") == "hard" and "--allow-weak-teacher" not in deit  # --quick only
+    assert all("--overwrite" in c for c in (teacher, vit, deit))  # an earlier demo's runs are replaced
     assert flag(deit, "--teacher-ckpt") == str(tmp_path / "runs" / "teacher_resnet18" / "best.pth")
+
+
+def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from vitdeit import demo
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd: subprocess.CompletedProcess(cmd, 0))
+    run = tmp_path / "runs" / "baseline_vit_tiny"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_bytes(b"")
+    (run / "config.json").write_text(json.dumps({"data_path": str(tmp_path / "demo_shards")}))  # an earlier demo's
+    assert demo.main(["--out", str(tmp_path), "--workers", "1"]) == 0
+    (run / "config.json").write_text(json.dumps({"data_path": "/data/in100-shards"}))  # the README's real run
+    assert demo.main(["--out", str(tmp_path), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{run} holds a run on /data/in100-shards, not on the demo's {tmp_path / 'demo_shards'}" in err

@@ -204,6 +204,42 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
     assert best["best_top1"] == max(r["val_top1"] for r in metrics)
 
 
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
+        teacher_run, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from vitdeit import trainer
+    from vitdeit.errors import MissingFile, SettingError
+
+    cfg, _ = teacher_run
+    run = tmp_path / "teacher"
+    shutil.copytree(os.path.join(cfg.output_dir, "teacher"), run)
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path))
+    files = lambda: {p.name: p.read_bytes() for p in run.iterdir()}  # noqa: E731
+    before = files()
+    with pytest.raises(SettingError, match=re.escape(f"{run} already holds a run (last.pth): continue it with "
+                                                     f"--resume {run / 'last.pth'}")):
+        train(dataclasses.replace(cfg, epochs=9))  # a rerun that forgot --resume
+    with pytest.raises(MissingFile, match="nothere.pth"):  # --overwrite, but a flag fails the set-up
+        train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
+                                  overwrite=True))
+    assert files() == before  # config.json too: it is written once the set-up has passed
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(trainer, "train_one_epoch", stop)
+    with pytest.raises(Stopped):  # --overwrite: a replacing run stopped in its first epoch
+        train(dataclasses.replace(cfg, epochs=9, overwrite=True))
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint of the old run
+    assert json.loads((run / "config.json").read_text())["epochs"] == 9 and (run / "metrics.jsonl").read_text() == ""
+    assert "overwrite" not in json.loads((run / "config.json").read_text())  # an invocation flag, not the recipe
+
+
 def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
     cfg, _ = teacher_run
     other = tmp_path / "shards"

@@ -19,7 +19,7 @@ from .errors import SettingError
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json`
 # of a resumed run trains that recipe (or, with --eval-only, evaluates best.pth) instead of resuming again
-INVOCATION_FIELDS = ("resume", "eval_only")
+INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Config:
     output_dir: str = "runs"  # runs go to OUTPUT_DIR/RUN_NAME/
     run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
     resume: str = ""  # a last.pth to continue exactly from
+    overwrite: bool = False  # replace the run in OUTPUT_DIR/RUN_NAME (a folder holding last.pth is refused without)
     eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth) on val and exit
     progress: bool = True  # tqdm bars
 

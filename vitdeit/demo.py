@@ -190,10 +190,32 @@ DEMO_TRAIN = ["--img-size", "64", "--patch-size", "16", "--batch-size", "32", "-
               "--warmup-epochs", "0.5", "--crop-scale-min", "0.35", "--drop-path", "0.0"]
 
 
+RUN_NAMES = ("teacher_resnet18", "baseline_vit_tiny", "deit_tiny_distill")
+
+
+def check_demo_runs(out: Path) -> None:
+    """The demo replaces its own runs (train.py --overwrite), never a run on other data: the README's ImageNet-100
+    commands use the same run names under ./runs."""
+    shards = (out / "demo_shards").resolve()
+    for name in RUN_NAMES:
+        run = out / "runs" / name
+        if not (run / "last.pth").is_file():
+            continue
+        try:
+            data = Path(json.loads((run / "config.json").read_text())["data_path"]).resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            data = None
+        if data != shards:
+            raise SettingError(f"{run} holds a run on {data or 'unknown data'}, not on the demo's {shards}: the demo "
+                               f"would replace it. Move it away, or run the demo with another --out.")
+
+
 def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) -> list[list[str]]:
     py = sys.executable
+    teacher, vit, deit = RUN_NAMES
     data, shards, runs = out / "demo_data", out / "demo_shards", out / "runs"
-    common = ["--data-path", str(shards), "--output-dir", str(runs), "--workers", str(workers), *DEMO_TRAIN]
+    common = ["--data-path", str(shards), "--output-dir", str(runs), "--workers", str(workers), "--overwrite",
+              *DEMO_TRAIN]  # an earlier demo's runs are replaced (check_demo_runs: only those)
     if quick:
         common += ["--img-size", "32", "--patch-size", "8"]
     gen = [py, "-m", "vitdeit.demo", "--generate-only", "--out", str(data)] + (["--quick"] if quick else [])
@@ -201,16 +223,16 @@ def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) 
         gen,
         [py, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(shards), "--workers", str(workers)],
         [py, str(ROOT / "train.py"), "--model", "resnet18", "--epochs", str(epochs["resnet18"]),
-         "--run-name", "teacher_resnet18", *common],
+         "--run-name", teacher, *common],
         [py, str(ROOT / "train.py"), "--model", "vit_tiny", "--epochs", str(epochs["vit"]),
-         "--run-name", "baseline_vit_tiny", *common],
+         "--run-name", vit, *common],
         # hard distillation, the DeiT paper's better variant: with the reference's soft-loss normalisation
         # (KL / classes) and alpha 0.5, a soft run on this demo hardly differs from the ViT baseline
         [py, str(ROOT / "train.py"), "--model", "deit_tiny_distill", "--teacher", "resnet18", "--teacher-ckpt",
-         str(runs / "teacher_resnet18" / "best.pth"), "--distillation-type", "hard", "--epochs", str(epochs["vit"]),
-         "--run-name", "deit_tiny_distill", *common] + (["--allow-weak-teacher"] if quick else []),
-        [py, str(ROOT / "viz.py"), "--vit", str(runs / "baseline_vit_tiny" / "best.pth"), "--deit",
-         str(runs / "deit_tiny_distill" / "best.pth"), "--out", str(out / "vit_vs_deit_random10.png"),
+         str(runs / teacher / "best.pth"), "--distillation-type", "hard", "--epochs", str(epochs["vit"]),
+         "--run-name", deit, *common] + (["--allow-weak-teacher"] if quick else []),
+        [py, str(ROOT / "viz.py"), "--vit", str(runs / vit / "best.pth"), "--deit",
+         str(runs / deit / "best.pth"), "--out", str(out / "vit_vs_deit_random10.png"),
          "--report-dir", str(runs / "report"), "--workers", str(workers)],  # the teacher row: the DeiT's teacher run
     ]
 
@@ -240,6 +262,11 @@ def main(argv=None) -> int:
         return 0
     out = Path(a.out)
     epochs = {"vit": 1, "resnet18": 1} if a.quick else {"vit": a.epochs, "resnet18": max(1, a.epochs // 2)}
+    try:
+        check_demo_runs(out)
+    except VitdeitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     t0 = time.time()
     for cmd in demo_commands(out, epochs, a.workers, a.quick):
         print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)

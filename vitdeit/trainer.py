@@ -89,6 +89,27 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                            f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
 
 
+def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
+    """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
+    without --overwrite (rank 0 looks, every rank stops), so that forgetting --resume loses nothing."""
+    continues = bool(cfg.resume) and Path(cfg.resume).resolve().parent == run_dir.resolve()
+    taken = dist.is_main and (run_dir / "last.pth").is_file() and not continues and not cfg.overwrite
+    if any(all_gather_object(taken)):
+        raise SettingError(f"{run_dir} already holds a run (last.pth): continue it with --resume "
+                           f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
+
+
+def start_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Rank 0, once the set-up has passed its checks: config.json (a run that stopped at a bad flag leaves the folder
+    as it was), and, for a run that replaces another (--overwrite, no --resume), the old checkpoints go, so that a
+    folder never mixes two runs."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in ("best.pth", "last.pth"):
+            (run_dir / name).unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+
 def adopt_history(resume: Path, run_dir: Path, resumed: dict) -> float:
     """--resume from another run folder: copy that run's metrics.jsonl lines up to the resumed epoch, and its best.pth
     where it is this run's (the resumed best_top1, from an epoch not after the resumed one), into run_dir, so the
@@ -131,9 +152,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     class_map = manifest_class_map(manifest)
     num_classes = len(class_map)
     run_dir = Path(cfg.output_dir) / cfg.name
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    check_run_dir(run_dir, cfg, dist)
     amp_dtype = resolve_amp(cfg.amp, device)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
@@ -196,9 +215,15 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if resumed["scaler"]:  # empty when the saved run did not use fp16
             scaler.load_state_dict(resumed["scaler"])
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
+    if dist.is_main:
+        start_run_dir(run_dir, cfg)
+    if resumed is not None:
         if dist.is_main and Path(cfg.resume).parent.resolve() != run_dir.resolve():
             best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed)  # (rank 0's is the one that counts)
-        dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} (best val top-1 {best_top1:.2f}%)")
+        dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
+            f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else "(its best.pth did not come along: the "
+            "next epoch writes one)") + ("" if start_epoch < cfg.epochs else f"; it has trained all --epochs "
+                                         f"{cfg.epochs}: nothing to do (raise --epochs to train on)"))
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
     if ema is not None and (warning := ema_warning(cfg.model_ema_decay, cfg.epochs * steps)):

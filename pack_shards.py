@@ -44,7 +44,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, s in m["splits"].items():
-        print(f"{split}: {s['num_samples']} images of {s['input_files']} in {len(s['shards'])} shards")
+        print(f"{split}: {s['num_samples']} images of {s['input_files']} from {', '.join(s['source_dirs'])}/ in "
+              f"{len(s['shards'])} shards")
+        empty = [w for w, n in s["class_counts"].items() if n == 0]
+        if empty:  # allowed (a subset of Labels.json), but a class with no images is worth a look
+            print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json have no {split} images: "
+                  f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} unreadable files (listed in {a.out}/manifest.json)")
     if m["converted"]:

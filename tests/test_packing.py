@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -255,6 +256,27 @@ def test_cli_exits_nonzero_with_the_list(data, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
                         str(tmp_path / "s"), "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 1 and all(str(p) in r.stderr for p in bad) and "--skip-bad" in r.stderr
+
+
+@pytest.mark.parametrize("renamed", ["train.x2", "Train.X2", "train_X2", "VAL.X"])
+def test_a_split_folder_named_almost_right_is_an_error_naming_it_not_a_silent_gap(data, tmp_path, renamed):
+    (data / ("val.X" if renamed == "VAL.X" else "train.X2")).rename(data / renamed)
+    with pytest.raises(DataError, match=re.escape(f"{data / renamed}: a folder named almost like a")):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(data, tmp_path):
+    shutil.rmtree(data / "val.X" / sorted(p.name for p in (data / "val.X").iterdir())[0])  # a class with no val
+    labels = json.loads((data / "Labels.json").read_text())
+    (data / "Labels.json").write_text(json.dumps({**labels, "n99999998": "unseen"}))  # a class with no folder
+    r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
+                        str(tmp_path / "s"), "--workers", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "train: 16 images of 16 from train.X1, train.X2, train.X3, train.X4/ in 1 shards" in lines
+    no_val = sorted(labels)[0]
+    assert "warning: 1 of the 3 classes in Labels.json have no train images: n99999998" in lines
+    assert f"warning: 2 of the 3 classes in Labels.json have no val images: {no_val}, n99999998" in lines
 
 
 def test_unknown_wnid_folder_is_an_error_naming_it(data, tmp_path):

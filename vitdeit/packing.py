@@ -97,6 +97,10 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                     raise DataError(f"{d}: {what_is(d)}, not a folder; it is named like a {split} split folder: fix "
                                     f"it, or move it out of {data_path}.")
                 found[split].append(d)
+            elif d.is_dir() and d.name.lower().startswith(split):  # train.x2, Train.X3, val_X: a near miss
+                raise DataError(f"{d}: a folder named almost like a {split} split folder ({split}.X<digits> or "
+                                f"{split}); it would be left out. Rename it (e.g. {split}.X2), or move it out of "
+                                f"{data_path}.")
     for split, dirs in found.items():
         if not dirs:
             raise DataError(

@@ -47,6 +47,8 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"crop_scale_min": 0.0}, r"--crop-scale-min and --crop-pct must be in \(0, 1\]"),
     ({"model_ema_decay": 1.01}, r"--model-ema-decay 1\.01: must be in \[0, 1\]"),
     ({"clip_grad": -1.0}, r"--clip-grad -1\.0: must be >= 0"),
+    ({"rand_augment": "bogus"}, "--rand-augment 'bogus': not a timm RandAugment spec"),
+    ({"rand_augment": "rand-q9"}, "--rand-augment 'rand-q9': not a timm RandAugment spec"),
     ({"loader": "dali", "rand_augment": "rand-m9"}, "--rand-augment 'rand-m9' runs in the PyTorch loader only"),
 ])
 def test_bad_values_are_errors_that_name_them(values, fragment):

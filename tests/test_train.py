@@ -369,12 +369,23 @@ def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, 
     assert [(r["epoch"], r["val_top1"]) for r in rows] == [(0, 50.0), (1, 10.0)]  # the whole run, as report reads it
 
 
-def test_shards_packed_smaller_than_the_val_resize_are_named_in_a_warning(tiny_data, tmp_path, capsys):
+def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_teacher(tiny_data, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import warnings
+
+    from vitdeit import trainer
+
+    build = trainer.build_loader
+    monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: (warnings.warn("one train shard"), build(*a, **k))[1])
     pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
-    train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))
-    out = capsys.readouterr().out
-    assert "packed with --resize-short 32, under the 36 px" in out  # floor(32 / 0.875)
-    assert out.startswith("run ") and ", loader torch, " in out.splitlines()[0]  # the first line names the loader
+    train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0,
+                  teacher_ckpt="t.pth"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("run ") and ", loader torch, " in lines[0]  # the first line names the loader
+    assert lines[1:3] == ["warning: one train shard"] * 2  # the train and the val loader's, after it
+    assert lines[3] == "warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill; resnet18 " \
+                       "trains without a teacher"
+    assert "packed with --resize-short 32, under the 36 px" in lines[4]  # floor(32 / 0.875)
 
 
 def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):

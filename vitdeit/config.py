@@ -107,6 +107,9 @@ class Config:
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
+        need(not self.rand_augment or _rand_augment_ok(self.rand_augment),
+             f"--rand-augment {self.rand_augment!r}: not a timm RandAugment spec; e.g. 'rand-m9-mstd0.5-inc1' (rand, "
+             f"then -m magnitude, -n ops, -mstd magnitude std, -inc 0/1), or '' for none")
         need(not (self.loader == "dali" and self.rand_augment),
              f"--rand-augment {self.rand_augment!r} runs in the PyTorch loader only, not in DALI's pipeline: use "
              f"--loader torch (or auto, which picks it when --rand-augment is set), or drop --rand-augment")
@@ -120,6 +123,17 @@ class Config:
     def to_dict(self) -> dict:
         """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""
         return {k: v for k, v in asdict(self).items() if k not in INVOCATION_FIELDS}
+
+
+def _rand_augment_ok(spec: str) -> bool:
+    """timm parses the spec when the loader builds its transform; a bad one fails there with a bare assert."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(spec, {"img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError):
+        return False
+    return True
 
 
 def _parse_bool(text: str) -> bool:

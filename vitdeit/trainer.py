@@ -8,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,15 +159,22 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
     states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
-    train_loader = build_loader(cfg, manifest, "train", dist,
-                                state=states[dist.rank] if dist.rank < len(states) else None)
-    val_loader = build_loader(cfg, manifest, "val", dist)
+    with warnings.catch_warnings(record=True) as caught:  # the loaders' (and libraries') warnings: printed after the
+        warnings.simplefilter("always")  # run line, by rank 0 alone
+        train_loader = build_loader(cfg, manifest, "train", dist,
+                                    state=states[dist.rank] if dist.rank < len(states) else None)
+        val_loader = build_loader(cfg, manifest, "val", dist)
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
                f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {amp_dtype}, "
                f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
+    for w in caught:
+        dist.print(f"warning: {w.message}")
+    if cfg.model != "deit_tiny_distill" and (cfg.teacher_ckpt or cfg.teacher_weights):
+        dist.print(f"warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill; {cfg.model} "
+                   f"trains without a teacher")
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")

@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     except VitdeitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished shards in {a.out} are kept; run the same command again to go on",
+              file=sys.stderr)
+        return 130
     for split, s in m["splits"].items():
         print(f"{split}: {s['num_samples']} images of {s['input_files']} from {', '.join(s['source_dirs'])}/ in "
               f"{len(s['shards'])} shards")

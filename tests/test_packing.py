@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -277,6 +278,25 @@ def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(
     no_val = sorted(labels)[0]
     assert "warning: 1 of the 3 classes in Labels.json have no train images: n99999998" in lines
     assert f"warning: 2 of the 3 classes in Labels.json have no val images: {no_val}, n99999998" in lines
+
+
+def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):
+    import signal
+    import time
+
+    data = small_dataset(tmp_path / "d", num_classes=4, train_per_class=200, val_per_class=10)
+    cmd = [sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(tmp_path / "s"),
+           "--workers", "2", "--shard-size", "8"]  # 100 train shards
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not list((tmp_path / "s" / ".progress").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: to the whole process group, workers included
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted: the finished shards in" in err
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "train: 800 images of 800 from" in r.stdout
 
 
 def test_unknown_wnid_folder_is_an_error_naming_it(data, tmp_path):

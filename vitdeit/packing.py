@@ -36,7 +36,7 @@ from pathlib import Path
 
 import webdataset
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import MANIFEST_NAME, ClassMap, load_labels
 from .errors import DataError
@@ -283,7 +283,8 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
                     raw = Path(s.path).read_bytes()
                     data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
                 except Exception as e:  # PIL raises many types for corrupt files
-                    result.bad.append((s.path, f"{type(e).__name__}: {e}"))
+                    why = ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e))
+                    result.bad.append((s.path, f"{type(e).__name__}: {why}"))  # (its text names an in-memory file)
                     continue
                 result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
                 if change:
@@ -353,8 +354,15 @@ def _run(tasks, workers: int):
     if workers <= 1:
         yield from map(write_shard, tasks)
         return
-    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+    # Ctrl-C goes to the main process alone, which ends the pool: not a traceback from every worker
+    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) as pool:
         yield from pool.imap_unordered(write_shard, tasks)
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> dict:
@@ -362,7 +370,8 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> 
     if bad and not opts.skip_bad:
         lines = "\n".join(f"  {p}: {why}" for _, p, why in bad)
         raise DataError(
-            f"{len(bad)} unreadable image file(s); nothing was written to {out / MANIFEST_NAME}:\n{lines}\n"
+            f"{len(bad)} unreadable image file(s), so no {out / MANIFEST_NAME} (an earlier one went when this run "
+            f"began: its shards are being rewritten):\n{lines}\n"
             f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest)."
         )
     split_of = {}

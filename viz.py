@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for note in w["notes"]:
+        print(f"note: {note}")
     print(f"wrote {w['figure']}")
     if "report" in w:
         print(f"wrote {w['report']} and {w['curves']}")

@@ -1,8 +1,10 @@
 """viz.py: the prediction panels, the curves and the report, checked against checkpoints and metrics."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 from conftest import ROOT, small_dataset
 from vitdeit.checkpoint import check_class_map
 from vitdeit.classes import ClassMap, load_manifest, manifest_class_map
-from vitdeit.errors import DataError
+from vitdeit.errors import DataError, MissingFile
 from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples
 from vitdeit.packing import PackOptions, pack
@@ -118,8 +120,30 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
     state = torch.load(moved / "best.pth", weights_only=True)
     state["config"]["teacher_ckpt"] = str(tmp_path / "elsewhere" / "best.pth")
     torch.save(state, moved / "best.pth")
-    make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), **kw)
+    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), **kw)
     assert "| teacher |" not in (tmp_path / "report" / "report.md").read_text()
+    assert w["notes"] == [f"no teacher row: the DeiT distilled from {tmp_path / 'elsewhere' / 'best.pth'}, whose run "
+                          f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run"]
+    with pytest.raises(MissingFile, match=re.escape(f"--teacher-run {tmp_path}: no best.pth there")):
+        make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), teacher_run=str(tmp_path),
+                 **kw)
+
+
+def test_too_many_images_is_refused_before_any_val_pass_and_swapped_checkpoints_are_named(runs, tmp_path,
+                                                                                         monkeypatch):
+    from vitdeit import report
+    from vitdeit.errors import SettingError
+
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    kw = dict(report_dir=None, workers=0, out=str(tmp_path / "p.png"))
+    predict = report.predict
+    monkeypatch.setattr(report, "predict", lambda *a, **k: pytest.fail("predicted before checking --num-images"))
+    with pytest.raises(SettingError, match="--num-images 25: must be between 1 and the 24 val images"):
+        make_all(vit, deit, num_images=25, **kw)
+    monkeypatch.setattr(report, "predict", predict)
+    w = make_all(deit, vit, num_images=2, **kw)
+    assert w["notes"] == [f"--vit {deit} holds a deit_tiny_distill, labelled ViT here",
+                          f"--deit {vit} holds a vit_tiny, labelled DeiT here"]
 
 
 def test_a_run_without_a_finished_epoch_is_an_error_naming_its_metrics(runs, tmp_path):

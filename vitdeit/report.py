@@ -115,11 +115,16 @@ def curves_figure(runs: dict[str, list[dict]]):
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i}"
         ep = [r["epoch"] + 1 for r in rows]
-        axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour, label=f"{name} train")
+        distils = "teacher_val_top1" in rows[-1]  # its train loss adds the distillation term to the label CE
+        axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour,
+                     label=f"{name} train" + (" (CE + distillation)" if distils else ""))
         axes[0].plot(ep, [r["val_loss"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
         axes[1].plot(ep, [r["train_top1"] for r in rows], "--", color=colour, label=f"{name} train")
         axes[1].plot(ep, [r["val_top1"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
+    from matplotlib.ticker import MaxNLocator
+
     for ax, what in zip(axes, ("loss", "top-1 (%)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 1, 2, 3, not 1.5
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
@@ -221,24 +226,33 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     manifest = load_manifest(data_path)
     class_map = manifest_class_map(manifest)
     check_class_map(vit_state, class_map, vit_ckpt)
+    indices = sample_indices(manifest["splits"]["val"]["num_samples"], num_images, seed)  # before the val passes
     vit_net = model_from_checkpoint(vit_state).to(device).eval()
     deit_net, deit_state = load_model(deit_ckpt, class_map, device)
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
-    indices = sample_indices(len(vit.labels), num_images, seed)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    written = {"figure": out, "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
+    notes = [f"--{flag} {path} holds a {state['config']['model']}, labelled {label} here"
+             for flag, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
+                                                     ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
+             if state["config"]["model"] != model]
+    written = {"figure": out, "notes": notes, "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                                          for i in indices]}
     if report_dir is None:
         return written
     rdir = Path(report_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     runs = {}
+    if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
+        raise MissingFile(f"--teacher-run {teacher_run}: no best.pth there; pass a train.py run folder of the teacher.")
     teacher_run = teacher_run or distilled_from(deit_state)
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)
+    elif deit_state["config"].get("teacher_ckpt") and deit_state["config"].get("distillation_type") != "none":
+        notes.append(f"no teacher row: the DeiT distilled from {deit_state['config']['teacher_ckpt']}, whose run "
+                     f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
     metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
     for name, rows in metrics.items():

@@ -238,8 +238,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
              for flag, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                      ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
              if state["config"]["model"] != model]
-    written = {"figure": out, "notes": notes, "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
-                                         for i in indices]}
+    written = {"figure": out, "notes": notes,
+               "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
+                          for i in indices]}
     if report_dir is None:
         return written
     rdir = Path(report_dir)

@@ -125,6 +125,18 @@ def test_deit_distils_from_the_teacher_and_reports_each_head(teacher_run, learn_
     assert {"val_top1_cls_head", "val_top1_dist_head"} <= set(last)
 
 
+def test_chance_is_the_most_common_val_class_share():
+    from vitdeit.distributed import Dist
+    from vitdeit.errors import SettingError
+    from vitdeit.trainer import check_teacher
+
+    counts = {"n1": 10, "n2": 10, "n3": 10, "n4": 0}  # a Labels.json class without val images: chance 1/3, not 1/4
+    check_teacher({"val_top1": 67.0, "val_samples": 30}, counts, Config(), Dist())
+    with pytest.raises(SettingError, match=r"under twice chance \(66\.67%\)"):
+        check_teacher({"val_top1": 60.0, "val_samples": 30}, counts, Config(), Dist())
+    check_teacher({"val_top1": 60.0, "val_samples": 30}, counts, Config(allow_weak_teacher=True), Dist())
+
+
 def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
     weak = tmp_path / "weak"
     train(cfg_for(learn_shards, weak, model="resnet18", epochs=1, lr=1e-9, run_name="t"))

@@ -68,11 +68,12 @@ def ema_warning(decay: float, total_steps: int) -> str | None:
             f"EMA at its starting weights; for 1% use --model-ema-decay {0.01 ** (1 / total_steps):.5f}")
 
 
-def check_teacher(metrics: dict, num_classes: int, cfg: Config, dist: Dist) -> None:
-    """Refuse a teacher at chance level: a randomly initialised head is not a teacher."""
-    chance = 100.0 / num_classes
+def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, dist: Dist) -> None:
+    """Refuse a teacher at chance level: a randomly initialised head is not a teacher. Chance: the top-1 of always
+    naming the most common val class (1 / classes on a balanced val split; more where classes have no val images)."""
+    chance = 100.0 * max(val_class_counts.values()) / sum(val_class_counts.values())
     dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images "
-               f"(chance {chance:.2f}%)")
+               f"(chance {chance:.2f}%: the most common val class's share)")
     if metrics["val_top1"] < 2 * chance and not cfg.allow_weak_teacher:
         raise SettingError(
             f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({2 * chance:.2f}%): it "
@@ -194,7 +195,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if distill != "none":
         teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, device)
         t_metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
-        check_teacher(t_metrics, num_classes, cfg, dist)
+        check_teacher(t_metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
         teacher_top1 = t_metrics["val_top1"]
 
     mixup = None

@@ -308,7 +308,8 @@ def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, mo
     last = train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
                          batch_size=16, workers=0, mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5-inc1"))
     assert last["val_samples"] == 24 and last["train_samples"] == 96 and math.isfinite(last["train_loss"])
-    assert mixed == [16] * 6 and augmenters == ["rand-m9-mstd0.5-inc1"]  # every step mixed; RandAugment built
+    # every step mixed; RandAugment built by the loader (and once before, when Config checked the spec)
+    assert mixed == [16] * 6 and augmenters == ["rand-m9-mstd0.5-inc1"] * 2
 
 
 def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):

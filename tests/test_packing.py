@@ -259,11 +259,20 @@ def test_cli_exits_nonzero_with_the_list(data, tmp_path):
     assert r.returncode == 1 and all(str(p) in r.stderr for p in bad) and "--skip-bad" in r.stderr
 
 
-@pytest.mark.parametrize("renamed", ["train.x2", "Train.X2", "train_X2", "VAL.X"])
+@pytest.mark.parametrize("renamed", ["train.x2", "Train.X2", "train_X2", "VAL.X", "Val"])
 def test_a_split_folder_named_almost_right_is_an_error_naming_it_not_a_silent_gap(data, tmp_path, renamed):
-    (data / ("val.X" if renamed == "VAL.X" else "train.X2")).rename(data / renamed)
+    (data / ("val.X" if renamed.lower().startswith("val") else "train.X2")).rename(data / renamed)
     with pytest.raises(DataError, match=re.escape(f"{data / renamed}: a folder named almost like a")):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_folders_that_only_start_like_a_split_name_and_a_split_links_target_are_fine(data, tmp_path):
+    for name in ("training_notes", "validation_old", "trainer_logs"):
+        (data / name).mkdir()
+    (data / "val.X").rename(data / "val_real")
+    (data / "val.X").symlink_to(data / "val_real")
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["splits"]["val"]["num_samples"] == 4 and m["splits"]["val"]["source_dirs"] == ["val.X"]
 
 
 def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(data, tmp_path):

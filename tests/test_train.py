@@ -135,6 +135,10 @@ def test_chance_is_the_most_common_val_class_share():
     with pytest.raises(SettingError, match=r"under twice chance \(66\.67%\)"):
         check_teacher({"val_top1": 60.0, "val_samples": 30}, counts, Config(), Dist())
     check_teacher({"val_top1": 60.0, "val_samples": 30}, counts, Config(allow_weak_teacher=True), Dist())
+    skewed = {"n1": 80, "n2": 10, "n3": 10}  # chance 80 %: the bar is halfway to 100 %, not an unreachable 160 %
+    check_teacher({"val_top1": 91.0, "val_samples": 100}, skewed, Config(), Dist())
+    with pytest.raises(SettingError, match=r"\(90\.00%\)"):
+        check_teacher({"val_top1": 85.0, "val_samples": 100}, skewed, Config(), Dist())
 
 
 def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
@@ -217,7 +221,7 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
 
 
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
-        teacher_run, tmp_path, monkeypatch):
+        teacher_run, tmp_path, monkeypatch, capsys):
     import dataclasses
     import shutil
 
@@ -237,6 +241,16 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
         train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
                                   overwrite=True))
     assert files() == before  # config.json too: it is written once the set-up has passed
+    train(dataclasses.replace(cfg, resume=str(run / "last.pth")))  # all 3 epochs trained: nothing to do, nothing lost
+    after = files()
+    assert json.loads(after.pop("config.json")) == cfg.to_dict()  # the resumed recipe, here (output_dir: tmp_path)
+    assert after == {k: v for k, v in before.items() if k != "config.json"}
+    assert "has trained all --epochs 3: nothing to do" in capsys.readouterr().out
+    other = tmp_path / "other"  # --overwrite, resuming another folder's run: none of this folder's old run stays
+    shutil.copytree(run, other)
+    torch.save({"stale": True}, other / "last.pth")
+    train(dataclasses.replace(cfg, run_name="other", resume=str(run / "last.pth"), overwrite=True))
+    assert (other / "best.pth").read_bytes() == before["best.pth"] and not (other / "last.pth").exists()
 
     class Stopped(Exception):
         pass
@@ -392,13 +406,14 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: (warnings.warn("one train shard"), build(*a, **k))[1])
     pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
     train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0,
-                  teacher_ckpt="t.pth"))
+                  teacher_ckpt="t.pth", warmup_epochs=1.0))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("run ") and ", loader torch, " in lines[0]  # the first line names the loader
     assert lines[1:3] == ["warning: one train shard"] * 2  # the train and the val loader's, after it
-    assert lines[3] == "warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill; resnet18 " \
-                       "trains without a teacher"
-    assert "packed with --resize-short 32, under the 36 px" in lines[4]  # floor(32 / 0.875)
+    assert lines[3] == "warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a " \
+                       "--distillation-type other than none; this run trains without a teacher"
+    assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
+    assert "packed with --resize-short 32, under the 36 px" in lines[5]  # floor(32 / 0.875)
 
 
 def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):

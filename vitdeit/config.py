@@ -17,8 +17,8 @@ from typing import get_type_hints
 from .errors import SettingError
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
-# what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json`
-# of a resumed run trains that recipe (or, with --eval-only, evaluates best.pth) instead of resuming again
+# what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
+# resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
 
 

@@ -260,7 +260,7 @@ def main(argv=None) -> int:
             return 1
         print(f"wrote the synthetic demo dataset to {a.out}")
         return 0
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # the runs' saved data_path then names the shards from any folder (check_demo_runs)
     epochs = {"vit": 1, "resnet18": 1} if a.quick else {"vit": a.epochs, "resnet18": max(1, a.epochs // 2)}
     try:
         check_demo_runs(out)

@@ -46,6 +46,8 @@ FORMAT_VERSION = 1
 # shards an earlier packer wrote are rewritten, not reused (2: EXIF orientation applied, 16-bit pixels scaled)
 ENCODING_VERSION = 2
 SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compile(r"^val(\.X\d*)?$")}
+# names a split folder was surely meant to have (case, "_" or "-" for ".", a lower-case x): an error, not a gap
+NEAR_MISS = {split: re.compile(rf"^{split}([._-]?x\d*)?$", re.IGNORECASE) for split in SPLIT_DIR_PATTERNS}
 PROGRESS_DIR = ".progress"
 # the files a run writes per shard NAME: NAME.tar, NAME.idx, .NAME.tar.tmp, .progress/NAME.json(.tmp)
 SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|json|json\.tmp)$")
@@ -90,6 +92,7 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     if not data_path.is_dir():
         raise DataError(f"{data_path}: not a directory; pass --data-path DIR with train.X*/ and val.X/ in it.")
     found: dict[str, list[Path]] = {"train": [], "val": []}
+    targets = {d.resolve() for d in data_path.iterdir() if d.is_symlink()}  # val.X -> val_real: val_real is fine
     for d in sorted(data_path.iterdir()):
         for split, pattern in SPLIT_DIR_PATTERNS.items():
             if pattern.match(d.name):
@@ -97,7 +100,7 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                     raise DataError(f"{d}: {what_is(d)}, not a folder; it is named like a {split} split folder: fix "
                                     f"it, or move it out of {data_path}.")
                 found[split].append(d)
-            elif d.is_dir() and d.name.lower().startswith(split):  # train.x2, Train.X3, val_X: a near miss
+            elif d.is_dir() and NEAR_MISS[split].match(d.name) and d.resolve() not in targets:  # train.x2, VAL.X
                 raise DataError(f"{d}: a folder named almost like a {split} split folder ({split}.X<digits> or "
                                 f"{split}); it would be left out. Rename it (e.g. {split}.X2), or move it out of "
                                 f"{data_path}.")

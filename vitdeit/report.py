@@ -217,6 +217,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         if not Path(path).is_file():
             raise MissingFile(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
                               f"train.py --run-name ...), or pass its path with --vit / --deit.")
+    if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
+        raise MissingFile(f"--teacher-run {teacher_run}: no best.pth there; pass a train.py run folder of the teacher.")
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
     if data_path is None:
         data_path = vit_state["config"]["data_path"]
@@ -246,8 +248,6 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     rdir = Path(report_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     runs = {}
-    if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
-        raise MissingFile(f"--teacher-run {teacher_run}: no best.pth there; pass a train.py run folder of the teacher.")
     teacher_run = teacher_run or distilled_from(deit_state)
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)

@@ -54,7 +54,9 @@ def lr_schedule(optimizer, cfg: Config, steps: int):
     from timm.scheduler import CosineLRScheduler
 
     total, warm, lr = cfg.epochs * steps, int(cfg.warmup_epochs * steps), optimizer.param_groups[0]["lr"]
-    return CosineLRScheduler(optimizer, t_initial=max(1, total - warm), lr_min=cfg.min_lr, warmup_t=warm,
+    # a run no longer than its warm-up never reaches the peak (train() warns); 2: timm logs a warning for a 1-step
+    # cosine, on every rank, that this one never reaches anyway
+    return CosineLRScheduler(optimizer, t_initial=max(2, total - warm), lr_min=cfg.min_lr, warmup_t=warm,
                              warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
 
 
@@ -65,18 +67,19 @@ def ema_warning(decay: float, total_steps: int) -> str | None:
     if kept <= 0.05:
         return None
     return (f"warning: --model-ema-decay {decay} over this run's {total_steps} steps leaves {100 * kept:.0f}% of the "
-            f"EMA at its starting weights; for 1% use --model-ema-decay {0.01 ** (1 / total_steps):.5f}")
+            f"EMA at its starting weights; for 1% use --model-ema-decay {0.01 ** (1 / total_steps):.8f}")
 
 
 def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, dist: Dist) -> None:
     """Refuse a teacher at chance level: a randomly initialised head is not a teacher. Chance: the top-1 of always
     naming the most common val class (1 / classes on a balanced val split; more where classes have no val images)."""
     chance = 100.0 * max(val_class_counts.values()) / sum(val_class_counts.values())
+    bar = min(2 * chance, (chance + 100) / 2)  # twice chance, or halfway to 100 % where that is lower
     dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images "
                f"(chance {chance:.2f}%: the most common val class's share)")
-    if metrics["val_top1"] < 2 * chance and not cfg.allow_weak_teacher:
+    if metrics["val_top1"] < bar and not cfg.allow_weak_teacher:
         raise SettingError(
-            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({2 * chance:.2f}%): it "
+            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({bar:.2f}%): it "
             f"knows nothing of these classes. Train one (train.py --model resnet18) and pass --teacher-ckpt, or "
             f"pass --allow-weak-teacher to distil anyway."
         )
@@ -103,11 +106,11 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
 
 def start_run_dir(run_dir: Path, cfg: Config) -> None:
     """Rank 0, once the set-up has passed its checks: config.json (a run that stopped at a bad flag leaves the folder
-    as it was), and, for a run that replaces another (--overwrite, no --resume), the old checkpoints go, so that a
-    folder never mixes two runs."""
+    as it was), and, for a run that replaces another (--overwrite, not resuming from this folder), the old checkpoints
+    go, so that a folder never mixes two runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:
-        for name in ("best.pth", "last.pth"):
+    if cfg.overwrite and not (cfg.resume and Path(cfg.resume).resolve().parent == run_dir.resolve()):
+        for name in ("best.pth", "last.pth"):  # (a --resume from another folder brings its best.pth: adopt_history)
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -173,9 +176,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
-    if cfg.model != "deit_tiny_distill" and (cfg.teacher_ckpt or cfg.teacher_weights):
-        dist.print(f"warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill; {cfg.model} "
-                   f"trains without a teacher")
+    if (cfg.model != "deit_tiny_distill" or cfg.distillation_type == "none") and (cfg.teacher_ckpt or
+                                                                               cfg.teacher_weights):
+        dist.print(f"warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
+                   f"--distillation-type other than none; this run trains without a teacher")
+    if cfg.warmup_epochs >= cfg.epochs:
+        dist.print(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
+                   f"and never reaches the peak lr {lr:.3g}")
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
@@ -229,10 +236,12 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if resumed is not None:
         if dist.is_main and Path(cfg.resume).parent.resolve() != run_dir.resolve():
             best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed)  # (rank 0's is the one that counts)
-        dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
-            f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else "(its best.pth did not come along: the "
-            "next epoch writes one)") + ("" if start_epoch < cfg.epochs else f"; it has trained all --epochs "
-                                         f"{cfg.epochs}: nothing to do (raise --epochs to train on)"))
+        if start_epoch >= cfg.epochs:
+            dist.print(f"{cfg.resume} has trained all --epochs {cfg.epochs}: nothing to do (raise --epochs to go on)")
+        else:
+            dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
+                f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else "(its best.pth did not come along: "
+                "the next epoch writes one)"))
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
     if ema is not None and (warning := ema_warning(cfg.model_ema_decay, cfg.epochs * steps)):

@@ -218,3 +218,18 @@ def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():
     check_class_map({"classes": ["n00000001", "n00000002"], "config": {}}, cm, "x.pth")
     with pytest.raises(DataError, match="x.pth was trained on the same classes in another order"):
         check_class_map({"classes": ["n00000002", "n00000001"], "config": {}}, cm, "x.pth")
+
+
+def test_the_curves_show_whole_epochs_and_say_which_train_loss_holds_the_distillation_term():
+    from vitdeit.report import curves_figure
+
+    row = lambda e, **k: {"epoch": e, "train_loss": 2.0 - e, "val_loss": 2.1 - e, "train_top1": 10.0 * e,  # noqa
+                          "val_top1": 11.0 * e, **k}
+    deit = [row(0, teacher_val_top1=60.0), row(1, teacher_val_top1=60.0)]
+    fig = curves_figure({"ViT": [row(0), row(1)], "DeiT": deit})
+    fig.canvas.draw()
+    loss, top1 = fig.axes[:2]
+    assert loss.get_title() == "DeiT train loss: CE + distillation term"
+    for ax in (loss, top1):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # 2 epochs: 1 and 2, not 1.25, 1.5, ...

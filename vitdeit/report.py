@@ -115,9 +115,7 @@ def curves_figure(runs: dict[str, list[dict]]):
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i}"
         ep = [r["epoch"] + 1 for r in rows]
-        distils = "teacher_val_top1" in rows[-1]  # its train loss adds the distillation term to the label CE
-        axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour,
-                     label=f"{name} train" + (" (CE + distillation)" if distils else ""))
+        axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour, label=f"{name} train")
         axes[0].plot(ep, [r["val_loss"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
         axes[1].plot(ep, [r["train_top1"] for r in rows], "--", color=colour, label=f"{name} train")
         axes[1].plot(ep, [r["val_top1"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
@@ -128,7 +126,10 @@ def curves_figure(runs: dict[str, list[dict]]):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="lower right")  # (one legend: the two panels share names and colours)
+    distilled = [name for name, rows in runs.items() if rows and "teacher_val_top1" in rows[-1]]
+    if distilled:  # their train loss is (1 - alpha) CE + alpha distillation, not the plain CE of the others
+        axes[0].set_title(f"{', '.join(distilled)} train loss: CE + distillation term", fontsize=9)
     fig.tight_layout()
     return fig
 

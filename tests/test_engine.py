@@ -1,5 +1,6 @@
 """engine.evaluate: exact counts against logits chosen here, for one head and for DeiT's two."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,3 +72,54 @@ def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts
     assert out["train_samples"] == N
     assert abs(out["train_loss"] - sum(range(N)) / N) < 1e-12  # 6.0; the mean of the 3 batch means is 6.67
     assert out["train_top1"] == counted(CLS)[0]
+
+
+class Bias(nn.Module):  # outputs its parameter: the gradient is whatever the loss says
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], 2) + self.w
+
+
+class NoSchedule:
+    def step_update(self, t):
+        pass
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_clipping_bounds_the_unscaled_gradient_norm(scaled):
+    m = Bias()
+    loss_fn = lambda images, outputs, targets: (outputs * torch.tensor([3.0, 4.0])).sum() / len(outputs)  # noqa
+    batches = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))]  # gradient (3, 4): norm 5
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled, init_scale=1024.0)  # fp16's scaler: unscaled before clipping
+    train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=1.0), NoSchedule(), scaler, None, None,
+                    None, 1.0, 0, Dist(), progress=False)
+    assert torch.allclose(m.w.detach(), torch.tensor([-0.6, -0.8]))  # one SGD step along -(3, 4) / 5
+
+
+def test_data_wait_is_the_time_blocked_on_the_loader_not_the_step():
+    import time
+
+    class SlowLoader:
+        def __len__(self):
+            return 4
+
+        def __iter__(self):
+            for _ in range(4):
+                time.sleep(0.1)
+                yield torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+
+    class SlowModel(Bias):
+        def forward(self, x):
+            time.sleep(0.1)
+            return super().forward(x)
+
+    loss_fn = lambda images, outputs, targets: outputs.sum()  # noqa
+    fast = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 4
+    for model, loader, low, high in ((Bias(), SlowLoader(), 0.8, 1.0), (SlowModel(), fast, 0.0, 0.2)):
+        out = train_one_epoch(model, loss_fn, loader, torch.optim.SGD(model.parameters(), lr=0.0), NoSchedule(),
+                              torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(),
+                              progress=False)
+        assert low < out["data_wait_frac"] <= high

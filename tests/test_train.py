@@ -284,6 +284,7 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
+    assert f"global batch 64, lr {0.005 * 64 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
     assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
     saved = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["model"]
@@ -430,3 +431,78 @@ def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cp
     out = evaluate_checkpoint(cfg_for(learn_shards, tmp_path, resume=str(tmp_path / "deit_tiny_distill" / "last.pth"),
                                       eval_only=True, **kw))
     assert out["val_top1"] == pytest.approx(last["val_top1"], abs=2 * 100 / 120)
+
+
+def fake_val(monkeypatch, values):
+    from vitdeit import trainer
+
+    it = iter(values)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(it),
+                                                              "val_top5": 90.0, "val_samples": 24})
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_resuming_in_place_keeps_the_best_and_cuts_the_later_epochs(tiny_shards, tmp_path, monkeypatch, overwrite):
+    import shutil
+
+    kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=3)
+    fake_val(monkeypatch, [50.0, 50.0, 10.0, 10.0, 10.0])  # 3 epochs, then 2 resumed; a tie is not a new best
+    run = tmp_path / "vit_tiny"
+    train(cfg_for(tiny_shards, tmp_path, **kw),
+          on_epoch_end=lambda e, r: e == 0 and shutil.copy(run / "last.pth", run / "ep0.pth"))
+    best = run / "best.pth"
+    assert torch.load(best, weights_only=True)["epoch"] == 0
+    before = best.read_bytes()
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "ep0.pth"), overwrite=overwrite, **kw))
+    assert best.read_bytes() == before and torch.load(run / "last.pth", weights_only=True)["best_top1"] == 50.0
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [(r["epoch"], r["val_top1"]) for r in rows] == [(0, 50.0), (1, 10.0), (2, 10.0)]  # epochs 1, 2 redone
+
+
+def test_a_run_stopped_while_writing_best_pth_redoes_that_epoch(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit import trainer
+
+    kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=3)
+    fake_val(monkeypatch, [10.0, 20.0, 20.0, 30.0])
+    real = trainer.save_checkpoint
+
+    def save(path, state):
+        if path.name == "best.pth" and state["epoch"] == 1:
+            raise KeyboardInterrupt
+        real(path, state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_shards, tmp_path, **kw))
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    trained = []
+    train(cfg_for(tiny_shards, tmp_path, resume=str(tmp_path / "vit_tiny" / "last.pth"), **kw),
+          on_epoch_end=lambda e, r: trained.append(e))
+    assert trained == [1, 2]  # last.pth is written last: it still said epoch 0
+    best = torch.load(tmp_path / "vit_tiny" / "best.pth", weights_only=True)
+    assert (best["epoch"], best["best_top1"]) == (2, 30.0)
+
+
+def test_each_epoch_seeds_from_seed_epoch_and_rank(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit import trainer
+
+    seeds, real = [], trainer.train_one_epoch
+    monkeypatch.setattr(trainer, "train_one_epoch",
+                        lambda *a, **k: seeds.append(torch.initial_seed()) or real(*a, **k))
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", batch_size=16, workers=0, epochs=2, seed=3))
+    assert seeds == [hash((3, e, 0)) % 2**31 for e in (0, 1)] and seeds[0] != seeds[1]
+
+
+def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains(teacher_run, learn_shards, tmp_path,
+                                                                       monkeypatch):
+    from vitdeit import trainer
+
+    tcfg, _ = teacher_run
+    ckpt = os.path.join(tcfg.output_dir, "teacher", "best.pth")
+    held, real = [], trainer.load_teacher
+    monkeypatch.setattr(trainer, "load_teacher", lambda *a: held.append(real(*a)) or held[0])
+    train(cfg_for(learn_shards, tmp_path, model="deit_tiny_distill", teacher_ckpt=ckpt, epochs=1, lr=0.003,
+                  distillation_type="hard"))
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    assert not held[0].training  # BatchNorm statistics included: nothing of the teacher moved
+    assert all(torch.equal(v, saved[k]) for k, v in held[0].state_dict().items())

@@ -94,11 +94,16 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                            f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
 
 
+def resumes_in(run_dir: Path, cfg: Config) -> bool:
+    """--resume names a checkpoint in run_dir itself: the run there goes on (else a new one starts, or one resumed
+    from another folder, whose history adopt_history brings)."""
+    return bool(cfg.resume) and Path(cfg.resume).parent.resolve() == run_dir.resolve()
+
+
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
     """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
     without --overwrite (rank 0 looks, every rank stops), so that forgetting --resume loses nothing."""
-    continues = bool(cfg.resume) and Path(cfg.resume).resolve().parent == run_dir.resolve()
-    taken = dist.is_main and (run_dir / "last.pth").is_file() and not continues and not cfg.overwrite
+    taken = dist.is_main and (run_dir / "last.pth").is_file() and not resumes_in(run_dir, cfg) and not cfg.overwrite
     if any(all_gather_object(taken)):
         raise SettingError(f"{run_dir} already holds a run (last.pth): continue it with --resume "
                            f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
@@ -109,7 +114,7 @@ def start_run_dir(run_dir: Path, cfg: Config) -> None:
     as it was), and, for a run that replaces another (--overwrite, not resuming from this folder), the old checkpoints
     go, so that a folder never mixes two runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not (cfg.resume and Path(cfg.resume).resolve().parent == run_dir.resolve()):
+    if cfg.overwrite and not resumes_in(run_dir, cfg):
         for name in ("best.pth", "last.pth"):  # (a --resume from another folder brings its best.pth: adopt_history)
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -176,8 +181,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
-    if (cfg.model != "deit_tiny_distill" or cfg.distillation_type == "none") and (cfg.teacher_ckpt or
-                                                                               cfg.teacher_weights):
+    distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
+    if distill == "none" and (cfg.teacher_ckpt or cfg.teacher_weights):
         dist.print(f"warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
                    f"--distillation-type other than none; this run trains without a teacher")
     if cfg.warmup_epochs >= cfg.epochs:
@@ -194,7 +199,6 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)
-    distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
     if cfg.model == "deit_tiny_distill" and distill == "none":
         net.set_distilled_training(False)  # no teacher: both heads learn the labels (their mean), as in timm
 
@@ -234,7 +238,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if dist.is_main:
         start_run_dir(run_dir, cfg)
     if resumed is not None:
-        if dist.is_main and Path(cfg.resume).parent.resolve() != run_dir.resolve():
+        if dist.is_main and not resumes_in(run_dir, cfg):
             best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed)  # (rank 0's is the one that counts)
         if start_epoch >= cfg.epochs:
             dist.print(f"{cfg.resume} has trained all --epochs {cfg.epochs}: nothing to do (raise --epochs to go on)")

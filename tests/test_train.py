@@ -137,7 +137,7 @@ def test_chance_is_the_most_common_val_class_share():
     check_teacher({"val_top1": 60.0, "val_samples": 30}, counts, Config(allow_weak_teacher=True), Dist())
     skewed = {"n1": 80, "n2": 10, "n3": 10}  # chance 80 %: the bar is halfway to 100 %, not an unreachable 160 %
     check_teacher({"val_top1": 91.0, "val_samples": 100}, skewed, Config(), Dist())
-    with pytest.raises(SettingError, match=r"\(90\.00%\)"):
+    with pytest.raises(SettingError, match=r"under halfway from chance to 100% \(90\.00%\)"):
         check_teacher({"val_top1": 85.0, "val_samples": 100}, skewed, Config(), Dist())
 
 

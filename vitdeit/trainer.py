@@ -74,12 +74,14 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
     """Refuse a teacher at chance level: a randomly initialised head is not a teacher. Chance: the top-1 of always
     naming the most common val class (1 / classes on a balanced val split; more where classes have no val images)."""
     chance = 100.0 * max(val_class_counts.values()) / sum(val_class_counts.values())
-    bar = min(2 * chance, (chance + 100) / 2)  # twice chance, or halfway to 100 % where that is lower
+    bar, which = 2 * chance, "twice chance"
+    if (chance + 100) / 2 < bar:  # chance over a third: twice it would be out of reach
+        bar, which = (chance + 100) / 2, "halfway from chance to 100%"
     dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images "
                f"(chance {chance:.2f}%: the most common val class's share)")
     if metrics["val_top1"] < bar and not cfg.allow_weak_teacher:
         raise SettingError(
-            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under twice chance ({bar:.2f}%): it "
+            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under {which} ({bar:.2f}%): it "
             f"knows nothing of these classes. Train one (train.py --model resnet18) and pass --teacher-ckpt, or "
             f"pass --allow-weak-teacher to distil anyway."
         )

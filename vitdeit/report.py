@@ -203,11 +203,17 @@ def distilled_from(deit_state: dict) -> str | None:
     """The train.py run folder of the teacher the DeiT checkpoint distilled from: its --teacher-ckpt's folder, if it is
     one here (None for torchvision's weights or no distillation: the report then shows no teacher row; the DeiT's
     metrics still hold the teacher's val top-1)."""
-    cfg = deit_state["config"]
-    if cfg.get("distillation_type") == "none" or not cfg.get("teacher_ckpt"):
+    ckpt = teacher_ckpt_of(deit_state)
+    if ckpt is None:
         return None
-    run_dir = Path(cfg["teacher_ckpt"]).parent
+    run_dir = Path(ckpt).parent
     return str(run_dir) if (run_dir / "metrics.jsonl").is_file() else None
+
+
+def teacher_ckpt_of(deit_state: dict) -> str | None:
+    """The --teacher-ckpt the DeiT checkpoint distilled from (None for torchvision's weights or no distillation)."""
+    cfg = deit_state["config"]
+    return None if cfg.get("distillation_type") == "none" else cfg.get("teacher_ckpt") or None
 
 
 def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
@@ -252,8 +258,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     teacher_run = teacher_run or distilled_from(deit_state)
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)
-    elif deit_state["config"].get("teacher_ckpt") and deit_state["config"].get("distillation_type") != "none":
-        notes.append(f"no teacher row: the DeiT distilled from {deit_state['config']['teacher_ckpt']}, whose run "
+    elif ckpt := teacher_ckpt_of(deit_state):
+        notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
                      f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
     metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}

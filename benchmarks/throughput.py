@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from vitdeit.classes import load_manifest  # noqa: E402
-from vitdeit.config import Config  # noqa: E402
+from vitdeit.config import INTERPOLATIONS, Config  # noqa: E402
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
@@ -93,7 +93,7 @@ def shard_loader(a, sdir: Path, backend: str, workers: int, device,
                  hw_decoder_load: float = Config.dali_hw_decoder_load):
     """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
-                 loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load)
+                 loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load, interpolation=a.interpolation)
     return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
 
 
@@ -122,18 +122,19 @@ def dali_error(a, sdir: Path, device) -> str | None:
     return None
 
 
-def classic_transform(img_size: int):
+def classic_transform(img_size: int, interpolation: str = "bilinear"):
     """The baseline's train transform: what users start from (PIL in, normalised float tensor out)."""
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    crop = T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode(interpolation))
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int):
+def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int, interpolation: str = "bilinear"):
     """The baseline users start from: ImageFolder (one per train folder) + classic PIL transforms + DataLoader."""
     import torchvision
 
-    tf = classic_transform(img_size)
+    tf = classic_transform(img_size, interpolation)
     ds = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(str(d), tf)
                                          for d in find_split_dirs(data_dir)["train"]])
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
@@ -148,7 +149,8 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
     a busy moment of a shared machine hits them all alike; the median epoch per loader."""
     rows = []
     for w in sorted({int(w) for w in (a.loader_workers or f"1,{a.workers}").split(",")}):
-        loaders = {"imagefolder": (imagefolder_loader(data_dir, a.img_size, a.batch_size, w), lambda: None)}
+        baseline = imagefolder_loader(data_dir, a.img_size, a.batch_size, w, a.interpolation)
+        loaders = {"imagefolder": (baseline, lambda: None)}
         data = {"imagefolder": "original JPEGs"}
         for name, label, loader in shard_loaders(a, shard_dirs, w, device):
             loaders[name], data[name] = (loader, sync), label
@@ -187,18 +189,23 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
     boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]
     classic = classic_transform(img_size)
 
-    def torch_resize(i):
+    def torch_resize(i, mode="bilinear"):
         x, (left, top, w, h) = tensors[i], boxes[i]
         crop = x[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
-        return F.interpolate(crop, size=(img_size, img_size), mode="bilinear", antialias=True)
+        return F.interpolate(crop, size=(img_size, img_size), mode=mode, antialias=True)
+
+    def pil_resize(i, resample=Image.BILINEAR):
+        left, top, w, h = boxes[i]
+        return decoded[i].resize((img_size, img_size), resample, box=(left, top, left + w, top + h))
 
     cases = {
         "decode_pil": lambda i: Image.open(io.BytesIO(datas[i])).convert("RGB"),
         "decode_torchvision": lambda i: decode_image(torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8),
                                                      mode=ImageReadMode.RGB),
-        "crop_resize_pil": lambda i: decoded[i].resize((img_size, img_size), Image.BILINEAR, box=(
-            boxes[i][0], boxes[i][1], boxes[i][0] + boxes[i][2], boxes[i][1] + boxes[i][3])),
+        "crop_resize_pil": pil_resize,
         "crop_resize_torch_uint8": torch_resize,
+        "crop_resize_pil_bicubic": lambda i: pil_resize(i, Image.BICUBIC),  # --interpolation bicubic's costs
+        "crop_resize_torch_uint8_bicubic": lambda i: torch_resize(i, "bicubic"),
         "baseline_transform (decode + classic PIL train transform)": lambda i: classic(
             Image.open(io.BytesIO(datas[i])).convert("RGB")),
         "train_transform (this project's worker, decode included)": lambda i: train_tf(datas[i], rng),
@@ -449,6 +456,8 @@ def main(argv=None) -> int:
                    "(the legacy NULL stream, which also waits for, and holds up, work on any blocking stream); high: "
                    "that stream at CUDA's highest priority, so the GPU schedules the step's waiting thread blocks "
                    "ahead of DALI's (running blocks are not preempted)")
+    p.add_argument("--interpolation", default=Config.interpolation, choices=INTERPOLATIONS,
+                   help="the loaders' resize filter: train.py's --interpolation, and the baseline's with it")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
     p.add_argument("--dali-hw-decoder-load", type=fractions, default=[Config.dali_hw_decoder_load], metavar="LOADS",
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "

@@ -51,7 +51,7 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
         seconds_per_image = 1 / alone[row["loader"]] + 1 / ceiling  # loading, then the step, never at once
         assert row["fraction_if_serial"] == pytest.approx((1 / seconds_per_image) / ceiling)
         assert row["fraction_if_overlapped"] == pytest.approx(min(1.0, alone[row["loader"]] / ceiling))
-    assert len(r["transforms"]) == 6 and all(t["ms_per_image"] > 0 for t in r["transforms"])
+    assert len(r["transforms"]) == 8 and all(t["ms_per_image"] > 0 for t in r["transforms"])
     assert run.stdout.rstrip().splitlines()[-1].startswith("end to end")  # the table comes last
 
 
@@ -63,10 +63,10 @@ def test_a_dali_failure_is_reported_not_raised(tiny_shards):
 
     from benchmarks.throughput import dali_error
 
-    ok = argparse.Namespace(img_size=32, batch_size=8, dali_hw_decoder_load=[0.65])
+    ok = argparse.Namespace(img_size=32, batch_size=8, interpolation="bilinear", dali_hw_decoder_load=[0.65])
     assert dali_error(ok, tiny_shards, torch.device("cpu")) is None
     # more than the 96 train samples: a DataError
-    too_big = argparse.Namespace(img_size=32, batch_size=1000, dali_hw_decoder_load=[0.65])
+    too_big = argparse.Namespace(img_size=32, batch_size=1000, interpolation="bilinear", dali_hw_decoder_load=[0.65])
     assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("DataError: train: 96 samples per rank")
 
 
@@ -129,8 +129,8 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
     dirs = {"original": "o", "resize_short=256": "r"}  # as main() labels the two shard sets
     data = {}
     for loads in ([0.0, 1.0], [0.65]):  # a sweep (names with "@hw"), and the default (names without)
-        a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, repeats=1, resize_short=256,
-                               dali=True, dali_hw_decoder_load=loads)
+        a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, interpolation="bilinear",
+                               repeats=1, resize_short=256, dali=True, dali_hw_decoder_load=loads)
         data.update((r["name"], r["data"]) for r in throughput.bench_loaders(a, Path("unused"), dirs,
                                                                                torch.device("cuda"), lambda: None))
     assert data == {
@@ -220,7 +220,7 @@ def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_m
     monkeypatch.setattr(throughput, "imagefolder_loader", lambda *args: "loader")
     monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([]))
     monkeypatch.setattr(throughput, "epoch_seconds", lambda loader, sync: (4, next(durations)))
-    a = argparse.Namespace(loader_workers="1", workers=1, img_size=8, batch_size=4, repeats=3)
+    a = argparse.Namespace(loader_workers="1", workers=1, img_size=8, batch_size=4, interpolation="bilinear", repeats=3)
     rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
     assert [(r["name"], r["images_per_s"]) for r in rows] == [("imagefolder", 1.0)]
 

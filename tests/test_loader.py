@@ -149,6 +149,26 @@ def test_val_transform_keeps_the_center(tmp_path):
     assert out.shape == (32, 32, 3) and out[:, 10:22].min() > 200 and out[:, :3].max() < 60
 
 
+@pytest.mark.parametrize("mode,other", [("bilinear", "bicubic"), ("bicubic", "bilinear")])
+def test_both_transforms_resize_with_the_chosen_filter_as_pil_does(mode, other):
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+    rng = np.random.default_rng(0)
+    arr = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((3, 3, 1))).astype(np.uint8)  # 120 x 90, 3 px blocks
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # lossless: only the resize filters differ
+    src = Image.fromarray(arr)
+    # val: shorter side 90 -> floor(32 / 0.8) = 40, so 120 x 90 -> 53 x 40, then the centre 32 x 32 (left 10, top 4)
+    val = ValTransform(32, crop_pct=0.8, interpolation=mode)(buf.getvalue()).astype(int)
+    # train: a crop of the whole image (scale 1, its own aspect ratio allowed), unflipped, to 24 x 24
+    train = TrainTransform(24, scale=(1.0, 1.0), ratio=(0.5, 2.0), hflip=0.0, interpolation=mode)(
+        buf.getvalue(), random.Random(0)).astype(int)
+    for out, pil in ((val, lambda f: np.asarray(src.resize((53, 40), f))[4:36, 10:42]),
+                     (train, lambda f: np.asarray(src.resize((24, 24), f)))):
+        same, diff = (np.abs(out - pil(filters[m]).astype(int)) for m in (mode, other))
+        assert same.max() <= 1  # torch's uint8 antialiased kernels match PIL's to a grey level
+        assert diff.mean() > 10 * max(same.mean(), 0.05)  # and the other filter is measurably different
+
+
 def test_too_few_samples_for_a_batch_is_a_clear_error(tiny_shards):
     with pytest.raises(DataError, match="--batch-size"):
         TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=500, img_size=24, workers=0)

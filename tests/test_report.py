@@ -16,7 +16,7 @@ from vitdeit.checkpoint import check_class_map
 from vitdeit.classes import ClassMap, load_manifest, manifest_class_map
 from vitdeit.errors import DataError, MissingFile
 from vitdeit.config import Config
-from vitdeit.data.torch_loader import ShardSamples
+from vitdeit.data.torch_loader import ShardSamples, TorchLoader
 from vitdeit.packing import PackOptions, pack
 from vitdeit.report import Predictions, comparison, load_model, make_all, predict, prediction_figure, sample_indices
 from vitdeit.trainer import train
@@ -195,9 +195,11 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
     c = len(manifest["classes"])
     cls_logits, dist_logits = torch.zeros(c), torch.zeros(c)
     cls_logits[0], dist_logits[1] = 2.0, 3.0  # class head says 0, distillation head 1, their mean [1, 1.5, 0..] 1
+    seen = []  # the images predict() fed the model
 
     class TwoHeads(torch.nn.Module):  # what head_logits reads of a timm DeiT
         def forward_features(self, x):
+            seen.append(x)
             return torch.zeros(x.shape[0], 2, 1)
 
         def head(self, f):
@@ -211,6 +213,13 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
     mean = [1.0, 1.5] + [0.0] * (c - 2)
     expected = np.exp(1.5) / sum(np.exp(v) for v in mean)
     assert np.allclose(p.conf, expected, rtol=1e-6)
+    # the val images are resized with the run's filter
+    assert p.interpolation == "bilinear"  # a checkpoint saved before --interpolation existed
+    cubic = predict(TwoHeads(), {"config": {"img_size": 32, "crop_pct": 0.875, "interpolation": "bicubic"}},
+                    tiny_shards, manifest, "DeiT", workers=0, batch_size=1000)
+    expected_images = next(iter(TorchLoader(tiny_shards, manifest, "val", batch_size=1000, img_size=32, workers=0,
+                                            interpolation="bicubic")))[0]
+    assert cubic.interpolation == "bicubic" and torch.equal(seen[-1], expected_images)
 
 
 def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():

@@ -100,6 +100,25 @@ def test_eval_only_reproduces_best_top1(teacher_run):
     assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
 
 
+def test_eval_only_uses_the_filter_the_run_trained_with_and_bilinear_for_runs_saved_before_the_setting(
+        tiny_shards, tmp_path, monkeypatch):
+    import vitdeit.trainer as trainer
+
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, interpolation="bicubic", run_name="cubic"))
+    assert json.loads((tmp_path / "cubic" / "config.json").read_text())["interpolation"] == "bicubic"
+    used, build = [], trainer.build_loader
+    monkeypatch.setattr(trainer, "build_loader", lambda cfg, *a, **k: (used.append(cfg.interpolation),
+                                                                        build(cfg, *a, **k))[1])
+    best = torch.load(tmp_path / "cubic" / "best.pth", weights_only=True)
+    out = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, run_name="cubic", eval_only=True))  # flags: bilinear
+    assert used == ["bicubic"] and out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9)
+    del best["config"]["interpolation"]  # as checkpoints written before --interpolation existed
+    torch.save(best, tmp_path / "old.pth")
+    evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, resume=str(tmp_path / "old.pth"), eval_only=True,
+                                interpolation="bicubic"))
+    assert used == ["bicubic", "bilinear"]
+
+
 def test_vit_learns(learn_shards, tmp_path):
     last = train(cfg_for(learn_shards, tmp_path, model="vit_tiny", epochs=2, lr=0.003))
     assert last["val_top1"] > 40  # chance is 25 %

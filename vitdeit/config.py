@@ -17,6 +17,7 @@ from typing import get_type_hints
 from .errors import SettingError
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
+INTERPOLATIONS = ("bilinear", "bicubic")
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
@@ -31,6 +32,8 @@ class Config:
     img_size: int = 224  # px, square, train and val
     crop_pct: float = 0.875  # val: resize shorter side to img_size / crop_pct, centre-crop img_size
     crop_scale_min: float = 0.08  # train RandomResizedCrop area range [crop_scale_min, 1]
+    # bilinear: the fastest antialiased filter of each loader; bicubic: the DeiT recipe's (timm's), sharper
+    interpolation: str = "bilinear"  # bilinear | bicubic: the antialiased resize filter of train crops and val images
     rand_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
     # the rest go to nvJPEG on the CUDA cores, which the training step needs too. 1.0, not DALI's own 0.65: on an
     # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
@@ -86,6 +89,8 @@ class Config:
         need(self.loader in ("auto", "dali", "torch"), f"--loader {self.loader!r}: choose auto, dali or torch")
         need(self.device in ("auto", "cuda", "cpu"), f"--device {self.device!r}: choose auto, cuda or cpu")
         need(self.amp in ("auto", "bf16", "fp16", "off"), f"--amp {self.amp!r}: choose auto, bf16, fp16 or off")
+        need(self.interpolation in INTERPOLATIONS,
+             f"--interpolation {self.interpolation!r}: choose {' or '.join(INTERPOLATIONS)}")
         need(self.compile in ("auto", "on", "off"), f"--compile {self.compile!r}: choose auto, on or off")
         need(self.distillation_type in ("soft", "hard", "none"),
              f"--distillation-type {self.distillation_type!r}: choose soft, hard or none")
@@ -123,6 +128,11 @@ class Config:
     def to_dict(self) -> dict:
         """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""
         return {k: v for k, v in asdict(self).items() if k not in INVOCATION_FIELDS}
+
+
+def saved_setting(config: dict, key: str):
+    """A field of a run's saved config; runs saved before the field existed ran with its default."""
+    return config[key] if key in config else getattr(Config, key)
 
 
 def _rand_augment_ok(spec: str) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint
+from .config import saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
@@ -30,6 +31,7 @@ class Predictions:
     conf: np.ndarray  # (N,) softmax probability of the prediction
     img_size: int
     crop_pct: float
+    interpolation: str = "bilinear"  # the val resize filter the model was evaluated with
 
 
 def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = "cpu"):
@@ -42,14 +44,15 @@ def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, dev
             workers: int = 2, batch_size: int = 100) -> Predictions:
     cfg = state["config"]
     loader = TorchLoader(shards, manifest, "val", batch_size=batch_size, img_size=cfg["img_size"],
-                         workers=workers, device=device, crop_pct=cfg["crop_pct"])
+                         workers=workers, device=device, crop_pct=cfg["crop_pct"],
+                         interpolation=saved_setting(cfg, "interpolation"))
     labels, preds, confs = [], [], []
     for images, y in loader:
         probs = torch.stack(head_logits(net, images)).mean(0).float().softmax(1)  # DeiT: mean of both heads
         conf, pred = probs.max(1)
         labels.append(y.cpu()), preds.append(pred.cpu()), confs.append(conf.cpu())
     return Predictions(name, torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(confs).numpy(),
-                       cfg["img_size"], cfg["crop_pct"])
+                       cfg["img_size"], cfg["crop_pct"], saved_setting(cfg, "interpolation"))
 
 
 def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
@@ -79,7 +82,7 @@ def prediction_figure(shards: str | Path, manifest: dict, preds: list[Prediction
     import matplotlib.pyplot as plt
 
     class_map = manifest_class_map(manifest)
-    ds = ShardSamples(shards, manifest, "val", ValTransform(display_px, preds[0].crop_pct))
+    ds = ShardSamples(shards, manifest, "val", ValTransform(display_px, preds[0].crop_pct, preds[0].interpolation))
     ncols = min(ncols, len(indices))
     nrows = -(-len(indices) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 3.6 * nrows + 0.5), squeeze=False)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
 from .classes import load_manifest, manifest_class_map
-from .config import Config
+from .config import Config, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
@@ -313,7 +313,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
-        ecfg = dataclasses.replace(cfg, **{k: trained[k] for k in ("model", "img_size", "patch_size", "crop_pct")})
+        ecfg = dataclasses.replace(cfg, **{k: saved_setting(trained, k)
+                                           for k in ("model", "img_size", "patch_size", "crop_pct", "interpolation")})
         net = to_device(model_from_checkpoint(state), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)

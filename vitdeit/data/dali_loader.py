@@ -22,8 +22,11 @@ KEY_BYTES = 512
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float):
+              with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float,
+              interpolation: str = "bilinear"):
     from nvidia.dali import fn, pipeline_def, types
+
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
 
     # checkpointing (train): the readers' positions and every random generator's state, saved with the run's
     # checkpoint, so --resume continues the very sample and augmentation stream an uninterrupted run would see
@@ -48,13 +51,12 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
                                                    random_area=list(scale), random_aspect_ratio=list(ratio),
                                                    num_attempts=10, **hw)
-            images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_LINEAR,
-                               antialias=True)
+            images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=interp, antialias=True)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
-            images = fn.resize(images, resize_shorter=val_resize(img_size, crop_pct),
-                               interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.resize(images, resize_shorter=val_resize(img_size, crop_pct), interp_type=interp,
+                               antialias=True)
             mirror = 0
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
@@ -84,7 +86,7 @@ class DaliLoader:
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
                  with_keys: bool = False, half: bool | None = None, state: dict | None = None,
-                 hw_decoder_load: float = Config.dali_hw_decoder_load):
+                 hw_decoder_load: float = Config.dali_hw_decoder_load, interpolation: str = "bilinear"):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
         settings (`restored` says whether it did); otherwise the sample stream starts afresh. hw_decoder_load: on a
@@ -126,7 +128,7 @@ class DaliLoader:
                               num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
-                              hw_decoder_load=hw_decoder_load)
+                              hw_decoder_load=hw_decoder_load, interpolation=interpolation)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
         # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train

@@ -2,8 +2,9 @@
 
 import json
 import math
-import re
 import os
+import random
+import re
 import subprocess
 import sys
 
@@ -335,15 +336,45 @@ def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, mo
     import timm.data
     from timm.data import auto_augment
 
+    from timm.data import random_erasing
+
     mixed, augmenters, mix, make_ra = [], [], timm.data.Mixup.__call__, auto_augment.rand_augment_transform
-    monkeypatch.setattr(timm.data.Mixup, "__call__", lambda self, x, y: mixed.append(len(x)) or mix(self, x, y))
+    order, erase = [], random_erasing.RandomErasing.__call__
+    monkeypatch.setattr(timm.data.Mixup, "__call__", lambda self, x, y: (order.append("mix"), mixed.append(len(x)),
+                                                                         mix(self, x, y))[-1])
+    monkeypatch.setattr(random_erasing.RandomErasing, "__call__", lambda self, x: (order.append("erase"),
+                                                                                   erase(self, x))[-1])
     monkeypatch.setattr(auto_augment, "rand_augment_transform",
                         lambda *a, **k: augmenters.append(a[0]) or make_ra(*a, **k))
     last = train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
-                         batch_size=16, workers=0, mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5-inc1"))
+                         batch_size=16, workers=0, mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5-inc1",
+                         random_erasing=0.25))
     assert last["val_samples"] == 24 and last["train_samples"] == 96 and math.isfinite(last["train_loss"])
     # every step mixed; RandAugment built by the loader (and once before, when Config checked the spec)
     assert mixed == [16] * 6 and augmenters == ["rand-m9-mstd0.5-inc1"] * 2
+    assert order == ["erase", "mix"] * 6  # DeiT's order: each image erased, then the batch mixed
+
+
+def test_random_erasing_replaces_one_rectangle_per_image_with_noise_and_leaves_the_labels():
+    from vitdeit.trainer import batch_augmentation
+
+    assert batch_augmentation(Config(), 10, torch.device("cpu")) is None  # nothing on: no pass over the batch
+    augment = batch_augmentation(Config(random_erasing=1.0), 10, torch.device("cpu"))
+    images, labels = torch.zeros(32, 3, 40, 60), torch.arange(32) % 10
+    random.seed(0)  # timm's RandomErasing draws from the global generator
+    out, targets = augment(images.clone(), labels)
+    assert torch.equal(targets, labels)
+    for img in out:
+        rows, cols = (img != 0).any(0).any(1).nonzero()[:, 0], (img != 0).any(0).any(0).nonzero()[:, 0]
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert (img[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1] != 0).all()  # one solid rectangle
+        assert int((img != 0).any(0).sum()) == h * w  # and nothing outside it
+        assert 0.02 * 0.8 <= h * w / (40 * 60) <= 1 / 3 * 1.2 and 0.3 * 0.8 <= h / w <= 1 / 0.3 * 1.2  # timm's ranges
+        assert 0.5 < img[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1].std() < 1.5  # N(0, 1) per pixel
+    random.seed(0)
+    half, _ = batch_augmentation(Config(random_erasing=0.5), 10, torch.device("cpu"))(torch.zeros(400, 3, 8, 8),
+                                                                                       torch.zeros(400))
+    assert 160 <= int((half != 0).flatten(1).any(1).sum()) <= 240  # about half the images (binomial: 200 +- 10)
 
 
 def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):

@@ -61,6 +61,7 @@ class Config:
     label_smoothing: float = 0.1  # of the label cross-entropy
     mixup: float = 0.0  # timm Mixup alpha (DeiT: 0.8); 0 = off
     cutmix: float = 0.0  # timm CutMix alpha (DeiT: 1.0); 0 = off
+    random_erasing: float = 0.0  # timm RandomErasing probability per train image, per-pixel noise (DeiT: 0.25); 0 = off
     clip_grad: float = 1.0  # max global grad norm; 0 = off
     model_ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3); its val top-1 is logged
     model_ema_decay: float = 0.9998  # per step: the starting weights keep decay**steps of the EMA (warned above 5 %)
@@ -106,7 +107,7 @@ class Config:
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1,
              "--crop-scale-min and --crop-pct must be in (0, 1]")
-        for name in ("label_smoothing", "drop_path", "model_ema_decay"):  # probabilities and fractions
+        for name in ("label_smoothing", "drop_path", "model_ema_decay", "random_erasing"):  # probabilities, fractions
             need(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1]")
         for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr", "weight_decay"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")

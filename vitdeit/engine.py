@@ -19,7 +19,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, mixup, amp_dtype, clip_grad: float,
+def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, augment, amp_dtype, clip_grad: float,
                     epoch: int, dist, progress: bool = True, log_every: int = 10) -> dict:
     model.train()
     device = dist.device
@@ -31,9 +31,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, m
     for i, (images, labels) in enumerate(loader):
         wait += time.perf_counter() - t_last  # time blocked on the loader
         scheduler.step_update(epoch * steps + i)
-        targets = labels
-        if mixup is not None:
-            images, targets = mixup(images, labels)
+        images, targets = augment(images, labels) if augment is not None else (images, labels)
         with autocast(device, amp_dtype):
             outputs = model(images)
             loss = loss_fn(images, outputs, targets)

@@ -43,6 +43,28 @@ def seed_everything(*parts: int) -> None:
     torch.manual_seed(seed)
 
 
+def batch_augmentation(cfg: Config, num_classes: int, device: torch.device):
+    """The train augmentations run on the device batch, in the DeiT reference's order: random erasing of each
+    (normalised) image, then Mixup/CutMix across the batch. (images, labels) -> (images, targets), or None when
+    neither is on. Both are timm's; they draw from the global generators that seed_everything seeds per epoch."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    erase = (RandomErasing(cfg.random_erasing, mode="pixel", max_count=1, device=device)
+             if cfg.random_erasing > 0 else None)
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+    if erase is None and mixup is None:
+        return None
+
+    def augment(images: torch.Tensor, labels: torch.Tensor):
+        if erase is not None:
+            images = erase(images)  # in place, per image (a Python loop over the batch)
+        return mixup(images, labels) if mixup is not None else (images, labels)
+
+    return augment
+
+
 def to_device(net: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     return net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
@@ -155,7 +177,6 @@ def train(cfg: Config, on_epoch_end=None) -> dict:
 
 def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     import timm.optim
-    from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
@@ -211,11 +232,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         check_teacher(t_metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
         teacher_top1 = t_metrics["val_top1"]
 
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=num_classes)
-    base_loss = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    augment = batch_augmentation(cfg, num_classes, device)
+    mixes = cfg.mixup > 0 or cfg.cutmix > 0  # soft (mixed, smoothed) targets
+    base_loss = SoftTargetCrossEntropy() if mixes else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # no weight decay on norms, biases and the model's no_weight_decay() (position embedding, cls/dist tokens)
     optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
                                                **({"fused": True} if device.type == "cuda" else {}))
@@ -266,9 +285,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     record = {}
     for epoch in range(start_epoch, cfg.epochs):
-        seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/mixup draws: a function of (seed, epoch, rank)
+        seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
-        tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, mixup, amp_dtype,
+        tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, augment, amp_dtype,
                              cfg.clip_grad, epoch, dist, cfg.progress)
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)

@@ -122,7 +122,7 @@ def dali_error(a, sdir: Path, device) -> str | None:
     return None
 
 
-def classic_transform(img_size: int, interpolation: str = "bilinear"):
+def classic_transform(img_size: int, interpolation: str):
     """The baseline's train transform: what users start from (PIL in, normalised float tensor out)."""
     from torchvision import transforms as T
 
@@ -130,7 +130,7 @@ def classic_transform(img_size: int, interpolation: str = "bilinear"):
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int, interpolation: str = "bilinear"):
+def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int, interpolation: str):
     """The baseline users start from: ImageFolder (one per train folder) + classic PIL transforms + DataLoader."""
     import torchvision
 
@@ -187,9 +187,9 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
     tensors = [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
     train_tf, rng = TrainTransform(img_size), random.Random(0)
     boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]
-    classic = classic_transform(img_size)
+    classic = classic_transform(img_size, "bilinear")
 
-    def torch_resize(i, mode="bilinear"):
+    def torch_resize(i, mode):
         x, (left, top, w, h) = tensors[i], boxes[i]
         crop = x[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
         return F.interpolate(crop, size=(img_size, img_size), mode=mode, antialias=True)
@@ -203,7 +203,7 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
         "decode_torchvision": lambda i: decode_image(torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8),
                                                      mode=ImageReadMode.RGB),
         "crop_resize_pil": pil_resize,
-        "crop_resize_torch_uint8": torch_resize,
+        "crop_resize_torch_uint8": lambda i: torch_resize(i, "bilinear"),
         "crop_resize_pil_bicubic": lambda i: pil_resize(i, Image.BICUBIC),  # --interpolation bicubic's costs
         "crop_resize_torch_uint8_bicubic": lambda i: torch_resize(i, "bicubic"),
         "baseline_transform (decode + classic PIL train transform)": lambda i: classic(

@@ -40,6 +40,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"dali_hw_decoder_load": 1.5}, r"--dali-hw-decoder-load 1\.5: must be in \[0, 1\]"),
     ({"label_smoothing": 1.5}, r"--label-smoothing 1\.5: must be in \[0, 1\]"),
     ({"drop_path": 2.0}, r"--drop-path 2\.0: must be in \[0, 1\]"),
+    ({"random_erasing": 1.5}, r"--random-erasing 1\.5: must be in \[0, 1\]"),
     ({"mixup": -0.8}, r"--mixup -0\.8: must be >= 0"),
     ({"warmup_epochs": -1.0}, r"--warmup-epochs -1\.0: must be >= 0"),
     ({"distillation_alpha": 1.5}, r"--distillation-alpha 1\.5: must be in \[0, 1\]"),

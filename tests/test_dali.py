@@ -13,8 +13,10 @@ from test_loader import all_samples  # noqa: E402
 from vitdeit.classes import load_manifest  # noqa: E402
 from vitdeit.errors import DataError
 from vitdeit.config import Config  # noqa: E402
+from vitdeit.data import build_loader  # noqa: E402
 from vitdeit.data.dali_loader import DaliLoader  # noqa: E402
 from vitdeit.data.torch_loader import TorchLoader  # noqa: E402
+from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.trainer import train  # noqa: E402
 
 
@@ -47,6 +49,11 @@ def test_dali_resizes_with_the_chosen_filter_as_the_pytorch_loader_does(tiny_sha
     dd, dt = (dali["bicubic"] - dali["bilinear"]).flatten(), (torch_["bicubic"] - torch_["bilinear"]).flatten()
     assert torch.corrcoef(torch.stack([dd, dt]))[0, 1] > 0.5
     assert 0.5 < dd.abs().mean() / dt.abs().mean() < 2
+    # build_loader hands the run's filter on: its val batches are the ones just read with that filter
+    for mode in ("bilinear", "bicubic"):
+        cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=32, batch_size=24,
+                     interpolation=mode)
+        assert torch.equal(next(iter(build_loader(cfg, m, "val", Dist())))[0], dali[mode])
     # train: the same seed draws the same crops and flips, so only the filter tells the two batches apart (0.013)
     first = {mode: next(iter(DaliLoader(tiny_shards, m, "train", batch_size=16, img_size=24, workers=1,
                                         interpolation=mode)))[0] for mode in ("bilinear", "bicubic")}

@@ -169,6 +169,18 @@ def test_both_transforms_resize_with_the_chosen_filter_as_pil_does(mode, other):
         assert diff.mean() > 10 * max(same.mean(), 0.05)  # and the other filter is measurably different
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_build_loader_hands_the_runs_filter_to_the_pytorch_loaders_transforms(tiny_shards, split):
+    from vitdeit.config import Config
+    from vitdeit.data import build_loader
+    from vitdeit.distributed import Dist
+
+    for mode in ("bicubic", "bilinear"):
+        cfg = Config(data_path=str(tiny_shards), loader="torch", workers=0, img_size=32, batch_size=8,
+                     interpolation=mode)
+        assert build_loader(cfg, load_manifest(tiny_shards), split, Dist()).dataset.transform.mode == mode
+
+
 def test_too_few_samples_for_a_batch_is_a_clear_error(tiny_shards):
     with pytest.raises(DataError, match="--batch-size"):
         TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=500, img_size=24, workers=0)

@@ -220,6 +220,7 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
     expected_images = next(iter(TorchLoader(tiny_shards, manifest, "val", batch_size=1000, img_size=32, workers=0,
                                             interpolation="bicubic")))[0]
     assert cubic.interpolation == "bicubic" and torch.equal(seen[-1], expected_images)
+    assert not torch.equal(seen[0], seen[-1])  # the first call's bilinear images: the filter changed what it saw
 
 
 def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():

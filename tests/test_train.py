@@ -101,23 +101,34 @@ def test_eval_only_reproduces_best_top1(teacher_run):
     assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
 
 
-def test_eval_only_uses_the_filter_the_run_trained_with_and_bilinear_for_runs_saved_before_the_setting(
-        tiny_shards, tmp_path, monkeypatch):
+def test_eval_only_and_a_teacher_use_the_filter_their_run_trained_with_and_bilinear_for_runs_saved_before_it(
+        tiny_shards, tmp_path, monkeypatch, capsys):
     import vitdeit.trainer as trainer
+    from vitdeit.classes import manifest_class_map
+    from vitdeit.models import load_teacher
 
-    train(cfg_for(tiny_shards, tmp_path, epochs=1, interpolation="bicubic", run_name="cubic"))
+    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, interpolation="bicubic", run_name="cubic"))
     assert json.loads((tmp_path / "cubic" / "config.json").read_text())["interpolation"] == "bicubic"
-    used, build = [], trainer.build_loader
-    monkeypatch.setattr(trainer, "build_loader", lambda cfg, *a, **k: (used.append(cfg.interpolation),
-                                                                        build(cfg, *a, **k))[1])
+    used, build = [], trainer.build_loader  # the filter of the transform each built loader really resizes with
+    monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: (used.append(build(*a, **k)), used[-1])[1])
     best = torch.load(tmp_path / "cubic" / "best.pth", weights_only=True)
     out = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, run_name="cubic", eval_only=True))  # flags: bilinear
-    assert used == ["bicubic"] and out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9)
+    assert [u.dataset.transform.mode for u in used] == ["bicubic"]
+    assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9)
+    assert "resized with its bicubic filter" in capsys.readouterr().out
     del best["config"]["interpolation"]  # as checkpoints written before --interpolation existed
     torch.save(best, tmp_path / "old.pth")
     evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, resume=str(tmp_path / "old.pth"), eval_only=True,
                                 interpolation="bicubic"))
-    assert used == ["bicubic", "bilinear"]
+    assert [u.dataset.transform.mode for u in used] == ["bicubic", "bilinear"]
+    class_map = manifest_class_map(load_manifest(tiny_shards))
+    for ckpt, filt in ((tmp_path / "cubic" / "best.pth", "bicubic"), (tmp_path / "old.pth", "bilinear")):
+        assert load_teacher(str(ckpt), "", class_map).interpolation == filt
+    # a student resized otherwise than its teacher's images: said once, training goes on
+    train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", epochs=1, run_name="deit", allow_weak_teacher=True,
+                  teacher_ckpt=str(tmp_path / "cubic" / "best.pth"), distillation_type="hard"))
+    assert capsys.readouterr().out.count("trained on images resized with --interpolation bicubic; this run "
+                                         "resizes with bilinear") == 1
 
 
 def test_vit_learns(learn_shards, tmp_path):
@@ -176,7 +187,7 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
     # drop-path on: its masks come from the global CPU generator, which nothing else may draw from differently in a
     # resumed process (a DataLoader's first iterator did, with persistent workers)
     kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2, loader=loader,
-              drop_path=0.1)
+              drop_path=0.1, random_erasing=0.5)  # erasing too: its draws come from the global generators
     train(cfg_for(tiny_shards, tmp_path / "a", **kw))
 
     class Killed(Exception):
@@ -339,11 +350,11 @@ def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, mo
     from timm.data import random_erasing
 
     mixed, augmenters, mix, make_ra = [], [], timm.data.Mixup.__call__, auto_augment.rand_augment_transform
-    order, erase = [], random_erasing.RandomErasing.__call__
-    monkeypatch.setattr(timm.data.Mixup, "__call__", lambda self, x, y: (order.append("mix"), mixed.append(len(x)),
-                                                                         mix(self, x, y))[-1])
-    monkeypatch.setattr(random_erasing.RandomErasing, "__call__", lambda self, x: (order.append("erase"),
-                                                                                   erase(self, x))[-1])
+    order, erase = [], random_erasing.RandomErasing.__call__  # order: ("erase", tensor out) and ("mix", tensor in)
+    monkeypatch.setattr(timm.data.Mixup, "__call__",
+                        lambda self, x, y: (order.append(("mix", x)), mixed.append(len(x)), mix(self, x, y))[-1])
+    monkeypatch.setattr(random_erasing.RandomErasing, "__call__",
+                        lambda self, x: (order.append(("erase", erase(self, x))), order[-1][1])[-1])
     monkeypatch.setattr(auto_augment, "rand_augment_transform",
                         lambda *a, **k: augmenters.append(a[0]) or make_ra(*a, **k))
     last = train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
@@ -352,7 +363,9 @@ def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, mo
     assert last["val_samples"] == 24 and last["train_samples"] == 96 and math.isfinite(last["train_loss"])
     # every step mixed; RandAugment built by the loader (and once before, when Config checked the spec)
     assert mixed == [16] * 6 and augmenters == ["rand-m9-mstd0.5-inc1"] * 2
-    assert order == ["erase", "mix"] * 6  # DeiT's order: each image erased, then the batch mixed
+    # DeiT's order: each image erased, then the batch mixed: Mixup gets the very tensor erasing returned
+    assert [name for name, _ in order] == ["erase", "mix"] * 6
+    assert all(order[k][1] is order[k + 1][1] for k in range(0, 12, 2))
 
 
 def test_random_erasing_replaces_one_rectangle_per_image_with_noise_and_leaves_the_labels():
@@ -360,10 +373,11 @@ def test_random_erasing_replaces_one_rectangle_per_image_with_noise_and_leaves_t
 
     assert batch_augmentation(Config(), 10, torch.device("cpu")) is None  # nothing on: no pass over the batch
     augment = batch_augmentation(Config(random_erasing=1.0), 10, torch.device("cpu"))
-    images, labels = torch.zeros(32, 3, 40, 60), torch.arange(32) % 10
+    images = torch.zeros(32, 40, 60, 3).permute(0, 3, 1, 2)  # NCHW in channels-last memory, as both loaders give
+    labels = torch.arange(32) % 10
     random.seed(0)  # timm's RandomErasing draws from the global generator
-    out, targets = augment(images.clone(), labels)
-    assert torch.equal(targets, labels)
+    out, targets = augment(images, labels)
+    assert out is images and torch.equal(targets, labels)  # in place: what the model then reads
     for img in out:
         rows, cols = (img != 0).any(0).any(1).nonzero()[:, 0], (img != 0).any(0).any(0).nonzero()[:, 0]
         h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)

@@ -123,6 +123,11 @@ class Config:
              "give either --teacher-ckpt or --teacher-weights, not both")
 
     @property
+    def mixes(self) -> bool:
+        """Mixup or CutMix on: the targets are soft (mixed, smoothed) label vectors."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
     def name(self) -> str:
         return self.run_name or self.model
 
@@ -133,7 +138,10 @@ class Config:
 
 def saved_setting(config: dict, key: str):
     """A field of a run's saved config; runs saved before the field existed ran with its default."""
-    return config[key] if key in config else getattr(Config, key)
+    if key in config:
+        return config[key]
+    f = next(f for f in fields(Config) if f.name == key)
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def _rand_augment_ok(spec: str) -> bool:

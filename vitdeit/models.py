@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, torch_load
 from .classes import ClassMap
+from .config import saved_setting
 from .errors import DataError, MissingFile, SettingError, first_line
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "deit_tiny_distill": "deit_tiny_distilled_patch16_224"}
@@ -95,13 +96,16 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 
 
 def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
-    """A frozen ResNet-18 teacher for `class_map`, in eval mode."""
+    """A frozen ResNet-18 teacher for `class_map`, in eval mode; `.interpolation` is the resize filter of the
+    images it was trained on (torchvision's ImageNet-1k ResNet-18: bilinear)."""
+    interpolation = "bilinear"
     if ckpt:
         state = load_checkpoint(ckpt, class_map, what="--teacher-ckpt")
         if state["config"]["model"] != "resnet18":
             raise SettingError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
                                f"a resnet18 (train one with train.py --model resnet18).")
         net = model_from_checkpoint(state)
+        interpolation = saved_setting(state["config"], "interpolation")
     else:
         state = load_imagenet1k_resnet18(weights or "imagenet1k")
         if isinstance(state, dict) and {"model", "config"} <= state.keys():
@@ -116,4 +120,5 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    net.interpolation = interpolation
     return net

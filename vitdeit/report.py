@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint
-from .config import saved_setting
+from .config import Config, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
@@ -31,7 +31,7 @@ class Predictions:
     conf: np.ndarray  # (N,) softmax probability of the prediction
     img_size: int
     crop_pct: float
-    interpolation: str = "bilinear"  # the val resize filter the model was evaluated with
+    interpolation: str = Config.interpolation  # the val resize filter the model was evaluated with
 
 
 def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = "cpu"):
@@ -43,16 +43,16 @@ def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = 
 def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, device: str = "cpu",
             workers: int = 2, batch_size: int = 100) -> Predictions:
     cfg = state["config"]
+    interpolation = saved_setting(cfg, "interpolation")
     loader = TorchLoader(shards, manifest, "val", batch_size=batch_size, img_size=cfg["img_size"],
-                         workers=workers, device=device, crop_pct=cfg["crop_pct"],
-                         interpolation=saved_setting(cfg, "interpolation"))
+                         workers=workers, device=device, crop_pct=cfg["crop_pct"], interpolation=interpolation)
     labels, preds, confs = [], [], []
     for images, y in loader:
         probs = torch.stack(head_logits(net, images)).mean(0).float().softmax(1)  # DeiT: mean of both heads
         conf, pred = probs.max(1)
         labels.append(y.cpu()), preds.append(pred.cpu()), confs.append(conf.cpu())
     return Predictions(name, torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(confs).numpy(),
-                       cfg["img_size"], cfg["crop_pct"], saved_setting(cfg, "interpolation"))
+                       cfg["img_size"], cfg["crop_pct"], interpolation)
 
 
 def sample_indices(n_total: int, n: int, seed: int) -> list[int]:

@@ -53,7 +53,7 @@ def batch_augmentation(cfg: Config, num_classes: int, device: torch.device):
     erase = (RandomErasing(cfg.random_erasing, mode="pixel", max_count=1, device=device)
              if cfg.random_erasing > 0 else None)
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                   num_classes=num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+                   num_classes=num_classes) if cfg.mixes else None)
     if erase is None and mixup is None:
         return None
 
@@ -228,13 +228,16 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     teacher, teacher_top1 = None, None
     if distill != "none":
         teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, device)
+        if teacher.interpolation != cfg.interpolation:
+            dist.print(f"warning: the teacher was trained on images resized with --interpolation "
+                       f"{teacher.interpolation}; this run resizes with {cfg.interpolation}, so the teacher sees (and "
+                       f"is scored on) slightly other images than in its own run")
         t_metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
         check_teacher(t_metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
         teacher_top1 = t_metrics["val_top1"]
 
     augment = batch_augmentation(cfg, num_classes, device)
-    mixes = cfg.mixup > 0 or cfg.cutmix > 0  # soft (mixed, smoothed) targets
-    base_loss = SoftTargetCrossEntropy() if mixes else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    base_loss = SoftTargetCrossEntropy() if cfg.mixes else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # no weight decay on norms, biases and the model's no_weight_decay() (position embedding, cls/dist tokens)
     optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
                                                **({"fused": True} if device.type == "cuda" else {}))
@@ -338,7 +341,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
-                   f"images (checkpoint's best_top1 {state['best_top1']:.2f}%, epoch {state['epoch']})")
+                   f"images resized with its {ecfg.interpolation} filter (checkpoint's best_top1 "
+                   f"{state['best_top1']:.2f}%, epoch {state['epoch']})")
         return out
     finally:
         cleanup()

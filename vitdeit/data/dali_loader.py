@@ -23,7 +23,7 @@ KEY_BYTES = 512
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
               with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float,
-              interpolation: str = "bilinear"):
+              interpolation: str):
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
@@ -86,7 +86,7 @@ class DaliLoader:
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
                  with_keys: bool = False, half: bool | None = None, state: dict | None = None,
-                 hw_decoder_load: float = Config.dali_hw_decoder_load, interpolation: str = "bilinear"):
+                 hw_decoder_load: float = Config.dali_hw_decoder_load, interpolation: str = Config.interpolation):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
         settings (`restored` says whether it did); otherwise the sample stream starts afresh. hw_decoder_load: on a

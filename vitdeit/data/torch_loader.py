@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
+from ..config import Config
 from ..errors import DataError
 from . import MEAN, STD, shard_paths, uint8_normalizer, val_resize
 
@@ -98,7 +99,7 @@ class TrainTransform:
     """RandomResizedCrop + horizontal flip (+ timm RandAugment) on JPEG bytes -> uint8 HWC array."""
 
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 rand_augment: str | None = None, interpolation: str = "bilinear"):
+                 rand_augment: str | None = None, interpolation: str = Config.interpolation):
         self.size, self.scale, self.ratio, self.hflip, self.mode = size, scale, ratio, hflip, interpolation
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.aa = None
@@ -143,7 +144,7 @@ class ValTransform:
     """Resize the shorter side to floor(size / crop_pct), centre-crop size x size (torchvision's
     Resize + CenterCrop, timm's eval transform) -> uint8 HWC array."""
 
-    def __init__(self, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear"):
+    def __init__(self, size: int, crop_pct: float = Config.crop_pct, interpolation: str = Config.interpolation):
         self.size, self.crop_pct, self.mode = size, crop_pct, interpolation
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> np.ndarray:
@@ -157,7 +158,7 @@ class ValTransform:
 
 
 def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], out_hw: tuple[int, int],
-                  mode: str = "bilinear") -> torch.Tensor:
+                  mode: str) -> torch.Tensor:
     """Decode `data`, crop `box` (left, top, right, bottom in source px), resize to out_hw with the antialiased
     `mode` filter (bilinear or bicubic) -> uint8 HWC tensor.
 
@@ -168,7 +169,7 @@ def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], 
     100 of the benchmark's JPEGs). Where the box is at least 2x out_hw at a reduced DCT scale (1/2, 1/4, 1/8),
     PIL `draft` decodes at that scale instead: a box filter for free, and the factor 2 (PIL's
     `reducing_gap=2`) leaves the antialiased resize the last word on quality. Bicubic: the same uint8 kernel family,
-    within a grey level of PIL's BICUBIC too (tests), 0.28 ms against bilinear's 0.25 (300 x 400 -> 224 px)."""
+    within a grey level of PIL's BICUBIC too (tests), ~0.05 ms more per image (BENCHMARKS.md)."""
     w, h = im.size
     bw, bh = box[2] - box[0], box[3] - box[1]
     im.draft("RGB", (math.ceil(DRAFT_GAP * w * out_hw[1] / bw), math.ceil(DRAFT_GAP * h * out_hw[0] / bh)))
@@ -227,7 +228,7 @@ class TorchLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
                  rand_augment: str | None = None, crop_pct: float = 0.875, scale=(0.08, 1.0),
-                 mean=MEAN, std=STD, interpolation: str = "bilinear"):
+                 mean=MEAN, std=STD, interpolation: str = Config.interpolation):
         train = split == "train"
         transform = (TrainTransform(img_size, scale=scale, rand_augment=rand_augment, interpolation=interpolation)
                      if train else ValTransform(img_size, crop_pct, interpolation))

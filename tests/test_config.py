@@ -51,7 +51,11 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"clip_grad": -1.0}, r"--clip-grad -1\.0: must be >= 0"),
     ({"rand_augment": "bogus"}, "--rand-augment 'bogus': not a timm RandAugment spec"),
     ({"rand_augment": "rand-q9"}, "--rand-augment 'rand-q9': not a timm RandAugment spec"),
-    ({"loader": "dali", "rand_augment": "rand-m9"}, "--rand-augment 'rand-m9' runs in the PyTorch loader only"),
+    ({"loader": "dali", "rand_augment": "rand-m9"}, "--rand-augment 'rand-m9': PyTorch loader only"),
+    ({"loader": "dali", "repeated_aug": 3}, "--repeated-aug 3: PyTorch loader only"),
+    ({"loader": "dali", "rand_augment": "rand-m9", "repeated_aug": 3},
+     "--rand-augment 'rand-m9' and --repeated-aug 3: PyTorch loader only.*drop them"),
+    ({"repeated_aug": 0}, r"--repeated-aug 0: must be >= 1"),
 ])
 def test_bad_values_are_errors_that_name_them(values, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -60,6 +60,14 @@ def test_dali_resizes_with_the_chosen_filter_as_the_pytorch_loader_does(tiny_sha
     assert 0.002 < (first["bicubic"] - first["bilinear"]).abs().mean() < 0.05
 
 
+@pytest.mark.parametrize("setting", [{"rand_augment": "rand-m9"}, {"repeats": 3}])
+def test_settings_only_the_pytorch_loader_has_are_refused_not_ignored(tiny_shards, setting):
+    from vitdeit.errors import SettingError
+
+    with pytest.raises(SettingError, match="PyTorch loader only; use --loader torch"):
+        DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=8, img_size=24, workers=1, **setting)
+
+
 @pytest.mark.parametrize("world,batch", [(1, 10), (3, 5), (5, 4), (3, 4), (5, 5)])  # 24 images: 5 ranks hold 4 or 5
 def test_val_counts_each_image_once_across_ranks_every_epoch(tiny_shards, world, batch):
     m = load_manifest(tiny_shards)

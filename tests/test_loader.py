@@ -111,6 +111,33 @@ def test_train_ranks_are_disjoint_equal_sized_and_cover_everything(n, world):
     assert len(drawn) - n == math.ceil(n / world) * world - n  # repeats: only the documented padding
 
 
+@pytest.mark.parametrize("n,world,r", [(96, 1, 3), (96, 4, 3), (97, 3, 3), (100, 8, 3), (60, 2, 2)])
+def test_repeated_augmentation_deals_runs_of_copies_over_the_ranks_and_keeps_the_epoch_length(n, world, r):
+    samplers = [RankSampler(n, rank, world, shuffle=True, seed=3, repeats=r) for rank in range(world)]
+    per_rank = [list(s) for s in samplers]  # (index, augmentation seed)
+    steps = math.ceil(n / world)
+    assert all(len(p) == steps for p in per_rank)  # the epoch's usual length on every rank
+    # the global sequence, as the ranks take it in turn: runs of r copies of one image, each run a new image
+    seq = [per_rank[p % world][p // world] for p in range(steps * world)]
+    runs = [seq[p : p + r] for p in range(0, len(seq) - len(seq) % r, r)]
+    assert all(len({i for i, _ in run}) == 1 for run in runs)
+    assert len({run[0][0] for run in runs}) == len(runs) and len(runs) >= steps * world // r
+    assert all(len({s for _, s in run}) == r for run in runs)  # every copy augmented with its own seed
+    # one process: the copies of an image sit side by side in its batches
+    assert world > 1 or [i for i, _ in per_rank[0][:6]] == [per_rank[0][0][0]] * 3 + [per_rank[0][3][0]] * 3
+
+
+def test_repeated_copies_in_a_batch_share_the_label_but_not_the_crop(tiny_shards):
+    loader = TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=12, img_size=24, workers=0,
+                         repeats=3)
+    x, y = next(iter(loader))
+    for k in range(0, 12, 3):
+        assert y[k] == y[k + 1] == y[k + 2]
+        assert not torch.equal(x[k], x[k + 1]) and not torch.equal(x[k + 1], x[k + 2])
+    assert len(loader) == len(TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=12, img_size=24,
+                                          workers=0))
+
+
 @pytest.mark.parametrize("n,world", [(24, 1), (24, 5), (7, 8)])
 def test_val_ranks_see_each_image_exactly_once(n, world):
     drawn = [i for r in range(world) for i in RankSampler(n, r, world, shuffle=False).indices()]
@@ -202,7 +229,7 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     assert data.resolve_loader("auto", "cuda") == "dali" and data.resolve_loader("auto", "cpu") == "torch"
-    assert data.resolve_loader("auto", "cuda", rand_augment="rand-m9-mstd0.5") == "torch"  # DALI has no RandAugment
+    assert data.resolve_loader("auto", "cuda", torch_only=True) == "torch"  # e.g. DALI has no RandAugment
     monkeypatch.setattr(data, "dali_available", lambda: False)
     assert data.resolve_loader("auto", "cuda") == "torch"
     from vitdeit.errors import SettingError

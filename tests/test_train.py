@@ -359,7 +359,7 @@ def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, mo
                         lambda *a, **k: augmenters.append(a[0]) or make_ra(*a, **k))
     last = train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
                          batch_size=16, workers=0, mixup=0.8, cutmix=1.0, rand_augment="rand-m9-mstd0.5-inc1",
-                         random_erasing=0.25))
+                         random_erasing=0.25, repeated_aug=3))
     assert last["val_samples"] == 24 and last["train_samples"] == 96 and math.isfinite(last["train_loss"])
     # every step mixed; RandAugment built by the loader (and once before, when Config checked the spec)
     assert mixed == [16] * 6 and augmenters == ["rand-m9-mstd0.5-inc1"] * 2

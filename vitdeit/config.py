@@ -35,6 +35,9 @@ class Config:
     # bilinear: the fastest antialiased filter of each loader; bicubic: the DeiT recipe's (timm's), sharper
     interpolation: str = "bilinear"  # bilinear | bicubic: the antialiased resize filter of train crops and val images
     rand_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
+    # DeiT's RASampler: an epoch keeps its length (and step count) but draws about 1/N of the images, each N times,
+    # augmented anew each time, the copies on neighbouring ranks (side by side in a batch on one); PyTorch loader only
+    repeated_aug: int = 1  # train: repeated augmentation, N copies of each drawn image (DeiT: 3); 1 = off
     # the rest go to nvJPEG on the CUDA cores, which the training step needs too. 1.0, not DALI's own 0.65: on an
     # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
     # 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
@@ -116,11 +119,18 @@ class Config:
         need(not self.rand_augment or _rand_augment_ok(self.rand_augment),
              f"--rand-augment {self.rand_augment!r}: not a timm RandAugment spec; e.g. 'rand-m9-mstd0.5-inc1' (rand, "
              f"then -m magnitude, -n ops, -mstd magnitude std, -inc 0/1), or '' for none")
-        need(not (self.loader == "dali" and self.rand_augment),
-             f"--rand-augment {self.rand_augment!r} runs in the PyTorch loader only, not in DALI's pipeline: use "
-             f"--loader torch (or auto, which picks it when --rand-augment is set), or drop --rand-augment")
+        need(self.repeated_aug >= 1, f"--repeated-aug {self.repeated_aug}: must be >= 1 (1 = off; DeiT: 3)")
+        need(not (self.loader == "dali" and self.torch_only),
+             f"{' and '.join(self.torch_only)}: PyTorch loader only, not in DALI's pipeline: use --loader torch (or "
+             f"auto, which picks it then), or drop {'them' if len(self.torch_only) > 1 else 'it'}")
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
+
+    @property
+    def torch_only(self) -> list[str]:
+        """The train settings only the PyTorch loader implements, as flags, where set."""
+        return ([f"--rand-augment {self.rand_augment!r}"] if self.rand_augment else []) + (
+            [f"--repeated-aug {self.repeated_aug}"] if self.repeated_aug > 1 else [])
 
     @property
     def mixes(self) -> bool:

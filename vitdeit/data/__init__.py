@@ -52,10 +52,11 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_loader(choice: str, device_type: str, rand_augment: str = "") -> str:
-    """auto = DALI on CUDA when installed (and no --rand-augment, which only the PyTorch loader has), else torch."""
+def resolve_loader(choice: str, device_type: str, torch_only: bool = False) -> str:
+    """auto = DALI on CUDA when installed (and no setting only the PyTorch loader has: Config.torch_only), else
+    torch."""
     if choice == "auto":
-        return "dali" if device_type == "cuda" and dali_available() and not rand_augment else "torch"
+        return "dali" if device_type == "cuda" and dali_available() and not torch_only else "torch"
     if choice == "dali" and not dali_available():
         raise SettingError("--loader dali: NVIDIA DALI is not installed; pip install nvidia-dali-cuda120 "
                            "(or use --loader torch).")
@@ -64,11 +65,12 @@ def resolve_loader(choice: str, device_type: str, rand_augment: str = "") -> str
 
 def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = None, state=None):
     """state: the `state()` this rank's train loader returned in an earlier run (only DALI has one)."""
-    backend = backend or resolve_loader(cfg.loader, dist.device.type, cfg.rand_augment)
+    backend = backend or resolve_loader(cfg.loader, dist.device.type, bool(cfg.torch_only))
     if backend == "dali" and split == "val" and manifest["splits"]["val"]["num_samples"] < dist.world:
         backend = "torch"  # DALI needs a sample per shard; the PyTorch loader gives empty ranks no batches
     kwargs = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, rank=dist.rank, world=dist.world,
                   workers=cfg.workers, device=dist.device, seed=cfg.seed, rand_augment=cfg.rand_augment or None,
+                  repeats=cfg.repeated_aug,
                   crop_pct=cfg.crop_pct, scale=(cfg.crop_scale_min, 1.0), interpolation=cfg.interpolation)
     if backend == "dali":
         from .dali_loader import DaliLoader

@@ -84,6 +84,7 @@ class DaliLoader:
 
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
+                 repeats: int = 1,
                  crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
                  with_keys: bool = False, half: bool | None = None, state: dict | None = None,
                  hw_decoder_load: float = Config.dali_hw_decoder_load, interpolation: str = Config.interpolation):
@@ -93,8 +94,9 @@ class DaliLoader:
         GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if rand_augment:
-            raise SettingError("--rand-augment is implemented in the PyTorch loader only; use --loader torch with it.")
+        if rand_augment or repeats > 1:
+            raise SettingError("--rand-augment and --repeated-aug are implemented in the PyTorch loader only; use "
+                               "--loader torch with them.")
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         shards = manifest["splits"][split]["shards"]

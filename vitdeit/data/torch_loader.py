@@ -190,26 +190,36 @@ def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], 
 
 class RankSampler(Sampler):
     """Indices of one rank. Train: a fresh seeded permutation per epoch, padded (by wrapping) so every
-    rank gets the same count. Val: in order, no padding, rank r takes r, r+world, ...: each index once."""
+    rank gets the same count. Val: in order, no padding, rank r takes r, r+world, ...: each index once.
 
-    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int = 0):
+    repeats = R > 1 (train; DeiT's repeated augmentation, its RASampler): each index of the permutation R times in
+    a row, dealt out over the ranks in turn (so the copies of an image land on R neighbouring ranks, or in the same
+    batch on one), and each rank's list cut to the epoch's usual length: an epoch draws about n / R images, each
+    R times, every copy with its own augmentation seed."""
+
+    def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int = 0, repeats: int = 1):
         self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world, shuffle, seed, 0
+        self.repeats = repeats
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def indices(self) -> list[int]:
+    def draws(self) -> list[tuple[int, int]]:
+        """(index, copy) of each of this rank's samples this epoch; copy < repeats."""
         if not self.shuffle:
-            return list(range(self.rank, self.n, self.world))
+            return [(i, 0) for i in range(self.rank, self.n, self.world)]
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        total = math.ceil(self.n / self.world) * self.world
-        order += order[: total - self.n]
-        return order[self.rank : total : self.world]
+        order = [(i, k) for i in torch.randperm(self.n, generator=g).tolist() for k in range(self.repeats)]
+        total = math.ceil(len(order) / self.world) * self.world
+        order += order[: total - len(order)]
+        return order[self.rank : total : self.world][: len(self)]
+
+    def indices(self) -> list[int]:
+        return [i for i, _ in self.draws()]
 
     def __iter__(self):
         base = (self.seed * 1000003 + self.epoch) * 2654435761  # per-sample augmentation seeds
-        return iter([(i, (base + i) % 2**63) for i in self.indices()])
+        return iter([(i, (base + i * self.repeats + k) % 2**63) for i, k in self.draws()])
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world) if self.shuffle else len(range(self.rank, self.n, self.world))
@@ -228,12 +238,12 @@ class TorchLoader:
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device: str | torch.device = "cpu", seed: int = 0,
                  rand_augment: str | None = None, crop_pct: float = 0.875, scale=(0.08, 1.0),
-                 mean=MEAN, std=STD, interpolation: str = Config.interpolation):
+                 mean=MEAN, std=STD, interpolation: str = Config.interpolation, repeats: int = 1):
         train = split == "train"
         transform = (TrainTransform(img_size, scale=scale, rand_augment=rand_augment, interpolation=interpolation)
                      if train else ValTransform(img_size, crop_pct, interpolation))
         self.dataset = ShardSamples(shards_dir, manifest, split, transform)
-        self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=train, seed=seed)
+        self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=train, seed=seed, repeats=repeats)
         self.drop_last = train  # every rank takes the same number of train steps
         if self.drop_last and len(self.sampler) < batch_size:
             raise DataError(f"{split}: {len(self.sampler)} samples per rank < --batch-size {batch_size}; "

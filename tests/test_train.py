@@ -224,6 +224,18 @@ def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, 
         train(cfg_for(cfg.data_path, tmp_path, **{"model": "resnet18", "lr": 0.005, **change}, resume=last))
 
 
+def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, tmp_path, capsys):
+    cfg, _ = teacher_run
+    last = os.path.join(cfg.output_dir, "teacher", "last.pth")
+    same = dict(model="resnet18", epochs=3, lr=0.005, resume=last)  # the teacher's recipe; its 3 epochs are done
+    train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
+    assert "settings differ" not in capsys.readouterr().out
+    train(cfg_for(cfg.data_path, tmp_path / "b", **same, interpolation="bicubic", random_erasing=0.25))
+    out = capsys.readouterr().out
+    assert (f"note: --resume: settings differ from {last}'s: --interpolation 'bilinear' -> 'bicubic', "
+            f"--random-erasing 0.0 -> 0.25; the run goes on with this invocation's") in out
+
+
 def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_logged_once(tiny_shards, tmp_path,
                                                                                         monkeypatch):
     from vitdeit.metrics import MetricsLog

@@ -118,6 +118,14 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                            f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
 
 
+def recipe_changes(saved: dict, cfg: Config) -> list[str]:
+    """This invocation's settings that differ from the resumed run's, as flags (not those that only say where the
+    run writes and how it shows progress); a run saved before a setting existed had its default."""
+    quiet = ("workers", "progress", "output_dir", "run_name")
+    return [f"--{k.replace('_', '-')} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+            if k not in quiet and saved_setting(saved, k) != v]
+
+
 def resumes_in(run_dir: Path, cfg: Config) -> bool:
     """--resume names a checkpoint in run_dir itself: the run there goes on (else a new one starts, or one resumed
     from another folder, whose history adopt_history brings)."""
@@ -248,6 +256,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
     if resumed is not None:
         check_resumable(resumed["config"], cfg)
+        changed = recipe_changes(resumed["config"], cfg)
+        if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
+            dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
+                       f"with this invocation's (keep the saved ones with --config RUN_DIR/config.json --resume ...)")
         net.load_state_dict(resumed["model"])
         try:
             optimizer.load_state_dict(resumed["optimizer"])

@@ -62,6 +62,10 @@ def test_bad_values_are_errors_that_name_them(values, fragment):
         from_dict(values)
 
 
+def test_either_mixup_or_cutmix_makes_the_targets_soft():
+    assert Config(mixup=0.8).mixes and Config(cutmix=1.0).mixes and not Config().mixes
+
+
 def test_the_patch_size_binds_only_the_transformers():
     assert from_dict({"model": "resnet18", "img_size": 100}).img_size == 100  # no patches in a ResNet
     with pytest.raises(ValueError, match="--patch-size 16 must divide --img-size 100"):

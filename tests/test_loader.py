@@ -1,6 +1,7 @@
 import io
 import math
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -72,6 +73,8 @@ def test_the_order_and_augmentation_seeds_follow_the_run_seed_and_each_sample_ge
     a, b = RankSampler(50, 0, 1, shuffle=True, seed=0), RankSampler(50, 0, 1, shuffle=True, seed=1)
     assert a.indices() != b.indices()  # another --seed, another order
     seeds = [s for _, s in a]
+    assert seeds == [((0 * 1000003 + 0) * 2654435761 + i) % 2**63 for i in a.indices()]  # as before --repeated-aug:
+    # a run resumed across that change keeps its augmentation stream
     a.set_epoch(1)
     assert len(set(seeds)) == 50 and not set(seeds) & {s for _, s in a}  # per sample, and new each epoch
 
@@ -123,8 +126,24 @@ def test_repeated_augmentation_deals_runs_of_copies_over_the_ranks_and_keeps_the
     assert all(len({i for i, _ in run}) == 1 for run in runs)
     assert len({run[0][0] for run in runs}) == len(runs) and len(runs) >= steps * world // r
     assert all(len({s for _, s in run}) == r for run in runs)  # every copy augmented with its own seed
+    draws = [d for p in per_rank for d in p]
+    assert len({s for _, s in draws}) == len(draws)  # no two draws share a seed, across images either
+    assert max(Counter(i for i, _ in draws).values()) <= r  # the epoch's padding repeats no image beyond r
     # one process: the copies of an image sit side by side in its batches
     assert world > 1 or [i for i, _ in per_rank[0][:6]] == [per_rank[0][0][0]] * 3 + [per_rank[0][3][0]] * 3
+
+
+def test_build_loader_hands_repeated_aug_on_and_keeps_auto_off_dali_for_it(tiny_shards, monkeypatch):
+    from vitdeit import data
+    from vitdeit.config import Config
+    from vitdeit.distributed import Dist
+
+    calls, resolve = [], data.resolve_loader
+    monkeypatch.setattr(data, "resolve_loader", lambda *a, **k: (calls.append(a), resolve(*a, **k))[1])
+    cfg = Config(data_path=str(tiny_shards), workers=0, img_size=32, batch_size=12, repeated_aug=3)
+    idx = data.build_loader(cfg, load_manifest(tiny_shards), "train", Dist()).sampler.indices()
+    assert calls == [("auto", "cpu", True)]  # torch-only: auto must not pick DALI on a GPU either
+    assert idx[0] == idx[1] == idx[2] != idx[3]
 
 
 def test_repeated_copies_in_a_batch_share_the_label_but_not_the_crop(tiny_shards):

@@ -16,7 +16,7 @@ from vitdeit.checkpoint import check_class_map
 from vitdeit.classes import ClassMap, load_manifest, manifest_class_map
 from vitdeit.errors import DataError, MissingFile
 from vitdeit.config import Config
-from vitdeit.data.torch_loader import ShardSamples, TorchLoader
+from vitdeit.data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from vitdeit.packing import PackOptions, pack
 from vitdeit.report import Predictions, comparison, load_model, make_all, predict, prediction_figure, sample_indices
 from vitdeit.trainer import train
@@ -221,6 +221,17 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
                                             interpolation="bicubic")))[0]
     assert cubic.interpolation == "bicubic" and torch.equal(seen[-1], expected_images)
     assert not torch.equal(seen[0], seen[-1])  # the first call's bilinear images: the filter changed what it saw
+
+
+def test_the_figure_shows_each_image_resized_with_the_models_filter(tiny_shards):
+    manifest = load_manifest(tiny_shards)
+    n = manifest["splits"]["val"]["num_samples"]
+    p = Predictions("x", np.zeros(n, int), np.zeros(n, int), np.ones(n), 32, 0.875, "bicubic")
+    shown = prediction_figure(tiny_shards, manifest, [p], [0], display_px=48).axes[0].images[0].get_array()
+    expected = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bicubic"))[0][0]
+    assert np.array_equal(np.asarray(shown), expected)
+    bilinear = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bilinear"))[0][0]
+    assert not np.array_equal(expected, bilinear)  # the two filters differ on this image
 
 
 def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():

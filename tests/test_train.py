@@ -380,6 +380,24 @@ def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, mo
     assert all(order[k][1] is order[k + 1][1] for k in range(0, 12, 2))
 
 
+def test_mixup_targets_carry_the_runs_label_smoothing():
+    from vitdeit.trainer import batch_augmentation
+
+    torch.manual_seed(0)
+    _, targets = batch_augmentation(Config(mixup=0.8, label_smoothing=0.2), 10, torch.device("cpu"))(
+        torch.zeros(8, 3, 8, 8), torch.arange(8))
+    assert torch.allclose(targets.min(1).values, torch.full((8,), 0.2 / 10))  # off-class share: smoothing / classes
+
+
+def test_a_setting_missing_from_an_older_saved_config_counts_as_its_default_not_as_a_change():
+    from vitdeit.trainer import recipe_changes
+
+    saved = Config().to_dict()
+    del saved["interpolation"], saved["random_erasing"]  # a run saved before these existed
+    assert recipe_changes(saved, Config()) == []
+    assert recipe_changes(saved, Config(interpolation="bicubic")) == ["--interpolation 'bilinear' -> 'bicubic'"]
+
+
 def test_random_erasing_replaces_one_rectangle_per_image_with_noise_and_leaves_the_labels():
     from vitdeit.trainer import batch_augmentation
 

@@ -84,9 +84,8 @@ class DaliLoader:
 
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
-                 repeats: int = 1,
-                 crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD,
-                 with_keys: bool = False, half: bool | None = None, state: dict | None = None,
+                 repeats: int = 1, crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN,
+                 std=STD, with_keys: bool = False, half: bool | None = None, state: dict | None = None,
                  hw_decoder_load: float = Config.dali_hw_decoder_load, interpolation: str = Config.interpolation):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same

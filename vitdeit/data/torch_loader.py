@@ -1,11 +1,11 @@
 """The PyTorch shard loader: the CPU path, and the fallback where DALI is not wanted.
 
-Random access into the packed tars through the DALI index files the packer wrote (the same
-index serves both backends): each sample is a (JPEG bytes, int32 label) slice of an mmap, so an
-epoch is a true global permutation, ranks read disjoint index sets, and validation visits every
-image exactly once. Workers decode to uint8 only (the crop is drawn from the JPEG header, then
-libjpeg-turbo decodes, at a reduced DCT scale when the crop allows, and torch's uint8 antialiased
-bilinear or bicubic resize does crop + resize); the float work (normalisation) happens on the device.
+Random access into the packed tars through the DALI index files the packer wrote (the same index serves both
+backends): each sample is a (JPEG bytes, int32 label) slice of an mmap, so an epoch is a true global permutation,
+ranks read disjoint index sets (but for --repeated-aug's copies), and validation visits every image exactly once.
+Workers decode to uint8 only (the crop is drawn from the JPEG header, then libjpeg-turbo decodes, at a reduced DCT
+scale when the crop allows, and torch's uint8 antialiased bilinear or bicubic resize does crop + resize); the float
+work (normalisation) happens on the device.
 """
 
 from __future__ import annotations

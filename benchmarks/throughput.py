@@ -194,7 +194,7 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
         crop = x[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
         return F.interpolate(crop, size=(img_size, img_size), mode=mode, antialias=True)
 
-    def pil_resize(i, resample=Image.BILINEAR):
+    def pil_resize(i, resample):
         left, top, w, h = boxes[i]
         return decoded[i].resize((img_size, img_size), resample, box=(left, top, left + w, top + h))
 
@@ -202,7 +202,7 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
         "decode_pil": lambda i: Image.open(io.BytesIO(datas[i])).convert("RGB"),
         "decode_torchvision": lambda i: decode_image(torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8),
                                                      mode=ImageReadMode.RGB),
-        "crop_resize_pil": pil_resize,
+        "crop_resize_pil": lambda i: pil_resize(i, Image.BILINEAR),
         "crop_resize_torch_uint8": lambda i: torch_resize(i, "bilinear"),
         "crop_resize_pil_bicubic": lambda i: pil_resize(i, Image.BICUBIC),  # --interpolation bicubic's costs
         "crop_resize_torch_uint8_bicubic": lambda i: torch_resize(i, "bicubic"),

@@ -357,9 +357,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
 
 def test_mixup_cutmix_and_randaugment_train_end_to_end(tiny_shards, tmp_path, monkeypatch):
     import timm.data
-    from timm.data import auto_augment
-
-    from timm.data import random_erasing
+    from timm.data import auto_augment, random_erasing
 
     mixed, augmenters, mix, make_ra = [], [], timm.data.Mixup.__call__, auto_augment.rand_augment_transform
     order, erase = [], random_erasing.RandomErasing.__call__  # order: ("erase", tensor out) and ("mix", tensor in)

@@ -267,3 +267,17 @@ def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
     # same crop and flip as without RandAugment (same draws), then 2 ops, each applied with p = 0.5 (some,
     # like a small rotation of a flat region, barely change a 32 px image): a quarter of the samples or more
     assert sum(not np.array_equal(o, plain(data, random.Random(s))) for s, o in enumerate(outs)) >= 5
+
+
+def test_rand_augments_strongest_posterize_blacks_the_image_out_instead_of_crashing(tiny_shards):
+    # timm's PosterizeIncreasing keeps 4 - int(m / 10 * 4) bits: 0 at magnitude 10, which rand-m9-mstd0.5 reaches for
+    # 2 % of its calls; Pillow 13 refuses 0 bits (ValueError), and a run with the DeiT recipe died in its first epoch
+    from PIL import Image
+
+    aug = TrainTransform(32, rand_augment="rand-m9-mstd0.5-inc1")
+    (op,) = [op for op in aug.aa.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert not np.asarray(op(image)).any()
+    op.magnitude = 5  # 2 bits kept: 200 = 0b11001000 -> 0b11000000
+    assert (np.asarray(op(image)) == 192).all()

@@ -15,6 +15,7 @@ from ..errors import DataError, SettingError
 
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RA_FILL = (124, 116, 104)  # RandAugment's fill for geometric ops: MEAN in grey levels, as timm's img_mean
 
 
 def val_resize(img_size: int, crop_pct: float) -> int:

@@ -26,7 +26,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ..config import Config
 from ..errors import DataError
-from . import MEAN, STD, shard_paths, uint8_normalizer, val_resize
+from . import MEAN, RA_FILL, STD, shard_paths, uint8_normalizer, val_resize
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
@@ -104,8 +104,12 @@ class TrainTransform:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.aa = None
         if rand_augment:
-            from timm.data.auto_augment import rand_augment_transform
-            self.aa = rand_augment_transform(rand_augment, {"img_mean": (124, 116, 104)})
+            from timm.data import auto_augment
+
+            self.aa = auto_augment.rand_augment_transform(rand_augment, {"img_mean": RA_FILL})
+            for op in self.aa.ops:
+                if op.aug_fn is auto_augment.posterize:
+                    op.aug_fn = posterize
 
     def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(left, top, width, height) in px, torchvision's RandomResizedCrop sampling (10 tries, then centre)."""
@@ -138,6 +142,15 @@ class TrainTransform:
         random.seed(rng.getrandbits(64))
         np.random.seed(rng.getrandbits(32))
         return np.asarray(self.aa(Image.fromarray(x.numpy())))
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, but keeping 0 bits makes a black image, as Pillow did before it refused 0 (Pillow 13 raises
+    ValueError): timm's PosterizeIncreasing asks for 0 bits at magnitude 10, which the DeiT recipe's magnitude noise
+    (rand-m9-mstd0.5) reaches for 2 % of its calls, and the run crashed within its first batches."""
+    from timm.data import auto_augment
+
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 class ValTransform:

@@ -93,7 +93,8 @@ def shard_loader(a, sdir: Path, backend: str, workers: int, device,
                  hw_decoder_load: float = Config.dali_hw_decoder_load):
     """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
-                 loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load, interpolation=a.interpolation)
+                 loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load, interpolation=a.interpolation,
+                 rand_augment=a.rand_augment)
     return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
 
 
@@ -122,19 +123,24 @@ def dali_error(a, sdir: Path, device) -> str | None:
     return None
 
 
-def classic_transform(img_size: int, interpolation: str):
-    """The baseline's train transform: what users start from (PIL in, normalised float tensor out)."""
+def classic_transform(img_size: int, interpolation: str, rand_augment: str = ""):
+    """The baseline's train transform: what users start from (PIL in, normalised float tensor out), with timm's
+    RandAugment after the flip where asked, as in the DeiT reference's transform."""
     from torchvision import transforms as T
 
+    from vitdeit.data.torch_loader import timm_rand_augment
+
     crop = T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode(interpolation))
-    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    ra = [timm_rand_augment(rand_augment)] if rand_augment else []  # timm's, Posterize mended as train.py's
+    return T.Compose([crop, T.RandomHorizontalFlip(), *ra, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int, interpolation: str):
+def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: int, interpolation: str,
+                       rand_augment: str = ""):
     """The baseline users start from: ImageFolder (one per train folder) + classic PIL transforms + DataLoader."""
     import torchvision
 
-    tf = classic_transform(img_size, interpolation)
+    tf = classic_transform(img_size, interpolation, rand_augment)
     ds = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(str(d), tf)
                                          for d in find_split_dirs(data_dir)["train"]])
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
@@ -149,7 +155,7 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
     a busy moment of a shared machine hits them all alike; the median epoch per loader."""
     rows = []
     for w in sorted({int(w) for w in (a.loader_workers or f"1,{a.workers}").split(",")}):
-        baseline = imagefolder_loader(data_dir, a.img_size, a.batch_size, w, a.interpolation)
+        baseline = imagefolder_loader(data_dir, a.img_size, a.batch_size, w, a.interpolation, a.rand_augment)
         loaders = {"imagefolder": (baseline, lambda: None)}
         data = {"imagefolder": "original JPEGs"}
         for name, label, loader in shard_loaders(a, shard_dirs, w, device):
@@ -458,6 +464,9 @@ def main(argv=None) -> int:
                    "ahead of DALI's (running blocks are not preempted)")
     p.add_argument("--interpolation", default=Config.interpolation, choices=INTERPOLATIONS,
                    help="the loaders' resize filter: train.py's --interpolation, and the baseline's with it")
+    p.add_argument("--rand-augment", default="", metavar="SPEC",
+                   help="train.py's --rand-augment in every loader (the baseline: timm's on PIL images), e.g. "
+                        "rand-m9-mstd0.5-inc1; default off")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
     p.add_argument("--dali-hw-decoder-load", type=fractions, default=[Config.dali_hw_decoder_load], metavar="LOADS",
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "

@@ -63,11 +63,31 @@ def test_a_dali_failure_is_reported_not_raised(tiny_shards):
 
     from benchmarks.throughput import dali_error
 
-    ok = argparse.Namespace(img_size=32, batch_size=8, interpolation="bilinear", dali_hw_decoder_load=[0.65])
+    ok = argparse.Namespace(img_size=32, batch_size=8, interpolation="bilinear", dali_hw_decoder_load=[0.65],
+                            rand_augment="")
     assert dali_error(ok, tiny_shards, torch.device("cpu")) is None
     # more than the 96 train samples: a DataError
-    too_big = argparse.Namespace(img_size=32, batch_size=1000, interpolation="bilinear", dali_hw_decoder_load=[0.65])
+    too_big = argparse.Namespace(img_size=32, batch_size=1000, interpolation="bilinear", dali_hw_decoder_load=[0.65],
+                                 rand_augment="")
     assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("DataError: train: 96 samples per rank")
+
+
+def test_rand_augment_reaches_every_loader_of_the_comparison(tiny_shards):
+    import argparse
+
+    import torch
+    from timm.data.auto_augment import RandAugment
+
+    from benchmarks.throughput import classic_transform, shard_loader
+
+    spec = "rand-m9-mstd0.5-inc1"
+    a = argparse.Namespace(img_size=32, batch_size=8, interpolation="bilinear", rand_augment=spec)
+    assert any(isinstance(t, RandAugment) for t in classic_transform(32, "bilinear", spec).transforms)
+    assert not any(isinstance(t, RandAugment) for t in classic_transform(32, "bilinear").transforms)
+    torch_loader = shard_loader(a, tiny_shards, "torch", 0, torch.device("cpu"))
+    assert torch_loader.dataset.transform.aa is not None
+    pytest.importorskip("nvidia.dali")
+    assert shard_loader(a, tiny_shards, "dali", 1, torch.device("cpu")).settings["rand_augment"] == spec
 
 
 def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(monkeypatch):
@@ -130,7 +150,7 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
     data = {}
     for loads in ([0.0, 1.0], [0.65]):  # a sweep (names with "@hw"), and the default (names without)
         a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, interpolation="bilinear",
-                               repeats=1, resize_short=256, dali=True, dali_hw_decoder_load=loads)
+                               rand_augment="", repeats=1, resize_short=256, dali=True, dali_hw_decoder_load=loads)
         data.update((r["name"], r["data"]) for r in throughput.bench_loaders(a, Path("unused"), dirs,
                                                                                torch.device("cuda"), lambda: None))
     assert data == {
@@ -220,7 +240,8 @@ def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_m
     monkeypatch.setattr(throughput, "imagefolder_loader", lambda *args: "loader")
     monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([]))
     monkeypatch.setattr(throughput, "epoch_seconds", lambda loader, sync: (4, next(durations)))
-    a = argparse.Namespace(loader_workers="1", workers=1, img_size=8, batch_size=4, interpolation="bilinear", repeats=3)
+    a = argparse.Namespace(loader_workers="1", workers=1, img_size=8, batch_size=4, interpolation="bilinear", repeats=3,
+                           rand_augment="")
     rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
     assert [(r["name"], r["images_per_s"]) for r in rows] == [("imagefolder", 1.0)]
 

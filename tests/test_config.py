@@ -51,15 +51,20 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"clip_grad": -1.0}, r"--clip-grad -1\.0: must be >= 0"),
     ({"rand_augment": "bogus"}, "--rand-augment 'bogus': not a timm RandAugment spec"),
     ({"rand_augment": "rand-q9"}, "--rand-augment 'rand-q9': not a timm RandAugment spec"),
-    ({"loader": "dali", "rand_augment": "rand-m9"}, "--rand-augment 'rand-m9': PyTorch loader only"),
+    ({"loader": "dali", "rand_augment": "rand-m9-tweights"}, "--rand-augment 'rand-m9-tweights': PyTorch loader only"),
     ({"loader": "dali", "repeated_aug": 3}, "--repeated-aug 3: PyTorch loader only"),
-    ({"loader": "dali", "rand_augment": "rand-m9", "repeated_aug": 3},
-     "--rand-augment 'rand-m9' and --repeated-aug 3: PyTorch loader only.*drop them"),
+    ({"loader": "dali", "rand_augment": "rand-m9-tweights", "repeated_aug": 3},
+     "--rand-augment 'rand-m9-tweights' and --repeated-aug 3: PyTorch loader only.*drop them"),
     ({"repeated_aug": 0}, r"--repeated-aug 0: must be >= 1"),
 ])
 def test_bad_values_are_errors_that_name_them(values, fragment):
     with pytest.raises(ValueError, match=fragment):
         from_dict(values)
+
+
+def test_rand_augment_runs_in_either_loader_but_weighted_op_choice_only_in_the_pytorch_one():
+    assert from_dict({"loader": "dali", "rand_augment": "rand-m9-mstd0.5-inc1"}).torch_only == []
+    assert from_dict({"rand_augment": "rand-m9-tweights"}).torch_only == ["--rand-augment 'rand-m9-tweights'"]
 
 
 def test_either_mixup_or_cutmix_makes_the_targets_soft():

@@ -60,12 +60,28 @@ def test_dali_resizes_with_the_chosen_filter_as_the_pytorch_loader_does(tiny_sha
     assert 0.002 < (first["bicubic"] - first["bilinear"]).abs().mean() < 0.05
 
 
-@pytest.mark.parametrize("setting", [{"rand_augment": "rand-m9"}, {"repeats": 3}])
+@pytest.mark.parametrize("setting", [{"rand_augment": "rand-m9-tweights"}, {"repeats": 3}])
 def test_settings_only_the_pytorch_loader_has_are_refused_not_ignored(tiny_shards, setting):
     from vitdeit.errors import SettingError
 
     with pytest.raises(SettingError, match="PyTorch loader only; use --loader torch"):
         DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=8, img_size=24, workers=1, **setting)
+
+
+def test_rand_augment_runs_in_the_train_pipeline_seeded_and_not_in_val(tiny_shards):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=16, img_size=24, workers=1, seed=2)
+    spec = "rand-m9-mstd0.5-inc1"
+    plain, ra, again = (list(DaliLoader(tiny_shards, m, "train", rand_augment=r, **kw)) for r in ("", spec, spec))
+    assert all(torch.equal(y, y2) for (_, y), (_, y2) in zip(plain, ra))  # the same samples...
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(ra, again))  # ...augmented the same way every run
+    changed = (torch.cat([x for x, _ in plain]) - torch.cat([x for x, _ in ra])).abs().flatten(1).amax(1) > 0.1
+    assert changed.float().mean() > 0.5
+    val = [list(DaliLoader(tiny_shards, m, "val", rand_augment=r, **kw)) for r in ("", spec)]
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(*val))  # val is never augmented
+    cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=24, patch_size=8, batch_size=16, seed=2,
+                 rand_augment=spec)  # build_loader hands the spec on
+    assert torch.equal(next(iter(build_loader(cfg, m, "train", Dist())))[0], ra[0][0])
 
 
 @pytest.mark.parametrize("world,batch", [(1, 10), (3, 5), (5, 4), (3, 4), (5, 5)])  # 24 images: 5 ranks hold 4 or 5
@@ -134,9 +150,10 @@ def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
     assert not again.restored and len(list(again)) == len(again)
 
 
-def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards):
+@pytest.mark.parametrize("rand_augment", ["", "rand-m9-mstd0.5-inc1"])
+def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards, rand_augment):
     m = load_manifest(tiny_shards)
-    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True)
+    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True, rand_augment=rand_augment)
 
     def epoch(loader):
         batches = list(loader)
@@ -154,7 +171,8 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
     assert torch.equal(r1[1], e1[1]) and torch.equal(r2[1], e2[1])  # with the same crops and flips
 
 
-@pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32)])
+@pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32),
+                                    dict(rand_augment="rand-m9-mstd0.5-inc1")])
 def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=1, seed=3)

@@ -248,7 +248,7 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     assert data.resolve_loader("auto", "cuda") == "dali" and data.resolve_loader("auto", "cpu") == "torch"
-    assert data.resolve_loader("auto", "cuda", torch_only=True) == "torch"  # e.g. DALI has no RandAugment
+    assert data.resolve_loader("auto", "cuda", torch_only=True) == "torch"  # e.g. --repeated-aug
     monkeypatch.setattr(data, "dali_available", lambda: False)
     assert data.resolve_loader("auto", "cuda") == "torch"
     from vitdeit.errors import SettingError

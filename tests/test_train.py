@@ -181,14 +181,17 @@ def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path, loader):
+def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path, loader, capsys):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     # drop-path on: its masks come from the global CPU generator, which nothing else may draw from differently in a
     # resumed process (a DataLoader's first iterator did, with persistent workers)
     kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2, loader=loader,
-              drop_path=0.1, random_erasing=0.5)  # erasing too: its draws come from the global generators
+              drop_path=0.1, random_erasing=0.5,  # erasing too: its draws come from the global generators
+              rand_augment="rand-m9-mstd0.5-inc1")  # each loader's own: timm's in workers, DALI's in its pipeline
     train(cfg_for(tiny_shards, tmp_path / "a", **kw))
+    assert ("note: --rand-augment rand-m9-mstd0.5-inc1: timm's policy run with DALI's ops" in capsys.readouterr().out
+            ) == (loader == "dali")
 
     class Killed(Exception):
         pass

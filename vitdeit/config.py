@@ -129,8 +129,8 @@ class Config:
     @property
     def torch_only(self) -> list[str]:
         """The train settings only the PyTorch loader implements, as flags, where set."""
-        return ([f"--rand-augment {self.rand_augment!r}"] if self.rand_augment else []) + (
-            [f"--repeated-aug {self.repeated_aug}"] if self.repeated_aug > 1 else [])
+        return ([f"--rand-augment {self.rand_augment!r}"] if self.rand_augment and not _dali_rand_augment_ok(
+            self.rand_augment) else []) + ([f"--repeated-aug {self.repeated_aug}"] if self.repeated_aug > 1 else [])
 
     @property
     def mixes(self) -> bool:
@@ -158,9 +158,22 @@ def _rand_augment_ok(spec: str) -> bool:
     """timm parses the spec when the loader builds its transform; a bad one fails there with a bare assert."""
     from timm.data.auto_augment import rand_augment_transform
 
+    from .data import RA_FILL
+
     try:
-        rand_augment_transform(spec, {"img_mean": (124, 116, 104)})
+        rand_augment_transform(spec, {"img_mean": RA_FILL})
     except (AssertionError, ValueError, KeyError, IndexError):
+        return False
+    return True
+
+
+def _dali_rand_augment_ok(spec: str) -> bool:
+    """The DALI loader runs every timm RandAugment spec but weighted op choice (-t...)."""
+    from .data.dali_augment import RandAugmentSpec
+
+    try:
+        RandAugmentSpec.parse(spec)
+    except SettingError:
         return False
     return True
 

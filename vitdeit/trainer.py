@@ -212,6 +212,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
+    if cfg.rand_augment and train_loader.name == "dali":
+        dist.print(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
+                   f"says where they differ from timm's); --loader torch runs timm's own")
     distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
     if distill == "none" and (cfg.teacher_ckpt or cfg.teacher_weights):
         dist.print(f"warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "

@@ -17,13 +17,15 @@ import torch
 from ..config import Config
 from ..errors import DataError, SettingError
 from . import MEAN, STD, shard_paths, val_resize
+from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
+
 KEY_BYTES = 512
 
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
               with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float,
-              interpolation: str):
+              interpolation: str, rand_augment: RandAugmentSpec | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
@@ -34,7 +36,8 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
     # crops and flips for the same batch position (the reader's tar order keeps `seed` itself, set below)
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=(seed + 1_000_003 * shard_id) % 2**31,
-                  prefetch_queue_depth=2, enable_checkpointing=train, checkpoint=checkpoint)
+                  prefetch_queue_depth=2, enable_checkpointing=train, checkpoint=checkpoint,
+                  enable_conditionals=rand_augment is not None)  # RandAugment picks an op per image with `if`
     def pipe():
         jpegs, labels = fn.readers.webdataset(
             paths=files, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],
@@ -52,6 +55,8 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
                                                    random_area=list(scale), random_aspect_ratio=list(ratio),
                                                    num_attempts=10, **hw)
             images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=interp, antialias=True)
+            if rand_augment is not None:  # on the uint8 crop, as timm's in the PyTorch loader (the flip commutes)
+                images = dali_rand_augment(images, rand_augment, img_size)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
@@ -93,9 +98,9 @@ class DaliLoader:
         GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if rand_augment or repeats > 1:
-            raise SettingError("--rand-augment and --repeated-aug are implemented in the PyTorch loader only; use "
-                               "--loader torch with them.")
+        if repeats > 1:
+            raise SettingError("--repeated-aug is implemented in the PyTorch loader only; use --loader torch with it.")
+        spec = RandAugmentSpec.parse(rand_augment) if rand_augment and split == "train" else None
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         shards = manifest["splits"][split]["shards"]
@@ -112,7 +117,8 @@ class DaliLoader:
         self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
                          "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
                          "scale": list(scale), "ratio": list(ratio), "gpu": gpu,
-                         "epoch": "reader pass"}  # what an epoch is: states of the earlier fixed-size epochs don't fit
+                         "epoch": "reader pass",  # what an epoch is: states of the earlier fixed-size epochs don't fit
+                         **({"rand_augment": rand_augment} if spec else {})}  # its draws are in the state too
         # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
         self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
         self.batch_size = batch_size
@@ -129,7 +135,7 @@ class DaliLoader:
                               num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
-                              hw_decoder_load=hw_decoder_load, interpolation=interpolation)
+                              hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec)
         self.pipe.build()
         self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
         # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train

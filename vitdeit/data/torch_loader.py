@@ -104,12 +104,7 @@ class TrainTransform:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.aa = None
         if rand_augment:
-            from timm.data import auto_augment
-
-            self.aa = auto_augment.rand_augment_transform(rand_augment, {"img_mean": RA_FILL})
-            for op in self.aa.ops:
-                if op.aug_fn is auto_augment.posterize:
-                    op.aug_fn = posterize
+            self.aa = timm_rand_augment(rand_augment)
 
     def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(left, top, width, height) in px, torchvision's RandomResizedCrop sampling (10 tries, then centre)."""
@@ -142,6 +137,17 @@ class TrainTransform:
         random.seed(rng.getrandbits(64))
         np.random.seed(rng.getrandbits(32))
         return np.asarray(self.aa(Image.fromarray(x.numpy())))
+
+
+def timm_rand_augment(spec: str):
+    """timm's RandAugment transform of `spec` (PIL image in and out), its Posterize ops mended (posterize below)."""
+    from timm.data import auto_augment
+
+    ra = auto_augment.rand_augment_transform(spec, {"img_mean": RA_FILL})
+    for op in ra.ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
+    return ra
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:

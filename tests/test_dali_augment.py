@@ -1,0 +1,119 @@
+"""timm's RandAugment in DALI (vitdeit/data/dali_augment.py), in DALI's CPU mode: each op against timm's PIL op at
+the same argument, then the policy's draws (op choice, layer probability, magnitude noise, sign) counted."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+import timm.data.auto_augment as timm_aa  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+
+from benchmarks.imageset import natural_like  # noqa: E402
+from vitdeit.data import RA_FILL  # noqa: E402
+from vitdeit.data.dali_augment import ARGUMENTS, STEPS, UNSCALED, RandAugmentSpec, dali_ops, rand_augment  # noqa: E402
+from vitdeit.errors import SettingError  # noqa: E402
+
+SIZE = 64
+IMAGE = np.asarray(natural_like(np.random.default_rng(0)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+
+# mean |DALI - timm| in grey levels at the same argument, inside a 1-px border (PIL's Sharpness leaves the border
+# as it was), measured on IMAGE at magnitudes 3.3 and 9: exact for the
+# lookup ops; ~0.6 for the enhancements (float rounding); rotate, shear 1.7 (bilinear only, one grey fill for
+# timm's per-channel one), translate 3.2 (45 % of the crop is fill at m 9); Equalize 9.1 (OpenCV's formula, not
+# PIL's). Each bound is under a third of what the op changes, so a wrong argument or sign fails.
+TOLERANCE = {"Rotate": 2.5, "ShearX": 2.5, "ShearY": 2.5, "TranslateXRel": 4.5, "TranslateYRel": 4.5,
+             "Equalize": 12.0, **{op: 0.0 for op in ("Posterize", "PosterizeIncreasing", "Solarize",
+                                                       "SolarizeIncreasing", "SolarizeAdd", "Invert")}}
+
+
+def run(graph, batch=1, images=(IMAGE,), conditionals=False, seed=0):
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=seed, enable_conditionals=conditionals)
+    def pipe():
+        return graph(fn.external_source(source=lambda: [images[i % len(images)] for i in range(batch)], batch=True,
+                                        layout="HWC"))
+
+    p = pipe()
+    p.build()
+    return np.stack([np.array(x) for x in p.run()[0]])
+
+
+def timm_op(name, magnitude, negate, monkeypatch):
+    monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
+    op = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude,
+                           hparams={"img_mean": RA_FILL, "interpolation": Image.BILINEAR})
+    return np.asarray(op(Image.fromarray(IMAGE))).astype(float)
+
+
+@pytest.mark.parametrize("name", list(ARGUMENTS) + list(UNSCALED))
+def test_each_op_matches_timms_at_the_same_magnitude_and_sign(name, monkeypatch):
+    spec = RandAugmentSpec((name,), 1, 1.0, 9.0, 0.0, 10.0)
+    (op,) = dali_ops(spec, SIZE)
+    signed = name in ARGUMENTS and ARGUMENTS[name][1]
+    for magnitude in (3.3, 9.0):
+        for negate in (False, True) if signed else (False,):
+            row = 2 * round(magnitude * STEPS) + negate
+            dali = run(lambda x: op(x, types.Constant(np.int32(row))))[0].astype(float)
+            timm = timm_op(name, magnitude, negate, monkeypatch)
+            diff, change = np.abs(dali - timm)[1:-1, 1:-1].mean(), np.abs(timm - IMAGE)[1:-1, 1:-1].mean()
+            assert diff <= TOLERANCE.get(name, 1.0) and diff < change / 3, (name, magnitude, negate, diff, change)
+            if signed:  # and the other sign is far
+                other = timm_op(name, magnitude, not negate, monkeypatch)
+                assert np.abs(dali - other)[1:-1, 1:-1].mean() > 3 * diff + 1
+
+
+def test_the_spec_is_read_by_timms_parser():
+    assert RandAugmentSpec.parse("rand-m9-mstd0.5-inc1") == RandAugmentSpec(
+        tuple(timm_aa._RAND_INCREASING_TRANSFORMS), 2, 0.5, 9.0, 0.5, 10.0)
+    spec = RandAugmentSpec.parse("rand-n3-m12-mmax15-p0.7-mstd101")
+    assert (spec.ops, spec.layers, spec.prob, spec.magnitude, spec.std, spec.max) == (
+        tuple(timm_aa._RAND_TRANSFORMS), 3, 0.7, 12.0, float("inf"), 15.0)
+    with pytest.raises(SettingError, match="weighted op choice.*--loader torch"):
+        RandAugmentSpec.parse("rand-m9-tweights")
+
+
+GREY = np.full((8, 8, 3), 100, np.uint8)  # flat: every op's effect is one number per image
+
+
+def policy(spec, batch=2000, seed=0):
+    """The first pixel of each of `batch` flat grey images after rand_augment."""
+    return run(lambda x: rand_augment(x, spec, 8), batch, (GREY,), conditionals=True, seed=seed)[:, 0, 0, 0]
+
+
+def test_each_layer_applies_with_probability_p():
+    out = policy(RandAugmentSpec(("Invert",), 1, 0.3, 5.0, 0.0, 10.0))
+    assert set(out) == {100, 155} and 0.27 < (out == 155).mean() < 0.33  # binomial sd 0.01
+    out = policy(RandAugmentSpec(("Invert",), 2, 0.3, 5.0, 0.0, 10.0))  # inverted once: 2 p (1 - p) = 0.42
+    assert 0.39 < (out == 155).mean() < 0.45
+
+
+def test_ops_are_chosen_uniformly_and_signs_are_random():
+    # Invert: 155; SolarizeAdd at m 5 adds int(0.5 * 110) = 55 below 128: 155 too, so use Posterize (m 5: 2 bits
+    # kept: 64); BrightnessIncreasing at m 5: 1 +- 0.45, 145 or 55
+    spec = RandAugmentSpec(("Invert", "PosterizeIncreasing", "BrightnessIncreasing"), 1, 1.0, 5.0, 0.0, 10.0)
+    out = policy(spec)
+    shares = {v: (out == v).mean() for v in (155, 64, 145, 55)}
+    assert set(out) == set(shares)
+    assert all(0.3 < shares[v] < 0.37 for v in (155, 64)) and 0.3 < shares[145] + shares[55] < 0.37
+    assert 0.4 < shares[145] / (shares[145] + shares[55]) < 0.6
+
+
+@pytest.mark.parametrize("std", [0.0, 1.5, float("inf")])
+def test_magnitudes_follow_timms_noise(std):
+    # SolarizeAdd adds int(m / 10 * 110) to grey 100: the added amount tells each image's magnitude
+    out = policy(RandAugmentSpec(("SolarizeAdd",), 1, 1.0, 6.0, std, 10.0)).astype(float) - 100
+    rng = np.random.default_rng(0)  # timm's draws for as many images, rounded to DALI's 0.1 steps
+    m = (np.full(out.size, 6.0) if std == 0 else rng.uniform(0, 6, out.size) if np.isinf(std)
+         else rng.normal(6.0, std, out.size))
+    expected = np.floor(np.round(np.clip(m, 0, 10) * STEPS) / STEPS / 10 * 110)
+    if std == 0:
+        assert set(out) == {66}
+    else:
+        assert abs(out.mean() - expected.mean()) < 1.5 and abs(out.std() - expected.std()) < 1.5
+        assert out.min() >= 0 and out.max() <= 110
+
+
+def test_magnitudes_are_clipped_to_mmax():
+    out = policy(RandAugmentSpec(("SolarizeAdd",), 1, 1.0, 10.0, 3.0, 10.0)).astype(float) - 100
+    assert out.max() == 110 and 0.4 < (out == 110).mean() < 0.6  # half of N(10, 3) lies above 10

@@ -63,14 +63,30 @@ def test_each_op_matches_timms_at_the_same_magnitude_and_sign(name, monkeypatch)
                 assert np.abs(dali - other)[1:-1, 1:-1].mean() > 3 * diff + 1
 
 
+@pytest.mark.parametrize("name", list(ARGUMENTS))
+def test_every_row_of_the_tables_is_timms_argument(name, monkeypatch):
+    # timm's level function at every 0.1 step of magnitude up to mmax 15, both signs (its random sign fixed)
+    argument, signed, _ = ARGUMENTS[name]
+    enhancement = name.endswith("Increasing") and not name.startswith(("Posterize", "Solarize"))
+    for negate in (False, True) if signed else (False,):
+        monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
+        for level in np.arange(151) / STEPS:
+            (timm,) = timm_aa.LEVEL_TO_ARG[name](level, {"translate_pct": 0.45})
+            ours = (-1 if negate else 1) * argument(level)
+            assert (max(0.1, 1 + ours) if enhancement else ours) == pytest.approx(timm, abs=1e-9), (level, negate)
+
+
 def test_the_spec_is_read_by_timms_parser():
     assert RandAugmentSpec.parse("rand-m9-mstd0.5-inc1") == RandAugmentSpec(
         tuple(timm_aa._RAND_INCREASING_TRANSFORMS), 2, 0.5, 9.0, 0.5, 10.0)
     spec = RandAugmentSpec.parse("rand-n3-m12-mmax15-p0.7-mstd101")
     assert (spec.ops, spec.layers, spec.prob, spec.magnitude, spec.std, spec.max) == (
         tuple(timm_aa._RAND_TRANSFORMS), 3, 0.7, 12.0, float("inf"), 15.0)
-    with pytest.raises(SettingError, match="weighted op choice.*--loader torch"):
-        RandAugmentSpec.parse("rand-m9-tweights")
+    for other_ops in ("rand-m9-tweights", "rand-m9-t3a"):  # weighted choice; timm's 3-Augment set (blur...)
+        with pytest.raises(SettingError, match=r"other op sets and weights \(-t\.\.\.\).*--loader torch"):
+            RandAugmentSpec.parse(other_ops)
+    # what timm accepts and DALI's random ops would not: p > 1 (timm: always), uniform noise over [0, 0]
+    assert RandAugmentSpec.parse("rand-m9-p1.5").prob == 1.0 and RandAugmentSpec.parse("rand-m0-mstd101").std == 0
 
 
 GREY = np.full((8, 8, 3), 100, np.uint8)  # flat: every op's effect is one number per image
@@ -117,3 +133,12 @@ def test_magnitudes_follow_timms_noise(std):
 def test_magnitudes_are_clipped_to_mmax():
     out = policy(RandAugmentSpec(("SolarizeAdd",), 1, 1.0, 10.0, 3.0, 10.0)).astype(float) - 100
     assert out.max() == 110 and 0.4 < (out == 110).mean() < 0.6  # half of N(10, 3) lies above 10
+    # Brightness (not the increasing one): factor m / 10 * 1.8 + 0.1 on grey 100; mmax 15 lets m 12 through (2.26)
+    assert set(policy(RandAugmentSpec(("Brightness",), 1, 1.0, 12.0, 0.0, 15.0), batch=8)) == {226}
+    assert set(policy(RandAugmentSpec(("Brightness",), 1, 1.0, 12.0, 0.0, 10.0), batch=8)) == {190}
+
+
+def test_a_noisy_magnitude_takes_the_table_step_at_or_below_as_timms_int_truncates():
+    # SolarizeAdd adds int(m / 10 * 110): 109 at m 9.96 in timm; the 0.1 step below, 9.9, adds 108 (rounding to
+    # 10.0 would add 110, moving every threshold of timm's int()s by 0.05)
+    assert set(policy(RandAugmentSpec(("SolarizeAdd",), 1, 1.0, 9.96, 0.001, 10.0), batch=64) - 100) == {108}

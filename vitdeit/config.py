@@ -129,8 +129,10 @@ class Config:
     @property
     def torch_only(self) -> list[str]:
         """The train settings only the PyTorch loader implements, as flags, where set."""
-        return ([f"--rand-augment {self.rand_augment!r}"] if self.rand_augment and not _dali_rand_augment_ok(
-            self.rand_augment) else []) + ([f"--repeated-aug {self.repeated_aug}"] if self.repeated_aug > 1 else [])
+        from .data.dali_augment import dali_runs
+
+        return ([f"--rand-augment {self.rand_augment!r}"] if self.rand_augment and not dali_runs(self.rand_augment)
+                else []) + ([f"--repeated-aug {self.repeated_aug}"] if self.repeated_aug > 1 else [])
 
     @property
     def mixes(self) -> bool:
@@ -167,15 +169,6 @@ def _rand_augment_ok(spec: str) -> bool:
     return True
 
 
-def _dali_rand_augment_ok(spec: str) -> bool:
-    """The DALI loader runs every timm RandAugment spec but weighted op choice (-t...)."""
-    from .data.dali_augment import RandAugmentSpec
-
-    try:
-        RandAugmentSpec.parse(spec)
-    except SettingError:
-        return False
-    return True
 
 
 def _parse_bool(text: str) -> bool:

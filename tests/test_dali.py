@@ -60,12 +60,37 @@ def test_dali_resizes_with_the_chosen_filter_as_the_pytorch_loader_does(tiny_sha
     assert 0.002 < (first["bicubic"] - first["bilinear"]).abs().mean() < 0.05
 
 
-@pytest.mark.parametrize("setting", [{"rand_augment": "rand-m9-tweights"}, {"repeats": 3}])
-def test_settings_only_the_pytorch_loader_has_are_refused_not_ignored(tiny_shards, setting):
+def test_rand_augments_other_op_sets_are_refused_not_ignored(tiny_shards):
     from vitdeit.errors import SettingError
 
     with pytest.raises(SettingError, match="PyTorch loader only; use --loader torch"):
-        DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=8, img_size=24, workers=1, **setting)
+        DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=8, img_size=24, workers=1,
+                   rand_augment="rand-m9-tweights")
+
+
+@pytest.mark.parametrize("batch", [15, 16])  # 5 reads x 3 copies; 6 reads x 3, the last 2 copies trimmed
+def test_repeated_aug_makes_copies_of_each_read_with_their_own_crops_and_keeps_the_epochs_steps(tiny_shards, batch):
+    m = load_manifest(tiny_shards)
+    loader = DaliLoader(tiny_shards, m, "train", batch_size=batch, img_size=24, workers=1, repeats=3, with_keys=True)
+    plain = DaliLoader(tiny_shards, m, "train", batch_size=batch, img_size=24, workers=1)
+    assert len(loader) == len(plain) == 96 // batch
+    reads = -(-batch // 3)
+    labels = {key: label for key, label, _ in all_samples(tiny_shards, "train")}
+    for epoch in range(4):  # both batches cross the end of a pass: 16 reads of 6 a pass, 19 of 5 and a part
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for x, y, keys in batches:
+            assert x.shape == (batch, 3, 24, 24) and len(keys) == batch
+            assert [labels[k] for k in keys] == y.tolist()  # each copy keeps its image's label
+            for i in range(reads):  # copy k of read i at k * reads + i: same image, its own crop and flip
+                at = list(range(i, batch, reads))
+                assert len({keys[j] for j in at}) == 1 and len(at) == (3 if i < batch - 2 * reads else 2)
+                assert all(not torch.equal(x[at[0]], x[j]) for j in at[1:])
+        drawn = [k for _, _, keys in batches for k in keys[:reads]]  # the reads: about a third of the 96, each once
+        assert len(drawn) == len(loader) * reads and len(set(drawn)) >= len(drawn) - reads  # (one pass may end)
+    cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=24, patch_size=8, batch_size=batch,
+                 repeated_aug=3)  # build_loader hands it on
+    assert build_loader(cfg, m, "train", Dist()).copies == 3 and build_loader(cfg, m, "val", Dist()).copies == 1
 
 
 def test_rand_augment_runs_in_the_train_pipeline_seeded_and_not_in_val(tiny_shards):
@@ -150,10 +175,12 @@ def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
     assert not again.restored and len(list(again)) == len(again)
 
 
-@pytest.mark.parametrize("rand_augment", ["", "rand-m9-mstd0.5-inc1"])
-def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards, rand_augment):
+@pytest.mark.parametrize("rand_augment, repeats", [("", 1), ("rand-m9-mstd0.5-inc1", 1), ("", 3)])
+def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards, rand_augment, repeats):
+    # repeats 3: an epoch reads a third of the rank's slice, so the state is saved in the middle of a reader pass
     m = load_manifest(tiny_shards)
-    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True, rand_augment=rand_augment)
+    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True, rand_augment=rand_augment,
+              repeats=repeats)
 
     def epoch(loader):
         batches = list(loader)
@@ -172,7 +199,7 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
 
 
 @pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32),
-                                    dict(rand_augment="rand-m9-mstd0.5-inc1")])
+                                    dict(rand_augment="rand-m9-mstd0.5-inc1"), dict(repeats=3)])
 def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=1, seed=3)

@@ -133,7 +133,7 @@ def test_repeated_augmentation_deals_runs_of_copies_over_the_ranks_and_keeps_the
     assert world > 1 or [i for i, _ in per_rank[0][:6]] == [per_rank[0][0][0]] * 3 + [per_rank[0][3][0]] * 3
 
 
-def test_build_loader_hands_repeated_aug_on_and_keeps_auto_off_dali_for_it(tiny_shards, monkeypatch):
+def test_build_loader_hands_repeated_aug_on_and_lets_auto_pick_dali_with_it(tiny_shards, monkeypatch):
     from vitdeit import data
     from vitdeit.config import Config
     from vitdeit.distributed import Dist
@@ -142,7 +142,7 @@ def test_build_loader_hands_repeated_aug_on_and_keeps_auto_off_dali_for_it(tiny_
     monkeypatch.setattr(data, "resolve_loader", lambda *a, **k: (calls.append(a), resolve(*a, **k))[1])
     cfg = Config(data_path=str(tiny_shards), workers=0, img_size=32, batch_size=12, repeated_aug=3)
     idx = data.build_loader(cfg, load_manifest(tiny_shards), "train", Dist()).sampler.indices()
-    assert calls == [("auto", "cpu", True)]  # torch-only: auto must not pick DALI on a GPU either
+    assert calls == [("auto", "cpu", False)]  # DALI has it too: auto may pick DALI on a GPU
     assert idx[0] == idx[1] == idx[2] != idx[3]
 
 
@@ -248,7 +248,7 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
 
     monkeypatch.setattr(data, "dali_available", lambda: True)
     assert data.resolve_loader("auto", "cuda") == "dali" and data.resolve_loader("auto", "cpu") == "torch"
-    assert data.resolve_loader("auto", "cuda", torch_only=True) == "torch"  # e.g. --repeated-aug
+    assert data.resolve_loader("auto", "cuda", torch_only=True) == "torch"  # e.g. RandAugment's -t op sets
     monkeypatch.setattr(data, "dali_available", lambda: False)
     assert data.resolve_loader("auto", "cuda") == "torch"
     from vitdeit.errors import SettingError

@@ -188,7 +188,8 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
     # resumed process (a DataLoader's first iterator did, with persistent workers)
     kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2, loader=loader,
               drop_path=0.1, random_erasing=0.5,  # erasing too: its draws come from the global generators
-              rand_augment="rand-m9-mstd0.5-inc1")  # each loader's own: timm's in workers, DALI's in its pipeline
+              rand_augment="rand-m9-mstd0.5-inc1",  # each loader's own: timm's in workers, DALI's in its pipeline
+              repeated_aug=3)  # DALI: an epoch reads a third of a pass, so the run is saved in mid-pass
     train(cfg_for(tiny_shards, tmp_path / "a", **kw))
     assert ("note: --rand-augment rand-m9-mstd0.5-inc1: timm's policy run with DALI's ops" in capsys.readouterr().out
             ) == (loader == "dali")

@@ -36,7 +36,7 @@ class Config:
     interpolation: str = "bilinear"  # bilinear | bicubic: the antialiased resize filter of train crops and val images
     rand_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
     # DeiT's RASampler: an epoch keeps its length (and step count) but draws about 1/N of the images, each N times,
-    # augmented anew each time, the copies on neighbouring ranks (side by side in a batch on one); PyTorch loader only
+    # augmented anew each time; the PyTorch loader deals the copies to neighbouring ranks, DALI keeps them in a batch
     repeated_aug: int = 1  # train: repeated augmentation, N copies of each drawn image (DeiT: 3); 1 = off
     # the rest go to nvJPEG on the CUDA cores, which the training step needs too. 1.0, not DALI's own 0.65: on an
     # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
@@ -122,7 +122,7 @@ class Config:
         need(self.repeated_aug >= 1, f"--repeated-aug {self.repeated_aug}: must be >= 1 (1 = off; DeiT: 3)")
         need(not (self.loader == "dali" and self.torch_only),
              f"{' and '.join(self.torch_only)}: PyTorch loader only, not in DALI's pipeline: use --loader torch (or "
-             f"auto, which picks it then), or drop {'them' if len(self.torch_only) > 1 else 'it'}")
+             f"auto, which picks it then), or drop it")
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
 
@@ -131,8 +131,8 @@ class Config:
         """The train settings only the PyTorch loader implements, as flags, where set."""
         from .data.dali_augment import dali_runs
 
-        return ([f"--rand-augment {self.rand_augment!r}"] if self.rand_augment and not dali_runs(self.rand_augment)
-                else []) + ([f"--repeated-aug {self.repeated_aug}"] if self.repeated_aug > 1 else [])
+        ra = self.rand_augment
+        return [f"--rand-augment {ra!r}"] if ra and not dali_runs(ra) else []
 
     @property
     def mixes(self) -> bool:

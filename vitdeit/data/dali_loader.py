@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from ..config import Config
-from ..errors import DataError, SettingError
+from ..errors import DataError
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
@@ -25,7 +25,7 @@ KEY_BYTES = 512
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
               with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float,
-              interpolation: str, rand_augment: RandAugmentSpec | None = None):
+              interpolation: str, rand_augment: RandAugmentSpec | None = None, copies: int = 1):
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
@@ -50,23 +50,26 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}))  # same order on all ranks
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
         hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
+        def normalize(images, mirror):
+            return fn.crop_mirror_normalize(
+                images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
+                mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
+
         if train:
-            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                   random_area=list(scale), random_aspect_ratio=list(ratio),
-                                                   num_attempts=10, **hw)
-            images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=interp, antialias=True)
-            if rand_augment is not None:  # on the uint8 crop, as timm's in the PyTorch loader (the flip commutes)
-                images = dali_rand_augment(images, rand_augment, img_size)
-            mirror = fn.random.coin_flip(probability=0.5)
+            outputs = []
+            for _ in range(copies):  # --repeated-aug: each copy decodes its own crop of the same JPEG, its own draws
+                images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                                       random_area=list(scale), random_aspect_ratio=list(ratio),
+                                                       num_attempts=10, **hw)
+                images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=interp, antialias=True)
+                if rand_augment is not None:  # on the uint8 crop, as timm's in the PyTorch loader (flips commute)
+                    images = dali_rand_augment(images, rand_augment, img_size)
+                outputs.append(normalize(images, fn.random.coin_flip(probability=0.5)))
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
-            images = fn.resize(images, resize_shorter=val_resize(img_size, crop_pct), interp_type=interp,
-                               antialias=True)
-            mirror = 0
-        images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
-            mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
-        outputs = [images, labels.gpu() if gpu else labels]
+            outputs = [normalize(fn.resize(images, resize_shorter=val_resize(img_size, crop_pct), interp_type=interp,
+                                           antialias=True), 0)]
+        outputs.append(labels.gpu() if gpu else labels)
         if with_keys:  # "tar:offset:KEY.jpg", zero-padded to a fixed length (tests: which samples were drawn)
             outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), axes=(0,), shape=(KEY_BYTES,)))
         return tuple(outputs)
@@ -81,7 +84,8 @@ class DaliLoader:
     shuffled samples, and their order is reshuffled every epoch, the same on every rank, so a rank's slice
     holds other tars' samples each epoch; from a single tar a rank would keep the same samples). One epoch is
     one pass over that slice: every rank takes floor(N / world / batch) steps, each sample at most once, and
-    the rest of its slice (at most one batch, with DALI's padding) is read and dropped, as drop_last. Val: no
+    the rest of its slice (at most one batch, with DALI's padding) is read and dropped, as drop_last. With
+    repeats R, the same steps read about 1/R of that, R copies each, and the pass runs on over epochs. Val: no
     shuffle, the last batch padded by DALI and the padding removed here, so every image is counted exactly once.
     """
 
@@ -98,8 +102,6 @@ class DaliLoader:
         GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if repeats > 1:
-            raise SettingError("--repeated-aug is implemented in the PyTorch loader only; use --loader torch with it.")
         spec = RandAugmentSpec.parse(rand_augment) if rand_augment and split == "train" else None
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
@@ -118,7 +120,8 @@ class DaliLoader:
                          "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
                          "scale": list(scale), "ratio": list(ratio), "gpu": gpu,
                          "epoch": "reader pass",  # what an epoch is: states of the earlier fixed-size epochs don't fit
-                         **({"rand_augment": rand_augment} if spec else {})}  # its draws are in the state too
+                         **({"rand_augment": rand_augment} if spec else {}),  # its draws are in the state too
+                         **({"repeats": repeats} if self.train and repeats > 1 else {})}
         # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
         self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
         self.batch_size = batch_size
@@ -130,14 +133,20 @@ class DaliLoader:
         else:  # DALI's shard r of `world` holds samples [floor(r n / world), floor((r + 1) n / world))
             self.num_samples = (rank + 1) * n // world - rank * n // world
             self.steps = math.ceil(self.num_samples / batch_size)
+        # --repeated-aug R (train): each step reads ceil(batch / R) images and makes R copies of each (the last
+        # copies trimmed to the batch), so an epoch keeps its steps and reads about 1/R of the rank's slice: the
+        # reader's pass then runs on over R epochs (next_batch)
+        self.copies = repeats if self.train else 1
+        self.reads = -(-batch_size // self.copies)
         self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
-                              seed, gpu, fp16=gpu if half is None else half, batch_size=batch_size,
+                              seed, gpu, fp16=gpu if half is None else half, batch_size=self.reads,
                               num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
-                              hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec)
+                              hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec,
+                              copies=self.copies)
         self.pipe.build()
-        self.outputs = ["images", "labels"] + (["keys"] if with_keys else [])
+        self.outputs = [f"images{k}" for k in range(self.copies)] + ["labels"] + (["keys"] if with_keys else [])
         # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train
         # uses the first `steps` batches (__iter__). A fixed `size` would carry the rest into the next epoch, which
         # then spans two passes and draws up to a quarter of its samples twice; DROP leaves the padded last batch of
@@ -156,13 +165,31 @@ class DaliLoader:
         settings it is valid for."""
         return {"settings": self.settings, "checkpoint": self.it.checkpoints()[0]} if self.train else None
 
-    def __iter__(self):
-        for i, out in enumerate(self.it):  # the whole pass: a new epoch then starts a new one
-            if i >= self.steps:  # train: the rest of this rank's slice, under a batch more than the smallest one's
+    def next_batch(self) -> dict:
+        """--repeated-aug: the stream's next full batch of reads, running on into the reader's next pass (the tars
+        reshuffled) when one ends; a pass's padded last batch is dropped, as drop_last."""
+        while True:
+            try:
+                out = next(self.it)[0]
+            except StopIteration:  # the pass ended; auto_reset has begun the next
                 continue
-            images, labels = out[0]["images"], out[0]["labels"]
-            batch = (images.permute(0, 3, 1, 2), labels.view(-1).long())  # NHWC memory = channels-last NCHW
-            if "keys" in out[0]:
-                batch += ([bytes(k.cpu().numpy()).rstrip(b"\0").decode().rsplit(":", 1)[1].split(".")[0]
-                           for k in out[0]["keys"]],)
+            if len(out["labels"]) == self.reads:
+                return out
+
+    def __iter__(self):
+        if self.copies == 1:
+            outs = (out[0] for i, out in enumerate(self.it) if i < self.steps)  # the whole pass, of which train
+            # uses the first `steps` batches and reads the rest (under a batch more than the smallest slice's)
+        else:
+            outs = (self.next_batch() for _ in range(self.steps))
+        for out in outs:
+            n = self.batch_size if self.train else len(out["labels"])
+            images = torch.cat([out[f"images{k}"] for k in range(self.copies)])[:n] if self.copies > 1 else (
+                out["images0"])
+            batch = (images.permute(0, 3, 1, 2), out["labels"].view(-1).long().repeat(self.copies)[:n])  # NHWC
+            # memory = channels-last NCHW; copy k of read i at k * reads + i
+            if "keys" in out:
+                keys = [bytes(k.cpu().numpy()).rstrip(b"\0").decode().rsplit(":", 1)[1].split(".")[0]
+                        for k in out["keys"]]
+                batch += ((keys * self.copies)[:n],)
             yield batch

@@ -71,11 +71,12 @@ def test_rand_augments_other_op_sets_are_refused_not_ignored(tiny_shards):
 @pytest.mark.parametrize("batch", [15, 16])  # 5 reads x 3 copies; 6 reads x 3, the last 2 copies trimmed
 def test_repeated_aug_makes_copies_of_each_read_with_their_own_crops_and_keeps_the_epochs_steps(tiny_shards, batch):
     m = load_manifest(tiny_shards)
-    loader = DaliLoader(tiny_shards, m, "train", batch_size=batch, img_size=24, workers=1, repeats=3, with_keys=True)
-    plain = DaliLoader(tiny_shards, m, "train", batch_size=batch, img_size=24, workers=1)
-    assert len(loader) == len(plain) == 96 // batch
+    kw = dict(batch_size=batch, img_size=24, workers=1, with_keys=True)
+    loader = DaliLoader(tiny_shards, m, "train", repeats=3, **kw)
+    assert len(loader) == len(DaliLoader(tiny_shards, m, "train", **kw)) == 96 // batch
     reads = -(-batch // 3)
     labels = {key: label for key, label, _ in all_samples(tiny_shards, "train")}
+    stream = []
     for epoch in range(4):  # both batches cross the end of a pass: 16 reads of 6 a pass, 19 of 5 and a part
         batches = list(loader)
         assert len(batches) == len(loader)
@@ -86,8 +87,20 @@ def test_repeated_aug_makes_copies_of_each_read_with_their_own_crops_and_keeps_t
                 at = list(range(i, batch, reads))
                 assert len({keys[j] for j in at}) == 1 and len(at) == (3 if i < batch - 2 * reads else 2)
                 assert all(not torch.equal(x[at[0]], x[j]) for j in at[1:])
-        drawn = [k for _, _, keys in batches for k in keys[:reads]]  # the reads: about a third of the 96, each once
-        assert len(drawn) == len(loader) * reads and len(set(drawn)) >= len(drawn) - reads  # (one pass may end)
+            stream += keys[:reads]
+    # the reads run on through the reader's pass over the epochs: a pass's full batches hold each image once
+    per_pass = 96 // reads * reads
+    assert len(stream) == 4 * len(loader) * reads and len(set(stream[:per_pass])) == per_pass
+    # whole images (crop area 1, any aspect; DALI's crop may miss a pixel row): every copy of an image, in any
+    # batch, is that image or its mirror; another image is ~0.5 away (std units)
+    whole = DaliLoader(tiny_shards, m, "train", repeats=3, scale=(1.0, 1.0), ratio=(0.25, 4.0), **kw)
+    seen, gaps = {}, []
+    for x, _, keys in [b for _ in range(2) for b in whole]:
+        for image, key in zip(x, keys):
+            first = seen.setdefault(key, image)
+            gaps.append(min((image - first).abs().mean(), (image - first.flip(-1)).abs().mean()))
+    others = [(a - b).abs().mean() for a, b in zip(list(seen.values())[:-1], list(seen.values())[1:])]
+    assert max(gaps) < 0.1 < min(others), (max(gaps), min(others))
     cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=24, patch_size=8, batch_size=batch,
                  repeated_aug=3)  # build_loader hands it on
     assert build_loader(cfg, m, "train", Dist()).copies == 3 and build_loader(cfg, m, "val", Dist()).copies == 1
@@ -175,19 +188,25 @@ def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
     assert not again.restored and len(list(again)) == len(again)
 
 
-@pytest.mark.parametrize("rand_augment, repeats", [("", 1), ("rand-m9-mstd0.5-inc1", 1), ("", 3)])
-def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards, rand_augment, repeats):
-    # repeats 3: an epoch reads a third of the rank's slice, so the state is saved in the middle of a reader pass
+@pytest.mark.parametrize("rand_augment, repeats, batch, world, saved_after", [
+    ("", 1, 8, 2, 1), ("rand-m9-mstd0.5-inc1", 1, 8, 2, 1),
+    ("", 3, 8, 2, 1),  # an epoch reads a third of the rank's slice: saved in the middle of a reader pass
+    ("", 3, 15, 1, 1),  # 19 full batches of 5 reads and a partial one a pass: the restored stream must drop it
+    ("", 3, 12, 1, 3),  # 3 epochs of 8 steps of 4 reads: saved exactly where a pass ends
+])
+def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_shards, rand_augment, repeats, batch,
+                                                                           world, saved_after):
     m = load_manifest(tiny_shards)
-    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True, rand_augment=rand_augment,
-              repeats=repeats)
+    kw = dict(batch_size=batch, img_size=24, rank=world - 1, world=world, workers=2, seed=3, with_keys=True,
+              rand_augment=rand_augment, repeats=repeats)
 
     def epoch(loader):
         batches = list(loader)
         return [k for _, _, b in batches for k in b], torch.cat([x for x, _, _ in batches])
 
     first = DaliLoader(tiny_shards, m, "train", **kw)
-    epoch(first)
+    for _ in range(saved_after):
+        epoch(first)
     saved = first.state()
     e1, e2 = epoch(first), epoch(first)
     restored = DaliLoader(tiny_shards, m, "train", state=saved, **kw)

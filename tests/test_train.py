@@ -238,6 +238,12 @@ def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, t
     out = capsys.readouterr().out
     assert (f"note: --resume: settings differ from {last}'s: --interpolation 'bilinear' -> 'bicubic', "
             f"--random-erasing 0.0 -> 0.25; the run goes on with this invocation's") in out
+    assert "was trained with the" not in out
+    pytest.importorskip("nvidia.dali")  # the same recipe on the other loader (auto picks DALI on a GPU)
+    train(cfg_for(cfg.data_path, tmp_path / "c", **same, loader="dali"))
+    assert (f"note: --resume: {last} was trained with the torch loader, this run reads with dali (--loader dali): "
+            f"crops and augmentations are drawn the new loader's way from here on (--loader torch keeps the old)"
+            ) in capsys.readouterr().out
 
 
 def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_logged_once(tiny_shards, tmp_path,

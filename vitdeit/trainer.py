@@ -222,6 +222,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if cfg.warmup_epochs >= cfg.epochs:
         dist.print(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
                    f"and never reaches the peak lr {lr:.3g}")
+    if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
+        dist.print(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
+                   f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
+                   f"way from here on (--loader {resumed['loader']} keeps the old)")
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")

@@ -4,7 +4,7 @@ pipeline definition when there is no GPU (device_id=None; that is how CI tests i
 
 No Python runs per sample: labels are the shards' int32 `lbl` component, images leave
 crop_mirror_normalize as normalised NHWC (float16 for 16-bit autocast on a GPU, else float32) and reach PyTorch as NCHW
-tensors in channels-last memory: a permuted view, no copy.
+tensors in channels-last memory: a permuted view, no copy (with --repeated-aug, one: the copies are concatenated).
 """
 
 from __future__ import annotations

@@ -169,8 +169,6 @@ def _rand_augment_ok(spec: str) -> bool:
     return True
 
 
-
-
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

@@ -50,6 +50,7 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}))  # same order on all ranks
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
         hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
+
         def normalize(images, mirror):
             return fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
@@ -184,10 +185,11 @@ class DaliLoader:
             outs = (self.next_batch() for _ in range(self.steps))
         for out in outs:
             n = self.batch_size if self.train else len(out["labels"])
-            images = torch.cat([out[f"images{k}"] for k in range(self.copies)])[:n] if self.copies > 1 else (
-                out["images0"])
+            images = out["images0"]
+            if self.copies > 1:  # copy k of read i at k * reads + i, trimmed to the batch
+                images = torch.cat([out[f"images{k}"] for k in range(self.copies)])[:n]
             batch = (images.permute(0, 3, 1, 2), out["labels"].view(-1).long().repeat(self.copies)[:n])  # NHWC
-            # memory = channels-last NCHW; copy k of read i at k * reads + i
+            # memory = channels-last NCHW
             if "keys" in out:
                 keys = [bytes(k.cpu().numpy()).rstrip(b"\0").decode().rsplit(":", 1)[1].split(".")[0]
                         for k in out["keys"]]

@@ -128,7 +128,7 @@ def classic_transform(img_size: int, interpolation: str, rand_augment: str = "")
     RandAugment after the flip where asked, as in the DeiT reference's transform."""
     from torchvision import transforms as T
 
-    from vitdeit.data.torch_loader import timm_rand_augment
+    from vitdeit.data import timm_rand_augment
 
     crop = T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode(interpolation))
     ra = [timm_rand_augment(rand_augment)] if rand_augment else []  # timm's, Posterize mended as train.py's

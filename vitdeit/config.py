@@ -158,12 +158,10 @@ def saved_setting(config: dict, key: str):
 
 def _rand_augment_ok(spec: str) -> bool:
     """timm parses the spec when the loader builds its transform; a bad one fails there with a bare assert."""
-    from timm.data.auto_augment import rand_augment_transform
-
-    from .data import RA_FILL
+    from .data import timm_rand_augment
 
     try:
-        rand_augment_transform(spec, {"img_mean": RA_FILL})
+        timm_rand_augment(spec)
     except (AssertionError, ValueError, KeyError, IndexError):
         return False
     return True

@@ -18,6 +18,29 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RA_FILL = (124, 116, 104)  # RandAugment's fill for geometric ops: MEAN in grey levels, as timm's img_mean
 
 
+def timm_rand_augment(spec: str):
+    """timm's RandAugment transform of `spec` (PIL image in and out), its Posterize ops mended (posterize below):
+    the one place that builds it, for the PyTorch loader, the DALI loader (which reads its numbers), the config
+    check and the benchmark's baseline."""
+    from timm.data import auto_augment
+
+    ra = auto_augment.rand_augment_transform(spec, {"img_mean": RA_FILL})
+    for op in ra.ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
+    return ra
+
+
+def posterize(img, bits_to_keep: int, **kwargs):
+    """timm's posterize, but keeping 0 bits makes a black image, as Pillow did before it refused 0 (Pillow 13 raises
+    ValueError): timm's PosterizeIncreasing asks for 0 bits at magnitude 10, which the DeiT recipe's magnitude noise
+    (rand-m9-mstd0.5) reaches for 2 % of its calls, and the run crashed within its first batches."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
 def val_resize(img_size: int, crop_pct: float) -> int:
     """Val: the shorter side (px) images are resized to before the centre crop of img_size (timm's crop_pct)."""
     return math.floor(img_size / crop_pct)

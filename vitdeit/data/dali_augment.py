@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SettingError
-from . import RA_FILL
+from . import RA_FILL, timm_rand_augment
 
 LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is an op's full strength (its arguments scale with magnitude / 10)
 STEPS = 10  # magnitude steps per unit: arguments are tabulated at magnitudes 0, 0.1, ..., mmax
@@ -42,12 +42,10 @@ class RandAugmentSpec:
 
     @classmethod
     def parse(cls, spec: str) -> RandAugmentSpec:
-        from timm.data.auto_augment import rand_augment_transform
-
         if not dali_runs(spec):
             raise SettingError(f"--rand-augment {spec!r}: other op sets and weights (-t...) are in the PyTorch loader "
                                f"only; use --loader torch, or drop the -t section.")
-        ra = rand_augment_transform(spec, {"img_mean": RA_FILL})
+        ra = timm_rand_augment(spec)
         assert ra.choice_weights is None and {op.name for op in ra.ops} <= set(ARGUMENTS) | set(UNSCALED)
         op = ra.ops[0]  # timm gives every op the same prob, magnitude and hparams
         std = float(op.magnitude_std) if op.magnitude > 0 else 0.0  # uniform in [0, 0]: DALI refuses the empty range

@@ -26,7 +26,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ..config import Config
 from ..errors import DataError
-from . import MEAN, RA_FILL, STD, shard_paths, uint8_normalizer, val_resize
+from . import MEAN, STD, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
@@ -137,26 +137,6 @@ class TrainTransform:
         random.seed(rng.getrandbits(64))
         np.random.seed(rng.getrandbits(32))
         return np.asarray(self.aa(Image.fromarray(x.numpy())))
-
-
-def timm_rand_augment(spec: str):
-    """timm's RandAugment transform of `spec` (PIL image in and out), its Posterize ops mended (posterize below)."""
-    from timm.data import auto_augment
-
-    ra = auto_augment.rand_augment_transform(spec, {"img_mean": RA_FILL})
-    for op in ra.ops:
-        if op.aug_fn is auto_augment.posterize:
-            op.aug_fn = posterize
-    return ra
-
-
-def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
-    """timm's posterize, but keeping 0 bits makes a black image, as Pillow did before it refused 0 (Pillow 13 raises
-    ValueError): timm's PosterizeIncreasing asks for 0 bits at magnitude 10, which the DeiT recipe's magnitude noise
-    (rand-m9-mstd0.5) reaches for 2 % of its calls, and the run crashed within its first batches."""
-    from timm.data import auto_augment
-
-    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 class ValTransform:

@@ -32,8 +32,10 @@ def main(argv=None) -> int:
     p.add_argument(SKIP_FLAG, action="store_true", help="skip unreadable images (listed in manifest.json)")
     p.add_argument("--workers", type=int, default=d.workers, help="parallel processes")
     a = p.parse_args(argv)
-    if a.shard_size < 1 or a.workers < 1 or (a.resize_short is not None and a.resize_short < 8):
-        p.error("--shard-size and --workers must be >= 1, --resize-short >= 8")
+    for flag, value, least in (("--shard-size", a.shard_size, 1), ("--workers", a.workers, 1),
+                               ("--resize-short", a.resize_short, 8)):
+        if value is not None and value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
     if not 1 <= a.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) without a word
         p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
               f"{len(s['shards'])} shards")
         empty = [w for w, n in s["class_counts"].items() if n == 0]
         if empty:  # allowed (a subset of Labels.json), but a class with no images is worth a look
-            print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json have no {split} images: "
+            have = "has" if len(empty) == 1 else "have"
+            print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json {have} no {split} images: "
                   f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} unreadable files (listed in {a.out}/manifest.json)")

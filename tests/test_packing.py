@@ -210,6 +210,7 @@ def test_unreadable_files_stop_the_packer_and_all_are_listed(data, tmp_path):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     msg = str(e.value)
     assert all(str(p) in msg for p in bad) and "--skip-bad" in msg and "2 unreadable" in msg
+    assert "an earlier one" not in msg  # the first pack into this folder: there was no manifest to remove
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
@@ -231,7 +232,8 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     assert {f.name for f in good} == whole and len(whole) < 5
     assert all((f.stat().st_ino, f.stat().st_mtime_ns) == t for f, t in good.items())  # reused, not rewritten
     assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
-    with pytest.raises(DataError, match="2 unreadable"):  # without --skip-bad they are read again, and stop it
+    # without --skip-bad they are read again, and stop it; the manifest of the run before is gone
+    with pytest.raises(DataError, match=r"2 unreadable.*manifest\.json \(an earlier one went when this run began"):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
 
 
@@ -285,7 +287,7 @@ def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(
     lines = r.stdout.splitlines()
     assert "train: 16 images of 16 from train.X1, train.X2, train.X3, train.X4/ in 1 shards" in lines
     no_val = sorted(labels)[0]
-    assert "warning: 1 of the 3 classes in Labels.json have no train images: n99999998" in lines
+    assert "warning: 1 of the 3 classes in Labels.json has no train images: n99999998" in lines
     assert f"warning: 2 of the 3 classes in Labels.json have no val images: {no_val}, n99999998" in lines
 
 
@@ -540,3 +542,40 @@ def test_a_rerun_with_another_resize_short_re_encodes_every_image(tiny_data, tmp
             for comp in read_tar(tmp_path / "s" / sh["file"]).values():
                 with Image.open(io.BytesIO(comp["jpg"])) as im:
                     assert min(im.size) == 32  # every input is over 32 px: none of the 48 px shards was reused
+
+
+@pytest.mark.parametrize("name", ["train.X2 (copy)", "train4", "old_val"])
+def test_a_folder_of_class_folders_named_unlike_a_split_stops_the_pack(data, tmp_path, name):
+    shutil.copytree(data / "train.X2", data / name)  # a quarter of train that no split pattern takes
+    (data / "notes").mkdir()  # a folder without class folders is no split: it stays allowed
+    (data / "notes" / "n01440764.txt").write_text("a file named like a WNID is no class folder")
+    with pytest.raises(DataError, match=re.escape(f"{data / name}: holds WNID class folders but is not named like")):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    shutil.rmtree(data / name)
+    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 16
+
+
+def test_out_inside_the_source_folders_is_refused_and_beside_them_allowed(data):
+    for out in (data, data / "train.X1" / "shards", data / "val.X"):
+        with pytest.raises(DataError, match=re.escape(f"--out {out}: inside ")):
+            pack(data, out, opts=PackOptions(workers=1), progress=False)
+    assert not list(data.rglob("*.tar")) and not list(data.rglob("manifest.json"))  # nothing written among them
+    m = pack(data, data / "shards", opts=PackOptions(workers=1), progress=False)  # a folder of its own in DATA: fine
+    assert m["splits"]["train"]["num_samples"] == 16 and m["splits"]["val"]["num_samples"] == 4
+
+
+def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path):
+    from vitdeit.data import shard_paths
+
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(workers=1, shard_size=4), progress=False)
+    whole = {f.name: f.read_bytes() for f in out.glob("*.tar")}
+    cut = out / "train-000001.tar"
+    cut.write_bytes(whole[cut.name][:-1536])  # a copy that stopped early: the last member and the end blocks lost
+    m = load_manifest(out)
+    with pytest.raises(DataError, match=re.escape(f"{cut}: {len(whole[cut.name]) - 1536} bytes, but {out}")):
+        shard_paths(out, m, "train")
+    assert len(shard_paths(out, m, "val")) == 1  # the other split's shards are whole
+    pack(data, out, opts=PackOptions(workers=1, shard_size=4), progress=False)  # same inputs: reuse all but the cut
+    assert {f.name: f.read_bytes() for f in out.glob("*.tar")} == whole
+    assert len(shard_paths(out, load_manifest(out), "train")) == 4

@@ -38,7 +38,7 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import MANIFEST_NAME, ClassMap, load_labels
+from .classes import MANIFEST_NAME, WNID_RE, ClassMap, load_labels
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -104,13 +104,23 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                 raise DataError(f"{d}: a folder named almost like a {split} split folder ({split}.X<digits> or "
                                 f"{split}); it would be left out. Rename it (e.g. {split}.X2), or move it out of "
                                 f"{data_path}.")
+        if d.is_dir() and not d.name.startswith(".") and d.resolve() not in targets and not any(
+                pattern.match(d.name) for pattern in SPLIT_DIR_PATTERNS.values()) and _holds_class_folders(d):
+            # train.X4 (copy), train4, old_val: class folders a run would leave out without a word
+            raise DataError(f"{d}: holds WNID class folders but is not named like a split folder (train.X<digits>, "
+                            f"train, val.X or val); they would be left out. Rename it (e.g. train.X4), or move it out "
+                            f"of {data_path}.")
     for split, dirs in found.items():
         if not dirs:
             raise DataError(
                 f"{data_path}: no {split} split found (expected a folder {split}.X* or {split}/ with WNID "
-                f"class folders inside). The val split is required: validation is how runs are compared."
+                f"class folders inside). Both splits are required: train to learn from, val to compare runs."
             )
     return found
+
+
+def _holds_class_folders(d: Path) -> bool:
+    return any(c.is_dir() and WNID_RE.match(c.name) for c in d.iterdir())
 
 
 def what_is(path: Path) -> str:
@@ -269,7 +279,9 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             done = {}  # unreadable: write the shard again
         # same inputs, same options: reuse the shard; one that skipped bad files only where skipping is asked for
         # (without --skip-bad they are read again: a file fixed in place, e.g. its permissions, then packs)
-        if done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad")):
+        # a tar of another size than written (a copy cut short, a full disk) is written again too
+        if (done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad"))
+                and tar_path.stat().st_size == done.get("bytes")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             return ShardResult(**done)
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that
@@ -319,6 +331,11 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     data_path, out = Path(data_path), Path(out_dir)
     labels_path = Path(labels_path) if labels_path else data_path / "Labels.json"
     split_dirs = find_split_dirs(data_path)  # first: a wrong --data-path is named as such, not as a missing Labels.json
+    inside = [d for d in [data_path, *split_dirs["train"], *split_dirs["val"]]
+              if out.resolve() == d.resolve() or d.resolve() in out.resolve().parents and d != data_path]
+    if inside:  # its tars would sit among the images (and a later scan would find them as a class folder's files)
+        raise DataError(f"--out {out}: inside {inside[0]}, the source folders; pass a folder of its own, e.g. "
+                        f"--out {data_path.resolve().parent / (data_path.resolve().name + '-shards')}")
     class_map = ClassMap.from_labels(load_labels(labels_path))
     sources = {split: scan_split(dirs, class_map, labels_path) for split, dirs in split_dirs.items()}
     check_unique_keys(sources["train"] + sources["val"])
@@ -328,6 +345,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
 
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    replaced = (out / MANIFEST_NAME).is_file()
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
     tasks = []
     for split, srcs in sources.items():
@@ -349,7 +367,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         bar.update(r.num_inputs)
     bar.close()
     results.sort(key=lambda r: r.name)
-    return _finish(results, sources, split_dirs, class_map, labels_path, out, opts)
+    return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced)
 
 
 def _run(tasks, workers: int):
@@ -368,13 +386,13 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _finish(results, sources, split_dirs, class_map, labels_path, out, opts) -> dict:
+def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced: bool) -> dict:
     bad = [(r.split, p, why) for r in results for p, why in r.bad]
     if bad and not opts.skip_bad:
         lines = "\n".join(f"  {p}: {why}" for _, p, why in bad)
+        earlier = " (an earlier one went when this run began: its shards are being rewritten)" if replaced else ""
         raise DataError(
-            f"{len(bad)} unreadable image file(s), so no {out / MANIFEST_NAME} (an earlier one went when this run "
-            f"began: its shards are being rewritten):\n{lines}\n"
+            f"{len(bad)} unreadable image file(s), so no {out / MANIFEST_NAME}{earlier}:\n{lines}\n"
             f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest)."
         )
     split_of = {}

@@ -57,14 +57,20 @@ def uint8_normalizer(device, mean=MEAN, std=STD):
 
 
 def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path]]:
-    """(tar, DALI index) of each shard of `split`, in the manifest's order; a missing file is a DataError now,
-    not a worker crash at its first sample."""
+    """(tar, DALI index) of each shard of `split`, in the manifest's order; a missing tar or index, or a tar of
+    another size than the manifest's, is a DataError now, not a worker crash at its first sample."""
     d = Path(shards_dir)
     out = [(d / s["file"], d / s["index"]) for s in manifest["splits"][split]["shards"]]
     for path in (p for pair in out for p in pair):
         if not path.is_file():
             raise DataError(f"{path}: listed in {d / MANIFEST_NAME} but missing; re-run pack_shards.py on the source "
                             f"folders (it writes every shard, an .idx beside each, and the manifest).")
+    for (tar, _), shard in zip(out, manifest["splits"][split]["shards"]):
+        size = tar.stat().st_size
+        if size != shard["bytes"]:  # a copy cut short (or another run's tar): its samples' offsets would be wrong
+            raise DataError(f"{tar}: {size} bytes, but {d / MANIFEST_NAME} says {shard['bytes']}; the file is cut "
+                            f"short or not this pack's. Copy it again from where it was packed, or re-run "
+                            f"pack_shards.py (it rewrites only the shards that differ).")
     return out
 
 

@@ -10,6 +10,7 @@ Writes vit_vs_deit_random10.png, and runs/report/{report.md, report.json, curves
 
 import argparse
 import sys
+from pathlib import Path
 
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError
@@ -31,6 +32,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU where there is one")
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
+    if a.workers < 0:
+        p.error(f"--workers {a.workers}: must be >= 0 (0: load in the main process)")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()  # checked now, not after the whole val pass
+    if Path(a.out).suffix.lower().lstrip(".") not in kinds:
+        p.error(f"--out {a.out}: end it in one of matplotlib's picture formats, e.g. {Path(a.out).stem}.png "
+                f"({', '.join(sorted(kinds))})")
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
                      None if a.no_report else a.report_dir, resolve_device(a.device), a.workers)

@@ -45,8 +45,14 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"warmup_epochs": -1.0}, r"--warmup-epochs -1\.0: must be >= 0"),
     ({"distillation_alpha": 1.5}, r"--distillation-alpha 1\.5: must be in \[0, 1\]"),
     ({"distillation_tau": 0.0}, r"--distillation-tau 0\.0: must be > 0"),
-    ({"crop_pct": 1.2}, r"--crop-scale-min and --crop-pct must be in \(0, 1\]"),
-    ({"crop_scale_min": 0.0}, r"--crop-scale-min and --crop-pct must be in \(0, 1\]"),
+    ({"crop_pct": 1.2}, r"--crop-pct 1\.2: must be in \(0, 1\]"),
+    ({"crop_scale_min": 0.0}, r"--crop-scale-min 0\.0: must be in \(0, 1\]"),
+    ({"epochs": 0}, r"--epochs 0: must be >= 1"),
+    ({"batch_size": 0}, r"--batch-size 0: must be >= 1"),
+    ({"lr": -0.1}, r"--lr -0\.1: must be > 0"),
+    ({"workers": -1}, r"--workers -1: must be >= 0"),
+    ({"model": "resnet18", "batch_size": 1, "img_size": 32}, r"--model resnet18 --batch-size 1 --img-size 32: its last "
+     r"BatchNorm"),
     ({"model_ema_decay": 1.01}, r"--model-ema-decay 1\.01: must be in \[0, 1\]"),
     ({"clip_grad": -1.0}, r"--clip-grad -1\.0: must be >= 0"),
     ({"rand_augment": "bogus"}, "--rand-augment 'bogus': not a timm RandAugment spec"),
@@ -94,3 +100,21 @@ def test_every_flag_has_a_help_text_and_help_prints_each(capsys, monkeypatch):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert all(" ".join(c.split()) in text for c in comments.values())  # a "%" in a comment printed as itself
+
+
+def test_a_one_image_batch_trains_resnet18_where_its_last_feature_map_is_larger_than_one_pixel():
+    import torch
+
+    from vitdeit.models import create_model
+
+    for size, ok in ((32, False), (33, True)):  # the config's line: above 32 px the last map is 2x2
+        net = create_model("resnet18", num_classes=3).train()
+        try:
+            net(torch.zeros(1, 3, size, size))
+        except ValueError:
+            assert not ok
+            with pytest.raises(ValueError, match="its last BatchNorm"):
+                from_dict({"model": "resnet18", "batch_size": 1, "img_size": size})
+        else:
+            assert ok
+            assert from_dict({"model": "resnet18", "batch_size": 1, "img_size": size}).img_size == size

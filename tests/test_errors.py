@@ -131,3 +131,32 @@ def test_a_train_py_checkpoint_given_as_teacher_weights_names_the_right_flag(tmp
 def test_viz_on_a_machine_without_a_gpu_names_the_device_flag(capsys):
     assert viz.main(["--device", "cuda"]) == 1
     assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
+
+
+def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_of_their_own(tiny_data, capsys):
+    from vitdeit.classes import load_manifest
+
+    out = tiny_data.resolve().parent / f"{tiny_data.resolve().name}-shards"
+    with pytest.raises(DataError, match=f"holds the image folders, not packed shards.*--out {out}, then pass "
+                                        f"--data-path {out}"):
+        load_manifest(tiny_data)
+    with pytest.raises(DataError, match="is not a packed dataset"):  # an empty folder: the general advice
+        load_manifest(tiny_data / "train.X1")  # class folders only: no Labels.json, no train*/val* folder
+
+
+def test_a_labels_json_with_a_byte_order_mark_is_read(tmp_path):
+    from vitdeit.classes import load_labels
+
+    path = tmp_path / "Labels.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"n01440764": "tench, Tinca tinca"}')  # what Notepad's "UTF-8 with BOM" saves
+    assert load_labels(path) == {"n01440764": "tench, Tinca tinca"}
+
+
+@pytest.mark.parametrize("flags, said", [(["--out", "picture"], "--out picture: end it in one of matplotlib's"),
+                                         (["--out", "p.txt"], "--out p.txt: end it in one of matplotlib's"),
+                                         (["--workers", "-1"], "--workers -1: must be >= 0")])
+def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_work(flags, said, capsys, monkeypatch):
+    monkeypatch.setattr(viz, "make_all", lambda *a: pytest.fail("predicted before checking its flags"))
+    with pytest.raises(SystemExit) as e:
+        viz.main(flags)
+    assert e.value.code == 2 and said in capsys.readouterr().err

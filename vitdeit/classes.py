@@ -29,7 +29,8 @@ def load_labels(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise DataError(f"{path}: Labels.json not found; pass --labels PATH (the WNID -> name JSON file).")
     try:
-        labels = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        # utf-8-sig: a byte-order mark (as some Windows editors write) is read, not refused
+        labels = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); it must be one object mapping WNID -> name.") from e
     except DataError as e:
@@ -78,6 +79,13 @@ def load_manifest(shards_dir: str | Path) -> dict:
     """Read SHARDS_DIR/manifest.json, the description of a packed dataset."""
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
+        d = Path(shards_dir)
+        if d.is_dir() and ((d / "Labels.json").is_file() or any(c.name.startswith(("train", "val")) and c.is_dir()
+                                                                for c in d.iterdir())):
+            out = d.resolve().parent / f"{d.resolve().name}-shards"  # the image folders: shards go elsewhere
+            raise DataError(f"{path} not found: {shards_dir} holds the image folders, not packed shards. Pack them "
+                            f"once: python pack_shards.py --data-path {shards_dir} --out {out}, then pass "
+                            f"--data-path {out}")
         raise DataError(
             f"{path} not found: {shards_dir} is not a packed dataset. "
             f"Create it with: python pack_shards.py --data-path IMAGENET_DIR --out {shards_dir}"

@@ -104,12 +104,18 @@ class Config:
         need(self.img_size >= 8, f"--img-size {self.img_size}: must be >= 8")
         need(self.patch_size >= 1 and (self.model == "resnet18" or self.img_size % self.patch_size == 0),
              f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")  # ViT/DeiT only
-        need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
-        need(self.lr > 0 and self.workers >= 0, "--lr must be > 0 and --workers >= 0")
+        need(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
+        need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1 (images per process)")
+        need(self.lr > 0, f"--lr {self.lr}: must be > 0")
+        need(self.workers >= 0, f"--workers {self.workers}: must be >= 0 (0: load in the main process)")
+        # ResNet-18 halves the image 5 times: at <= 32 px its last BatchNorm sees one value per channel and image
+        need(self.model != "resnet18" or self.batch_size >= 2 or self.img_size > 32,
+             f"--model resnet18 --batch-size 1 --img-size {self.img_size}: its last BatchNorm would see one value per "
+             f"channel (a 1x1 map of one image) and cannot train; use --batch-size >= 2 or --img-size > 32")
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
-        need(0 < self.crop_scale_min <= 1 and 0 < self.crop_pct <= 1,
-             "--crop-scale-min and --crop-pct must be in (0, 1]")
+        for name in ("crop_scale_min", "crop_pct"):  # fractions of the image: its area, its side
+            need(0 < getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in (0, 1]")
         for name in ("label_smoothing", "drop_path", "model_ema_decay", "random_erasing"):  # probabilities, fractions
             need(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1]")
         for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr", "weight_decay"):

@@ -34,13 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from vitdeit.classes import load_manifest  # noqa: E402
+from vitdeit.classes import ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import INTERPOLATIONS, Config  # noqa: E402
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.packing import PackOptions, find_split_dirs, pack  # noqa: E402
+from vitdeit.errors import DataError, VitdeitError  # noqa: E402
+from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 
 
 def machine() -> dict:
@@ -141,7 +142,7 @@ def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: 
     import torchvision
 
     tf = classic_transform(img_size, interpolation, rand_augment)
-    ds = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(str(d), tf)
+    ds = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(str(d), tf, allow_empty=True)  # as packed
                                          for d in find_split_dirs(data_dir)["train"]])
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)
@@ -174,7 +175,17 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
     return rows
 
 
-def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
+def train_files(data_dir: Path) -> list[Path]:
+    """The train images of ImageNet-style folders, found as pack_shards.py finds them (dotfiles skipped, a stray
+    file or folder a DataError naming it), so that every loader measures the same images."""
+    labels = data_dir / "Labels.json"
+    files = [Path(s.path) for s in scan_split(find_split_dirs(data_dir)["train"], ClassMap.from_file(labels), labels)]
+    if not files:
+        raise DataError(f"{data_dir}: its train folders hold no images; --data-path needs ImageNet-style folders.")
+    return files
+
+
+def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dict]:
     """Milliseconds per image on one core, in this process: where a loader's time goes (why the PyTorch
     loader decodes with torchvision and resizes with torch rather than PIL)."""
     import io
@@ -188,7 +199,7 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
-    datas = [f.read_bytes() for f in sorted(data_dir.glob("train*/*/*"))[:n]]
+    datas = [f.read_bytes() for f in files[:n]]
     decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas]
     tensors = [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
     train_tf, rng = TrainTransform(img_size), random.Random(0)
@@ -218,7 +229,7 @@ def bench_transforms(data_dir: Path, img_size: int, n: int = 200) -> list[dict]:
     }
     rows = []
     for name, fn in cases.items():
-        for i in range(10):
+        for i in range(min(10, len(datas))):  # warm-up (a user's set may hold fewer images)
             fn(i)
         t = time.perf_counter()
         for i in range(len(datas)):
@@ -494,7 +505,8 @@ def main(argv=None) -> int:
 
         print(f"making {a.num_images} synthetic ImageNet-sized JPEGs in {data_dir} ...", flush=True)
         make_imageset(data_dir, ROOT / "Labels.json", n_train=a.num_images, n_val=max(16, a.num_images // 8))
-    sizes = [f.stat().st_size for f in data_dir.glob("train*/*/*")]
+    files = train_files(data_dir)
+    sizes = [f.stat().st_size for f in files]
     result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
     shard_dirs = {}
     if parts & {"loaders", "e2e", "data"}:  # "data" alone: make the images and shards, measure nothing
@@ -521,7 +533,7 @@ def main(argv=None) -> int:
         save()
     if "transforms" in parts:
         print("per-image costs on one core ...", flush=True)
-        result["transforms"] = bench_transforms(data_dir, a.img_size)
+        result["transforms"] = bench_transforms(files, a.img_size)
         save()
     if "loaders" in parts:
         print("loaders ...", flush=True)
@@ -587,4 +599,11 @@ def print_tables(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except VitdeitError as e:  # the user's to fix (a folder, a flag): one line; anything else keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        if SKIP_FLAG in str(e):  # the packer's advice; here every loader must read the same, readable images
+            print(f"(throughput.py has no {SKIP_FLAG}: move the files named above out of --data-path and run it "
+                  f"again)", file=sys.stderr)
+        sys.exit(1)

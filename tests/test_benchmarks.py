@@ -266,3 +266,30 @@ def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_m
     a = argparse.Namespace(e2e_unit="steps", batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=3)
     (row,) = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
     assert (row["ceiling_images_per_s"], row["images_per_s"], row["fraction_of_ceiling"]) == (2.0, 0.5, 0.25)
+
+
+def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_path):
+    import shutil
+
+    from conftest import small_dataset
+    from vitdeit.packing import PackOptions, pack
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import throughput
+
+    data = small_dataset(tmp_path / "data", num_classes=2, train_per_class=8, val_per_class=2)
+    first = sorted((data / "train.X1").iterdir())[0]
+    (first / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # macOS's, in a class folder: not an image
+    moved = sorted((data / "train.X2").glob("*/*"))  # train.X2 keeps its class folders, empty: allowed when packing
+    for f in moved:
+        shutil.move(f, data / "train.X1" / f.parent.name / f.name)
+    files = throughput.train_files(data)
+    assert len(files) == 16 and not [f for f in files if f.name.startswith(".")]
+    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 16
+    baseline = throughput.imagefolder_loader(data, 32, 4, 0, "bilinear")
+    assert len(baseline.dataset) == 16 and sum(len(y) for _, y in baseline) == 16
+    assert len(throughput.bench_transforms(files, 32, n=4)) > 0
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/throughput.py"), "--data-path", str(tmp_path / "no"),
+                          "--parts", "transforms"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr == f"error: {tmp_path / 'no'}: not a directory; pass --data-path DIR " \
+                                                 f"with train.X*/ and val.X/ in it.\n"

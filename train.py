@@ -12,7 +12,9 @@
 Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.pth}.
 """
 
+import os
 import sys
+from pathlib import Path
 
 from vitdeit.config import parse_args
 from vitdeit.errors import VitdeitError
@@ -26,6 +28,13 @@ def main(argv=None) -> int:
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it to every process: one says it)
+        if os.environ.get("RANK", "0") == "0":
+            last = Path(cfg.output_dir) / cfg.name / "last.pth"
+            go_on = (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
+                     if last.is_file() and not cfg.eval_only else "")
+            print(f"\ninterrupted{go_on}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -160,3 +160,19 @@ def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_wor
     with pytest.raises(SystemExit) as e:
         viz.main(flags)
     assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, saved):
+    def interrupted(cfg):
+        if saved:  # the run got past an epoch before Ctrl-C
+            (tmp_path / "runs" / "r").mkdir(parents=True)
+            (tmp_path / "runs" / "r" / "last.pth").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 130
+    err = capsys.readouterr().err.strip()
+    last = tmp_path / "runs" / "r" / "last.pth"
+    assert err == (f"interrupted; the epochs finished so far are in {last}: go on with the same command and --resume "
+                   f"{last}" if saved else "interrupted")

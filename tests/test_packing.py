@@ -579,3 +579,13 @@ def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pac
     pack(data, out, opts=PackOptions(workers=1, shard_size=4), progress=False)  # same inputs: reuse all but the cut
     assert {f.name: f.read_bytes() for f in out.glob("*.tar")} == whole
     assert len(shard_paths(out, load_manifest(out), "train")) == 4
+
+
+def test_a_split_folder_unpacked_inside_itself_is_named_as_such(data, tmp_path):
+    nested = data / "train.X1" / "train.X1"
+    nested.mkdir()
+    for c in sorted((data / "train.X1").iterdir()):
+        if c != nested:
+            shutil.move(c, nested / c.name)
+    with pytest.raises(DataError, match=re.escape(f"{nested}: a split folder inside the split folder")):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)

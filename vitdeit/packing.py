@@ -139,6 +139,9 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
             if not class_dir.is_dir():
                 raise DataError(f"{class_dir}: {what_is(class_dir)}; expected only WNID class folders in {d}: "
                                 f"fix it or move it away.")
+            if class_dir.name not in class_map.index and any(p.match(class_dir.name) for p in NEAR_MISS.values()):
+                raise DataError(f"{class_dir}: a split folder inside the split folder {d} (an archive unpacked one "
+                                f"level too deep?); move its class folders up into {d} and remove it.")
             if class_dir.name not in class_map.index:
                 raise DataError(
                     f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; add it there "

@@ -217,6 +217,8 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
 
 
 @pytest.mark.parametrize("change, named", [(dict(model="vit_tiny"), "--model resnet18 (this run: vit_tiny)"),
+                                           (dict(model="vit_tiny", patch_size=4),  # no patches in a ResNet: not named
+                                            "saved with --model resnet18 (this run: vit_tiny); resume with"),
                                            (dict(img_size=48), "--img-size 32 (this run: 48)"),
                                            (dict(weight_decay=0.0), "optimiser state does not fit")])
 def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, tmp_path, change, named):

@@ -111,8 +111,9 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
     """The resumed weights' shapes follow from these settings: a clear error here, not a page of missing keys."""
+    patches = "resnet18" not in (saved.get("model"), cfg.model)  # the patch size shapes the transformers only
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} (this run: {getattr(cfg, k)})"
-            for k in ("model", "img_size", "patch_size") if saved.get(k) != getattr(cfg, k)]
+            for k in ("model", "img_size", "patch_size")[: 3 if patches else 2] if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe "
                            f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")

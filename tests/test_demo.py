@@ -102,3 +102,15 @@ def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path
     assert demo.main(["--out", str(tmp_path), "--workers", "1"]) == 1
     err = capsys.readouterr().err
     assert f"{run} holds a run on /data/in100-shards, not on the demo's {tmp_path / 'demo_shards'}" in err
+
+
+@pytest.mark.parametrize("quick, size", [(False, "64"), (True, "32")])
+def test_the_demo_prints_each_training_flag_once(tmp_path, quick, size):
+    from vitdeit import demo
+
+    train_cmds = [c for c in demo.demo_commands(tmp_path, {"resnet18": 1, "vit": 2}, 1, quick)
+                  if c[1].endswith("train.py")]
+    for cmd in train_cmds:
+        flags = [a for a in cmd if a.startswith("--")]
+        assert len(flags) == len(set(flags)), cmd
+        assert cmd[cmd.index("--img-size") + 1] == size

@@ -214,10 +214,12 @@ def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) 
     py = sys.executable
     teacher, vit, deit = RUN_NAMES
     data, shards, runs = out / "demo_data", out / "demo_shards", out / "runs"
+    recipe = list(DEMO_TRAIN)
+    if quick:  # a smoke run on smaller images; each flag once in the printed commands
+        for flag, value in (("--img-size", "32"), ("--patch-size", "8")):
+            recipe[recipe.index(flag) + 1] = value
     common = ["--data-path", str(shards), "--output-dir", str(runs), "--workers", str(workers), "--overwrite",
-              *DEMO_TRAIN]  # an earlier demo's runs are replaced (check_demo_runs: only those)
-    if quick:
-        common += ["--img-size", "32", "--patch-size", "8"]
+              *recipe]  # an earlier demo's runs are replaced (check_demo_runs: only those)
     gen = [py, "-m", "vitdeit.demo", "--generate-only", "--out", str(data)] + (["--quick"] if quick else [])
     return [
         gen,

@@ -589,3 +589,13 @@ def test_a_split_folder_unpacked_inside_itself_is_named_as_such(data, tmp_path):
             shutil.move(c, nested / c.name)
     with pytest.raises(DataError, match=re.escape(f"{nested}: a split folder inside the split folder")):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+
+
+def test_the_same_folders_named_relatively_reuse_every_shard(data, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(workers=1, shard_size=8), progress=False)
+    written = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in out.glob("*.tar")}
+    monkeypatch.chdir(data.parent)
+    m = pack(Path(data.name), out, opts=PackOptions(workers=1, shard_size=8), progress=False)
+    assert m["splits"]["train"]["num_samples"] == 16
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in out.glob("*.tar")} == written  # none rewritten

@@ -265,7 +265,8 @@ def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
     h = hashlib.sha1(json.dumps([FORMAT_VERSION, ENCODING_VERSION, opts.resize_short, opts.jpeg_quality]).encode())
     for s in sources:
         st = os.stat(s.path)  # size and modification time, as make and rsync judge a changed file
-        h.update(os.fsencode(s.path) + f"\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # the absolute path: the same folders named relatively or absolutely (or from another cwd) are the same input
+        h.update(os.fsencode(os.path.abspath(s.path)) + f"\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

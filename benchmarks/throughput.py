@@ -142,8 +142,10 @@ def imagefolder_loader(data_dir: Path, img_size: int, batch_size: int, workers: 
     import torchvision
 
     tf = classic_transform(img_size, interpolation, rand_augment)
-    ds = torch.utils.data.ConcatDataset([torchvision.datasets.ImageFolder(str(d), tf, allow_empty=True)  # as packed
-                                         for d in find_split_dirs(data_dir)["train"]])
+    packed = {os.path.abspath(f) for f in train_files(data_dir)}  # the packer's images, no more (._x.JPEG) or less
+    ds = torch.utils.data.ConcatDataset([
+        torchvision.datasets.ImageFolder(str(d), tf, is_valid_file=lambda f: os.path.abspath(f) in packed,
+                                         allow_empty=True) for d in find_split_dirs(data_dir)["train"]])
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)
 
@@ -200,7 +202,12 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     datas = [f.read_bytes() for f in files[:n]]
-    decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas]
+    decoded = []
+    for f, d in zip(files, datas):
+        try:
+            decoded.append(Image.open(io.BytesIO(d)).convert("RGB"))
+        except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a file that is no image
+            raise DataError(f"{f}: not a readable image ({type(e).__name__}); move it out of --data-path") from None
     tensors = [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
     train_tf, rng = TrainTransform(img_size), random.Random(0)
     boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]

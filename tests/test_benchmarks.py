@@ -1,6 +1,7 @@
 """benchmarks/throughput.py end to end at tiny sizes: every part runs and the JSON keeps its documented schema."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vitdeit.data import dali_available
+from vitdeit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,15 +282,20 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
     data = small_dataset(tmp_path / "data", num_classes=2, train_per_class=8, val_per_class=2)
     first = sorted((data / "train.X1").iterdir())[0]
     (first / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # macOS's, in a class folder: not an image
+    (first / f"._{first.name}_1.JPEG").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble file: an image's name
     moved = sorted((data / "train.X2").glob("*/*"))  # train.X2 keeps its class folders, empty: allowed when packing
     for f in moved:
         shutil.move(f, data / "train.X1" / f.parent.name / f.name)
     files = throughput.train_files(data)
     assert len(files) == 16 and not [f for f in files if f.name.startswith(".")]
-    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 16
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["splits"]["train"]["num_samples"] == 16
     baseline = throughput.imagefolder_loader(data, 32, 4, 0, "bilinear")
     assert len(baseline.dataset) == 16 and sum(len(y) for _, y in baseline) == 16
     assert len(throughput.bench_transforms(files, 32, n=4)) > 0
+    files[1].write_bytes(b"not a JPEG")
+    with pytest.raises(DataError, match=re.escape(f"{files[1]}: not a readable image")):
+        throughput.bench_transforms(files, 32, n=4)
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/throughput.py"), "--data-path", str(tmp_path / "no"),
                           "--parts", "transforms"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1 and run.stderr == f"error: {tmp_path / 'no'}: not a directory; pass --data-path DIR " \

@@ -115,6 +115,8 @@ def test_a_one_image_batch_trains_resnet18_where_its_last_feature_map_is_larger_
             assert not ok
             with pytest.raises(ValueError, match="its last BatchNorm"):
                 from_dict({"model": "resnet18", "batch_size": 1, "img_size": size})
+            net.eval()(torch.zeros(1, 3, size, size))  # evaluation: the running statistics, any batch
+            assert from_dict({"model": "resnet18", "batch_size": 1, "img_size": size, "eval_only": True}).eval_only
         else:
             assert ok
             assert from_dict({"model": "resnet18", "batch_size": 1, "img_size": size}).img_size == size

@@ -1,5 +1,7 @@
 """Entry points: a problem the user can fix is one line on stderr and exit 1; anything else keeps its traceback."""
 
+import re
+
 import pytest
 import torch
 
@@ -137,11 +139,13 @@ def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_o
     from vitdeit.classes import load_manifest
 
     out = tiny_data.resolve().parent / f"{tiny_data.resolve().name}-shards"
-    with pytest.raises(DataError, match=f"holds the image folders, not packed shards.*--out {out}, then pass "
-                                        f"--data-path {out}"):
-        load_manifest(tiny_data)
-    with pytest.raises(DataError, match="is not a packed dataset"):  # an empty folder: the general advice
-        load_manifest(tiny_data / "train.X1")  # class folders only: no Labels.json, no train*/val* folder
+    for given in (tiny_data, tiny_data / "train.X1"):  # the dataset, or one of its split folders
+        with pytest.raises(DataError, match=re.escape(f"holds image folders, not packed shards. Pack them once: python "
+                                                      f"pack_shards.py --data-path {tiny_data.resolve()} --out {out}, "
+                                                      f"then pass --data-path {out}")):
+            load_manifest(given)
+    with pytest.raises(DataError, match="is not a packed dataset"):  # elsewhere, the general advice
+        load_manifest(tiny_data.parent / "nothing_here")
 
 
 def test_a_labels_json_with_a_byte_order_mark_is_read(tmp_path):

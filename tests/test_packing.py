@@ -545,19 +545,34 @@ def test_a_rerun_with_another_resize_short_re_encodes_every_image(tiny_data, tmp
 
 
 @pytest.mark.parametrize("name", ["train.X2 (copy)", "train4", "old_val"])
-def test_a_folder_of_class_folders_named_unlike_a_split_stops_the_pack(data, tmp_path, name):
+def test_a_folder_of_class_folders_named_unlike_a_split_stops_the_pack(data, tmp_path, name, monkeypatch):
     shutil.copytree(data / "train.X2", data / name)  # a quarter of train that no split pattern takes
     (data / "notes").mkdir()  # a folder without class folders is no split: it stays allowed
     (data / "notes" / "n01440764.txt").write_text("a file named like a WNID is no class folder")
     with pytest.raises(DataError, match=re.escape(f"{data / name}: holds WNID class folders but is not named like")):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    scandir = os.scandir
+
+    def locked(path):  # unreadable, as a volume's root-only lost+found: not a split, and no reason to stop
+        if Path(path) == data / name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["splits"]["train"]["num_samples"] == 16
+    monkeypatch.undo()
     shutil.rmtree(data / name)
-    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 16
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["splits"]["train"]["num_samples"] == 16
 
 
 def test_out_inside_the_source_folders_is_refused_and_beside_them_allowed(data):
     for out in (data, data / "train.X1" / "shards", data / "val.X"):
-        with pytest.raises(DataError, match=re.escape(f"--out {out}: inside ")):
+        with pytest.raises(DataError, match=re.escape(f"--out {out}: in the source folders (")):
+            pack(data, out, opts=PackOptions(workers=1), progress=False)
+    for out in (data / "train", data / "val.X2"):  # not there yet, but the next pack would scan it as a split
+        with pytest.raises(DataError, match=re.escape(f"--out {out}: named like a split folder of {data}")):
             pack(data, out, opts=PackOptions(workers=1), progress=False)
     assert not list(data.rglob("*.tar")) and not list(data.rglob("manifest.json"))  # nothing written among them
     m = pack(data, data / "shards", opts=PackOptions(workers=1), progress=False)  # a folder of its own in DATA: fine

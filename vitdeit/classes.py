@@ -79,13 +79,14 @@ def load_manifest(shards_dir: str | Path) -> dict:
     """Read SHARDS_DIR/manifest.json, the description of a packed dataset."""
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
-        d = Path(shards_dir)
+        d = Path(shards_dir).resolve()
+        if d.is_dir() and any(WNID_RE.match(c.name) and c.is_dir() for c in d.iterdir()):
+            d = d.parent  # a split folder (train.X1): the image folders are its parent
         if d.is_dir() and ((d / "Labels.json").is_file() or any(c.name.startswith(("train", "val")) and c.is_dir()
                                                                 for c in d.iterdir())):
-            out = d.resolve().parent / f"{d.resolve().name}-shards"  # the image folders: shards go elsewhere
-            raise DataError(f"{path} not found: {shards_dir} holds the image folders, not packed shards. Pack them "
-                            f"once: python pack_shards.py --data-path {shards_dir} --out {out}, then pass "
-                            f"--data-path {out}")
+            out = d.parent / f"{d.name}-shards"  # the image folders: shards go elsewhere
+            raise DataError(f"{path} not found: {shards_dir} holds image folders, not packed shards. Pack them "
+                            f"once: python pack_shards.py --data-path {d} --out {out}, then pass --data-path {out}")
         raise DataError(
             f"{path} not found: {shards_dir} is not a packed dataset. "
             f"Create it with: python pack_shards.py --data-path IMAGENET_DIR --out {shards_dir}"

@@ -108,8 +108,9 @@ class Config:
         need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1 (images per process)")
         need(self.lr > 0, f"--lr {self.lr}: must be > 0")
         need(self.workers >= 0, f"--workers {self.workers}: must be >= 0 (0: load in the main process)")
-        # ResNet-18 halves the image 5 times: at <= 32 px its last BatchNorm sees one value per channel and image
-        need(self.model != "resnet18" or self.batch_size >= 2 or self.img_size > 32,
+        # ResNet-18 halves the image 5 times: at <= 32 px its last BatchNorm sees one value per channel and image (in
+        # training; evaluation uses its running statistics)
+        need(self.model != "resnet18" or self.batch_size >= 2 or self.img_size > 32 or self.eval_only,
              f"--model resnet18 --batch-size 1 --img-size {self.img_size}: its last BatchNorm would see one value per "
              f"channel (a 1x1 map of one image) and cannot train; use --batch-size >= 2 or --img-size > 32")
         need(0 <= self.dali_hw_decoder_load <= 1,

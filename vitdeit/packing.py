@@ -108,8 +108,8 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                 pattern.match(d.name) for pattern in SPLIT_DIR_PATTERNS.values()) and _holds_class_folders(d):
             # train.X4 (copy), train4, old_val: class folders a run would leave out without a word
             raise DataError(f"{d}: holds WNID class folders but is not named like a split folder (train.X<digits>, "
-                            f"train, val.X or val); they would be left out. Rename it (e.g. train.X4), or move it out "
-                            f"of {data_path}.")
+                            f"train, val.X<digits> or val); they would be left out. Move it out of {data_path}, or, "
+                            f"if its images belong to a split, rename it to that split's pattern.")
     for split, dirs in found.items():
         if not dirs:
             raise DataError(
@@ -120,7 +120,11 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
 
 
 def _holds_class_folders(d: Path) -> bool:
-    return any(c.is_dir() and WNID_RE.match(c.name) for c in d.iterdir())
+    try:
+        with os.scandir(d) as entries:
+            return any(WNID_RE.match(e.name) and e.is_dir() for e in entries)
+    except OSError:  # e.g. a volume's root-only lost+found: not ours to read, not a split
+        return False
 
 
 def what_is(path: Path) -> str:
@@ -265,8 +269,7 @@ def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
     h = hashlib.sha1(json.dumps([FORMAT_VERSION, ENCODING_VERSION, opts.resize_short, opts.jpeg_quality]).encode())
     for s in sources:
         st = os.stat(s.path)  # size and modification time, as make and rsync judge a changed file
-        # the absolute path: the same folders named relatively or absolutely (or from another cwd) are the same input
-        h.update(os.fsencode(os.path.abspath(s.path)) + f"\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(s.path) + f"\0{s.key}\0{s.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -332,14 +335,18 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     """Pack a dataset; return the manifest. Raises DataError on bad input (nothing is dropped silently)."""
     from tqdm import tqdm
 
-    data_path, out = Path(data_path), Path(out_dir)
+    # absolute (symlinks kept): every source path, record and message means the same file from any directory
+    data_path, out = Path(data_path).absolute(), Path(out_dir)
     labels_path = Path(labels_path) if labels_path else data_path / "Labels.json"
     split_dirs = find_split_dirs(data_path)  # first: a wrong --data-path is named as such, not as a missing Labels.json
     inside = [d for d in [data_path, *split_dirs["train"], *split_dirs["val"]]
-              if out.resolve() == d.resolve() or d.resolve() in out.resolve().parents and d != data_path]
-    if inside:  # its tars would sit among the images (and a later scan would find them as a class folder's files)
-        raise DataError(f"--out {out}: inside {inside[0]}, the source folders; pass a folder of its own, e.g. "
-                        f"--out {data_path.resolve().parent / (data_path.resolve().name + '-shards')}")
+              if out.resolve() == d.resolve() or (d != data_path and d.resolve() in out.resolve().parents)]
+    # data/train beside train.X1..4: the next pack would take it for a split
+    split_named = out.resolve().parent == data_path.resolve() and any(p.match(out.name) for p in NEAR_MISS.values())
+    if inside or split_named:  # its tars would sit among the images, or be scanned as them
+        where = f"in the source folders ({inside[0]})" if inside else f"named like a split folder of {data_path}"
+        raise DataError(f"--out {out}: {where}; pass a folder of its own, e.g. --out "
+                        f"{data_path.resolve().parent / (data_path.resolve().name + '-shards')}")
     class_map = ClassMap.from_labels(load_labels(labels_path))
     sources = {split: scan_split(dirs, class_map, labels_path) for split, dirs in split_dirs.items()}
     check_unique_keys(sources["train"] + sources["val"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -75,16 +76,31 @@ class ClassMap:
         return name if len(name) <= max_len else name[: max_len - 1] + "…"
 
 
+def holds_class_folders(d: Path) -> bool:
+    """d holds WNID-named folders: a split folder of an ImageNet-style dataset (an unreadable d holds none)."""
+    try:
+        with os.scandir(d) as entries:
+            return any(WNID_RE.match(e.name) and e.is_dir() for e in entries)
+    except OSError:  # e.g. a volume's root-only lost+found: not ours to read, not a split
+        return False
+
+
+def shards_dir_for(data_path: Path) -> Path:
+    """Where to suggest packing image folders to: a folder of its own beside them."""
+    d = data_path.resolve()
+    return d.parent / f"{d.name}-shards"
+
+
 def load_manifest(shards_dir: str | Path) -> dict:
     """Read SHARDS_DIR/manifest.json, the description of a packed dataset."""
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
         d = Path(shards_dir).resolve()
-        if d.is_dir() and any(WNID_RE.match(c.name) and c.is_dir() for c in d.iterdir()):
+        if holds_class_folders(d):
             d = d.parent  # a split folder (train.X1): the image folders are its parent
         if d.is_dir() and ((d / "Labels.json").is_file() or any(c.name.startswith(("train", "val")) and c.is_dir()
                                                                 for c in d.iterdir())):
-            out = d.parent / f"{d.name}-shards"  # the image folders: shards go elsewhere
+            out = shards_dir_for(d)  # the image folders: shards go elsewhere
             raise DataError(f"{path} not found: {shards_dir} holds image folders, not packed shards. Pack them "
                             f"once: python pack_shards.py --data-path {d} --out {out}, then pass --data-path {out}")
         raise DataError(

@@ -38,7 +38,7 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import MANIFEST_NAME, WNID_RE, ClassMap, load_labels
+from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -105,7 +105,7 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                                 f"{split}); it would be left out. Rename it (e.g. {split}.X2), or move it out of "
                                 f"{data_path}.")
         if d.is_dir() and not d.name.startswith(".") and d.resolve() not in targets and not any(
-                pattern.match(d.name) for pattern in SPLIT_DIR_PATTERNS.values()) and _holds_class_folders(d):
+                pattern.match(d.name) for pattern in SPLIT_DIR_PATTERNS.values()) and holds_class_folders(d):
             # train.X4 (copy), train4, old_val: class folders a run would leave out without a word
             raise DataError(f"{d}: holds WNID class folders but is not named like a split folder (train.X<digits>, "
                             f"train, val.X<digits> or val); they would be left out. Move it out of {data_path}, or, "
@@ -117,14 +117,6 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                 f"class folders inside). Both splits are required: train to learn from, val to compare runs."
             )
     return found
-
-
-def _holds_class_folders(d: Path) -> bool:
-    try:
-        with os.scandir(d) as entries:
-            return any(WNID_RE.match(e.name) and e.is_dir() for e in entries)
-    except OSError:  # e.g. a volume's root-only lost+found: not ours to read, not a split
-        return False
 
 
 def what_is(path: Path) -> str:
@@ -345,8 +337,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     split_named = out.resolve().parent == data_path.resolve() and any(p.match(out.name) for p in NEAR_MISS.values())
     if inside or split_named:  # its tars would sit among the images, or be scanned as them
         where = f"in the source folders ({inside[0]})" if inside else f"named like a split folder of {data_path}"
-        raise DataError(f"--out {out}: {where}; pass a folder of its own, e.g. --out "
-                        f"{data_path.resolve().parent / (data_path.resolve().name + '-shards')}")
+        raise DataError(f"--out {out}: {where}; pass a folder of its own, e.g. --out {shards_dir_for(data_path)}")
     class_map = ClassMap.from_labels(load_labels(labels_path))
     sources = {split: scan_split(dirs, class_map, labels_path) for split, dirs in split_dirs.items()}
     check_unique_keys(sources["train"] + sources["val"])

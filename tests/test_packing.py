@@ -297,7 +297,7 @@ def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):
 
     data = small_dataset(tmp_path / "d", num_classes=4, train_per_class=200, val_per_class=10)
     cmd = [sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(tmp_path / "s"),
-           "--workers", "2", "--shard-size", "8"]  # 100 train shards
+           "--workers", "2", "--shard-size", "1"]  # 840 shards: seconds of work, not the 0.5 s 105 shards took
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
     while not list((tmp_path / "s" / ".progress").glob("*.json")) and time.time() < deadline:

@@ -23,6 +23,8 @@ from vitdeit.trainer import evaluate_checkpoint, train
 
 def main(argv=None) -> int:
     cfg = parse_args(argv, description=__doc__)
+    last = Path(cfg.output_dir) / cfg.name / "last.pth"
+    found = last.stat().st_mtime_ns if last.is_file() else None  # another run's, unless this one resumes from it
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
@@ -30,9 +32,10 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it to every process: one says it)
         if os.environ.get("RANK", "0") == "0":
-            last = Path(cfg.output_dir) / cfg.name / "last.pth"
+            ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
+                                       or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
             go_on = (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
-                     if last.is_file() and not cfg.eval_only else "")
+                     if ours and not cfg.eval_only else "")
             print(f"\ninterrupted{go_on}", file=sys.stderr)
         return 130
     return 0

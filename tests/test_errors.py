@@ -1,5 +1,6 @@
 """Entry points: a problem the user can fix is one line on stderr and exit 1; anything else keeps its traceback."""
 
+import os
 import re
 
 import pytest
@@ -166,17 +167,29 @@ def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_wor
     assert e.value.code == 2 and said in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("saved", [True, False])
-def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, saved):
+@pytest.mark.parametrize("before, flags, during, offered", [
+    (False, [], True, True),  # the run finished an epoch, then Ctrl-C
+    (False, [], False, False),  # Ctrl-C before its first epoch ended
+    (True, ["--overwrite"], False, False),  # the old run's last.pth, not yet replaced: resuming it is not this run
+    (True, ["--resume", "RUNS/r/last.pth"], False, True),  # a resumed run, stopped before its next epoch ended
+])
+def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, before, flags, during,
+                                                               offered):
+    last = tmp_path / "runs" / "r" / "last.pth"
+    if before:  # a run's last.pth already in the folder
+        last.parent.mkdir(parents=True)
+        last.write_bytes(b"old")
+        os.utime(last, ns=(10**18, 10**18))
+
     def interrupted(cfg):
-        if saved:  # the run got past an epoch before Ctrl-C
-            (tmp_path / "runs" / "r").mkdir(parents=True)
-            (tmp_path / "runs" / "r" / "last.pth").write_bytes(b"")
+        if during:  # the run got past an epoch before Ctrl-C
+            last.parent.mkdir(parents=True, exist_ok=True)
+            last.write_bytes(b"new")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "train", interrupted)
-    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 130
+    flags = [f.replace("RUNS", str(tmp_path / "runs")) for f in flags]
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r", *flags]) == 130
     err = capsys.readouterr().err.strip()
-    last = tmp_path / "runs" / "r" / "last.pth"
     assert err == (f"interrupted; the epochs finished so far are in {last}: go on with the same command and --resume "
-                   f"{last}" if saved else "interrupted")
+                   f"{last}" if offered else "interrupted")

@@ -484,7 +484,7 @@ def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, 
     kw = dict(model="vit_tiny", batch_size=16, workers=0)
     train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
     saved = tmp_path / "vit_tiny" / "best.pth"
-    if saved_best == "none":  # only last.pth was kept: the resumed run's own epochs decide its best.pth
+    if saved_best == "none":  # only last.pth was kept: it holds the best epoch, so it becomes best.pth
         saved.unlink()
     elif saved_best == "another run's":  # e.g. a later attempt's, beside a copied last.pth: not this run's best
         other = torch.load(saved, weights_only=True)
@@ -495,7 +495,7 @@ def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, 
     train(cfg_for(tiny_shards, tmp_path, epochs=2, run_name="longer",
                   resume=str(tmp_path / "vit_tiny" / "last.pth"), **kw))
     best = torch.load(tmp_path / "longer" / "best.pth", weights_only=True)
-    assert (best["epoch"], best["best_top1"]) == ((0, 50.0) if saved_best == "its own" else (1, 10.0))
+    assert (best["epoch"], best["best_top1"]) == (0, 50.0)  # its own, or else the resumed epoch 0, the best one
     assert torch.load(tmp_path / "longer" / "last.pth", weights_only=True)["best_top1"] == best["best_top1"]
     rows = [json.loads(x) for x in open(tmp_path / "longer" / "metrics.jsonl")]
     assert [(r["epoch"], r["val_top1"]) for r in rows] == [(0, 50.0), (1, 10.0)]  # the whole run, as report reads it
@@ -561,6 +561,27 @@ def test_resuming_in_place_keeps_the_best_and_cuts_the_later_epochs(tiny_shards,
     assert best.read_bytes() == before and torch.load(run / "last.pth", weights_only=True)["best_top1"] == 50.0
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [(r["epoch"], r["val_top1"]) for r in rows] == [(0, 50.0), (1, 10.0), (2, 10.0)]  # epochs 1, 2 redone
+
+
+@pytest.mark.parametrize("first, after, kept", [
+    ([50.0, 60.0, 10.0], 0, (0, 50.0)),  # best.pth is abandoned epoch 1's; the resumed epoch 0 was the best: kept
+    ([60.0, 50.0, 70.0], 1, (2, 10.0)),  # the best epoch 0's weights are gone (overwritten by epoch 2's): none is
+])  # kept, and the redone epoch writes best.pth anew
+def test_resuming_in_place_from_an_earlier_epoch_drops_a_best_pth_of_the_abandoned_ones(tiny_shards, tmp_path,
+                                                                                        monkeypatch, first, after,
+                                                                                        kept):
+    import shutil
+
+    kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=3)
+    fake_val(monkeypatch, first + [10.0] * (2 - after))
+    run = tmp_path / "vit_tiny"
+    train(cfg_for(tiny_shards, tmp_path, **kw),
+          on_epoch_end=lambda e, r: e == after and shutil.copy(run / "last.pth", run / "back.pth"))
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "back.pth"), **kw))
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert (best["epoch"], best["best_top1"]) == kept
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [r["val_top1"] for r in rows] == first[:after + 1] + [10.0] * (2 - after)
 
 
 def test_a_run_stopped_while_writing_best_pth_redoes_that_epoch(tiny_shards, tmp_path, monkeypatch):

@@ -154,22 +154,28 @@ def start_run_dir(run_dir: Path, cfg: Config) -> None:
 
 
 def adopt_history(resume: Path, run_dir: Path, resumed: dict) -> float:
-    """--resume from another run folder: copy that run's metrics.jsonl lines up to the resumed epoch, and its best.pth
-    where it is this run's (the resumed best_top1, from an epoch not after the resumed one), into run_dir, so the
-    folder holds the whole run. Returns the best top-1 to go on from: -1 when no best.pth came along (the next
-    epoch writes one; a best.pth of another run left in run_dir goes)."""
+    """--resume: leave run_dir with this run's history up to the resumed epoch. From another run folder, copy that
+    run's metrics.jsonl (MetricsLog then cuts it back to the resumed epoch). Then best.pth: the resumed folder's if it
+    is this history's (the resumed best_top1, from an epoch not after the resumed one; one written by abandoned later
+    epochs is not), else the resumed checkpoint itself where its epoch was the best, else none (the best epoch's
+    weights were not kept). Returns the best top-1 to go on from: -1 with no best.pth (the next epoch writes one)."""
     src, metrics, best = resume.parent, run_dir / "metrics.jsonl", run_dir / "best.pth"
-    if (src / "metrics.jsonl").is_file():
-        shutil.copyfile(src / "metrics.jsonl", metrics)  # MetricsLog then cuts it back to the resumed epoch
-    else:
+    in_place = src.resolve() == run_dir.resolve()
+    if not in_place and (src / "metrics.jsonl").is_file():
+        shutil.copyfile(src / "metrics.jsonl", metrics)
+    elif not in_place:
         metrics.unlink(missing_ok=True)
     try:
         saved = torch_load(src / "best.pth", "best.pth") if (src / "best.pth").is_file() else {}
     except DataError:
         saved = {}
     if saved.get("best_top1") == resumed["best_top1"] and saved.get("epoch", math.inf) <= resumed["epoch"]:
-        shutil.copyfile(src / "best.pth", best.with_name("best.pth.tmp"))
-        os.replace(best.with_name("best.pth.tmp"), best)
+        if not in_place:
+            shutil.copyfile(src / "best.pth", best.with_name("best.pth.tmp"))
+            os.replace(best.with_name("best.pth.tmp"), best)
+        return resumed["best_top1"]
+    if resumed.get("metrics", {}).get("val_top1") == resumed["best_top1"]:  # the resumed epoch was the best one
+        save_checkpoint(best, resumed)
         return resumed["best_top1"]
     best.unlink(missing_ok=True)
     return -1.0
@@ -282,14 +288,14 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if dist.is_main:
         start_run_dir(run_dir, cfg)
     if resumed is not None:
-        if dist.is_main and not resumes_in(run_dir, cfg):
+        if dist.is_main:
             best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed)  # (rank 0's is the one that counts)
         if start_epoch >= cfg.epochs:
             dist.print(f"{cfg.resume} has trained all --epochs {cfg.epochs}: nothing to do (raise --epochs to go on)")
         else:
             dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
-                f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else "(its best.pth did not come along: "
-                "the next epoch writes one)"))
+                f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else f"(no best.pth of its epochs up to "
+                f"{resumed['epoch']} was kept: the next epoch writes one)"))
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
     if ema is not None and (warning := ema_warning(cfg.model_ema_decay, cfg.epochs * steps)):

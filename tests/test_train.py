@@ -101,6 +101,19 @@ def test_eval_only_reproduces_best_top1(teacher_run):
     assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
 
 
+def test_eval_only_says_the_checkpoints_own_score_and_the_runs_best_apart(teacher_run, tmp_path, capsys):
+    cfg, _ = teacher_run
+    last = torch.load(os.path.join(cfg.output_dir, "teacher", "last.pth"), weights_only=True)
+    last["metrics"]["val_top1"] = last["best_top1"] - 5  # as when the run's best epoch was an earlier one
+    torch.save(last, tmp_path / "last.pth")
+    capsys.readouterr()
+    evaluate_checkpoint(cfg_for(cfg.data_path, cfg.output_dir, run_name="teacher", eval_only=True,
+                                resume=str(tmp_path / "last.pth")))
+    said = capsys.readouterr().out
+    assert (f"(its epoch 2 scored {last['best_top1'] - 5:.2f}% when saved; the run's best epoch "
+            f"{last['best_top1']:.2f}%)") in said
+
+
 def test_eval_only_and_a_teacher_use_the_filter_their_run_trained_with_and_bilinear_for_runs_saved_before_it(
         tiny_shards, tmp_path, monkeypatch, capsys):
     import vitdeit.trainer as trainer

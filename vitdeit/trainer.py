@@ -366,9 +366,12 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         net = to_device(model_from_checkpoint(state), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
+        saved = state.get("metrics", {}).get("val_top1")  # this checkpoint's own score when it was saved
+        then = (f"its epoch {state['epoch']} scored {saved:.2f}% when saved" if saved is not None
+                else f"saved after epoch {state['epoch']}") + (
+            "" if saved == state["best_top1"] else f"; the run's best epoch {state['best_top1']:.2f}%")
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
-                   f"images resized with its {ecfg.interpolation} filter (checkpoint's best_top1 "
-                   f"{state['best_top1']:.2f}%, epoch {state['epoch']})")
+                   f"images resized with its {ecfg.interpolation} filter ({then})")
         return out
     finally:
         cleanup()

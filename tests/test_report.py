@@ -81,7 +81,7 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[2] == f"{best['val_top1']:.2f}" and cells[3] == f"{best['val_top5']:.2f}"
         params = sum(p.numel() for p in load_model(runs / run / "best.pth", None)[0].parameters())
-        assert cells[5] == f"{params / 1e6:.2f} M"
+        assert cells[4] == f"{best['epoch']} / {metrics[-1]['epoch']}" and cells[5] == f"{params / 1e6:.2f} M"
         steady = metrics[1:] if run != "teacher_resnet18" else metrics  # the teacher trained 1 epoch, the others 2
         assert cells[6] == f"{np.median([r['images_per_s'] for r in steady]):.0f}"
     deit_lines = (runs / "deit_tiny_distill" / "metrics.jsonl").read_text().splitlines()
@@ -91,6 +91,24 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
     assert f"The teacher it distilled from: val top-1 {deit_best['teacher_val_top1']:.2f}%." in md.splitlines()
     comp = json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]
     assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24
+
+
+def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path):
+    import shutil
+
+    other = tmp_path / "vit"  # e.g. --vit RUN/last.pth, or a best.pth whose best epoch's weights were lost
+    other.mkdir()
+    shutil.copy(runs / "baseline_vit_tiny" / "metrics.jsonl", other)
+    state = torch.load(runs / "baseline_vit_tiny" / "best.pth", weights_only=True)
+    best = state["epoch"]
+    state["epoch"] = best + 7
+    torch.save(state, other / "last.pth")
+    make_all(str(other / "last.pth"), str(runs / "deit_tiny_distill" / "best.pth"), num_images=2,
+             out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "report"), workers=0)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert (f"ViT: the checkpoint read here is from epoch {best + 7}, not its best epoch {best}; its predictions "
+            f"below are that epoch's.") in md.splitlines()
+    assert "DeiT: the checkpoint read here" not in md
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -241,7 +259,7 @@ def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():
         check_class_map({"classes": ["n00000002", "n00000001"], "config": {}}, cm, "x.pth")
 
 
-def test_the_curves_show_whole_epochs_and_say_which_train_loss_holds_the_distillation_term():
+def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss_is():
     from vitdeit.report import curves_figure
 
     row = lambda e, **k: {"epoch": e, "train_loss": 2.0 - e, "val_loss": 2.1 - e, "train_top1": 10.0 * e,  # noqa
@@ -250,7 +268,11 @@ def test_the_curves_show_whole_epochs_and_say_which_train_loss_holds_the_distill
     fig = curves_figure({"ViT": [row(0), row(1)], "DeiT": deit})
     fig.canvas.draw()
     loss, top1 = fig.axes[:2]
-    assert loss.get_title() == "DeiT train loss: CE + distillation term"
+    assert loss.get_title() == ("train: the loss as trained (label smoothing, Mixup; + distillation for DeiT); "
+                                "val: plain CE")
     for ax in (loss, top1):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        assert ticks and all(float(t).is_integer() for t in ticks)  # 2 epochs: 1 and 2, not 1.25, 1.5, ...
+        assert ticks and all(float(t).is_integer() for t in ticks)  # 2 epochs: 0 and 1, not 0.25, 0.5, ...
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0, 1]] * 4  # numbered as metrics.jsonl
+    plain = curves_figure({"ViT": [row(0), row(1)]}).axes[0]
+    assert plain.get_title() == "train: the loss as trained (label smoothing, Mixup); val: plain CE"

@@ -117,7 +117,7 @@ def curves_figure(runs: dict[str, list[dict]]):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i}"
-        ep = [r["epoch"] + 1 for r in rows]
+        ep = [r["epoch"] for r in rows]  # 0-based, as the console, metrics.jsonl and the checkpoints number them
         axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour, label=f"{name} train")
         axes[0].plot(ep, [r["val_loss"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
         axes[1].plot(ep, [r["train_top1"] for r in rows], "--", color=colour, label=f"{name} train")
@@ -125,14 +125,16 @@ def curves_figure(runs: dict[str, list[dict]]):
     from matplotlib.ticker import MaxNLocator
 
     for ax, what in zip(axes, ("loss", "top-1 (%)")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 1, 2, 3, not 1.5
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 0, 1, 2, not 1.5
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")  # (one legend: the two panels share names and colours)
     distilled = [name for name, rows in runs.items() if rows and "teacher_val_top1" in rows[-1]]
-    if distilled:  # their train loss is (1 - alpha) CE + alpha distillation, not the plain CE of the others
-        axes[0].set_title(f"{', '.join(distilled)} train loss: CE + distillation term", fontsize=9)
+    # train loss: against label-smoothed (or mixed) targets, + the distillation term; val: plain CE on the labels:
+    # train can sit above val without any overfitting to read into it
+    axes[0].set_title("train: the loss as trained (label smoothing, Mixup" + (
+        f"; + distillation for {', '.join(distilled)}" if distilled else "") + "); val: plain CE", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -141,7 +143,8 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     """rows: the run's metrics.jsonl records."""
     best = max(rows, key=lambda r: r["val_top1"])
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
-           "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows),
+           "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows), "last_epoch": rows[-1]["epoch"],
+           "checkpoint_epoch": ckpt["epoch"],  # of the checkpoint read here: the best epoch's, unless told otherwise
            # the first epoch also compiles the model and starts the loader: steady speed is the later epochs'
            "train_images_per_s": float(np.median([r["images_per_s"] for r in rows[1:] or rows]))}
     for key in ("val_top1_cls_head", "val_top1_dist_head", "teacher_val_top1"):
@@ -175,14 +178,18 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
              "trained it; best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val "
-             "with both `best.pth`.", "",
-             "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / epochs | params "
+             "with the two checkpoints viz.py read (each run's `best.pth` unless `--vit`/`--deit` named others).", "",
+             "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / last (0-based) | params "
              "| train images/s (median of the epochs after the first, if any) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
-                     f"{s['best_epoch'] + 1} / {s['epochs']} | {s['params'] / 1e6:.2f} M | "
+                     f"{s['best_epoch']} / {s['last_epoch']} | {s['params'] / 1e6:.2f} M | "
                      f"{s['train_images_per_s']:.0f} |")
+    for s in summaries:  # a checkpoint other than the best epoch's: last.pth, or a best.pth whose weights were lost
+        if s["checkpoint_epoch"] != s["best_epoch"]:
+            lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "
+                          f"epoch {s['best_epoch']}; its predictions below are that epoch's."]
     deit = next((s for s in summaries if "val_top1_cls_head" in s), None)
     if deit:
         lines += ["", f"DeiT heads at its best epoch: class head {deit['val_top1_cls_head']:.2f}%, distillation head "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -89,6 +90,10 @@ class Config:
             if not ok:
                 raise SettingError(msg)
 
+        for f in fields(self):  # argparse reads "inf" and "nan" as floats: no setting here means either
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v),
+                 f"--{f.name.replace('_', '-')} {v}: must be a finite number")
         need(self.model in MODELS, f"--model {self.model!r}: choose one of {', '.join(MODELS)}")
         need(self.loader in ("auto", "dali", "torch"), f"--loader {self.loader!r}: choose auto, dali or torch")
         need(self.device in ("auto", "cuda", "cpu"), f"--device {self.device!r}: choose auto, cuda or cpu")
@@ -117,8 +122,10 @@ class Config:
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         for name in ("crop_scale_min", "crop_pct"):  # fractions of the image: its area, its side
             need(0 < getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in (0, 1]")
-        for name in ("label_smoothing", "drop_path", "model_ema_decay", "random_erasing"):  # probabilities, fractions
-            need(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1]")
+        need(0 <= self.random_erasing <= 1, f"--random-erasing {self.random_erasing}: must be in [0, 1]")  # per image
+        # 1 would make the targets uniform, drop every residual branch, freeze the EMA at its start
+        for name in ("label_smoothing", "drop_path", "model_ema_decay"):
+            need(0 <= getattr(self, name) < 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
         for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr", "weight_decay"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),

@@ -524,14 +524,30 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: (warnings.warn("one train shard"), build(*a, **k))[1])
     pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
     train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0,
-                  teacher_ckpt="t.pth", warmup_epochs=1.0))
+                  teacher_ckpt="t.pth", warmup_epochs=1.0, min_lr=1e-4))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("run ") and ", loader torch, " in lines[0]  # the first line names the loader
     assert lines[1:3] == ["warning: one train shard"] * 2  # the train and the val loader's, after it
     assert lines[3] == "warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a " \
                        "--distillation-type other than none; this run trains without a teacher"
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
-    assert "packed with --resize-short 32, under the 36 px" in lines[5]  # floor(32 / 0.875)
+    assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
+                        "the cosine would rise, not decay; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
+    assert "packed with --resize-short 32, under the 36 px" in lines[6]  # floor(32 / 0.875)
+
+
+def test_resuming_with_another_process_count_says_what_changes(tiny_shards, tmp_path, capsys):
+    kw = dict(model="vit_tiny", batch_size=16, workers=0)
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
+    last = tmp_path / "vit_tiny" / "last.pth"
+    state = torch.load(last, weights_only=True)
+    state["loader_states"] = state["loader_states"] * 4  # as saved by 4 processes
+    torch.save(state, last)
+    capsys.readouterr()
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, resume=str(last), **kw))
+    assert (f"note: --resume: {last} was trained by 4 process(es), this run has 1: the global batch (64 -> 16), the lr "
+            f"and the steps per epoch change from here on, and the sample order is not the uninterrupted run's"
+            ) in capsys.readouterr().out.splitlines()
 
 
 def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):

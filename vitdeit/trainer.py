@@ -229,6 +229,14 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if cfg.warmup_epochs >= cfg.epochs:
         dist.print(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
                    f"and never reaches the peak lr {lr:.3g}")
+    if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
+        dist.print(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
+                   f"{global_batch} / 512): the cosine would rise, not decay; lower --min-lr (e.g. {lr / 100:.3g})")
+    if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
+        saved_batch = resumed["config"].get("batch_size", cfg.batch_size) * len(states)
+        dist.print(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
+                   f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
+                   f"here on, and the sample order is not the uninterrupted run's")
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
         dist.print(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "

@@ -105,8 +105,20 @@ def test_a_partial_metrics_line_is_a_data_error_naming_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "val_top1": 50.0}\n{"epoch": 1, "val_to')
     with pytest.raises(DataError, match=r"metrics\.jsonl line 2: not a JSON object"):
         read_metrics(tmp_path)
-    with pytest.raises(DataError, match=r"metrics\.jsonl line 2: not a JSON object"):  # --resume reads it alike
-        MetricsLog(tmp_path, enabled=True, resume_epoch=0)
+    with pytest.raises(DataError, match=r"metrics\.jsonl line 2: not a JSON object"):  # a resume from before it too
+        MetricsLog(tmp_path, enabled=True, resume_epoch=1)
+    MetricsLog(tmp_path, enabled=True, resume_epoch=0)  # after the resumed epoch's line: the epoch it redoes
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 0, "val_top1": 50.0}\n'
+
+
+def test_a_metrics_line_that_cannot_be_written_is_one_error_naming_the_file(tmp_path):
+    from vitdeit.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    (tmp_path / "metrics.jsonl").mkdir()  # open(..., "a") fails with an OSError, as on a full disk
+    with pytest.raises(WriteFailed, match=rf"could not write {re.escape(str(tmp_path / 'metrics.jsonl'))}: .* GiB free on its "
+                                          rf"disk\); its earlier lines are kept\. Free space there"):
+        log.write({"epoch": 0})
 
 
 def test_teacher_weights_of_another_network_are_a_data_error(tmp_path):

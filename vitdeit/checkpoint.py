@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
 
 from .classes import ClassMap
-from .errors import DataError, MissingFile, WriteFailed, first_line
+from .errors import DataError, MissingFile, first_line, write_failed
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
 
@@ -34,13 +33,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         if not isinstance(e, OSError) and not any(m in str(e) for m in ("inline_container", "failed writing")):
             raise
         tmp.unlink(missing_ok=True)  # a truncated .tmp would only take more of the space that ran out
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk"
-        except OSError:
-            free = "its folder cannot be read"
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. "
-                          f"Free space there or pass another --output-dir") from e
+        raise write_failed(path, e, kept) from e
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
 
 

@@ -5,6 +5,9 @@ Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line
 (CUDA out of memory, NCCL, a bug) keeps its traceback: a one-line message would hide where it came from.
 """
 
+import shutil
+from pathlib import Path
+
 
 def first_line(e: Exception, limit: int = 160) -> str:
     """The start of an exception's message, for a one-line error that quotes it: torch's can run to a page."""
@@ -35,3 +38,14 @@ class WriteFailed(VitdeitError, OSError):
 
 class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""
+
+
+def write_failed(path: Path, e: Exception, kept: str) -> WriteFailed:
+    """The one-line error for an output that could not be written (usually a full disk): the file, the cause, the
+    space left, what was kept, the fix."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk"
+    except OSError:
+        free = "its folder cannot be read"
+    return WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. Free space there or pass another "
+                       f"--output-dir")

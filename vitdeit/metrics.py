@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import DataError, MissingFile
+from .errors import DataError, MissingFile, write_failed
 
 
 class MetricsLog:
@@ -18,16 +18,23 @@ class MetricsLog:
         if enabled and self.path.exists():
             # keep only epochs up to the one resumed from: a resumed run rewrites what followed
             # (read_metrics: a damaged line is a DataError naming it, as when the report reads the file)
-            keep = [] if resume_epoch is None else [r for r in read_metrics(run_dir) if r["epoch"] <= resume_epoch]
+            keep = [] if resume_epoch is None else [r for r in read_metrics(run_dir, resumed_after=resume_epoch)
+                                                    if r["epoch"] <= resume_epoch]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))  # as write() writes them
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: the epoch's last.pth is not written either, so --resume redoes it
+                raise write_failed(self.path, e, "its earlier lines are kept") from e
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: str | Path, resumed_after: int | None = None) -> list[dict]:
+    """The run's records in order. resumed_after: the epoch a --resume continues from; a damaged line after that
+    epoch's line (a partial write of the next epoch, whose last.pth was then not written) is left out, as the
+    resumed run redoes that epoch; anywhere else it is a DataError naming the line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise MissingFile(f"{path}: no metrics; is {run_dir} a train.py run folder?")
@@ -37,6 +44,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:  # e.g. a partial last line: the disk filled up mid-write
+                if resumed_after is not None and any(r.get("epoch") == resumed_after for r in records):
+                    continue
                 raise DataError(f"{path} line {n}: not a JSON object ({e}); delete that line (the run's last.pth "
                                 f"can redo its epoch: train.py --resume).") from e
     return records

@@ -51,10 +51,10 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
         hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
 
-        def normalize(images, mirror):
+        def normalize(images, mirror, **crop_pos):
             return fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", crop=(img_size, img_size),
-                mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
+                mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror, **crop_pos)
 
         if train:
             outputs = []
@@ -68,14 +68,35 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
                 outputs.append(normalize(images, fn.random.coin_flip(probability=0.5)))
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw)
-            outputs = [normalize(fn.resize(images, resize_shorter=val_resize(img_size, crop_pct), interp_type=interp,
-                                           antialias=True), 0)]
+            size, pos = _val_geometry(fn.peek_image_shape(jpegs), val_resize(img_size, crop_pct), img_size)
+            images = fn.resize(images, resize_x=size[1], resize_y=size[0], interp_type=interp, antialias=True)
+            outputs = [normalize(images, 0, crop_pos_x=pos[1], crop_pos_y=pos[0])]
         outputs.append(labels.gpu() if gpu else labels)
         if with_keys:  # "tar:offset:KEY.jpg", zero-padded to a fixed length (tests: which samples were drawn)
             outputs.append(fn.pad(fn.get_property(jpegs, key="source_info"), axes=(0,), shape=(KEY_BYTES,)))
         return tuple(outputs)
 
     return pipe()
+
+
+def _val_geometry(shape, short: int, crop: int):
+    """torchvision's Resize(short) + CenterCrop(crop) to the pixel, as the PyTorch loader's ValTransform does, per
+    sample from the JPEG's (H, W, C) header shape: ((height, width) to resize to, (y, x) crop positions for
+    crop_mirror_normalize). DALI's own resize_shorter rounds the long side where torchvision truncates it, and its
+    centre crop rounds a half-pixel margin up where torchvision rounds half to even: on ImageNet's 500 x 375 at 224
+    px (resized to 341 x 256, a 58.5 px margin) the crops sat a pixel apart."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    h, w = shape[0], shape[1]
+    size = (dmath.max(short, short * h // w), dmath.max(short, short * w // h))  # the shorter side -> short
+    pos = []
+    for side in size:
+        margin = side - crop
+        half = margin // 2
+        offset = half + (margin - 2 * half) * (half % 2)  # margin / 2 rounded half to even, as Python's round()
+        pos.append(fn.cast(offset, dtype=types.FLOAT) / fn.cast(dmath.max(margin, 1), dtype=types.FLOAT))
+    return [fn.cast(x, dtype=types.FLOAT) for x in size], pos
 
 
 class DaliLoader:

@@ -116,8 +116,9 @@ def test_a_metrics_line_that_cannot_be_written_is_one_error_naming_the_file(tmp_
 
     log = MetricsLog(tmp_path, enabled=True)
     (tmp_path / "metrics.jsonl").mkdir()  # open(..., "a") fails with an OSError, as on a full disk
-    with pytest.raises(WriteFailed, match=rf"could not write {re.escape(str(tmp_path / 'metrics.jsonl'))}: .* GiB free on its "
-                                          rf"disk\); its earlier lines are kept\. Free space there"):
+    path = re.escape(str(tmp_path / "metrics.jsonl"))
+    with pytest.raises(WriteFailed, match=rf"could not write {path}: .* GiB free on its disk\); its earlier lines are "
+                                          rf"kept\. Free space there"):
         log.write({"epoch": 0})
 
 

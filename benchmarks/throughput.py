@@ -132,7 +132,7 @@ def classic_transform(img_size: int, interpolation: str, rand_augment: str = "")
     from vitdeit.data import timm_rand_augment
 
     crop = T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode(interpolation))
-    ra = [timm_rand_augment(rand_augment)] if rand_augment else []  # timm's, Posterize mended as train.py's
+    ra = [timm_rand_augment(rand_augment, interpolation)] if rand_augment else []  # timm's, as train.py's
     return T.Compose([crop, T.RandomHorizontalFlip(), *ra, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 

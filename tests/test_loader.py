@@ -269,6 +269,23 @@ def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
     assert sum(not np.array_equal(o, plain(data, random.Random(s))) for s, o in enumerate(outs)) >= 5
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_rand_augments_warps_resample_with_the_runs_filter_as_timms_create_transform_does(mode):
+    from PIL import Image
+    from timm.data import create_transform
+
+    from benchmarks.throughput import classic_transform
+
+    want = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[mode]
+    ours = TrainTransform(32, rand_augment="rand-m9-mstd0.5-inc1", interpolation=mode).aa.ops
+    (baseline,) = [t for t in classic_transform(32, mode, "rand-m9-mstd0.5-inc1").transforms if hasattr(t, "ops")]
+    (timms,) = [t for t in create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                            interpolation=mode).transforms if hasattr(t, "ops")]
+    warps = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+    for ops in (ours, baseline.ops, timms.ops):
+        assert {op.name: op.kwargs["resample"] for op in ops if op.name in warps} == dict.fromkeys(warps, want)
+
+
 def test_rand_augments_strongest_posterize_blacks_the_image_out_instead_of_crashing(tiny_shards):
     # timm's PosterizeIncreasing keeps 4 - int(m / 10 * 4) bits: 0 at magnitude 10, which rand-m9-mstd0.5 reaches for
     # 2 % of its calls; Pillow 13 refuses 0 bits (ValueError), and a run with the DeiT recipe died in its first epoch

@@ -18,13 +18,16 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RA_FILL = (124, 116, 104)  # RandAugment's fill for geometric ops: MEAN in grey levels, as timm's img_mean
 
 
-def timm_rand_augment(spec: str):
+def timm_rand_augment(spec: str, interpolation: str | None = None):
     """timm's RandAugment transform of `spec` (PIL image in and out), its Posterize ops mended (posterize below):
     the one place that builds it, for the PyTorch loader, the DALI loader (which reads its numbers), the config
-    check and the benchmark's baseline."""
+    check and the benchmark's baseline. interpolation: the run's filter for its Rotate/Shear/Translate ops, as timm's
+    create_transform (and so the DeiT reference) passes it; None leaves timm's random pick per call."""
     from timm.data import auto_augment
+    from timm.data.transforms import str_to_pil_interp
 
-    ra = auto_augment.rand_augment_transform(spec, {"img_mean": RA_FILL})
+    hparams = {"img_mean": RA_FILL, **({"interpolation": str_to_pil_interp(interpolation)} if interpolation else {})}
+    ra = auto_augment.rand_augment_transform(spec, hparams)
     for op in ra.ops:
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = posterize

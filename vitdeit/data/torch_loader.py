@@ -104,7 +104,7 @@ class TrainTransform:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.aa = None
         if rand_augment:
-            self.aa = timm_rand_augment(rand_augment)
+            self.aa = timm_rand_augment(rand_augment, interpolation)
 
     def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(left, top, width, height) in px, torchvision's RandomResizedCrop sampling (10 tries, then centre)."""

@@ -81,11 +81,23 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def fresh_epoch(loader):
+    """A new epoch's iterator, past the batches the loader decoded before the epoch was asked for: DALI's iterator
+    decodes its next epoch's first `decoded_ahead` batches as soon as one ends, while other units are timed. Those
+    are taken here, outside any timed window, and not counted; the PyTorch loader's workers wait for iter()."""
+    it = iter(loader)
+    for _ in range(getattr(loader, "decoded_ahead", 0)):
+        next(it)
+    return it
+
+
 def epoch_seconds(loader, sync) -> tuple[int, float]:
-    """(images, seconds) of one whole epoch of `loader` from a fresh iterator."""
+    """(images, seconds) of one whole epoch of `loader` from a fresh iterator (less any batches decoded before it:
+    fresh_epoch)."""
+    it = fresh_epoch(loader) if getattr(loader, "decoded_ahead", 0) else None
     sync()
     t = time.perf_counter()
-    images = sum(len(batch[1]) for batch in loader)
+    images = sum(len(batch[1]) for batch in it or iter(loader))  # the PyTorch loader's iter() starts its workers
     sync()
     return images, time.perf_counter() - t
 
@@ -338,8 +350,9 @@ def overlap_bounds(loader_alone: float | None, step_alone: float) -> dict:
 
 class EpochStream:
     """A loader's batches across epochs, with drain(): finish the current epoch without using its batches. A drained
-    loader decodes nothing ahead (PyTorch's workers wait for the next iter()), so it neither lends the next timed
-    window batches decoded while other units ran nor takes CPU from them."""
+    PyTorch loader decodes nothing ahead (its workers wait for the next iter()); DALI decodes the next epoch's first
+    `decoded_ahead` batches, which the next window's untimed warm-up steps take (bench_end_to_end: at least that
+    many)."""
 
     def __init__(self, loader):
         self.loader, self.it = loader, None
@@ -389,8 +402,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
         sync()
         return images, time.perf_counter() - t0, waited
 
-    def window(batches, drain=lambda: None):
-        for _ in range(a.warmup_steps):
+    def window(batches, drain=lambda: None, ahead: int = 0):
+        for _ in range(max(a.warmup_steps, ahead)):  # untimed, and past any batches decoded before the window
             step(*next(batches)[:2])
         result = steps(batches, a.steps)
         drain()
@@ -399,10 +412,11 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
     units = {"ceiling": lambda: window(itertools.repeat((x, y)))}  # name -> one timed unit
     for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
         if whole_epochs:
-            units[name] = lambda loader=loader: steps(iter(loader))
+            units[name] = lambda loader=loader: steps(fresh_epoch(loader))
         else:
             stream = EpochStream(loader)
-            units[name] = lambda stream=stream: window(stream, stream.drain)
+            units[name] = lambda stream=stream, ahead=getattr(loader, "decoded_ahead", 0): window(stream, stream.drain,
+                                                                                                   ahead)
     # whole epochs time their start-up, so one untimed round first (worker start, DALI's first batches, a recompile
     # for a dtype); a window of --e2e-unit steps has its own untimed lead-in for that
     if whole_epochs:

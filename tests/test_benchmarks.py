@@ -270,6 +270,42 @@ def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_m
     assert (row["ceiling_images_per_s"], row["images_per_s"], row["fraction_of_ceiling"]) == (2.0, 0.5, 0.25)
 
 
+def test_batches_a_loader_decoded_before_its_window_are_neither_timed_nor_counted(monkeypatch):
+    """DALI decodes its next epoch's first batches as soon as an epoch ends, while other units are timed: a window
+    that took them would count work done outside it."""
+    import argparse
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Loader:  # 5 batches of 3 images; the first 2 decoded ahead (free), each other one takes 1 s
+        decoded_ahead = 2
+
+        def __iter__(self):
+            for i in range(5):
+                clock[0] += 0.0 if i < self.decoded_ahead else 1.0
+                yield torch.zeros(3, 3, 4, 4), torch.full((3,), i)
+
+    assert throughput.epoch_seconds(Loader(), lambda: None) == (9, 3.0)  # batches 2, 3, 4
+    taken = []
+
+    def step(x, y):  # the ceiling's step (8 px) 1 s; on the loader's batches 2 s, noted
+        clock[0] += 1.0 if x.shape[-1] == 8 else 2.0
+        if x.shape[-1] != 8:
+            taken.append(int(y[0]))
+
+    monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([("shards_dali", "original", Loader())]))
+    a = argparse.Namespace(e2e_unit="steps", batch_size=3, img_size=8, workers=1, steps=2, warmup_steps=0, repeats=1)
+    (row,) = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
+    assert taken == [0, 1, 2, 3]  # 2 untimed steps on the batches decoded ahead, 2 timed (then batch 4 drained)
+    assert row["images_per_s"] == 6 / (2 * (1.0 + 2.0))  # batches 2 and 3: 1 s to load, 2 s to step, each
+
+
 def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_path):
     import shutil
 

@@ -20,6 +20,7 @@ from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
 KEY_BYTES = 512
+PREFETCH = 2  # batches DALI decodes ahead of the one being used, across the end of an epoch too (auto_reset)
 
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
@@ -36,7 +37,7 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
     # crops and flips for the same batch position (the reader's tar order keeps `seed` itself, set below)
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=(seed + 1_000_003 * shard_id) % 2**31,
-                  prefetch_queue_depth=2, enable_checkpointing=train, checkpoint=checkpoint,
+                  prefetch_queue_depth=PREFETCH, enable_checkpointing=train, checkpoint=checkpoint,
                   enable_conditionals=rand_augment is not None)  # RandAugment picks an op per image with `if`
     def pipe():
         jpegs, labels = fn.readers.webdataset(
@@ -112,6 +113,7 @@ class DaliLoader:
     """
 
     name = "dali"
+    decoded_ahead = PREFETCH  # an epoch's first batches, decoded as soon as the previous epoch ended (benchmarks)
 
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,

@@ -40,7 +40,7 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.errors import DataError, VitdeitError  # noqa: E402
+from vitdeit.errors import DataError, SettingError, VitdeitError  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 
 
@@ -85,8 +85,12 @@ def fresh_epoch(loader):
     """A new epoch's iterator, past the batches the loader decoded before the epoch was asked for: DALI's iterator
     decodes its next epoch's first `decoded_ahead` batches as soon as one ends, while other units are timed. Those
     are taken here, outside any timed window, and not counted; the PyTorch loader's workers wait for iter()."""
+    ahead = getattr(loader, "decoded_ahead", 0)
+    if ahead and len(loader) <= ahead:  # (a newly built DALI iterator holds one more: the warm-up epoch takes it)
+        raise SettingError(f"{len(loader)} batches per epoch: DALI decodes the first {ahead} of each ahead, so none "
+                           f"would be timed; give more images per batch size (--num-images / --batch-size > {ahead})")
     it = iter(loader)
-    for _ in range(getattr(loader, "decoded_ahead", 0)):
+    for _ in range(ahead):
         next(it)
     return it
 

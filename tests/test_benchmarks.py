@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vitdeit.data import dali_available
-from vitdeit.errors import DataError
+from vitdeit.errors import DataError, SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -286,12 +286,21 @@ def test_batches_a_loader_decoded_before_its_window_are_neither_timed_nor_counte
     class Loader:  # 5 batches of 3 images; the first 2 decoded ahead (free), each other one takes 1 s
         decoded_ahead = 2
 
+        def __init__(self, n=5):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
         def __iter__(self):
-            for i in range(5):
+            for i in range(self.n):
                 clock[0] += 0.0 if i < self.decoded_ahead else 1.0
                 yield torch.zeros(3, 3, 4, 4), torch.full((3,), i)
 
     assert throughput.epoch_seconds(Loader(), lambda: None) == (9, 3.0)  # batches 2, 3, 4
+    with pytest.raises(SettingError, match=r"2 batches per epoch: DALI decodes the first 2 of each ahead, so none "
+                                           r"would be timed; .*--num-images / --batch-size > 2"):
+        throughput.epoch_seconds(Loader(2), lambda: None)
     taken = []
 
     def step(x, y):  # the ceiling's step (8 px) 1 s; on the loader's batches 2 s, noted

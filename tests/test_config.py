@@ -39,7 +39,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"interpolation": "lanczos"}, "--interpolation 'lanczos': choose bilinear or bicubic"),
     ({"dali_hw_decoder_load": 1.5}, r"--dali-hw-decoder-load 1\.5: must be in \[0, 1\]"),
     ({"label_smoothing": 1.0}, r"--label-smoothing 1\.0: must be in \[0, 1\)"),
-    ({"drop_path": 1.0}, r"--drop-path 1\.0: must be in \[0, 1\)"),
+    ({"drop_path": 1.5}, r"--drop-path 1\.5: must be in \[0, 1\]"),
     ({"warmup_epochs": float("inf")}, r"--warmup-epochs inf: must be a finite number"),
     ({"lr": float("nan")}, r"--lr nan: must be a finite number"),
     ({"mixup": float("inf")}, r"--mixup inf: must be a finite number"),
@@ -88,6 +88,20 @@ def test_bad_flag_value_exits_with_a_message(capsys):
         parse_args(["--amp", "fp8"])
     assert e.value.code == 2  # argparse's usage error
     assert "--amp 'fp8'" in capsys.readouterr().err
+
+
+def test_a_bad_value_from_a_config_file_says_it_came_from_there(tmp_path, capsys):
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"model_ema_decay": 1.0, "lr": 0.1}))  # e.g. an older run's saved config
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(f)])
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: --model-ema-decay 1.0: must be in [0, 1) (the value comes from --config {f}: give the flag to "
+        f"override it)")
+    assert parse_args(["--config", str(f), "--model-ema-decay", "0.999"]).lr == 0.1
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(f), "--model-ema-decay", "2"])  # the flag's own value: no such hint
+    assert capsys.readouterr().err.strip().endswith("error: --model-ema-decay 2.0: must be in [0, 1)")
 
 
 def test_every_flag_has_a_help_text_and_help_prints_each(capsys, monkeypatch):

@@ -110,7 +110,7 @@ def test_eval_only_says_the_checkpoints_own_score_and_the_runs_best_apart(teache
     evaluate_checkpoint(cfg_for(cfg.data_path, cfg.output_dir, run_name="teacher", eval_only=True,
                                 resume=str(tmp_path / "last.pth")))
     said = capsys.readouterr().out
-    assert (f"(its epoch 2 scored {last['best_top1'] - 5:.2f}% when saved; the run's best epoch "
+    assert (f"(its epoch 2 scored {last['best_top1'] - 5:.2f}% when saved; the run's best.pth "
             f"{last['best_top1']:.2f}%)") in said
 
 
@@ -532,7 +532,7 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
                        "--distillation-type other than none; this run trains without a teacher"
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
     assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
-                        "the cosine would rise, not decay; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
+                        "the cosine cannot decay to it; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
     assert "packed with --resize-short 32, under the 36 px" in lines[6]  # floor(32 / 0.875)
 
 

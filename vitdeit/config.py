@@ -122,9 +122,9 @@ class Config:
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         for name in ("crop_scale_min", "crop_pct"):  # fractions of the image: its area, its side
             need(0 < getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in (0, 1]")
-        need(0 <= self.random_erasing <= 1, f"--random-erasing {self.random_erasing}: must be in [0, 1]")  # per image
-        # 1 would make the targets uniform, drop every residual branch, freeze the EMA at its start
-        for name in ("label_smoothing", "drop_path", "model_ema_decay"):
+        for name in ("random_erasing", "drop_path"):  # per image; the deepest block's (timm spreads it linearly)
+            need(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1]")
+        for name in ("label_smoothing", "model_ema_decay"):  # 1 would make the targets uniform, freeze the EMA
             need(0 <= getattr(self, name) < 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
         for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr", "weight_decay"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
@@ -247,4 +247,7 @@ def parse_args(argv=None, description: str = "") -> Config:
     try:
         return from_dict(values, source=path or "arguments")
     except ValueError as e:
-        p.error(str(e))
+        flag = re.match(r"--([a-z0-9-]+) ", str(e))
+        from_file = path and flag and ns.get(flag[1].replace("-", "_")) is None  # not given on the command line
+        p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
+                          else ""))

@@ -17,7 +17,7 @@ class MetricsLog:
         self.enabled = enabled
         if enabled and self.path.exists():
             # keep only epochs up to the one resumed from: a resumed run rewrites what followed
-            # (read_metrics: a damaged line is a DataError naming it, as when the report reads the file)
+            # (read_metrics: a damaged line after the resumed epoch's is left out, one before it a DataError)
             keep = [] if resume_epoch is None else [r for r in read_metrics(run_dir, resumed_after=resume_epoch)
                                                     if r["epoch"] <= resume_epoch]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))  # as write() writes them
@@ -46,6 +46,7 @@ def read_metrics(run_dir: str | Path, resumed_after: int | None = None) -> list[
             except json.JSONDecodeError as e:  # e.g. a partial last line: the disk filled up mid-write
                 if resumed_after is not None and any(r.get("epoch") == resumed_after for r in records):
                     continue
-                raise DataError(f"{path} line {n}: not a JSON object ({e}); delete that line (the run's last.pth "
-                                f"can redo its epoch: train.py --resume).") from e
+                raise DataError(f"{path} line {n}: not a JSON object ({e}); if it is the last line (a partial "
+                                f"write), train.py --resume RUN_DIR/last.pth drops it and redoes that epoch; else "
+                                f"delete it.") from e
     return records

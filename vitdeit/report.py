@@ -133,7 +133,7 @@ def curves_figure(runs: dict[str, list[dict]]):
     distilled = [name for name, rows in runs.items() if rows and "teacher_val_top1" in rows[-1]]
     # train loss: against label-smoothed (or mixed) targets, + the distillation term; val: plain CE on the labels:
     # train can sit above val without any overfitting to read into it
-    axes[0].set_title("train: the loss as trained (label smoothing, Mixup" + (
+    axes[0].set_title("train: the loss as trained (its label smoothing, Mixup/CutMix if any" + (
         f"; + distillation for {', '.join(distilled)}" if distilled else "") + "); val: plain CE", fontsize=9)
     fig.tight_layout()
     return fig
@@ -189,7 +189,8 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     for s in summaries:  # a checkpoint other than the best epoch's: last.pth, or a best.pth whose weights were lost
         if s["checkpoint_epoch"] != s["best_epoch"]:
             lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "
-                          f"epoch {s['best_epoch']}; its predictions below are that epoch's."]
+                          f"epoch {s['best_epoch']}" + ("." if s["run"] == "teacher" else
+                                                         "; its predictions below are that epoch's.")]
     deit = next((s for s in summaries if "val_top1_cls_head" in s), None)
     if deit:
         lines += ["", f"DeiT heads at its best epoch: class head {deit['val_top1_cls_head']:.2f}%, distillation head "

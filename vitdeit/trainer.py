@@ -231,7 +231,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                    f"and never reaches the peak lr {lr:.3g}")
     if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
         dist.print(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
-                   f"{global_batch} / 512): the cosine would rise, not decay; lower --min-lr (e.g. {lr / 100:.3g})")
+                   f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
     if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
         saved_batch = resumed["config"].get("batch_size", cfg.batch_size) * len(states)
         dist.print(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
@@ -377,7 +377,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         saved = state.get("metrics", {}).get("val_top1")  # this checkpoint's own score when it was saved
         then = (f"its epoch {state['epoch']} scored {saved:.2f}% when saved" if saved is not None
                 else f"saved after epoch {state['epoch']}") + (
-            "" if saved == state["best_top1"] else f"; the run's best epoch {state['best_top1']:.2f}%")
+            "" if saved == state["best_top1"] else f"; the run's best.pth {state['best_top1']:.2f}%")
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
                    f"images resized with its {ecfg.interpolation} filter ({then})")
         return out

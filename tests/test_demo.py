@@ -28,7 +28,7 @@ def test_a_second_generation_replaces_the_first_and_nothing_the_demo_did_not_wri
     from vitdeit.errors import SettingError
     from vitdeit.packing import PackOptions, pack
 
-    small_dataset(tmp_path / "d", num_classes=4, train_per_class=4, val_per_class=1)  # as --quick, then the full demo
+    small_dataset(tmp_path / "d", num_classes=12, train_per_class=4, val_per_class=1)  # its most classes, then fewer
     data = small_dataset(tmp_path / "d", num_classes=3, train_per_class=4, val_per_class=1)
     assert len(json.loads((data / "Labels.json").read_text())) == 3
     assert len({p.name for p in data.glob("*/*")}) == 3 and len(list(data.glob("*/*/*"))) == 15

@@ -31,6 +31,14 @@ def test_a_wnid_outside_imagenet1k_is_a_clear_error():
         sliced_resnet18(torchvision.models.resnet18().state_dict(), ["n01440764", "n00000001"])
 
 
+def test_a_wnid_outside_imagenet1k_is_said_before_any_download(monkeypatch):
+    from vitdeit import models
+
+    monkeypatch.setattr(models, "load_imagenet1k_resnet18", lambda w: pytest.fail("downloaded first"))
+    with pytest.raises(DataError, match=r"WNIDs not in ImageNet-1k: \['n00000001'\]"):
+        load_teacher("", "imagenet1k", ClassMap(("n00000001", "n01440764"), ("x", "tench")))
+
+
 def test_missing_local_weights_name_the_options():
     with pytest.raises(FileNotFoundError, match="imagenet1k"):
         load_teacher("", "/nonexistent/r18.pth", ClassMap(("n01440764",), ("tench",)))

@@ -107,6 +107,7 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
         net = model_from_checkpoint(state)
         interpolation = saved_setting(state["config"], "interpolation")
     else:
+        imagenet1k_indices(class_map.wnids)  # classes it cannot predict: said before a download, not after
         state = load_imagenet1k_resnet18(weights or "imagenet1k")
         if isinstance(state, dict) and {"model", "config"} <= state.keys():
             raise SettingError(f"--teacher-weights {weights}: a train.py checkpoint, not torchvision's ImageNet-1k "

@@ -268,11 +268,12 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
     fig = curves_figure({"ViT": [row(0), row(1)], "DeiT": deit})
     fig.canvas.draw()
     loss, top1 = fig.axes[:2]
-    assert loss.get_title() == ("train: the loss as trained (its label smoothing, Mixup/CutMix if any; + distillation "
-                                "for DeiT); val: plain CE")
+    assert loss.get_title() == ("train (dashed): the loss as trained, with its label smoothing, Mixup/CutMix if any,\n"
+                                "+ the distillation term for DeiT; val (solid): plain CE")
     for ax in (loss, top1):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)  # 2 epochs: 0 and 1, not 0.25, 0.5, ...
         assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0, 1]] * 4  # numbered as metrics.jsonl
     plain = curves_figure({"ViT": [row(0), row(1)]}).axes[0]
-    assert plain.get_title() == "train: the loss as trained (its label smoothing, Mixup/CutMix if any); val: plain CE"
+    assert plain.get_title() == ("train (dashed): the loss as trained, with its label smoothing, Mixup/CutMix if any; "
+                                 "val (solid): plain CE")

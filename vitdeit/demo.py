@@ -133,7 +133,8 @@ def clear_demo_dataset(out: Path, all_labels: dict[str, str]) -> None:
     if not made:
         return
     try:
-        ours = json.loads((out / "Labels.json").read_text()) in [demo_classes(all_labels, k) for k in range(2, len(SHAPES) + 1)]
+        ours = json.loads((out / "Labels.json").read_text()) in [demo_classes(all_labels, k)
+                                                                  for k in range(2, len(SHAPES) + 1)]
     except (OSError, ValueError):  # missing or not JSON
         ours = False
     if not ours:

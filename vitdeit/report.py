@@ -133,8 +133,9 @@ def curves_figure(runs: dict[str, list[dict]]):
     distilled = [name for name, rows in runs.items() if rows and "teacher_val_top1" in rows[-1]]
     # train loss: against label-smoothed (or mixed) targets, + the distillation term; val: plain CE on the labels:
     # train can sit above val without any overfitting to read into it
-    axes[0].set_title("train: the loss as trained (its label smoothing, Mixup/CutMix if any" + (
-        f"; + distillation for {', '.join(distilled)}" if distilled else "") + "); val: plain CE", fontsize=9)
+    axes[0].set_title("train (dashed): the loss as trained, with its label smoothing, Mixup/CutMix if any" + (
+        f",\n+ the distillation term for {', '.join(distilled)}" if distilled else "") + "; val (solid): plain CE",
+        fontsize=8)  # (two lines with a distilled run: one would run past the panel)
     fig.tight_layout()
     return fig
 

@@ -153,14 +153,13 @@ def start_run_dir(run_dir: Path, cfg: Config) -> None:
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
 
-def adopt_history(resume: Path, run_dir: Path, resumed: dict) -> float:
-    """--resume: leave run_dir with this run's history up to the resumed epoch. From another run folder, copy that
-    run's metrics.jsonl (MetricsLog then cuts it back to the resumed epoch). Then best.pth: the resumed folder's if it
-    is this history's (the resumed best_top1, from an epoch not after the resumed one; one written by abandoned later
-    epochs is not), else the resumed checkpoint itself where its epoch was the best, else none (the best epoch's
-    weights were not kept). Returns the best top-1 to go on from: -1 with no best.pth (the next epoch writes one)."""
+def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) -> float:
+    """--resume: leave run_dir with this run's history up to the resumed epoch. From another run folder (not
+    in_place, as resumes_in tells), copy that run's metrics.jsonl (MetricsLog then cuts it back to the resumed
+    epoch). Then best.pth: the resumed folder's if it is this history's (the resumed best_top1, from an epoch not
+    after the resumed one; one written by abandoned later epochs is not), else the resumed checkpoint itself where
+    its epoch was the best, else none (the best epoch's weights were not kept). Returns the best top-1 to go on from: -1 with no best.pth (the next epoch writes one)."""
     src, metrics, best = resume.parent, run_dir / "metrics.jsonl", run_dir / "best.pth"
-    in_place = src.resolve() == run_dir.resolve()
     if not in_place and (src / "metrics.jsonl").is_file():
         shutil.copyfile(src / "metrics.jsonl", metrics)
     elif not in_place:
@@ -297,7 +296,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         start_run_dir(run_dir, cfg)
     if resumed is not None:
         if dist.is_main:
-            best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed)  # (rank 0's is the one that counts)
+            # (rank 0's is the one that counts)
+            best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg))
         if start_epoch >= cfg.epochs:
             dist.print(f"{cfg.resume} has trained all --epochs {cfg.epochs}: nothing to do (raise --epochs to go on)")
         else:

@@ -158,7 +158,8 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) ->
     in_place, as resumes_in tells), copy that run's metrics.jsonl (MetricsLog then cuts it back to the resumed
     epoch). Then best.pth: the resumed folder's if it is this history's (the resumed best_top1, from an epoch not
     after the resumed one; one written by abandoned later epochs is not), else the resumed checkpoint itself where
-    its epoch was the best, else none (the best epoch's weights were not kept). Returns the best top-1 to go on from: -1 with no best.pth (the next epoch writes one)."""
+    its epoch was the best, else none (the best epoch's weights were not kept). Returns the best top-1 to go on
+    from: -1 with no best.pth (the next epoch writes one)."""
     src, metrics, best = resume.parent, run_dir / "metrics.jsonl", run_dir / "best.pth"
     if not in_place and (src / "metrics.jsonl").is_file():
         shutil.copyfile(src / "metrics.jsonl", metrics)

@@ -84,19 +84,44 @@ def _break_index(shards):
     (shards / "val-000000.idx").write_text("v1.2 3\nnot an index line\n")
 
 
-@pytest.mark.parametrize("damage, named", [(_break_manifest, "manifest.json: not valid JSON"),
-                                           (_break_index, "val-000000.idx: not a wds2idx v1.2 index")])
-def test_damaged_shard_files_are_data_errors_naming_them(tiny_shards, tmp_path, damage, named):
+def _shorten_index(shards):  # a whole index, one sample short: another pack's, or one edited by hand
+    idx = shards / "val-000000.idx"
+    lines = idx.read_text().splitlines()[1:-1]
+    idx.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+
+
+def _garble_index_line(shards):
+    idx = shards / "val-000000.idx"
+    header, first, *rest = idx.read_text().splitlines()
+    idx.write_text("\n".join([header, "jpg x", *rest]) + "\n")
+
+
+@pytest.mark.parametrize("damage, named", [
+    (_break_manifest, r"manifest\.json: not valid JSON"),
+    (_break_index, r"val-000000\.idx: not a whole wds2idx v1\.2 index \(header 'v1\.2 3' for 1 sample lines\)"),
+    (_shorten_index, r"val-000000\.idx: 23 samples, but .*manifest\.json says 24"),
+    (_garble_index_line, r"val-000000\.idx: not a wds2idx v1\.2 index \(line 'jpg x'")])
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_damaged_shard_files_are_data_errors_naming_them(tiny_shards, tmp_path, damage, named, backend):
     import shutil
 
     from vitdeit.classes import load_manifest
+    from vitdeit.data import dali_available
     from vitdeit.data.torch_loader import ShardSamples
 
+    if backend == "dali" and (not dali_available() or damage in (_break_manifest, _garble_index_line)):
+        pytest.skip("DALI not installed" if not dali_available() else "read by the manifest or PyTorch reader alone")
     copy = tmp_path / "s"
     shutil.copytree(tiny_shards, copy)
+    assert load_manifest(copy)["splits"]["val"]["shards"][0]["num_samples"] == 24  # (what the messages say)
     damage(copy)
     with pytest.raises(DataError, match=named):
-        ShardSamples(copy, load_manifest(copy), "val")
+        if backend == "torch":
+            ShardSamples(copy, load_manifest(copy), "val")
+        else:  # DALI reads the index itself: before this check, a shortened one lost its last sample silently
+            from vitdeit.data.dali_loader import DaliLoader
+
+            DaliLoader(copy, load_manifest(copy), "val", batch_size=8, img_size=32, workers=1)
 
 
 def test_a_partial_metrics_line_is_a_data_error_naming_the_line(tmp_path):

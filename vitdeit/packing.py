@@ -251,7 +251,7 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write PATH.tmp, then rename it to PATH: a killed run never leaves a half-written file under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")  # (an index holds file names: not the locale's)
     os.replace(tmp, path)
 
 

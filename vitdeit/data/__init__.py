@@ -74,7 +74,23 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
             raise DataError(f"{tar}: {size} bytes, but {d / MANIFEST_NAME} says {shard['bytes']}; the file is cut "
                             f"short or not this pack's. Copy it again from where it was packed, or re-run "
                             f"pack_shards.py (it rewrites only the shards that differ).")
+    for (_, idx), shard in zip(out, manifest["splits"][split]["shards"]):
+        count = len(index_lines(idx))  # DALI trusts an index: one cut short or from another pack drops samples
+        if count != shard["num_samples"]:
+            raise DataError(f"{idx}: {count} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; the "
+                            f"index is not this pack's. Re-run pack_shards.py (it rewrites the shards that differ).")
     return out
+
+
+def index_lines(idx_path: Path) -> list[str]:
+    """The sample lines of a DALI wds2idx v1.2 index, once its header ("v1.2 COUNT") is checked against them."""
+    lines = idx_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    header = lines[0].split() if lines else []
+    if header != ["v1.2", str(len(lines) - 1)]:
+        raise DataError(f"{idx_path}: not a whole wds2idx v1.2 index (header {' '.join(header)!r} for "
+                        f"{max(len(lines) - 1, 0)} sample lines); re-run pack_shards.py (it rewrites the shards "
+                        f"that differ).")
+    return lines[1:]
 
 
 def dali_available() -> bool:

@@ -26,24 +26,19 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ..config import Config
 from ..errors import DataError
-from . import MEAN, STD, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
+from . import MEAN, STD, index_lines, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
 def read_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Parse a wds2idx v1.2 file: per sample, (key, {ext: (data_offset, size)})."""
-    lines = idx_path.read_text().splitlines()
-    try:
-        version, count = lines[0].split()
-        if version != "v1.2" or int(count) != len(lines) - 1:
-            raise ValueError(f"header {lines[0]!r} for {len(lines) - 1} sample lines")
-        samples = []
-        for line in lines[1:]:
+    samples = []
+    for line in index_lines(idx_path):
+        try:
             f = line.split()
-            components = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-            samples.append((f[3].split(".", 1)[0], components))
-    except (ValueError, IndexError) as e:
-        raise DataError(f"{idx_path}: not a wds2idx v1.2 index ({e}); re-run pack_shards.py.") from e
+            samples.append((f[3].split(".", 1)[0], {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
+        except (ValueError, IndexError) as e:
+            raise DataError(f"{idx_path}: not a wds2idx v1.2 index (line {line!r}: {e}); re-run pack_shards.py.") from e
     return samples
 
 
@@ -52,16 +47,11 @@ class ShardSamples(Dataset):
 
     def __init__(self, shards_dir: str | Path, manifest: dict, split: str, transform=None):
         self.transform = transform
-        shards = manifest["splits"][split]["shards"]
         paths = shard_paths(shards_dir, manifest, split)
         self.files = [str(tar) for tar, _ in paths]
         rows = []
-        for shard_id, (s, (_, idx)) in enumerate(zip(shards, paths)):
-            entries = read_index(idx)
-            if len(entries) != s["num_samples"]:
-                raise DataError(f"{idx}: {len(entries)} samples, manifest says "
-                                f"{s['num_samples']}; the shards changed after packing: re-run pack_shards.py.")
-            for _key, e in entries:
+        for shard_id, (_, idx) in enumerate(paths):  # (shard_paths checked each index's count)
+            for _key, e in read_index(idx):
                 rows.append((shard_id, *e["jpg"], e["lbl"][0]))
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # shard, jpg offset, jpg size, label offset
         self._maps: dict[int, mmap.mmap] = {}

@@ -187,12 +187,24 @@ def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_o
         load_manifest(tiny_data.parent / "nothing_here")
 
 
-def test_a_labels_json_with_a_byte_order_mark_is_read(tmp_path):
+@pytest.mark.parametrize("encode", [lambda t: b"\xef\xbb\xbf" + t.encode(),  # Notepad's "UTF-8 with BOM"
+                                    lambda t: t.encode("utf-16")])  # Notepad's "Unicode"
+def test_a_labels_json_in_the_encodings_windows_editors_save_is_read(tmp_path, encode):
     from vitdeit.classes import load_labels
 
     path = tmp_path / "Labels.json"
-    path.write_bytes(b"\xef\xbb\xbf" + b'{"n01440764": "tench, Tinca tinca"}')  # what Notepad's "UTF-8 with BOM" saves
-    assert load_labels(path) == {"n01440764": "tench, Tinca tinca"}
+    path.write_bytes(encode('{"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus, café"}'))
+    assert load_labels(path) == {"n01440764": "tench, Tinca tinca",
+                                 "n01443537": "goldfish, Carassius auratus, café"}
+
+
+def test_a_labels_json_in_latin_1_is_a_data_error_naming_it(tmp_path):
+    from vitdeit.classes import load_labels
+
+    path = tmp_path / "Labels.json"
+    path.write_bytes('{"n01440764": "café"}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"Labels\.json: not UTF-8 text \(.*\); save it as UTF-8"):
+        load_labels(path)
 
 
 @pytest.mark.parametrize("flags, said", [(["--out", "picture"], "--out picture: end it in one of matplotlib's"),

@@ -30,8 +30,10 @@ def load_labels(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise DataError(f"{path}: Labels.json not found; pass --labels PATH (the WNID -> name JSON file).")
     try:
-        # utf-8-sig: a byte-order mark (as some Windows editors write) is read, not refused
-        labels = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
+        # bytes: json reads UTF-8 (with a byte-order mark, as some Windows editors write) and UTF-16/32
+        labels = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); save it as UTF-8, JSON's encoding.") from e
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); it must be one object mapping WNID -> name.") from e
     except DataError as e:

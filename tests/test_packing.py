@@ -374,6 +374,7 @@ def test_a_rerun_with_another_plan_removes_what_the_killed_run_left(data, tmp_pa
     out = tmp_path / "s"
     pack_killed_at_image(11, data, out, monkeypatch)  # in train-000002, a shard the second plan does not have
     assert [p.name for p in out.glob(".*.tmp")] == [".train-000002.tar.tmp"]
+    (out / "train-000002.idx.tmp").write_text("v1.2 0\n")  # a kill in write_text_atomic leaves this
     m = pack(data, out, opts=PackOptions(shard_size=16, workers=1), progress=False)
     files = {s["file"] for split in m["splits"].values() for s in split["shards"]}
     files |= {s["index"] for split in m["splits"].values() for s in split["shards"]}
@@ -614,3 +615,38 @@ def test_the_same_folders_named_relatively_reuse_every_shard(data, tmp_path, mon
     m = pack(Path(data.name), out, opts=PackOptions(workers=1, shard_size=8), progress=False)
     assert m["splits"]["train"]["num_samples"] == 16
     assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in out.glob("*.tar")} == written  # none rewritten
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_stops_the_pack_naming_the_file_and_out_and_the_rerun_finishes(data, tmp_path, monkeypatch,
+                                                                                   workers):
+    from vitdeit.errors import WriteFailed
+
+    clean = tmp_path / "clean"
+    pack(data, clean, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    real = packing.webdataset.TarWriter.write
+
+    def fills_up(self, sample):  # the third shard's third image (in whichever process writes it)
+        if self.stream.name.endswith(".train-000002.tar.tmp") and self.tarstream.offset > 3 * 1024:
+            raise OSError(28, "No space left on device")
+        return real(self, sample)
+
+    monkeypatch.setattr(packing.webdataset.TarWriter, "write", fills_up)
+    out = tmp_path / "full"
+    with pytest.raises(WriteFailed, match=r"could not write .*/\.train-000002\.tar\.tmp: \[Errno 28\] No space left on "
+                                          r"device \(.* GiB free on its disk\); the shards already finished are kept "
+                                          r"and a rerun packs only the rest\. Free space there or pass another --out"):
+        pack(data, out, opts=PackOptions(shard_size=4, workers=workers), progress=False)
+    if workers == 1:  # (with 2, the other process may have finished later shards too: kept)
+        assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.setattr(packing.webdataset.TarWriter, "write", real)
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert {f.name: f.read_bytes() for f in out.glob("*.tar")} == {f.name: f.read_bytes() for f in clean.glob("*.tar")}
+
+
+def test_out_naming_a_file_is_an_error_naming_it(data, tmp_path):
+    out = tmp_path / "shards"
+    out.write_text("not a folder")
+    with pytest.raises(DataError, match=r"--out .*/shards: a file, not a folder; pass a folder"):
+        pack(data, out, opts=PackOptions(workers=1), progress=False)

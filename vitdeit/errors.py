@@ -40,7 +40,7 @@ class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""
 
 
-def write_failed(path: Path, e: Exception, kept: str) -> WriteFailed:
+def write_failed(path: Path, e: Exception, kept: str, flag: str = "--output-dir") -> WriteFailed:
     """The one-line error for an output that could not be written (usually a full disk): the file, the cause, the
     space left, what was kept, the fix."""
     try:
@@ -48,4 +48,4 @@ def write_failed(path: Path, e: Exception, kept: str) -> WriteFailed:
     except OSError:
         free = "its folder cannot be read"
     return WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. Free space there or pass another "
-                       f"--output-dir")
+                       f"{flag}")

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for
-from .errors import DataError
+from .errors import DataError, WriteFailed, write_failed
 
 FORMAT_VERSION = 1
 # in every shard's fingerprint: raise it when the same input and options would be written differently, so that
@@ -49,8 +49,8 @@ SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compil
 # names a split folder was surely meant to have (case, "_" or "-" for ".", a lower-case x): an error, not a gap
 NEAR_MISS = {split: re.compile(rf"^{split}([._-]?x\d*)?$", re.IGNORECASE) for split in SPLIT_DIR_PATTERNS}
 PROGRESS_DIR = ".progress"
-# the files a run writes per shard NAME: NAME.tar, NAME.idx, .NAME.tar.tmp, .progress/NAME.json(.tmp)
-SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|json|json\.tmp)$")
+# the files a run writes per shard NAME: NAME.tar, NAME.idx(.tmp), .NAME.tar.tmp, .progress/NAME.json(.tmp)
+SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|idx\.tmp|json|json\.tmp)$")
 SKIP_FLAG = "--skip-bad"
 
 
@@ -287,6 +287,14 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     # would pair them with another run's inputs
     record.unlink(missing_ok=True)
     tmp = out / f".{name}.tar.tmp"
+    try:
+        return _write_tar(tmp, tar_path, idx_path, record, sources, opts, result)
+    except OSError as e:  # a full disk, a quota, a file-size limit (pack() removes the partial files)
+        raise write_failed(Path(e.filename) if e.filename else tmp, e,
+                           "the shards already finished are kept and a rerun packs only the rest", flag="--out") from e
+
+
+def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardResult:
     counts: Counter = Counter()
     with open(tmp, "wb") as f:
         # mtime fixed: the same inputs and seed give byte-identical shards
@@ -345,6 +353,8 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         if not srcs:
             raise DataError(f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files.")
 
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     replaced = (out / MANIFEST_NAME).is_file()
@@ -364,10 +374,17 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []
     bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
-    for r in _run(tasks, opts.workers):
-        results.append(r)
-        bar.update(r.num_inputs)
-    bar.close()
+    try:
+        for r in _run(tasks, opts.workers):
+            results.append(r)
+            bar.update(r.num_inputs)
+    except WriteFailed:  # the pool has ended: every worker's partial files go, space a full disk needs
+        for name in planned:
+            for partial in (f".{name}.tar.tmp", f"{name}.idx.tmp", f"{PROGRESS_DIR}/{name}.json.tmp"):
+                (out / partial).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
     results.sort(key=lambda r: r.name)
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced)
 

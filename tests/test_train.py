@@ -660,3 +660,49 @@ def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains(teacher_
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert not held[0].training  # BatchNorm statistics included: nothing of the teacher moved
     assert all(torch.equal(v, saved[k]) for k, v in held[0].state_dict().items())
+
+
+def test_label_smoothing_both_heads_without_a_teacher_and_the_ema_reach_the_training_step(tiny_shards, tmp_path,
+                                                                                          monkeypatch):
+    """The wiring from Config to the step, against computations made here: the loss the step takes is the
+    label-smoothed CE of DeiT's mean of heads (distillation none), and the saved EMA is the decay-weighted mean of
+    the weights after each step, from those after the first."""
+    import torch.nn.functional as F
+    import timm.utils
+
+    from vitdeit.distill import DistillationLoss
+
+    eps, decay, seen, after_step = 0.3, 0.9, [], []
+    loss_forward, ema_update = DistillationLoss.forward, timm.utils.ModelEmaV3.update
+
+    def loss_spy(self, images, outputs, targets):
+        loss = loss_forward(self, images, outputs, targets)
+        seen.append((outputs.detach().clone() if torch.is_tensor(outputs) else outputs, targets, loss.detach()))
+        return loss
+
+    def ema_spy(self, model, step=None):
+        if not after_step:  # the EMA's start: the initial weights
+            after_step.append((None, {k: v.detach().clone() for k, v in self.module.state_dict().items()}))
+        after_step.append((step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return ema_update(self, model, step)
+
+    monkeypatch.setattr(DistillationLoss, "forward", loss_spy)
+    monkeypatch.setattr(timm.utils.ModelEmaV3, "update", ema_spy)
+    train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
+                  batch_size=16, workers=0, label_smoothing=eps, model_ema=True, model_ema_decay=decay,
+                  lr=0.003))
+    assert len(seen) == 6
+    for outputs, targets, loss in seen:
+        assert torch.is_tensor(outputs)  # one tensor, the heads' mean: both heads learn the labels
+        logp = F.log_softmax(outputs.float(), dim=1)
+        smoothed = ((1 - eps) * -logp.gather(1, targets[:, None]).squeeze(1) - eps * logp.mean(1)).mean()
+        assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    # every step, counted as timm's train.py counts updates: ModelEmaV3 copies the weights at the first (decay 0)
+    assert [step for step, _ in after_step] == [None, 1, 2, 3, 4, 5, 6]
+    ema = dict(after_step[1][1])
+    for _, weights in after_step[2:]:
+        ema = {k: decay * v + (1 - decay) * weights[k] if v.is_floating_point() else weights[k] for k, v in ema.items()}
+    saved = torch.load(tmp_path / "deit_tiny_distill" / "last.pth", weights_only=True)["ema"]
+    assert all(torch.allclose(saved[k].float(), v.float(), atol=1e-6) for k, v in ema.items())
+    moved = sum((saved[k].float() - after_step[0][1][k].float()).norm() for k in saved if saved[k].is_floating_point())
+    assert moved > 0

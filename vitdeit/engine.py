@@ -43,7 +43,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            ema.update(unwrap(model), step=epoch * steps + i)
+            # step = updates so far, this one included, as timm's train.py counts them: ModelEmaV3 copies the
+            # weights at step 1 (decay 0) and averages from step 2 on
+            ema.update(unwrap(model), step=epoch * steps + i + 1)
         # DeiT: the mean of its two heads, its prediction, as evaluate() scores it; under Mixup/CutMix the train top-1
         # is scored against the unmixed labels, so it reads low there
         logits = torch.stack(outputs).mean(0) if isinstance(outputs, tuple) else outputs

@@ -103,6 +103,41 @@ def test_the_flip_is_horizontal_and_the_crop_box_lies_inside_the_image_within_sc
             fallback = (left, top) == ((w - cw) // 2, (h - ch) // 2)  # 10 misses: the centre crop
             assert fallback or (0.2 * w * h * 0.95 <= cw * ch <= 0.9 * w * h * 1.05
                                 and 3 / 4 * 0.9 <= cw / ch <= 4 / 3 * 1.1)
+    # and where it lies is drawn too: on a square image the ratio and scale always fit, so no centre fallback
+    boxes = [t.crop_box(300, 300, rng) for _ in range(2000)]
+    assert sum((left, top) == ((300 - cw) // 2, (300 - ch) // 2) for left, top, cw, ch in boxes) < 20
+    assert len({left for left, *_ in boxes}) > 150 and len({top for _, top, *_ in boxes}) > 150
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_the_train_loader_flips_half_the_images_and_crops_at_the_configured_scale(tmp_path, backend):
+    """Built as train.py builds it (Config defaults but a whole-image crop): one left-right asymmetric picture,
+    packed 64 times, comes out as itself or its mirror image, about half of each."""
+    from conftest import small_dataset
+    from vitdeit.config import Config
+    from vitdeit.data import build_loader, dali_available
+    from vitdeit.distributed import Dist
+    from vitdeit.packing import PackOptions, pack
+
+    if backend == "dali" and not dali_available():
+        pytest.skip("DALI not installed")
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=32, val_per_class=2)
+    yy, xx = np.mgrid[0:64, 0:64]
+    picture = np.stack([xx * 4, yy * 4, 255 - (xx < 32) * 200], axis=-1).astype(np.uint8)  # square: scale 1 = whole
+    jpg = io.BytesIO()
+    Image.fromarray(picture).save(jpg, "JPEG", quality=95)
+    for f in data.glob("train.X*/*/*.JPEG"):
+        f.write_bytes(jpg.getvalue())
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    cfg = Config(data_path=str(tmp_path / "s"), img_size=32, batch_size=16, workers=1, crop_scale_min=1.0,
+                 loader=backend)
+    images = torch.cat([x.float() for x, _ in build_loader(cfg, load_manifest(tmp_path / "s"), "train", Dist())])
+    assert len(images) == 64
+    ref = images[0]
+    gaps = torch.stack([(images - ref).abs().mean((1, 2, 3)), (images - ref.flip(-1)).abs().mean((1, 2, 3))], 1)
+    assert gaps.min(1).values.max() < 0.05  # every crop the whole picture (in std units: a partial one is ~1 off)
+    flipped = (gaps[:, 1] < gaps[:, 0]).float().mean().item()  # share mirrored like image 0 is not
+    assert 0.3 < min(flipped, 1 - flipped) and max(flipped, 1 - flipped) < 0.7, flipped
 
 
 @pytest.mark.parametrize("n,world", [(96, 1), (96, 3), (97, 4), (10, 8)])

@@ -123,3 +123,23 @@ def test_data_wait_is_the_time_blocked_on_the_loader_not_the_step():
                               torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(),
                               progress=False)
         assert low < out["data_wait_frac"] <= high
+
+
+def test_the_model_trains_in_train_mode_and_evaluates_in_eval_mode():
+    """Dropout, drop-path and BatchNorm statistics follow the module's mode: ResNet and ViT (no error either way)
+    depend on train_one_epoch and evaluate setting it, whatever mode the model was left in."""
+    class Recorder(Bias):
+        modes: list = []
+
+        def forward(self, x):
+            self.modes.append(self.training)
+            return super().forward(x)
+
+    m, batches = Recorder(), [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 3
+    m.eval()
+    train_one_epoch(m, lambda images, outputs, targets: outputs.sum(), batches, torch.optim.SGD(m.parameters(), lr=0.0),
+                    NoSchedule(), torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(),
+                    progress=False)
+    assert m.modes == [True] * 3
+    evaluate(m, batches, Dist(), progress=False)
+    assert m.modes == [True] * 3 + [False] * 3

@@ -662,7 +662,7 @@ def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains(teacher_
     assert all(torch.equal(v, saved[k]) for k, v in held[0].state_dict().items())
 
 
-def test_label_smoothing_both_heads_without_a_teacher_and_the_ema_reach_the_training_step(tiny_shards, tmp_path,
+def test_label_smoothing_weight_decay_groups_both_heads_and_the_ema_reach_the_training_step(tiny_shards, tmp_path,
                                                                                           monkeypatch):
     """The wiring from Config to the step, against computations made here: the loss the step takes is the
     label-smoothed CE of DeiT's mean of heads (distillation none), and the saved EMA is the decay-weighted mean of
@@ -686,11 +686,24 @@ def test_label_smoothing_both_heads_without_a_teacher_and_the_ema_reach_the_trai
         after_step.append((step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return ema_update(self, model, step)
 
+    import timm.optim
+
+    made, make_optimizer = [], timm.optim.create_optimizer_v2
     monkeypatch.setattr(DistillationLoss, "forward", loss_spy)
     monkeypatch.setattr(timm.utils.ModelEmaV3, "update", ema_spy)
+    monkeypatch.setattr(timm.optim, "create_optimizer_v2", lambda net, *a, **k: made.append(
+        (net, make_optimizer(net, *a, **k))) or made[-1][1])
     train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", distillation_type="none", epochs=1,
                   batch_size=16, workers=0, label_smoothing=eps, model_ema=True, model_ema_decay=decay,
-                  lr=0.003))
+                  lr=0.003, weight_decay=0.05))
+    # AdamW's weight decay on the weight matrices alone: not on norms, biases, the position embedding or the tokens
+    (net, optimizer), = made
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    names = dict(net.named_parameters())
+    exempt = {n for n, p in names.items() if p.ndim <= 1 or n in ("pos_embed", "cls_token", "dist_token")}
+    assert {"pos_embed", "cls_token", "dist_token", "head.bias", "norm.weight"} <= exempt
+    assert plain == {id(names[n]) for n in exempt} and decayed == {id(p) for n, p in names.items() if n not in exempt}
     assert len(seen) == 6
     for outputs, targets, loss in seen:
         assert torch.is_tensor(outputs)  # one tensor, the heads' mean: both heads learn the labels

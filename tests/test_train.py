@@ -663,7 +663,7 @@ def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains(teacher_
 
 
 def test_label_smoothing_weight_decay_groups_both_heads_and_the_ema_reach_the_training_step(tiny_shards, tmp_path,
-                                                                                          monkeypatch):
+                                                                                           monkeypatch):
     """The wiring from Config to the step, against computations made here: the loss the step takes is the
     label-smoothed CE of DeiT's mean of heads (distillation none), and the saved EMA is the decay-weighted mean of
     the weights after each step, from those after the first."""

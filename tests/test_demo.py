@@ -114,3 +114,12 @@ def test_the_demo_prints_each_training_flag_once(tmp_path, quick, size):
         flags = [a for a in cmd if a.startswith("--")]
         assert len(flags) == len(set(flags)), cmd
         assert cmd[cmd.index("--img-size") + 1] == size
+
+
+def test_generate_only_writes_demo_data_under_out_as_the_full_demo_does(tmp_path, capsys):
+    from vitdeit import demo
+
+    assert demo.main(["--generate-only", "--quick", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data"]
+    assert (tmp_path / "demo_data" / "Labels.json").is_file() and len(list(tmp_path.glob("demo_data/val.X/*/*"))) == 48
+    assert f"to {tmp_path / 'demo_data'}" in capsys.readouterr().out

@@ -221,7 +221,7 @@ def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) 
             recipe[recipe.index(flag) + 1] = value
     common = ["--data-path", str(shards), "--output-dir", str(runs), "--workers", str(workers), "--overwrite",
               *recipe]  # an earlier demo's runs are replaced (check_demo_runs: only those)
-    gen = [py, "-m", "vitdeit.demo", "--generate-only", "--out", str(data)] + (["--quick"] if quick else [])
+    gen = [py, "-m", "vitdeit.demo", "--generate-only", "--out", str(out)] + (["--quick"] if quick else [])
     return [
         gen,
         [py, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(shards), "--workers", str(workers)],
@@ -252,16 +252,17 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="epochs for ViT and DeiT (the teacher gets half)")
     p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
-    p.add_argument("--generate-only", action="store_true", help="only write the demo dataset to --out")
+    p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)
     if a.generate_only:
         kw = dict(num_classes=4, train_per_class=48, val_per_class=12) if a.quick else {}
+        data = Path(a.out) / "demo_data"
         try:
-            make_demo_dataset(a.out, ROOT / "Labels.json", **kw)
+            make_demo_dataset(data, ROOT / "Labels.json", **kw)
         except VitdeitError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"wrote the synthetic demo dataset to {a.out}")
+        print(f"wrote the synthetic demo dataset to {data}")
         return 0
     out = Path(a.out).resolve()  # the runs' saved data_path then names the shards from any folder (check_demo_runs)
     epochs = {"vit": 1, "resnet18": 1} if a.quick else {"vit": a.epochs, "resnet18": max(1, a.epochs // 2)}

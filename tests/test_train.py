@@ -101,6 +101,18 @@ def test_eval_only_reproduces_best_top1(teacher_run):
     assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
 
 
+def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys):
+    cfg, _ = teacher_run
+    best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
+    capsys.readouterr()
+    out = evaluate_checkpoint(cfg_for(cfg.data_path, cfg.output_dir, run_name="teacher", eval_only=True, img_size=64,
+                                      crop_pct=0.5, interpolation="bicubic"))
+    assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9)  # the trained geometry all the same
+    assert ("with the settings " + os.path.join(cfg.output_dir, "teacher", "best.pth") + " was trained with (--model "
+            "resnet18, --img-size 32, --patch-size 8, --crop-pct 0.875, --interpolation bilinear), not --img-size 64, "
+            "--crop-pct 0.5, --interpolation bicubic\n") in capsys.readouterr().out
+
+
 def test_eval_only_says_the_checkpoints_own_score_and_the_runs_best_apart(teacher_run, tmp_path, capsys):
     cfg, _ = teacher_run
     last = torch.load(os.path.join(cfg.output_dir, "teacher", "last.pth"), weights_only=True)

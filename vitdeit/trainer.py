@@ -370,8 +370,15 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
-        ecfg = dataclasses.replace(cfg, **{k: saved_setting(trained, k)
-                                           for k in ("model", "img_size", "patch_size", "crop_pct", "interpolation")})
+        geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",
+                                                             "interpolation")}
+        flags = lambda values: ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())  # noqa: E731
+        asked = {k: getattr(cfg, k) for k, v in geometry.items()  # set, by a flag or --config, to something else
+                 if getattr(cfg, k) != v and getattr(cfg, k) != getattr(Config, k)}
+        if asked:
+            dist.print(f"note: --eval-only evaluates with the settings {path} was trained with ({flags(geometry)}), "
+                       f"not {flags(asked)}")
+        ecfg = dataclasses.replace(cfg, **geometry)
         net = to_device(model_from_checkpoint(state), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)

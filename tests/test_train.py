@@ -245,6 +245,8 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
                                            (dict(model="vit_tiny", patch_size=4),  # no patches in a ResNet: not named
                                             "saved with --model resnet18 (this run: vit_tiny); resume with"),
                                            (dict(img_size=48), "--img-size 32 (this run: 48)"),
+                                           # (a batch larger than the set: the image size is named first)
+                                           (dict(img_size=48, batch_size=1024), "--img-size 32 (this run: 48)"),
                                            (dict(weight_decay=0.0), "optimiser state does not fit")])
 def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, tmp_path, change, named):
     from vitdeit.errors import SettingError
@@ -253,6 +255,15 @@ def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, 
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
     with pytest.raises(SettingError, match=re.escape(named)):
         train(cfg_for(cfg.data_path, tmp_path, **{"model": "resnet18", "lr": 0.005, **change}, resume=last))
+
+
+def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teacher_run, tmp_path):
+    cfg, _ = teacher_run
+    last = os.path.join(cfg.output_dir, "teacher", "last.pth")
+    with pytest.raises(DataError, match=re.escape("train: 640 samples per rank < --batch-size 1024; lower --batch-size"
+                                                  f" (or use fewer processes); --resume {last} was trained with "
+                                                  "--batch-size 32: resume with its recipe (train.py --config")):
+        train(cfg_for(cfg.data_path, tmp_path, model="resnet18", lr=0.005, batch_size=1024, resume=last))
 
 
 def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, tmp_path, capsys):

@@ -205,12 +205,21 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
     resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
+    if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
+        check_resumable(resumed["config"], cfg)
     states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
     with warnings.catch_warnings(record=True) as caught:  # the loaders' (and libraries') warnings: printed after the
         warnings.simplefilter("always")  # run line, by rank 0 alone
-        train_loader = build_loader(cfg, manifest, "train", dist,
-                                    state=states[dist.rank] if dist.rank < len(states) else None)
-        val_loader = build_loader(cfg, manifest, "val", dist)
+        try:
+            train_loader = build_loader(cfg, manifest, "train", dist,
+                                        state=states[dist.rank] if dist.rank < len(states) else None)
+            val_loader = build_loader(cfg, manifest, "val", dist)
+        except DataError as e:
+            saved = saved_setting(resumed["config"], "batch_size") if resumed is not None else cfg.batch_size
+            if saved == cfg.batch_size:
+                raise
+            raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved}: "
+                            f"resume with its recipe (train.py --config RUN_DIR/config.json --resume ...)") from e
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
@@ -277,7 +286,6 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
     if resumed is not None:
-        check_resumable(resumed["config"], cfg)
         changed = recipe_changes(resumed["config"], cfg)
         if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
             dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "

@@ -142,3 +142,19 @@ def test_a_one_image_batch_trains_resnet18_where_its_last_feature_map_is_larger_
         else:
             assert ok
             assert from_dict({"model": "resnet18", "batch_size": 1, "img_size": size}).img_size == size
+
+
+@pytest.mark.parametrize("cores, local_world, expected", [(2, None, 1), (16, None, 8), (16, "8", 1), (64, "8", 7),
+                                                          (128, "8", 8), (1, None, 1)])
+def test_default_workers_share_the_usable_cores_among_the_ranks_on_a_node(monkeypatch, cores, local_world, expected):
+    import os
+
+    from vitdeit import config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4 * cores)  # the host's: more than this process may use
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert config.Config().workers == expected  # cores / ranks - 1 for each rank's main process, within 1..8

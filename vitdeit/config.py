@@ -24,12 +24,19 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
 
 
+def default_workers() -> int:
+    """1 to 8 per rank: the cores this process may use (a job scheduler's share, not the host's count), split over
+    the ranks on this node (torchrun's LOCAL_WORLD_SIZE), less one for each rank's main process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) - 1))
+
+
 @dataclass
 class Config:
     # --- data
     data_path: str = "demo_shards"  # a folder written by pack_shards.py (holds manifest.json)
     loader: str = "auto"  # auto | dali | torch; auto = DALI on CUDA when installed, else the PyTorch loader
-    workers: int = field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 2) - 1)))  # decode processes per rank
+    workers: int = field(default_factory=lambda: default_workers())  # decode processes (DALI: threads) per rank
     img_size: int = 224  # px, square, train and val
     crop_pct: float = 0.875  # val: resize shorter side to img_size / crop_pct, centre-crop img_size
     crop_scale_min: float = 0.08  # train RandomResizedCrop area range [crop_scale_min, 1]

@@ -24,13 +24,16 @@ def main(argv=None) -> int:
                    help="folder with train.X1..X4 (or train/), val.X (or val/), Labels.json")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--labels", default=None, help="WNID -> name JSON (default: DATA_PATH/Labels.json)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard, at most")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the global shuffle (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=d.shard_size,
+                   help="samples per shard, at most (default: %(default)s)")
     p.add_argument("--resize-short", type=int, default=None, metavar="S",
                    help="re-encode images whose shorter side exceeds S px down to S (default: keep originals)")
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of re-encoded images")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
+                   help="JPEG quality of re-encoded images (default: %(default)s)")
     p.add_argument(SKIP_FLAG, action="store_true", help="skip unreadable images (listed in manifest.json)")
-    p.add_argument("--workers", type=int, default=d.workers, help="parallel processes")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="parallel processes (default: %(default)s, the cores up to 8)")
     a = p.parse_args(argv)
     for flag, value, least in (("--shard-size", a.shard_size, 1), ("--workers", a.workers, 1),
                                ("--resize-short", a.resize_short, 8)):

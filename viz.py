@@ -19,18 +19,19 @@ from vitdeit.report import make_all
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vit", default="runs/baseline_vit_tiny/best.pth", help="ViT checkpoint")
-    p.add_argument("--deit", default="runs/deit_tiny_distill/best.pth", help="DeiT checkpoint")
+    p.add_argument("--vit", default="runs/baseline_vit_tiny/best.pth", help="ViT checkpoint (default: %(default)s)")
+    p.add_argument("--deit", default="runs/deit_tiny_distill/best.pth", help="DeiT checkpoint (default: %(default)s)")
     p.add_argument("--teacher-run", default=None, help="teacher run folder for the report (default: the folder of "
                    "the --teacher-ckpt the DeiT distilled from; none for --teacher-weights)")
     p.add_argument("--data-path", default=None, help="shards (default: the ViT checkpoint's data_path)")
-    p.add_argument("--num-images", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0, help="which random val images")
-    p.add_argument("--out", default="vit_vs_deit_random10.png")
-    p.add_argument("--report-dir", default="runs/report")
+    p.add_argument("--num-images", type=int, default=10, help="val images in the picture (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="which random val images (default: %(default)s)")
+    p.add_argument("--out", default="vit_vs_deit_random10.png", help="the picture (default: %(default)s)")
+    p.add_argument("--report-dir", default="runs/report",
+                   help="report.md, report.json and curves.png (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="only the picture")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU where there is one")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="val decode processes (default: %(default)s)")
     a = p.parse_args(argv)
     if a.workers < 0:
         p.error(f"--workers {a.workers}: must be >= 0 (0: load in the main process)")

@@ -49,7 +49,7 @@ class Config:
     # the rest go to nvJPEG on the CUDA cores, which the training step needs too. 1.0, not DALI's own 0.65: on an
     # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
     # 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
-    dali_hw_decoder_load: float = 1.0  # DALI on a GPU: share of JPEGs decoded by the hardware JPEG engines (A100/H100)
+    dali_hw_decoder_load: float = 1.0  # DALI on a GPU: share of JPEGs for the hardware JPEG engines (A100/H100/H200)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
@@ -57,7 +57,7 @@ class Config:
     # --- teacher (deit_tiny_distill only)
     teacher: str = "resnet18"  # the teacher architecture (resnet18 only)
     teacher_ckpt: str = ""  # a best.pth from `train.py --model resnet18` on the same class map
-    teacher_weights: str = ""  # "imagenet1k" (torchvision, sliced to the dataset's WNIDs) or a local .pth of it
+    teacher_weights: str = ""  # imagenet1k (torchvision's, cut to the WNIDs; "" = it if no --teacher-ckpt) or its .pth
     allow_weak_teacher: bool = False  # distil even from a teacher whose val top-1 is near chance
     distillation_type: str = "soft"  # soft | hard | none
     distillation_alpha: float = 0.5  # total = (1 - alpha) * CE(labels) + alpha * distillation

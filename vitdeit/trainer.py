@@ -27,6 +27,9 @@ from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
 
 
+AMP_NAME = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as --amp spells them
+
+
 def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
     """auto: bf16 on GPUs that support it, else fp16 (+ GradScaler); off on CPU (slow there)."""
     if choice == "off" or (choice == "auto" and device.type != "cuda"):
@@ -224,7 +227,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
-               f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {amp_dtype}, "
+               f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {AMP_NAME[amp_dtype]}, "
                f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
@@ -251,7 +254,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
                    f"way from here on (--loader {resumed['loader']} keeps the old)")
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
-        dist.print(f"--resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
+        dist.print(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
     if packed and packed < val_short:

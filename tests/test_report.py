@@ -93,8 +93,10 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
     assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24
 
 
-def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path):
+def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path, capsys):
     import shutil
+
+    import viz
 
     other = tmp_path / "vit"  # e.g. --vit RUN/last.pth, or a best.pth whose best epoch's weights were lost
     other.mkdir()
@@ -103,8 +105,13 @@ def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path
     best = state["epoch"]
     state["epoch"] = best + 7
     torch.save(state, other / "last.pth")
-    make_all(str(other / "last.pth"), str(runs / "deit_tiny_distill" / "best.pth"), num_images=2,
-             out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "report"), workers=0)
+    capsys.readouterr()
+    assert viz.main(["--vit", str(other / "last.pth"), "--deit", str(runs / "deit_tiny_distill" / "best.pth"),
+                     "--num-images", "2", "--out", str(tmp_path / "p.png"), "--report-dir", str(tmp_path / "report"),
+                     "--workers", "0", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"(the checkpoint read is epoch {best + 7}'s, not the best epoch {best}'s)" in said.split("ViT")[1]
+    assert "the checkpoint read" not in said.split("DeiT")[1]
     md = (tmp_path / "report" / "report.md").read_text()
     assert (f"ViT: the checkpoint read here is from epoch {best + 7}, not its best epoch {best}; its predictions "
             f"below are that epoch's.") in md.splitlines()

@@ -219,7 +219,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             val_loader = build_loader(cfg, manifest, "val", dist)
         except DataError as e:
             saved = saved_setting(resumed["config"], "batch_size") if resumed is not None else cfg.batch_size
-            if saved == cfg.batch_size:
+            if saved == cfg.batch_size or "--batch-size" not in str(e):  # (a damaged shard is not the recipe's)
                 raise
             raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved}: "
                             f"resume with its recipe (train.py --config RUN_DIR/config.json --resume ...)") from e

@@ -30,6 +30,7 @@ import struct
 import sys
 import tarfile
 from collections import Counter
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -265,7 +266,14 @@ def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
     return h.hexdigest()
 
 
-def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardResult:
+_STOP = None  # in a pool worker: set by the main process once a shard could not be written; the rest are skipped
+
+
+def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardResult | WriteFailed | None:
+    """The shard's result; a WriteFailed (returned, so that the pool ends cleanly: pack() raises it); None when
+    skipped after another shard's write error."""
+    if _STOP is not None and _STOP.is_set():
+        return None
     split, name, sources, opts, out_dir = task
     out = Path(out_dir)
     result = ShardResult(split, name, shard_fingerprint(sources, opts), num_inputs=len(sources))
@@ -290,8 +298,8 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     try:
         return _write_tar(tmp, tar_path, idx_path, record, sources, opts, result)
     except OSError as e:  # a full disk, a quota, a file-size limit (pack() removes the partial files)
-        raise write_failed(Path(e.filename) if e.filename else tmp, e,
-                           "the shards already finished are kept and a rerun packs only the rest", flag="--out") from e
+        return write_failed(Path(e.filename) if e.filename else tmp, e,
+                            "the shards already finished are kept and a rerun packs only the rest", flag="--out")
 
 
 def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardResult:
@@ -374,34 +382,50 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []
     bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
-    try:
-        for r in _run(tasks, opts.workers):
+    with closing(_run(tasks, opts.workers)) as shards, bar:
+        for r in shards:
+            if isinstance(r, WriteFailed):
+                shards.close()  # the pool ends: the shards in progress finish, the rest are skipped
+                for name in planned:  # then every partial file goes, space a full disk needs
+                    for partial in (f".{name}.tar.tmp", f"{name}.idx.tmp", f"{PROGRESS_DIR}/{name}.json.tmp"):
+                        (out / partial).unlink(missing_ok=True)
+                raise r
             results.append(r)
             bar.update(r.num_inputs)
-    except WriteFailed:  # the pool has ended: every worker's partial files go, space a full disk needs
-        for name in planned:
-            for partial in (f".{name}.tar.tmp", f"{name}.idx.tmp", f"{PROGRESS_DIR}/{name}.json.tmp"):
-                (out / partial).unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
     results.sort(key=lambda r: r.name)
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced)
 
 
 def _run(tasks, workers: int):
-    """write_shard over the tasks, in `workers` processes; the pool ends with the loop (or its interruption)."""
+    """write_shard over the tasks, in `workers` processes. Closed early (a write error, an error here), the pool
+    lets the shards in progress finish and skips the rest: Pool.terminate() can kill a worker while it holds the
+    result queue's lock and then wait on that lock forever. Ctrl-C, which the workers ignore, terminates it."""
     if workers <= 1:
         yield from map(write_shard, tasks)
         return
-    # Ctrl-C goes to the main process alone, which ends the pool: not a traceback from every worker
-    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers, _ignore_sigint) as pool:
+    ctx = get_context("fork" if sys.platform == "linux" else "spawn")
+    stop = ctx.Event()
+    pool = ctx.Pool(workers, _init_worker, (stop,))
+    try:
         yield from pool.imap_unordered(write_shard, tasks)
+    except (GeneratorExit, Exception):
+        stop.set()
+        pool.close()
+        pool.join()
+        raise
+    except BaseException:  # Ctrl-C: at once
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
 
 
-def _ignore_sigint() -> None:
+def _init_worker(stop) -> None:
+    """Ctrl-C goes to the main process alone, which ends the pool: not a traceback from every worker."""
     import signal
 
+    global _STOP
+    _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -650,3 +650,57 @@ def test_out_naming_a_file_is_an_error_naming_it(data, tmp_path):
     out.write_text("not a folder")
     with pytest.raises(DataError, match=r"--out .*/shards: a file, not a folder; pass a folder"):
         pack(data, out, opts=PackOptions(workers=1), progress=False)
+
+
+def test_after_a_write_error_the_queued_shards_are_skipped_and_those_in_progress_finish(data, tmp_path, monkeypatch):
+    import time
+
+    from vitdeit.errors import WriteFailed
+
+    real = packing.webdataset.TarWriter.write
+
+    def slow_then_full(self, sample):  # 1-image shards of >= 0.1 s each; the third cannot be written
+        time.sleep(0.1)
+        if self.stream.name.endswith(".train-000002.tar.tmp"):
+            raise OSError(28, "No space left on device")
+        return real(self, sample)
+
+    monkeypatch.setattr(packing.webdataset.TarWriter, "write", slow_then_full)
+    out = tmp_path / "s"
+    with pytest.raises(WriteFailed, match=r"\.train-000002\.tar\.tmp: \[Errno 28\]"):
+        pack(data, out, opts=PackOptions(shard_size=1, workers=2), progress=False)
+    written = sorted(p.name for p in out.glob("*.tar"))
+    # of 20 train shards: those done before the error and those the workers had started when it came back, whole
+    # (tar, index, progress record); not the queued ones (without the skip, all 19 others)
+    assert 2 <= len(written) <= 8 and "train-000002.tar" not in written, written
+    for tar in written:
+        name = tar.removesuffix(".tar")
+        assert (out / f"{name}.idx").is_file() and (out / ".progress" / f"{name}.json").is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_a_worker_told_to_stop_skips_its_shard():
+    class Set:
+        def is_set(self):
+            return True
+
+    packing._STOP = Set()
+    try:
+        assert packing.write_shard(("train", "train-000000", [], PackOptions(), "/nonexistent")) is None
+    finally:
+        packing._STOP = None
+
+
+def test_an_index_that_cannot_be_written_is_named(data, tmp_path, monkeypatch):
+    from vitdeit.errors import WriteFailed
+
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        if self.name == "train-000001.idx.tmp":
+            raise OSError(28, "No space left on device")  # as a failed write(): no file name
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(WriteFailed, match=r"could not write .*/train-000001\.idx\.tmp: \[Errno 28\]"):
+        pack(data, tmp_path / "s", opts=PackOptions(shard_size=4, workers=1), progress=False)

@@ -30,7 +30,7 @@ import struct
 import sys
 import tarfile
 from collections import Counter
-from contextlib import closing
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -252,7 +252,11 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write PATH.tmp, then rename it to PATH: a killed run never leaves a half-written file under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")  # (an index holds file names: not the locale's)
+    try:
+        tmp.write_text(text, encoding="utf-8")  # (an index holds file names: not the locale's)
+    except OSError as e:
+        e.filename = e.filename or str(tmp)  # a failed write() names no file; the error message should
+        raise
     os.replace(tmp, path)
 
 
@@ -382,39 +386,46 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     n_total = sum(len(s) for s in sources.values())
     results: list[ShardResult] = []
     bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
-    with closing(_run(tasks, opts.workers)) as shards, bar:
-        for r in shards:
-            if isinstance(r, WriteFailed):
-                shards.close()  # the pool ends: the shards in progress finish, the rest are skipped
-                for name in planned:  # then every partial file goes, space a full disk needs
-                    for partial in (f".{name}.tar.tmp", f"{name}.idx.tmp", f"{PROGRESS_DIR}/{name}.json.tmp"):
-                        (out / partial).unlink(missing_ok=True)
-                raise r
-            results.append(r)
-            bar.update(r.num_inputs)
+    try:
+        with _shards(tasks, opts.workers) as shards, bar:
+            for r in shards:
+                if isinstance(r, WriteFailed):
+                    raise r
+                results.append(r)
+                bar.update(r.num_inputs)
+    except WriteFailed:  # the pool has ended: every partial file goes, space a full disk needs
+        for name in planned:
+            for partial in (f".{name}.tar.tmp", f"{name}.idx.tmp", f"{PROGRESS_DIR}/{name}.json.tmp"):
+                (out / partial).unlink(missing_ok=True)
+        raise
     results.sort(key=lambda r: r.name)
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced)
 
 
-def _run(tasks, workers: int):
-    """write_shard over the tasks, in `workers` processes. Closed early (a write error, an error here), the pool
-    lets the shards in progress finish and skips the rest: Pool.terminate() can kill a worker while it holds the
-    result queue's lock and then wait on that lock forever. Ctrl-C, which the workers ignore, terminates it."""
+@contextmanager
+def _shards(tasks, workers: int):
+    """write_shard's results over the tasks, in `workers` processes. Ctrl-C (which the workers ignore) ends the
+    pool at once. Any other error (a write error pack() raises) lets the shards in progress finish and skips the
+    rest: Pool.terminate() can kill a worker holding the result queue's lock, and then wait on it forever."""
     if workers <= 1:
-        yield from map(write_shard, tasks)
+        yield map(write_shard, tasks)
         return
     ctx = get_context("fork" if sys.platform == "linux" else "spawn")
     stop = ctx.Event()
     pool = ctx.Pool(workers, _init_worker, (stop,))
     try:
-        yield from pool.imap_unordered(write_shard, tasks)
-    except (GeneratorExit, Exception):
+        yield pool.imap_unordered(write_shard, tasks)
+    except KeyboardInterrupt:
+        pool.terminate()
+        raise
+    except BaseException:
         stop.set()
         pool.close()
-        pool.join()
-        raise
-    except BaseException:  # Ctrl-C: at once
-        pool.terminate()
+        try:
+            pool.join()
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting
+            pool.terminate()
+            raise
         raise
     pool.close()
     pool.join()

@@ -113,6 +113,21 @@ def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoint
             "--crop-pct 0.5, --interpolation bicubic\n") in capsys.readouterr().out
 
 
+def test_eval_only_names_a_flag_it_replaces_even_at_its_default(teacher_run, capsys):
+    from vitdeit.config import parse_args
+
+    cfg, _ = teacher_run  # trained at 32 px; 224 is the default
+    capsys.readouterr()
+    evaluate_checkpoint(parse_args(["--data-path", cfg.data_path, "--output-dir", cfg.output_dir, "--run-name",
+                                    "teacher", "--eval-only", "--img-size", "224", "--workers", "0"]))
+    assert "was trained with (--model resnet18, --img-size 32, --patch-size 8, --crop-pct 0.875, --interpolation " \
+           "bilinear), not --img-size 224\n" in capsys.readouterr().out
+    capsys.readouterr()
+    evaluate_checkpoint(parse_args(["--config", os.path.join(cfg.output_dir, "teacher", "config.json"),
+                                    "--eval-only", "--workers", "0"]))
+    assert "note:" not in capsys.readouterr().out  # its own recipe: nothing replaced
+
+
 def test_eval_only_says_the_checkpoints_own_score_and_the_runs_best_apart(teacher_run, tmp_path, capsys):
     cfg, _ = teacher_run
     last = torch.load(os.path.join(cfg.output_dir, "teacher", "last.pth"), weights_only=True)
@@ -262,7 +277,7 @@ def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teac
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
     with pytest.raises(DataError, match=re.escape("train: 640 samples per rank < --batch-size 1024; lower --batch-size"
                                                   f" (or use fewer processes); --resume {last} was trained with "
-                                                  "--batch-size 32: resume with its recipe (train.py --config")):
+                                                  "--batch-size 32 (its whole recipe: train.py --config")):
         train(cfg_for(cfg.data_path, tmp_path, model="resnet18", lr=0.005, batch_size=1024, resume=last))
 
 

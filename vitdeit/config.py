@@ -252,9 +252,11 @@ def parse_args(argv=None, description: str = "") -> Config:
             p.error(f"--config {path}: must hold a JSON object")
     values.update({k: v for k, v in ns.items() if v is not None})
     try:
-        return from_dict(values, source=path or "arguments")
+        cfg = from_dict(values, source=path or "arguments")
     except ValueError as e:
         flag = re.match(r"--([a-z0-9-]+) ", str(e))
         from_file = path and flag and ns.get(flag[1].replace("-", "_")) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
                           else ""))
+    cfg.given = frozenset(values)  # not a field (not saved): the settings a flag or --config set, for messages
+    return cfg

@@ -221,8 +221,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             saved = saved_setting(resumed["config"], "batch_size") if resumed is not None else cfg.batch_size
             if saved == cfg.batch_size or "--batch-size" not in str(e):  # (a damaged shard is not the recipe's)
                 raise
-            raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved}: "
-                            f"resume with its recipe (train.py --config RUN_DIR/config.json --resume ...)") from e
+            raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
+                            f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
@@ -384,8 +384,9 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",
                                                              "interpolation")}
         flags = lambda values: ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())  # noqa: E731
-        asked = {k: getattr(cfg, k) for k, v in geometry.items()  # set, by a flag or --config, to something else
-                 if getattr(cfg, k) != v and getattr(cfg, k) != getattr(Config, k)}
+        # set to something else: by a flag or --config (parse_args' `given`), else (an API call) off its default
+        given = getattr(cfg, "given", {k for k in geometry if getattr(cfg, k) != getattr(Config, k)})
+        asked = {k: getattr(cfg, k) for k, v in geometry.items() if k in given and getattr(cfg, k) != v}
         if asked:
             dist.print(f"note: --eval-only evaluates with the settings {path} was trained with ({flags(geometry)}), "
                        f"not {flags(asked)}")

@@ -158,3 +158,14 @@ def test_default_workers_share_the_usable_cores_among_the_ranks_on_a_node(monkey
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
     assert config.Config().workers == expected  # cores / ranks - 1 for each rank's main process, within 1..8
+
+
+def test_without_an_affinity_call_the_host_count_is_used(monkeypatch):
+    import os
+
+    from vitdeit import config
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert config.usable_cores() == 6 and config.Config().workers == 5

@@ -24,11 +24,15 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a job scheduler's or container's share, not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    """1 to 8 per rank: the cores this process may use (a job scheduler's share, not the host's count), split over
-    the ranks on this node (torchrun's LOCAL_WORLD_SIZE), less one for each rank's main process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) - 1))
+    """1 to 8 per rank: the usable cores split over the ranks on this node (torchrun's LOCAL_WORLD_SIZE: its ranks
+    share the launcher's cores), less one for each rank's main process."""
+    return max(1, min(8, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) - 1))
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import load_labels
+from .config import usable_cores
 from .errors import SettingError, VitdeitError
 from .packing import SPLIT_DIR_PATTERNS
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                                             "train teacher, ViT, DeiT -> pictures and report.")
     p.add_argument("--out", default=".", help="where demo_data/, demo_shards/ and runs/ go (default: here)")
     p.add_argument("--epochs", type=int, default=8, help="epochs for ViT and DeiT (the teacher gets half)")
-    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
+    p.add_argument("--workers", type=int, default=max(1, min(4, usable_cores() - 1)))
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)

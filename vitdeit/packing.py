@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for
+from .config import usable_cores
 from .errors import DataError, WriteFailed, write_failed
 
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ class PackOptions:
     resize_short: int | None = None  # re-encode so the shorter side is at most this many px (None: keep)
     jpeg_quality: int = 90  # only for images that are re-encoded (converted or resized)
     skip_bad: bool = False
-    workers: int = max(1, min(8, os.cpu_count() or 1))
+    workers: int = max(1, min(8, usable_cores()))
 
 
 @dataclass(frozen=True)

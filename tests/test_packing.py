@@ -580,6 +580,19 @@ def test_out_inside_the_source_folders_is_refused_and_beside_them_allowed(data):
     assert m["splits"]["train"]["num_samples"] == 16 and m["splits"]["val"]["num_samples"] == 4
 
 
+@pytest.mark.parametrize("damage", ["shortened", "cut"])
+def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage):
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    idx = out / "train-000001.idx"
+    whole = idx.read_text()
+    lines = whole.splitlines()
+    idx.write_text(f"v1.2 {len(lines) - 2}\n" + "\n".join(lines[1:-1]) + "\n" if damage == "shortened"
+                   else "\n".join(lines[:-1]) + "\n")
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert idx.read_text() == whole
+
+
 def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path):
     from vitdeit.data import shard_paths
 

@@ -41,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for
 from .config import usable_cores
+from .data import index_lines
 from .errors import DataError, WriteFailed, write_failed
 
 FORMAT_VERSION = 1
@@ -250,6 +251,14 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
     return len(samples)
 
 
+def index_count(idx_path: Path) -> int:
+    """The samples a whole index lists; -1 for one cut short or damaged."""
+    try:
+        return len(index_lines(idx_path))
+    except DataError:
+        return -1
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write PATH.tmp, then rename it to PATH: a killed run never leaves a half-written file under the real name."""
     tmp = path.with_name(path.name + ".tmp")
@@ -291,9 +300,10 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             done = {}  # unreadable: write the shard again
         # same inputs, same options: reuse the shard; one that skipped bad files only where skipping is asked for
         # (without --skip-bad they are read again: a file fixed in place, e.g. its permissions, then packs)
-        # a tar of another size than written (a copy cut short, a full disk) is written again too
+        # a tar of another size than written (a copy cut short, a full disk), or an index of another count (the
+        # loaders refuse both), is written again too
         if (done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad"))
-                and tar_path.stat().st_size == done.get("bytes")):
+                and tar_path.stat().st_size == done.get("bytes") and index_count(idx_path) == done.get("num_samples")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             return ShardResult(**done)
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that

@@ -405,9 +405,10 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
                 results.append(r)
                 bar.update(r.num_inputs)
     except WriteFailed:  # the pool has ended: every partial file goes, space a full disk needs
-        for name in planned:
-            for partial in (f".{name}.tar.tmp", f"{name}.idx.tmp", f"{PROGRESS_DIR}/{name}.json.tmp"):
-                (out / partial).unlink(missing_ok=True)
+        for d in (out, out / PROGRESS_DIR):
+            for partial in d.iterdir():
+                if SHARD_FILE.match(partial.name) and partial.name.endswith(".tmp"):
+                    partial.unlink()
         raise
     results.sort(key=lambda r: r.name)
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced)

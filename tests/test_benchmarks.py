@@ -71,7 +71,7 @@ def test_a_dali_failure_is_reported_not_raised(tiny_shards):
     # more than the 96 train samples: a DataError
     too_big = argparse.Namespace(img_size=32, batch_size=1000, interpolation="bilinear", dali_hw_decoder_load=[0.65],
                                  rand_augment="")
-    assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("DataError: train: 96 samples per rank")
+    assert dali_error(too_big, tiny_shards, torch.device("cpu")).startswith("BatchTooLarge: train: 96 samples per rank")
 
 
 def test_rand_augment_reaches_every_loader_of_the_comparison(tiny_shards):

@@ -24,6 +24,11 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a Config field: img_size -> --img-size (every message that names a setting)."""
+    return "--" + name.replace("_", "-")
+
+
 def usable_cores() -> int:
     """The cores this process may run on: a job scheduler's or container's share, not the host's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -104,7 +109,7 @@ class Config:
         for f in fields(self):  # argparse reads "inf" and "nan" as floats: no setting here means either
             v = getattr(self, f.name)
             need(not isinstance(v, float) or math.isfinite(v),
-                 f"--{f.name.replace('_', '-')} {v}: must be a finite number")
+                 f"{flag(f.name)} {v}: must be a finite number")
         need(self.model in MODELS, f"--model {self.model!r}: choose one of {', '.join(MODELS)}")
         need(self.loader in ("auto", "dali", "torch"), f"--loader {self.loader!r}: choose auto, dali or torch")
         need(self.device in ("auto", "cuda", "cpu"), f"--device {self.device!r}: choose auto, cuda or cpu")
@@ -132,13 +137,13 @@ class Config:
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         for name in ("crop_scale_min", "crop_pct"):  # fractions of the image: its area, its side
-            need(0 < getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in (0, 1]")
+            need(0 < getattr(self, name) <= 1, f"{flag(name)} {getattr(self, name)}: must be in (0, 1]")
         for name in ("random_erasing", "drop_path"):  # per image; the deepest block's (timm spreads it linearly)
-            need(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1]")
+            need(0 <= getattr(self, name) <= 1, f"{flag(name)} {getattr(self, name)}: must be in [0, 1]")
         for name in ("label_smoothing", "model_ema_decay"):  # 1 would make the targets uniform, freeze the EMA
-            need(0 <= getattr(self, name) < 1, f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
+            need(0 <= getattr(self, name) < 1, f"{flag(name)} {getattr(self, name)}: must be in [0, 1)")
         for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr", "weight_decay"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+            need(getattr(self, name) >= 0, f"{flag(name)} {getattr(self, name)}: must be >= 0")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
         need(not self.rand_augment or _rand_augment_ok(self.rand_augment),
@@ -241,7 +246,7 @@ def parse_args(argv=None, description: str = "") -> Config:
         t = hints[f.name]
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = _parse_bool if t is bool else t
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, metavar=t.__name__.upper(),
+        p.add_argument(flag(f.name), type=kind, default=None, metavar=t.__name__.upper(),
                        nargs="?" if t is bool else None, const=True if t is bool else None,
                        help=f"{comments.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
     ns = vars(p.parse_args(argv))
@@ -258,8 +263,8 @@ def parse_args(argv=None, description: str = "") -> Config:
     try:
         cfg = from_dict(values, source=path or "arguments")
     except ValueError as e:
-        flag = re.match(r"--([a-z0-9-]+) ", str(e))
-        from_file = path and flag and ns.get(flag[1].replace("-", "_")) is None  # not given on the command line
+        named = re.match(r"--([a-z0-9-]+) ", str(e))
+        from_file = path and named and ns.get(named[1].replace("-", "_")) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
                           else ""))
     cfg.given = frozenset(values)  # not a field (not saved): the settings a flag or --config set, for messages

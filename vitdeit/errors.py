@@ -23,6 +23,14 @@ class DataError(VitdeitError, ValueError):
     """Bad input data: the message names the file or value and the fix."""
 
 
+class BatchTooLarge(DataError):
+    """A split has fewer train samples per process than --batch-size: not one step per epoch."""
+
+    def __init__(self, split: str, per_rank: int, batch_size: int):
+        super().__init__(f"{split}: {per_rank} samples per rank < --batch-size {batch_size}; lower --batch-size (or "
+                         f"use fewer processes).")
+
+
 class SettingError(VitdeitError, ValueError):
     """A flag or setting that cannot work here: the message names the flag and what to use instead."""
 

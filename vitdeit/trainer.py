@@ -17,12 +17,12 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
 from .classes import load_manifest, manifest_class_map
-from .config import Config, saved_setting
+from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
 from .engine import evaluate, train_one_epoch
-from .errors import DataError, SettingError, first_line
+from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
 
@@ -115,7 +115,7 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
 def check_resumable(saved: dict, cfg: Config) -> None:
     """The resumed weights' shapes follow from these settings: a clear error here, not a page of missing keys."""
     patches = "resnet18" not in (saved.get("model"), cfg.model)  # the patch size shapes the transformers only
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (this run: {getattr(cfg, k)})"
+    diff = [f"{flag(k)} {saved.get(k)} (this run: {getattr(cfg, k)})"
             for k in ("model", "img_size", "patch_size")[: 3 if patches else 2] if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe "
@@ -126,7 +126,7 @@ def recipe_changes(saved: dict, cfg: Config) -> list[str]:
     """This invocation's settings that differ from the resumed run's, as flags (not those that only say where the
     run writes and how it shows progress); a run saved before a setting existed had its default."""
     quiet = ("workers", "progress", "output_dir", "run_name")
-    return [f"--{k.replace('_', '-')} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
+    return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
             if k not in quiet and saved_setting(saved, k) != v]
 
 
@@ -217,9 +217,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             train_loader = build_loader(cfg, manifest, "train", dist,
                                         state=states[dist.rank] if dist.rank < len(states) else None)
             val_loader = build_loader(cfg, manifest, "val", dist)
-        except DataError as e:
+        except BatchTooLarge as e:
             saved = saved_setting(resumed["config"], "batch_size") if resumed is not None else cfg.batch_size
-            if saved == cfg.batch_size or "--batch-size" not in str(e):  # (a damaged shard is not the recipe's)
+            if saved == cfg.batch_size:
                 raise
             raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
                             f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
@@ -383,7 +383,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",
                                                              "interpolation")}
-        flags = lambda values: ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())  # noqa: E731
+        flags = lambda values: ", ".join(f"{flag(k)} {v}" for k, v in values.items())  # noqa: E731
         # set to something else: by a flag or --config (parse_args' `given`), else (an API call) off its default
         given = getattr(cfg, "given", {k for k in geometry if getattr(cfg, k) != getattr(Config, k)})
         asked = {k: getattr(cfg, k) for k, v in geometry.items() if k in given and getattr(cfg, k) != v}

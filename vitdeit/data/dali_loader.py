@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from ..config import Config
-from ..errors import DataError
+from ..errors import BatchTooLarge
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
@@ -152,7 +152,7 @@ class DaliLoader:
         if self.train:
             self.steps = n // world // batch_size
             if self.steps == 0:
-                raise DataError(f"{split}: {n // world} samples per rank < --batch-size {batch_size}; lower it.")
+                raise BatchTooLarge(split, n // world, batch_size)
             self.num_samples = self.steps * batch_size
         else:  # DALI's shard r of `world` holds samples [floor(r n / world), floor((r + 1) n / world))
             self.num_samples = (rank + 1) * n // world - rank * n // world

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 
 from ..config import Config
-from ..errors import DataError
+from ..errors import BatchTooLarge, DataError
 from . import MEAN, STD, index_lines, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
@@ -235,8 +235,7 @@ class TorchLoader:
         self.sampler = RankSampler(len(self.dataset), rank, world, shuffle=train, seed=seed, repeats=repeats)
         self.drop_last = train  # every rank takes the same number of train steps
         if self.drop_last and len(self.sampler) < batch_size:
-            raise DataError(f"{split}: {len(self.sampler)} samples per rank < --batch-size {batch_size}; "
-                            f"lower --batch-size (or use fewer processes).")
+            raise BatchTooLarge(split, len(self.sampler), batch_size)
         self.device = torch.device(device)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",

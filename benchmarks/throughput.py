@@ -522,30 +522,38 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "settings": dict(vars(a))}  # a copy: a DALI failure turns a.dali off later
+              "settings": dict(vars(a)), "seconds": {}}  # a copy: a DALI failure turns a.dali off later
+    start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def timed(part: str):  # wall-clock seconds of each part, for the JSON and the header: where a run's time goes
+        t = time.perf_counter()
+        yield
+        result["seconds"][part] = round(time.perf_counter() - t, 1)
 
     data_dir = Path(a.data_path) if a.data_path else work / "images"
-    if not a.data_path and not (data_dir / "Labels.json").exists():
-        from benchmarks.imageset import make_imageset
+    with timed("data"):  # the images, the shards and DALI's one-batch check
+        if not a.data_path and not (data_dir / "Labels.json").exists():
+            from benchmarks.imageset import make_imageset
 
-        print(f"making {a.num_images} synthetic ImageNet-sized JPEGs in {data_dir} ...", flush=True)
-        make_imageset(data_dir, ROOT / "Labels.json", n_train=a.num_images, n_val=max(16, a.num_images // 8))
-    files = train_files(data_dir)
-    sizes = [f.stat().st_size for f in files]
-    result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
-    shard_dirs = {}
-    if parts & {"loaders", "e2e", "data"}:  # "data" alone: make the images and shards, measure nothing
-        for label, resize in (("original", None), (f"resize_short={a.resize_short}", a.resize_short)):
-            sdir = work / ("shards" if resize is None else f"shards_{resize}")
-            if not (sdir / "manifest.json").exists():
-                pack(data_dir, sdir, opts=PackOptions(workers=a.workers, resize_short=resize, shard_size=256),
-                     progress=False)
-            shard_dirs[label] = sdir
-        if a.dali and dali_available():
-            result["dali_error"] = dali_error(a, shard_dirs["original"], device)
-            if result["dali_error"]:
-                print(f"DALI failed, its rows are skipped: {result['dali_error']}", flush=True)
-                a.dali = False
+            print(f"making {a.num_images} synthetic ImageNet-sized JPEGs in {data_dir} ...", flush=True)
+            make_imageset(data_dir, ROOT / "Labels.json", n_train=a.num_images, n_val=max(16, a.num_images // 8))
+        files = train_files(data_dir)
+        sizes = [f.stat().st_size for f in files]
+        result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
+        shard_dirs = {}
+        if parts & {"loaders", "e2e", "data"}:  # "data" alone: make the images and shards, measure nothing
+            for label, resize in (("original", None), (f"resize_short={a.resize_short}", a.resize_short)):
+                sdir = work / ("shards" if resize is None else f"shards_{resize}")
+                if not (sdir / "manifest.json").exists():
+                    pack(data_dir, sdir, opts=PackOptions(workers=a.workers, resize_short=resize, shard_size=256),
+                         progress=False)
+                shard_dirs[label] = sdir
+            if a.dali and dali_available():
+                result["dali_error"] = dali_error(a, shard_dirs["original"], device)
+                if result["dali_error"]:
+                    print(f"DALI failed, its rows are skipped: {result['dali_error']}", flush=True)
+                    a.dali = False
 
     def save():  # after every part: a run stopped at a time limit keeps what it measured
         if a.json:
@@ -554,15 +562,18 @@ def main(argv=None) -> int:
     save()  # the machine and the images, even when no part measures anything (--parts data)
     if "packing" in parts:
         print("packing ...", flush=True)
-        result["packing"] = bench_packing(data_dir, work, a.workers)
+        with timed("packing"):
+            result["packing"] = bench_packing(data_dir, work, a.workers)
         save()
     if "transforms" in parts:
         print("per-image costs on one core ...", flush=True)
-        result["transforms"] = bench_transforms(files, a.img_size)
+        with timed("transforms"):
+            result["transforms"] = bench_transforms(files, a.img_size)
         save()
     if "loaders" in parts:
         print("loaders ...", flush=True)
-        result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
+        with timed("loaders"):
+            result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
         save()
         print_tables(result)  # early too: the loader table survives a later time-out in the log
     # priority: lower is higher; out-of-range values map to the highest the device has
@@ -570,12 +581,17 @@ def main(argv=None) -> int:
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         if parts & {"model", "e2e"}:
             print("model step ...", flush=True)
-            result["model_step"], e2e_step = bench_model_step(a, device, sync, only_e2e="model" not in parts)
+            with timed("model"):
+                result["model_step"], e2e_step = bench_model_step(a, device, sync, only_e2e="model" not in parts)
             save()
         if "e2e" in parts:
             print("end to end ...", flush=True)
-            result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []), e2e_step, sync)
+            with timed("e2e"):
+                result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []), e2e_step,
+                                                        sync)
             save()
+    result["seconds"]["total"] = round(time.perf_counter() - start, 1)
+    save()
     print_tables(result)
     return 0
 
@@ -595,6 +611,8 @@ def print_tables(r: dict) -> None:
           f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, "
           f"batch {r['settings']['batch_size']}"
           + "".join(f", {s}" for s in step_switches(r["settings"])))
+    if r.get("seconds"):
+        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     if "packing" in r:
         for row in r["packing"]:
             print(f"packing    workers={row['workers']:<2d} {row['images_per_s']:9.1f} img/s")

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]
 
 @pytest.mark.parametrize("e2e_unit,loader_workers", [("steps", [1, 2]), ("epoch", [1])])
 def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit, loader_workers):
+    start = time.perf_counter()
     run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit, "--loader-workers", ",".join(map(str, loader_workers)))
+    wall = time.perf_counter() - start
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     assert r["machine"]["git_commit"] == git("rev-parse", "HEAD")
@@ -55,6 +58,12 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
         assert row["fraction_if_overlapped"] == pytest.approx(min(1.0, alone[row["loader"]] / ceiling))
     assert len(r["transforms"]) == 8 and all(t["ms_per_image"] > 0 for t in r["transforms"])
     assert run.stdout.rstrip().splitlines()[-1].startswith("end to end")  # the table comes last
+    # where the time went: each part once, within the whole, which is within the process's life as timed here
+    seconds = r["seconds"]
+    assert list(seconds) == ["data", "packing", "transforms", "loaders", "model", "e2e", "total"]
+    assert all(v >= 0 for v in seconds.values()) and seconds["loaders"] > 0 and seconds["e2e"] > 0
+    assert sum(seconds.values()) - seconds["total"] <= seconds["total"] + 0.35 and seconds["total"] < wall  # rounding
+    assert "seconds: data " in run.stdout
 
 
 @pytest.mark.skipif(not dali_available(), reason="DALI not installed")

@@ -32,6 +32,9 @@ def test_shipped_labels_json_has_100_classes():
     ("{}", "non-empty JSON object"),
     ('{"dog": "a"}', "not a WNID"),
     ('{"n01000000": ""}', "non-empty string"),
+    ('{"n01000000": "  "}', "non-empty string"),
+    ('{"n01000000": 5}', "non-empty string"),  # a number, not a name
+    ('{"n012345678": "a"}', "not a WNID"),  # 9 digits: a typo, not 'n' + 8 digits
     ("{not json", "not valid JSON"),
 ])
 def test_bad_labels_json_is_a_clear_error_naming_the_file(tmp_path, text, fragment):

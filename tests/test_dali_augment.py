@@ -76,6 +76,29 @@ def test_every_row_of_the_tables_is_timms_argument(name, monkeypatch):
             assert (max(0.1, 1 + ours) if enhancement else ours) == pytest.approx(timm, abs=1e-9), (level, negate)
 
 
+@pytest.mark.parametrize("name", [op + inc for op in ("Color", "Contrast", "Brightness") for inc in ("", "Increasing")])
+def test_the_enhancement_factors_tabulated_are_timms_up_to_mmax(name, monkeypatch):
+    # mmax 15: BrightnessIncreasing's factor 1 - 1.5 * 0.9 would be negative, which timm keeps at 0.1
+    (op,) = dali_ops(RandAugmentSpec((name,), 1, 1.0, 9.0, 0.0, 15.0), SIZE)
+    assert op.table.shape == (2 * 151,)
+    for negate in (False, True):  # the table's second row of a step: the negated argument (the same where unsigned)
+        monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
+        for step in range(151):
+            (factor,) = timm_aa.LEVEL_TO_ARG[name](step / STEPS, {})
+            assert op.table[2 * step + negate] == pytest.approx(factor, abs=1e-6), (step, negate)
+
+
+def test_the_warps_fill_with_the_grey_nearest_timms_per_channel_fill():
+    # DALI's warps take one fill value for all channels: the grey with the least squared distance to timm's (124,
+    # 116, 104) is 115; its red channel (124) would be 20 grey levels off in blue
+    (op,) = dali_ops(RandAugmentSpec(("Rotate",), 1, 1.0, 9.0, 0.0, 10.0), SIZE)
+    black = np.zeros((SIZE, SIZE, 3), np.uint8)
+    corner = run(lambda x: op(x, types.Constant(np.int32(2 * 90))), images=(black,))[0, 0, 0]  # uncovered by 27 deg
+    assert len(set(corner.tolist())) == 1
+    distance = lambda g: sum((g - c) ** 2 for c in RA_FILL)  # noqa: E731
+    assert distance(int(corner[0])) == min(distance(g) for g in range(256))
+
+
 def test_the_spec_is_read_by_timms_parser():
     assert RandAugmentSpec.parse("rand-m9-mstd0.5-inc1") == RandAugmentSpec(
         tuple(timm_aa._RAND_INCREASING_TRANSFORMS), 2, 0.5, 9.0, 0.5, 10.0)

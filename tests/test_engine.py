@@ -1,5 +1,8 @@
 """engine.evaluate: exact counts against logits chosen here, for one head and for DeiT's two."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,46 @@ def test_deit_predicts_by_the_mean_of_its_heads_and_reports_each():
     assert int(((CLS + DIST) / 2).topk(4, dim=1).indices.eq(LABELS[:, None]).any(1).sum()) < top5 * N / 100
     assert out["val_top1_cls_head"] == counted(CLS)[0] and out["val_top1_dist_head"] == counted(DIST)[0]
     assert len({out["val_top1"], out["val_top1_cls_head"], out["val_top1_dist_head"]}) > 1  # the three differ
+
+
+def test_top5_with_fewer_than_five_classes_is_every_image():
+    class ThreeClasses(nn.Module):  # e.g. the demo's 4 classes: topk(5) would raise
+        def forward(self, x):
+            return CLS[x.view(-1).long(), :3]
+
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    out = evaluate(ThreeClasses(), [(torch.arange(5.0).view(-1, 1, 1, 1), labels)], Dist(), progress=False)
+    hits = int((CLS[:5, :3].argmax(1) == labels).sum())
+    assert out["val_top5"] == 100.0 and out["val_top1"] == 100 * hits / 5 and out["val_samples"] == 5
+
+
+def _evaluate_as_rank(rank, world, init_file, out_dir):
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                             timeout=timedelta(seconds=60))  # a rank that never arrives fails the test, not hangs it
+    try:  # each rank its own batches: rank 0 batches 0 and 2 (8 images), rank 1 batch 1 (5 images)
+        out = evaluate(TwoHeads(), BATCHES[rank::world], Dist(rank, world), progress=False)
+    finally:
+        tdist.destroy_process_group()
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
+
+
+def test_every_rank_reports_the_counts_summed_over_all_ranks():
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:  # (a short path: gloo's file store)
+        mp.spawn(_evaluate_as_rank, args=(2, f"{d}/init", d), nprocs=2)
+        outs = [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
+    top1, top5, loss = counted((CLS + DIST) / 2)
+    for out in outs:
+        assert out["val_samples"] == N and out["val_top1"] == top1 and out["val_top5"] == top5
+        assert abs(out["val_loss"] - loss) < 1e-5
+        assert out["val_top1_cls_head"] == counted(CLS)[0] and out["val_top1_dist_head"] == counted(DIST)[0]
 
 
 def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts_the_prediction():

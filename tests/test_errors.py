@@ -44,6 +44,35 @@ def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
         load_checkpoint(cut)
 
 
+def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_unrun(tmp_path):
+    class RunsCode:  # unpickling calls os.mkdir(MARKER): what a crafted .pth can do under weights_only=False
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    whole = {"model": {"w": torch.zeros(2)}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": ["n00000001"]}
+    for key in ("config", "classes"):  # what the report and --resume read next: a KeyError otherwise
+        torch.save({k: v for k, v in whole.items() if k != key}, tmp_path / f"no_{key}.pth")
+        with pytest.raises(DataError, match=re.escape(f"no_{key}.pth: not a vitdeit checkpoint (missing ['{key}'])")):
+            load_checkpoint(tmp_path / f"no_{key}.pth")
+    torch.save({**whole, "extra": RunsCode()}, tmp_path / "code.pth")
+    with pytest.raises(DataError, match=r"code\.pth: cannot be read by torch\.load\(weights_only=True\)"):
+        load_checkpoint(tmp_path / "code.pth")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(tmp_path):
+    from vitdeit.classes import ClassMap
+
+    path = tmp_path / "x.pth"
+    torch.save({"model": {}, "best_top1": 1.0, "epoch": 0, "config": {"data_path": "old_shards"},
+                "classes": ["n00000001", "n00000002"]}, path)
+    other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c", "n00000004": "d"})
+    with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, 1 not in this "
+                                                  f"dataset's 3)") + ".*data_path: old_shards"):
+        load_checkpoint(path, other)
+    assert load_checkpoint(path, ClassMap.from_labels({"n00000002": "b", "n00000001": "a"}))["epoch"] == 0
+
+
 # what torch.save raised on full disks: on CI's, and on a 1 MB tmpfs
 @pytest.mark.parametrize("message", ["[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
                                      "file data/3: file write failed",

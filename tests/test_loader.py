@@ -250,6 +250,20 @@ def test_both_transforms_resize_with_the_chosen_filter_as_pil_does(mode, other):
         assert diff.mean() > 10 * max(same.mean(), 0.05)  # and the other filter is measurably different
 
 
+@pytest.mark.parametrize("w,h", [(120, 90), (90, 120)])
+def test_val_resizes_the_shorter_side_to_floor_size_over_crop_pct_then_takes_the_centre(w, h):
+    # timm's eval transform: 32 / 0.875 = 36.57 -> 36 px (not 37), the longer side int(36 * 4 / 3) = 48, then the
+    # centre 32 x 32: 2 px off the shorter side's start, 8 px off the longer's
+    rng = np.random.default_rng(1)
+    arr = np.kron(rng.integers(0, 256, (h // 3, w // 3, 3)), np.ones((3, 3, 1))).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # lossless: only the resize and the crop decide the pixels
+    out = ValTransform(32, crop_pct=0.875)(buf.getvalue()).astype(int)
+    resized = np.asarray(Image.fromarray(arr).resize((48, 36) if w > h else (36, 48), Image.BILINEAR)).astype(int)
+    centre = resized[2:34, 8:40] if w > h else resized[8:40, 2:34]
+    assert out.shape == (32, 32, 3) and np.abs(out - centre).max() <= 1
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_build_loader_hands_the_runs_filter_to_the_pytorch_loaders_transforms(tiny_shards, split):
     from vitdeit.config import Config

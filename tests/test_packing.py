@@ -417,6 +417,7 @@ def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
     shards = m["splits"]["train"]["shards"]
     assert len(plan) == 16 and len(shards) == 14 and all(s["num_samples"] == 1 for s in shards)
     assert sorted(p.name for p in (tmp_path / "s").glob("train-*.tar")) == sorted(s["file"] for s in shards)
+    assert sorted(p.name for p in (tmp_path / "s").glob("train-*.idx")) == sorted(s["index"] for s in shards)
     assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
 
 
@@ -717,3 +718,39 @@ def test_an_index_that_cannot_be_written_is_named(data, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(WriteFailed, match=r"could not write .*/train-000001\.idx\.tmp: \[Errno 28\]"):
         pack(data, tmp_path / "s", opts=PackOptions(shard_size=4, workers=1), progress=False)
+
+
+def jpeg_tables(data: bytes) -> dict:
+    with Image.open(io.BytesIO(data)) as im:
+        return {k: list(v) for k, v in im.quantization.items()}
+
+
+def test_jpeg_quality_sets_the_re_encoded_images_quality_and_a_rerun_with_another_re_encodes_them(data, tmp_path):
+    # Pillow's quantisation tables at quality q, from an image of its own: what a JPEG saved at q carries
+    reference = {}
+    for q in (30, 95):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG", quality=q)
+        reference[q] = jpeg_tables(buf.getvalue())
+    assert reference[30] != reference[95]
+    out = tmp_path / "s"
+    for q in (95, 30):  # the same folder: the second run must not reuse the first run's quality-95 shards
+        m = pack(data, out, opts=PackOptions(resize_short=32, jpeg_quality=q, workers=1), progress=False)
+        packed = {}
+        for split in ("train", "val"):
+            for sh in m["splits"][split]["shards"]:
+                packed.update(read_tar(out / sh["file"]))
+        assert len(packed) == 20 and len(m["converted"]) == 20  # every input is over 32 px: all re-encoded
+        assert all(jpeg_tables(c["jpg"]) == reference[q] for c in packed.values()), q
+        assert m["options"]["jpeg_quality"] == q
+
+
+def test_hidden_files_and_folders_that_file_managers_leave_are_not_packed(data, tmp_path):
+    cls = first_image(data).parent
+    (cls / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # macOS Finder
+    (cls / f"._{first_image(data).name}").write_bytes(b"\0\5\26\7AppleDouble")  # a resource fork, copied to FAT
+    (data / "train.X2" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "val.X" / ".Trash-1000").mkdir()
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert (m["splits"]["train"]["num_samples"], m["splits"]["val"]["num_samples"]) == (16, 4)
+    assert m["skipped"] == [] and m["converted"] == []

@@ -62,6 +62,9 @@ def test_same_seed_same_images_other_seed_others():
     assert sample_indices(500, 10, 0) == sample_indices(500, 10, 0) != sample_indices(500, 10, 1)
     with pytest.raises(ValueError, match="--num-images"):
         sample_indices(5, 10, 0)
+    assert sorted(sample_indices(5, 5, 0)) == [0, 1, 2, 3, 4]  # every val image, once each
+    with pytest.raises(ValueError, match="--num-images 0: must be between 1 and the 5 val images"):
+        sample_indices(5, 0, 0)
 
 
 def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(runs, tmp_path):
@@ -215,6 +218,33 @@ def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_bot
                                                                           pytest.approx(100 * 4 / 12), 12)
 
 
+def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
+    cm = ClassMap.from_labels({"n00000001": "a", "n00000002": "b", "n00000003": "c"})
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    vit = np.array([0, 1, 1, 0, 2, 2])  # right: 1 of class 0, 1 of class 1, 2 of class 2
+    deit = np.array([0, 0, 0, 1, 2, 2])  # right: 2, 1 (another image), 2
+    comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 32, 0.875),
+                      Predictions("DeiT", labels, deit, np.ones(6), 32, 0.875))
+    assert [(r["class"], r["delta"]) for r in comp["per_class"]] == [("n00000001", 50.0), ("n00000002", 0.0),
+                                                                      ("n00000003", 0.0)]
+    assert [r["class"] for r in comp["gains"]] == ["n00000001"] and comp["losses"] == []
+
+
+def test_the_run_summary_is_the_best_val_epochs_with_the_median_speed_of_the_epochs_after_the_first():
+    from vitdeit.report import run_summary
+
+    rows = [{"epoch": 0, "val_top1": 20.0, "val_top5": 60.0, "images_per_s": 50.0},  # compiling: slow
+            {"epoch": 1, "val_top1": 45.0, "val_top5": 80.0, "images_per_s": 400.0, "val_top1_cls_head": 44.0,
+             "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0},
+            {"epoch": 2, "val_top1": 40.0, "val_top5": 85.0, "images_per_s": 420.0, "val_top1_cls_head": 41.0,
+             "val_top1_dist_head": 42.0, "teacher_val_top1": 70.0}]
+    s = run_summary("DeiT", rows, {"config": {"model": "deit_tiny_distill"}, "epoch": 2}, 5_000_000)
+    assert s == {"run": "DeiT", "model": "deit_tiny_distill", "best_epoch": 1, "val_top1": 45.0, "val_top5": 80.0,
+                 "params": 5_000_000, "epochs": 3, "last_epoch": 2, "checkpoint_epoch": 2, "train_images_per_s": 410.0,
+                 "val_top1_cls_head": 44.0, "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0}
+    assert run_summary("ViT", rows[:1], {"config": {"model": "vit_tiny"}, "epoch": 0}, 1)["train_images_per_s"] == 50.0
+
+
 def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence(tiny_shards):
     manifest = load_manifest(tiny_shards)
     c = len(manifest["classes"])
@@ -281,6 +311,10 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)  # 2 epochs: 0 and 1, not 0.25, 0.5, ...
         assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0, 1]] * 4  # numbered as metrics.jsonl
+    for ax, what in ((loss, "loss"), (top1, "top1")):  # each line the metric its legend names, dashed for train
+        lines = {(line.get_label(), line.get_linestyle()): list(line.get_ydata()) for line in ax.get_lines()}
+        assert lines == {(f"{name} {split}", "--" if split == "train" else "-"): [r[f"{split}_{what}"] for r in rows]
+                         for name, rows in (("ViT", [row(0), row(1)]), ("DeiT", deit)) for split in ("train", "val")}
     plain = curves_figure({"ViT": [row(0), row(1)]}).axes[0]
     assert plain.get_title() == ("train (dashed): the loss as trained, with its label smoothing, Mixup/CutMix if any; "
                                  "val (solid): plain CE")

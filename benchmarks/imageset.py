@@ -55,7 +55,6 @@ def make_imageset(out: str | Path, labels_path: str | Path, n_train: int = 512, 
     labels = load_labels(labels_path)
     wnids = sorted(labels)[:num_classes]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "Labels.json").write_text(json.dumps({w: labels[w] for w in wnids}))
     jobs = []
     for split, n in (("train.X1", n_train), ("val.X", n_val)):
         for i in range(n):
@@ -65,6 +64,8 @@ def make_imageset(out: str | Path, labels_path: str | Path, n_train: int = 512, 
             jobs.append((str(out / split / wnid / name), seed * 10**7 + len(jobs)))
     with Pool(workers or os.cpu_count()) as pool:  # ~0.1 s per image: use every core
         pool.map(_write_one, jobs, chunksize=16)
+    # last: a set whose Labels.json is there is whole (throughput.py reuses it; a killed run's is made again)
+    (out / "Labels.json").write_text(json.dumps({w: labels[w] for w in wnids}))
     return out
 
 

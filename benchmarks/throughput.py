@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from vitdeit.classes import ClassMap, load_manifest  # noqa: E402
+from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import INTERPOLATIONS, Config  # noqa: E402
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
-from vitdeit.distributed import Dist  # noqa: E402
+from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.errors import DataError, SettingError, VitdeitError  # noqa: E402
+from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, write_failed  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 
 
@@ -196,6 +196,10 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
 def train_files(data_dir: Path) -> list[Path]:
     """The train images of ImageNet-style folders, found as pack_shards.py finds them (dotfiles skipped, a stray
     file or folder a DataError naming it), so that every loader measures the same images."""
+    if (data_dir / MANIFEST_NAME).is_file():  # train.py's and viz.py's --data-path: the packed shards
+        raise DataError(f"{data_dir}: holds packed shards ({MANIFEST_NAME}); --data-path here takes the "
+                        f"ImageNet-style JPEG folders (train.X*/, val.X/, Labels.json) they were packed from: the "
+                        f"benchmark packs them itself.")
     labels = data_dir / "Labels.json"
     files = [Path(s.path) for s in scan_split(find_split_dirs(data_dir)["train"], ClassMap.from_file(labels), labels)]
     if not files:
@@ -467,6 +471,20 @@ def fractions(text: str) -> list[float]:
     return values
 
 
+def worker_counts(text: str) -> str:
+    """argparse type: comma-separated worker counts >= 0 (kept as given: the JSON's settings hold the text)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated worker counts >= 0, e.g. 1,4")
+    return text
+
+
+PARTS = ("transforms", "loaders", "model", "e2e", "packing", "data")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -477,8 +495,8 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
-    p.add_argument("--loader-workers", default=None, help="comma-separated worker counts of the loader runs "
-                   "(default: 1 and --workers)")
+    p.add_argument("--loader-workers", type=worker_counts, default=None,
+                   help="comma-separated worker counts of the loader runs (default: 1 and --workers)")
     p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
     p.add_argument("--warmup-steps", type=int, default=1)
@@ -513,13 +531,31 @@ def main(argv=None) -> int:
         p.error(f"--step-stream {a.step_stream}: a CUDA stream; use it with --device cuda")
     if a.compile_mode != "default" and a.device != "cuda" and not a.compile:
         p.error(f"--compile-mode {a.compile_mode}: nothing is compiled on a CPU without --compile; add it")
+    for flag, value, least in (("--num-images", a.num_images, 1), ("--img-size", a.img_size, 8),
+                               ("--batch-size", a.batch_size, 1), ("--workers", a.workers, 1),
+                               ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
+                               ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1)):
+        if value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
     parts = set(a.parts.split(","))
-    device = torch.device(a.device)
+    if parts - set(PARTS):
+        p.error(f"--parts {a.parts}: no part {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
+    if parts & {"model", "e2e"} and a.img_size % 16:  # the ViT/DeiT steps use 16 px patches, as train.py's default
+        p.error(f"--img-size {a.img_size}: the model step's 16 px patches must divide it; use a multiple of 16")
+    if a.json and (Path(a.json).is_dir() or not Path(a.json).parent.is_dir()):
+        p.error(f"--json {a.json}: " + ("a folder; name a file in it" if Path(a.json).is_dir() else
+                                        f"its folder {Path(a.json).parent} does not exist; create it or pass another"))
+    if a.work_dir and Path(a.work_dir).exists() and not Path(a.work_dir).is_dir():
+        p.error(f"--work-dir {a.work_dir}: a file, not a folder; pass a folder (it is made if missing)")
+    device = torch.device(resolve_device(a.device))  # --device cuda without a GPU: one line, before any work
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
     if not a.work_dir:  # a temp folder of images and shards (~30 MB at the defaults): gone when the run ends
         atexit.register(shutil.rmtree, work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on its path, a folder it may not write in
+        raise SettingError(f"--work-dir {work}: cannot be made ({first_line(e)}); pass another --work-dir") from e
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "settings": dict(vars(a)), "seconds": {}}  # a copy: a DALI failure turns a.dali off later
@@ -533,21 +569,29 @@ def main(argv=None) -> int:
 
     data_dir = Path(a.data_path) if a.data_path else work / "images"
     with timed("data"):  # the images, the shards and DALI's one-batch check
-        if not a.data_path and not (data_dir / "Labels.json").exists():
+        if not a.data_path and not (data_dir / "Labels.json").exists():  # (written last: a killed run's set is redone)
             from benchmarks.imageset import make_imageset
 
             print(f"making {a.num_images} synthetic ImageNet-sized JPEGs in {data_dir} ...", flush=True)
             make_imageset(data_dir, ROOT / "Labels.json", n_train=a.num_images, n_val=max(16, a.num_images // 8))
         files = train_files(data_dir)
+        if not a.data_path and len(files) != a.num_images:  # an earlier run's set, kept in --work-dir
+            raise SettingError(f"--work-dir {work} holds {len(files)} synthetic train images from an earlier run, not "
+                               f"--num-images {a.num_images}; pass --num-images {len(files)}, another --work-dir, or "
+                               f"delete {data_dir}")
+        if parts & {"loaders", "e2e", "data"} and len(files) < a.batch_size:  # loaders drop a last partial batch
+            raise SettingError(f"--batch-size {a.batch_size}: more than the {len(files)} train images in {data_dir}; "
+                               f"lower it" + ("" if a.data_path else " or raise --num-images"))
         sizes = [f.stat().st_size for f in files]
         result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
         shard_dirs = {}
         if parts & {"loaders", "e2e", "data"}:  # "data" alone: make the images and shards, measure nothing
             for label, resize in (("original", None), (f"resize_short={a.resize_short}", a.resize_short)):
                 sdir = work / ("shards" if resize is None else f"shards_{resize}")
-                if not (sdir / "manifest.json").exists():
-                    pack(data_dir, sdir, opts=PackOptions(workers=a.workers, resize_short=resize, shard_size=256),
-                         progress=False)
+                # every run: pack() reuses the shards of unchanged images and repacks any others (another --data-path
+                # in the same --work-dir), so that every loader reads the images the baseline reads
+                pack(data_dir, sdir, opts=PackOptions(workers=a.workers, resize_short=resize, shard_size=256),
+                     progress=False)
                 shard_dirs[label] = sdir
             if a.dali and dali_available():
                 result["dali_error"] = dali_error(a, shard_dirs["original"], device)
@@ -557,7 +601,11 @@ def main(argv=None) -> int:
 
     def save():  # after every part: a run stopped at a time limit keeps what it measured
         if a.json:
-            Path(a.json).write_text(json.dumps(result, indent=1))
+            try:
+                Path(a.json).write_text(json.dumps(result, indent=1))
+            except OSError as e:  # a full disk, a folder it may not write in
+                raise write_failed(Path(a.json), e, "the figures measured so far are in the lines printed above",
+                                   flag="--json") from e
 
     save()  # the machine and the images, even when no part measures anything (--parts data)
     if "packing" in parts:

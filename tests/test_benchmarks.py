@@ -354,3 +354,106 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
                           "--parts", "transforms"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1 and run.stderr == f"error: {tmp_path / 'no'}: not a directory; pass --data-path DIR " \
                                                  f"with train.X*/ and val.X/ in it.\n"
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--parts", "transforms,modle"], "--parts transforms,modle: no part modle; choose from transforms, loaders"),
+    (["--num-images", "0"], "--num-images 0: must be >= 1"), (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--img-size", "0"], "--img-size 0: must be >= 8"), (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--repeats", "0"], "--repeats 0: must be >= 1"), (["--workers", "-1"], "--workers -1: must be >= 1"),
+    (["--resize-short", "0"], "--resize-short 0: must be >= 8"),  # (0 packed the originals, labelled resized)
+    (["--loader-workers", "a,1"], "'a,1': give comma-separated worker counts >= 0"),
+    (["--img-size", "40", "--parts", "model"], "--img-size 40: the model step's 16 px patches must divide it"),
+    (["--json", "{tmp}/no/b.json"], "--json {tmp}/no/b.json: its folder {tmp}/no does not exist"),
+    (["--json", "{tmp}"], "--json {tmp}: a folder; name a file in it"),
+    (["--work-dir", "{tmp}/file"], "--work-dir {tmp}/file: a file, not a folder")])
+def test_throughput_refuses_a_flag_it_cannot_use_before_any_work(flags, said, tmp_path, monkeypatch, capsys):
+    from benchmarks import throughput
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(throughput, "train_files", lambda *a: pytest.fail("went to work before checking its flags"))
+    with pytest.raises(SystemExit) as e:
+        throughput.main([f.format(tmp=tmp_path) for f in flags])
+    assert e.value.code == 2 and said.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_throughput_on_cuda_without_a_gpu_is_one_error_before_any_work(monkeypatch):
+    from benchmarks import throughput
+
+    monkeypatch.setattr(throughput, "train_files", lambda *a: pytest.fail("went to work without a GPU"))
+    with pytest.raises(SettingError, match="--device cuda: no CUDA GPU"):
+        throughput.main(["--device", "cuda", "--parts", "transforms", "--data-path", "x"])
+
+
+def test_throughput_given_packed_shards_asks_for_the_image_folders(tiny_shards):
+    from benchmarks import throughput
+
+    with pytest.raises(DataError, match=re.escape(f"{tiny_shards}: holds packed shards (manifest.json); --data-path "
+                                                  f"here takes the ImageNet-style JPEG folders")):
+        throughput.main(["--data-path", str(tiny_shards), "--parts", "transforms"])
+
+
+def test_a_work_dir_reused_with_other_images_measures_the_images_asked_for(tmp_path, monkeypatch):
+    from conftest import small_dataset
+    from benchmarks import imageset, throughput
+
+    work, json_path = tmp_path / "w", tmp_path / "b.json"
+    a = small_dataset(tmp_path / "a", num_classes=2, train_per_class=8, val_per_class=2)
+    b = small_dataset(tmp_path / "b", num_classes=2, train_per_class=12, val_per_class=2, seed=1)
+    for data, n in ((a, 16), (b, 24)):  # the shards of a, kept in --work-dir, were read as b's
+        throughput.main(["--data-path", str(data), "--work-dir", str(work), "--parts", "data", "--no-dali",
+                         "--workers", "1", "--batch-size", "4", "--json", str(json_path)])
+        assert json.loads(json_path.read_text())["images"]["count"] == n
+        for shards in ("shards", "shards_256"):
+            m = json.loads((work / shards / "manifest.json").read_text())
+            assert m["source"]["data_path"] == str(data.resolve()) and m["splits"]["train"]["num_samples"] == n
+    # the synthetic set: one of another size, kept in --work-dir, is named, not measured as --num-images
+    synthetic = work / "images"
+    small_dataset(synthetic, num_classes=2, train_per_class=8, val_per_class=2)
+    with pytest.raises(SettingError, match=f"--work-dir {work} holds 16 synthetic train images from an earlier run, "
+                                           f"not --num-images 24; pass --num-images 16"):
+        throughput.main(["--work-dir", str(work), "--num-images", "24", "--parts", "transforms"])
+    with pytest.raises(SettingError, match=f"--batch-size 32: more than the 16 train images in {synthetic}"):
+        throughput.main(["--work-dir", str(work), "--num-images", "16", "--parts", "loaders", "--batch-size", "32"])
+
+    class Killed:  # Ctrl-C while the images are written: no Labels.json, so the next run makes the set again
+        def __init__(self, *a):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def map(self, *a, **k):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageset, "Pool", Killed)
+    with pytest.raises(KeyboardInterrupt):
+        imageset.make_imageset(tmp_path / "killed", ROOT / "Labels.json", n_train=4, n_val=2)
+    assert not (tmp_path / "killed" / "Labels.json").exists()
+
+
+def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path as P
+
+    from conftest import small_dataset
+    from benchmarks import throughput
+    from vitdeit.errors import WriteFailed
+
+    data = small_dataset(tmp_path / "a", num_classes=2, train_per_class=4, val_per_class=2)
+    json_path = tmp_path / "b.json"
+    write_text = P.write_text
+
+    def full_disk(self, *a, **k):
+        if self == json_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *a, **k)
+
+    monkeypatch.setattr(P, "write_text", full_disk)
+    with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 28] No space left on "
+                                                    f"device (") + r".*pass another --json"):
+        throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])

@@ -123,3 +123,42 @@ def test_generate_only_writes_demo_data_under_out_as_the_full_demo_does(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_data"]
     assert (tmp_path / "demo_data" / "Labels.json").is_file() and len(list(tmp_path.glob("demo_data/val.X/*/*"))) == 48
     assert f"to {tmp_path / 'demo_data'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, said", [(["--epochs", "0"], "--epochs 0: must be >= 1"),
+                                         (["--workers", "0"], "--workers 0: must be >= 1")])
+def test_the_demo_refuses_counts_it_cannot_use_before_generating_anything(tmp_path, monkeypatch, capsys, flags, said):
+    import subprocess
+
+    from vitdeit import demo
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a step before checking its flags"))
+    with pytest.raises(SystemExit) as e:
+        demo.main([*flags, "--out", str(tmp_path)])
+    assert e.value.code == 2 and said in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("generate_only", [True, False])
+def test_a_demo_out_that_is_a_file_is_one_error_naming_it(tmp_path, capsys, generate_only):
+    from vitdeit import demo
+    (tmp_path / "file").write_text("x")
+    assert demo.main(["--out", str(tmp_path / "file"), "--quick"] + (["--generate-only"] if generate_only else [])) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'file'}: a file, not a folder; pass a folder (it is " \
+                                      f"made if missing).\n"
+    (tmp_path / "demo_data").write_text("x")  # a file where the demo writes its data set
+    assert demo.main(["--out", str(tmp_path), "--quick", "--generate-only"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'demo_data'}: cannot be made (") and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_in_the_demo_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from vitdeit import demo
+
+    def interrupted(cmd):  # subprocess.run when Ctrl-C reaches both: the step has said where it stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "run", interrupted)
+    assert demo.main(["--out", str(tmp_path), "--quick"]) == 130
+    assert capsys.readouterr().err == "demo: interrupted; the same command runs the demo again from its first step.\n"

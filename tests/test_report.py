@@ -318,3 +318,57 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
     plain = curves_figure({"ViT": [row(0), row(1)]}).axes[0]
     assert plain.get_title() == ("train (dashed): the loss as trained, with its label smoothing, Mixup/CutMix if any; "
                                  "val (solid): plain CE")
+
+
+@pytest.mark.parametrize("out, report, said", [
+    ("{tmp}/file/p.png", None, "--out {tmp}/file/p.png: its folder {tmp}/file cannot be made ([Errno 17] File exists"),
+    ("{tmp}", None, "--out {tmp}: a folder; name a picture file, e.g. --out {tmp}/vit_vs_deit.png"),
+    ("{tmp}/p.png", "{tmp}/file", "--report-dir {tmp}/file: cannot be made ([Errno 17] File exists")])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_val_pass(runs, tmp_path, monkeypatch, out,
+                                                                              report, said):
+    from vitdeit import report as rep
+    from vitdeit.errors import SettingError
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(rep, "predict", lambda *a, **k: pytest.fail("predicted before checking the outputs"))
+    with pytest.raises(SettingError, match=re.escape(said.format(tmp=tmp_path))):
+        make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+                 out=out.format(tmp=tmp_path), report_dir=report and report.format(tmp=tmp_path), workers=0)
+
+
+def test_a_report_that_cannot_be_written_is_one_error_naming_the_file(runs, tmp_path, monkeypatch):
+    import errno
+
+    from vitdeit.errors import WriteFailed
+
+    write_text = Path.write_text
+
+    def full_disk(self, *a, **k):
+        if self.name == "report.md":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(WriteFailed, match=re.escape(f"could not write {tmp_path / 'r' / 'report.md'}: [Errno 28] No "
+                                                    f"space left on device") + r".*pass another --report-dir"):
+        make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+                 num_images=2, out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "r"), workers=0)
+    assert (tmp_path / "p.png").is_file() and (tmp_path / "r" / "curves.png").is_file()  # what came before is kept
+
+
+def test_a_run_folder_or_a_checkpoint_without_its_metrics_is_named_before_any_val_pass(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from vitdeit import report as rep
+
+    monkeypatch.setattr(rep, "predict", lambda *a, **k: pytest.fail("predicted before checking the report's runs"))
+    deit = str(runs / "deit_tiny_distill" / "best.pth")
+    with pytest.raises(MissingFile, match=re.escape(f"--vit {runs / 'baseline_vit_tiny'}: a folder, not a checkpoint; "
+                                                    f"pass the checkpoint in it, e.g. --vit "
+                                                    f"{runs / 'baseline_vit_tiny' / 'best.pth'}")):
+        make_all(str(runs / "baseline_vit_tiny"), deit, report_dir=None, out=str(tmp_path / "p.png"))
+    shutil.copy(runs / "baseline_vit_tiny" / "best.pth", tmp_path / "vit.pth")  # copied out of its run folder
+    with pytest.raises(MissingFile, match=re.escape(f"{tmp_path / 'metrics.jsonl'}: no metrics; ") +
+                       r".*beside each checkpoint: .* or --no-report for the picture alone\."):
+        make_all(str(tmp_path / "vit.pth"), deit, num_images=2, out=str(tmp_path / "p.png"),
+                 report_dir=str(tmp_path / "r"), workers=0)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import load_labels
 from .config import usable_cores
-from .errors import SettingError, VitdeitError
+from .errors import SettingError, VitdeitError, first_line
 from .packing import SPLIT_DIR_PATTERNS
 
 SHAPES = ("disk", "ring", "square", "triangle", "cross", "arrow", "diamond", "star", "bars", "hourglass",
@@ -158,7 +158,10 @@ def make_demo_dataset(out: str | Path, labels_path: str | Path, num_classes: int
         raise SettingError(f"num_classes={num_classes}: the demo supports 2..{min(len(all_labels), len(SHAPES))}.")
     chosen = demo_classes(all_labels, num_classes)
     clear_demo_dataset(out, all_labels)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on its path, a folder it may not write in
+        raise SettingError(f"{out}: cannot be made ({first_line(e)}); run the demo with another --out.") from e
     (out / "Labels.json").write_text(json.dumps(chosen, indent=1))
     rng = np.random.default_rng(seed)
     val_counter = 0
@@ -254,6 +257,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)
+    for flag, value in (("--epochs", a.epochs), ("--workers", a.workers)):  # checked before minutes of data and packing
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        print(f"error: --out {a.out}: a file, not a folder; pass a folder (it is made if missing).", file=sys.stderr)
+        return 1
     if a.generate_only:
         kw = dict(num_classes=4, train_per_class=48, val_per_class=12) if a.quick else {}
         data = Path(a.out) / "demo_data"
@@ -274,7 +283,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     for cmd in demo_commands(out, epochs, a.workers, a.quick):
         print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        try:
+            failed = subprocess.run(cmd).returncode != 0
+        except KeyboardInterrupt:  # Ctrl-C reaches the step too (one terminal): it has said where it stopped
+            print("demo: interrupted; the same command runs the demo again from its first step.", file=sys.stderr)
+            return 130
+        if failed:
             print(f"demo: this step failed; see the error above.", file=sys.stderr)
             return 1
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:\n  {out / 'vit_vs_deit_random10.png'}\n"

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import check_class_map, load_checkpoint
 from .config import Config, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
-from .errors import DataError, MissingFile, SettingError
+from .errors import DataError, MissingFile, SettingError, first_line, write_failed
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint
@@ -228,16 +228,67 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
     return None if cfg.get("distillation_type") == "none" else cfg.get("teacher_ckpt") or None
 
 
+def output_folder(path: Path, flag: str, is_folder: bool) -> None:
+    """Make the folder an output goes in, before any val pass: a path that cannot take it is one error naming the
+    flag, not a traceback after minutes of predictions."""
+    folder = path if is_folder else path.parent
+    if not is_folder and path.is_dir():
+        raise SettingError(f"{flag} {path}: a folder; name a picture file, e.g. {flag} {path / 'vit_vs_deit.png'}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
+        where = "" if is_folder else f" its folder {folder}"
+        raise SettingError(f"{flag} {path}:{where} cannot be made ({first_line(e)}); pass another {flag}") from e
+
+
+def save_output(path: Path, flag: str, write) -> None:
+    """write(path), an OSError (a full disk, a folder it may not write in) a one-line error naming the file."""
+    try:
+        write(path)
+    except OSError as e:
+        raise write_failed(path, e, "the files written before it are kept", flag=flag) from e
+
+
+def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: str | None, class_map: ClassMap):
+    """What the report reads besides the two checkpoints: the runs (teacher, when its folder is found; ViT; DeiT) by
+    run folder, their metrics.jsonl rows, the teacher's (net, state) and notes for the summary."""
+    runs, notes = {}, []
+    teacher_run = teacher_run or distilled_from(deit_state)
+    if teacher_run and (Path(teacher_run) / "best.pth").is_file():
+        runs["teacher"] = Path(teacher_run)
+    elif ckpt := teacher_ckpt_of(deit_state):
+        notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
+                     f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
+    runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
+    try:
+        metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
+    except MissingFile as e:  # a checkpoint copied out of its run folder
+        raise MissingFile(f"{e} The report reads the metrics.jsonl beside each checkpoint: pass the checkpoint in "
+                          f"its train.py run folder, or --no-report for the picture alone.") from None
+    for name, rows in metrics.items():
+        if not rows:  # a run restarted in this folder, before its first epoch ended
+            raise DataError(f"{runs[name] / 'metrics.jsonl'}: no finished epoch yet; wait for the run's first "
+                            f"epoch, or pass another run's checkpoint.")
+    teacher = load_model(runs["teacher"] / "best.pth", class_map) if "teacher" in runs else None
+    return runs, metrics, teacher, notes
+
+
 def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
              num_images: int = 10, seed: int = 0, out: str = "vit_vs_deit_random10.png",
              report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
     """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written."""
-    for path in (vit_ckpt, deit_ckpt):
+    for flag, path in (("--vit", vit_ckpt), ("--deit", deit_ckpt)):
+        if Path(path).is_dir():  # the run folder, not its checkpoint
+            raise MissingFile(f"{flag} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {flag} "
+                              f"{Path(path) / 'best.pth'}")
         if not Path(path).is_file():
             raise MissingFile(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
                               f"train.py --run-name ...), or pass its path with --vit / --deit.")
     if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
         raise MissingFile(f"--teacher-run {teacher_run}: no best.pth there; pass a train.py run folder of the teacher.")
+    output_folder(Path(out), "--out", is_folder=False)
+    if report_dir is not None:
+        output_folder(Path(report_dir), "--report-dir", is_folder=True)
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
     if data_path is None:
         data_path = vit_state["config"]["data_path"]
@@ -250,46 +301,33 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     indices = sample_indices(manifest["splits"]["val"]["num_samples"], num_images, seed)  # before the val passes
     vit_net = model_from_checkpoint(vit_state).to(device).eval()
     deit_net, deit_state = load_model(deit_ckpt, class_map, device)
+    # the report's runs, metrics and teacher before the val passes: their errors cost no minutes
+    runs, metrics, teacher, notes = (report_inputs(vit_ckpt, deit_ckpt, deit_state, teacher_run, class_map)
+                                     if report_dir is not None else ({}, {}, None, []))
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    notes = [f"--{flag} {path} holds a {state['config']['model']}, labelled {label} here"
-             for flag, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
-                                                     ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
-             if state["config"]["model"] != model]
+    save_output(Path(out), "--out", lambda path: fig.savefig(path, dpi=110))
+    notes[:0] = [f"--{flag} {path} holds a {state['config']['model']}, labelled {label} here"
+                 for flag, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
+                                                         ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
+                 if state["config"]["model"] != model]
     written = {"figure": out, "notes": notes,
                "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                           for i in indices]}
     if report_dir is None:
         return written
     rdir = Path(report_dir)
-    rdir.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    teacher_run = teacher_run or distilled_from(deit_state)
-    if teacher_run and (Path(teacher_run) / "best.pth").is_file():
-        runs["teacher"] = Path(teacher_run)
-    elif ckpt := teacher_ckpt_of(deit_state):
-        notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
-                     f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
-    runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
-    metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
-    for name, rows in metrics.items():
-        if not rows:  # a run restarted in this folder, before its first epoch ended
-            raise DataError(f"{runs[name] / 'metrics.jsonl'}: no finished epoch yet; wait for the run's first epoch, "
-                            f"or pass another run's checkpoint.")
-    summaries = []
-    for name, run_dir in runs.items():
-        if name == "teacher":
-            net, state = load_model(run_dir / "best.pth", class_map)
-        else:
-            net, state = (vit_net, vit_state) if name == "ViT" else (deit_net, deit_state)
-        summaries.append(run_summary(name, metrics[name], state, sum(p.numel() for p in net.parameters())))
-    curves_figure(metrics).savefig(rdir / "curves.png", dpi=110)
+    nets = {"teacher": teacher, "ViT": (vit_net, vit_state), "DeiT": (deit_net, deit_state)}
+    summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()))
+                 for name in runs]
+    curves = curves_figure(metrics)
+    save_output(rdir / "curves.png", "--report-dir", lambda path: curves.savefig(path, dpi=110))
     comp = comparison(class_map, vit, deit)
-    (rdir / "report.md").write_text(report_markdown(summaries, comp, ("ViT", "DeiT")))
-    (rdir / "report.json").write_text(json.dumps({"runs": summaries, "comparison": comp}, indent=1))
+    save_output(rdir / "report.md", "--report-dir",
+                lambda path: path.write_text(report_markdown(summaries, comp, ("ViT", "DeiT"))))
+    save_output(rdir / "report.json", "--report-dir",
+                lambda path: path.write_text(json.dumps({"runs": summaries, "comparison": comp}, indent=1)))
     written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,
                    comparison=comp)
     return written

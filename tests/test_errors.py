@@ -1,5 +1,6 @@
 """Entry points: a problem the user can fix is one line on stderr and exit 1; anything else keeps its traceback."""
 
+import errno
 import os
 import re
 
@@ -172,11 +173,28 @@ def test_a_metrics_line_that_cannot_be_written_is_one_error_naming_the_file(tmp_
     from vitdeit.metrics import MetricsLog
 
     log = MetricsLog(tmp_path, enabled=True)
-    (tmp_path / "metrics.jsonl").mkdir()  # open(..., "a") fails with an OSError, as on a full disk
+    (tmp_path / "metrics.jsonl").mkdir()  # open(..., "a") fails with an OSError (IsADirectoryError), not the disk's
     path = re.escape(str(tmp_path / "metrics.jsonl"))
     with pytest.raises(WriteFailed, match=rf"could not write {path}: .* GiB free on its disk\); its earlier lines are "
-                                          rf"kept\. Free space there"):
+                                          rf"kept\. Pass another --output-dir$"):
         log.write({"epoch": 0})
+
+
+@pytest.mark.parametrize("error, fix", [
+    (OSError(errno.ENOSPC, "No space left on device"), "Free space there or pass another --out"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "Free space there or pass another --out"),
+    (OSError(errno.EFBIG, "File too large"), "Free space there or pass another --out"),
+    (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"),  # torch.save: no errno
+     "Free space there or pass another --out"),
+    (PermissionError(errno.EACCES, "Permission denied"), "Pass another --out"),
+    (OSError(errno.EROFS, "Read-only file system"), "Pass another --out"),
+])
+def test_a_write_error_asks_to_free_space_only_where_space_can_be_the_cause(tmp_path, error, fix):
+    from vitdeit.errors import write_failed
+
+    message = str(write_failed(tmp_path / "x.tar", error, "nothing else was written", flag="--out"))
+    assert message.startswith(f"could not write {tmp_path / 'x.tar'}: ") and message.endswith(
+        f"GiB free on its disk); nothing else was written. {fix}")
 
 
 def test_teacher_weights_of_another_network_are_a_data_error(tmp_path):

@@ -5,6 +5,7 @@ Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line
 (CUDA out of memory, NCCL, a bug) keeps its traceback: a one-line message would hide where it came from.
 """
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -48,12 +49,18 @@ class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""
 
 
+# what a full disk, a quota or a file-size limit raises; torch.save's own write errors carry no errno
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def write_failed(path: Path, e: Exception, kept: str, flag: str = "--output-dir") -> WriteFailed:
     """The one-line error for an output that could not be written (usually a full disk): the file, the cause, the
-    space left, what was kept, the fix."""
+    space left, what was kept, the fix (freeing space only where space can be the cause: not for a folder it may not
+    write in, a read-only disk or a name that is a folder)."""
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk"
     except OSError:
         free = "its folder cannot be read"
-    return WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. Free space there or pass another "
-                       f"{flag}")
+    space = getattr(e, "errno", None) in (None, *NO_SPACE)
+    return WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. "
+                       + (f"Free space there or pass another {flag}" if space else f"Pass another {flag}"))

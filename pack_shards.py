@@ -13,6 +13,7 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
+from vitdeit.config import refuse_below
 from vitdeit.errors import VitdeitError
 from vitdeit.packing import SKIP_FLAG, PackOptions, pack
 
@@ -35,10 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes (default: %(default)s, the cores up to 8)")
     a = p.parse_args(argv)
-    for flag, value, least in (("--shard-size", a.shard_size, 1), ("--workers", a.workers, 1),
-                               ("--resize-short", a.resize_short, 8)):
-        if value is not None and value < least:
-            p.error(f"{flag} {value}: must be >= {least}")
+    refuse_below(p, ("--shard-size", a.shard_size, 1), ("--workers", a.workers, 1),
+                 ("--resize-short", a.resize_short, 8))
     if not 1 <= a.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) without a word
         p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
-from vitdeit.config import INTERPOLATIONS, Config  # noqa: E402
+from vitdeit.config import INTERPOLATIONS, Config, refuse_below  # noqa: E402
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
@@ -487,7 +487,7 @@ PARTS = ("transforms", "loaders", "model", "e2e", "packing", "data")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: cuda where a GPU is seen")
     p.add_argument("--data-path", default=None, help="ImageNet-style folders (default: make a synthetic set)")
     p.add_argument("--num-images", type=int, default=512, help="size of the synthetic train set")
     p.add_argument("--work-dir", default=None,
@@ -527,27 +527,26 @@ def main(argv=None) -> int:
                    "row per value (e.g. 0,0.65,1)")
     p.add_argument("--json", default=None, help="write every figure here")
     a = p.parse_args(argv)
+    a.device = resolve_device(a.device)  # --device cuda without a GPU: one line, before any work
     if a.step_stream != "default" and a.device != "cuda":
         p.error(f"--step-stream {a.step_stream}: a CUDA stream; use it with --device cuda")
     if a.compile_mode != "default" and a.device != "cuda" and not a.compile:
         p.error(f"--compile-mode {a.compile_mode}: nothing is compiled on a CPU without --compile; add it")
-    for flag, value, least in (("--num-images", a.num_images, 1), ("--img-size", a.img_size, 8),
-                               ("--batch-size", a.batch_size, 1), ("--workers", a.workers, 1),
-                               ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
-                               ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1)):
-        if value < least:
-            p.error(f"{flag} {value}: must be >= {least}")
+    refuse_below(p, ("--num-images", a.num_images, 1), ("--img-size", a.img_size, 8), ("--batch-size", a.batch_size, 1),
+                 ("--workers", a.workers, 1), ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
+                 ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1))  # train.py's, pack_shards.py's
     parts = set(a.parts.split(","))
     if parts - set(PARTS):
         p.error(f"--parts {a.parts}: no part {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
-    if parts & {"model", "e2e"} and a.img_size % 16:  # the ViT/DeiT steps use 16 px patches, as train.py's default
-        p.error(f"--img-size {a.img_size}: the model step's 16 px patches must divide it; use a multiple of 16")
+    if parts & {"model", "e2e"} and a.img_size % 16:  # the ViT/DeiT steps use train.py's default 16 px patches
+        p.error(f"--img-size {a.img_size}: train.py's ViT/DeiT need --patch-size (16 here, its default) to divide "
+                f"--img-size; use a multiple of 16")
     if a.json and (Path(a.json).is_dir() or not Path(a.json).parent.is_dir()):
         p.error(f"--json {a.json}: " + ("a folder; name a file in it" if Path(a.json).is_dir() else
                                         f"its folder {Path(a.json).parent} does not exist; create it or pass another"))
     if a.work_dir and Path(a.work_dir).exists() and not Path(a.work_dir).is_dir():
         p.error(f"--work-dir {a.work_dir}: a file, not a folder; pass a folder (it is made if missing)")
-    device = torch.device(resolve_device(a.device))  # --device cuda without a GPU: one line, before any work
+    device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
     if not a.work_dir:  # a temp folder of images and shards (~30 MB at the defaults): gone when the run ends
@@ -562,24 +561,35 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     @contextlib.contextmanager
-    def timed(part: str):  # wall-clock seconds of each part, for the JSON and the header: where a run's time goes
+    def part_seconds(part: str):  # wall-clock seconds of each part, for the JSON and the header: where time goes
         t = time.perf_counter()
         yield
         result["seconds"][part] = round(time.perf_counter() - t, 1)
 
+    def save():  # after every part: a run stopped at a time limit keeps what it measured
+        if a.json:
+            try:
+                Path(a.json).write_text(json.dumps(result, indent=1))
+            except OSError as e:  # a full disk, a folder it may not write in
+                raise write_failed(Path(a.json), e, "the figures measured so far are in the lines printed above",
+                                   flag="--json") from e
+
+    save()  # the machine and settings: a --json that cannot be written stops the run before any work
+
     data_dir = Path(a.data_path) if a.data_path else work / "images"
-    with timed("data"):  # the images, the shards and DALI's one-batch check
+    with part_seconds("data"):  # the images, the shards and DALI's one-batch check
         if not a.data_path and not (data_dir / "Labels.json").exists():  # (written last: a killed run's set is redone)
             from benchmarks.imageset import make_imageset
 
+            shutil.rmtree(data_dir, ignore_errors=True)  # a killed run's partial set, in the benchmark's own folder
             print(f"making {a.num_images} synthetic ImageNet-sized JPEGs in {data_dir} ...", flush=True)
             make_imageset(data_dir, ROOT / "Labels.json", n_train=a.num_images, n_val=max(16, a.num_images // 8))
         files = train_files(data_dir)
         if not a.data_path and len(files) != a.num_images:  # an earlier run's set, kept in --work-dir
             raise SettingError(f"--work-dir {work} holds {len(files)} synthetic train images from an earlier run, not "
-                               f"--num-images {a.num_images}; pass --num-images {len(files)}, another --work-dir, or "
-                               f"delete {data_dir}")
-        if parts & {"loaders", "e2e", "data"} and len(files) < a.batch_size:  # loaders drop a last partial batch
+                               f"--num-images {a.num_images}; pass --num-images {len(files)}, another --work-dir "
+                               f"(gpu_check.sh: BENCH_DIR=DIR), or delete {data_dir}")
+        if parts & {"loaders", "e2e"} and len(files) < a.batch_size:  # every loader drops a last partial batch
             raise SettingError(f"--batch-size {a.batch_size}: more than the {len(files)} train images in {data_dir}; "
                                f"lower it" + ("" if a.data_path else " or raise --num-images"))
         sizes = [f.stat().st_size for f in files]
@@ -599,28 +609,20 @@ def main(argv=None) -> int:
                     print(f"DALI failed, its rows are skipped: {result['dali_error']}", flush=True)
                     a.dali = False
 
-    def save():  # after every part: a run stopped at a time limit keeps what it measured
-        if a.json:
-            try:
-                Path(a.json).write_text(json.dumps(result, indent=1))
-            except OSError as e:  # a full disk, a folder it may not write in
-                raise write_failed(Path(a.json), e, "the figures measured so far are in the lines printed above",
-                                   flag="--json") from e
-
     save()  # the machine and the images, even when no part measures anything (--parts data)
     if "packing" in parts:
         print("packing ...", flush=True)
-        with timed("packing"):
+        with part_seconds("packing"):
             result["packing"] = bench_packing(data_dir, work, a.workers)
         save()
     if "transforms" in parts:
         print("per-image costs on one core ...", flush=True)
-        with timed("transforms"):
+        with part_seconds("transforms"):
             result["transforms"] = bench_transforms(files, a.img_size)
         save()
     if "loaders" in parts:
         print("loaders ...", flush=True)
-        with timed("loaders"):
+        with part_seconds("loaders"):
             result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
         save()
         print_tables(result)  # early too: the loader table survives a later time-out in the log
@@ -629,12 +631,12 @@ def main(argv=None) -> int:
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         if parts & {"model", "e2e"}:
             print("model step ...", flush=True)
-            with timed("model"):
+            with part_seconds("model"):
                 result["model_step"], e2e_step = bench_model_step(a, device, sync, only_e2e="model" not in parts)
             save()
         if "e2e" in parts:
             print("end to end ...", flush=True)
-            with timed("e2e"):
+            with part_seconds("e2e"):
                 result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []), e2e_step,
                                                         sync)
             save()

@@ -68,14 +68,37 @@ def test_the_readme_demo_command_runs_end_to_end(tmp_path):
     assert "demo finished" in r.stdout
 
 
+class Step:
+    """subprocess.Popen's stand-in for a demo step: records its command and each wait(timeout); a step that Ctrl-C
+    reached raises KeyboardInterrupt at its first wait, then ends with exit 130 or, if it hangs, times out."""
+
+    def __init__(self, cmd, log: list, interrupted: bool = False, hangs: bool = False):
+        self.cmd, self.log, self.interrupted, self.hangs, self.waits = cmd, log, interrupted, hangs, []
+        log.append(self)
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if self.interrupted and len(self.waits) == 1:
+            raise KeyboardInterrupt
+        if self.hangs:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(self.cmd, timeout)
+        return 130 if self.interrupted else 0
+
+    def kill(self):
+        self.waits.append("kill")
+
+
 def test_the_full_demo_runs_hard_distillation_and_gives_the_teacher_half_the_epochs(tmp_path, monkeypatch):
     import subprocess
 
     from vitdeit import demo
 
-    ran = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    steps = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: Step(cmd, steps))
     assert demo.main(["--epochs", "6", "--out", str(tmp_path), "--workers", "1"]) == 0
+    ran = [s.cmd for s in steps]
     scripts = [c[2] if c[1] == "-m" else Path(c[1]).name for c in ran]
     assert scripts == ["vitdeit.demo", "pack_shards.py", "train.py", "train.py", "train.py", "viz.py"]
     teacher, vit, deit = (c for c in ran if c[1].endswith("train.py"))
@@ -92,7 +115,7 @@ def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path
 
     from vitdeit import demo
 
-    monkeypatch.setattr(subprocess, "run", lambda cmd: subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: Step(cmd, []))
     run = tmp_path / "runs" / "baseline_vit_tiny"
     run.mkdir(parents=True)
     (run / "last.pth").write_bytes(b"")
@@ -132,7 +155,7 @@ def test_the_demo_refuses_counts_it_cannot_use_before_generating_anything(tmp_pa
 
     from vitdeit import demo
 
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran a step before checking its flags"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("ran a step before checking its flags"))
     with pytest.raises(SystemExit) as e:
         demo.main([*flags, "--out", str(tmp_path)])
     assert e.value.code == 2 and said in capsys.readouterr().err and not list(tmp_path.iterdir())
@@ -151,14 +174,15 @@ def test_a_demo_out_that_is_a_file_is_one_error_naming_it(tmp_path, capsys, gene
     assert err.startswith(f"error: {tmp_path / 'demo_data'}: cannot be made (") and len(err.splitlines()) == 1
 
 
-def test_ctrl_c_in_the_demo_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("hangs", [False, True])
+def test_ctrl_c_in_the_demo_lets_the_step_stop_and_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, hangs):
     import subprocess
 
     from vitdeit import demo
 
-    def interrupted(cmd):  # subprocess.run when Ctrl-C reaches both: the step has said where it stopped
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(subprocess, "run", interrupted)
+    steps = []  # the first step, which Ctrl-C reaches too: waited for (30 s at most) to say where it stopped
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: Step(cmd, steps, interrupted=True, hangs=hangs))
     assert demo.main(["--out", str(tmp_path), "--quick"]) == 130
-    assert capsys.readouterr().err == "demo: interrupted; the same command runs the demo again from its first step.\n"
+    assert len(steps) == 1 and steps[0].waits == [None, 30] + (["kill"] if hangs else [])
+    assert capsys.readouterr().err == ("demo: interrupted; the same command runs the demo again from its first step "
+                                       "(or finish the step above by hand, as it says).\n")

@@ -369,6 +369,7 @@ def test_a_run_folder_or_a_checkpoint_without_its_metrics_is_named_before_any_va
         make_all(str(runs / "baseline_vit_tiny"), deit, report_dir=None, out=str(tmp_path / "p.png"))
     shutil.copy(runs / "baseline_vit_tiny" / "best.pth", tmp_path / "vit.pth")  # copied out of its run folder
     with pytest.raises(MissingFile, match=re.escape(f"{tmp_path / 'metrics.jsonl'}: no metrics; ") +
-                       r".*beside each checkpoint: .* or --no-report for the picture alone\."):
+                       r".*metrics\.jsonl of each run: pass the ViT checkpoint in its train\.py run folder, or "
+                       r"--no-report for the picture alone\."):
         make_all(str(tmp_path / "vit.pth"), deit, num_images=2, out=str(tmp_path / "p.png"),
                  report_dir=str(tmp_path / "r"), workers=0)

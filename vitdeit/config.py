@@ -29,6 +29,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def refuse_below(parser: argparse.ArgumentParser, *checks: tuple[str, int | None, int]) -> None:
+    """argparse's usage error (exit 2) for the first (flag, value, least) whose value is below least (None: unset):
+    the entry points' counts and sizes, checked before any work."""
+    for name, value, least in checks:
+        if value is not None and value < least:
+            parser.error(f"{name} {value}: must be >= {least}")
+
+
 def usable_cores() -> int:
     """The cores this process may run on: a job scheduler's or container's share, not the host's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

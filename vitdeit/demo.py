@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import load_labels
-from .config import usable_cores
+from .config import refuse_below, usable_cores
 from .errors import SettingError, VitdeitError, first_line
 from .packing import SPLIT_DIR_PATTERNS
 
@@ -257,9 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)
-    for flag, value in (("--epochs", a.epochs), ("--workers", a.workers)):  # checked before minutes of data and packing
-        if value < 1:
-            p.error(f"{flag} {value}: must be >= 1")
+    refuse_below(p, ("--epochs", a.epochs, 1), ("--workers", a.workers, 1))  # before minutes of data and packing
     if Path(a.out).exists() and not Path(a.out).is_dir():
         print(f"error: --out {a.out}: a file, not a folder; pass a folder (it is made if missing).", file=sys.stderr)
         return 1
@@ -283,10 +281,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     for cmd in demo_commands(out, epochs, a.workers, a.quick):
         print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        step = subprocess.Popen(cmd)
         try:
-            failed = subprocess.run(cmd).returncode != 0
-        except KeyboardInterrupt:  # Ctrl-C reaches the step too (one terminal): it has said where it stopped
-            print("demo: interrupted; the same command runs the demo again from its first step.", file=sys.stderr)
+            failed = step.wait() != 0
+        except KeyboardInterrupt:  # Ctrl-C reaches the step too (one terminal): let it stop and say where it stopped
+            try:  # (subprocess.run would kill it 0.25 s later, before its own line)
+                step.wait(timeout=30)
+            except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a step that hangs
+                step.kill()
+            print("demo: interrupted; the same command runs the demo again from its first step (or finish the step "
+                  "above by hand, as it says).", file=sys.stderr)
             return 130
         if failed:
             print(f"demo: this step failed; see the error above.", file=sys.stderr)

@@ -28,8 +28,12 @@ class BatchTooLarge(DataError):
     """A split has fewer train samples per process than --batch-size: not one step per epoch."""
 
     def __init__(self, split: str, per_rank: int, batch_size: int):
+        self.split, self.per_rank, self.batch_size = split, per_rank, batch_size
         super().__init__(f"{split}: {per_rank} samples per rank < --batch-size {batch_size}; lower --batch-size (or "
                          f"use fewer processes).")
+
+    def __reduce__(self):  # pickled with its arguments, not its message: a worker process can raise it too
+        return type(self), (self.split, self.per_rank, self.batch_size)
 
 
 class SettingError(VitdeitError, ValueError):

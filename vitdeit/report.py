@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,25 +229,27 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
     return None if cfg.get("distillation_type") == "none" else cfg.get("teacher_ckpt") or None
 
 
-def output_folder(path: Path, flag: str, is_folder: bool) -> None:
+def output_folder(path: Path, option: str, is_folder: bool) -> None:
     """Make the folder an output goes in, before any val pass: a path that cannot take it is one error naming the
-    flag, not a traceback after minutes of predictions."""
+    option, not a traceback after minutes of predictions."""
     folder = path if is_folder else path.parent
     if not is_folder and path.is_dir():
-        raise SettingError(f"{flag} {path}: a folder; name a picture file, e.g. {flag} {path / 'vit_vs_deit.png'}")
+        raise SettingError(f"{option} {path}: a folder; name a picture file, e.g. {option} {path / 'vit_vs_deit.png'}")
+    where = "" if is_folder else f" its folder {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
-        where = "" if is_folder else f" its folder {folder}"
-        raise SettingError(f"{flag} {path}:{where} cannot be made ({first_line(e)}); pass another {flag}") from e
+        raise SettingError(f"{option} {path}:{where} cannot be made ({first_line(e)}); pass another {option}") from e
+    if not os.access(folder, os.W_OK):  # (always true for root)
+        raise SettingError(f"{option} {path}:{where} cannot be written in by this user; pass another {option}")
 
 
-def save_output(path: Path, flag: str, write) -> None:
+def save_output(path: Path, option: str, write) -> None:
     """write(path), an OSError (a full disk, a folder it may not write in) a one-line error naming the file."""
     try:
         write(path)
     except OSError as e:
-        raise write_failed(path, e, "the files written before it are kept", flag=flag) from e
+        raise write_failed(path, e, "the files written before it are kept", flag=option) from e
 
 
 def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: str | None, class_map: ClassMap):
@@ -260,11 +263,15 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
         notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
                      f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
-    try:
-        metrics = {name: read_metrics(run_dir) for name, run_dir in runs.items()}
-    except MissingFile as e:  # a checkpoint copied out of its run folder
-        raise MissingFile(f"{e} The report reads the metrics.jsonl beside each checkpoint: pass the checkpoint in "
-                          f"its train.py run folder, or --no-report for the picture alone.") from None
+    metrics = {}
+    for name, run_dir in runs.items():
+        try:
+            metrics[name] = read_metrics(run_dir)
+        except MissingFile as e:  # a checkpoint copied out of its run folder
+            fix = ("pass the teacher's train.py run folder with --teacher-run" if name == "teacher" else
+                   f"pass the {name} checkpoint in its train.py run folder")
+            raise MissingFile(f"{e} The report reads the metrics.jsonl of each run: {fix}, or --no-report for the "
+                              f"picture alone.") from None
     for name, rows in metrics.items():
         if not rows:  # a run restarted in this folder, before its first epoch ended
             raise DataError(f"{runs[name] / 'metrics.jsonl'}: no finished epoch yet; wait for the run's first "
@@ -277,9 +284,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
              num_images: int = 10, seed: int = 0, out: str = "vit_vs_deit_random10.png",
              report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
     """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written."""
-    for flag, path in (("--vit", vit_ckpt), ("--deit", deit_ckpt)):
+    for option, path in (("--vit", vit_ckpt), ("--deit", deit_ckpt)):
         if Path(path).is_dir():  # the run folder, not its checkpoint
-            raise MissingFile(f"{flag} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {flag} "
+            raise MissingFile(f"{option} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {option} "
                               f"{Path(path) / 'best.pth'}")
         if not Path(path).is_file():
             raise MissingFile(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
@@ -308,8 +315,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
     save_output(Path(out), "--out", lambda path: fig.savefig(path, dpi=110))
-    notes[:0] = [f"--{flag} {path} holds a {state['config']['model']}, labelled {label} here"
-                 for flag, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
+    notes[:0] = [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
+                 for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
     written = {"figure": out, "notes": notes,

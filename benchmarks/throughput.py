@@ -40,7 +40,7 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, write_failed  # noqa: E402
+from vitdeit.errors import DataError, SettingError, VitdeitError, output_folder, write_failed  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 
 
@@ -551,10 +551,7 @@ def main(argv=None) -> int:
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vitdeit-bench-"))
     if not a.work_dir:  # a temp folder of images and shards (~30 MB at the defaults): gone when the run ends
         atexit.register(shutil.rmtree, work, ignore_errors=True)
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on its path, a folder it may not write in
-        raise SettingError(f"--work-dir {work}: cannot be made ({first_line(e)}); pass another --work-dir") from e
+    output_folder(work, "--work-dir", is_folder=True)
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "settings": dict(vars(a)), "seconds": {}}  # a copy: a DALI failure turns a.dali off later

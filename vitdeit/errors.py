@@ -6,6 +6,7 @@ Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line
 """
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,21 @@ class WriteFailed(VitdeitError, OSError):
 
 class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""
+
+
+def output_folder(path: Path, option: str, is_folder: bool) -> None:
+    """Make the folder an output goes in (path itself, or its parent for a file), before any slow work: a path that
+    cannot take it is one error naming the option, not a traceback after minutes of work."""
+    folder = path if is_folder else path.parent
+    if not is_folder and path.is_dir():
+        raise SettingError(f"{option} {path}: a folder; name a picture file, e.g. {option} {path / 'vit_vs_deit.png'}")
+    where = "" if is_folder else f" its folder {folder}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
+        raise SettingError(f"{option} {path}:{where} cannot be made ({first_line(e)}); pass another {option}") from e
+    if not os.access(folder, os.W_OK):  # (always true for root)
+        raise SettingError(f"{option} {path}:{where} cannot be written in by this user; pass another {option}")
 
 
 # what a full disk, a quota or a file-size limit raises; torch.save's own write errors carry no errno

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from .checkpoint import check_class_map, load_checkpoint
 from .config import Config, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
-from .errors import DataError, MissingFile, SettingError, first_line, write_failed
+from .errors import DataError, MissingFile, SettingError, output_folder, write_failed
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint
@@ -227,21 +226,6 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
     """The --teacher-ckpt the DeiT checkpoint distilled from (None for torchvision's weights or no distillation)."""
     cfg = deit_state["config"]
     return None if cfg.get("distillation_type") == "none" else cfg.get("teacher_ckpt") or None
-
-
-def output_folder(path: Path, option: str, is_folder: bool) -> None:
-    """Make the folder an output goes in, before any val pass: a path that cannot take it is one error naming the
-    option, not a traceback after minutes of predictions."""
-    folder = path if is_folder else path.parent
-    if not is_folder and path.is_dir():
-        raise SettingError(f"{option} {path}: a folder; name a picture file, e.g. {option} {path / 'vit_vs_deit.png'}")
-    where = "" if is_folder else f" its folder {folder}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
-        raise SettingError(f"{option} {path}:{where} cannot be made ({first_line(e)}); pass another {option}") from e
-    if not os.access(folder, os.W_OK):  # (always true for root)
-        raise SettingError(f"{option} {path}:{where} cannot be written in by this user; pass another {option}")
 
 
 def save_output(path: Path, option: str, write) -> None:

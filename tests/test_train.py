@@ -299,6 +299,18 @@ def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, t
             ) in capsys.readouterr().out
 
 
+def test_a_resume_keeps_the_saved_moments_under_this_invocations_weight_decay(teacher_run, tmp_path):
+    cfg, _ = teacher_run
+    last = os.path.join(cfg.output_dir, "teacher", "last.pth")
+    saved = torch.load(last, weights_only=True)["optimizer"]
+    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.0, cfg.weight_decay]
+    train(cfg_for(cfg.data_path, tmp_path, model="resnet18", epochs=4, lr=0.005, resume=last, weight_decay=0.2))
+    now = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["optimizer"]
+    assert [g["weight_decay"] for g in now["param_groups"]] == [0.0, 0.2]  # the note says this run's settings apply
+    per_epoch = {float(s["step"]) for s in saved["state"].values()}.pop() / 3  # the teacher ran 3 epochs
+    assert {float(s["step"]) for s in now["state"].values()} == {per_epoch * 4}  # the moments went on counting
+
+
 def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_logged_once(tiny_shards, tmp_path,
                                                                                         monkeypatch):
     from vitdeit.metrics import MetricsLog

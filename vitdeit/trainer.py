@@ -294,8 +294,14 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
                        f"with this invocation's (keep the saved ones with --config RUN_DIR/config.json --resume ...)")
         net.load_state_dict(resumed["model"])
+        saved = resumed["optimizer"]
+        if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
+            # the saved moments and step counts, this invocation's hyper-parameters: load_state_dict would bring
+            # back the saved run's weight decay (and its `fused`, which decides where the step counts live)
+            saved = {**saved, "param_groups": [{**fresh, "params": old["params"]} for old, fresh in
+                                               zip(saved["param_groups"], optimizer.state_dict()["param_groups"])]}
         try:
-            optimizer.load_state_dict(resumed["optimizer"])
+            optimizer.load_state_dict(saved)
         except ValueError as e:  # other parameter groups: --weight-decay 0 has one group, else two
             raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
                                f"resume with the saved recipe: --config RUN_DIR/config.json --resume ...") from e

@@ -20,7 +20,8 @@ def test_teacher_slicing_keeps_the_logits_of_the_datasets_wnids(tmp_path):
     sliced = load_teacher("", str(tmp_path / "r18.pth"), ClassMap(tuple(wnids), tuple(wnids)))
     assert not any(p.requires_grad for p in sliced.parameters()) and not sliced.training  # frozen, as returned
     # the filter torchvision's own eval transform for these weights resizes with (reading it downloads nothing)
-    assert sliced.interpolation == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms().interpolation.value
+    tv = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    assert (sliced.interpolation, [sliced.img_size]) == (tv.interpolation.value, tv.crop_size)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(sliced(x), full(x)[:, expected_idx], atol=1e-5)

@@ -163,12 +163,14 @@ def test_eval_only_and_a_teacher_use_the_filter_their_run_trained_with_and_bilin
     assert [u.dataset.transform.mode for u in used] == ["bicubic", "bilinear"]
     class_map = manifest_class_map(load_manifest(tiny_shards))
     for ckpt, filt in ((tmp_path / "cubic" / "best.pth", "bicubic"), (tmp_path / "old.pth", "bilinear")):
-        assert load_teacher(str(ckpt), "", class_map).interpolation == filt
-    # a student resized otherwise than its teacher's images: said once, training goes on
+        t = load_teacher(str(ckpt), "", class_map)
+        assert (t.interpolation, t.img_size) == (filt, 32)  # FAST's --img-size
+    # a student resized otherwise than its teacher's images, and at another size: each said once, training goes on
     train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", epochs=1, run_name="deit", allow_weak_teacher=True,
-                  teacher_ckpt=str(tmp_path / "cubic" / "best.pth"), distillation_type="hard"))
-    assert capsys.readouterr().out.count("trained on images resized with --interpolation bicubic; this run "
-                                         "resizes with bilinear") == 1
+                  teacher_ckpt=str(tmp_path / "cubic" / "best.pth"), distillation_type="hard", img_size=48))
+    out = capsys.readouterr().out
+    assert out.count("trained on images resized with --interpolation bicubic; this run resizes with bilinear") == 1
+    assert out.count("the teacher was trained on 32 px crops; this run feeds it 48 px ones (--img-size)") == 1
 
 
 def test_vit_learns(learn_shards, tmp_path):

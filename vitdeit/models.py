@@ -96,16 +96,16 @@ def model_from_checkpoint(state: dict) -> nn.Module:
 
 
 def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
-    """A frozen ResNet-18 teacher for `class_map`, in eval mode; `.interpolation` is the resize filter of the
-    images it was trained on (torchvision's ImageNet-1k ResNet-18: bilinear)."""
-    interpolation = "bilinear"
+    """A frozen ResNet-18 teacher for `class_map`, in eval mode; `.interpolation` and `.img_size` are the resize
+    filter and crop size (px) of the images it was trained on (torchvision's ImageNet-1k ResNet-18: bilinear, 224)."""
+    interpolation, img_size = "bilinear", 224
     if ckpt:
         state = load_checkpoint(ckpt, class_map, what="--teacher-ckpt")
         if state["config"]["model"] != "resnet18":
             raise SettingError(f"--teacher-ckpt {ckpt}: a {state['config']['model']} checkpoint; the teacher must be "
                                f"a resnet18 (train one with train.py --model resnet18).")
         net = model_from_checkpoint(state)
-        interpolation = saved_setting(state["config"], "interpolation")
+        interpolation, img_size = saved_setting(state["config"], "interpolation"), state["config"]["img_size"]
     else:
         imagenet1k_indices(class_map.wnids)  # classes it cannot predict: said before a download, not after
         state = load_imagenet1k_resnet18(weights or "imagenet1k")
@@ -121,5 +121,5 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    net.interpolation = interpolation
+    net.interpolation, net.img_size = interpolation, img_size
     return net

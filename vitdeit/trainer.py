@@ -274,6 +274,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             dist.print(f"warning: the teacher was trained on images resized with --interpolation "
                        f"{teacher.interpolation}; this run resizes with {cfg.interpolation}, so the teacher sees (and "
                        f"is scored on) slightly other images than in its own run")
+        if teacher.img_size != cfg.img_size:  # a CNN runs at any size, but its accuracy is its training size's
+            dist.print(f"warning: the teacher was trained on {teacher.img_size} px crops; this run feeds it "
+                       f"{cfg.img_size} px ones (--img-size), so its logits, and its val top-1 below, are those of a "
+                       f"network at a size it never saw: distil at --img-size {teacher.img_size}, or train the "
+                       f"teacher at {cfg.img_size}")
         t_metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
         check_teacher(t_metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
         teacher_top1 = t_metrics["val_top1"]

@@ -36,6 +36,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"distillation_type": "medium"}, "soft, hard or none"),
     ({"teacher_ckpt": "a", "teacher_weights": "imagenet1k"}, "not both"),
     ({"mixup": 0.8, "batch_size": 31}, "--batch-size 31: Mixup/CutMix pair images"),
+    ({"cutmix": 1.0, "batch_size": 31}, "--batch-size 31: Mixup/CutMix pair images"),  # CutMix alone too
     ({"interpolation": "lanczos"}, "--interpolation 'lanczos': choose bilinear or bicubic"),
     ({"dali_hw_decoder_load": 1.5}, r"--dali-hw-decoder-load 1\.5: must be in \[0, 1\]"),
     ({"label_smoothing": 1.0}, r"--label-smoothing 1\.0: must be in \[0, 1\)"),

@@ -771,3 +771,133 @@ def test_label_smoothing_weight_decay_groups_both_heads_and_the_ema_reach_the_tr
     assert all(torch.allclose(saved[k].float(), v.float(), atol=1e-6) for k, v in ema.items())
     moved = sum((saved[k].float() - after_step[0][1][k].float()).norm() for k in saved if saved[k].is_floating_point())
     assert moved > 0
+
+
+def test_clip_grad_drop_path_and_a_new_sample_order_each_epoch_reach_the_training_step(tiny_shards, tmp_path,
+                                                                                      monkeypatch):
+    """Config -> step wiring that the loss value does not show: every step clips at --clip-grad, ViT's blocks drop
+    paths at timm's linear ramp up to --drop-path, and each epoch's sampler draws that epoch's permutation."""
+    import timm.optim
+
+    from vitdeit import trainer
+
+    clips, orders, made = [], [], []
+    clip, make_optimizer = torch.nn.utils.clip_grad_norm_, timm.optim.create_optimizer_v2
+    epoch_fn = trainer.train_one_epoch
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm, *a, **k: clips.append(max_norm) or clip(
+        p, max_norm, *a, **k))
+    monkeypatch.setattr(timm.optim, "create_optimizer_v2", lambda net, *a, **k: made.append(net) or make_optimizer(
+        net, *a, **k))
+    monkeypatch.setattr(trainer, "train_one_epoch", lambda model, loss_fn, loader, *a, **k: orders.append(
+        loader.sampler.indices()) or epoch_fn(model, loss_fn, loader, *a, **k))
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=2, batch_size=16, workers=0, seed=5, clip_grad=0.25,
+                  drop_path=0.2))
+    assert clips == [0.25] * (2 * 96 // 16)  # every step of both epochs, at the flag's norm
+    (net,) = made
+    ramp = [0.2 * k / (len(net.blocks) - 1) for k in range(len(net.blocks))]  # timm: linear from 0 to the rate
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in net.blocks] == pytest.approx(ramp, abs=1e-6)
+    assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in net.blocks] == pytest.approx(ramp, abs=1e-6)
+    expected = []
+    for epoch in (0, 1):  # one rank of 96 images: that epoch's permutation under --seed 5
+        g = torch.Generator().manual_seed(5 * 1000003 + epoch)
+        expected.append(torch.randperm(96, generator=g).tolist())
+    assert orders == expected and orders[0] != orders[1]
+
+
+def test_cutmix_alone_trains_on_its_soft_targets_smoothed_once(tiny_shards, tmp_path, monkeypatch):
+    """Either Mixup or CutMix makes the targets soft (and already label-smoothed, by timm's Mixup): the loss is then
+    the soft-target cross-entropy of those targets, not a cross-entropy that smooths them a second time."""
+    import torch.nn.functional as F
+
+    from vitdeit.distill import DistillationLoss
+
+    seen, forward = [], DistillationLoss.forward
+    monkeypatch.setattr(DistillationLoss, "forward", lambda self, images, outputs, targets: (
+        seen.append((outputs.detach(), targets, forward(self, images, outputs, targets))), seen[-1][2])[1])
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, cutmix=1.0, mixup=0.0,
+                  label_smoothing=0.2))
+    assert len(seen) == 6
+    for outputs, targets, loss in seen:
+        assert targets.shape == (16, 4) and torch.allclose(targets.sum(1), torch.ones(16))
+        assert targets.min() == pytest.approx(0.2 / 4)  # smoothed once, by Mixup: the off-class share
+        expected = -(targets * F.log_softmax(outputs.double(), dim=1)).sum(1).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit import trainer
+
+    def fingerprint(state):  # a number that tells two sets of weights apart
+        return sum(float(v.double().sum()) for v in state.values() if v.is_floating_point())
+
+    monkeypatch.setattr(trainer, "evaluate", lambda model, *a, **k: {
+        "val_loss": 1.0, "val_top1": fingerprint(model.state_dict()), "val_top5": 0.0, "val_samples": 24})
+    last = train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, lr=0.003,
+                         model_ema=True, model_ema_decay=0.5))
+    saved = torch.load(tmp_path / "vit_tiny" / "last.pth", weights_only=True)
+    assert last["val_top1"] == pytest.approx(fingerprint(saved["model"]), rel=1e-12)
+    assert last["val_top1_ema"] == pytest.approx(fingerprint(saved["ema"]), rel=1e-12)
+    assert last["val_top1_ema"] != pytest.approx(last["val_top1"], rel=1e-9)  # the two weights differ
+
+
+def test_the_distillation_alpha_and_tau_reach_the_loss(tiny_shards, tmp_path, monkeypatch):
+    """The loss of each DeiT step, recomputed here: (1 - alpha) * label-smoothed CE of the class head + alpha * tau^2
+    KL(teacher_tau || dist head_tau) / numel, with the teacher's logits from its checkpoint's weights."""
+    import torch.nn.functional as F
+    import torchvision
+
+    from vitdeit.distill import DistillationLoss
+
+    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0, lr=0.005,
+                  run_name="teacher"))
+    teacher = torchvision.models.resnet18(num_classes=4)
+    teacher.load_state_dict(torch.load(tmp_path / "teacher" / "best.pth", weights_only=True)["model"])
+    teacher.eval()
+    seen, forward = [], DistillationLoss.forward
+
+    def spy(self, images, outputs, targets):
+        loss = forward(self, images, outputs, targets)
+        seen.append((images.clone(), tuple(o.detach() for o in outputs), targets, loss.detach()))
+        return loss
+
+    monkeypatch.setattr(DistillationLoss, "forward", spy)
+    alpha, tau, eps = 0.3, 2.0, 0.1
+    train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", epochs=1, batch_size=16, workers=0, lr=0.003,
+                  teacher_ckpt=str(tmp_path / "teacher" / "best.pth"), allow_weak_teacher=True,
+                  distillation_type="soft", distillation_alpha=alpha, distillation_tau=tau, label_smoothing=eps))
+    assert len(seen) == 6
+    for images, (cls, dist), y, loss in seen:
+        logp = F.log_softmax(cls.double(), dim=1)
+        ce = ((1 - eps) * -logp.gather(1, y[:, None]).squeeze(1) - eps * logp.mean(1)).mean()
+        with torch.no_grad():
+            p = F.softmax(teacher(images).double() / tau, dim=1)
+        kd = (p * (p.log() - F.log_softmax(dist.double() / tau, dim=1))).sum() * tau * tau / dist.numel()
+        assert loss.item() == pytest.approx(((1 - alpha) * ce + alpha * kd).item(), rel=1e-4)
+
+
+def test_amp_choices_resolve_to_their_dtypes_and_channels_last_sets_the_weights_memory_format(monkeypatch):
+    from vitdeit.trainer import resolve_amp, to_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # (a device object: no GPU needed)
+    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("off", cuda) is None and resolve_amp("auto", cpu) is None  # no autocast on a CPU by default
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, ok=bf16: ok)
+        assert resolve_amp("auto", cuda) is dtype
+    for channels_last in (True, False):  # --channels-last: the weights' memory format
+        w = to_device(torch.nn.Conv2d(3, 8, 3), Config(channels_last=channels_last), cpu).weight
+        assert w.is_contiguous(memory_format=torch.channels_last) == channels_last != w.is_contiguous()
+
+
+@pytest.mark.parametrize("amp, dtype, scaled", [("bf16", torch.bfloat16, False), ("fp16", torch.float16, True),
+                                                ("off", None, False)])
+def test_the_runs_amp_sets_the_autocast_dtype_of_every_step_and_the_grad_scaler(tiny_shards, tmp_path, monkeypatch,
+                                                                                amp, dtype, scaled):
+    from vitdeit import engine
+
+    casts, scalers, autocast, scaler = [], [], engine.autocast, torch.amp.GradScaler
+    monkeypatch.setattr(engine, "autocast", lambda device, d: casts.append(d) or autocast(device, d))
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scalers.append(k.get("enabled")) or scaler(*a, **k))
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, amp=amp, compile="off"))
+    assert casts == [dtype] * (6 + 2)  # 6 train steps, then 2 val batches (tiny_shards' 24 val images: 16 and 8)
+    assert scalers == [scaled]  # a GradScaler for fp16 only: bf16 has fp32's range

@@ -317,3 +317,36 @@ def test_half_precision_output_when_asked(tiny_shards):
     loader = DaliLoader(tiny_shards, load_manifest(tiny_shards), "val", batch_size=8, img_size=24, workers=1, half=True)
     x, _ = next(iter(loader))
     assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device, amp, half", [("cuda", "auto", True), ("cuda", "bf16", True), ("cuda", "fp16", True),
+                                               ("cuda", "off", False), ("cpu", "auto", False), ("cpu", "bf16", False)])
+def test_build_loader_asks_dali_for_16_bit_images_only_where_autocast_runs_16_bit_on_a_gpu(tiny_shards, monkeypatch,
+                                                                                          device, amp, half):
+    """--amp off on a GPU: the model runs in float32 and a float16 batch would not fit its weights' dtype."""
+    from vitdeit.data import dali_loader
+
+    made = []
+    monkeypatch.setattr(dali_loader, "DaliLoader", lambda *a, **k: made.append(k) or k)  # builds nothing: no GPU here
+    cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=32, batch_size=8, amp=amp)
+    for split in ("train", "val"):
+        build_loader(cfg, load_manifest(tiny_shards), split, Dist(device=torch.device(device)))
+    assert [k["half"] for k in made] == [half, half]
+
+
+@pytest.mark.filterwarnings("ignore:.*train shard")
+def test_each_ranks_train_slice_holds_other_samples_every_epoch_in_an_order_that_follows_the_seed(tiny_shards):
+    """The tar order is reshuffled every epoch, the same on every rank and by --seed: a rank's slice of the samples
+    changes, not only their order within it, and another seed deals other slices."""
+    m = load_manifest(tiny_shards)  # 4 tars (30, 30, 30, 6 samples): a rank's slice spans some of them
+
+    def slices(seed):  # per epoch, each rank's set of samples
+        loaders = [DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=16, rank=r, world=2, workers=1,
+                              seed=seed, with_keys=True) for r in range(2)]
+        return [[frozenset(k for _, _, b in loader for k in b) for loader in loaders] for _ in range(4)]
+
+    three, four = slices(3), slices(4)
+    for ranks in three + four:
+        assert not ranks[0] & ranks[1]  # disjoint in every epoch
+    assert len({ranks[0] for ranks in three}) > 1  # rank 0's set is not always the same
+    assert [ranks[0] for ranks in three] != [ranks[0] for ranks in four]  # and the tar orders follow --seed

@@ -165,3 +165,9 @@ def test_a_noisy_magnitude_takes_the_table_step_at_or_below_as_timms_int_truncat
     # SolarizeAdd adds int(m / 10 * 110): 109 at m 9.96 in timm; the 0.1 step below, 9.9, adds 108 (rounding to
     # 10.0 would add 110, moving every threshold of timm's int()s by 0.05)
     assert set(policy(RandAugmentSpec(("SolarizeAdd",), 1, 1.0, 9.96, 0.001, 10.0), batch=64) - 100) == {108}
+
+
+def test_a_noisy_magnitude_is_clipped_to_mmax_not_to_10():
+    # Brightness at m 12.05 +- 0.001 under mmax 15: the 0.1 step at or below is 12.0, factor 12 / 10 * 1.8 + 0.1 =
+    # 2.26 on grey 100 (clipped to 10: 1.9, 190)
+    assert set(policy(RandAugmentSpec(("Brightness",), 1, 1.0, 12.05, 0.001, 15.0), batch=8)) == {226}

@@ -347,3 +347,22 @@ def test_rand_augments_strongest_posterize_blacks_the_image_out_instead_of_crash
     assert not np.asarray(op(image)).any()
     op.magnitude = 5  # 2 bits kept: 200 = 0b11001000 -> 0b11000000
     assert (np.asarray(op(image)) == 192).all()
+
+
+def test_crop_areas_and_aspect_ratios_are_drawn_as_torchvisions_random_resized_crop_draws_them():
+    """Not only inside the bounds: spread over them as torchvision's sampler spreads them (area uniform in
+    scale, aspect ratio log-uniform, 10 tries then the centre), compared on 4,000 boxes of a 400 x 300 image."""
+    from torchvision.transforms import RandomResizedCrop
+
+    t, rng = TrainTransform(24, scale=(0.2, 0.9)), random.Random(0)
+    ours = [t.crop_box(400, 300, rng)[2:] for _ in range(4000)]  # (width, height)
+    torch.manual_seed(0)
+    theirs = [RandomResizedCrop.get_params(torch.zeros(3, 300, 400), [0.2, 0.9], [3 / 4, 4 / 3])[:1:-1]
+              for _ in range(4000)]  # (top, left, height, width) -> (width, height)
+    stats = [(np.array([w * h for w, h in boxes]) / (400 * 300), np.log([w / h for w, h in boxes]))
+             for boxes in (ours, theirs)]
+    (area, log_ratio), (ref_area, ref_log_ratio) = stats
+    assert abs(area.mean() - ref_area.mean()) < 0.015  # 0.49 here; always the smallest crop: 0.2
+    assert abs(np.quantile(area, 0.9) - np.quantile(ref_area, 0.9)) < 0.03
+    assert abs(log_ratio.mean() - ref_log_ratio.mean()) < 0.012  # ratio drawn uniformly (not its log): +0.027
+    assert abs(log_ratio.std() - ref_log_ratio.std()) < 0.01

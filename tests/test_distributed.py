@@ -1,0 +1,62 @@
+"""vitdeit.distributed with two real gloo processes: torchrun's environment read as torchrun sets it, and the
+collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums)."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from vitdeit.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_buffers, cleanup, setup
+
+
+def _as_rank(rank, world, port, out_dir):
+    # two "nodes" of one process each: RANK is the global rank, LOCAL_RANK 0 on both
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if Path("/sys/class/net/lo").exists():  # gloo on the loopback, as test_engine's ranks
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist = setup("cpu")
+    try:
+        bn = torch.nn.BatchNorm1d(3)
+        with torch.no_grad():
+            bn.running_mean.fill_(rank + 1.0)
+            bn.weight.fill_(10.0 * (rank + 1))
+        broadcast_buffers(bn)
+        out = {"dist": [dist.rank, dist.world, dist.local_rank, dist.is_main],
+               "gathered": all_gather_object({"rank": rank, "items": list(range(rank + 1))}),
+               "running_mean": bn.running_mean.tolist(), "weight": bn.weight.tolist(),
+               "sum": all_reduce_sum(torch.tensor([rank + 1.0, 2.0 ** 40 + rank], dtype=torch.float64)).tolist()}
+    finally:
+        cleanup()
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
+
+
+def test_two_processes_read_their_global_rank_gather_in_rank_order_and_share_rank_0s_buffers():
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_as_rank, args=(2, port, d), nprocs=2)
+        outs = [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
+    for rank, out in enumerate(outs):
+        # RANK, not LOCAL_RANK, says which process writes checkpoints and prints: rank 1 is local rank 0 of its node
+        assert out["dist"] == [rank, 2, 0, rank == 0]
+        assert out["gathered"] == [{"rank": 0, "items": [0]}, {"rank": 1, "items": [0, 1]}]  # every rank's, in order
+        assert out["running_mean"] == [1.0] * 3  # rank 0's running statistics on every rank...
+        assert out["weight"] == [10.0 * (rank + 1)] * 3  # ...and only the buffers: parameters are DDP's to keep
+        assert out["sum"] == [3.0, 2.0 * 2.0 ** 40 + 1]  # summed exactly, in float64
+
+
+def test_one_process_without_torchrun_is_rank_0_of_1(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    dist = setup("cpu")
+    assert dist == Dist(0, 1, 0, torch.device("cpu")) and dist.is_main
+    assert all_gather_object("x") == ["x"] and all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    assert not Dist(rank=2, world=4, local_rank=0).is_main  # another node's first process

@@ -40,7 +40,7 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.errors import DataError, SettingError, VitdeitError, output_folder, write_failed  # noqa: E402
+from vitdeit.errors import DataError, SettingError, VitdeitError, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 
 
@@ -565,11 +565,8 @@ def main(argv=None) -> int:
 
     def save():  # after every part: a run stopped at a time limit keeps what it measured
         if a.json:
-            try:
-                Path(a.json).write_text(json.dumps(result, indent=1))
-            except OSError as e:  # a full disk, a folder it may not write in
-                raise write_failed(Path(a.json), e, "the figures measured so far are in the lines printed above",
-                                   flag="--json") from e
+            save_output(Path(a.json), lambda path: path.write_text(json.dumps(result, indent=1)),
+                        "the figures measured so far are in the lines printed above", flag="--json")
 
     save()  # the machine and settings: a --json that cannot be written stops the run before any work
 

@@ -84,3 +84,11 @@ def write_failed(path: Path, e: Exception, kept: str, flag: str = "--output-dir"
     space = getattr(e, "errno", None) in (None, *NO_SPACE)
     return WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. "
                        + (f"Free space there or pass another {flag}" if space else f"Pass another {flag}"))
+
+
+def save_output(path: Path, write, kept: str, flag: str = "--output-dir") -> None:
+    """write(path); an OSError (a full disk, a folder it may not write in) becomes write_failed's one-line error."""
+    try:
+        write(path)
+    except OSError as e:
+        raise write_failed(path, e, kept, flag=flag) from e

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import check_class_map, load_checkpoint
 from .config import Config, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
-from .errors import DataError, MissingFile, SettingError, output_folder, write_failed
+from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint
@@ -228,12 +228,7 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
     return None if cfg.get("distillation_type") == "none" else cfg.get("teacher_ckpt") or None
 
 
-def save_output(path: Path, option: str, write) -> None:
-    """write(path), an OSError (a full disk, a folder it may not write in) a one-line error naming the file."""
-    try:
-        write(path)
-    except OSError as e:
-        raise write_failed(path, e, "the files written before it are kept", flag=option) from e
+KEPT = "the files written before it are kept"  # what a failed write of the picture or the report leaves
 
 
 def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: str | None, class_map: ClassMap):
@@ -298,7 +293,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
-    save_output(Path(out), "--out", lambda path: fig.savefig(path, dpi=110))
+    save_output(Path(out), lambda path: fig.savefig(path, dpi=110), KEPT, flag="--out")
     notes[:0] = [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
@@ -313,12 +308,11 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()))
                  for name in runs]
     curves = curves_figure(metrics)
-    save_output(rdir / "curves.png", "--report-dir", lambda path: curves.savefig(path, dpi=110))
+    save_output(rdir / "curves.png", lambda path: curves.savefig(path, dpi=110), KEPT, flag="--report-dir")
     comp = comparison(class_map, vit, deit)
-    save_output(rdir / "report.md", "--report-dir",
-                lambda path: path.write_text(report_markdown(summaries, comp, ("ViT", "DeiT"))))
-    save_output(rdir / "report.json", "--report-dir",
-                lambda path: path.write_text(json.dumps({"runs": summaries, "comparison": comp}, indent=1)))
+    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"))),
+                       ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):
+        save_output(rdir / name, lambda path: path.write_text(text), KEPT, flag="--report-dir")  # (called at once)
     written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,
                    comparison=comp)
     return written

@@ -6,15 +6,24 @@
 #   benchmarks/dali_parts.sh writes to dali_parts/; the call that brings the last part reassembles them.
 # On a warm machine the folders stay between calls: a second script finds DALI installed.
 PY=${PYTHON:-python3}  # the GPU machine's python3 is the one holding torch
+# has MODULE: importable? DALI is imported (1 s; a broken install counts as missing, and is replaced below);
+# webdataset is only looked up: importing it imports torch, 2-4 s a time, which each script paid twice
+has() {
+  if [ "$1" = webdataset ]; then
+    $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('webdataset') is None)" 2>/dev/null
+  else
+    $PY -c "import $1" 2>/dev/null
+  fi
+}
 # a folder an earlier call on this (warm) machine installed is used again, only where the import fails without it
 reuse() {  # reuse MODULE FOLDER
-  if ! $PY -c "import $1" 2>/dev/null && [ -d "$2" ] && PYTHONPATH=$2:${PYTHONPATH:-} $PY -c "import $1" 2>/dev/null; then
+  if ! has "$1" && [ -d "$2" ] && PYTHONPATH=$2:${PYTHONPATH:-} has "$1"; then
     export PYTHONPATH=$2:${PYTHONPATH:-}
   fi
 }
 reuse webdataset /tmp/vitdeit-pydeps
 reuse nvidia.dali /tmp/vitdeit-dali
-if ! $PY -c "import webdataset" 2>/dev/null; then
+if ! has webdataset; then
   ls wheels/*.whl >/dev/null 2>&1 || { echo "webdataset is missing and wheels/ is empty: pip download --no-deps -d wheels webdataset braceexpand"; exit 1; }
   rm -rf /tmp/vitdeit-pydeps  # pip --target skips packages already in a folder, broken ones too
   $PY -m pip install -q --no-index --no-deps --target /tmp/vitdeit-pydeps wheels/*.whl
@@ -22,7 +31,7 @@ if ! $PY -c "import webdataset" 2>/dev/null; then
 fi
 # DALI, where it is not installed and benchmarks/dali_parts.sh's parts were brought (the last call carrying them
 # runs this script): reassemble, check the SHA-256, install into a private folder
-if ! $PY -c "import nvidia.dali" 2>/dev/null && ls dali_parts/dali.tar.part-* >/dev/null 2>&1; then
+if ! has nvidia.dali && ls dali_parts/dali.tar.part-* >/dev/null 2>&1; then
   cat dali_parts/dali.tar.part-* > /tmp/vitdeit-dali.tar
   [ "$(sha256sum < /tmp/vitdeit-dali.tar | cut -d' ' -f1)" = "$(cut -d' ' -f1 dali_parts/dali.tar.sha256)" ] || {
     echo "dali_parts/: the parts present do not make the tar dali_parts.sh wrote; bring every part (and dali.tar.sha256)"; exit 1; }

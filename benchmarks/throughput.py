@@ -40,8 +40,10 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
-from vitdeit.errors import DataError, SettingError, VitdeitError, output_folder, save_output  # noqa: E402
+from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
+
+from benchmarks import traces  # noqa: E402
 
 
 def machine() -> dict:
@@ -381,7 +383,7 @@ class EpochStream:
         self.it = None
 
 
-def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step, sync) -> list[dict]:
+def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step, sync) -> tuple[list[dict], list]:
     """The DeiT distillation `step` fed by each loader, against its ceiling: the same step on one batch already on
     the device (float32; DALI's float16 batches run the same model, compiled once more for that dtype), timed in
     turns with the loaders (every round times the ceiling, then each loader), so that the machine drifting between
@@ -390,7 +392,9 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
     - epoch: a whole epoch from a fresh iterator, start-up included, as training sees it every epoch;
     - steps: --steps steps after --warmup-steps untimed ones, from a fresh epoch (crossing into the next ones if the
       window is longer), then the rest of that epoch drained untimed, so the loader rests until its next turn. On a
-      CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each."""
+      CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each.
+    Returns the rows, and with --profile DIR one more window of each (the ceiling first) under torch.profiler:
+    profile_windows()."""
     whole_epochs = a.e2e_unit == "epoch" or (a.e2e_unit == "auto" and device.type == "cuda")
     x, y = device_batch(a, device, channels_last=e2e_setting(device)[2])
 
@@ -399,15 +403,17 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
         images, waited, done = 0, 0.0, 0
         sync()
         t0 = time.perf_counter()
-        while n is None or done < n:
-            t = time.perf_counter()
-            batch = next(batches, None)
-            waited += time.perf_counter() - t
-            if batch is None:
-                break
-            step(batch[0], batch[1])
-            images, done = images + len(batch[1]), done + 1
-        sync()
+        mark = torch.profiler.record_function(traces.window_name(n)) if n else contextlib.nullcontext()
+        with mark:  # a window's span in a --profile trace (a no-op otherwise)
+            while n is None or done < n:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                waited += time.perf_counter() - t
+                if batch is None:
+                    break
+                step(batch[0], batch[1])
+                images, done = images + len(batch[1]), done + 1
+            sync()
         return images, time.perf_counter() - t0, waited
 
     def window(batches, drain=lambda: None, ahead: int = 0):
@@ -417,14 +423,13 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
         drain()
         return result
 
-    units = {"ceiling": lambda: window(itertools.repeat((x, y)))}  # name -> one timed unit
+    windows = {"ceiling": lambda: window(itertools.repeat((x, y)))}  # name -> one window of --steps steps
+    units = dict(windows)  # name -> one timed unit
     for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
-        if whole_epochs:
-            units[name] = lambda loader=loader: steps(fresh_epoch(loader))
-        else:
-            stream = EpochStream(loader)
-            units[name] = lambda stream=stream, ahead=getattr(loader, "decoded_ahead", 0): window(stream, stream.drain,
-                                                                                                   ahead)
+        stream = EpochStream(loader)
+        windows[name] = lambda stream=stream, ahead=getattr(loader, "decoded_ahead", 0): window(stream, stream.drain,
+                                                                                                ahead)
+        units[name] = (lambda loader=loader: steps(fresh_epoch(loader))) if whole_epochs else windows[name]
     # whole epochs time their start-up, so one untimed round first (worker start, DALI's first batches, a recompile
     # for a dtype); a window of --e2e-unit steps has its own untimed lead-in for that
     if whole_epochs:
@@ -445,6 +450,31 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
                      "host_wait_frac": wait, **overlap_bounds(alone.get(name), ceiling)})
         print(f"  end to end {name:28s} {r:9.1f} img/s = {r / ceiling:.2f} of the step's {ceiling:.1f} in the same "
               f"rounds, host waits {100 * wait:.0f} % in next()", flush=True)
+    return rows, profile_windows(windows, device, Path(a.profile)) if a.profile else []
+
+
+def profile_windows(windows: dict, device, folder: Path) -> list[dict]:
+    """--profile: one more window of each unit (the ceiling first) under torch.profiler, with the GPU's activity on
+    CUDA; writes folder/UNIT.json.gz (a Chrome trace) and returns each trace's traces.summary(), the ceiling's
+    streams counting as the step's. Profiling slows the host: these windows diagnose, the timed rounds measure.
+    A failure is recorded and ends the profiling, never the run (the figures above are measured by then)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows, step_streams = [], None
+    for name, run in windows.items():
+        path = folder / f"{name}.json.gz"
+        try:
+            with profile(activities=activities) as prof:
+                run()
+            prof.export_chrome_trace(str(path))
+            rows.append({"unit": name, "trace": str(path), **traces.summary(traces.load(path), step_streams)})
+        except Exception as e:  # noqa: BLE001 - a diagnosis must not cost the run it diagnoses
+            rows.append({"unit": name, "error": f"{type(e).__name__}: {first_line(e)}"})
+            print(f"  profile {name}: {rows[-1]['error']} (profiling stops; the figures above stand)", flush=True)
+            break
+        step_streams = set(rows[0]["step_streams"])
+        print("  " + traces.row(name, rows[-1], rows[0]), flush=True)
     return rows
 
 
@@ -526,6 +556,10 @@ def main(argv=None) -> int:
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "
                    "row per value (e.g. 0,0.65,1)")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="end to end: after the timed rounds, one more window of --steps steps per unit under "
+                   "torch.profiler; a Chrome trace of each (DIR/UNIT.json.gz) and a per-step summary of what the "
+                   "GPU did (benchmarks/traces.py)")
     a = p.parse_args(argv)
     a.device = resolve_device(a.device)  # --device cuda without a GPU: one line, before any work
     if a.step_stream != "default" and a.device != "cuda":
@@ -544,6 +578,8 @@ def main(argv=None) -> int:
     if a.json and (Path(a.json).is_dir() or not Path(a.json).parent.is_dir()):
         p.error(f"--json {a.json}: " + ("a folder; name a file in it" if Path(a.json).is_dir() else
                                         f"its folder {Path(a.json).parent} does not exist; create it or pass another"))
+    if a.profile and "e2e" not in parts:
+        p.error(f"--profile {a.profile}: profiles the end-to-end windows; add e2e to --parts")
     if a.work_dir and Path(a.work_dir).exists() and not Path(a.work_dir).is_dir():
         p.error(f"--work-dir {a.work_dir}: a file, not a folder; pass a folder (it is made if missing)")
     device = torch.device(a.device)
@@ -552,6 +588,8 @@ def main(argv=None) -> int:
     if not a.work_dir:  # a temp folder of images and shards (~30 MB at the defaults): gone when the run ends
         atexit.register(shutil.rmtree, work, ignore_errors=True)
     output_folder(work, "--work-dir", is_folder=True)
+    if a.profile:
+        output_folder(Path(a.profile), "--profile", is_folder=True)
     result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "settings": dict(vars(a)), "seconds": {}}  # a copy: a DALI failure turns a.dali off later
@@ -631,8 +669,10 @@ def main(argv=None) -> int:
         if "e2e" in parts:
             print("end to end ...", flush=True)
             with part_seconds("e2e"):
-                result["end_to_end"] = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []), e2e_step,
-                                                        sync)
+                result["end_to_end"], profiles = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []),
+                                                                  e2e_step, sync)
+            if a.profile:
+                result["profile"] = profiles
             save()
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     save()
@@ -683,6 +723,10 @@ def print_tables(r: dict) -> None:
             print(f"end to end {row['loader']:28s} {row['images_per_s']:9.1f} img/s = "
                   f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}, host waits "
                   f"{100 * row['host_wait_frac']:.0f} %" + bounds)
+    if r.get("profile"):
+        print(traces.HEADER)
+        for row in r["profile"]:
+            print(traces.row(row["unit"], row, r["profile"][0]))
 
 
 if __name__ == "__main__":

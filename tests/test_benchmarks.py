@@ -27,10 +27,11 @@ def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]
     return run, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("e2e_unit,loader_workers", [("steps", [1, 2]), ("epoch", [1])])
-def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit, loader_workers):
+@pytest.mark.parametrize("e2e_unit,loader_workers,profile", [("steps", [1, 2], False), ("epoch", [1], True)])
+def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit, loader_workers, profile):
     start = time.perf_counter()
-    run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit, "--loader-workers", ",".join(map(str, loader_workers)))
+    run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit, "--loader-workers", ",".join(map(str, loader_workers)),
+                            *(["--profile", str(tmp_path / "prof")] if profile else []))
     wall = time.perf_counter() - start
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
@@ -57,7 +58,23 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
         assert row["fraction_if_serial"] == pytest.approx((1 / seconds_per_image) / ceiling)
         assert row["fraction_if_overlapped"] == pytest.approx(min(1.0, alone[row["loader"]] / ceiling))
     assert len(r["transforms"]) == 8 and all(t["ms_per_image"] > 0 for t in r["transforms"])
-    assert run.stdout.rstrip().splitlines()[-1].startswith("end to end")  # the table comes last
+    last = run.stdout.rstrip().splitlines()[-1]  # the table comes last
+    if profile:  # one more steps window per unit, even where whole epochs were timed, each in its own trace
+        from benchmarks import traces
+
+        assert [p["unit"] for p in r["profile"]] == ["ceiling"] + [row["loader"] for row in r["end_to_end"]]
+        for p in r["profile"]:
+            events = traces.load(p["trace"])
+            window = [e for e in events if e.get("name") == traces.window_name(1)]  # --steps 1
+            assert len(window) == 1 and p["steps"] == 1
+            assert p["wall_ms_per_step"] == pytest.approx(window[0]["dur"] / 1000)
+            assert sum(e.get("name") == "aten::linear" for e in events) > 0  # the step ran inside the profile
+            assert p["gpu_busy_frac"] is None and p["gpu_events"] == 0  # a CPU run: no GPU rows
+        assert sorted(f.name for f in (tmp_path / "prof").iterdir()) == sorted(p["unit"] + ".json.gz"
+                                                                                 for p in r["profile"])
+        assert last.startswith(r["profile"][-1]["unit"] + " ") and last.split()[2:] == ["-"] * 6
+    else:
+        assert "profile" not in r and last.startswith("end to end")
     # where the time went: each part once, within the whole, which is within the process's life as timed here
     seconds = r["seconds"]
     assert list(seconds) == ["data", "packing", "transforms", "loaders", "model", "e2e", "total"]
@@ -205,8 +222,10 @@ def test_end_to_end_times_the_ceiling_in_turns_with_the_loaders(monkeypatch, uni
         [("shards_a", "original", loaders[0]), ("shards_b", "original", loaders[1])]))
     seen = []
     step = lambda x, y: seen.append("c" if x.shape[-1] == 8 else "ab"[int(y[0])] + str(int(y[1])))  # noqa: E731
-    a = argparse.Namespace(e2e_unit=unit, batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=2)
-    rows = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
+    a = argparse.Namespace(e2e_unit=unit, batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=2,
+                           profile=None)
+    rows, profiles = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
+    assert profiles == []  # no --profile
     # 2 rounds, each: the ceiling (1 untimed + 2 timed steps), then each loader's unit from a fresh epoch: a whole
     # one (4 batches), or 1 untimed + 2 timed steps with the 4th batch drained unused; whole epochs after one
     # untimed round (their start-up is timed, so the first one's must not be)
@@ -275,8 +294,9 @@ def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_m
     def step(x, y):
         clock[0] += 1.0 if x.shape[-1] == 8 else [1.0, 4.0, 10.0][loader.epochs - 1]
 
-    a = argparse.Namespace(e2e_unit="steps", batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=3)
-    (row,) = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
+    a = argparse.Namespace(e2e_unit="steps", batch_size=2, img_size=8, workers=1, steps=2, warmup_steps=1, repeats=3,
+                           profile=None)
+    (row,), _ = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
     assert (row["ceiling_images_per_s"], row["images_per_s"], row["fraction_of_ceiling"]) == (2.0, 0.5, 0.25)
 
 
@@ -319,8 +339,9 @@ def test_batches_a_loader_decoded_before_its_window_are_neither_timed_nor_counte
             taken.append(int(y[0]))
 
     monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([("shards_dali", "original", Loader())]))
-    a = argparse.Namespace(e2e_unit="steps", batch_size=3, img_size=8, workers=1, steps=2, warmup_steps=0, repeats=1)
-    (row,) = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
+    a = argparse.Namespace(e2e_unit="steps", batch_size=3, img_size=8, workers=1, steps=2, warmup_steps=0, repeats=1,
+                           profile=None)
+    (row,), _ = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
     assert taken == [0, 1, 2, 3]  # 2 untimed steps on the batches decoded ahead, 2 timed (then batch 4 drained)
     assert row["images_per_s"] == 6 / (2 * (1.0 + 2.0))  # batches 2 and 3: 1 s to load, 2 s to step, each
 
@@ -465,3 +486,66 @@ def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypa
     with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 28] No space left on "
                                                     f"device (") + r".*pass another --json"):
         throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
+
+
+def synthetic_trace(window_tid=5):
+    """A Chrome trace as torch.profiler writes it on a GPU, made by hand: a 2-step window over [1000, 2000] us on the
+    host's thread 5; kernels on the step's stream 7 and on a loader's stream 20, one copy, three CUDA API calls."""
+    from benchmarks import traces
+
+    def x(cat, name, ts, dur, **kw):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, **kw}
+
+    def kernel(stream, ts, dur):
+        return x("kernel", "k", ts, dur, pid=0, tid=stream, args={"stream": stream, "device": 0})
+
+    return [{"ph": "M", "name": "process_name", "pid": 0, "tid": 0, "args": {"name": "python"}},
+            x("user_annotation", traces.window_name(2), 1000, 1000, tid=window_tid),
+            x("gpu_user_annotation", traces.window_name(2), 1000, 1100, pid=0, tid=7),  # its GPU mirror: not a window
+            kernel(7, 1000, 300), kernel(7, 1250, 150), kernel(7, 1900, 200),  # the last one runs past the window
+            kernel(20, 1350, 150), kernel(20, 500, 600),  # the second began before the window
+            kernel(7, 3000, 100),  # after the window: not counted
+            x("gpu_memcpy", "Memcpy DtoD", 1600, 100, tid=7, args={"stream": 7}),
+            x("cuda_runtime", "cudaStreamSynchronize", 1950, 50, tid=5),
+            x("cuda_runtime", "cudaLaunchKernel", 1010, 5, tid=5),
+            x("cuda_runtime", "cudaEventSynchronize", 1200, 100, tid=9)]  # another thread's wait (DALI's)
+
+
+def test_a_traces_summary_clips_to_the_window_and_splits_the_steps_streams_from_the_others():
+    from benchmarks import traces
+
+    events = synthetic_trace()
+    s = traces.summary(events, step_streams={7})
+    # by hand, in us over the 1000-us window of 2 steps: step stream [1000, 1400] + [1900, 2000] = 500; other stream
+    # [1000, 1100] + [1350, 1500] = 250; both at once [1000, 1100] + [1350, 1400] = 150; anything on the GPU
+    # [1000, 1500] + [1600, 1700] + [1900, 2000] = 700; the window's thread waiting: 50 (thread 9's 100 is not its)
+    assert s["steps"] == 2 and s["wall_ms_per_step"] == 0.5 and s["gpu_events"] == 6
+    assert s["step_streams"] == [7] and s["gpu_busy_frac"] == pytest.approx(0.7)
+    assert (s["step_kernel_ms_per_step"], s["other_kernel_ms_per_step"], s["overlap_ms_per_step"]) == pytest.approx(
+        (0.25, 0.125, 0.075))
+    assert s["copy_ms_per_step"] == pytest.approx(0.05) and s["host_sync_ms_per_step"] == pytest.approx(0.025)
+    assert [(c["name"], c["calls"], c["ms_per_step"], c["window_thread_ms_per_step"]) for c in s["host_calls"]] == [
+        ("cudaEventSynchronize", 1, 0.05, 0.0), ("cudaStreamSynchronize", 1, 0.025, 0.025),
+        ("cudaLaunchKernel", 1, 0.0025, 0.0025)]
+    alone = traces.summary(events)  # no ceiling given: every stream with a kernel is the step's
+    assert alone["step_streams"] == [7, 20] and alone["other_kernel_ms_per_step"] == alone["overlap_ms_per_step"] == 0
+    assert alone["step_kernel_ms_per_step"] == pytest.approx((500 + 100) / 1000 / 2)  # [1000, 1500] + [1900, 2000]
+    with pytest.raises(ValueError, match="2 events named"):  # two windows in one trace: which one is meant?
+        traces.summary(events + [events[1]])
+
+
+def test_the_traces_command_reads_gzipped_traces_and_scales_each_step_by_the_first(tmp_path, capsys):
+    import gzip
+
+    from benchmarks import traces
+
+    ceiling = [e for e in synthetic_trace() if e.get("tid") != 20]  # the step alone: its stream's kernels only
+    for name, events in (("ceiling", ceiling), ("loader", synthetic_trace())):
+        with gzip.open(tmp_path / f"{name}.json.gz", "wt") as f:
+            json.dump({"traceEvents": events}, f)
+    assert traces.main([str(tmp_path / "ceiling.json.gz"), str(tmp_path / "loader.json.gz")]) == 0
+    header, first, second = capsys.readouterr().out.splitlines()
+    assert header == traces.HEADER
+    # the ceiling's step stream (7) is the loader's step stream too: 0.25 ms/step both, so x1.00; stream 20 is other
+    assert first.split() == ["ceiling", "0.50", "60", "%", "0.25", "0.00", "0.00", "0.05", "0.03"]
+    assert second.split() == ["loader", "0.50", "70", "%", "0.25", "x1.00", "0.12", "0.07", "0.05", "0.03"]

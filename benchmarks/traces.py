@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""What the GPU did while a timed window of training steps ran: summaries of the torch.profiler traces that
+`throughput.py --profile DIR` writes (Chrome trace JSON, .json.gz; open one in ui.perfetto.dev to look).
+
+    python benchmarks/traces.py DIR/ceiling.json.gz DIR/shards_dali.json.gz ...   # the first: the step alone
+
+A window is the span of the record_function throughput.py puts around a window's timed steps (its name holds the
+step count). Inside it, in milliseconds per step:
+- wall: the window's time on the host (it ends with a synchronisation, so the GPU's work is inside);
+- GPU busy: the share of the wall with any kernel, copy or memset running on the GPU;
+- step kernels: the time a kernel ran on the step's streams (the streams of the first trace's kernels: the step
+  alone; all of PyTorch's work, the PyTorch loader's on-device normalisation too), other kernels: on any other
+  stream (DALI's), overlap: both at once;
+- copies: device copies and memsets, any stream, summed;
+- host syncs: the window's own thread inside a CUDA call that waits for the GPU (names with "Synchronize").
+The step's kernels taking longer than in the ceiling's window means they run slower beside the loader's (shared
+SMs, memory bandwidth); GPU busy well under 1 means the GPU waits for the host (launches, synchronisations); other
+kernels that never overlap the step's add their whole time to it (a stream dependency serialises them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+WINDOW = "vitdeit.timed_window"  # + " steps=N": the record_function around a window's timed steps
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # trace categories of work on the device
+HOST_CALLS = ("cuda_runtime", "cuda_driver")  # the host's CUDA API calls, on every thread of the process
+
+
+def window_name(steps: int) -> str:
+    return f"{WINDOW} steps={steps}"
+
+
+def load(path: Path) -> list[dict]:
+    """The events of a Chrome trace, .json or .json.gz."""
+    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
+        return json.load(f)["traceEvents"]
+
+
+def merged(intervals) -> list[list[float]]:
+    """The union of (start, end) intervals, as disjoint sorted [start, end] pairs."""
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def covered(union: list[list[float]]) -> float:
+    return sum(end - start for start, end in union)
+
+
+def overlap(a: list[list[float]], b: list[list[float]]) -> float:
+    """How long two unions (merged()) are both covered."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -> dict:
+    """Per-step figures of the one timed window in `events` (module docstring). step_streams: the streams that count
+    as the step's (the ceiling's summary's `step_streams`); None: every stream with a kernel in this window."""
+    windows = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"  # the host's span (on a
+               and str(e.get("name", "")).startswith(WINDOW + " ")]  # GPU, a gpu_user_annotation mirrors it)
+    if len(windows) != 1:
+        raise ValueError(f"{len(windows)} events named '{WINDOW} steps=N' in the trace; expected exactly one window")
+    win = windows[0]
+    steps = int(win["name"].rsplit("=", 1)[1])
+    t0, t1 = win["ts"], win["ts"] + win["dur"]  # microseconds
+
+    def inside(cats):  # (event, start, end) of the complete events of these categories, clipped to the window
+        for e in events:
+            if e.get("ph") == "X" and e.get("cat") in cats:
+                start, end = max(e["ts"], t0), min(e["ts"] + e.get("dur", 0), t1)
+                if end > start:
+                    yield e, start, end
+
+    gpu = list(inside(GPU_WORK))
+    kernels = [(e.get("args", {}).get("stream", e.get("tid")), start, end) for e, start, end in gpu
+               if e["cat"] == "kernel"]
+    if step_streams is None:
+        step_streams = {stream for stream, _, _ in kernels}
+    mine = merged((start, end) for stream, start, end in kernels if stream in step_streams)
+    other = merged((start, end) for stream, start, end in kernels if stream not in step_streams)
+    calls = defaultdict(lambda: [0, 0.0, 0.0])  # CUDA API name -> [calls, microseconds, of them on the window's thread]
+    for e, start, end in inside(HOST_CALLS):
+        c = calls[e["name"]]
+        c[0] += 1
+        c[1] += end - start
+        c[2] += (end - start) if e.get("tid") == win.get("tid") else 0.0
+
+    def ms(us: float) -> float:  # microseconds in the window -> milliseconds per step
+        return us / 1000 / steps
+
+    return {"steps": steps, "wall_ms_per_step": ms(t1 - t0), "gpu_events": len(gpu),
+            "gpu_busy_frac": covered(merged((s, e) for _, s, e in gpu)) / (t1 - t0) if gpu and t1 > t0 else None,
+            "step_streams": sorted(step_streams, key=lambda v: (type(v).__name__, v)),
+            "step_kernel_ms_per_step": ms(covered(mine)),
+            "other_kernel_ms_per_step": ms(covered(other)), "overlap_ms_per_step": ms(overlap(mine, other)),
+            "copy_ms_per_step": ms(sum(end - start for e, start, end in gpu if e["cat"] != "kernel")),
+            "host_sync_ms_per_step": ms(sum(c[2] for name, c in calls.items() if "Synchronize" in name)),
+            "host_calls": [{"name": name, "calls": c[0], "ms_per_step": ms(c[1]), "window_thread_ms_per_step": ms(c[2])}
+                           for name, c in sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]]}
+
+
+HEADER = (f"{'profile, ms per step':28s} {'wall':>7s} {'GPU busy':>8s} {'step kernels':>12s} {'other':>7s} "
+          f"{'overlap':>7s} {'copies':>7s} {'host syncs':>10s}")
+
+
+def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
+    """One printed line: `s` a summary(); the step's kernel time also as a multiple of the ceiling's."""
+    if "error" in s:
+        return f"{unit:28s} {s['error']}"
+    if s["gpu_busy_frac"] is None:  # no GPU work in the window (a CPU run): the host's time alone
+        return f"{unit:28s} {s['wall_ms_per_step']:7.2f} {'-':>8s} {'-':>12s} {'-':>7s} {'-':>7s} {'-':>7s} {'-':>10s}"
+    step = f"{s['step_kernel_ms_per_step']:.2f}"
+    if ceiling is not None and ceiling.get("step_kernel_ms_per_step") and s is not ceiling:
+        step += f" x{s['step_kernel_ms_per_step'] / ceiling['step_kernel_ms_per_step']:.2f}"
+    return (f"{unit:28s} {s['wall_ms_per_step']:7.2f} {100 * s['gpu_busy_frac']:6.0f} % {step:>12s} "
+            f"{s['other_kernel_ms_per_step']:7.2f} {s['overlap_ms_per_step']:7.2f} {s['copy_ms_per_step']:7.2f} "
+            f"{s['host_sync_ms_per_step']:10.2f}")
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    ceiling = None
+    print(HEADER)
+    for path in map(Path, argv):
+        s = summary(load(path), None if ceiling is None else set(ceiling["step_streams"]))
+        ceiling = ceiling or s
+        print(row(path.name.split(".json")[0], s, ceiling))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -383,7 +384,7 @@ class EpochStream:
         self.it = None
 
 
-def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step, sync) -> tuple[list[dict], list]:
+def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step, sync) -> tuple[list[dict], dict]:
     """The DeiT distillation `step` fed by each loader, against its ceiling: the same step on one batch already on
     the device (float32; DALI's float16 batches run the same model, compiled once more for that dtype), timed in
     turns with the loaders (every round times the ceiling, then each loader), so that the machine drifting between
@@ -393,8 +394,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
     - steps: --steps steps after --warmup-steps untimed ones, from a fresh epoch (crossing into the next ones if the
       window is longer), then the rest of that epoch drained untimed, so the loader rests until its next turn. On a
       CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each.
-    Returns the rows, and with --profile DIR one more window of each (the ceiling first) under torch.profiler:
-    profile_windows()."""
+    Returns the rows, and each unit's window of --steps steps (name -> a function running one, the ceiling first),
+    which --profile DIR runs once more under torch.profiler (profile_windows(), after the rows are saved)."""
     whole_epochs = a.e2e_unit == "epoch" or (a.e2e_unit == "auto" and device.type == "cuda")
     x, y = device_batch(a, device, channels_last=e2e_setting(device)[2])
 
@@ -450,32 +451,41 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
                      "host_wait_frac": wait, **overlap_bounds(alone.get(name), ceiling)})
         print(f"  end to end {name:28s} {r:9.1f} img/s = {r / ceiling:.2f} of the step's {ceiling:.1f} in the same "
               f"rounds, host waits {100 * wait:.0f} % in next()", flush=True)
-    return rows, profile_windows(windows, device, Path(a.profile)) if a.profile else []
+    return rows, windows
 
 
-def profile_windows(windows: dict, device, folder: Path) -> list[dict]:
+def trace_file(folder: Path, unit: str) -> Path:
+    """folder/UNIT.json.gz, the unit's name kept to letters, digits, '.', '_' and '-' ('shards_dali@hw0.65' ->
+    'shards_dali_hw0.65'): names that every copy and transfer tool takes as they are."""
+    return folder / (re.sub(r"[^A-Za-z0-9._-]", "_", unit) + ".json.gz")
+
+
+def profile_windows(windows: dict, device, folder: Path):
     """--profile: one more window of each unit (the ceiling first) under torch.profiler, with the GPU's activity on
-    CUDA; writes folder/UNIT.json.gz (a Chrome trace) and returns each trace's traces.summary(), the ceiling's
-    streams counting as the step's. Profiling slows the host: these windows diagnose, the timed rounds measure.
-    A failure is recorded and ends the profiling, never the run (the figures above are measured by then)."""
+    CUDA; writes trace_file(folder, UNIT) (a Chrome trace) and yields each trace's traces.summary() as it is done
+    (the caller saves each), the ceiling's streams counting as the step's. Profiling slows the host: these windows
+    diagnose, the timed rounds measure. A failure is yielded as {unit, error} and ends the profiling, never the run
+    (the figures measured before are saved by then)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    rows, step_streams = [], None
+    ceiling = None
     for name, run in windows.items():
-        path = folder / f"{name}.json.gz"
+        path = trace_file(folder, name)
         try:
             with profile(activities=activities) as prof:
                 run()
             prof.export_chrome_trace(str(path))
-            rows.append({"unit": name, "trace": str(path), **traces.summary(traces.load(path), step_streams)})
+            row = {"unit": name, "trace": str(path),
+                   **traces.summary(traces.load(path), None if ceiling is None else set(ceiling["step_streams"]))}
         except Exception as e:  # noqa: BLE001 - a diagnosis must not cost the run it diagnoses
-            rows.append({"unit": name, "error": f"{type(e).__name__}: {first_line(e)}"})
-            print(f"  profile {name}: {rows[-1]['error']} (profiling stops; the figures above stand)", flush=True)
-            break
-        step_streams = set(rows[0]["step_streams"])
-        print("  " + traces.row(name, rows[-1], rows[0]), flush=True)
-    return rows
+            row = {"unit": name, "error": f"{type(e).__name__}: {first_line(e)}"}
+            print(f"  profile {name}: {row['error']} (profiling stops; the figures above stand)", flush=True)
+            yield row
+            return
+        ceiling = ceiling or row
+        print("  " + traces.row(name, row, ceiling), flush=True)
+        yield row
 
 
 def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
@@ -669,11 +679,16 @@ def main(argv=None) -> int:
         if "e2e" in parts:
             print("end to end ...", flush=True)
             with part_seconds("e2e"):
-                result["end_to_end"], profiles = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []),
-                                                                  e2e_step, sync)
-            if a.profile:
-                result["profile"] = profiles
-            save()
+                result["end_to_end"], windows = bench_end_to_end(a, device, shard_dirs, result.get("loaders", []),
+                                                                 e2e_step, sync)
+            save()  # the measured rows first: a crash or a time limit while profiling keeps them
+            if a.profile:  # on the step's stream still (--step-stream)
+                print("profiled windows ...", flush=True)
+                with part_seconds("profile"):
+                    result["profile"] = []
+                    for row in profile_windows(windows, device, Path(a.profile)):
+                        result["profile"].append(row)
+                        save()
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     save()
     print_tables(result)

@@ -8,9 +8,10 @@ A window is the span of the record_function throughput.py puts around a window's
 step count). Inside it, in milliseconds per step:
 - wall: the window's time on the host (it ends with a synchronisation, so the GPU's work is inside);
 - GPU busy: the share of the wall with any kernel, copy or memset running on the GPU;
-- step kernels: the time a kernel ran on the step's streams (the streams of the first trace's kernels: the step
-  alone; all of PyTorch's work, the PyTorch loader's on-device normalisation too), other kernels: on any other
-  stream (DALI's), overlap: both at once;
+- step kernels: the time a kernel ran on the step's streams (the streams of the first trace's kernels launched by
+  the window's own thread: the step alone; all of PyTorch's work, the PyTorch loader's on-device normalisation
+  too; not a DALI pipeline still decoding ahead from its threads), other kernels: on any other stream (DALI's),
+  overlap: both at once;
 - copies: device copies and memsets, any stream, summed;
 - host syncs: the window's own thread inside a CUDA call that waits for the GPU (names with "Synchronize").
 The step's kernels taking longer than in the ceiling's window means they run slower beside the loader's (shared
@@ -71,7 +72,9 @@ def overlap(a: list[list[float]], b: list[list[float]]) -> float:
 
 def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -> dict:
     """Per-step figures of the one timed window in `events` (module docstring). step_streams: the streams that count
-    as the step's (the ceiling's summary's `step_streams`); None: every stream with a kernel in this window."""
+    as the step's (the ceiling's summary's `step_streams`); None: every stream with a kernel in this window launched
+    by the window's thread (a kernel's args.correlation is its launch call's), or, where no kernel links to such a
+    launch, every stream with a kernel in this window."""
     windows = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"  # the host's span (on a
                and str(e.get("name", "")).startswith(WINDOW + " ")]  # GPU, a gpu_user_annotation mirrors it)
     if len(windows) != 1:
@@ -87,11 +90,17 @@ def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -
                 if end > start:
                     yield e, start, end
 
+    def stream_of(e):  # a kernel's CUDA stream
+        return e.get("args", {}).get("stream", e.get("tid"))
+
     gpu = list(inside(GPU_WORK))
-    kernels = [(e.get("args", {}).get("stream", e.get("tid")), start, end) for e, start, end in gpu
-               if e["cat"] == "kernel"]
-    if step_streams is None:
-        step_streams = {stream for stream, _, _ in kernels}
+    kernel_events = [e for e, _, _ in gpu if e["cat"] == "kernel"]
+    kernels = [(stream_of(e), start, end) for e, start, end in gpu if e["cat"] == "kernel"]
+    if step_streams is None:  # the streams the window's thread launched kernels on (not another thread's: DALI's)
+        launched = {e.get("args", {}).get("correlation") for e in events if e.get("cat") in HOST_CALLS
+                    and e.get("tid") == win.get("tid")} - {None, 0}
+        step_streams = ({stream_of(e) for e in kernel_events if e.get("args", {}).get("correlation") in launched}
+                        or {s for s, _, _ in kernels})
     mine = merged((start, end) for stream, start, end in kernels if stream in step_streams)
     other = merged((start, end) for stream, start, end in kernels if stream not in step_streams)
     calls = defaultdict(lambda: [0, 0.0, 0.0])  # CUDA API name -> [calls, microseconds, of them on the window's thread]

@@ -417,19 +417,19 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
             sync()
         return images, time.perf_counter() - t0, waited
 
-    def window(batches, drain=lambda: None, ahead: int = 0):
+    def window(batches, drain=lambda: None, ahead: int = 0, n: int = a.steps):
         for _ in range(max(a.warmup_steps, ahead)):  # untimed, and past any batches decoded before the window
             step(*next(batches)[:2])
-        result = steps(batches, a.steps)
+        result = steps(batches, n)
         drain()
         return result
 
-    windows = {"ceiling": lambda: window(itertools.repeat((x, y)))}  # name -> one window of --steps steps
+    windows = {"ceiling": lambda n=a.steps: window(itertools.repeat((x, y)), n=n)}  # name -> a window of n steps
     units = dict(windows)  # name -> one timed unit
     for name, _, loader in shard_loaders(a, shard_dirs, a.workers, device):
         stream = EpochStream(loader)
-        windows[name] = lambda stream=stream, ahead=getattr(loader, "decoded_ahead", 0): window(stream, stream.drain,
-                                                                                                ahead)
+        windows[name] = lambda n=a.steps, stream=stream, ahead=getattr(loader, "decoded_ahead", 0): window(
+            stream, stream.drain, ahead, n)
         units[name] = (lambda loader=loader: steps(fresh_epoch(loader))) if whole_epochs else windows[name]
     # whole epochs time their start-up, so one untimed round first (worker start, DALI's first batches, a recompile
     # for a dtype); a window of --e2e-unit steps has its own untimed lead-in for that
@@ -460,8 +460,9 @@ def trace_file(folder: Path, unit: str) -> Path:
     return folder / (re.sub(r"[^A-Za-z0-9._-]", "_", unit) + ".json.gz")
 
 
-def profile_windows(windows: dict, device, folder: Path):
-    """--profile: one more window of each unit (the ceiling first) under torch.profiler, with the GPU's activity on
+def profile_windows(windows: dict, device, folder: Path, steps: int):
+    """--profile: one more window of `steps` steps of each unit (the ceiling first) under torch.profiler (its warm-up
+    steps too, outside the summary's window), with the GPU's activity on
     CUDA; writes trace_file(folder, UNIT) (a Chrome trace) and yields each trace's traces.summary() as it is done
     (the caller saves each), the ceiling's streams counting as the step's. Profiling slows the host: these windows
     diagnose, the timed rounds measure. A failure is yielded as {unit, error} and ends the profiling, never the run
@@ -474,7 +475,7 @@ def profile_windows(windows: dict, device, folder: Path):
         path = trace_file(folder, name)
         try:
             with profile(activities=activities) as prof:
-                run()
+                run(steps)
             prof.export_chrome_trace(str(path))
             row = {"unit": name, "trace": str(path),
                    **traces.summary(traces.load(path), None if ceiling is None else set(ceiling["step_streams"]))}
@@ -485,6 +486,8 @@ def profile_windows(windows: dict, device, folder: Path):
             return
         ceiling = ceiling or row
         print("  " + traces.row(name, row, ceiling), flush=True)
+        if device.type == "cuda" and not row["gpu_events"]:
+            print("  (no GPU activity in this trace: CUPTI recorded nothing, so its GPU columns are empty)", flush=True)
         yield row
 
 
@@ -570,6 +573,9 @@ def main(argv=None) -> int:
                    help="end to end: after the timed rounds, one more window of --steps steps per unit under "
                    "torch.profiler; a Chrome trace of each (DIR/UNIT.json.gz) and a per-step summary of what the "
                    "GPU did (benchmarks/traces.py)")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="--profile: steps per profiled window (a GPU trace holds an event per kernel and per "
+                   "launch: thousands per step)")
     a = p.parse_args(argv)
     a.device = resolve_device(a.device)  # --device cuda without a GPU: one line, before any work
     if a.step_stream != "default" and a.device != "cuda":
@@ -578,7 +584,8 @@ def main(argv=None) -> int:
         p.error(f"--compile-mode {a.compile_mode}: nothing is compiled on a CPU without --compile; add it")
     refuse_below(p, ("--num-images", a.num_images, 1), ("--img-size", a.img_size, 8), ("--batch-size", a.batch_size, 1),
                  ("--workers", a.workers, 1), ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
-                 ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1))  # train.py's, pack_shards.py's
+                 ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1),
+                 ("--profile-steps", a.profile_steps, 1))  # train.py's, pack_shards.py's
     parts = set(a.parts.split(","))
     if parts - set(PARTS):
         p.error(f"--parts {a.parts}: no part {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
@@ -686,7 +693,7 @@ def main(argv=None) -> int:
                 print("profiled windows ...", flush=True)
                 with part_seconds("profile"):
                     result["profile"] = []
-                    for row in profile_windows(windows, device, Path(a.profile)):
+                    for row in profile_windows(windows, device, Path(a.profile), a.profile_steps):
                         result["profile"].append(row)
                         save()
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)

@@ -31,7 +31,7 @@ def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]
 def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e_unit, loader_workers, profile):
     start = time.perf_counter()
     run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit, "--loader-workers", ",".join(map(str, loader_workers)),
-                            *(["--profile", str(tmp_path / "prof")] if profile else []))
+                            *(["--profile", str(tmp_path / "prof"), "--profile-steps", "2"] if profile else []))
     wall = time.perf_counter() - start
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
@@ -65,10 +65,15 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
         assert [p["unit"] for p in r["profile"]] == ["ceiling"] + [row["loader"] for row in r["end_to_end"]]
         for p in r["profile"]:
             events = traces.load(p["trace"])
-            window = [e for e in events if e.get("name") == traces.window_name(1)]  # --steps 1
-            assert len(window) == 1 and p["steps"] == 1
-            assert p["wall_ms_per_step"] == pytest.approx(window[0]["dur"] / 1000)
-            assert sum(e.get("name") == "aten::linear" for e in events) > 0  # the step ran inside the profile
+            window = [e for e in events if e.get("name") == traces.window_name(2)]  # --profile-steps, not --steps
+            assert len(window) == 1 and p["steps"] == 2
+            assert p["wall_ms_per_step"] == pytest.approx(window[0]["dur"] / 2000)
+            t0, t1 = window[0]["ts"], window[0]["ts"] + window[0]["dur"]
+            # the steps ran inside the window (the same convolutions each step: DeiT's patch embedding, the teacher's),
+            # the warm-up outside it: --warmup-steps 1, or DALI's 2 batches decoded ahead
+            inside = [e for e in events if e.get("name") == "aten::conv2d" and t0 <= e["ts"] <= t1]
+            outside = [e for e in events if e.get("name") == "aten::conv2d" and not t0 <= e["ts"] <= t1]
+            assert len(inside) / 2 == len(outside) / (2 if "dali" in p["unit"] else 1) > 0
             assert p["gpu_busy_frac"] is None and p["gpu_events"] == 0  # a CPU run: no GPU rows
         assert sorted(f.name for f in (tmp_path / "prof").iterdir()) == sorted(p["unit"] + ".json.gz"
                                                                                  for p in r["profile"])
@@ -238,6 +243,10 @@ def test_end_to_end_times_the_ceiling_in_turns_with_the_loaders(monkeypatch, uni
     assert [(ld.epochs, ld.served) for ld in loaders] == [(rounds, 4 * rounds)] * 2  # one whole epoch per unit
     assert [r["loader"] for r in rows] == ["shards_a", "shards_b"]
     assert rows[0]["ceiling_images_per_s"] == rows[1]["ceiling_images_per_s"] > 0
+    seen.clear()  # a window of 3 steps (--profile-steps), whatever --steps: 1 untimed + 3, from a fresh epoch
+    windows["shards_b"](3)
+    windows["ceiling"](1)
+    assert "".join(seen) == "b0b1b2b3" + "cc"
     assert all(r["fraction_of_ceiling"] == r["images_per_s"] / r["ceiling_images_per_s"] for r in rows)
     seen.clear()  # a loader's window once more, as --profile runs it: from a fresh epoch, 1 untimed + 2 timed steps
     windows["shards_a"]()
@@ -394,7 +403,9 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
      "--img-size 40: train.py's ViT/DeiT need --patch-size (16 here, its default) to divide"),
     (["--json", "{tmp}/no/b.json"], "--json {tmp}/no/b.json: its folder {tmp}/no does not exist"),
     (["--json", "{tmp}"], "--json {tmp}: a folder; name a file in it"),
-    (["--work-dir", "{tmp}/file"], "--work-dir {tmp}/file: a file, not a folder")])
+    (["--work-dir", "{tmp}/file"], "--work-dir {tmp}/file: a file, not a folder"),
+    (["--profile", "{tmp}/p", "--parts", "loaders"], "--profile {tmp}/p: profiles the end-to-end windows; add e2e"),
+    (["--profile", "{tmp}/p", "--profile-steps", "0"], "--profile-steps 0: must be >= 1")])
 def test_throughput_refuses_a_flag_it_cannot_use_before_any_work(flags, said, tmp_path, monkeypatch, capsys):
     from benchmarks import throughput
 
@@ -578,9 +589,9 @@ def test_profiling_writes_a_trace_per_window_and_stops_at_a_failure_without_rais
     ran = []
 
     def window(name, fail=False):
-        def run():
+        def run(n):
             ran.append(name)
-            with torch.profiler.record_function(traces.window_name(2)):
+            with torch.profiler.record_function(traces.window_name(n)):
                 torch.ones(4).add_(1)
             if fail:
                 raise RuntimeError("CUPTI went away\nsecond line")
@@ -589,7 +600,7 @@ def test_profiling_writes_a_trace_per_window_and_stops_at_a_failure_without_rais
     windows = {"ceiling": window("ceiling"), "shards_dali@hw0.65": window("dali"), "broken": window("broken", True),
                "after": window("after")}
     rows = []
-    for row in throughput.profile_windows(windows, torch.device("cpu"), tmp_path):
+    for row in throughput.profile_windows(windows, torch.device("cpu"), tmp_path, steps=2):
         rows.append(row)  # main() saves the JSON after each
     assert ran == ["ceiling", "dali", "broken"]  # nothing after the failure
     assert [r["unit"] for r in rows] == ["ceiling", "shards_dali@hw0.65", "broken"]

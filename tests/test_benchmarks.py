@@ -607,3 +607,26 @@ def test_profiling_writes_a_trace_per_window_and_stops_at_a_failure_without_rais
     assert rows[2] == {"unit": "broken", "error": "RuntimeError: CUPTI went away"}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ceiling.json.gz", "shards_dali_hw0.65.json.gz"]
     assert rows[1]["trace"] == str(tmp_path / "shards_dali_hw0.65.json.gz") and rows[1]["steps"] == 2
+
+
+@pytest.mark.parametrize("budget, python", [("1", sys.executable), ("900", "false")])
+def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_step(tmp_path, budget, python):
+    import os
+    import tarfile
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": python, "BUDGET": budget,
+           "SESSION_DIR": str(tmp_path / "session"), "BENCH_DIR": str(tmp_path / "bench"),
+           "TRAIN_DIR": str(tmp_path / "train")}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_session.sh"), "--dry-run"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    log = (tmp_path / "out/session.log").read_text()
+    steps = ["profile", "high", "graphs", "train"]
+    if budget == "1":  # 1 s: no step fits, each says so
+        assert re.findall(r"^== (\w+): skipped \(\d+ s of BUDGET 1 s left", log, re.M) == steps
+    else:  # a python that fails at once (`false`): every step runs, in order, fails, and the next one still runs
+        assert re.findall(r"^== (\w+): exit (\d+) after", log, re.M) == [(s, "1") for s in steps]
+    assert sorted(os.listdir(tmp_path / "out")) == ["session.log", "session.tar"]  # no traces: no profile.tar
+    with tarfile.open(tmp_path / "out/session.tar") as tar:
+        names = sorted(n.strip("./") for n in tar.getnames() if n.strip("./"))  # each run step's own folder
+        assert names == ([] if budget == "1" else sorted(steps))

@@ -13,7 +13,7 @@
 # step's JSON, logs and runs) and profile.tar (the traces): three files, inside the device's limit of 8.
 #
 #   bash benchmarks/gpu_session.sh              # on the GPU machine, in the call that brings DALI's last part
-#   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (about 5 minutes on 2 cores)
+#   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (3.5 minutes on 2 cores)
 #   BUDGET=300 bash benchmarks/gpu_session.sh   # a shorter call: the later steps are skipped
 set -uo pipefail  # not -e: one step failing must leave the others their turn
 cd "$(dirname "$0")/.."

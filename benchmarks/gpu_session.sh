@@ -25,10 +25,14 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 if [ "${1:-}" = "--dry-run" ]; then
   DRY=(--dry-run)
   E2E=(--e2e-unit steps --steps 4 --warmup-steps 1)
+  HIGH=()  # a CPU refuses --step-stream (a CUDA stream): the plumbing alone is tried
+  GRAPHS=(--compile-mode reduce-overhead --compile)  # a CPU compiles only with --compile
   EST=(60 30 30 40)  # seconds each step is given at least, dry run
 else
   DRY=()
   E2E=(--e2e-unit steps --steps 40 --warmup-steps 5)
+  HIGH=(--step-stream high)
+  GRAPHS=(--compile-mode reduce-overhead)
   EST=(200 90 110 120)  # from the H200 runs of 2026-11-28 (BENCHMARKS.md): one compilation each, ~40 s
 fi
 pack() {  # the session's files into $OUT after each step: what a time-out leaves is still there
@@ -56,10 +60,8 @@ step() {  # step NAME ESTIMATE_S SCRIPT ARGS...: run it if ESTIMATE_S seconds ar
 session() {
   step profile "${EST[0]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts loaders,e2e "${E2E[@]}" \
     --profile "$WORK/profile/profile"
-  step high "${EST[1]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" \
-    $([ ${#DRY[@]} -eq 0 ] && echo --step-stream high)
-  step graphs "${EST[2]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" --compile-mode reduce-overhead \
-    $([ ${#DRY[@]} -gt 0 ] && echo --compile)
+  step high "${EST[1]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" "${HIGH[@]}"
+  step graphs "${EST[2]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" "${GRAPHS[@]}"
   # train.py's rate against the step as train.py runs it (default stream and compile mode): the first step's ceiling
   if [ -f "$WORK/profile/throughput.json" ]; then
     cp "$WORK/profile/throughput.json" "${BENCH_DIR:-/tmp/vitdeit-bench}/throughput.json"

@@ -462,9 +462,9 @@ def trace_file(folder: Path, unit: str) -> Path:
 
 def profile_windows(windows: dict, device, folder: Path, steps: int):
     """--profile: one more window of `steps` steps of each unit (the ceiling first) under torch.profiler (its warm-up
-    steps too, outside the summary's window), with the GPU's activity on
-    CUDA; writes trace_file(folder, UNIT) (a Chrome trace) and yields each trace's traces.summary() as it is done
-    (the caller saves each), the ceiling's streams counting as the step's. Profiling slows the host: these windows
+    steps too, outside the summary's window), with the GPU's activity on CUDA; writes trace_file(folder, UNIT) (a
+    Chrome trace) and yields each trace's traces.summary() as it is done (the caller saves each), the ceiling's
+    streams counting as the step's. Profiling slows the host: these windows
     diagnose, the timed rounds measure. A failure is yielded as {unit, error} and ends the profiling, never the run
     (the figures measured before are saved by then)."""
     from torch.profiler import ProfilerActivity, profile

@@ -94,15 +94,14 @@ def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -
         return e.get("args", {}).get("stream", e.get("tid"))
 
     gpu = list(inside(GPU_WORK))
-    kernel_events = [e for e, _, _ in gpu if e["cat"] == "kernel"]
-    kernels = [(stream_of(e), start, end) for e, start, end in gpu if e["cat"] == "kernel"]
+    kernels = [(e, start, end) for e, start, end in gpu if e["cat"] == "kernel"]
     if step_streams is None:  # the streams the window's thread launched kernels on (not another thread's: DALI's)
         launched = {e.get("args", {}).get("correlation") for e in events if e.get("cat") in HOST_CALLS
                     and e.get("tid") == win.get("tid")} - {None, 0}
-        step_streams = ({stream_of(e) for e in kernel_events if e.get("args", {}).get("correlation") in launched}
-                        or {s for s, _, _ in kernels})
-    mine = merged((start, end) for stream, start, end in kernels if stream in step_streams)
-    other = merged((start, end) for stream, start, end in kernels if stream not in step_streams)
+        step_streams = ({stream_of(e) for e, _, _ in kernels if e.get("args", {}).get("correlation") in launched}
+                        or {stream_of(e) for e, _, _ in kernels})
+    mine = merged((start, end) for e, start, end in kernels if stream_of(e) in step_streams)
+    other = merged((start, end) for e, start, end in kernels if stream_of(e) not in step_streams)
     calls = defaultdict(lambda: [0, 0.0, 0.0])  # CUDA API name -> [calls, microseconds, of them on the window's thread]
     for e, start, end in inside(HOST_CALLS):
         c = calls[e["name"]]

@@ -55,9 +55,10 @@ if bench.exists():  # the compiled bf16 channels-last DeiT + teacher step of gpu
     else:
         ceiling = next((m["images_per_s"] for m in r.get("model_step", [])
                         if m["model"].startswith("deit") and m["compile"]), None)
-    other = step_switches(r["settings"])
-    if ceiling and other:
-        print(f"(the step's ceiling was timed with {', '.join(other)}; train.py ran without that)")
+    timed, ran = step_switches(r["settings"]), step_switches(json.loads((runs / "deit" / "config.json").read_text()))
+    if ceiling and timed != ran:  # (train.py's config.json names --compile-mode and --step-stream as throughput.py)
+        print(f"(the step's ceiling was timed with {', '.join(timed) or 'the defaults'}; train.py ran with "
+              f"{', '.join(ran) or 'its defaults'})")
 print(f"{'run':8s} {'epoch':>5s} {'img/s':>9s} {'data wait':>9s} {'val top-1':>9s}" + ("  of the step" if ceiling else ""))
 for run in ("teacher", "deit"):
     for line in (runs / run / "metrics.jsonl").read_text().splitlines():

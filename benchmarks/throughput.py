@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
-from vitdeit.config import INTERPOLATIONS, Config, refuse_below  # noqa: E402
+from vitdeit.config import COMPILE_MODES, INTERPOLATIONS, STEP_STREAMS, Config, refuse_below  # noqa: E402
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
+from vitdeit.engine import step_stream  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
 from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
@@ -287,11 +288,11 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def step(x, y):
+        opt.zero_grad(set_to_none=True)  # train.py's order (engine.train_one_epoch)
         if graphs:  # a new iteration: the graphs' outputs of the last step (loss, teacher logits) may be reused
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(x, model(x), y)
-        opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -551,10 +552,10 @@ def main(argv=None) -> int:
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled steps; reduce-overhead replays each step's kernels as "
                    "CUDA graphs, launched with a few calls instead of one per kernel from Python")
-    p.add_argument("--step-stream", default="default", choices=["default", "side", "high"],
+    p.add_argument("--step-stream", default="default", choices=STEP_STREAMS,
                    help="CUDA: run the model-step and end-to-end parts on a side stream instead of PyTorch's default "
                    "(the legacy NULL stream, which also waits for, and holds up, work on any blocking stream); high: "
                    "that stream at CUDA's highest priority, so the GPU schedules the step's waiting thread blocks "
@@ -675,9 +676,7 @@ def main(argv=None) -> int:
             result["loaders"] = bench_loaders(a, data_dir, shard_dirs, device, sync)
         save()
         print_tables(result)  # early too: the loader table survives a later time-out in the log
-    # priority: lower is higher; out-of-range values map to the highest the device has
-    stream = torch.cuda.Stream(priority=-100 if a.step_stream == "high" else 0) if a.step_stream != "default" else None
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+    with step_stream(a.step_stream, device):  # train.py's --step-stream
         if parts & {"model", "e2e"}:
             print("model step ...", flush=True)
             with part_seconds("model"):

@@ -158,14 +158,22 @@ def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tm
 
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
            "BENCH_DIR": str(tmp_path / "bench"), "TRAIN_DIR": str(tmp_path / "train")}
-    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_train.sh"), "--dry-run"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path)
+    (tmp_path / "bench").mkdir()  # gpu_check.sh's JSON, as it leaves it there: its end-to-end ceiling, its settings
+    (tmp_path / "bench/throughput.json").write_text(json.dumps({
+        "end_to_end": [{"ceiling_images_per_s": 250.0}], "settings": {"compile_mode": "reduce-overhead"}}))
+    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_train.sh"), "--dry-run", "--step-stream", "default"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)  # (train.py's default, as a flag)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     table = run.stdout.rstrip().splitlines()[-4:]  # printed last: teacher epoch 0, DeiT epochs 0-2
     assert [line.split()[:2] for line in table] == [["teacher", "0"], ["deit", "0"], ["deit", "1"], ["deit", "2"]]
+    assert ("(the step's ceiling was timed with compile-mode reduce-overhead; train.py ran with its defaults)"
+            in run.stdout.splitlines())
     for name, epochs in (("teacher", 1), ("deit", 3)):
         lines = (tmp_path / "out/runs" / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs))
+        if name == "deit":  # each DeiT epoch's img/s over the ceiling, to the table's 2 decimals
+            assert [float(line.split()[-1]) for line in table[1:]] == [
+                round(json.loads(line)["images_per_s"] / 250.0, 2) for line in lines]
         assert json.loads((tmp_path / "out/runs" / name / "config.json").read_text())["model"] == (
             "resnet18" if name == "teacher" else "deit_tiny_distill")
     assert not list((tmp_path / "out").rglob("*.pth"))  # checkpoints stay out of $OUT
@@ -609,14 +617,15 @@ def test_profiling_writes_a_trace_per_window_and_stops_at_a_failure_without_rais
     assert rows[1]["trace"] == str(tmp_path / "shards_dali_hw0.65.json.gz") and rows[1]["steps"] == 2
 
 
-@pytest.mark.parametrize("budget, python", [("1", sys.executable), ("900", "false")])
-def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_step(tmp_path, budget, python):
+@pytest.mark.parametrize("budget, python, setting", [("1", sys.executable, ""), ("900", "false", ""),
+                                                     ("900", "false", "graphs")])
+def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_step(tmp_path, budget, python, setting):
     import os
     import tarfile
 
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": python, "BUDGET": budget,
            "SESSION_DIR": str(tmp_path / "session"), "BENCH_DIR": str(tmp_path / "bench"),
-           "TRAIN_DIR": str(tmp_path / "train")}
+           "TRAIN_DIR": str(tmp_path / "train"), "TRAIN_SETTING": setting}
     run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_session.sh"), "--dry-run"], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
@@ -624,9 +633,13 @@ def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_ste
     steps = ["profile", "high", "graphs", "train"]
     if budget == "1":  # 1 s: no step fits, each says so
         assert re.findall(r"^== (\w+): skipped \(\d+ s of BUDGET 1 s left", log, re.M) == steps
-    else:  # a python that fails at once (`false`): every step runs, in order, fails, and the next one still runs
-        assert re.findall(r"^== (\w+): exit (\d+) after", log, re.M) == [(s, "1") for s in steps]
+    else:  # a python that fails at once (`false`): every step runs, in order, fails, and the next one still runs;
+        # a train run with a switched setting that fails is followed by one with train.py's defaults
+        assert re.findall(r"^== (\w+): exit (\d+) after", log, re.M) == [(s, "1") for s in steps] + (
+            [("train", "1")] if setting else [])
+        assert (f"train.py runs with the setting of '{setting or 'profile'}' ("
+                f"{'--compile on --compile-mode reduce-overhead' if setting else 'its defaults'})") in log
     assert sorted(os.listdir(tmp_path / "out")) == ["session.log", "session.tar"]  # no traces: no profile.tar
     with tarfile.open(tmp_path / "out/session.tar") as tar:
         names = sorted(n.strip("./") for n in tar.getnames() if n.strip("./"))  # each run step's own folder
-        assert names == ([] if budget == "1" else sorted(steps))
+        assert names == ([] if budget == "1" else sorted(steps + (["train-graphs"] if setting else [])))

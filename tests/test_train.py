@@ -604,9 +604,10 @@ def test_resuming_with_another_process_count_says_what_changes(tiny_shards, tmp_
 
 def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):
     """What a GPU run does by default (compile, 16-bit autocast, the teacher compiled too), here on a CPU: 1-2 min,
-    most of it compiling. The checkpoint must hold the plain module's weights, not the compiled wrapper's."""
+    most of it compiling. The checkpoint must hold the plain module's weights, not the compiled wrapper's. In mode
+    reduce-overhead (CUDA graphs on a GPU), which compiles the same on a CPU: its per-step marker runs too."""
     tcfg, _ = teacher_run
-    kw = dict(model="deit_tiny_distill", compile="on", amp="bf16")
+    kw = dict(model="deit_tiny_distill", compile="on", amp="bf16", compile_mode="reduce-overhead")
     last = train(cfg_for(learn_shards, tmp_path, teacher_ckpt=os.path.join(tcfg.output_dir, "teacher", "best.pth"),
                          epochs=1, lr=0.003, model_ema=True, **kw))
     assert math.isfinite(last["train_loss"]) and last["val_samples"] == 120 and "val_top1_ema" in last
@@ -616,6 +617,32 @@ def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cp
     out = evaluate_checkpoint(cfg_for(learn_shards, tmp_path, resume=str(tmp_path / "deit_tiny_distill" / "last.pth"),
                                       eval_only=True, **kw))
     assert out["val_top1"] == pytest.approx(last["val_top1"], abs=2 * 100 / 120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals of a machine without a GPU")
+@pytest.mark.parametrize("kw, message", [
+    (dict(step_stream="side"), "--step-stream side: a CUDA stream, and this run is on cpu; drop it"),
+    (dict(step_stream="high"), "--step-stream high: a CUDA stream, and this run is on cpu; drop it"),
+    (dict(compile_mode="reduce-overhead"), "--compile-mode reduce-overhead: nothing is compiled on cpu (--compile auto "
+     "compiles on CUDA only); add --compile on or drop it")])
+def test_gpu_step_settings_on_a_machine_without_a_gpu_are_refused_before_any_work(tiny_shards, tmp_path, kw, message):
+    from vitdeit.errors import SettingError
+
+    with pytest.raises(SettingError, match=re.escape(message)):
+        train(cfg_for(tiny_shards, tmp_path, **kw))  # --device auto
+    assert not (tmp_path / "vit_tiny").exists()
+
+
+def test_cuda_graphs_under_ddp_are_refused_before_any_work(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit import trainer
+    from vitdeit.distributed import Dist
+    from vitdeit.errors import SettingError
+
+    monkeypatch.setattr(trainer, "setup", lambda device: Dist(rank=0, world=2))  # as torchrun's rank 0 of 2
+    with pytest.raises(SettingError, match=re.escape("--compile-mode reduce-overhead with 2 processes: CUDA graphs "
+                                                     "under DDP are not supported here")):
+        train(cfg_for(tiny_shards, tmp_path, compile="on", compile_mode="reduce-overhead"))
+    assert not (tmp_path / "vit_tiny").exists()
 
 
 def fake_val(monkeypatch, values):

@@ -19,6 +19,8 @@ from .errors import SettingError
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
+COMPILE_MODES = ("default", "reduce-overhead")  # torch.compile's modes offered (reduce-overhead: CUDA graphs)
+STEP_STREAMS = ("default", "side", "high")  # the CUDA stream the training step runs on (engine.step_stream)
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
@@ -97,6 +99,11 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     amp: str = "auto"  # auto (bf16 where supported, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    # reduce-overhead: torch.compile captures the model's (and teacher's) kernels as CUDA graphs, each replayed with one
+    # launch instead of one Python call per kernel; the optimiser, clipping and metrics stay eager
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs; one process per GPU, not under DDP)
+    # PyTorch's default stream is CUDA's legacy NULL stream, which waits for, and holds up, work on any blocking stream
+    step_stream: str = "default"  # CUDA: the stream training runs on: default | side | high (side, highest priority)
     channels_last: bool = True  # model weights in channels-last memory (inputs always are)
     seed: int = 0  # weights, data order and augmentation all follow from it
     output_dir: str = "runs"  # runs go to OUTPUT_DIR/RUN_NAME/
@@ -125,6 +132,13 @@ class Config:
         need(self.interpolation in INTERPOLATIONS,
              f"--interpolation {self.interpolation!r}: choose {' or '.join(INTERPOLATIONS)}")
         need(self.compile in ("auto", "on", "off"), f"--compile {self.compile!r}: choose auto, on or off")
+        need(self.compile_mode in COMPILE_MODES,
+             f"--compile-mode {self.compile_mode!r}: choose {' or '.join(COMPILE_MODES)}")
+        need(self.compile_mode == "default" or self.compile != "off",
+             f"--compile-mode {self.compile_mode} with --compile off: nothing is compiled; drop one of them")
+        need(self.step_stream in STEP_STREAMS, f"--step-stream {self.step_stream!r}: choose {', '.join(STEP_STREAMS)}")
+        need(self.step_stream == "default" or self.device != "cpu",
+             f"--step-stream {self.step_stream} with --device cpu: a CUDA stream; drop it on a CPU")
         need(self.distillation_type in ("soft", "hard", "none"),
              f"--distillation-type {self.distillation_type!r}: choose soft, hard or none")
         need(self.teacher == "resnet18", f"--teacher {self.teacher!r}: only resnet18 is supported")

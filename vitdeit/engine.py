@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum, unwrap
-from .errors import NonFiniteLoss
+from .errors import NonFiniteLoss, SettingError
 from .models import head_logits
 
 
@@ -19,8 +19,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+@contextmanager
+def step_stream(kind: str, device: torch.device):
+    """The CUDA stream the training step runs on (--step-stream): PyTorch's default, CUDA's legacy NULL stream, which
+    also waits for (and holds up) work on any blocking stream another library queues; 'side', a stream of PyTorch's
+    pool (non-blocking); 'high', the same at CUDA's highest priority, so the GPU schedules the step's waiting thread
+    blocks ahead of other streams' (a loader's); running blocks are not preempted. A loader that copies its batches
+    on the current stream (DALI's iterator, pinned-memory copies) copies on this one."""
+    if kind == "default":
+        yield
+        return
+    if device.type != "cuda":
+        raise SettingError(f"--step-stream {kind}: a CUDA stream, and this run is on {device.type}; drop it")
+    stream = torch.cuda.Stream(device, priority=-100 if kind == "high" else 0)  # lower is higher; clamped to the range
+    stream.wait_stream(torch.cuda.current_stream(device))  # after what was queued so far (the weights' set-up)
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)
+
+
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, augment, amp_dtype, clip_grad: float,
-                    epoch: int, dist, progress: bool = True, log_every: int = 10) -> dict:
+                    epoch: int, dist, progress: bool = True, log_every: int = 10, graphs: bool = False) -> dict:
+    """One pass over `loader`. graphs: the model runs as CUDA graphs (torch.compile mode reduce-overhead)."""
     model.train()
     device = dist.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n  (kept on device: no sync)
@@ -32,10 +52,12 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
         wait += time.perf_counter() - t_last  # time blocked on the loader
         scheduler.step_update(epoch * steps + i)
         images, targets = augment(images, labels) if augment is not None else (images, labels)
+        optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
+        if graphs:  # a new step: the graphs may now reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp_dtype):
             outputs = model(images)
             loss = loss_fn(images, outputs, targets)
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip_grad > 0:
             scaler.unscale_(optimizer)

@@ -21,7 +21,7 @@ from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
-from .engine import evaluate, train_one_epoch
+from .engine import evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
@@ -188,7 +188,8 @@ def train(cfg: Config, on_epoch_end=None) -> dict:
     """Train per `cfg`; return the last epoch's metrics. `on_epoch_end(epoch, record)` is called on every rank."""
     dist = setup(cfg.device)
     try:
-        return _train(cfg, dist, on_epoch_end)
+        with step_stream(cfg.step_stream, dist.device):  # the whole run: set-up, training, evaluation, checkpoints
+            return _train(cfg, dist, on_epoch_end)
     finally:
         cleanup()
 
@@ -206,6 +207,12 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     check_run_dir(run_dir, cfg, dist)
     amp_dtype = resolve_amp(cfg.amp, device)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    if cfg.compile_mode != "default" and not use_compile:
+        raise SettingError(f"--compile-mode {cfg.compile_mode}: nothing is compiled on {device.type} (--compile auto "
+                           f"compiles on CUDA only); add --compile on or drop it")
+    if cfg.compile_mode == "reduce-overhead" and dist.world > 1:
+        raise SettingError(f"--compile-mode reduce-overhead with {dist.world} processes: CUDA graphs under DDP are "
+                           f"not supported here (never run); drop it, or train one process per run")
 
     resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
     if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
@@ -228,7 +235,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
                f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {AMP_NAME[amp_dtype]}, "
-               f"compile {use_compile}, global batch {global_batch}, lr {lr:.3g}")
+               f"compile {use_compile}{f' ({cfg.compile_mode})' if cfg.compile_mode != 'default' else ''}"
+               f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}, global batch "
+               f"{global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
     if cfg.rand_augment and train_loader.name == "dali":
@@ -334,9 +343,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if ema is not None and resumed is not None and resumed.get("ema") is not None:
         ema.module.load_state_dict(resumed["ema"])
 
-    model = torch.compile(net) if use_compile else net
+    model = torch.compile(net, mode=cfg.compile_mode) if use_compile else net
     if teacher is not None and use_compile:
-        teacher = torch.compile(teacher)
+        teacher = torch.compile(teacher, mode=cfg.compile_mode)
+    graphs = use_compile and cfg.compile_mode == "reduce-overhead"  # (a CPU compiles the same, with no graphs)
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
@@ -348,7 +358,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, augment, amp_dtype,
-                             cfg.clip_grad, epoch, dist, cfg.progress)
+                             cfg.clip_grad, epoch, dist, cfg.progress, graphs=graphs)
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}

@@ -8,7 +8,7 @@
 #             the ceiling in turns, and what the GPU does in one window per unit (benchmarks/traces.py)
 #   high      the end-to-end part with the step on a side CUDA stream at the highest priority (--step-stream high)
 #   graphs    the end-to-end part with the step as CUDA graphs (--compile-mode reduce-overhead)
-#   train     gpu_train.sh: train.py itself, a teacher and then DeiT, 6 epochs each (3 in the dry run), with the
+#   train     gpu_train.sh: train.py itself, a teacher and then DeiT, 5 epochs each (1 and 3 in the dry run), with the
 #             setting of the three that fed the step fastest end to end from DALI's shards (a side stream or CUDA
 #             graphs must beat train.py's defaults by 3 %), its img/s against that setting's ceiling; if a switched
 #             run fails, once more with the defaults
@@ -43,7 +43,7 @@ else
   GRAPHS=(--compile-mode reduce-overhead)
   TRAIN_HIGH=(--step-stream high)
   TRAIN_GRAPHS=(--compile-mode reduce-overhead)
-  EPOCHS=(--epochs 6)  # 16-step epochs of 0.4 s: more of them, a steadier rate (a few seconds each, with val)
+  EPOCHS=(--epochs 5)  # 16-step epochs of 0.4 s: more of them, a steadier rate (a few seconds each, with val)
   EST=(200 90 110 130)  # from the H200 runs of 2026-11-28 (BENCHMARKS.md): one compilation each, ~40 s
 fi
 pack() {  # the session's files into $OUT after each step: what a time-out leaves is still there

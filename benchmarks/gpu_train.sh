@@ -44,7 +44,11 @@ $PY - "$RUNS" "$WORK/throughput.json" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
-from benchmarks.throughput import step_switches
+import torch
+
+from vitdeit.engine import compile_mode
+
+switches = lambda s: f"compile-mode {s.get('compile_mode', 'default')}, step-stream {s.get('step_stream', 'default')}"
 
 runs, bench = Path(sys.argv[1]), Path(sys.argv[2])
 ceiling = None
@@ -55,10 +59,10 @@ if bench.exists():  # the compiled bf16 channels-last DeiT + teacher step of gpu
     else:
         ceiling = next((m["images_per_s"] for m in r.get("model_step", [])
                         if m["model"].startswith("deit") and m["compile"]), None)
-    timed, ran = step_switches(r["settings"]), step_switches(json.loads((runs / "deit" / "config.json").read_text()))
-    if ceiling and timed != ran:  # (train.py's config.json names --compile-mode and --step-stream as throughput.py)
-        print(f"(the step's ceiling was timed with {', '.join(timed) or 'the defaults'}; train.py ran with "
-              f"{', '.join(ran) or 'its defaults'})")
+    cfg = json.loads((runs / "deit" / "config.json").read_text())  # names the switches as throughput.py does
+    cfg["compile_mode"] = compile_mode(cfg["compile_mode"], torch.device(cfg["device"]), 1)  # the mode that ran
+    if ceiling and switches(r["settings"]) != switches(cfg):  # (the JSON's settings hold the mode that ran)
+        print(f"(the step's ceiling was timed with {switches(r['settings'])}; train.py ran with {switches(cfg)})")
 print(f"{'run':8s} {'epoch':>5s} {'img/s':>9s} {'data wait':>9s} {'val top-1':>9s}" + ("  of the step" if ceiling else ""))
 for run in ("teacher", "deit"):
     for line in (runs / run / "metrics.jsonl").read_text().splitlines():

@@ -40,7 +40,7 @@ from vitdeit.config import COMPILE_MODES, INTERPOLATIONS, STEP_STREAMS, Config, 
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
-from vitdeit.engine import step_stream  # noqa: E402
+from vitdeit.engine import compile_mode, step_stream  # noqa: E402
 from vitdeit.models import create_model  # noqa: E402
 from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
@@ -552,9 +552,10 @@ def main(argv=None) -> int:
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
     p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode of the compiled steps; reduce-overhead replays each step's kernels as "
-                   "CUDA graphs, launched with a few calls instead of one per kernel from Python")
+    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled steps, as train.py's: reduce-overhead replays each step's "
+                   "kernels as CUDA graphs, launched with a few calls instead of one per kernel from Python; auto: "
+                   "that on a GPU, default on a CPU (the JSON's settings give the mode that ran)")
     p.add_argument("--step-stream", default="default", choices=STEP_STREAMS,
                    help="CUDA: run the model-step and end-to-end parts on a side stream instead of PyTorch's default "
                    "(the legacy NULL stream, which also waits for, and holds up, work on any blocking stream); high: "
@@ -581,8 +582,9 @@ def main(argv=None) -> int:
     a.device = resolve_device(a.device)  # --device cuda without a GPU: one line, before any work
     if a.step_stream != "default" and a.device != "cuda":
         p.error(f"--step-stream {a.step_stream}: a CUDA stream; use it with --device cuda")
-    if a.compile_mode != "default" and a.device != "cuda" and not a.compile:
+    if a.compile_mode == "reduce-overhead" and a.device != "cuda" and not a.compile:
         p.error(f"--compile-mode {a.compile_mode}: nothing is compiled on a CPU without --compile; add it")
+    a.compile_mode = compile_mode(a.compile_mode, torch.device(a.device), world=1)  # the mode that runs
     refuse_below(p, ("--num-images", a.num_images, 1), ("--img-size", a.img_size, 8), ("--batch-size", a.batch_size, 1),
                  ("--workers", a.workers, 1), ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
                  ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1),

@@ -37,6 +37,7 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     assert r["machine"]["git_commit"] == git("rev-parse", "HEAD")
     assert r["machine"]["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
+    assert r["settings"]["compile_mode"] == "default"  # the mode that ran: --compile-mode auto is that on a CPU
     assert ("dali_error" in r) == dali_available() and r.get("dali_error") is None  # DALI's one-batch check passed
     n_val = 16  # max(16, 24 // 8)
     assert [(p["workers"], p["images"]) for p in r["packing"]] == [(1, 24 + n_val)]
@@ -166,8 +167,8 @@ def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tm
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     table = run.stdout.rstrip().splitlines()[-4:]  # printed last: teacher epoch 0, DeiT epochs 0-2
     assert [line.split()[:2] for line in table] == [["teacher", "0"], ["deit", "0"], ["deit", "1"], ["deit", "2"]]
-    assert ("(the step's ceiling was timed with compile-mode reduce-overhead; train.py ran with its defaults)"
-            in run.stdout.splitlines())
+    assert ("(the step's ceiling was timed with compile-mode reduce-overhead, step-stream default; train.py ran with "
+            "compile-mode default, step-stream default)") in run.stdout.splitlines()  # (auto: default on a CPU)
     for name, epochs in (("teacher", 1), ("deit", 3)):
         lines = (tmp_path / "out/runs" / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == list(range(epochs))

@@ -68,7 +68,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"rand_augment": "rand-q9"}, "--rand-augment 'rand-q9': not a timm RandAugment spec"),
     ({"loader": "dali", "rand_augment": "rand-m9-tweights"}, "--rand-augment 'rand-m9-tweights': PyTorch loader only"),
     ({"repeated_aug": 0}, r"--repeated-aug 0: must be >= 1"),
-    ({"compile_mode": "max-autotune"}, "--compile-mode 'max-autotune': choose default or reduce-overhead"),
+    ({"compile_mode": "max-autotune"}, "--compile-mode 'max-autotune': choose auto, default, reduce-overhead"),
     ({"compile_mode": "reduce-overhead", "compile": "off"}, "--compile-mode reduce-overhead with --compile off: "
      "nothing is compiled"),
     ({"step_stream": "low"}, "--step-stream 'low': choose default, side, high"),

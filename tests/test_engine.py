@@ -189,3 +189,14 @@ def test_the_model_trains_in_train_mode_and_evaluates_in_eval_mode():
     assert m.modes == [True] * 3
     evaluate(m, batches, Dist(), progress=False)
     assert m.modes == [True] * 3 + [False] * 3
+
+
+def test_compile_mode_auto_is_cuda_graphs_for_one_process_on_a_gpu_and_default_elsewhere():
+    from vitdeit.engine import compile_mode
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")  # (no GPU needed: only the device's type is read)
+    assert compile_mode("auto", gpu, 1) == "reduce-overhead"
+    assert compile_mode("auto", gpu, 8) == "default"  # under DDP: CUDA graphs never ran here
+    assert compile_mode("auto", cpu, 1) == "default"
+    assert [compile_mode(m, d, w) for m in ("default", "reduce-overhead") for d, w in ((gpu, 1), (cpu, 2))] == [
+        "default", "default", "reduce-overhead", "reduce-overhead"]  # a mode named is the mode used

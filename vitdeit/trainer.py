@@ -21,7 +21,7 @@ from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
-from .engine import evaluate, step_stream, train_one_epoch
+from .engine import compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
@@ -207,7 +207,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     check_run_dir(run_dir, cfg, dist)
     amp_dtype = resolve_amp(cfg.amp, device)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if cfg.compile_mode != "default" and not use_compile:
+    mode = compile_mode(cfg.compile_mode, device, dist.world)
+    if cfg.compile_mode == "reduce-overhead" and not use_compile:
         raise SettingError(f"--compile-mode {cfg.compile_mode}: nothing is compiled on {device.type} (--compile auto "
                            f"compiles on CUDA only); add --compile on or drop it")
     if cfg.compile_mode == "reduce-overhead" and dist.world > 1:
@@ -235,7 +236,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
                f"{dist.world} process(es) on {device.type}, loader {train_loader.name}, amp {AMP_NAME[amp_dtype]}, "
-               f"compile {use_compile}{f' ({cfg.compile_mode})' if cfg.compile_mode != 'default' else ''}"
+               f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
                f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}, global batch "
                f"{global_batch}, lr {lr:.3g}")
     for w in caught:
@@ -343,10 +344,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if ema is not None and resumed is not None and resumed.get("ema") is not None:
         ema.module.load_state_dict(resumed["ema"])
 
-    model = torch.compile(net, mode=cfg.compile_mode) if use_compile else net
+    model = torch.compile(net, mode=mode) if use_compile else net
     if teacher is not None and use_compile:
-        teacher = torch.compile(teacher, mode=cfg.compile_mode)
-    graphs = use_compile and cfg.compile_mode == "reduce-overhead"  # (a CPU compiles the same, with no graphs)
+        teacher = torch.compile(teacher, mode=mode)
+    graphs = use_compile and mode == "reduce-overhead"  # (a CPU compiles the same, with no graphs)
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# The next GPU session's measurements (BENCHMARKS.md, How to rerun it, steps 1-4) in ONE call of at most ~9.5
-# minutes on one H100/H200 machine (16 cores, no network), after the calls that bring DALI's parts: a lent machine
-# stays warm only ~30 s between calls, and every restart costs 1-2 minutes of the session's 15. In order of what
-# each tells, each step under the time left of BUDGET seconds (default 560; a step whose estimate no longer fits is
-# skipped, and says so):
-#   profile   gpu_check.sh --parts loaders,e2e, 40-step windows, --profile: the loaders alone, end to end against
-#             the ceiling in turns, and what the GPU does in one window per unit (benchmarks/traces.py)
-#   high      the end-to-end part with the step on a side CUDA stream at the highest priority (--step-stream high)
-#   graphs    the end-to-end part with the step as CUDA graphs (--compile-mode reduce-overhead)
+# The next GPU session's measurements (BENCHMARKS.md, How to rerun it) in ONE call of at most ~9.5 minutes on one
+# H100/H200 machine (16 cores, no network), after the calls that bring DALI's parts: a lent machine stays warm only
+# ~30 s between calls, and every restart costs 1-2 minutes of the session's 15. In order of what each tells, each
+# step under the time left of BUDGET seconds (default 560; a step whose estimate no longer fits is skipped, and
+# says so), each DALI measurement with both of DALI's execution models (--dali-executor dynamic,legacy):
+#   profile   gpu_check.sh --parts loaders,e2e, 40-step windows, --profile, at the defaults (on a GPU the step as
+#             CUDA graphs): the loaders alone, end to end against the ceiling in turns, and what the GPU does in
+#             one window per unit (benchmarks/traces.py)
+#   launches  the end-to-end part with the step launched kernel by kernel (--compile-mode default, as under DDP) on a
+#             side stream at the highest priority (--step-stream high), the best such setting on 2026-12-04
 #   train     gpu_train.sh: train.py itself, a teacher and then DeiT, 5 epochs each (1 and 3 in the dry run), with the
-#             setting of the three that fed the step fastest end to end from DALI's shards (a side stream or CUDA
-#             graphs must beat train.py's defaults by 3 %), its img/s against that setting's ceiling; if a switched
-#             run fails, once more with the defaults
+#             step's setting and DALI executor that fed the step fastest end to end from DALI's original shards in
+#             the two steps before (another than train.py's defaults must beat them by 3 %), its img/s against that
+#             setting's ceiling; if a switched run fails, once more with the defaults
+#   side      as launches, on a side stream at the default priority (--step-stream side): is it the priority or
+#             leaving PyTorch's legacy default stream that helps?
 # A failed step does not stop the next. $OUT gets session.log (every step's output, in order), session.tar (each
 # step's JSON, logs and runs) and profile.tar (the traces; over 15 MiB, split into profile.tar.part-aa, -ab, ...:
 # the device returns no file over 16 MiB, and 8 files or 64 MiB in all).
 #
 #   bash benchmarks/gpu_session.sh              # on the GPU machine, in the call that brings DALI's last part
-#   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (3.5 minutes on 2 cores)
+#   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (~4 minutes on 2 cores)
 #   BUDGET=300 bash benchmarks/gpu_session.sh   # a shorter call: the later steps are skipped
-#   TRAIN_SETTING=graphs bash benchmarks/gpu_session.sh --dry-run   # the train step's setting chosen, not measured
+#   TRAIN_SETTING=launches:legacy bash benchmarks/gpu_session.sh --dry-run   # the train step's setting (STEP:EXECUTOR)
+#                                                                            # chosen, not measured
 set -uo pipefail  # not -e: one step failing must leave the others their turn
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -27,24 +31,24 @@ mkdir -p "$OUT"
 BUDGET=${BUDGET:-560}
 WORK=${SESSION_DIR:-/tmp/vitdeit-session}  # each step's own $OUT; tarred into $OUT after every step
 rm -rf "$WORK" && mkdir -p "$WORK"
+EXECUTORS=(--dali-executor dynamic,legacy)
 if [ "${1:-}" = "--dry-run" ]; then
   DRY=(--dry-run)
   E2E=(--e2e-unit steps --steps 4 --warmup-steps 1)
   HIGH=()  # a CPU refuses --step-stream (a CUDA stream): the plumbing alone is tried
-  GRAPHS=(--compile-mode reduce-overhead --compile)  # a CPU compiles only with --compile
-  TRAIN_HIGH=()  # train.py's flags for the same settings
-  TRAIN_GRAPHS=(--compile on --compile-mode reduce-overhead)
+  SIDE=()
+  TRAIN_LAUNCHES=(--compile-mode default)  # train.py's flags for the launches step's setting
   EPOCHS=()
-  EST=(60 30 30 40)  # seconds each step is given at least, dry run
+  EST=(60 30 40 30)  # seconds each step is given at least, dry run
 else
   DRY=()
   E2E=(--e2e-unit steps --steps 40 --warmup-steps 5)
   HIGH=(--step-stream high)
-  GRAPHS=(--compile-mode reduce-overhead)
-  TRAIN_HIGH=(--step-stream high)
-  TRAIN_GRAPHS=(--compile-mode reduce-overhead)
+  SIDE=(--step-stream side)
+  TRAIN_LAUNCHES=(--compile-mode default --step-stream high)
   EPOCHS=(--epochs 5)  # 16-step epochs of 0.4 s: more of them, a steadier rate (a few seconds each, with val)
-  EST=(200 90 110 130)  # from the H200 runs of 2026-11-28 (BENCHMARKS.md): one compilation each, ~40 s
+  # from the H200 runs of 2026-12-04 (BENCHMARKS.md: 182, 76, 139 s), two more DALI units each
+  EST=(240 100 150 100)
 fi
 pack() {  # the session's files into $OUT after each step: what a time-out leaves is still there
   tar -C "$WORK" --exclude='*.json.gz' -cf "$OUT/session.tar" . 2>/dev/null
@@ -74,48 +78,53 @@ step() {  # step NAME ESTIMATE_S SCRIPT ARGS...: run it if ESTIMATE_S seconds ar
   return $rc
 }
 
-fastest() {  # profile (train.py's defaults), high or graphs: the highest end-to-end rate from DALI's original shards
+fastest() {  # STEP:EXECUTOR of the highest end-to-end rate from DALI's original shards, then every such rate
   python3 - "$WORK" <<'PYEOF'
-import json, sys
+import json, re, sys
 from pathlib import Path
 rates = {}
-for name in ("profile", "high", "graphs"):
+for step in ("profile", "launches"):
     try:
-        rows = json.loads((Path(sys.argv[1]) / name / "throughput.json").read_text())["end_to_end"]
-        rates[name] = next(r["images_per_s"] for r in rows if r["loader"] in ("shards_dali", "shards_dali_cpu"))
-    except (OSError, ValueError, KeyError, StopIteration):
-        pass  # the step failed or was skipped
-best = max(rates, key=rates.get, default="profile")
-print(best if rates.get(best, 0) > 1.03 * rates.get("profile", 0) else "profile",
+        rows = json.loads((Path(sys.argv[1]) / step / "throughput.json").read_text())["end_to_end"]
+    except (OSError, ValueError, KeyError):
+        continue  # the step failed or was skipped
+    for r in rows:  # shards_dali(_cpu), @dynamic or @legacy where both ran; not the pre-resized shards
+        m = re.fullmatch(r"shards_dali(?:_cpu)?(?:@(dynamic|legacy))?", r["loader"])
+        if m:
+            rates[f"{step}:{m[1] or 'dynamic'}"] = r["images_per_s"]
+best = max(rates, key=rates.get, default="profile:dynamic")
+print(best if rates.get(best, 0) > 1.03 * rates.get("profile:dynamic", 0) else "profile:dynamic",
       " ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
 PYEOF
 }
 
 session() {
-  step profile "${EST[0]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts loaders,e2e "${E2E[@]}" \
+  step profile "${EST[0]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts loaders,e2e "${E2E[@]}" "${EXECUTORS[@]}" \
     --profile "$WORK/profile/profile"
-  step high "${EST[1]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" "${HIGH[@]}"
-  step graphs "${EST[2]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" "${GRAPHS[@]}"
+  step launches "${EST[1]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" --compile-mode default \
+    "${HIGH[@]}" "${EXECUTORS[@]}"
   local best rates train
-  read -r best rates < <(fastest 2>/dev/null || echo profile)
+  read -r best rates < <(fastest 2>/dev/null || echo profile:dynamic)
   best=${TRAIN_SETTING:-$best}
-  case $best in
-    high) train=("${TRAIN_HIGH[@]}") ;;
-    graphs) train=("${TRAIN_GRAPHS[@]}") ;;
-    *) best=profile train=() ;;
+  case ${best%%:*} in
+    launches) train=("${TRAIN_LAUNCHES[@]}") ;;
+    *) train=() ;;
   esac
+  [ "${best#*:}" = legacy ] && train+=(--dali-executor legacy)
   echo "== end to end from shards_dali: ${rates:-none measured}; train.py runs with the setting of '$best'" \
     "(${train[*]:-its defaults})"
   # train.py's rate against the step run the same way: that step's ceiling (gpu_train.sh reads it from BENCH_DIR)
-  if [ -f "$WORK/$best/throughput.json" ]; then
-    cp "$WORK/$best/throughput.json" "${BENCH_DIR:-/tmp/vitdeit-bench}/throughput.json"
+  if [ -f "$WORK/${best%%:*}/throughput.json" ]; then
+    cp "$WORK/${best%%:*}/throughput.json" "${BENCH_DIR:-/tmp/vitdeit-bench}/throughput.json"
   fi
-  if ! step train "${EST[3]}" benchmarks/gpu_train.sh "${DRY[@]}" "${EPOCHS[@]}" "${train[@]}" && [ "$best" != profile ]
-  then
+  if ! step train "${EST[2]}" benchmarks/gpu_train.sh "${DRY[@]}" "${EPOCHS[@]}" "${train[@]}" \
+      && [ ${#train[@]} -gt 0 ]; then
     [ -f "$WORK/profile/throughput.json" ] && cp "$WORK/profile/throughput.json" "${BENCH_DIR:-/tmp/vitdeit-bench}/"
-    mv "$WORK/train" "$WORK/train-$best"
-    step train "${EST[3]}" benchmarks/gpu_train.sh "${DRY[@]}" "${EPOCHS[@]}"
+    mv "$WORK/train" "$WORK/train-${best/:/-}"
+    step train "${EST[2]}" benchmarks/gpu_train.sh "${DRY[@]}" "${EPOCHS[@]}"
   fi
+  step side "${EST[3]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" --compile-mode default \
+    "${SIDE[@]}" "${EXECUTORS[@]}"
   pack
 }
 

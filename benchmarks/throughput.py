@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
-from vitdeit.config import COMPILE_MODES, INTERPOLATIONS, STEP_STREAMS, Config, refuse_below  # noqa: E402
+from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_STREAMS, Config,  # noqa: E402
+                            refuse_below)
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
@@ -111,26 +112,28 @@ def epoch_seconds(loader, sync) -> tuple[int, float]:
 
 
 def shard_loader(a, sdir: Path, backend: str, workers: int, device,
-                 hw_decoder_load: float = Config.dali_hw_decoder_load):
+                 hw_decoder_load: float = Config.dali_hw_decoder_load, executor: str = Config.dali_executor):
     """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
                  loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load, interpolation=a.interpolation,
-                 rand_augment=a.rand_augment)
+                 rand_augment=a.rand_augment, dali_executor=executor)
     return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
 
 
 def shard_loaders(a, shard_dirs: dict, workers: int, device):
     """(name, shard-set label, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each +
-    _resized; DALI on a GPU once per --dali-hw-decoder-load value, named with "@hwVALUE" when there are several."""
+    _resized; DALI once per --dali-hw-decoder-load value (on a GPU) and --dali-executor, named with "@hwVALUE" and
+    "@EXECUTOR" where there are several."""
     # the CPU decoder has no hardware share
     loads = a.dali_hw_decoder_load if device.type == "cuda" else [Config.dali_hw_decoder_load]
+    executors = a.dali_executor
     for label, sdir in shard_dirs.items():
         suffix = "_resized" if label != "original" else ""
         yield "shards_torch" + suffix, label, shard_loader(a, sdir, "torch", workers, device)
-        for hw in loads if dali_available() and a.dali else []:
+        for hw, ex in itertools.product(loads, executors) if dali_available() and a.dali else []:
             name = "shards_dali" + ("_cpu" if device.type == "cpu" else "") + suffix
-            yield (name + (f"@hw{hw:g}" if len(loads) > 1 else ""), label,
-                   shard_loader(a, sdir, "dali", workers, device, hw))
+            yield (name + (f"@hw{hw:g}" if len(loads) > 1 else "") + (f"@{ex}" if len(executors) > 1 else ""), label,
+                   shard_loader(a, sdir, "dali", workers, device, hw, ex))
 
 
 def dali_error(a, sdir: Path, device) -> str | None:
@@ -515,6 +518,14 @@ def fractions(text: str) -> list[float]:
     return values
 
 
+def executors(text: str) -> list[str]:
+    """argparse type: comma-separated DALI execution models (Config.dali_executor)."""
+    values = list(dict.fromkeys(text.split(",")))  # a repeated one: one loader
+    if not set(values) <= set(DALI_EXECUTORS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names from {', '.join(DALI_EXECUTORS)}")
+    return values
+
+
 def worker_counts(text: str) -> str:
     """argparse type: comma-separated worker counts >= 0 (kept as given: the JSON's settings hold the text)."""
     try:
@@ -570,6 +581,9 @@ def main(argv=None) -> int:
     p.add_argument("--dali-hw-decoder-load", type=fractions, default=[Config.dali_hw_decoder_load], metavar="LOADS",
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "
                    "row per value (e.g. 0,0.65,1)")
+    p.add_argument("--dali-executor", type=executors, default=[Config.dali_executor], metavar="EXECUTORS",
+                   help="comma-separated DALI execution models (train.py's --dali-executor); one DALI row per value "
+                   "(e.g. dynamic,legacy)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="end to end: after the timed rounds, one more window of --steps steps per unit under "

@@ -180,7 +180,7 @@ def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tm
     assert not list((tmp_path / "out").rglob("*.pth"))  # checkpoints stay out of $OUT
 
 
-def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suffix(monkeypatch):
+def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_or_executor_suffix(monkeypatch):
     import argparse
 
     import torch
@@ -193,16 +193,20 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_suf
     monkeypatch.setattr(throughput, "shard_loader", lambda *args: one_batch)
     dirs = {"original": "o", "resize_short=256": "r"}  # as main() labels the two shard sets
     data = {}
-    for loads in ([0.0, 1.0], [0.65]):  # a sweep (names with "@hw"), and the default (names without)
+    # sweeps (names with "@hw", "@EXECUTOR" or both), and the defaults (names without)
+    for loads, executors in (([0.0, 1.0], ["dynamic"]), ([0.65], ["dynamic", "legacy"]), ([0.0, 1.0], ["legacy",
+                                                                                                          "dynamic"]),
+                             ([0.65], ["legacy"])):
         a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, interpolation="bilinear",
-                               rand_augment="", repeats=1, resize_short=256, dali=True, dali_hw_decoder_load=loads)
+                               rand_augment="", repeats=1, resize_short=256, dali=True, dali_hw_decoder_load=loads,
+                               dali_executor=executors)
         data.update((r["name"], r["data"]) for r in throughput.bench_loaders(a, Path("unused"), dirs,
                                                                                torch.device("cuda"), lambda: None))
-    assert data == {
-        "imagefolder": "original JPEGs", "shards_torch": "original", "shards_dali@hw0": "original",
-        "shards_dali@hw1": "original", "shards_dali": "original",
-        "shards_torch_resized": "resize_short=256", "shards_dali_resized@hw0": "resize_short=256",
-        "shards_dali_resized@hw1": "resize_short=256", "shards_dali_resized": "resize_short=256"}
+    names = [f"shards_dali{s}" for s in ("@hw0", "@hw1", "@dynamic", "@legacy", "@hw0@legacy", "@hw0@dynamic",
+                                          "@hw1@legacy", "@hw1@dynamic", "")]
+    assert data == {"imagefolder": "original JPEGs", "shards_torch": "original",
+                    "shards_torch_resized": "resize_short=256", **{n: "original" for n in names},
+                    **{n.replace("dali", "dali_resized", 1): "resize_short=256" for n in names}}
 
 
 def test_an_end_to_end_run_without_the_model_part_times_only_its_own_ceiling(tmp_path):
@@ -619,7 +623,7 @@ def test_profiling_writes_a_trace_per_window_and_stops_at_a_failure_without_rais
 
 
 @pytest.mark.parametrize("budget, python, setting", [("1", sys.executable, ""), ("900", "false", ""),
-                                                     ("900", "false", "graphs")])
+                                                     ("900", "false", "launches:legacy")])
 def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_step(tmp_path, budget, python, setting):
     import os
     import tarfile
@@ -631,16 +635,16 @@ def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_ste
                          text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     log = (tmp_path / "out/session.log").read_text()
-    steps = ["profile", "high", "graphs", "train"]
+    steps = ["profile", "launches", "train", "side"]
     if budget == "1":  # 1 s: no step fits, each says so
         assert re.findall(r"^== (\w+): skipped \(\d+ s of BUDGET 1 s left", log, re.M) == steps
     else:  # a python that fails at once (`false`): every step runs, in order, fails, and the next one still runs;
         # a train run with a switched setting that fails is followed by one with train.py's defaults
-        assert re.findall(r"^== (\w+): exit (\d+) after", log, re.M) == [(s, "1") for s in steps] + (
-            [("train", "1")] if setting else [])
-        assert (f"train.py runs with the setting of '{setting or 'profile'}' ("
-                f"{'--compile on --compile-mode reduce-overhead' if setting else 'its defaults'})") in log
+        assert re.findall(r"^== (\w+): exit (\d+) after", log, re.M) == [(s, "1") for s in (
+            steps[:3] + ["train"] * bool(setting) + steps[3:])]
+        assert (f"train.py runs with the setting of '{setting or 'profile:dynamic'}' ("
+                f"{'--compile-mode default --dali-executor legacy' if setting else 'its defaults'})") in log
     assert sorted(os.listdir(tmp_path / "out")) == ["session.log", "session.tar"]  # no traces: no profile.tar
     with tarfile.open(tmp_path / "out/session.tar") as tar:
         names = sorted(n.strip("./") for n in tar.getnames() if n.strip("./"))  # each run step's own folder
-        assert names == ([] if budget == "1" else sorted(steps + (["train-graphs"] if setting else [])))
+        assert names == ([] if budget == "1" else sorted(steps + (["train-launches-legacy"] if setting else [])))

@@ -248,6 +248,28 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
     assert torch.equal(r1[1], e1[1]) and torch.equal(r2[1], e2[1])  # with the same crops and flips
 
 
+def test_the_legacy_executor_draws_the_dynamic_ones_batches_and_continues_from_its_state(tiny_shards):
+    """--dali-executor legacy changes how DALI runs and hands batches over, not what it draws: the same samples, crops
+    and flips, and a run saved with one executor resumes with the other."""
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True)
+
+    def epoch(loader):
+        batches = list(loader)
+        return [k for _, _, b in batches for k in b], torch.cat([x for x, _, _ in batches])
+
+    dynamic, legacy = (DaliLoader(tiny_shards, m, "train", executor=e, **kw) for e in ("dynamic", "legacy"))
+    assert dynamic.pipe.exec_dynamic and not legacy.pipe.exec_dynamic
+    d1, l1 = epoch(dynamic), epoch(legacy)
+    assert d1[0] == l1[0] and torch.equal(d1[1], l1[1])
+    saved = dynamic.state()
+    d2 = epoch(dynamic)
+    restored = DaliLoader(tiny_shards, m, "train", state=saved, executor="legacy", **kw)
+    assert restored.restored
+    r2 = epoch(restored)
+    assert r2[0] == d2[0] != d1[0] and torch.equal(r2[1], d2[1])
+
+
 @pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32),
                                     dict(rand_augment="rand-m9-mstd0.5-inc1"), dict(repeats=3)])
 def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
@@ -328,10 +350,12 @@ def test_build_loader_asks_dali_for_16_bit_images_only_where_autocast_runs_16_bi
 
     made = []
     monkeypatch.setattr(dali_loader, "DaliLoader", lambda *a, **k: made.append(k) or k)  # builds nothing: no GPU here
-    cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=32, batch_size=8, amp=amp)
+    cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=32, batch_size=8, amp=amp,
+                 dali_executor="legacy")
     for split in ("train", "val"):
         build_loader(cfg, load_manifest(tiny_shards), split, Dist(device=torch.device(device)))
     assert [k["half"] for k in made] == [half, half]
+    assert [k["executor"] for k in made] == ["legacy", "legacy"]  # --dali-executor reaches both
 
 
 @pytest.mark.filterwarnings("ignore:.*train shard")

@@ -20,6 +20,7 @@ from .errors import SettingError
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
 COMPILE_MODES = ("auto", "default", "reduce-overhead")  # torch.compile's modes offered (engine.compile_mode)
+DALI_EXECUTORS = ("dynamic", "legacy")  # DALI's execution models (Config.dali_executor)
 STEP_STREAMS = ("default", "side", "high")  # the CUDA stream the training step runs on (engine.step_stream)
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
@@ -69,6 +70,10 @@ class Config:
     # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
     # 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
     dali_hw_decoder_load: float = 1.0  # DALI on a GPU: share of JPEGs for the hardware JPEG engines (A100/H100/H200)
+    # dynamic, DALI 2's default, hands its outputs to PyTorch without a copy (DLPack), and frees each one in a DALI
+    # thread after a cudaDeviceSynchronize, which waits for all queued GPU work, the training step's too; legacy
+    # copies each batch into PyTorch's own tensors on the step's stream (~77 MB at 256 x 224 px, fp16) instead
+    dali_executor: str = "dynamic"  # DALI's execution model: dynamic | legacy (see above)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
@@ -101,8 +106,8 @@ class Config:
     compile: str = "auto"  # auto (on for CUDA) | on | off
     # reduce-overhead: torch.compile captures the model's (and teacher's) kernels as CUDA graphs, each replayed with one
     # launch instead of one Python call per kernel; the optimiser, clipping and metrics stay eager. On an H200 the DeiT
-    # step ran 1.4x faster so, and train.py 1.3x end to end (BENCHMARKS.md, 2026-12-04)
-    compile_mode: str = "auto"  # auto (reduce-overhead for one process on CUDA, else default) | default | reduce-overhead
+    # step ran 1.37x as fast so, and 1.27x fed by DALI (BENCHMARKS.md, 2026-12-04)
+    compile_mode: str = "auto"  # auto (reduce-overhead: one process on CUDA; else default) | default | reduce-overhead
     # PyTorch's default stream is CUDA's legacy NULL stream, which waits for, and holds up, work on any blocking stream
     step_stream: str = "default"  # CUDA: the stream training runs on: default | side | high (side, highest priority)
     channels_last: bool = True  # model weights in channels-last memory (inputs always are)
@@ -157,6 +162,8 @@ class Config:
         need(self.model != "resnet18" or self.batch_size >= 2 or self.img_size > 32 or self.eval_only,
              f"--model resnet18 --batch-size 1 --img-size {self.img_size}: its last BatchNorm would see one value per "
              f"channel (a 1x1 map of one image) and cannot train; use --batch-size >= 2 or --img-size > 32")
+        need(self.dali_executor in DALI_EXECUTORS,
+             f"--dali-executor {self.dali_executor!r}: choose {' or '.join(DALI_EXECUTORS)}")
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         for name in ("crop_scale_min", "crop_pct"):  # fractions of the image: its area, its side

@@ -9,12 +9,13 @@
 #             one window per unit (benchmarks/traces.py)
 #   launches  the end-to-end part with the step launched kernel by kernel (--compile-mode default, as under DDP) on a
 #             side stream at the highest priority (--step-stream high), the best such setting on 2026-12-04
-#   train     gpu_train.sh: train.py itself, a teacher and then DeiT, 5 epochs each (1 and 3 in the dry run), with the
+#   train     gpu_train.sh: train.py itself, a teacher and then DeiT, 4 epochs each (1 and 3 in the dry run), with the
 #             step's setting and DALI executor that fed the step fastest end to end from DALI's original shards in
 #             the two steps before (another than train.py's defaults must beat them by 3 %), its img/s against that
 #             setting's ceiling; if a switched run fails, once more with the defaults
 #   side      as launches, on a side stream at the default priority (--step-stream side): is it the priority or
-#             leaving PyTorch's legacy default stream that helps?
+#             leaving PyTorch's legacy default stream that helps? (the steps before take ~470 s of the 560: it may
+#             be skipped)
 # A failed step does not stop the next. $OUT gets session.log (every step's output, in order), session.tar (each
 # step's JSON, logs and runs) and profile.tar (the traces; over 15 MiB, split into profile.tar.part-aa, -ab, ...:
 # the device returns no file over 16 MiB, and 8 files or 64 MiB in all).
@@ -46,9 +47,9 @@ else
   HIGH=(--step-stream high)
   SIDE=(--step-stream side)
   TRAIN_LAUNCHES=(--compile-mode default --step-stream high)
-  EPOCHS=(--epochs 5)  # 16-step epochs of 0.4 s: more of them, a steadier rate (a few seconds each, with val)
-  # from the H200 runs of 2026-12-04 (BENCHMARKS.md: 182, 76, 139 s), two more DALI units each
-  EST=(240 100 150 100)
+  EPOCHS=(--epochs 4)  # 16-step epochs of 0.4 s: more of them, a steadier rate (a few seconds each, with val)
+  # from the H200 runs of 2026-12-04 (BENCHMARKS.md: 182, 76 and 139 s with 5 epochs), two more DALI units each
+  EST=(240 100 130 90)
 fi
 pack() {  # the session's files into $OUT after each step: what a time-out leaves is still there
   tar -C "$WORK" --exclude='*.json.gz' -cf "$OUT/session.tar" . 2>/dev/null
@@ -78,33 +79,13 @@ step() {  # step NAME ESTIMATE_S SCRIPT ARGS...: run it if ESTIMATE_S seconds ar
   return $rc
 }
 
-fastest() {  # STEP:EXECUTOR of the highest end-to-end rate from DALI's original shards, then every such rate
-  python3 - "$WORK" <<'PYEOF'
-import json, re, sys
-from pathlib import Path
-rates = {}
-for step in ("profile", "launches"):
-    try:
-        rows = json.loads((Path(sys.argv[1]) / step / "throughput.json").read_text())["end_to_end"]
-    except (OSError, ValueError, KeyError):
-        continue  # the step failed or was skipped
-    for r in rows:  # shards_dali(_cpu), @dynamic or @legacy where both ran; not the pre-resized shards
-        m = re.fullmatch(r"shards_dali(?:_cpu)?(?:@(dynamic|legacy))?", r["loader"])
-        if m:
-            rates[f"{step}:{m[1] or 'dynamic'}"] = r["images_per_s"]
-best = max(rates, key=rates.get, default="profile:dynamic")
-print(best if rates.get(best, 0) > 1.03 * rates.get("profile:dynamic", 0) else "profile:dynamic",
-      " ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
-PYEOF
-}
-
 session() {
   step profile "${EST[0]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts loaders,e2e "${E2E[@]}" "${EXECUTORS[@]}" \
     --profile "$WORK/profile/profile"
   step launches "${EST[1]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" --compile-mode default \
     "${HIGH[@]}" "${EXECUTORS[@]}"
   local best rates train
-  read -r best rates < <(fastest 2>/dev/null || echo profile:dynamic)
+  read -r best rates < <(python3 benchmarks/pick_setting.py "$WORK" profile launches || echo profile:dynamic)
   best=${TRAIN_SETTING:-$best}
   case ${best%%:*} in
     launches) train=("${TRAIN_LAUNCHES[@]}") ;;

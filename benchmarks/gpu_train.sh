@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from vitdeit.distributed import resolve_device
 from vitdeit.engine import compile_mode
 
 switches = lambda s: f"compile-mode {s.get('compile_mode', 'default')}, step-stream {s.get('step_stream', 'default')}"
@@ -60,7 +61,7 @@ if bench.exists():  # the compiled bf16 channels-last DeiT + teacher step of gpu
         ceiling = next((m["images_per_s"] for m in r.get("model_step", [])
                         if m["model"].startswith("deit") and m["compile"]), None)
     cfg = json.loads((runs / "deit" / "config.json").read_text())  # names the switches as throughput.py does
-    cfg["compile_mode"] = compile_mode(cfg["compile_mode"], torch.device(cfg["device"]), 1)  # the mode that ran
+    cfg["compile_mode"] = compile_mode(cfg["compile_mode"], torch.device(resolve_device(cfg["device"])), 1)  # as ran
     if ceiling and switches(r["settings"]) != switches(cfg):  # (the JSON's settings hold the mode that ran)
         print(f"(the step's ceiling was timed with {switches(r['settings'])}; train.py ran with {switches(cfg)})")
 print(f"{'run':8s} {'epoch':>5s} {'img/s':>9s} {'data wait':>9s} {'val top-1':>9s}" + ("  of the step" if ceiling else ""))

@@ -622,6 +622,30 @@ def test_profiling_writes_a_trace_per_window_and_stops_at_a_failure_without_rais
     assert rows[1]["trace"] == str(tmp_path / "shards_dali_hw0.65.json.gz") and rows[1]["steps"] == 2
 
 
+def test_the_gpu_sessions_train_setting_is_the_fastest_dali_feed_if_3_percent_faster_than_the_defaults(tmp_path):
+    from benchmarks import pick_setting
+
+    def write(step, rows):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "throughput.json").write_text(json.dumps(
+            {"end_to_end": [{"loader": name, "images_per_s": rate} for name, rate in rows]}))
+
+    write("profile", [("shards_torch", 5000.0), ("shards_dali@dynamic", 9500.0), ("shards_dali@legacy", 9700.0),
+                      ("shards_dali_resized@legacy", 20000.0)])  # pre-resized shards: not what train.py reads
+    write("launches", [("shards_dali@dynamic", 8000.0), ("shards_dali@legacy", 9800.0)])
+    write("cpu", [("shards_dali_cpu", 50.0)])  # one executor: no suffix, DALI's default
+    (tmp_path / "failed").mkdir()  # a step that wrote no JSON
+    found = pick_setting.rates(tmp_path, ["profile", "launches", "cpu", "failed", "skipped"])
+    assert found == {"profile:dynamic": 9500.0, "profile:legacy": 9700.0, "launches:dynamic": 8000.0,
+                     "launches:legacy": 9800.0, "cpu:dynamic": 50.0}
+    assert pick_setting.pick(found) == "launches:legacy"  # 9,800 > 1.03 x 9,500 = 9,785
+    assert pick_setting.pick({**found, "launches:legacy": 9780.0}) == "profile:dynamic"  # within 3 %: the defaults
+    assert pick_setting.pick({}) == "profile:dynamic"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/pick_setting.py"), str(tmp_path)],
+                         capture_output=True, text=True)  # as gpu_session.sh reads it: the choice, then the rates
+    assert run.stdout.split()[:3] == ["launches:legacy", "profile:dynamic", "9500"] and run.returncode == 0
+
+
 @pytest.mark.parametrize("budget, python, setting", [("1", sys.executable, ""), ("900", "false", ""),
                                                      ("900", "false", "launches:legacy")])
 def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_step(tmp_path, budget, python, setting):

@@ -473,6 +473,15 @@ def test_a_setting_missing_from_an_older_saved_config_counts_as_its_default_not_
     assert recipe_changes(saved, Config(interpolation="bicubic")) == ["--interpolation 'bilinear' -> 'bicubic'"]
 
 
+def test_the_speed_switches_are_no_change_of_recipe_on_resume():
+    from vitdeit.trainer import recipe_changes
+
+    saved = Config().to_dict()
+    del saved["compile_mode"]  # saved before it existed: compiled in torch.compile's default mode, not "auto"'s
+    switched = Config(compile_mode="default", step_stream="high", dali_executor="legacy", workers=3, lr=1e-3)
+    assert recipe_changes(saved, switched) == ["--lr 0.0005 -> 0.001"]  # what it computes, not how fast it runs
+
+
 def test_random_erasing_replaces_one_rectangle_per_image_with_noise_and_leaves_the_labels():
     from vitdeit.trainer import batch_augmentation
 
@@ -602,14 +611,19 @@ def test_resuming_with_another_process_count_says_what_changes(tiny_shards, tmp_
             ) in capsys.readouterr().out.splitlines()
 
 
-def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path):
+def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, learn_shards, tmp_path,
+                                                                                  monkeypatch):
     """What a GPU run does by default (compile, 16-bit autocast, the teacher compiled too), here on a CPU: 1-2 min,
     most of it compiling. The checkpoint must hold the plain module's weights, not the compiled wrapper's. In mode
     reduce-overhead (CUDA graphs on a GPU), which compiles the same on a CPU: its per-step marker runs too."""
     tcfg, _ = teacher_run
     kw = dict(model="deit_tiny_distill", compile="on", amp="bf16", compile_mode="reduce-overhead")
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     last = train(cfg_for(learn_shards, tmp_path, teacher_ckpt=os.path.join(tcfg.output_dir, "teacher", "best.pth"),
                          epochs=1, lr=0.003, model_ema=True, **kw))
+    steps = load_manifest(learn_shards)["splits"]["train"]["num_samples"] // 32  # batch 32, the last one dropped
+    assert len(marks) == steps  # one new step for the graphs per training step
     assert math.isfinite(last["train_loss"]) and last["val_samples"] == 120 and "val_top1_ema" in last
     saved = torch.load(tmp_path / "deit_tiny_distill" / "last.pth", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for part in ("model", "ema") for k in saved[part])

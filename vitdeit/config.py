@@ -73,7 +73,7 @@ class Config:
     # dynamic, DALI 2's default, hands its outputs to PyTorch without a copy (DLPack), and frees each one in a DALI
     # thread after a cudaDeviceSynchronize, which waits for all queued GPU work, the training step's too; legacy
     # copies each batch into PyTorch's own tensors on the step's stream (~77 MB at 256 x 224 px, fp16) instead
-    dali_executor: str = "dynamic"  # DALI's execution model: dynamic | legacy (see above)
+    dali_executor: str = "dynamic"  # DALI's execution model: dynamic (zero-copy) | legacy (a copy on the step's stream)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
@@ -106,7 +106,7 @@ class Config:
     compile: str = "auto"  # auto (on for CUDA) | on | off
     # reduce-overhead: torch.compile captures the model's (and teacher's) kernels as CUDA graphs, each replayed with one
     # launch instead of one Python call per kernel; the optimiser, clipping and metrics stay eager. On an H200 the DeiT
-    # step ran 1.37x as fast so, and 1.27x fed by DALI (BENCHMARKS.md, 2026-12-04)
+    # step ran 1.37x as fast as graphs, and 1.27x fed by DALI (BENCHMARKS.md, 2026-12-04)
     compile_mode: str = "auto"  # auto (reduce-overhead: one process on CUDA; else default) | default | reduce-overhead
     # PyTorch's default stream is CUDA's legacy NULL stream, which waits for, and holds up, work on any blocking stream
     step_stream: str = "default"  # CUDA: the stream training runs on: default | side | high (side, highest priority)

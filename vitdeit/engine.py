@@ -43,9 +43,11 @@ def step_stream(kind: str, device: torch.device):
         raise SettingError(f"--step-stream {kind}: a CUDA stream, and this run is on {device.type}; drop it")
     stream = torch.cuda.Stream(device, priority=-100 if kind == "high" else 0)  # lower is higher; clamped to the range
     stream.wait_stream(torch.cuda.current_stream(device))  # after what was queued so far (the weights' set-up)
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream(device).wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:  # (an error too: what the caller queues next comes after the run's work)
+        torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, augment, amp_dtype, clip_grad: float,

@@ -127,7 +127,7 @@ def test_rand_augment_reaches_every_loader_of_the_comparison(tiny_shards):
     assert shard_loader(a, tiny_shards, "dali", 1, torch.device("cpu")).settings["rand_augment"] == spec
 
 
-def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(monkeypatch):
+def test_a_hardware_decoder_or_executor_sweep_gives_one_named_dali_loader_per_value_on_cuda(monkeypatch):
     import argparse
 
     import torch
@@ -136,22 +136,33 @@ def test_a_hardware_decoder_sweep_gives_one_named_dali_loader_per_value_on_cuda(
 
     built = []
     monkeypatch.setattr(throughput, "dali_available", lambda: True)
-    monkeypatch.setattr(throughput, "shard_loader", lambda a, sdir, backend, workers, device, hw=0.65:
-                        built.append((sdir, backend, hw)) or len(built))
-    a = argparse.Namespace(dali=True, dali_hw_decoder_load=throughput.fractions("0,1"))
+    monkeypatch.setattr(throughput, "shard_loader", lambda a, sdir, backend, workers, device, hw=0.65, ex="dynamic":
+                        built.append((sdir, backend, hw, ex)) or len(built))
+    dynamic = [throughput.Config.dali_executor]
+    a = argparse.Namespace(dali=True, dali_hw_decoder_load=throughput.fractions("0,1"), dali_executor=dynamic)
     dirs = {"original": "o", "resize_short=256": "r"}
     names = [name for name, _, _ in throughput.shard_loaders(a, dirs, 4, torch.device("cuda"))]
     assert names == ["shards_torch", "shards_dali@hw0", "shards_dali@hw1",
                      "shards_torch_resized", "shards_dali_resized@hw0", "shards_dali_resized@hw1"]
-    assert built == [("o", "torch", 0.65), ("o", "dali", 0.0), ("o", "dali", 1.0),
-                     ("r", "torch", 0.65), ("r", "dali", 0.0), ("r", "dali", 1.0)]
-    one = argparse.Namespace(dali=True, dali_hw_decoder_load=[throughput.Config.dali_hw_decoder_load])  # one value: the
+    assert built == [("o", "torch", 0.65, "dynamic"), ("o", "dali", 0.0, "dynamic"), ("o", "dali", 1.0, "dynamic"),
+                     ("r", "torch", 0.65, "dynamic"), ("r", "dali", 0.0, "dynamic"), ("r", "dali", 1.0, "dynamic")]
+    built.clear()  # the executors: in the order given, a repeated one once
+    ex = argparse.Namespace(dali=True, dali_hw_decoder_load=[1.0], dali_executor=throughput.executors("legacy,dynamic,"
+                                                                                                      "legacy"))
+    assert [n for n, _, _ in throughput.shard_loaders(ex, {"original": "o"}, 4, torch.device("cuda"))] == [
+        "shards_torch", "shards_dali@legacy", "shards_dali@dynamic"]
+    assert built == [("o", "torch", 0.65, "dynamic"), ("o", "dali", 1.0, "legacy"), ("o", "dali", 1.0, "dynamic")]
+    one = argparse.Namespace(dali=True, dali_hw_decoder_load=[throughput.Config.dali_hw_decoder_load],
+                             dali_executor=dynamic)  # one value of each: the plain names
     assert [n for n, _, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
         "shards_torch", "shards_dali", "shards_torch_resized", "shards_dali_resized"]
     assert throughput.fractions("0.65,0.65,1") == [0.65, 1.0]  # a repeated value would name two loaders alike
     for bad in ("1.5", "x", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="comma-separated numbers in"):
             throughput.fractions(bad)
+    for bad in ("exec2", "dynamic,", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated names from dynamic, legacy"):
+            throughput.executors(bad)
 
 
 def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tmp_path):

@@ -105,8 +105,8 @@ class Config:
     amp: str = "auto"  # auto (bf16 where supported, else fp16 + GradScaler; off on CPU) | bf16 | fp16 | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
     # reduce-overhead: torch.compile captures the model's (and teacher's) kernels as CUDA graphs, each replayed with one
-    # launch instead of one Python call per kernel; the optimiser, clipping and metrics stay eager. On an H200 the DeiT
-    # step ran 1.37x as fast as graphs, and 1.27x fed by DALI (BENCHMARKS.md, 2026-12-04)
+    # launch instead of one Python call per kernel; the optimiser, clipping and metrics stay eager. On an H200, as
+    # graphs the DeiT step ran 1.37x as fast, and 1.27x fed by DALI (BENCHMARKS.md, 2026-12-04)
     compile_mode: str = "auto"  # auto (reduce-overhead: one process on CUDA; else default) | default | reduce-overhead
     # PyTorch's default stream is CUDA's legacy NULL stream, which waits for, and holds up, work on any blocking stream
     step_stream: str = "default"  # CUDA: the stream training runs on: default | side | high (side, highest priority)

@@ -22,7 +22,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def compile_mode(choice: str, device: torch.device, world: int) -> str:
     """torch.compile's mode for --compile-mode CHOICE: auto is reduce-overhead (CUDA graphs) for a single process on a
     GPU, whose step Python cannot launch fast enough otherwise (an H200 ran the compiled DeiT step at 41 % GPU busy
-    under the profiler; as graphs, 1.4x the images/s: BENCHMARKS.md, 2026-12-04), and default elsewhere: a CPU has
+    under the profiler; as graphs, 1.37x the images/s: BENCHMARKS.md, 2026-12-04), and default elsewhere: a CPU has
     no graphs, and under DDP they were never run here."""
     if choice != "auto":
         return choice

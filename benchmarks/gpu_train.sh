@@ -46,10 +46,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.throughput import STEP_SWITCHES
 from vitdeit.distributed import resolve_device
 from vitdeit.engine import compile_mode
 
-switches = lambda s: f"compile-mode {s.get('compile_mode', 'default')}, step-stream {s.get('step_stream', 'default')}"
+switches = lambda s: ", ".join(f"{k.replace('_', '-')} {s.get(k, 'default')}" for k in STEP_SWITCHES)  # each one
 
 runs, bench = Path(sys.argv[1]), Path(sys.argv[2])
 ceiling = None

@@ -42,7 +42,7 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.engine import compile_mode, step_stream  # noqa: E402
-from vitdeit.models import create_model  # noqa: E402
+from vitdeit.models import create_model, frozen_teacher  # noqa: E402
 from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 
@@ -281,12 +281,13 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     net = create_model(model_name, 100, a.img_size, 16).to(device, memory_format=fmt).train()
     teacher = None
     if model_name == "deit_tiny_distill":
-        teacher = create_model("resnet18", 100).to(device, memory_format=fmt).eval().requires_grad_(False)
+        teacher = frozen_teacher(create_model("resnet18", 100)).to(device, memory_format=fmt)
     model = torch.compile(net, mode=a.compile_mode) if compile_ else net
     if teacher is not None and compile_:
         teacher = torch.compile(teacher, mode=a.compile_mode)
     graphs = compile_ and a.compile_mode == "reduce-overhead" and device.type == "cuda"  # CUDA graphs
-    loss_fn = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, "soft" if teacher is not None else "none")
+    loss_fn = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher,
+                               Config.distillation_type if teacher is not None else "none")  # train.py's default
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

@@ -27,6 +27,25 @@ def test_teacher_slicing_keeps_the_logits_of_the_datasets_wnids(tmp_path):
         assert torch.allclose(sliced(x), full(x)[:, expected_idx], atol=1e-5)
 
 
+def test_the_teachers_logits_are_float32_under_bf16_autocast(tmp_path):
+    """Its classifier runs outside autocast on the bf16 features: the logits hard distillation takes the argmax of
+    are not rounded to bf16's 3 digits; the rest of the network keeps autocast's bf16."""
+    wnids = ["n01440764", "n01530575", "n02102040"]
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "r18.pth")
+    teacher = load_teacher("", str(tmp_path / "r18.pth"), ClassMap(tuple(wnids), tuple(wnids)))
+    assert set(teacher.state_dict()) == set(torchvision.models.resnet18().state_dict())  # the same names
+    features = {}
+    teacher.avgpool.register_forward_hook(lambda m, i, out: features.setdefault("x", out.flatten(1)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        logits = teacher(x)
+    assert features["x"].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    expected = features["x"].double() @ teacher.fc.weight.double().T + teacher.fc.bias.double()
+    assert torch.allclose(logits.double(), expected, atol=1e-5)
+    assert not torch.allclose(expected.bfloat16().double(), expected, atol=1e-5)  # what a bf16 head would give
+
+
 def test_a_wnid_outside_imagenet1k_is_a_clear_error():
     with pytest.raises(DataError, match="n00000001.*--teacher-ckpt"):
         sliced_resnet18(torchvision.models.resnet18().state_dict(), ["n01440764", "n00000001"])

@@ -83,7 +83,7 @@ class Config:
     teacher_ckpt: str = ""  # a best.pth from `train.py --model resnet18` on the same class map
     teacher_weights: str = ""  # imagenet1k (torchvision's, cut to the WNIDs; "" = it if no --teacher-ckpt) or its .pth
     allow_weak_teacher: bool = False  # distil even from a teacher whose val top-1 is near chance
-    distillation_type: str = "soft"  # soft | hard | none
+    distillation_type: str = "hard"  # hard (the DeiT paper's better one) | soft | none
     distillation_alpha: float = 0.5  # total = (1 - alpha) * CE(labels) + alpha * distillation
     distillation_tau: float = 1.0  # soft-distillation temperature
     # --- optimisation (the DeiT recipe, shortened)

@@ -95,6 +95,22 @@ def model_from_checkpoint(state: dict) -> nn.Module:
     return net
 
 
+class FullPrecisionLinear(nn.Linear):
+    """The teacher's classifier, run in float32 under autocast: in bf16 its logits near 10 come in steps of 0.0625,
+    enough to tie or swap two close classes in hard distillation's argmax (the reference's fp16 autocast rounds 8x
+    finer). One 512 x classes matmul per batch; the same parameter names as the nn.Linear it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def full_precision_head(fc: nn.Linear) -> FullPrecisionLinear:
+    head = FullPrecisionLinear(fc.in_features, fc.out_features)
+    head.load_state_dict(fc.state_dict())
+    return head
+
+
 def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
     """A frozen ResNet-18 teacher for `class_map`, in eval mode; `.interpolation` and `.img_size` are the resize
     filter and crop size (px) of the images it was trained on (torchvision's ImageNet-1k ResNet-18: bilinear, 224)."""
@@ -118,8 +134,13 @@ def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:
             raise DataError(f"--teacher-weights {weights or 'imagenet1k'}: not the state dict of torchvision's "
                             f"ResNet-18 for ImageNet-1k ({first_line(e)}); pass "
                             f"{RESNET18_IMAGENET1K.rsplit('/', 1)[1]}.") from e
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net = frozen_teacher(net)
     net.interpolation, net.img_size = interpolation, img_size
     return net
+
+
+def frozen_teacher(net: nn.Module) -> nn.Module:
+    """A ResNet-18 as the teacher runs: eval mode, no gradients, float32 logits under autocast
+    (FullPrecisionLinear). The benchmark's teacher is made by this too."""
+    net.fc = full_precision_head(net.fc)
+    return net.eval().requires_grad_(False)

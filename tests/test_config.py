@@ -54,7 +54,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"epochs": 0}, r"--epochs 0: must be >= 1"),
     ({"batch_size": 0}, r"--batch-size 0: must be >= 1"),
     ({"lr": -0.1}, r"--lr -0\.1: must be > 0"),
-    ({"workers": -1}, r"--workers -1: must be >= 0"),
+    ({"workers": -2}, r"--workers -2: must be >= 0 \(0: load in the main process\), or -1 for this node's share"),
     ({"model": "resnet18", "batch_size": 1, "img_size": 32}, r"--model resnet18 --batch-size 1 --img-size 32: its last "
      r"BatchNorm"),
     ({"model_ema_decay": 1.0}, r"--model-ema-decay 1\.0: must be in \[0, 1\)"),
@@ -164,7 +164,7 @@ def test_default_workers_share_the_usable_cores_among_the_ranks_on_a_node(monkey
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
-    assert config.Config().workers == expected  # cores / ranks - 1 for each rank's main process, within 1..8
+    assert config.Config().decode_workers == expected  # cores / ranks - 1 for each rank's main process, in 1..8
 
 
 def test_without_an_affinity_call_the_host_count_is_used(monkeypatch):
@@ -175,4 +175,19 @@ def test_without_an_affinity_call_the_host_count_is_used(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert config.usable_cores() == 6 and config.Config().workers == 5
+    assert config.usable_cores() == 6 and config.Config().decode_workers == 5
+
+
+def test_a_saved_config_keeps_the_worker_choice_not_the_machines_count(monkeypatch):
+    """A run on 2 cores saves -1, not its 1 worker: `--config` of it on a 16-core node decodes with 8 there; a
+    number the user gave is kept as given."""
+    import os
+
+    from vitdeit import config
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    saved, given = config.Config().to_dict(), config.Config(workers=3).to_dict()
+    assert (saved["workers"], config.Config().decode_workers) == (-1, 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert config.from_dict(saved).decode_workers == 8 and config.from_dict(given).decode_workers == 3

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import get_type_hints
 
 from .errors import SettingError
@@ -56,7 +56,7 @@ class Config:
     # --- data
     data_path: str = "demo_shards"  # a folder written by pack_shards.py (holds manifest.json)
     loader: str = "auto"  # auto | dali | torch; auto = DALI on CUDA when installed, else the PyTorch loader
-    workers: int = field(default_factory=lambda: default_workers())  # decode processes (DALI: threads) per rank
+    workers: int = -1  # decode processes (DALI: threads) per rank; -1: this node's share of its cores, 1 to 8
     img_size: int = 224  # px, square, train and val
     crop_pct: float = 0.875  # val: resize shorter side to img_size / crop_pct, centre-crop img_size
     crop_scale_min: float = 0.08  # train RandomResizedCrop area range [crop_scale_min, 1]
@@ -156,7 +156,8 @@ class Config:
         need(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
         need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1 (images per process)")
         need(self.lr > 0, f"--lr {self.lr}: must be > 0")
-        need(self.workers >= 0, f"--workers {self.workers}: must be >= 0 (0: load in the main process)")
+        need(self.workers >= -1, f"--workers {self.workers}: must be >= 0 (0: load in the main process), or -1 for "
+                                 f"this node's share of its cores")
         # ResNet-18 halves the image 5 times: at <= 32 px its last BatchNorm sees one value per channel and image (in
         # training; evaluation uses its running statistics)
         need(self.model != "resnet18" or self.batch_size >= 2 or self.img_size > 32 or self.eval_only,
@@ -198,6 +199,12 @@ class Config:
     def mixes(self) -> bool:
         """Mixup or CutMix on: the targets are soft (mixed, smoothed) label vectors."""
         return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def decode_workers(self) -> int:
+        """--workers, -1 resolved on this machine: a saved config keeps -1, so `--config` of a run from a laptop
+        does not hold a 16-core node to the laptop's 1 worker."""
+        return default_workers() if self.workers == -1 else self.workers
 
     @property
     def name(self) -> str:

@@ -118,7 +118,7 @@ def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = No
     if backend == "dali" and split == "val" and manifest["splits"]["val"]["num_samples"] < dist.world:
         backend = "torch"  # DALI needs a sample per shard; the PyTorch loader gives empty ranks no batches
     kwargs = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, rank=dist.rank, world=dist.world,
-                  workers=cfg.workers, device=dist.device, seed=cfg.seed, rand_augment=cfg.rand_augment or None,
+                  workers=cfg.decode_workers, device=dist.device, seed=cfg.seed, rand_augment=cfg.rand_augment or None,
                   repeats=cfg.repeated_aug, crop_pct=cfg.crop_pct, scale=(cfg.crop_scale_min, 1.0),
                   interpolation=cfg.interpolation)
     if backend == "dali":

@@ -237,6 +237,20 @@ def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_o
         load_manifest(tiny_data.parent / "nothing_here")
 
 
+def test_a_missing_data_path_says_where_the_path_came_from(tmp_path, monkeypatch, capsys):
+    """Left out: the demo's default folder, not a pack command aimed at it; relative: the folder it is seen from
+    (a --config of a run started elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--model", "vit_tiny", "--eval-only"]) == 1
+    assert capsys.readouterr().err == (f"error: --data-path not given, and its default, demo_shards (the folder python "
+                                       f"-m vitdeit.demo packs the demo data into), holds no manifest.json seen from "
+                                       f"{tmp_path}: pass --data-path with the --out folder of pack_shards.py\n")
+    (tmp_path / "cfg.json").write_text('{"data_path": "data/shards"}')
+    assert train.main(["--config", "cfg.json", "--model", "vit_tiny"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: data/shards/manifest.json not found (a relative path: seen "
+                                              f"from {tmp_path}): data/shards is not a packed dataset.")
+
+
 @pytest.mark.parametrize("encode", [lambda t: b"\xef\xbb\xbf" + t.encode(),  # Notepad's "UTF-8 with BOM"
                                     lambda t: t.encode("utf-16")])  # Notepad's "Unicode"
 def test_a_labels_json_in_the_encodings_windows_editors_save_is_read(tmp_path, encode):

@@ -105,8 +105,9 @@ def load_manifest(shards_dir: str | Path) -> dict:
             out = shards_dir_for(d)  # the image folders: shards go elsewhere
             raise DataError(f"{path} not found: {shards_dir} holds image folders, not packed shards. Pack them "
                             f"once: python pack_shards.py --data-path {d} --out {out}, then pass --data-path {out}")
+        seen = "" if Path(shards_dir).is_absolute() else f" (a relative path: seen from {Path.cwd()})"
         raise DataError(
-            f"{path} not found: {shards_dir} is not a packed dataset. "
+            f"{path} not found{seen}: {shards_dir} is not a packed dataset. "
             f"Create it with: python pack_shards.py --data-path IMAGENET_DIR --out {shards_dir}"
         )
     try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
-from .classes import load_manifest, manifest_class_map
+from .classes import MANIFEST_NAME, load_manifest, manifest_class_map
 from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
@@ -195,13 +195,24 @@ def train(cfg: Config, on_epoch_end=None) -> dict:
         cleanup()
 
 
+def run_manifest(cfg: Config) -> dict:
+    """cfg.data_path's manifest. --data-path left out on the command line and in --config means the demo's shards:
+    where there are none, that is the error, not a pack command aimed at the demo's folder."""
+    defaulted = "data_path" not in getattr(cfg, "given", {"data_path"})  # (a Config not from parse_args: given)
+    if defaulted and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
+        raise SettingError(f"--data-path not given, and its default, {cfg.data_path} (the folder python -m vitdeit.demo "
+                           f"packs the demo data into), holds no {MANIFEST_NAME} seen from {Path.cwd()}: pass "
+                           f"--data-path with the --out folder of pack_shards.py")
+    return load_manifest(cfg.data_path)
+
+
 def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     import timm.optim
     from timm.loss import SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
     device = dist.device
-    manifest = load_manifest(cfg.data_path)
+    manifest = run_manifest(cfg)
     class_map = manifest_class_map(manifest)
     num_classes = len(class_map)
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -399,7 +410,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split."""
     dist = setup(cfg.device)
     try:
-        manifest = load_manifest(cfg.data_path)
+        manifest = run_manifest(cfg)
         class_map = manifest_class_map(manifest)
         path = cfg.resume or str(Path(cfg.output_dir) / cfg.name / "best.pth")
         state = load_checkpoint(path, class_map, what="--eval-only checkpoint")

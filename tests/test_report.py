@@ -91,7 +91,9 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
     deit_best = max((json.loads(x) for x in deit_lines), key=lambda r: r["val_top1"])
     assert f"class head {deit_best['val_top1_cls_head']:.2f}%, distillation head " \
            f"{deit_best['val_top1_dist_head']:.2f}%, their mean (the prediction) {deit_best['val_top1']:.2f}%." in md
-    assert f"The teacher it distilled from: val top-1 {deit_best['teacher_val_top1']:.2f}%." in md.splitlines()
+    deit_cfg = json.loads((runs / "deit_tiny_distill" / "config.json").read_text())
+    assert (f"The teacher it distilled from: val top-1 {deit_best['teacher_val_top1']:.2f}%, as the DeiT run evaluated "
+            f"it on {deit_cfg['data_path']} at {deit_cfg['img_size']} px.") in md.splitlines()  # = the teacher row
     comp = json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]
     assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24
 
@@ -230,6 +232,23 @@ def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
     assert [r["class"] for r in comp["gains"]] == ["n00000001"] and comp["losses"] == []
 
 
+def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure():
+    from vitdeit.report import report_markdown
+
+    def summary(run, model, top1, data, size, **extra):
+        return {"run": run, "model": model, "val_top1": top1, "val_top5": 90.0, "best_epoch": 1, "last_epoch": 1,
+                "checkpoint_epoch": 1, "params": 1e6, "train_images_per_s": 1.0, "data_path": data, "img_size": size,
+                **extra}
+
+    comp = {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [], "per_class": []}
+    deit = summary("DeiT", "deit_tiny_distill", 40.0, "b", 16, val_top1_cls_head=41.0, val_top1_dist_head=39.0,
+                   teacher_val_top1=1.01)
+    for teacher_top1, said in ((2.5, " The teacher row is its own run's best epoch, on a at 32 px."), (1.01, "")):
+        md = report_markdown([summary("teacher", "resnet18", teacher_top1, "a", 32), deit], comp, ("ViT", "DeiT"))
+        assert ("The teacher it distilled from: val top-1 1.01%, as the DeiT run evaluated it on b at 16 px."
+                + said) in md.splitlines()
+
+
 def test_the_run_summary_is_the_best_val_epochs_with_the_median_speed_of_the_epochs_after_the_first():
     from vitdeit.report import run_summary
 
@@ -238,10 +257,12 @@ def test_the_run_summary_is_the_best_val_epochs_with_the_median_speed_of_the_epo
              "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0},
             {"epoch": 2, "val_top1": 40.0, "val_top5": 85.0, "images_per_s": 420.0, "val_top1_cls_head": 41.0,
              "val_top1_dist_head": 42.0, "teacher_val_top1": 70.0}]
-    s = run_summary("DeiT", rows, {"config": {"model": "deit_tiny_distill"}, "epoch": 2}, 5_000_000)
+    s = run_summary("DeiT", rows, {"config": {"model": "deit_tiny_distill", "data_path": "s", "img_size": 32},
+                                   "epoch": 2}, 5_000_000)
     assert s == {"run": "DeiT", "model": "deit_tiny_distill", "best_epoch": 1, "val_top1": 45.0, "val_top5": 80.0,
                  "params": 5_000_000, "epochs": 3, "last_epoch": 2, "checkpoint_epoch": 2, "train_images_per_s": 410.0,
-                 "val_top1_cls_head": 44.0, "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0}
+                 "val_top1_cls_head": 44.0, "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0, "data_path": "s",
+                 "img_size": 32}
     assert run_summary("ViT", rows[:1], {"config": {"model": "vit_tiny"}, "epoch": 0}, 1)["train_images_per_s"] == 50.0
 
 

@@ -146,6 +146,7 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows), "last_epoch": rows[-1]["epoch"],
            "checkpoint_epoch": ckpt["epoch"],  # of the checkpoint read here: the best epoch's, unless told otherwise
+           "data_path": ckpt["config"].get("data_path"), "img_size": ckpt["config"].get("img_size"),
            # the first epoch also compiles the model and starts the loader: steady speed is the later epochs'
            "train_images_per_s": float(np.median([r["images_per_s"] for r in rows[1:] or rows]))}
     for key in ("val_top1_cls_head", "val_top1_dist_head", "teacher_val_top1"):
@@ -197,7 +198,12 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
         lines += ["", f"DeiT heads at its best epoch: class head {deit['val_top1_cls_head']:.2f}%, distillation head "
                       f"{deit['val_top1_dist_head']:.2f}%, their mean (the prediction) {deit['val_top1']:.2f}%."]
         if "teacher_val_top1" in deit:
-            lines.append(f"The teacher it distilled from: val top-1 {deit['teacher_val_top1']:.2f}%.")
+            lines.append(f"The teacher it distilled from: val top-1 {deit['teacher_val_top1']:.2f}%, as the DeiT run "
+                         f"evaluated it on {deit['data_path']} at {deit['img_size']} px.")
+            teacher = next((s for s in summaries if s["run"] == "teacher"), None)
+            if teacher and f"{teacher['val_top1']:.2f}" != f"{deit['teacher_val_top1']:.2f}":  # other val images, size
+                lines[-1] += (f" The teacher row is its own run's best epoch, on {teacher['data_path']} at "
+                              f"{teacher['img_size']} px.")
     lines += ["", f"## Where {v} and {d} differ ({comp['val_images']} val images)", "",
               f"They predict the same class on {comp['agreement']:.1f}% of the val images; both are right on "
               f"{comp['both_right']:.1f}%.", ""]

@@ -52,8 +52,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     for split, s in m["splits"].items():
-        print(f"{split}: {s['num_samples']} images of {s['input_files']} from {', '.join(s['source_dirs'])}/ in "
-              f"{len(s['shards'])} shards")
+        n, dirs = len(s["shards"]), ", ".join(d + "/" for d in s["source_dirs"])
+        print(f"{split}: {s['num_samples']} images of {s['input_files']} from {dirs} in {n} shard{'s' * (n != 1)}")
         empty = [w for w, n in s["class_counts"].items() if n == 0]
         if empty:  # allowed (a subset of Labels.json), but a class with no images is worth a look
             have = "has" if len(empty) == 1 else "have"

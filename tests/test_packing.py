@@ -209,7 +209,7 @@ def test_unreadable_files_stop_the_packer_and_all_are_listed(data, tmp_path):
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     msg = str(e.value)
-    assert all(str(p) in msg for p in bad) and "--skip-bad" in msg and "2 unreadable" in msg
+    assert all(str(p) in msg for p in bad) and "--skip-bad" in msg and "2 file(s) that are not readable images" in msg
     assert "an earlier one" not in msg  # the first pack into this folder: there was no manifest to remove
     assert not (tmp_path / "s" / "manifest.json").exists()
 
@@ -233,7 +233,8 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     assert all((f.stat().st_ino, f.stat().st_mtime_ns) == t for f, t in good.items())  # reused, not rewritten
     assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
     # without --skip-bad they are read again, and stop it; the manifest of the run before is gone
-    with pytest.raises(DataError, match=r"2 unreadable.*manifest\.json \(an earlier one went when this run began"):
+    with pytest.raises(DataError, match=r"2 file\(s\) that are not readable images.*manifest\.json \(an earlier one "
+                                        r"went when this run began"):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
 
 
@@ -285,7 +286,7 @@ def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(
                         str(tmp_path / "s"), "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "train: 16 images of 16 from train.X1, train.X2, train.X3, train.X4/ in 1 shards" in lines
+    assert "train: 16 images of 16 from train.X1/, train.X2/, train.X3/, train.X4/ in 1 shard" in lines
     no_val = sorted(labels)[0]
     assert "warning: 1 of the 3 classes in Labels.json has no train images: n99999998" in lines
     assert f"warning: 2 of the 3 classes in Labels.json have no val images: {no_val}, n99999998" in lines

@@ -458,7 +458,7 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         lines = "\n".join(f"  {p}: {why}" for _, p, why in bad)
         earlier = " (an earlier one went when this run began: its shards are being rewritten)" if replaced else ""
         raise DataError(
-            f"{len(bad)} unreadable image file(s), so no {out / MANIFEST_NAME}{earlier}:\n{lines}\n"
+            f"{len(bad)} file(s) that are not readable images, so no {out / MANIFEST_NAME}{earlier}:\n{lines}\n"
             f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest)."
         )
     split_of = {}

@@ -200,9 +200,9 @@ def run_manifest(cfg: Config) -> dict:
     where there are none, that is the error, not a pack command aimed at the demo's folder."""
     defaulted = "data_path" not in getattr(cfg, "given", {"data_path"})  # (a Config not from parse_args: given)
     if defaulted and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
-        raise SettingError(f"--data-path not given, and its default, {cfg.data_path} (the folder python -m vitdeit.demo "
-                           f"packs the demo data into), holds no {MANIFEST_NAME} seen from {Path.cwd()}: pass "
-                           f"--data-path with the --out folder of pack_shards.py")
+        raise SettingError(f"--data-path not given, and its default, {cfg.data_path} (the folder python -m "
+                           f"vitdeit.demo packs the demo data into), holds no {MANIFEST_NAME} seen from {Path.cwd()}: "
+                           f"pass --data-path with the --out folder of pack_shards.py")
     return load_manifest(cfg.data_path)
 
 

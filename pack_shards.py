@@ -5,7 +5,9 @@
     python pack_shards.py --data-path /data/imagenet100 --out /data/in100-256 --resize-short 256  # smaller, faster
 
 --resize-short S should stay at least train.py's --img-size / --crop-pct (256 for 224 px): val resizes the
-shorter side to that, and a smaller S would upscale.
+shorter side to that, and a smaller S would upscale. It is not free for training: a small random-resized crop
+(8 % of the area at the least) is then upscaled from fewer pixels than the original holds, so train crops are
+softer than the reference's, which crops the full-size JPEGs.
 
 Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manifest.json.
 """

@@ -587,7 +587,8 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0,
                   teacher_ckpt="t.pth", warmup_epochs=1.0, min_lr=1e-4))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("run ") and ", loader torch, amp off, " in lines[0]  # the first line names the loader
+    # the first line names the loader and its workers (0: the main process)
+    assert lines[0].startswith("run ") and ", loader torch (0 workers), amp off, " in lines[0]
     assert lines[1:3] == ["warning: one train shard"] * 2  # the train and the val loader's, after it
     assert lines[3] == "warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a " \
                        "--distillation-type other than none; this run trains without a teacher"

@@ -18,6 +18,26 @@ from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
 from vitdeit.trainer import ema_warning, evaluate_checkpoint, lr_schedule, train
 
+
+def autocast_spy(monkeypatch) -> list:
+    """The autocast dtype in force inside each of engine.autocast's contexts (None: autocast off), read from torch's
+    own state, not from the argument: a context that does nothing reads None."""
+    import contextlib
+
+    from vitdeit import engine
+
+    states, real = [], engine.autocast
+
+    @contextlib.contextmanager
+    def spy(device, dtype):
+        with real(device, dtype):
+            on = torch.is_autocast_enabled(device.type)
+            states.append(torch.get_autocast_dtype(device.type) if on else None)
+            yield
+
+    monkeypatch.setattr(engine, "autocast", spy)
+    return states
+
 FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False, warmup_epochs=0.5,
             crop_scale_min=0.5, drop_path=0.0)
 
@@ -619,12 +639,19 @@ def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cp
     reduce-overhead (CUDA graphs on a GPU), which compiles the same on a CPU: its per-step marker runs too."""
     tcfg, _ = teacher_run
     kw = dict(model="deit_tiny_distill", compile="on", amp="bf16", compile_mode="reduce-overhead")
-    marks = []
+    marks, compiled, compile_ = [], [], torch.compile
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append((type(m).__name__, k)) or compile_(m, **k))
+    casts = autocast_spy(monkeypatch)
     last = train(cfg_for(learn_shards, tmp_path, teacher_ckpt=os.path.join(tcfg.output_dir, "teacher", "best.pth"),
                          epochs=1, lr=0.003, model_ema=True, **kw))
     steps = load_manifest(learn_shards)["splits"]["train"]["num_samples"] // 32  # batch 32, the last one dropped
     assert len(marks) == steps  # one new step for the graphs per training step
+    assert compiled == [("VisionTransformerDistilled", {"mode": "reduce-overhead"}),
+                        ("ResNet", {"mode": "reduce-overhead"})]  # the student and the teacher
+    # under bf16 autocast: the teacher's check (120 val images: 4 batches of 32), every train step, the DeiT's and its
+    # EMA's val passes
+    assert casts == [torch.bfloat16] * (4 + steps + 4 + 4)
     assert math.isfinite(last["train_loss"]) and last["val_samples"] == 120 and "val_top1_ema" in last
     saved = torch.load(tmp_path / "deit_tiny_distill" / "last.pth", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for part in ("model", "ema") for k in saved[part])
@@ -935,10 +962,7 @@ def test_amp_choices_resolve_to_their_dtypes_and_channels_last_sets_the_weights_
                                                 ("off", None, False)])
 def test_the_runs_amp_sets_the_autocast_dtype_of_every_step_and_the_grad_scaler(tiny_shards, tmp_path, monkeypatch,
                                                                                 amp, dtype, scaled):
-    from vitdeit import engine
-
-    casts, scalers, autocast, scaler = [], [], engine.autocast, torch.amp.GradScaler
-    monkeypatch.setattr(engine, "autocast", lambda device, d: casts.append(d) or autocast(device, d))
+    casts, scalers, scaler = autocast_spy(monkeypatch), [], torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scalers.append(k.get("enabled")) or scaler(*a, **k))
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, amp=amp, compile="off"))
     assert casts == [dtype] * (6 + 2)  # 6 train steps, then 2 val batches (tiny_shards' 24 val images: 16 and 8)

@@ -303,11 +303,12 @@ def test_the_figure_shows_each_image_resized_with_the_models_filter(tiny_shards)
     manifest = load_manifest(tiny_shards)
     n = manifest["splits"]["val"]["num_samples"]
     p = Predictions("x", np.zeros(n, int), np.zeros(n, int), np.ones(n), 32, 0.875, "bicubic")
-    shown = prediction_figure(tiny_shards, manifest, [p], [0], display_px=48).axes[0].images[0].get_array()
-    expected = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bicubic"))[0][0]
-    assert np.array_equal(np.asarray(shown), expected)
-    bilinear = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bilinear"))[0][0]
-    assert not np.array_equal(expected, bilinear)  # the two filters differ on this image
+    fig = prediction_figure(tiny_shards, manifest, [p], [3, 0], display_px=48)
+    for ax, idx in zip(fig.axes, [3, 0]):  # each panel its own image
+        expected = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bicubic"))[idx][0]
+        assert np.array_equal(np.asarray(ax.images[0].get_array()), expected)
+        bilinear = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bilinear"))[idx][0]
+        assert not np.array_equal(expected, bilinear)  # the two filters differ on this image
 
 
 def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():

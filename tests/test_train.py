@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -762,10 +763,19 @@ def test_each_epoch_seeds_from_seed_epoch_and_rank(tiny_shards, tmp_path, monkey
     from vitdeit import trainer
 
     seeds, real = [], trainer.train_one_epoch
-    monkeypatch.setattr(trainer, "train_one_epoch",
-                        lambda *a, **k: seeds.append(torch.initial_seed()) or real(*a, **k))
+
+    def spy(*a, **k):  # the state of each generator the epoch draws from (timm's Mixup: numpy's and Python's)
+        seeds.append((torch.initial_seed(), np.random.get_state()[1][:4].tolist(), random.getstate()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", batch_size=16, workers=0, epochs=2, seed=3))
-    assert seeds == [hash((3, e, 0)) % 2**31 for e in (0, 1)] and seeds[0] != seeds[1]
+    expected = []
+    for e in (0, 1):
+        seed = hash((3, e, 0)) % 2**31
+        np.random.seed(seed), random.seed(seed)
+        expected.append((seed, np.random.get_state()[1][:4].tolist(), random.getstate()))
+    assert seeds == expected and seeds[0][0] != seeds[1][0]
 
 
 def test_the_teacher_stays_frozen_in_eval_mode_while_the_student_trains(teacher_run, learn_shards, tmp_path,

@@ -67,6 +67,18 @@ def test_val_crops_imagenet_sized_images_where_torchvision_does(tmp_path):
     assert sizes == {(500, 375), (375, 500)}  # an odd margin across, then down
 
 
+def test_build_loader_hands_the_runs_val_crop_and_train_scale_to_dali(tiny_shards):
+    m = load_manifest(tiny_shards)
+    for split, field, values, kwarg in (("val", "crop_pct", (0.5, 0.875), "crop_pct"),
+                                        ("train", "crop_scale_min", (0.5, 0.08), "scale")):
+        direct = {v: next(iter(DaliLoader(tiny_shards, m, split, batch_size=8, img_size=32, workers=1,
+                                          **{kwarg: v if kwarg == "crop_pct" else (v, 1.0)})))[0] for v in values}
+        assert not torch.equal(*direct.values())  # the two settings give other pixels
+        for v in values:
+            cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=32, batch_size=8, **{field: v})
+            assert torch.equal(next(iter(build_loader(cfg, m, split, Dist())))[0], direct[v])
+
+
 def test_dali_resizes_with_the_chosen_filter_as_the_pytorch_loader_does(tiny_shards):
     m = load_manifest(tiny_shards)
     dali, torch_ = {}, {}

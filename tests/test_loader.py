@@ -265,15 +265,17 @@ def test_val_resizes_the_shorter_side_to_floor_size_over_crop_pct_then_takes_the
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_build_loader_hands_the_runs_filter_to_the_pytorch_loaders_transforms(tiny_shards, split):
+def test_build_loader_hands_the_runs_filter_and_crops_to_the_pytorch_loaders_transforms(tiny_shards, split):
     from vitdeit.config import Config
     from vitdeit.data import build_loader
     from vitdeit.distributed import Dist
 
-    for mode in ("bicubic", "bilinear"):
+    for mode, crop_pct, scale_min in (("bicubic", 0.5, 0.3), ("bilinear", 0.875, 0.08)):
         cfg = Config(data_path=str(tiny_shards), loader="torch", workers=0, img_size=32, batch_size=8,
-                     interpolation=mode)
-        assert build_loader(cfg, load_manifest(tiny_shards), split, Dist()).dataset.transform.mode == mode
+                     interpolation=mode, crop_pct=crop_pct, crop_scale_min=scale_min)
+        t = build_loader(cfg, load_manifest(tiny_shards), split, Dist()).dataset.transform
+        assert t.mode == mode
+        assert (t.crop_pct == crop_pct) if split == "val" else (t.scale == (scale_min, 1.0))
 
 
 def test_too_few_samples_for_a_batch_is_a_clear_error(tiny_shards):

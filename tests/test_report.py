@@ -220,6 +220,27 @@ def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_bot
                                                                           pytest.approx(100 * 4 / 12), 12)
 
 
+def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
+    from vitdeit.report import report_markdown
+
+    cm = ClassMap.from_labels({"n00000001": "alpha, a", "n00000002": "beta", "n00000003": "gamma"})
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    vit, deit = np.array([1, 1, 1, 0, 2, 2]), np.array([0, 0, 1, 0, 2, 1])  # DeiT: +100 alpha, 0 beta, -50 gamma
+    comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 32, 0.875),
+                      Predictions("DeiT", labels, deit, np.ones(6), 32, 0.875))
+    run = {"run": "ViT", "model": "vit_tiny", "val_top1": 1.0, "val_top5": 2.0, "best_epoch": 0, "last_epoch": 0,
+           "checkpoint_epoch": 0, "params": 1e6, "train_images_per_s": 1.0, "data_path": "s", "img_size": 32}
+    md = report_markdown([run], comp, ("ViT", "DeiT")).splitlines()
+    section = md[md.index("## Where ViT and DeiT differ (6 val images)"):]
+    # the same class on images 2, 3 and 4 (3 of 6); both right on 2 and 4 (2 of 6)
+    assert section[2] == "They predict the same class on 50.0% of the val images; both are right on 33.3%."
+    assert "**Classes DeiT gains most:** alpha (0% → 100%)" in section
+    assert "**Classes DeiT loses most:** gamma (100% → 50%)" in section
+    assert section[-3:] == ["| alpha | n00000001 | 2 | 0.0 | 100.0 | +100.0 |",  # largest gain first
+                            "| beta | n00000002 | 2 | 50.0 | 50.0 | +0.0 |",
+                            "| gamma | n00000003 | 2 | 100.0 | 50.0 | -50.0 |"]
+
+
 def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
     cm = ClassMap.from_labels({"n00000001": "a", "n00000002": "b", "n00000003": "c"})
     labels = np.array([0, 0, 1, 1, 2, 2])

@@ -348,9 +348,11 @@ def test_train_py_with_the_dali_loader_learns_on_cpu(learn_shards, tmp_path):
 
 
 def test_half_precision_output_when_asked(tiny_shards):
-    loader = DaliLoader(tiny_shards, load_manifest(tiny_shards), "val", batch_size=8, img_size=24, workers=1, half=True)
-    x, _ = next(iter(loader))
+    m = load_manifest(tiny_shards)
+    x, _ = next(iter(DaliLoader(tiny_shards, m, "val", batch_size=8, img_size=24, workers=1, half=True)))
+    full, _ = next(iter(DaliLoader(tiny_shards, m, "val", batch_size=8, img_size=24, workers=1, half=False)))
     assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
+    assert full.dtype == torch.float32 and torch.equal(x, full.half())  # the same pixels, rounded to float16
 
 
 @pytest.mark.parametrize("device, amp, half", [("cuda", "auto", True), ("cuda", "bf16", True), ("cuda", "fp16", True),

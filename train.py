@@ -16,9 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-from vitdeit.config import parse_args
-from vitdeit.errors import VitdeitError
-from vitdeit.trainer import evaluate_checkpoint, train
+import vitdeit
+
+vitdeit.use_cuda_connections()  # before any import can reach CUDA (vitdeit.CUDA_CONNECTIONS says why)
+
+from vitdeit.config import parse_args  # noqa: E402
+from vitdeit.errors import VitdeitError  # noqa: E402
+from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import vitdeit  # noqa: E402
+
+vitdeit.use_cuda_connections()  # as train.py: before torch can touch the GPU
+
 import torch  # noqa: E402
 
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
@@ -56,7 +60,8 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")}
     for mod in ("torchvision", "timm", "PIL", "nvidia.dali"):
         try:
             info[mod] = __import__(mod, fromlist=["_"]).__version__
@@ -732,7 +737,8 @@ def print_tables(r: dict) -> None:
           f"DALI {m['nvidia.dali']}, commit {str(m['git_commit'])[:10]}; {r['images']['count']} images, "
           f"mean {r['images']['mean_kb']:.0f} KB; img {r['settings']['img_size']} px, "
           f"batch {r['settings']['batch_size']}"
-          + "".join(f", {s}" for s in step_switches(r["settings"])))
+          + "".join(f", {s}" for s in step_switches(r["settings"]))
+          + (f", CUDA connections {m.get('cuda_device_max_connections')}" if m["gpu"] else ""))
     if r.get("seconds"):
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     if "packing" in r:

@@ -245,13 +245,14 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                             f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
-    workers = cfg.decode_workers
+    workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
                f"{dist.world} process(es) on {device.type}, loader {train_loader.name} "
                f"({workers} worker{'s' * (workers != 1)}), amp {AMP_NAME[amp_dtype]}, "
                f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
-               f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}, global batch "
+               f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
+               f"{f', CUDA connections {connections}' if device.type == 'cuda' else ''}, global batch "
                f"{global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")

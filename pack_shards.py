@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                    help="re-encode images whose shorter side exceeds S px down to S (default: keep originals)")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
                    help="JPEG quality of re-encoded images (default: %(default)s)")
-    p.add_argument(SKIP_FLAG, action="store_true", help="skip unreadable images (listed in manifest.json)")
+    p.add_argument(SKIP_FLAG, action="store_true", help="skip files that are not readable images (listed in manifest.json)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes (default: %(default)s, the cores up to 8)")
     a = p.parse_args(argv)
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json {have} no {split} images: "
                   f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
     if m["skipped"]:
-        print(f"skipped {len(m['skipped'])} unreadable files (listed in {a.out}/manifest.json)")
+        print(f"skipped {len(m['skipped'])} files that are not readable images (listed in {a.out}/manifest.json)")
     if m["converted"]:
         print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the "
               f"manifest)")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, small_dataset
+from vitdeit import distill
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
@@ -643,9 +644,11 @@ def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cp
     marks, compiled, compile_ = [], [], torch.compile
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append((type(m).__name__, k)) or compile_(m, **k))
-    casts = autocast_spy(monkeypatch)
+    casts, teacher_dtypes, hard = autocast_spy(monkeypatch), set(), distill.hard_distillation
+    monkeypatch.setattr(distill, "hard_distillation", lambda s, t: teacher_dtypes.add(t.dtype) or hard(s, t))
     last = train(cfg_for(learn_shards, tmp_path, teacher_ckpt=os.path.join(tcfg.output_dir, "teacher", "best.pth"),
                          epochs=1, lr=0.003, model_ema=True, **kw))
+    assert teacher_dtypes == {torch.float32}  # the compiled teacher's logits, under bf16 autocast (FullPrecisionLinear)
     steps = load_manifest(learn_shards)["splits"]["train"]["num_samples"] // 32  # batch 32, the last one dropped
     assert len(marks) == steps  # one new step for the graphs per training step
     assert compiled == [("VisionTransformerDistilled", {"mode": "reduce-overhead"}),

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import get_type_hints
 
 from .errors import SettingError
@@ -220,7 +220,7 @@ def saved_setting(config: dict, key: str):
     if key in config:
         return config[key]
     f = next(f for f in fields(Config) if f.name == key)
-    return f.default if f.default is not MISSING else f.default_factory()
+    return f.default
 
 
 def _rand_augment_ok(spec: str) -> bool:
@@ -281,7 +281,7 @@ def parse_args(argv=None, description: str = "") -> Config:
     p.add_argument("--config", default=None, help="JSON file of config values; flags override it")
     for f in fields(Config):
         t = hints[f.name]
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = f.default
         kind = _parse_bool if t is bool else t
         p.add_argument(flag(f.name), type=kind, default=None, metavar=t.__name__.upper(),
                        nargs="?" if t is bool else None, const=True if t is bool else None,

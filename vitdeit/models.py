@@ -106,7 +106,8 @@ class FullPrecisionLinear(nn.Linear):
 
 
 def full_precision_head(fc: nn.Linear) -> FullPrecisionLinear:
-    head = FullPrecisionLinear(fc.in_features, fc.out_features)
+    head = nn.utils.skip_init(FullPrecisionLinear, fc.in_features, fc.out_features, bias=fc.bias is not None,
+                              device=fc.weight.device, dtype=fc.weight.dtype)  # no random init, no RNG draw
     head.load_state_dict(fc.state_dict())
     return head
 

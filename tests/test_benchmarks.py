@@ -287,12 +287,14 @@ def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_
             throughput.main(flags)
         assert message in capsys.readouterr().err
     result = {"machine": {"cpu": "c", "cpu_count": 1, "gpu": "g", "torch": "t", "timm": "m", "nvidia.dali": None,
-                          "git_commit": None}, "images": {"count": 1, "mean_kb": 1.0},
+                          "git_commit": None, "cuda_device_max_connections": "32"},
+              "images": {"count": 1, "mean_kb": 1.0},
               "settings": {"img_size": 224, "batch_size": 256, "compile_mode": "reduce-overhead",
                            "step_stream": "default"}}
     throughput.print_tables(result)
     header = capsys.readouterr().out.strip()
-    assert header.endswith("batch 256, compile-mode reduce-overhead")  # non-defaults only
+    # the step's switches that are not at their defaults, then (on a GPU) CUDA's hardware queues
+    assert header.endswith("batch 256, compile-mode reduce-overhead, CUDA connections 32")
 
 
 def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_mean(monkeypatch):

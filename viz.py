@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vitdeit.config import default_workers
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError
 from vitdeit.report import make_all
@@ -31,10 +32,13 @@ def main(argv=None) -> int:
                    help="report.md, report.json and curves.png (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="only the picture")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU where there is one")
-    p.add_argument("--workers", type=int, default=2, help="val decode processes (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="val decode processes; -1: this machine's share of its "
+                   "cores, as train.py's (default: %(default)s)")
     a = p.parse_args(argv)
-    if a.workers < 0:
-        p.error(f"--workers {a.workers}: must be >= 0 (0: load in the main process)")
+    if a.workers < -1:
+        p.error(f"--workers {a.workers}: must be >= 0 (0: load in the main process), or -1 for this machine's share "
+                f"of its cores")
+    workers = default_workers() if a.workers == -1 else a.workers
     from matplotlib.backend_bases import FigureCanvasBase
 
     kinds = FigureCanvasBase.get_supported_filetypes()  # checked now, not after the whole val pass
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
                 f"({', '.join(sorted(kinds))})")
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
-                     None if a.no_report else a.report_dir, resolve_device(a.device), a.workers)
+                     None if a.no_report else a.report_dir, resolve_device(a.device), workers)
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -271,9 +271,18 @@ def test_a_labels_json_in_latin_1_is_a_data_error_naming_it(tmp_path):
         load_labels(path)
 
 
+def test_viz_workers_minus_one_is_this_machines_share_as_in_train(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(viz, "default_workers", lambda: 5)
+    monkeypatch.setattr(viz, "make_all", lambda *a: seen.append(a[-1]) or {"notes": [], "figure": "p.png"})
+    for given in ("-1", "3"):
+        assert viz.main(["--workers", given, "--out", str(tmp_path / "p.png"), "--no-report"]) == 0
+    assert seen == [5, 3]  # make_all's last argument: the val loader's workers
+
+
 @pytest.mark.parametrize("flags, said", [(["--out", "picture"], "--out picture: end it in one of matplotlib's"),
                                          (["--out", "p.txt"], "--out p.txt: end it in one of matplotlib's"),
-                                         (["--workers", "-1"], "--workers -1: must be >= 0")])
+                                         (["--workers", "-2"], "--workers -2: must be >= 0")])
 def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_work(flags, said, capsys, monkeypatch):
     monkeypatch.setattr(viz, "make_all", lambda *a: pytest.fail("predicted before checking its flags"))
     with pytest.raises(SystemExit) as e:

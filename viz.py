@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitdeit.config import default_workers
+from vitdeit.config import resolve_workers
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError
 from vitdeit.report import make_all
@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     if a.workers < -1:
         p.error(f"--workers {a.workers}: must be >= 0 (0: load in the main process), or -1 for this machine's share "
                 f"of its cores")
-    workers = default_workers() if a.workers == -1 else a.workers
     from matplotlib.backend_bases import FigureCanvasBase
 
     kinds = FigureCanvasBase.get_supported_filetypes()  # checked now, not after the whole val pass
@@ -47,7 +46,8 @@ def main(argv=None) -> int:
                 f"({', '.join(sorted(kinds))})")
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
-                     None if a.no_report else a.report_dir, resolve_device(a.device), workers)
+                     None if a.no_report else a.report_dir, resolve_device(a.device),
+                     resolve_workers(a.workers))
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -273,7 +273,9 @@ def test_a_labels_json_in_latin_1_is_a_data_error_naming_it(tmp_path):
 
 def test_viz_workers_minus_one_is_this_machines_share_as_in_train(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(viz, "default_workers", lambda: 5)
+    from vitdeit import config
+
+    monkeypatch.setattr(config, "default_workers", lambda: 5)
     monkeypatch.setattr(viz, "make_all", lambda *a: seen.append(a[-1]) or {"notes": [], "figure": "p.png"})
     for given in ("-1", "3"):
         assert viz.main(["--workers", given, "--out", str(tmp_path / "p.png"), "--no-report"]) == 0

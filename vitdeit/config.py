@@ -51,6 +51,11 @@ def default_workers() -> int:
     return max(1, min(8, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) - 1))
 
 
+def resolve_workers(workers: int) -> int:
+    """A --workers value as it runs here: -1 is default_workers(), resolved on this machine (train.py and viz.py)."""
+    return default_workers() if workers == -1 else workers
+
+
 @dataclass
 class Config:
     # --- data
@@ -204,7 +209,7 @@ class Config:
     def decode_workers(self) -> int:
         """--workers, -1 resolved on this machine: a saved config keeps -1, so `--config` of a run from a laptop
         does not hold a 16-core node to the laptop's 1 worker."""
-        return default_workers() if self.workers == -1 else self.workers
+        return resolve_workers(self.workers)
 
     @property
     def name(self) -> str:

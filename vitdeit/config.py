@@ -76,8 +76,9 @@ class Config:
     # 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
     dali_hw_decoder_load: float = 1.0  # DALI on a GPU: share of JPEGs for the hardware JPEG engines (A100/H100/H200)
     # dynamic, DALI 2's default, hands its outputs to PyTorch without a copy (DLPack), and frees each one in a DALI
-    # thread after a cudaDeviceSynchronize, which waits for all queued GPU work, the training step's too; legacy
-    # copies each batch into PyTorch's own tensors on the step's stream (~77 MB at 256 x 224 px, fp16) instead
+    # thread after a cudaDeviceSynchronize; legacy copies each batch into PyTorch's own tensors on the step's stream
+    # (~77 MB at 256 x 224 px, fp16) instead. On an H200 legacy was no faster (0.67-0.91 of the step against
+    # 0.69-0.93, BENCHMARKS.md, 2026-12-04): what held DALI back beside CUDA graphs was CUDA's hardware queues
     dali_executor: str = "dynamic"  # DALI's execution model: dynamic (zero-copy) | legacy (a copy on the step's stream)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)

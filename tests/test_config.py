@@ -72,6 +72,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"compile_mode": "reduce-overhead", "compile": "off"}, "--compile-mode reduce-overhead with --compile off: "
      "nothing is compiled"),
     ({"dali_executor": "exec2"}, "--dali-executor 'exec2': choose dynamic or legacy"),
+    ({"dali_prefetch": 0}, r"--dali-prefetch 0: must be >= 1 \(DALI's default: 2\)"),
     ({"step_stream": "low"}, "--step-stream 'low': choose default, side, high"),
     ({"step_stream": "high", "device": "cpu"}, "--step-stream high with --device cpu: a CUDA stream"),
 ])

@@ -260,9 +260,10 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
     assert torch.equal(r1[1], e1[1]) and torch.equal(r2[1], e2[1])  # with the same crops and flips
 
 
-def test_the_legacy_executor_draws_the_dynamic_ones_batches_and_continues_from_its_state(tiny_shards):
-    """--dali-executor legacy changes how DALI runs and hands batches over, not what it draws: the same samples, crops
-    and flips, and a run saved with one executor resumes with the other."""
+@pytest.mark.parametrize("how", [dict(executor="legacy"), dict(prefetch=1), dict(prefetch=4)])
+def test_the_executor_and_prefetch_depth_change_neither_the_batches_nor_where_a_saved_state_goes_on(tiny_shards, how):
+    """--dali-executor legacy and --dali-prefetch change how DALI runs and hands batches over, not what it draws: the
+    same samples, crops and flips, and a run saved with the defaults resumes with either."""
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True)
 
@@ -270,13 +271,16 @@ def test_the_legacy_executor_draws_the_dynamic_ones_batches_and_continues_from_i
         batches = list(loader)
         return [k for _, _, b in batches for k in b], torch.cat([x for x, _, _ in batches])
 
-    dynamic, legacy = (DaliLoader(tiny_shards, m, "train", executor=e, **kw) for e in ("dynamic", "legacy"))
-    assert dynamic.pipe.exec_dynamic and not legacy.pipe.exec_dynamic
-    d1, l1 = epoch(dynamic), epoch(legacy)
-    assert d1[0] == l1[0] and torch.equal(d1[1], l1[1])
-    saved = dynamic.state()
-    d2 = epoch(dynamic)
-    restored = DaliLoader(tiny_shards, m, "train", state=saved, executor="legacy", **kw)
+    default, other = DaliLoader(tiny_shards, m, "train", **kw), DaliLoader(tiny_shards, m, "train", **how, **kw)
+    assert default.pipe.exec_dynamic and other.pipe.exec_dynamic == (how.get("executor", "dynamic") == "dynamic")
+    assert (default.pipe.prefetch_queue_depth, other.pipe.prefetch_queue_depth) == (2, how.get("prefetch", 2))
+    assert other.decoded_ahead == how.get("prefetch", 2)  # what the benchmark's windows skip
+    d1, o1 = epoch(default), epoch(other)
+    assert d1[0] == o1[0] and torch.equal(d1[1], o1[1])
+    next(iter(default))  # saved a batch into an epoch: the prefetched batches after it are not the state's
+    saved = default.state()
+    d2 = epoch(default)
+    restored = DaliLoader(tiny_shards, m, "train", state=saved, **how, **kw)
     assert restored.restored
     r2 = epoch(restored)
     assert r2[0] == d2[0] != d1[0] and torch.equal(r2[1], d2[1])
@@ -365,11 +369,12 @@ def test_build_loader_asks_dali_for_16_bit_images_only_where_autocast_runs_16_bi
     made = []
     monkeypatch.setattr(dali_loader, "DaliLoader", lambda *a, **k: made.append(k) or k)  # builds nothing: no GPU here
     cfg = Config(data_path=str(tiny_shards), loader="dali", workers=1, img_size=32, batch_size=8, amp=amp,
-                 dali_executor="legacy")
+                 dali_executor="legacy", dali_prefetch=3)
     for split in ("train", "val"):
         build_loader(cfg, load_manifest(tiny_shards), split, Dist(device=torch.device(device)))
     assert [k["half"] for k in made] == [half, half]
     assert [k["executor"] for k in made] == ["legacy", "legacy"]  # --dali-executor reaches both
+    assert [k["prefetch"] for k in made] == [3, 3]  # and --dali-prefetch
 
 
 @pytest.mark.filterwarnings("ignore:.*train shard")

@@ -80,6 +80,9 @@ class Config:
     # (~77 MB at 256 x 224 px, fp16) instead. On an H200 legacy was no faster (0.67-0.91 of the step against
     # 0.69-0.93, BENCHMARKS.md, 2026-12-04): what held DALI back beside CUDA graphs was CUDA's hardware queues
     dali_executor: str = "dynamic"  # DALI's execution model: dynamic (zero-copy) | legacy (a copy on the step's stream)
+    # batches DALI prepares ahead of the one in use (DALI's prefetch_queue_depth), each a batch of decoded images in
+    # GPU memory (~77 MB at 256 x 224 px, fp16); more can absorb uneven decode times (not measured yet to help)
+    dali_prefetch: int = 2  # DALI: batches decoded ahead (DALI's default, 2)
     # --- model
     model: str = "vit_tiny"  # vit_tiny | deit_tiny_distill | resnet18 (the teacher, trained here)
     patch_size: int = 16  # px; ViT/DeiT only (small images want small patches: 32 px -> 4)
@@ -171,6 +174,7 @@ class Config:
              f"channel (a 1x1 map of one image) and cannot train; use --batch-size >= 2 or --img-size > 32")
         need(self.dali_executor in DALI_EXECUTORS,
              f"--dali-executor {self.dali_executor!r}: choose {' or '.join(DALI_EXECUTORS)}")
+        need(self.dali_prefetch >= 1, f"--dali-prefetch {self.dali_prefetch}: must be >= 1 (DALI's default: 2)")
         need(0 <= self.dali_hw_decoder_load <= 1,
              f"--dali-hw-decoder-load {self.dali_hw_decoder_load}: must be in [0, 1]")
         for name in ("crop_scale_min", "crop_pct"):  # fractions of the image: its area, its side

@@ -126,7 +126,8 @@ def recipe_changes(saved: dict, cfg: Config) -> list[str]:
     """This invocation's settings that differ from the resumed run's, as flags (not those that only say where the
     run writes and how it shows progress); a run saved before a setting existed had its default."""
     # (how it runs, not what it computes: where it writes, progress, and the speed switches)
-    quiet = ("workers", "progress", "output_dir", "run_name", "compile_mode", "step_stream", "dali_executor")
+    quiet = ("workers", "progress", "output_dir", "run_name", "compile_mode", "step_stream", "dali_executor",
+             "dali_prefetch")
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
             if k not in quiet and saved_setting(saved, k) != v]
 

@@ -127,7 +127,8 @@ def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = No
         # float16 straight out of DALI where autocast will run the model in 16 bits anyway; float32 otherwise
         half = dist.device.type == "cuda" and cfg.amp != "off"
         return DaliLoader(cfg.data_path, manifest, split, half=half, state=state,
-                          hw_decoder_load=cfg.dali_hw_decoder_load, executor=cfg.dali_executor, **kwargs)
+                          hw_decoder_load=cfg.dali_hw_decoder_load, executor=cfg.dali_executor,
+                          prefetch=cfg.dali_prefetch, **kwargs)
     from .torch_loader import TorchLoader
 
     return TorchLoader(cfg.data_path, manifest, split, **kwargs)

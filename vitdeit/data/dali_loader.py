@@ -20,14 +20,13 @@ from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
 KEY_BYTES = 512
-PREFETCH = 2  # batches DALI decodes ahead of the one being used, across the end of an epoch too (auto_reset)
 
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
               with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float,
               interpolation: str, rand_augment: RandAugmentSpec | None = None, copies: int = 1,
-              executor: str = "dynamic"):
+              executor: str = "dynamic", prefetch: int = 2):
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
@@ -38,7 +37,7 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
     # crops and flips for the same batch position (the reader's tar order keeps `seed` itself, set below)
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=(seed + 1_000_003 * shard_id) % 2**31,
-                  prefetch_queue_depth=PREFETCH, enable_checkpointing=train, checkpoint=checkpoint,
+                  prefetch_queue_depth=prefetch, enable_checkpointing=train, checkpoint=checkpoint,
                   exec_dynamic=executor == "dynamic",  # (Config.dali_executor says what the two do)
                   enable_conditionals=rand_augment is not None)  # RandAugment picks an op per image with `if`
     def pipe():
@@ -115,19 +114,19 @@ class DaliLoader:
     """
 
     name = "dali"
-    decoded_ahead = PREFETCH  # an epoch's first batches, decoded as soon as the previous epoch ended (benchmarks)
 
     def __init__(self, shards_dir, manifest, split: str, batch_size: int, img_size: int, rank: int = 0,
                  world: int = 1, workers: int = 4, device="cpu", seed: int = 0, rand_augment: str | None = None,
                  repeats: int = 1, crop_pct: float = 0.875, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN,
                  std=STD, with_keys: bool = False, half: bool | None = None, state: dict | None = None,
                  hw_decoder_load: float = Config.dali_hw_decoder_load, interpolation: str = Config.interpolation,
-                 executor: str = Config.dali_executor):
+                 executor: str = Config.dali_executor, prefetch: int = Config.dali_prefetch):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
         settings (`restored` says whether it did); otherwise the sample stream starts afresh. hw_decoder_load: on a
         GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load). executor:
-        DALI's execution model, dynamic or legacy (Config.dali_executor)."""
+        DALI's execution model, dynamic or legacy (Config.dali_executor). prefetch: batches DALI decodes ahead of the
+        one in use, across the end of an epoch too (auto_reset; Config.dali_prefetch)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         spec = RandAugmentSpec.parse(rand_augment) if rand_augment and split == "train" else None
@@ -153,6 +152,7 @@ class DaliLoader:
         # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
         self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
         self.batch_size = batch_size
+        self.decoded_ahead = prefetch  # an epoch's first batches, decoded as soon as the previous one ended (benchmarks)
         if self.train:
             self.steps = n // world // batch_size
             if self.steps == 0:
@@ -172,7 +172,7 @@ class DaliLoader:
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
                               hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec,
-                              copies=self.copies, executor=executor)
+                              copies=self.copies, executor=executor, prefetch=prefetch)
         self.pipe.build()
         self.outputs = [f"images{k}" for k in range(self.copies)] + ["labels"] + (["keys"] if with_keys else [])
         # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train

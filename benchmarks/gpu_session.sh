@@ -3,16 +3,17 @@
 # H100/H200 machine (16 cores, no network), after the calls that bring DALI's parts: a lent machine stays warm only
 # ~30 s between calls, and every restart costs 1-2 minutes of the session's 15. In order of what each tells, each
 # step under the time left of BUDGET seconds (default 560; a step whose estimate no longer fits is skipped, and
-# says so), each DALI measurement with both of DALI's execution models (--dali-executor dynamic,legacy):
+# says so), each DALI measurement with two prefetch depths (--dali-prefetch 2,4: train.py's default and a deeper
+# queue; the legacy executor, A/B-tested in two sessions, was no faster):
 #   profile   gpu_check.sh --parts loaders,e2e, 40-step windows, --profile, at the defaults (on a GPU the step as
 #             CUDA graphs): the loaders alone, end to end against the ceiling in turns, and what the GPU does in
 #             one window per unit (benchmarks/traces.py)
 #   launches  the end-to-end part with the step launched kernel by kernel (--compile-mode default, as under DDP) on a
 #             side stream at the highest priority (--step-stream high), the best such setting on 2026-12-04
 #   train     gpu_train.sh: train.py itself, a teacher and then DeiT, 4 epochs each (1 and 3 in the dry run), with the
-#             step's setting and DALI executor that fed the step fastest end to end from DALI's original shards in
-#             the two steps before (another than train.py's defaults must beat them by 3 %), its img/s against that
-#             setting's ceiling; if a switched run fails, once more with the defaults
+#             step's setting and DALI prefetch depth that fed the step fastest end to end from DALI's original
+#             shards in the two steps before (another than train.py's defaults must beat them by 3 %), its img/s
+#             against that setting's ceiling; if a switched run fails, once more with the defaults
 #   side      as launches, on a side stream at the default priority (--step-stream side): is it the priority or
 #             leaving PyTorch's legacy default stream that helps? (the steps before take ~470 s of the 560: it may
 #             be skipped)
@@ -23,8 +24,8 @@
 #   bash benchmarks/gpu_session.sh              # on the GPU machine, in the call that brings DALI's last part
 #   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (~4 minutes on 2 cores)
 #   BUDGET=300 bash benchmarks/gpu_session.sh   # a shorter call: the later steps are skipped
-#   TRAIN_SETTING=launches:legacy bash benchmarks/gpu_session.sh --dry-run   # the train step's setting (STEP:EXECUTOR)
-#                                                                            # chosen, not measured
+#   TRAIN_SETTING=launches:pf4 bash benchmarks/gpu_session.sh --dry-run   # the train step's setting
+#                                                                         # (STEP:pfDEPTH) chosen, not measured
 set -uo pipefail  # not -e: one step failing must leave the others their turn
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -32,7 +33,7 @@ mkdir -p "$OUT"
 BUDGET=${BUDGET:-560}
 WORK=${SESSION_DIR:-/tmp/vitdeit-session}  # each step's own $OUT; tarred into $OUT after every step
 rm -rf "$WORK" && mkdir -p "$WORK"
-EXECUTORS=(--dali-executor dynamic,legacy)
+DEPTHS=(--dali-prefetch 2,4)
 if [ "${1:-}" = "--dry-run" ]; then
   DRY=(--dry-run)
   E2E=(--e2e-unit steps --steps 4 --warmup-steps 1)
@@ -80,18 +81,18 @@ step() {  # step NAME ESTIMATE_S SCRIPT ARGS...: run it if ESTIMATE_S seconds ar
 }
 
 session() {
-  step profile "${EST[0]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts loaders,e2e "${E2E[@]}" "${EXECUTORS[@]}" \
+  step profile "${EST[0]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts loaders,e2e "${E2E[@]}" "${DEPTHS[@]}" \
     --profile "$WORK/profile/profile"
   step launches "${EST[1]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" --compile-mode default \
-    "${HIGH[@]}" "${EXECUTORS[@]}"
+    "${HIGH[@]}" "${DEPTHS[@]}"
   local best rates train
-  read -r best rates < <(python3 benchmarks/pick_setting.py "$WORK" profile launches || echo profile:dynamic)
+  read -r best rates < <(python3 benchmarks/pick_setting.py "$WORK" profile launches || echo profile:pf2)
   best=${TRAIN_SETTING:-$best}
   case ${best%%:*} in
     launches) train=("${TRAIN_LAUNCHES[@]}") ;;
     *) train=() ;;
   esac
-  [ "${best#*:}" = legacy ] && train+=(--dali-executor legacy)
+  [ "${best#*:}" = pf2 ] || train+=(--dali-prefetch "${best#*:pf}")
   echo "== end to end from shards_dali: ${rates:-none measured}; train.py runs with the setting of '$best'" \
     "(${train[*]:-its defaults})"
   # train.py's rate against the step run the same way: that step's ceiling (gpu_train.sh reads it from BENCH_DIR)
@@ -105,7 +106,7 @@ session() {
     step train "${EST[2]}" benchmarks/gpu_train.sh "${DRY[@]}" "${EPOCHS[@]}"
   fi
   step side "${EST[3]}" benchmarks/gpu_check.sh "${DRY[@]}" --parts e2e "${E2E[@]}" --compile-mode default \
-    "${SIDE[@]}" "${EXECUTORS[@]}"
+    "${SIDE[@]}" "${DEPTHS[@]}"
   pack
 }
 

@@ -1,9 +1,10 @@
-"""Which GPU-step setting gpu_session.sh runs train.py with: STEP:EXECUTOR of the fastest end-to-end rate from DALI's
-original shards among the session's steps, train.py's defaults (profile:dynamic) unless another is 3 % faster.
+"""Which GPU-step setting gpu_session.sh runs train.py with: STEP:pfDEPTH (the step's launch setting, DALI's prefetch
+depth) of the fastest end-to-end rate from DALI's original shards among the session's steps, train.py's defaults
+(profile:pf2) unless another is 3 % faster.
 
     python3 benchmarks/pick_setting.py SESSION_DIR [STEP ...]   # default steps: profile launches
 
-Prints the choice, then every rate found ("profile:dynamic 9535 img/s ..."). The Python standard library only: it
+Prints the choice, then every rate found ("profile:pf2 9535 img/s ..."). The Python standard library only: it
 runs before anything is installed, with any python3.
 """
 
@@ -14,22 +15,22 @@ import re
 import sys
 from pathlib import Path
 
-DEFAULT = "profile:dynamic"  # gpu_session.sh's profile step runs train.py's defaults
+DEFAULT = "profile:pf2"  # gpu_session.sh's profile step runs train.py's defaults (--dali-prefetch 2)
 MARGIN = 1.03  # another setting must beat the defaults by this much: rates move ~2 % from round to round
 
 
 def rates(session: Path, steps: list[str]) -> dict[str, float]:
-    """{"STEP:EXECUTOR": images/s} of the DALI rows on the original shards in each STEP/throughput.json there."""
+    """{"STEP:pfDEPTH": images/s} of the DALI rows on the original shards in each STEP/throughput.json there."""
     found = {}
     for step in steps:
         try:
             rows = json.loads((session / step / "throughput.json").read_text())["end_to_end"]
         except (OSError, ValueError, KeyError):
             continue  # the step failed or was skipped
-        for r in rows:  # shards_dali(_cpu), "@dynamic"/"@legacy" where both ran; not the pre-resized shards
-            m = re.fullmatch(r"shards_dali(?:_cpu)?(?:@(dynamic|legacy))?", r["loader"])
+        for r in rows:  # shards_dali(_cpu), "@pfDEPTH" where several ran; not the pre-resized shards
+            m = re.fullmatch(r"shards_dali(?:_cpu)?(?:@pf(\d+))?", r["loader"])
             if m:
-                found[f"{step}:{m[1] or 'dynamic'}"] = r["images_per_s"]
+                found[f"{step}:pf{m[1] or 2}"] = r["images_per_s"]
     return found
 
 

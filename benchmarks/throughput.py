@@ -117,28 +117,30 @@ def epoch_seconds(loader, sync) -> tuple[int, float]:
 
 
 def shard_loader(a, sdir: Path, backend: str, workers: int, device,
-                 hw_decoder_load: float = Config.dali_hw_decoder_load, executor: str = Config.dali_executor):
+                 hw_decoder_load: float = Config.dali_hw_decoder_load, executor: str = Config.dali_executor,
+                 prefetch: int = Config.dali_prefetch):
     """The project's train loader on the shards in `sdir`, as train.py builds it, at the benchmark's sizes."""
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
                  loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load, interpolation=a.interpolation,
-                 rand_augment=a.rand_augment, dali_executor=executor)
+                 rand_augment=a.rand_augment, dali_executor=executor, dali_prefetch=prefetch)
     return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
 
 
 def shard_loaders(a, shard_dirs: dict, workers: int, device):
     """(name, shard-set label, loader) for every shard set x backend: shards_torch, shards_dali(_cpu), each +
-    _resized; DALI once per --dali-hw-decoder-load value (on a GPU) and --dali-executor, named with "@hwVALUE" and
-    "@EXECUTOR" where there are several."""
+    _resized; DALI once per --dali-hw-decoder-load value (on a GPU), --dali-executor and --dali-prefetch, named with
+    "@hwVALUE", "@EXECUTOR" and "@pfDEPTH" where there are several."""
     # the CPU decoder has no hardware share
     loads = a.dali_hw_decoder_load if device.type == "cuda" else [Config.dali_hw_decoder_load]
-    executors = a.dali_executor
     for label, sdir in shard_dirs.items():
         suffix = "_resized" if label != "original" else ""
         yield "shards_torch" + suffix, label, shard_loader(a, sdir, "torch", workers, device)
-        for hw, ex in itertools.product(loads, executors) if dali_available() and a.dali else []:
+        variants = itertools.product(loads, a.dali_executor, a.dali_prefetch) if dali_available() and a.dali else []
+        for hw, ex, pf in variants:
             name = "shards_dali" + ("_cpu" if device.type == "cpu" else "") + suffix
-            yield (name + (f"@hw{hw:g}" if len(loads) > 1 else "") + (f"@{ex}" if len(executors) > 1 else ""), label,
-                   shard_loader(a, sdir, "dali", workers, device, hw, ex))
+            yield (name + (f"@hw{hw:g}" if len(loads) > 1 else "") + (f"@{ex}" if len(a.dali_executor) > 1 else "")
+                   + (f"@pf{pf}" if len(a.dali_prefetch) > 1 else ""), label,
+                   shard_loader(a, sdir, "dali", workers, device, hw, ex, pf))
 
 
 def dali_error(a, sdir: Path, device) -> str | None:
@@ -532,6 +534,17 @@ def executors(text: str) -> list[str]:
     return values
 
 
+def depths(text: str) -> list[int]:
+    """argparse type: comma-separated DALI prefetch depths >= 1 (Config.dali_prefetch)."""
+    try:
+        values = list(dict.fromkeys(int(v) for v in text.split(",")))  # a repeated one: one loader
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated whole numbers >= 1, e.g. 2,4")
+    return values
+
+
 def worker_counts(text: str) -> str:
     """argparse type: comma-separated worker counts >= 0 (kept as given: the JSON's settings hold the text)."""
     try:
@@ -590,6 +603,9 @@ def main(argv=None) -> int:
     p.add_argument("--dali-executor", type=executors, default=[Config.dali_executor], metavar="EXECUTORS",
                    help="comma-separated DALI execution models (train.py's --dali-executor); one DALI row per value "
                    "(e.g. dynamic,legacy)")
+    p.add_argument("--dali-prefetch", type=depths, default=[Config.dali_prefetch], metavar="DEPTHS",
+                   help="comma-separated DALI prefetch depths, batches decoded ahead (train.py's --dali-prefetch); one "
+                   "DALI row per value (e.g. 2,4)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="end to end: after the timed rounds, one more window of --steps steps per unit under "

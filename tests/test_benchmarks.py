@@ -127,7 +127,7 @@ def test_rand_augment_reaches_every_loader_of_the_comparison(tiny_shards):
     assert shard_loader(a, tiny_shards, "dali", 1, torch.device("cpu")).settings["rand_augment"] == spec
 
 
-def test_a_hardware_decoder_or_executor_sweep_gives_one_named_dali_loader_per_value_on_cuda(monkeypatch):
+def test_a_hardware_decoder_executor_or_prefetch_sweep_gives_one_named_dali_loader_per_value_on_cuda(monkeypatch):
     import argparse
 
     import torch
@@ -136,10 +136,11 @@ def test_a_hardware_decoder_or_executor_sweep_gives_one_named_dali_loader_per_va
 
     built = []
     monkeypatch.setattr(throughput, "dali_available", lambda: True)
-    monkeypatch.setattr(throughput, "shard_loader", lambda a, sdir, backend, workers, device, hw=0.65, ex="dynamic":
-                        built.append((sdir, backend, hw, ex)) or len(built))
-    dynamic = [throughput.Config.dali_executor]
-    a = argparse.Namespace(dali=True, dali_hw_decoder_load=throughput.fractions("0,1"), dali_executor=dynamic)
+    monkeypatch.setattr(throughput, "shard_loader", lambda a, sdir, backend, workers, device, hw=0.65, ex="dynamic",
+                        pf=2: built.append((sdir, backend, hw, ex) + ((pf,) if pf != 2 else ())) or len(built))
+    dynamic, two = [throughput.Config.dali_executor], [throughput.Config.dali_prefetch]
+    a = argparse.Namespace(dali=True, dali_hw_decoder_load=throughput.fractions("0,1"), dali_executor=dynamic,
+                           dali_prefetch=two)
     dirs = {"original": "o", "resize_short=256": "r"}
     names = [name for name, _, _ in throughput.shard_loaders(a, dirs, 4, torch.device("cuda"))]
     assert names == ["shards_torch", "shards_dali@hw0", "shards_dali@hw1",
@@ -147,13 +148,19 @@ def test_a_hardware_decoder_or_executor_sweep_gives_one_named_dali_loader_per_va
     assert built == [("o", "torch", 0.65, "dynamic"), ("o", "dali", 0.0, "dynamic"), ("o", "dali", 1.0, "dynamic"),
                      ("r", "torch", 0.65, "dynamic"), ("r", "dali", 0.0, "dynamic"), ("r", "dali", 1.0, "dynamic")]
     built.clear()  # the executors: in the order given, a repeated one once
-    ex = argparse.Namespace(dali=True, dali_hw_decoder_load=[1.0], dali_executor=throughput.executors("legacy,dynamic,"
-                                                                                                      "legacy"))
+    ex = argparse.Namespace(dali=True, dali_hw_decoder_load=[1.0], dali_prefetch=two,
+                            dali_executor=throughput.executors("legacy,dynamic,legacy"))
     assert [n for n, _, _ in throughput.shard_loaders(ex, {"original": "o"}, 4, torch.device("cuda"))] == [
         "shards_torch", "shards_dali@legacy", "shards_dali@dynamic"]
     assert built == [("o", "torch", 0.65, "dynamic"), ("o", "dali", 1.0, "legacy"), ("o", "dali", 1.0, "dynamic")]
+    built.clear()  # the prefetch depths likewise
+    pf = argparse.Namespace(dali=True, dali_hw_decoder_load=[1.0], dali_executor=dynamic,
+                            dali_prefetch=throughput.depths("4,2,4"))
+    assert [n for n, _, _ in throughput.shard_loaders(pf, {"original": "o"}, 4, torch.device("cuda"))] == [
+        "shards_torch", "shards_dali@pf4", "shards_dali@pf2"]
+    assert built == [("o", "torch", 0.65, "dynamic"), ("o", "dali", 1.0, "dynamic", 4), ("o", "dali", 1.0, "dynamic")]
     one = argparse.Namespace(dali=True, dali_hw_decoder_load=[throughput.Config.dali_hw_decoder_load],
-                             dali_executor=dynamic)  # one value of each: the plain names
+                             dali_executor=dynamic, dali_prefetch=two)  # one value of each: the plain names
     assert [n for n, _, _ in throughput.shard_loaders(one, dirs, 4, torch.device("cuda"))] == [
         "shards_torch", "shards_dali", "shards_torch_resized", "shards_dali_resized"]
     assert throughput.fractions("0.65,0.65,1") == [0.65, 1.0]  # a repeated value would name two loaders alike
@@ -163,6 +170,9 @@ def test_a_hardware_decoder_or_executor_sweep_gives_one_named_dali_loader_per_va
     for bad in ("exec2", "dynamic,", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="comma-separated names from dynamic, legacy"):
             throughput.executors(bad)
+    for bad in ("0", "2,x", "1.5", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated whole numbers >= 1"):
+            throughput.depths(bad)
 
 
 def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tmp_path):
@@ -210,7 +220,7 @@ def test_loader_rows_name_their_shard_set_with_or_without_a_hardware_decoder_or_
                              ([0.65], ["legacy"])):
         a = argparse.Namespace(loader_workers="4", workers=4, img_size=32, batch_size=4, interpolation="bilinear",
                                rand_augment="", repeats=1, resize_short=256, dali=True, dali_hw_decoder_load=loads,
-                               dali_executor=executors)
+                               dali_executor=executors, dali_prefetch=[2])
         data.update((r["name"], r["data"]) for r in throughput.bench_loaders(a, Path("unused"), dirs,
                                                                                torch.device("cuda"), lambda: None))
     names = [f"shards_dali{s}" for s in ("@hw0", "@hw1", "@dynamic", "@legacy", "@hw0@legacy", "@hw0@dynamic",
@@ -643,24 +653,24 @@ def test_the_gpu_sessions_train_setting_is_the_fastest_dali_feed_if_3_percent_fa
         (tmp_path / step / "throughput.json").write_text(json.dumps(
             {"end_to_end": [{"loader": name, "images_per_s": rate} for name, rate in rows]}))
 
-    write("profile", [("shards_torch", 5000.0), ("shards_dali@dynamic", 9500.0), ("shards_dali@legacy", 9700.0),
-                      ("shards_dali_resized@legacy", 20000.0)])  # pre-resized shards: not what train.py reads
-    write("launches", [("shards_dali@dynamic", 8000.0), ("shards_dali@legacy", 9800.0)])
-    write("cpu", [("shards_dali_cpu", 50.0)])  # one executor: no suffix, DALI's default
+    write("profile", [("shards_torch", 5000.0), ("shards_dali@pf2", 9500.0), ("shards_dali@pf4", 9700.0),
+                      ("shards_dali_resized@pf4", 20000.0)])  # pre-resized shards: not what train.py reads
+    write("launches", [("shards_dali@pf2", 8000.0), ("shards_dali@pf4", 9800.0)])
+    write("cpu", [("shards_dali_cpu", 50.0)])  # one depth: no suffix, train.py's default
     (tmp_path / "failed").mkdir()  # a step that wrote no JSON
     found = pick_setting.rates(tmp_path, ["profile", "launches", "cpu", "failed", "skipped"])
-    assert found == {"profile:dynamic": 9500.0, "profile:legacy": 9700.0, "launches:dynamic": 8000.0,
-                     "launches:legacy": 9800.0, "cpu:dynamic": 50.0}
-    assert pick_setting.pick(found) == "launches:legacy"  # 9,800 > 1.03 x 9,500 = 9,785
-    assert pick_setting.pick({**found, "launches:legacy": 9780.0}) == "profile:dynamic"  # within 3 %: the defaults
-    assert pick_setting.pick({}) == "profile:dynamic"
+    assert found == {"profile:pf2": 9500.0, "profile:pf4": 9700.0, "launches:pf2": 8000.0,
+                     "launches:pf4": 9800.0, "cpu:pf2": 50.0}
+    assert pick_setting.pick(found) == "launches:pf4"  # 9,800 > 1.03 x 9,500 = 9,785
+    assert pick_setting.pick({**found, "launches:pf4": 9780.0}) == "profile:pf2"  # within 3 %: the defaults
+    assert pick_setting.pick({}) == "profile:pf2"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/pick_setting.py"), str(tmp_path)],
                          capture_output=True, text=True)  # as gpu_session.sh reads it: the choice, then the rates
-    assert run.stdout.split()[:3] == ["launches:legacy", "profile:dynamic", "9500"] and run.returncode == 0
+    assert run.stdout.split()[:3] == ["launches:pf4", "profile:pf2", "9500"] and run.returncode == 0
 
 
 @pytest.mark.parametrize("budget, python, setting", [("1", sys.executable, ""), ("900", "false", ""),
-                                                     ("900", "false", "launches:legacy")])
+                                                     ("900", "false", "launches:pf4")])
 def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_step(tmp_path, budget, python, setting):
     import os
     import tarfile
@@ -679,9 +689,9 @@ def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_ste
         # a train run with a switched setting that fails is followed by one with train.py's defaults
         assert re.findall(r"^== (\w+): exit (\d+) after", log, re.M) == [(s, "1") for s in (
             steps[:3] + ["train"] * bool(setting) + steps[3:])]
-        assert (f"train.py runs with the setting of '{setting or 'profile:dynamic'}' ("
-                f"{'--compile-mode default --dali-executor legacy' if setting else 'its defaults'})") in log
+        assert (f"train.py runs with the setting of '{setting or 'profile:pf2'}' ("
+                f"{'--compile-mode default --dali-prefetch 4' if setting else 'its defaults'})") in log
     assert sorted(os.listdir(tmp_path / "out")) == ["session.log", "session.tar"]  # no traces: no profile.tar
     with tarfile.open(tmp_path / "out/session.tar") as tar:
         names = sorted(n.strip("./") for n in tar.getnames() if n.strip("./"))  # each run step's own folder
-        assert names == ([] if budget == "1" else sorted(steps + (["train-launches-legacy"] if setting else [])))
+        assert names == ([] if budget == "1" else sorted(steps + (["train-launches-pf4"] if setting else [])))

@@ -13,10 +13,16 @@ step count). Inside it, in milliseconds per step:
   too; not a DALI pipeline still decoding ahead from its threads), other kernels: on any other stream (DALI's),
   overlap: both at once;
 - copies: device copies and memsets, any stream, summed;
-- host syncs: the window's own thread inside a CUDA call that waits for the GPU (names with "Synchronize").
+- host syncs: the window's own thread inside a CUDA call that waits for the GPU (names with "Synchronize");
+- step idle: the rest of the wall (wall = step kernels + step idle), by the length of each stretch with no step
+  kernel running: under 15 us (between the kernels of a CUDA graph or a launch queue that keeps ahead), 15-200 us
+  (a kernel held up: another's blocks on the SMs it needs, a short host hiccup), 200 us and over (the step waiting
+  for something: its next batch, the host);
+- other launches: kernels on the other streams, per step (DALI's nvJPEG runs one per hardware-decoded image).
 The step's kernels taking longer than in the ceiling's window means they run slower beside the loader's (shared
 SMs, memory bandwidth); GPU busy well under 1 means the GPU waits for the host (launches, synchronisations); other
-kernels that never overlap the step's add their whole time to it (a stream dependency serialises them).
+kernels that never overlap the step's add their whole time to it (a stream dependency serialises them); idle of
+200 us and over that the ceiling's window lacks is the step waiting for the loader.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from pathlib import Path
 WINDOW = "vitdeit.timed_window"  # + " steps=N": the record_function around a window's timed steps
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # trace categories of work on the device
 HOST_CALLS = ("cuda_runtime", "cuda_driver")  # the host's CUDA API calls, on every thread of the process
+# the step's idle stretches by length, in us: up to a graph's kernel-to-kernel gaps (~0.5 us on an H200), a held-up
+# kernel, a wait (an H200 graph replay of the DeiT step: 909 kernels in 19 ms, its gaps all under 15 us)
+IDLE_BOUNDS = (15.0, 200.0)
+IDLE_NAMES = ("under_15us", "15_to_200us", "200us_and_over")
 
 
 def window_name(steps: int) -> str:
@@ -68,6 +78,17 @@ def overlap(a: list[list[float]], b: list[list[float]]) -> float:
         else:
             j += 1
     return total
+
+
+def idle_by_length(busy: list[list[float]], t0: float, t1: float) -> list[float]:
+    """The time in [t0, t1] outside `busy` (merged(), inside [t0, t1]), summed per IDLE_BOUNDS class of the
+    stretch's length."""
+    edges = [t0] + [t for interval in busy for t in interval] + [t1]  # idle stretches: (edges[2i], edges[2i + 1])
+    out = [0.0] * (len(IDLE_BOUNDS) + 1)
+    for start, end in zip(edges[::2], edges[1::2]):
+        if end > start:
+            out[sum(end - start >= b for b in IDLE_BOUNDS)] += end - start
+    return out
 
 
 def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -> dict:
@@ -119,12 +140,15 @@ def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -
             "other_kernel_ms_per_step": ms(covered(other)), "overlap_ms_per_step": ms(overlap(mine, other)),
             "copy_ms_per_step": ms(sum(end - start for e, start, end in gpu if e["cat"] != "kernel")),
             "host_sync_ms_per_step": ms(sum(c[2] for name, c in calls.items() if "Synchronize" in name)),
+            "step_idle_ms_per_step": dict(zip(IDLE_NAMES, map(ms, idle_by_length(mine, t0, t1)))),
+            "other_kernels_per_step": sum(stream_of(e) not in step_streams for e, _, _ in kernels) / steps,
             "host_calls": [{"name": name, "calls": c[0], "ms_per_step": ms(c[1]), "window_thread_ms_per_step": ms(c[2])}
                            for name, c in sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]]}
 
 
 HEADER = (f"{'profile, ms per step':28s} {'wall':>7s} {'GPU busy':>8s} {'step kernels':>12s} {'other':>7s} "
-          f"{'overlap':>7s} {'copies':>7s} {'host syncs':>10s}")
+          f"{'overlap':>7s} {'copies':>7s} {'host syncs':>10s}   {'step idle: <15us':>16s} {'15-200':>6s} "
+          f"{'>=200':>6s} {'other launches':>14s}")
 
 
 def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
@@ -136,9 +160,11 @@ def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
     step = f"{s['step_kernel_ms_per_step']:.2f}"
     if ceiling is not None and ceiling.get("step_kernel_ms_per_step") and s is not ceiling:
         step += f" x{s['step_kernel_ms_per_step'] / ceiling['step_kernel_ms_per_step']:.2f}"
+    short, held, waits = s["step_idle_ms_per_step"].values()
     return (f"{unit:28s} {s['wall_ms_per_step']:7.2f} {100 * s['gpu_busy_frac']:6.0f} % {step:>12s} "
             f"{s['other_kernel_ms_per_step']:7.2f} {s['overlap_ms_per_step']:7.2f} {s['copy_ms_per_step']:7.2f} "
-            f"{s['host_sync_ms_per_step']:10.2f}")
+            f"{s['host_sync_ms_per_step']:10.2f}   {short:16.2f} {held:6.2f} {waits:6.2f} "
+            f"{s['other_kernels_per_step']:14.1f}")
 
 
 def main(argv: list[str]) -> int:

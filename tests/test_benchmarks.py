@@ -579,11 +579,30 @@ def test_a_traces_summary_clips_to_the_window_and_splits_the_steps_streams_from_
     assert [(c["name"], c["calls"], c["ms_per_step"], c["window_thread_ms_per_step"]) for c in s["host_calls"]] == [
         ("cudaEventSynchronize", 1, 0.05, 0.0), ("cudaStreamSynchronize", 1, 0.025, 0.025),
         ("cudaLaunchKernel", 1, 0.0025, 0.0025)]
+    # the step stream idle in [1400, 1900]: one stretch of 500 us, a wait; stream 20's two kernels in the window
+    assert s["step_idle_ms_per_step"] == pytest.approx({"under_15us": 0, "15_to_200us": 0, "200us_and_over": 0.25})
+    assert s["other_kernels_per_step"] == 1.0
     alone = traces.summary(events)  # no ceiling given: every stream with a kernel is the step's
     assert alone["step_streams"] == [7, 20] and alone["other_kernel_ms_per_step"] == alone["overlap_ms_per_step"] == 0
     assert alone["step_kernel_ms_per_step"] == pytest.approx((500 + 100) / 1000 / 2)  # [1000, 1500] + [1900, 2000]
+    assert alone["step_idle_ms_per_step"]["200us_and_over"] == pytest.approx(0.2) and not alone[
+        "other_kernels_per_step"]  # [1500, 1900]
     with pytest.raises(ValueError, match="2 events named"):  # two windows in one trace: which one is meant?
         traces.summary(events + [events[1]])
+
+
+def test_the_steps_idle_time_is_split_by_the_length_of_each_stretch_and_adds_up_to_the_wall():
+    from benchmarks import traces
+
+    # a window [0, 1000] us: kernels [20, 100], [110, 200], [250, 400], [405, 700]; idle 20 at the start (a kernel
+    # held up), then 10 and 5 (a graph's gaps), 50 (held up), 300 at the end (a wait)
+    busy = traces.merged([(20, 100), (110, 200), (250, 400), (405, 700), (150, 180)])  # the last inside another
+    assert busy == [[20, 100], [110, 200], [250, 400], [405, 700]]
+    assert traces.idle_by_length(busy, 0, 1000) == [15.0, 70.0, 300.0]
+    assert traces.idle_by_length(busy, 0, 1000)[0] + 70 + 300 + traces.covered(busy) == 1000
+    assert traces.idle_by_length([[0, 1000]], 0, 1000) == [0.0, 0.0, 0.0]  # never idle
+    assert traces.idle_by_length([], 0, 199) == [0.0, 199.0, 0.0]  # no kernel at all: one stretch, the window
+    assert traces.idle_by_length([[0, 100]], 0, 300) == [0.0, 0.0, 200.0]  # 200 us and over: a wait
 
 
 def test_the_traces_command_reads_gzipped_traces_and_scales_each_step_by_the_first(tmp_path, capsys):
@@ -599,8 +618,11 @@ def test_the_traces_command_reads_gzipped_traces_and_scales_each_step_by_the_fir
     header, first, second = capsys.readouterr().out.splitlines()
     assert header == traces.HEADER
     # the ceiling's step stream (7) is the loader's step stream too: 0.25 ms/step both, so x1.00; stream 20 is other
-    assert first.split() == ["ceiling", "0.50", "60", "%", "0.25", "0.00", "0.00", "0.05", "0.03"]
-    assert second.split() == ["loader", "0.50", "70", "%", "0.25", "x1.00", "0.12", "0.07", "0.05", "0.03"]
+    # then the step stream's idle (the 500 us in [1400, 1900]: 0.25 ms/step, a wait) and stream 20's launches
+    assert first.split() == ["ceiling", "0.50", "60", "%", "0.25", "0.00", "0.00", "0.05", "0.03", "0.00", "0.00",
+                             "0.25", "0.0"]
+    assert second.split() == ["loader", "0.50", "70", "%", "0.25", "x1.00", "0.12", "0.07", "0.05", "0.03", "0.00",
+                              "0.00", "0.25", "1.0"]
 
 
 def test_the_ceilings_step_streams_are_those_its_own_thread_launched_kernels_on():

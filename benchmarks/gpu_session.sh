@@ -88,6 +88,10 @@ session() {
   local best rates train
   read -r best rates < <(python3 benchmarks/pick_setting.py "$WORK" profile launches || echo profile:pf2)
   best=${TRAIN_SETTING:-$best}
+  if ! [[ $best =~ ^(profile|launches):pf([1-9][0-9]*)$ ]]; then  # a TRAIN_SETTING of another form: the defaults
+    echo "== TRAIN_SETTING '$best' is not STEP:pfDEPTH (STEP profile or launches; e.g. launches:pf4): the defaults"
+    best=profile:pf2
+  fi
   case ${best%%:*} in
     launches) train=("${TRAIN_LAUNCHES[@]}") ;;
     *) train=() ;;

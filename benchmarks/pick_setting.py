@@ -27,7 +27,9 @@ def rates(session: Path, steps: list[str]) -> dict[str, float]:
             rows = json.loads((session / step / "throughput.json").read_text())["end_to_end"]
         except (OSError, ValueError, KeyError):
             continue  # the step failed or was skipped
-        for r in rows:  # shards_dali(_cpu), "@pfDEPTH" where several ran; not the pre-resized shards
+        # shards_dali(_cpu), "@pfDEPTH" where several ran (gpu_session.sh always runs 2 and 4); not the pre-resized
+        # shards, nor rows of other sweeps ("@hw1", "@legacy": gpu_session.sh runs none)
+        for r in rows:
             m = re.fullmatch(r"shards_dali(?:_cpu)?(?:@pf(\d+))?", r["loader"])
             if m:
                 found[f"{step}:pf{m[1] or 2}"] = r["images_per_s"]

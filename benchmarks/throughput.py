@@ -374,8 +374,7 @@ def overlap_bounds(loader_alone: float | None, step_alone: float) -> dict:
 class EpochStream:
     """A loader's batches across epochs, with drain(): finish the current epoch without using its batches. A drained
     PyTorch loader decodes nothing ahead (its workers wait for the next iter()); DALI decodes the next epoch's first
-    `decoded_ahead` batches, which the next window's untimed warm-up steps take (bench_end_to_end: at least that
-    many)."""
+    `decoded_ahead` batches, which the next window takes unused before its warm-up steps (bench_end_to_end)."""
 
     def __init__(self, loader):
         self.loader, self.it = loader, None
@@ -403,7 +402,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
     timings falls on both alike (on an H200 the compiled step alone moved between 9,400 and 12,800 img/s from one
     call to the next). Rates are medians over --repeats rounds. The timed unit (--e2e-unit auto: epoch on CUDA):
     - epoch: a whole epoch from a fresh iterator, start-up included, as training sees it every epoch;
-    - steps: --steps steps after --warmup-steps untimed ones, from a fresh epoch (crossing into the next ones if the
+    - steps: --steps steps after --warmup-steps untimed ones, from a fresh epoch past the batches a loader decoded
+      before its turn (window(): DALI's queue, taken unused before the warm-up; crossing into the next epochs if the
       window is longer), then the rest of that epoch drained untimed, so the loader rests until its next turn. On a
       CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each.
     Returns the rows, and each unit's window of --steps steps (name -> a function running one, the ceiling first),
@@ -430,7 +430,14 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
         return images, time.perf_counter() - t0, waited
 
     def window(batches, drain=lambda: None, ahead: int = 0, n: int = a.steps):
-        for _ in range(max(a.warmup_steps, ahead)):  # untimed, and past any batches decoded before the window
+        # the batches a loader decoded while it rested (DALI: its queue of `ahead`) are taken unused: stepped on, they
+        # would leave the loader refilling its queue at its own pace while the warm-up steps ran, and a window
+        # starting with banked batches times them as free (a 40-step window 2 banked ahead reads ~5 % fast where
+        # the loader is the limit, and a deeper queue faster still). Then the untimed warm-up steps bring the queue
+        # to its steady level: empty where the loader is the limit, full where the step is.
+        for _ in range(ahead):
+            next(batches)
+        for _ in range(a.warmup_steps):
             step(*next(batches)[:2])
         result = steps(batches, n)
         drain()

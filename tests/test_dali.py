@@ -263,7 +263,7 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
 @pytest.mark.parametrize("how", [dict(executor="legacy"), dict(prefetch=1), dict(prefetch=4)])
 def test_the_executor_and_prefetch_depth_change_neither_the_batches_nor_where_a_saved_state_goes_on(tiny_shards, how):
     """--dali-executor legacy and --dali-prefetch change how DALI runs and hands batches over, not what it draws: the
-    same samples, crops and flips, and a run saved with the defaults resumes with either."""
+    same samples, crops and flips, and a run saved with the defaults resumes with either, and the other way round."""
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=2, seed=3, with_keys=True)
 
@@ -284,6 +284,11 @@ def test_the_executor_and_prefetch_depth_change_neither_the_batches_nor_where_a_
     assert restored.restored
     r2 = epoch(restored)
     assert r2[0] == d2[0] != d1[0] and torch.equal(r2[1], d2[1])
+    next(iter(other))  # and saved with the other setting, a batch into its second epoch, resumed with the defaults
+    back = DaliLoader(tiny_shards, m, "train", state=other.state(), **kw)
+    assert back.restored
+    b2, o2 = epoch(back), epoch(other)
+    assert b2[0] == o2[0] == d2[0] and torch.equal(b2[1], o2[1])
 
 
 @pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32),

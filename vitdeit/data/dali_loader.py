@@ -152,7 +152,7 @@ class DaliLoader:
         # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
         self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
         self.batch_size = batch_size
-        self.decoded_ahead = prefetch  # an epoch's first batches, decoded as soon as the previous one ended (benchmarks)
+        self.decoded_ahead = prefetch  # batches decoded ahead, also as soon as an epoch ends (the benchmark's windows)
         if self.train:
             self.steps = n // world // batch_size
             if self.steps == 0:

@@ -156,8 +156,8 @@ def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
     if "error" in s:
         return f"{unit:28s} {s['error']}"
     if s["gpu_busy_frac"] is None:  # no GPU work in the window (a CPU run): the host's time alone
-        return (f"{unit:28s} {s['wall_ms_per_step']:7.2f} {'-':>8s} {'-':>12s} {'-':>7s} {'-':>7s} {'-':>7s} {'-':>10s}   "
-                f"{'-':>16s} {'-':>6s} {'-':>6s} {'-':>14s}")
+        dashes = (8, 12, 7, 7, 7, 10, 19, 6, 6, 14)  # every other column's width (the idle columns' 3 spaces too)
+        return f"{unit:28s} {s['wall_ms_per_step']:7.2f} " + " ".join(f"{'-':>{w}s}" for w in dashes)
     step = f"{s['step_kernel_ms_per_step']:.2f}"
     if ceiling is not None and ceiling.get("step_kernel_ms_per_step") and s is not ceiling:
         step += f" x{s['step_kernel_ms_per_step'] / ceiling['step_kernel_ms_per_step']:.2f}"

@@ -432,9 +432,9 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
     def window(batches, drain=lambda: None, ahead: int = 0, n: int = a.steps):
         # the batches a loader decoded while it rested (DALI: its queue of `ahead`) are taken unused: stepped on, they
         # would leave the loader refilling its queue at its own pace while the warm-up steps ran, and a window
-        # starting with banked batches times them as free (a 40-step window 2 banked ahead reads ~5 % fast where
-        # the loader is the limit, and a deeper queue faster still). Then the untimed warm-up steps bring the queue
-        # to its steady level: empty where the loader is the limit, full where the step is.
+        # starting with banked batches times them as free (simulated at the GPU runs' sizes, DALI the limit at 0.89
+        # of the step: 0.90 read with a queue of 2, 0.95 with 4; BENCHMARKS.md). Then the untimed warm-up steps bring
+        # the queue to its steady level: empty where the loader is the limit, full where the step is.
         for _ in range(ahead):
             next(batches)
         for _ in range(a.warmup_steps):

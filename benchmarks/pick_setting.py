@@ -24,15 +24,17 @@ def rates(session: Path, steps: list[str]) -> dict[str, float]:
     found = {}
     for step in steps:
         try:
-            rows = json.loads((session / step / "throughput.json").read_text())["end_to_end"]
+            result = json.loads((session / step / "throughput.json").read_text())
+            rows = result["end_to_end"]
         except (OSError, ValueError, KeyError):
             continue  # the step failed or was skipped
-        # shards_dali(_cpu), "@pfDEPTH" where several ran (gpu_session.sh always runs 2 and 4); not the pre-resized
-        # shards, nor rows of other sweeps ("@hw1", "@legacy": gpu_session.sh runs none)
+        ran = result.get("settings", {}).get("dali_prefetch", [2])  # the depths the step ran (a JSON without: 2)
+        # shards_dali(_cpu), "@pfDEPTH" where several ran (gpu_session.sh always runs 2 and 4), else the one that
+        # ran; not the pre-resized shards, nor rows of other sweeps ("@hw1", "@legacy": gpu_session.sh runs none)
         for r in rows:
             m = re.fullmatch(r"shards_dali(?:_cpu)?(?:@pf(\d+))?", r["loader"])
             if m:
-                found[f"{step}:pf{m[1] or 2}"] = r["images_per_s"]
+                found[f"{step}:pf{m[1] or ran[0]}"] = r["images_per_s"]
     return found
 
 

@@ -747,7 +747,11 @@ def test_the_gpu_sessions_train_setting_is_the_fastest_dali_feed_if_3_percent_fa
     write("profile", [("shards_torch", 5000.0), ("shards_dali@pf2", 9500.0), ("shards_dali@pf4", 9700.0),
                       ("shards_dali_resized@pf4", 20000.0)])  # pre-resized shards: not what train.py reads
     write("launches", [("shards_dali@pf2", 8000.0), ("shards_dali@pf4", 9800.0)])
-    write("cpu", [("shards_dali_cpu", 50.0)])  # one depth: no suffix, train.py's default
+    write("cpu", [("shards_dali_cpu", 50.0)])  # one depth: no suffix, and no settings: DALI's default, 2
+    write("deep", [("shards_dali", 60.0)])  # one depth, the one its settings name
+    json_path = tmp_path / "deep" / "throughput.json"
+    json_path.write_text(json.dumps({**json.loads(json_path.read_text()), "settings": {"dali_prefetch": [4]}}))
+    assert pick_setting.rates(tmp_path, ["deep"]) == {"deep:pf4": 60.0}
     (tmp_path / "failed").mkdir()  # a step that wrote no JSON
     found = pick_setting.rates(tmp_path, ["profile", "launches", "cpu", "failed", "skipped"])
     assert found == {"profile:pf2": 9500.0, "profile:pf4": 9700.0, "launches:pf2": 8000.0,

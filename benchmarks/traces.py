@@ -146,9 +146,10 @@ def summary(events: list[dict], step_streams: set | None = None, top: int = 5) -
                            for name, c in sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]]}
 
 
-HEADER = (f"{'profile, ms per step':28s} {'wall':>7s} {'GPU busy':>8s} {'step kernels':>12s} {'other':>7s} "
-          f"{'overlap':>7s} {'copies':>7s} {'host syncs':>10s}   {'step idle: <15us':>16s} {'15-200':>6s} "
-          f"{'>=200':>6s} {'other launches':>14s}")
+# the printed table's columns after the unit's name: (title, width), one space apart (the step-idle ones: 3)
+COLUMNS = (("wall", 7), ("GPU busy", 8), ("step kernels", 12), ("other", 7), ("overlap", 7), ("copies", 7),
+           ("host syncs", 10), ("step idle: <15us", 18), ("15-200", 6), (">=200", 6), ("other launches", 14))
+HEADER = f"{'profile, ms per step':28s} " + " ".join(f"{title:>{width}s}" for title, width in COLUMNS)
 
 
 def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
@@ -156,8 +157,7 @@ def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
     if "error" in s:
         return f"{unit:28s} {s['error']}"
     if s["gpu_busy_frac"] is None:  # no GPU work in the window (a CPU run): the host's time alone
-        dashes = (8, 12, 7, 7, 7, 10, 19, 6, 6, 14)  # every other column's width (the idle columns' 3 spaces too)
-        return f"{unit:28s} {s['wall_ms_per_step']:7.2f} " + " ".join(f"{'-':>{w}s}" for w in dashes)
+        return f"{unit:28s} {s['wall_ms_per_step']:7.2f} " + " ".join(f"{'-':>{width}s}" for _, width in COLUMNS[1:])
     step = f"{s['step_kernel_ms_per_step']:.2f}"
     if ceiling is not None and ceiling.get("step_kernel_ms_per_step") and s is not ceiling:
         step += f" x{s['step_kernel_ms_per_step'] / ceiling['step_kernel_ms_per_step']:.2f}"

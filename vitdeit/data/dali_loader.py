@@ -24,7 +24,7 @@ KEY_BYTES = 512
 
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float,
+              with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float, sample_bytes: int,
               interpolation: str, rand_augment: RandAugmentSpec | None = None, copies: int = 1,
               executor: str = "dynamic", prefetch: int = 2):
     from nvidia.dali import fn, pipeline_def, types
@@ -49,7 +49,10 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             stick_to_shard=not train,  # val: rank r reads slice r every pass (DALI moves a rank on a slice by default,
             # and slices differ by a sample, so a later pass skipped or repeated images: 16 of 17 over 2 ranks)
             # the last batch of a pass is padded, never topped up from the next pass: one epoch = one pass
-            pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}))  # same order on all ranks
+            pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}),  # same order on all ranks
+            # bytes reserved per sample: the shards' own mean, not DALI's 1 MB default, which restoring a checkpoint
+            # taken mid-pass reserves for every slot of the shuffle buffer at once (12 GB more committed per process)
+            tensor_init_bytes=sample_bytes)
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
         hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
 
@@ -172,7 +175,8 @@ class DaliLoader:
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
                               hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec,
-                              copies=self.copies, executor=executor, prefetch=prefetch)
+                              copies=self.copies, executor=executor, prefetch=prefetch,
+                              sample_bytes=-(-sum(s["bytes"] for s in shards) // n))  # per sample, tar headers too
         self.pipe.build()
         self.outputs = [f"images{k}" for k in range(self.copies)] + ["labels"] + (["keys"] if with_keys else [])
         # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train

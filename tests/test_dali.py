@@ -263,7 +263,8 @@ def test_a_restored_train_loader_continues_exactly_where_the_saved_one_was(tiny_
 
 def _reserved_mb() -> int:
     """This process's private data mappings (VmData), MB: what fork copies and overcommit accounting charges."""
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmData")).split()[1]) // 1024
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmData")).split()[1]) // 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")

@@ -50,8 +50,8 @@ def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale
             # and slices differ by a sample, so a later pass skipped or repeated images: 16 of 17 over 2 ranks)
             # the last batch of a pass is padded, never topped up from the next pass: one epoch = one pass
             pad_last_batch=True, **({"shuffle_after_epoch_seed": seed} if train else {}),  # same order on all ranks
-            # bytes reserved per sample: the shards' own mean, not DALI's 1 MB default, which restoring a checkpoint
-            # taken mid-pass reserves for every slot of the shuffle buffer at once (12 GB more committed per process)
+            # bytes DALI reserves per tensor (jpg, lbl) of a sample it reads ahead: the shards' mean, not its 1 MB
+            # default, which a loader restored mid-pass reserves for every shuffle-buffer slot at once (+12 GB)
             tensor_init_bytes=sample_bytes)
         decoder = "mixed" if gpu else "cpu"  # the one-word difference between the GPU and the CPU pipeline
         hw = {"hw_decoder_load": hw_decoder_load} if gpu else {}  # the mixed decoder's split (hardware engines / CUDA)
@@ -176,7 +176,7 @@ class DaliLoader:
                               checkpoint=state["checkpoint"] if self.restored else None,
                               hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec,
                               copies=self.copies, executor=executor, prefetch=prefetch,
-                              sample_bytes=-(-sum(s["bytes"] for s in shards) // n))  # per sample, tar headers too
+                              sample_bytes=-(-sum(s["bytes"] for s in shards) // max(1, n)))  # tar headers in: over
         self.pipe.build()
         self.outputs = [f"images{k}" for k in range(self.copies)] + ["labels"] + (["keys"] if with_keys else [])
         # the reader drives the epoch: a whole pass, the last batch padded (PARTIAL: padding removed), of which train

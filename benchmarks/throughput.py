@@ -522,34 +522,25 @@ def bench_packing(data_dir: Path, work: Path, workers: int) -> list[dict]:
     return rows
 
 
-def fractions(text: str) -> list[float]:
-    """argparse type: comma-separated numbers in [0, 1]."""
-    try:
-        values = list(dict.fromkeys(float(v) for v in text.split(",")))  # a repeated value: one loader
-    except ValueError:
-        values = []
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers in [0, 1], e.g. 0,0.65,1")
-    return values
+def comma_list(convert, ok, expect: str):
+    """An argparse type: comma-separated values, each through `convert` and passing `ok`, a repeated one kept once
+    (each value names a loader); otherwise an error asking for `expect`."""
+    def parse(text: str) -> list:
+        try:
+            values = list(dict.fromkeys(convert(v) for v in text.split(",")))
+        except ValueError:
+            values = []
+        if not values or not all(map(ok, values)):
+            raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated {expect}")
+        return values
+
+    return parse
 
 
-def executors(text: str) -> list[str]:
-    """argparse type: comma-separated DALI execution models (Config.dali_executor)."""
-    values = list(dict.fromkeys(text.split(",")))  # a repeated one: one loader
-    if not set(values) <= set(DALI_EXECUTORS):
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names from {', '.join(DALI_EXECUTORS)}")
-    return values
-
-
-def depths(text: str) -> list[int]:
-    """argparse type: comma-separated DALI prefetch depths >= 1 (Config.dali_prefetch)."""
-    try:
-        values = list(dict.fromkeys(int(v) for v in text.split(",")))  # a repeated one: one loader
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated whole numbers >= 1, e.g. 2,4")
-    return values
+# --dali-hw-decoder-load, --dali-executor, --dali-prefetch (Config's dali_hw_decoder_load, dali_executor, dali_prefetch)
+fractions = comma_list(float, lambda v: 0 <= v <= 1, "numbers in [0, 1], e.g. 0,0.65,1")
+executors = comma_list(str, lambda v: v in DALI_EXECUTORS, f"names from {', '.join(DALI_EXECUTORS)}")
+depths = comma_list(int, lambda v: v >= 1, "whole numbers >= 1, e.g. 2,4")
 
 
 def worker_counts(text: str) -> str:

@@ -25,8 +25,8 @@ KEY_BYTES = 512
 def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
               with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float, sample_bytes: int,
-              interpolation: str, rand_augment: RandAugmentSpec | None = None, copies: int = 1,
-              executor: str = "dynamic", prefetch: int = 2):
+              interpolation: str, executor: str, prefetch: int, rand_augment: RandAugmentSpec | None = None,
+              copies: int = 1):
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]

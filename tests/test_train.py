@@ -383,16 +383,11 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
         train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
                                   overwrite=True))
     assert files() == before  # config.json too: it is written once the set-up has passed
-    train(dataclasses.replace(cfg, resume=str(run / "last.pth")))  # all 3 epochs trained: nothing to do, nothing lost
-    after = files()
-    assert json.loads(after.pop("config.json")) == cfg.to_dict()  # the resumed recipe, here (output_dir: tmp_path)
-    assert after == {k: v for k, v in before.items() if k != "config.json"}
-    assert "has trained all --epochs 3: nothing to do" in capsys.readouterr().out
-    other = tmp_path / "other"  # --overwrite, resuming another folder's run: none of this folder's old run stays
-    shutil.copytree(run, other)
-    torch.save({"stale": True}, other / "last.pth")
-    train(dataclasses.replace(cfg, run_name="other", resume=str(run / "last.pth"), overwrite=True))
-    assert (other / "best.pth").read_bytes() == before["best.pth"] and not (other / "last.pth").exists()
+    for epochs in (3, 2):  # all 3 epochs trained, or more than asked: nothing to do, and config.json stays the run's
+        train(dataclasses.replace(cfg, epochs=epochs, lr=0.001, resume=str(run / "last.pth")))
+        assert files() == before
+    assert f"{run / 'last.pth'} has trained 3 epoch(s), --epochs 2: nothing to do, nothing written" in (
+        capsys.readouterr().out)
 
     class Stopped(Exception):
         pass
@@ -401,6 +396,12 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
         raise Stopped
 
     monkeypatch.setattr(trainer, "train_one_epoch", stop)
+    other = tmp_path / "other"  # --overwrite, resuming another folder's run: none of this folder's old run stays
+    shutil.copytree(run, other)
+    torch.save({"stale": True}, other / "last.pth")
+    with pytest.raises(Stopped):  # (stopped in the resumed run's first epoch, once the folder is set up)
+        train(dataclasses.replace(cfg, epochs=4, run_name="other", resume=str(run / "last.pth"), overwrite=True))
+    assert (other / "best.pth").read_bytes() == before["best.pth"] and not (other / "last.pth").exists()
     with pytest.raises(Stopped):  # --overwrite: a replacing run stopped in its first epoch
         train(dataclasses.replace(cfg, epochs=9, overwrite=True))
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint of the old run

@@ -231,6 +231,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
     if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
         check_resumable(resumed["config"], cfg)
+        if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
+            dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to "
+                       f"do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
+            return {}
     states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
     with warnings.catch_warnings(record=True) as caught:  # the loaders' (and libraries') warnings: printed after the
         warnings.simplefilter("always")  # run line, by rank 0 alone
@@ -347,12 +351,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if dist.is_main:
             # (rank 0's is the one that counts)
             best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg))
-        if start_epoch >= cfg.epochs:
-            dist.print(f"{cfg.resume} has trained all --epochs {cfg.epochs}: nothing to do (raise --epochs to go on)")
-        else:
-            dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
-                f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else f"(no best.pth of its epochs up to "
-                f"{resumed['epoch']} was kept: the next epoch writes one)"))
+        dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
+            f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else f"(no best.pth of its epochs up to "
+            f"{resumed['epoch']} was kept: the next epoch writes one)"))
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
     if ema is not None and (warning := ema_warning(cfg.model_ema_decay, cfg.epochs * steps)):

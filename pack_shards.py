@@ -17,7 +17,7 @@ import sys
 
 from vitdeit.config import refuse_below
 from vitdeit.errors import VitdeitError
-from vitdeit.packing import SKIP_FLAG, PackOptions, pack
+from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack
 
 
 def main(argv=None) -> int:
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
                    help="JPEG quality of re-encoded images (default: %(default)s)")
     p.add_argument(SKIP_FLAG, action="store_true", help="skip files that are not readable images (listed in manifest.json)")
+    p.add_argument(ALLOW_MISSING_FLAG, action="store_true",
+                   help="pack even if some classes of Labels.json have no train or no val images (default: refused)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes (default: %(default)s, the cores up to 8)")
     a = p.parse_args(argv)
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
     if not 1 <= a.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) without a word
         p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
-                       jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers)
+                       jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers,
+                       allow_missing_classes=a.allow_missing_classes)
     try:
         m = pack(a.data_path, a.out, a.labels, opts)
     except VitdeitError as e:
@@ -57,12 +60,16 @@ def main(argv=None) -> int:
         n, dirs = len(s["shards"]), ", ".join(d + "/" for d in s["source_dirs"])
         print(f"{split}: {s['num_samples']} images of {s['input_files']} from {dirs} in {n} shard{'s' * (n != 1)}")
         empty = [w for w, n in s["class_counts"].items() if n == 0]
-        if empty:  # allowed (a subset of Labels.json), but a class with no images is worth a look
+        if empty:  # packed with --allow-missing-classes (a subset of Labels.json on purpose): still said
             have = "has" if len(empty) == 1 else "have"
             print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json {have} no {split} images: "
                   f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} files that are not readable images (listed in {a.out}/manifest.json)")
+    if m["hidden_not_read"]["count"]:
+        h = m["hidden_not_read"]
+        print(f"not read: {h['count']} file(s) or folder(s) in the split folders whose names start with '.' (macOS's "
+              f"._NAME, .DS_Store; e.g. {h['first'][0]}): rename any that are images (counted in the manifest)")
     if m["converted"]:
         print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the "
               f"manifest)")

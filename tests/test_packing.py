@@ -278,12 +278,44 @@ def test_folders_that_only_start_like_a_split_name_and_a_split_links_target_are_
     assert m["splits"]["val"]["num_samples"] == 4 and m["splits"]["val"]["source_dirs"] == ["val.X"]
 
 
+def test_classes_without_train_or_val_images_are_refused_naming_them_unless_allowed(data, tmp_path):
+    labels = json.loads((data / "Labels.json").read_text())
+    first = sorted(labels)[0]
+    for d in data.glob("train.X*"):  # one class's train images gone (as 25 classes are with train.X4 not unpacked)
+        shutil.rmtree(d / first, ignore_errors=True)
+    (data / "Labels.json").write_text(json.dumps({**labels, "n99999998": "unseen"}))  # a class with no folder at all
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert str(e.value).splitlines()[1:3] == [
+        f"  train (train.X1/, train.X2/, train.X3/, train.X4/): 2 of 3 classes, {first}, n99999998",
+        "  val (val.X/): 1 of 3 classes, n99999998"]
+    assert "--allow-missing-classes" in str(e.value) and not (tmp_path / "s").exists()  # refused before any write
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+    assert m["splits"]["train"]["class_counts"][first] == 0 and m["splits"]["val"]["class_counts"][first] == 2
+    assert m["options"]["allow_missing_classes"] is True
+
+
+def test_classes_left_without_images_by_skipped_files_are_refused_after_packing(data, tmp_path):
+    val = data / "val.X" / sorted(json.loads((data / "Labels.json").read_text()))[0]
+    for f in val.iterdir():
+        f.write_bytes(b"not a jpeg")  # every val image of one class unreadable
+    with pytest.raises(DataError, match=r"no images left once unreadable files were skipped .*\n  val \(val.X/\): 1 "):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, allow_missing_classes=True),
+             progress=False)
+    assert m["splits"]["val"]["class_counts"][val.name] == 0 and len(m["skipped"]) == 2
+
+
 def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(data, tmp_path):
     shutil.rmtree(data / "val.X" / sorted(p.name for p in (data / "val.X").iterdir())[0])  # a class with no val
     labels = json.loads((data / "Labels.json").read_text())
     (data / "Labels.json").write_text(json.dumps({**labels, "n99999998": "unseen"}))  # a class with no folder
-    r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
-                        str(tmp_path / "s"), "--workers", "1"], capture_output=True, text=True)
+    cmd = [sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(tmp_path / "s"),
+           "--workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1 and "error: classes of" in r.stderr and "--allow-missing-classes" in r.stderr
+    r = subprocess.run(cmd + ["--allow-missing-classes"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "train: 16 images of 16 from train.X1/, train.X2/, train.X3/, train.X4/ in 1 shard" in lines
@@ -747,11 +779,20 @@ def test_jpeg_quality_sets_the_re_encoded_images_quality_and_a_rerun_with_anothe
 
 
 def test_hidden_files_and_folders_that_file_managers_leave_are_not_packed(data, tmp_path):
-    cls = first_image(data).parent
+    image = first_image(data)
+    cls = image.parent
     (cls / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # macOS Finder
-    (cls / f"._{first_image(data).name}").write_bytes(b"\0\5\26\7AppleDouble")  # a resource fork, copied to FAT
+    (cls / f"._{image.name}").write_bytes(b"\0\5\26\7AppleDouble")  # a resource fork, copied to FAT
     (data / "train.X2" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (data / "val.X" / ".Trash-1000").mkdir()
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     assert (m["splits"]["train"]["num_samples"], m["splits"]["val"]["num_samples"]) == (16, 4)
     assert m["skipped"] == [] and m["converted"] == []
+    assert m["hidden_not_read"] == {"count": 4, "first": [  # counted and named, not lost without a word
+        str(cls / ".DS_Store"), str(cls / f"._{image.name}"), str(data / "train.X2" / ".DS_Store"),
+        str(data / "val.X" / ".Trash-1000")]}
+    r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
+                        str(tmp_path / "s"), "--workers", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (f"not read: 4 file(s) or folder(s) in the split folders whose names start with '.' (macOS's ._NAME, "
+            f".DS_Store; e.g. {cls / '.DS_Store'}): rename any that are images (counted in the manifest)") in r.stdout

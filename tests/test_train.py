@@ -409,6 +409,32 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     assert "overwrite" not in json.loads((run / "config.json").read_text())  # an invocation flag, not the recipe
 
 
+def test_a_run_on_shards_packed_with_classes_missing_names_them_before_training(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from vitdeit import trainer
+
+    data = small_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2)
+    gone = sorted(p.name for p in (data / "val.X").iterdir())[1]
+    for d in data.glob("train.X*"):
+        shutil.rmtree(d / gone, ignore_errors=True)
+    pack(data, tmp_path / "shards", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(trainer, "train_one_epoch", stop)  # the warnings come before the first epoch
+    with pytest.raises(Stopped):
+        train(cfg_for(tmp_path / "shards", tmp_path / "runs", batch_size=4))
+    out = capsys.readouterr().out
+    assert (f"warning: 1 of the 3 classes have no train images in {tmp_path / 'shards'} ({gone}): the model has "
+            f"outputs for them that it never learns") in out
+    assert "no val images" not in out
+
+
 def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
     cfg, _ = teacher_run
     other = tmp_path / "shards"

@@ -55,6 +55,7 @@ PROGRESS_DIR = ".progress"
 # the files a run writes per shard NAME: NAME.tar, NAME.idx(.tmp), .NAME.tar.tmp, .progress/NAME.json(.tmp)
 SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|idx\.tmp|json|json\.tmp)$")
 SKIP_FLAG = "--skip-bad"
+ALLOW_MISSING_FLAG = "--allow-missing-classes"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class PackOptions:
     resize_short: int | None = None  # re-encode so the shorter side is at most this many px (None: keep)
     jpeg_quality: int = 90  # only for images that are re-encoded (converted or resized)
     skip_bad: bool = False
+    allow_missing_classes: bool = False  # a class of Labels.json with no train or no val images: packed, not refused
     workers: int = max(1, min(8, usable_cores()))
 
 
@@ -129,11 +131,15 @@ def what_is(path: Path) -> str:
     return "a folder" if path.is_dir() else "a file"
 
 
-def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list[Source]:
-    sources = []
+def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path,
+               hidden: list[str] | None = None) -> list[Source]:
+    """The split's image files as samples. Names starting with "." are not read (macOS's ._NAME and .DS_Store
+    files, an editor's backups): they go to `hidden`, which the manifest counts."""
+    sources, hidden = [], [] if hidden is None else hidden
     for d in dirs:
         for class_dir in sorted(d.iterdir()):
             if class_dir.name.startswith("."):
+                hidden.append(str(class_dir))
                 continue
             if not class_dir.is_dir():
                 raise DataError(f"{class_dir}: {what_is(class_dir)}; expected only WNID class folders in {d}: "
@@ -149,6 +155,7 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path) -> list
             label = class_map.index[class_dir.name]
             for f in sorted(class_dir.iterdir()):
                 if f.name.startswith("."):
+                    hidden.append(str(f))
                     continue
                 if not f.is_file():
                     raise DataError(f"{f}: expected image files in {class_dir}, found {what_is(f)}; fix it or move it "
@@ -370,11 +377,14 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         where = f"in the source folders ({inside[0]})" if inside else f"named like a split folder of {data_path}"
         raise DataError(f"--out {out}: {where}; pass a folder of its own, e.g. --out {shards_dir_for(data_path)}")
     class_map = ClassMap.from_labels(load_labels(labels_path))
-    sources = {split: scan_split(dirs, class_map, labels_path) for split, dirs in split_dirs.items()}
+    hidden: list[str] = []
+    sources = {split: scan_split(dirs, class_map, labels_path, hidden) for split, dirs in split_dirs.items()}
     check_unique_keys(sources["train"] + sources["val"])
     for split, srcs in sources.items():
         if not srcs:
             raise DataError(f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files.")
+    check_classes({split: Counter(s.label for s in srcs) for split, srcs in sources.items()}, class_map, split_dirs,
+                  labels_path, opts, found="found")
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
@@ -411,7 +421,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
                     partial.unlink()
         raise
     results.sort(key=lambda r: r.name)
-    return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced)
+    return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
 
 
 @contextmanager
@@ -452,7 +462,8 @@ def _init_worker(stop) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced: bool) -> dict:
+def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced: bool,
+            hidden: list[str]) -> dict:
     bad = [(r.split, p, why) for r in results for p, why in r.bad]
     if bad and not opts.skip_bad:
         lines = "\n".join(f"  {p}: {why}" for _, p, why in bad)
@@ -485,11 +496,14 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         "splits": {},
         "skipped": [{"split": s, "path": p, "reason": why} for s, p, why in bad],
         "converted": [{"path": p, "change": c} for r in results for p, c in r.converted],
+        # names starting with "." in the split folders, not read: counted, a few named (macOS leaves one per image)
+        "hidden_not_read": {"count": len(hidden), "first": hidden[:20]},
     }
     for r in results:
         if r.num_samples == 0:  # every image of it skipped: DALI refuses an empty index, and it holds nothing
             (out / f"{r.name}.tar").unlink(missing_ok=True)
             (out / f"{r.name}.idx").unlink(missing_ok=True)
+    packed = {}
     for split, srcs in sources.items():
         rs = [r for r in results if r.split == split and r.num_samples > 0]
         if not rs:
@@ -499,6 +513,7 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         for r in rs:
             counts.update(r.class_counts)
         n = sum(r.num_samples for r in rs)
+        packed[split] = counts
         n_skipped = sum(len(r.bad) for r in results if r.split == split)  # empty shards' too
         assert n == len(srcs) - n_skipped, f"{split}: {n} packed != {len(srcs)} found - {n_skipped} skipped"
         manifest["splits"][split] = {
@@ -509,5 +524,23 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
             "shards": [{"file": f"{r.name}.tar", "index": f"{r.name}.idx", "num_samples": r.num_samples,
                         "bytes": r.bytes} for r in rs],
         }
+    check_classes(packed, class_map, split_dirs, labels_path, opts, found=f"left once unreadable files were skipped "
+                  f"(no {out / MANIFEST_NAME}; the shards are kept for the rerun)")
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
+
+
+def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, labels_path, opts: PackOptions,
+                  found: str) -> None:
+    """Every class of Labels.json needs train images to be learnt and val images to be scored: one with none in a
+    split is a split folder not unpacked or a class folder lost (train.X4 left out is 25 of ImageNet-100's classes),
+    unless --allow-missing-classes says the subset is meant. counts: split -> class index -> images."""
+    missing = {split: [w for i, w in enumerate(class_map.wnids) if not c.get(i)] for split, c in counts.items()}
+    if opts.allow_missing_classes or not any(missing.values()):
+        return
+    lines = [f"  {split} ({', '.join(d.name + '/' for d in split_dirs[split])}): {len(m)} of {len(class_map)} "
+             f"classes, {', '.join(m[:10])}{' ...' if len(m) > 10 else ''}" for split, m in missing.items() if m]
+    raise DataError(f"classes of {labels_path} with no images {found}:\n" + "\n".join(lines) + "\n"
+                    f"A model trained on these shards would keep outputs it never learns (no train images) or is "
+                    f"never scored on (no val images). Add the missing split or class folders, pass --labels with "
+                    f"only the classes you have, or pass {ALLOW_MISSING_FLAG} to pack them as they are.")

@@ -261,6 +261,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                f"{global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
+    for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
+        if empty := [w for w, n in manifest["splits"][split]["class_counts"].items() if n == 0]:
+            dist.print(f"warning: {len(empty)} of the {num_classes} classes have no {split} images in "
+                       f"{cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the model has outputs "
+                       f"for them that it {role}")
     if cfg.rand_augment and train_loader.name == "dali":
         dist.print(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument(SKIP_FLAG, action="store_true", help="skip files that are not readable images (listed in manifest.json)")
     p.add_argument(ALLOW_MISSING_FLAG, action="store_true",
                    help="pack even if some classes of Labels.json have no train or no val images (default: refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards in --out if another --data-path packed them (default: refused)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes (default: %(default)s, the cores up to 8)")
     a = p.parse_args(argv)
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
                        jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers,
                        allow_missing_classes=a.allow_missing_classes)
     try:
-        m = pack(a.data_path, a.out, a.labels, opts)
+        m = pack(a.data_path, a.out, a.labels, opts, overwrite=a.overwrite)
     except VitdeitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -688,7 +688,8 @@ def main(argv=None) -> int:
                 # every run: pack() reuses the shards of unchanged images and repacks any others (another --data-path
                 # in the same --work-dir), so that every loader reads the images the baseline reads
                 pack(data_dir, sdir, opts=PackOptions(workers=a.workers, resize_short=resize, shard_size=256,
-                                                      allow_missing_classes=True), progress=False)  # speed only
+                                                      allow_missing_classes=True),  # (a speed measurement)
+                     progress=False, overwrite=True)  # the work dir's own shards, of whichever --data-path
                 shard_dirs[label] = sdir
             if a.dali and dali_available():
                 result["dali_error"] = dali_error(a, shard_dirs["original"], device)

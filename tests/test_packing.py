@@ -796,3 +796,20 @@ def test_hidden_files_and_folders_that_file_managers_leave_are_not_packed(data, 
     assert r.returncode == 0, r.stderr
     assert (f"not read: 4 file(s) or folder(s) in the split folders whose names start with '.' (macOS's ._NAME, "
             f".DS_Store; e.g. {cls / '.DS_Store'}): rename any that are images (counted in the manifest)") in r.stdout
+
+
+def test_an_out_folder_holding_another_datasets_shards_is_refused_unless_overwrite(data, tmp_path):
+    other = small_dataset(tmp_path / "other", num_classes=2, train_per_class=4, val_per_class=2, seed=3)
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(workers=1), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(DataError, match=re.escape(f"--out {out}: holds shards packed from {data.resolve()}, not from "
+                                                  f"{other.resolve()}; pass another --out, or --overwrite")):
+        pack(other, out, opts=PackOptions(workers=1), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
+    assert pack(data, out, opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 16
+    m = pack(other, out, opts=PackOptions(workers=1), progress=False, overwrite=True)
+    assert m["source"]["data_path"] == str(other.resolve()) and m["splits"]["train"]["num_samples"] == 8
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="holds a manifest.json this packer cannot read, not from"):
+        pack(other, out, opts=PackOptions(workers=1), progress=False)

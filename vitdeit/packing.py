@@ -201,6 +201,24 @@ def plan_shards(sources: list[Source], shard_size: int, seed: int, split: str) -
     return [order[bounds[i] : bounds[i + 1]] for i in range(n_shards)]
 
 
+def source_of(split_dirs: dict[str, list[Path]]) -> str:
+    """The dataset folder, as the manifest records it (the split folders' parent, links resolved)."""
+    return str(Path(split_dirs["train"][0]).parent.resolve())
+
+
+def check_same_source(out: Path, source: str) -> None:
+    """--out holding shards of another dataset folder: refused, not replaced without a word (a rerun on the same
+    folder goes on: it reuses the unchanged shards)."""
+    try:
+        earlier = json.loads((out / MANIFEST_NAME).read_text()).get("source", {}).get("data_path")
+    except (OSError, ValueError, AttributeError):
+        earlier = None  # not a manifest this packer can read: say so rather than guess
+    if earlier != source:
+        what = f"shards packed from {earlier}" if earlier else f"a {MANIFEST_NAME} this packer cannot read"
+        raise DataError(f"--out {out}: holds {what}, not from {source}; pass another --out, or --overwrite to "
+                        f"replace them.")
+
+
 # ---------------------------------------------------------------- per image
 
 
@@ -361,8 +379,9 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
 
 
 def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | None = None,
-         opts: PackOptions = PackOptions(), progress: bool = True) -> dict:
-    """Pack a dataset; return the manifest. Raises DataError on bad input (nothing is dropped silently)."""
+         opts: PackOptions = PackOptions(), progress: bool = True, overwrite: bool = False) -> dict:
+    """Pack a dataset; return the manifest. Raises DataError on bad input (nothing is dropped silently).
+    overwrite: replace the shards of another source folder in out_dir (else refused)."""
     from tqdm import tqdm
 
     # absolute (symlinks kept): every source path, record and message means the same file from any directory
@@ -388,9 +407,11 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
+    replaced = (out / MANIFEST_NAME).is_file()
+    if replaced and not overwrite:
+        check_same_source(out, source_of(split_dirs))
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    replaced = (out / MANIFEST_NAME).is_file()
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
     tasks = []
     for split, srcs in sources.items():
@@ -491,7 +512,7 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         "labels": dict(zip(class_map.wnids, class_map.names)),
         "sample_format": {"jpg": "JPEG bytes (RGB)", "cls": "class index, ASCII",
                           "lbl": "class index, int32 little-endian"},
-        "source": {"data_path": str(Path(split_dirs["train"][0]).parent.resolve()), "labels": str(labels_path)},
+        "source": {"data_path": source_of(split_dirs), "labels": str(labels_path)},
         "options": {k: v for k, v in asdict(opts).items() if k != "workers"},
         "splits": {},
         "skipped": [{"split": s, "path": p, "reason": why} for s, p, why in bad],

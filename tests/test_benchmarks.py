@@ -487,7 +487,7 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
         throughput.bench_transforms(files, 32, n=4)
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/throughput.py"), "--data-path", str(tmp_path / "no"),
                           "--parts", "transforms"], capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr == f"error: {tmp_path / 'no'}: not a directory; pass --data-path DIR " \
+    assert run.returncode == 1 and run.stderr == f"error: {tmp_path / 'no'}: does not exist; pass --data-path DIR " \
                                                  f"with train.X*/ and val.X/ in it.\n"
 
 

@@ -54,3 +54,9 @@ def test_short_name_takes_the_first_synonym():
     assert cm.short_name(0) == "tench"
     assert ClassMap(("n0",), ("a" * 40,)).short_name(0, 10) == "a" * 9 + "…"
     assert ClassMap(("n0",), ("a" * 10,)).short_name(0, 10) == "a" * 10  # exactly max_len: kept whole
+
+
+def test_a_missing_labels_file_points_at_the_one_the_repository_ships(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'Labels.json'}: Labels.json not found; pass --labels PATH .*"
+                                        "the Labels.json at the top of the vitdeit repository"):
+        load_labels(tmp_path / "Labels.json")

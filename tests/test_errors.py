@@ -56,8 +56,13 @@ def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_
         with pytest.raises(DataError, match=re.escape(f"no_{key}.pth: not a vitdeit checkpoint (missing ['{key}'])")):
             load_checkpoint(tmp_path / f"no_{key}.pth")
     torch.save({**whole, "extra": RunsCode()}, tmp_path / "code.pth")
-    with pytest.raises(DataError, match=r"code\.pth: cannot be read by torch\.load\(weights_only=True\)"):
+    with pytest.raises(DataError, match=r"code\.pth: cannot be read by torch\.load\(weights_only=True\) \(what it "
+                                        r"unpickles is not tensors and plain containers: Trying to load "
+                                        r"unsupported GLOBAL posix\.mkdir"):  # the reason, not torch's page of advice
         load_checkpoint(tmp_path / "code.pth")
+    (tmp_path / "labels.pth").write_text('{"n00000001": "a"}')  # a text file passed as a checkpoint
+    with pytest.raises(DataError, match=r"labels\.pth: .* plain containers: Unsupported operand 123\); copy it again"):
+        load_checkpoint(tmp_path / "labels.pth")
     assert not (tmp_path / "ran").exists()
 
 
@@ -68,8 +73,9 @@ def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(
     torch.save({"model": {}, "best_top1": 1.0, "epoch": 0, "config": {"data_path": "old_shards"},
                 "classes": ["n00000001", "n00000002"]}, path)
     other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c", "n00000004": "d"})
-    with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, 1 not in this "
-                                                  f"dataset's 3)") + ".*data_path: old_shards"):
+    with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, against these "
+                                                  f"shards' 3: 1 of its not in these shards, 2 of these shards' not in "
+                                                  f"it)") + ".*data_path: old_shards"):
         load_checkpoint(path, other)
     assert load_checkpoint(path, ClassMap.from_labels({"n00000002": "b", "n00000001": "a"}))["epoch"] == 0
 

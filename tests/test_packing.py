@@ -221,6 +221,16 @@ def test_skip_bad_skips_and_lists_them(data, tmp_path):
     assert m["splits"]["train"]["input_files"] == 16 and m["splits"]["train"]["num_samples"] == 14
 
 
+def test_an_empty_file_is_named_as_such(data, tmp_path):
+    empty, text = first_image(data), first_image(data, "val.X")
+    empty.write_bytes(b"")  # an interrupted copy
+    text.write_bytes(b"not an image")
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
+    assert {s["path"]: s["reason"] for s in m["skipped"]} == {
+        str(empty): "an empty file (0 bytes)",
+        str(text): "UnidentifiedImageError: not an image Pillow can identify"}
+
+
 def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(data, tmp_path):
     bad = break_two(data)
     with pytest.raises(DataError):
@@ -813,3 +823,21 @@ def test_an_out_folder_holding_another_datasets_shards_is_refused_unless_overwri
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="holds a manifest.json this packer cannot read, not from"):
         pack(other, out, opts=PackOptions(workers=1), progress=False)
+
+
+def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nothere'}: does not exist; pass --data-path DIR")):
+        pack(tmp_path / "nothere", tmp_path / "s", progress=False)
+    with pytest.raises(DataError, match=re.escape(f"{data / 'Labels.json'}: is a file, not a folder; pass")):
+        pack(data / "Labels.json", tmp_path / "s", progress=False)
+    with pytest.raises(DataError, match=re.escape(f"{data / 'train.X1'} itself looks like a split folder: pass its "
+                                                  f"parent, --data-path {data}.")):
+        pack(data / "train.X1", tmp_path / "s", progress=False)
+    for f in list((data / "val.X").glob("*/*.JPEG")):  # ILSVRC's val as downloaded: every image in one folder
+        shutil.move(f, data / "val.X" / f.name)
+    for d in (data / "val.X").iterdir():
+        if d.is_dir():
+            d.rmdir()
+    with pytest.raises(DataError, match=re.escape(f"{data / 'val.X'}: 4 file(s) directly in the split folder (e.g. ")
+                       + r".*LOC_val_solution\.csv"):
+        pack(data, tmp_path / "s", progress=False)

@@ -286,7 +286,8 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
                                            (dict(img_size=48), "--img-size 32 (this run: 48)"),
                                            # (a batch larger than the set: the image size is named first)
                                            (dict(img_size=48, batch_size=1024), "--img-size 32 (this run: 48)"),
-                                           (dict(weight_decay=0.0), "optimiser state does not fit")])
+                                           (dict(weight_decay=0.0), "was trained with --weight-decay 0.05, this run "
+                                                                    "has 0.0: a weight decay of 0 keeps")])
 def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, tmp_path, change, named):
     from vitdeit.errors import SettingError
 
@@ -379,6 +380,11 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     with pytest.raises(SettingError, match=re.escape(f"{run} already holds a run (last.pth): continue it with "
                                                      f"--resume {run / 'last.pth'}")):
         train(dataclasses.replace(cfg, epochs=9))  # a rerun that forgot --resume
+    elsewhere = os.path.join(teacher_run[0].output_dir, "teacher", "last.pth")  # another folder's run, resumed here
+    with pytest.raises(SettingError, match=re.escape(f"{run} already holds a run (last.pth) (--resume {elsewhere} is "
+                                                     f"another folder's checkpoint: a run writes to --output-dir/"
+                                                     f"--run-name, here {run}, wherever it resumes from)")):
+        train(dataclasses.replace(cfg, epochs=9, resume=elsewhere))
     with pytest.raises(MissingFile, match="nothere.pth"):  # --overwrite, but a flag fails the set-up
         train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
                                   overwrite=True))

@@ -59,8 +59,15 @@ def torch_load(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated copy, not a torch file, pickled code
-        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({type(e).__name__}: "
-                        f"{first_line(e)}); copy it again or pass another file.") from e
+        why = f"{type(e).__name__}: {first_line(e)}"
+        text = str(e)
+        if text.startswith("Weights only load failed"):  # torch's page of advice around the one line of reason
+            lines = [line.strip() for line in text.replace("WeightsUnpickler error:", "\n").splitlines()[1:]]
+            reason = [line for line in lines if line and not line.startswith(("Please file", "Check the doc"))]
+            if reason:
+                why = f"what it unpickles is not tensors and plain containers: {first_line(Exception(reason[0]))}"
+        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({why}); copy it again or "
+                        f"pass another file.") from e
 
 
 def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: str = "checkpoint") -> None:
@@ -68,7 +75,8 @@ def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: st
     if tuple(state["classes"]) != tuple(class_map.wnids):
         ours, theirs = set(class_map.wnids), set(state["classes"])
         which = ("the same classes in another order (class indices differ)" if ours == theirs else
-                 f"another class map ({len(theirs)} classes, {len(theirs - ours)} not in this dataset's {len(ours)})")
+                 f"another class map ({len(theirs)} classes, against these shards' {len(ours)}: "
+                 f"{len(theirs - ours)} of its not in these shards, {len(ours - theirs)} of these shards' not in it)")
         raise DataError(
             f"{what} {path} was trained on {which}; use a checkpoint trained on these shards' manifest, or the shards "
             f"it was trained on (its config's data_path: {state['config'].get('data_path')})."

@@ -28,7 +28,8 @@ def load_labels(path: str | Path) -> dict[str, str]:
     """Read and validate a Labels.json (WNID -> human-readable name)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: Labels.json not found; pass --labels PATH (the WNID -> name JSON file).")
+        raise DataError(f"{path}: Labels.json not found; pass --labels PATH (the WNID -> name JSON file; for "
+                        f"ImageNet-100, the Labels.json at the top of the vitdeit repository).")
     try:
         # bytes: json reads UTF-8 (with a byte-order mark, as some Windows editors write) and UTF-16/32
         labels = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys)

@@ -55,6 +55,7 @@ PROGRESS_DIR = ".progress"
 # the files a run writes per shard NAME: NAME.tar, NAME.idx(.tmp), .NAME.tar.tmp, .progress/NAME.json(.tmp)
 SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|idx\.tmp|json|json\.tmp)$")
 SKIP_FLAG = "--skip-bad"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".jpe"}  # files that are surely images: loose in a split folder, misplaced
 ALLOW_MISSING_FLAG = "--allow-missing-classes"
 
 
@@ -95,7 +96,9 @@ class ShardResult:
 
 def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     if not data_path.is_dir():
-        raise DataError(f"{data_path}: not a directory; pass --data-path DIR with train.X*/ and val.X/ in it.")
+        what = f"is {what_is(data_path)}, not a folder" if data_path.exists() or data_path.is_symlink() else \
+            "does not exist"
+        raise DataError(f"{data_path}: {what}; pass --data-path DIR with train.X*/ and val.X/ in it.")
     found: dict[str, list[Path]] = {"train": [], "val": []}
     targets = {d.resolve() for d in data_path.iterdir() if d.is_symlink()}  # val.X -> val_real: val_real is fine
     for d in sorted(data_path.iterdir()):
@@ -117,10 +120,12 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                             f"if its images belong to a split, rename it to that split's pattern.")
     for split, dirs in found.items():
         if not dirs:
+            inside = any(p.match(data_path.name) for p in NEAR_MISS.values()) or holds_class_folders(data_path)
             raise DataError(
                 f"{data_path}: no {split} split found (expected a folder {split}.X* or {split}/ with WNID "
-                f"class folders inside). Both splits are required: train to learn from, val to compare runs."
-            )
+                f"class folders inside). Both splits are required: train to learn from, val to compare runs." + (
+                    f" {data_path} itself looks like a split folder: pass its parent, --data-path "
+                    f"{data_path.parent}." if inside else ""))
     return found
 
 
@@ -142,6 +147,12 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path,
                 hidden.append(str(class_dir))
                 continue
             if not class_dir.is_dir():
+                loose = [f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
+                if class_dir.suffix.lower() in IMAGE_SUFFIXES:  # ILSVRC's val as downloaded: 50,000 in one folder
+                    raise DataError(f"{d}: {len(loose)} file(s) directly in the split folder (e.g. {class_dir.name});"
+                                    f" its images go in WNID class folders ({d}/WNID/NAME.JPEG). ILSVRC's val images "
+                                    f"come unsorted: move each into its class's folder (the download's "
+                                    f"LOC_val_solution.csv gives each image's WNID).")
                 raise DataError(f"{class_dir}: {what_is(class_dir)}; expected only WNID class folders in {d}: "
                                 f"fix it or move it away.")
             if class_dir.name not in class_map.index and any(p.match(class_dir.name) for p in NEAR_MISS.values()):
@@ -354,7 +365,8 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
                     data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
                 except Exception as e:  # PIL raises many types for corrupt files
                     why = ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e))
-                    result.bad.append((s.path, f"{type(e).__name__}: {why}"))  # (its text names an in-memory file)
+                    result.bad.append((s.path, "an empty file (0 bytes)" if not raw else  # (raw: read before any raise
+                                       f"{type(e).__name__}: {why}"))  # but a read error's) (e's text names no file)
                     continue
                 result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
                 if change:

@@ -113,13 +113,20 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
-    """The resumed weights' shapes follow from these settings: a clear error here, not a page of missing keys."""
+    """The resumed weights' shapes and the optimiser's parameter groups follow from these settings: a clear error
+    here, not a page of missing keys."""
     patches = "resnet18" not in (saved.get("model"), cfg.model)  # the patch size shapes the transformers only
     diff = [f"{flag(k)} {saved.get(k)} (this run: {getattr(cfg, k)})"
             for k in ("model", "img_size", "patch_size")[: 3 if patches else 2] if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe "
                            f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
+    wd = saved_setting(saved, "weight_decay")
+    if (wd == 0) != (cfg.weight_decay == 0):  # timm's optimiser: one parameter group without decay, else two
+        raise SettingError(f"--resume {cfg.resume} was trained with --weight-decay {wd}, this run has "
+                           f"{cfg.weight_decay}: a weight decay of 0 keeps the parameters in one group, any other in "
+                           f"two (norms and biases undecayed), so its optimiser state does not fit. Resume with "
+                           f"--weight-decay {wd} (another non-zero value is fine), or drop --resume for a new run.")
 
 
 def recipe_changes(saved: dict, cfg: Config) -> list[str]:
@@ -143,7 +150,9 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
     without --overwrite (rank 0 looks, every rank stops), so that forgetting --resume loses nothing."""
     taken = dist.is_main and (run_dir / "last.pth").is_file() and not resumes_in(run_dir, cfg) and not cfg.overwrite
     if any(all_gather_object(taken)):
-        raise SettingError(f"{run_dir} already holds a run (last.pth): continue it with --resume "
+        other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
+                 f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
+        raise SettingError(f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
                            f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
 
 
@@ -332,7 +341,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         changed = recipe_changes(resumed["config"], cfg)
         if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
             dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
-                       f"with this invocation's (keep the saved ones with --config RUN_DIR/config.json --resume ...)")
+                       f"with this invocation's (to keep the saved ones, drop these flags, or pass --config RUN_DIR/config.json)")
         net.load_state_dict(resumed["model"])
         saved = resumed["optimizer"]
         if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch

@@ -200,3 +200,41 @@ def test_compile_mode_auto_is_cuda_graphs_for_one_process_on_a_gpu_and_default_e
     assert compile_mode("auto", cpu, 1) == "default"
     assert [compile_mode(m, d, w) for m in ("default", "reduce-overhead") for d, w in ((gpu, 1), (cpu, 2))] == [
         "default", "default", "reduce-overhead", "reduce-overhead"]  # a mode named is the mode used
+
+
+def test_the_model_and_the_loss_with_its_teacher_see_the_augmented_batch_and_its_targets():
+    """DeiT's teacher runs on the student's mixed/erased images (the loss gets them): not the loader's batch."""
+    seen = {}
+
+    class Recorder(Bias):
+        def forward(self, x):
+            seen.setdefault("model", []).append(x.clone())
+            return super().forward(x)
+
+    def loss_fn(images, outputs, targets):
+        seen.setdefault("loss", []).append((images.clone(), targets.clone()))
+        return outputs.sum()
+
+    batches = [(torch.full((2, 1), float(i)), torch.tensor([i, 1 - i])) for i in range(2)]
+    augment = lambda x, y: (x * 10 + 1, F.one_hot(y, 2).float() * 0.9 + 0.05)  # noqa: E731 (mixed: soft targets)
+    m = Recorder()
+    train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=0.0), NoSchedule(),
+                    torch.amp.GradScaler("cpu", enabled=False), None, augment, None, 0.0, 0, Dist(), progress=False)
+    for (x, y), fed, (to_loss, targets) in zip(batches, seen["model"], seen["loss"]):
+        assert torch.equal(fed, x * 10 + 1) and torch.equal(to_loss, fed)
+        assert torch.equal(targets, F.one_hot(y, 2).float() * 0.9 + 0.05)
+
+
+def test_each_step_applies_its_own_gradient_and_the_schedule_counts_steps_across_epochs():
+    m, steps = Bias(), []
+
+    class Schedule:
+        def step_update(self, t):
+            steps.append(t)
+
+    loss_fn = lambda images, outputs, targets: (outputs * torch.tensor([3.0, 4.0])).sum() / len(outputs)  # noqa
+    batches = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 3  # gradient (3, 4) every step
+    train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=1.0), Schedule(),
+                    torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 2, Dist(), progress=False)
+    assert torch.equal(m.w.detach(), torch.tensor([-9.0, -12.0]))  # 3 steps of (3, 4), not 1 + 2 + 3 of them
+    assert steps == [6, 7, 8]  # epoch 2 of 3-step epochs: the lr of global steps 6..8

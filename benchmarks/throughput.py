@@ -747,6 +747,9 @@ def step_switches(settings: dict) -> list[str]:
     return [f"{k.replace('_', '-')} {settings[k]}" for k in STEP_SWITCHES if settings.get(k, "default") != "default"]
 
 
+ABOVE_CEILING = 1.10  # an end-to-end rate this far over the step alone is noise in the ceiling, not a loader's speed
+
+
 def print_tables(r: dict) -> None:
     m = r["machine"]
     print(f"\n{m['cpu']} x{m['cpu_count']}, GPU {m['gpu']}, torch {m['torch']}, timm {m['timm']}, "
@@ -783,6 +786,11 @@ def print_tables(r: dict) -> None:
             print(f"end to end {row['loader']:28s} {row['images_per_s']:9.1f} img/s = "
                   f"{row['fraction_of_ceiling']:.2f} of {row['ceiling_images_per_s']:.1f}, host waits "
                   f"{100 * row['host_wait_frac']:.0f} %" + bounds)
+        above = [row["loader"] for row in r["end_to_end"] if row["fraction_of_ceiling"] > ABOVE_CEILING]
+        if above:  # a loader cannot feed the step faster than the step runs alone: the ceiling read low
+            print(f"note: {', '.join(above)} ran over {ABOVE_CEILING:.2f} of the step alone, which no loader can: the "
+                  f"ceiling's rounds were slowed (a busy machine, or too few --steps and --repeats). Read no fraction "
+                  f"of this run; rerun on an idle machine.")
     if r.get("profile"):
         print(traces.HEADER)
         for row in r["profile"]:

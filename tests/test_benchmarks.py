@@ -320,6 +320,14 @@ def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_
     header = capsys.readouterr().out.strip()
     # the step's switches that are not at their defaults, then (on a GPU) CUDA's hardware queues
     assert header.endswith("batch 256, compile-mode reduce-overhead, CUDA connections 32")
+    row = {"model": "m", "workers": 1, "ceiling_images_per_s": 2.2, "host_wait_frac": 0.0}
+    throughput.print_tables({**result, "end_to_end": [  # a ceiling slowed by a busy machine (a helper's run: 19.5)
+        {**row, "loader": "shards_a", "images_per_s": 2.4, "fraction_of_ceiling": 2.4 / 2.2},
+        {**row, "loader": "shards_b", "images_per_s": 42.7, "fraction_of_ceiling": 42.7 / 2.2}]})
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: shards_b ran over 1.10 of the step alone, which no loader can: the ceiling's rounds were "
+                     "slowed (a busy machine, or too few --steps and --repeats). Read no fraction of this run; rerun "
+                     "on an idle machine."]
 
 
 def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_mean(monkeypatch):

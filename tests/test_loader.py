@@ -264,6 +264,24 @@ def test_val_resizes_the_shorter_side_to_floor_size_over_crop_pct_then_takes_the
     assert out.shape == (32, 32, 3) and np.abs(out - centre).max() <= 1
 
 
+@pytest.mark.parametrize("w,h", [(103, 72), (72, 103)])
+def test_val_truncates_the_long_side_and_rounds_the_centre_as_torchvisions_resize_and_centercrop(w, h):
+    # shorter side 72 -> 36: the long side 36 * 103 / 72 = 51.5 -> 51 (truncated, not rounded to 52), then a margin of
+    # 19 px: round(9.5) = 10 px off its start (not floor's 9)
+    rng = np.random.default_rng(2)
+    arr = np.kron(rng.integers(0, 256, (h // 3 + 1, w // 3 + 1, 3)), np.ones((3, 3, 1)))[:h, :w].astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # lossless: a pixel's shift shows in the blocks
+    out = ValTransform(32, crop_pct=0.875)(buf.getvalue()).astype(int)
+    ref = v2.Compose([v2.Resize(36), v2.CenterCrop(32)])(Image.fromarray(arr))  # torchvision's, on PIL
+    assert out.shape == (32, 32, 3) and np.abs(out - np.asarray(ref).astype(int)).max() <= 1
+
+
+def test_val_keeps_a_last_partial_batch(tiny_shards):
+    loader = TorchLoader(tiny_shards, load_manifest(tiny_shards), "val", batch_size=7, img_size=32, workers=0)
+    assert [len(y) for _, y in loader] == [7, 7, 7, 3] and len(loader) == 4  # 24 val images, none dropped
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_build_loader_hands_the_runs_filter_and_crops_to_the_pytorch_loaders_transforms(tiny_shards, split):
     from vitdeit.config import Config

@@ -841,3 +841,19 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
     with pytest.raises(DataError, match=re.escape(f"{data / 'val.X'}: 4 file(s) directly in the split folder (e.g. ")
                        + r".*LOC_val_solution\.csv"):
         pack(data, tmp_path / "s", progress=False)
+
+
+def test_a_class_index_counts_labels_classes_without_folders_too(data, tmp_path):
+    labels = json.loads((data / "Labels.json").read_text())
+    labels = {"n00000000": "first, no folder", **labels}  # sorts first: every packed class moves up by one
+    (data / "Labels.json").write_text(json.dumps(labels))
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+    wnids = sorted(labels)
+    packed = {}
+    for split in ("train", "val"):
+        for sh in m["splits"][split]["shards"]:
+            packed.update(read_tar(tmp_path / "s" / sh["file"]))
+    assert len(packed) == 20 and m["classes"] == wnids
+    for key, sample in packed.items():
+        index = wnids.index(input_files(data)[key][2].parent.name)  # the folder's WNID in the sorted Labels.json
+        assert index >= 1 and int(sample["cls"]) == index and struct.unpack("<i", sample["lbl"])[0] == index

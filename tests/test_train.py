@@ -1,5 +1,6 @@
 """train.py on CPU: learning, checkpoints, exact resume, eval-only, torchrun with 2 processes."""
 
+import dataclasses
 import json
 import math
 import os
@@ -244,13 +245,13 @@ def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
                       teacher_ckpt=str(weak / "t" / "best.pth")))
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path, loader, capsys):
+@pytest.mark.parametrize("loader, amp", [("torch", "fp16"), ("dali", "off")])  # fp16: the GradScaler's state too
+def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_path, loader, amp, capsys):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
     # drop-path on: its masks come from the global CPU generator, which nothing else may draw from differently in a
     # resumed process (a DataLoader's first iterator did, with persistent workers)
-    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2, loader=loader,
+    kw = dict(model="vit_tiny", epochs=2, lr=0.003, model_ema=True, batch_size=16, workers=2, loader=loader, amp=amp,
               drop_path=0.1, random_erasing=0.5,  # erasing too: its draws come from the global generators
               rand_augment="rand-m9-mstd0.5-inc1",  # each loader's own: timm's in workers, DALI's in its pipeline
               repeated_aug=3)  # DALI: an epoch reads a third of a pass, so the run is saved in mid-pass
@@ -276,8 +277,16 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
     b = torch.load(tmp_path / "b" / "vit_tiny" / "last.pth", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert a["scaler"] == b["scaler"] and bool(a["scaler"]) == (amp == "fp16")  # its scale and growth count
     metrics_b = [json.loads(x) for x in open(tmp_path / "b" / "vit_tiny" / "metrics.jsonl")]
     assert [r["epoch"] for r in metrics_b] == [0, 1]
+    if amp == "fp16":  # the scaler goes on from the saved state: a scale of 1024 (no overflow) 5 steps after its last
+        b["scaler"].update(scale=1024.0, _growth_tracker=5)
+        torch.save(b, tmp_path / "b" / "vit_tiny" / "last.pth")
+        train(cfg_for(tiny_shards, tmp_path / "b", resume=str(tmp_path / "b" / "vit_tiny" / "last.pth"),
+                      **{**kw, "epochs": 3}))
+        scaler = torch.load(tmp_path / "b" / "vit_tiny" / "last.pth", weights_only=True)["scaler"]
+        assert (scaler["scale"], scaler["_growth_tracker"]) == (1024.0, 5 + 6)  # 6 more steps, none skipped
 
 
 @pytest.mark.parametrize("change, named", [(dict(model="vit_tiny"), "--model resnet18 (this run: vit_tiny)"),
@@ -365,7 +374,6 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
 
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
         teacher_run, tmp_path, monkeypatch, capsys):
-    import dataclasses
     import shutil
 
     from vitdeit import trainer
@@ -723,6 +731,34 @@ def test_cuda_graphs_under_ddp_are_refused_before_any_work(tiny_shards, tmp_path
                                                      "under DDP are not supported here")):
         train(cfg_for(tiny_shards, tmp_path, compile="on", compile_mode="reduce-overhead"))
     assert not (tmp_path / "vit_tiny").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_restores_its_own_train_loader_state(teacher_run, tmp_path, monkeypatch, rank):
+    import shutil
+
+    from vitdeit import trainer
+    from vitdeit.distributed import Dist
+
+    cfg, _ = teacher_run
+    run = tmp_path / "teacher"
+    shutil.copytree(os.path.join(cfg.output_dir, "teacher"), run)
+    state = torch.load(run / "last.pth", weights_only=True)
+    torch.save({**state, "loader_states": [{"of rank": 0}, {"of rank": 1}]}, run / "last.pth")  # a 2-process run's
+    handed = {}
+
+    class Stopped(Exception):
+        pass
+
+    def build_loader(cfg, manifest, split, dist, state=None):
+        handed[split] = state
+        raise Stopped
+
+    monkeypatch.setattr(trainer, "setup", lambda device: Dist(rank=rank, world=2))  # as torchrun's rank of 2
+    monkeypatch.setattr(trainer, "build_loader", build_loader)
+    with pytest.raises(Stopped):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path), epochs=9, resume=str(run / "last.pth")))
+    assert handed == {"train": {"of rank": rank}}
 
 
 def fake_val(monkeypatch, values):

@@ -218,6 +218,7 @@ def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_bot
     assert (same, both) == (5, 4)
     assert (comp["agreement"], comp["both_right"], comp["val_images"]) == (pytest.approx(100 * 5 / 12),
                                                                           pytest.approx(100 * 4 / 12), 12)
+    assert comp["classes_without_val_images"] == ["n00000004"]
 
 
 def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
@@ -239,6 +240,11 @@ def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
     assert section[-3:] == ["| alpha | n00000001 | 2 | 0.0 | 100.0 | +100.0 |",  # largest gain first
                             "| beta | n00000002 | 2 | 50.0 | 50.0 | +0.0 |",
                             "| gamma | n00000003 | 2 | 100.0 | 50.0 | -50.0 |"]
+    assert comp["classes_without_val_images"] == []
+    md = report_markdown([run], {**comp, "data_path": "/data/other", "classes_without_val_images": ["n00000009"]},
+                         ("ViT", "DeiT")).splitlines()  # viz.py --data-path: the shards of this pass, named
+    assert "## Where ViT and DeiT differ (6 val images of /data/other)" in md
+    assert md[-1] == "No row for 1 class(es) with no val images here: n00000009."
 
 
 def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():

@@ -172,7 +172,8 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
     return {"per_class": per_class, "gains": [r for r in by_delta[::-1][:top] if r["delta"] > 0],
             "losses": [r for r in by_delta[:top] if r["delta"] < 0],
             "agreement": 100 * float(np.mean(vit.pred == deit.pred)), "both_right": 100 * float(np.mean(both_right)),
-            "val_images": int(len(vit.labels))}
+            "val_images": int(len(vit.labels)),
+            "classes_without_val_images": [w for c, w in enumerate(class_map.wnids) if not (vit.labels == c).any()]}
 
 
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:
@@ -205,7 +206,8 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
             if elsewhere:  # then the teacher row's figure is not this one: say why
                 lines[-1] += (f" The teacher row is its own run's best epoch, on {teacher['data_path']} at "
                               f"{teacher['img_size']} px.")
-    lines += ["", f"## Where {v} and {d} differ ({comp['val_images']} val images)", "",
+    lines += ["", f"## Where {v} and {d} differ ({comp['val_images']} val images"
+                  f"{' of ' + comp['data_path'] if comp.get('data_path') else ''})", "",
               f"They predict the same class on {comp['agreement']:.1f}% of the val images; both are right on "
               f"{comp['both_right']:.1f}%.", ""]
     for title, rows in ((f"Classes {d} gains most", comp["gains"]), (f"Classes {d} loses most", comp["losses"])):
@@ -215,6 +217,8 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     for r in sorted(comp["per_class"], key=lambda r: -r["delta"]):
         lines.append(f"| {r['name']} | {r['class']} | {r['images']} | {r['vit_top1']:.1f} | {r['deit_top1']:.1f} | "
                      f"{r['delta']:+.1f} |")
+    if missing := comp.get("classes_without_val_images"):  # shards packed with --allow-missing-classes
+        lines += ["", f"No row for {len(missing)} class(es) with no val images here: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -316,7 +320,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for name in runs]
     curves = curves_figure(metrics)
     save_output(rdir / "curves.png", lambda path: curves.savefig(path, dpi=110), KEPT, flag="--report-dir")
-    comp = comparison(class_map, vit, deit)
+    comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"))),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):
         save_output(rdir / name, lambda path: path.write_text(text), KEPT, flag="--report-dir")  # (called at once)

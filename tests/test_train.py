@@ -315,19 +315,34 @@ def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teac
         train(cfg_for(cfg.data_path, tmp_path, model="resnet18", lr=0.005, batch_size=1024, resume=last))
 
 
-def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, tmp_path, capsys):
+def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, tmp_path, capsys, monkeypatch):
+    from vitdeit import trainer
+
     cfg, _ = teacher_run
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
-    same = dict(model="resnet18", epochs=3, lr=0.005, resume=last)  # the teacher's recipe; its 3 epochs are done
-    train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
-    assert "settings differ" not in capsys.readouterr().out
-    train(cfg_for(cfg.data_path, tmp_path / "b", **same, interpolation="bicubic", random_erasing=0.25))
+    same = dict(model="resnet18", epochs=4, lr=0.005, resume=last)  # the teacher's recipe, one epoch more
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(trainer, "train_one_epoch", stop)  # the notes come before the first epoch
+    with pytest.raises(Stopped):
+        train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
+    assert (f"note: --resume: settings differ from {last}'s: --epochs 3 -> 4; the run goes on with this "
+            f"invocation's (to keep the saved ones, drop these flags, or pass --config RUN_DIR/config.json)"
+            ) in capsys.readouterr().out
+    with pytest.raises(Stopped):
+        train(cfg_for(cfg.data_path, tmp_path / "b", **same, interpolation="bicubic", random_erasing=0.25))
     out = capsys.readouterr().out
-    assert (f"note: --resume: settings differ from {last}'s: --interpolation 'bilinear' -> 'bicubic', "
-            f"--random-erasing 0.0 -> 0.25; the run goes on with this invocation's") in out
+    assert (f"note: --resume: settings differ from {last}'s: --interpolation 'bilinear' -> 'bicubic', --epochs 3 "
+            f"-> 4, --random-erasing 0.0 -> 0.25; the run goes on with this invocation's") in out
     assert "was trained with the" not in out
     pytest.importorskip("nvidia.dali")  # the same recipe on the other loader (auto picks DALI on a GPU)
-    train(cfg_for(cfg.data_path, tmp_path / "c", **same, loader="dali"))
+    with pytest.raises(Stopped):
+        train(cfg_for(cfg.data_path, tmp_path / "c", **same, loader="dali"))
     assert (f"note: --resume: {last} was trained with the torch loader, this run reads with dali (--loader dali): "
             f"crops and augmentations are drawn the new loader's way from here on (--loader torch keeps the old)"
             ) in capsys.readouterr().out

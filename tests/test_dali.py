@@ -1,7 +1,5 @@
 """The DALI loader in CPU mode (device_id=None): the same pipeline definition the GPU runs with `mixed`."""
 
-import json
-import math
 import os
 import warnings
 

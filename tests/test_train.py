@@ -45,6 +45,19 @@ FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False,
             crop_scale_min=0.5, drop_path=0.0)
 
 
+class Stopped(Exception):
+    """What a stubbed step of train() raises: the set-up before it ran, nothing after it."""
+
+
+def stop_before_the_first_epoch(monkeypatch) -> None:
+    from vitdeit import trainer
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(trainer, "train_one_epoch", stop)
+
+
 def cfg_for(shards, out, **kw) -> Config:
     return Config(data_path=str(shards), output_dir=str(out), **{**FAST, **kw})
 
@@ -316,19 +329,12 @@ def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teac
 
 
 def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, tmp_path, capsys, monkeypatch):
-    from vitdeit import trainer
 
     cfg, _ = teacher_run
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
     same = dict(model="resnet18", epochs=4, lr=0.005, resume=last)  # the teacher's recipe, one epoch more
 
-    class Stopped(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stopped
-
-    monkeypatch.setattr(trainer, "train_one_epoch", stop)  # the notes come before the first epoch
+    stop_before_the_first_epoch(monkeypatch)  # the notes come before it
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
     assert (f"note: --resume: settings differ from {last}'s: --epochs 3 -> 4; the run goes on with this "
@@ -391,7 +397,6 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
         teacher_run, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from vitdeit import trainer
     from vitdeit.errors import MissingFile, SettingError
 
     cfg, _ = teacher_run
@@ -418,13 +423,7 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     assert f"{run / 'last.pth'} has trained 3 epoch(s), --epochs 2: nothing to do, nothing written" in (
         capsys.readouterr().out)
 
-    class Stopped(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stopped
-
-    monkeypatch.setattr(trainer, "train_one_epoch", stop)
+    stop_before_the_first_epoch(monkeypatch)
     other = tmp_path / "other"  # --overwrite, resuming another folder's run: none of this folder's old run stays
     shutil.copytree(run, other)
     torch.save({"stale": True}, other / "last.pth")
@@ -441,7 +440,6 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
 def test_a_run_on_shards_packed_with_classes_missing_names_them_before_training(tmp_path, monkeypatch, capsys):
     import shutil
 
-    from vitdeit import trainer
 
     data = small_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2)
     gone = sorted(p.name for p in (data / "val.X").iterdir())[1]
@@ -449,13 +447,7 @@ def test_a_run_on_shards_packed_with_classes_missing_names_them_before_training(
         shutil.rmtree(d / gone, ignore_errors=True)
     pack(data, tmp_path / "shards", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
 
-    class Stopped(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stopped
-
-    monkeypatch.setattr(trainer, "train_one_epoch", stop)  # the warnings come before the first epoch
+    stop_before_the_first_epoch(monkeypatch)  # the warnings come before it
     with pytest.raises(Stopped):
         train(cfg_for(tmp_path / "shards", tmp_path / "runs", batch_size=4))
     out = capsys.readouterr().out
@@ -761,9 +753,6 @@ def test_each_rank_restores_its_own_train_loader_state(teacher_run, tmp_path, mo
     state = torch.load(run / "last.pth", weights_only=True)
     torch.save({**state, "loader_states": [{"of rank": 0}, {"of rank": 1}]}, run / "last.pth")  # a 2-process run's
     handed = {}
-
-    class Stopped(Exception):
-        pass
 
     def build_loader(cfg, manifest, split, dist, state=None):
         handed[split] = state

@@ -293,7 +293,7 @@ def main(argv=None) -> int:
                   "above by hand, as it says).", file=sys.stderr)
             return 130
         if failed:
-            print(f"demo: this step failed; see the error above.", file=sys.stderr)
+            print("demo: this step failed; see the error above.", file=sys.stderr)
             return 1
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:\n  {out / 'vit_vs_deit_random10.png'}\n"
           f"  {out / 'runs' / 'report' / 'report.md'} and curves.png\n  {out / 'runs'}/*/metrics.jsonl")

@@ -280,8 +280,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                    f"says where they differ from timm's); --loader torch runs timm's own")
     distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
     if distill == "none" and (cfg.teacher_ckpt or cfg.teacher_weights):
-        dist.print(f"warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
-                   f"--distillation-type other than none; this run trains without a teacher")
+        dist.print("warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
+                   "--distillation-type other than none; this run trains without a teacher")
     if cfg.warmup_epochs >= cfg.epochs:
         dist.print(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
                    f"and never reaches the peak lr {lr:.3g}")

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
                    help="re-encode images whose shorter side exceeds S px down to S (default: keep originals)")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
                    help="JPEG quality of re-encoded images (default: %(default)s)")
-    p.add_argument(SKIP_FLAG, action="store_true", help="skip files that are not readable images (listed in manifest.json)")
+    p.add_argument(SKIP_FLAG, action="store_true",
+                   help="skip files that are not readable images (listed in manifest.json)")
     p.add_argument(ALLOW_MISSING_FLAG, action="store_true",
                    help="pack even if some classes of Labels.json have no train or no val images (default: refused)")
     p.add_argument("--overwrite", action="store_true",

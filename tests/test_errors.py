@@ -4,6 +4,7 @@ import errno
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,13 +57,19 @@ def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_
         with pytest.raises(DataError, match=re.escape(f"no_{key}.pth: not a vitdeit checkpoint (missing ['{key}'])")):
             load_checkpoint(tmp_path / f"no_{key}.pth")
     torch.save({**whole, "extra": RunsCode()}, tmp_path / "code.pth")
-    with pytest.raises(DataError, match=r"code\.pth: cannot be read by torch\.load\(weights_only=True\) \(what it "
-                                        r"unpickles is not tensors and plain containers: Trying to load "
-                                        r"unsupported GLOBAL posix\.mkdir"):  # the reason, not torch's page of advice
+    with pytest.raises(DataError, match=r"code\.pth: cannot be read by torch\.load\(weights_only=True\) \(it holds "
+                                        r"more than tensors and plain containers: Trying to load unsupported GLOBAL "
+                                        r"posix\.mkdir"):  # the reason, not torch's page of advice
         load_checkpoint(tmp_path / "code.pth")
-    (tmp_path / "labels.pth").write_text('{"n00000001": "a"}')  # a text file passed as a checkpoint
-    with pytest.raises(DataError, match=r"labels\.pth: .* plain containers: Unsupported operand 123\); copy it again"):
-        load_checkpoint(tmp_path / "labels.pth")
+    torch.save({**whole, "best_top1": np.float64(71.2)}, tmp_path / "numpy.pth")  # torch's other form of refusal
+    with pytest.raises(DataError, match=r"numpy\.pth: .*\(it holds more than tensors and plain containers: "
+                                        r"Unsupported global: GLOBAL numpy"):
+        load_checkpoint(tmp_path / "numpy.pth")
+    for name, text in (("labels.pth", '{"n00000001": "a"}'), ("notes.pth", "hello world\n")):  # text, not a .pth
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=re.escape(f"{name}: not a file torch.save wrote (it starts with "
+                                                      f"{text[:4].encode()!r}, not a zip archive or a pickle)")):
+            load_checkpoint(tmp_path / name)
     assert not (tmp_path / "ran").exists()
 
 

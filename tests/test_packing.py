@@ -299,7 +299,9 @@ def test_classes_without_train_or_val_images_are_refused_naming_them_unless_allo
     assert str(e.value).splitlines()[1:3] == [
         f"  train (train.X1/, train.X2/, train.X3/, train.X4/): 2 of 3 classes, {first}, n99999998",
         "  val (val.X/): 1 of 3 classes, n99999998"]
-    assert "--allow-missing-classes" in str(e.value) and not (tmp_path / "s").exists()  # refused before any write
+    assert str(e.value).endswith("Add the missing split or class folders (a train.X* folder not unpacked?), or pass "
+                                 "--allow-missing-classes to pack them as they are.")
+    assert not (tmp_path / "s").exists()  # refused before any write
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
     assert m["splits"]["train"]["class_counts"][first] == 0 and m["splits"]["val"]["class_counts"][first] == 2
     assert m["options"]["allow_missing_classes"] is True
@@ -309,7 +311,8 @@ def test_classes_left_without_images_by_skipped_files_are_refused_after_packing(
     val = data / "val.X" / sorted(json.loads((data / "Labels.json").read_text()))[0]
     for f in val.iterdir():
         f.write_bytes(b"not a jpeg")  # every val image of one class unreadable
-    with pytest.raises(DataError, match=r"no images left once unreadable files were skipped .*\n  val \(val.X/\): 1 "):
+    with pytest.raises(DataError, match=r"no images left once unreadable files were skipped .*\n  val \(val.X/\): 1 "
+                       r"(.|\n)*Fix or replace the 2 unreadable file\(s\) \(e\.g\. .*UnidentifiedImageError"):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
     assert not (tmp_path / "s" / "manifest.json").exists()
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, allow_missing_classes=True),
@@ -820,9 +823,8 @@ def test_an_out_folder_holding_another_datasets_shards_is_refused_unless_overwri
     assert pack(data, out, opts=PackOptions(workers=1), progress=False)["splits"]["train"]["num_samples"] == 16
     m = pack(other, out, opts=PackOptions(workers=1), progress=False, overwrite=True)
     assert m["source"]["data_path"] == str(other.resolve()) and m["splits"]["train"]["num_samples"] == 8
-    (out / "manifest.json").write_text("{not json")
-    with pytest.raises(DataError, match="holds a manifest.json this packer cannot read, not from"):
-        pack(other, out, opts=PackOptions(workers=1), progress=False)
+    (out / "manifest.json").write_text("{not json")  # damaged: load_manifest's advice is to pack again, so it goes on
+    assert pack(data, out, opts=PackOptions(workers=1), progress=False)["source"]["data_path"] == str(data.resolve())
 
 
 def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, tmp_path):
@@ -857,3 +859,23 @@ def test_a_class_index_counts_labels_classes_without_folders_too(data, tmp_path)
     for key, sample in packed.items():
         index = wnids.index(input_files(data)[key][2].parent.name)  # the folder's WNID in the sorted Labels.json
         assert index >= 1 and int(sample["cls"]) == index and struct.unpack("<i", sample["lbl"])[0] == index
+
+
+def test_a_file_that_cannot_be_read_is_listed_with_its_error_not_taken_for_an_empty_one(data, tmp_path, monkeypatch):
+    from pathlib import Path as P
+
+    files = sorted(data.glob("train.X*/*/*.JPEG"))
+    files[0].write_bytes(b"")  # an empty file, then unreadable ones (the first of its shard among them, below)
+    failing = {str(f) for f in files[1:3]}
+    read = P.read_bytes
+
+    def read_bytes(self):
+        if str(self) in failing:
+            raise OSError(5, "Input/output error", str(self))
+        return read(self)
+
+    monkeypatch.setattr(P, "read_bytes", read_bytes)
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=1, skip_bad=True), progress=False)
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert reasons[str(files[0])] == "an empty file (0 bytes)"
+    assert all(reasons[f] == f"OSError: [Errno 5] Input/output error: '{f}'" for f in failing)

@@ -319,6 +319,19 @@ def test_resuming_with_another_recipe_is_a_setting_error_naming_it(teacher_run, 
         train(cfg_for(cfg.data_path, tmp_path, **{"model": "resnet18", "lr": 0.005, **change}, resume=last))
 
 
+@pytest.mark.parametrize("saved, now, advice", [(0.0, 0.05, "Resume with --weight-decay 0.0, or drop --resume"),
+                                                 (0.1, 0.0, "Resume with a non-zero --weight-decay (the run's: 0.1)")])
+def test_a_resume_to_or_from_no_weight_decay_is_refused_with_the_way_back(saved, now, advice):
+    from vitdeit.errors import SettingError
+    from vitdeit.trainer import check_resumable
+
+    cfg = Config(model="vit_tiny", weight_decay=now, resume="runs/x/last.pth")
+    expected = f"runs/x/last.pth was trained with --weight-decay {saved}, this run has {now}: a weight decay of 0 keeps"
+    with pytest.raises(SettingError, match=re.escape(expected) + ".*" + re.escape(advice)):
+        check_resumable({**cfg.to_dict(), "weight_decay": saved}, cfg)
+    check_resumable({**cfg.to_dict(), "weight_decay": 0.3 if now else 0.0}, cfg)  # either side of 0: fine
+
+
 def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teacher_run, tmp_path):
     cfg, _ = teacher_run
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
@@ -329,7 +342,6 @@ def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teac
 
 
 def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, tmp_path, capsys, monkeypatch):
-
     cfg, _ = teacher_run
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
     same = dict(model="resnet18", epochs=4, lr=0.005, resume=last)  # the teacher's recipe, one epoch more
@@ -338,7 +350,7 @@ def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, t
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
     assert (f"note: --resume: settings differ from {last}'s: --epochs 3 -> 4; the run goes on with this "
-            f"invocation's (to keep the saved ones, drop these flags, or pass --config RUN_DIR/config.json)"
+            f"invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)"
             ) in capsys.readouterr().out
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "b", **same, interpolation="bicubic", random_erasing=0.25))
@@ -440,7 +452,6 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
 def test_a_run_on_shards_packed_with_classes_missing_names_them_before_training(tmp_path, monkeypatch, capsys):
     import shutil
 
-
     data = small_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=2)
     gone = sorted(p.name for p in (data / "val.X").iterdir())[1]
     for d in data.glob("train.X*"):
@@ -451,7 +462,7 @@ def test_a_run_on_shards_packed_with_classes_missing_names_them_before_training(
     with pytest.raises(Stopped):
         train(cfg_for(tmp_path / "shards", tmp_path / "runs", batch_size=4))
     out = capsys.readouterr().out
-    assert (f"warning: 1 of the 3 classes have no train images in {tmp_path / 'shards'} ({gone}): the model has "
+    assert (f"warning: 1 of the 3 classes has no train images in {tmp_path / 'shards'} ({gone}): the model has "
             f"outputs for them that it never learns") in out
     assert "no val images" not in out
 

@@ -56,18 +56,29 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
 
 def torch_load(path: Path, what: str):
     """torch.load on the CPU, tensors and plain containers only; a file it cannot read is a DataError naming it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or the pickle of torch before 1.6
+        raise DataError(f"{what} {path}: not a file torch.save wrote (it starts with {head!r}, not a zip archive or "
+                        f"a pickle); pass a .pth checkpoint.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated copy, not a torch file, pickled code
-        why = f"{type(e).__name__}: {first_line(e)}"
-        text = str(e)
-        if text.startswith("Weights only load failed"):  # torch's page of advice around the one line of reason
-            lines = [line.strip() for line in text.replace("WeightsUnpickler error:", "\n").splitlines()[1:]]
-            reason = [line for line in lines if line and not line.startswith(("Please file", "Check the doc"))]
-            if reason:
-                why = f"what it unpickles is not tensors and plain containers: {first_line(Exception(reason[0]))}"
-        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({why}); copy it again or "
-                        f"pass another file.") from e
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated copy, pickled code or objects
+        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({load_failure(e)}); copy "
+                        f"it again or pass another file.") from e
+
+
+def load_failure(e: Exception) -> str:
+    """The reason in torch.load's error: a weights-only refusal wraps its one line in a page of advice."""
+    text = str(e)
+    if text.startswith("Weights only load failed"):
+        marker = "WeightsUnpickler error:"  # (torch 2.14 writes it before some reasons, not others)
+        lines = text.split(marker, 1)[1].splitlines() if marker in text else text.splitlines()[1:]
+        reason = [line.strip() for line in lines
+                  if line.strip() and not line.strip().startswith(("Please file", "Check the doc", "(1)", "(2)"))]
+        if reason:
+            return f"it holds more than tensors and plain containers: {first_line(Exception(reason[0]))}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: str = "checkpoint") -> None:

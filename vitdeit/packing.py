@@ -223,11 +223,10 @@ def check_same_source(out: Path, source: str) -> None:
     try:
         earlier = json.loads((out / MANIFEST_NAME).read_text()).get("source", {}).get("data_path")
     except (OSError, ValueError, AttributeError):
-        earlier = None  # not a manifest this packer can read: say so rather than guess
-    if earlier != source:
-        what = f"shards packed from {earlier}" if earlier else f"a {MANIFEST_NAME} this packer cannot read"
-        raise DataError(f"--out {out}: holds {what}, not from {source}; pass another --out, or --overwrite to "
-                        f"replace them.")
+        earlier = None  # a damaged manifest (load_manifest's advice is this rerun): it names no other source
+    if earlier and earlier != source:
+        raise DataError(f"--out {out}: holds shards packed from {earlier}, not from {source}; pass another --out, "
+                        f"or --overwrite to replace them.")
 
 
 # ---------------------------------------------------------------- per image
@@ -360,13 +359,14 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
         sink = webdataset.TarWriter(f, user="vitdeit", group="vitdeit", mtime=0)
         try:
             for s in sources:
+                raw = None  # (a read error leaves it None: not an empty file, and not the last file's bytes)
                 try:
                     raw = Path(s.path).read_bytes()
                     data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
                 except Exception as e:  # PIL raises many types for corrupt files
                     why = ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e))
-                    result.bad.append((s.path, "an empty file (0 bytes)" if not raw else  # (raw: read before any raise
-                                       f"{type(e).__name__}: {why}"))  # but a read error's) (e's text names no file)
+                    result.bad.append((s.path, "an empty file (0 bytes)" if raw == b"" else
+                                       f"{type(e).__name__}: {why}"))  # (e's text names an in-memory file)
                     continue
                 result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
                 if change:
@@ -415,7 +415,8 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         if not srcs:
             raise DataError(f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files.")
     check_classes({split: Counter(s.label for s in srcs) for split, srcs in sources.items()}, class_map, split_dirs,
-                  labels_path, opts, found="found")
+                  labels_path, opts, found="found", fix="Add the missing split or class folders (a train.X* folder not "
+                  "unpacked?)")
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
@@ -557,14 +558,16 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
             "shards": [{"file": f"{r.name}.tar", "index": f"{r.name}.idx", "num_samples": r.num_samples,
                         "bytes": r.bytes} for r in rs],
         }
-    check_classes(packed, class_map, split_dirs, labels_path, opts, found=f"left once unreadable files were skipped "
-                  f"(no {out / MANIFEST_NAME}; the shards are kept for the rerun)")
+    if bad:  # (only with --skip-bad: without it, unreadable files stopped the run above)
+        check_classes(packed, class_map, split_dirs, labels_path, opts, found=f"left once unreadable files were "
+                      f"skipped (no {out / MANIFEST_NAME}; the shards are kept for the rerun)", fix=f"Fix or replace "
+                      f"the {len(bad)} unreadable file(s) (e.g. {bad[0][1]}: {bad[0][2]})")
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
 
 
 def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, labels_path, opts: PackOptions,
-                  found: str) -> None:
+                  found: str, fix: str) -> None:
     """Every class of Labels.json needs train images to be learnt and val images to be scored: one with none in a
     split is a split folder not unpacked or a class folder lost (train.X4 left out is 25 of ImageNet-100's classes),
     unless --allow-missing-classes says the subset is meant. counts: split -> class index -> images."""
@@ -575,5 +578,4 @@ def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, l
              f"classes, {', '.join(m[:10])}{' ...' if len(m) > 10 else ''}" for split, m in missing.items() if m]
     raise DataError(f"classes of {labels_path} with no images {found}:\n" + "\n".join(lines) + "\n"
                     f"A model trained on these shards would keep outputs it never learns (no train images) or is "
-                    f"never scored on (no val images). Add the missing split or class folders, pass --labels with "
-                    f"only the classes you have, or pass {ALLOW_MISSING_FLAG} to pack them as they are.")
+                    f"never scored on (no val images). {fix}, or pass {ALLOW_MISSING_FLAG} to pack them as they are.")

@@ -157,11 +157,12 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
 
 def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: int = 5) -> dict:
     """Per-class top-1 of both, the classes DeiT gains and loses most, and how often the two agree."""
-    n = len(class_map)
-    per_class = []
-    for c in range(n):
+    per_class, without = [], []
+    for c in range(len(class_map)):
         mask = vit.labels == c
-        if mask.any():
+        if not mask.any():
+            without.append(class_map.wnids[c])
+        else:
             per_class.append({"class": class_map.wnids[c], "name": class_map.short_name(c), "images": int(mask.sum()),
                               "vit_top1": 100 * float(np.mean(vit.pred[mask] == c)),
                               "deit_top1": 100 * float(np.mean(deit.pred[mask] == c))})
@@ -173,7 +174,7 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
             "losses": [r for r in by_delta[:top] if r["delta"] < 0],
             "agreement": 100 * float(np.mean(vit.pred == deit.pred)), "both_right": 100 * float(np.mean(both_right)),
             "val_images": int(len(vit.labels)),
-            "classes_without_val_images": [w for c, w in enumerate(class_map.wnids) if not (vit.labels == c).any()]}
+            "classes_without_val_images": without}
 
 
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:

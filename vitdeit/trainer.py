@@ -126,7 +126,8 @@ def check_resumable(saved: dict, cfg: Config) -> None:
         raise SettingError(f"--resume {cfg.resume} was trained with --weight-decay {wd}, this run has "
                            f"{cfg.weight_decay}: a weight decay of 0 keeps the parameters in one group, any other in "
                            f"two (norms and biases undecayed), so its optimiser state does not fit. Resume with "
-                           f"--weight-decay {wd} (another non-zero value is fine), or drop --resume for a new run.")
+                           + (f"--weight-decay {wd}" if wd == 0 else f"a non-zero --weight-decay (the run's: {wd})")
+                           + ", or drop --resume for a new run.")
 
 
 def recipe_changes(saved: dict, cfg: Config) -> list[str]:
@@ -272,7 +273,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"warning: {w.message}")
     for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
         if empty := [w for w, n in manifest["splits"][split]["class_counts"].items() if n == 0]:
-            dist.print(f"warning: {len(empty)} of the {num_classes} classes have no {split} images in "
+            dist.print(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
+                       f"{split} images in "
                        f"{cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the model has outputs "
                        f"for them that it {role}")
     if cfg.rand_augment and train_loader.name == "dali":
@@ -341,7 +343,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         changed = recipe_changes(resumed["config"], cfg)
         if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
             dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
-                       f"with this invocation's (to keep the saved ones, drop these flags, or pass --config RUN_DIR/config.json)")
+                       f"with this invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)")
         net.load_state_dict(resumed["model"])
         saved = resumed["optimizer"]
         if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
@@ -351,7 +353,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                                                zip(saved["param_groups"], optimizer.state_dict()["param_groups"])]}
         try:
             optimizer.load_state_dict(saved)
-        except ValueError as e:  # other parameter groups: --weight-decay 0 has one group, else two
+        except ValueError as e:  # other parameter groups (a change to or from weight decay 0 is refused earlier)
             raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
                                f"resume with the saved recipe: --config RUN_DIR/config.json --resume ...") from e
         # the schedule is not restored: step_update() recomputes the lr from the step count every step, and

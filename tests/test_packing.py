@@ -231,12 +231,14 @@ def test_an_empty_file_is_named_as_such(data, tmp_path):
         str(text): "UnidentifiedImageError: not an image Pillow can identify"}
 
 
-def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(data, tmp_path):
+def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(data, tmp_path, capsys):
     bad = break_two(data)
     with pytest.raises(DataError):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
     good = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in (tmp_path / "s").glob("*.tar")}  # no bad file in them
-    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True), progress=False)
+    capsys.readouterr()
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True))  # as the command line
+    assert capsys.readouterr().out == f"reused {len(good)} of 5 shards an earlier run wrote (same inputs and options)\n"
     # 16 train and 4 val images in shards of 4: a shard that held a bad file is the one now short of 4
     whole = {s["file"] for split in ("train", "val") for s in m["splits"][split]["shards"] if s["num_samples"] == 4}
     assert {f.name for f in good} == whole and len(whole) < 5

@@ -89,6 +89,7 @@ class ShardResult:
     converted: list[tuple[str, str]] = field(default_factory=list)  # (path, what was done)
     hashes: list[tuple[str, str]] = field(default_factory=list)  # (sha1 of source bytes, path)
     bytes: int = 0
+    reused: bool = False  # this run found the shard written by an earlier one (same inputs and options)
 
 
 # ---------------------------------------------------------------- scanning
@@ -340,7 +341,7 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
         if (done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad"))
                 and tar_path.stat().st_size == done.get("bytes") and index_count(idx_path) == done.get("num_samples")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
-            return ShardResult(**done)
+            return ShardResult(**{**done, "reused": True})
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that
     # would pair them with another run's inputs
     record.unlink(missing_ok=True)
@@ -455,6 +456,9 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
                     partial.unlink()
         raise
     results.sort(key=lambda r: r.name)
+    if progress and any(r.reused for r in results):  # (the command line's: a rerun says what it did not redo)
+        print(f"reused {sum(r.reused for r in results)} of {len(results)} shards an earlier run wrote (same inputs "
+              f"and options)")
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
 
 

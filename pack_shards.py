@@ -15,6 +15,7 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
+from vitdeit.classes import classes_without_images
 from vitdeit.config import refuse_below
 from vitdeit.errors import VitdeitError
 from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     for split, s in m["splits"].items():
         n, dirs = len(s["shards"]), ", ".join(d + "/" for d in s["source_dirs"])
         print(f"{split}: {s['num_samples']} images of {s['input_files']} from {dirs} in {n} shard{'s' * (n != 1)}")
-        empty = [w for w, n in s["class_counts"].items() if n == 0]
+        empty = classes_without_images(m, split)
         if empty:  # packed with --allow-missing-classes (a subset of Labels.json on purpose): still said
             have = "has" if len(empty) == 1 else "have"
             print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json {have} no {split} images: "

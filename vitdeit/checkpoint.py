@@ -77,7 +77,7 @@ def load_failure(e: Exception) -> str:
         reason = [line.strip() for line in lines
                   if line.strip() and not line.strip().startswith(("Please file", "Check the doc", "(1)", "(2)"))]
         if reason:
-            return f"it holds more than tensors and plain containers: {first_line(Exception(reason[0]))}"
+            return f"it holds more than tensors and plain containers: {first_line(reason[0])}"
     return f"{type(e).__name__}: {first_line(e)}"
 
 

@@ -121,5 +121,10 @@ def load_manifest(shards_dir: str | Path) -> dict:
     return manifest
 
 
+def classes_without_images(manifest: dict, split: str) -> list[str]:
+    """The WNIDs of the split with no images (shards packed with --allow-missing-classes), in class order."""
+    return [w for w, n in manifest["splits"][split]["class_counts"].items() if n == 0]
+
+
 def manifest_class_map(manifest: dict) -> ClassMap:
     return ClassMap(tuple(manifest["classes"]), tuple(manifest["labels"][w] for w in manifest["classes"]))

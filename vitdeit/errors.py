@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 
-def first_line(e: Exception, limit: int = 160) -> str:
-    """The start of an exception's message, for a one-line error that quotes it: torch's can run to a page."""
+def first_line(e: Exception | str, limit: int = 160) -> str:
+    """The start of an exception's message (or a text), for a one-line error that quotes it: torch's can run to a
+    page."""
     line = (str(e).splitlines() or [""])[0]
     return line if len(line) <= limit else line[: limit - 3] + "..."
 

@@ -148,8 +148,8 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path,
                 hidden.append(str(class_dir))
                 continue
             if not class_dir.is_dir():
-                loose = [f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
                 if class_dir.suffix.lower() in IMAGE_SUFFIXES:  # ILSVRC's val as downloaded: 50,000 in one folder
+                    loose = [f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
                     raise DataError(f"{d}: {len(loose)} file(s) directly in the split folder (e.g. {class_dir.name});"
                                     f" its images go in WNID class folders ({d}/WNID/NAME.JPEG). ILSVRC's val images "
                                     f"come unsorted: move each into its class's folder (the download's "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
-from .classes import MANIFEST_NAME, load_manifest, manifest_class_map
+from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map
 from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
@@ -272,11 +272,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     for w in caught:
         dist.print(f"warning: {w.message}")
     for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
-        if empty := [w for w, n in manifest["splits"][split]["class_counts"].items() if n == 0]:
+        if empty := classes_without_images(manifest, split):
             dist.print(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
-                       f"{split} images in "
-                       f"{cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the model has outputs "
-                       f"for them that it {role}")
+                       f"{split} images in {cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the "
+                       f"model has outputs for them that it {role}")
     if cfg.rand_augment and train_loader.name == "dali":
         dist.print(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")

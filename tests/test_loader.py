@@ -140,7 +140,7 @@ def test_the_train_loader_flips_half_the_images_and_crops_at_the_configured_scal
     assert 0.3 < min(flipped, 1 - flipped) and max(flipped, 1 - flipped) < 0.7, flipped
 
 
-@pytest.mark.parametrize("n,world", [(96, 1), (96, 3), (97, 4), (10, 8)])
+@pytest.mark.parametrize("n,world", [(96, 1), (96, 3), (97, 4), (10, 8), (3, 8)])  # 3 < 8 / 2: wraps twice
 def test_train_ranks_are_disjoint_equal_sized_and_cover_everything(n, world):
     parts = [RankSampler(n, r, world, shuffle=True, seed=3).indices() for r in range(world)]
     assert len({len(p) for p in parts}) == 1 and len(parts[0]) == math.ceil(n / world)
@@ -338,6 +338,20 @@ def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
     assert sum(not np.array_equal(o, plain(data, random.Random(s))) for s, o in enumerate(outs)) >= 5
 
 
+def test_rand_augment_leaves_the_global_generators_as_it_found_them(tiny_shards):
+    """With --workers 0 the transform runs in the main process, where Mixup, CutMix and erasing draw from the global
+    `random` and `np.random` that seed_everything seeds per epoch: the next draws are those of that seed."""
+    data, _ = ShardSamples(tiny_shards, load_manifest(tiny_shards), "train").raw(0)
+    aug = TrainTransform(32, rand_augment="rand-m9-mstd0.5-inc1")
+    random.seed(7)
+    np.random.seed(7)
+    want = random.random(), np.random.beta(0.8, 0.8)
+    random.seed(7)
+    np.random.seed(7)
+    aug(data, random.Random(1))
+    assert (random.random(), np.random.beta(0.8, 0.8)) == want
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 def test_rand_augments_warps_resample_with_the_runs_filter_as_timms_create_transform_does(mode):
     from PIL import Image
@@ -386,3 +400,4 @@ def test_crop_areas_and_aspect_ratios_are_drawn_as_torchvisions_random_resized_c
     assert abs(np.quantile(area, 0.9) - np.quantile(ref_area, 0.9)) < 0.03
     assert abs(log_ratio.mean() - ref_log_ratio.mean()) < 0.012  # ratio drawn uniformly (not its log): +0.027
     assert abs(log_ratio.std() - ref_log_ratio.std()) < 0.01
+

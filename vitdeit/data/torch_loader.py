@@ -123,10 +123,17 @@ class TrainTransform:
             x = x.flip(1)
         if self.aa is None:
             return x.numpy()
-        # timm's RandAugment works on PIL images and draws from the global `random` and `np.random`
+        # timm's RandAugment works on PIL images and draws from the global `random` and `np.random`: seeded per sample,
+        # and put back after, for --workers 0, where this runs in the main process, whose Mixup, CutMix and erasing
+        # draw from them too (seed_everything's per-epoch seeds)
+        saved = random.getstate(), np.random.get_state()
         random.seed(rng.getrandbits(64))
         np.random.seed(rng.getrandbits(32))
-        return np.asarray(self.aa(Image.fromarray(x.numpy())))
+        try:
+            return np.asarray(self.aa(Image.fromarray(x.numpy())))
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
 
 
 class ValTransform:
@@ -200,7 +207,7 @@ class RankSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         order = [(i, k) for i in torch.randperm(self.n, generator=g).tolist() for k in range(self.repeats)]
         total = math.ceil(len(order) / self.world) * self.world
-        order += order[: total - len(order)]
+        order = (order * math.ceil(total / len(order)))[:total]  # wrapped, as often as fewer samples than ranks need
         return order[self.rank : total : self.world][: len(self)]
 
     def indices(self) -> list[int]:

@@ -43,12 +43,13 @@ from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_STREAMS, Config,  # noqa: E402
                             refuse_below)
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
-from vitdeit.distill import DistillationLoss  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
-from vitdeit.engine import compile_mode, step_stream  # noqa: E402
+from vitdeit.engine import compile_mode, step_stream, train_step  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
 from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
+from vitdeit.trainer import (AMP_NAME, batch_augmentation, lr_schedule, make_loss, make_optimizer,  # noqa: E402
+                             resolve_amp, to_device)
 
 from benchmarks import traces  # noqa: E402
 
@@ -283,37 +284,34 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
 
 
 def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, compile_: bool):
-    """A closure running one full training step (forward, loss incl. teacher, backward, AdamW step)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = create_model(model_name, 100, a.img_size, 16).to(device, memory_format=fmt).train()
+    """A closure running one step of train.py's training at its defaults (engine.train_step: forward, loss with the
+    teacher's forward, backward, clipping, AdamW; before it the lr schedule and the batch augmentations, as
+    engine.train_one_epoch), on a batch already on the device."""
+    cfg = Config(model=model_name, img_size=a.img_size, batch_size=a.batch_size, channels_last=channels_last)
+    net = to_device(create_model(cfg.model, 100, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device).train()
     teacher = None
     if model_name == "deit_tiny_distill":
-        teacher = frozen_teacher(create_model("resnet18", 100)).to(device, memory_format=fmt)
+        teacher = to_device(frozen_teacher(create_model(cfg.teacher, 100)), cfg, device)
+    optimizer = make_optimizer(net, cfg, cfg.lr * cfg.batch_size / 512, device)  # train.py's lr for one process
+    scheduler, count = lr_schedule(optimizer, cfg, steps=1000), itertools.count()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    augment = batch_augmentation(cfg, 100, device)  # (none at train.py's defaults)
     model = torch.compile(net, mode=a.compile_mode) if compile_ else net
     if teacher is not None and compile_:
         teacher = torch.compile(teacher, mode=a.compile_mode)
-    graphs = compile_ and a.compile_mode == "reduce-overhead" and device.type == "cuda"  # CUDA graphs
-    loss_fn = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher,
-                               Config.distillation_type if teacher is not None else "none")  # train.py's default
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = make_loss(cfg, teacher)
 
     def step(x, y):
-        opt.zero_grad(set_to_none=True)  # train.py's order (engine.train_one_epoch)
-        if graphs:  # a new iteration: the graphs' outputs of the last step (loss, teacher logits) may be reused
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(x, model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        scheduler.step_update(next(count))
+        x, targets = augment(x, y) if augment is not None else (x, y)
+        train_step(model, loss_fn, optimizer, scaler, x, targets, amp_dtype, cfg.clip_grad)
 
     return step, net, teacher
 
 
 def e2e_setting(device) -> tuple[bool, torch.dtype | None, bool]:
-    """(compile, autocast dtype, channels-last) of the end-to-end runs: the production setting of `device`."""
-    return device.type == "cuda", torch.bfloat16 if device.type == "cuda" else None, True
+    """(compile, autocast dtype, channels-last) of the end-to-end runs: train.py's default on `device`."""
+    return device.type == "cuda", resolve_amp(Config.amp, device), True
 
 
 def device_batch(a, device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +325,7 @@ def bench_model_step(a, device, sync, only_e2e: bool = False):
     """Rows, and the DeiT + teacher step at the end-to-end setting (kept: compiling it again costs ~1 min).
     only_e2e: that step alone (the ceiling of an end-to-end run without the model part: minutes less on a GPU)."""
     rows, e2e_step = [], None
-    amp16 = torch.bfloat16 if device.type == "cuda" or a.amp else None
+    amp16 = resolve_amp(Config.amp, device) or (torch.bfloat16 if a.amp else None)  # train.py's on a GPU; --amp: CPU
     # eager: fp32 / bf16 x NCHW / channels-last; compiled: the production setting only (each compile costs ~1 min)
     variants = [(False, amp, cl) for amp in dict.fromkeys([None, amp16]) for cl in (False, True)]
     if device.type == "cuda" or a.compile:
@@ -346,7 +344,7 @@ def bench_model_step(a, device, sync, only_e2e: bool = False):
                 torch.cuda.reset_peak_memory_stats()
             secs = timed(lambda: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
             rows.append({"model": model_name + (" + resnet18 teacher" if teacher is not None else ""),
-                         "compile": compile_, "dtype": "bf16" if amp else "fp32",
+                         "compile": compile_, "dtype": AMP_NAME[amp] if amp else "fp32",
                          "layout": "channels_last" if cl else "nchw", "batch_size": a.batch_size,
                          "images_per_s": a.steps * a.batch_size / secs,
                          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None})

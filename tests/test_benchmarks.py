@@ -801,3 +801,27 @@ def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_ste
     with tarfile.open(tmp_path / "out/session.tar") as tar:
         names = sorted(n.strip("./") for n in tar.getnames() if n.strip("./"))  # each run step's own folder
         assert names == ([] if budget == "1" else sorted(steps + (["train-launches-pf4"] if switched else [])))
+
+
+def test_the_timed_model_step_is_train_pys_step_at_its_defaults(monkeypatch):
+    """The ceiling every end-to-end fraction divides by is engine.train_step with train.py's loss, optimiser,
+    clipping and drop path, not a lighter copy of it: the step's arguments and objects, one step on a CPU."""
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+    from vitdeit.config import Config
+
+    calls, real = [], throughput.train_step
+    monkeypatch.setattr(throughput, "train_step", lambda *args: calls.append(args) or real(*args))
+    a = types.SimpleNamespace(img_size=32, batch_size=4, compile_mode="default")
+    step, net, teacher = throughput.train_step_fn("deit_tiny_distill", a, torch.device("cpu"), None, True, False)
+    step(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 3]))
+    ((model, loss_fn, optimizer, _scaler, _x, _targets, amp, clip),) = calls
+    assert model is net and amp is None and clip == Config.clip_grad > 0
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, Config.weight_decay]
+    assert optimizer.param_groups[0]["lr"] > 0  # the schedule set it (the warm-up's first step)
+    assert loss_fn.kind == Config.distillation_type and loss_fn.teacher is teacher is not None
+    assert loss_fn.base.label_smoothing == Config.label_smoothing
+    assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(Config.drop_path)

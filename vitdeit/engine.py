@@ -1,4 +1,4 @@
-"""train_one_epoch / evaluate: AMP, channels-last, exact metric sums across ranks, data-wait accounting."""
+"""train_step / train_one_epoch / evaluate: AMP, CUDA graphs, exact metric sums across ranks, data-wait accounting."""
 
 from __future__ import annotations
 
@@ -50,9 +50,29 @@ def step_stream(kind: str, device: torch.device):
         torch.cuda.current_stream(device).wait_stream(stream)
 
 
+def train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad: float):
+    """One optimisation step on one batch, as train.py runs it (benchmarks/throughput.py times this very function):
+    forward and loss under autocast, backward, gradient clipping, the optimiser step. Returns (loss, outputs),
+    still on the device: nothing here synchronises."""
+    optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
+    # a new step: CUDA graphs (torch.compile's reduce-overhead) may now reuse the memory of the last step's outputs
+    # (a counter, nothing more, where no graphs run)
+    torch.compiler.cudagraph_mark_step_begin()
+    with autocast(images.device, amp_dtype):
+        outputs = model(images)
+        loss = loss_fn(images, outputs, targets)
+    scaler.scale(loss).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, outputs
+
+
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, augment, amp_dtype, clip_grad: float,
-                    epoch: int, dist, progress: bool = True, log_every: int = 10, graphs: bool = False) -> dict:
-    """One pass over `loader`. graphs: the model runs as CUDA graphs (torch.compile mode reduce-overhead)."""
+                    epoch: int, dist, progress: bool = True, log_every: int = 10) -> dict:
+    """One pass over `loader`: the schedule, the batch augmentations, train_step, the EMA, the metric sums."""
     model.train()
     device = dist.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n  (kept on device: no sync)
@@ -64,18 +84,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
         wait += time.perf_counter() - t_last  # time blocked on the loader
         scheduler.step_update(epoch * steps + i)
         images, targets = augment(images, labels) if augment is not None else (images, labels)
-        optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
-        if graphs:  # a new step: the graphs may now reuse the memory of the last step's outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device, amp_dtype):
-            outputs = model(images)
-            loss = loss_fn(images, outputs, targets)
-        scaler.scale(loss).backward()
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        loss, outputs = train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad)
         if ema is not None:
             # step = updates so far, this one included, as timm's train.py counts them: ModelEmaV3 copies the
             # weights at step 1 (decay 0) and averages from step 2 on
@@ -87,13 +96,13 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
         sums[:2] += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
         sums[2] += n  # a Python number: no host-to-device copy, which would synchronise every step
         if (i + 1) % log_every == 0 or i + 1 == steps:
-            loss_avg, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
+            loss_sum, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
             # every rank stops together: a rank raising alone would leave the others waiting in backward()
-            if all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss_avg) else 1.0], device=device)).item() > 0:
+            if all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0], device=device)).item() > 0:
                 raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is not finite on some rank; stopping. The "
                                     f"last good checkpoint is kept. Lower --lr, raise --warmup-epochs, or keep "
                                     f"--clip-grad on.")
-            bar.set_postfix(loss=f"{loss_avg / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
                             img_s=f"{seen * dist.world / (time.perf_counter() - t_start):.0f}")
         bar.update(1)
         t_last = time.perf_counter()

@@ -68,6 +68,25 @@ def batch_augmentation(cfg: Config, num_classes: int, device: torch.device):
     return augment
 
 
+def make_optimizer(net: nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """timm's AdamW at peak lr `lr`, with no weight decay on norms, biases and the model's no_weight_decay()
+    (position embedding, cls/dist tokens); fused (one kernel per step) on CUDA."""
+    import timm.optim
+
+    return timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                          **({"fused": True} if device.type == "cuda" else {}))
+
+
+def make_loss(cfg: Config, teacher: nn.Module | None) -> DistillationLoss:
+    """The training loss: the label loss (soft-target cross-entropy of Mixup/CutMix's targets, else cross-entropy
+    with label smoothing), with distillation from `teacher` (cfg.distillation_type; none without a teacher)."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    base = SoftTargetCrossEntropy() if cfg.mixes else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    kind = cfg.distillation_type if teacher is not None else "none"
+    return DistillationLoss(base, teacher, kind, cfg.distillation_alpha, cfg.distillation_tau)
+
+
 def to_device(net: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     return net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
@@ -218,8 +237,6 @@ def run_manifest(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
-    import timm.optim
-    from timm.loss import SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
     device = dist.device
@@ -329,10 +346,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         teacher_top1 = t_metrics["val_top1"]
 
     augment = batch_augmentation(cfg, num_classes, device)
-    base_loss = SoftTargetCrossEntropy() if cfg.mixes else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # no weight decay on norms, biases and the model's no_weight_decay() (position embedding, cls/dist tokens)
-    optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
-                                               **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = make_optimizer(net, cfg, lr, device)
     steps = len(train_loader)
     scheduler = lr_schedule(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -379,11 +393,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     model = torch.compile(net, mode=mode) if use_compile else net
     if teacher is not None and use_compile:
         teacher = torch.compile(teacher, mode=mode)
-    graphs = use_compile and mode == "reduce-overhead"  # (a CPU compiles the same, with no graphs)
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    loss_fn = DistillationLoss(base_loss, teacher, distill, cfg.distillation_alpha, cfg.distillation_tau)
+    loss_fn = make_loss(cfg, teacher)
     log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)
 
     record = {}
@@ -391,7 +404,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, augment, amp_dtype,
-                             cfg.clip_grad, epoch, dist, cfg.progress, graphs=graphs)
+                             cfg.clip_grad, epoch, dist, cfg.progress)
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}

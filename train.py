@@ -27,7 +27,7 @@ from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 def main(argv=None) -> int:
     cfg = parse_args(argv, description=__doc__)
-    last = Path(cfg.output_dir) / cfg.name / "last.pth"
+    last = cfg.run_dir / "last.pth"
     found = last.stat().st_mtime_ns if last.is_file() else None  # another run's, unless this one resumes from it
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitdeit.config import resolve_workers
+from vitdeit.config import resolve_workers, workers_problem
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError
 from vitdeit.report import make_all
@@ -35,9 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="val decode processes; -1: this machine's share of its "
                    "cores, as train.py's (default: %(default)s)")
     a = p.parse_args(argv)
-    if a.workers < -1:
-        p.error(f"--workers {a.workers}: must be >= 0 (0: load in the main process), or -1 for this machine's share "
-                f"of its cores")
+    if problem := workers_problem(a.workers):
+        p.error(problem)
     from matplotlib.backend_bases import FigureCanvasBase
 
     kinds = FigureCanvasBase.get_supported_filetypes()  # checked now, not after the whole val pass

@@ -300,11 +300,12 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     if teacher is not None and compile_:
         teacher = torch.compile(teacher, mode=a.compile_mode)
     loss_fn = make_loss(cfg, teacher)
+    graphs = compile_ and a.compile_mode == "reduce-overhead" and device.type == "cuda"  # CUDA graphs
 
     def step(x, y):
         scheduler.step_update(next(count))
         x, targets = augment(x, y) if augment is not None else (x, y)
-        train_step(model, loss_fn, optimizer, scaler, x, targets, amp_dtype, cfg.clip_grad)
+        train_step(model, loss_fn, optimizer, scaler, x, targets, amp_dtype, cfg.clip_grad, graphs)
 
     return step, net, teacher
 

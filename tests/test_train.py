@@ -601,7 +601,7 @@ def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):
         load_teacher("", "imagenet1k", ClassMap(("n01440764",), ("tench",)))
 
 
-def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards, tmp_path):
+def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards, tmp_path, capsys):
     kw = dict(model="vit_tiny", epochs=2, lr=0.003, batch_size=16, workers=0)
 
     class Killed(Exception):
@@ -613,7 +613,10 @@ def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards,
     with pytest.raises(Killed):
         train(cfg_for(tiny_shards, tmp_path, **kw), on_epoch_end=kill)  # saved without an EMA
     w0 = torch.load(tmp_path / "vit_tiny" / "last.pth", weights_only=True)["model"]
+    capsys.readouterr()
     train(cfg_for(tiny_shards, tmp_path, resume=str(tmp_path / "vit_tiny" / "last.pth"), model_ema=True, **kw))
+    # its warning counts the updates it will have: the 6 steps of the epoch left, not the run's 12
+    assert "--model-ema-decay 0.9998 over this run's 6 steps leaves 100% of the EMA" in capsys.readouterr().out
     last = torch.load(tmp_path / "vit_tiny" / "last.pth", weights_only=True)
     dist = lambda a, b: sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
     # decay 0.9998 over the 6 steps of one epoch: the EMA moves ~0.1 % of the way from where it started

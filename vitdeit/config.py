@@ -13,6 +13,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import get_type_hints
 
 from .errors import SettingError
@@ -49,6 +50,14 @@ def default_workers() -> int:
     """1 to 8 per rank: the usable cores split over the ranks on this node (torchrun's LOCAL_WORLD_SIZE: its ranks
     share the launcher's cores), less one for each rank's main process."""
     return max(1, min(8, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) - 1))
+
+
+def workers_problem(workers: int) -> str | None:
+    """What is wrong with a --workers value (train.py and viz.py), or None."""
+    if workers < -1:
+        return (f"--workers {workers}: must be >= 0 (0: load in the main process), or -1 for this node's share of its "
+                f"cores")
+    return None
 
 
 def resolve_workers(workers: int) -> int:
@@ -165,8 +174,7 @@ class Config:
         need(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
         need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1 (images per process)")
         need(self.lr > 0, f"--lr {self.lr}: must be > 0")
-        need(self.workers >= -1, f"--workers {self.workers}: must be >= 0 (0: load in the main process), or -1 for "
-                                 f"this node's share of its cores")
+        need(workers_problem(self.workers) is None, workers_problem(self.workers))
         # ResNet-18 halves the image 5 times: at <= 32 px its last BatchNorm sees one value per channel and image (in
         # training; evaluation uses its running statistics)
         need(self.model != "resnet18" or self.batch_size >= 2 or self.img_size > 32 or self.eval_only,
@@ -219,6 +227,11 @@ class Config:
     @property
     def name(self) -> str:
         return self.run_name or self.model
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes: OUTPUT_DIR/RUN_NAME (relative to the folder the command runs in)."""
+        return Path(self.output_dir) / self.name
 
     def to_dict(self) -> dict:
         """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""

@@ -79,6 +79,14 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def wrap(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """DistributedDataParallel around the (compiled) model when several processes train; the model itself for one."""
+    if dist.world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
     while True:

@@ -50,14 +50,16 @@ def step_stream(kind: str, device: torch.device):
         torch.cuda.current_stream(device).wait_stream(stream)
 
 
-def train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad: float):
+def train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad: float,
+               graphs: bool = False):
     """One optimisation step on one batch, as train.py runs it (benchmarks/throughput.py times this very function):
-    forward and loss under autocast, backward, gradient clipping, the optimiser step. Returns (loss, outputs),
-    still on the device: nothing here synchronises."""
+    forward and loss under autocast, backward, gradient clipping, the optimiser step. graphs: the model runs as CUDA
+    graphs (torch.compile's reduce-overhead). Returns (loss, outputs), still on the device: nothing here
+    synchronises."""
     optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
-    # a new step: CUDA graphs (torch.compile's reduce-overhead) may now reuse the memory of the last step's outputs
-    # (a counter, nothing more, where no graphs run)
-    torch.compiler.cudagraph_mark_step_begin()
+    if graphs:  # a new step: the graphs may now reuse the memory of the last step's outputs (only then: the marker
+        # imports torch._inductor, ~2 s and 200 modules, into a run that compiles nothing)
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast(images.device, amp_dtype):
         outputs = model(images)
         loss = loss_fn(images, outputs, targets)
@@ -71,7 +73,7 @@ def train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, cl
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, augment, amp_dtype, clip_grad: float,
-                    epoch: int, dist, progress: bool = True, log_every: int = 10) -> dict:
+                    epoch: int, dist, progress: bool = True, log_every: int = 10, graphs: bool = False) -> dict:
     """One pass over `loader`: the schedule, the batch augmentations, train_step, the EMA, the metric sums."""
     model.train()
     device = dist.device
@@ -84,7 +86,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
         wait += time.perf_counter() - t_last  # time blocked on the loader
         scheduler.step_update(epoch * steps + i)
         images, targets = augment(images, labels) if augment is not None else (images, labels)
-        loss, outputs = train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad)
+        loss, outputs = train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad, graphs)
         if ema is not None:
             # step = updates so far, this one included, as timm's train.py counts them: ModelEmaV3 copies the
             # weights at step 1 (decay 0) and averages from step 2 on

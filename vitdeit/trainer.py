@@ -20,7 +20,7 @@ from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manif
 from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
-from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup
+from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup, wrap
 from .engine import compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
@@ -119,7 +119,7 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
     naming the most common val class (1 / classes on a balanced val split; more where classes have no val images)."""
     chance = 100.0 * max(val_class_counts.values()) / sum(val_class_counts.values())
     bar, which = 2 * chance, "twice chance"
-    if (chance + 100) / 2 < bar:  # chance over a third: twice it would be out of reach
+    if (chance + 100) / 2 < bar:  # chance over a third: halfway to 100% is then the lower bar of the two
         bar, which = (chance + 100) / 2, "halfway from chance to 100%"
     dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images "
                f"(chance {chance:.2f}%: the most common val class's share)")
@@ -132,8 +132,9 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
-    """The resumed weights' shapes and the optimiser's parameter groups follow from these settings: a clear error
-    here, not a page of missing keys."""
+    """The model, its input geometry and the optimiser's parameter groups must be the saved run's: a clear error
+    here, not a page of missing keys (--model and, for ViT/DeiT, --img-size and --patch-size shape the weights; a
+    CNN's weights fit any --img-size, but its learned features and BatchNorm statistics are of the saved size)."""
     patches = "resnet18" not in (saved.get("model"), cfg.model)  # the patch size shapes the transformers only
     diff = [f"{flag(k)} {saved.get(k)} (this run: {getattr(cfg, k)})"
             for k in ("model", "img_size", "patch_size")[: 3 if patches else 2] if saved.get(k) != getattr(cfg, k)]
@@ -152,9 +153,10 @@ def check_resumable(saved: dict, cfg: Config) -> None:
 def recipe_changes(saved: dict, cfg: Config) -> list[str]:
     """This invocation's settings that differ from the resumed run's, as flags (not those that only say where the
     run writes and how it shows progress); a run saved before a setting existed had its default."""
-    # (how it runs, not what it computes: where it writes, progress, and the speed switches)
-    quiet = ("workers", "progress", "output_dir", "run_name", "compile_mode", "step_stream", "dali_executor",
-             "dali_prefetch")
+    # (how it runs, not what it computes: where it writes, progress, and the speed switches; the loader has a note
+    # of its own, which says what its change does)
+    quiet = ("workers", "progress", "output_dir", "run_name", "compile", "compile_mode", "channels_last",
+             "step_stream", "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "loader")
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
             if k not in quiet and saved_setting(saved, k) != v]
 
@@ -243,7 +245,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     manifest = run_manifest(cfg)
     class_map = manifest_class_map(manifest)
     num_classes = len(class_map)
-    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir = cfg.run_dir
     check_run_dir(run_dir, cfg, dist)
     amp_dtype = resolve_amp(cfg.amp, device)
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
@@ -307,7 +309,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
                    f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
     if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
-        saved_batch = resumed["config"].get("batch_size", cfg.batch_size) * len(states)
+        saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
         dist.print(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
                    f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
                    f"here on, and the sample order is not the uninterrupted run's")
@@ -385,17 +387,19 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             f"{resumed['epoch']} was kept: the next epoch writes one)"))
     # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    if ema is not None and (warning := ema_warning(cfg.model_ema_decay, cfg.epochs * steps)):
-        dist.print(warning)
-    if ema is not None and resumed is not None and resumed.get("ema") is not None:
+    kept_ema = ema is not None and resumed is not None and resumed.get("ema") is not None
+    if kept_ema:
         ema.module.load_state_dict(resumed["ema"])
+    # the updates the EMA will have had at the end: all the run's, or those left, for one that starts here
+    if ema is not None and (warning := ema_warning(cfg.model_ema_decay,
+                                                   (cfg.epochs - (0 if kept_ema else start_epoch)) * steps)):
+        dist.print(warning)
 
     model = torch.compile(net, mode=mode) if use_compile else net
     if teacher is not None and use_compile:
         teacher = torch.compile(teacher, mode=mode)
-    if dist.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    graphs = use_compile and mode == "reduce-overhead"  # (a CPU compiles the same, with no graphs)
+    model = wrap(model, dist)
     loss_fn = make_loss(cfg, teacher)
     log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)
 
@@ -404,7 +408,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, augment, amp_dtype,
-                             cfg.clip_grad, epoch, dist, cfg.progress)
+                             cfg.clip_grad, epoch, dist, cfg.progress, graphs=graphs)
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}
@@ -444,7 +448,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     try:
         manifest = run_manifest(cfg)
         class_map = manifest_class_map(manifest)
-        path = cfg.resume or str(Path(cfg.output_dir) / cfg.name / "best.pth")
+        path = cfg.resume or str(cfg.run_dir / "best.pth")
         state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation

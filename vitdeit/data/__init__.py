@@ -1,8 +1,13 @@
 """Data backends behind one interface: build_loader(cfg, manifest, split, dist).
 
-A loader yields (images, labels) on the run's device, images normalised and channels-last, knows its
-length in batches (`len`) and how many real samples this rank sees (`num_samples`), and takes
-`set_epoch(e)`. DALI is imported only when chosen.
+A loader yields (images, labels) on the run's device, images normalised and channels-last, and has:
+- `len(loader)`: batches per epoch on this rank; `num_samples`: the samples they hold (train: whole batches,
+  padding included; val: this rank's share of the images, each counted once over the ranks);
+- `set_epoch(e)`, before each train epoch;
+- `name` ("torch" or "dali") and `state()`: what a checkpoint keeps to resume the sample stream exactly (DALI's
+  reader position and generators; None for the PyTorch loader, whose epoch follows from (seed, epoch)); a DALI
+  loader built with a saved state says in `restored` whether it fitted.
+DALI is imported only when chosen.
 """
 
 from __future__ import annotations

@@ -238,6 +238,68 @@ def run_manifest(cfg: Config) -> dict:
     return load_manifest(cfg.data_path)
 
 
+def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
+    """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant."""
+    out, num_classes, global_batch = [], len(manifest["classes"]), cfg.batch_size * dist.world  # (classes: WNIDs)
+    for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
+        if empty := classes_without_images(manifest, split):
+            out.append(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
+                       f"{split} images in {cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the "
+                       f"model has outputs for them that it {role}")
+    if cfg.rand_augment and train_loader.name == "dali":
+        out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
+                   f"says where they differ from timm's); --loader torch runs timm's own")
+    distills = cfg.model == "deit_tiny_distill" and cfg.distillation_type != "none"
+    if not distills and (cfg.teacher_ckpt or cfg.teacher_weights):
+        out.append("warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
+                   "--distillation-type other than none; this run trains without a teacher")
+    if cfg.warmup_epochs >= cfg.epochs:
+        out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
+                   f"and never reaches the peak lr {lr:.3g}")
+    if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
+        out.append(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
+                   f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
+    states = (resumed or {}).get("loader_states") or []
+    if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
+        saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
+        out.append(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
+                   f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
+                   f"here on, and the sample order is not the uninterrupted run's")
+    if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
+        out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
+                   f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
+                   f"way from here on (--loader {resumed['loader']} keeps the old)")
+    if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
+        out.append(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
+                   f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
+    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
+    if packed and packed < val_short:
+        out.append(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
+                   f"shorter side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are "
+                   f"upscaled. Repack with --resize-short {val_short} or more, or lower --img-size.")
+    return out
+
+
+def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler) -> None:
+    """--resume: the weights, the optimiser's moments and step counts (with this invocation's hyper-parameters),
+    the loss scaler. The schedule is not restored: step_update() recomputes the lr from the step count every step,
+    and a restored one would keep the old run's epochs and global batch if those changed."""
+    net.load_state_dict(resumed["model"])
+    saved = resumed["optimizer"]
+    if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
+        # the saved moments and step counts, this invocation's hyper-parameters: load_state_dict would bring
+        # back the saved run's weight decay (and its `fused`, which decides where the step counts live)
+        saved = {**saved, "param_groups": [{**fresh, "params": old["params"]} for old, fresh in
+                                           zip(saved["param_groups"], optimizer.state_dict()["param_groups"])]}
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as e:  # other parameter groups (a change to or from weight decay 0 is refused earlier)
+        raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
+                           f"resume with the saved recipe: --config RUN_DIR/config.json --resume ...") from e
+    if resumed["scaler"]:  # empty when the saved run did not use fp16
+        scaler.load_state_dict(resumed["scaler"])
+
+
 def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     from timm.utils import ModelEmaV3
 
@@ -290,41 +352,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                f"{global_batch}, lr {lr:.3g}")
     for w in caught:
         dist.print(f"warning: {w.message}")
-    for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
-        if empty := classes_without_images(manifest, split):
-            dist.print(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
-                       f"{split} images in {cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the "
-                       f"model has outputs for them that it {role}")
-    if cfg.rand_augment and train_loader.name == "dali":
-        dist.print(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
-                   f"says where they differ from timm's); --loader torch runs timm's own")
+    for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):
+        dist.print(line)
     distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
-    if distill == "none" and (cfg.teacher_ckpt or cfg.teacher_weights):
-        dist.print("warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
-                   "--distillation-type other than none; this run trains without a teacher")
-    if cfg.warmup_epochs >= cfg.epochs:
-        dist.print(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
-                   f"and never reaches the peak lr {lr:.3g}")
-    if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
-        dist.print(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
-                   f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
-    if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
-        saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
-        dist.print(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
-                   f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
-                   f"here on, and the sample order is not the uninterrupted run's")
-    if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
-        dist.print(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
-                   f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
-                   f"way from here on (--loader {resumed['loader']} keeps the old)")
-    if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
-        dist.print(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
-                   f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
-    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
-    if packed and packed < val_short:
-        dist.print(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
-                   f"shorter side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are "
-                   f"upscaled. Repack with --resize-short {val_short} or more, or lower --img-size.")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)
@@ -359,22 +389,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
             dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
                        f"with this invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)")
-        net.load_state_dict(resumed["model"])
-        saved = resumed["optimizer"]
-        if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
-            # the saved moments and step counts, this invocation's hyper-parameters: load_state_dict would bring
-            # back the saved run's weight decay (and its `fused`, which decides where the step counts live)
-            saved = {**saved, "param_groups": [{**fresh, "params": old["params"]} for old, fresh in
-                                               zip(saved["param_groups"], optimizer.state_dict()["param_groups"])]}
-        try:
-            optimizer.load_state_dict(saved)
-        except ValueError as e:  # other parameter groups (a change to or from weight decay 0 is refused earlier)
-            raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
-                               f"resume with the saved recipe: --config RUN_DIR/config.json --resume ...") from e
-        # the schedule is not restored: step_update() recomputes the lr from the step count every step, and
-        # a restored one would keep the old run's epochs and global batch if those changed
-        if resumed["scaler"]:  # empty when the saved run did not use fp16
-            scaler.load_state_dict(resumed["scaler"])
+        restore(resumed, cfg, net, optimizer, scaler)
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
     if dist.is_main:
         start_run_dir(run_dir, cfg)

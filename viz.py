@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                    help="report.md, report.json and curves.png (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="only the picture")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU where there is one")
-    p.add_argument("--workers", type=int, default=2, help="val decode processes; -1: this machine's share of its "
+    p.add_argument("--workers", type=int, default=2, help="val decode processes; -1: this node's share of its "
                    "cores, as train.py's (default: %(default)s)")
     a = p.parse_args(argv)
     if problem := workers_problem(a.workers):

@@ -327,7 +327,7 @@ def bench_model_step(a, device, sync, only_e2e: bool = False):
     only_e2e: that step alone (the ceiling of an end-to-end run without the model part: minutes less on a GPU)."""
     rows, e2e_step = [], None
     amp16 = resolve_amp(Config.amp, device) or (torch.bfloat16 if a.amp else None)  # train.py's on a GPU; --amp: CPU
-    # eager: fp32 / bf16 x NCHW / channels-last; compiled: the production setting only (each compile costs ~1 min)
+    # eager: fp32 / 16-bit x NCHW / channels-last; compiled: the production setting only (each compile costs ~1 min)
     variants = [(False, amp, cl) for amp in dict.fromkeys([None, amp16]) for cl in (False, True)]
     if device.type == "cuda" or a.compile:
         variants.append((True, amp16, True))
@@ -579,7 +579,8 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-unit", default="auto", choices=["auto", "epoch", "steps"],
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")
     p.add_argument("--compile", action="store_true", help="CPU: add torch.compile variants (always on CUDA)")
-    p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (always on CUDA)")
+    p.add_argument("--amp", action="store_true", help="CPU: add bf16 variants (on CUDA always: bf16, or fp16 "
+                   "where the GPU has no bf16)")
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled steps, as train.py's: reduce-overhead replays each step's "
                    "kernels as CUDA graphs, launched with a few calls instead of one per kernel from Python; auto: "

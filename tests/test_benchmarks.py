@@ -816,15 +816,19 @@ def test_the_timed_model_step_is_train_pys_step_at_its_defaults(monkeypatch):
     from benchmarks import throughput
     from vitdeit.config import Config
 
-    calls, real = [], throughput.train_step
-    monkeypatch.setattr(throughput, "train_step", lambda *args: calls.append(args) or real(*args))
+    calls, lrs, real = [], [], throughput.train_step
+    monkeypatch.setattr(throughput, "train_step", lambda *args: calls.append(args) or lrs.append(
+        args[2].param_groups[0]["lr"]) or real(*args))
     a = types.SimpleNamespace(img_size=32, batch_size=4, compile_mode="default")
     step, net, teacher = throughput.train_step_fn("deit_tiny_distill", a, torch.device("cpu"), None, True, False)
-    step(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 3]))
-    ((model, loss_fn, optimizer, _scaler, _x, _targets, amp, clip, graphs),) = calls
+    for _ in range(2):
+        step(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 3]))
+    (model, loss_fn, optimizer, _scaler, _x, _targets, amp, clip, graphs) = calls[0]
     assert model is net and amp is None and clip == Config.clip_grad > 0 and not graphs
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, Config.weight_decay]
-    assert optimizer.param_groups[0]["lr"] > 0  # the schedule set it (the warm-up's first step)
+    # the schedule, set before each step: train.py's warm-up from peak / 1000, over its 1,000 steps (1 epoch)
+    peak = Config.lr * 4 / 512
+    assert lrs == pytest.approx([peak / 1000, peak / 1000 + (peak - peak / 1000) / 1000])
     assert loss_fn.kind == Config.distillation_type and loss_fn.teacher is teacher is not None
     assert loss_fn.base.label_smoothing == Config.label_smoothing
     assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(Config.drop_path)

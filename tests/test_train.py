@@ -560,7 +560,7 @@ def test_the_speed_switches_are_no_change_of_recipe_on_resume():
     saved = Config().to_dict()
     del saved["compile_mode"]  # saved before it existed: compiled in torch.compile's default mode, not "auto"'s
     switched = Config(compile_mode="default", step_stream="high", dali_executor="legacy", dali_prefetch=4, workers=3,
-                      lr=1e-3)
+                      compile="off", channels_last=False, dali_hw_decoder_load=0.5, loader="torch", lr=1e-3)
     assert recipe_changes(saved, switched) == ["--lr 0.0005 -> 0.001"]  # what it computes, not how fast it runs
 
 

@@ -44,7 +44,7 @@ from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_
                             refuse_below)
 from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
-from vitdeit.engine import compile_mode, step_stream, train_step  # noqa: E402
+from vitdeit.engine import compile_for_training, compile_mode, step_stream, train_step  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
 from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
@@ -292,15 +292,12 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     teacher = None
     if model_name == "deit_tiny_distill":
         teacher = to_device(frozen_teacher(create_model(cfg.teacher, 100)), cfg, device)
-    optimizer = make_optimizer(net, cfg, cfg.lr * cfg.batch_size / 512, device)  # train.py's lr for one process
+    optimizer = make_optimizer(net, cfg, cfg.peak_lr(world=1), device)  # train.py's lr for one process
     scheduler, count = lr_schedule(optimizer, cfg, steps=1000), itertools.count()
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augment = batch_augmentation(cfg, 100, device)  # (none at train.py's defaults)
-    model = torch.compile(net, mode=a.compile_mode) if compile_ else net
-    if teacher is not None and compile_:
-        teacher = torch.compile(teacher, mode=a.compile_mode)
+    model, teacher, graphs = compile_for_training(net, teacher, compile_, a.compile_mode)  # as train.py compiles
     loss_fn = make_loss(cfg, teacher)
-    graphs = compile_ and a.compile_mode == "reduce-overhead" and device.type == "cuda"  # CUDA graphs
 
     def step(x, y):
         scheduler.step_update(next(count))

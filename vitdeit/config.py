@@ -107,7 +107,7 @@ class Config:
     # --- optimisation (the DeiT recipe, shortened)
     epochs: int = 5  # training epochs
     batch_size: int = 128  # per process; global batch = batch_size * world size
-    lr: float = 5e-4  # per 512 images of global batch: effective lr = lr * global_batch / 512 (DeiT)
+    lr: float = 5e-4  # per 512 images of global batch: effective lr = lr * global_batch / 512 (DeiT; peak_lr)
     min_lr: float = 1e-6  # cosine floor (absolute)
     warmup_epochs: float = 1.0  # per-step linear warm-up from lr/1000 to the peak lr
     weight_decay: float = 0.05  # not applied to norms, biases, position embeddings and tokens
@@ -227,6 +227,11 @@ class Config:
     @property
     def name(self) -> str:
         return self.run_name or self.model
+
+    def peak_lr(self, world: int) -> float:
+        """The lr the schedule peaks at: --lr is per 512 images of global batch (DeiT's linear scaling), and the
+        global batch is --batch-size per process x `world` processes."""
+        return self.lr * (self.batch_size * world) / 512
 
     @property
     def run_dir(self) -> Path:

@@ -29,6 +29,16 @@ def compile_mode(choice: str, device: torch.device, world: int) -> str:
     return "reduce-overhead" if device.type == "cuda" and world == 1 else "default"
 
 
+def compile_for_training(net, teacher, use_compile: bool, mode: str):
+    """(model, teacher, graphs): the student and the teacher compiled in torch.compile's `mode` (or as they are), and
+    whether the step runs as CUDA graphs (mode reduce-overhead; a CPU compiles the same, with no graphs, and the
+    step's graph marker is only a counter there)."""
+    if not use_compile:
+        return net, teacher, False
+    return (torch.compile(net, mode=mode), None if teacher is None else torch.compile(teacher, mode=mode),
+            mode == "reduce-overhead")
+
+
 @contextmanager
 def step_stream(kind: str, device: torch.device):
     """The CUDA stream the training step runs on (--step-stream): PyTorch's default, CUDA's legacy NULL stream, which

@@ -21,7 +21,7 @@ from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup, wrap
-from .engine import compile_mode, evaluate, step_stream, train_one_epoch
+from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
@@ -340,7 +340,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
                             f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
     global_batch = cfg.batch_size * dist.world
-    lr = cfg.lr * global_batch / 512  # --lr is per 512 images of global batch (DeiT's linear scaling)
+    lr = cfg.peak_lr(dist.world)
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
                f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
@@ -410,10 +410,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                                                    (cfg.epochs - (0 if kept_ema else start_epoch)) * steps)):
         dist.print(warning)
 
-    model = torch.compile(net, mode=mode) if use_compile else net
-    if teacher is not None and use_compile:
-        teacher = torch.compile(teacher, mode=mode)
-    graphs = use_compile and mode == "reduce-overhead"  # (a CPU compiles the same, with no graphs)
+    model, teacher, graphs = compile_for_training(net, teacher, use_compile, mode)
     model = wrap(model, dist)
     loss_fn = make_loss(cfg, teacher)
     log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)

@@ -743,11 +743,11 @@ def test_gpu_step_settings_on_a_machine_without_a_gpu_are_refused_before_any_wor
 
 
 def test_cuda_graphs_under_ddp_are_refused_before_any_work(tiny_shards, tmp_path, monkeypatch):
-    from vitdeit import trainer
+    from vitdeit import distributed
     from vitdeit.distributed import Dist
     from vitdeit.errors import SettingError
 
-    monkeypatch.setattr(trainer, "setup", lambda device: Dist(rank=0, world=2))  # as torchrun's rank 0 of 2
+    monkeypatch.setattr(distributed, "setup", lambda device: Dist(rank=0, world=2))  # as torchrun's rank 0 of 2
     with pytest.raises(SettingError, match=re.escape("--compile-mode reduce-overhead with 2 processes: CUDA graphs "
                                                      "under DDP are not supported here")):
         train(cfg_for(tiny_shards, tmp_path, compile="on", compile_mode="reduce-overhead"))
@@ -758,7 +758,7 @@ def test_cuda_graphs_under_ddp_are_refused_before_any_work(tiny_shards, tmp_path
 def test_each_rank_restores_its_own_train_loader_state(teacher_run, tmp_path, monkeypatch, rank):
     import shutil
 
-    from vitdeit import trainer
+    from vitdeit import distributed, trainer
     from vitdeit.distributed import Dist
 
     cfg, _ = teacher_run
@@ -772,7 +772,7 @@ def test_each_rank_restores_its_own_train_loader_state(teacher_run, tmp_path, mo
         handed[split] = state
         raise Stopped
 
-    monkeypatch.setattr(trainer, "setup", lambda device: Dist(rank=rank, world=2))  # as torchrun's rank of 2
+    monkeypatch.setattr(distributed, "setup", lambda device: Dist(rank=rank, world=2))  # as torchrun's rank of 2
     monkeypatch.setattr(trainer, "build_loader", build_loader)
     with pytest.raises(Stopped):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path), epochs=9, resume=str(run / "last.pth")))

@@ -20,7 +20,7 @@ from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manif
 from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
-from .distributed import Dist, all_gather_object, broadcast_buffers, cleanup, setup, wrap
+from .distributed import Dist, all_gather_object, broadcast_buffers, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
@@ -219,12 +219,9 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) ->
 
 def train(cfg: Config, on_epoch_end=None) -> dict:
     """Train per `cfg`; return the last epoch's metrics. `on_epoch_end(epoch, record)` is called on every rank."""
-    dist = setup(cfg.device)
-    try:
-        with step_stream(cfg.step_stream, dist.device):  # the whole run: set-up, training, evaluation, checkpoints
-            return _train(cfg, dist, on_epoch_end)
-    finally:
-        cleanup()
+    # the whole run, set-up to the last checkpoint, in the process group and on the step's stream
+    with process_group(cfg.device) as dist, step_stream(cfg.step_stream, dist.device):
+        return _train(cfg, dist, on_epoch_end)
 
 
 def run_manifest(cfg: Config) -> dict:
@@ -456,8 +453,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
 def evaluate_checkpoint(cfg: Config) -> dict:
     """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split."""
-    dist = setup(cfg.device)
-    try:
+    with process_group(cfg.device) as dist:
         manifest = run_manifest(cfg)
         class_map = manifest_class_map(manifest)
         path = cfg.resume or str(cfg.run_dir / "best.pth")
@@ -484,5 +480,3 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
                    f"images resized with its {ecfg.interpolation} filter ({then})")
         return out
-    finally:
-        cleanup()

@@ -228,6 +228,11 @@ class Config:
     def name(self) -> str:
         return self.run_name or self.model
 
+    @property
+    def distillation(self) -> str:
+        """The distillation this run does: --distillation-type for DeiT, none for the other models."""
+        return self.distillation_type if self.model == "deit_tiny_distill" else "none"
+
     def peak_lr(self, world: int) -> float:
         """The lr the schedule peaks at: --lr is per 512 images of global batch (DeiT's linear scaling), and the
         global batch is --batch-size per process x `world` processes."""

@@ -246,8 +246,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.rand_augment and train_loader.name == "dali":
         out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")
-    distills = cfg.model == "deit_tiny_distill" and cfg.distillation_type != "none"
-    if not distills and (cfg.teacher_ckpt or cfg.teacher_weights):
+    if cfg.distillation == "none" and (cfg.teacher_ckpt or cfg.teacher_weights):
         out.append("warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
                    "--distillation-type other than none; this run trains without a teacher")
     if cfg.warmup_epochs >= cfg.epochs:
@@ -351,7 +350,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"warning: {w.message}")
     for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):
         dist.print(line)
-    distill = cfg.distillation_type if cfg.model == "deit_tiny_distill" else "none"
+    distill = cfg.distillation
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)

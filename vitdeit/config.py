@@ -233,10 +233,13 @@ class Config:
         """The distillation this run does: --distillation-type for DeiT, none for the other models."""
         return self.distillation_type if self.model == "deit_tiny_distill" else "none"
 
+    def global_batch(self, world: int) -> int:
+        """Images per optimiser step: --batch-size per process x `world` processes."""
+        return self.batch_size * world
+
     def peak_lr(self, world: int) -> float:
-        """The lr the schedule peaks at: --lr is per 512 images of global batch (DeiT's linear scaling), and the
-        global batch is --batch-size per process x `world` processes."""
-        return self.lr * (self.batch_size * world) / 512
+        """The lr the schedule peaks at: --lr is per 512 images of global batch (DeiT's linear scaling)."""
+        return self.lr * self.global_batch(world) / 512
 
     @property
     def run_dir(self) -> Path:

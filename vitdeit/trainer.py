@@ -237,7 +237,7 @@ def run_manifest(cfg: Config) -> dict:
 
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant."""
-    out, num_classes, global_batch = [], len(manifest["classes"]), cfg.batch_size * dist.world  # (classes: WNIDs)
+    out, num_classes, global_batch = [], len(manifest["classes"]), cfg.global_batch(dist.world)  # (classes: WNIDs)
     for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
         if empty := classes_without_images(manifest, split):
             out.append(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
@@ -255,7 +255,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
         out.append(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
                    f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
-    states = (resumed or {}).get("loader_states") or []
+    states = saved_loader_states(resumed)
     if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
         saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
         out.append(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
@@ -276,10 +276,15 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     return out
 
 
-def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler) -> None:
+def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist: Dist) -> None:
     """--resume: the weights, the optimiser's moments and step counts (with this invocation's hyper-parameters),
-    the loss scaler. The schedule is not restored: step_update() recomputes the lr from the step count every step,
-    and a restored one would keep the old run's epochs and global batch if those changed."""
+    the loss scaler; a note of the settings that differ from the saved run's. The schedule is not restored:
+    step_update() recomputes the lr from the step count every step, and a restored one would keep the old run's
+    epochs and global batch if those changed."""
+    changed = recipe_changes(resumed["config"], cfg)
+    if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
+        dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
+                   f"with this invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)")
     net.load_state_dict(resumed["model"])
     saved = resumed["optimizer"]
     if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
@@ -296,35 +301,45 @@ def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler) -> No
         scaler.load_state_dict(resumed["scaler"])
 
 
-def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
+def make_ema(net: nn.Module, cfg: Config, resumed: dict | None, start_epoch: int, steps: int, dist: Dist):
+    """timm's EMA of `net`'s weights, made after the resume: the saved run's EMA where it kept one, else it starts
+    from the (resumed) weights, not the random init. Warns when the run is too short for --model-ema-decay."""
     from timm.utils import ModelEmaV3
 
-    device = dist.device
-    manifest = run_manifest(cfg)
-    class_map = manifest_class_map(manifest)
-    num_classes = len(class_map)
-    run_dir = cfg.run_dir
-    check_run_dir(run_dir, cfg, dist)
-    amp_dtype = resolve_amp(cfg.amp, device)
+    ema = ModelEmaV3(net, decay=cfg.model_ema_decay)
+    kept = resumed is not None and resumed.get("ema") is not None
+    if kept:
+        ema.module.load_state_dict(resumed["ema"])
+    # the updates the EMA will have had at the end: all the run's, or those left, for one that starts here
+    if warning := ema_warning(cfg.model_ema_decay, (cfg.epochs - (0 if kept else start_epoch)) * steps):
+        dist.print(warning)
+    return ema
+
+
+def compile_setting(cfg: Config, device: torch.device, world: int) -> tuple[bool, str]:
+    """(compile or not, torch.compile's mode) for this device and process count: --compile auto compiles on CUDA
+    only, and --compile-mode auto picks CUDA graphs for one GPU (engine.compile_mode)."""
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    mode = compile_mode(cfg.compile_mode, device, dist.world)
     if cfg.compile_mode == "reduce-overhead" and not use_compile:
         raise SettingError(f"--compile-mode {cfg.compile_mode}: nothing is compiled on {device.type} (--compile auto "
                            f"compiles on CUDA only); add --compile on or drop it")
-    if cfg.compile_mode == "reduce-overhead" and dist.world > 1:
-        raise SettingError(f"--compile-mode reduce-overhead with {dist.world} processes: CUDA graphs under DDP are "
+    if cfg.compile_mode == "reduce-overhead" and world > 1:
+        raise SettingError(f"--compile-mode reduce-overhead with {world} processes: CUDA graphs under DDP are "
                            f"not supported here (never run); drop it, or train one process per run")
+    return use_compile, compile_mode(cfg.compile_mode, device, world)
 
-    resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
-    if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
-        check_resumable(resumed["config"], cfg)
-        if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
-            dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to "
-                       f"do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
-            return {}
-    states = (resumed or {}).get("loader_states") or []  # per rank, from the saved run's train loader
-    with warnings.catch_warnings(record=True) as caught:  # the loaders' (and libraries') warnings: printed after the
-        warnings.simplefilter("always")  # run line, by rank 0 alone
+
+def saved_loader_states(resumed: dict | None) -> list:
+    """The resumed run's train-loader states, one per rank of that run ([] for a new run or a run that kept none)."""
+    return (resumed or {}).get("loader_states") or []
+
+
+def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None):
+    """(train loader, val loader, the warnings they and the libraries raised meanwhile: printed after the run line,
+    by rank 0 alone). The train loader goes on from this rank's saved reader state where the resumed run kept one."""
+    states = saved_loader_states(resumed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             train_loader = build_loader(cfg, manifest, "train", dist,
                                         state=states[dist.rank] if dist.rank < len(states) else None)
@@ -335,43 +350,73 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 raise
             raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
                             f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
-    global_batch = cfg.batch_size * dist.world
-    lr = cfg.peak_lr(dist.world)
+    return train_loader, val_loader, caught
+
+
+def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool,
+             mode: str) -> str:
+    """The run's first line: what trains on what, where and how fast it is set up to go."""
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
-    dist.print(f"run {run_dir}: {cfg.model} on {cfg.data_path} ({num_classes} classes, "
-               f"{manifest['splits']['train']['num_samples']} train / {manifest['splits']['val']['num_samples']} val), "
-               f"{dist.world} process(es) on {device.type}, loader {train_loader.name} "
-               f"({workers} worker{'s' * (workers != 1)}), amp {AMP_NAME[amp_dtype]}, "
-               f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
-               f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
-               f"{f', CUDA connections {connections}' if device.type == 'cuda' else ''}, global batch "
-               f"{global_batch}, lr {lr:.3g}")
+    splits = manifest["splits"]
+    return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
+            f"{splits['train']['num_samples']} train / {splits['val']['num_samples']} val), "
+            f"{dist.world} process(es) on {dist.device.type}, loader {loader_name} "
+            f"({workers} worker{'s' * (workers != 1)}), amp {AMP_NAME[amp_dtype]}, "
+            f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
+            f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
+            f"{f', CUDA connections {connections}' if dist.device.type == 'cuda' else ''}, global batch "
+            f"{cfg.global_batch(dist.world)}, lr {cfg.peak_lr(dist.world):.3g}")
+
+
+def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Dist, amp_dtype):
+    """(teacher on the device, its val top-1), or (None, None) when the run does not distil. The teacher is scored
+    on the val split first: one at chance level is refused (check_teacher)."""
+    if cfg.distillation == "none":
+        return None, None
+    teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, dist.device)
+    if teacher.interpolation != cfg.interpolation:
+        dist.print(f"warning: the teacher was trained on images resized with --interpolation "
+                   f"{teacher.interpolation}; this run resizes with {cfg.interpolation}, so the teacher sees (and "
+                   f"is scored on) slightly other images than in its own run")
+    if teacher.img_size != cfg.img_size:  # a CNN runs at any size, but its accuracy is its training size's
+        dist.print(f"warning: the teacher was trained on {teacher.img_size} px crops; this run feeds it "
+                   f"{cfg.img_size} px ones (--img-size), so its logits, and its val top-1 below, are those of a "
+                   f"network at a size it never saw: distil at --img-size {teacher.img_size}, or train the "
+                   f"teacher at {cfg.img_size}")
+    metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
+    check_teacher(metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
+    return teacher, metrics["val_top1"]
+
+
+def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
+    device, run_dir = dist.device, cfg.run_dir
+    manifest = run_manifest(cfg)
+    class_map = manifest_class_map(manifest)
+    num_classes = len(class_map)
+    check_run_dir(run_dir, cfg, dist)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    use_compile, mode = compile_setting(cfg, device, dist.world)
+
+    resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
+    if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
+        check_resumable(resumed["config"], cfg)
+        if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
+            dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to "
+                       f"do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
+            return {}
+    train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
+    lr = cfg.peak_lr(dist.world)
+    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode))
     for w in caught:
         dist.print(f"warning: {w.message}")
     for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):
         dist.print(line)
-    distill = cfg.distillation
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = to_device(create_model(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.drop_path), cfg, device)
-    if cfg.model == "deit_tiny_distill" and distill == "none":
+    if cfg.model == "deit_tiny_distill" and cfg.distillation == "none":
         net.set_distilled_training(False)  # no teacher: both heads learn the labels (their mean), as in timm
-
-    teacher, teacher_top1 = None, None
-    if distill != "none":
-        teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, device)
-        if teacher.interpolation != cfg.interpolation:
-            dist.print(f"warning: the teacher was trained on images resized with --interpolation "
-                       f"{teacher.interpolation}; this run resizes with {cfg.interpolation}, so the teacher sees (and "
-                       f"is scored on) slightly other images than in its own run")
-        if teacher.img_size != cfg.img_size:  # a CNN runs at any size, but its accuracy is its training size's
-            dist.print(f"warning: the teacher was trained on {teacher.img_size} px crops; this run feeds it "
-                       f"{cfg.img_size} px ones (--img-size), so its logits, and its val top-1 below, are those of a "
-                       f"network at a size it never saw: distil at --img-size {teacher.img_size}, or train the "
-                       f"teacher at {cfg.img_size}")
-        t_metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
-        check_teacher(t_metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
-        teacher_top1 = t_metrics["val_top1"]
+    teacher, teacher_top1 = prepare_teacher(cfg, class_map, manifest, val_loader, dist, amp_dtype)
 
     augment = batch_augmentation(cfg, num_classes, device)
     optimizer = make_optimizer(net, cfg, lr, device)
@@ -381,11 +426,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
     if resumed is not None:
-        changed = recipe_changes(resumed["config"], cfg)
-        if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
-            dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
-                       f"with this invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)")
-        restore(resumed, cfg, net, optimizer, scaler)
+        restore(resumed, cfg, net, optimizer, scaler, dist)
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
     if dist.is_main:
         start_run_dir(run_dir, cfg)
@@ -396,15 +437,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
             f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else f"(no best.pth of its epochs up to "
             f"{resumed['epoch']} was kept: the next epoch writes one)"))
-    # after the resume: an EMA the saved run did not keep starts from the resumed weights, not the random init
-    ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    kept_ema = ema is not None and resumed is not None and resumed.get("ema") is not None
-    if kept_ema:
-        ema.module.load_state_dict(resumed["ema"])
-    # the updates the EMA will have had at the end: all the run's, or those left, for one that starts here
-    if ema is not None and (warning := ema_warning(cfg.model_ema_decay,
-                                                   (cfg.epochs - (0 if kept_ema else start_epoch)) * steps)):
-        dist.print(warning)
+    ema = make_ema(net, cfg, resumed, start_epoch, steps, dist) if cfg.model_ema else None
 
     model, teacher, graphs = compile_for_training(net, teacher, use_compile, mode)
     model = wrap(model, dist)

@@ -130,11 +130,20 @@ def test_checkpoints_hold_plain_weights_config_and_training_state(teacher_run, l
     assert best["best_top1"] == last["best_top1"] == top["val_top1"] and best["epoch"] == top["epoch"]
 
 
-def test_eval_only_reproduces_best_top1(teacher_run):
+def test_eval_only_reproduces_best_top1(teacher_run, tmp_path):
+    import shutil
+
     cfg, _ = teacher_run
-    best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
-    out = evaluate_checkpoint(cfg_for(cfg.data_path, cfg.output_dir, run_name="teacher", eval_only=True))
+    run = tmp_path / "teacher"
+    shutil.copytree(os.path.join(cfg.output_dir, "teacher"), run)
+    best = torch.load(run / "best.pth", weights_only=True)
+    last = torch.load(run / "last.pth", weights_only=True)  # its best epoch is its last: make last.pth another one
+    last["model"]["fc.weight"].zero_(), last["model"]["fc.bias"].zero_()  # every logit 0: it names class 0
+    torch.save(last, run / "last.pth")
+    out = evaluate_checkpoint(cfg_for(cfg.data_path, tmp_path, run_name="teacher", eval_only=True))
     assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
+    zeroed = evaluate_checkpoint(cfg_for(cfg.data_path, tmp_path, eval_only=True, resume=str(run / "last.pth")))
+    assert zeroed["val_top1"] == 25.0 != best["best_top1"]  # 4 balanced classes: class 0's share
 
 
 def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys):
@@ -850,8 +859,10 @@ def test_a_run_stopped_while_writing_best_pth_redoes_that_epoch(tiny_shards, tmp
     assert (best["epoch"], best["best_top1"]) == (2, 30.0)
 
 
-def test_each_epoch_seeds_from_seed_epoch_and_rank(tiny_shards, tmp_path, monkeypatch):
-    from vitdeit import trainer
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_epoch_seeds_from_seed_epoch_and_rank(tiny_shards, tmp_path, monkeypatch, rank):
+    from vitdeit import distributed, trainer
+    from vitdeit.distributed import Dist
 
     seeds, real = [], trainer.train_one_epoch
 
@@ -860,10 +871,13 @@ def test_each_epoch_seeds_from_seed_epoch_and_rank(tiny_shards, tmp_path, monkey
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    # as torchrun's rank of 2, with no process group: DDP's wrapper left out (it needs one), collectives are no-ops
+    monkeypatch.setattr(distributed, "setup", lambda device: Dist(rank=rank, world=2))
+    monkeypatch.setattr(trainer, "wrap", lambda model, dist: model)
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", batch_size=16, workers=0, epochs=2, seed=3))
     expected = []
     for e in (0, 1):
-        seed = hash((3, e, 0)) % 2**31
+        seed = hash((3, e, rank)) % 2**31
         np.random.seed(seed), random.seed(seed)
         expected.append((seed, np.random.get_state()[1][:4].tolist(), random.getstate()))
     assert seeds == expected and seeds[0][0] != seeds[1][0]

@@ -131,7 +131,7 @@ def test_rand_augment_reaches_every_loader_of_the_comparison(tiny_shards):
     import argparse
 
     import torch
-    from timm.data.auto_augment import RandAugment
+    from timm.data.auto_augment import RandAugment, rand_augment_transform
 
     from benchmarks.throughput import classic_transform, shard_loader
 
@@ -140,7 +140,10 @@ def test_rand_augment_reaches_every_loader_of_the_comparison(tiny_shards):
     assert any(isinstance(t, RandAugment) for t in classic_transform(32, "bilinear", spec).transforms)
     assert not any(isinstance(t, RandAugment) for t in classic_transform(32, "bilinear").transforms)
     torch_loader = shard_loader(a, tiny_shards, "torch", 0, torch.device("cpu"))
-    assert torch_loader.dataset.transform.aa is not None
+    ra = torch_loader.dataset.transform.aa
+    policy = lambda t: (t.num_layers, [(o.name, o.prob, o.magnitude, o.magnitude_std) for o in t.ops])  # noqa: E731
+    assert policy(ra) == policy(rand_augment_transform(spec, {})) == (2, policy(ra)[1])  # timm's, of this spec
+    assert {m for _, _, m, _ in policy(ra)[1]} == {9} and len(ra.ops) == 15  # m9, and the 15 ops of timm's "inc" set
     pytest.importorskip("nvidia.dali")
     assert shard_loader(a, tiny_shards, "dali", 1, torch.device("cpu")).settings["rand_augment"] == spec
 

@@ -64,8 +64,9 @@ def test_each_op_matches_timms_at_the_same_magnitude_and_sign(name, monkeypatch)
 
 
 @pytest.mark.parametrize("name", list(ARGUMENTS))
-def test_every_row_of_the_tables_is_timms_argument(name, monkeypatch):
-    # timm's level function at every 0.1 step of magnitude up to mmax 15, both signs (its random sign fixed)
+def test_the_argument_at_every_tabulated_magnitude_is_timms(name, monkeypatch):
+    # ARGUMENTS (what dali_ops tabulates, before any unit change) against timm's level function at every 0.1 step of
+    # magnitude up to mmax 15, both signs (its random sign fixed); the enhancement tables themselves: the next test
     argument, signed, _ = ARGUMENTS[name]
     enhancement = name.endswith("Increasing") and not name.startswith(("Posterize", "Solarize"))
     for negate in (False, True) if signed else (False,):

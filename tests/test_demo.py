@@ -115,12 +115,15 @@ def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path
 
     from vitdeit import demo
 
-    monkeypatch.setattr(subprocess, "Popen", lambda cmd: Step(cmd, []))
+    steps = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: Step(cmd, steps))
     run = tmp_path / "runs" / "baseline_vit_tiny"
     run.mkdir(parents=True)
     (run / "last.pth").write_bytes(b"")
     (run / "config.json").write_text(json.dumps({"data_path": str(tmp_path / "demo_shards")}))  # an earlier demo's
     assert demo.main(["--out", str(tmp_path), "--workers", "1"]) == 0
+    vit = [s.cmd for s in steps if "--model" in s.cmd and s.cmd[s.cmd.index("--model") + 1] == "vit_tiny"]
+    assert len(vit) == 1 and "--overwrite" in vit[0]  # train.py replaces the earlier demo's run
     (run / "config.json").write_text(json.dumps({"data_path": "/data/in100-shards"}))  # the README's real run
     assert demo.main(["--out", str(tmp_path), "--workers", "1"]) == 1
     err = capsys.readouterr().err

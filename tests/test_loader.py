@@ -67,6 +67,9 @@ def test_same_epoch_same_batches_next_epoch_new_order(tiny_shards):
     assert torch.equal(xa, xb) and torch.equal(ya, yb)  # augmentation depends on (seed, epoch, index) only
     a.set_epoch(1)
     assert a.sampler.indices() != b.sampler.indices()
+    xa1, ya1 = next(iter(a))  # and the loader reads in that order: other images first
+    labels = [lab for _, lab, _ in all_samples(tiny_shards, "train")]
+    assert ya1.tolist() == [labels[i] for i in a.sampler.indices()[:16]] and not torch.equal(xa1, xb)
 
 
 def test_the_order_and_augmentation_seeds_follow_the_run_seed_and_each_sample_gets_its_own():

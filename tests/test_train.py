@@ -835,6 +835,23 @@ def test_resuming_in_place_from_an_earlier_epoch_drops_a_best_pth_of_the_abandon
     assert [r["val_top1"] for r in rows] == first[:after + 1] + [10.0] * (2 - after)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_best_pth_from_after_the_resumed_epoch_is_not_adopted_even_at_the_same_score(tmp_path, in_place):
+    # the score alone cannot tell: a best.pth written by a later epoch (of an abandoned history) at the resumed
+    # run's best top-1 holds other weights than that history's best epoch
+    from vitdeit.trainer import adopt_history
+
+    src, run = tmp_path / "src", tmp_path / ("src" if in_place else "run")
+    src.mkdir(), run.mkdir(exist_ok=True)
+    torch.save({"best_top1": 50.0, "epoch": 3}, src / "best.pth")
+    resumed = {"best_top1": 50.0, "epoch": 2, "metrics": {"val_top1": 40.0}}  # its best epoch was before 2
+    assert adopt_history(src / "last.pth", run, resumed, in_place=in_place) == -1.0
+    assert not (run / "best.pth").exists()
+    torch.save({"best_top1": 50.0, "epoch": 1}, src / "best.pth")  # that best epoch's own: adopted
+    assert adopt_history(src / "last.pth", run, resumed, in_place=in_place) == 50.0
+    assert torch.load(run / "best.pth", weights_only=True) == {"best_top1": 50.0, "epoch": 1}
+
+
 def test_a_run_stopped_while_writing_best_pth_redoes_that_epoch(tiny_shards, tmp_path, monkeypatch):
     from vitdeit import trainer
 

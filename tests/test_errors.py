@@ -1,6 +1,7 @@
 """Entry points: a problem the user can fix is one line on stderr and exit 1; anything else keeps its traceback."""
 
 import errno
+import json
 import os
 import re
 
@@ -248,6 +249,22 @@ def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_o
             load_manifest(given)
     with pytest.raises(DataError, match="is not a packed dataset"):  # elsewhere, the general advice
         load_manifest(tiny_data.parent / "nothing_here")
+
+
+@pytest.mark.parametrize("key", ["classes", "labels", "splits"])
+def test_a_manifest_without_a_key_it_needs_is_named_with_the_fix(tiny_shards, tmp_path, key, capsys):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest[key]  # (hand-edited, or another tool's)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert train.main(["--data-path", str(copy), "--output-dir", str(tmp_path / "runs"), "--device", "cpu",
+                       "--workers", "0"]) == 1
+    assert capsys.readouterr().err == (f"error: {copy / 'manifest.json'}: missing key {key!r}; re-run "
+                                       f"pack_shards.py to rewrite it.\n")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_missing_data_path_says_where_the_path_came_from(tmp_path, monkeypatch, capsys):

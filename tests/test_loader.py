@@ -58,6 +58,18 @@ def test_train_batches_have_fixed_shape_and_labels_from_the_shards(tiny_shards):
     assert torch.cat([b[1] for b in batches]).tolist() == [labels[i] for i in drawn]
 
 
+def test_num_samples_is_what_the_batches_hold_on_each_rank(tiny_shards):
+    m = load_manifest(tiny_shards)  # 96 train, 24 val images
+    seen = {"train": [], "val": []}
+    for rank in (0, 1):
+        for split in seen:
+            loader = TorchLoader(tiny_shards, m, split, batch_size=10, img_size=16, workers=0, rank=rank, world=2)
+            held = sum(len(labels) for _, labels in loader)
+            assert loader.num_samples == held and len(loader) == math.ceil(held / 10)
+            seen[split].append(held)
+    assert seen == {"train": [40, 40], "val": [12, 12]}  # train: whole batches of a rank's 48; val: each image once
+
+
 def test_same_epoch_same_batches_next_epoch_new_order(tiny_shards):
     m = load_manifest(tiny_shards)
     a = TorchLoader(tiny_shards, m, "train", batch_size=16, img_size=24, workers=0)

@@ -847,11 +847,15 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
         pack(data, tmp_path / "s", progress=False)
 
 
-def test_a_class_index_counts_labels_classes_without_folders_too(data, tmp_path):
+@pytest.mark.parametrize("repack", [False, True])
+def test_a_class_index_counts_labels_classes_without_folders_too(data, tmp_path, repack):
+    if repack:  # the same images packed before with the old Labels.json: no shard of it may be reused
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     labels = json.loads((data / "Labels.json").read_text())
     labels = {"n00000000": "first, no folder", **labels}  # sorts first: every packed class moves up by one
     (data / "Labels.json").write_text(json.dumps(labels))
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+    assert m["splits"]["train"]["class_counts"]["n00000000"] == 0
     wnids = sorted(labels)
     packed = {}
     for split in ("train", "val"):

@@ -31,6 +31,14 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"learning_rate": 0.1}, "unknown key"),
     ({"epochs": "5"}, "should be of type int"),
     ({"model_ema": 1}, "should be of type bool"),
+    ({"epochs": True}, "epochs=True should be of type int"),  # JSON's true is no number of epochs
+    ({"mixup": True}, "mixup=True should be of type float"),
+    ({"loader": "DALI"}, "--loader 'DALI': choose auto, dali or torch"),
+    ({"device": "gpu"}, "--device 'gpu': choose auto, cuda or cpu"),
+    ({"amp": "fp8"}, "--amp 'fp8': choose auto, bf16, fp16 or off"),
+    ({"compile": "yes"}, "--compile 'yes': choose auto, on or off"),
+    ({"teacher": "vit"}, "--teacher 'vit': only resnet18 is supported"),
+    ({"distillation_type": "feature"}, "--distillation-type 'feature': choose soft, hard or none"),
     ({"model": "vit_huge"}, "--model 'vit_huge'"),
     ({"img_size": 32, "patch_size": 5}, "--patch-size 5 must divide --img-size 32"),
     ({"distillation_type": "medium"}, "soft, hard or none"),
@@ -192,3 +200,4 @@ def test_a_saved_config_keeps_the_worker_choice_not_the_machines_count(monkeypat
     assert (saved["workers"], config.Config().decode_workers) == (-1, 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert config.from_dict(saved).decode_workers == 8 and config.from_dict(given).decode_workers == 3
+    assert config.Config(workers=0).decode_workers == 0  # 0: the main process decodes, on any machine

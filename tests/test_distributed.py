@@ -101,3 +101,22 @@ def test_ranks_leave_the_process_group_together_after_a_run_and_at_once_after_an
         assert zero["barriers"] == one["barriers"] == 1 and one["left"] >= zero["body_end"]
     else:  # nothing to wait for: a rank that raised must not keep the others waiting, nor wait for them
         assert zero["barriers"] == one["barriers"] == 0 and one["left"] < zero["body_end"]
+
+
+def test_auto_picks_cuda_where_torch_sees_a_gpu_and_cpu_where_it_sees_none(monkeypatch):
+    from vitdeit.distributed import resolve_device
+
+    for visible in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+        assert resolve_device("auto") == ("cuda" if visible else "cpu") and resolve_device("cpu") == "cpu"
+
+
+def test_unwrap_finds_the_plain_module_under_ddp_and_compile_either_way_round():
+    from types import SimpleNamespace
+
+    from vitdeit.distributed import unwrap
+
+    net = torch.nn.Linear(2, 2)
+    assert unwrap(net) is net
+    assert unwrap(SimpleNamespace(module=SimpleNamespace(_orig_mod=net))) is net  # DDP around a compiled model
+    assert unwrap(SimpleNamespace(_orig_mod=SimpleNamespace(module=net))) is net  # compile around DDP

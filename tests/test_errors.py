@@ -348,3 +348,13 @@ def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert err == (f"interrupted; the epochs finished so far are in {last}: go on with the same command and --resume "
                    f"{last}" if offered else "interrupted")
+
+
+def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
+    import pickle
+
+    from vitdeit.errors import BatchTooLarge
+
+    e = pickle.loads(pickle.dumps(BatchTooLarge("train", 3, 8)))  # as multiprocessing sends it back
+    assert isinstance(e, BatchTooLarge) and (e.split, e.per_rank, e.batch_size) == ("train", 3, 8)
+    assert str(e) == "train: 3 samples per rank < --batch-size 8; lower --batch-size (or use fewer processes)."

@@ -327,6 +327,7 @@ def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_wor
     (False, [], False, False),  # Ctrl-C before its first epoch ended
     (True, ["--overwrite"], False, False),  # the old run's last.pth, not yet replaced: resuming it is not this run
     (True, ["--resume", "RUNS/r/last.pth"], False, True),  # a resumed run, stopped before its next epoch ended
+    (True, ["--eval-only", "--resume", "RUNS/r/last.pth"], False, False),  # an evaluation: nothing to go on with
 ])
 def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, before, flags, during,
                                                                offered):
@@ -343,6 +344,7 @@ def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "train", interrupted)
+    monkeypatch.setattr(train, "evaluate_checkpoint", interrupted)
     flags = [f.replace("RUNS", str(tmp_path / "runs")) for f in flags]
     assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r", *flags]) == 130
     err = capsys.readouterr().err.strip()

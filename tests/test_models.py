@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torchvision
@@ -77,3 +79,18 @@ def test_models_take_the_class_count_and_image_size_from_arguments(name, heads):
         with torch.no_grad():
             x = torch.randn(2, 3, 32, 32)
             assert torch.allclose(net(x), sum(head_logits(net, x)) / 2, atol=1e-5)  # timm's eval = mean of heads
+
+
+def test_a_student_checkpoint_as_teacher_is_named_with_the_fix(tmp_path):
+    from vitdeit.checkpoint import save_checkpoint
+    from vitdeit.config import Config
+    from vitdeit.errors import SettingError
+
+    wnids = ("n01440764", "n01443537")
+    net = create_model("vit_tiny", 2, 32, 8)
+    save_checkpoint(tmp_path / "best.pth", {"model": net.state_dict(), "best_top1": 50.0, "epoch": 0, "classes":
+                                            list(wnids), "config": Config(model="vit_tiny", img_size=32).to_dict()})
+    with pytest.raises(SettingError, match=re.escape(f"--teacher-ckpt {tmp_path / 'best.pth'}: a vit_tiny checkpoint; "
+                                                     "the teacher must be a resnet18 (train one with train.py "
+                                                     "--model resnet18).")):
+        load_teacher(str(tmp_path / "best.pth"), "", ClassMap(wnids, wnids))

@@ -885,3 +885,23 @@ def test_a_file_that_cannot_be_read_is_listed_with_its_error_not_taken_for_an_em
     reasons = {s["path"]: s["reason"] for s in m["skipped"]}
     assert reasons[str(files[0])] == "an empty file (0 bytes)"
     assert all(reasons[f] == f"OSError: [Errno 5] Input/output error: '{f}'" for f in failing)
+
+
+def test_every_pack_shards_flag_reaches_the_packer(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    import pack_shards
+
+    asked = []  # (every value below differs from its default: a flag dropped on the way shows)
+
+    def fake_pack(*args, **kwargs):  # what pack() is given, then the error path (no manifest to print)
+        asked.append((args, kwargs))
+        raise DataError("stop here")
+
+    monkeypatch.setattr(pack_shards, "pack", fake_pack)
+    assert pack_shards.main(["--data-path", "D", "--out", "O", "--labels", "L.json", "--seed", "3", "--shard-size",
+                             "5", "--resize-short", "32", "--jpeg-quality", "80", "--skip-bad",
+                             "--allow-missing-classes", "--overwrite", "--workers", "11"]) == 1
+    assert asked == [(("D", "O", "L.json", PackOptions(seed=3, shard_size=5, resize_short=32, jpeg_quality=80,
+                                                         skip_bad=True, workers=11, allow_missing_classes=True)),
+                      {"overwrite": True})]
+    assert capsys.readouterr().err == "error: stop here\n"

@@ -3,6 +3,7 @@
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,7 +317,8 @@ def test_the_executor_and_prefetch_depth_change_neither_the_batches_nor_where_a_
 
 
 @pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32),
-                                    dict(rand_augment="rand-m9-mstd0.5-inc1"), dict(repeats=3)])
+                                    dict(rand_augment="rand-m9-mstd0.5-inc1"), dict(repeats=3),
+                                    dict(scale=(0.5, 1.0))])
 def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=1, seed=3)
@@ -324,6 +326,19 @@ def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     next(iter(first))
     other = DaliLoader(tiny_shards, m, "train", state=first.state(), **{**kw, **change})
     assert not other.restored and len(list(other)) == len(other)  # a fresh stream, whole epochs
+
+
+def test_a_state_saved_on_other_shards_of_the_same_images_is_not_restored(tiny_data, tiny_shards, tmp_path):
+    from vitdeit.packing import PackOptions, pack
+
+    kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
+    first = DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", **kw)  # tars of 30 samples
+    next(iter(first))
+    m = pack(tiny_data, tmp_path / "s", opts=PackOptions(shard_size=20, workers=1), progress=False)  # repacked
+    other = DaliLoader(tmp_path / "s", m, "train", state=first.state(), **kw)
+    assert not other.restored and len(list(other)) == len(other)
+    again = DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", state=first.state(), **kw)
+    assert again.restored  # (the same shards: restored)
 
 
 def test_a_bare_reader_checkpoint_of_an_earlier_version_is_not_restored(tiny_shards):
@@ -349,6 +364,27 @@ def test_each_rank_draws_its_own_crops_and_flips(tmp_path):
     first = [next(iter(DaliLoader(tmp_path / "s", m, "train", batch_size=8, img_size=24, rank=r, world=2,
                                   workers=1, seed=5)))[0] for r in (0, 1)]
     assert not torch.equal(first[0], first[1])
+
+
+def test_train_flips_about_half_the_images_left_to_right_and_nothing_else_when_the_crop_is_the_whole_image(
+        tmp_path):
+    from PIL import Image
+
+    from conftest import small_dataset
+    from vitdeit.packing import PackOptions, pack
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=8, val_per_class=2)
+    picture = np.zeros((32, 32, 3), np.uint8)  # square: a crop of area 1 and aspect 1 is the whole picture
+    picture[:, :, 0], picture[:, :16, 1] = np.arange(32)[None, :] * 8, 200  # left and right differ
+    for f in data.glob("train.X*/*/*.JPEG"):
+        Image.fromarray(picture).save(f, quality=95)
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    x = next(iter(DaliLoader(tmp_path / "s", load_manifest(tmp_path / "s"), "train", batch_size=16, img_size=24,
+                             workers=1, seed=5, scale=(1.0, 1.0), ratio=(1.0, 1.0))))[0]
+    same = [torch.equal(i, x[0]) for i in x]
+    mirrored = [torch.equal(i, x[0].flip(-1)) for i in x]
+    assert all(a != b for a, b in zip(same, mirrored))  # each image the picture or its mirror image
+    assert 4 <= sum(mirrored) <= 12  # a coin per image (16 draws: 8 with this seed)
 
 
 def test_labels_come_from_the_shards(tiny_shards):
@@ -422,3 +458,18 @@ def test_each_ranks_train_slice_holds_other_samples_every_epoch_in_an_order_that
         assert not ranks[0] & ranks[1]  # disjoint in every epoch
     assert len({ranks[0] for ranks in three}) > 1  # rank 0's set is not always the same
     assert [ranks[0] for ranks in three] != [ranks[0] for ranks in four]  # and the tar orders follow --seed
+
+
+def test_train_reads_through_a_shuffle_buffer_not_each_tar_in_its_order(tiny_shards):
+    from vitdeit.data import shard_paths
+    from vitdeit.data.torch_loader import read_index
+
+    m = load_manifest(tiny_shards)  # 4 tars (30, 30, 30, 6 samples)
+    where = {key: (tar, i) for tar, (_, idx) in enumerate(shard_paths(tiny_shards, m, "train"))
+             for i, (key, _) in enumerate(read_index(idx))}  # each sample's tar and place in it
+    loader = DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=16, workers=1, seed=3, with_keys=True)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        drawn = [where[k] for _, _, keys in loader for k in keys]
+        in_tar_order = sum(b == (a[0], a[1] + 1) for a, b in zip(drawn, drawn[1:]))
+        assert len(drawn) == 96 and in_tar_order < 96 // 4  # without the buffer: 92 of the 95 pairs (1 with it)

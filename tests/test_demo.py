@@ -189,3 +189,34 @@ def test_ctrl_c_in_the_demo_lets_the_step_stop_and_is_one_line_and_exit_130(tmp_
     assert len(steps) == 1 and steps[0].waits == [None, 30] + (["kill"] if hangs else [])
     assert capsys.readouterr().err == ("demo: interrupted; the same command runs the demo again from its first step "
                                        "(or finish the step above by hand, as it says).\n")
+
+
+def test_each_class_has_its_own_shape_and_about_half_its_images_its_own_hue(tmp_path, monkeypatch):
+    import colorsys
+
+    import numpy as np
+
+    from vitdeit import demo
+
+    drawn = []  # (shape, hue, hue width) of every image, in the order drawn
+
+    def record(shape, rng, size, hue=None, hue_width=0.05):
+        drawn.append((shape, hue, hue_width))
+        return real(shape, rng, size, hue, hue_width)
+
+    real = demo.draw_sample
+    monkeypatch.setattr(demo, "draw_sample", record)
+    out = demo.make_demo_dataset(tmp_path / "d", LABELS, num_classes=4, train_per_class=40, val_per_class=10,
+                                 min_size=24, max_size=24)
+    assert len(drawn) == 4 * 50
+    for ci in range(4):  # 50 images per class, drawn class after class
+        ours = drawn[50 * ci: 50 * (ci + 1)]
+        assert {shape for shape, _, _ in ours} == {demo.SHAPES[ci]}
+        cued = [hue for _, hue, _ in ours if hue is not None]
+        assert set(cued) == {ci / 4} and 15 <= len(cued) <= 35  # colour_cue 0.5 of 50
+    assert sorted(p.name for p in out.glob("train.X1/*")) == sorted(json.loads((out / "Labels.json").read_text()))
+    rng = np.random.default_rng(0)
+    for hue in (0.0, 0.25, 0.5, 0.75):  # the fill colour lies within +-width/2 of the class's hue (in turns)
+        for _ in range(50):
+            got = colorsys.rgb_to_hsv(*(v / 255 for v in demo._class_colour(rng, hue, 0.125)))[0]
+            assert min(abs(got - hue), 1 - abs(got - hue)) <= 0.0625 + 0.01  # (+ 8-bit rounding)

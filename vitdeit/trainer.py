@@ -353,8 +353,8 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
     return train_loader, val_loader, caught
 
 
-def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool,
-             mode: str) -> str:
+def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool, mode: str,
+             lr: float) -> str:
     """The run's first line: what trains on what, on which devices, with which loader and speed settings."""
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
@@ -365,7 +365,7 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
             f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
             f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
             f"{f', CUDA connections {connections}' if dist.device.type == 'cuda' else ''}, global batch "
-            f"{cfg.global_batch(dist.world)}, lr {cfg.peak_lr(dist.world):.3g}")
+            f"{cfg.global_batch(dist.world)}, lr {lr:.3g}")
 
 
 def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Dist, amp_dtype):
@@ -406,7 +406,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             return {}
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
-    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode))
+    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr))
     for w in caught:
         dist.print(f"warning: {w.message}")
     for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):

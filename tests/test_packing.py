@@ -888,8 +888,7 @@ def test_a_file_that_cannot_be_read_is_listed_with_its_error_not_taken_for_an_em
 
 
 def test_every_pack_shards_flag_reaches_the_packer(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT))
-    import pack_shards
+    import pack_shards  # (the repository root is on sys.path: conftest)
 
     asked = []  # (every value below differs from its default: a flag dropped on the way shows)
 

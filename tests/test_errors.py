@@ -4,6 +4,9 @@ import errno
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import pack_shards
 import train
 import viz
 from vitdeit.checkpoint import load_checkpoint, save_checkpoint
+from conftest import ROOT
 from vitdeit.errors import DataError, WriteFailed
 
 
@@ -360,3 +364,55 @@ def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
     e = pickle.loads(pickle.dumps(BatchTooLarge("train", 3, 8)))  # as multiprocessing sends it back
     assert isinstance(e, BatchTooLarge) and (e.split, e.per_rank, e.batch_size) == ("train", 3, 8)
     assert str(e) == "train: 3 samples per rank < --batch-size 8; lower --batch-size (or use fewer processes)."
+
+
+def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 ARGS` on a free port, from the repository root."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=timeout)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--data-path", "{missing}", "--device", "cpu"], "error: {missing}/manifest.json not found"),
+    (["--model", "vit_tiyn"], "train.py: error: --model 'vit_tiyn': choose one of"),  # argparse's usage error
+])
+def test_under_torchrun_an_error_every_rank_hits_is_said_once_per_node(flags, said, tmp_path):
+    missing = tmp_path / "not_here"
+    r = _torchrun("train.py", *(f.format(missing=missing) for f in flags))
+    assert r.returncode != 0
+    said = said.format(missing=missing)
+    assert sum(line.startswith(said) for line in r.stderr.splitlines()) == 1, r.stderr[-3000:]
+
+
+def test_under_torchrun_print_once_per_node_still_prints_what_only_some_ranks_say(tmp_path):
+    script = tmp_path / "say.py"
+    script.write_text("import os\nfrom vitdeit.errors import print_once_per_node\n"
+                      "print_once_per_node('the same on every rank')\n"
+                      "print_once_per_node(f'only rank {os.environ[\"RANK\"]}')\n")
+    r = _torchrun(str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    assert lines.count("the same on every rank") == 1
+    assert lines.count("only rank 0") == 1 and lines.count("only rank 1") == 1
+
+
+def test_print_once_per_node_prints_without_torchrun_or_without_its_store(monkeypatch, capsys):
+    from vitdeit import errors
+
+    for k in ("LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    errors.print_once_per_node("one process")
+    with socket.socket() as s:  # a port nobody serves: torchrun's variables, but no store behind them
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setattr(errors, "STORE_TIMEOUT_S", 0.5)
+    errors.print_once_per_node("no store")
+    assert capsys.readouterr().err == "one process\nno store\n"

@@ -12,11 +12,12 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-from .errors import SettingError
+from .errors import SettingError, print_once_per_node
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -309,11 +310,19 @@ def field_comments() -> dict[str, str]:
     return comments
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors print once per torchrun node (print_once_per_node), not once per GPU."""
+
+    def error(self, message: str):
+        print_once_per_node(f"{self.format_usage()}{self.prog}: error: {message}")  # argparse's own text
+        sys.exit(2)
+
+
 def parse_args(argv=None, description: str = "") -> Config:
     """defaults <- --config FILE <- flags."""
     hints = get_type_hints(Config)
     comments = field_comments()
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="JSON file of config values; flags override it")
     for f in fields(Config):
         t = hints[f.name]

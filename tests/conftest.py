@@ -1,5 +1,8 @@
+import json
 import os
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,31 @@ from vitdeit.demo import make_demo_dataset  # noqa: E402
 from vitdeit.packing import PackOptions, pack  # noqa: E402
 
 LABELS = ROOT / "Labels.json"
+
+
+def free_port() -> int:
+    """A port nobody listens on now: a rendezvous's, or one with nothing behind it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """This process as torchrun's rank `rank` of `world`, each on a "node" of its own: RANK is the global rank,
+    LOCAL_RANK 0 on both."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if Path("/sys/class/net/lo").exists():  # gloo on the loopback: a host whose name resolves nowhere still runs it
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def spawn_two(fn, *args) -> list[dict]:
+    """fn(rank, 2, port, out_dir, *args) in two processes; what each wrote to out_dir/RANK.json, in rank order."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(fn, args=(2, free_port(), d, *args), nprocs=2)
+        return [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
 
 
 def small_dataset(path: Path, num_classes=4, train_per_class=24, val_per_class=6, seed=0) -> Path:

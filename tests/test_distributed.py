@@ -2,44 +2,19 @@
 collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums)."""
 
 import json
-import os
-import socket
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import spawn_two, torchrun_env
 from vitdeit import distributed
 from vitdeit.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_buffers, cleanup, setup
 
 
-def _torchrun_env(rank, world, port):
-    # two "nodes" of one process each: RANK is the global rank, LOCAL_RANK 0 on both
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    if Path("/sys/class/net/lo").exists():  # gloo on the loopback, as test_engine's ranks
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_two(fn, *args) -> list[dict]:
-    """fn(rank, 2, port, out_dir, *args) in two processes; what each wrote to out_dir/RANK.json, in rank order."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(fn, args=(2, _free_port(), d, *args), nprocs=2)
-        return [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
-
-
 def _as_rank(rank, world, port, out_dir):
-    _torchrun_env(rank, world, port)
+    torchrun_env(rank, world, port)
     dist = setup("cpu")
     try:
         bn = torch.nn.BatchNorm1d(3)
@@ -57,7 +32,7 @@ def _as_rank(rank, world, port, out_dir):
 
 
 def test_two_processes_read_their_global_rank_gather_in_rank_order_and_share_rank_0s_buffers():
-    outs = _spawn_two(_as_rank)
+    outs = spawn_two(_as_rank)
     for rank, out in enumerate(outs):
         # RANK, not LOCAL_RANK, says which process writes checkpoints and prints: rank 1 is local rank 0 of its node
         assert out["dist"] == [rank, 2, 0, rank == 0]
@@ -77,7 +52,7 @@ def test_one_process_without_torchrun_is_rank_0_of_1(monkeypatch):
 
 
 def _leave(rank, world, port, out_dir, fail):
-    _torchrun_env(rank, world, port)
+    torchrun_env(rank, world, port)
     barriers, real = [], distributed.tdist.barrier
     distributed.tdist.barrier = lambda *a, **k: barriers.append(1) or real(*a, **k)
     try:
@@ -96,7 +71,7 @@ def _leave(rank, world, port, out_dir, fail):
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_ranks_leave_the_process_group_together_after_a_run_and_at_once_after_an_error(fail):
-    zero, one = _spawn_two(_leave, fail)
+    zero, one = spawn_two(_leave, fail)
     if not fail:  # rank 1 waited for rank 0's block to end: it did not exit right after its last collective
         assert zero["barriers"] == one["barriers"] == 1 and one["left"] >= zero["body_end"]
     else:  # nothing to wait for: a rank that raised must not keep the others waiting, nor wait for them

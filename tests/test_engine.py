@@ -1,7 +1,6 @@
 """engine.evaluate: exact counts against logits chosen here, for one head and for DeiT's two."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitdeit.distributed import Dist
+from conftest import spawn_two, torchrun_env
+from vitdeit.distributed import Dist, process_group
 from vitdeit.engine import evaluate, train_one_epoch
 
 torch.manual_seed(0)
@@ -70,30 +70,15 @@ def test_top5_with_fewer_than_five_classes_is_every_image():
     assert out["val_top5"] == 100.0 and out["val_top1"] == 100 * hits / 5 and out["val_samples"] == 5
 
 
-def _evaluate_as_rank(rank, world, init_file, out_dir):
-    from datetime import timedelta
-
-    import torch.distributed as tdist
-
-    if Path("/sys/class/net/lo").exists():  # gloo on the loopback: a host whose name resolves nowhere still runs it
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                             timeout=timedelta(seconds=60))  # a rank that never arrives fails the test, not hangs it
-    try:  # each rank its own batches: rank 0 batches 0 and 2 (8 images), rank 1 batch 1 (5 images)
-        out = evaluate(TwoHeads(), BATCHES[rank::world], Dist(rank, world), progress=False)
-    finally:
-        tdist.destroy_process_group()
+def _evaluate_as_rank(rank, world, port, out_dir):
+    torchrun_env(rank, world, port)
+    with process_group("cpu") as dist:  # each rank its own batches: rank 0 batches 0 and 2 (8 images), rank 1 batch 1
+        out = evaluate(TwoHeads(), BATCHES[rank::world], dist, progress=False)
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
 
 
 def test_every_rank_reports_the_counts_summed_over_all_ranks():
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:  # (a short path: gloo's file store)
-        mp.spawn(_evaluate_as_rank, args=(2, f"{d}/init", d), nprocs=2)
-        outs = [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
+    outs = spawn_two(_evaluate_as_rank)
     top1, top5, loss = counted((CLS + DIST) / 2)
     for out in outs:
         assert out["val_samples"] == N and out["val_top1"] == top1 and out["val_top5"] == top5

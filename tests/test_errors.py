@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pack_shards
 import train
 import viz
 from vitdeit.checkpoint import load_checkpoint, save_checkpoint
-from conftest import ROOT
+from conftest import ROOT, free_port
 from vitdeit.errors import DataError, WriteFailed
 
 
@@ -368,11 +367,8 @@ def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
 
 def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=2 ARGS` on a free port, from the repository root."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", *args], capture_output=True, text=True, cwd=ROOT,
+                           f"--master_port={free_port()}", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=timeout)
 
 
@@ -406,13 +402,10 @@ def test_print_once_per_node_prints_without_torchrun_or_without_its_store(monkey
     for k in ("LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     errors.print_once_per_node("one process")
-    with socket.socket() as s:  # a port nobody serves: torchrun's variables, but no store behind them
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's variables, but no store behind them
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setattr(errors, "STORE_TIMEOUT_S", 0.5)
     errors.print_once_per_node("no store")
     assert capsys.readouterr().err == "one process\nno store\n"

@@ -230,9 +230,9 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
 
     import torch.nn.functional as F
     from PIL import Image
-    from torchvision.io import ImageReadMode, decode_image
 
-    from vitdeit.data.torch_loader import TrainTransform
+    from vitdeit.data import torch_loader
+    from vitdeit.data.torch_loader import TrainTransform, decode_rgb
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -243,7 +243,7 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
             decoded.append(Image.open(io.BytesIO(d)).convert("RGB"))
         except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a file that is no image
             raise DataError(f"{f}: not a readable image ({type(e).__name__}); move it out of --data-path") from None
-    tensors = [decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d in datas]
+    tensors = [decode_rgb(d) for d in datas]
     train_tf, rng = TrainTransform(img_size), random.Random(0)
     boxes = [train_tf.crop_box(*im.size, rng) for im in decoded]
     classic = classic_transform(img_size, "bilinear")
@@ -259,8 +259,8 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
 
     cases = {
         "decode_pil": lambda i: Image.open(io.BytesIO(datas[i])).convert("RGB"),
-        "decode_torchvision": lambda i: decode_image(torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8),
-                                                     mode=ImageReadMode.RGB),
+        **({"decode_torchvision": lambda i: decode_rgb(datas[i])}  # (a torchvision with its decoders: 0.29 has)
+           if torch_loader.decode_image is not None else {}),
         "crop_resize_pil": lambda i: pil_resize(i, Image.BILINEAR),
         "crop_resize_torch_uint8": lambda i: torch_resize(i, "bilinear"),
         "crop_resize_pil_bicubic": lambda i: pil_resize(i, Image.BICUBIC),  # --interpolation bicubic's costs

@@ -245,6 +245,27 @@ def test_val_transform_keeps_the_center(tmp_path):
     assert out.shape == (32, 32, 3) and out[:, 10:22].min() > 200 and out[:, :3].max() < 60
 
 
+def test_a_torchvision_without_its_decoders_gives_the_same_pixels_through_pil(monkeypatch):
+    from benchmarks.imageset import natural_like
+    from vitdeit.data import torch_loader
+
+    buf = io.BytesIO()
+    natural_like(np.random.default_rng(0), 120, 90).save(buf, format="JPEG", quality=90)  # too small for a draft
+    calls = []
+    real = torch_loader.decode_image
+    monkeypatch.setattr(torch_loader, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def both():
+        return (ValTransform(32)(buf.getvalue()),
+                TrainTransform(24, scale=(0.5, 1.0), hflip=0.0)(buf.getvalue(), random.Random(0)))
+
+    with_torchvision = both()
+    assert len(calls) == 2  # the full-scale decodes were torchvision's
+    monkeypatch.setattr(torch_loader, "decode_image", None)  # as where torchvision.io has no decode_image
+    for a, b in zip(with_torchvision, both()):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("mode,other", [("bilinear", "bicubic"), ("bicubic", "bilinear")])
 def test_both_transforms_resize_with_the_chosen_filter_as_pil_does(mode, other):
     filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}

@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
+
+try:  # torchvision's decoders: deprecated since 0.29 (for TorchCodec's), to be removed in a later release
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # a torchvision without them: decode_rgb falls back to PIL
+    decode_image = None
 
 from ..config import Config
 from ..errors import BatchTooLarge, DataError
@@ -153,6 +157,15 @@ class ValTransform:
         return x[top : top + self.size, left : left + self.size].contiguous().numpy()
 
 
+def decode_rgb(data: bytes, im: Image.Image | None = None) -> torch.Tensor:
+    """Image bytes -> uint8 RGB tensor, CHW: torchvision's decoder (~6 % faster than PIL's per 500 x 375 JPEG on one
+    core, BENCHMARKS.md), or PIL's `im` (opened on `data`) where given, or where this torchvision has no decoder
+    left. Both are libjpeg-turbo: the same pixels (tests)."""
+    if im is None and decode_image is not None:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return torch.from_numpy(np.array((im or Image.open(io.BytesIO(data))).convert("RGB"))).permute(2, 0, 1)
+
+
 def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], out_hw: tuple[int, int],
                   mode: str) -> torch.Tensor:
     """Decode `data`, crop `box` (left, top, right, bottom in source px), resize to out_hw with the antialiased
@@ -169,10 +182,7 @@ def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], 
     w, h = im.size
     bw, bh = box[2] - box[0], box[3] - box[1]
     im.draft("RGB", (math.ceil(DRAFT_GAP * w * out_hw[1] / bw), math.ceil(DRAFT_GAP * h * out_hw[0] / bh)))
-    if im.size == (w, h):  # full scale (or not a JPEG): torchvision's decoder
-        x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    else:
-        x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    x = decode_rgb(data, im if im.size != (w, h) else None)  # a reduced scale is PIL's to decode
     sx, sy = x.shape[2] / w, x.shape[1] / h
     left, top = round(box[0] * sx), round(box[1] * sy)
     right, bottom = max(left + 1, round(box[2] * sx)), max(top + 1, round(box[3] * sy))

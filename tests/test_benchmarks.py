@@ -13,6 +13,20 @@ from vitdeit.data import dali_available
 from vitdeit.errors import DataError, SettingError
 
 ROOT = Path(__file__).resolve().parents[1]
+# the JSON's fields as benchmarks/README.md (JSON) lists them: each part's rows, the machine and the images
+DOCUMENTED = {
+    "machine": {"cpu", "cpu_count", "python", "torch", "torchvision", "timm", "PIL", "nvidia.dali", "gpu", "git_commit",
+                "git_dirty", "cuda_device_max_connections"},
+    "images": {"path", "count", "mean_kb"},
+    "packing": {"workers", "images", "images_per_s"},
+    "loaders": {"name", "images_per_s", "workers", "images_per_s_per_worker", "data"},
+    "transforms": {"name", "ms_per_image"},
+    "model_step": {"model", "compile", "dtype", "layout", "batch_size", "images_per_s", "peak_mem_gb"},
+    "end_to_end": {"loader", "model", "workers", "images_per_s", "ceiling_images_per_s", "fraction_of_ceiling",
+                   "host_wait_frac", "fraction_if_overlapped", "fraction_if_serial"},
+    "profile": {"unit", "trace", "steps", "wall_ms_per_step", "gpu_events", "gpu_busy_frac", "step_streams",
+                "step_kernel_ms_per_step", "other_kernel_ms_per_step", "overlap_ms_per_step", "copy_ms_per_step",
+                "host_sync_ms_per_step", "host_calls", "step_idle_ms_per_step", "other_kernels_per_step"}}
 
 
 def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
@@ -33,6 +47,11 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     run, r = run_throughput(tmp_path, "--e2e-unit", e2e_unit, "--loader-workers", ",".join(map(str, loader_workers)),
                             *(["--profile", str(tmp_path / "prof"), "--profile-steps", "2"] if profile else []))
     wall = time.perf_counter() - start
+    assert set(r) == {"machine", "command", "date", "settings", "images", "seconds", "packing", "loaders", "transforms",
+                      "model_step", "end_to_end"} | ({"dali_error"} if dali_available() else set()) | (
+        {"profile"} if profile else set())
+    for part, fields in DOCUMENTED.items():  # every row of every part with the fields documented, no other
+        assert all(set(row) == fields for row in ([r[part]] if isinstance(r.get(part), dict) else r.get(part, [])))
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     assert r["machine"]["git_commit"] == git("rev-parse", "HEAD")
@@ -835,3 +854,153 @@ def test_the_timed_model_step_is_train_pys_step_at_its_defaults(monkeypatch):
     assert loss_fn.kind == Config.distillation_type and loss_fn.teacher is teacher is not None
     assert loss_fn.base.label_smoothing == Config.label_smoothing
     assert net.blocks[-1].drop_path1.drop_prob == pytest.approx(Config.drop_path)
+
+
+def test_the_model_steps_rate_is_its_steps_images_over_the_median_timed_repeat(monkeypatch):
+    """images/s of a model-step row: --steps x --batch-size images over the median of --repeats timed runs (the
+    untimed warm-up steps left out), not the fastest run's or one step's."""
+    import argparse
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    # each step's seconds: 1 warm-up step (100 s, untimed), then 3 repeats of 2 steps: 4, 1 and 10 s a repeat
+    step_seconds = iter([100.0, 2.0, 2.0, 0.5, 0.5, 5.0, 5.0])
+
+    def step(x, y):
+        clock[0] += next(step_seconds)
+
+    monkeypatch.setattr(throughput, "train_step_fn", lambda *args: (step, None, "teacher"))
+    a = argparse.Namespace(batch_size=4, img_size=16, steps=2, warmup_steps=1, repeats=3, amp=False, compile=False)
+    (row,), e2e_step = throughput.bench_model_step(a, torch.device("cpu"), lambda: None, only_e2e=True)
+    assert row["images_per_s"] == 2 * 4 / 4.0  # the median repeat, 4 s (fastest 1 s, mean 5 s)
+    assert (row["model"], row["batch_size"], row["peak_mem_gb"]) == ("deit_tiny_distill + resnet18 teacher", 4, None)
+    assert e2e_step is step and next(step_seconds, None) is None
+
+
+def test_loader_runs_default_to_1_and_all_workers_and_the_main_process_alone_counts_as_one_worker(monkeypatch):
+    import argparse
+
+    import torch
+
+    from benchmarks import throughput
+
+    built = []
+    monkeypatch.setattr(throughput, "imagefolder_loader", lambda data, size, batch, workers, *args: built.append(
+        workers) or workers)
+    monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([]))
+    # an epoch of 12 images in 2 s with w workers, 3 s with none: 6 img/s, 4 img/s in the main process alone
+    monkeypatch.setattr(throughput, "epoch_seconds", lambda workers, sync: (12, 2.0 if workers else 3.0))
+    a = argparse.Namespace(loader_workers=None, workers=3, img_size=8, batch_size=4, interpolation="bilinear",
+                           repeats=1, rand_augment="")
+    rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
+    assert built == [1, 3]  # no --loader-workers: 1 and --workers, as README says
+    assert [(r["workers"], r["images_per_s"], r["images_per_s_per_worker"]) for r in rows] == [(1, 6.0, 6.0),
+                                                                                              (3, 6.0, 2.0)]
+    a.loader_workers = "0,2"  # 0: decoded in the main process, one worker's work
+    rows = throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
+    assert [(r["workers"], r["images_per_s"], r["images_per_s_per_worker"]) for r in rows] == [(0, 4.0, 4.0),
+                                                                                              (2, 6.0, 3.0)]
+
+
+def test_end_to_end_rows_take_the_loader_rate_at_their_own_worker_count_and_the_median_host_wait(monkeypatch):
+    import argparse
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    waits = [1.0, 0.0, 3.0]  # seconds the host waits in next() for each batch, in rounds 1, 2 and 3
+
+    class Loader:  # 4 batches of 2 images an epoch; one epoch per round (a window of 1 + 2 steps, then drained)
+        epochs = 0
+
+        def __iter__(self):
+            self.epochs += 1
+            for i in range(4):
+                clock[0] += waits[self.epochs - 1]
+                yield torch.zeros(2, 3, 4, 4), torch.tensor([0, i])
+
+    def step(x, y):  # 1 s, the ceiling's and the loader's
+        clock[0] += 1.0
+
+    monkeypatch.setattr(throughput, "shard_loaders", lambda *args: iter([("shards_a", "original", Loader())]))
+    loader_rows = [{"name": "shards_a", "workers": 1, "images_per_s": 4.0},  # the loaders part at 1 and 2 workers
+                   {"name": "shards_a", "workers": 2, "images_per_s": 1.0}]
+    a = argparse.Namespace(e2e_unit="steps", batch_size=2, img_size=8, workers=2, steps=2, warmup_steps=1, repeats=3,
+                           profile=None)
+    (row,), _ = throughput.bench_end_to_end(a, torch.device("cpu"), {}, loader_rows, step, lambda: None)
+    # each round's 2 timed steps: 2 x (wait + 1 s); the host waits 1/2, 0 and 3/4 of it: median 1/2 (mean 5/12)
+    assert (row["ceiling_images_per_s"], row["images_per_s"], row["host_wait_frac"]) == (2.0, 1.0, 0.5)
+    # against the loaders part's rate at --workers 2 (L = 1 img/s, S = 2 img/s), not at 1 worker
+    assert (row["workers"], row["fraction_if_overlapped"], row["fraction_if_serial"]) == (2, 0.5, pytest.approx(1 / 3))
+
+
+def test_packing_is_timed_with_1_and_all_workers_in_images_per_second_of_both_splits(monkeypatch, tmp_path):
+    import types
+
+    from benchmarks import throughput
+
+    clock, packed = [0.0], []
+
+    def pack(data, out, opts, progress):  # 10 train + 2 val images, 4 s with 1 worker, 1 s with 4
+        packed.append(opts.workers)
+        clock[0] += 4.0 / opts.workers
+        return {"splits": {"train": {"num_samples": 10}, "val": {"num_samples": 2}}}
+
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(throughput, "pack", pack)
+    assert throughput.bench_packing(tmp_path, tmp_path, 4) == [{"workers": 1, "images": 12, "images_per_s": 3.0},
+                                                              {"workers": 4, "images": 12, "images_per_s": 12.0}]
+    assert packed == [1, 4] and [r["workers"] for r in throughput.bench_packing(tmp_path, tmp_path, 1)] == [1]
+
+
+def test_a_transforms_cost_is_milliseconds_per_image_of_the_images_it_had(tiny_data, monkeypatch):
+    import itertools
+    import types
+
+    from benchmarks import throughput
+
+    ticks = itertools.count()  # each reading of the clock 1 s after the last: each stage's pass takes 1 s
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    files = throughput.train_files(tiny_data)[:4]
+    rows = throughput.bench_transforms(files, 32)  # n=200 by default: 4 images here, not 200
+    assert len(rows) == 8 and {r["ms_per_image"] for r in rows} == {1000 / 4}
+
+
+def test_the_tables_give_each_figure_in_its_column(capsys):
+    from benchmarks import throughput
+
+    result = {"machine": {"cpu": "c", "cpu_count": 2, "gpu": None, "torch": "t", "timm": "m", "nvidia.dali": None,
+                          "git_commit": None},
+              "images": {"count": 24, "mean_kb": 110.0}, "settings": {"img_size": 32, "batch_size": 4},
+              "loaders": [{"name": n, "workers": w, "images_per_s": r, "images_per_s_per_worker": r / w}
+                          for n, w, r in (("imagefolder", 1, 100.0), ("shards_torch", 1, 250.0),
+                                          ("imagefolder", 2, 150.0), ("shards_torch", 2, 600.0))],
+              "model_step": [{"model": "vit_tiny", "compile": False, "dtype": "fp32", "layout": "nchw",
+                              "batch_size": 4, "images_per_s": 42.0, "peak_mem_gb": None}],
+              "end_to_end": [{"loader": "shards_torch", "images_per_s": 50.0, "ceiling_images_per_s": 100.0,
+                              "fraction_of_ceiling": 0.5, "host_wait_frac": 0.25, "fraction_if_serial": 0.75,
+                              "fraction_if_overlapped": 1.0},
+                             {"loader": "shards_torch_resized", "images_per_s": 110.0, "ceiling_images_per_s": 100.0,
+                              "fraction_of_ceiling": 110.0 / 100.0, "host_wait_frac": 0.0, "fraction_if_serial": None,
+                              "fraction_if_overlapped": None}]}
+    throughput.print_tables(result)
+    lines = capsys.readouterr().out.splitlines()
+    # a loader row: img/s, img/s per worker, and img/s over the imagefolder baseline's at the same worker count
+    assert [line.split() for line in lines if line.startswith("shards_torch ")] == [
+        ["shards_torch", "1", "250.0", "250.0", "2.50"], ["shards_torch", "2", "600.0", "300.0", "4.00"]]
+    assert [line.split() for line in lines if line.startswith("vit_tiny")] == [
+        ["vit_tiny", "False", "fp32", "nchw", "42.0"]]
+    assert [line for line in lines if line.startswith("end to end")] == [
+        "end to end shards_torch                      50.0 img/s = 0.50 of 100.0, host waits 25 %  (from the "
+        "rates alone: 0.75 if serial, 1.00 if overlapped)",
+        "end to end shards_torch_resized             110.0 img/s = 1.10 of 100.0, host waits 0 %"]
+    assert not [line for line in lines if line.startswith("note:")]  # 1.10 itself is not over 1.10

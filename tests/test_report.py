@@ -424,3 +424,68 @@ def test_a_run_folder_or_a_checkpoint_without_its_metrics_is_named_before_any_va
                        r"--no-report for the picture alone\."):
         make_all(str(tmp_path / "vit.pth"), deit, num_images=2, out=str(tmp_path / "p.png"),
                  report_dir=str(tmp_path / "r"), workers=0)
+
+
+def test_the_picture_is_titled_with_each_models_score_on_its_images_and_sets_each_panels_lines_apart(tiny_shards):
+    manifest = load_manifest(tiny_shards)
+    n = manifest["splits"]["val"]["num_samples"]
+    labels = np.arange(n) % 4
+    vit_pred, deit_pred = labels.copy(), labels.copy()
+    vit_pred[5], deit_pred[0], deit_pred[5] = (labels[5] + 1) % 4, (labels[0] + 1) % 4, (labels[5] + 1) % 4
+    preds = [Predictions("ViT", labels, vit_pred, np.ones(n), 32, 0.875),  # over all 24 images: right on 23 and 22,
+             Predictions("DeiT", labels, deit_pred, np.ones(n), 32, 0.875)]  # on images 3, 0 and 5: on 2 and 1
+    fig = prediction_figure(tiny_shards, manifest, preds, [3, 0, 5])
+    assert fig._suptitle.get_text() == ("ViT vs DeiT on 3 random val images (right here: ViT 67%, DeiT 33%; "
+                                        "green = right, red = wrong)")
+    assert len(fig.axes) == 3  # one column per image when there are fewer than 5, no empty ones
+    for ax in fig.axes:
+        truth, *predicted = ax.texts  # the truth in bold black, then each model's; each line below the last
+        assert (truth.get_color(), truth.get_fontweight()) == ("black", "bold")
+        assert [t.get_fontweight() for t in predicted] == ["normal", "normal"]
+        heights = [t.get_position()[1] for t in ax.texts]
+        assert heights == sorted(heights, reverse=True) and len(set(heights)) == 3
+
+
+def test_each_run_keeps_one_colour_on_both_panels_named_in_one_legend_on_labelled_axes():
+    from vitdeit.report import curves_figure
+
+    row = lambda e: {"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "train_top1": 1.0, "val_top1": 1.0}  # noqa
+    fig = curves_figure({"teacher": [row(0)], "ViT": [row(0), row(1)], "DeiT": [row(0), row(1)]})
+    loss, top1 = fig.axes[:2]
+    colours = {}
+    for ax in (loss, top1):
+        for line in ax.get_lines():  # "ViT train", "ViT val", ...: a run's two lines in its colour, on both panels
+            colours.setdefault(line.get_label().split()[0], set()).add(line.get_color())
+    assert list(colours) == ["teacher", "ViT", "DeiT"] and all(len(c) == 1 for c in colours.values())
+    assert len(set.union(*colours.values())) == 3  # and three runs, three colours
+    assert loss.get_legend() is None and [t.get_text() for t in top1.get_legend().get_texts()] == [
+        f"{name} {split}" for name in colours for split in ("train", "val")]
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in (loss, top1)] == [("epoch", "loss"), ("epoch", "top-1 (%)")]
+
+
+def test_a_runs_speed_is_the_median_of_its_later_epochs_and_its_last_epoch_the_one_its_metrics_end_on():
+    from vitdeit.report import run_summary
+
+    # a run resumed from a checkpoint without its metrics.jsonl: its records start at epoch 3
+    rows = [{"epoch": e, "val_top1": 10.0 * e, "val_top5": 50.0, "images_per_s": s}
+            for e, s in ((3, 1.0), (4, 100.0), (5, 200.0), (6, 600.0))]
+    s = run_summary("ViT", rows, {"config": {"model": "vit_tiny"}, "epoch": 6}, 1)
+    assert s["train_images_per_s"] == 200.0  # epochs 4-6: median 200 (mean 300)
+    assert (s["epochs"], s["best_epoch"], s["last_epoch"]) == (4, 6, 6)
+
+
+def test_viz_prints_each_runs_scores_and_the_agreement_of_the_report(runs, tmp_path, capsys):
+    import viz
+
+    capsys.readouterr()
+    assert viz.main(["--vit", str(runs / "baseline_vit_tiny" / "best.pth"), "--deit",
+                     str(runs / "deit_tiny_distill" / "best.pth"), "--num-images", "2", "--out",
+                     str(tmp_path / "p.png"),
+                     "--report-dir", str(tmp_path / "report"), "--workers", "0", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    r = json.loads((tmp_path / "report" / "report.json").read_text())
+    for s in r["runs"]:
+        assert [line.split() for line in said if line.split()[:2] == [s["run"], "best"]] == [
+            [s["run"], "best", "val", "top-1", f"{s['val_top1']:.2f}%", "top-5", f"{s['val_top5']:.2f}%"]]
+    c = r["comparison"]
+    assert f"  ViT and DeiT agree on {c['agreement']:.1f}% of 24 val images" in said

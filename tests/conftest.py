@@ -1,6 +1,7 @@
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +41,14 @@ def spawn_two(fn, *args) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(fn, args=(2, free_port(), d, *args), nprocs=2)
         return [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
+
+
+def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 ARGS` on a free port, from the repository root (which it can import from), one
+    thread per process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=timeout)
 
 
 def small_dataset(path: Path, num_classes=4, train_per_class=24, val_per_class=6, seed=0) -> Path:

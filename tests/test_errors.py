@@ -4,8 +4,6 @@ import errno
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import pack_shards
 import train
 import viz
 from vitdeit.checkpoint import load_checkpoint, save_checkpoint
-from conftest import ROOT, free_port
+from conftest import free_port, torchrun
 from vitdeit.errors import DataError, WriteFailed
 
 
@@ -365,20 +363,13 @@ def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
     assert str(e) == "train: 3 samples per rank < --batch-size 8; lower --batch-size (or use fewer processes)."
 
 
-def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=2 ARGS` on a free port, from the repository root."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=timeout)
-
-
 @pytest.mark.parametrize("flags, said", [
     (["--data-path", "{missing}", "--device", "cpu"], "error: {missing}/manifest.json not found"),
     (["--model", "vit_tiyn"], "train.py: error: --model 'vit_tiyn': choose one of"),  # argparse's usage error
 ])
 def test_under_torchrun_an_error_every_rank_hits_is_said_once_per_node(flags, said, tmp_path):
     missing = tmp_path / "not_here"
-    r = _torchrun("train.py", *(f.format(missing=missing) for f in flags))
+    r = torchrun("train.py", *(f.format(missing=missing) for f in flags))
     assert r.returncode != 0
     said = said.format(missing=missing)
     assert sum(line.startswith(said) for line in r.stderr.splitlines()) == 1, r.stderr[-3000:]
@@ -389,7 +380,7 @@ def test_under_torchrun_print_once_per_node_still_prints_what_only_some_ranks_sa
     script.write_text("import os\nfrom vitdeit.errors import print_once_per_node\n"
                       "print_once_per_node('the same on every rank')\n"
                       "print_once_per_node(f'only rank {os.environ[\"RANK\"]}')\n")
-    r = _torchrun(str(script))
+    r = torchrun(str(script))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stderr.splitlines()
     assert lines.count("the same on every rank") == 1

@@ -6,14 +6,12 @@ import math
 import os
 import random
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, small_dataset
+from conftest import small_dataset, torchrun
 from vitdeit import distill
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
@@ -486,12 +484,9 @@ def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
 
 
 def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weights(learn_shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(ROOT / "train.py"), "--data-path", str(learn_shards), "--output-dir", str(tmp_path),
-           "--model", "resnet18", "--epochs", "1", "--img-size", "32", "--batch-size", "32", "--workers", "0",
-           "--lr", "0.005", "--progress", "false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = torchrun("train.py", "--data-path", str(learn_shards), "--output-dir", str(tmp_path), "--model", "resnet18",
+                 "--epochs", "1", "--img-size", "32", "--batch-size", "32", "--workers", "0", "--lr", "0.005",
+                 "--progress", "false", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
     assert f"global batch 64, lr {0.005 * 64 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch

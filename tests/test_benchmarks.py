@@ -1004,3 +1004,24 @@ def test_the_tables_give_each_figure_in_its_column(capsys):
         "rates alone: 0.75 if serial, 1.00 if overlapped)",
         "end to end shards_torch_resized             110.0 img/s = 1.10 of 100.0, host waits 0 %"]
     assert not [line for line in lines if line.startswith("note:")]  # 1.10 itself is not over 1.10
+
+
+def test_the_gpu_session_trains_with_the_defaults_unless_another_setting_fed_the_step_3_percent_faster(tmp_path):
+    from benchmarks.pick_setting import pick, rates
+
+    def step(name, rows, **settings):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "throughput.json").write_text(json.dumps(
+            {"settings": settings, "end_to_end": [{"loader": n, "images_per_s": r} for n, r in rows]}))
+
+    step("profile", [("shards_dali@pf2", 1000.0), ("shards_dali@pf4", 1020.0), ("shards_dali_resized@pf4", 5000.0),
+                     ("shards_torch", 9000.0)], dali_prefetch=[2, 4])
+    step("launches", [("shards_dali", 1031.0), ("shards_dali@legacy", 8000.0)], dali_prefetch=[4])  # one depth: 4
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "throughput.json").write_text('{"end_to_end": [')  # cut short: a step killed mid-write
+    found = rates(tmp_path, ["profile", "launches", "side", "train"])  # train: never ran
+    assert found == {"profile:pf2": 1000.0, "profile:pf4": 1020.0, "launches:pf4": 1031.0}
+    assert pick(found) == "launches:pf4"  # 3.1 % faster than the defaults
+    assert pick({**found, "launches:pf4": 1030.0}) == "profile:pf2"  # 3.0 %: within the rounds' noise
+    assert pick({"launches:pf4": 1.0}) == "launches:pf4"  # the defaults' step failed: whatever ran
+    assert pick({}) == "profile:pf2"

@@ -201,3 +201,29 @@ def test_a_saved_config_keeps_the_worker_choice_not_the_machines_count(monkeypat
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert config.from_dict(saved).decode_workers == 8 and config.from_dict(given).decode_workers == 3
     assert config.Config(workers=0).decode_workers == 0  # 0: the main process decodes, on any machine
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("YES", True), ("1", True), ("on", True), ("false", False),
+                                         ("No", False), ("0", False), ("off", False)])
+def test_a_boolean_flag_takes_the_usual_spellings_of_true_and_false(text, value):
+    assert parse_args(["--progress", text]).progress is value
+    assert parse_args(["--overwrite"]).overwrite is True  # given alone: on
+
+
+def test_a_boolean_flag_refuses_any_other_word(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--progress", "maybe"])
+    assert e.value.code == 2 and "argument --progress: expected true/false, got 'maybe'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, said", [(None, "No such file"), ("{lr: 1}", "Expecting property name"),
+                                           ("[1, 2]", "must hold a JSON object")])
+def test_a_config_file_that_is_missing_or_not_a_json_object_is_a_usage_error_naming_it(content, said, tmp_path,
+                                                                                        capsys):
+    f = tmp_path / "config.json"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(f)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: --config {f}: " in err and said in err

@@ -473,3 +473,13 @@ def test_train_reads_through_a_shuffle_buffer_not_each_tar_in_its_order(tiny_sha
         drawn = [where[k] for _, _, keys in loader for k in keys]
         in_tar_order = sum(b == (a[0], a[1] + 1) for a, b in zip(drawn, drawn[1:]))
         assert len(drawn) == 96 and in_tar_order < 96 // 4  # without the buffer: 92 of the 95 pairs (1 with it)
+
+
+def test_val_with_fewer_images_than_ranks_goes_to_the_pytorch_loader_which_gives_the_empty_ranks_nothing(tiny_shards):
+    m = load_manifest(tiny_shards)  # 24 val images
+    cfg = Config(data_path=str(tiny_shards), loader="dali", workers=0, img_size=32, batch_size=8)
+    assert isinstance(build_loader(cfg, m, "val", Dist(rank=0, world=24)), DaliLoader)  # one image a rank
+    for rank, n in ((0, 1), (24, 0)):  # rank 24 of 25: DALI would need a sample for it
+        loader = build_loader(cfg, m, "val", Dist(rank=rank, world=25))
+        assert isinstance(loader, TorchLoader) and sum(len(y) for _, y in loader) == n
+    assert isinstance(build_loader(cfg, m, "train", Dist(rank=0, world=2)), DaliLoader)  # train: as asked

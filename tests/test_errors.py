@@ -48,6 +48,13 @@ def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
         load_checkpoint(cut)
 
 
+def test_a_pth_that_holds_no_dict_is_not_a_checkpoint(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # e.g. a tensor saved by hand
+    with pytest.raises(DataError, match=re.escape(f"--resume {tmp_path / 'tensor.pth'}: not a vitdeit checkpoint (a "
+                                                  f"Tensor, not a dict).")):
+        load_checkpoint(tmp_path / "tensor.pth", what="--resume")
+
+
 def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_unrun(tmp_path):
     class RunsCode:  # unpickling calls os.mkdir(MARKER): what a crafted .pth can do under weights_only=False
         def __reduce__(self):

@@ -904,3 +904,29 @@ def test_every_pack_shards_flag_reaches_the_packer(tmp_path, monkeypatch, capsys
                                                          skip_bad=True, workers=11, allow_missing_classes=True)),
                       {"overwrite": True})]
     assert capsys.readouterr().err == "error: stop here\n"
+
+
+def test_a_file_stem_with_a_dot_is_an_error_naming_it(data, tmp_path):
+    f = first_image(data)
+    dotted = f.with_name(f"{f.stem}.v2.JPEG")  # WebDataset would read "v2.JPEG" as the member's extension
+    f.rename(dotted)
+    with pytest.raises(DataError, match=re.escape(f"{dotted}: the file stem '{dotted.stem}' contains '.'")):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert not (tmp_path / "s").exists()  # refused before any write
+
+
+def test_a_split_without_image_files_is_an_error_naming_its_folders(data, tmp_path):
+    for f in (data / "val.X").glob("*/*.JPEG"):
+        f.unlink()  # the class folders stay, empty
+    with pytest.raises(DataError, match=re.escape(f"{data / 'val.X'}: the val split holds no image files.")):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+
+
+def test_a_split_whose_every_image_was_skipped_is_an_error_not_an_empty_split(data, tmp_path):
+    for f in (data / "val.X").glob("*/*.JPEG"):
+        f.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=re.escape(f"{data / 'val.X'}: every image of the val split was unreadable "
+                                                  f"and skipped; nothing to pack.")):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, allow_missing_classes=True),
+             progress=False)
+    assert not (tmp_path / "s" / "manifest.json").exists()

@@ -847,6 +847,22 @@ def test_a_best_pth_from_after_the_resumed_epoch_is_not_adopted_even_at_the_same
     assert torch.load(run / "best.pth", weights_only=True) == {"best_top1": 50.0, "epoch": 1}
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopted(tmp_path, in_place):
+    from vitdeit.trainer import adopt_history
+
+    src, run = tmp_path / "src", tmp_path / ("src" if in_place else "run")
+    src.mkdir(), run.mkdir(exist_ok=True)
+    (src / "best.pth").write_bytes(b"cut short")  # e.g. a disk that filled while it was written
+    resumed = {"best_top1": 50.0, "epoch": 2, "metrics": {"val_top1": 40.0}}  # its best epoch was before 2
+    assert adopt_history(src / "last.pth", run, resumed, in_place=in_place) == -1.0
+    assert not (run / "best.pth").exists()  # the next epoch writes one
+    (src / "best.pth").write_bytes(b"cut short")
+    resumed["metrics"]["val_top1"] = 50.0  # the resumed epoch was the best: its own weights become best.pth
+    assert adopt_history(src / "last.pth", run, resumed, in_place=in_place) == 50.0
+    assert torch.load(run / "best.pth", weights_only=True) == resumed
+
+
 def test_a_run_stopped_while_writing_best_pth_redoes_that_epoch(tiny_shards, tmp_path, monkeypatch):
     from vitdeit import trainer
 

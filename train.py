@@ -21,7 +21,7 @@ import vitdeit
 vitdeit.use_cuda_connections()  # before any import can reach CUDA (vitdeit.CUDA_CONNECTIONS says why)
 
 from vitdeit.config import parse_args  # noqa: E402
-from vitdeit.errors import VitdeitError, print_once_per_node  # noqa: E402
+from vitdeit.errors import VitdeitError  # noqa: E402
 from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
-        print_once_per_node(f"error: {e}")  # under torchrun every rank usually hits it: one says it per node
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it to every process: one says it)
         if os.environ.get("RANK", "0") == "0":

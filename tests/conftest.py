@@ -45,10 +45,18 @@ def spawn_two(fn, *args) -> list[dict]:
 
 def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=2 ARGS` on a free port, from the repository root (which it can import from), one
-    thread per process."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=timeout)
+    thread per process. Past `timeout` s, torchrun is stopped with SIGTERM, which it passes on to its workers (they
+    run in sessions of their own: killing torchrun alone would leave them running), and the test fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            out, err = proc.communicate(timeout=60)  # (torchrun waits up to 30 s for its workers, then kills them)
+            pytest.fail(f"torchrun {' '.join(args)}: still running after {timeout} s; its stderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def small_dataset(path: Path, num_classes=4, train_per_class=24, val_per_class=6, seed=0) -> Path:

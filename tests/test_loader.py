@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 from test_packing import read_tar
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
+from vitdeit.data import torch_loader
 from vitdeit.data.torch_loader import RankSampler, ShardSamples, TorchLoader, TrainTransform, ValTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -245,9 +246,9 @@ def test_val_transform_keeps_the_center(tmp_path):
     assert out.shape == (32, 32, 3) and out[:, 10:22].min() > 200 and out[:, :3].max() < 60
 
 
+@pytest.mark.skipif(torch_loader.decode_image is None, reason="this torchvision has no decoders: PIL's decodes")
 def test_a_torchvision_without_its_decoders_gives_the_same_pixels_through_pil(monkeypatch):
     from benchmarks.imageset import natural_like
-    from vitdeit.data import torch_loader
 
     buf = io.BytesIO()
     natural_like(np.random.default_rng(0), 120, 90).save(buf, format="JPEG", quality=90)  # too small for a draft

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-from .errors import SettingError, print_once_per_node
+from .errors import SettingError
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -311,10 +311,13 @@ def field_comments() -> dict[str, str]:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's parser, whose usage errors print once per torchrun node (print_once_per_node), not once per GPU."""
+    """argparse's parser, whose usage errors print once per torchrun node, not once per GPU: every local rank parses
+    the same flags and --config file and stops at the same error, so local rank 0 alone says it (the one `torchrun
+    --local-ranks-filter 0` shows). Other errors can differ by rank: every rank prints those."""
 
     def error(self, message: str):
-        print_once_per_node(f"{self.format_usage()}{self.prog}: error: {message}")  # argparse's own text
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            super().error(message)  # argparse's usage and message, exit 2
         sys.exit(2)
 
 

@@ -2,16 +2,12 @@
 
 Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line and exit 1 (a bad flag or
 --config value is argparse's usage message and exit 2, as for any command-line tool). Anything else
-(CUDA out of memory, NCCL, a bug) keeps its traceback: a one-line message would hide where it came from. Under
-torchrun, train.py's errors print once per node (print_once_per_node), not once per GPU.
+(CUDA out of memory, NCCL, a bug) keeps its traceback: a one-line message would hide where it came from.
 """
 
 import errno
-import hashlib
 import os
 import shutil
-import sys
-from datetime import timedelta
 from pathlib import Path
 
 
@@ -97,29 +93,3 @@ def save_output(path: Path, write, kept: str, flag: str = "--output-dir") -> Non
         write(path)
     except OSError as e:
         raise write_failed(path, e, kept, flag=flag) from e
-
-
-STORE_TIMEOUT_S = 5.0  # how long print_once_per_node waits for torchrun's store before it prints anyway
-
-
-def print_once_per_node(text: str) -> None:
-    """Print text to stderr unless another process of this node's torchrun already printed the same text: a user
-    error that every rank hits (a bad path or flag) shows once per node, not once per GPU, while one that only some
-    ranks hit still shows. Once per node, not per job: each node's log says why it stopped. The count is kept in the
-    store torchrun's agent serves at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE), which outlives the
-    workers and is new for every run; the key holds the restart count too. Without that store (one process, another
-    launcher, a store that does not answer within STORE_TIMEOUT_S) every process prints."""
-    env = os.environ
-    if int(env.get("LOCAL_WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        from torch.distributed import TCPStore  # (only here: this module is imported before torch elsewhere)
-
-        try:
-            store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=STORE_TIMEOUT_S))
-            key = (f"vitdeit/printed/{env.get('GROUP_RANK', '0')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-                   + hashlib.sha256(text.encode()).hexdigest())
-            if store.add(key, 1) > 1:  # atomic: exactly one process of the node gets 1
-                return
-        except (KeyError, ValueError, RuntimeError, OSError):  # no store there (DistStoreError is a RuntimeError)
-            pass
-    print(text, file=sys.stderr, flush=True)

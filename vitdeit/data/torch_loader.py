@@ -158,9 +158,9 @@ class ValTransform:
 
 
 def decode_rgb(data: bytes, im: Image.Image | None = None) -> torch.Tensor:
-    """Image bytes -> uint8 RGB tensor, CHW: torchvision's decoder (~6 % faster than PIL's per 500 x 375 JPEG on one
-    core, BENCHMARKS.md), or PIL's `im` (opened on `data`) where given, or where this torchvision has no decoder
-    left. Both are libjpeg-turbo: the same pixels (tests)."""
+    """Image bytes -> uint8 RGB tensor, CHW: torchvision's decoder (6-24 % faster than PIL's per 500 x 375 JPEG on
+    one core in BENCHMARKS.md's runs), or PIL's `im` (opened on `data`) where given, or where this torchvision has
+    no decoder left. Both are libjpeg-turbo: the same pixels (tests)."""
     if im is None and decode_image is not None:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     return torch.from_numpy(np.array((im or Image.open(io.BytesIO(data))).convert("RGB"))).permute(2, 0, 1)

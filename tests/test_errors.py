@@ -370,18 +370,32 @@ def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
     assert str(e) == "train: 3 samples per rank < --batch-size 8; lower --batch-size (or use fewer processes)."
 
 
-def test_under_torchrun_a_usage_error_is_said_once_per_node_and_other_errors_by_every_rank(tmp_path):
+def test_under_torchrun_a_usage_error_is_said_once_per_node():
     r = torchrun("train.py", "--model", "vit_tiyn")  # every rank parses the same flags: local rank 0 says it
     said = "train.py: error: --model 'vit_tiyn': choose one of"
     assert r.returncode != 0 and sum(line.startswith(said) for line in r.stderr.splitlines()) == 1, r.stderr[-3000:]
-    missing = tmp_path / "not_here"  # an error of the run itself may differ by rank: each says its own
-    r = torchrun("train.py", "--data-path", str(missing), "--device", "cpu")
-    said = f"error: {missing}/manifest.json not found"
-    assert r.returncode != 0 and sum(line.startswith(said) for line in r.stderr.splitlines()) == 2, r.stderr[-3000:]
+
+
+def test_under_torchrun_a_usage_error_is_said_even_when_local_rank_0_gets_there_last(tmp_path):
+    script = tmp_path / "late.py"  # rank 0 slow to start (imports on a busy machine): rank 1 stops first
+    script.write_text("import os, time\nfrom vitdeit.config import parse_args\n"
+                      "time.sleep(3.0 if os.environ['LOCAL_RANK'] == '0' else 0.0)\nparse_args(['--amp', 'fp8'])\n")
+    r = torchrun(str(script))
+    said = "late.py: error: --amp 'fp8': choose auto, bf16, fp16 or off"
+    assert r.returncode != 0 and r.stderr.splitlines().count(said) == 1, r.stderr[-3000:]
+
+
+def test_an_error_of_the_run_itself_is_said_by_every_local_rank(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # it may differ by rank (a shard one rank reads): each says its own
+    assert train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'not_here'}/manifest.json not found")
 
 
 @pytest.mark.parametrize("local_rank, says", [(None, True), ("0", True), ("1", False)])
 def test_a_usage_error_is_local_rank_0s_to_say_and_every_rank_stops(local_rank, says, monkeypatch, capsys):
+    from vitdeit import config
+
+    monkeypatch.setattr(config, "USAGE_ERROR_WAIT_S", 0.0)  # (torchrun would end the others' wait)
     if local_rank is None:
         monkeypatch.delenv("LOCAL_RANK", raising=False)  # no torchrun
     else:

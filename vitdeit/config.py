@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
@@ -310,6 +311,9 @@ def field_comments() -> dict[str, str]:
     return comments
 
 
+USAGE_ERROR_WAIT_S = 60.0  # the most a rank other than local rank 0 waits for it to print a usage error
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors print once per torchrun node, not once per GPU: every local rank parses
     the same flags and --config file and stops at the same error, so local rank 0 alone says it (the one `torchrun
@@ -318,6 +322,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if os.environ.get("LOCAL_RANK", "0") == "0":
             super().error(message)  # argparse's usage and message, exit 2
+        # the others wait: torchrun stops every process once one exits, and local rank 0 may still be importing
+        time.sleep(USAGE_ERROR_WAIT_S)  # (torchrun ends this wait as soon as local rank 0 has said it and exited)
         sys.exit(2)
 
 

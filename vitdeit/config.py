@@ -320,7 +320,7 @@ class Parser(argparse.ArgumentParser):
     --local-ranks-filter 0` shows). Other errors can differ by rank: every rank prints those."""
 
     def error(self, message: str):
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":  # (torchrun sets it)
             super().error(message)  # argparse's usage and message, exit 2
         # the others wait: torchrun stops every process once one exits, and local rank 0 may still be importing
         time.sleep(USAGE_ERROR_WAIT_S)  # (torchrun ends this wait as soon as local rank 0 has said it and exited)

@@ -231,8 +231,7 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
     import torch.nn.functional as F
     from PIL import Image
 
-    from vitdeit.data import torch_loader
-    from vitdeit.data.torch_loader import TrainTransform, decode_rgb
+    from vitdeit.data.torch_loader import TrainTransform, decode_image, decode_rgb
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -260,7 +259,7 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
     cases = {
         "decode_pil": lambda i: Image.open(io.BytesIO(datas[i])).convert("RGB"),
         **({"decode_torchvision": lambda i: decode_rgb(datas[i])}  # (a torchvision with its decoders: 0.29 has)
-           if torch_loader.decode_image is not None else {}),
+           if decode_image is not None else {}),
         "crop_resize_pil": lambda i: pil_resize(i, Image.BILINEAR),
         "crop_resize_torch_uint8": lambda i: torch_resize(i, "bilinear"),
         "crop_resize_pil_bicubic": lambda i: pil_resize(i, Image.BICUBIC),  # --interpolation bicubic's costs

@@ -12,8 +12,8 @@ import torch
 import pack_shards
 import train
 import viz
-from vitdeit.checkpoint import load_checkpoint, save_checkpoint
 from conftest import torchrun
+from vitdeit.checkpoint import load_checkpoint, save_checkpoint
 from vitdeit.errors import DataError, WriteFailed
 
 
@@ -391,20 +391,18 @@ def test_an_error_of_the_run_itself_is_said_by_every_local_rank(tmp_path, monkey
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'not_here'}/manifest.json not found")
 
 
-@pytest.mark.parametrize("local_rank, says", [(None, True), ("0", True), ("1", False), ("1 without torchrun", True)])
-def test_a_usage_error_is_local_rank_0s_to_say_and_every_rank_stops(local_rank, says, monkeypatch, capsys):
+# (None, False): no launcher; ("1", False): LOCAL_RANK from another launcher, which need not stop the rest
+@pytest.mark.parametrize("local_rank, torchrun_, says", [(None, False, True), ("0", True, True), ("1", True, False),
+                                                         ("1", False, True)])
+def test_a_usage_error_is_local_rank_0s_to_say_and_every_rank_stops(local_rank, torchrun_, says, monkeypatch, capsys):
     from vitdeit import config
 
     monkeypatch.setattr(config, "USAGE_ERROR_WAIT_S", 0.0)  # (torchrun would end the others' wait)
-    if local_rank is None:  # no torchrun
-        monkeypatch.delenv("LOCAL_RANK", raising=False)
-        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_RANK", local_rank.split()[0])
-        if "without" in local_rank:  # LOCAL_RANK from another launcher, which need not stop the rest: each says it
-            monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for var, value in (("LOCAL_RANK", local_rank), ("TORCHELASTIC_RUN_ID", "test" if torchrun_ else None)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
         else:
-            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+            monkeypatch.setenv(var, value)
     with pytest.raises(SystemExit) as e:
         train.main(["--amp", "fp8"])
     err = capsys.readouterr().err

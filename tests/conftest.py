@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,21 @@ def torchrun_env(rank: int, world: int, port: int) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
-def spawn_two(fn, *args) -> list[dict]:
-    """fn(rank, 2, port, out_dir, *args) in two processes; what each wrote to out_dir/RANK.json, in rank order."""
+def spawn_two(fn, *args, timeout: float = 120) -> list[dict]:
+    """fn(rank, 2, port, out_dir, *args) in two processes; what each wrote to out_dir/RANK.json, in rank order.
+    Past `timeout` s, both are killed and the test fails: a rank stuck in a collective would otherwise wait out
+    gloo's 30-minute default."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(fn, args=(2, free_port(), d, *args), nprocs=2)
+        ctx = mp.start_processes(fn, args=(2, free_port(), d, *args), nprocs=2, join=False)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):  # (raises if a rank failed)
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    p.kill()
+                    p.join()
+                pytest.fail(f"{fn.__name__}: its two ranks still running after {timeout} s")
         return [json.loads((Path(d) / f"{r}.json").read_text()) for r in range(2)]
 
 

@@ -9,24 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, small_dataset
 from vitdeit.data import dali_available
 from vitdeit.errors import DataError, SettingError
 
-ROOT = Path(__file__).resolve().parents[1]
-# the JSON's fields as benchmarks/README.md (JSON) lists them: each part's rows, the machine and the images
-DOCUMENTED = {
-    "machine": {"cpu", "cpu_count", "python", "torch", "torchvision", "timm", "PIL", "nvidia.dali", "gpu", "git_commit",
-                "git_dirty", "cuda_device_max_connections"},
-    "images": {"path", "count", "mean_kb"},
-    "packing": {"workers", "images", "images_per_s"},
-    "loaders": {"name", "images_per_s", "workers", "images_per_s_per_worker", "data"},
-    "transforms": {"name", "ms_per_image"},
-    "model_step": {"model", "compile", "dtype", "layout", "batch_size", "images_per_s", "peak_mem_gb"},
-    "end_to_end": {"loader", "model", "workers", "images_per_s", "ceiling_images_per_s", "fraction_of_ceiling",
-                   "host_wait_frac", "fraction_if_overlapped", "fraction_if_serial"},
-    "profile": {"unit", "trace", "steps", "wall_ms_per_step", "gpu_events", "gpu_busy_frac", "step_streams",
-                "step_kernel_ms_per_step", "other_kernel_ms_per_step", "overlap_ms_per_step", "copy_ms_per_step",
-                "host_sync_ms_per_step", "host_calls", "step_idle_ms_per_step", "other_kernels_per_step"}}
+
+def documented_fields() -> dict[str, set[str]]:
+    """The JSON's fields as benchmarks/README.md's JSON block lists them: each part's first {...} (a row's fields,
+    or the machine's, the images' and the seconds'); `command`'s braces are the settings', which hold every flag."""
+    text = (ROOT / "benchmarks/README.md").read_text().split("## JSON", 1)[1].split("```")[1]
+    entries = re.split(r"^(\w+) ", text, flags=re.M)[1:]  # [name, its text up to the next entry, ...]
+    return {name: set(re.findall(r"[\w.]+", re.search(r"\{(.*?)\}", body, re.S).group(1)))
+            for name, body in zip(entries[::2], entries[1::2]) if name != "command" and "{" in body}
+
+
+DOCUMENTED = documented_fields()
+
+
+def test_the_readme_documents_every_part_with_its_fields():  # the parser above read the block as it is written
+    assert set(DOCUMENTED) == {"machine", "images", "seconds", "packing", "loaders", "transforms", "model_step",
+                               "end_to_end", "profile"}
+    assert DOCUMENTED["images"] == {"path", "count", "mean_kb"} and "cuda_device_max_connections" in DOCUMENTED["machine"]
+    assert DOCUMENTED["profile"] >= {"unit", "other_kernels_per_step"} and "calls" not in DOCUMENTED["profile"]
 
 
 def run_throughput(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
@@ -50,8 +54,9 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     assert set(r) == {"machine", "command", "date", "settings", "images", "seconds", "packing", "loaders", "transforms",
                       "model_step", "end_to_end"} | ({"dali_error"} if dali_available() else set()) | (
         {"profile"} if profile else set())
-    for part, fields in DOCUMENTED.items():  # every row of every part with the fields documented, no other
-        assert all(set(row) == fields for row in ([r[part]] if isinstance(r.get(part), dict) else r.get(part, [])))
+    assert set(r["seconds"]) <= DOCUMENTED["seconds"] and r["seconds"]["total"] > 0  # the parts that ran
+    for part in DOCUMENTED.keys() - {"seconds"}:  # every row of every part with the fields documented, no other
+        assert all(set(row) == DOCUMENTED[part] for row in ([r[part]] if isinstance(r.get(part), dict) else r.get(part, [])))
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     assert r["machine"]["git_commit"] == git("rev-parse", "HEAD")
@@ -495,10 +500,8 @@ def test_a_window_times_the_steady_rate_whatever_the_loaders_queue_banked_while_
 def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_path):
     import shutil
 
-    from conftest import small_dataset
     from vitdeit.packing import PackOptions, pack
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks import throughput
 
     data = small_dataset(tmp_path / "data", num_classes=2, train_per_class=8, val_per_class=2)
@@ -566,7 +569,6 @@ def test_throughput_given_packed_shards_asks_for_the_image_folders(tiny_shards):
 
 
 def test_a_work_dir_reused_with_other_images_measures_the_images_asked_for(tmp_path, monkeypatch):
-    from conftest import small_dataset
     from benchmarks import imageset, throughput
 
     work, json_path = tmp_path / "w", tmp_path / "b.json"
@@ -617,7 +619,6 @@ def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypa
     import errno
     from pathlib import Path as P
 
-    from conftest import small_dataset
     from benchmarks import throughput
     from vitdeit.errors import WriteFailed
 

@@ -339,7 +339,8 @@ def bench_model_step(a, device, sync, only_e2e: bool = False):
                 step(x, y)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            secs = timed(lambda: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
+            # (the step bound as a default: the loop deletes `step` after its row)
+            secs = timed(lambda step=step: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
             rows.append({"model": model_name + (" + resnet18 teacher" if teacher is not None else ""),
                          "compile": compile_, "dtype": AMP_NAME[amp] if amp else "fp32",
                          "layout": "channels_last" if cl else "nchw", "batch_size": a.batch_size,

@@ -263,8 +263,11 @@ def test_a_torchvision_without_its_decoders_gives_the_same_pixels_through_pil(mo
     with_torchvision = both()
     assert len(calls) == 2  # the full-scale decodes were torchvision's
     monkeypatch.setattr(torch_loader, "decode_image", None)  # as where torchvision.io has no decode_image
+    opens, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opens.append(1) or real_open(*a, **k))
     for a, b in zip(with_torchvision, both()):
         np.testing.assert_array_equal(a, b)
+    assert len(opens) == 2  # PIL decoded the image each transform had opened for its size, not a second copy
 
 
 @pytest.mark.parametrize("mode,other", [("bilinear", "bicubic"), ("bicubic", "bilinear")])

@@ -182,7 +182,8 @@ def decode_resize(data: bytes, im: Image.Image, box: tuple[int, int, int, int], 
     w, h = im.size
     bw, bh = box[2] - box[0], box[3] - box[1]
     im.draft("RGB", (math.ceil(DRAFT_GAP * w * out_hw[1] / bw), math.ceil(DRAFT_GAP * h * out_hw[0] / bh)))
-    x = decode_rgb(data, im if im.size != (w, h) else None)  # a reduced scale is PIL's to decode
+    # a reduced scale is PIL's to decode; so is any scale where torchvision has no decoder (`im` is open already)
+    x = decode_rgb(data, im if im.size != (w, h) or decode_image is None else None)
     sx, sy = x.shape[2] / w, x.shape[1] / h
     left, top = round(box[0] * sx), round(box[1] * sy)
     right, bottom = max(left + 1, round(box[2] * sx)), max(top + 1, round(box[3] * sy))

@@ -61,9 +61,9 @@ def test_the_readme_demo_command_runs_end_to_end(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     for run in ("teacher_resnet18", "baseline_vit_tiny", "deit_tiny_distill"):
-        assert (tmp_path / "runs" / run / "best.pth").is_file()
+        assert (tmp_path / "demo_runs" / run / "best.pth").is_file()
     assert (tmp_path / "vit_vs_deit_random10.png").stat().st_size > 10_000
-    report = (tmp_path / "runs" / "report" / "report.md").read_text()
+    report = (tmp_path / "demo_runs" / "report" / "report.md").read_text()
     assert "| ViT |" in report and "| DeiT |" in report and "| teacher |" in report
     assert "demo finished" in r.stdout
 
@@ -107,7 +107,7 @@ def test_the_full_demo_runs_hard_distillation_and_gives_the_teacher_half_the_epo
     assert [flag(c, "--epochs") for c in (teacher, vit, deit)] == ["3", "6", "6"]
     assert flag(deit, "--distillation-type") == "hard" and "--allow-weak-teacher" not in deit  # --quick only
     assert all("--overwrite" in c for c in (teacher, vit, deit))  # an earlier demo's runs are replaced
-    assert flag(deit, "--teacher-ckpt") == str(tmp_path / "runs" / "teacher_resnet18" / "best.pth")
+    assert flag(deit, "--teacher-ckpt") == str(tmp_path / "demo_runs" / "teacher_resnet18" / "best.pth")
 
 
 def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path, monkeypatch, capsys):
@@ -117,7 +117,7 @@ def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path
 
     steps = []
     monkeypatch.setattr(subprocess, "Popen", lambda cmd: Step(cmd, steps))
-    run = tmp_path / "runs" / "baseline_vit_tiny"
+    run = tmp_path / "demo_runs" / "baseline_vit_tiny"
     run.mkdir(parents=True)
     (run / "last.pth").write_bytes(b"")
     (run / "config.json").write_text(json.dumps({"data_path": str(tmp_path / "demo_shards")}))  # an earlier demo's

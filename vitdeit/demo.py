@@ -198,11 +198,11 @@ RUN_NAMES = ("teacher_resnet18", "baseline_vit_tiny", "deit_tiny_distill")
 
 
 def check_demo_runs(out: Path) -> None:
-    """The demo replaces its own runs (train.py --overwrite), never a run on other data: the README's ImageNet-100
-    commands use the same run names under ./runs."""
+    """The demo replaces its own runs (train.py --overwrite), never a run on other data (the README's ImageNet-100
+    commands use the same run names, under ./runs rather than ./demo_runs, so that neither refuses the other's)."""
     shards = (out / "demo_shards").resolve()
     for name in RUN_NAMES:
-        run = out / "runs" / name
+        run = out / "demo_runs" / name
         if not (run / "last.pth").is_file():
             continue
         try:
@@ -217,7 +217,7 @@ def check_demo_runs(out: Path) -> None:
 def demo_commands(out: Path, epochs: dict[str, int], workers: int, quick: bool) -> list[list[str]]:
     py = sys.executable
     teacher, vit, deit = RUN_NAMES
-    data, shards, runs = out / "demo_data", out / "demo_shards", out / "runs"
+    data, shards, runs = out / "demo_data", out / "demo_shards", out / "demo_runs"
     recipe = list(DEMO_TRAIN)
     if quick:  # a smoke run on smaller images; each flag once in the printed commands
         for flag, value in (("--img-size", "32"), ("--patch-size", "8")):
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="The whole comparison on the synthetic demo data: generate -> pack -> "
                                             "train teacher, ViT, DeiT -> pictures and report.")
-    p.add_argument("--out", default=".", help="where demo_data/, demo_shards/ and runs/ go (default: here)")
+    p.add_argument("--out", default=".", help="where demo_data/, demo_shards/ and demo_runs/ go (default: here)")
     p.add_argument("--epochs", type=int, default=8, help="epochs for ViT and DeiT (the teacher gets half)")
     p.add_argument("--workers", type=int, default=max(1, min(4, usable_cores() - 1)))
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
             print("demo: this step failed; see the error above.", file=sys.stderr)
             return 1
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at:\n  {out / 'vit_vs_deit_random10.png'}\n"
-          f"  {out / 'runs' / 'report' / 'report.md'} and curves.png\n  {out / 'runs'}/*/metrics.jsonl")
+          f"  {out / 'demo_runs' / 'report' / 'report.md'} and curves.png\n  {out / 'demo_runs'}/*/metrics.jsonl")
     return 0
 
 

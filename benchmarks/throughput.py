@@ -604,7 +604,7 @@ def main(argv=None) -> int:
                    "DALI row per value (e.g. 2,4)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="end to end: after the timed rounds, one more window of --steps steps per unit under "
+                   help="end to end: after the timed rounds, one more window of --profile-steps steps per unit under "
                    "torch.profiler; a Chrome trace of each (DIR/UNIT.json.gz) and a per-step summary of what the "
                    "GPU did (benchmarks/traces.py)")
     p.add_argument("--profile-steps", type=int, default=10,

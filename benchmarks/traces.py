@@ -169,9 +169,9 @@ def row(unit: str, s: dict, ceiling: dict | None = None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help"):  # the usage line; the whole docstring with --help
+        print(__doc__ if argv else __doc__.split("\n\n")[1], file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     ceiling = None
     print(HEADER)
     for path in map(Path, argv):

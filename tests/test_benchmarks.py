@@ -728,6 +728,13 @@ def test_the_traces_command_reads_gzipped_traces_and_scales_each_step_by_the_fir
                               "0.00", "0.25", "1.0"]
 
 
+@pytest.mark.parametrize("argv,rc", [([], 2), (["--help"], 0), (["-h"], 0)])
+def test_the_traces_command_with_no_trace_prints_its_usage(argv, rc):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/traces.py"), *argv], capture_output=True, text=True)
+    assert run.returncode == rc and "python benchmarks/traces.py DIR/ceiling.json.gz" in (run.stdout + run.stderr)
+    assert "Traceback" not in run.stderr and (run.stdout.count("\n") > 10) == bool(argv)  # --help: the whole text
+
+
 def test_the_ceilings_step_streams_are_those_its_own_thread_launched_kernels_on():
     from benchmarks import traces
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pack ImageNet-style folders into globally shuffled WebDataset shards, DALI index files and a manifest.
 
-    python pack_shards.py --data-path /data/imagenet100 --out /data/imagenet100-shards
+    python pack_shards.py --data-path /data/imagenet100 --out /data/in100-shards
     python pack_shards.py --data-path /data/imagenet100 --out /data/in100-256 --resize-short 256  # smaller, faster
 
 --resize-short S should stay at least train.py's --img-size / --crop-pct (256 for 224 px): val resizes the

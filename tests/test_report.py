@@ -127,6 +127,10 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "viz.py"), "--vit", str(tmp_path / "nope.pth")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and "nope.pth: checkpoint not found" in r.stderr and "--vit" in r.stderr
+    from vitdeit.demo import demo_commands
+
+    viz = demo_commands(Path("."), {"resnet18": 1, "vit": 1}, 1, quick=False)[-1]  # the demo's own viz.py command
+    assert all(f"{flag} {viz[viz.index(flag) + 1]}" in r.stderr for flag in ("--vit", "--deit"))  # its checkpoints
 
 
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):

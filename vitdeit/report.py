@@ -280,8 +280,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
             raise MissingFile(f"{option} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {option} "
                               f"{Path(path) / 'best.pth'}")
         if not Path(path).is_file():
-            raise MissingFile(f"{path}: checkpoint not found. Train it first (README: the demo command, or "
-                              f"train.py --run-name ...), or pass its path with --vit / --deit.")
+            raise MissingFile(f"{path}: checkpoint not found. Train it first (train.py --run-name ...), or pass its "
+                              f"path with --vit / --deit (the demo's: --vit demo_runs/baseline_vit_tiny/best.pth "
+                              f"--deit demo_runs/deit_tiny_distill/best.pth).")
     if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
         raise MissingFile(f"--teacher-run {teacher_run}: no best.pth there; pass a train.py run folder of the teacher.")
     output_folder(Path(out), "--out", is_folder=False)

@@ -2,6 +2,7 @@
 collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums)."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -67,6 +68,58 @@ def _leave(rank, world, port, out_dir, fail):
         pass
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps({"body_end": body_end, "left": time.time(),
                                                             "barriers": len(barriers)}))
+
+
+def _download(rank, world, port, out_dir, local_ranks):
+    torchrun_env(rank, world, port)
+    os.environ["LOCAL_RANK"] = str(local_ranks[rank])
+    with distributed.process_group("cpu") as dist:
+        with distributed.local_rank_zero_first(dist):
+            start = time.time()
+            time.sleep(1.0 if rank == 0 else 0.0)  # rank 0's "download" takes a second
+            end = time.time()
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps({"start": start, "end": end}))
+
+
+@pytest.mark.parametrize("local_ranks", [(0, 1), (0, 0)])  # one node of two GPUs; two nodes of one
+def test_each_nodes_local_rank_0_runs_the_download_before_that_nodes_other_ranks(local_ranks):
+    zero, one = spawn_two(_download, local_ranks)
+    if local_ranks == (0, 1):  # rank 1 began only once its node's local rank 0 was done
+        assert one["start"] >= zero["end"]
+    else:  # each its node's local rank 0: neither waited for the other (rank 1 was done while rank 0 slept)
+        assert one["end"] < zero["end"]
+
+
+def test_train_py_loads_its_teacher_inside_local_rank_zero_first(monkeypatch):
+    from contextlib import contextmanager
+
+    from vitdeit import trainer
+    from vitdeit.config import Config
+
+    seen, cfg = [], Config(model="deit_tiny_distill")
+
+    @contextmanager
+    def first(dist):
+        seen.append("enter")
+        yield
+        seen.append("exit")
+
+    def load(*args):
+        seen.append("load")
+        net = torch.nn.Identity()
+        net.interpolation, net.img_size = cfg.interpolation, cfg.img_size
+        return net
+
+    class Scored(Exception):
+        pass
+
+    monkeypatch.setattr(trainer, "local_rank_zero_first", first)
+    monkeypatch.setattr(trainer, "load_teacher", load)
+    monkeypatch.setattr(trainer, "to_device", lambda net, *a: seen.append("to_device") or net)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: (_ for _ in ()).throw(Scored()))
+    with pytest.raises(Scored):  # (the teacher is scored on val next: not this test's business)
+        trainer.prepare_teacher(cfg, None, {}, None, Dist(), None)
+    assert seen == ["enter", "load", "exit", "to_device"]  # loaded (downloaded) inside; moved to the GPU after
 
 
 @pytest.mark.parametrize("fail", [False, True])

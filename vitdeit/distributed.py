@@ -77,6 +77,18 @@ def process_group(device_pref: str = "auto"):
     cleanup(finished=True)
 
 
+@contextmanager
+def local_rank_zero_first(dist: Dist):
+    """Each node's local rank 0 runs the block before the node's other ranks do: a download into the node's cache
+    (torch.hub's) is then made once per node and read by the others, not made by every GPU's process at once. All
+    ranks pass one barrier; if local rank 0 raises, the others wait there until torchrun stops them."""
+    if dist.world > 1 and dist.local_rank != 0:
+        tdist.barrier()
+    yield
+    if dist.world > 1 and dist.local_rank == 0:
+        tdist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place); exact for integer counts held in float64 or int64."""
     if tdist.is_initialized():

@@ -20,7 +20,7 @@ from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manif
 from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
-from .distributed import Dist, all_gather_object, broadcast_buffers, process_group, wrap
+from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, SettingError, first_line
 from .metrics import MetricsLog
@@ -373,7 +373,9 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
     on the val split first: one at chance level is refused (check_teacher)."""
     if cfg.distillation == "none":
         return None, None
-    teacher = to_device(load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map), cfg, dist.device)
+    with local_rank_zero_first(dist):  # torchvision's weights: one download per node
+        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map)
+    teacher = to_device(teacher, cfg, dist.device)
     if teacher.interpolation != cfg.interpolation:
         dist.print(f"warning: the teacher was trained on images resized with --interpolation "
                    f"{teacher.interpolation}; this run resizes with {cfg.interpolation}, so the teacher sees (and "

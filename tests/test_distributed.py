@@ -70,24 +70,32 @@ def _leave(rank, world, port, out_dir, fail):
                                                             "barriers": len(barriers)}))
 
 
-def _download(rank, world, port, out_dir, local_ranks):
+def _download(rank, world, port, out_dir, local_ranks, fail):
     torchrun_env(rank, world, port)
     os.environ["LOCAL_RANK"] = str(local_ranks[rank])
-    with distributed.process_group("cpu") as dist:
-        with distributed.local_rank_zero_first(dist):
-            start = time.time()
-            time.sleep(1.0 if rank == 0 else 0.0)  # rank 0's "download" takes a second
-            end = time.time()
-    (Path(out_dir) / f"{rank}.json").write_text(json.dumps({"start": start, "end": end}))
+    out = {}
+    try:
+        with distributed.process_group("cpu") as dist:
+            with distributed.local_rank_zero_first(dist):
+                out["start"] = time.time()
+                time.sleep(1.0 if rank == 0 else 0.0)  # rank 0's "download" takes a second
+                out["end"] = time.time()
+                if fail:
+                    raise OSError("no network")  # each rank that runs the block meets it
+    except OSError as e:
+        out["error"] = str(e)
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
 
 
 @pytest.mark.parametrize("local_ranks", [(0, 1), (0, 0)])  # one node of two GPUs; two nodes of one
-def test_each_nodes_local_rank_0_runs_the_download_before_that_nodes_other_ranks(local_ranks):
-    zero, one = spawn_two(_download, local_ranks)
+@pytest.mark.parametrize("fail", [False, True])
+def test_each_nodes_local_rank_0_runs_the_download_before_that_nodes_other_ranks(local_ranks, fail):
+    zero, one = spawn_two(_download, local_ranks, fail)  # (a rank left waiting would fail it: spawn_two's timeout)
     if local_ranks == (0, 1):  # rank 1 began only once its node's local rank 0 was done
         assert one["start"] >= zero["end"]
     else:  # each its node's local rank 0: neither waited for the other (rank 1 was done while rank 0 slept)
         assert one["end"] < zero["end"]
+    assert zero.get("error") == one.get("error") == ("no network" if fail else None)  # each rank raised it itself
 
 
 def test_train_py_loads_its_teacher_inside_local_rank_zero_first(monkeypatch):

@@ -80,12 +80,21 @@ def process_group(device_pref: str = "auto"):
 @contextmanager
 def local_rank_zero_first(dist: Dist):
     """Each node's local rank 0 runs the block before the node's other ranks do: a download into the node's cache
-    (torch.hub's) is then made once per node and read by the others, not made by every GPU's process at once. All
-    ranks pass one barrier; if local rank 0 raises, the others wait there until torchrun stops them."""
+    (torch.hub's) is then made once per node and read by the others, not made by every GPU's process at once. Every
+    rank passes one barrier, local rank 0 even when the block raised: the others then run it themselves and stop at
+    the same error (a missing file, no network), each printing it, rather than waiting in the barrier for a rank
+    that left (NCCL would hold them there until its watchdog's timeout)."""
     if dist.world > 1 and dist.local_rank != 0:
         tdist.barrier()
-    yield
-    if dist.world > 1 and dist.local_rank == 0:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        if dist.world > 1:
+            tdist.barrier()
+        raise
+    if dist.world > 1:
         tdist.barrier()
 
 

@@ -130,7 +130,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     from vitdeit.demo import demo_commands
 
     viz = demo_commands(Path("."), {"resnet18": 1, "vit": 1}, 1, quick=False)[-1]  # the demo's own viz.py command
-    assert all(f"{flag} {viz[viz.index(flag) + 1]}" in r.stderr for flag in ("--vit", "--deit"))  # its checkpoints
+    assert all(f"{flag} {viz[viz.index(flag) + 1]}" in r.stderr for flag in ("--vit", "--deit", "--report-dir"))
 
 
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
@@ -479,21 +479,40 @@ def test_a_runs_speed_is_the_median_of_its_later_epochs_and_its_last_epoch_the_o
 
 
 def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(runs, tiny_shards, tmp_path, capsys):
+    import shutil
+
     import viz
 
+    # copies of the two runs whose metrics.jsonl hold other, distinct scores: the tiny runs' own read 33.33 % for
+    # both and 100 % top-5 on 4 classes, which a line printing the wrong run's figure would match. ViT's best epoch
+    # is its checkpoint's, DeiT's the other one (so viz.py's line says the checkpoint is not the best epoch's), and
+    # DeiT's top-5 peaks in the epoch its top-1 does not.
+    read = {run: torch.load(runs / run / "best.pth", weights_only=True)["epoch"]
+            for run in ("baseline_vit_tiny", "deit_tiny_distill")}
+    best = {"baseline_vit_tiny": read["baseline_vit_tiny"], "deit_tiny_distill": 1 - read["deit_tiny_distill"]}
+    scores = {"baseline_vit_tiny": ((22.5, 62.75), (11.25, 61.5)), "deit_tiny_distill": ((43.75, 81.0), (33.0, 91.5))}
+    for run, (top, other) in scores.items():
+        shutil.copytree(runs / run, tmp_path / run)
+        recs = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
+        assert [rec["epoch"] for rec in recs] == [0, 1]
+        for rec in recs:
+            rec["val_top1"], rec["val_top5"] = top if rec["epoch"] == best[run] else other
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in recs))
     capsys.readouterr()
-    assert viz.main(["--vit", str(runs / "baseline_vit_tiny" / "best.pth"), "--deit",
-                     str(runs / "deit_tiny_distill" / "best.pth"), "--num-images", "2", "--out",
+    assert viz.main(["--vit", str(tmp_path / "baseline_vit_tiny" / "best.pth"), "--deit",
+                     str(tmp_path / "deit_tiny_distill" / "best.pth"), "--num-images", "2", "--out",
                      str(tmp_path / "p.png"),
                      "--report-dir", str(tmp_path / "report"), "--workers", "0", "--device", "cpu"]) == 0
     said = capsys.readouterr().out.splitlines()
+    teacher = json.loads((runs / "teacher_resnet18" / "metrics.jsonl").read_text().splitlines()[0])  # its 1 epoch
+    assert [s for s in said if s.split()[:2] == ["teacher", "best"]] == [
+        f"  teacher  best val top-1 {teacher['val_top1']:6.2f}%  top-5 {teacher['val_top5']:6.2f}%"]
+    assert [s for s in said if s.split()[:2] == ["ViT", "best"]] == ["  ViT      best val top-1  22.50%  top-5  62.75%"]
+    assert [s for s in said if s.split()[:2] == ["DeiT", "best"]] == [
+        f"  DeiT     best val top-1  43.75%  top-5  81.00%  (the checkpoint read is epoch "
+        f"{read['deit_tiny_distill']}'s, not the best epoch {best['deit_tiny_distill']}'s)"]
     manifest = load_manifest(tiny_shards)
-    preds = []
-    for run, name in (("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT")):
-        best = torch.load(runs / run / "best.pth", weights_only=True)  # what training saved, not the report
-        assert [line.split() for line in said if line.split()[:2] == [name, "best"]] == [
-            [name, "best", "val", "top-1", f"{best['best_top1']:.2f}%", "top-5", f"{best['metrics']['val_top5']:.2f}%"]]
-        preds.append(predict(*load_model(runs / run / "best.pth", manifest_class_map(manifest)), tiny_shards,
-                             manifest, name, workers=0))
+    preds = [predict(*load_model(runs / run / "best.pth", manifest_class_map(manifest)), tiny_shards, manifest, name,
+                     workers=0) for run, name in (("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT"))]
     agree = 100 * np.mean(preds[0].pred == preds[1].pred)  # the two models' own predictions, image by image
     assert f"  ViT and DeiT agree on {agree:.1f}% of 24 val images" in said

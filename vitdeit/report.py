@@ -282,7 +282,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         if not Path(path).is_file():
             raise MissingFile(f"{path}: checkpoint not found. Train it first (train.py --run-name ...), or pass its "
                               f"path with --vit / --deit (the demo's: --vit demo_runs/baseline_vit_tiny/best.pth "
-                              f"--deit demo_runs/deit_tiny_distill/best.pth).")
+                              f"--deit demo_runs/deit_tiny_distill/best.pth --report-dir demo_runs/report).")
     if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
         raise MissingFile(f"--teacher-run {teacher_run}: no best.pth there; pass a train.py run folder of the teacher.")
     output_folder(Path(out), "--out", is_folder=False)

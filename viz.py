@@ -15,7 +15,7 @@ from pathlib import Path
 from vitdeit.config import resolve_workers, workers_problem
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError
-from vitdeit.report import make_all
+from vitdeit.report import make_all, paired_line
 
 
 def main(argv=None) -> int:
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
                 if s["checkpoint_epoch"] != s["best_epoch"] else ""))
         c = w["comparison"]
         print(f"  ViT and DeiT agree on {c['agreement']:.1f}% of {c['val_images']} val images")
+        print(f"  {paired_line(c)}")
     return 0
 
 

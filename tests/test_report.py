@@ -18,7 +18,8 @@ from vitdeit.errors import DataError, MissingFile
 from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from vitdeit.packing import PackOptions, pack
-from vitdeit.report import Predictions, comparison, load_model, make_all, predict, prediction_figure, sample_indices
+from vitdeit.report import (Predictions, comparison, load_model, make_all, mcnemar_exact_p, predict, prediction_figure,
+                            sample_indices)
 from vitdeit.trainer import train
 
 
@@ -223,6 +224,27 @@ def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_bot
     assert (comp["agreement"], comp["both_right"], comp["val_images"]) == (pytest.approx(100 * 5 / 12),
                                                                           pytest.approx(100 * 4 / 12), 12)
     assert comp["classes_without_val_images"] == ["n00000004"]
+    # the paired counts, by hand: DeiT alone right on images 1, 3 and 6, ViT alone on 9, 10 and 11 (2 and 7: both wrong)
+    only_deit = [i for i, (v, d, y) in enumerate(zip(vit, deit, labels)) if d == y != v]
+    only_vit = [i for i, (v, d, y) in enumerate(zip(vit, deit, labels)) if v == y != d]
+    assert (only_deit, only_vit) == ([1, 3, 6], [9, 10, 11])
+    assert (comp["deit_only_right"], comp["vit_only_right"], comp["mcnemar_p"]) == (3, 3, 1.0)  # 7/12 - 7/12: 0
+
+
+@pytest.mark.parametrize("b,c,p", [(7, 1, 2 * (1 + 8) / 2 ** 8), (1, 7, 2 * (1 + 8) / 2 ** 8), (10, 0, 2 / 2 ** 10),
+                                   (3, 3, 1.0), (0, 0, 1.0), (4, 5, 1.0)])
+def test_mcnemars_exact_p_is_the_two_sided_binomial_tail_of_the_discordant_split(b, c, p):
+    assert mcnemar_exact_p(b, c) == pytest.approx(p)  # (3, 3): the two tails overlap (42 / 64 each): capped at 1
+
+
+def test_mcnemars_exact_p_matches_a_binomial_by_enumeration_and_stays_finite_on_a_large_val_set():
+    from itertools import product
+
+    n = 10  # every split of 10 discordant images, each 1/2 ** 10 likely under the null
+    for b in range(n + 1):
+        at_least_as_uneven = sum(abs(sum(x) - n / 2) >= abs(b - n / 2) for x in product((0, 1), repeat=n))
+        assert mcnemar_exact_p(b, n - b) == pytest.approx(at_least_as_uneven / 2 ** n)
+    assert 0 < mcnemar_exact_p(2400, 2600) < 0.01 and mcnemar_exact_p(2500, 2500) == 1.0  # ImageNet-100's 5,000 val
 
 
 def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
@@ -239,6 +261,9 @@ def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
     section = md[md.index("## Where ViT and DeiT differ (6 val images)"):]
     # the same class on images 2, 3 and 4 (3 of 6); both right on 2 and 4 (2 of 6)
     assert section[2] == "They predict the same class on 50.0% of the val images; both are right on 33.3%."
+    # DeiT alone right on images 0 and 1, ViT alone on 5: 4 of 6 against 3 of 6, and 2 * (1 + 3) / 2 ** 3 caps at 1
+    assert section[4].startswith("DeiT − ViT: +16.7 points on these 6 images (DeiT alone right on 2, ViT alone on 1; "
+                                 "McNemar's exact test p = 1). One val set and one seed each")
     assert "**Classes DeiT gains most:** alpha (0% → 100%)" in section
     assert "**Classes DeiT loses most:** gamma (100% → 50%)" in section
     assert section[-3:] == ["| alpha | n00000001 | 2 | 0.0 | 100.0 | +100.0 |",  # largest gain first
@@ -271,7 +296,8 @@ def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure
                 "checkpoint_epoch": 1, "params": 1e6, "train_images_per_s": 1.0, "data_path": data, "img_size": size,
                 **extra}
 
-    comp = {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [], "per_class": []}
+    comp = {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [], "per_class": [],
+            "deit_only_right": 0, "vit_only_right": 1, "mcnemar_p": 1.0}
     deit = summary("DeiT", "deit_tiny_distill", 40.0, "b", 16, val_top1_cls_head=41.0, val_top1_dist_head=39.0,
                    teacher_val_top1=1.01)
     for data, size, said in (("a", 32, " The teacher row is its own run's best epoch, on a at 32 px."),
@@ -516,3 +542,8 @@ def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(r
                      workers=0) for run, name in (("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT"))]
     agree = 100 * np.mean(preds[0].pred == preds[1].pred)  # the two models' own predictions, image by image
     assert f"  ViT and DeiT agree on {agree:.1f}% of 24 val images" in said
+    vit_right, deit_right = (p.pred == p.labels for p in preds)
+    b, c = int(np.sum(deit_right & ~vit_right)), int(np.sum(vit_right & ~deit_right))
+    assert b + c > 0 and [line for line in said if line.startswith("  DeiT − ViT")] == [
+        f"  DeiT − ViT: {100 * (b - c) / 24:+.1f} points on these 24 images (DeiT alone right on {b}, ViT alone on "
+        f"{c}; McNemar's exact test p = {mcnemar_exact_p(b, c):.2g})."]

@@ -155,8 +155,20 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     return out
 
 
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar test: the chance, if both models were equally good on these images, that the b + c
+    images exactly one of them gets right split at least as unevenly as b : c (a binomial with p = 1/2)."""
+    n, term, tail = b + c, 1, 0  # term: C(n, k), in exact integers: one rounding, in the last division
+    for k in range(min(b, c) + 1):
+        tail += term
+        term = term * (n - k) // (k + 1)
+    return min(1.0, 2 * tail / 2 ** n)
+
+
 def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: int = 5) -> dict:
-    """Per-class top-1 of both, the classes DeiT gains and loses most, and how often the two agree."""
+    """Per-class top-1 of both, the classes DeiT gains and loses most, how often the two agree, and the paired test:
+    the images only DeiT gets right against those only ViT gets right (the same images, so their difference in
+    top-1 is (b - c) / n, and McNemar's exact test says how likely so uneven a split is by chance)."""
     per_class, without = [], []
     for c in range(len(class_map)):
         mask = vit.labels == c
@@ -169,12 +181,14 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
     for row in per_class:
         row["delta"] = row["deit_top1"] - row["vit_top1"]
     by_delta = sorted(per_class, key=lambda r: r["delta"])
-    both_right = (vit.pred == vit.labels) & (deit.pred == deit.labels)
+    vit_right, deit_right = vit.pred == vit.labels, deit.pred == deit.labels
+    both_right = vit_right & deit_right
+    b, c = int(np.sum(deit_right & ~vit_right)), int(np.sum(vit_right & ~deit_right))
     return {"per_class": per_class, "gains": [r for r in by_delta[::-1][:top] if r["delta"] > 0],
             "losses": [r for r in by_delta[:top] if r["delta"] < 0],
             "agreement": 100 * float(np.mean(vit.pred == deit.pred)), "both_right": 100 * float(np.mean(both_right)),
-            "val_images": int(len(vit.labels)),
-            "classes_without_val_images": without}
+            "val_images": int(len(vit.labels)), "deit_only_right": b, "vit_only_right": c,
+            "mcnemar_p": mcnemar_exact_p(b, c), "classes_without_val_images": without}
 
 
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:
@@ -210,7 +224,9 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     lines += ["", f"## Where {v} and {d} differ ({comp['val_images']} val images"
                   f"{' of ' + comp['data_path'] if comp.get('data_path') else ''})", "",
               f"They predict the same class on {comp['agreement']:.1f}% of the val images; both are right on "
-              f"{comp['both_right']:.1f}%.", ""]
+              f"{comp['both_right']:.1f}%.", "", paired_line(comp, names) + " One val set and one seed each: whether "
+              "these two checkpoints differ on these images, not whether distillation wins in general (another "
+              "seed moves both runs).", ""]
     for title, rows in ((f"Classes {d} gains most", comp["gains"]), (f"Classes {d} loses most", comp["losses"])):
         lines += [f"**{title}:** " + (", ".join(f"{r['name']} ({r['vit_top1']:.0f}% → {r['deit_top1']:.0f}%)"
                                                  for r in rows) or "none"), ""]
@@ -221,6 +237,14 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
     if missing := comp.get("classes_without_val_images"):  # shards packed with --allow-missing-classes
         lines += ["", f"No row for {len(missing)} class(es) with no val images here: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
+
+
+def paired_line(comp: dict, names: tuple[str, str] = ("ViT", "DeiT")) -> str:
+    """The paired comparison in one sentence (report.md; viz.py prints it)."""
+    v, d = names
+    b, c, n = comp["deit_only_right"], comp["vit_only_right"], comp["val_images"]
+    return (f"{d} − {v}: {100 * (b - c) / n:+.1f} points on these {n} images ({d} alone right on {b}, {v} alone on "
+            f"{c}; McNemar's exact test p = {comp['mcnemar_p']:.2g}).")
 
 
 def distilled_from(deit_state: dict) -> str | None:

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import ROOT
 from vitdeit.config import Config, from_dict, parse_args
 
 
@@ -216,13 +217,28 @@ def test_a_boolean_flag_refuses_any_other_word(capsys):
     assert e.value.code == 2 and "argument --progress: expected true/false, got 'maybe'" in capsys.readouterr().err
 
 
+def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "config.json"
+    f.write_text('{"run_name": "d\u00e9j\u00e0_vu"}', encoding="utf-8")  # a name typed by hand: JSON's UTF-8
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}  # the locale's encoding: ASCII
+    code = (f"from vitdeit.config import parse_args; "
+            f"print(ascii(parse_args(['--config', {str(f)!r}]).run_name))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == ascii("d\u00e9j\u00e0_vu"), r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("content, said", [(None, "No such file"), ("{lr: 1}", "Expecting property name"),
-                                           ("[1, 2]", "must hold a JSON object")])
+                                           ("[1, 2]", "must hold a JSON object"),
+                                           ('{"lr": 1}'.encode("utf-16"), "codec can't decode")])  # not UTF-8
 def test_a_config_file_that_is_missing_or_not_a_json_object_is_a_usage_error_naming_it(content, said, tmp_path,
                                                                                         capsys):
     f = tmp_path / "config.json"
     if content is not None:
-        f.write_text(content)
+        f.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SystemExit) as e:
         parse_args(["--config", str(f)])
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 """viz.py: the prediction panels, the curves and the report, checked against checkpoints and metrics."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -134,6 +135,19 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert all(f"{flag} {viz[viz.index(flag) + 1]}" in r.stderr for flag in ("--vit", "--deit", "--report-dir"))
 
 
+def test_viz_writes_its_report_in_utf8_and_prints_in_ascii_under_an_ascii_locale(runs, tmp_path):
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}  # Python's encoding: ASCII
+    env.pop("PYTHONIOENCODING", None)
+    r = subprocess.run([sys.executable, str(ROOT / "viz.py"), "--vit", str(runs / "baseline_vit_tiny" / "best.pth"),
+                        "--deit", str(runs / "deit_tiny_distill" / "best.pth"), "--num-images", "2", "--out",
+                        str(tmp_path / "p.png"), "--report-dir", str(tmp_path / "report"), "--workers", "0",
+                        "--device", "cpu"], capture_output=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    assert b"DeiT - ViT: " in r.stdout and max(r.stdout) < 128  # every printed byte ASCII
+    assert "| class | WNID | images | ViT top-1 (%) | DeiT top-1 (%) | Δ |" in (
+        tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+
+
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
     other = tmp_path / "shards"
     pack(small_dataset(tmp_path / "d", num_classes=3, train_per_class=8, val_per_class=2), other,
@@ -262,7 +276,7 @@ def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
     # the same class on images 2, 3 and 4 (3 of 6); both right on 2 and 4 (2 of 6)
     assert section[2] == "They predict the same class on 50.0% of the val images; both are right on 33.3%."
     # DeiT alone right on images 0 and 1, ViT alone on 5: 4 of 6 against 3 of 6, and 2 * (1 + 3) / 2 ** 3 caps at 1
-    assert section[4].startswith("DeiT − ViT: +16.7 points on these 6 images (DeiT alone right on 2, ViT alone on 1; "
+    assert section[4].startswith("DeiT - ViT: +16.7 points on these 6 images (DeiT alone right on 2, ViT alone on 1; "
                                  "McNemar's exact test p = 1). One val set and one seed each")
     assert "**Classes DeiT gains most:** alpha (0% → 100%)" in section
     assert "**Classes DeiT loses most:** gamma (100% → 50%)" in section
@@ -544,6 +558,6 @@ def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(r
     assert f"  ViT and DeiT agree on {agree:.1f}% of 24 val images" in said
     vit_right, deit_right = (p.pred == p.labels for p in preds)
     b, c = int(np.sum(deit_right & ~vit_right)), int(np.sum(vit_right & ~deit_right))
-    assert b + c > 0 and [line for line in said if line.startswith("  DeiT − ViT")] == [
-        f"  DeiT − ViT: {100 * (b - c) / 24:+.1f} points on these 24 images (DeiT alone right on {b}, ViT alone on "
+    assert b + c > 0 and [line for line in said if line.startswith("  DeiT - ViT")] == [
+        f"  DeiT - ViT: {100 * (b - c) / 24:+.1f} points on these 24 images (DeiT alone right on {b}, ViT alone on "
         f"{c}; McNemar's exact test p = {mcnemar_exact_p(b, c):.2g})."]

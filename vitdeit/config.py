@@ -345,8 +345,8 @@ def parse_args(argv=None, description: str = "") -> Config:
     path = ns.pop("config")
     if path:
         try:
-            values = json.loads(open(path).read())
-        except (OSError, json.JSONDecodeError) as e:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))  # JSON's encoding, whatever the locale's
+        except (OSError, ValueError) as e:  # (ValueError: JSONDecodeError, and UnicodeDecodeError for other bytes)
             p.error(f"--config {path}: {e}")
         if not isinstance(values, dict):
             p.error(f"--config {path}: must hold a JSON object")

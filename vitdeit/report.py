@@ -240,10 +240,10 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
 
 
 def paired_line(comp: dict, names: tuple[str, str] = ("ViT", "DeiT")) -> str:
-    """The paired comparison in one sentence (report.md; viz.py prints it)."""
+    """The paired comparison in one sentence (report.md; viz.py prints it: plain ASCII, for any console)."""
     v, d = names
     b, c, n = comp["deit_only_right"], comp["vit_only_right"], comp["val_images"]
-    return (f"{d} − {v}: {100 * (b - c) / n:+.1f} points on these {n} images ({d} alone right on {b}, {v} alone on "
+    return (f"{d} - {v}: {100 * (b - c) / n:+.1f} points on these {n} images ({d} alone right on {b}, {v} alone on "
             f"{c}; McNemar's exact test p = {comp['mcnemar_p']:.2g}).")
 
 
@@ -349,7 +349,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"))),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):
-        save_output(rdir / name, lambda path: path.write_text(text), KEPT, flag="--report-dir")  # (called at once)
+        save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)
+                    flag="--report-dir")  # (the lambda is called at once)
     written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,
                    comparison=comp)
     return written

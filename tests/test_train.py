@@ -14,7 +14,7 @@ import torch
 from conftest import small_dataset, torchrun
 from vitdeit import distill
 from vitdeit.classes import load_manifest
-from vitdeit.errors import DataError
+from vitdeit.errors import DataError, SettingError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
 from vitdeit.trainer import ema_warning, evaluate_checkpoint, lr_schedule, train
@@ -243,7 +243,6 @@ def test_deit_distils_from_the_teacher_and_reports_each_head(teacher_run, learn_
 
 def test_chance_is_the_most_common_val_class_share():
     from vitdeit.distributed import Dist
-    from vitdeit.errors import SettingError
     from vitdeit.trainer import check_teacher
 
     counts = {"n1": 10, "n2": 10, "n3": 10, "n4": 0}  # a Labels.json class without val images: chance 1/3, not 1/4
@@ -791,8 +790,34 @@ def fake_val(monkeypatch, values):
                                                               "val_top5": 90.0, "val_samples": 24})
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_resuming_in_place_keeps_the_best_and_cuts_the_later_epochs(tiny_shards, tmp_path, monkeypatch, overwrite):
+def test_resuming_in_place_from_an_older_checkpoint_is_refused_without_overwrite(tiny_shards, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+
+    kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=3)
+    fake_val(monkeypatch, [50.0, 60.0, 10.0])
+    run = tmp_path / "vit_tiny"
+    train(cfg_for(tiny_shards, tmp_path, **kw),
+          on_epoch_end=lambda e, r: e == 0 and shutil.copy(run / "last.pth", run / "ep0.pth"))
+    files = {f.name: f.read_bytes() for f in run.iterdir()}
+    with pytest.raises(SettingError) as e:  # e.g. "continue from the best": it would replace epochs 1 and 2
+        train(cfg_for(tiny_shards, tmp_path, resume=str(run / "ep0.pth"), **{**kw, "epochs": 5}))
+    assert str(e.value) == (
+        f"--resume {run / 'ep0.pth'} is epoch 0's, and {run / 'last.pth'} has trained up to epoch 2: going on from it "
+        f"here would replace epochs 1-2 (last.pth, best.pth, metrics.jsonl). Continue with --resume "
+        f"{run / 'last.pth'}; or branch with another --run-name (it takes this run's history up to epoch 0); or pass "
+        f"--overwrite to rewind this run.")
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == files  # nothing written
+    with pytest.raises(SettingError, match="is epoch 1's"):  # best.pth (epoch 1's) is older than last.pth too
+        train(cfg_for(tiny_shards, tmp_path, resume=str(run / "best.pth"), **{**kw, "epochs": 5}))
+    fake_val(monkeypatch, [10.0, 10.0])
+    shutil.copy(run / "last.pth", run / "copy.pth")  # a copy of last.pth itself: nothing is rewound
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "copy.pth"), **{**kw, "epochs": 5}))
+    assert [json.loads(x)["epoch"] for x in open(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_resuming_in_place_with_overwrite_keeps_the_best_and_cuts_the_later_epochs(tiny_shards, tmp_path,
+                                                                                   monkeypatch):
     import shutil
 
     kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=3)
@@ -803,7 +828,7 @@ def test_resuming_in_place_keeps_the_best_and_cuts_the_later_epochs(tiny_shards,
     best = run / "best.pth"
     assert torch.load(best, weights_only=True)["epoch"] == 0
     before = best.read_bytes()
-    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "ep0.pth"), overwrite=overwrite, **kw))
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "ep0.pth"), overwrite=True, **kw))
     assert best.read_bytes() == before and torch.load(run / "last.pth", weights_only=True)["best_top1"] == 50.0
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [(r["epoch"], r["val_top1"]) for r in rows] == [(0, 50.0), (1, 10.0), (2, 10.0)]  # epochs 1, 2 redone
@@ -823,7 +848,7 @@ def test_resuming_in_place_from_an_earlier_epoch_drops_a_best_pth_of_the_abandon
     run = tmp_path / "vit_tiny"
     train(cfg_for(tiny_shards, tmp_path, **kw),
           on_epoch_end=lambda e, r: e == after and shutil.copy(run / "last.pth", run / "back.pth"))
-    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "back.pth"), **kw))
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "back.pth"), overwrite=True, **kw))  # (a rewind)
     best = torch.load(run / "best.pth", weights_only=True)
     assert (best["epoch"], best["best_top1"]) == kept
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]

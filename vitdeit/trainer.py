@@ -178,6 +178,27 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
                            f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
 
 
+def check_rewind(run_dir: Path, cfg: Config, resumed: dict, dist: Dist) -> None:
+    """A --resume in the run's own folder from a checkpoint older than its last.pth (a best.pth, a copy) would
+    rewind the run: the later epochs' last.pth, best.pth and metrics lines are replaced as it goes on. Refused
+    without --overwrite (rank 0 looks, every rank stops). A last.pth that does not load is no history to keep."""
+    last = run_dir / "last.pth"
+    newer = None
+    if dist.is_main and resumes_in(run_dir, cfg) and not cfg.overwrite and last.is_file() and (
+            Path(cfg.resume).resolve() != last.resolve()):
+        try:
+            newer = torch_load(last, "last.pth").get("epoch")
+        except (DataError, AttributeError):
+            newer = None
+        newer = newer if isinstance(newer, int) and newer > resumed["epoch"] else None
+    if (newest := max((e for e in all_gather_object(newer) if e is not None), default=None)) is not None:
+        e = resumed["epoch"]
+        raise SettingError(f"--resume {cfg.resume} is epoch {e}'s, and {last} has trained up to epoch {newest}: going "
+                           f"on from it here would replace epochs {e + 1}-{newest} (last.pth, best.pth, "
+                           f"metrics.jsonl). Continue with --resume {last}; or branch with another --run-name (it "
+                           f"takes this run's history up to epoch {e}); or pass --overwrite to rewind this run.")
+
+
 def start_run_dir(run_dir: Path, cfg: Config) -> None:
     """Rank 0, once the set-up has passed its checks: config.json (a run that stopped at a bad flag leaves the folder
     as it was), and, for a run that replaces another (--overwrite, not resuming from this folder), the old checkpoints
@@ -406,6 +427,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to "
                        f"do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
             return {}
+        check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
     dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr))

@@ -75,6 +75,16 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"dali_hw_decoder_load": -0.1}, r"--dali-hw-decoder-load -0\.1: must be in \[0, 1\]"),
     ({"rand_augment": "bogus"}, "--rand-augment 'bogus': not a timm RandAugment spec"),
     ({"rand_augment": "rand-q9"}, "--rand-augment 'rand-q9': not a timm RandAugment spec"),
+    # what timm lets pass without a word: a part it skips, a magnitude it clips, no op at all
+    ({"rand_augment": "rand-mX-foo"}, "--rand-augment 'rand-mX-foo': the part 'mX' has no number, and timm would "
+     "skip it"),
+    ({"rand_augment": "rand-m100"}, r"--rand-augment 'rand-m100': magnitude 100 is above the maximum \(mmax\) 10"),
+    ({"rand_augment": "rand-mmax5"}, r"magnitude 10 \(timm default\) is above the maximum \(mmax\) 5"),
+    ({"rand_augment": "rand-m9-n0"}, "--rand-augment 'rand-m9-n0': n0 applies no op to any image"),
+    ({"run_name": ".."}, "--run-name '..': a folder name, without '/' or '..'"),
+    ({"run_name": "a/b"}, "--run-name 'a/b': a folder name"),
+    ({"run_name": "/tmp/x"}, "--run-name '/tmp/x': a folder name"),
+    ({"output_dir": " "}, "--output-dir ' ': name a folder"),
     ({"loader": "dali", "rand_augment": "rand-m9-tweights"}, "--rand-augment 'rand-m9-tweights': PyTorch loader only"),
     ({"repeated_aug": 0}, r"--repeated-aug 0: must be >= 1"),
     ({"compile_mode": "max-autotune"}, "--compile-mode 'max-autotune': choose auto, default, reduce-overhead"),

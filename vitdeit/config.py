@@ -197,15 +197,19 @@ class Config:
             need(getattr(self, name) >= 0, f"{flag(name)} {getattr(self, name)}: must be >= 0")
         need(self.batch_size % 2 == 0 or (self.mixup == 0 and self.cutmix == 0),
              f"--batch-size {self.batch_size}: Mixup/CutMix pair images, so it must be even")
-        need(not self.rand_augment or _rand_augment_ok(self.rand_augment),
-             f"--rand-augment {self.rand_augment!r}: not a timm RandAugment spec; e.g. 'rand-m9-mstd0.5-inc1' (rand, "
-             f"then -m magnitude, -n ops, -mstd magnitude std, -inc 0/1), or '' for none")
+        problem = self.rand_augment and rand_augment_problem(self.rand_augment)
+        need(not problem, f"--rand-augment {self.rand_augment!r}: {problem}; e.g. 'rand-m9-mstd0.5-inc1' (rand, then "
+                          f"-m magnitude, -n ops, -mstd magnitude std, -inc 0/1), or '' for none")
         need(self.repeated_aug >= 1, f"--repeated-aug {self.repeated_aug}: must be >= 1 (1 = off; DeiT: 3)")
         need(not (self.loader == "dali" and self.torch_only),
              f"{' and '.join(self.torch_only)}: PyTorch loader only, not in DALI's pipeline: use --loader torch (or "
              f"auto, which picks it then), or drop it")
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
+        need(self.run_name in ("", Path(self.run_name).name) and self.run_name not in (".", ".."),
+             f"--run-name {self.run_name!r}: a folder name, without '/' or '..' (the run goes to "
+             f"--output-dir/RUN_NAME: set --output-dir for another place)")
+        need(self.output_dir.strip() != "", f"--output-dir {self.output_dir!r}: name a folder (the default: runs)")
 
     @property
     def torch_only(self) -> list[str]:
@@ -261,15 +265,31 @@ def saved_setting(config: dict, key: str):
     return f.default
 
 
-def _rand_augment_ok(spec: str) -> bool:
-    """timm parses the spec when the loader builds its transform; a bad one fails there with a bare assert."""
+def rand_augment_problem(spec: str) -> str | None:
+    """What is wrong with a timm RandAugment spec, or None. timm itself fails on some mistakes with a bare assert
+    when the loader builds the transform, and lets others pass without a word: a part with no number (it skips
+    it), a magnitude above the maximum (it clips it to mmax, 10 by default), no op per image (n0)."""
     from .data import timm_rand_augment
 
     try:
         timm_rand_augment(spec)
     except (AssertionError, ValueError, KeyError, IndexError):
-        return False
-    return True
+        return "not a timm RandAugment spec"
+    numbers = {}
+    for part in spec.split("-")[1:]:
+        if part.startswith("t"):  # the op set's name (tweights, ...): timm checked it above
+            continue
+        key, value = re.match(r"(\D*)(\d.*)?$", part).groups()
+        if value is None:
+            return f"the part {part!r} has no number, and timm would skip it"
+        numbers[key] = float(value)
+    magnitude, mmax = numbers.get("m", 10), numbers.get("mmax", 10)  # timm's defaults
+    if magnitude > mmax:
+        return (f"magnitude {magnitude:g}{'' if 'm' in numbers else ' (timm default)'} is above the maximum (mmax) "
+                f"{mmax:g}, to which timm would clip it")
+    if numbers.get("n", 2) < 1:
+        return "n0 applies no op to any image"
+    return None
 
 
 def _parse_bool(text: str) -> bool:

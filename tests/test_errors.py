@@ -275,6 +275,19 @@ def test_a_manifest_without_a_key_it_needs_is_named_with_the_fix(tiny_shards, tm
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("where", ["output_dir", "parent", "run_name"])
+def test_an_output_dir_or_run_name_that_is_a_file_is_named_with_the_fix(tiny_shards, tmp_path, where, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out, name = {"output_dir": (afile, "r"), "parent": (afile / "runs", "r"), "run_name": (tmp_path, "afile")}[where]
+    assert train.main(["--data-path", str(tiny_shards), "--output-dir", str(out), "--run-name", name, "--device",
+                       "cpu", "--workers", "0"]) == 1
+    flag, value = ("--run-name", name) if where == "run_name" else ("--output-dir", out)
+    assert capsys.readouterr().err == (f"error: {flag} {value}: {afile} is a file, not a folder; pass another {flag} "
+                                       f"(the run goes to --output-dir/--run-name, here {out / name})\n")
+    assert afile.read_text() == "not a folder"
+
+
 def test_a_missing_data_path_says_where_the_path_came_from(tmp_path, monkeypatch, capsys):
     """Left out: the demo's default folder, not a pack command aimed at it; relative: the folder it is seen from
     (a --config of a run started elsewhere)."""

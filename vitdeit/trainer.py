@@ -170,6 +170,10 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
     """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
     without --overwrite (rank 0 looks, every rank stops), so that forgetting --resume loses nothing."""
+    if file := next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None):
+        flag = "--run-name" if file == run_dir else "--output-dir"
+        raise SettingError(f"{flag} {cfg.name if file == run_dir else cfg.output_dir}: {file} is a file, not a "
+                           f"folder; pass another {flag} (the run goes to --output-dir/--run-name, here {run_dir})")
     taken = dist.is_main and (run_dir / "last.pth").is_file() and not resumes_in(run_dir, cfg) and not cfg.overwrite
     if any(all_gather_object(taken)):
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "

@@ -829,6 +829,19 @@ def test_an_out_folder_holding_another_datasets_shards_is_refused_unless_overwri
     assert pack(data, out, opts=PackOptions(workers=1), progress=False)["source"]["data_path"] == str(data.resolve())
 
 
+@pytest.mark.parametrize("text", ['{"name": "my-package"}', "{not json"])
+def test_an_out_folder_with_another_tools_manifest_and_no_shards_is_refused_unless_overwrite(data, tmp_path, text):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)  # someone's own file, beside no shard: not a damaged one of ours
+    with pytest.raises(DataError, match=re.escape(f"--out {out}: its manifest.json is not a pack_shards.py manifest, "
+                                                  f"and there are no shards beside it; pass another --out")):
+        pack(data, out, opts=PackOptions(workers=1), progress=False)
+    assert [p.name for p in out.iterdir()] == ["manifest.json"] and (out / "manifest.json").read_text() == text
+    m = pack(data, out, opts=PackOptions(workers=1), progress=False, overwrite=True)
+    assert m["splits"]["train"]["num_samples"] == 16
+
+
 def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nothere'}: does not exist; pass --data-path DIR")):
         pack(tmp_path / "nothere", tmp_path / "s", progress=False)

@@ -228,6 +228,9 @@ def check_same_source(out: Path, source: str) -> None:
     if earlier and earlier != source:
         raise DataError(f"--out {out}: holds shards packed from {earlier}, not from {source}; pass another --out, "
                         f"or --overwrite to replace them.")
+    if not earlier and not any(SHARD_FILE.match(f.name) for f in out.iterdir()):  # no shards: not a damaged one
+        raise DataError(f"--out {out}: its {MANIFEST_NAME} is not a pack_shards.py manifest, and there are no shards "
+                        f"beside it; pass another --out (a new or empty folder), or --overwrite to replace it.")
 
 
 # ---------------------------------------------------------------- per image

@@ -483,3 +483,38 @@ def test_val_with_fewer_images_than_ranks_goes_to_the_pytorch_loader_which_gives
         loader = build_loader(cfg, m, "val", Dist(rank=rank, world=25))
         assert isinstance(loader, TorchLoader) and sum(len(y) for _, y in loader) == n
     assert isinstance(build_loader(cfg, m, "train", Dist(rank=0, world=2)), DaliLoader)  # train: as asked
+
+
+def test_an_image_damaged_after_packing_is_one_error_with_the_fix_not_dalis_traceback(tiny_shards, tmp_path):
+    import shutil
+
+    from test_loader import damage
+
+    shards = tmp_path / "s"
+    shutil.copytree(tiny_shards, shards)
+    damage(shards)
+    with pytest.raises(DataError) as e:  # DALI decodes ahead as the iterator is made: the error may come then
+        for _ in DaliLoader(shards, load_manifest(shards), "train", batch_size=8, img_size=32, workers=1):
+            pass
+    assert str(e.value).startswith(f"an image of the shards in {shards} (train) does not decode (DALI: ")
+    assert str(e.value).endswith("; --loader torch names the shard and image): the shard was damaged after packing (a "
+                                 "copy cut short or changed?); copy it again, or delete it and re-run pack_shards.py "
+                                 "with the same flags (it writes the missing shards again).")
+    assert "\n" not in str(e.value)
+
+
+def test_dalis_failed_sample_message_names_the_shard_and_image():
+    from types import SimpleNamespace
+
+    # the other form of DALI's decoder error (image_decoder.h: the sample's source info, tar:offset:name)
+    text = ("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image_random_crop`,\n"
+            "encountered:\n\nFailed to decode sample #4 : /d/s/train-000003.tar:331776:n01930112_13.jpg\n"
+            "Current pipeline object is no longer valid.")
+    with pytest.raises(DataError) as e:
+        with DaliLoader.decode_errors(SimpleNamespace(where="/d/s (train)")):
+            raise RuntimeError(text)
+    assert str(e.value).startswith("/d/s/train-000003.tar: the image n01930112_13 does not decode (DALI: Failed to "
+                                   "decode sample #4 : /d/s/train-000003.tar:331776:n01930112_13.jpg): the shard")
+    with pytest.raises(RuntimeError, match="out of memory"):  # DALI's other errors keep their own traceback
+        with DaliLoader.decode_errors(SimpleNamespace(where="/d/s (train)")):
+            raise RuntimeError("Critical error in pipeline: CUDA out of memory")

@@ -1,6 +1,7 @@
 import io
 import math
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -441,3 +442,49 @@ def test_crop_areas_and_aspect_ratios_are_drawn_as_torchvisions_random_resized_c
     assert abs(log_ratio.mean() - ref_log_ratio.mean()) < 0.012  # ratio drawn uniformly (not its log): +0.027
     assert abs(log_ratio.std() - ref_log_ratio.std()) < 0.01
 
+
+
+def damage(shards, nth: int = 4) -> str:
+    """Overwrite the JPEG bytes of train-000000.tar's nth image (the tar keeps its size, as a bit-flipped copy
+    would): its key."""
+    from vitdeit.data.torch_loader import read_index
+
+    key, entry = read_index(shards / "train-000000.idx")[nth]
+    off, size = entry["jpg"]
+    with open(shards / "train-000000.tar", "r+b") as f:
+        f.seek(off)
+        f.write(b"A" * size)
+    return key
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_image_damaged_after_packing_is_named_with_its_shard_and_the_fix(tiny_shards, tmp_path, workers):
+    import shutil
+
+    shards = tmp_path / "s"
+    shutil.copytree(tiny_shards, shards)
+    key = damage(shards)
+    loader = TorchLoader(shards, load_manifest(shards), "train", batch_size=8, img_size=32, workers=workers)
+    with pytest.raises(DataError) as e:  # in a worker or not: one line, not the worker's traceback
+        for _ in loader:
+            pass
+    assert re.fullmatch(re.escape(f"{shards / 'train-000000.tar'}: the image {key} does not decode "
+                                  f"(UnidentifiedImageError: cannot identify image file ") + r"<_io\.BytesIO object at "
+                        r"0x[0-9a-f]+>" + re.escape("): the shard was damaged after packing (a copy cut short or "
+                                                    "changed?); copy it again, or delete it and re-run pack_shards.py "
+                                                    "with the same flags (it writes the missing shards again)."),
+                        str(e.value))
+
+
+def test_a_damaged_sample_keeps_its_own_line_when_a_dataloader_worker_re_raises_it():
+    from torch.utils.data._utils import ExceptionWrapper
+
+    from vitdeit.errors import DamagedSample
+
+    try:
+        raise DamagedSample("s/train-000000.tar: the image k does not decode (x)")
+    except DamagedSample:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what torch sends to the main process
+    with pytest.raises(DamagedSample) as e:
+        wrapped.reraise()
+    assert str(e.value) == "s/train-000000.tar: the image k does not decode (x)"

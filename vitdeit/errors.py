@@ -38,6 +38,24 @@ class BatchTooLarge(DataError):
         return type(self), (self.split, self.per_rank, self.batch_size)
 
 
+class DamagedSample(DataError):
+    """A packed image that does not decode. Raised in a DataLoader worker, it reaches the main process re-made from
+    the worker's whole formatted traceback (torch's ExceptionWrapper calls the class with that text): the message
+    keeps its own line of it."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught "):
+            message = message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def damaged_shard(where: str, cause: str) -> str:
+    """The fix for a shard whose image does not decode (the same words for both loaders)."""
+    return (f"{where} does not decode ({cause}): the shard was damaged after packing (a copy cut short or changed?); "
+            f"copy it again, or delete it and re-run pack_shards.py with the same flags (it writes the missing shards "
+            f"again).")
+
+
 class SettingError(VitdeitError, ValueError):
     """A flag or setting that cannot work here: the message names the flag and what to use instead."""
 

@@ -10,12 +10,14 @@ tensors in channels-last memory: a permuted view, no copy (with --repeated-aug, 
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from contextlib import contextmanager
 
 import torch
 
 from ..config import Config
-from ..errors import BatchTooLarge
+from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
@@ -138,7 +140,7 @@ class DaliLoader:
         shards = manifest["splits"][split]["shards"]
         files, indexes = zip(*[(str(tar), str(idx)) for tar, idx in shard_paths(shards_dir, manifest, split)])
         n = manifest["splits"][split]["num_samples"]
-        self.train = split == "train"
+        self.train, self.where = split == "train", f"{shards_dir} ({split})"
         if self.train and len(shards) == 1 and world > 1:
             warnings.warn(f"{shards_dir}: one train shard for {world} processes: DALI gives each process the same "
                           f"slice of it every epoch (only the order of several tars can change). Repack with "
@@ -183,8 +185,9 @@ class DaliLoader:
         # uses the first `steps` batches (__iter__). A fixed `size` would carry the rest into the next epoch, which
         # then spans two passes and draws up to a quarter of its samples twice; DROP leaves the padded last batch of
         # a pass in the pipeline when the smallest slice divides into batches (it ends the epoch on that slice).
-        self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
-                                      last_batch_policy=LastBatchPolicy.PARTIAL)
+        with self.decode_errors():
+            self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
+                                          last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
         return self.steps
@@ -208,7 +211,27 @@ class DaliLoader:
             if len(out["labels"]) == self.reads:
                 return out
 
+    @contextmanager
+    def decode_errors(self):
+        """DALI's decoder failing on bytes the packer verified (a shard damaged since) as one DamagedSample, not
+        DALI's page of pipeline traceback. The iterator decodes its first batches as it is made, then each next."""
+        try:
+            yield
+        except RuntimeError as e:
+            if "fn.decoders." not in str(e):
+                raise
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            sample = re.search(r"Failed to decode sample #\d+ : (.+):(\d+):([^.:\s]+)", str(e))
+            where = (f"{sample[1]}: the image {sample[3]}" if sample else f"an image of the shards in {self.where}")
+            cause = next((line for line in lines if "Failed to decode" in line or "failure" in line), lines[-1])
+            raise DamagedSample(damaged_shard(where, f"DALI: {first_line(cause)}" + (
+                "" if sample else "; --loader torch names the shard and image"))) from e
+
     def __iter__(self):
+        with self.decode_errors():
+            yield from self._batches()
+
+    def _batches(self):
         if self.copies == 1:
             outs = (out[0] for i, out in enumerate(self.it) if i < self.steps)  # the whole pass, of which train
             # uses the first `steps` batches and reads the rest (under a batch more than the smallest slice's)

@@ -29,7 +29,7 @@ except ImportError:  # a torchvision without them: decode_rgb falls back to PIL
     decode_image = None
 
 from ..config import Config
-from ..errors import BatchTooLarge, DataError
+from ..errors import BatchTooLarge, DamagedSample, DataError, damaged_shard, first_line
 from . import MEAN, STD, index_lines, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
@@ -80,7 +80,14 @@ class ShardSamples(Dataset):
         of (run seed, epoch, index) alone, so a resumed run sees exactly the batches it would have seen."""
         i, seed = item if isinstance(item, tuple) else (item, None)
         data, label = self.raw(i)
-        return self.transform(data, random.Random(seed)), label
+        try:
+            return self.transform(data, random.Random(seed)), label
+        except Exception as e:  # PIL, torchvision and timm raise many kinds (UnidentifiedImageError, OSError, ...)
+            shard, off = int(self.rows[i][0]), int(self.rows[i][1])
+            index = read_index(Path(self.files[shard]).with_suffix(".idx"))
+            key = next((k for k, entry in index if entry["jpg"][0] == off), f"at byte {off}")
+            raise DamagedSample(damaged_shard(f"{self.files[shard]}: the image {key}",
+                                              f"{type(e).__name__}: {first_line(e)}")) from e
 
     def __getstate__(self):  # mmaps don't pickle (spawned workers); they reopen lazily
         return {**self.__dict__, "_maps": {}}

@@ -275,6 +275,43 @@ def test_a_manifest_without_a_key_it_needs_is_named_with_the_fix(tiny_shards, tm
     assert not (tmp_path / "runs").exists()
 
 
+def _drop_last_class(m):
+    m["classes"].pop()
+
+
+def _miscount(m):
+    m["splits"]["train"]["num_samples"] = 150
+
+
+def _unname(m):
+    del m["labels"][m["classes"][1]]
+
+
+def _reorder(m):
+    m["classes"].reverse()
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_drop_last_class, "split 'train' counts 4 classes, but 'classes' lists 3"),  # was IndexError in the loss
+    (_miscount, "split 'train' says 150 samples, but its shards hold 96 and its class counts add up to 96"),
+    (_unname, "'labels' has no name for 1 of its classes (e.g. {second})"),  # its second class's WNID
+    (_reorder, "split 'train' counts its classes in another order"),
+])
+def test_a_manifest_that_contradicts_itself_is_named_with_the_fix(tiny_shards, tmp_path, edit, said, capsys):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    said = said.format(second=manifest["classes"][1])
+    edit(manifest)  # (edited by hand)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert train.main(["--data-path", str(copy), "--output-dir", str(tmp_path / "runs"), "--device", "cpu",
+                       "--workers", "0"]) == 1
+    assert capsys.readouterr().err == (f"error: {copy / 'manifest.json'}: {said}: edited by hand, or not this pack's; "
+                                       f"re-run pack_shards.py to rewrite it.\n")
+
+
 @pytest.mark.parametrize("where", ["output_dir", "parent", "run_name"])
 def test_an_output_dir_or_run_name_that_is_a_file_is_named_with_the_fix(tiny_shards, tmp_path, where, capsys):
     afile = tmp_path / "afile"

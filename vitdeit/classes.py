@@ -118,7 +118,32 @@ def load_manifest(shards_dir: str | Path) -> dict:
     for key in ("classes", "labels", "splits"):
         if key not in manifest:
             raise DataError(f"{path}: missing key {key!r}; re-run pack_shards.py to rewrite it.")
+    if problem := manifest_problem(manifest):  # the shards' labels index `classes`: a list out of step with them
+        raise DataError(f"{path}: {problem}: edited by hand, or not this pack's; re-run pack_shards.py to rewrite it.")
     return manifest
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What in a manifest contradicts itself (the classes against the labels and each split's class counts, a split's
+    sample count against its shards'), or None."""
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not all(isinstance(w, str) for w in classes):
+        return "'classes' is not a list of WNIDs"
+    if missing := [w for w in classes if w not in manifest["labels"]]:
+        return f"'labels' has no name for {len(missing)} of its classes (e.g. {missing[0]})"
+    for split, info in manifest["splits"].items():
+        try:
+            counted, in_shards = list(info["class_counts"]), sum(s["num_samples"] for s in info["shards"])
+            total = info["num_samples"]
+        except (KeyError, TypeError) as e:
+            return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
+        if counted != classes:
+            return (f"split {split!r} counts {len(counted)} classes, but 'classes' lists {len(classes)}"
+                    if len(counted) != len(classes) else f"split {split!r} counts its classes in another order")
+        if total != in_shards or total != sum(info["class_counts"].values()):
+            return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
+                    f"add up to {sum(info['class_counts'].values())}")
+    return None
 
 
 def classes_without_images(manifest: dict, split: str) -> list[str]:

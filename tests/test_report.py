@@ -148,6 +148,25 @@ def test_viz_writes_its_report_in_utf8_and_prints_in_ascii_under_an_ascii_locale
         tmp_path / "report" / "report.md").read_text(encoding="utf-8")
 
 
+def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(runs, tiny_shards, tmp_path):
+    train(Config(model="vit_tiny", epochs=1, img_size=16, patch_size=8, batch_size=16, workers=0, progress=False,
+                 data_path=str(tiny_shards), output_dir=str(tmp_path), run_name="vit16"))
+    deit = str(runs / "deit_tiny_distill" / "best.pth")
+    w = make_all(str(tmp_path / "vit16" / "best.pth"), deit, num_images=2, out=str(tmp_path / "p.png"),
+                 report_dir=None, workers=0)
+    assert w["notes"] == ["ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like"]
+    from vitdeit.report import report_markdown
+
+    md = report_markdown([], {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [],
+                              "per_class": [], "deit_only_right": 1, "vit_only_right": 0, "mcnemar_p": 1.0},
+                         ("ViT", "DeiT"), w["notes"]).splitlines()
+    assert md[md.index("|---|---|---:|---:|---:|---:|---:|") + 1:][:2] == [
+        "", "Note: ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like."]  # under the table
+    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), deit, num_images=2, out=str(tmp_path / "q.png"),
+                 report_dir=None, workers=0)
+    assert w["notes"] == []  # both at 32 px
+
+
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
     other = tmp_path / "shards"
     pack(small_dataset(tmp_path / "d", num_classes=3, train_per_class=8, val_per_class=2), other,

@@ -155,6 +155,12 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     return out
 
 
+def close_figure(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def mcnemar_exact_p(b: int, c: int) -> float:
     """Two-sided exact McNemar test: the chance, if both models were equally good on these images, that the b + c
     images exactly one of them gets right split at least as unevenly as b : c (a binomial with p = 1/2)."""
@@ -191,7 +197,9 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
             "mcnemar_p": mcnemar_exact_p(b, c), "classes_without_val_images": without}
 
 
-def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -> str:
+def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], notes: list[str] = ()) -> str:
+    """notes: what viz.py printed as `note:` lines (a model under another label, other image sizes, no teacher row),
+    kept with the report under its table."""
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
@@ -209,6 +217,8 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str]) -
             lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "
                           f"epoch {s['best_epoch']}" + ("." if s["run"] == "teacher" else
                                                          "; its predictions below are that epoch's.")]
+    if notes:
+        lines += [""] + [f"Note: {note}." for note in notes]
     deit = next((s for s in summaries if "val_top1_cls_head" in s), None)
     if deit:
         lines += ["", f"DeiT heads at its best epoch: class head {deit['val_top1_cls_head']:.2f}%, distillation head "
@@ -331,10 +341,14 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
     save_output(Path(out), lambda path: fig.savefig(path, dpi=110), KEPT, flag="--out")
+    close_figure(fig)  # pyplot keeps every figure until closed: a library caller (a notebook) would pile them up
     notes[:0] = [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
+    sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
+    if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
+        notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
     written = {"figure": out, "notes": notes,
                "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                           for i in indices]}
@@ -346,8 +360,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for name in runs]
     curves = curves_figure(metrics)
     save_output(rdir / "curves.png", lambda path: curves.savefig(path, dpi=110), KEPT, flag="--report-dir")
+    close_figure(curves)
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
-    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"))),
+    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes)),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):
         save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)
                     flag="--report-dir")  # (the lambda is called at once)

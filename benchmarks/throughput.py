@@ -621,7 +621,7 @@ def main(argv=None) -> int:
                  ("--workers", a.workers, 1), ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
                  ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1),
                  ("--profile-steps", a.profile_steps, 1))  # train.py's, pack_shards.py's
-    parts = set(a.parts.split(","))
+    parts = {part.strip() for part in a.parts.split(",")}  # "loaders, model" as typed with a space
     if parts - set(PARTS):
         p.error(f"--parts {a.parts}: no part {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
     if parts & {"model", "e2e"} and a.img_size % 16:  # the ViT/DeiT steps use train.py's default 16 px patches

@@ -530,6 +530,7 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
 
 @pytest.mark.parametrize("flags, said", [
     (["--parts", "transforms,modle"], "--parts transforms,modle: no part modle; choose from transforms, loaders"),
+    (["--parts", "transforms, modle"], "--parts transforms, modle: no part modle; choose"),  # a space: only the typo
     (["--num-images", "0"], "--num-images 0: must be >= 1"), (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (["--img-size", "0"], "--img-size 0: must be >= 8"), (["--steps", "0"], "--steps 0: must be >= 1"),
     (["--repeats", "0"], "--repeats 0: must be >= 1"), (["--workers", "-1"], "--workers -1: must be >= 1"),

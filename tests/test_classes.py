@@ -47,6 +47,10 @@ def test_bad_labels_json_is_a_clear_error_naming_the_file(tmp_path, text, fragme
 def test_missing_labels_file_names_the_flag(tmp_path):
     with pytest.raises(DataError, match="--labels"):
         load_labels(tmp_path / "nope.json")
+    with pytest.raises(DataError) as e:  # the dataset folder, not its Labels.json
+        load_labels(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: a folder; pass --labels the JSON file itself (WNID -> name), e.g. --labels "
+                            f"{tmp_path / 'Labels.json'}")
 
 
 def test_short_name_takes_the_first_synonym():

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,8 +371,13 @@ def test_viz_workers_minus_one_is_this_machines_share_as_in_train(monkeypatch, t
     assert seen == [5, 3]  # make_all's last argument: the val loader's workers
 
 
+HERE = Path(__file__).resolve().parent  # a folder that exists
+
+
 @pytest.mark.parametrize("flags, said", [(["--out", "picture"], "--out picture: end it in one of matplotlib's"),
                                          (["--out", "p.txt"], "--out p.txt: end it in one of matplotlib's"),
+                                         (["--out", str(HERE)], f"--out {HERE}: a folder; name the picture file, "
+                                                                f"e.g. --out {HERE / 'vit_vs_deit_random10.png'}"),
                                          (["--workers", "-2"], "--workers -2: must be >= 0")])
 def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_work(flags, said, capsys, monkeypatch):
     monkeypatch.setattr(viz, "make_all", lambda *a: pytest.fail("predicted before checking its flags"))

@@ -195,6 +195,12 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
     with pytest.raises(MissingFile, match=re.escape(f"--teacher-run {tmp_path}: no best.pth there")):
         make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), teacher_run=str(tmp_path),
                  **kw)
+    teacher_ckpt = runs / "teacher_resnet18" / "best.pth"  # the checkpoint, not its run folder
+    with pytest.raises(MissingFile) as e:
+        make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), teacher_run=str(teacher_ckpt),
+                 **kw)
+    assert str(e.value) == (f"--teacher-run {teacher_ckpt}: a file, not a run folder; pass a train.py run folder of "
+                            f"the teacher (here {teacher_ckpt.parent}?).")
 
 
 def test_too_many_images_is_refused_before_any_val_pass_and_swapped_checkpoints_are_named(runs, tmp_path,

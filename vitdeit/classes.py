@@ -27,6 +27,9 @@ def _no_duplicate_keys(pairs):
 def load_labels(path: str | Path) -> dict[str, str]:
     """Read and validate a Labels.json (WNID -> human-readable name)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder; pass --labels the JSON file itself (WNID -> name), e.g. "
+                        f"--labels {path / 'Labels.json'}")
     if not path.is_file():
         raise DataError(f"{path}: Labels.json not found; pass --labels PATH (the WNID -> name JSON file; for "
                         f"ImageNet-100, the Labels.json at the top of the vitdeit repository).")

@@ -673,7 +673,7 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: (warnings.warn("one train shard"), build(*a, **k))[1])
     pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=32, shard_size=200, workers=1), progress=False)
     train(cfg_for(tmp_path / "s", tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0,
-                  teacher_ckpt="t.pth", warmup_epochs=1.0, min_lr=1e-4))
+                  teacher_ckpt="t.pth", warmup_epochs=1.0, min_lr=1e-4, repeated_aug=20))
     lines = capsys.readouterr().out.splitlines()
     # the first line names the loader and its workers (0: the main process)
     assert lines[0].startswith("run ") and ", loader torch (0 workers), amp off, " in lines[0]
@@ -683,7 +683,21 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
     assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
                         "the cosine cannot decay to it; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
-    assert "packed with --resize-short 32, under the 36 px" in lines[6]  # floor(32 / 0.875)
+    assert lines[6] == ("warning: --repeated-aug 20 > --batch-size 16: a process's batch holds copies of 1 image(s) "
+                        "at most (DeiT: 3 with batches of 64 and more)")
+    assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
+
+
+@pytest.mark.parametrize("loader, workers, said", [("torch", 0, "(0 workers)"), ("torch", 1, "(1 worker)"),
+                                                   ("dali", 0, "(1 DALI thread)"), ("dali", 3, "(3 DALI threads)")])
+def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shards, loader, workers, said):
+    from vitdeit.classes import load_manifest
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_line
+
+    line = run_line(cfg_for(tiny_shards, "runs", workers=workers), load_manifest(tiny_shards), Dist(), loader, None,
+                    False, "default", 1e-3)
+    assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
 
 
 def test_resuming_with_another_process_count_says_what_changes(tiny_shards, tmp_path, capsys):

@@ -293,6 +293,10 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         out.append(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
+    if cfg.repeated_aug > cfg.batch_size:  # copies of an image land in one batch, or on neighbouring ranks
+        out.append(f"warning: --repeated-aug {cfg.repeated_aug} > --batch-size {cfg.batch_size}: a process's batch "
+                   f"holds copies of {-(-cfg.batch_size // cfg.repeated_aug)} image(s) at most (DeiT: 3 with batches "
+                   f"of 64 and more)")
     packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
     if packed and packed < val_short:
         out.append(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
@@ -386,7 +390,8 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
             f"{splits['train']['num_samples']} train / {splits['val']['num_samples']} val), "
             f"{dist.world} process(es) on {dist.device.type}, loader {loader_name} "
-            f"({workers} worker{'s' * (workers != 1)}), amp {AMP_NAME[amp_dtype]}, "
+            + (f"({max(1, workers)} DALI thread{'s' * (workers > 1)}), " if loader_name == "dali" else
+               f"({workers} worker{'s' * (workers != 1)}), ") + f"amp {AMP_NAME[amp_dtype]}, "
             f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
             f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
             f"{f', CUDA connections {connections}' if dist.device.type == 'cuda' else ''}, global batch "

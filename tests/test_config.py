@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,9 +82,12 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"rand_augment": "rand-m100"}, r"--rand-augment 'rand-m100': magnitude 100 is above the maximum \(mmax\) 10"),
     ({"rand_augment": "rand-mmax5"}, r"magnitude 10 \(timm default\) is above the maximum \(mmax\) 5"),
     ({"rand_augment": "rand-m9-n0"}, "--rand-augment 'rand-m9-n0': n0 applies no op to any image"),
-    ({"run_name": ".."}, "--run-name '..': a folder name, without '/' or '..'"),
-    ({"run_name": "a/b"}, "--run-name 'a/b': a folder name"),
-    ({"run_name": "/tmp/x"}, "--run-name '/tmp/x': a folder name"),
+    ({"run_name": ".."}, r"--run-name '\.\.': a folder inside --output-dir \(no absolute path, no '\.\.'"),
+    ({"run_name": "a/../../b"}, "--run-name 'a/../../b': a folder inside --output-dir"),
+    ({"run_name": "/tmp/x"}, "--run-name '/tmp/x': a folder inside --output-dir"),
+    ({"run_name": "."}, r"--run-name '\.': a folder inside --output-dir"),  # --output-dir itself
+    ({"rand_augment": "rand-m9-p0"}, "--rand-augment 'rand-m9-p0': p0 applies no op to any image"),
+    ({"rand_augment": "rand--m9"}, r"--rand-augment 'rand--m9': it has an empty part \('--'\)"),
     ({"output_dir": " "}, "--output-dir ' ': name a folder"),
     ({"loader": "dali", "rand_augment": "rand-m9-tweights"}, "--rand-augment 'rand-m9-tweights': PyTorch loader only"),
     ({"repeated_aug": 0}, r"--repeated-aug 0: must be >= 1"),
@@ -98,6 +102,13 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
 def test_bad_values_are_errors_that_name_them(values, fragment):
     with pytest.raises(ValueError, match=fragment):
         from_dict(values)
+
+
+def test_a_nested_run_name_and_timms_own_spellings_are_accepted():
+    assert Config(run_name="ablation/vit").run_dir == Path("runs/ablation/vit")  # inside --output-dir: as before
+    for spec in ("rand-m9-mstd0.5-inc1", "rand-m7-n4-mstd0.5", "rand-mstd101-m9", "rand-m10-mmax10", "rand",
+                 "rand-m12-mmax15", "rand-m9-mmax0"):  # (mmax0: timm's default maximum, 10)
+        assert Config(rand_augment=spec).rand_augment == spec
 
 
 def test_rand_augment_runs_in_either_loader_but_weighted_op_choice_only_in_the_pytorch_one():

@@ -515,6 +515,14 @@ def test_dalis_failed_sample_message_names_the_shard_and_image():
             raise RuntimeError(text)
     assert str(e.value).startswith("/d/s/train-000003.tar: the image n01930112_13 does not decode (DALI: Failed to "
                                    "decode sample #4 : /d/s/train-000003.tar:331776:n01930112_13.jpg): the shard")
-    with pytest.raises(RuntimeError, match="out of memory"):  # DALI's other errors keep their own traceback
+    with pytest.raises(DataError, match=r"^an image of the shards in /d/s \(train\) does not decode \(DALI: "
+                                        r"nvImageCodec failure: '#3'; --loader torch names the shard and image\)"):
         with DaliLoader.decode_errors(SimpleNamespace(where="/d/s (train)")):
-            raise RuntimeError("Critical error in pipeline: CUDA out of memory")
+            raise RuntimeError(text.replace("Failed to decode sample #4 : /d/s/train-000003.tar:331776:"
+                                            "n01930112_13.jpg", "nvImageCodec failure: '#3'"))
+    for other in ("Critical error in pipeline: CUDA out of memory",  # DALI's other errors keep their own traceback
+                  text.replace("Failed to decode sample #4 : /d/s/train-000003.tar:331776:n01930112_13.jpg",
+                               "nvImageCodec failure: '#5'")):  # the decoder's allocator failing: not the shard's
+        with pytest.raises(RuntimeError, match="CUDA out of memory|failure: '#5'"):
+            with DaliLoader.decode_errors(SimpleNamespace(where="/d/s (train)")):
+                raise RuntimeError(other)

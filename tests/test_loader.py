@@ -488,3 +488,13 @@ def test_a_damaged_sample_keeps_its_own_line_when_a_dataloader_worker_re_raises_
     with pytest.raises(DamagedSample) as e:
         wrapped.reraise()
     assert str(e.value) == "s/train-000000.tar: the image k does not decode (x)"
+
+
+def test_a_transform_that_fails_on_an_image_that_decodes_keeps_its_own_error(tiny_shards, monkeypatch):
+    def crop_box(self, w, h, rng):  # a bug in the transform, not a damaged image
+        raise ZeroDivisionError("a bug in crop_box")
+
+    monkeypatch.setattr(TrainTransform, "crop_box", crop_box)
+    loader = TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=8, img_size=32, workers=0)
+    with pytest.raises(ZeroDivisionError, match="a bug in crop_box"):
+        next(iter(loader))

@@ -162,9 +162,13 @@ def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(r
                          ("ViT", "DeiT"), w["notes"]).splitlines()
     assert md[md.index("|---|---|---:|---:|---:|---:|---:|") + 1:][:2] == [
         "", "Note: ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like."]  # under the table
+    import matplotlib.pyplot as plt
+
+    open_before = len(plt.get_fignums())
     w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), deit, num_images=2, out=str(tmp_path / "q.png"),
-                 report_dir=None, workers=0)
+                 report_dir=str(tmp_path / "report"), workers=0)
     assert w["notes"] == []  # both at 32 px
+    assert len(plt.get_fignums()) == open_before  # the picture and the curves closed once saved
 
 
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):

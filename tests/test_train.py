@@ -683,8 +683,8 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
     assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
                         "the cosine cannot decay to it; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
-    assert lines[6] == ("warning: --repeated-aug 20 > --batch-size 16: a process's batch holds copies of 1 image(s) "
-                        "at most (DeiT: 3 with batches of 64 and more)")
+    assert lines[6] == ("warning: --repeated-aug 20 > --batch-size 16: a process's batch holds copies of about 1 "
+                        "image(s) (DeiT: 3 with batches of 64 and more)")
     assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
 
 

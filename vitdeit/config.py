@@ -206,9 +206,10 @@ class Config:
              f"auto, which picks it then), or drop it")
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
-        need(self.run_name in ("", Path(self.run_name).name) and self.run_name not in (".", ".."),
-             f"--run-name {self.run_name!r}: a folder name, without '/' or '..' (the run goes to "
-             f"--output-dir/RUN_NAME: set --output-dir for another place)")
+        name = Path(self.run_name)
+        need(not self.run_name or (name.parts and not name.is_absolute() and ".." not in name.parts),
+             f"--run-name {self.run_name!r}: a folder inside --output-dir (no absolute path, no '..': the run goes to "
+             f"--output-dir/RUN_NAME; set --output-dir for another place)")
         need(self.output_dir.strip() != "", f"--output-dir {self.output_dir!r}: name a folder (the default: runs)")
 
     @property
@@ -277,18 +278,22 @@ def rand_augment_problem(spec: str) -> str | None:
         return "not a timm RandAugment spec"
     numbers = {}
     for part in spec.split("-")[1:]:
+        if not part:
+            return "it has an empty part ('--')"
         if part.startswith("t"):  # the op set's name (tweights, ...): timm checked it above
             continue
         key, value = re.match(r"(\D*)(\d.*)?$", part).groups()
         if value is None:
             return f"the part {part!r} has no number, and timm would skip it"
         numbers[key] = float(value)
-    magnitude, mmax = numbers.get("m", 10), numbers.get("mmax", 10)  # timm's defaults
+    magnitude, mmax = numbers.get("m", 10), numbers.get("mmax") or 10  # timm's defaults (mmax0: its default too)
     if magnitude > mmax:
         return (f"magnitude {magnitude:g}{'' if 'm' in numbers else ' (timm default)'} is above the maximum (mmax) "
                 f"{mmax:g}, to which timm would clip it")
     if numbers.get("n", 2) < 1:
         return "n0 applies no op to any image"
+    if numbers.get("p", 0.5) <= 0:
+        return "p0 applies no op to any image"
     return None
 
 

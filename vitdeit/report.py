@@ -342,8 +342,10 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
-    save_output(Path(out), lambda path: fig.savefig(path, dpi=110), KEPT, flag="--out")
-    close_figure(fig)  # pyplot keeps every figure until closed: a library caller (a notebook) would pile them up
+    try:
+        save_output(Path(out), lambda path: fig.savefig(path, dpi=110), KEPT, flag="--out")
+    finally:
+        close_figure(fig)  # pyplot keeps every figure until closed: a library caller (a notebook) would pile them up
     notes[:0] = [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
@@ -361,8 +363,10 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()))
                  for name in runs]
     curves = curves_figure(metrics)
-    save_output(rdir / "curves.png", lambda path: curves.savefig(path, dpi=110), KEPT, flag="--report-dir")
-    close_figure(curves)
+    try:
+        save_output(rdir / "curves.png", lambda path: curves.savefig(path, dpi=110), KEPT, flag="--report-dir")
+    finally:
+        close_figure(curves)
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes)),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):

@@ -295,7 +295,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     if cfg.repeated_aug > cfg.batch_size:  # copies of an image land in one batch, or on neighbouring ranks
         out.append(f"warning: --repeated-aug {cfg.repeated_aug} > --batch-size {cfg.batch_size}: a process's batch "
-                   f"holds copies of {-(-cfg.batch_size // cfg.repeated_aug)} image(s) at most (DeiT: 3 with batches "
+                   f"holds copies of about {-(-cfg.batch_size // cfg.repeated_aug)} image(s) (DeiT: 3 with batches "
                    f"of 64 and more)")
     packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
     if packed and packed < val_short:

@@ -217,8 +217,8 @@ class DaliLoader:
         DALI's page of pipeline traceback. The iterator decodes its first batches as it is made, then each next."""
         try:
             yield
-        except RuntimeError as e:
-            if "fn.decoders." not in str(e):
+        except RuntimeError as e:  # nvImageCodec's status 3 and 4: a codestream it cannot parse (not out of memory)
+            if not re.search(r"Failed to decode sample|nvImageCodec failure: '#[34]'", str(e)):
                 raise
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             sample = re.search(r"Failed to decode sample #\d+ : (.+):(\d+):([^.:\s]+)", str(e))

@@ -82,7 +82,13 @@ class ShardSamples(Dataset):
         data, label = self.raw(i)
         try:
             return self.transform(data, random.Random(seed)), label
-        except Exception as e:  # PIL, torchvision and timm raise many kinds (UnidentifiedImageError, OSError, ...)
+        except Exception as e:
+            try:  # the image alone: a transform that fails on bytes that decode is a bug, with its own traceback
+                decode_rgb(data)
+            except Exception:  # PIL and torchvision raise many kinds (UnidentifiedImageError, OSError, RuntimeError)
+                pass
+            else:
+                raise
             shard, off = int(self.rows[i][0]), int(self.rows[i][1])
             index = read_index(Path(self.files[shard]).with_suffix(".idx"))
             key = next((k for k, entry in index if entry["jpg"][0] == off), f"at byte {off}")

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -686,6 +687,17 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert lines[6] == ("warning: --repeated-aug 20 > --batch-size 16: a process's batch holds copies of about 1 "
                         "image(s) (DeiT: 3 with batches of 64 and more)")
     assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
+
+
+def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_notes
+
+    notes = lambda amp: run_notes(cfg_for(tiny_shards, tmp_path, amp=amp), load_manifest(tiny_shards), Dist(),  # noqa
+                                  SimpleNamespace(name="torch"), None, 1e-3)
+    assert notes("fp16") == ["note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than "
+                             "float32; --amp off is the CPU's default"]
+    assert notes("off") == notes("bf16") == []
 
 
 @pytest.mark.parametrize("loader, workers, said", [("torch", 0, "(0 workers)"), ("torch", 1, "(1 worker)"),

@@ -293,6 +293,9 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         out.append(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
+    if cfg.amp == "fp16" and dist.device.type == "cpu":  # --amp auto is off on a CPU
+        out.append("note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; "
+                   "--amp off is the CPU's default")
     if cfg.repeated_aug > cfg.batch_size:  # copies of an image land in one batch, or on neighbouring ranks
         out.append(f"warning: --repeated-aug {cfg.repeated_aug} > --batch-size {cfg.batch_size}: a process's batch "
                    f"holds copies of about {-(-cfg.batch_size // cfg.repeated_aug)} image(s) (DeiT: 3 with batches "

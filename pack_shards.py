@@ -17,7 +17,7 @@ import sys
 
 from vitdeit.classes import classes_without_images
 from vitdeit.config import refuse_below
-from vitdeit.errors import VitdeitError
+from vitdeit.errors import VitdeitError, say_error
 from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     try:
         m = pack(a.data_path, a.out, a.labels, opts, overwrite=a.overwrite)
     except VitdeitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_error(e)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: the finished shards in {a.out} are kept; run the same command again to go on",

@@ -14,6 +14,7 @@ Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import vitdeit
@@ -21,7 +22,7 @@ import vitdeit
 vitdeit.use_cuda_connections()  # before any import can reach CUDA (vitdeit.CUDA_CONNECTIONS says why)
 
 from vitdeit.config import parse_args  # noqa: E402
-from vitdeit.errors import VitdeitError  # noqa: E402
+from vitdeit.errors import VitdeitError, quiet_rank, say_error  # noqa: E402
 from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 
@@ -32,7 +33,10 @@ def main(argv=None) -> int:
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "alike_on_every_rank", False) and quiet_rank():  # local rank 0 says it for the node
+            time.sleep(vitdeit.config.USAGE_ERROR_WAIT_S)  # (torchrun ends it once local rank 0 has said it)
+            return 1
+        say_error(e)
         return 1
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it to every process: one says it)
         if os.environ.get("RANK", "0") == "0":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vitdeit.config import resolve_workers, workers_problem
 from vitdeit.distributed import resolve_device
-from vitdeit.errors import VitdeitError
+from vitdeit.errors import VitdeitError, say_error
 from vitdeit.report import make_all, paired_line
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                      None if a.no_report else a.report_dir, resolve_device(a.device),
                      resolve_workers(a.workers))
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        say_error(e)
         return 1
     for note in w["notes"]:
         print(f"note: {note}")

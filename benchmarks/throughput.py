@@ -46,7 +46,8 @@ from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.engine import compile_for_training, compile_mode, step_stream, train_step  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
-from vitdeit.errors import DataError, SettingError, VitdeitError, first_line, output_folder, save_output  # noqa: E402
+from vitdeit.errors import (DataError, SettingError, VitdeitError, first_line, output_folder, say_error,  # noqa: E402
+                            save_output)
 from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
 from vitdeit.trainer import (AMP_NAME, batch_augmentation, lr_schedule, make_loss, make_optimizer,  # noqa: E402
                              resolve_amp, to_device)
@@ -798,7 +799,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except VitdeitError as e:  # the user's to fix (a folder, a flag): one line; anything else keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+        say_error(e)
         if SKIP_FLAG in str(e):  # the packer's advice; here every loader must read the same, readable images
             print(f"(throughput.py has no {SKIP_FLAG}: move the files named above out of --data-path and run it "
                   f"again)", file=sys.stderr)

@@ -441,10 +441,34 @@ def test_under_torchrun_a_usage_error_is_said_even_when_local_rank_0_gets_there_
     assert r.returncode != 0 and r.stderr.splitlines().count(said) == 1, r.stderr[-3000:]
 
 
-def test_an_error_of_the_run_itself_is_said_by_every_local_rank(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LOCAL_RANK", "1")  # it may differ by rank (a shard one rank reads): each says its own
+@pytest.mark.parametrize("torchrun_", [False, True])
+def test_an_error_every_rank_meets_alike_is_local_rank_0s_to_say_one_that_may_differ_every_ranks(
+        tiny_shards, tmp_path, monkeypatch, capsys, torchrun_):
+    from vitdeit import config
+
+    monkeypatch.setattr(config, "USAGE_ERROR_WAIT_S", 0.0)  # (torchrun would end the quiet rank's wait)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    if torchrun_:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    # the manifest, on the node's disk: every local rank reads the same
     assert train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"]) == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'not_here'}/manifest.json not found")
+    said = capsys.readouterr().err
+    assert said == "" if torchrun_ else said.startswith(f"error: {tmp_path / 'not_here'}/manifest.json not found")
+    # a rank's own share of the data: it may differ by rank, so each says its own
+    assert train.main(["--data-path", str(tiny_shards), "--device", "cpu", "--workers", "0", "--batch-size", "1000",
+                       "--output-dir", str(tmp_path / "runs")]) == 1
+    assert capsys.readouterr().err.startswith("error: train: 96 samples per rank < --batch-size 1000")
+
+
+def test_under_torchrun_a_run_folder_already_taken_is_said_once_per_node(tiny_shards, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "last.pth").write_bytes(b"another run's")  # a decision gathered from both ranks
+    r = torchrun("train.py", "--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--run-name", "r",
+                 "--device", "cpu", "--workers", "0")
+    said = f"error: {tmp_path / 'r'} already holds a run (last.pth): continue it with --resume"
+    assert r.returncode != 0 and sum(line.startswith(said) for line in r.stderr.splitlines()) == 1, r.stderr[-3000:]
 
 
 # (None, False): no launcher; ("1", False): LOCAL_RANK from another launcher, which need not stop the rest

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-from .errors import SettingError
+from .errors import SettingError, quiet_rank
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -345,7 +345,7 @@ class Parser(argparse.ArgumentParser):
     --local-ranks-filter 0` shows). Other errors can differ by rank: every rank prints those."""
 
     def error(self, message: str):
-        if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":  # (torchrun sets it)
+        if not quiet_rank():
             super().error(message)  # argparse's usage and message, exit 2
         # the others wait: torchrun stops every process once one exits, and local rank 0 may still be importing
         time.sleep(USAGE_ERROR_WAIT_S)  # (torchrun ends this wait as soon as local rank 0 has said it and exited)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .classes import load_labels
 from .config import refuse_below, usable_cores
-from .errors import SettingError, VitdeitError, first_line
+from .errors import SettingError, VitdeitError, first_line, say_error
 from .packing import SPLIT_DIR_PATTERNS
 
 SHAPES = ("disk", "ring", "square", "triangle", "cross", "arrow", "diamond", "star", "bars", "hourglass",
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         try:
             make_demo_dataset(data, ROOT / "Labels.json", **kw)
         except VitdeitError as e:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(e)
             return 1
         print(f"wrote the synthetic demo dataset to {data}")
         return 0
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     try:
         check_demo_runs(out)
     except VitdeitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_error(e)
         return 1
     t0 = time.time()
     for cmd in demo_commands(out, epochs, a.workers, a.quick):

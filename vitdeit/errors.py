@@ -8,6 +8,8 @@ Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line
 import errno
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,6 +22,30 @@ def first_line(e: Exception | str, limit: int = 160) -> str:
 
 class VitdeitError(Exception):
     """Base: bad input, a setting that cannot work, a missing file; the message says what to do."""
+
+
+@contextmanager
+def alike_on_every_rank():
+    """Mark the VitdeitErrors raised inside as ones every process of a node meets alike: from the flags, a file on
+    the node's disk (the manifest, a checkpoint) or a decision gathered from all ranks. train.py prints those once
+    per node under torchrun (tell_once_per_node); any other error, which can differ by rank, from every rank."""
+    try:
+        yield
+    except VitdeitError as e:
+        e.alike_on_every_rank = True
+        raise
+
+
+def quiet_rank() -> bool:
+    """Under torchrun (which sets TORCHELASTIC_RUN_ID), a local rank other than 0: for an error every local rank
+    meets alike, local rank 0 says it (the copy `torchrun --local-ranks-filter 0` shows)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+def say_error(e: Exception) -> None:
+    """`error: MESSAGE` on stderr in one write: two processes' lines do not run together."""
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
 
 
 class DataError(VitdeitError, ValueError):

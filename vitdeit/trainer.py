@@ -22,7 +22,7 @@ from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
-from .errors import BatchTooLarge, DataError, SettingError, first_line
+from .errors import BatchTooLarge, DataError, SettingError, alike_on_every_rank, first_line
 from .metrics import MetricsLog
 from .models import create_model, load_teacher, model_from_checkpoint
 
@@ -425,21 +425,22 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
 
 def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     device, run_dir = dist.device, cfg.run_dir
-    manifest = run_manifest(cfg)
-    class_map = manifest_class_map(manifest)
-    num_classes = len(class_map)
-    check_run_dir(run_dir, cfg, dist)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    use_compile, mode = compile_setting(cfg, device, dist.world)
+    with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
+        manifest = run_manifest(cfg)
+        class_map = manifest_class_map(manifest)
+        num_classes = len(class_map)
+        check_run_dir(run_dir, cfg, dist)
+        amp_dtype = resolve_amp(cfg.amp, device)
+        use_compile, mode = compile_setting(cfg, device, dist.world)
 
-    resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
-    if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
-        check_resumable(resumed["config"], cfg)
-        if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
-            dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to "
-                       f"do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
-            return {}
-        check_rewind(run_dir, cfg, resumed, dist)
+        resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
+        if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
+            check_resumable(resumed["config"], cfg)
+            if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
+                dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "
+                           f"to do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
+                return {}
+            check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
     dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr))

@@ -238,6 +238,19 @@ def test_a_boolean_flag_refuses_any_other_word(capsys):
     assert e.value.code == 2 and "argument --progress: expected true/false, got 'maybe'" in capsys.readouterr().err
 
 
+def test_a_checkpoint_passed_as_config_is_named_with_the_fix(tmp_path, capsys):
+    import torch
+
+    ckpt = tmp_path / "run" / "last.pth"
+    ckpt.parent.mkdir()
+    torch.save({"epoch": 0}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(ckpt), "--eval-only"])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        f"error: --config {ckpt}: a checkpoint, not a JSON config; pass its run's config.json (--config "
+        f"{tmp_path / 'run' / 'config.json'}), or the checkpoint itself as --resume\n")
+
+
 def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path):
     import os
     import subprocess

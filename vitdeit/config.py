@@ -370,8 +370,12 @@ def parse_args(argv=None, description: str = "") -> Config:
     path = ns.pop("config")
     if path:
         try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))  # JSON's encoding, whatever the locale's
+            raw = Path(path).read_bytes()
+            values = json.loads(raw.decode("utf-8"))  # JSON's encoding, whatever the locale's
         except (OSError, ValueError) as e:  # (ValueError: JSONDecodeError, and UnicodeDecodeError for other bytes)
+            if isinstance(e, UnicodeDecodeError) and raw[:2] == b"PK":  # torch.save's zip archive
+                p.error(f"--config {path}: a checkpoint, not a JSON config; pass its run's config.json (--config "
+                        f"{Path(path).parent / 'config.json'}), or the checkpoint itself as --resume")
             p.error(f"--config {path}: {e}")
         if not isinstance(values, dict):
             p.error(f"--config {path}: must hold a JSON object")

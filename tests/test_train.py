@@ -1161,3 +1161,21 @@ def test_the_runs_amp_sets_the_autocast_dtype_of_every_step_and_the_grad_scaler(
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, amp=amp, compile="off"))
     assert casts == [dtype] * (6 + 2)  # 6 train steps, then 2 val batches (tiny_shards' 24 val images: 16 and 8)
     assert scalers == [scaled]  # a GradScaler for fp16 only: bf16 has fp32's range
+
+
+def test_a_resumed_distillation_whose_teacher_now_scores_otherwise_says_so(teacher_run, tmp_path, capsys, monkeypatch):
+    cfg, _ = teacher_run
+    ckpt = os.path.join(cfg.output_dir, "teacher", "best.pth")
+    kw = dict(model="deit_tiny_distill", teacher_ckpt=ckpt, allow_weak_teacher=True, run_name="deit")
+    fake_val(monkeypatch, [50.0, 40.0, 50.0, 45.0])  # the teacher, epoch 0; resumed: the teacher again, epoch 1
+    train(cfg_for(cfg.data_path, tmp_path, epochs=1, **kw))
+    last = tmp_path / "deit" / "last.pth"
+    assert torch.load(last, weights_only=True)["teacher_top1"] == 50.0
+    capsys.readouterr()
+    train(cfg_for(cfg.data_path, tmp_path, epochs=2, resume=str(last), **kw))  # the same teacher: no note
+    assert "the teacher scores" not in capsys.readouterr().out
+    fake_val(monkeypatch, [60.0, 45.0])  # as if another teacher had been copied over best.pth
+    train(cfg_for(cfg.data_path, tmp_path, epochs=3, resume=str(last), **kw))
+    assert (f"note: --resume: the teacher scores 60.00% on val now, 50.00% when {last} was saved: not the teacher "
+            f"this run distilled from so far (its file replaced or retrained?), or the val images read another way "
+            f"(loader, device); the run goes on with this one") in capsys.readouterr().out.splitlines()

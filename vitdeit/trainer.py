@@ -454,6 +454,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     if cfg.model == "deit_tiny_distill" and cfg.distillation == "none":
         net.set_distilled_training(False)  # no teacher: both heads learn the labels (their mean), as in timm
     teacher, teacher_top1 = prepare_teacher(cfg, class_map, manifest, val_loader, dist, amp_dtype)
+    if (saved := (resumed or {}).get("teacher_top1")) is not None and teacher_top1 not in (None, saved):
+        dist.print(f"note: --resume: the teacher scores {teacher_top1:.2f}% on val now, {saved:.2f}% when {cfg.resume} "
+                   f"was saved: not the teacher this run distilled from so far (its file replaced or retrained?), or "
+                   f"the val images read another way (loader, device); the run goes on with this one")
 
     augment = batch_augmentation(cfg, num_classes, device)
     optimizer = make_optimizer(net, cfg, lr, device)

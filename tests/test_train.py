@@ -6,7 +6,6 @@ import math
 import os
 import random
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -689,15 +688,47 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
 
 
-def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):
+class StepsOnly:  # a torch loader's name and steps per epoch, for run_notes
+    name = "torch"
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __len__(self):
+        return self.steps
+
+
+def notes_for(shards, out, world=1, **kw):
     from vitdeit.distributed import Dist
     from vitdeit.trainer import run_notes
 
-    notes = lambda amp: run_notes(cfg_for(tiny_shards, tmp_path, amp=amp), load_manifest(tiny_shards), Dist(),  # noqa
-                                  SimpleNamespace(name="torch"), None, 1e-3)
-    assert notes("fp16") == ["note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than "
-                             "float32; --amp off is the CPU's default"]
-    assert notes("off") == notes("bf16") == []
+    cfg = cfg_for(shards, out, **kw)
+    manifest = load_manifest(shards)
+    steps = manifest["splits"]["train"]["num_samples"] // world // cfg.batch_size  # whole batches, as the loaders
+    return run_notes(cfg, manifest, Dist(world=world), StepsOnly(steps), None, 1e-3)
+
+
+def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):
+    assert notes_for(tiny_shards, tmp_path, amp="fp16") == [
+        "note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; --amp off is "
+        "the CPU's default"]
+    assert notes_for(tiny_shards, tmp_path, amp="off") == notes_for(tiny_shards, tmp_path, amp="bf16") == []
+
+
+@pytest.mark.parametrize("batch_size, world, said", [
+    (32, 1, None), (18, 1, "trains on 90 of each process's 96 train images, whole batches only; the other 6 (6 %)"),
+    (64, 1, "trains on 64 of each process's 96 train images, whole batches only; the other 32 (33 %)"),
+    (20, 2, "trains on 40 of each process's 48 train images, whole batches only; the other 8 (17 %)"),
+    (16, 2, None)])  # 96 train images; a remainder up to 5 % of a process's share is no warning
+def test_a_batch_size_that_leaves_many_train_images_out_of_each_epoch_is_a_warning(tiny_shards, tmp_path, batch_size,
+                                                                                  world, said):
+    notes = notes_for(tiny_shards, tmp_path, world=world, batch_size=batch_size)
+    if said is None:
+        assert notes == []
+    else:
+        assert notes == [f"warning: --batch-size {batch_size}: an epoch {said} sit out each epoch (others each time: "
+                         f"the order is reshuffled). A --batch-size that divides {96 // world} more evenly trains on "
+                         f"more of them"]
 
 
 @pytest.mark.parametrize("loader, workers, said", [("torch", 0, "(0 workers)"), ("torch", 1, "(1 worker)"),

@@ -293,6 +293,13 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
         out.append(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
                    f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
+    per_rank = manifest["splits"]["train"]["num_samples"] // dist.world
+    trained = len(train_loader) * cfg.batch_size  # whole batches only (drop_last, as the DeiT reference)
+    if per_rank - trained > 0.05 * per_rank:
+        out.append(f"warning: --batch-size {cfg.batch_size}: an epoch trains on {trained} of each process's "
+                   f"{per_rank} train images, whole batches only; the other {per_rank - trained} "
+                   f"({100 * (per_rank - trained) / per_rank:.0f} %) sit out each epoch (others each time: the order "
+                   f"is reshuffled). A --batch-size that divides {per_rank} more evenly trains on more of them")
     if cfg.amp == "fp16" and dist.device.type == "cpu":  # --amp auto is off on a CPU
         out.append("note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; "
                    "--amp off is the CPU's default")

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if problem := workers_problem(a.workers):
         p.error(problem)
+    if a.no_report and a.report_dir != p.get_default("report_dir"):
+        p.error(f"--no-report with --report-dir {a.report_dir}: --no-report writes no report; drop one of them")
     from matplotlib.backend_bases import FigureCanvasBase
 
     kinds = FigureCanvasBase.get_supported_filetypes()  # checked now, not after the whole val pass

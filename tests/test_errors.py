@@ -378,7 +378,9 @@ HERE = Path(__file__).resolve().parent  # a folder that exists
                                          (["--out", "p.txt"], "--out p.txt: end it in one of matplotlib's"),
                                          (["--out", str(HERE)], f"--out {HERE}: a folder; name the picture file, "
                                                                 f"e.g. --out {HERE / 'vit_vs_deit_random10.png'}"),
-                                         (["--workers", "-2"], "--workers -2: must be >= 0")])
+                                         (["--workers", "-2"], "--workers -2: must be >= 0"),
+                                         (["--no-report", "--report-dir", "r"], "--no-report with --report-dir r: "
+                                                                                "--no-report writes no report")])
 def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_work(flags, said, capsys, monkeypatch):
     monkeypatch.setattr(viz, "make_all", lambda *a: pytest.fail("predicted before checking its flags"))
     with pytest.raises(SystemExit) as e:

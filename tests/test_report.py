@@ -171,6 +171,24 @@ def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(r
     assert len(plt.get_fignums()) == open_before  # the picture and the curves closed once saved
 
 
+def test_a_teacher_run_that_is_no_resnet_or_not_the_deits_own_is_refused_or_noted(runs, tmp_path):
+    import shutil
+
+    from vitdeit.errors import SettingError
+
+    kw = dict(num_images=2, out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "report"), workers=0)
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    with pytest.raises(SettingError, match=re.escape(f"--teacher-run {runs / 'baseline_vit_tiny'}: a vit_tiny run, "
+                                                     f"not a ResNet-18 teacher's")):
+        make_all(vit, deit, teacher_run=str(runs / "baseline_vit_tiny"), **kw)
+    other = tmp_path / "other_teacher"  # a ResNet-18 run, but not the one the DeiT distilled from
+    shutil.copytree(runs / "teacher_resnet18", other)
+    w = make_all(vit, deit, teacher_run=str(other), **kw)
+    assert w["notes"] == [f"the teacher row is {other} (--teacher-run), not {runs / 'teacher_resnet18'}, the run the "
+                          f"DeiT distilled from"]
+    assert make_all(vit, deit, teacher_run=str(runs / "teacher_resnet18"), **kw)["notes"] == []  # its own: no note
+
+
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
     other = tmp_path / "shards"
     pack(small_dataset(tmp_path / "d", num_classes=3, train_per_class=8, val_per_class=2), other,

@@ -302,6 +302,13 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
             raise DataError(f"{runs[name] / 'metrics.jsonl'}: no finished epoch yet; wait for the run's first "
                             f"epoch, or pass another run's checkpoint.")
     teacher = load_model(runs["teacher"] / "best.pth", class_map) if "teacher" in runs else None
+    if teacher is not None and (model := teacher[1]["config"]["model"]) != "resnet18":
+        raise SettingError(f"--teacher-run {runs['teacher']}: a {model} run, not a ResNet-18 teacher's; pass the "
+                           f"teacher's run folder, or leave --teacher-run out (the DeiT's own teacher is found)")
+    own = distilled_from(deit_state)
+    if teacher is not None and own and Path(own).resolve() != runs["teacher"].resolve():
+        notes.append(f"the teacher row is {runs['teacher']} (--teacher-run), not {own}, the run the DeiT distilled "
+                     f"from")
     return runs, metrics, teacher, notes
 
 

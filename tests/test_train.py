@@ -1210,3 +1210,26 @@ def test_a_resumed_distillation_whose_teacher_now_scores_otherwise_says_so(teach
     assert (f"note: --resume: the teacher scores 60.00% on val now, 50.00% when {last} was saved: not the teacher "
             f"this run distilled from so far (its file replaced or retrained?), or the val images read another way "
             f"(loader, device); the run goes on with this one") in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("lines_kept, said", [(None, "0-1"), ([1], "0"), ([0], "1")])
+def test_a_resume_whose_metrics_lack_epochs_says_which(tiny_shards, tmp_path, capsys, lines_kept, said):
+    kw = dict(model="resnet18", batch_size=16, workers=0)
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, **kw))
+    metrics = tmp_path / "resnet18" / "metrics.jsonl"
+    if lines_kept is None:
+        metrics.unlink()  # deleted by hand
+    else:
+        rows = metrics.read_text().splitlines()
+        metrics.write_text("".join(rows[i] + "\n" for i in lines_kept))
+    capsys.readouterr()
+    train(cfg_for(tiny_shards, tmp_path, epochs=3, resume=str(tmp_path / "resnet18" / "last.pth"), **kw))
+    assert (f"note: --resume: {metrics} has no line for epoch(s) {said}: the run goes on, and its curves and viz.py's "
+            f"report lack them") in capsys.readouterr().out.splitlines()
+
+
+def test_a_resume_with_its_whole_history_has_no_such_note(tiny_shards, tmp_path, capsys):
+    kw = dict(model="resnet18", batch_size=16, workers=0)
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, resume=str(tmp_path / "resnet18" / "last.pth"), **kw))
+    assert "has no line for epoch" not in capsys.readouterr().out

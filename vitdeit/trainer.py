@@ -22,8 +22,8 @@ from .data import build_loader, val_resize
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
-from .errors import BatchTooLarge, DataError, SettingError, alike_on_every_rank, first_line
-from .metrics import MetricsLog
+from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line
+from .metrics import MetricsLog, read_metrics
 from .models import create_model, load_teacher, model_from_checkpoint
 
 
@@ -286,6 +286,17 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
         out.append(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
                    f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
                    f"here on, and the sample order is not the uninterrupted run's")
+    if resumed is not None:  # the history the resumed run goes on from: metrics.jsonl beside its checkpoint
+        src = Path(cfg.resume).parent
+        try:
+            logged = {r.get("epoch") for r in read_metrics(src, resumed_after=resumed["epoch"])}
+        except (MissingFile, DataError):
+            logged = set()
+        if missing := [e for e in range(resumed["epoch"] + 1) if e not in logged]:
+            span = str(missing[0]) if len(missing) == 1 else f"{missing[0]}-{missing[-1]}" if (
+                missing == list(range(missing[0], missing[-1] + 1))) else ", ".join(map(str, missing))
+            out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {span}: the run goes on, "
+                       f"and its curves and viz.py's report lack them")
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
         out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "

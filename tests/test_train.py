@@ -1233,3 +1233,26 @@ def test_a_resume_with_its_whole_history_has_no_such_note(tiny_shards, tmp_path,
     train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
     train(cfg_for(tiny_shards, tmp_path, epochs=2, resume=str(tmp_path / "resnet18" / "last.pth"), **kw))
     assert "has no line for epoch" not in capsys.readouterr().out
+
+
+def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, capsys):
+    from vitdeit.classes import pack_fingerprint
+
+    shards = tmp_path / "s"
+    pack(tiny_data, shards, opts=PackOptions(shard_size=30, workers=1), progress=False)
+    first = pack_fingerprint(load_manifest(shards))
+    kw = dict(model="resnet18", batch_size=16, workers=0)
+    train(cfg_for(shards, tmp_path, epochs=1, **kw))
+    last = tmp_path / "resnet18" / "last.pth"
+    assert torch.load(last, weights_only=True)["pack"] == first
+    pack(tiny_data, shards, opts=PackOptions(shard_size=30, workers=1), progress=False)  # the same pack again
+    assert pack_fingerprint(load_manifest(shards)) == first
+    capsys.readouterr()
+    train(cfg_for(shards, tmp_path, epochs=2, resume=str(last), **kw))
+    assert "was packed again" not in capsys.readouterr().out
+    pack(tiny_data, shards, opts=PackOptions(shard_size=30, workers=1, seed=1), progress=False)  # another shuffle:
+    assert pack_fingerprint(load_manifest(shards)) != first  # the same file names, counts and sizes
+    train(cfg_for(shards, tmp_path, epochs=3, resume=str(last), **kw))
+    assert (f"note: --resume: {shards} was packed again since {last} was saved (other options, seed or images): "
+            f"training goes on, not as the uninterrupted run would have (another sample order)"
+            ) in capsys.readouterr().out.splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -147,6 +148,15 @@ def manifest_problem(manifest: dict) -> str | None:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
                     f"add up to {sum(info['class_counts'].values())}")
     return None
+
+
+def pack_fingerprint(manifest: dict) -> str:
+    """What a repack changes: the packing options (seed: the global shuffle), the source folder and each shard's
+    file, sample count and size. Saved in every checkpoint: a --resume on shards repacked since says so."""
+    what = {"options": manifest.get("options"), "source": manifest.get("source", {}).get("data_path"),
+            "shards": {split: [[s["file"], s["num_samples"], s["bytes"]] for s in info["shards"]]
+                       for split, info in sorted(manifest["splits"].items())}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def classes_without_images(manifest: dict, split: str) -> list[str]:

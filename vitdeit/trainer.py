@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
-from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map
+from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint
 from .config import Config, flag, saved_setting
 from .data import build_loader, val_resize
 from .distill import DistillationLoss
@@ -297,6 +297,9 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                 missing == list(range(missing[0], missing[-1] + 1))) else ", ".join(map(str, missing))
             out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {span}: the run goes on, "
                        f"and its curves and viz.py's report lack them")
+    if resumed is not None and resumed.get("pack", pack_fingerprint(manifest)) != pack_fingerprint(manifest):
+        out.append(f"note: --resume: {cfg.data_path} was packed again since {cfg.resume} was saved (other options, "
+                   f"seed or images): training goes on, not as the uninterrupted run would have (another sample order)")
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
         out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
@@ -526,7 +529,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "classes": list(class_map.wnids), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
-                "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states}
+                "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states,
+                "pack": pack_fingerprint(manifest)}
             # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
             # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing
             if is_best:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..classes import pack_fingerprint
 from ..config import Config
 from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line
 from . import MEAN, STD, shard_paths, val_resize
@@ -149,6 +150,7 @@ class DaliLoader:
         # what a saved reader state depends on: the shards (name, samples, bytes), every rank's slice of them,
         # the batches and the random ops' arguments; decode threads do not matter (per-sample generators)
         self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
+                         "pack": pack_fingerprint(manifest),  # a repack with another seed keeps names and sizes
                          "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
                          "scale": list(scale), "ratio": list(ratio), "gpu": gpu,
                          "epoch": "reader pass",  # what an epoch is: states of the earlier fixed-size epochs don't fit

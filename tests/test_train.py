@@ -678,8 +678,8 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     # the first line names the loader and its workers (0: the main process)
     assert lines[0].startswith("run ") and ", loader torch (0 workers), amp off, " in lines[0]
     assert lines[1:3] == ["warning: one train shard"] * 2  # the train and the val loader's, after it
-    assert lines[3] == "warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a " \
-                       "--distillation-type other than none; this run trains without a teacher"
+    assert lines[3] == "warning: --teacher-ckpt is for --model deit_tiny_distill with a --distillation-type other " \
+                       "than none; this run trains without a teacher"
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
     assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
                         "the cosine cannot decay to it; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
@@ -706,6 +706,17 @@ def notes_for(shards, out, world=1, **kw):
     manifest = load_manifest(shards)
     steps = manifest["splits"]["train"]["num_samples"] // world // cfg.batch_size  # whole batches, as the loaders
     return run_notes(cfg, manifest, Dist(world=world), StepsOnly(steps), None, 1e-3)
+
+
+def test_distillation_settings_on_a_run_without_a_teacher_are_named(tiny_shards, tmp_path):
+    said = lambda **kw: [n for n in notes_for(tiny_shards, tmp_path, **kw) if "this run trains without" in n]  # noqa
+    assert said(model="vit_tiny", distillation_tau=5.0, allow_weak_teacher=True) == [
+        "warning: --allow-weak-teacher and --distillation-tau are for --model deit_tiny_distill with a "
+        "--distillation-type other than none; this run trains without a teacher"]
+    assert said(model="deit_tiny_distill", distillation_type="none", distillation_alpha=0.9) == [
+        "warning: --distillation-alpha is for --model deit_tiny_distill with a --distillation-type other than none; "
+        "this run trains without a teacher"]
+    assert said(model="vit_tiny") == said(model="deit_tiny_distill", distillation_alpha=0.9) == []
 
 
 def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):

@@ -260,6 +260,10 @@ def run_manifest(cfg: Config) -> dict:
     return load_manifest(cfg.data_path)
 
 
+# the settings only a run with a teacher reads
+DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
+
+
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant."""
     out, num_classes, global_batch = [], len(manifest["classes"]), cfg.global_batch(dist.world)  # (classes: WNIDs)
@@ -271,9 +275,11 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.rand_augment and train_loader.name == "dali":
         out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")
-    if cfg.distillation == "none" and (cfg.teacher_ckpt or cfg.teacher_weights):
-        out.append("warning: --teacher-ckpt and --teacher-weights are for --model deit_tiny_distill with a "
-                   "--distillation-type other than none; this run trains without a teacher")
+    unused = [flag(f.name) for f in dataclasses.fields(Config) if f.name in DISTILL_ONLY
+              and getattr(cfg, f.name) != f.default]
+    if cfg.distillation == "none" and unused:
+        out.append(f"warning: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --model "
+                   f"deit_tiny_distill with a --distillation-type other than none; this run trains without a teacher")
     if cfg.warmup_epochs >= cfg.epochs:
         out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
                    f"and never reaches the peak lr {lr:.3g}")

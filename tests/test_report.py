@@ -189,6 +189,21 @@ def test_a_teacher_run_that_is_no_resnet_or_not_the_deits_own_is_refused_or_note
     assert make_all(vit, deit, teacher_run=str(runs / "teacher_resnet18"), **kw)["notes"] == []  # its own: no note
 
 
+def test_scoring_on_other_shards_or_shards_packed_too_small_is_noted(runs, tiny_shards, tmp_path):
+    import json as json_
+
+    data = tmp_path / "small"  # the same images, packed with a shorter side under val's 36 px (32 / 0.875)
+    source = json_.loads((tiny_shards / "manifest.json").read_text())["source"]["data_path"]
+    pack(Path(source), data, opts=PackOptions(shard_size=30, workers=1, resize_short=20), progress=False)
+    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+                 data_path=str(data), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
+    assert w["notes"] == [f"ViT was trained on {tiny_shards}; scored here on {data}",
+                          f"{data} was packed with --resize-short 20, under the 36 px shorter side val resizes to "
+                          f"(--img-size 32 / --crop-pct 0.875): images are upscaled. Repack with --resize-short 36 or "
+                          f"more, or lower --img-size",
+                          f"DeiT was trained on {tiny_shards}; scored here on {data}"]
+
+
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):
     other = tmp_path / "shards"
     pack(small_dataset(tmp_path / "d", num_classes=3, train_per_class=8, val_per_class=2), other,

@@ -14,6 +14,7 @@ from .checkpoint import check_class_map, load_checkpoint
 from .config import Config, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
+from .data import upscale_warning
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import head_logits, model_from_checkpoint
@@ -357,6 +358,14 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
+    for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
+        trained = state["config"].get("data_path")
+        if trained and Path(trained).resolve() != Path(data_path).resolve():
+            notes.append(f"{label} was trained on {trained}; scored here on {data_path}")
+        upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
+                                    saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
+        if upscaled and upscaled not in notes:  # (once for both models where they share the size)
+            notes.append(upscaled)
     sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
     if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
         notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")

@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
 from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint
 from .config import Config, flag, saved_setting
-from .data import build_loader, val_resize
+from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
@@ -327,11 +327,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
         out.append(f"warning: --repeated-aug {cfg.repeated_aug} > --batch-size {cfg.batch_size}: a process's batch "
                    f"holds copies of about {-(-cfg.batch_size // cfg.repeated_aug)} image(s) (DeiT: 3 with batches "
                    f"of 64 and more)")
-    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(cfg.img_size, cfg.crop_pct)
-    if packed and packed < val_short:
-        out.append(f"warning: {cfg.data_path} was packed with --resize-short {packed}, under the {val_short} px "
-                   f"shorter side val resizes to (--img-size {cfg.img_size} / --crop-pct {cfg.crop_pct}): images are "
-                   f"upscaled. Repack with --resize-short {val_short} or more, or lower --img-size.")
+    if upscaled := upscale_warning(cfg.data_path, manifest, cfg.img_size, cfg.crop_pct):
+        out.append(f"warning: {upscaled}")
     return out
 
 
@@ -571,6 +568,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
             dist.print(f"note: --eval-only evaluates with the settings {path} was trained with ({flags(geometry)}), "
                        f"not {flags(asked)}")
         ecfg = dataclasses.replace(cfg, **geometry)
+        if upscaled := upscale_warning(cfg.data_path, manifest, ecfg.img_size, ecfg.crop_pct):
+            dist.print(f"warning: {upscaled}")
         net = to_device(model_from_checkpoint(state), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
@@ -579,5 +578,5 @@ def evaluate_checkpoint(cfg: Config) -> dict:
                 else f"saved after epoch {state['epoch']}") + (
             "" if saved == state["best_top1"] else f"; the run's best.pth {state['best_top1']:.2f}%")
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
-                   f"images resized with its {ecfg.interpolation} filter ({then})")
+                   f"images of {cfg.data_path} resized with its {ecfg.interpolation} filter ({then})")
         return out

@@ -54,6 +54,17 @@ def val_resize(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)
 
 
+def upscale_warning(data_path, manifest: dict, img_size: int, crop_pct: float) -> str | None:
+    """The warning for shards packed with a --resize-short under the shorter side val resizes to (their images are
+    upscaled), or None."""
+    packed, val_short = manifest.get("options", {}).get("resize_short"), val_resize(img_size, crop_pct)
+    if packed and packed < val_short:
+        return (f"{data_path} was packed with --resize-short {packed}, under the {val_short} px shorter side val "
+                f"resizes to (--img-size {img_size} / --crop-pct {crop_pct}): images are upscaled. Repack with "
+                f"--resize-short {val_short} or more, or lower --img-size.")
+    return None
+
+
 def uint8_normalizer(device, mean=MEAN, std=STD):
     """(scale, shift), each (1, 3, 1, 1) on `device`, with x * scale + shift == (x - 255 mean) / (255 std) for
     0..255 pixels x: one fused torch.addcmul, a pass over the batch fewer than a sub_ and a div_ (on a CPU that

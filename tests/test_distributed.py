@@ -156,3 +156,17 @@ def test_unwrap_finds_the_plain_module_under_ddp_and_compile_either_way_round():
     assert unwrap(net) is net
     assert unwrap(SimpleNamespace(module=SimpleNamespace(_orig_mod=net))) is net  # DDP around a compiled model
     assert unwrap(SimpleNamespace(_orig_mod=SimpleNamespace(module=net))) is net  # compile around DDP
+
+
+def test_a_teacher_that_does_not_load_is_an_error_every_rank_meets_alike(monkeypatch):
+    from vitdeit import trainer
+    from vitdeit.config import Config
+    from vitdeit.errors import MissingFile
+
+    def load(*args):
+        raise MissingFile("--teacher-ckpt t.pth: not found")  # the same file on every rank of a node
+
+    monkeypatch.setattr(trainer, "load_teacher", load)
+    with pytest.raises(MissingFile) as e:
+        trainer.prepare_teacher(Config(model="deit_tiny_distill"), None, {}, None, Dist(), None)
+    assert e.value.alike_on_every_rank  # train.py: said once per node under torchrun

@@ -430,8 +430,8 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
     on the val split first: one at chance level is refused (check_teacher)."""
     if cfg.distillation == "none":
         return None, None
-    with local_rank_zero_first(dist):  # torchvision's weights: one download per node
-        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map)
+    with alike_on_every_rank(), local_rank_zero_first(dist):  # torchvision's weights: one download per node
+        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map)  # (its file: alike on the node)
     teacher = to_device(teacher, cfg, dist.device)
     if teacher.interpolation != cfg.interpolation:
         dist.print(f"warning: the teacher was trained on images resized with --interpolation "

@@ -156,10 +156,15 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     return out
 
 
-def close_figure(fig) -> None:
+def save_figure(fig, path: Path, flag: str) -> None:
+    """fig at 110 dpi, then closed, written or not: pyplot keeps every figure until it is closed (a library caller,
+    a notebook, would pile them up)."""
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        save_output(path, lambda p: fig.savefig(p, dpi=110), KEPT, flag=flag)
+    finally:
+        plt.close(fig)
 
 
 def mcnemar_exact_p(b: int, c: int) -> float:
@@ -350,10 +355,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
-    try:
-        save_output(Path(out), lambda path: fig.savefig(path, dpi=110), KEPT, flag="--out")
-    finally:
-        close_figure(fig)  # pyplot keeps every figure until closed: a library caller (a notebook) would pile them up
+    save_figure(fig, Path(out), "--out")
     notes[:0] = [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
@@ -378,11 +380,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     nets = {"teacher": teacher, "ViT": (vit_net, vit_state), "DeiT": (deit_net, deit_state)}
     summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()))
                  for name in runs]
-    curves = curves_figure(metrics)
-    try:
-        save_output(rdir / "curves.png", lambda path: curves.savefig(path, dpi=110), KEPT, flag="--report-dir")
-    finally:
-        close_figure(curves)
+    save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes)),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):

@@ -14,7 +14,6 @@ Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import vitdeit
@@ -22,7 +21,7 @@ import vitdeit
 vitdeit.use_cuda_connections()  # before any import can reach CUDA (vitdeit.CUDA_CONNECTIONS says why)
 
 from vitdeit.config import parse_args  # noqa: E402
-from vitdeit.errors import VitdeitError, quiet_rank, say_error  # noqa: E402
+from vitdeit.errors import VitdeitError, quiet_rank, say_error, wait_for_local_rank_0  # noqa: E402
 from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
         if getattr(e, "alike_on_every_rank", False) and quiet_rank():  # local rank 0 says it for the node
-            time.sleep(vitdeit.config.USAGE_ERROR_WAIT_S)  # (torchrun ends it once local rank 0 has said it)
+            wait_for_local_rank_0()
             return 1
         say_error(e)
         return 1

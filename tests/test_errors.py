@@ -446,9 +446,9 @@ def test_under_torchrun_a_usage_error_is_said_even_when_local_rank_0_gets_there_
 @pytest.mark.parametrize("torchrun_", [False, True])
 def test_an_error_every_rank_meets_alike_is_local_rank_0s_to_say_one_that_may_differ_every_ranks(
         tiny_shards, tmp_path, monkeypatch, capsys, torchrun_):
-    from vitdeit import config
+    from vitdeit import errors
 
-    monkeypatch.setattr(config, "USAGE_ERROR_WAIT_S", 0.0)  # (torchrun would end the quiet rank's wait)
+    monkeypatch.setattr(errors, "QUIET_RANK_WAIT_S", 0.0)  # (torchrun would end the quiet rank's wait)
     monkeypatch.setenv("LOCAL_RANK", "1")
     if torchrun_:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
@@ -477,9 +477,9 @@ def test_under_torchrun_a_run_folder_already_taken_is_said_once_per_node(tiny_sh
 @pytest.mark.parametrize("local_rank, torchrun_, says", [(None, False, True), ("0", True, True), ("1", True, False),
                                                          ("1", False, True)])
 def test_a_usage_error_is_local_rank_0s_to_say_and_every_rank_stops(local_rank, torchrun_, says, monkeypatch, capsys):
-    from vitdeit import config
+    from vitdeit import errors
 
-    monkeypatch.setattr(config, "USAGE_ERROR_WAIT_S", 0.0)  # (torchrun would end the others' wait)
+    monkeypatch.setattr(errors, "QUIET_RANK_WAIT_S", 0.0)  # (torchrun would end the others' wait)
     for var, value in (("LOCAL_RANK", local_rank), ("TORCHELASTIC_RUN_ID", "test" if torchrun_ else None)):
         if value is None:
             monkeypatch.delenv(var, raising=False)

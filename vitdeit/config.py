@@ -13,12 +13,11 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-from .errors import SettingError, quiet_rank
+from .errors import SettingError, quiet_rank, wait_for_local_rank_0
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -336,19 +335,16 @@ def field_comments() -> dict[str, str]:
     return comments
 
 
-USAGE_ERROR_WAIT_S = 60.0  # the most a rank other than local rank 0 waits for it to print a usage error
-
-
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors print once per torchrun node, not once per GPU: every local rank parses
     the same flags and --config file and stops at the same error, so local rank 0 alone says it (the one `torchrun
-    --local-ranks-filter 0` shows). Other errors can differ by rank: every rank prints those."""
+    --local-ranks-filter 0` shows); train.py does the same for the errors every rank meets alike
+    (errors.alike_on_every_rank)."""
 
     def error(self, message: str):
         if not quiet_rank():
             super().error(message)  # argparse's usage and message, exit 2
-        # the others wait: torchrun stops every process once one exits, and local rank 0 may still be importing
-        time.sleep(USAGE_ERROR_WAIT_S)  # (torchrun ends this wait as soon as local rank 0 has said it and exited)
+        wait_for_local_rank_0()
         sys.exit(2)
 
 

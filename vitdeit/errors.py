@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class VitdeitError(Exception):
 def alike_on_every_rank():
     """Mark the VitdeitErrors raised inside as ones every process of a node meets alike: from the flags, a file on
     the node's disk (the manifest, a checkpoint) or a decision gathered from all ranks. train.py prints those once
-    per node under torchrun (tell_once_per_node); any other error, which can differ by rank, from every rank."""
+    per node under torchrun (quiet_rank); any other error, which can differ by rank, from every rank."""
     try:
         yield
     except VitdeitError as e:
@@ -40,6 +41,15 @@ def quiet_rank() -> bool:
     """Under torchrun (which sets TORCHELASTIC_RUN_ID), a local rank other than 0: for an error every local rank
     meets alike, local rank 0 says it (the copy `torchrun --local-ranks-filter 0` shows)."""
     return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+QUIET_RANK_WAIT_S = 60.0  # the most a quiet rank waits for local rank 0 to say the error both met
+
+
+def wait_for_local_rank_0() -> None:
+    """A quiet rank, before it exits: torchrun stops every process once one exits, and local rank 0 may still be
+    importing (torchrun ends this wait as soon as local rank 0 has said the error and exited)."""
+    time.sleep(QUIET_RANK_WAIT_S)
 
 
 def say_error(e: Exception) -> None:

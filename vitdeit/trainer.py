@@ -303,7 +303,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                 missing == list(range(missing[0], missing[-1] + 1))) else ", ".join(map(str, missing))
             out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {span}: the run goes on, "
                        f"and its curves and viz.py's report lack them")
-    if resumed is not None and resumed.get("pack", pack_fingerprint(manifest)) != pack_fingerprint(manifest):
+    pack = pack_fingerprint(manifest)
+    if resumed is not None and resumed.get("pack", pack) != pack:
         out.append(f"note: --resume: {cfg.data_path} was packed again since {cfg.resume} was saved (other options, "
                    f"seed or images): training goes on, not as the uninterrupted run would have (another sample order)")
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
@@ -509,7 +510,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     loss_fn = make_loss(cfg, teacher)
     log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)
 
-    record = {}
+    record, pack = {}, pack_fingerprint(manifest)  # (the pack's, saved with every checkpoint)
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
@@ -533,7 +534,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
                 "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states,
-                "pack": pack_fingerprint(manifest)}
+                "pack": pack}
             # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
             # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing
             if is_best:

@@ -147,12 +147,11 @@ class DaliLoader:
                           f"slice of it every epoch (only the order of several tars can change). Repack with "
                           f"pack_shards.py --shard-size {max(1, n // (4 * world))} (4 tars per process), or use "
                           f"--loader torch.", stacklevel=2)
-        # what a saved reader state depends on: the shards (name, samples, bytes), every rank's slice of them,
-        # the batches and the random ops' arguments; decode threads do not matter (per-sample generators)
-        self.settings = {"shards": [[s["file"], s["num_samples"], s["bytes"]] for s in shards], "rank": rank,
-                         "pack": pack_fingerprint(manifest),  # a repack with another seed keeps names and sizes
-                         "world": world, "batch_size": batch_size, "img_size": img_size, "seed": seed,
-                         "scale": list(scale), "ratio": list(ratio), "gpu": gpu,
+        # what a saved reader state depends on: the pack (its shards' names, samples and bytes, and its options: a
+        # repack with another seed keeps the rest), every rank's slice of them, the batches and the random ops'
+        # arguments; decode threads do not matter (per-sample generators)
+        self.settings = {"pack": pack_fingerprint(manifest), "rank": rank, "world": world, "batch_size": batch_size,
+                         "img_size": img_size, "seed": seed, "scale": list(scale), "ratio": list(ratio), "gpu": gpu,
                          "epoch": "reader pass",  # what an epoch is: states of the earlier fixed-size epochs don't fit
                          **({"rand_augment": rand_augment} if spec else {}),  # its draws are in the state too
                          **({"repeats": repeats} if self.train and repeats > 1 else {})}

@@ -137,16 +137,16 @@ def manifest_problem(manifest: dict) -> str | None:
         return f"'labels' has no name for {len(missing)} of its classes (e.g. {missing[0]})"
     for split, info in manifest["splits"].items():
         try:
-            counted, in_shards = list(info["class_counts"]), sum(s["num_samples"] for s in info["shards"])
-            total = info["num_samples"]
-        except (KeyError, TypeError) as e:
+            counted, total = info["class_counts"], info["num_samples"]
+            in_shards, in_classes = sum(s["num_samples"] for s in info["shards"]), sum(counted.values())
+        except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
-        if counted != classes:
+        if list(counted) != classes:
             return (f"split {split!r} counts {len(counted)} classes, but 'classes' lists {len(classes)}"
                     if len(counted) != len(classes) else f"split {split!r} counts its classes in another order")
-        if total != in_shards or total != sum(info["class_counts"].values()):
+        if total != in_shards or total != in_classes:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
-                    f"add up to {sum(info['class_counts'].values())}")
+                    f"add up to {in_classes}")
     return None
 
 

@@ -331,9 +331,10 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                               f"path with --vit / --deit (the demo's: --vit demo_runs/baseline_vit_tiny/best.pth "
                               f"--deit demo_runs/deit_tiny_distill/best.pth --report-dir demo_runs/report).")
     if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
-        what = "a file, not a run folder" if Path(teacher_run).is_file() else "no best.pth there"
-        raise MissingFile(f"--teacher-run {teacher_run}: {what}; pass a train.py run folder of the teacher" + (
-            f" (here {Path(teacher_run).parent}?)" if Path(teacher_run).is_file() else "") + ".")
+        fix = "pass a train.py run folder of the teacher"
+        what = (f"a file, not a run folder; {fix} (here {Path(teacher_run).parent}?)" if Path(teacher_run).is_file()
+                else f"no best.pth there; {fix}")
+        raise MissingFile(f"--teacher-run {teacher_run}: {what}.")
     output_folder(Path(out), "--out", is_folder=False)
     if report_dir is not None:
         output_folder(Path(report_dir), "--report-dir", is_folder=True)

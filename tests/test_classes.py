@@ -64,3 +64,14 @@ def test_a_missing_labels_file_points_at_the_one_the_repository_ships(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'Labels.json'}: Labels.json not found; pass --labels PATH .*"
                                         "the Labels.json at the top of the vitdeit repository"):
         load_labels(tmp_path / "Labels.json")
+
+
+def test_class_difference_names_a_few_wnids_of_each_side_and_counts_the_rest():
+    from vitdeit.classes import class_difference
+
+    ours = [f"n{i:08d}" for i in range(10)]
+    theirs = ours[:4] + [f"n{i:08d}" for i in range(50, 52)]  # 6 of ours missing, 2 extra
+    assert class_difference(theirs, ours, "only theirs", "only ours") == (
+        "2 only theirs (n00000050, n00000051), 6 only ours (n00000004, n00000005, n00000006 and 3 more)")
+    assert class_difference(ours[:3], ours, "x", "y") == "7 y (n00000003, n00000004, n00000005 and 4 more)"
+    assert class_difference(ours, list(reversed(ours)), "x", "y") == ""  # same set: nothing to name

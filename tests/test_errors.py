@@ -91,8 +91,9 @@ def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(
                 "classes": ["n00000001", "n00000002"]}, path)
     other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c", "n00000004": "d"})
     with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, against these "
-                                                  f"shards' 3: 1 of its not in these shards, 2 of these shards' not in "
-                                                  f"it)") + ".*data_path: old_shards"):
+                                                  f"shards' 3: 1 of its not in these shards (n00000002), 2 of these "
+                                                  f"shards' not in it (n00000003, n00000004))")
+                       + ".*data_path: old_shards"):
         load_checkpoint(path, other)
     assert load_checkpoint(path, ClassMap.from_labels({"n00000002": "b", "n00000001": "a"}))["epoch"] == 0
 
@@ -293,9 +294,11 @@ def _reorder(m):
 
 
 @pytest.mark.parametrize("edit, said", [
-    (_drop_last_class, "split 'train' counts 4 classes, but 'classes' lists 3"),  # was IndexError in the loss
+    # was IndexError in the loss; the WNID named is the one dropped
+    (_drop_last_class,
+     "split 'train' counts 4 classes, but 'classes' lists 3: 1 counted but not in 'classes' ({last})"),
     (_miscount, "split 'train' says 150 samples, but its shards hold 96 and its class counts add up to 96"),
-    (_unname, "'labels' has no name for 1 of its classes (e.g. {second})"),  # its second class's WNID
+    (_unname, "'labels' has no name for 1 of its classes ({second})"),  # its second class's WNID
     (_reorder, "split 'train' counts its classes in another order"),
 ])
 def test_a_manifest_that_contradicts_itself_is_named_with_the_fix(tiny_shards, tmp_path, edit, said, capsys):
@@ -304,7 +307,7 @@ def test_a_manifest_that_contradicts_itself_is_named_with_the_fix(tiny_shards, t
     copy = tmp_path / "shards"
     shutil.copytree(tiny_shards, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    said = said.format(second=manifest["classes"][1])
+    said = said.format(second=manifest["classes"][1], last=manifest["classes"][-1])
     edit(manifest)  # (edited by hand)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert train.main(["--data-path", str(copy), "--output-dir", str(tmp_path / "runs"), "--device", "cpu",

@@ -134,7 +134,7 @@ def manifest_problem(manifest: dict) -> str | None:
     if not isinstance(classes, list) or not all(isinstance(w, str) for w in classes):
         return "'classes' is not a list of WNIDs"
     if missing := [w for w in classes if w not in manifest["labels"]]:
-        return f"'labels' has no name for {len(missing)} of its classes (e.g. {missing[0]})"
+        return f"'labels' has no name for {len(missing)} of its classes ({some(missing)})"
     for split, info in manifest["splits"].items():
         try:
             counted, total = info["class_counts"], info["num_samples"]
@@ -142,12 +142,28 @@ def manifest_problem(manifest: dict) -> str | None:
         except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
         if list(counted) != classes:
-            return (f"split {split!r} counts {len(counted)} classes, but 'classes' lists {len(classes)}"
-                    if len(counted) != len(classes) else f"split {split!r} counts its classes in another order")
+            return (f"split {split!r} counts its classes in another order" if set(counted) == set(classes) else
+                    f"split {split!r} counts {len(counted)} classes, but 'classes' lists {len(classes)}: "
+                    + class_difference(counted, classes, "counted but not in 'classes'",
+                                       "in 'classes' but not counted"))
         if total != in_shards or total != in_classes:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
                     f"add up to {in_classes}")
     return None
+
+
+def some(wnids, at_most: int = 3) -> str:
+    """A few WNIDs of a list, to name in a message: 'n01440764, n01443537 and 5 more'."""
+    wnids = list(wnids)
+    shown = ", ".join(wnids[:at_most])
+    return shown if len(wnids) <= at_most else f"{shown} and {len(wnids) - at_most} more"
+
+
+def class_difference(theirs, ours, only_theirs: str, only_ours: str) -> str:
+    """The WNIDs two class lists do not share, counted and named: '1 <only_theirs> (n1), 2 <only_ours> (n2, n3)'."""
+    extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+    return ", ".join(f"{len(w)} {phrase} ({some(w)})"
+                     for w, phrase in ((extra, only_theirs), (missing, only_ours)) if w)
 
 
 def pack_fingerprint(manifest: dict) -> str:

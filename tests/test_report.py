@@ -240,8 +240,8 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
                             f"the teacher (here {teacher_ckpt.parent}?).")
 
 
-def test_too_many_images_is_refused_before_any_val_pass_and_swapped_checkpoints_are_named(runs, tmp_path,
-                                                                                         monkeypatch):
+def test_too_many_images_is_refused_before_any_val_pass_and_swapped_or_repeated_checkpoints_are_named(
+        runs, tmp_path, monkeypatch):
     from vitdeit import report
     from vitdeit.errors import SettingError
 
@@ -255,6 +255,10 @@ def test_too_many_images_is_refused_before_any_val_pass_and_swapped_checkpoints_
     w = make_all(deit, vit, num_images=2, **kw)
     assert w["notes"] == [f"--vit {deit} holds a deit_tiny_distill, labelled ViT here",
                           f"--deit {vit} holds a vit_tiny, labelled DeiT here"]
+    again = str(runs / "baseline_vit_tiny" / ".." / "baseline_vit_tiny" / "best.pth")  # the same file, spelt otherwise
+    w = make_all(vit, again, num_images=2, **kw)
+    assert w["notes"][:2] == [f"--vit and --deit are the same file, {vit}: the comparison is of one model with itself",
+                              f"--deit {again} holds a vit_tiny, labelled DeiT here"]
 
 
 def test_a_run_without_a_finished_epoch_is_an_error_naming_its_metrics(runs, tmp_path):

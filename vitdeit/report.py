@@ -361,6 +361,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
+    if Path(vit_ckpt).samefile(deit_ckpt):  # (both were checked to exist)
+        notes.insert(0, f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself")
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
         trained = state["config"].get("data_path")
         if trained and Path(trained).resolve() != Path(data_path).resolve():

@@ -125,9 +125,9 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
                f"(chance {chance:.2f}%: the most common val class's share)")
     if metrics["val_top1"] < bar and not cfg.allow_weak_teacher:
         raise SettingError(
-            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under {which} ({bar:.2f}%): it "
-            f"knows nothing of these classes. Train one (train.py --model resnet18) and pass --teacher-ckpt, or "
-            f"pass --allow-weak-teacher to distil anyway."
+            f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under {which} ({bar:.2f}%): it has learnt "
+            f"too little of these classes to teach them. Train one (train.py --model resnet18) and pass "
+            f"--teacher-ckpt, or pass --allow-weak-teacher to distil anyway."
         )
 
 

@@ -16,6 +16,7 @@ from conftest import ROOT, small_dataset
 from vitdeit.checkpoint import check_class_map
 from vitdeit.classes import ClassMap, load_manifest, manifest_class_map
 from vitdeit.errors import DataError, MissingFile
+from vitdeit.models import OUTSIDE_DATA
 from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from vitdeit.packing import PackOptions, pack
@@ -232,6 +233,11 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
     with pytest.raises(MissingFile, match=re.escape(f"--teacher-run {tmp_path}: no best.pth there")):
         make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), teacher_run=str(tmp_path),
                  **kw)
+    state["config"]["teacher_ckpt"] = ""  # distilled from torchvision's ImageNet-1k weights: said, in report.md too
+    torch.save(state, moved / "best.pth")
+    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), **kw)
+    assert w["notes"] == [OUTSIDE_DATA] and OUTSIDE_DATA in (tmp_path / "report" / "report.md").read_text()
+    assert "1.28M train images of 1,000 classes" in OUTSIDE_DATA
     teacher_ckpt = runs / "teacher_resnet18" / "best.pth"  # the checkpoint, not its run folder
     with pytest.raises(MissingFile) as e:
         make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), teacher_run=str(teacher_ckpt),

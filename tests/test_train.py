@@ -719,6 +719,16 @@ def test_distillation_settings_on_a_run_without_a_teacher_are_named(tiny_shards,
     assert said(model="vit_tiny") == said(model="deit_tiny_distill", distillation_alpha=0.9) == []
 
 
+def test_distilling_from_torchvisions_imagenet1k_teacher_says_that_it_learnt_from_more_data(tiny_shards, tmp_path):
+    from vitdeit.models import OUTSIDE_DATA
+
+    said = lambda **kw: [n for n in notes_for(tiny_shards, tmp_path, **kw) if OUTSIDE_DATA in n]  # noqa
+    assert said(model="deit_tiny_distill") == said(model="deit_tiny_distill", teacher_weights="imagenet1k") == [
+        f"note: {OUTSIDE_DATA}"]
+    assert said(model="deit_tiny_distill", teacher_ckpt="runs/teacher_resnet18/best.pth") == []  # trained here
+    assert said(model="deit_tiny_distill", distillation_type="none") == said(model="vit_tiny") == []
+
+
 def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):
     assert notes_for(tiny_shards, tmp_path, amp="fp16") == [
         "note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; --amp off is "

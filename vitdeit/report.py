@@ -17,7 +17,7 @@ from .errors import DataError, MissingFile, SettingError, output_folder, save_ou
 from .data import upscale_warning
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
-from .models import head_logits, model_from_checkpoint
+from .models import OUTSIDE_DATA, head_logits, model_from_checkpoint
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green / red: right and wrong at a glance
 
@@ -293,6 +293,9 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     elif ckpt := teacher_ckpt_of(deit_state):
         notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
                      f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
+    cfg = deit_state["config"]
+    if cfg["model"] == "deit_tiny_distill" and cfg.get("distillation_type") != "none" and not cfg.get("teacher_ckpt"):
+        notes.append(OUTSIDE_DATA)  # it distilled from torchvision's weights
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
     metrics = {}
     for name, run_dir in runs.items():

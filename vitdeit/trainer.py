@@ -24,7 +24,7 @@ from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line
 from .metrics import MetricsLog, read_metrics
-from .models import create_model, load_teacher, model_from_checkpoint
+from .models import OUTSIDE_DATA, create_model, load_teacher, model_from_checkpoint
 
 
 AMP_NAME = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as --amp spells them
@@ -280,6 +280,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.distillation == "none" and unused:
         out.append(f"warning: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --model "
                    f"deit_tiny_distill with a --distillation-type other than none; this run trains without a teacher")
+    if cfg.distillation != "none" and not cfg.teacher_ckpt:
+        out.append(f"note: {OUTSIDE_DATA}")
     if cfg.warmup_epochs >= cfg.epochs:
         out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
                    f"and never reaches the peak lr {lr:.3g}")

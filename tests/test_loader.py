@@ -126,6 +126,16 @@ def test_the_flip_is_horizontal_and_the_crop_box_lies_inside_the_image_within_sc
     assert len({left for left, *_ in boxes}) > 150 and len({top for _, top, *_ in boxes}) > 150
 
 
+def test_where_no_drawn_crop_fits_the_box_is_torchvisions_centred_fallback():
+    from torchvision.transforms import RandomResizedCrop
+
+    t = TrainTransform(24)  # scale (0.08, 1), ratio (3/4, 4/3): no crop of these strips fits, so all 10 tries miss
+    for w, h in ((1000, 10), (10, 1000), (700, 12), (13, 600)):
+        top, left, ch, cw = RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+        assert t.crop_box(w, h, random.Random(w)) == (left, top, cw, ch)
+        assert (left, top) != (0, 0)  # centred along the long side
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_the_train_loader_flips_half_the_images_and_crops_at_the_configured_scale(tmp_path, backend):
     """Built as train.py builds it (Config defaults but a whole-image crop): one left-right asymmetric picture,

@@ -370,10 +370,11 @@ def test_missing_val_split_is_an_error(data, tmp_path):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
 
 
-def test_duplicate_stems_are_an_error_naming_both(data, tmp_path):
+@pytest.mark.parametrize("split", ["train.X4", "val.X"])  # the stem is the key in every split's shards
+def test_duplicate_stems_are_an_error_naming_both(data, tmp_path, split):
     src = first_image(data)
-    dst = data / "train.X4" / src.parent.name / src.name
-    Image.open(first_image(data, "train.X4")).save(dst)  # other pixels, same stem
+    dst = data / split / src.parent.name / src.name
+    Image.open(first_image(data, split)).save(dst)  # other pixels, same stem
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     assert "duplicate file stem" in str(e.value) and str(src) in str(e.value) and str(dst) in str(e.value)

@@ -74,8 +74,13 @@ def test_teacher_gets_no_gradient_and_sees_the_student_batch():
     teacher, x = Teacher(), torch.randn(6, 3, 4, 4)
     dist = logits(9).requires_grad_()
     loss = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft")
-    loss(x, (logits(10), dist), torch.zeros(6, dtype=torch.long)).backward()
+    y = torch.zeros(6, dtype=torch.long)
+    total = loss(x, (logits(10), dist), y)
+    total.backward()
     assert seen[0] is x and teacher.w.grad is None and dist.grad is not None
+    # each student row is distilled from the teacher's logits of its own image (they differ row by row here)
+    expected = 0.5 * nn.CrossEntropyLoss()(logits(10), y) + 0.5 * soft_distillation(dist, x.flatten(1)[:, :5], 1.0)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_deit_train_top1_scores_the_mean_of_its_heads_as_val_does():

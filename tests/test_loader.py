@@ -389,6 +389,29 @@ def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
     assert sum(not np.array_equal(o, plain(data, random.Random(s))) for s, o in enumerate(outs)) >= 5
 
 
+def test_rand_augment_draws_its_ops_anew_for_each_sample(tiny_shards):
+    """timm picks the ops with np.random.choice: the per-sample seed must reach numpy too, or every sample of a
+    process gets the same pair of ops (which were drawn, recorded by wrapping each of timm's ops)."""
+    data, _ = ShardSamples(tiny_shards, load_manifest(tiny_shards), "train").raw(0)
+    aug, drawn = TrainTransform(32, rand_augment="rand-m9-mstd0.5-inc1"), []
+
+    class Recorded:
+        def __init__(self, op):
+            self.op = op
+
+        def __call__(self, img):
+            drawn[-1].append(self.op.name)
+            return self.op(img)
+
+    aug.aa.ops = [Recorded(op) for op in aug.aa.ops]
+    for s in range(50):
+        drawn.append([])
+        aug(data, random.Random(s))
+    assert len(aug.aa.ops) == 15 and all(len(d) == 2 for d in drawn)  # 2 ops a sample (n=2), of 15
+    # 50 draws of 225 ordered pairs (with replacement): about 45 distinct expected; every op drawn in 100 picks
+    assert len({tuple(d) for d in drawn}) >= 35 and len({name for d in drawn for name in d}) == 15
+
+
 def test_rand_augment_leaves_the_global_generators_as_it_found_them(tiny_shards):
     """With --workers 0 the transform runs in the main process, where Mixup, CutMix and erasing draw from the global
     `random` and `np.random` that seed_everything seeds per epoch: the next draws are those of that seed."""

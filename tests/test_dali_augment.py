@@ -89,6 +89,21 @@ def test_the_enhancement_factors_tabulated_are_timms_up_to_mmax(name, monkeypatc
             assert op.table[2 * step + negate] == pytest.approx(factor, abs=1e-6), (step, negate)
 
 
+@pytest.mark.parametrize("name", ["Sharpness", "SharpnessIncreasing"])
+def test_the_sharpness_kernels_tabulated_are_pils_blend_at_timms_factor_up_to_mmax(name, monkeypatch):
+    # PIL's Sharpness blends the image with its SMOOTH filter: (1 - f) * smooth + f * identity, as one 3x3 kernel;
+    # mmax 15: SharpnessIncreasing's negated factor 1 - 1.5 * 0.9 is below 0, which timm keeps at 0.1
+    smooth, identity = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13, np.pad([[1.0]], 1)
+    (op,) = dali_ops(RandAugmentSpec((name,), 1, 1.0, 9.0, 0.0, 15.0), SIZE)
+    assert op.table.shape == (2 * 151, 3, 3)
+    for negate in (False, True):
+        monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
+        for step in range(151):
+            (factor,) = timm_aa.LEVEL_TO_ARG[name](step / STEPS, {})
+            assert op.table[2 * step + negate] == pytest.approx((1 - factor) * smooth + factor * identity,
+                                                                abs=1e-6), (step, negate)
+
+
 def test_the_warps_fill_with_the_grey_nearest_timms_per_channel_fill():
     # DALI's warps take one fill value for all channels: the grey with the least squared distance to timm's (124,
     # 116, 104) is 115; its red channel (124) would be 20 grey levels off in blue
@@ -106,7 +121,8 @@ def test_the_spec_is_read_by_timms_parser():
     spec = RandAugmentSpec.parse("rand-n3-m12-mmax15-p0.7-mstd101")
     assert (spec.ops, spec.layers, spec.prob, spec.magnitude, spec.std, spec.max) == (
         tuple(timm_aa._RAND_TRANSFORMS), 3, 0.7, 12.0, float("inf"), 15.0)
-    for other_ops in ("rand-m9-tweights", "rand-m9-t3a"):  # weighted choice; timm's 3-Augment set (blur...)
+    # weighted choice; timm's 3-Augment set (blur...): the -t section first, between others, or last
+    for other_ops in ("rand-m9-tweights", "rand-m9-t3a", "rand-tweights-m9", "rand-t3a-m9-mstd0.5", "rand-n3-t3a-m9"):
         with pytest.raises(SettingError, match=r"other op sets and weights \(-t\.\.\.\).*--loader torch"):
             RandAugmentSpec.parse(other_ops)
     # what timm accepts and DALI's random ops would not: p > 1 (timm: always), uniform noise over [0, 0]

@@ -183,7 +183,10 @@ def test_a_one_image_batch_trains_resnet18_where_its_last_feature_map_is_larger_
 
 
 @pytest.mark.parametrize("cores, local_world, expected", [(2, None, 1), (16, None, 8), (16, "8", 1), (64, "8", 7),
-                                                          (128, "8", 8), (1, None, 1)])
+                                                          (128, "8", 8), (1, None, 1),
+                                                          # ranks x (workers + main) within the cores: 2 x 2 of 5,
+                                                          # 4 x 2 of 10, 4 x 3 of 12 (not 2 x 3, 4 x 3, 4 x 4)
+                                                          (5, "2", 1), (10, "4", 1), (12, "4", 2)])
 def test_default_workers_share_the_usable_cores_among_the_ranks_on_a_node(monkeypatch, cores, local_world, expected):
     import os
 

@@ -24,6 +24,13 @@ def test_demo_writes_the_imagenet100_layout(tiny_data):
             assert im.format == "JPEG" and im.mode == "RGB"
 
 
+def test_a_class_count_that_four_folders_do_not_divide_is_dealt_whole(tmp_path):
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=10, val_per_class=3)
+    for wnid in json.loads((data / "Labels.json").read_text()):
+        assert [len(list((data / f"train.X{k}" / wnid).iterdir())) for k in range(1, 5)] == [3, 3, 2, 2]  # 10
+        assert len(list((data / "val.X" / wnid).iterdir())) == 3
+
+
 def test_a_second_generation_replaces_the_first_and_nothing_the_demo_did_not_write(tmp_path):
     from vitdeit.errors import SettingError
     from vitdeit.packing import PackOptions, pack

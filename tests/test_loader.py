@@ -531,3 +531,14 @@ def test_a_transform_that_fails_on_an_image_that_decodes_keeps_its_own_error(tin
     loader = TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=8, img_size=32, workers=0)
     with pytest.raises(ZeroDivisionError, match="a bug in crop_box"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("packed, warned", [(255, True), (256, False), (300, False), (None, False)])
+def test_shards_packed_under_vals_shorter_side_and_only_those_are_warned_of(packed, warned):
+    from vitdeit.data import upscale_warning
+
+    # val at 224 px, crop_pct 0.875: shorter side floor(224 / 0.875) = 256 px, which 256 px shards give unscaled
+    said = upscale_warning("S", {"options": {"resize_short": packed}}, 224, 0.875)
+    assert said == ("S was packed with --resize-short 255, under the 256 px shorter side val resizes to (--img-size "
+                    "224 / --crop-pct 0.875): images are upscaled. Repack with --resize-short 256 or more, or lower "
+                    "--img-size." if warned else None)

@@ -214,6 +214,18 @@ def test_eval_only_and_a_teacher_use_the_filter_their_run_trained_with_and_bilin
     out = capsys.readouterr().out
     assert out.count("trained on images resized with --interpolation bicubic; this run resizes with bilinear") == 1
     assert out.count("the teacher was trained on 32 px crops; this run feeds it 48 px ones (--img-size)") == 1
+    # a teacher trained larger than the student's crops is said too; one of the student's own size is not
+    for size, said in ((48, 1), (32, 0)):
+        state = torch.load(tmp_path / "cubic" / "best.pth", weights_only=True)
+        state["config"].update(img_size=size, interpolation="bilinear")  # (a CNN's weights fit any size)
+        torch.save(state, tmp_path / f"t{size}.pth")
+        stop_before_the_first_epoch(monkeypatch)  # the teacher is checked before the first epoch
+        with pytest.raises(Stopped):
+            train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", run_name=f"d{size}", allow_weak_teacher=True,
+                          teacher_ckpt=str(tmp_path / f"t{size}.pth")))
+        out = capsys.readouterr().out
+        assert out.count("the teacher was trained on 48 px crops; this run feeds it 32 px ones") == said
+        assert out.count("the teacher was trained on") == said  # (its filter is the run's: no other warning)
 
 
 def test_vit_learns(learn_shards, tmp_path):
@@ -254,6 +266,10 @@ def test_chance_is_the_most_common_val_class_share():
     check_teacher({"val_top1": 91.0, "val_samples": 100}, skewed, Config(), Dist())
     with pytest.raises(SettingError, match=r"under halfway from chance to 100% \(90\.00%\)"):
         check_teacher({"val_top1": 85.0, "val_samples": 100}, skewed, Config(), Dist())
+    five = {f"n{i}": 10 for i in range(5)}  # chance 20 %: the bar is 40 %, which itself passes (only under it fails)
+    check_teacher({"val_top1": 40.0, "val_samples": 50}, five, Config(), Dist())
+    with pytest.raises(SettingError, match=r"under twice chance \(40\.00%\)"):
+        check_teacher({"val_top1": 38.0, "val_samples": 50}, five, Config(), Dist())
 
 
 def test_a_chance_level_teacher_is_refused(learn_shards, tmp_path):
@@ -336,6 +352,16 @@ def test_a_resume_to_or_from_no_weight_decay_is_refused_with_the_way_back(saved,
     with pytest.raises(SettingError, match=re.escape(expected) + ".*" + re.escape(advice)):
         check_resumable({**cfg.to_dict(), "weight_decay": saved}, cfg)
     check_resumable({**cfg.to_dict(), "weight_decay": 0.3 if now else 0.0}, cfg)  # either side of 0: fine
+
+
+def test_a_resume_with_another_patch_size_is_refused_for_a_transformer():
+    from vitdeit.errors import SettingError
+    from vitdeit.trainer import check_resumable
+
+    cfg = Config(model="vit_tiny", img_size=32, patch_size=4, resume="runs/x/last.pth")
+    with pytest.raises(SettingError, match=re.escape("runs/x/last.pth was saved with --patch-size 8 (this run: 4)")):
+        check_resumable({**cfg.to_dict(), "patch_size": 8}, cfg)  # (its weights: another patch embedding)
+    check_resumable(cfg.to_dict(), cfg)
 
 
 def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teacher_run, tmp_path):
@@ -683,7 +709,7 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
     assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
                         "the cosine cannot decay to it; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
-    assert lines[6] == ("warning: --repeated-aug 20 > --batch-size 16: a process's batch holds copies of about 1 "
+    assert lines[6] == ("warning: --repeated-aug 20 >= --batch-size 16: a process's batch holds copies of about 1 "
                         "image(s) (DeiT: 3 with batches of 64 and more)")
     assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
 
@@ -727,6 +753,17 @@ def test_distilling_from_torchvisions_imagenet1k_teacher_says_that_it_learnt_fro
         f"note: {OUTSIDE_DATA}"]
     assert said(model="deit_tiny_distill", teacher_ckpt="runs/teacher_resnet18/best.pth") == []  # trained here
     assert said(model="deit_tiny_distill", distillation_type="none") == said(model="vit_tiny") == []
+
+
+def test_the_min_lr_and_repeated_aug_warnings_start_at_their_bounds(tiny_shards, tmp_path):
+    said = lambda text, **kw: [n for n in notes_for(tiny_shards, tmp_path, **kw) if text in n]  # noqa
+    # notes_for's peak lr is 1e-3: a --min-lr equal to it leaves the cosine flat at the peak, one just under it does not
+    assert len(said("the cosine cannot decay", min_lr=1e-3)) == 1 and said("the cosine cannot", min_lr=9.9e-4) == []
+    # a batch of 16 that --repeated-aug 16 fills with copies of one image; 8 gives two images
+    assert said("a process's batch holds", batch_size=16, repeated_aug=16) == [
+        "warning: --repeated-aug 16 >= --batch-size 16: a process's batch holds copies of about 1 image(s) (DeiT: 3 "
+        "with batches of 64 and more)"]
+    assert said("a process's batch holds", batch_size=16, repeated_aug=8) == []
 
 
 def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):

@@ -593,6 +593,28 @@ def test_the_speed_switches_are_no_change_of_recipe_on_resume():
     assert recipe_changes(saved, switched) == ["--lr 0.0005 -> 0.001"]  # what it computes, not how fast it runs
 
 
+def test_a_resume_names_a_change_of_every_setting_that_changes_what_the_run_computes_and_of_no_other():
+    from vitdeit.config import flag
+    from vitdeit.trainer import recipe_changes
+
+    other = dict(data_path="other_shards", img_size=160, crop_pct=0.9, crop_scale_min=0.35, interpolation="bicubic",
+                 rand_augment="rand-m9-mstd0.5-inc1", repeated_aug=3, model="deit_tiny_distill", patch_size=8,
+                 drop_path=0.0, teacher_ckpt="t.pth", teacher_weights="imagenet1k", allow_weak_teacher=True,
+                 distillation_type="soft", distillation_alpha=0.3, distillation_tau=3.0, epochs=10, batch_size=64,
+                 lr=1e-3, min_lr=1e-5, warmup_epochs=2.0, weight_decay=0.1, label_smoothing=0.0, mixup=0.8, cutmix=1.0,
+                 random_erasing=0.25, clip_grad=0.0, model_ema=True, model_ema_decay=0.9999, device="cpu", amp="off",
+                 seed=1)
+    # where the run writes, what it shows, and how fast it runs (the loader's change has a note of its own)
+    quiet = dict(workers=3, progress=False, output_dir="elsewhere", run_name="x", compile="off",
+                 compile_mode="default", channels_last=False, step_stream="high", dali_executor="legacy",
+                 dali_prefetch=4, dali_hw_decoder_load=0.5, loader="torch")
+    saved = Config().to_dict()
+    assert set(other) | set(quiet) | {"teacher"} == set(saved)  # (--teacher has one choice); a new setting: add it
+    for key, value in {**other, **quiet}.items():
+        named = [] if key in quiet else [f"{flag(key)} {saved[key]!r} -> {value!r}"]
+        assert recipe_changes(saved, Config(**{key: value})) == named, key
+
+
 def test_random_erasing_replaces_one_rectangle_per_image_with_noise_and_leaves_the_labels():
     from vitdeit.trainer import batch_augmentation
 

@@ -1,10 +1,12 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from vitdeit.config import Config, from_dict, parse_args
+from vitdeit.config import Config, flag, from_dict, parse_args
+from vitdeit.errors import SettingError
 
 
 def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
@@ -102,6 +104,23 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
 def test_bad_values_are_errors_that_name_them(values, fragment):
     with pytest.raises(ValueError, match=fragment):
         from_dict(values)
+
+
+@pytest.mark.parametrize("name, accepted, refused", [
+    ("distillation_alpha", (0.0, 1.0), (-0.01, 1.01)), ("dali_hw_decoder_load", (0.0, 1.0), (-0.01, 1.01)),
+    ("random_erasing", (0.0, 1.0), (-0.01, 1.01)), ("drop_path", (0.0, 1.0), (-0.01, 1.01)),
+    ("crop_scale_min", (0.01, 1.0), (0.0, 1.01)), ("crop_pct", (0.01, 1.0), (0.0, 1.01)),
+    ("label_smoothing", (0.0, 0.99), (-0.01, 1.0)), ("model_ema_decay", (0.0, 0.99999), (-0.01, 1.0)),
+    *[(name, (0.0, 3.0), (-0.01,)) for name in ("mixup", "cutmix", "clip_grad", "warmup_epochs", "min_lr",
+                                                 "weight_decay")],
+    ("distillation_tau", (0.01, 10.0), (0.0, -1.0)), ("lr", (1e-9,), (0.0,)), ("epochs", (1,), (0,)),
+    ("batch_size", (2,), (0,)), ("dali_prefetch", (1,), (0,)), ("repeated_aug", (1,), (0,))])
+def test_each_range_accepts_its_bounds_and_refuses_just_past_them(name, accepted, refused):
+    for value in accepted:
+        assert getattr(Config(**{name: value}), name) == value
+    for value in refused:
+        with pytest.raises(SettingError, match=re.escape(f"{flag(name)} {value}: must be")):
+            Config(**{name: value})
 
 
 def test_a_nested_run_name_and_timms_own_spellings_are_accepted():

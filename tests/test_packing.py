@@ -543,6 +543,22 @@ def test_the_cli_refuses_a_jpeg_quality_outside_1_to_100(data, tmp_path):
     assert r.returncode == 2 and "--jpeg-quality 0: must be in 1..100" in r.stderr
 
 
+@pytest.mark.parametrize("flags, said", [(["--jpeg-quality", "101"], "--jpeg-quality 101: must be in 1..100"),
+                                         (["--resize-short", "7"], "--resize-short 7: must be >= 8"),
+                                         (["--shard-size", "0"], "--shard-size 0: must be >= 1")])
+def test_the_cli_refuses_a_value_just_past_its_bounds_and_accepts_the_bounds(data, tmp_path, capsys, flags, said):
+    import pack_shards  # (the repository root is on sys.path: conftest)
+
+    with pytest.raises(SystemExit) as e:
+        pack_shards.main(["--data-path", str(data), "--out", str(tmp_path / "s"), *flags])
+    assert e.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "s").exists()
+    if flags[0] == "--jpeg-quality":  # the bounds themselves pack (quality 1 and 100, resized to a short side of 8)
+        for quality in ("1", "100"):
+            assert pack_shards.main(["--data-path", str(data), "--out", str(tmp_path / quality), "--workers", "1",
+                                     "--resize-short", "8", "--jpeg-quality", quality]) == 0
+            assert load_manifest(tmp_path / quality)["options"]["jpeg_quality"] == int(quality)
+
+
 def test_16_bit_grey_is_scaled_however_pillow_opens_it_and_32_bit_is_refused():
     import numpy as np
 

@@ -391,6 +391,13 @@ def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_wor
     assert e.value.code == 2 and said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out", ["p.png", "P.PNG", "p.Jpg", "p.pdf", "p.svg"])
+def test_viz_takes_a_picture_name_in_any_case_of_matplotlibs_formats(out, monkeypatch, capsys):
+    made = []
+    monkeypatch.setattr(viz, "make_all", lambda *a: made.append(a[6]) or {"notes": [], "figure": a[6]})
+    assert viz.main(["--out", out, "--no-report"]) == 0 and made == [out]  # (matplotlib saves P.PNG as a PNG)
+
+
 @pytest.mark.parametrize("before, flags, during, offered", [
     (False, [], True, True),  # the run finished an epoch, then Ctrl-C
     (False, [], False, False),  # Ctrl-C before its first epoch ended

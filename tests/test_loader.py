@@ -219,10 +219,13 @@ def test_repeated_copies_in_a_batch_share_the_label_but_not_the_crop(tiny_shards
                                           workers=0))
 
 
-@pytest.mark.parametrize("n,world", [(24, 1), (24, 5), (7, 8)])
+@pytest.mark.parametrize("n,world", [(24, 1), (24, 5), (7, 8), (25, 2)])
 def test_val_ranks_see_each_image_exactly_once(n, world):
     drawn = [i for r in range(world) for i in RankSampler(n, r, world, shuffle=False).indices()]
     assert sorted(drawn) == list(range(n))
+    # and each rank's length is its own share (rank r: images r, r + world, ...), not the largest rank's
+    shares = [len([i for i in range(n) if i % world == r]) for r in range(world)]
+    assert [len(RankSampler(n, r, world, shuffle=False)) for r in range(world)] == shares and sum(shares) == n
 
 
 def test_train_transform_uses_reduced_dct_scale_and_matches_a_full_decode(monkeypatch):

@@ -124,6 +124,11 @@ def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path
     assert (f"ViT: the checkpoint read here is from epoch {best + 7}, not its best epoch {best}; its predictions "
             f"below are that epoch's.") in md.splitlines()
     assert "DeiT: the checkpoint read here" not in md
+    rows = [json.loads(line) for line in open(other / "metrics.jsonl")]  # the best epoch, independently: metrics'
+    best_in_metrics = max(rows, key=lambda r: r["val_top1"])["epoch"]
+    assert best_in_metrics == best
+    (vit_row,) = [line for line in md.splitlines() if line.startswith("| ViT |")]
+    assert f"| {best} / {rows[-1]['epoch']} |" in vit_row  # the table's column: the best epoch, not the one read
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):

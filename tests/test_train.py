@@ -1009,6 +1009,22 @@ def test_a_best_pth_from_after_the_resumed_epoch_is_not_adopted_even_at_the_same
     assert torch.load(run / "best.pth", weights_only=True) == {"best_top1": 50.0, "epoch": 1}
 
 
+def test_a_resume_from_another_folder_brings_its_metrics_or_none_never_the_destinations_old_lines(tmp_path):
+    from vitdeit.trainer import adopt_history
+
+    src, run = tmp_path / "src", tmp_path / "run"
+    src.mkdir(), run.mkdir()
+    planted = '{"epoch": 0, "val_top1": 99.5}\n'  # another run's line, left in the folder (killed before last.pth)
+    resumed = {"best_top1": 50.0, "epoch": 0, "metrics": {"val_top1": 40.0}}
+    (run / "metrics.jsonl").write_text(planted)
+    adopt_history(src / "last.pth", run, resumed, in_place=False)  # the source has no metrics.jsonl
+    assert not (run / "metrics.jsonl").exists()
+    (run / "metrics.jsonl").write_text(planted)
+    (src / "metrics.jsonl").write_text('{"epoch": 0, "val_top1": 40.0}\n')
+    adopt_history(src / "last.pth", run, resumed, in_place=False)
+    assert (run / "metrics.jsonl").read_text() == '{"epoch": 0, "val_top1": 40.0}\n'  # the resumed run's own
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopted(tmp_path, in_place):
     from vitdeit.trainer import adopt_history

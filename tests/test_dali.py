@@ -27,7 +27,7 @@ def test_val_matches_the_pytorch_loader(tiny_shards):
     xd, yd, keys = zip(*dali)
     xt, yt = zip(*torch_)
     assert [k for batch in keys for k in batch] == [key for key, _, _ in all_samples(tiny_shards, "val")]
-    assert torch.equal(torch.cat(yd), torch.cat(yt))
+    assert torch.equal(torch.cat(yd), torch.cat(yt)) and {y.dtype for y in yd + yt} == {torch.int64}  # (the loss's)
     xd, xt = torch.cat(xd), torch.cat(xt)
     assert xd.shape == xt.shape == (24, 3, 32, 32) and xd.dtype == torch.float32
     # the same resized size and crop offset (torchvision's), two antialiased bilinear resamplers: measured 0.0029 in

@@ -221,8 +221,8 @@ def test_eval_only_and_a_teacher_use_the_filter_their_run_trained_with_and_bilin
         torch.save(state, tmp_path / f"t{size}.pth")
         stop_before_the_first_epoch(monkeypatch)  # the teacher is checked before the first epoch
         with pytest.raises(Stopped):
-            train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", run_name=f"d{size}", allow_weak_teacher=True,
-                          teacher_ckpt=str(tmp_path / f"t{size}.pth")))
+            train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", run_name=f"d{size}",
+                          allow_weak_teacher=True, teacher_ckpt=str(tmp_path / f"t{size}.pth")))
         out = capsys.readouterr().out
         assert out.count("the teacher was trained on 48 px crops; this run feeds it 32 px ones") == said
         assert out.count("the teacher was trained on") == said  # (its filter is the run's: no other warning)

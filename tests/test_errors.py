@@ -293,6 +293,15 @@ def _reorder(m):
     m["classes"].reverse()
 
 
+def _duplicate(m):
+    m["classes"].append(m["classes"][0])
+
+
+def _replace_last(m):  # another class in its place, named in 'labels': as many classes, other ones
+    m["labels"]["n09999999"] = "new"
+    m["classes"][-1] = "n09999999"
+
+
 @pytest.mark.parametrize("edit, said", [
     # was IndexError in the loss; the WNID named is the one dropped
     (_drop_last_class,
@@ -300,6 +309,9 @@ def _reorder(m):
     (_miscount, "split 'train' says 150 samples, but its shards hold 96 and its class counts add up to 96"),
     (_unname, "'labels' has no name for 1 of its classes ({second})"),  # its second class's WNID
     (_reorder, "split 'train' counts its classes in another order"),
+    (_duplicate, "'classes' lists {first} more than once"),  # was: "counts its classes in another order"
+    (_replace_last, "split 'train' counts other classes than 'classes' lists: 1 counted but not in 'classes' "
+                    "({last}), 1 in 'classes' but not counted (n09999999)"),
 ])
 def test_a_manifest_that_contradicts_itself_is_named_with_the_fix(tiny_shards, tmp_path, edit, said, capsys):
     import shutil
@@ -307,7 +319,7 @@ def test_a_manifest_that_contradicts_itself_is_named_with_the_fix(tiny_shards, t
     copy = tmp_path / "shards"
     shutil.copytree(tiny_shards, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    said = said.format(second=manifest["classes"][1], last=manifest["classes"][-1])
+    said = said.format(first=manifest["classes"][0], second=manifest["classes"][1], last=manifest["classes"][-1])
     edit(manifest)  # (edited by hand)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert train.main(["--data-path", str(copy), "--output-dir", str(tmp_path / "runs"), "--device", "cpu",

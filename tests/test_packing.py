@@ -555,8 +555,10 @@ def test_the_cli_refuses_a_value_just_past_its_bounds_and_accepts_the_bounds(dat
     if flags[0] == "--jpeg-quality":  # the bounds themselves pack (quality 1 and 100, resized to a short side of 8)
         for quality in ("1", "100"):
             assert pack_shards.main(["--data-path", str(data), "--out", str(tmp_path / quality), "--workers", "1",
-                                     "--resize-short", "8", "--jpeg-quality", quality]) == 0
-            assert load_manifest(tmp_path / quality)["options"]["jpeg_quality"] == int(quality)
+                                     "--resize-short", "8", "--shard-size", "1", "--jpeg-quality", quality]) == 0
+            m = load_manifest(tmp_path / quality)
+            assert (m["options"]["jpeg_quality"], m["options"]["resize_short"]) == (int(quality), 8)
+            assert {s["num_samples"] for split in m["splits"].values() for s in split["shards"]} == {1}
 
 
 def test_16_bit_grey_is_scaled_however_pillow_opens_it_and_32_bit_is_refused():

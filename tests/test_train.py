@@ -731,8 +731,8 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert lines[4].startswith("warning: --warmup-epochs 1.0 >= --epochs 1: the whole run warms up")
     assert lines[5] == ("warning: --min-lr 0.0001 >= the peak lr 1.56e-05 (--lr 0.0005 x global batch 16 / 512): "
                         "the cosine cannot decay to it; lower --min-lr (e.g. 1.56e-07)")  # 5e-4 * 16 / 512
-    assert lines[6] == ("warning: --repeated-aug 20 >= --batch-size 16: a process's batch holds copies of about 1 "
-                        "image(s) (DeiT: 3 with batches of 64 and more)")
+    assert lines[6] == ("warning: --repeated-aug 20 >= --batch-size 16: the global batch of 16 holds copies of about 1 "
+                        "image(s) (DeiT: 3 copies, in batches of 64 and more)")
     assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
 
 
@@ -773,6 +773,8 @@ def test_distilling_from_torchvisions_imagenet1k_teacher_says_that_it_learnt_fro
     said = lambda **kw: [n for n in notes_for(tiny_shards, tmp_path, **kw) if OUTSIDE_DATA in n]  # noqa
     assert said(model="deit_tiny_distill") == said(model="deit_tiny_distill", teacher_weights="imagenet1k") == [
         f"note: {OUTSIDE_DATA}"]
+    assert "learnt from ImageNet-1k's 1.28M train images of 1,000 classes, the students only from" in said(
+        model="deit_tiny_distill")[0]
     assert said(model="deit_tiny_distill", teacher_ckpt="runs/teacher_resnet18/best.pth") == []  # trained here
     assert said(model="deit_tiny_distill", distillation_type="none") == said(model="vit_tiny") == []
 
@@ -781,11 +783,15 @@ def test_the_min_lr_and_repeated_aug_warnings_start_at_their_bounds(tiny_shards,
     said = lambda text, **kw: [n for n in notes_for(tiny_shards, tmp_path, **kw) if text in n]  # noqa
     # notes_for's peak lr is 1e-3: a --min-lr equal to it leaves the cosine flat at the peak, one just under it does not
     assert len(said("the cosine cannot decay", min_lr=1e-3)) == 1 and said("the cosine cannot", min_lr=9.9e-4) == []
-    # a batch of 16 that --repeated-aug 16 fills with copies of one image; 8 gives two images
-    assert said("a process's batch holds", batch_size=16, repeated_aug=16) == [
-        "warning: --repeated-aug 16 >= --batch-size 16: a process's batch holds copies of about 1 image(s) (DeiT: 3 "
-        "with batches of 64 and more)"]
-    assert said("a process's batch holds", batch_size=16, repeated_aug=8) == []
+    # a batch of 16 that --repeated-aug 16 fills with copies of one image; 8 gives two images; and with the 16
+    # copies dealt over 2 processes of 16 each (or DALI's 2 batches of copies), the global batch of 32 holds 2
+    assert said("batch of", batch_size=16, repeated_aug=16) == [
+        "warning: --repeated-aug 16 >= --batch-size 16: the global batch of 16 holds copies of about 1 image(s) "
+        "(DeiT: 3 copies, in batches of 64 and more)"]
+    assert "the global batch of 32 holds copies of about 2 image(s)" in said("batch of", world=2, batch_size=16,
+                                                                             repeated_aug=16)[0]
+    assert said("batch of", batch_size=16, repeated_aug=8) == []
+    assert said("--repeated-aug", model="vit_tiny", batch_size=1) == []  # --repeated-aug 1 is off: no copies
 
 
 def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):

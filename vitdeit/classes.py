@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -133,6 +134,8 @@ def manifest_problem(manifest: dict) -> str | None:
     classes = manifest["classes"]
     if not isinstance(classes, list) or not all(isinstance(w, str) for w in classes):
         return "'classes' is not a list of WNIDs"
+    if twice := sorted(w for w, n in Counter(classes).items() if n > 1):
+        return f"'classes' lists {some(twice)} more than once"
     if missing := [w for w in classes if w not in manifest["labels"]]:
         return f"'labels' has no name for {len(missing)} of its classes ({some(missing)})"
     for split, info in manifest["splits"].items():
@@ -142,10 +145,12 @@ def manifest_problem(manifest: dict) -> str | None:
         except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
         if list(counted) != classes:
-            return (f"split {split!r} counts its classes in another order" if set(counted) == set(classes) else
-                    f"split {split!r} counts {len(counted)} classes, but 'classes' lists {len(classes)}: "
-                    + class_difference(counted, classes, "counted but not in 'classes'",
-                                       "in 'classes' but not counted"))
+            if set(counted) == set(classes):  # (neither holds a WNID twice: dict keys, and checked above)
+                return f"split {split!r} counts its classes in another order"
+            what = (f"{len(counted)} classes, but 'classes' lists {len(classes)}" if len(counted) != len(classes)
+                    else "other classes than 'classes' lists")
+            return (f"split {split!r} counts {what}: " + class_difference(counted, classes, "counted but not in "
+                                                                          "'classes'", "in 'classes' but not counted"))
         if total != in_shards or total != in_classes:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
                     f"add up to {in_classes}")

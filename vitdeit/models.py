@@ -113,10 +113,12 @@ def full_precision_head(fc: nn.Linear) -> FullPrecisionLinear:
 
 
 # said by train.py when it distils from torchvision's weights, and by viz.py's report of such a DeiT
-OUTSIDE_DATA = ("the teacher is torchvision's ImageNet-1k ResNet-18, cut to these classes: it learnt from "
-                "ImageNet-1k's 1.28M train images of 1,000 classes, the students only from these shards, so part of a "
-                "DeiT gain over a ViT trained here comes from that data, not from distillation. For a like-for-like "
-                "comparison, train the teacher on these shards (train.py --model resnet18) and pass --teacher-ckpt")
+OUTSIDE_DATA = ("the teacher is an ImageNet-1k ResNet-18 (torchvision's, unless --teacher-weights named another "
+                "file), cut to these classes: it learnt from ImageNet-1k's 1.28M train images of 1,000 classes, the "
+                "students only from their own train shards, so part of a DeiT gain over a ViT trained on those may "
+                "come from that data rather than from distillation. For a like-for-like comparison, train the teacher "
+                "on the students' shards (train.py --model resnet18) and distil from its best.pth with train.py "
+                "--teacher-ckpt")
 
 
 def load_teacher(ckpt: str, weights: str, class_map: ClassMap) -> nn.Module:

@@ -333,6 +333,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
             raise MissingFile(f"{path}: checkpoint not found. Train it first (train.py --run-name ...), or pass its "
                               f"path with --vit / --deit (the demo's: --vit demo_runs/baseline_vit_tiny/best.pth "
                               f"--deit demo_runs/deit_tiny_distill/best.pth --report-dir demo_runs/report).")
+    one_file = Path(vit_ckpt).samefile(deit_ckpt)  # (both exist: now, not after minutes of val passes)
     if teacher_run is not None and not (Path(teacher_run) / "best.pth").is_file():
         fix = "pass a train.py run folder of the teacher"
         what = (f"a file, not a run folder; {fix} (here {Path(teacher_run).parent}?)" if Path(teacher_run).is_file()
@@ -364,7 +365,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
-    if Path(vit_ckpt).samefile(deit_ckpt):  # (both were checked to exist)
+    if one_file:
         notes.insert(0, f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself")
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
         trained = state["config"].get("data_path")

@@ -326,10 +326,10 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.amp == "fp16" and dist.device.type == "cpu":  # --amp auto is off on a CPU
         out.append("note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; "
                    "--amp off is the CPU's default")
-    if cfg.repeated_aug >= cfg.batch_size:  # copies of an image land in one batch, or on neighbouring ranks
-        out.append(f"warning: --repeated-aug {cfg.repeated_aug} >= --batch-size {cfg.batch_size}: a process's batch "
-                   f"holds copies of about {-(-cfg.batch_size // cfg.repeated_aug)} image(s) (DeiT: 3 with batches "
-                   f"of 64 and more)")
+    if 1 < cfg.repeated_aug >= cfg.batch_size:  # copies of an image in one batch (DALI), or on neighbouring ranks
+        out.append(f"warning: --repeated-aug {cfg.repeated_aug} >= --batch-size {cfg.batch_size}: the global batch of "
+                   f"{global_batch} holds copies of about {-(-global_batch // cfg.repeated_aug)} image(s) (DeiT: 3 "
+                   f"copies, in batches of 64 and more)")
     if upscaled := upscale_warning(cfg.data_path, manifest, cfg.img_size, cfg.crop_pct):
         out.append(f"warning: {upscaled}")
     return out

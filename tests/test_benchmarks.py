@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import ROOT, small_dataset
 from vitdeit.data import dali_available
@@ -24,6 +25,23 @@ def documented_fields() -> dict[str, set[str]]:
 
 
 DOCUMENTED = documented_fields()
+
+
+def test_the_benchmarks_image_set_is_imagenet_sized_jpegs(tmp_path):
+    # what decode costs depend on: ~500 x 375 px (a quarter portrait), JPEG quality 90, tens of KB each
+    from benchmarks import imageset
+
+    out = imageset.make_imageset(tmp_path / "set", ROOT / "Labels.json", n_train=8, n_val=2, num_classes=2, workers=1)
+    files = sorted(out.glob("*/*/*.JPEG"))
+    assert len(files) == 10
+    sizes = []
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size in ((500, 375), (375, 500))
+            # quality 90: libjpeg scales the standard luminance table's first entry, 16, by (200 - 2 x 90) / 100
+            assert im.quantization[0][0] == (16 * (200 - 2 * 90) + 50) // 100 == 3
+            sizes.append(f.stat().st_size)
+    assert all(15_000 < n < 200_000 for n in sizes)  # tens of KB to 150 KB, as ImageNet's
 
 
 def test_the_readme_documents_every_part_with_its_fields():  # the parser above read the block as it is written

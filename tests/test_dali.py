@@ -318,7 +318,7 @@ def test_the_executor_and_prefetch_depth_change_neither_the_batches_nor_where_a_
 
 @pytest.mark.parametrize("change", [dict(seed=4), dict(world=3), dict(rank=0), dict(batch_size=4), dict(img_size=32),
                                     dict(rand_augment="rand-m9-mstd0.5-inc1"), dict(repeats=3),
-                                    dict(scale=(0.5, 1.0))])
+                                    dict(scale=(0.5, 1.0)), dict(ratio=(0.5, 2.0))])
 def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=1, seed=3)

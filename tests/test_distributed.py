@@ -147,6 +147,18 @@ def test_auto_picks_cuda_where_torch_sees_a_gpu_and_cpu_where_it_sees_none(monke
         assert resolve_device("auto") == ("cuda" if visible else "cpu") and resolve_device("cpu") == "cpu"
 
 
+def test_a_process_on_a_gpu_node_takes_the_gpu_of_its_local_rank_not_its_global_one(monkeypatch):
+    # rank 3 of a job, the second process on its node: cuda:1 (a node's GPUs are numbered from 0); WORLD_SIZE 1 here
+    # so that no process group starts
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for key, value in {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    dist = setup("auto")
+    assert chosen == [1] and dist.device == torch.device("cuda", 1) and (dist.rank, dist.local_rank) == (3, 1)
+
+
 def test_unwrap_finds_the_plain_module_under_ddp_and_compile_either_way_round():
     from types import SimpleNamespace
 

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +385,31 @@ def test_viz_workers_minus_one_is_this_machines_share_as_in_train(monkeypatch, t
     for given in ("-1", "3"):
         assert viz.main(["--workers", given, "--out", str(tmp_path / "p.png"), "--no-report"]) == 0
     assert seen == [5, 3]  # make_all's last argument: the val loader's workers
+
+
+def test_first_line_keeps_a_short_first_line_and_cuts_a_long_one_to_the_limit():
+    from vitdeit.errors import first_line
+
+    assert first_line("x" * 160) == "x" * 160 and first_line(ValueError("a\nb\nc")) == "a" and first_line("") == ""
+    assert first_line("y" * 200) == "y" * 157 + "..." and len(first_line("y" * 200, limit=40)) == 40
+
+
+def test_say_error_writes_its_line_in_one_write(monkeypatch):
+    # one write: lines of two processes printing at once may then interleave, but not inside a line
+    from vitdeit.errors import DataError, say_error
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    say_error(DataError("the manifest is damaged"))
+    assert writes == ["error: the manifest is damaged\n"]
 
 
 HERE = Path(__file__).resolve().parent  # a folder that exists

@@ -832,6 +832,14 @@ def test_hidden_files_and_folders_that_file_managers_leave_are_not_packed(data, 
             f".DS_Store; e.g. {cls / '.DS_Store'}): rename any that are images (counted in the manifest)") in r.stdout
 
 
+def test_more_hidden_files_than_the_manifest_names_are_all_counted(data, tmp_path):
+    cls = first_image(data).parent
+    for i in range(25):
+        (cls / f"._IMG_{i:02d}.JPEG").write_bytes(b"\0\5\26\7AppleDouble")
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert m["hidden_not_read"]["count"] == 25 and len(m["hidden_not_read"]["first"]) == 20  # 20 named, 25 counted
+
+
 def test_an_out_folder_holding_another_datasets_shards_is_refused_unless_overwrite(data, tmp_path):
     other = small_dataset(tmp_path / "other", num_classes=2, train_per_class=4, val_per_class=2, seed=3)
     out = tmp_path / "s"

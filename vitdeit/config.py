@@ -236,8 +236,8 @@ class Config:
 
     @property
     def distillation(self) -> str:
-        """The distillation this run does: --distillation-type for DeiT, none for the other models."""
-        return self.distillation_type if self.model == "deit_tiny_distill" else "none"
+        """The distillation this run does (distillation_of)."""
+        return distillation_of(self.model, self.distillation_type)
 
     def global_batch(self, world: int) -> int:
         """Images per optimiser step: --batch-size per process x `world` processes."""
@@ -255,6 +255,11 @@ class Config:
     def to_dict(self) -> dict:
         """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""
         return {k: v for k, v in asdict(self).items() if k not in INVOCATION_FIELDS}
+
+
+def distillation_of(model: str, distillation_type: str) -> str:
+    """The distillation a run (this one, or a checkpoint's) does: --distillation-type for DeiT, none for the others."""
+    return distillation_type if model == "deit_tiny_distill" else "none"
 
 
 def saved_setting(config: dict, key: str):

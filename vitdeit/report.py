@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint
-from .config import Config, saved_setting
+from .config import Config, distillation_of, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import upscale_warning
@@ -294,7 +294,7 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
         notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
                      f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
     cfg = deit_state["config"]
-    if cfg["model"] == "deit_tiny_distill" and cfg.get("distillation_type") != "none" and not cfg.get("teacher_ckpt"):
+    if distillation_of(cfg["model"], saved_setting(cfg, "distillation_type")) != "none" and not cfg.get("teacher_ckpt"):
         notes.append(OUTSIDE_DATA)  # it distilled from torchvision's weights
     runs["ViT"], runs["DeiT"] = Path(vit_ckpt).parent, Path(deit_ckpt).parent
     metrics = {}

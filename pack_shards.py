@@ -15,7 +15,7 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
-from vitdeit.classes import classes_without_images
+from vitdeit.classes import classes_without_images, some
 from vitdeit.config import refuse_below
 from vitdeit.errors import VitdeitError, say_error
 from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         if empty:  # packed with --allow-missing-classes (a subset of Labels.json on purpose): still said
             have = "has" if len(empty) == 1 else "have"
             print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json {have} no {split} images: "
-                  f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+                  f"{some(empty, at_most=10)}")
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} files that are not readable images (listed in {a.out}/manifest.json)")
     if m["hidden_not_read"]["count"]:

@@ -309,6 +309,15 @@ def test_classes_without_train_or_val_images_are_refused_naming_them_unless_allo
     assert m["options"]["allow_missing_classes"] is True
 
 
+def test_many_classes_without_images_are_counted_and_the_first_ten_named(data, tmp_path):
+    labels = json.loads((data / "Labels.json").read_text())
+    unseen = [f"n9999990{i}" if i < 10 else f"n999999{i}" for i in range(12)]  # 12 classes with no folder (of 14)
+    (data / "Labels.json").write_text(json.dumps({**labels, **{w: f"unseen {w}" for w in unseen}}))
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert str(e.value).splitlines()[2] == f"  val (val.X/): 12 of 14 classes, {', '.join(unseen[:10])} and 2 more"
+
+
 def test_classes_left_without_images_by_skipped_files_are_refused_after_packing(data, tmp_path):
     val = data / "val.X" / sorted(json.loads((data / "Labels.json").read_text()))[0]
     for f in val.iterdir():

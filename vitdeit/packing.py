@@ -39,7 +39,7 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for
+from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for, some
 from .config import usable_cores
 from .data import index_lines
 from .errors import DataError, WriteFailed, write_failed
@@ -582,7 +582,7 @@ def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, l
     if opts.allow_missing_classes or not any(missing.values()):
         return
     lines = [f"  {split} ({', '.join(d.name + '/' for d in split_dirs[split])}): {len(m)} of {len(class_map)} "
-             f"classes, {', '.join(m[:10])}{' ...' if len(m) > 10 else ''}" for split, m in missing.items() if m]
+             f"classes, {some(m, at_most=10)}" for split, m in missing.items() if m]
     raise DataError(f"classes of {labels_path} with no images {found}:\n" + "\n".join(lines) + "\n"
                     f"A model trained on these shards would keep outputs it never learns (no train images) or is "
                     f"never scored on (no val images). {fix}, or pass {ALLOW_MISSING_FLAG} to pack them as they are.")

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, torch_load
-from .classes import MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint
+from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
+                      some)
 from .config import Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
@@ -270,7 +271,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
         if empty := classes_without_images(manifest, split):
             out.append(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
-                       f"{split} images in {cfg.data_path} ({', '.join(empty[:5])}{' ...' * (len(empty) > 5)}): the "
+                       f"{split} images in {cfg.data_path} ({some(empty, at_most=5)}): the "
                        f"model has outputs for them that it {role}")
     if cfg.rand_augment and train_loader.name == "dali":
         out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "

@@ -380,6 +380,27 @@ def test_auto_picks_dali_only_on_cuda_and_a_missing_dali_is_a_clear_error(monkey
         data.resolve_loader("dali", "cpu")
 
 
+def test_workers_started_by_spawn_give_the_main_processs_batches(tiny_shards):
+    """macOS and Windows start DataLoader workers with 'spawn' (Linux forks): all a worker holds must pickle (the
+    shards' mmaps reopen), and its batches must not depend on how it started."""
+    import torch.multiprocessing as mp
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=16, img_size=24, rand_augment="rand-m9-mstd0.5-inc1", repeats=2)
+    x0, y0 = next(iter(TorchLoader(tiny_shards, m, "train", workers=0, **kw)))
+    before = mp.get_start_method(allow_none=True)
+    mp.set_start_method("spawn", force=True)
+    try:
+        spawned = TorchLoader(tiny_shards, m, "train", workers=2, **kw)
+        spawned.dataset.raw(0)  # its shards now mapped here, in the main process, as when it read one itself
+        x1, y1 = next(iter(spawned))
+        xv, yv = next(iter(TorchLoader(tiny_shards, m, "val", workers=1, batch_size=16, img_size=24)))
+    finally:
+        mp.set_start_method(before, force=True)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    xv0, yv0 = next(iter(TorchLoader(tiny_shards, m, "val", workers=0, batch_size=16, img_size=24)))
+    assert torch.equal(xv, xv0) and torch.equal(yv, yv0)
+
+
 def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
     data, _ = ShardSamples(tiny_shards, load_manifest(tiny_shards), "train").raw(0)
     plain = TrainTransform(32)

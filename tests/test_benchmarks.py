@@ -77,6 +77,9 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     for part in DOCUMENTED.keys() - {"seconds"}:  # every row of every part with the fields documented, no other
         assert all(set(row) == DOCUMENTED[part] for row in ([r[part]] if isinstance(r.get(part), dict) else r.get(part, [])))
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"] and r["images"]["count"] == 24
+    train = [f for d in Path(r["images"]["path"]).glob("train.X*") for f in d.rglob("*") if f.is_file()]
+    kib = sum(f.stat().st_size for f in train) / 1024
+    assert len(train) == 24 and r["images"]["mean_kb"] == pytest.approx(kib / 24)
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     assert r["machine"]["git_commit"] == git("rev-parse", "HEAD")
     assert r["machine"]["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -379,7 +382,7 @@ def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_
                      "on an idle machine."]
 
 
-def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_mean(monkeypatch):
+def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_mean(monkeypatch, capsys):
     import argparse
     import types
 
@@ -420,6 +423,8 @@ def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_m
                            profile=None)
     (row,), _ = throughput.bench_end_to_end(a, torch.device("cpu"), {}, [], step, lambda: None)
     assert (row["ceiling_images_per_s"], row["images_per_s"], row["fraction_of_ceiling"]) == (2.0, 0.5, 0.25)
+    # the line printed as it ran (what a log keeps of a run stopped before its tables) says the same
+    assert "end to end shards_a" in (said := capsys.readouterr().out) and "0.5 img/s = 0.25 of the step's 2.0" in said
 
 
 def test_batches_a_loader_decoded_before_its_window_are_neither_timed_nor_counted(monkeypatch):
@@ -814,7 +819,9 @@ def test_the_gpu_sessions_train_setting_is_the_fastest_dali_feed_if_3_percent_fa
     json_path.write_text(json.dumps({**json.loads(json_path.read_text()), "settings": {"dali_prefetch": [4]}}))
     assert pick_setting.rates(tmp_path, ["deep"]) == {"deep:pf4": 60.0}
     (tmp_path / "failed").mkdir()  # a step that wrote no JSON
-    found = pick_setting.rates(tmp_path, ["profile", "launches", "cpu", "failed", "skipped"])
+    (tmp_path / "cut").mkdir()  # a step stopped by the budget before its end-to-end part: a JSON without one
+    (tmp_path / "cut" / "throughput.json").write_text(json.dumps({"loaders": [], "model_step": []}))
+    found = pick_setting.rates(tmp_path, ["profile", "launches", "cpu", "failed", "skipped", "cut"])
     assert found == {"profile:pf2": 9500.0, "profile:pf4": 9700.0, "launches:pf2": 8000.0,
                      "launches:pf4": 9800.0, "cpu:pf2": 50.0}
     assert pick_setting.pick(found) == "launches:pf4"  # 9,800 > 1.03 x 9,500 = 9,785

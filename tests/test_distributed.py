@@ -56,6 +56,8 @@ def _leave(rank, world, port, out_dir, fail):
     torchrun_env(rank, world, port)
     barriers, real = [], distributed.tdist.barrier
     distributed.tdist.barrier = lambda *a, **k: barriers.append(1) or real(*a, **k)
+    destroys, real_destroy = [], distributed.tdist.destroy_process_group
+    distributed.tdist.destroy_process_group = lambda *a, **k: destroys.append(1) or real_destroy(*a, **k)
     try:
         with distributed.process_group("cpu"):
             if not fail:  # (a failing rank has no collective to finish: it would leave right after it)
@@ -63,11 +65,11 @@ def _leave(rank, world, port, out_dir, fail):
             time.sleep(1.0 if rank == 0 else 0.0)  # rank 0 ends its block a second after rank 1 (checkpoints)
             body_end = time.time()
             if fail:
-                raise RuntimeError("stop")
-    except RuntimeError:
+                raise KeyboardInterrupt() if fail == "ctrl-c" else RuntimeError("stop")
+    except (RuntimeError, KeyboardInterrupt):
         pass
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps({"body_end": body_end, "left": time.time(),
-                                                            "barriers": len(barriers)}))
+                                                            "barriers": len(barriers), "destroys": len(destroys)}))
 
 
 def _download(rank, world, port, out_dir, local_ranks, fail):
@@ -130,13 +132,14 @@ def test_train_py_loads_its_teacher_inside_local_rank_zero_first(monkeypatch):
     assert seen == ["enter", "load", "exit", "to_device"]  # loaded (downloaded) inside; moved to the GPU after
 
 
-@pytest.mark.parametrize("fail", [False, True])
-def test_ranks_leave_the_process_group_together_after_a_run_and_at_once_after_an_error(fail):
+@pytest.mark.parametrize("fail", [False, "error", "ctrl-c"])
+def test_ranks_leave_the_process_group_together_after_a_run_and_at_once_after_an_error_or_ctrl_c(fail):
     zero, one = spawn_two(_leave, fail)
     if not fail:  # rank 1 waited for rank 0's block to end: it did not exit right after its last collective
         assert zero["barriers"] == one["barriers"] == 1 and one["left"] >= zero["body_end"]
     else:  # nothing to wait for: a rank that raised must not keep the others waiting, nor wait for them
         assert zero["barriers"] == one["barriers"] == 0 and one["left"] < zero["body_end"]
+    assert zero["destroys"] == one["destroys"] == 1  # each leaves the group, Ctrl-C (no Exception) included
 
 
 def test_auto_picks_cuda_where_torch_sees_a_gpu_and_cpu_where_it_sees_none(monkeypatch):

@@ -192,6 +192,22 @@ def test_a_partial_metrics_line_is_a_data_error_naming_the_line(tmp_path):
         MetricsLog(tmp_path, enabled=True, resume_epoch=1)
     MetricsLog(tmp_path, enabled=True, resume_epoch=0)  # after the resumed epoch's line: the epoch it redoes
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 0, "val_top1": 50.0}\n'
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n\n{"epoch": 1}\n  \n')  # blank lines (a hand edit)
+    assert read_metrics(tmp_path) == [{"epoch": 0}, {"epoch": 1}]
+
+
+def test_a_metrics_log_on_a_rank_that_does_not_log_leaves_the_file_alone(tmp_path):
+    # under torchrun every rank makes one; rank 0 alone may cut the file back (the others would race its copy)
+    from vitdeit.metrics import MetricsLog
+
+    text = "".join(f'{{"epoch": {e}, "val_top1": {10.0 * e}}}\n' for e in range(3))
+    (tmp_path / "metrics.jsonl").write_text(text)
+    for resume_epoch in (None, 0):
+        log = MetricsLog(tmp_path, enabled=False, resume_epoch=resume_epoch)
+        log.write({"epoch": 1})
+        assert (tmp_path / "metrics.jsonl").read_text() == text
+    MetricsLog(tmp_path, enabled=True, resume_epoch=0)  # the logging rank's cut, for contrast
+    assert (tmp_path / "metrics.jsonl").read_text() == text.splitlines(keepends=True)[0]
 
 
 def test_a_metrics_line_that_cannot_be_written_is_one_error_naming_the_file(tmp_path):
@@ -376,15 +392,17 @@ def test_a_labels_json_in_latin_1_is_a_data_error_naming_it(tmp_path):
         load_labels(path)
 
 
-def test_viz_workers_minus_one_is_this_machines_share_as_in_train(monkeypatch, tmp_path):
+def test_viz_workers_minus_one_is_this_machines_share_as_in_train_and_no_report_asks_for_none(monkeypatch, tmp_path):
     seen = []
     from vitdeit import config
 
     monkeypatch.setattr(config, "default_workers", lambda: 5)
-    monkeypatch.setattr(viz, "make_all", lambda *a: seen.append(a[-1]) or {"notes": [], "figure": "p.png"})
+    # make_all's 8th argument: the report's folder (None: no report); its last: the val loader's workers
+    monkeypatch.setattr(viz, "make_all", lambda *a: seen.append((a[7], a[-1])) or {"notes": [], "figure": "p.png"})
     for given in ("-1", "3"):
         assert viz.main(["--workers", given, "--out", str(tmp_path / "p.png"), "--no-report"]) == 0
-    assert seen == [5, 3]  # make_all's last argument: the val loader's workers
+    assert viz.main(["--workers", "3", "--out", str(tmp_path / "p.png"), "--report-dir", str(tmp_path / "r")]) == 0
+    assert seen == [(None, 5), (None, 3), (str(tmp_path / "r"), 3)]
 
 
 def test_first_line_keeps_a_short_first_line_and_cuts_a_long_one_to_the_limit():

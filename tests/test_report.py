@@ -76,6 +76,7 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
                  teacher_run=str(runs / "teacher_resnet18"), num_images=10, out=str(out),
                  report_dir=str(tmp_path / "report"), workers=0)
     assert Image.open(out).size[0] > 1000 and len(w["panels"]) == 10
+    assert all([line.split(":")[0] for line in p["lines"]] == ["true", "ViT", "DeiT"] for p in w["panels"])
     assert (tmp_path / "report" / "curves.png").is_file()
     md = (tmp_path / "report" / "report.md").read_text()
     for run, name in (("teacher_resnet18", "teacher"), ("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT")):
@@ -451,16 +452,20 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
     assert not torch.equal(seen[0], seen[-1])  # the first call's bilinear images: the filter changed what it saw
 
 
-def test_the_figure_shows_each_image_resized_with_the_models_filter(tiny_shards):
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+def test_the_figure_shows_each_image_resized_with_the_models_filter_and_crop(tiny_shards, crop_pct):
     manifest = load_manifest(tiny_shards)
     n = manifest["splits"]["val"]["num_samples"]
-    p = Predictions("x", np.zeros(n, int), np.zeros(n, int), np.ones(n), 32, 0.875, "bicubic")
+    p = Predictions("x", np.zeros(n, int), np.zeros(n, int), np.ones(n), 32, crop_pct, "bicubic")
     fig = prediction_figure(tiny_shards, manifest, [p], [3, 0], display_px=48)
     for ax, idx in zip(fig.axes, [3, 0]):  # each panel its own image
-        expected = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bicubic"))[idx][0]
+        expected = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, crop_pct, "bicubic"))[idx][0]
         assert np.array_equal(np.asarray(ax.images[0].get_array()), expected)
-        bilinear = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 0.875, "bilinear"))[idx][0]
+        bilinear = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, crop_pct, "bilinear"))[idx][0]
         assert not np.array_equal(expected, bilinear)  # the two filters differ on this image
+        other = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, 1.875 - crop_pct, "bicubic"))[idx][0]
+        assert not np.array_equal(expected, other)  # nor do the two crops
+        assert not ax.axison  # a picture: no ticks, no frame
 
 
 def test_a_checkpoint_with_the_same_classes_in_another_order_is_refused():
@@ -475,7 +480,8 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
 
     row = lambda e, **k: {"epoch": e, "train_loss": 2.0 - e, "val_loss": 2.1 - e, "train_top1": 10.0 * e,  # noqa
                           "val_top1": 11.0 * e, **k}
-    deit = [row(0, teacher_val_top1=60.0), row(1, teacher_val_top1=60.0)]
+    # DeiT's history starts at epoch 1 (a resume from a folder without metrics.jsonl): drawn at its own epochs
+    deit = [row(1, teacher_val_top1=60.0), row(2, teacher_val_top1=60.0)]
     fig = curves_figure({"ViT": [row(0), row(1)], "DeiT": deit})
     fig.canvas.draw()
     loss, top1 = fig.axes[:2]
@@ -483,8 +489,8 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
                                 "+ the distillation term for DeiT; val (solid): plain CE")
     for ax in (loss, top1):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        assert ticks and all(float(t).is_integer() for t in ticks)  # 2 epochs: 0 and 1, not 0.25, 0.5, ...
-        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0, 1]] * 4  # numbered as metrics.jsonl
+        assert ticks and all(float(t).is_integer() for t in ticks)  # epochs 0 to 2, not 0.25, 0.5, ...
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0, 1]] * 2 + [[1, 2]] * 2  # as metrics.jsonl
     for ax, what in ((loss, "loss"), (top1, "top1")):  # each line the metric its legend names, dashed for train
         lines = {(line.get_label(), line.get_linestyle()): list(line.get_ydata()) for line in ax.get_lines()}
         assert lines == {(f"{name} {split}", "--" if split == "train" else "-"): [r[f"{split}_{what}"] for r in rows]

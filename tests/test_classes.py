@@ -75,3 +75,36 @@ def test_class_difference_names_a_few_wnids_of_each_side_and_counts_the_rest():
         "2 only theirs (n00000050, n00000051), 6 only ours (n00000004, n00000005, n00000006 and 3 more)")
     assert class_difference(ours[:3], ours, "x", "y") == "7 y (n00000003, n00000004, n00000005 and 4 more)"
     assert class_difference(ours, list(reversed(ours)), "x", "y") == ""  # same set: nothing to name
+
+
+def test_some_names_up_to_its_limit_whole_and_counts_the_rest():
+    from vitdeit.classes import some
+
+    assert some(["a", "b", "c"]) == "a, b, c" and some(list("abcd")) == "a, b, c and 1 more"
+    assert some(list("abcde"), at_most=5) == "a, b, c, d, e" and some([]) == ""
+
+
+def test_classes_without_images_are_those_counted_zero_only():
+    from vitdeit.classes import classes_without_images
+
+    m = {"splits": {"val": {"class_counts": {"n0": 0, "n1": 1, "n2": 5, "n3": 0}}}}
+    assert classes_without_images(m, "val") == ["n0", "n3"]
+
+
+def test_the_pack_fingerprint_changes_with_any_shard_and_with_the_packing_options():
+    import copy
+
+    from vitdeit.classes import pack_fingerprint
+
+    shard = lambda i, n: {"file": f"train-{i:06d}.tar", "num_samples": n, "bytes": 10240 * n}  # noqa: E731
+    m = {"options": {"seed": 0, "shard_size": 2}, "source": {"data_path": "/d"},
+         "splits": {"train": {"shards": [shard(0, 2), shard(1, 1)]}, "val": {"shards": [shard(0, 1)]}}}
+    first = pack_fingerprint(m)
+    for edit in (lambda c: c["splits"]["train"]["shards"][0].update(bytes=1),  # the first shard too
+                 lambda c: c["splits"]["val"]["shards"][0].update(num_samples=2),  # a one-shard split
+                 lambda c: c["options"].update(seed=1),  # another global shuffle: same names, counts, sizes
+                 lambda c: c["source"].update(data_path="/e")):
+        changed = copy.deepcopy(m)
+        edit(changed)
+        assert pack_fingerprint(changed) != first
+    assert pack_fingerprint(copy.deepcopy(m)) == first

@@ -151,6 +151,18 @@ def _garble_index_line(shards):
     idx.write_text("\n".join([header, "jpg x", *rest]) + "\n")
 
 
+def _old_index_header(shards):  # the right count under another version's header
+    idx = shards / "val-000000.idx"
+    header, *rest = idx.read_text().splitlines()
+    idx.write_text("\n".join([header.replace("v1.2", "v1.1"), *rest]) + "\n")
+
+
+def _grow_tar(shards):  # bytes added at its end: another pack's tar, or a copy gone wrong
+    with open(shards / "val-000000.tar", "ab") as f:
+        f.write(bytes(512))
+
+
+GROWN = r"val-000000\.tar: (\d+) bytes, but .*manifest\.json says (?!\1)\d+; the file is cut short or not this pack's"
 SHORTENED = r"val-000000\.idx: 23 samples, but .*manifest\.json says 24"
 CUT = r"val-000000\.idx: not a whole wds2idx v1\.2 index \(header 'v1\.2 3' for 1 sample lines\)"
 
@@ -159,7 +171,9 @@ CUT = r"val-000000\.idx: not a whole wds2idx v1\.2 index \(header 'v1\.2 3' for 
     (_break_manifest, r"manifest\.json: not valid JSON", "torch"),
     (_break_index, CUT, "torch"), (_break_index, CUT, "dali"),
     (_shorten_index, SHORTENED, "torch"), (_shorten_index, SHORTENED, "dali"),
-    (_garble_index_line, r"val-000000\.idx: not a wds2idx v1\.2 index \(line 'jpg x'", "torch")])
+    (_garble_index_line, r"val-000000\.idx: not a wds2idx v1\.2 index \(line 'jpg x'", "torch"),
+    (_old_index_header, r"val-000000\.idx: not a whole wds2idx v1\.2 index \(header 'v1\.1 24' for 24", "torch"),
+    (_grow_tar, GROWN, "torch"), (_grow_tar, GROWN, "dali")])
 def test_damaged_shard_files_are_data_errors_naming_them(tiny_shards, tmp_path, damage, named, backend):
     import shutil
 
@@ -302,6 +316,10 @@ def _miscount(m):
     m["splits"]["train"]["num_samples"] = 150
 
 
+def _miscount_classes(m):  # the shards and the total agree; one class's count does not
+    m["splits"]["train"]["class_counts"][m["classes"][0]] += 1
+
+
 def _unname(m):
     del m["labels"][m["classes"][1]]
 
@@ -324,6 +342,7 @@ def _replace_last(m):  # another class in its place, named in 'labels': as many 
     (_drop_last_class,
      "split 'train' counts 4 classes, but 'classes' lists 3: 1 counted but not in 'classes' ({last})"),
     (_miscount, "split 'train' says 150 samples, but its shards hold 96 and its class counts add up to 96"),
+    (_miscount_classes, "split 'train' says 96 samples, but its shards hold 96 and its class counts add up to 97"),
     (_unname, "'labels' has no name for 1 of its classes ({second})"),  # its second class's WNID
     (_reorder, "split 'train' counts its classes in another order"),
     (_duplicate, "'classes' lists {first} more than once"),  # was: "counts its classes in another order"

@@ -1,6 +1,7 @@
 """engine.evaluate: exact counts against logits chosen here, for one head and for DeiT's two."""
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,29 @@ def test_data_wait_is_the_time_blocked_on_the_loader_not_the_step():
         assert low < out["data_wait_frac"] <= high
 
 
+def test_the_epochs_rate_is_every_ranks_images_over_the_time_counted_once(monkeypatch):
+    """images_per_s: the images all ranks trained (summed once) per second of the epoch, on a clock that ticks 1 s
+    per reading: a second rank with the same batches doubles the rate, no more."""
+    import types
+
+    from vitdeit import engine
+
+    loss_fn = lambda images, outputs, targets: outputs.sum()  # noqa
+    batches = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 3
+    rates = {}
+    for world in (1, 2):
+        ticks = iter(range(1000))
+        monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+        # the sums as two ranks with these same batches would add them up; the one rank's as they are
+        monkeypatch.setattr(engine, "all_reduce_sum", lambda t: t.mul_(world))
+        m = Bias()
+        rates[world] = train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=0.0), NoSchedule(),
+                                       torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0,
+                                       Dist(rank=0, world=world), progress=False)
+    assert rates[1]["train_samples"] == 6 and rates[2]["train_samples"] == 12
+    assert rates[2]["images_per_s"] == 2 * rates[1]["images_per_s"] > 0
+
+
 def test_the_model_trains_in_train_mode_and_evaluates_in_eval_mode():
     """Dropout, drop-path and BatchNorm statistics follow the module's mode: ResNet and ViT (no error either way)
     depend on train_one_epoch and evaluate setting it, whatever mode the model was left in."""
@@ -233,3 +257,50 @@ def test_each_step_applies_its_own_gradient_and_the_schedule_counts_steps_across
                     torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 2, Dist(), progress=False)
     assert torch.equal(m.w.detach(), torch.tensor([-9.0, -12.0]))  # 3 steps of (3, 4), not 1 + 2 + 3 of them
     assert steps == [6, 7, 8]  # epoch 2 of 3-step epochs: the lr of global steps 6..8
+
+
+@pytest.mark.parametrize("kind, priority", [("high", -100), ("side", 0)])
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_step_stream_runs_the_block_on_its_own_stream_and_the_caller_waits_for_it_after(monkeypatch, kind,
+                                                                                          priority, fails):
+    """--step-stream on CUDA, with recorders for torch.cuda's streams (no GPU here): 'high' at CUDA's highest
+    priority (lower is higher), 'side' at the default; the block's work after what was queued before it, and what
+    the caller queues after it (the next epoch, a checkpoint's copy) after the block's, an error included."""
+    from contextlib import contextmanager
+
+    from vitdeit.engine import step_stream
+
+    said = []
+
+    class Stream:
+        def __init__(self, name, priority=None):
+            self.name, self.priority = name, priority
+
+        def wait_stream(self, other):
+            said.append(f"{self.name} waits for {other.name}")
+
+    current = Stream("default")
+
+    @contextmanager
+    def on(stream):  # as torch.cuda.stream: back to the stream before it, an error too
+        said.append(f"on {stream.name}")
+        try:
+            yield
+        finally:
+            said.append(f"off {stream.name}")
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority: made.append(Stream("step", priority))
+                        or made[-1])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    with pytest.raises(RuntimeError) if fails else nullcontext():
+        with step_stream(kind, torch.device("cuda", 0)):
+            said.append("block")
+            if fails:
+                raise RuntimeError("a failed step")
+    assert said == ["step waits for default", "on step", "block", "off step", "default waits for step"]
+    assert [m.priority for m in made] == [priority]
+    with step_stream("default", torch.device("cuda", 0)):
+        pass
+    assert len(said) == 5  # PyTorch's own stream: nothing made, nothing waited for

@@ -144,9 +144,13 @@ def test_eval_only_reproduces_best_top1(teacher_run, tmp_path):
     assert zeroed["val_top1"] == 25.0 != best["best_top1"]  # 4 balanced classes: class 0's share
 
 
-def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys):
+def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys, monkeypatch):
+    from vitdeit import trainer
+
     cfg, _ = teacher_run
     best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
+    checked = []  # the geometry the shards' --resize-short is checked against: the one evaluated, the trained one
+    monkeypatch.setattr(trainer, "upscale_warning", lambda path, m, size, crop: checked.append((size, crop)))
     capsys.readouterr()
     out = evaluate_checkpoint(cfg_for(cfg.data_path, cfg.output_dir, run_name="teacher", eval_only=True, img_size=64,
                                       crop_pct=0.5, interpolation="bicubic"))
@@ -154,6 +158,7 @@ def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoint
     assert ("with the settings " + os.path.join(cfg.output_dir, "teacher", "best.pth") + " was trained with (--model "
             "resnet18, --img-size 32, --patch-size 8, --crop-pct 0.875, --interpolation bilinear), not --img-size 64, "
             "--crop-pct 0.5, --interpolation bicubic\n") in capsys.readouterr().out
+    assert checked == [(32, 0.875)]
 
 
 def test_eval_only_names_a_flag_it_replaces_even_at_its_default(teacher_run, capsys):

@@ -107,6 +107,42 @@ def test_same_seed_same_shards_other_seed_other_order(tiny_data, tiny_shards, tm
     assert list(read_tar(tmp_path / "other" / "train-000000.tar")) != list(read_tar(tiny_shards / "train-000000.tar"))
 
 
+def test_the_shards_and_options_do_not_depend_on_the_worker_count_or_which_train_folder_holds_an_image(
+        tiny_data, tiny_shards, tmp_path):
+    from vitdeit.classes import pack_fingerprint
+
+    moved = tmp_path / "moved"  # the same images, train.X2's moved into train.X1's class folders (another scan order)
+    shutil.copytree(tiny_data, moved)
+    for f in sorted((moved / "train.X2").rglob("*.*")):
+        f.rename(moved / "train.X1" / f.parent.name / f.name)
+    m = pack(moved, tmp_path / "s", opts=PackOptions(shard_size=30, workers=2), progress=False)
+    tars = sorted(f.name for f in tiny_shards.glob("*.tar"))
+    assert sorted(f.name for f in (tmp_path / "s").glob("*.tar")) == tars and len(tars) > 2
+    for name in tars:
+        assert (tmp_path / "s" / name).read_bytes() == (tiny_shards / name).read_bytes()
+    # the options recorded are what shapes the shards (not the worker count, which does not): the same here
+    first = load_manifest(tiny_shards)
+    assert m["options"] == first["options"] and "workers" not in m["options"] and m["options"]["skip_bad"] is False
+    assert pack_fingerprint({**m, "source": first["source"]}) == pack_fingerprint(first)
+
+
+def test_the_manifest_lists_the_shards_in_name_order_whatever_order_they_were_finished_in(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    from contextlib import contextmanager
+
+    real = packing._shards
+
+    @contextmanager
+    def last_first(tasks, workers):  # as workers finishing the later shards first would hand them over
+        with real(tasks, workers) as shards:
+            yield reversed(list(shards))
+
+    monkeypatch.setattr(packing, "_shards", last_first)
+    m = pack(tiny_data, tmp_path / "s", opts=PackOptions(shard_size=30, workers=1), progress=False)
+    files = [s["file"] for s in m["splits"]["train"]["shards"]]
+    assert files == [f"train-{i:06d}.tar" for i in range(len(files))] and len(files) > 1
+
+
 def test_resize_short_is_an_upper_bound_smaller_images_are_kept_byte_for_byte(tiny_data, tmp_path):
     m = pack(tiny_data, tmp_path / "s", opts=PackOptions(resize_short=48, workers=1), progress=False)
     originals = {stem: path for stem, (_, _, path) in input_files(tiny_data).items()}
@@ -244,6 +280,8 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     assert {f.name for f in good} == whole and len(whole) < 5
     assert all((f.stat().st_ino, f.stat().st_mtime_ns) == t for f, t in good.items())  # reused, not rewritten
     assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True))  # again: nothing to redo
+    assert capsys.readouterr().out == "reused 5 of 5 shards an earlier run wrote (same inputs and options)\n"
     # without --skip-bad they are read again, and stop it; the manifest of the run before is gone
     with pytest.raises(DataError, match=r"2 file\(s\) that are not readable images.*manifest\.json \(an earlier one "
                                         r"went when this run began"):

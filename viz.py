@@ -43,7 +43,8 @@ def main(argv=None) -> int:
 
     kinds = FigureCanvasBase.get_supported_filetypes()  # checked now, not after the whole val pass
     if Path(a.out).is_dir():
-        p.error(f"--out {a.out}: a folder; name the picture file, e.g. --out {Path(a.out) / 'vit_vs_deit_random10.png'}")
+        p.error(f"--out {a.out}: a folder; name the picture file, e.g. --out "
+                f"{Path(a.out) / 'vit_vs_deit_random10.png'}")
     if Path(a.out).suffix.lower().lstrip(".") not in kinds:
         p.error(f"--out {a.out}: end it in one of matplotlib's picture formats, e.g. {Path(a.out).stem}.png "
                 f"({', '.join(sorted(kinds))})")

@@ -194,18 +194,22 @@ def test_train_epoch_across_ranks_draws_every_sample_once(tiny_shards):
     assert steps == {4} and sorted(keys) == sorted(key for key, _, _ in all_samples(tiny_shards, "train"))
 
 
-@pytest.mark.parametrize("world,batch", [(1, 10), (2, 10), (3, 7), (5, 19)])
+@pytest.mark.parametrize("world,batch", [(1, 10), (2, 10), (3, 7), (5, 19), (5, 4)])
 def test_every_epoch_is_one_pass_no_sample_twice(tiny_shards, world, batch):
     # 96 samples leave a remainder on every rank (6, 8, 4; with 5 ranks one slice holds 20, the others 19, one
     # batch): it is dropped, not carried into the next epoch, where it would make that epoch span two
-    # independently shuffled passes and draw some samples twice
+    # independently shuffled passes and draw some samples twice; every rank takes as many whole batches as the
+    # smallest slice holds (5 ranks, batches of 4: 19 // 4 = 4, not the largest slice's 20 // 4 = 5)
     m = load_manifest(tiny_shards)
     loaders = [DaliLoader(tiny_shards, m, "train", batch_size=batch, img_size=16, rank=r, world=world, workers=1,
                           with_keys=True) for r in range(world)]
-    per_epoch = world * (96 // world // batch) * batch
+    steps = 96 // world // batch
+    per_epoch = world * steps * batch
+    assert [len(loader) for loader in loaders] == [steps] * world
     for _ in range(5):
-        keys = [k for loader in loaders for _, _, b in loader for k in b]
-        assert len(keys) == len(set(keys)) == per_epoch
+        batches = [b for loader in loaders for _, _, b in loader]
+        keys = [k for b in batches for k in b]
+        assert len(keys) == len(set(keys)) == per_epoch and {len(b) for b in batches} == {batch}
 
 
 def test_one_train_tar_for_several_ranks_is_a_warning_naming_the_repack(tiny_data, tiny_shards, tmp_path):

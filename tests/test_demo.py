@@ -115,6 +115,20 @@ def test_the_full_demo_runs_hard_distillation_and_gives_the_teacher_half_the_epo
     assert flag(deit, "--distillation-type") == "hard" and "--allow-weak-teacher" not in deit  # --quick only
     assert all("--overwrite" in c for c in (teacher, vit, deit))  # an earlier demo's runs are replaced
     assert flag(deit, "--teacher-ckpt") == str(tmp_path / "demo_runs" / "teacher_resnet18" / "best.pth")
+    viz = ran[-1]  # each model's checkpoint in its own place, and the demo's worker count
+    assert (flag(viz, "--vit"), flag(viz, "--deit")) == tuple(str(tmp_path / "demo_runs" / run / "best.pth")
+                                                              for run in ("baseline_vit_tiny", "deit_tiny_distill"))
+    assert flag(viz, "--workers") == "1" and all(flag(c, "--workers") == "1" for c in (teacher, vit, deit))
+    steps.clear()  # one epoch: the teacher still trains one (half of 1 is 0, which train.py refuses)
+    assert demo.main(["--epochs", "1", "--out", str(tmp_path), "--workers", "1"]) == 0
+    assert [flag(c, "--epochs") for c in (s.cmd for s in steps) if c[1].endswith("train.py")] == ["1", "1", "1"]
+
+
+def test_the_demos_classes_are_spread_over_the_class_list():
+    from vitdeit.demo import demo_classes
+
+    wnids = sorted(load_labels(LABELS))  # 100: every 25th for 4 classes, not the first 4
+    assert list(demo_classes(load_labels(LABELS), 4)) == wnids[0::25]
 
 
 def test_the_demo_replaces_its_own_runs_but_refuses_a_run_on_other_data(tmp_path, monkeypatch, capsys):

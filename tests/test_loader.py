@@ -94,6 +94,13 @@ def test_the_order_and_augmentation_seeds_follow_the_run_seed_and_each_sample_ge
     # a run resumed across that change keeps its augmentation stream
     a.set_epoch(1)
     assert len(set(seeds)) == 50 and not set(seeds) & {s for _, s in a}  # per sample, and new each epoch
+    # seed and epoch mixed, not added: --seed 1's epoch 0 is not --seed 0's epoch 1 (a seed sweep's runs would be
+    # shifted copies of one another), in order or in augmentation seeds
+    assert a.indices() != b.indices() and not {s for _, s in a} & {s for _, s in b}
+    c = RankSampler(50, 0, 1, shuffle=True, seed=2)
+    c.set_epoch(3)
+    assert c.indices() == torch.randperm(50, generator=torch.Generator().manual_seed(2 * 1000003 + 3)).tolist()
+    assert [s for _, s in c] == [((2 * 1000003 + 3) * 2654435761 + i) % 2**63 for i in c.indices()]
 
 
 def test_the_normaliser_is_the_imagenet_statistics_in_rgb_order():

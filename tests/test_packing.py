@@ -504,6 +504,40 @@ def test_a_file_name_with_whitespace_is_an_error_naming_it(data, tmp_path):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
 
 
+def test_every_misnamed_file_and_class_folder_is_listed_at_once_across_splits(data, tmp_path):
+    train = sorted((data / "train.X1").glob("*/*.JPEG"))
+    spaced, dotted = train[0].with_name("IMG 0001.JPEG"), train[1].with_name(f"{train[1].stem}.v2.JPEG")
+    val_spaced = first_image(data, "val.X").with_name("val copy.JPEG")
+    for src, dst in ((train[0], spaced), (train[1], dotted), (first_image(data, "val.X"), val_spaced)):
+        src.rename(dst)
+    nested = train[2].parent / "more"
+    nested.mkdir()
+    cats, stray = data / "train.X2" / "cats", data / "train.X2" / "n09999999"  # not a WNID; a WNID not in Labels
+    for folder in (cats, stray):
+        folder.mkdir()
+        shutil.copy(train[3], folder / f"{folder.name}_1.JPEG")
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("6 file or class folder name(s) the shards cannot hold; nothing was written")
+    named = {line.split(": ", 1)[0].strip(): line for line in lines[1:]}
+    assert set(named) == {str(p) for p in (spaced, dotted, val_spaced, nested, cats, stray)}
+    assert "named by WNID ('n' + 8 digits" in named[str(cats)] and "add it there" in named[str(stray)]
+    assert "contains whitespace" in named[str(val_spaced)] and "contains '.'" in named[str(dotted)]
+    assert not (tmp_path / "s").exists()
+
+
+def test_past_fifty_misnamed_files_the_rest_are_counted(data, tmp_path):
+    src = first_image(data)
+    for i in range(53):
+        shutil.copy(src, src.with_name(f"IMG {i:04d}.JPEG"))
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("53 file or class folder name(s)") and lines[-1] == "  ... and 3 more"
+    assert len(lines) == 52 and all("contains whitespace" in line for line in lines[1:51])
+
+
 def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
     bad = break_two(data)
     class_map = packing.ClassMap.from_labels(packing.load_labels(data / "Labels.json"))

@@ -39,7 +39,7 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import MANIFEST_NAME, ClassMap, holds_class_folders, load_labels, shards_dir_for, some
+from .classes import MANIFEST_NAME, WNID_RE, ClassMap, holds_class_folders, load_labels, shards_dir_for, some
 from .config import usable_cores
 from .data import index_lines
 from .errors import DataError, WriteFailed, write_failed
@@ -137,11 +137,14 @@ def what_is(path: Path) -> str:
     return "a folder" if path.is_dir() else "a file"
 
 
-def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path,
-               hidden: list[str] | None = None) -> list[Source]:
+def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden: list[str] | None = None,
+               misnamed: list[str] | None = None) -> list[Source]:
     """The split's image files as samples. Names starting with "." are not read (macOS's ._NAME and .DS_Store
-    files, an editor's backups): they go to `hidden`, which the manifest counts."""
+    files, an editor's backups): they go to `hidden`, which the manifest counts. A file or class folder whose name
+    the shards cannot hold goes to `misnamed` (one line each), for pack() to list them all at once: a camera's
+    `IMG 0001.JPG` names thousands; raised here when no list is passed."""
     sources, hidden = [], [] if hidden is None else hidden
+    problems = [] if misnamed is None else misnamed
     for d in dirs:
         for class_dir in sorted(d.iterdir()):
             if class_dir.name.startswith("."):
@@ -160,33 +163,45 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path,
                 raise DataError(f"{class_dir}: a split folder inside the split folder {d} (an archive unpacked one "
                                 f"level too deep?); move its class folders up into {d} and remove it.")
             if class_dir.name not in class_map.index:
-                raise DataError(
-                    f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; add it there "
-                    f"(WNID -> name) or remove the folder."
-                )
+                problems.append(f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; " + (
+                    "add it there (WNID -> name) or remove the folder" if WNID_RE.match(class_dir.name) else
+                    "class folders are named by WNID ('n' + 8 digits, e.g. n01440764), as Labels.json's keys: "
+                    "rename it to its class's WNID (and add that to Labels.json), or remove it"))
+                continue
             label = class_map.index[class_dir.name]
             for f in sorted(class_dir.iterdir()):
                 if f.name.startswith("."):
                     hidden.append(str(f))
                     continue
                 if not f.is_file():
-                    raise DataError(f"{f}: expected image files in {class_dir}, found {what_is(f)}; fix it or move it "
-                                    f"away.")
+                    problems.append(f"{f}: expected image files in {class_dir}, found {what_is(f)}; fix it or move "
+                                    f"it away")
+                    continue
                 try:
                     f.name.encode("utf-8")
                 except UnicodeEncodeError:  # tar member names and DALI's index are UTF-8
-                    raise DataError(f"{f}: the file name is not valid UTF-8 (bytes {os.fsencode(f.name)!r}); rename "
-                                    f"the file.") from None
+                    problems.append(f"{f}: the file name is not valid UTF-8 (bytes {os.fsencode(f.name)!r}); rename "
+                                    f"the file")
+                    continue
                 if "." in f.stem:
-                    raise DataError(
-                        f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to separate "
-                        f"a sample's key from its extension; rename the file."
-                    )
-                if re.search(r"\s", f.name):
-                    raise DataError(f"{f}: the file name contains whitespace, which DALI's index format (fields "
-                                    f"separated by spaces) cannot hold; rename the file.")
-                sources.append(Source(str(f), f.stem, label))
+                    problems.append(f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to "
+                                    f"separate a sample's key from its extension; rename the file")
+                elif re.search(r"\s", f.name):
+                    problems.append(f"{f}: the file name contains whitespace, which DALI's index format (fields "
+                                    f"separated by spaces) cannot hold; rename the file")
+                else:
+                    sources.append(Source(str(f), f.stem, label))
+    if misnamed is None:
+        check_names(problems)
     return sources
+
+
+def check_names(problems: list[str]) -> None:
+    """All of scan_split's misnamed files and folders in one error: the first 50 named, the rest counted."""
+    if problems:
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise DataError(f"{len(problems)} file or class folder name(s) the shards cannot hold; nothing was written. "
+                        f"Fix each and run again:\n" + "\n".join(f"  {p}" for p in problems[:50]) + more)
 
 
 def check_unique_keys(sources: list[Source]) -> None:
@@ -413,7 +428,9 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         raise DataError(f"--out {out}: {where}; pass a folder of its own, e.g. --out {shards_dir_for(data_path)}")
     class_map = ClassMap.from_labels(load_labels(labels_path))
     hidden: list[str] = []
-    sources = {split: scan_split(dirs, class_map, labels_path, hidden) for split, dirs in split_dirs.items()}
+    misnamed: list[str] = []  # every split's, in one error
+    sources = {split: scan_split(dirs, class_map, labels_path, hidden, misnamed) for split, dirs in split_dirs.items()}
+    check_names(misnamed)
     check_unique_keys(sources["train"] + sources["val"])
     for split, srcs in sources.items():
         if not srcs:

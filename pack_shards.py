@@ -77,6 +77,16 @@ def main(argv=None) -> int:
     if m["converted"]:
         print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the "
               f"manifest)")
+    if m["warnings"]:
+        w = m["warnings"][0]
+        print(f"warning: Pillow warned of {len(m['warnings'])} image(s) as it decoded them; packed as they are, listed "
+              f"in the manifest's \"warnings\" (e.g. {w['path']}: {w['warning']})")
+    if same := m["same_bytes"]:
+        across = sum(len(g["classes"]) > 1 for g in same)
+        print(f"warning: {len(same)} set(s) of byte-identical images within a split, packed as they are: {across} "
+              f"under more than one class (one image, two labels), {len(same) - across} within one class (one image "
+              f"weighed twice); listed in the manifest's \"same_bytes\" (e.g. {', '.join(same[0]['paths'])}): remove "
+              f"the extra copies, or keep them if meant")
     print(f"wrote {a.out}/manifest.json ({len(m['classes'])} classes)")
     return 0
 

@@ -386,6 +386,46 @@ def test_the_cli_names_the_split_folders_it_read_and_the_classes_without_images(
     assert f"warning: 2 of the 3 classes in Labels.json have no val images: {no_val}, n99999998" in lines
 
 
+def test_byte_identical_images_within_a_split_are_packed_and_listed_and_the_cli_counts_them(data, tmp_path):
+    train, val = sorted((data / "train.X1").glob("*/*.JPEG")), sorted((data / "val.X").glob("*/*.JPEG"))
+    other = next(d for d in (data / "train.X2").iterdir() if d.name != train[0].parent.name)  # another class
+    cross, twice = other / "cross_1.JPEG", val[0].with_name("twice_1.JPEG")
+    shutil.copy(train[0], cross)  # the same image under two classes
+    shutil.copy(val[0], twice)  # the same image twice in one class
+    cmd = [sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(tmp_path / "s"),
+           "--workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["same_bytes"] == [
+        {"split": "train", "paths": sorted([str(cross), str(train[0])]),
+         "classes": sorted([train[0].parent.name, other.name])},
+        {"split": "val", "paths": sorted([str(twice), str(val[0])]), "classes": [val[0].parent.name]}]
+    assert m["splits"]["train"]["num_samples"] == 17 and m["splits"]["val"]["num_samples"] == 5  # all packed
+    assert ("warning: 2 set(s) of byte-identical images within a split, packed as they are: 1 under more than one "
+            "class (one image, two labels), 1 within one class (one image weighed twice)") in r.stdout
+
+
+def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reused(data, tmp_path, monkeypatch):
+    big = first_image(data)
+    Image.new("RGB", (200, 200), (90, 120, 30)).save(big, format="JPEG")  # 40,000 px; the others at most 64 x 64
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 25_000)  # over it: a DecompressionBombWarning (an error at 2x)
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert [w["path"] for w in m["warnings"]] == [str(big)]
+    assert m["warnings"][0]["warning"].startswith("DecompressionBombWarning: Image size (40000 pixels) exceeds limit")
+    assert m["splits"]["train"]["num_samples"] == 16  # packed as it is
+    again = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert again["warnings"] == m["warnings"]  # every shard reused: the record keeps them
+    record = next((tmp_path / "s" / ".progress").glob("train-*.json"))
+    old = json.loads(record.read_text())
+    del old["warnings"]  # a record written before warnings were recorded
+    record.write_text(json.dumps(old))
+    tar = tmp_path / "s" / f"{record.stem}.tar"
+    before = tar.stat().st_ino
+    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["warnings"] == m["warnings"]
+    assert tar.stat().st_ino != before  # read again and written anew, not reused
+
+
 def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):
     import signal
     import time

@@ -29,6 +29,7 @@ import re
 import struct
 import sys
 import tarfile
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -88,6 +89,8 @@ class ShardResult:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     converted: list[tuple[str, str]] = field(default_factory=list)  # (path, what was done)
     hashes: list[tuple[str, str]] = field(default_factory=list)  # (sha1 of source bytes, path)
+    # (path, message): what Pillow warned of while decoding it (corrupt EXIF data, a decompression-bomb size)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
     bytes: int = 0
     reused: bool = False  # this run found the shard written by an earlier one (same inputs and options)
 
@@ -356,7 +359,9 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
         # (without --skip-bad they are read again: a file fixed in place, e.g. its permissions, then packs)
         # a tar of another size than written (a copy cut short, a full disk), or an index of another count (the
         # loaders refuse both), is written again too
+        # (a record from before decode warnings were recorded has no "warnings": read again, to list them)
         if (done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad"))
+                and "warnings" in done
                 and tar_path.stat().st_size == done.get("bytes") and index_count(idx_path) == done.get("num_samples")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             return ShardResult(**{**done, "reused": True})
@@ -381,13 +386,16 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
                 raw = None  # (a read error leaves it None: not an empty file, and not the last file's bytes)
                 try:
                     raw = Path(s.path).read_bytes()
-                    data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
+                    with warnings.catch_warnings(record=True) as warned:  # named with the file, not as stderr noise
+                        warnings.simplefilter("always")
+                        data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
                 except Exception as e:  # PIL raises many types for corrupt files
                     why = ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e))
                     result.bad.append((s.path, "an empty file (0 bytes)" if raw == b"" else
                                        f"{type(e).__name__}: {why}"))  # (e's text names an in-memory file)
                     continue
                 result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
+                result.warnings += [(s.path, f"{w.category.__name__}: {w.message}") for w in warned]
                 if change:
                     result.converted.append((s.path, change))
                 sink.write({"__key__": s.key, "jpg": data, "cls": s.label, "lbl": struct.pack("<i", s.label)})
@@ -542,6 +550,16 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
             f"contaminated. Remove one copy of each:\n{lines}"
         )
 
+    label_of = {s.path: s.label for srcs in sources.values() for s in srcs}
+    copies: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        for digest, path in r.hashes:
+            copies.setdefault((r.split, digest), []).append(path)
+    same_bytes = sorted(({"split": split, "paths": sorted(paths),
+                          "classes": sorted({class_map.wnids[label_of[p]] for p in paths})}
+                         for (split, _), paths in copies.items() if len(paths) > 1),
+                        key=lambda g: (g["split"], g["paths"]))
+
     manifest = {
         "format": "vitdeit-webdataset",
         "format_version": FORMAT_VERSION,
@@ -554,6 +572,10 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         "splits": {},
         "skipped": [{"split": s, "path": p, "reason": why} for s, p, why in bad],
         "converted": [{"path": p, "change": c} for r in results for p, c in r.converted],
+        # packed as they are: images Pillow warned of, and sets of byte-identical files within a split (one image
+        # under two labels, or one weighed twice); pack_shards.py says how many
+        "warnings": [{"path": p, "warning": w} for r in results for p, w in r.warnings],
+        "same_bytes": same_bytes,
         # names starting with "." in the split folders, not read: counted, a few named (macOS leaves one per image)
         "hidden_not_read": {"count": len(hidden), "first": hidden[:20]},
     }

@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-run", default=None, help="teacher run folder for the report (default: the folder of "
                    "the --teacher-ckpt the DeiT distilled from; none for --teacher-weights)")
     p.add_argument("--data-path", default=None, help="shards (default: the ViT checkpoint's data_path)")
-    p.add_argument("--num-images", type=int, default=10, help="val images in the picture (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=None, help="val images in the picture (default: 10, or every "
+                   "val image where there are fewer)")
     p.add_argument("--seed", type=int, default=0, help="which random val images (default: %(default)s)")
     p.add_argument("--out", default="vit_vs_deit_random10.png", help="the picture (default: %(default)s)")
     p.add_argument("--report-dir", default="runs/report",

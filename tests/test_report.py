@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import ROOT, small_dataset
 from vitdeit.checkpoint import check_class_map
 from vitdeit.classes import ClassMap, load_manifest, manifest_class_map
-from vitdeit.errors import DataError, MissingFile
+from vitdeit.errors import DataError, MissingFile, SettingError
 from vitdeit.models import OUTSIDE_DATA
 from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples, TorchLoader, ValTransform
@@ -209,6 +209,32 @@ def test_scoring_on_other_shards_or_shards_packed_too_small_is_noted(runs, tiny_
                           f"(--img-size 32 / --crop-pct 0.875): images are upscaled. Repack with --resize-short 36 or "
                           f"more, or lower --img-size",
                           f"DeiT was trained on {tiny_shards}; scored here on {data}"]
+
+
+def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,
+                                                                                    capsys):
+    import shutil
+
+    import viz
+
+    source = Path(json.loads((tiny_shards / "manifest.json").read_text())["source"]["data_path"])
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    for class_dir in sorted((data / "val.X").iterdir()):
+        for f in sorted(class_dir.iterdir())[2:]:  # 2 val images per class
+            f.unlink()
+    n_val = sum(1 for _ in (data / "val.X").glob("*/*"))
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    args = ["--vit", vit, "--deit", deit, "--data-path", str(tmp_path / "s"), "--out", str(tmp_path / "p.png"), "--no-report", "--workers", "0"]
+    assert n_val < 10 and viz.main(args) == 0
+    note = f"note: the val split holds {n_val} images: the picture shows all of them, not 10"
+    assert note in capsys.readouterr().out.splitlines()
+    w = make_all(vit, deit, data_path=str(tmp_path / "s"), out=str(tmp_path / "q.png"), report_dir=None, workers=0)
+    assert len(w["panels"]) == n_val
+    with pytest.raises(SettingError, match=f"--num-images 10: must be between 1 and the {n_val} val images"):
+        make_all(vit, deit, data_path=str(tmp_path / "s"), num_images=10, report_dir=None, workers=0,
+                 out=str(tmp_path / "r.png"))  # asked for: still refused
 
 
 def test_a_checkpoint_from_another_class_map_is_refused(runs, tmp_path):

@@ -56,6 +56,9 @@ def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, dev
                        cfg["img_size"], cfg["crop_pct"], interpolation)
 
 
+DEFAULT_PANELS = 10  # the picture's val images when --num-images is not given
+
+
 def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
     if not 1 <= n <= n_total:
         raise SettingError(f"--num-images {n}: must be between 1 and the {n_total} val images")
@@ -322,9 +325,10 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
 
 
 def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
-             num_images: int = 10, seed: int = 0, out: str = "vit_vs_deit_random10.png",
+             num_images: int | None = None, seed: int = 0, out: str = "vit_vs_deit_random10.png",
              report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
-    """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written."""
+    """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written.
+    num_images None: 10, or every val image where there are fewer."""
     for option, path in (("--vit", vit_ckpt), ("--deit", deit_ckpt)):
         if Path(path).is_dir():  # the run folder, not its checkpoint
             raise MissingFile(f"{option} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {option} "
@@ -351,7 +355,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     manifest = load_manifest(data_path)
     class_map = manifest_class_map(manifest)
     check_class_map(vit_state, class_map, vit_ckpt)
-    indices = sample_indices(manifest["splits"]["val"]["num_samples"], num_images, seed)  # before the val passes
+    n_val = manifest["splits"]["val"]["num_samples"]
+    shown = min(DEFAULT_PANELS, n_val) if num_images is None else num_images
+    indices = sample_indices(n_val, shown, seed)  # before the val passes
     vit_net = model_from_checkpoint(vit_state).to(device).eval()
     deit_net, deit_state = load_model(deit_ckpt, class_map, device)
     # the report's runs, metrics and teacher before the val passes: their errors cost no minutes
@@ -365,6 +371,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
+    if shown < (num_images or DEFAULT_PANELS):  # (an explicit --num-images over the val count stopped above)
+        notes.insert(0, f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     if one_file:
         notes.insert(0, f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself")
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):

@@ -578,6 +578,16 @@ def test_past_fifty_misnamed_files_the_rest_are_counted(data, tmp_path):
     assert len(lines) == 52 and all("contains whitespace" in line for line in lines[1:51])
 
 
+@pytest.mark.parametrize("link", ["val", "train.X9"])
+def test_a_split_folder_linked_under_another_split_name_is_named_not_read_twice(data, tmp_path, link):
+    (data / link).symlink_to(data / "val.X", target_is_directory=True)
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    first, second = sorted([data / link, data / "val.X"]) if link == "val" else (data / link, data / "val.X")
+    assert str(e.value).startswith(f"{first} and {second}: the same folder ({(data / 'val.X').resolve()}), one a "
+                                   f"link to it")
+
+
 def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
     bad = break_two(data)
     class_map = packing.ClassMap.from_labels(packing.load_labels(data / "Labels.json"))

@@ -122,6 +122,13 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
             raise DataError(f"{d}: holds WNID class folders but is not named like a split folder (train.X<digits>, "
                             f"train, val.X<digits> or val); they would be left out. Move it out of {data_path}, or, "
                             f"if its images belong to a split, rename it to that split's pattern.")
+    seen: dict[Path, Path] = {}
+    for d in found["train"] + found["val"]:  # val -> val.X beside val.X: each image twice (a duplicate stem each)
+        if (real := d.resolve()) in seen:
+            raise DataError(f"{seen[real]} and {d}: the same folder ({real}), one a link to it, both named like split "
+                            f"folders: its images would be read twice. Remove the link, or move it out of "
+                            f"{data_path}.")
+        seen[real] = d
     for split, dirs in found.items():
         if not dirs:
             inside = any(p.match(data_path.name) for p in NEAR_MISS.values()) or holds_class_folders(data_path)

@@ -185,3 +185,43 @@ def test_a_teacher_that_does_not_load_is_an_error_every_rank_meets_alike(monkeyp
     with pytest.raises(MissingFile) as e:
         trainer.prepare_teacher(Config(model="deit_tiny_distill"), None, {}, None, Dist(), None)
     assert e.value.alike_on_every_rank  # train.py: said once per node under torchrun
+
+
+@pytest.mark.parametrize("teacher_px", [32, 48])
+def test_the_weak_teacher_refusal_is_alike_on_every_rank_and_names_a_size_mismatch_first(monkeypatch, teacher_px):
+    from vitdeit import trainer
+    from vitdeit.config import Config
+    from vitdeit.errors import SettingError
+
+    teacher = torch.nn.Linear(2, 2)
+    teacher.interpolation, teacher.img_size = "bilinear", teacher_px
+    monkeypatch.setattr(trainer, "load_teacher", lambda *args: teacher)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_top1": 30.0, "val_samples": 40})  # all ranks'
+    manifest = {"splits": {"val": {"class_counts": {"n0": 10, "n1": 10, "n2": 10, "n3": 10}}}}  # chance 25 %
+    with pytest.raises(SettingError) as e:
+        trainer.prepare_teacher(Config(model="deit_tiny_distill", img_size=48), None, manifest, None, Dist(), None)
+    assert e.value.alike_on_every_rank  # the score every rank gathered: one verdict, said once per node
+    fix = "It was trained on 32 px crops and is fed 48 px ones here: distil at --img-size 32 first. Train one"
+    assert (fix in str(e.value)) == (teacher_px == 32) and "too little of these classes to teach them." in str(e.value)
+
+
+def test_device_cuda_without_a_gpu_is_an_error_every_rank_meets_alike(monkeypatch):
+    from vitdeit.errors import SettingError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SettingError, match="--device cuda: no CUDA GPU is visible") as e:
+        setup("cuda")
+    assert e.value.alike_on_every_rank
+
+
+def test_eval_onlys_manifest_and_checkpoint_errors_are_alike_on_every_rank(tiny_shards, tmp_path):
+    from vitdeit.config import Config
+    from vitdeit.errors import DataError, MissingFile
+    from vitdeit.trainer import evaluate_checkpoint
+
+    for cfg, kind in ((Config(data_path=str(tmp_path / "nowhere"), eval_only=True), DataError),
+                      (Config(data_path=str(tiny_shards), output_dir=str(tmp_path), run_name="none", eval_only=True),
+                       MissingFile)):
+        with pytest.raises(kind) as e:
+            evaluate_checkpoint(cfg)
+        assert e.value.alike_on_every_rank

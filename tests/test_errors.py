@@ -50,6 +50,23 @@ def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
         load_checkpoint(cut)
 
 
+def test_a_run_folder_where_a_checkpoint_belongs_is_named_a_folder_with_its_checkpoints(tmp_path):
+    from vitdeit.errors import MissingFile
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(MissingFile) as e:
+        load_checkpoint(run, what="--resume")
+    assert str(e.value) == (f"--resume {run}: a folder, not a checkpoint; pass a checkpoint file (train.py writes "
+                            f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth).")
+    for name in ("last.pth", "best.pth"):
+        (run / name).write_bytes(b"")
+    with pytest.raises(MissingFile) as e:
+        load_checkpoint(run, what="--teacher-ckpt")
+    assert str(e.value) == (f"--teacher-ckpt {run}: a folder, not a checkpoint; pass a checkpoint file in it: "
+                            f"{run / 'last.pth'} or {run / 'best.pth'}.")
+
+
 def test_a_pth_that_holds_no_dict_is_not_a_checkpoint(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # e.g. a tensor saved by hand
     with pytest.raises(DataError, match=re.escape(f"--resume {tmp_path / 'tensor.pth'}: not a vitdeit checkpoint (a "

@@ -1363,3 +1363,14 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     assert (f"note: --resume: {shards} was packed again since {last} was saved (other options, seed or images): "
             f"training goes on, not as the uninterrupted run would have (another sample order)"
             ) in capsys.readouterr().out.splitlines()
+    # other shards: named as such, not as a repack of the new ones; --eval-only says its saved score is of those
+    other = tmp_path / "other"
+    pack(tiny_data, other, opts=PackOptions(shard_size=30, workers=1, seed=2), progress=False)
+    train(cfg_for(other, tmp_path, epochs=4, resume=str(last), **kw))
+    assert (f"note: --resume: {last} was trained and scored on {shards}, other shards than {other}: training goes on, "
+            f"not as the uninterrupted run would have (other shards), and best.pth is picked by val scores of both "
+            f"shards' val splits") in capsys.readouterr().out.splitlines()
+    evaluate_checkpoint(cfg_for(shards, tmp_path, resume=str(last), eval_only=True, **kw))  # (last.pth: other's)
+    assert f"; {last} was trained and scored on {other}, other shards than {shards})" in capsys.readouterr().out
+    evaluate_checkpoint(cfg_for(other, tmp_path, resume=str(last), eval_only=True, **kw))  # the shards it last read
+    assert "other shards than" not in capsys.readouterr().out

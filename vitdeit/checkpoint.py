@@ -41,6 +41,11 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: str = "checkpoint") -> dict:
     path = Path(path)
+    if path.is_dir():  # a run folder
+        inside = [f"{path / name}" for name in ("last.pth", "best.pth") if (path / name).is_file()]
+        raise MissingFile(f"{what} {path}: a folder, not a checkpoint; pass a checkpoint file" + (
+            f" in it: {' or '.join(inside)}." if inside else " (train.py writes OUTPUT_DIR/RUN_NAME/best.pth and "
+                                                                "last.pth)."))
     if not path.is_file():
         raise MissingFile(f"{what} {path}: file not found; train one with train.py (it writes "
                           f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")

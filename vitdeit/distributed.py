@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .errors import SettingError
+from .errors import SettingError, alike_on_every_rank
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ def resolve_device(pref: str) -> str:
 
 def setup(device_pref: str = "auto") -> Dist:
     """Single process, or the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    kind = resolve_device(device_pref)
+    with alike_on_every_rank():  # (the flag's error: train.py says it once per node)
+        kind = resolve_device(device_pref)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":

@@ -115,9 +115,11 @@ def ema_warning(decay: float, total_steps: int) -> str | None:
             f"EMA at its starting weights; for 1% use --model-ema-decay {0.01 ** (1 / total_steps):.8f}")
 
 
-def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, dist: Dist) -> None:
+def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, dist: Dist,
+                  first_fix: str = "") -> None:
     """Refuse a teacher at chance level: a randomly initialised head is not a teacher. Chance: the top-1 of always
-    naming the most common val class (1 / classes on a balanced val split; more where classes have no val images)."""
+    naming the most common val class (1 / classes on a balanced val split; more where classes have no val images).
+    first_fix: a likelier cause to name before the usual advice (a teacher fed crops of another size)."""
     chance = 100.0 * max(val_class_counts.values()) / sum(val_class_counts.values())
     bar, which = 2 * chance, "twice chance"
     if (chance + 100) / 2 < bar:  # chance over a third: halfway to 100% is then the lower bar of the two
@@ -127,7 +129,7 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
     if metrics["val_top1"] < bar and not cfg.allow_weak_teacher:
         raise SettingError(
             f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under {which} ({bar:.2f}%): it has learnt "
-            f"too little of these classes to teach them. Train one (train.py --model resnet18) and pass "
+            f"too little of these classes to teach them. {first_fix}Train one (train.py --model resnet18) and pass "
             f"--teacher-ckpt, or pass --allow-weak-teacher to distil anyway."
         )
 
@@ -265,6 +267,18 @@ def run_manifest(cfg: Config) -> dict:
 DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
 
 
+def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, bool] | None:
+    """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and whether they lie
+    in data_path (packed again there) rather than elsewhere (other shards). None: the same pack, wherever it now
+    lies (a copy moved to a local disk is no change)."""
+    if state.get("pack", pack_fingerprint(manifest)) == pack_fingerprint(manifest):
+        return None
+    trained_on = state.get("config", {}).get("data_path")
+    if trained_on and Path(trained_on).resolve() != Path(data_path).resolve():
+        return f"{ckpt} was trained and scored on {trained_on}, other shards than {data_path}", False
+    return f"{data_path} was packed again since {ckpt} was saved (other options, seed or images)", True
+
+
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant."""
     out, num_classes, global_batch = [], len(manifest["classes"]), cfg.global_batch(dist.world)  # (classes: WNIDs)
@@ -306,10 +320,10 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                 missing == list(range(missing[0], missing[-1] + 1))) else ", ".join(map(str, missing))
             out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {span}: the run goes on, "
                        f"and its curves and viz.py's report lack them")
-    pack = pack_fingerprint(manifest)
-    if resumed is not None and resumed.get("pack", pack) != pack:
-        out.append(f"note: --resume: {cfg.data_path} was packed again since {cfg.resume} was saved (other options, "
-                   f"seed or images): training goes on, not as the uninterrupted run would have (another sample order)")
+    if resumed is not None and (other := other_shards_note(resumed, cfg.resume, cfg.data_path, manifest)):
+        out.append(f"note: --resume: {other[0]}: training goes on, not as the uninterrupted run would have " + (
+            "(another sample order)" if other[1] else "(other shards), and best.pth is picked by val scores of both "
+            "shards' val splits"))
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
         out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
@@ -447,7 +461,10 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
                    f"network at a size it never saw: distil at --img-size {teacher.img_size}, or train the "
                    f"teacher at {cfg.img_size}")
     metrics = evaluate(teacher, val_loader, dist, amp_dtype, progress=cfg.progress, desc="teacher val")
-    check_teacher(metrics, manifest["splits"]["val"]["class_counts"], cfg, dist)
+    resized = (f"It was trained on {teacher.img_size} px crops and is fed {cfg.img_size} px ones here: distil at "
+               f"--img-size {teacher.img_size} first. " if teacher.img_size != cfg.img_size else "")
+    with alike_on_every_rank():  # the score gathered from every rank: one verdict, said once per node
+        check_teacher(metrics, manifest["splits"]["val"]["class_counts"], cfg, dist, resized)
     return teacher, metrics["val_top1"]
 
 
@@ -556,10 +573,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 def evaluate_checkpoint(cfg: Config) -> dict:
     """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split."""
     with process_group(cfg.device) as dist:
-        manifest = run_manifest(cfg)
-        class_map = manifest_class_map(manifest)
-        path = cfg.resume or str(cfg.run_dir / "best.pth")
-        state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
+        with alike_on_every_rank():  # the manifest and the checkpoint: train.py says their errors once per node
+            manifest = run_manifest(cfg)
+            class_map = manifest_class_map(manifest)
+            path = cfg.resume or str(cfg.run_dir / "best.pth")
+            state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",
@@ -581,6 +599,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         then = (f"its epoch {state['epoch']} scored {saved:.2f}% when saved" if saved is not None
                 else f"saved after epoch {state['epoch']}") + (
             "" if saved == state["best_top1"] else f"; the run's best.pth {state['best_top1']:.2f}%")
+        if other := other_shards_note(state, path, cfg.data_path, manifest):
+            then += f"; {other[0]}"
         dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
                    f"images of {cfg.data_path} resized with its {ecfg.interpolation} filter ({then})")
         return out

@@ -13,6 +13,7 @@ Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,10 +26,20 @@ from vitdeit.errors import VitdeitError, quiet_rank, say_error, wait_for_local_r
 from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a cluster scheduler's cancel, pre-emption or time limit (torchrun passes it to every process).
+    Raised as Ctrl-C is, so that it stops the run the same way and says how to go on."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv, description=__doc__)
     last = cfg.run_dir / "last.pth"
     found = last.stat().st_mtime_ns if last.is_file() else None  # another run's, unless this one resumes from it
+    before = signal.signal(signal.SIGTERM, _terminated)
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
@@ -37,14 +48,17 @@ def main(argv=None) -> int:
             return 1
         say_error(e)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it to every process: one says it)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (torchrun passes either to every process: one says it)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a scheduler's second SIGTERM: the line below still comes)
         if os.environ.get("RANK", "0") == "0":
             ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
                                        or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
             go_on = (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
                      if ours and not cfg.eval_only else "")
-            print(f"\ninterrupted{go_on}", file=sys.stderr)
-        return 130
+            print(f"\n{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{go_on}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # a shell's code for the signal
+    finally:
+        signal.signal(signal.SIGTERM, before)
     return 0
 
 

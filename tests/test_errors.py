@@ -520,6 +520,28 @@ def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeyp
                    f"{last}" if offered else "interrupted")
 
 
+def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler_is_put_back(tmp_path, monkeypatch,
+                                                                                                capsys):
+    import signal
+    import time
+
+    last = tmp_path / "runs" / "r" / "last.pth"
+
+    def cancelled(cfg):  # a scheduler's cancel or time limit, after an epoch finished
+        last.parent.mkdir(parents=True)
+        last.write_bytes(b"new")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        pytest.fail("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(train, "train", cancelled)
+    before = signal.getsignal(signal.SIGTERM)
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 143
+    assert capsys.readouterr().err.strip() == (f"terminated (SIGTERM); the epochs finished so far are in {last}: go on "
+                                               f"with the same command and --resume {last}")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
     import pickle
 

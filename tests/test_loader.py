@@ -408,6 +408,20 @@ def test_workers_started_by_spawn_give_the_main_processs_batches(tiny_shards):
     assert torch.equal(xv, xv0) and torch.equal(yv, yv0)
 
 
+def test_a_worker_sent_sigterm_by_another_process_ends_quietly_not_by_the_signal(tiny_shards):
+    """A scheduler's cancel sends SIGTERM to every process of the job: a worker dead by the signal is reported by
+    its main process as a crash of its own (PyTorch's handler ends it quietly only for its parent's SIGTERM)."""
+    import subprocess
+
+    loader = TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", workers=1, batch_size=16, img_size=24)
+    next(iter(loader))
+    worker = loader.loader._iterator._workers[0]  # (persistent: kept between epochs)
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # from another process, as a scheduler's
+    worker.join(timeout=10)
+    assert worker.exitcode == 0  # -15 had it died by the signal
+    loader.loader._iterator._shutdown_workers()
+
+
 def test_rand_augment_is_applied_and_reproducible_per_sample_seed(tiny_shards):
     data, _ = ShardSamples(tiny_shards, load_manifest(tiny_shards), "train").raw(0)
     plain = TrainTransform(32)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import math
 import mmap
+import os
 import random
+import signal
 import struct
 from pathlib import Path
 
@@ -245,6 +247,14 @@ class RankSampler(Sampler):
         return math.ceil(self.n / self.world) if self.shuffle else len(range(self.rank, self.n, self.world))
 
 
+def end_quietly_on_sigterm(worker_id: int) -> None:
+    """A worker's SIGTERM from anyone ends it quietly. A scheduler's cancel or time limit reaches every process of
+    the job; PyTorch's own handler ends a worker quietly only for its parent's SIGTERM, and otherwise lets it die by
+    the signal, which its main process then reports as a crash of its own ("DataLoader worker ... is killed by
+    signal: Terminated", a traceback under train.py's line that says how to go on)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def collate_uint8(batch):
     images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, C) uint8
     return images, torch.tensor([b[1] for b in batch], dtype=torch.int64)
@@ -271,7 +281,7 @@ class TorchLoader:
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",
                                  drop_last=self.drop_last, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None,
+                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=end_quietly_on_sigterm,
                                  # its own generator for the workers' base seed (unused: samples carry their seeds),
                                  # which each new iterator otherwise draws from the global one; with persistent
                                  # workers only the first does, so a resumed run's drop-path masks would differ

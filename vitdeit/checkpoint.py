@@ -39,7 +39,9 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
 
 
-def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: str = "checkpoint") -> dict:
+def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
+    """PATH, once it is a file: a folder (a run's) or a missing path is an error naming it and the fix. Called
+    before a run's minutes of set-up for a file it reads later (--teacher-ckpt), and by load_checkpoint."""
     path = Path(path)
     if path.is_dir():  # a run folder
         inside = [f"{path / name}" for name in ("last.pth", "best.pth") if (path / name).is_file()]
@@ -49,6 +51,11 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     if not path.is_file():
         raise MissingFile(f"{what} {path}: file not found; train one with train.py (it writes "
                           f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")
+    return path
+
+
+def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: str = "checkpoint") -> dict:
+    path = checkpoint_file(path, what)
     state = torch_load(path, what)
     if not isinstance(state, dict):
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (a {type(state).__name__}, not a dict).")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint, torch_load
+from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       some)
 from .config import Config, flag, saved_setting
@@ -477,6 +477,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         check_run_dir(run_dir, cfg, dist)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
+        if cfg.distillation != "none" and cfg.teacher_ckpt:  # read after the loaders and notes: its path checked now
+            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")
 
         resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
         if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size

@@ -32,6 +32,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum, frame):
+    # once: a second SIGTERM (Slurm sends one to every process, then torchrun its own) must not stop the clean-up
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 
@@ -44,18 +46,24 @@ def main(argv=None) -> int:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
         if getattr(e, "alike_on_every_rank", False) and quiet_rank():  # local rank 0 says it for the node
+            # torchrun ends this wait with a SIGTERM once local rank 0 has said it and exited: end by the signal, as
+            # before this process handled it, not with a traceback from inside the wait
+            signal.signal(signal.SIGTERM, before)
             wait_for_local_rank_0()
+            say_error(e)  # still running: local rank 0 did not stop the run with it (a cause of this rank's own)
             return 1
         say_error(e)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (torchrun passes either to every process: one says it)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a scheduler's second SIGTERM: the line below still comes)
         if os.environ.get("RANK", "0") == "0":
             ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
                                        or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
             go_on = (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
                      if ours and not cfg.eval_only else "")
-            print(f"\n{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}{go_on}", file=sys.stderr)
+            # (under torchrun, its SIGTERM also ends the other ranks when one has failed: the cause is then above)
+            why = ("terminated (SIGTERM: a scheduler's cancel or time limit, or torchrun ending this process after "
+                   "another failed: see above)" if isinstance(e, Terminated) else "interrupted")
+            print(f"\n{why}{go_on}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # a shell's code for the signal
     finally:
         signal.signal(signal.SIGTERM, before)

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -537,8 +538,10 @@ def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler
     monkeypatch.setattr(train, "train", cancelled)
     before = signal.getsignal(signal.SIGTERM)
     assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 143
-    assert capsys.readouterr().err.strip() == (f"terminated (SIGTERM); the epochs finished so far are in {last}: go on "
-                                               f"with the same command and --resume {last}")
+    assert capsys.readouterr().err.strip() == (
+        f"terminated (SIGTERM: a scheduler's cancel or time limit, or torchrun ending this process after another "
+        f"failed: see above); the epochs finished so far are in {last}: go on with the same command and --resume "
+        f"{last}")
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -579,9 +582,19 @@ def test_an_error_every_rank_meets_alike_is_local_rank_0s_to_say_one_that_may_di
     else:
         monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     # the manifest, on the node's disk: every local rank reads the same
-    assert train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"]) == 1
-    said = capsys.readouterr().err
-    assert said == "" if torchrun_ else said.startswith(f"error: {tmp_path / 'not_here'}/manifest.json not found")
+    missing = f"error: {tmp_path / 'not_here'}/manifest.json not found"
+    if torchrun_:  # torchrun ends the quiet rank's wait (with SIGTERM) once local rank 0 has said it and exited
+        def ended_by_torchrun():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # dies by it quietly: no traceback from here
+            raise SystemExit(-signal.SIGTERM)
+
+        monkeypatch.setattr(train, "wait_for_local_rank_0", ended_by_torchrun)
+        with pytest.raises(SystemExit):
+            train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"])
+        assert capsys.readouterr().err == ""
+        monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: None)  # the wait ran out: local rank 0 did not
+    assert train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"]) == 1  # meet it: said here
+    assert capsys.readouterr().err.startswith(missing)
     # a rank's own share of the data: it may differ by rank, so each says its own
     assert train.main(["--data-path", str(tiny_shards), "--device", "cpu", "--workers", "0", "--batch-size", "1000",
                        "--output-dir", str(tmp_path / "runs")]) == 1
@@ -595,6 +608,8 @@ def test_under_torchrun_a_run_folder_already_taken_is_said_once_per_node(tiny_sh
                  "--device", "cpu", "--workers", "0")
     said = f"error: {tmp_path / 'r'} already holds a run (last.pth): continue it with --resume"
     assert r.returncode != 0 and sum(line.startswith(said) for line in r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    # the quiet rank, ended by torchrun's SIGTERM in its wait, dies by it: no traceback of its own
+    assert "During handling" not in r.stderr and "Terminated" not in r.stderr and "vitdeit.errors" not in r.stderr
 
 
 # (None, False): no launcher; ("1", False): LOCAL_RANK from another launcher, which need not stop the rest

@@ -412,11 +412,13 @@ def test_a_worker_sent_sigterm_by_another_process_ends_quietly_not_by_the_signal
     """A scheduler's cancel sends SIGTERM to every process of the job: a worker dead by the signal is reported by
     its main process as a crash of its own (PyTorch's handler ends it quietly only for its parent's SIGTERM)."""
     import subprocess
+    import sys
 
     loader = TorchLoader(tiny_shards, load_manifest(tiny_shards), "train", workers=1, batch_size=16, img_size=24)
     next(iter(loader))
     worker = loader.loader._iterator._workers[0]  # (persistent: kept between epochs)
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # from another process, as a scheduler's
+    subprocess.run([sys.executable, "-c", f"import os, signal; os.kill({worker.pid}, signal.SIGTERM)"],
+                   check=True)  # from another process, as a scheduler's
     worker.join(timeout=10)
     assert worker.exitcode == 0  # -15 had it died by the signal
     loader.loader._iterator._shutdown_workers()

@@ -1355,7 +1355,7 @@ def test_a_resume_with_its_whole_history_has_no_such_note(tiny_shards, tmp_path,
     assert "has no line for epoch" not in capsys.readouterr().out
 
 
-def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, capsys):
+def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, capsys, monkeypatch):
     from vitdeit.classes import pack_fingerprint
 
     shards = tmp_path / "s"
@@ -1364,7 +1364,8 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     kw = dict(model="resnet18", batch_size=16, workers=0)
     train(cfg_for(shards, tmp_path, epochs=1, **kw))
     last = tmp_path / "resnet18" / "last.pth"
-    assert torch.load(last, weights_only=True)["pack"] == first
+    saved = torch.load(last, weights_only=True)
+    assert saved["pack"] == first and saved["data_dir"] == str(shards.resolve())
     pack(tiny_data, shards, opts=PackOptions(shard_size=30, workers=1), progress=False)  # the same pack again
     assert pack_fingerprint(load_manifest(shards)) == first
     capsys.readouterr()
@@ -1387,3 +1388,12 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     assert f"; {last} was trained and scored on {other}, other shards than {shards})" in capsys.readouterr().out
     evaluate_checkpoint(cfg_for(other, tmp_path, resume=str(last), eval_only=True, **kw))  # the shards it last read
     assert "other shards than" not in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # the same shards, named from another folder: the saved folder, not the typed path, counts
+    evaluate_checkpoint(cfg_for("other", tmp_path, resume=str(last), eval_only=True, **kw))
+    assert "other shards than" not in capsys.readouterr().out
+    old = torch.load(last, weights_only=True)
+    del old["data_dir"]  # a checkpoint saved before the folder was: neither cause is claimed
+    torch.save(old, tmp_path / "old.pth")
+    evaluate_checkpoint(cfg_for(shards, tmp_path, resume=str(tmp_path / "old.pth"), eval_only=True, **kw))
+    assert (f"; the shards at {shards} are not those {tmp_path / 'old.pth'} was saved with (packed again, or other "
+            f"shards))") in capsys.readouterr().out

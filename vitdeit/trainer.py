@@ -267,16 +267,19 @@ def run_manifest(cfg: Config) -> dict:
 DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
 
 
-def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, bool] | None:
-    """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and whether they lie
-    in data_path (packed again there) rather than elsewhere (other shards). None: the same pack, wherever it now
-    lies (a copy moved to a local disk is no change)."""
+def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, str] | None:
+    """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and what that does to
+    a resumed run; None: the same pack, wherever it now lies (a copy moved to a local disk is no change)."""
     if state.get("pack", pack_fingerprint(manifest)) == pack_fingerprint(manifest):
         return None
-    trained_on = state.get("config", {}).get("data_path")
-    if trained_on and Path(trained_on).resolve() != Path(data_path).resolve():
-        return f"{ckpt} was trained and scored on {trained_on}, other shards than {data_path}", False
-    return f"{data_path} was packed again since {ckpt} was saved (other options, seed or images)", True
+    if "data_dir" not in state:  # saved before the folder was: its data_path, as typed, may be another cwd's
+        return (f"the shards at {data_path} are not those {ckpt} was saved with (packed again, or other shards)",
+                "(another pack)")
+    if state["data_dir"] != str(Path(data_path).resolve()):
+        return (f"{ckpt} was trained and scored on {state['data_dir']}, other shards than {data_path}",
+                "(other shards), and best.pth is picked by val scores of both shards' val splits")
+    return f"{data_path} was packed again since {ckpt} was saved (other options, seed or images)", \
+        "(another sample order)"
 
 
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
@@ -321,9 +324,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
             out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {span}: the run goes on, "
                        f"and its curves and viz.py's report lack them")
     if resumed is not None and (other := other_shards_note(resumed, cfg.resume, cfg.data_path, manifest)):
-        out.append(f"note: --resume: {other[0]}: training goes on, not as the uninterrupted run would have " + (
-            "(another sample order)" if other[1] else "(other shards), and best.pth is picked by val scores of both "
-            "shards' val splits"))
+        out.append(f"note: --resume: {other[0]}: training goes on, not as the uninterrupted run would have {other[1]}")
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
         out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
@@ -556,7 +557,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
                 "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states,
-                "pack": pack}
+                "pack": pack, "data_dir": str(Path(cfg.data_path).resolve())}  # (config's data_path: as typed)
             # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
             # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing
             if is_best:

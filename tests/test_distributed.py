@@ -225,3 +225,22 @@ def test_eval_onlys_manifest_and_checkpoint_errors_are_alike_on_every_rank(tiny_
         with pytest.raises(kind) as e:
             evaluate_checkpoint(cfg)
         assert e.value.alike_on_every_rank
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_train_share_under_the_batch_is_alike_on_every_rank(tiny_shards, loader):
+    from vitdeit.classes import load_manifest
+    from vitdeit.config import Config
+    from vitdeit.errors import BatchTooLarge
+    from vitdeit.trainer import build_loaders
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    shares = []
+    for rank in range(3):  # 96 train images over 3 ranks: 32 each, for every rank alike
+        with pytest.raises(BatchTooLarge) as e:
+            build_loaders(Config(data_path=str(tiny_shards), batch_size=40, loader=loader, workers=0),
+                          load_manifest(tiny_shards), Dist(rank=rank, world=3), None)
+        assert e.value.alike_on_every_rank
+        shares.append(e.value.per_rank)
+    assert shares == [32, 32, 32]

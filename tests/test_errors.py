@@ -595,10 +595,16 @@ def test_an_error_every_rank_meets_alike_is_local_rank_0s_to_say_one_that_may_di
         monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: None)  # the wait ran out: local rank 0 did not
     assert train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"]) == 1  # meet it: said here
     assert capsys.readouterr().err.startswith(missing)
-    # a rank's own share of the data: it may differ by rank, so each says its own
+    # a rank's train share: the same count on every rank (ceil or floor of N / processes), so alike too
+    monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: pytest.fail("waited") if not torchrun_ else None)
     assert train.main(["--data-path", str(tiny_shards), "--device", "cpu", "--workers", "0", "--batch-size", "1000",
                        "--output-dir", str(tmp_path / "runs")]) == 1
     assert capsys.readouterr().err.startswith("error: train: 96 samples per rank < --batch-size 1000")
+    # a damaged image in a rank's own share: it may differ by rank, so each says its own, at once
+    monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: pytest.fail("a rank's own error waited"))
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(DataError("shard x: damaged sample y")))
+    assert train.main(["--data-path", str(tiny_shards), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == "error: shard x: damaged sample y\n"
 
 
 def test_under_torchrun_a_run_folder_already_taken_is_said_once_per_node(tiny_shards, tmp_path):

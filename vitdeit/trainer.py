@@ -420,11 +420,13 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
                                         state=states[dist.rank] if dist.rank < len(states) else None)
             val_loader = build_loader(cfg, manifest, "val", dist)
         except BatchTooLarge as e:
+            e.alike_on_every_rank = True  # every rank's train share has one count (N / processes, rounded alike)
             saved = saved_setting(resumed["config"], "batch_size") if resumed is not None else cfg.batch_size
             if saved == cfg.batch_size:
                 raise
-            raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
-                            f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
+            with alike_on_every_rank():
+                raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
+                                f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
     return train_loader, val_loader, caught
 
 

@@ -66,6 +66,25 @@ def test_missing_local_weights_name_the_options():
         load_teacher("", "/nonexistent/r18.pth", ClassMap(("n01440764",), ("tench",)))
 
 
+def test_local_weights_named_as_a_download_must_match_the_hash_in_their_name(tmp_path):
+    import hashlib
+
+    from vitdeit import models
+
+    state = torchvision.models.resnet18().state_dict()  # random weights, torchvision's keys and shapes
+    unnamed = tmp_path / "r18.pth"
+    torch.save(state, unnamed)
+    digest = hashlib.sha256(unnamed.read_bytes()).hexdigest()
+    assert models.load_imagenet1k_resnet18(str(unnamed)).keys() == state.keys()  # no hash in the name: no check
+    good, bad = tmp_path / f"resnet18-{digest[:8]}.pth", tmp_path / "resnet18-f37072fd.pth"
+    for f in (good, bad):
+        f.write_bytes(unnamed.read_bytes())
+    assert models.load_imagenet1k_resnet18(str(good)).keys() == state.keys()
+    with pytest.raises(DataError, match=re.escape(f"--teacher-weights {bad}: its SHA-256 starts {digest[:8]}, not the "
+                                                  f"f37072fd its name promises")):
+        models.load_imagenet1k_resnet18(str(bad))
+
+
 @pytest.mark.parametrize("name,heads", [("vit_tiny", 1), ("deit_tiny_distill", 2), ("resnet18", 1)])
 def test_models_take_the_class_count_and_image_size_from_arguments(name, heads):
     net = create_model(name, 7, img_size=32, patch_size=8).eval()

@@ -518,9 +518,14 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
         assert ticks and all(float(t).is_integer() for t in ticks)  # epochs 0 to 2, not 0.25, 0.5, ...
         assert [list(line.get_xdata()) for line in ax.get_lines()] == [[0, 1]] * 2 + [[1, 2]] * 2  # as metrics.jsonl
     for ax, what in ((loss, "loss"), (top1, "top1")):  # each line the metric its legend names, dashed for train
+        assert all(line.get_marker() not in (None, "", "None") for line in ax.get_lines())  # one epoch: a point
         lines = {(line.get_label(), line.get_linestyle()): list(line.get_ydata()) for line in ax.get_lines()}
         assert lines == {(f"{name} {split}", "--" if split == "train" else "-"): [r[f"{split}_{what}"] for r in rows]
                          for name, rows in (("ViT", [row(0), row(1)]), ("DeiT", deit)) for split in ("train", "val")}
+    for one in (curves_figure({"ViT": [row(0)]}), curves_figure({"ViT": [row(3)], "DeiT": [row(3)]})):  # a --quick
+        for ax in one.axes[:2]:  # one epoch: its own tick, not -0.04 ... 0.04
+            e = ax.get_lines()[0].get_xdata()[0]
+            assert list(ax.get_xticks()) == [e] and ax.get_xlim() == (e - 0.5, e + 0.5)
     plain = curves_figure({"ViT": [row(0), row(1)]}).axes[0]
     assert plain.get_title() == ("train (dashed): the loss as trained, with its label smoothing, Mixup/CutMix if any; "
                                  "val (solid): plain CE")

@@ -7,6 +7,7 @@ ImageNet-1k class, so that teacher needs no fine-tuning).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -56,11 +57,28 @@ def imagenet1k_indices(wnids) -> list[int]:
     return [order[w] for w in wnids]
 
 
+def check_download_hash(path: Path) -> None:
+    """A file named as torch.hub names its downloads (resnet18-f37072fd.pth: NAME-HASH.pth) must start its SHA-256
+    with that HASH, as torch.hub checks a download: a copy cut short, or another file under the name, is refused."""
+    m = torch.hub.HASH_REGEX.search(path.name)
+    if not m or not m.group(1):
+        return
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    if not sha.hexdigest().startswith(m.group(1)):
+        raise DataError(f"--teacher-weights {path}: its SHA-256 starts {sha.hexdigest()[:len(m.group(1))]}, not the "
+                        f"{m.group(1)} its name promises: a copy cut short or another file; download it again "
+                        f"({RESNET18_IMAGENET1K}).")
+
+
 def load_imagenet1k_resnet18(weights: str) -> dict:
     if weights != "imagenet1k":
         if not Path(weights).is_file():
             raise MissingFile(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
                               f"copy of {RESNET18_IMAGENET1K}).")
+        check_download_hash(Path(weights))
         return torch_load(Path(weights), "--teacher-weights")
     try:
         return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False)

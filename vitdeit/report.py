@@ -122,14 +122,19 @@ def curves_figure(runs: dict[str, list[dict]]):
     for i, (name, rows) in enumerate(runs.items()):
         colour = f"C{i}"
         ep = [r["epoch"] for r in rows]  # 0-based, as the console, metrics.jsonl and the checkpoints number them
-        axes[0].plot(ep, [r["train_loss"] for r in rows], "--", color=colour, label=f"{name} train")
+        # markers on both: a run of one epoch is one point, which a line alone does not draw
+        axes[0].plot(ep, [r["train_loss"] for r in rows], "--x", color=colour, ms=4, label=f"{name} train")
         axes[0].plot(ep, [r["val_loss"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
-        axes[1].plot(ep, [r["train_top1"] for r in rows], "--", color=colour, label=f"{name} train")
+        axes[1].plot(ep, [r["train_top1"] for r in rows], "--x", color=colour, ms=4, label=f"{name} train")
         axes[1].plot(ep, [r["val_top1"] for r in rows], "-o", color=colour, ms=3, label=f"{name} val")
     from matplotlib.ticker import MaxNLocator
 
+    epochs = sorted({r["epoch"] for rows in runs.values() for r in rows})
     for ax, what in zip(axes, ("loss", "top-1 (%)")):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 0, 1, 2, not 1.5
+        if epochs and epochs[-1] - epochs[0] < 2:  # one or two epochs: the locator would tick between them
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+            ax.set_xticks(epochs)
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)

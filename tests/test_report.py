@@ -226,7 +226,8 @@ def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_n
     n_val = sum(1 for _ in (data / "val.X").glob("*/*"))
     pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
-    args = ["--vit", vit, "--deit", deit, "--data-path", str(tmp_path / "s"), "--out", str(tmp_path / "p.png"), "--no-report", "--workers", "0"]
+    args = ["--vit", vit, "--deit", deit, "--data-path", str(tmp_path / "s"), "--out", str(tmp_path / "p.png"),
+            "--no-report", "--workers", "0"]
     assert n_val < 10 and viz.main(args) == 0
     note = f"note: the val split holds {n_val} images: the picture shows all of them, not 10"
     assert note in capsys.readouterr().out.splitlines()

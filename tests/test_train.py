@@ -1335,16 +1335,16 @@ def test_a_resume_whose_metrics_lack_epochs_says_which(tiny_shards, tmp_path, ca
             f"report lack them") in capsys.readouterr().out.splitlines()
 
 
-@pytest.mark.parametrize("given", ["missing.pth", "run_folder"])
-def test_a_teacher_checkpoint_that_is_no_file_is_named_before_the_loaders_and_the_run_line(tiny_shards, tmp_path,
-                                                                                           monkeypatch, capsys, given):
+@pytest.mark.parametrize("flag, given", [("ckpt", "missing.pth"), ("ckpt", "run_folder"), ("weights", "r18.pth")])
+def test_a_teacher_file_that_is_not_there_is_named_before_the_loaders_and_the_run_line(tiny_shards, tmp_path,
+                                                                                       monkeypatch, capsys, flag, given):
     from vitdeit import trainer
     from vitdeit.errors import MissingFile
 
     (tmp_path / "run_folder").mkdir()
     monkeypatch.setattr(trainer, "build_loaders", lambda *a: pytest.fail("built the loaders first"))
-    with pytest.raises(MissingFile, match=re.escape(f"--teacher-ckpt {tmp_path / given}: ")) as e:
-        train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / given)))
+    with pytest.raises(MissingFile, match=re.escape(f"--teacher-{flag} {tmp_path / given}: ")) as e:
+        train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", **{f"teacher_{flag}": str(tmp_path / given)}))
     assert e.value.alike_on_every_rank and capsys.readouterr().out == ""
 
 

@@ -73,11 +73,16 @@ def check_download_hash(path: Path) -> None:
                         f"({RESNET18_IMAGENET1K}).")
 
 
+def check_weights_file(weights: str) -> None:
+    """--teacher-weights PATH (not 'imagenet1k'): the file must be there."""
+    if weights not in ("", "imagenet1k") and not Path(weights).is_file():
+        raise MissingFile(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
+                          f"copy of {RESNET18_IMAGENET1K}).")
+
+
 def load_imagenet1k_resnet18(weights: str) -> dict:
     if weights != "imagenet1k":
-        if not Path(weights).is_file():
-            raise MissingFile(f"--teacher-weights {weights}: file not found (give 'imagenet1k' or a local "
-                              f"copy of {RESNET18_IMAGENET1K}).")
+        check_weights_file(weights)
         check_download_hash(Path(weights))
         return torch_load(Path(weights), "--teacher-weights")
     try:

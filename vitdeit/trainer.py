@@ -25,7 +25,7 @@ from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line
 from .metrics import MetricsLog, read_metrics
-from .models import OUTSIDE_DATA, create_model, load_teacher, model_from_checkpoint
+from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
 
 AMP_NAME = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as --amp spells them
@@ -480,8 +480,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         check_run_dir(run_dir, cfg, dist)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
-        if cfg.distillation != "none" and cfg.teacher_ckpt:  # read after the loaders and notes: its path checked now
-            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")
+        if cfg.distillation != "none":  # the teacher is read after the loaders and notes: its file checked now
+            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt") if cfg.teacher_ckpt else check_weights_file(
+                cfg.teacher_weights)
 
         resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
         if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size

@@ -1336,8 +1336,8 @@ def test_a_resume_whose_metrics_lack_epochs_says_which(tiny_shards, tmp_path, ca
 
 
 @pytest.mark.parametrize("flag, given", [("ckpt", "missing.pth"), ("ckpt", "run_folder"), ("weights", "r18.pth")])
-def test_a_teacher_file_that_is_not_there_is_named_before_the_loaders_and_the_run_line(tiny_shards, tmp_path,
-                                                                                       monkeypatch, capsys, flag, given):
+def test_a_teacher_file_that_is_not_there_is_named_before_the_loaders_and_the_run_line(
+        tiny_shards, tmp_path, monkeypatch, capsys, flag, given):
     from vitdeit import trainer
     from vitdeit.errors import MissingFile
 
@@ -1388,7 +1388,7 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     assert f"; {last} was trained and scored on {other}, other shards than {shards})" in capsys.readouterr().out
     evaluate_checkpoint(cfg_for(other, tmp_path, resume=str(last), eval_only=True, **kw))  # the shards it last read
     assert "other shards than" not in capsys.readouterr().out
-    monkeypatch.chdir(tmp_path)  # the same shards, named from another folder: the saved folder, not the typed path, counts
+    monkeypatch.chdir(tmp_path)  # the same shards named from another folder: the saved folder counts, not the path
     evaluate_checkpoint(cfg_for("other", tmp_path, resume=str(last), eval_only=True, **kw))
     assert "other shards than" not in capsys.readouterr().out
     old = torch.load(last, weights_only=True)

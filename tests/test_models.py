@@ -66,7 +66,7 @@ def test_missing_local_weights_name_the_options():
         load_teacher("", "/nonexistent/r18.pth", ClassMap(("n01440764",), ("tench",)))
 
 
-def test_local_weights_named_as_a_download_must_match_the_hash_in_their_name(tmp_path):
+def test_local_weights_under_torchvisions_name_must_match_the_hash_in_it(tmp_path):
     import hashlib
 
     from vitdeit import models
@@ -75,11 +75,11 @@ def test_local_weights_named_as_a_download_must_match_the_hash_in_their_name(tmp
     unnamed = tmp_path / "r18.pth"
     torch.save(state, unnamed)
     digest = hashlib.sha256(unnamed.read_bytes()).hexdigest()
-    assert models.load_imagenet1k_resnet18(str(unnamed)).keys() == state.keys()  # no hash in the name: no check
-    good, bad = tmp_path / f"resnet18-{digest[:8]}.pth", tmp_path / "resnet18-f37072fd.pth"
-    for f in (good, bad):
+    assert models.load_imagenet1k_resnet18(str(unnamed)).keys() == state.keys()  # the user's own name: no check
+    dated, bad = tmp_path / "resnet18-20240101.pth", tmp_path / "resnet18-f37072fd.pth"  # (a date: hex digits too)
+    for f in (dated, bad):
         f.write_bytes(unnamed.read_bytes())
-    assert models.load_imagenet1k_resnet18(str(good)).keys() == state.keys()
+    assert models.load_imagenet1k_resnet18(str(dated)).keys() == state.keys()
     with pytest.raises(DataError, match=re.escape(f"--teacher-weights {bad}: its SHA-256 starts {digest[:8]}, not the "
                                                   f"f37072fd its name promises")):
         models.load_imagenet1k_resnet18(str(bad))

@@ -58,18 +58,20 @@ def imagenet1k_indices(wnids) -> list[int]:
 
 
 def check_download_hash(path: Path) -> None:
-    """A file named as torch.hub names its downloads (resnet18-f37072fd.pth: NAME-HASH.pth) must start its SHA-256
-    with that HASH, as torch.hub checks a download: a copy cut short, or another file under the name, is refused."""
-    m = torch.hub.HASH_REGEX.search(path.name)
-    if not m or not m.group(1):
+    """The file under torchvision's own name (resnet18-f37072fd.pth: NAME-HASH.pth) must start its SHA-256 with
+    that HASH, as torch.hub checks its download: a copy cut short, or another file under the name, is refused.
+    Only that name: a file of the user's own naming may hold a hex-looking date or version (resnet18-20240101.pth)."""
+    name = RESNET18_IMAGENET1K.rsplit("/", 1)[1]
+    if path.name != name:
         return
+    promised = torch.hub.HASH_REGEX.search(name).group(1)
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
-    if not sha.hexdigest().startswith(m.group(1)):
-        raise DataError(f"--teacher-weights {path}: its SHA-256 starts {sha.hexdigest()[:len(m.group(1))]}, not the "
-                        f"{m.group(1)} its name promises: a copy cut short or another file; download it again "
+    if not sha.hexdigest().startswith(promised):
+        raise DataError(f"--teacher-weights {path}: its SHA-256 starts {sha.hexdigest()[:len(promised)]}, not the "
+                        f"{promised} its name promises: a copy cut short or another file; download it again "
                         f"({RESNET18_IMAGENET1K}).")
 
 

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
         say_error(e)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (torchrun passes either to every process: one says it)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (after a Ctrl-C too: a SIGTERM now would cut the line below)
         if os.environ.get("RANK", "0") == "0":
             ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
                                        or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())

@@ -528,12 +528,17 @@ def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler
 
     last = tmp_path / "runs" / "r" / "last.pth"
 
+    during = []
+
     def cancelled(cfg):  # a scheduler's cancel or time limit, after an epoch finished
         last.parent.mkdir(parents=True)
         last.write_bytes(b"new")
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(10)
-        pytest.fail("SIGTERM did not stop the run")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+            pytest.fail("SIGTERM did not stop the run")
+        finally:  # the clean-up: a second SIGTERM (Slurm's, then torchrun's) must not interrupt it
+            during.append(signal.getsignal(signal.SIGTERM))
 
     monkeypatch.setattr(train, "train", cancelled)
     before = signal.getsignal(signal.SIGTERM)
@@ -542,7 +547,7 @@ def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler
         f"terminated (SIGTERM: a scheduler's cancel or time limit, or torchrun ending this process after another "
         f"failed: see above); the epochs finished so far are in {last}: go on with the same command and --resume "
         f"{last}")
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert during == [signal.SIG_IGN] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
@@ -596,10 +601,12 @@ def test_an_error_every_rank_meets_alike_is_local_rank_0s_to_say_one_that_may_di
     assert train.main(["--data-path", str(tmp_path / "not_here"), "--device", "cpu"]) == 1  # meet it: said here
     assert capsys.readouterr().err.startswith(missing)
     # a rank's train share: the same count on every rank (ceil or floor of N / processes), so alike too
-    monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: pytest.fail("waited") if not torchrun_ else None)
+    waited = []
+    monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: waited.append(1))
     assert train.main(["--data-path", str(tiny_shards), "--device", "cpu", "--workers", "0", "--batch-size", "1000",
                        "--output-dir", str(tmp_path / "runs")]) == 1
     assert capsys.readouterr().err.startswith("error: train: 96 samples per rank < --batch-size 1000")
+    assert waited == ([1] if torchrun_ else [])  # a quiet rank leaves it to local rank 0 first
     # a damaged image in a rank's own share: it may differ by rank, so each says its own, at once
     monkeypatch.setattr(train, "wait_for_local_rank_0", lambda: pytest.fail("a rank's own error waited"))
     monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(DataError("shard x: damaged sample y")))

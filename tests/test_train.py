@@ -1388,9 +1388,17 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     assert f"; {last} was trained and scored on {other}, other shards than {shards})" in capsys.readouterr().out
     evaluate_checkpoint(cfg_for(other, tmp_path, resume=str(last), eval_only=True, **kw))  # the shards it last read
     assert "other shards than" not in capsys.readouterr().out
-    monkeypatch.chdir(tmp_path)  # the same shards named from another folder: the saved folder counts, not the path
-    evaluate_checkpoint(cfg_for("other", tmp_path, resume=str(last), eval_only=True, **kw))
-    assert "other shards than" not in capsys.readouterr().out
+    # a run given its shards as a relative path, those shards packed again, then read from another folder: judged by
+    # the folder saved (data_dir), not by the typed path resolved from today's folder
+    monkeypatch.chdir(tmp_path)
+    train(cfg_for("other", tmp_path, epochs=5, resume=str(last), **kw))
+    pack(tiny_data, other, opts=PackOptions(shard_size=30, workers=1, seed=3), progress=False)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    capsys.readouterr()
+    evaluate_checkpoint(cfg_for("../other", tmp_path, resume=str(last), eval_only=True, **kw))
+    out = capsys.readouterr().out
+    assert f"; ../other was packed again since {last} was saved" in out and "other shards than" not in out
     old = torch.load(last, weights_only=True)
     del old["data_dir"]  # a checkpoint saved before the folder was: neither cause is claimed
     torch.save(old, tmp_path / "old.pth")

@@ -59,7 +59,8 @@ def imagenet1k_indices(wnids) -> list[int]:
 
 def check_download_hash(path: Path) -> None:
     """The file under torchvision's own name (resnet18-f37072fd.pth: NAME-HASH.pth) must start its SHA-256 with
-    that HASH, as torch.hub checks its download: a copy cut short, or another file under the name, is refused.
+    that HASH, as torch.hub checks a download with check_hash=True: a copy cut short, or another file under the
+    name, is refused.
     Only that name: a file of the user's own naming may hold a hex-looking date or version (resnet18-20240101.pth)."""
     name = RESNET18_IMAGENET1K.rsplit("/", 1)[1]
     if path.name != name:
@@ -88,7 +89,8 @@ def load_imagenet1k_resnet18(weights: str) -> dict:
         check_download_hash(Path(weights))
         return torch_load(Path(weights), "--teacher-weights")
     try:
-        return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False)
+        return torch.hub.load_state_dict_from_url(RESNET18_IMAGENET1K, map_location="cpu", progress=False,
+                                                  check_hash=True)  # (a fresh download; a cached file is not)
     except Exception as e:  # offline, proxy, ...
         raise MissingFile(
             f"could not download torchvision's ResNet-18 ImageNet-1k weights ({type(e).__name__}: {e}). "

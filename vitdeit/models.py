@@ -60,8 +60,7 @@ def imagenet1k_indices(wnids) -> list[int]:
 def check_download_hash(path: Path) -> None:
     """The file under torchvision's own name (resnet18-f37072fd.pth: NAME-HASH.pth) must start its SHA-256 with
     that HASH, as torch.hub checks a download with check_hash=True: a copy cut short, or another file under the
-    name, is refused.
-    Only that name: a file of the user's own naming may hold a hex-looking date or version (resnet18-20240101.pth)."""
+    name, is refused. Only that name: a name of the user's own may hold a hex-looking date (resnet18-20240101.pth)."""
     name = RESNET18_IMAGENET1K.rsplit("/", 1)[1]
     if path.name != name:
         return

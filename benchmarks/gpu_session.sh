@@ -29,7 +29,7 @@
 set -uo pipefail  # not -e: one step failing must leave the others their turn
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: pack() writes to it from inside $WORK
 BUDGET=${BUDGET:-560}
 WORK=${SESSION_DIR:-/tmp/vitdeit-session}  # each step's own $OUT; tarred into $OUT after every step
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -55,7 +55,10 @@ fi
 pack() {  # the session's files into $OUT after each step: what a time-out leaves is still there
   tar -C "$WORK" --exclude='*.json.gz' -cf "$OUT/session.tar" . 2>/dev/null
   if find "$WORK" -name '*.json.gz' | grep -q .; then
-    (cd "$WORK" && find . -name '*.json.gz' -print0 | tar --null -T - -cf "$OUT/profile.tar")
+    if ! (cd "$WORK" && find . -name '*.json.gz' -print0 | tar --null -T - -cf "$OUT/profile.tar"); then
+      echo "== the traces could not be written to $OUT/profile.tar (they stay in $WORK)"
+      return
+    fi
     if [ "$(stat -c %s "$OUT/profile.tar")" -gt $((15 << 20)) ]; then  # the device returns no file over 16 MiB
       rm -f "$OUT"/profile.tar.part-* && split -b 15M "$OUT/profile.tar" "$OUT/profile.tar.part-" \
         && rm "$OUT/profile.tar"  # (cat the parts to rebuild it; 64 MiB in all come back: 4 parts at most)

@@ -46,10 +46,19 @@ def window_name(steps: int) -> str:
     return f"{WINDOW} steps={steps}"
 
 
+class NotATrace(Exception):
+    """A path that is no trace throughput.py --profile wrote: one line, not a traceback."""
+
+
 def load(path: Path) -> list[dict]:
     """The events of a Chrome trace, .json or .json.gz."""
-    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
-        return json.load(f)["traceEvents"]
+    try:
+        with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
+            return json.load(f)["traceEvents"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON (or gzip), another JSON
+        what = "no traceEvents" if isinstance(e, (KeyError, TypeError)) else f"{type(e).__name__}: {e}"
+        raise NotATrace(f"{path}: not a trace ({what}); pass the .json.gz files throughput.py --profile DIR wrote "
+                        f"in DIR") from None
 
 
 def merged(intervals) -> list[list[float]]:
@@ -172,10 +181,15 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):  # the usage line; the whole docstring with --help
         print(__doc__ if argv else __doc__.split("\n\n")[1], file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    try:
+        traces = [(path, load(path)) for path in map(Path, argv)]  # all read before the table starts
+    except NotATrace as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     ceiling = None
     print(HEADER)
-    for path in map(Path, argv):
-        s = summary(load(path), None if ceiling is None else set(ceiling["step_streams"]))
+    for path, events in traces:
+        s = summary(events, None if ceiling is None else set(ceiling["step_streams"]))
         ceiling = ceiling or s
         print(row(path.name.split(".json")[0], s, ceiling))
     return 0

@@ -593,6 +593,17 @@ def test_throughput_given_packed_shards_asks_for_the_image_folders(tiny_shards):
         throughput.main(["--data-path", str(tiny_shards), "--parts", "transforms"])
 
 
+def test_throughput_given_folders_without_labels_json_says_to_copy_it_there_not_a_flag_it_lacks(tmp_path):
+    from benchmarks import throughput
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    (data / "Labels.json").unlink()
+    with pytest.raises(DataError) as e:
+        throughput.main(["--data-path", str(data), "--parts", "transforms"])
+    assert str(e.value).startswith(f"{data / 'Labels.json'}: not found; --data-path's folders need their Labels.json")
+    assert "copy this repository's Labels.json there" in str(e.value) and "--labels" not in str(e.value)
+
+
 def test_a_work_dir_reused_with_other_images_measures_the_images_asked_for(tmp_path, monkeypatch):
     from benchmarks import imageset, throughput
 
@@ -751,6 +762,19 @@ def test_the_traces_command_reads_gzipped_traces_and_scales_each_step_by_the_fir
                              "0.25", "0.0"]
     assert second.split() == ["loader", "0.50", "70", "%", "0.25", "x1.00", "0.12", "0.07", "0.05", "0.03", "0.00",
                               "0.00", "0.25", "1.0"]
+
+
+def test_the_traces_command_names_a_path_that_is_no_trace_in_one_line_before_any_table(tmp_path, capsys):
+    from benchmarks import traces
+
+    (tmp_path / "b.json").write_text(json.dumps({"machine": {}}))  # throughput.py's --json, passed by mistake
+    (tmp_path / "t.json.gz").write_bytes(b"not gzip")
+    for path, why in ((tmp_path / "nope.json.gz", "FileNotFoundError"), (tmp_path / "b.json", "no traceEvents"),
+                      (tmp_path / "t.json.gz", "BadGzipFile")):
+        assert traces.main([str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"error: {path}: not a trace ({why}") and err.count("\n") == 1
+        assert err.rstrip().endswith("pass the .json.gz files throughput.py --profile DIR wrote in DIR")
 
 
 @pytest.mark.parametrize("argv,rc", [([], 2), (["--help"], 0), (["-h"], 0)])

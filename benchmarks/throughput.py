@@ -93,6 +93,18 @@ def timed(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def few_batches(n_train: int, a, fix: str, where: str = "") -> None:
+    """Refuse, before any work, a run whose loaders would time nothing: every loader drops a last partial batch, and
+    DALI's fresh_epoch skips the batches it decoded ahead (its deepest --dali-prefetch)."""
+    if n_train < a.batch_size:
+        raise SettingError(f"--batch-size {a.batch_size}: more than the {n_train} train images{where}; {fix}")
+    ahead = max(a.dali_prefetch) if a.dali and dali_available() else 0
+    if n_train // a.batch_size <= ahead:
+        raise SettingError(f"{n_train // a.batch_size} batches per epoch ({n_train} train images{where} / --batch-size "
+                           f"{a.batch_size}): DALI decodes the first {ahead} of each ahead, so none would be timed; "
+                           f"{fix} (more than {ahead} batches), or pass --no-dali")
+
+
 def fresh_epoch(loader):
     """A new epoch's iterator, past the batches the loader decoded before the epoch was asked for: DALI's iterator
     decodes its next epoch's first `decoded_ahead` batches as soon as one ends, while other units are timed. Those
@@ -100,7 +112,7 @@ def fresh_epoch(loader):
     ahead = getattr(loader, "decoded_ahead", 0)
     if ahead and len(loader) <= ahead:  # (a newly built DALI iterator holds one more: the warm-up epoch takes it)
         raise SettingError(f"{len(loader)} batches per epoch: DALI decodes the first {ahead} of each ahead, so none "
-                           f"would be timed; give more images per batch size (--num-images / --batch-size > {ahead})")
+                           f"would be timed; give more images per batch size (train images / --batch-size > {ahead})")
     it = iter(loader)
     for _ in range(ahead):
         next(it)
@@ -665,6 +677,8 @@ def main(argv=None) -> int:
 
     save()  # the machine and settings: a --json that cannot be written stops the run before any work
 
+    if not a.data_path and parts & {"loaders", "e2e"}:  # the synthetic set's counts: known before it is made
+        few_batches(a.num_images, a, "raise --num-images or lower --batch-size")
     data_dir = Path(a.data_path) if a.data_path else work / "images"
     with part_seconds("data"):  # the images, the shards and DALI's one-batch check
         if not a.data_path and not (data_dir / "Labels.json").exists():  # (written last: a killed run's set is redone)
@@ -678,9 +692,9 @@ def main(argv=None) -> int:
             raise SettingError(f"--work-dir {work} holds {len(files)} synthetic train images from an earlier run, not "
                                f"--num-images {a.num_images}; pass --num-images {len(files)}, another --work-dir "
                                f"(gpu_check.sh: BENCH_DIR=DIR), or delete {data_dir}")
-        if parts & {"loaders", "e2e"} and len(files) < a.batch_size:  # every loader drops a last partial batch
-            raise SettingError(f"--batch-size {a.batch_size}: more than the {len(files)} train images in {data_dir}; "
-                               f"lower it" + ("" if a.data_path else " or raise --num-images"))
+        if parts & {"loaders", "e2e"}:  # before the packing: --data-path's count, known now
+            few_batches(len(files), a, "lower --batch-size" + ("" if a.data_path else " or raise --num-images"),
+                        f" in {data_dir}")
         sizes = [f.stat().st_size for f in files]
         result["images"] = {"path": str(data_dir), "count": len(sizes), "mean_kb": sum(sizes) / len(sizes) / 1024}
         shard_dirs = {}

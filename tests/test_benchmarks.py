@@ -456,7 +456,7 @@ def test_batches_a_loader_decoded_before_its_window_are_neither_timed_nor_counte
 
     assert throughput.epoch_seconds(Loader(), lambda: None) == (9, 3.0)  # batches 2, 3, 4
     with pytest.raises(SettingError, match=r"2 batches per epoch: DALI decodes the first 2 of each ahead, so none "
-                                           r"would be timed; .*--num-images / --batch-size > 2"):
+                                           r"would be timed; .*train images / --batch-size > 2"):
         throughput.epoch_seconds(Loader(2), lambda: None)
     taken = []
 
@@ -604,6 +604,30 @@ def test_throughput_given_folders_without_labels_json_says_to_copy_it_there_not_
     assert "copy this repository's Labels.json there" in str(e.value) and "--labels" not in str(e.value)
 
 
+def test_too_few_batches_for_dali_are_refused_before_any_image_is_made_or_packed(tmp_path, monkeypatch):
+    from benchmarks import throughput
+
+    monkeypatch.setattr(throughput, "dali_available", lambda: True)  # (the check needs no DALI run)
+    real_pack = throughput.pack
+    monkeypatch.setattr(throughput, "pack", lambda *a, **k: pytest.fail("packed first"))
+    work = tmp_path / "w"
+    with pytest.raises(SettingError, match=re.escape("2 batches per epoch (64 train images / --batch-size 32): DALI "
+                                                     "decodes the first 2 of each ahead, so none would be timed; raise "
+                                                     "--num-images or lower --batch-size (more than 2 batches), or "
+                                                     "pass --no-dali")):
+        throughput.main(["--work-dir", str(work), "--num-images", "64", "--batch-size", "32", "--parts", "loaders"])
+    assert not (work / "images").exists()  # refused before the images were made
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=8, val_per_class=1)  # 16 train images
+    with pytest.raises(SettingError, match=re.escape(f"4 batches per epoch (16 train images in {data} / --batch-size "
+                                                     f"4): DALI decodes the first 4 of each ahead, so none would be "
+                                                     f"timed; lower --batch-size (more than 4 batches), or pass")):
+        throughput.main(["--data-path", str(data), "--work-dir", str(work), "--batch-size", "4", "--parts", "e2e",
+                         "--dali-prefetch", "2,4"])  # the deepest depth counts; no --num-images advice here
+    monkeypatch.setattr(throughput, "pack", real_pack)
+    assert throughput.main(["--data-path", str(data), "--work-dir", str(work), "--batch-size", "4", "--parts", "data",
+                            "--dali-prefetch", "2,4", "--no-dali", "--workers", "1"]) == 0  # no loader: no check
+
+
 def test_a_work_dir_reused_with_other_images_measures_the_images_asked_for(tmp_path, monkeypatch):
     from benchmarks import imageset, throughput
 
@@ -623,7 +647,8 @@ def test_a_work_dir_reused_with_other_images_measures_the_images_asked_for(tmp_p
     with pytest.raises(SettingError, match=f"--work-dir {work} holds 16 synthetic train images from an earlier run, "
                                            f"not --num-images 24; pass --num-images 16"):
         throughput.main(["--work-dir", str(work), "--num-images", "24", "--parts", "transforms"])
-    with pytest.raises(SettingError, match=f"--batch-size 32: more than the 16 train images in {synthetic}"):
+    with pytest.raises(SettingError, match=re.escape("--batch-size 32: more than the 16 train images; raise "
+                                                     "--num-images or lower --batch-size")):
         throughput.main(["--work-dir", str(work), "--num-images", "16", "--parts", "loaders", "--batch-size", "32"])
     # --parts data loads no batch (gpu_train.sh's first step): any batch size; and a set without its Labels.json (a
     # killed run's) is made again from nothing, not topped up: exactly --num-images train images

@@ -228,12 +228,12 @@ def train_files(data_dir: Path) -> list[Path]:
         raise DataError(f"{data_dir}: holds packed shards ({MANIFEST_NAME}); --data-path here takes the "
                         f"ImageNet-style JPEG folders (train.X*/, val.X/, Labels.json) they were packed from: the "
                         f"benchmark packs them itself.")
-    labels = data_dir / "Labels.json"
+    labels, split_dirs = data_dir / "Labels.json", find_split_dirs(data_dir)  # (a wrong --data-path named first)
     if not labels.is_file():  # (the packer's own advice, --labels PATH, is pack_shards.py's flag: not one here)
         raise DataError(f"{labels}: not found; --data-path's folders need their Labels.json (WNID -> name) beside "
                         f"train.X*/ and val.X/, as pack_shards.py's do: copy this repository's Labels.json there "
                         f"(ImageNet-100's classes), or write one for yours.")
-    files = [Path(s.path) for s in scan_split(find_split_dirs(data_dir)["train"], ClassMap.from_file(labels), labels)]
+    files = [Path(s.path) for s in scan_split(split_dirs["train"], ClassMap.from_file(labels), labels)]
     if not files:
         raise DataError(f"{data_dir}: its train folders hold no images; --data-path needs ImageNet-style folders.")
     return files

@@ -545,26 +545,22 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
             f"{len(bad)} file(s) that are not readable images, so no {out / MANIFEST_NAME}{earlier}:\n{lines}\n"
             f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest)."
         )
-    split_of = {}
+    copies: dict[str, dict[str, list[str]]] = {}  # source bytes' sha1 -> split -> the paths holding them
     for r in results:
         for digest, path in r.hashes:
-            split_of.setdefault(digest, {}).setdefault(r.split, path)
-    overlap = [paths for paths in split_of.values() if len(paths) > 1]
+            copies.setdefault(digest, {}).setdefault(r.split, []).append(path)
+    overlap = [paths for paths in copies.values() if len(paths) > 1]
     if overlap:
-        lines = "\n".join(f"  {p['train']}  ==  {p['val']}" for p in overlap[:50])
+        lines = "\n".join(f"  {p['train'][0]}  ==  {p['val'][0]}" for p in overlap[:50])
         raise DataError(
             f"{len(overlap)} image(s) appear in both train and val (identical bytes); validation would be "
             f"contaminated. Remove one copy of each:\n{lines}"
         )
 
     label_of = {s.path: s.label for srcs in sources.values() for s in srcs}
-    copies: dict[tuple[str, str], list[str]] = {}
-    for r in results:
-        for digest, path in r.hashes:
-            copies.setdefault((r.split, digest), []).append(path)
     same_bytes = sorted(({"split": split, "paths": sorted(paths),
                           "classes": sorted({class_map.wnids[label_of[p]] for p in paths})}
-                         for (split, _), paths in copies.items() if len(paths) > 1),
+                         for by_split in copies.values() for split, paths in by_split.items() if len(paths) > 1),
                         key=lambda g: (g["split"], g["paths"]))
 
     manifest = {

@@ -376,7 +376,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
-    if shown < (num_images or DEFAULT_PANELS):  # (an explicit --num-images over the val count stopped above)
+    if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         notes.insert(0, f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     if one_file:
         notes.insert(0, f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself")

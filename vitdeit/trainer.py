@@ -270,7 +270,8 @@ DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distil
 def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, str] | None:
     """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and what that does to
     a resumed run; None: the same pack, wherever it now lies (a copy moved to a local disk is no change)."""
-    if state.get("pack", pack_fingerprint(manifest)) == pack_fingerprint(manifest):
+    now = pack_fingerprint(manifest)
+    if state.get("pack", now) == now:
         return None
     if "data_dir" not in state:  # saved before the folder was: its data_path, as typed, may be another cwd's
         return (f"the shards at {data_path} are not those {ckpt} was saved with (packed again, or other shards)",
@@ -480,9 +481,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         check_run_dir(run_dir, cfg, dist)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
-        if cfg.distillation != "none":  # the teacher is read after the loaders and notes: its file checked now
-            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt") if cfg.teacher_ckpt else check_weights_file(
-                cfg.teacher_weights)
+        if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and notes:
+            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # its file is checked now
+        elif cfg.distillation != "none":
+            check_weights_file(cfg.teacher_weights)
 
         resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
         if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size

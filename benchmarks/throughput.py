@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_STREAMS, Config,  # noqa: E402
                             refuse_below)
-from vitdeit.data import MEAN, STD, build_loader, dali_available  # noqa: E402
+from vitdeit.data import MEAN, STD, build_loader, dali_available, val_resize  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.engine import compile_for_training, compile_mode, step_stream, train_step  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
@@ -421,7 +421,7 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
       CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each.
     Returns the rows, and each unit's window of --steps steps (name -> a function running one, the ceiling first),
     which --profile DIR runs once more under torch.profiler (profile_windows(), after the rows are saved)."""
-    whole_epochs = a.e2e_unit == "epoch" or (a.e2e_unit == "auto" and device.type == "cuda")
+    whole_epochs = a.e2e_unit == "epoch"  # (main() resolved auto)
     x, y = device_batch(a, device, channels_last=e2e_setting(device)[2])
 
     def steps(batches, n=None) -> tuple[int, float, float]:
@@ -634,6 +634,8 @@ def main(argv=None) -> int:
     if a.compile_mode == "reduce-overhead" and a.device != "cuda" and not a.compile:
         p.error(f"--compile-mode {a.compile_mode}: nothing is compiled on a CPU without --compile; add it")
     a.compile_mode = compile_mode(a.compile_mode, torch.device(a.device), world=1)  # the mode that runs
+    if a.e2e_unit == "auto":  # the unit that runs, as the JSON's settings record it
+        a.e2e_unit = "epoch" if a.device == "cuda" else "steps"
     refuse_below(p, ("--num-images", a.num_images, 1), ("--img-size", a.img_size, 8), ("--batch-size", a.batch_size, 1),
                  ("--workers", a.workers, 1), ("--resize-short", a.resize_short, 8), ("--steps", a.steps, 1),
                  ("--warmup-steps", a.warmup_steps, 0), ("--repeats", a.repeats, 1),
@@ -641,6 +643,10 @@ def main(argv=None) -> int:
     parts = {part.strip() for part in a.parts.split(",")}  # "loaders, model" as typed with a space
     if parts - set(PARTS):
         p.error(f"--parts {a.parts}: no part {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
+    if parts & {"loaders", "e2e", "data"} and a.resize_short < val_resize(a.img_size, Config.crop_pct):
+        print(f"note: --resize-short {a.resize_short} is under the {val_resize(a.img_size, Config.crop_pct)} px "
+              f"shorter side train.py's val resizes to at --img-size {a.img_size}; train.py warns that shards packed "
+              f"so are upscaled. The resized rows time them as packed.", flush=True)
     if parts & {"model", "e2e"} and a.img_size % 16:  # the ViT/DeiT steps use train.py's default 16 px patches
         p.error(f"--img-size {a.img_size}: train.py's ViT/DeiT need --patch-size (16 here, its default) to divide "
                 f"--img-size; use a multiple of 16")

@@ -1112,3 +1112,19 @@ def test_the_gpu_session_trains_with_the_defaults_unless_another_setting_fed_the
     assert pick({**found, "launches:pf4": 1030.0}) == "profile:pf2"  # 3.0 %: within the rounds' noise
     assert pick({"launches:pf4": 1.0}) == "launches:pf4"  # the defaults' step failed: whatever ran
     assert pick({}) == "profile:pf2"
+
+
+def test_the_json_records_the_unit_that_ran_and_a_resize_short_under_val_resize_is_noted(tmp_path, capsys):
+    from benchmarks import throughput
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    json_path = tmp_path / "b.json"
+    for size, resize, noted in ((32, 36, False), (32, 35, True)):  # val resizes 32 px crops from floor(32 / 0.875)
+        assert throughput.main(["--data-path", str(data), "--work-dir", str(tmp_path / "w"), "--parts", "data",
+                                "--no-dali", "--workers", "1", "--img-size", str(size), "--resize-short", str(resize),
+                                "--json", str(json_path)]) == 0
+        out = capsys.readouterr().out
+        assert (f"note: --resize-short {resize} is under the 36 px shorter side train.py's val resizes to at "
+                f"--img-size 32" in out) == noted
+        settings = json.loads(json_path.read_text())["settings"]
+        assert settings["e2e_unit"] == "steps" and settings["device"] == "cpu"  # auto, resolved as on a CPU

@@ -1,0 +1,62 @@
+"""The docs name only flags that exist: a command of train.py, pack_shards.py, viz.py or throughput.py in the docs
+passes only flags that script's --help lists, and every --flag the docs name anywhere is some entry point's (or one
+of the few other tools' they quote)."""
+
+import importlib
+import re
+
+import pytest
+
+from conftest import ROOT
+
+DOCS = ["README.md", "BENCHMARKS.md", "benchmarks/README.md", "docs/demo_results.md"]
+SCRIPTS = {"train.py": "train", "pack_shards.py": "pack_shards", "viz.py": "viz",
+           "throughput.py": "benchmarks.throughput", "vitdeit.demo": "vitdeit.demo",
+           "gpu_check.sh": "benchmarks.throughput", "gpu_train.sh": "train"}  # the .sh pass their flags on
+OTHER_TOOLS = {"--dry-run",  # gpu_check.sh's own
+               "--no-deps", "--durations", "--dist",  # pip's, pytest's, pytest-xdist's
+               "--nnodes", "--rdzv-backend", "--rdzv-endpoint",  # torchrun's
+               "--cooldown-epochs"}  # the DeiT reference's, quoted
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def help_flags(module: str, capsys) -> set[str]:
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    return set(FLAG.findall(capsys.readouterr().out))
+
+
+def commands(text: str) -> list[str]:
+    """Every command the docs show: fenced blocks' lines (a trailing backslash joins the next) and `code` spans."""
+    blocks = re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```\w*\n.*?^```", "", text, flags=re.S | re.M))
+    return [c.split(" # ")[0] for c in lines + spans]
+
+
+def test_each_documented_command_passes_only_its_scripts_flags(capsys):
+    known = {script: help_flags(module, capsys) for script, module in SCRIPTS.items()}
+    known["gpu_check.sh"] |= {"--dry-run"}
+    checked = 0
+    for doc in DOCS:
+        for command in commands((ROOT / doc).read_text()):
+            # the flags after each script's name, up to the next script's (a command may chain a few with &&)
+            for script, args in re.findall(r"(\S+?\.py|vitdeit\.demo|\S+?\.sh)\b(.*?)(?=\S+\.py\b|&&|;|\||$)",
+                                           command):
+                name = script.rsplit("/", 1)[-1]
+                if name not in known:
+                    continue
+                for flag in FLAG.findall(args):
+                    checked += 1
+                    assert flag in known[name], f"{doc}: `{command.strip()}`: {name} has no {flag}"
+    assert checked > 60  # the docs' commands were found and read, not skipped
+
+
+def test_every_flag_the_docs_name_is_an_entry_points(capsys):
+    known = set().union(*(help_flags(module, capsys) for module in set(SCRIPTS.values()))) | OTHER_TOOLS
+    for doc in DOCS:
+        named = set(FLAG.findall((ROOT / doc).read_text()))
+        assert named - known == set(), f"{doc} names flags no entry point has"
+    assert "--teacher-ckpt" in known and "--resize-short" in known and "--e2e-unit" in known

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter, defaultdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,22 @@ def test_same_seed_same_shards_other_seed_other_order(tiny_data, tiny_shards, tm
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes()
     pack(tiny_data, tmp_path / "other", opts=PackOptions(shard_size=30, seed=1, workers=1), progress=False)
     assert list(read_tar(tmp_path / "other" / "train-000000.tar")) != list(read_tar(tiny_shards / "train-000000.tar"))
+
+
+def test_workers_started_by_spawn_write_the_same_shards(tiny_data, tiny_shards, tmp_path, monkeypatch):
+    # macOS and Windows start the pool's workers by spawn: each task and result must pickle, nothing may rely on
+    # what a fork would have inherited
+    import vitdeit.packing as packing
+
+    monkeypatch.setattr(packing, "START_METHOD", "spawn")
+    started = []
+    monkeypatch.setattr(packing, "get_context", lambda method: started.append(method) or get_context(method))
+    pack(tiny_data, tmp_path / "spawned", opts=PackOptions(shard_size=30, workers=2), progress=False)
+    shards = sorted(f.name for f in tiny_shards.iterdir() if f.suffix in (".tar", ".idx"))
+    assert shards == sorted(f.name for f in (tmp_path / "spawned").iterdir() if f.suffix in (".tar", ".idx"))
+    for name in shards:
+        assert (tmp_path / "spawned" / name).read_bytes() == (tiny_shards / name).read_bytes()
+    assert started == ["spawn"]
 
 
 def test_the_shards_and_options_do_not_depend_on_the_worker_count_or_which_train_folder_holds_an_image(

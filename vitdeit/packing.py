@@ -58,6 +58,8 @@ SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|idx\.tm
 SKIP_FLAG = "--skip-bad"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".jpe"}  # files that are surely images: loose in a split folder, misplaced
 ALLOW_MISSING_FLAG = "--allow-missing-classes"
+# how the pool starts its workers: fork on Linux (nothing to re-import); macOS and Windows fork unsafely or not at all
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 @dataclass(frozen=True)
@@ -505,7 +507,7 @@ def _shards(tasks, workers: int):
     if workers <= 1:
         yield map(write_shard, tasks)
         return
-    ctx = get_context("fork" if sys.platform == "linux" else "spawn")
+    ctx = get_context(START_METHOD)
     stop = ctx.Event()
     pool = ctx.Pool(workers, _init_worker, (stop,))
     try:

@@ -60,3 +60,12 @@ def test_every_flag_the_docs_name_is_an_entry_points(capsys):
         named = set(FLAG.findall((ROOT / doc).read_text()))
         assert named - known == set(), f"{doc} names flags no entry point has"
     assert "--teacher-ckpt" in known and "--resize-short" in known and "--e2e-unit" in known
+
+
+def test_the_readmes_map_names_every_module_and_script_and_only_those():
+    text = (ROOT / "README.md").read_text().split("## What the pieces do", 1)[1].split("```")[1]
+    named = set(re.findall(r"[\w.]+\.(?:py|sh|md)\b", text))
+    files = {p.name for d in ("vitdeit", "vitdeit/data", "benchmarks") for p in (ROOT / d).iterdir()
+             if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
+    files |= {p.name for p in ROOT.glob("*.py")} | {"README.md", "demo_results.md"}
+    assert named == files

@@ -1,6 +1,6 @@
 """The docs name only flags that exist: a command of train.py, pack_shards.py, viz.py or throughput.py in the docs
 passes only flags that script's --help lists, and every --flag the docs name anywhere is some entry point's (or one
-of the few other tools' they quote)."""
+of the few other tools' they quote); the README's map of the files names those there are."""
 
 import importlib
 import re

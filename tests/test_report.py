@@ -204,11 +204,34 @@ def test_scoring_on_other_shards_or_shards_packed_too_small_is_noted(runs, tiny_
     pack(Path(source), data, opts=PackOptions(shard_size=30, workers=1, resize_short=20), progress=False)
     w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
                  data_path=str(data), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
-    assert w["notes"] == [f"ViT was trained on {tiny_shards}; scored here on {data}",
+    assert w["notes"] == [f"ViT was trained on {tiny_shards.resolve()}; scored here on {data}, other shards",
                           f"{data} was packed with --resize-short 20, under the 36 px shorter side val resizes to "
                           f"(--img-size 32 / --crop-pct 0.875): images are upscaled. Repack with --resize-short 36 or "
                           f"more, or lower --img-size",
-                          f"DeiT was trained on {tiny_shards}; scored here on {data}"]
+                          f"DeiT was trained on {tiny_shards.resolve()}; scored here on {data}, other shards"]
+
+
+def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_another_folder(runs, tiny_shards,
+                                                                                          tmp_path, monkeypatch):
+    import shutil
+
+    kw = dict(num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the shards by a relative path typed from another folder: the same pack
+    assert make_all(vit, deit, data_path=os.path.relpath(tiny_shards, elsewhere), **kw)["notes"] == []
+    copy = tmp_path / "copy"  # a copy on another disk: the same pack too
+    shutil.copytree(tiny_shards, copy)
+    assert make_all(vit, deit, data_path=str(copy), **kw)["notes"] == []
+    manifest = json.loads((copy / "manifest.json").read_text())  # packed again in place, with another seed
+    manifest["options"]["seed"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (state := torch.load(vit, weights_only=False))["data_dir"] = str(copy.resolve())
+    torch.save(state, tmp_path / "vit.pth")
+    notes = make_all(str(tmp_path / "vit.pth"), deit, data_path=str(copy), **kw)["notes"]
+    assert notes[0] == f"ViT was trained on {copy} before it was packed again (other options, seed or images)"
+    assert notes[1] == f"DeiT was trained on {tiny_shards.resolve()}; scored here on {copy}, other shards"
 
 
 def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,

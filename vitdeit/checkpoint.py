@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .classes import ClassMap, class_difference
+from .classes import ClassMap, class_difference, pack_fingerprint
 from .errors import DataError, MissingFile, first_line, write_failed
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
@@ -105,3 +105,16 @@ def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: st
             f"{what} {path} was trained on {which}; use a checkpoint trained on these shards' manifest, or the shards "
             f"it was trained on (its config's data_path: {state['config'].get('data_path')})."
         )
+
+
+def shards_change(state: dict, data_path: str | Path, manifest: dict) -> str | None:
+    """How the shards at data_path (manifest: theirs) differ from those the checkpoint `state` was trained and scored
+    on: None, the same pack wherever it now lies (a copy moved to a local disk is no change; a checkpoint from before
+    packs were fingerprinted claims nothing); "other", another folder's shards; "repacked", the same folder packed
+    again since; "unknown", not the same pack, from a checkpoint saved before its folder was kept (its data_path, as
+    typed, may have been relative to another working folder)."""
+    if state.get("pack", pack_fingerprint(manifest)) == pack_fingerprint(manifest):
+        return None
+    if "data_dir" not in state:
+        return "unknown"
+    return "other" if state["data_dir"] != str(Path(data_path).resolve()) else "repacked"

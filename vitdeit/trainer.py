@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, torch_load
+from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       some)
 from .config import Config, flag, saved_setting
@@ -269,18 +269,18 @@ DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distil
 
 def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, str] | None:
     """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and what that does to
-    a resumed run; None: the same pack, wherever it now lies (a copy moved to a local disk is no change)."""
-    now = pack_fingerprint(manifest)
-    if state.get("pack", now) == now:
-        return None
-    if "data_dir" not in state:  # saved before the folder was: its data_path, as typed, may be another cwd's
+    a resumed run; None: the same pack (checkpoint.shards_change)."""
+    change = shards_change(state, data_path, manifest)
+    if change == "unknown":
         return (f"the shards at {data_path} are not those {ckpt} was saved with (packed again, or other shards)",
                 "(another pack)")
-    if state["data_dir"] != str(Path(data_path).resolve()):
+    if change == "other":
         return (f"{ckpt} was trained and scored on {state['data_dir']}, other shards than {data_path}",
                 "(other shards), and best.pth is picked by val scores of both shards' val splits")
-    return f"{data_path} was packed again since {ckpt} was saved (other options, seed or images)", \
-        "(another sample order)"
+    if change == "repacked":
+        return (f"{data_path} was packed again since {ckpt} was saved (other options, seed or images)",
+                "(another sample order)")
+    return None
 
 
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:

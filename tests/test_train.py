@@ -462,6 +462,9 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
                                                      f"another folder's checkpoint: a run writes to --output-dir/"
                                                      f"--run-name, here {run}, wherever it resumes from)")):
         train(dataclasses.replace(cfg, epochs=9, resume=elsewhere))
+    missing = tmp_path / "nope" / "last.pth"  # a typo: named as missing, not as another folder's checkpoint
+    with pytest.raises(MissingFile, match=re.escape(f"--resume {missing}: file not found")):
+        train(dataclasses.replace(cfg, epochs=9, resume=str(missing)))
     with pytest.raises(MissingFile, match="nothere.pth"):  # --overwrite, but a flag fails the set-up
         train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
                                   overwrite=True))

@@ -478,6 +478,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         manifest = run_manifest(cfg)
         class_map = manifest_class_map(manifest)
         num_classes = len(class_map)
+        if cfg.resume:  # a missing file is named as such, not as another folder's checkpoint by check_run_dir
+            checkpoint_file(cfg.resume, "--resume")
         check_run_dir(run_dir, cfg, dist)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)

@@ -161,14 +161,19 @@ def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(r
     deit = str(runs / "deit_tiny_distill" / "best.pth")
     w = make_all(str(tmp_path / "vit16" / "best.pth"), deit, num_images=2, out=str(tmp_path / "p.png"),
                  report_dir=None, workers=0)
-    assert w["notes"] == ["ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like"]
+    fixture = json.loads((runs / "deit_tiny_distill" / "config.json").read_text())  # (its recipe: 2 epochs, lr 0.005)
+    assert w["notes"] == ["ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like",
+                          f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
+                          f"--epochs 1 / {fixture['epochs']}, --lr 0.0005 / {fixture['lr']}): the gap between them is "
+                          f"not distillation's alone"]
     from vitdeit.report import report_markdown
 
     md = report_markdown([], {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [],
                               "per_class": [], "deit_only_right": 1, "vit_only_right": 0, "mcnemar_p": 1.0},
                          ("ViT", "DeiT"), w["notes"]).splitlines()
-    assert md[md.index("|---|---|---:|---:|---:|---:|---:|") + 1:][:2] == [
-        "", "Note: ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like."]  # under the table
+    assert md[md.index("|---|---|---:|---:|---:|---:|---:|") + 1:][:3] == [
+        "", "Note: ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like.",
+        f"Note: {w['notes'][1]}."]  # under the table
     import matplotlib.pyplot as plt
 
     open_before = len(plt.get_fignums())
@@ -701,3 +706,16 @@ def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(r
     assert b + c > 0 and [line for line in said if line.startswith("  DeiT - ViT")] == [
         f"  DeiT - ViT: {100 * (b - c) / 24:+.1f} points on these 24 images (DeiT alone right on {b}, ViT alone on "
         f"{c}; McNemar's exact test p = {mcnemar_exact_p(b, c):.2g})."]
+
+
+def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_deit_a_deit():
+    from vitdeit.report import recipe_differences
+
+    vit = Config(model="vit_tiny").to_dict()
+    deit = Config(model="deit_tiny_distill", distillation_type="soft", distillation_tau=3.0, teacher_ckpt="t.pth",
+                  workers=4, loader="dali", compile="on", output_dir="elsewhere", data_path="other", img_size=160,
+                  mixup=0.8, interpolation="bicubic").to_dict()
+    assert recipe_differences(vit, deit) == ["--interpolation 'bilinear' / 'bicubic'", "--mixup 0.0 / 0.8"]
+    assert recipe_differences(vit, vit) == []
+    saved_before = {k: v for k, v in vit.items() if k != "rand_augment"}  # saved before --rand-augment: its default
+    assert recipe_differences(saved_before, {**vit, "rand_augment": "rand-m9"}) == ["--rand-augment '' / 'rand-m9'"]

@@ -27,6 +27,11 @@ STEP_STREAMS = ("default", "side", "high")  # the CUDA stream the training step 
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
+# how a run runs, not what it computes: where it writes, its progress bars, its speed switches, the loader (whose
+# change a resume notes on its own): a resume may change them without a note, and viz.py does not list them among
+# two runs' differences
+HOW_IT_RUNS = ("workers", "progress", "output_dir", "run_name", "compile", "compile_mode", "channels_last",
+               "step_stream", "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "loader")
 
 
 def flag(name: str) -> str:

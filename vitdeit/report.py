@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint, shards_change
-from .config import Config, distillation_of, saved_setting
+from .config import HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import upscale_warning
@@ -291,6 +291,22 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
 KEPT = "the files written before it are kept"  # what a failed write of the picture or the report leaves
 
 
+# what makes the DeiT a DeiT (its model, teacher and distillation), and what notes of their own compare (the shards,
+# the image size): not listed among the two runs' other differences
+DISTILLATION = ("model", "teacher", "teacher_ckpt", "teacher_weights", "allow_weak_teacher", "distillation_type",
+                "distillation_alpha", "distillation_tau")
+NOTED_APART = ("data_path", "img_size")
+
+
+def recipe_differences(vit_config: dict, deit_config: dict) -> list[str]:
+    """The settings beside distillation the two runs were trained with differently, as "--flag ViT's / DeiT's"
+    (a run saved before a setting existed had its default); how they ran (HOW_IT_RUNS) is left out."""
+    skip = set(HOW_IT_RUNS + INVOCATION_FIELDS + DISTILLATION + NOTED_APART)
+    return [f"{flag(f.name)} {saved_setting(vit_config, f.name)!r} / {saved_setting(deit_config, f.name)!r}"
+            for f in fields(Config) if f.name not in skip
+            and saved_setting(vit_config, f.name) != saved_setting(deit_config, f.name)]
+
+
 def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: str | None, class_map: ClassMap):
     """What the report reads besides the two checkpoints: the runs (teacher, when its folder is found; ViT; DeiT) by
     run folder, their metrics.jsonl rows, the teacher's (net, state) and notes for the summary."""
@@ -397,6 +413,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
     if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
         notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
+    if differ := recipe_differences(vit_state["config"], deit_state["config"]):
+        notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
+                     f"{', '.join(differ)}): the gap between them is not distillation's alone")
     written = {"figure": out, "notes": notes,
                "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                           for i in indices]}

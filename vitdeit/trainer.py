@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       some)
-from .config import Config, flag, saved_setting
+from .config import HOW_IT_RUNS, Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
@@ -156,12 +156,8 @@ def check_resumable(saved: dict, cfg: Config) -> None:
 def recipe_changes(saved: dict, cfg: Config) -> list[str]:
     """This invocation's settings that differ from the resumed run's, as flags (not those that only say where the
     run writes and how it shows progress); a run saved before a setting existed had its default."""
-    # (how it runs, not what it computes: where it writes, progress, and the speed switches; the loader has a note
-    # of its own, which says what its change does)
-    quiet = ("workers", "progress", "output_dir", "run_name", "compile", "compile_mode", "channels_last",
-             "step_stream", "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "loader")
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-            if k not in quiet and saved_setting(saved, k) != v]
+            if k not in HOW_IT_RUNS and saved_setting(saved, k) != v]
 
 
 def resumes_in(run_dir: Path, cfg: Config) -> bool:

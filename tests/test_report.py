@@ -198,6 +198,7 @@ def test_a_teacher_run_that_is_no_resnet_or_not_the_deits_own_is_refused_or_note
     w = make_all(vit, deit, teacher_run=str(other), **kw)
     assert w["notes"] == [f"the teacher row is {other} (--teacher-run), not {runs / 'teacher_resnet18'}, the run the "
                           f"DeiT distilled from"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["notes"] == w["notes"]  # the JSON's too
     assert make_all(vit, deit, teacher_run=str(runs / "teacher_resnet18"), **kw)["notes"] == []  # its own: no note
 
 

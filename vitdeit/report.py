@@ -428,7 +428,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes)),
-                       ("report.json", json.dumps({"runs": summaries, "comparison": comp}, indent=1))):
+                       ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes}, indent=1))):
         save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)
                     flag="--report-dir")  # (the lambda is called at once)
     written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,

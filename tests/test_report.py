@@ -21,7 +21,7 @@ from vitdeit.config import Config
 from vitdeit.data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from vitdeit.packing import PackOptions, pack
 from vitdeit.report import (Predictions, comparison, load_model, make_all, mcnemar_exact_p, predict, prediction_figure,
-                            sample_indices)
+                            report_markdown, sample_indices)
 from vitdeit.trainer import train
 
 
@@ -100,6 +100,9 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
             f"it on {deit_cfg['data_path']} at {deit_cfg['img_size']} px.") in md.splitlines()  # = the teacher row
     comp = json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]
     assert sum(r["images"] for r in comp["per_class"]) == comp["val_images"] == 24
+    assert "With 4 classes, val top-5 is 100 % by construction." in md.splitlines()  # (4 classes: every top-5 hits)
+    six = {**comp, "per_class": comp["per_class"] + [dict(comp["per_class"][0], **{"class": f"n{i}"}) for i in (1, 2)]}
+    assert "by construction" not in report_markdown([], six, ("ViT", "DeiT"))
 
 
 def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path, capsys):
@@ -166,7 +169,6 @@ def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(r
                           f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
                           f"--epochs 1 / {fixture['epochs']}, --lr 0.0005 / {fixture['lr']}): the gap between them is "
                           f"not distillation's alone"]
-    from vitdeit.report import report_markdown
 
     md = report_markdown([], {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [],
                               "per_class": [], "deit_only_right": 1, "vit_only_right": 0, "mcnemar_p": 1.0},
@@ -398,7 +400,6 @@ def test_mcnemars_exact_p_matches_a_binomial_by_enumeration_and_stays_finite_on_
 
 
 def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
-    from vitdeit.report import report_markdown
 
     cm = ClassMap.from_labels({"n00000001": "alpha, a", "n00000002": "beta", "n00000003": "gamma"})
     labels = np.array([0, 0, 1, 1, 2, 2])
@@ -439,7 +440,6 @@ def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
 
 
 def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure():
-    from vitdeit.report import report_markdown
 
     def summary(run, model, top1, data, size, **extra):
         return {"run": run, "model": model, "val_top1": top1, "val_top5": 90.0, "best_epoch": 1, "last_epoch": 1,

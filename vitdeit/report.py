@@ -226,6 +226,9 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
                      f"{s['best_epoch']} / {s['last_epoch']} | {s['params'] / 1e6:.2f} M | "
                      f"{s['train_images_per_s']:.0f} |")
+    classes = len(comp["per_class"]) + len(comp.get("classes_without_val_images", []))
+    if 0 < classes <= 5:  # (evaluate's topk takes min(5, classes): every true class is among them)
+        lines += ["", f"With {classes} classes, val top-5 is 100 % by construction."]
     for s in summaries:  # a checkpoint other than the best epoch's: last.pth, or a best.pth whose weights were lost
         if s["checkpoint_epoch"] != s["best_epoch"]:
             lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "

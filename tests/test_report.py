@@ -169,7 +169,6 @@ def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(r
                           f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
                           f"--epochs 1 / {fixture['epochs']}, --lr 0.0005 / {fixture['lr']}): the gap between them is "
                           f"not distillation's alone"]
-
     md = report_markdown([], {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [],
                               "per_class": [], "deit_only_right": 1, "vit_only_right": 0, "mcnemar_p": 1.0},
                          ("ViT", "DeiT"), w["notes"]).splitlines()
@@ -400,7 +399,6 @@ def test_mcnemars_exact_p_matches_a_binomial_by_enumeration_and_stays_finite_on_
 
 
 def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
-
     cm = ClassMap.from_labels({"n00000001": "alpha, a", "n00000002": "beta", "n00000003": "gamma"})
     labels = np.array([0, 0, 1, 1, 2, 2])
     vit, deit = np.array([1, 1, 1, 0, 2, 2]), np.array([0, 0, 1, 0, 2, 1])  # DeiT: +100 alpha, 0 beta, -50 gamma
@@ -440,7 +438,6 @@ def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
 
 
 def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure():
-
     def summary(run, model, top1, data, size, **extra):
         return {"run": run, "model": model, "val_top1": top1, "val_top5": 90.0, "best_epoch": 1, "last_epoch": 1,
                 "checkpoint_epoch": 1, "params": 1e6, "train_images_per_s": 1.0, "data_path": data, "img_size": size,

@@ -717,3 +717,22 @@ def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_de
     assert recipe_differences(vit, vit) == []
     saved_before = {k: v for k, v in vit.items() if k != "rand_augment"}  # saved before --rand-augment: its default
     assert recipe_differences(saved_before, {**vit, "rand_augment": "rand-m9"}) == ["--rand-augment '' / 'rand-m9'"]
+
+
+def test_the_report_gives_the_emas_best_val_top1_beside_the_trained_weights():
+    from vitdeit.report import run_summary
+
+    rows = [{"epoch": e, "val_top1": t, "val_top5": 90.0, "images_per_s": 10.0, "val_top1_ema": m}
+            for e, t, m in ((0, 30.0, 20.0), (1, 50.0, 41.0), (2, 45.0, 44.5))]
+    s = run_summary("ViT", rows, {"config": {"model": "vit_tiny"}, "epoch": 1}, 5_000_000)
+    assert (s["val_top1"], s["best_epoch"], s["val_top1_ema"], s["best_epoch_ema"]) == (50.0, 1, 44.5, 2)
+    comp = {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [],
+            "per_class": [{"class": f"n{i}", "name": "c", "images": 1, "vit_top1": 0.0, "deit_top1": 0.0, "delta": 0.0}
+                          for i in range(6)], "deit_only_right": 1, "vit_only_right": 0,
+            "mcnemar_p": 1.0}
+    assert ("ViT: the EMA of its weights (--model-ema) scored up to 44.50% val top-1 (epoch 2); the table and the "
+            "figures below are of the trained weights (best.pth also holds the EMA's, as of the weights' best "
+            "epoch).") in report_markdown([s], comp, ("ViT", "DeiT")).splitlines()
+    no_ema = run_summary("ViT", [{k: v for k, v in r.items() if k != "val_top1_ema"} for r in rows],
+                         {"config": {"model": "vit_tiny"}, "epoch": 1}, 5_000_000)
+    assert "val_top1_ema" not in no_ema and "EMA" not in report_markdown([no_ema], comp, ("ViT", "DeiT"))

@@ -1228,7 +1228,7 @@ def test_cutmix_alone_trains_on_its_soft_targets_smoothed_once(tiny_shards, tmp_
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_shards, tmp_path, monkeypatch):
+def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_shards, tmp_path, monkeypatch, capsys):
     from vitdeit import trainer
 
     def fingerprint(state):  # a number that tells two sets of weights apart
@@ -1242,6 +1242,7 @@ def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_sh
     assert last["val_top1"] == pytest.approx(fingerprint(saved["model"]), rel=1e-12)
     assert last["val_top1_ema"] == pytest.approx(fingerprint(saved["ema"]), rel=1e-12)
     assert last["val_top1_ema"] != pytest.approx(last["val_top1"], rel=1e-9)  # the two weights differ
+    assert f"(24 images), EMA top-1 {last['val_top1_ema']:.2f}% | " in capsys.readouterr().out  # the epoch's line
 
 
 def test_the_distillation_alpha_and_tau_reach_the_loss(tiny_shards, tmp_path, monkeypatch):

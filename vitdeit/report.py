@@ -161,6 +161,9 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     for key in ("val_top1_cls_head", "val_top1_dist_head", "teacher_val_top1"):
         if key in best:
             out[key] = best[key]
+    if ema := [r for r in rows if "val_top1_ema" in r]:  # --model-ema: the average's own best, beside the weights'
+        top = max(ema, key=lambda r: r["val_top1_ema"])
+        out["val_top1_ema"], out["best_epoch_ema"] = top["val_top1_ema"], top["epoch"]
     return out
 
 
@@ -229,6 +232,11 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
     classes = len(comp["per_class"]) + len(comp.get("classes_without_val_images", []))
     if 0 < classes <= 5:  # (evaluate's topk takes min(5, classes): every true class is among them)
         lines += ["", f"With {classes} classes, val top-5 is 100 % by construction."]
+    for s in summaries:
+        if "val_top1_ema" in s:
+            lines += ["", f"{s['run']}: the EMA of its weights (--model-ema) scored up to {s['val_top1_ema']:.2f}% val "
+                          f"top-1 (epoch {s['best_epoch_ema']}); the table and the figures below are of the trained "
+                          f"weights (best.pth also holds the EMA's, as of the weights' best epoch)."]
     for s in summaries:  # a checkpoint other than the best epoch's: last.pth, or a best.pth whose weights were lost
         if s["checkpoint_epoch"] != s["best_epoch"]:
             lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "

@@ -567,9 +567,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 save_checkpoint(run_dir / "best.pth", state)
             log.write(record)
             save_checkpoint(run_dir / "last.pth", state)
+        ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
         dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                    f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
-                   f"({va['val_samples']} images) | {tr['images_per_s']:.0f} img/s, data wait "
+                   f"({va['val_samples']} images){ema_top1} | {tr['images_per_s']:.0f} img/s, data wait "
                    f"{100 * tr['data_wait_frac']:.0f}%" + (" *best" if is_best else ""))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)

@@ -138,7 +138,7 @@ def curves_figure(runs: dict[str, list[dict]]):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")  # (one legend: the two panels share names and colours)
+    axes[1].legend(fontsize=8, loc="best")  # where it hides fewest points (one legend: the panels share names)
     distilled = [name for name, rows in runs.items() if rows and "teacher_val_top1" in rows[-1]]
     # train loss: against label-smoothed (or mixed) targets, + the distillation term; val: plain CE on the labels:
     # train can sit above val without any overfitting to read into it
@@ -220,7 +220,8 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
-             "trained it; best epoch by val top-1); the per-class figures below from `viz.py`'s own pass over val "
+             "trained it; best epoch by val top-1; images/s as each run measured them, lower for a run that shared "
+             "its machine with other work); the per-class figures below from `viz.py`'s own pass over val "
              "with the two checkpoints viz.py read (each run's `best.pth` unless `--vit`/`--deit` named others).", "",
              "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / last (0-based) | params "
              "| train images/s (median of the epochs after the first, if any) |",

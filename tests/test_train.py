@@ -837,6 +837,22 @@ def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shard
     assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
 
 
+def test_the_run_line_says_how_many_train_images_an_epoch_trains_on_when_whole_batches_leave_some_out(
+        tiny_shards, tmp_path, capsys, monkeypatch):
+    from vitdeit.classes import load_manifest
+
+    stop_before_the_first_epoch(monkeypatch)
+    n_train = load_manifest(tiny_shards)["splits"]["train"]["num_samples"]
+    for batch in (16, 20):  # 96 train images: 6 whole batches of 16; 4 of 20, 80 images an epoch
+        with pytest.raises(Stopped):
+            train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=batch, workers=0,
+                          run_name=f"b{batch}"))
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("run "))
+        whole = "" if n_train % batch == 0 else f", {n_train // batch * batch} an epoch in whole batches"
+        assert f"({len(load_manifest(tiny_shards)['classes'])} classes, {n_train} train{whole} / " in line
+    assert n_train == 96
+
+
 def test_resuming_with_another_process_count_says_what_changes(tiny_shards, tmp_path, capsys):
     kw = dict(model="vit_tiny", batch_size=16, workers=0)
     train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))

@@ -428,12 +428,15 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
 
 
 def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool, mode: str,
-             lr: float) -> str:
-    """The run's first line: what trains on what, on which devices, with which loader and speed settings."""
+             lr: float, per_epoch: int | None = None) -> str:
+    """The run's first line: what trains on what, on which devices, with which loader and speed settings.
+    per_epoch: the train images an epoch trains on, all processes together (whole batches only), when fewer."""
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
+    n_train = splits["train"]["num_samples"]
+    whole = f", {per_epoch} an epoch in whole batches" if per_epoch is not None and per_epoch < n_train else ""
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
-            f"{splits['train']['num_samples']} train / {splits['val']['num_samples']} val), "
+            f"{n_train} train{whole} / {splits['val']['num_samples']} val), "
             f"{dist.world} process(es) on {dist.device.type}, loader {loader_name} "
             + (f"({max(1, workers)} DALI thread{'s' * (workers > 1)}), " if loader_name == "dali" else
                f"({workers} worker{'s' * (workers != 1)}), ") + f"amp {AMP_NAME[amp_dtype]}, "
@@ -494,7 +497,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
-    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr))
+    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr,
+                        per_epoch=len(train_loader) * cfg.global_batch(dist.world)))
     for w in caught:
         dist.print(f"warning: {w.message}")
     for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):

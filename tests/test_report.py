@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -70,15 +71,30 @@ def test_same_seed_same_images_other_seed_others():
         sample_indices(5, 0, 0)
 
 
-def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(runs, tmp_path):
+def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(runs, tiny_shards, tmp_path):
     out = tmp_path / "new_folder" / "pic.png"  # --out into a folder that does not exist yet
     w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
                  teacher_run=str(runs / "teacher_resnet18"), num_images=10, out=str(out),
                  report_dir=str(tmp_path / "report"), workers=0)
     assert Image.open(out).size[0] > 1000 and len(w["panels"]) == 10
     assert all([line.split(":")[0] for line in p["lines"]] == ["true", "ViT", "DeiT"] for p in w["panels"])
+    # each panel's key: the val tars' sample names in order, read here with tarfile; the source file of that name
+    # lies in the folder of the panel's true class
+    manifest = load_manifest(tiny_shards)
+    keys = []
+    for shard in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(tiny_shards / shard["file"]) as tar:
+            keys += list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
+    source, cm = Path(manifest["source"]["data_path"]), manifest_class_map(manifest)
+    for p in w["panels"]:
+        assert p["key"] == keys[p["index"]]
+        [wnid] = [f.parent.name for f in source.glob(f"val*/*/{p['key']}.*")]
+        assert p["lines"][0] == f"true: {cm.short_name(cm.wnids.index(wnid))}"
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["panels"] == w["panels"]
     assert (tmp_path / "report" / "curves.png").is_file()
     md = (tmp_path / "report" / "report.md").read_text()
+    assert (f"The images of pic.png, left to right and top to bottom, by val key (the source file's name): "
+            f"{', '.join(p['key'] for p in w['panels'])}.") in md.splitlines()
     for run, name in (("teacher_resnet18", "teacher"), ("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT")):
         metrics = [json.loads(x) for x in open(runs / run / "metrics.jsonl")]
         ckpt = torch.load(runs / run / "best.pth", weights_only=True)

@@ -14,8 +14,8 @@ from .checkpoint import check_class_map, load_checkpoint, shards_change
 from .config import HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag, saved_setting
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
-from .data import upscale_warning
-from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
+from .data import shard_paths, upscale_warning
+from .data.torch_loader import ShardSamples, TorchLoader, ValTransform, read_index
 from .metrics import read_metrics
 from .models import OUTSIDE_DATA, head_logits, model_from_checkpoint
 
@@ -63,6 +63,12 @@ def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
     if not 1 <= n <= n_total:
         raise SettingError(f"--num-images {n}: must be between 1 and the {n_total} val images")
     return random.Random(seed).sample(range(n_total), n)
+
+
+def val_keys(shards: str | Path, manifest: dict) -> list[str]:
+    """Each val sample's key, in manifest order: its source file's name without the extension (unique in a split),
+    so that an image in the picture can be found in the original folders."""
+    return [key for _, idx in shard_paths(shards, manifest, "val") for key, _ in read_index(idx)]
 
 
 def panel_texts(class_map: ClassMap, idx: int, preds: list[Predictions]) -> list[tuple[str, str]]:
@@ -214,9 +220,10 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
             "mcnemar_p": mcnemar_exact_p(b, c), "classes_without_val_images": without}
 
 
-def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], notes: list[str] = ()) -> str:
+def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], notes: list[str] = (),
+                    shown: tuple[str, list[str]] | None = None) -> str:
     """notes: what viz.py printed as `note:` lines (a model under another label, other image sizes, no teacher row),
-    kept with the report under its table."""
+    kept with the report under its table. shown: the picture's file name and its images' val keys."""
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
@@ -272,6 +279,9 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
                      f"{r['delta']:+.1f} |")
     if missing := comp.get("classes_without_val_images"):  # shards packed with --allow-missing-classes
         lines += ["", f"No row for {len(missing)} class(es) with no val images here: {', '.join(missing)}."]
+    if shown:
+        lines += ["", f"The images of {shown[0]}, left to right and top to bottom, by val key (the source file's "
+                      f"name): {', '.join(shown[1])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -428,8 +438,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     if differ := recipe_differences(vit_state["config"], deit_state["config"]):
         notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
                      f"{', '.join(differ)}): the gap between them is not distillation's alone")
+    keys = val_keys(data_path, manifest)
     written = {"figure": out, "notes": notes,
-               "panels": [{"index": i, "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
+               "panels": [{"index": i, "key": keys[i], "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                           for i in indices]}
     if report_dir is None:
         return written
@@ -439,8 +450,10 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for name in runs]
     save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
-    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes)),
-                       ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes}, indent=1))):
+    shown = (Path(out).name, [p["key"] for p in written["panels"]])
+    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, shown)),
+                       ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes,
+                                                   "panels": written["panels"]}, indent=1))):
         save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)
                     flag="--report-dir")  # (the lambda is called at once)
     written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,

@@ -1,7 +1,8 @@
 """The docs name only flags that exist: a command of train.py, pack_shards.py, viz.py or throughput.py in the docs
-passes only flags that script's --help lists, and every --flag the docs name anywhere is some entry point's (or one
+passes only flags that script's parser takes, and every --flag the docs name anywhere is some entry point's (or one
 of the few other tools' they quote); the README's map of the files names those there are."""
 
+import argparse
 import importlib
 import re
 
@@ -15,17 +16,26 @@ SCRIPTS = {"train.py": "train", "pack_shards.py": "pack_shards", "viz.py": "viz"
            "gpu_check.sh": "benchmarks.throughput", "gpu_train.sh": "train"}  # the .sh pass their flags on
 OTHER_TOOLS = {"--dry-run",  # gpu_check.sh's own
                "--no-deps", "--durations", "--dist",  # pip's, pytest's, pytest-xdist's
-               "--nnodes", "--rdzv-backend", "--rdzv-endpoint",  # torchrun's
+               "--nnodes", "--nproc_per_node", "--rdzv-backend", "--rdzv-endpoint",  # torchrun's
                "--cooldown-epochs"}  # the DeiT reference's, quoted
-FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")  # (_: torchrun's --nproc_per_node is one flag)
 
 
-def help_flags(module: str, capsys) -> set[str]:
-    main = importlib.import_module(module).main
-    with pytest.raises(SystemExit) as stop:
-        main(["--help"])
-    assert stop.value.code == 0
-    return set(FLAG.findall(capsys.readouterr().out))
+class Parsed(Exception):
+    pass
+
+
+def parser_flags(module: str, monkeypatch) -> set[str]:
+    """The --flags the entry point's own argparse parser takes (not words of its help text): its main() is stopped
+    where it parses its arguments."""
+    def record(parser, *args, **kwargs):
+        raise Parsed({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", record)
+        with pytest.raises(Parsed) as parsed:
+            importlib.import_module(module).main([])
+    return parsed.value.args[0]
 
 
 def commands(text: str) -> list[str]:
@@ -36,8 +46,8 @@ def commands(text: str) -> list[str]:
     return [c.split(" # ")[0] for c in lines + spans]
 
 
-def test_each_documented_command_passes_only_its_scripts_flags(capsys):
-    known = {script: help_flags(module, capsys) for script, module in SCRIPTS.items()}
+def test_each_documented_command_passes_only_its_scripts_flags(monkeypatch):
+    known = {script: parser_flags(module, monkeypatch) for script, module in SCRIPTS.items()}
     known["gpu_check.sh"] |= {"--dry-run"}
     checked = 0
     for doc in DOCS:
@@ -54,8 +64,8 @@ def test_each_documented_command_passes_only_its_scripts_flags(capsys):
     assert checked > 60  # the docs' commands were found and read, not skipped
 
 
-def test_every_flag_the_docs_name_is_an_entry_points(capsys):
-    known = set().union(*(help_flags(module, capsys) for module in set(SCRIPTS.values()))) | OTHER_TOOLS
+def test_every_flag_the_docs_name_is_an_entry_points(monkeypatch):
+    known = set().union(*(parser_flags(module, monkeypatch) for module in set(SCRIPTS.values()))) | OTHER_TOOLS
     for doc in DOCS:
         named = set(FLAG.findall((ROOT / doc).read_text()))
         assert named - known == set(), f"{doc} names flags no entry point has"

@@ -421,7 +421,8 @@ def bench_end_to_end(a, device, shard_dirs: dict, loader_rows: list[dict], step,
       CPU, where the step is ~50x slower than any loader, whole epochs would take minutes each.
     Returns the rows, and each unit's window of --steps steps (name -> a function running one, the ceiling first),
     which --profile DIR runs once more under torch.profiler (profile_windows(), after the rows are saved)."""
-    whole_epochs = a.e2e_unit == "epoch"  # (main() resolved auto)
+    assert a.e2e_unit in ("epoch", "steps"), a.e2e_unit  # main() resolves auto
+    whole_epochs = a.e2e_unit == "epoch"
     x, y = device_batch(a, device, channels_last=e2e_setting(device)[2])
 
     def steps(batches, n=None) -> tuple[int, float, float]:
@@ -646,7 +647,8 @@ def main(argv=None) -> int:
     if parts & {"loaders", "e2e", "data"} and a.resize_short < val_resize(a.img_size, Config.crop_pct):
         print(f"note: --resize-short {a.resize_short} is under the {val_resize(a.img_size, Config.crop_pct)} px "
               f"shorter side train.py's val resizes to at --img-size {a.img_size}; train.py warns that shards packed "
-              f"so are upscaled. The resized rows time them as packed.", flush=True)
+              f"so are upscaled" + ("; the resized rows time them as packed." if parts & {"loaders", "e2e"} else
+                                    "."), flush=True)
     if parts & {"model", "e2e"} and a.img_size % 16:  # the ViT/DeiT steps use train.py's default 16 px patches
         p.error(f"--img-size {a.img_size}: train.py's ViT/DeiT need --patch-size (16 here, its default) to divide "
                 f"--img-size; use a multiple of 16")

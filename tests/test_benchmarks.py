@@ -1125,6 +1125,6 @@ def test_the_json_records_the_unit_that_ran_and_a_resize_short_under_val_resize_
                                 "--json", str(json_path)]) == 0
         out = capsys.readouterr().out
         assert (f"note: --resize-short {resize} is under the 36 px shorter side train.py's val resizes to at "
-                f"--img-size 32" in out) == noted
+                f"--img-size 32; train.py warns that shards packed so are upscaled.\n" in out) == noted
         settings = json.loads(json_path.read_text())["settings"]
         assert settings["e2e_unit"] == "steps" and settings["device"] == "cpu"  # auto, resolved as on a CPU

@@ -110,7 +110,8 @@ def test_same_seed_same_shards_other_seed_other_order(tiny_data, tiny_shards, tm
 
 def test_workers_started_by_spawn_write_the_same_shards(tiny_data, tiny_shards, tmp_path, monkeypatch):
     # macOS and Windows start the pool's workers by spawn: each task and result must pickle, nothing may rely on
-    # what a fork would have inherited
+    # what a fork would have inherited. The same shards as the serial packer's (tiny_shards), and so as a forked
+    # pool's (test_same_seed_same_shards_other_seed_other_order)
     import vitdeit.packing as packing
 
     monkeypatch.setattr(packing, "START_METHOD", "spawn")

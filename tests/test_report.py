@@ -93,8 +93,8 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
     assert json.loads((tmp_path / "report" / "report.json").read_text())["panels"] == w["panels"]
     assert (tmp_path / "report" / "curves.png").is_file()
     md = (tmp_path / "report" / "report.md").read_text()
-    assert (f"The images of pic.png, left to right and top to bottom, by val key (the source file's name): "
-            f"{', '.join(p['key'] for p in w['panels'])}.") in md.splitlines()
+    assert (f"The images of pic.png, left to right and top to bottom, by val key (the source file's stem, its name "
+            f"without the extension): {', '.join(p['key'] for p in w['panels'])}.") in md.splitlines()
     for run, name in (("teacher_resnet18", "teacher"), ("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT")):
         metrics = [json.loads(x) for x in open(runs / run / "metrics.jsonl")]
         ckpt = torch.load(runs / run / "best.pth", weights_only=True)
@@ -244,6 +244,10 @@ def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_ano
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the shards by a relative path typed from another folder: the same pack
     assert make_all(vit, deit, data_path=os.path.relpath(tiny_shards, elsewhere), **kw)["notes"] == []
+    state = torch.load(vit, weights_only=True)  # a run started in the shards' parent folder, as `--data-path shards`
+    state["config"]["data_path"] = tiny_shards.name
+    torch.save(state, tmp_path / "relative.pth")
+    assert make_all(str(tmp_path / "relative.pth"), deit, data_path=str(tiny_shards), **kw)["notes"] == []
     copy = tmp_path / "copy"  # a copy on another disk: the same pack too
     shutil.copytree(tiny_shards, copy)
     assert make_all(vit, deit, data_path=str(copy), **kw)["notes"] == []
@@ -722,6 +726,19 @@ def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(r
         f"{c}; McNemar's exact test p = {mcnemar_exact_p(b, c):.2g})."]
 
 
+def test_runs_trained_by_other_process_counts_or_loaders_are_noted(runs, tmp_path):
+    vit, deit = runs / "baseline_vit_tiny" / "best.pth", str(runs / "deit_tiny_distill" / "best.pth")
+    state = torch.load(vit, weights_only=True)
+    assert state["loader"] == "torch" and len(state["loader_states"]) == 1  # the fixture's: one process
+    torch.save({**state, "loader_states": state["loader_states"] * 8, "loader": "dali"}, tmp_path / "vit8.pth")
+    notes = make_all(str(tmp_path / "vit8.pth"), deit, num_images=2, out=str(tmp_path / "p.png"), report_dir=None,
+                     workers=0)["notes"]
+    assert notes == ["ViT was trained by 8 process(es), DeiT by 1: global batches of 128 and 16 images (and the peak "
+                     "lr with them: --lr is per 512)",
+                     "ViT read its train batches with the dali loader, DeiT with the torch loader: crops and "
+                     "augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)"]
+
+
 def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_deit_a_deit():
     from vitdeit.report import recipe_differences
 
@@ -730,6 +747,10 @@ def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_de
                   workers=4, loader="dali", compile="on", output_dir="elsewhere", data_path="other", img_size=160,
                   mixup=0.8, interpolation="bicubic").to_dict()
     assert recipe_differences(vit, deit) == ["--interpolation 'bilinear' / 'bicubic'", "--mixup 0.0 / 0.8"]
+    # the EMA (the report scores the trained weights), the device, and --amp where auto picks by device: not listed
+    assert recipe_differences(vit, {**vit, "model_ema": True, "model_ema_decay": 0.99, "device": "cuda",
+                                    "amp": "bf16"}) == []
+    assert recipe_differences({**vit, "amp": "off"}, {**vit, "amp": "bf16"}) == ["--amp 'off' / 'bf16'"]
     assert recipe_differences(vit, vit) == []
     saved_before = {k: v for k, v in vit.items() if k != "rand_augment"}  # saved before --rand-augment: its default
     assert recipe_differences(saved_before, {**vit, "rand_augment": "rand-m9"}) == ["--rand-augment '' / 'rand-m9'"]

@@ -463,7 +463,8 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
                                                      f"--run-name, here {run}, wherever it resumes from)")):
         train(dataclasses.replace(cfg, epochs=9, resume=elsewhere))
     missing = tmp_path / "nope" / "last.pth"  # a typo: named as missing, not as another folder's checkpoint
-    with pytest.raises(MissingFile, match=re.escape(f"--resume {missing}: file not found")):
+    with pytest.raises(MissingFile, match=re.escape(f"--resume {missing}: file not found; pass the right path, or "
+                                                    f"leave --resume out to start a new run.")):
         train(dataclasses.replace(cfg, epochs=9, resume=str(missing)))
     with pytest.raises(MissingFile, match="nothere.pth"):  # --overwrite, but a flag fails the set-up
         train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
@@ -848,7 +849,7 @@ def test_the_run_line_says_how_many_train_images_an_epoch_trains_on_when_whole_b
             train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=batch, workers=0,
                           run_name=f"b{batch}"))
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("run "))
-        whole = "" if n_train % batch == 0 else f", {n_train // batch * batch} an epoch in whole batches"
+        whole = "" if n_train % batch == 0 else f", {n_train // batch * batch} images an epoch in whole batches"
         assert f"({len(load_manifest(tiny_shards)['classes'])} classes, {n_train} train{whole} / " in line
     assert n_train == 96
 

@@ -49,8 +49,9 @@ def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
             f" in it: {' or '.join(inside)}." if inside else " (train.py writes OUTPUT_DIR/RUN_NAME/best.pth and "
                                                                 "last.pth)."))
     if not path.is_file():
-        raise MissingFile(f"{what} {path}: file not found; train one with train.py (it writes "
-                          f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path.")
+        fix = ("pass the right path, or leave --resume out to start a new run" if what == "--resume" else
+               "train one with train.py (it writes OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path")
+        raise MissingFile(f"{what} {path}: file not found; {fix}.")
     return path
 
 

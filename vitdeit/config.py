@@ -32,6 +32,8 @@ INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
 # two runs' differences
 HOW_IT_RUNS = ("workers", "progress", "output_dir", "run_name", "compile", "compile_mode", "channels_last",
                "step_stream", "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "loader")
+# the settings only a run with a teacher reads
+DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
 
 
 def flag(name: str) -> str:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .checkpoint import check_class_map, load_checkpoint, shards_change
-from .config import HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag, saved_setting
+from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
+                     saved_setting)
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import shard_paths, upscale_warning
@@ -221,9 +222,9 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
 
 
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], notes: list[str] = (),
-                    shown: tuple[str, list[str]] | None = None) -> str:
+                    picture: tuple[str, list[str]] | None = None) -> str:
     """notes: what viz.py printed as `note:` lines (a model under another label, other image sizes, no teacher row),
-    kept with the report under its table. shown: the picture's file name and its images' val keys."""
+    kept with the report under its table. picture: the picture's file name and its images' val keys."""
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
@@ -279,9 +280,9 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
                      f"{r['delta']:+.1f} |")
     if missing := comp.get("classes_without_val_images"):  # shards packed with --allow-missing-classes
         lines += ["", f"No row for {len(missing)} class(es) with no val images here: {', '.join(missing)}."]
-    if shown:
-        lines += ["", f"The images of {shown[0]}, left to right and top to bottom, by val key (the source file's "
-                      f"name): {', '.join(shown[1])}."]
+    if picture:
+        lines += ["", f"The images of {picture[0]}, left to right and top to bottom, by val key (the source file's "
+                      f"stem, its name without the extension): {', '.join(picture[1])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -313,17 +314,20 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
 KEPT = "the files written before it are kept"  # what a failed write of the picture or the report leaves
 
 
-# what makes the DeiT a DeiT (its model, teacher and distillation), and what notes of their own compare (the shards,
-# the image size): not listed among the two runs' other differences
-DISTILLATION = ("model", "teacher", "teacher_ckpt", "teacher_weights", "allow_weak_teacher", "distillation_type",
-                "distillation_alpha", "distillation_tau")
-NOTED_APART = ("data_path", "img_size")
+# not listed among the two runs' other differences: what makes the DeiT a DeiT (its model, teacher, distillation),
+# what notes of their own compare (the shards, the image size), the EMA (the report scores the trained weights),
+# and the device (a recipe runs on either)
+DISTILLATION = ("model", "teacher", "distillation_type") + DISTILL_ONLY
+NOT_THE_RECIPE = DISTILLATION + ("data_path", "img_size", "model_ema", "model_ema_decay", "device")
 
 
 def recipe_differences(vit_config: dict, deit_config: dict) -> list[str]:
     """The settings beside distillation the two runs were trained with differently, as "--flag ViT's / DeiT's"
-    (a run saved before a setting existed had its default); how they ran (HOW_IT_RUNS) is left out."""
-    skip = set(HOW_IT_RUNS + INVOCATION_FIELDS + DISTILLATION + NOTED_APART)
+    (a run saved before a setting existed had its default); how they ran (HOW_IT_RUNS) is left out, and --amp where
+    either was auto (which picks by device)."""
+    skip = set(HOW_IT_RUNS + INVOCATION_FIELDS + NOT_THE_RECIPE)
+    if "auto" in (saved_setting(vit_config, "amp"), saved_setting(deit_config, "amp")):
+        skip.add("amp")
     return [f"{flag(f.name)} {saved_setting(vit_config, f.name)!r} / {saved_setting(deit_config, f.name)!r}"
             for f in fields(Config) if f.name not in skip
             and saved_setting(vit_config, f.name) != saved_setting(deit_config, f.name)]
@@ -435,6 +439,15 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
     if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
         notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
+    worlds = [len(state.get("loader_states") or ()) for state in (vit_state, deit_state)]  # (one per process)
+    if all(worlds) and worlds[0] != worlds[1]:  # the same --batch-size and --lr, but not the same global batch
+        batches = [state["config"]["batch_size"] * w for state, w in zip((vit_state, deit_state), worlds)]
+        notes.append(f"ViT was trained by {worlds[0]} process(es), DeiT by {worlds[1]}: global batches of {batches[0]} "
+                     f"and {batches[1]} images (and the peak lr with them: --lr is per 512)")
+    loaders = [state.get("loader") for state in (vit_state, deit_state)]
+    if None not in loaders and loaders[0] != loaders[1]:
+        notes.append(f"ViT read its train batches with the {loaders[0]} loader, DeiT with the {loaders[1]} loader: "
+                     f"crops and augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)")
     if differ := recipe_differences(vit_state["config"], deit_state["config"]):
         notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
                      f"{', '.join(differ)}): the gap between them is not distillation's alone")
@@ -450,8 +463,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for name in runs]
     save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
-    shown = (Path(out).name, [p["key"] for p in written["panels"]])
-    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, shown)),
+    picture = (Path(out).name, [p["key"] for p in written["panels"]])
+    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, picture)),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes,
                                                    "panels": written["panels"]}, indent=1))):
         save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)

@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       some)
-from .config import HOW_IT_RUNS, Config, flag, saved_setting
+from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
@@ -259,10 +259,6 @@ def run_manifest(cfg: Config) -> dict:
     return load_manifest(cfg.data_path)
 
 
-# the settings only a run with a teacher reads
-DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
-
-
 def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, str] | None:
     """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and what that does to
     a resumed run; None: the same pack (checkpoint.shards_change)."""
@@ -434,7 +430,9 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
     n_train = splits["train"]["num_samples"]
-    whole = f", {per_epoch} an epoch in whole batches" if per_epoch is not None and per_epoch < n_train else ""
+    whole = ""
+    if per_epoch is not None and per_epoch < n_train:  # (--repeated-aug N: samples, N augmented copies of each image)
+        whole = f", {per_epoch} {'samples' if cfg.repeated_aug > 1 else 'images'} an epoch in whole batches"
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
             f"{n_train} train{whole} / {splits['val']['num_samples']} val), "
             f"{dist.world} process(es) on {dist.device.type}, loader {loader_name} "

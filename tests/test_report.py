@@ -259,6 +259,16 @@ def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_ano
     notes = make_all(str(tmp_path / "vit.pth"), deit, data_path=str(copy), **kw)["notes"]
     assert notes[0] == f"ViT was trained on {copy} before it was packed again (other options, seed or images)"
     assert notes[1] == f"DeiT was trained on {tiny_shards.resolve()}; scored here on {copy}, other shards"
+    del state["data_dir"]  # saved before the shards' folder was kept: not the same pack, but which change is unknown
+    torch.save(state, tmp_path / "vit.pth")
+    notes = make_all(str(tmp_path / "vit.pth"), deit, data_path=str(copy), **kw)["notes"]
+    assert notes[0] == f"ViT was trained on other shards than {copy}, or on these before they were packed again"
+    old = {k: v for k, v in state.items() if k != "pack"}  # saved before packs were fingerprinted: its path alone
+    torch.save({**old, "config": {**old["config"], "data_path": str(tiny_shards)}}, tmp_path / "old.pth")
+    assert make_all(str(tmp_path / "old.pth"), deit, data_path=str(tiny_shards), **kw)["notes"] == []
+    notes = make_all(str(tmp_path / "old.pth"), deit, data_path=str(copy), **kw)["notes"]
+    assert notes[0] == (f"ViT was trained on {tiny_shards} (as its run named it: a checkpoint from before packs were "
+                        f"fingerprinted); scored here on {copy}")
 
 
 def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,

@@ -110,11 +110,15 @@ def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: st
 
 def shards_change(state: dict, data_path: str | Path, manifest: dict) -> str | None:
     """How the shards at data_path (manifest: theirs) differ from those the checkpoint `state` was trained and scored
-    on: None, the same pack wherever it now lies (a copy moved to a local disk is no change; a checkpoint from before
-    packs were fingerprinted claims nothing); "other", another folder's shards; "repacked", the same folder packed
-    again since; "unknown", not the same pack, from a checkpoint saved before its folder was kept (its data_path, as
-    typed, may have been relative to another working folder)."""
-    if state.get("pack", pack_fingerprint(manifest)) == pack_fingerprint(manifest):
+    on: None, the same pack wherever it now lies (a copy moved to a local disk is no change); "other", another
+    folder's shards; "repacked", the same folder packed again since; "unknown", not the same pack, from a checkpoint
+    saved before its folder was kept (its data_path, as typed, may have been relative to another working folder);
+    "elsewhere", a checkpoint from before packs were fingerprinted whose data_path, as typed, names another folder
+    (or the same one, typed relative to another working folder: its path is all it has)."""
+    if "pack" not in state:
+        typed = state.get("config", {}).get("data_path")
+        return "elsewhere" if typed and Path(typed).resolve() != Path(data_path).resolve() else None
+    if state["pack"] == pack_fingerprint(manifest):
         return None
     if "data_dir" not in state:
         return "unknown"

@@ -432,6 +432,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         elif change == "unknown":
             notes.append(f"{label} was trained on other shards than {data_path}, or on these before they were packed "
                          f"again")
+        elif change == "elsewhere":
+            notes.append(f"{label} was trained on {state['config']['data_path']} (as its run named it: a checkpoint "
+                         f"from before packs were fingerprinted); scored here on {data_path}")
         upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
                                     saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
         if upscaled and upscaled not in notes:  # (once for both models where they share the size)

@@ -838,6 +838,31 @@ def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shard
     assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
 
 
+@pytest.mark.parametrize("saved, said", [
+    ([{"settings": {"pack": "0123", "batch_size": 8}, "checkpoint": "x"}],
+     "no DALI reader state for these shards, batch, size, seed and 1 process(es)"),
+    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"}],  # before 12-05
+     "a DALI reader state of an earlier vitdeit, which this one does not restore"),
+    ([b"reader bytes"], "a DALI reader state of an earlier vitdeit, which this one does not restore"),  # bare, older
+    ([None], "no DALI reader state for these shards, batch, size, seed and 1 process(es)")])  # the PyTorch loader's
+def test_a_dali_state_not_restored_is_said_with_its_reason(tiny_shards, saved, said):
+    from vitdeit.classes import load_manifest
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_notes
+
+    class NotRestored:  # a DALI train loader whose saved state did not fit
+        name, restored = "dali", False
+
+        def __len__(self):
+            return 6
+
+    cfg = cfg_for(tiny_shards, "runs", loader="dali", resume="runs/r/last.pth")
+    resumed = {"config": cfg.to_dict(), "epoch": 0, "loader": "dali", "loader_states": saved}
+    notes = run_notes(cfg, load_manifest(tiny_shards), Dist(), NotRestored(), resumed, 1e-3)
+    assert f"note: --resume: runs/r/last.pth holds {said}: DALI's sample stream starts afresh (training goes on, " \
+           f"not bit-exactly)." in notes
+
+
 def test_the_run_line_says_how_many_train_images_an_epoch_trains_on_when_whole_batches_leave_some_out(
         tiny_shards, tmp_path, capsys, monkeypatch):
     from vitdeit.classes import load_manifest

@@ -324,8 +324,13 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
                    f"way from here on (--loader {resumed['loader']} keeps the old)")
     if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
-        out.append(f"note: --resume: {cfg.resume} holds no DALI reader state for these shards, batch, size, seed and "
-                   f"{dist.world} process(es): DALI's sample stream starts afresh (training goes on, not bit-exactly).")
+        # an earlier vitdeit's: settings naming the shard list, not the pack's fingerprint (before 2026-12-05), or
+        # before that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
+        earlier = any(s is not None and not (isinstance(s, dict) and "pack" in s.get("settings", {})) for s in states)
+        why = ("a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
+               f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")
+        out.append(f"note: --resume: {cfg.resume} holds {why}: DALI's sample stream starts afresh (training goes on, "
+                   f"not bit-exactly).")
     per_rank = manifest["splits"]["train"]["num_samples"] // dist.world
     trained = len(train_loader) * cfg.batch_size  # whole batches only (drop_last, as the DeiT reference)
     if per_rank - trained > 0.05 * per_rank:

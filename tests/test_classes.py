@@ -108,3 +108,15 @@ def test_the_pack_fingerprint_changes_with_any_shard_and_with_the_packing_option
         edit(changed)
         assert pack_fingerprint(changed) != first
     assert pack_fingerprint(copy.deepcopy(m)) == first
+
+
+def test_shards_an_earlier_packer_described_without_a_later_option_are_the_same_pack_packed_again_now():
+    from vitdeit.classes import LATER_OPTIONS, pack_fingerprint, same_pack
+
+    shards = {"train": {"shards": [{"file": "train-000000.tar", "num_samples": 2, "bytes": 20480}]}}
+    earlier = {"options": {"seed": 0, "shard_size": 2}, "source": {"data_path": "/d"}, "splits": shards}
+    saved = pack_fingerprint(earlier)  # what a checkpoint trained on the earlier packer's manifest holds
+    now = {**earlier, "options": {**earlier["options"], **LATER_OPTIONS}}  # the same shards, packed again now
+    assert pack_fingerprint(now) != saved and same_pack(saved, now) and same_pack(pack_fingerprint(now), now)
+    for options in ({"allow_missing_classes": True}, {"seed": 1}):  # a later option at another value; another seed
+        assert not same_pack(saved, {**now, "options": {**now["options"], **options}})

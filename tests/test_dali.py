@@ -345,6 +345,19 @@ def test_a_state_saved_on_other_shards_of_the_same_images_is_not_restored(tiny_d
     assert again.restored  # (the same shards: restored)
 
 
+
+def test_a_state_saved_on_an_earlier_packers_manifest_of_these_shards_is_restored(tiny_shards):
+    from vitdeit.classes import LATER_OPTIONS
+
+    kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
+    m = load_manifest(tiny_shards)
+    assert LATER_OPTIONS.items() <= m["options"].items()  # this packer's manifest has them
+    earlier = {**m, "options": {k: v for k, v in m["options"].items() if k not in LATER_OPTIONS}}
+    first = DaliLoader(tiny_shards, earlier, "train", **kw)  # a run on the shards as an earlier packer described them
+    next(iter(first))
+    assert DaliLoader(tiny_shards, m, "train", state=first.state(), **kw).restored  # packed again since, unchanged
+
+
 def test_a_bare_reader_checkpoint_of_an_earlier_version_is_not_restored(tiny_shards):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1)

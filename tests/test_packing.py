@@ -424,7 +424,8 @@ def test_byte_identical_images_within_a_split_are_packed_and_listed_and_the_cli_
             "class (one image, two labels), 1 within one class (one image weighed twice)") in r.stdout
 
 
-def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reused(data, tmp_path, monkeypatch):
+def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reused(data, tmp_path, monkeypatch,
+                                                                                     capsys):
     big = first_image(data)
     Image.new("RGB", (200, 200), (90, 120, 30)).save(big, format="JPEG")  # 40,000 px; the others at most 64 x 64
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 25_000)  # over it: a DecompressionBombWarning (an error at 2x)
@@ -440,8 +441,18 @@ def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reu
     record.write_text(json.dumps(old))
     tar = tmp_path / "s" / f"{record.stem}.tar"
     before = tar.stat().st_ino
-    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)["warnings"] == m["warnings"]
-    assert tar.stat().st_ino != before  # read again and written anew, not reused
+    capsys.readouterr()
+    assert pack(data, tmp_path / "s", opts=PackOptions(workers=1))["warnings"] == m["warnings"]  # as the command line
+    assert tar.stat().st_ino != before  # read again and written anew, not reused: and the command line says why
+    n = len(list((tmp_path / "s").glob("*.tar")))
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
+                       f"wrote again 1 of {n} shards an earlier run wrote: 1 for an earlier vitdeit's record, without "
+                       f"the images' warnings"]
+    Image.new("RGB", (200, 200), (10, 20, 30)).save(big, format="JPEG")  # the image changed in place
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1))
+    assert f"wrote again 1 of {n} shards an earlier run wrote: 1 for its inputs or options changed" in (
+        capsys.readouterr().out.splitlines())
 
 
 def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .classes import ClassMap, class_difference, pack_fingerprint
+from .classes import ClassMap, class_difference, same_pack
 from .errors import DataError, MissingFile, first_line, write_failed
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
@@ -118,7 +118,7 @@ def shards_change(state: dict, data_path: str | Path, manifest: dict) -> str | N
     if "pack" not in state:
         typed = state.get("config", {}).get("data_path")
         return "elsewhere" if typed and Path(typed).resolve() != Path(data_path).resolve() else None
-    if state["pack"] == pack_fingerprint(manifest):
+    if same_pack(state["pack"], manifest):
         return None
     if "data_dir" not in state:
         return "unknown"

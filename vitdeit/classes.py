@@ -171,13 +171,28 @@ def class_difference(theirs, ours, only_theirs: str, only_ours: str) -> str:
                      for w, phrase in ((extra, only_theirs), (missing, only_ours)) if w)
 
 
-def pack_fingerprint(manifest: dict) -> str:
+# packing options added after the first packs, at the value that packs as before: a manifest an earlier packer wrote
+# lacks them, and the same shards packed again by this one have them
+LATER_OPTIONS = {"allow_missing_classes": False}
+
+
+def pack_fingerprint(manifest: dict, options: dict | None = None) -> str:
     """What a repack changes: the packing options (seed: the global shuffle), the source folder and each shard's
-    file, sample count and size. Saved in every checkpoint: a --resume on shards repacked since says so."""
-    what = {"options": manifest.get("options"), "source": manifest.get("source", {}).get("data_path"),
+    file, sample count and size. Saved in every checkpoint: a --resume on shards repacked since says so.
+    options: in place of the manifest's."""
+    what = {"options": manifest.get("options") if options is None else options,
+            "source": manifest.get("source", {}).get("data_path"),
             "shards": {split: [[s["file"], s["num_samples"], s["bytes"]] for s in info["shards"]]
                        for split, info in sorted(manifest["splits"].items())}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_pack(fingerprint: str, manifest: dict) -> bool:
+    """A fingerprint saved with a checkpoint (or a DALI state) is of these shards: this manifest's, or the one an
+    earlier packer wrote for the same shards, without the LATER_OPTIONS that still have their old value."""
+    options = manifest.get("options") or {}
+    earlier = {k: v for k, v in options.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+    return fingerprint in (pack_fingerprint(manifest), pack_fingerprint(manifest, earlier))
 
 
 def classes_without_images(manifest: dict, split: str) -> list[str]:

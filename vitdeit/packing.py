@@ -95,6 +95,7 @@ class ShardResult:
     warnings: list[tuple[str, str]] = field(default_factory=list)
     bytes: int = 0
     reused: bool = False  # this run found the shard written by an earlier one (same inputs and options)
+    rewritten: str = ""  # why this run wrote again a shard an earlier one had written ("": it had not)
 
 
 # ---------------------------------------------------------------- scanning
@@ -373,7 +374,12 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
                 and "warnings" in done
                 and tar_path.stat().st_size == done.get("bytes") and index_count(idx_path) == done.get("num_samples")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
-            return ShardResult(**{**done, "reused": True})
+            return ShardResult(**{**done, "reused": True, "rewritten": ""})
+        result.rewritten = ("an unreadable record" if not done else
+                            "its inputs or options changed" if done.get("fingerprint") != result.fingerprint else
+                            "an earlier vitdeit's record, without the images' warnings" if "warnings" not in done else
+                            "its bad files read again" if done.get("bad") and not opts.skip_bad else
+                            "a tar or index of another size than written")
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that
     # would pair them with another run's inputs
     record.unlink(missing_ok=True)
@@ -496,6 +502,9 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     if progress and any(r.reused for r in results):  # (the command line's: a rerun says what it did not redo)
         print(f"reused {sum(r.reused for r in results)} of {len(results)} shards an earlier run wrote (same inputs "
               f"and options)")
+    if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
+        print(f"wrote again {sum(why.values())} of {len(results)} shards an earlier run wrote: "
+              + ", ".join(f"{n} for {reason}" for reason, n in why.most_common()))
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
 
 

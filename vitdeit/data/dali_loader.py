@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..classes import pack_fingerprint
+from ..classes import pack_fingerprint, same_pack
 from ..config import Config
 from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line
 from . import MEAN, STD, shard_paths, val_resize
@@ -155,8 +155,11 @@ class DaliLoader:
                          "epoch": "reader pass",  # what an epoch is: states of the earlier fixed-size epochs don't fit
                          **({"rand_augment": rand_augment} if spec else {}),  # its draws are in the state too
                          **({"repeats": repeats} if self.train and repeats > 1 else {})}
-        # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored)
-        self.restored = self.train and isinstance(state, dict) and state.get("settings") == self.settings
+        # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored; the
+        # pack: the same shards even where a later packer described their options with more keys)
+        saved = state.get("settings") if isinstance(state, dict) else None
+        self.restored = self.train and isinstance(saved, dict) and same_pack(saved.get("pack", ""), manifest) and (
+            {**saved, "pack": None} == {**self.settings, "pack": None})
         self.batch_size = batch_size
         self.decoded_ahead = prefetch  # batches decoded ahead, also as soon as an epoch ends (the benchmark's windows)
         if self.train:

@@ -1451,3 +1451,13 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     evaluate_checkpoint(cfg_for(shards, tmp_path, resume=str(tmp_path / "old.pth"), eval_only=True, **kw))
     assert (f"; the shards at {shards} are not those {tmp_path / 'old.pth'} was saved with (packed again, or other "
             f"shards))") in capsys.readouterr().out
+    del old["pack"]  # saved before packs were fingerprinted: the path its run named, as typed, is all it has
+    old["config"]["data_path"] = str(other)
+    torch.save(old, tmp_path / "older.pth")
+    evaluate_checkpoint(cfg_for(shards, tmp_path, resume=str(tmp_path / "older.pth"), eval_only=True, **kw))
+    assert (f"; {tmp_path / 'older.pth'} names {other} as its shards (it was saved before vitdeit kept the pack's "
+            f"fingerprint), not {shards})") in capsys.readouterr().out
+    old["config"]["data_path"] = str(shards)
+    torch.save(old, tmp_path / "older.pth")
+    evaluate_checkpoint(cfg_for(shards, tmp_path, resume=str(tmp_path / "older.pth"), eval_only=True, **kw))
+    assert "names" not in capsys.readouterr().out  # its own shards: nothing to say

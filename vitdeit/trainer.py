@@ -261,9 +261,11 @@ def run_manifest(cfg: Config) -> dict:
 
 def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, str] | None:
     """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and what that does to
-    a resumed run; None: the same pack, or a checkpoint from before packs were fingerprinted, which a resume has
-    never been told about (checkpoint.shards_change)."""
+    a resumed run; None: the same pack (checkpoint.shards_change)."""
     change = shards_change(state, data_path, manifest)
+    if change == "elsewhere":  # a checkpoint from before packs were fingerprinted: the path its run named is all
+        return (f"{ckpt} names {state['config']['data_path']} as its shards (it was saved before vitdeit kept the "
+                f"pack's fingerprint), not {data_path}", "(if those are other shards)")
     if change == "unknown":
         return (f"the shards at {data_path} are not those {ckpt} was saved with (packed again, or other shards)",
                 "(another pack)")

@@ -493,10 +493,11 @@ def test_the_run_summary_is_the_best_val_epochs_with_the_median_speed_of_the_epo
              "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0},
             {"epoch": 2, "val_top1": 40.0, "val_top5": 85.0, "images_per_s": 420.0, "val_top1_cls_head": 41.0,
              "val_top1_dist_head": 42.0, "teacher_val_top1": 70.0}]
-    s = run_summary("DeiT", rows, {"config": {"model": "deit_tiny_distill", "data_path": "s", "img_size": 32},
-                                   "epoch": 2}, 5_000_000)
+    s = run_summary("DeiT", rows, {"config": {"model": "deit_tiny_distill", "data_path": "s", "img_size": 32,
+                                              "epochs": 3}, "epoch": 2}, 5_000_000)
     assert s == {"run": "DeiT", "model": "deit_tiny_distill", "best_epoch": 1, "val_top1": 45.0, "val_top5": 80.0,
-                 "params": 5_000_000, "epochs": 3, "last_epoch": 2, "checkpoint_epoch": 2, "train_images_per_s": 410.0,
+                 "params": 5_000_000, "epochs": 3, "epochs_planned": 3, "last_epoch": 2, "checkpoint_epoch": 2,
+                 "train_images_per_s": 410.0,
                  "val_top1_cls_head": 44.0, "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0, "data_path": "s",
                  "img_size": 32}
     assert run_summary("ViT", rows[:1], {"config": {"model": "vit_tiny"}, "epoch": 0}, 1)["train_images_per_s"] == 50.0
@@ -777,9 +778,16 @@ def test_the_report_gives_the_emas_best_val_top1_beside_the_trained_weights():
             "per_class": [{"class": f"n{i}", "name": "c", "images": 1, "vit_top1": 0.0, "deit_top1": 0.0, "delta": 0.0}
                           for i in range(6)], "deit_only_right": 1, "vit_only_right": 0,
             "mcnemar_p": 1.0}
+    md = report_markdown([s], comp, ("ViT", "DeiT")).splitlines()
     assert ("ViT: the EMA of its weights (--model-ema) scored up to 44.50% val top-1 (epoch 2); the table and the "
-            "figures below are of the trained weights (best.pth also holds the EMA's, as of the weights' best "
-            "epoch).") in report_markdown([s], comp, ("ViT", "DeiT")).splitlines()
+            "figures below are of the trained weights (the checkpoint read also holds the EMA's, as of its "
+            "epoch).") in md
+    assert not any("stopped" in line for line in md)  # (its config names no --epochs to fall short of)
+    stopped = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 6}, "epoch": 1}, 5_000_000)
+    assert ("ViT: its run stopped after epoch 2 of its --epochs 6 (interrupted, or still going on): its lr schedule "
+            "had not ended.") in report_markdown([stopped], comp, ("ViT", "DeiT")).splitlines()
+    done = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 3}, "epoch": 1}, 5_000_000)
+    assert "stopped" not in report_markdown([done], comp, ("ViT", "DeiT"))
     no_ema = run_summary("ViT", [{k: v for k, v in r.items() if k != "val_top1_ema"} for r in rows],
                          {"config": {"model": "vit_tiny"}, "epoch": 1}, 5_000_000)
     assert "val_top1_ema" not in no_ema and "EMA" not in report_markdown([no_ema], comp, ("ViT", "DeiT"))

@@ -162,6 +162,7 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows), "last_epoch": rows[-1]["epoch"],
            "checkpoint_epoch": ckpt["epoch"],  # of the checkpoint read here: the best epoch's, unless told otherwise
+           "epochs_planned": ckpt["config"].get("epochs"),  # its --epochs: more than it logged when it was stopped
            "data_path": ckpt["config"].get("data_path"), "img_size": ckpt["config"].get("img_size"),
            # the first epoch also compiles the model and starts the loader: steady speed is the later epochs'
            "train_images_per_s": float(np.median([r["images_per_s"] for r in rows[1:] or rows]))}
@@ -245,7 +246,11 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
         if "val_top1_ema" in s:
             lines += ["", f"{s['run']}: the EMA of its weights (--model-ema) scored up to {s['val_top1_ema']:.2f}% val "
                           f"top-1 (epoch {s['best_epoch_ema']}); the table and the figures below are of the trained "
-                          f"weights (best.pth also holds the EMA's, as of the weights' best epoch)."]
+                          f"weights (the checkpoint read also holds the EMA's, as of its epoch)."]
+    for s in summaries:  # a run stopped before its schedule ended: its --epochs differ from what it trained
+        if s["last_epoch"] + 1 < (s.get("epochs_planned") or 0):
+            lines += ["", f"{s['run']}: its run stopped after epoch {s['last_epoch']} of its --epochs "
+                          f"{s['epochs_planned']} (interrupted, or still going on): its lr schedule had not ended."]
     for s in summaries:  # a checkpoint other than the best epoch's: last.pth, or a best.pth whose weights were lost
         if s["checkpoint_epoch"] != s["best_epoch"]:
             lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "

@@ -118,5 +118,6 @@ def test_shards_an_earlier_packer_described_without_a_later_option_are_the_same_
     saved = pack_fingerprint(earlier)  # what a checkpoint trained on the earlier packer's manifest holds
     now = {**earlier, "options": {**earlier["options"], **LATER_OPTIONS}}  # the same shards, packed again now
     assert pack_fingerprint(now) != saved and same_pack(saved, now) and same_pack(pack_fingerprint(now), now)
+    assert same_pack(pack_fingerprint(now), earlier)  # saved on the shards packed again, read on an older copy
     for options in ({"allow_missing_classes": True}, {"seed": 1}):  # a later option at another value; another seed
         assert not same_pack(saved, {**now, "options": {**now["options"], **options}})

@@ -345,7 +345,6 @@ def test_a_state_saved_on_other_shards_of_the_same_images_is_not_restored(tiny_d
     assert again.restored  # (the same shards: restored)
 
 
-
 def test_a_state_saved_on_an_earlier_packers_manifest_of_these_shards_is_restored(tiny_shards):
     from vitdeit.classes import LATER_OPTIONS
 

@@ -303,7 +303,9 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     # without --skip-bad they are read again, and stop it; the manifest of the run before is gone
     with pytest.raises(DataError, match=r"2 file\(s\) that are not readable images.*manifest\.json \(an earlier one "
                                         r"went when this run began"):
-        pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4), progress=False)
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4))
+    # the 2 shards with a bad file were read again but not written: no "wrote again" for them
+    assert capsys.readouterr().out == "reused 3 of 5 shards an earlier run wrote (same inputs and options)\n"
 
 
 def test_a_file_that_failed_once_packs_when_it_reads_again_without_skip_bad(data, tmp_path, monkeypatch):
@@ -447,12 +449,19 @@ def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reu
     n = len(list((tmp_path / "s").glob("*.tar")))
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
-                       f"wrote again 1 of {n} shards an earlier run wrote: 1 for an earlier vitdeit's record, without "
-                       f"the images' warnings"]
+                       f"wrote again 1 of {n} shards an earlier run wrote: 1 because its record is an earlier "
+                       f"vitdeit's, without the images' warnings"]
     Image.new("RGB", (200, 200), (10, 20, 30)).save(big, format="JPEG")  # the image changed in place
     pack(data, tmp_path / "s", opts=PackOptions(workers=1))
-    assert f"wrote again 1 of {n} shards an earlier run wrote: 1 for its inputs or options changed" in (
-        capsys.readouterr().out.splitlines())
+    assert (f"wrote again 1 of {n} shards an earlier run wrote: 1 because its inputs or options changed (or how this "
+            f"vitdeit encodes them)") in capsys.readouterr().out.splitlines()
+    assert not {"reused", "rewritten"} & set(json.loads(record.read_text()))  # one run's doings: not in the record
+    record.write_text(json.dumps({**json.loads(record.read_text()), "a_later_field": 1}))  # a later packer's: reused
+    next(p for p in (tmp_path / "s").glob("*.tar") if p.stem != record.stem).unlink()  # another shard's tar gone
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1))
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
+        f"wrote again 1 of {n} shards an earlier run wrote: 1 because its tar or index is missing"]
 
 
 def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):

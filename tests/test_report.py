@@ -784,10 +784,23 @@ def test_the_report_gives_the_emas_best_val_top1_beside_the_trained_weights():
             "epoch).") in md
     assert not any("stopped" in line for line in md)  # (its config names no --epochs to fall short of)
     stopped = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 6}, "epoch": 1}, 5_000_000)
-    assert ("ViT: its run stopped after epoch 2 of its --epochs 6 (interrupted, or still going on): its lr schedule "
-            "had not ended.") in report_markdown([stopped], comp, ("ViT", "DeiT")).splitlines()
+    assert ("ViT: its run stopped after 3 of its --epochs 6 (epochs 0-2; interrupted, or still going on): its lr "
+            "schedule had not ended.") in report_markdown([stopped], comp, ("ViT", "DeiT")).splitlines()
+    resumed = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 3}, "epoch": 1}, 5_000_000, 6)
+    assert resumed["epochs_planned"] == 6  # a resume with more --epochs (its config.json), stopped at 3 of them
     done = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 3}, "epoch": 1}, 5_000_000)
     assert "stopped" not in report_markdown([done], comp, ("ViT", "DeiT"))
     no_ema = run_summary("ViT", [{k: v for k, v in r.items() if k != "val_top1_ema"} for r in rows],
                          {"config": {"model": "vit_tiny"}, "epoch": 1}, 5_000_000)
     assert "val_top1_ema" not in no_ema and "EMA" not in report_markdown([no_ema], comp, ("ViT", "DeiT"))
+
+
+def test_a_runs_planned_epochs_are_its_latest_invocations(tmp_path):
+    from vitdeit.report import planned_epochs
+
+    ckpt = {"config": {"epochs": 10}}  # best.pth of the first invocation, kept by a resume that asked for more
+    assert planned_epochs(tmp_path, ckpt) == 10  # no config.json beside it (a checkpoint copied out): its own
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 20}))  # written by the resume with --epochs 20
+    assert planned_epochs(tmp_path, ckpt) == 20
+    (tmp_path / "config.json").write_text("{")
+    assert planned_epochs(tmp_path, ckpt) == 10

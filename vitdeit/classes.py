@@ -188,11 +188,13 @@ def pack_fingerprint(manifest: dict, options: dict | None = None) -> str:
 
 
 def same_pack(fingerprint: str, manifest: dict) -> bool:
-    """A fingerprint saved with a checkpoint (or a DALI state) is of these shards: this manifest's, or the one an
-    earlier packer wrote for the same shards, without the LATER_OPTIONS that still have their old value."""
+    """A fingerprint saved with a checkpoint (or a DALI state) is of these shards: this manifest's, or that of the
+    same shards described by an earlier or a later packer, without or with the LATER_OPTIONS at their old value
+    (a checkpoint of shards packed again since, read on an older copy of them, too)."""
     options = manifest.get("options") or {}
     earlier = {k: v for k, v in options.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
-    return fingerprint in (pack_fingerprint(manifest), pack_fingerprint(manifest, earlier))
+    return fingerprint in {pack_fingerprint(manifest), pack_fingerprint(manifest, earlier),
+                           pack_fingerprint(manifest, {**LATER_OPTIONS, **earlier})}
 
 
 def classes_without_images(manifest: dict, split: str) -> list[str]:

@@ -32,7 +32,7 @@ import tarfile
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -96,6 +96,9 @@ class ShardResult:
     bytes: int = 0
     reused: bool = False  # this run found the shard written by an earlier one (same inputs and options)
     rewritten: str = ""  # why this run wrote again a shard an earlier one had written ("": it had not)
+
+
+RUN_ONLY = {"reused", "rewritten"}  # what one run did with a shard: not kept in its record
 
 
 # ---------------------------------------------------------------- scanning
@@ -360,11 +363,14 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     result = ShardResult(split, name, shard_fingerprint(sources, opts), num_inputs=len(sources))
     record = out / PROGRESS_DIR / f"{name}.json"
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
-    if record.is_file() and tar_path.is_file() and idx_path.is_file():
+    if record.is_file() and not (tar_path.is_file() and idx_path.is_file()):
+        result.rewritten = "its tar or index is missing"
+    elif record.is_file():
         try:
             done = json.loads(record.read_text())
         except json.JSONDecodeError:
             done = {}  # unreadable: write the shard again
+        done = done if isinstance(done, dict) else {}
         # same inputs, same options: reuse the shard; one that skipped bad files only where skipping is asked for
         # (without --skip-bad they are read again: a file fixed in place, e.g. its permissions, then packs)
         # a tar of another size than written (a copy cut short, a full disk), or an index of another count (the
@@ -374,12 +380,14 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
                 and "warnings" in done
                 and tar_path.stat().st_size == done.get("bytes") and index_count(idx_path) == done.get("num_samples")):
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
-            return ShardResult(**{**done, "reused": True, "rewritten": ""})
-        result.rewritten = ("an unreadable record" if not done else
-                            "its inputs or options changed" if done.get("fingerprint") != result.fingerprint else
-                            "an earlier vitdeit's record, without the images' warnings" if "warnings" not in done else
-                            "its bad files read again" if done.get("bad") and not opts.skip_bad else
-                            "a tar or index of another size than written")
+            kept = {f.name for f in fields(ShardResult)} - RUN_ONLY  # (a later packer's record may hold more)
+            return ShardResult(**{k: v for k, v in done.items() if k in kept}, reused=True)
+        result.rewritten = ("its record is unreadable" if not done else
+                            "its inputs or options changed (or how this vitdeit encodes them)"
+                            if done.get("fingerprint") != result.fingerprint else
+                            "its record is an earlier vitdeit's, without the images' warnings" if "warnings" not in done
+                            else "its bad files are read again" if done.get("bad") and not opts.skip_bad else
+                            "its tar or index has another size than written")
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that
     # would pair them with another run's inputs
     record.unlink(missing_ok=True)
@@ -419,13 +427,14 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
             sink.close()
     if result.bad and not opts.skip_bad:
         tmp.unlink()  # an incomplete shard never gets a real name
+        result.rewritten = ""  # (nor was one written again)
         return result
     os.replace(tmp, tar_path)
     result.num_samples = write_index(tar_path, idx_path)
     assert result.num_samples == sum(counts.values()), f"{tar_path}: index disagrees with what was written"
     result.class_counts = dict(counts)
     result.bytes = tar_path.stat().st_size
-    write_text_atomic(record, json.dumps(asdict(result)))
+    write_text_atomic(record, json.dumps({k: v for k, v in asdict(result).items() if k not in RUN_ONLY}))
     return result
 
 
@@ -504,7 +513,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
               f"and options)")
     if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
         print(f"wrote again {sum(why.values())} of {len(results)} shards an earlier run wrote: "
-              + ", ".join(f"{n} for {reason}" for reason, n in why.most_common()))
+              + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
     return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
 
 

@@ -156,13 +156,22 @@ def curves_figure(runs: dict[str, list[dict]]):
     return fig
 
 
-def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int) -> dict:
-    """rows: the run's metrics.jsonl records."""
+def planned_epochs(run_dir: Path, ckpt: dict) -> int | None:
+    """The --epochs of the run folder's latest invocation (its config.json: each start or resume writes it; a
+    checkpoint keeps the config of the invocation that saved it, which a resume with more --epochs outlives)."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ckpt["config"].get("epochs")
+
+
+def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int, planned: int | None = None) -> dict:
+    """rows: the run's metrics.jsonl records; planned: its --epochs (planned_epochs), else the checkpoint's."""
     best = max(rows, key=lambda r: r["val_top1"])
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows), "last_epoch": rows[-1]["epoch"],
            "checkpoint_epoch": ckpt["epoch"],  # of the checkpoint read here: the best epoch's, unless told otherwise
-           "epochs_planned": ckpt["config"].get("epochs"),  # its --epochs: more than it logged when it was stopped
+           "epochs_planned": planned or ckpt["config"].get("epochs"),  # its --epochs: more than it ran, if stopped
            "data_path": ckpt["config"].get("data_path"), "img_size": ckpt["config"].get("img_size"),
            # the first epoch also compiles the model and starts the loader: steady speed is the later epochs'
            "train_images_per_s": float(np.median([r["images_per_s"] for r in rows[1:] or rows]))}
@@ -248,9 +257,10 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
                           f"top-1 (epoch {s['best_epoch_ema']}); the table and the figures below are of the trained "
                           f"weights (the checkpoint read also holds the EMA's, as of its epoch)."]
     for s in summaries:  # a run stopped before its schedule ended: its --epochs differ from what it trained
-        if s["last_epoch"] + 1 < (s.get("epochs_planned") or 0):
-            lines += ["", f"{s['run']}: its run stopped after epoch {s['last_epoch']} of its --epochs "
-                          f"{s['epochs_planned']} (interrupted, or still going on): its lr schedule had not ended."]
+        done = max(s["last_epoch"], s["checkpoint_epoch"]) + 1  # (a metrics.jsonl may have lost its last lines)
+        if done < (s.get("epochs_planned") or 0):
+            lines += ["", f"{s['run']}: its run stopped after {done} of its --epochs {s['epochs_planned']} (epochs "
+                          f"0-{done - 1}; interrupted, or still going on): its lr schedule had not ended."]
     for s in summaries:  # a checkpoint other than the best epoch's: last.pth, or a best.pth whose weights were lost
         if s["checkpoint_epoch"] != s["best_epoch"]:
             lines += ["", f"{s['run']}: the checkpoint read here is from epoch {s['checkpoint_epoch']}, not its best "
@@ -467,8 +477,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         return written
     rdir = Path(report_dir)
     nets = {"teacher": teacher, "ViT": (vit_net, vit_state), "DeiT": (deit_net, deit_state)}
-    summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()))
-                 for name in runs]
+    summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()),
+                             planned_epochs(runs[name], nets[name][1])) for name in runs]
     save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     picture = (Path(out).name, [p["key"] for p in written["panels"]])

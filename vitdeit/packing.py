@@ -371,23 +371,25 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
         except json.JSONDecodeError:
             done = {}  # unreadable: write the shard again
         done = done if isinstance(done, dict) else {}
-        # same inputs, same options: reuse the shard; one that skipped bad files only where skipping is asked for
-        # (without --skip-bad they are read again: a file fixed in place, e.g. its permissions, then packs)
-        # a tar of another size than written (a copy cut short, a full disk), or an index of another count (the
-        # loaders refuse both), is written again too
-        # (a record from before decode warnings were recorded has no "warnings": read again, to list them)
-        if (done.get("fingerprint") == result.fingerprint and (opts.skip_bad or not done.get("bad"))
-                and "warnings" in done
-                and tar_path.stat().st_size == done.get("bytes") and index_count(idx_path) == done.get("num_samples")):
+        # same inputs, same options: reuse the shard, unless one of these says why not (the first that holds)
+        result.rewritten = (
+            "its record is unreadable" if not done else
+            "its inputs or options changed (or how this vitdeit encodes them)"
+            if done.get("fingerprint") != result.fingerprint else
+            # (a record from before decode warnings were recorded has no "warnings": read again, to list them)
+            "its record is an earlier vitdeit's, without the images' warnings" if "warnings" not in done else
+            # one that skipped bad files is reused only where skipping is asked for (without --skip-bad they are
+            # read again: a file fixed in place, e.g. its permissions, then packs)
+            "its bad files are read again" if done.get("bad") and not opts.skip_bad else
+            # a tar of another size than written (a copy cut short, a full disk), or an index of another count (the
+            # loaders refuse both)
+            "its tar or index has another size than written"
+            if tar_path.stat().st_size != done.get("bytes") or index_count(idx_path) != done.get("num_samples") else
+            "")
+        if not result.rewritten:
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             kept = {f.name for f in fields(ShardResult)} - RUN_ONLY  # (a later packer's record may hold more)
             return ShardResult(**{k: v for k, v in done.items() if k in kept}, reused=True)
-        result.rewritten = ("its record is unreadable" if not done else
-                            "its inputs or options changed (or how this vitdeit encodes them)"
-                            if done.get("fingerprint") != result.fingerprint else
-                            "its record is an earlier vitdeit's, without the images' warnings" if "warnings" not in done
-                            else "its bad files are read again" if done.get("bad") and not opts.skip_bad else
-                            "its tar or index has another size than written")
     # the record goes first: a run killed while the tar and index below are replaced leaves no record that
     # would pair them with another run's inputs
     record.unlink(missing_ok=True)

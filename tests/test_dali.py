@@ -332,6 +332,20 @@ def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     assert not other.restored and len(list(other)) == len(other)  # a fresh stream, whole epochs
 
 
+def test_a_state_saved_by_a_gpu_pipeline_is_not_restored_on_the_cpu(tiny_shards):
+    # a GPU pipeline has other operators (the "mixed" decoder, the labels copied to the GPU): its checkpoint is not this
+    # pipeline's to load
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
+    first = DaliLoader(tiny_shards, m, "train", **kw)
+    next(iter(first))
+    saved = first.state()
+    assert DaliLoader(tiny_shards, m, "train", state=saved, **kw).restored  # (as saved: restored)
+    on_gpu = {**saved, "settings": {**saved["settings"], "gpu": True}}
+    other = DaliLoader(tiny_shards, m, "train", state=on_gpu, **kw)
+    assert not other.restored and len(list(other)) == len(other)
+
+
 def test_a_state_saved_on_other_shards_of_the_same_images_is_not_restored(tiny_data, tiny_shards, tmp_path):
     from vitdeit.packing import PackOptions, pack
 

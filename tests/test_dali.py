@@ -340,6 +340,7 @@ def test_a_state_saved_by_a_gpu_pipeline_is_not_restored_on_the_cpu(tiny_shards)
     first = DaliLoader(tiny_shards, m, "train", **kw)
     next(iter(first))
     saved = first.state()
+    assert saved["settings"]["gpu"] is False  # the state says where its pipeline ran
     assert DaliLoader(tiny_shards, m, "train", state=saved, **kw).restored  # (as saved: restored)
     on_gpu = {**saved, "settings": {**saved["settings"], "gpu": True}}
     other = DaliLoader(tiny_shards, m, "train", state=on_gpu, **kw)

@@ -750,6 +750,28 @@ def test_runs_trained_by_other_process_counts_or_loaders_are_noted(runs, tmp_pat
                      "augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)"]
 
 
+def test_runs_whose_amp_auto_resolved_differently_are_noted_once(runs, tmp_path):
+    vit, deit = runs / "baseline_vit_tiny" / "best.pth", str(runs / "deit_tiny_distill" / "best.pth")
+    state = torch.load(vit, weights_only=True)
+    assert (state["config"]["amp"], state["amp"]) == ("auto", "off")  # the fixture's: auto on a CPU
+    kw = dict(num_images=2, report_dir=None, workers=0)
+    torch.save({**state, "amp": "bf16"}, tmp_path / "gpu.pth")  # as on a GPU
+    notes = make_all(str(tmp_path / "gpu.pth"), deit, out=str(tmp_path / "p.png"), **kw)["notes"]
+    assert notes == ["ViT trained with --amp bf16, DeiT with --amp off (as --amp auto resolved on each run's device): "
+                     "their arithmetic differs"]
+    # both chosen by flag: the recipe's line names them, once
+    torch.save({**state, "amp": "bf16", "config": {**state["config"], "amp": "bf16"}}, tmp_path / "bf16.pth")
+    deit_state = torch.load(deit, weights_only=True)
+    torch.save({**deit_state, "config": {**deit_state["config"], "amp": "off"}}, tmp_path / "off.pth")
+    notes = make_all(str(tmp_path / "bf16.pth"), str(tmp_path / "off.pth"), out=str(tmp_path / "q.png"), **kw)["notes"]
+    assert [n for n in notes if "amp" in n] == [
+        "beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: --amp 'bf16' / 'off'): "
+        "the gap between them is not distillation's alone"]
+    old = {k: v for k, v in state.items() if k != "amp"}  # a checkpoint from before the resolved amp was kept
+    torch.save(old, tmp_path / "old.pth")
+    assert make_all(str(tmp_path / "old.pth"), deit, out=str(tmp_path / "r.png"), **kw)["notes"] == []
+
+
 def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_deit_a_deit():
     from vitdeit.report import recipe_differences
 

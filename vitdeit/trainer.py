@@ -570,6 +570,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
                 "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states,
+                "amp": AMP_NAME[amp_dtype],  # as --amp auto resolved on this run's device
                 "pack": pack, "data_dir": str(Path(cfg.data_path).resolve())}  # (config's data_path: as typed)
             # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
             # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing

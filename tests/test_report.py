@@ -750,6 +750,19 @@ def test_runs_trained_by_other_process_counts_or_loaders_are_noted(runs, tmp_pat
                      "augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)"]
 
 
+def test_a_deit_trained_without_distillation_is_noted(runs, tmp_path):
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), runs / "deit_tiny_distill" / "best.pth"
+    state = torch.load(deit, weights_only=True)
+    assert state["config"]["distillation_type"] == "hard"  # the fixture's: distilled, no note
+    kw = dict(num_images=2, report_dir=None, workers=0)
+    assert make_all(vit, str(deit), out=str(tmp_path / "p.png"), **kw)["notes"] == []
+    torch.save({**state, "config": {**state["config"], "distillation_type": "none", "teacher_ckpt": None}},
+               tmp_path / "none.pth")
+    assert make_all(vit, str(tmp_path / "none.pth"), out=str(tmp_path / "q.png"), **kw)["notes"] == [
+        "the DeiT was trained with --distillation-type none, without a teacher: both its heads learnt from the labels "
+        "alone, so a gap to the ViT is not distillation's"]
+
+
 def test_runs_whose_amp_auto_resolved_differently_are_noted_once(runs, tmp_path):
     vit, deit = runs / "baseline_vit_tiny" / "best.pth", str(runs / "deit_tiny_distill" / "best.pth")
     state = torch.load(vit, weights_only=True)

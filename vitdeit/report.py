@@ -433,6 +433,10 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                  for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
                                                          ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
                  if state["config"]["model"] != model]
+    deit_cfg = deit_state["config"]
+    if deit_cfg["model"] == "deit_tiny_distill" and saved_setting(deit_cfg, "distillation_type") == "none":
+        notes.append("the DeiT was trained with --distillation-type none, without a teacher: both its heads learnt "
+                     "from the labels alone, so a gap to the ViT is not distillation's")
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         notes.insert(0, f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     if one_file:

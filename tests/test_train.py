@@ -838,6 +838,21 @@ def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shard
     assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
 
 
+@pytest.mark.parametrize("batch_size, world, steps, repeated_aug, said", [
+    (16, 2, 3, 1, ""), (20, 2, 2, 1, ", 80 images an epoch in whole batches"), (18, 1, 5, 1, ", 90 images an epoch "
+     "in whole batches"), (20, 2, 2, 2, ", 80 samples an epoch in whole batches")])  # (--repeated-aug: copies too)
+def test_the_run_line_says_how_many_train_images_an_epoch_takes_in_whole_batches(tiny_shards, batch_size, world, steps,
+                                                                                 repeated_aug, said):
+    from vitdeit.classes import load_manifest
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_line
+
+    cfg = cfg_for(tiny_shards, "runs", batch_size=batch_size, repeated_aug=repeated_aug)
+    line = run_line(cfg, load_manifest(tiny_shards), Dist(world=world), "torch", None, False, "default", 1e-3,
+                    steps=steps)  # 96 train images: the loader's steps per process x the global batch
+    assert f"(4 classes, 96 train{said} / 24 val), {world} process(es) on cpu" in line
+
+
 @pytest.mark.parametrize("saved, said", [
     ([{"settings": {"pack": "0123", "batch_size": 8}, "checkpoint": "x"}],
      "no DALI reader state for these shards, batch, size, seed and 1 process(es)"),

@@ -432,13 +432,14 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
 
 
 def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool, mode: str,
-             lr: float, per_epoch: int | None = None) -> str:
+             lr: float, steps: int | None = None) -> str:
     """The run's first line: what trains on what, on which devices, with which loader and speed settings.
-    per_epoch: the train images an epoch trains on, all processes together (whole batches only), when fewer."""
+    steps: the train loader's batches an epoch (each process's): the line says how many images that trains on, all
+    processes together, when whole batches leave some out."""
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
     n_train = splits["train"]["num_samples"]
-    whole = ""
+    whole, per_epoch = "", None if steps is None else steps * cfg.global_batch(dist.world)
     if per_epoch is not None and per_epoch < n_train:  # (--repeated-aug N: samples, N augmented copies of each image)
         whole = f", {per_epoch} {'samples' if cfg.repeated_aug > 1 else 'images'} an epoch in whole batches"
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
@@ -504,7 +505,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
     dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr,
-                        per_epoch=len(train_loader) * cfg.global_batch(dist.world)))
+                        steps=len(train_loader)))
     for w in caught:
         dist.print(f"warning: {w.message}")
     for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):

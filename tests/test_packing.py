@@ -639,11 +639,14 @@ def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
     assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
 
 
-def test_a_damaged_progress_record_is_rewritten_not_fatal(data, tmp_path):
+def test_a_damaged_progress_record_is_rewritten_not_fatal(data, tmp_path, capsys):
     out = tmp_path / "s"
     first = pack(data, out, opts=PackOptions(workers=1), progress=False)
     (out / ".progress" / "train-000000.json").write_text('{"fingerprint": "ab')  # killed mid-write
-    assert pack(data, out, opts=PackOptions(workers=1), progress=False)["splits"] == first["splits"]
+    capsys.readouterr()
+    assert pack(data, out, opts=PackOptions(workers=1))["splits"] == first["splits"]  # as the command line
+    assert "wrote again 1 of 2 shards an earlier run wrote: 1 because its record is unreadable" in (
+        capsys.readouterr().out.splitlines())
     assert len(json.loads((out / ".progress" / "train-000000.json").read_text())["fingerprint"]) == 40  # rewritten
 
 
@@ -817,8 +820,12 @@ def test_out_inside_the_source_folders_is_refused_and_beside_them_allowed(data):
     assert m["splits"]["train"]["num_samples"] == 16 and m["splits"]["val"]["num_samples"] == 4
 
 
+SIZE_CHANGED = "its tar or index has another size than written"
+OPTIONS_CHANGED = "its inputs or options changed (or how this vitdeit encodes them)"
+
+
 @pytest.mark.parametrize("damage", ["shortened", "cut"])
-def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage):
+def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage, capsys):
     out = tmp_path / "s"
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     idx = out / "train-000001.idx"
@@ -826,11 +833,14 @@ def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage):
     lines = whole.splitlines()
     idx.write_text(f"v1.2 {len(lines) - 2}\n" + "\n".join(lines[1:-1]) + "\n" if damage == "shortened"
                    else "\n".join(lines[:-1]) + "\n")
-    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    capsys.readouterr()
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
     assert idx.read_text() == whole
+    assert (f"wrote again 1 of 5 shards an earlier run wrote: 1 because {SIZE_CHANGED}"
+            in capsys.readouterr().out.splitlines())
 
 
-def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path):
+def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path, capsys):
     from vitdeit.data import shard_paths
 
     out = tmp_path / "s"
@@ -842,8 +852,15 @@ def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pac
     with pytest.raises(DataError, match=re.escape(f"{cut}: {len(whole[cut.name]) - 1536} bytes, but {out}")):
         shard_paths(out, m, "train")
     assert len(shard_paths(out, m, "val")) == 1  # the other split's shards are whole
-    pack(data, out, opts=PackOptions(workers=1, shard_size=4), progress=False)  # same inputs: reuse all but the cut
+    capsys.readouterr()
+    pack(data, out, opts=PackOptions(workers=1, shard_size=4))  # same inputs: reuse all but the cut
     assert {f.name: f.read_bytes() for f in out.glob("*.tar")} == whole
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "reused 4 of 5 shards an earlier run wrote (same inputs and options)",
+        f"wrote again 1 of 5 shards an earlier run wrote: 1 because {SIZE_CHANGED}"]
+    pack(data, out, opts=PackOptions(workers=1, shard_size=4, resize_short=20))  # every shard, for one reason
+    assert (f"wrote again 5 of 5 shards an earlier run wrote: 5 because {OPTIONS_CHANGED}"
+            in capsys.readouterr().out.splitlines())
     assert len(shard_paths(out, load_manifest(out), "train")) == 4
 
 

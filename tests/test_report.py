@@ -119,6 +119,11 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
     assert "With 4 classes, val top-5 is 100 % by construction." in md.splitlines()  # (4 classes: every top-5 hits)
     six = {**comp, "per_class": comp["per_class"] + [dict(comp["per_class"][0], **{"class": f"n{i}"}) for i in (1, 2)]}
     assert "by construction" not in report_markdown([], six, ("ViT", "DeiT"))
+    five = {**comp, "per_class": six["per_class"][:5]}  # topk takes min(5, classes): still every true class
+    assert "With 5 classes, val top-5 is 100 % by construction." in report_markdown([], five, ("ViT", "DeiT"))
+    # 4 classes with val images, of 6 the models score: top-5 leaves a true class out
+    assert "by construction" not in report_markdown([], {**comp, "classes_without_val_images": ["n7", "n8"]},
+                                                    ("ViT", "DeiT"))
 
 
 def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path, capsys):
@@ -225,7 +230,9 @@ def test_scoring_on_other_shards_or_shards_packed_too_small_is_noted(runs, tiny_
     data = tmp_path / "small"  # the same images, packed with a shorter side under val's 36 px (32 / 0.875)
     source = json_.loads((tiny_shards / "manifest.json").read_text())["source"]["data_path"]
     pack(Path(source), data, opts=PackOptions(shard_size=30, workers=1, resize_short=20), progress=False)
-    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+    state = torch.load(runs / "baseline_vit_tiny" / "best.pth", weights_only=True)  # its run typed a relative path:
+    torch.save({**state, "config": {**state["config"], "data_path": tiny_shards.name}}, tmp_path / "vit.pth")
+    w = make_all(str(tmp_path / "vit.pth"), str(runs / "deit_tiny_distill" / "best.pth"),  # the note names its folder
                  data_path=str(data), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
     assert w["notes"] == [f"ViT was trained on {tiny_shards.resolve()}; scored here on {data}, other shards",
                           f"{data} was packed with --resize-short 20, under the 36 px shorter side val resizes to "
@@ -269,6 +276,26 @@ def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_ano
     notes = make_all(str(tmp_path / "old.pth"), deit, data_path=str(copy), **kw)["notes"]
     assert notes[0] == (f"ViT was trained on {tiny_shards} (as its run named it: a checkpoint from before packs were "
                         f"fingerprinted); scored here on {copy}")
+
+
+def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path_as_typed(tiny_shards, tmp_path,
+                                                                                         monkeypatch):
+    from vitdeit.checkpoint import shards_change
+    from vitdeit.classes import LATER_OPTIONS, pack_fingerprint
+
+    m = load_manifest(tiny_shards)
+    state = {"pack": pack_fingerprint(m), "data_dir": str(tiny_shards.resolve()), "config": {"data_path": "x"}}
+    assert shards_change(state, tiny_shards, m) is None
+    earlier = {**m, "options": {k: v for k, v in m["options"].items() if k not in LATER_OPTIONS}}
+    assert shards_change({**state, "pack": pack_fingerprint(earlier)}, tiny_shards, m) is None  # an earlier packer's
+    seed = {**m, "options": {**m["options"], "seed": m["options"]["seed"] + 1}}  # packed again with another seed
+    assert shards_change({**state, "pack": pack_fingerprint(seed)}, tiny_shards, m) == "repacked"
+    assert shards_change({**state, "pack": pack_fingerprint(seed), "data_dir": str(tmp_path)}, tiny_shards, m) == "other"
+    assert shards_change({"pack": pack_fingerprint(seed), "config": {}}, tiny_shards, m) == "unknown"  # no data_dir
+    monkeypatch.chdir(tiny_shards.parent)  # before fingerprints: the path as its run typed it, from where it ran
+    old = {"config": {"data_path": tiny_shards.name}}
+    assert shards_change(old, str(tiny_shards.resolve()), m) is None
+    assert shards_change(old, str(tmp_path), m) == "elsewhere"
 
 
 def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,
@@ -712,6 +739,8 @@ def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(r
         for rec in recs:
             rec["val_top1"], rec["val_top5"] = top if rec["epoch"] == best[run] else other
         (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in recs))
+    config = json.loads((tmp_path / "deit_tiny_distill" / "config.json").read_text())  # as a resume with --epochs 10,
+    (tmp_path / "deit_tiny_distill" / "config.json").write_text(json.dumps({**config, "epochs": 10}))  # stopped
     capsys.readouterr()
     assert viz.main(["--vit", str(tmp_path / "baseline_vit_tiny" / "best.pth"), "--deit",
                      str(tmp_path / "deit_tiny_distill" / "best.pth"), "--num-images", "2", "--out",
@@ -725,6 +754,10 @@ def test_viz_prints_each_runs_best_scores_and_the_agreement_of_its_predictions(r
     assert [s for s in said if s.split()[:2] == ["DeiT", "best"]] == [
         f"  DeiT     best val top-1  43.75%  top-5  81.00%  (the checkpoint read is epoch "
         f"{read['deit_tiny_distill']}'s, not the best epoch {best['deit_tiny_distill']}'s)"]
+    md = (tmp_path / "report" / "report.md").read_text().splitlines()
+    assert [line for line in md if "stopped" in line] == [  # the run folder's latest --epochs, not its best.pth's 2
+        "DeiT: its run stopped after 2 of its --epochs 10 (epochs 0-1; interrupted, or still going on): its lr "
+        "schedule had not ended."]
     manifest = load_manifest(tiny_shards)
     preds = [predict(*load_model(runs / run / "best.pth", manifest_class_map(manifest)), tiny_shards, manifest, name,
                      workers=0) for run, name in (("baseline_vit_tiny", "ViT"), ("deit_tiny_distill", "DeiT"))]
@@ -744,6 +777,10 @@ def test_runs_trained_by_other_process_counts_or_loaders_are_noted(runs, tmp_pat
     torch.save({**state, "loader_states": state["loader_states"] * 8, "loader": "dali"}, tmp_path / "vit8.pth")
     notes = make_all(str(tmp_path / "vit8.pth"), deit, num_images=2, out=str(tmp_path / "p.png"), report_dir=None,
                      workers=0)["notes"]
+    old = {k: v for k, v in state.items() if k not in ("loader_states", "loader")}  # saved before either was kept
+    torch.save(old, tmp_path / "old.pth")
+    assert make_all(str(tmp_path / "old.pth"), deit, num_images=2, out=str(tmp_path / "q.png"), report_dir=None,
+                    workers=0)["notes"] == []  # nothing known, nothing said
     assert notes == ["ViT was trained by 8 process(es), DeiT by 1: global batches of 128 and 16 images (and the peak "
                      "lr with them: --lr is per 512)",
                      "ViT read its train batches with the dali loader, DeiT with the torch loader: crops and "
@@ -793,6 +830,9 @@ def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_de
                   workers=4, loader="dali", compile="on", output_dir="elsewhere", data_path="other", img_size=160,
                   mixup=0.8, interpolation="bicubic").to_dict()
     assert recipe_differences(vit, deit) == ["--interpolation 'bilinear' / 'bicubic'", "--mixup 0.0 / 0.8"]
+    imagenet = Config(model="deit_tiny_distill", teacher_weights="imagenet1k", distillation_alpha=0.7,
+                      allow_weak_teacher=True).to_dict()  # the teacher's own settings make a DeiT, not its recipe
+    assert recipe_differences(vit, imagenet) == []
     # the EMA (the report scores the trained weights), the device, and --amp where auto picks by device: not listed
     assert recipe_differences(vit, {**vit, "model_ema": True, "model_ema_decay": 0.99, "device": "cuda",
                                     "amp": "bf16"}) == []
@@ -825,6 +865,9 @@ def test_the_report_gives_the_emas_best_val_top1_beside_the_trained_weights():
     assert resumed["epochs_planned"] == 6  # a resume with more --epochs (its config.json), stopped at 3 of them
     done = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 3}, "epoch": 1}, 5_000_000)
     assert "stopped" not in report_markdown([done], comp, ("ViT", "DeiT"))
+    # its checkpoint is of its last epoch (4), which metrics.jsonl lost with the epoch before: the run did end
+    lost = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 5}, "epoch": 4}, 5_000_000)
+    assert "stopped" not in report_markdown([lost], comp, ("ViT", "DeiT"))
     no_ema = run_summary("ViT", [{k: v for k, v in r.items() if k != "val_top1_ema"} for r in rows],
                          {"config": {"model": "vit_tiny"}, "epoch": 1}, 5_000_000)
     assert "val_top1_ema" not in no_ema and "EMA" not in report_markdown([no_ema], comp, ("ViT", "DeiT"))

@@ -807,8 +807,12 @@ def test_runs_whose_amp_auto_resolved_differently_are_noted_once(runs, tmp_path)
     kw = dict(num_images=2, report_dir=None, workers=0)
     torch.save({**state, "amp": "bf16"}, tmp_path / "gpu.pth")  # as on a GPU
     notes = make_all(str(tmp_path / "gpu.pth"), deit, out=str(tmp_path / "p.png"), **kw)["notes"]
-    assert notes == ["ViT trained with --amp bf16, DeiT with --amp off (as --amp auto resolved on each run's device): "
-                     "their arithmetic differs"]
+    assert notes == ["ViT trained with --amp bf16 (as --amp auto resolved on its device), DeiT with --amp off (as "
+                     "--amp auto resolved on its device): their arithmetic differs"]
+    torch.save({**state, "amp": "fp16", "config": {**state["config"], "amp": "fp16"}}, tmp_path / "fp16.pth")
+    notes = make_all(str(tmp_path / "fp16.pth"), deit, out=str(tmp_path / "s.png"), **kw)["notes"]
+    assert notes == ["ViT trained with --amp fp16 (by flag), DeiT with --amp off (as --amp auto resolved on its "
+                     "device): their arithmetic differs"]
     # both chosen by flag: the recipe's line names them, once
     torch.save({**state, "amp": "bf16", "config": {**state["config"], "amp": "bf16"}}, tmp_path / "bf16.pth")
     deit_state = torch.load(deit, weights_only=True)
@@ -819,7 +823,11 @@ def test_runs_whose_amp_auto_resolved_differently_are_noted_once(runs, tmp_path)
         "the gap between them is not distillation's alone"]
     old = {k: v for k, v in state.items() if k != "amp"}  # a checkpoint from before the resolved amp was kept
     torch.save(old, tmp_path / "old.pth")
-    assert make_all(str(tmp_path / "old.pth"), deit, out=str(tmp_path / "r.png"), **kw)["notes"] == []
+    assert make_all(str(tmp_path / "old.pth"), deit, out=str(tmp_path / "r.png"), **kw)["notes"] == []  # unknown
+    torch.save({**old, "config": {**old["config"], "amp": "bf16"}}, tmp_path / "old_bf16.pth")  # its flag says
+    assert make_all(str(tmp_path / "old_bf16.pth"), deit, out=str(tmp_path / "t.png"), **kw)["notes"] == [
+        "ViT trained with --amp bf16 (by flag), DeiT with --amp off (as --amp auto resolved on its device): their "
+        "arithmetic differs"]
 
 
 def test_the_recipe_differences_leave_out_how_the_runs_ran_and_what_makes_the_deit_a_deit():

@@ -683,6 +683,28 @@ def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards,
     assert dist(last["ema"], w0) < 0.01 * dist(last["model"], w0)
 
 
+def test_a_checkpoint_keeps_each_precision_amp_auto_resolved_to_across_a_resume(tiny_shards, tmp_path, capsys):
+    kw = dict(model="vit_tiny", epochs=2, batch_size=16, workers=0)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg_for(tiny_shards, tmp_path, **kw), on_epoch_end=kill)
+    last = tmp_path / "vit_tiny" / "last.pth"
+    state = torch.load(last, weights_only=True)
+    assert state["amp"] == "off"  # --amp auto on this CPU
+    torch.save({**state, "amp": "bf16"}, last)  # as if its first epoch had trained on a GPU
+    capsys.readouterr()
+    train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw))
+    assert (f"note: --resume: {last} trained with --amp bf16, as --amp auto resolved on its device; on cpu here it "
+            f"trains with off from here on") in capsys.readouterr().out.splitlines()
+    assert torch.load(last, weights_only=True)["amp"] == "bf16, then off"
+
+
 def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_path, monkeypatch):
     from vitdeit import trainer
 
@@ -836,6 +858,36 @@ def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shard
     line = run_line(cfg_for(tiny_shards, "runs", workers=workers), load_manifest(tiny_shards), Dist(), loader, None,
                     False, "default", 1e-3)
     assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
+
+
+def test_a_resume_where_amp_auto_resolves_otherwise_is_noted_and_the_checkpoint_keeps_both():
+    from vitdeit.trainer import amp_trained
+
+    assert amp_trained(None, "bf16") == "bf16"  # a new run
+    assert amp_trained({"amp": "bf16"}, "bf16") == "bf16"
+    assert amp_trained({"amp": "bf16"}, "off") == "bf16, then off"  # resumed on a CPU
+    assert amp_trained({"amp": "bf16, then off"}, "off") == "bf16, then off"
+    assert amp_trained({"amp": "bf16, then off"}, "bf16") == "bf16, then off, then bf16"
+    assert amp_trained({}, "off") == "off"  # a checkpoint from before it was kept: nothing to add
+
+
+@pytest.mark.parametrize("saved_amp, flag, said", [
+    ("bf16", "auto", "note: --resume: runs/r/last.pth trained with --amp bf16, as --amp auto resolved on its device; "
+                     "on cpu here it trains with off from here on"),
+    ("off", "auto", None), (None, "auto", None),  # the same precision; a checkpoint from before it was kept
+    ("bf16", "off", None)])  # --amp changed by flag: the recipe change says so
+def test_a_resume_on_a_device_where_amp_auto_resolves_otherwise_is_noted(tiny_shards, saved_amp, flag, said):
+    from vitdeit.classes import load_manifest
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_notes
+
+    cfg = cfg_for(tiny_shards, "runs", resume="runs/r/last.pth")  # (--amp auto, on this CPU: off)
+    resumed = {"config": {**cfg.to_dict(), "amp": flag}, "epoch": 0, "loader": "torch", "loader_states": [None],
+               **({"amp": saved_amp} if saved_amp else {})}
+    if flag != "auto":
+        cfg = cfg_for(tiny_shards, "runs", resume="runs/r/last.pth", amp="auto")
+    notes = [n for n in run_notes(cfg, load_manifest(tiny_shards), Dist(), StepsOnly(6), resumed, 1e-3) if "amp" in n]
+    assert notes == ([said] if said else [])
 
 
 @pytest.mark.parametrize("batch_size, world, steps, repeated_aug, said", [

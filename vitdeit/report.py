@@ -470,11 +470,13 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     if None not in loaders and loaders[0] != loaders[1]:
         notes.append(f"ViT read its train batches with the {loaders[0]} loader, DeiT with the {loaders[1]} loader: "
                      f"crops and augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)")
-    amps = [state.get("amp") for state in (vit_state, deit_state)]  # (not in checkpoints before 2026-12-06)
-    if None not in amps and amps[0] != amps[1] and "auto" in [saved_setting(s["config"], "amp")
-                                                              for s in (vit_state, deit_state)]:
-        notes.append(f"ViT trained with --amp {amps[0]}, DeiT with --amp {amps[1]} (as --amp auto resolved on each "
-                     f"run's device): their arithmetic differs")  # (both explicit: recipe_differences lists them)
+    flags = [saved_setting(state["config"], "amp") for state in (vit_state, deit_state)]
+    # what each trained with: as --amp auto resolved (kept since 2026-12-06), else the flag where it says so
+    amps = [state.get("amp") or (f if f != "auto" else None) for state, f in zip((vit_state, deit_state), flags)]
+    if None not in amps and amps[0] != amps[1] and "auto" in flags:  # (both by flag: recipe_differences lists them)
+        how = [f"--amp {a} ({'as --amp auto resolved on its device' if f == 'auto' else 'by flag'})"
+               for a, f in zip(amps, flags)]
+        notes.append(f"ViT trained with {how[0]}, DeiT with {how[1]}: their arithmetic differs")
     if differ := recipe_differences(vit_state["config"], deit_state["config"]):
         notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
                      f"{', '.join(differ)}): the gap between them is not distillation's alone")

@@ -40,6 +40,14 @@ def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+def amp_trained(resumed: dict | None, now: str) -> str:
+    """The precision a run's checkpoint says it trained with: this stretch's (--amp as resolved here), after those
+    of the run it resumes where --amp auto resolved otherwise on another device ("off, then bf16"); a checkpoint
+    saved before the precision was kept (2026-12-06) adds nothing."""
+    before = (resumed or {}).get("amp")
+    return now if not before else before if before.split(", then ")[-1] == now else f"{before}, then {now}"
+
+
 def seed_everything(*parts: int) -> None:
     seed = hash(parts) % 2**31  # ints and tuples of ints hash the same in every process
     random.seed(seed)
@@ -340,6 +348,11 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                    f"{per_rank} train images, whole batches only; the other {per_rank - trained} "
                    f"({100 * (per_rank - trained) / per_rank:.0f} %) sit out each epoch (others each time: the order "
                    f"is reshuffled). A --batch-size that divides {per_rank} more evenly trains on more of them")
+    now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]
+    if resumed is not None and (before := resumed.get("amp")) and (last := before.split(", then ")[-1]) != now and (
+            saved_setting(resumed["config"], "amp") == cfg.amp):  # the same --amp (another one: a recipe change)
+        out.append(f"note: --resume: {cfg.resume} trained with --amp {last}, as --amp {cfg.amp} resolved on its "
+                   f"device; on {dist.device.type} here it trains with {now} from here on")
     if cfg.amp == "fp16" and dist.device.type == "cpu":  # --amp auto is off on a CPU
         out.append("note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; "
                    "--amp off is the CPU's default")
@@ -571,7 +584,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None, "metrics": record,
                 "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states,
-                "amp": AMP_NAME[amp_dtype],  # as --amp auto resolved on this run's device
+                "amp": amp_trained(resumed, AMP_NAME[amp_dtype]),  # as --amp auto resolved on each device
                 "pack": pack, "data_dir": str(Path(cfg.data_path).resolve())}  # (config's data_path: as typed)
             # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
             # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing

@@ -470,8 +470,16 @@ def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):
 
     data = small_dataset(tmp_path / "d", num_classes=4, train_per_class=200, val_per_class=10)
     cmd = [sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out", str(tmp_path / "s"),
-           "--workers", "2", "--shard-size", "1"]  # 840 shards: seconds of work, not the 0.5 s 105 shards took
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+           "--workers", "2", "--shard-size", "1"]  # 840 shards
+    # each image opened 10 ms slower (in the workers too: forked, or started with this PYTHONPATH), so that packing
+    # lasts seconds: at full speed it ended in 1.1 s once, before a test process starved by other work sent Ctrl-C
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\nfrom PIL import Image\n_open = Image.open\n"
+                                           "Image.open = lambda *a, **k: (time.sleep(0.01), _open(*a, **k))[1]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
     deadline = time.time() + 60
     while not list((tmp_path / "s" / ".progress").glob("*.json")) and time.time() < deadline:
         time.sleep(0.05)

@@ -290,7 +290,8 @@ def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path
     assert shards_change({**state, "pack": pack_fingerprint(earlier)}, tiny_shards, m) is None  # an earlier packer's
     seed = {**m, "options": {**m["options"], "seed": m["options"]["seed"] + 1}}  # packed again with another seed
     assert shards_change({**state, "pack": pack_fingerprint(seed)}, tiny_shards, m) == "repacked"
-    assert shards_change({**state, "pack": pack_fingerprint(seed), "data_dir": str(tmp_path)}, tiny_shards, m) == "other"
+    elsewhere = {**state, "pack": pack_fingerprint(seed), "data_dir": str(tmp_path)}  # another folder's shards
+    assert shards_change(elsewhere, tiny_shards, m) == "other"
     assert shards_change({"pack": pack_fingerprint(seed), "config": {}}, tiny_shards, m) == "unknown"  # no data_dir
     monkeypatch.chdir(tiny_shards.parent)  # before fingerprints: the path as its run typed it, from where it ran
     old = {"config": {"data_path": tiny_shards.name}}

@@ -42,8 +42,8 @@ def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
 
 def amp_trained(resumed: dict | None, now: str) -> str:
     """The precision a run's checkpoint says it trained with: this stretch's (--amp as resolved here), after those
-    of the run it resumes where --amp auto resolved otherwise on another device ("off, then bf16"); a checkpoint
-    saved before the precision was kept (2026-12-06) adds nothing."""
+    of the run it resumes where they differ (--amp auto on another device, or another --amp: "off, then bf16"); a
+    checkpoint saved before the precision was kept (2026-12-06) adds nothing."""
     before = (resumed or {}).get("amp")
     return now if not before else before if before.split(", then ")[-1] == now else f"{before}, then {now}"
 

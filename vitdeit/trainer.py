@@ -40,12 +40,17 @@ def resolve_amp(choice: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+def last_amp(state: dict | None) -> str | None:
+    """The precision a checkpoint's run trained with last (amp_trained); None where it was not kept."""
+    return (state or {}).get("amp", "").rpartition(", then ")[2] or None
+
+
 def amp_trained(resumed: dict | None, now: str) -> str:
     """The precision a run's checkpoint says it trained with: this stretch's (--amp as resolved here), after those
     of the run it resumes where they differ (--amp auto on another device, or another --amp: "off, then bf16"); a
     checkpoint saved before the precision was kept (2026-12-06) adds nothing."""
-    before = (resumed or {}).get("amp")
-    return now if not before else before if before.split(", then ")[-1] == now else f"{before}, then {now}"
+    before = last_amp(resumed)
+    return now if before is None else resumed["amp"] if before == now else f"{resumed['amp']}, then {now}"
 
 
 def seed_everything(*parts: int) -> None:
@@ -349,8 +354,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                    f"({100 * (per_rank - trained) / per_rank:.0f} %) sit out each epoch (others each time: the order "
                    f"is reshuffled). A --batch-size that divides {per_rank} more evenly trains on more of them")
     now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]
-    if resumed is not None and (before := resumed.get("amp")) and (last := before.split(", then ")[-1]) != now and (
-            saved_setting(resumed["config"], "amp") == cfg.amp):  # the same --amp (another one: a recipe change)
+    if (last := last_amp(resumed)) not in (None, now) and saved_setting(resumed["config"], "amp") == cfg.amp:
+        # (the same --amp resolved otherwise; another --amp is a recipe change, noted as such)
         out.append(f"note: --resume: {cfg.resume} trained with --amp {last}, as --amp {cfg.amp} resolved on its "
                    f"device; on {dist.device.type} here it trains with {now} from here on")
     if cfg.amp == "fp16" and dist.device.type == "cpu":  # --amp auto is off on a CPU
@@ -452,9 +457,9 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
     n_train = splits["train"]["num_samples"]
-    whole, per_epoch = "", None if steps is None else steps * cfg.global_batch(dist.world)
-    if per_epoch is not None and per_epoch < n_train:  # (--repeated-aug N: samples, N augmented copies of each image)
-        whole = f", {per_epoch} {'samples' if cfg.repeated_aug > 1 else 'images'} an epoch in whole batches"
+    per_epoch = n_train if steps is None else steps * cfg.global_batch(dist.world)
+    whole = (f", {per_epoch} {'samples' if cfg.repeated_aug > 1 else 'images'} an epoch in whole batches"
+             if per_epoch < n_train else "")  # (--repeated-aug N: samples, N augmented copies of each image)
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
             f"{n_train} train{whole} / {splits['val']['num_samples']} val), "
             f"{dist.world} process(es) on {dist.device.type}, loader {loader_name} "

@@ -306,6 +306,9 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4))
     # the 2 shards with a bad file were read again but not written: no "wrote again" for them
     assert capsys.readouterr().out == "reused 3 of 5 shards an earlier run wrote (same inputs and options)\n"
+    # and they and their records are as before: asked again to skip, the packer reuses them all
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True))
+    assert capsys.readouterr().out == "reused 5 of 5 shards an earlier run wrote (same inputs and options)\n"
 
 
 def test_a_file_that_failed_once_packs_when_it_reads_again_without_skip_bad(data, tmp_path, monkeypatch):
@@ -462,6 +465,13 @@ def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reu
     assert capsys.readouterr().out.splitlines()[:2] == [
         f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
         f"wrote again 1 of {n} shards an earlier run wrote: 1 because its tar or index is missing"]
+    record.unlink()  # a run killed between replacing a shard and writing its record; or a record deleted
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1))
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
+        f"wrote again 1 of {n} shards an earlier run wrote: 1 because its record is missing (a run stopped while "
+        f"writing it, or it was deleted)"]
+    assert record.is_file()
 
 
 def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):

@@ -363,7 +363,9 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
     result = ShardResult(split, name, shard_fingerprint(sources, opts), num_inputs=len(sources))
     record = out / PROGRESS_DIR / f"{name}.json"
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
-    if record.is_file() and not (tar_path.is_file() and idx_path.is_file()):
+    if not record.is_file() and (tar_path.is_file() or idx_path.is_file()):
+        result.rewritten = "its record is missing (a run stopped while writing it, or it was deleted)"
+    elif record.is_file() and not (tar_path.is_file() and idx_path.is_file()):
         result.rewritten = "its tar or index is missing"
     elif record.is_file():
         try:
@@ -390,9 +392,6 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             kept = {f.name for f in fields(ShardResult)} - RUN_ONLY  # (a later packer's record may hold more)
             return ShardResult(**{k: v for k, v in done.items() if k in kept}, reused=True)
-    # the record goes first: a run killed while the tar and index below are replaced leaves no record that
-    # would pair them with another run's inputs
-    record.unlink(missing_ok=True)
     tmp = out / f".{name}.tar.tmp"
     try:
         return _write_tar(tmp, tar_path, idx_path, record, sources, opts, result)
@@ -430,7 +429,10 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
     if result.bad and not opts.skip_bad:
         tmp.unlink()  # an incomplete shard never gets a real name
         result.rewritten = ""  # (nor was one written again)
-        return result
+        return result  # (the shard on disk and its record, if any, still pair: a --skip-bad rerun reuses them)
+    # the record goes first: a run killed while the tar and index are replaced leaves no record that would pair
+    # them with another run's inputs (until here the old tar, index and record still pair: a kill keeps them)
+    record.unlink(missing_ok=True)
     os.replace(tmp, tar_path)
     result.num_samples = write_index(tar_path, idx_path)
     assert result.num_samples == sum(counts.values()), f"{tar_path}: index disagrees with what was written"

@@ -15,6 +15,7 @@ Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import vitdeit
@@ -42,6 +43,13 @@ def main(argv=None) -> int:
     last = cfg.run_dir / "last.pth"
     found = last.stat().st_mtime_ns if last.is_file() else None  # another run's, unless this one resumes from it
     before = signal.signal(signal.SIGTERM, _terminated)
+
+    def go_on() -> str:  # how to continue, where this run has written epochs (rank 0's files)
+        ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
+                                   or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
+        return (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
+                if ours and not cfg.eval_only else "")
+
     try:
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except VitdeitError as e:  # the user's to fix; anything else (CUDA OOM, NCCL, a bug) keeps its traceback
@@ -57,15 +65,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (torchrun passes either to every process: one says it)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (after a Ctrl-C too: a SIGTERM now would cut the line below)
         if os.environ.get("RANK", "0") == "0":
-            ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
-                                       or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
-            go_on = (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
-                     if ours and not cfg.eval_only else "")
             # (under torchrun, its SIGTERM also ends the other ranks when one has failed: the cause is then above)
             why = ("terminated (SIGTERM: a scheduler's cancel or time limit, or torchrun ending this process after "
                    "another failed: see above)" if isinstance(e, Terminated) else "interrupted")
-            print(f"\n{why}{go_on}", file=sys.stderr)
+            print(f"\n{why}{go_on()}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # a shell's code for the signal
+    except Exception:  # CUDA OOM, a lost connection to another process, a bug: its traceback, then how to go on
+        traceback.print_exc()
+        if os.environ.get("RANK", "0") == "0" and (then := go_on()):
+            peers = (" (a lost connection names another process that stopped first: its own output says why)"
+                     if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+            print(f"\nstopped by the error above{peers}{then}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, before)
     return 0

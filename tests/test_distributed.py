@@ -3,6 +3,7 @@ collectives every rank relies on (gathered objects in rank order, rank 0's buffe
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -244,3 +245,80 @@ def test_a_train_share_under_the_batch_is_alike_on_every_rank(tiny_shards, loade
         assert e.value.alike_on_every_rank
         shares.append(e.value.per_rank)
     assert shares == [14] * 7 if loader == "torch" else [13] * 7  # ceil(96 / 7) (padded), floor (whole slices)
+
+
+def _on_its_own_node(rank, world, port, out_dir, cfgs):
+    """train.py's training (or --eval-only) on rank `rank`, with that rank's node's files: what it raised."""
+    from vitdeit.config import Config
+    from vitdeit.trainer import evaluate_checkpoint, train
+
+    torchrun_env(rank, world, port)
+    cfg = Config(**cfgs[rank])
+    try:
+        evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
+        out = {"error": None}
+    except Exception as e:  # noqa: BLE001 (the test reads its type and text)
+        out = {"error": type(e).__name__, "text": str(e), "alike": getattr(e, "alike_on_every_rank", False)}
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
+
+
+def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_pack(tiny_shards, tmp_path):
+    import shutil
+    import socket
+
+    other = tmp_path / "node1" / "shards"  # the second node's copy, packed again with another --seed
+    shutil.copytree(tiny_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["options"]["seed"] = 7
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=1)
+    cfgs = [dict(common, data_path=str(path), output_dir=str(tmp_path / f"runs{r}"))
+            for r, path in enumerate((tiny_shards, other))]
+    zero, one = spawn_two(_on_its_own_node, cfgs)
+    host = socket.gethostname()
+    assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
+    # each rank names its own --data-path, and both the two packs, by rank and host
+    assert zero["text"] == (f"--data-path {tiny_shards} holds other shards on some nodes than on others (rank 0 on "
+                            f"{host}: --seed 0, 96 train + 24 val images; rank 1 on {host}: --seed 7, 96 train + 24 "
+                            f"val images); give every node the same shards: copy one pack_shards.py --out folder to "
+                            f"each (or pack each node's copy of the images with the same options and --seed).")
+    assert one["text"] == zero["text"].replace(str(tiny_shards), str(other), 1)
+    assert not (tmp_path / "runs0").exists() and not (tmp_path / "runs1").exists()  # refused before anything is written
+    shutil.copyfile(tiny_shards / "manifest.json", other / "manifest.json")  # the same pack, read from another folder
+    assert spawn_two(_on_its_own_node, cfgs) == [{"error": None}] * 2
+
+
+def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_naming_each_nodes_epoch(
+        tiny_shards, tmp_path):
+    import shutil
+    import socket
+
+    from vitdeit.config import Config
+    from vitdeit.trainer import train
+
+    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False,
+                  data_path=str(tiny_shards))
+    run = tmp_path / "runs" / "vit"
+    keep = lambda epoch, record: epoch == 0 and shutil.copyfile(run / "last.pth", tmp_path / "epoch0.pth")  # noqa: E731
+    train(Config(**common, epochs=2, output_dir=str(tmp_path / "runs"), run_name="vit"), on_epoch_end=keep)
+    (tmp_path / "node1").mkdir()
+    shutil.copyfile(run / "last.pth", tmp_path / "node1" / "epoch0.pth")  # the other node's copy: a newer file
+    host = socket.gethostname()
+    for extra in (dict(epochs=4), dict(eval_only=True)):  # a resume, and --eval-only of the same path
+        flag = "--eval-only" if extra.get("eval_only") else "--resume"
+        cfgs = [dict(common, **extra, resume=str(folder / "epoch0.pth"), output_dir=str(tmp_path / f"out{r}"))
+                for r, folder in enumerate((tmp_path, tmp_path / "node1"))]
+        zero, one = spawn_two(_on_its_own_node, cfgs)
+        assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
+        assert zero["text"] == (f"{flag} {tmp_path / 'epoch0.pth'} is another checkpoint on some nodes than on "
+                                f"others (rank 0 on {host}: epoch 0; rank 1 on {host}: epoch 1); give every node the "
+                                f"same file: a shared filesystem, or a copy of the run folder rank 0 writes.")
+        assert not (tmp_path / "out0").exists() and not (tmp_path / "out1").exists()
+    # two runs' checkpoints of the same epoch: told apart by their figures
+    shutil.copyfile(tmp_path / "epoch0.pth", tmp_path / "node1" / "epoch0.pth")
+    state = torch.load(tmp_path / "node1" / "epoch0.pth", weights_only=False)
+    state["metrics"]["val_top1"] += 1.0
+    torch.save(state, tmp_path / "node1" / "epoch0.pth")
+    zero, one = spawn_two(_on_its_own_node, cfgs)
+    assert re.search(rf"\(rank 0 on {re.escape(host)}: epoch 0 \(([0-9a-f]{{8}})\); rank 1 on {re.escape(host)}: "
+                     rf"epoch 0 \((?!\1)[0-9a-f]{{8}}\)\)", zero["text"]), zero["text"]

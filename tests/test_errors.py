@@ -521,6 +521,35 @@ def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeyp
                    f"{last}" if offered else "interrupted")
 
 
+@pytest.mark.parametrize("env, during, line", [
+    ({}, True, "stopped by the error above; "),  # one process, after an epoch: how to go on
+    ({}, False, None),  # before its first epoch ended: nothing to go on from
+    ({"RANK": "0", "WORLD_SIZE": "2"}, True, "stopped by the error above (a lost connection names another process "
+                                            "that stopped first: its own output says why); "),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, True, None),  # rank 0 says it
+])
+def test_a_crash_keeps_its_traceback_then_says_how_to_go_on(tmp_path, monkeypatch, capsys, env, during, line):
+    last = tmp_path / "runs" / "r" / "last.pth"
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    def crashed(cfg):  # e.g. gloo's error when another node's process is gone, or CUDA out of memory
+        if during:
+            last.parent.mkdir(parents=True)
+            last.write_bytes(b"new")
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(train, "train", crashed)
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Traceback (most recent call last):") and "RuntimeError: Connection reset by peer" in err
+    tail = err.split("RuntimeError: Connection reset by peer")[1].strip()
+    assert tail == ("" if line is None else f"{line}the epochs finished so far are in {last}: go on with the same "
+                                            f"command and --resume {last}")
+
+
 def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler_is_put_back(tmp_path, monkeypatch,
                                                                                                 capsys):
     import signal

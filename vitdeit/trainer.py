@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
@@ -192,6 +194,46 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
         raise SettingError(f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
                            f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
+
+
+def ranks_text(ranks: list[int]) -> str:
+    """'rank 3', 'ranks 0-7', 'ranks 0, 2 and 5': a group of processes, to name in a message."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
+
+
+def check_nodes_agree(manifest: dict, state: dict | None, cfg: Config, ckpt_flag: str = "--resume",
+                      ckpt: str | None = None) -> None:
+    """Under torchrun each process reads the shards and the checkpoint on its own node's disk: copies that differ
+    are refused on every rank, each group of ranks named with its host. Other shards would give the ranks sample
+    lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
+    checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out."""
+    opts, splits = manifest.get("options") or {}, manifest["splits"]
+    pack = (pack_fingerprint({**manifest, "source": {}}),  # (the folder each node packed from does not matter)
+            f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
+            f"val images")
+    saved = ("", "no checkpoint") if state is None else (  # an epoch, told apart from another run's by that epoch's own figures
+        hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
+        f"epoch {state['epoch']}")
+    seen = all_gather_object((socket.gethostname(), pack, saved))
+    for i, what, fix in (
+            (1, f"--data-path {cfg.data_path} holds other shards",
+             "give every node the same shards: copy one pack_shards.py --out folder to each (or pack each node's "
+             "copy of the images with the same options and --seed)"),
+            (2, f"{ckpt_flag} {ckpt or cfg.resume} is another checkpoint",
+             "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes")):
+        groups: dict = {}  # identity -> (ranks, description)
+        for rank, got in enumerate(seen):
+            groups.setdefault(got[i], []).append(rank)
+        if len(groups) > 1:
+            said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
+            where = "; ".join(f"{ranks_text(ranks)} on {', '.join(sorted({seen[r][0] for r in ranks}))}: {desc}"
+                              + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
+                              for (ident, desc), ranks in groups.items())
+            raise SettingError(f"{what} on some nodes than on others ({where}); {fix}.")
 
 
 def check_rewind(run_dir: Path, cfg: Config, resumed: dict, dist: Dist) -> None:
@@ -513,6 +555,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             check_weights_file(cfg.teacher_weights)
 
         resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
+        check_nodes_agree(manifest, resumed, cfg)
         if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
             check_resumable(resumed["config"], cfg)
             if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
@@ -615,6 +658,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
             class_map = manifest_class_map(manifest)
             path = cfg.resume or str(cfg.run_dir / "best.pth")
             state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
+            check_nodes_agree(manifest, state, cfg, "--eval-only", path)
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (torchrun passes either to every process: one says it)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (after a Ctrl-C too: a SIGTERM now would cut the line below)
-        if os.environ.get("RANK", "0") == "0":
+        if not quiet_rank():  # each node's local rank 0 (another node's has no line of its own otherwise)
             # (under torchrun, its SIGTERM also ends the other ranks when one has failed: the cause is then above)
             why = ("terminated (SIGTERM: a scheduler's cancel or time limit, or torchrun ending this process after "
                    "another failed: see above)" if isinstance(e, Terminated) else "interrupted")
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # a shell's code for the signal
     except Exception:  # CUDA OOM, a lost connection to another process, a bug: its traceback, then how to go on
         traceback.print_exc()
-        if os.environ.get("RANK", "0") == "0" and (then := go_on()):
+        if not quiet_rank() and (then := go_on()):
             peers = (" (a lost connection names another process that stopped first: its own output says why)"
                      if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
             print(f"\nstopped by the error above{peers}{then}", file=sys.stderr)

@@ -521,16 +521,32 @@ def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeyp
                    f"{last}" if offered else "interrupted")
 
 
+@pytest.mark.parametrize("rank, local_rank, says", [("0", "0", True), ("1", "1", False), ("2", "0", True)])
+def test_ctrl_c_under_torchrun_is_said_by_each_nodes_first_process(tmp_path, monkeypatch, capsys, rank, local_rank,
+                                                                    says):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted" if says else "")
+
+
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "job", "WORLD_SIZE": "4"}  # two nodes of two processes
+
+
 @pytest.mark.parametrize("env, during, line", [
     ({}, True, "stopped by the error above; "),  # one process, after an epoch: how to go on
     ({}, False, None),  # before its first epoch ended: nothing to go on from
     ({"RANK": "0", "WORLD_SIZE": "2"}, True, "stopped by the error above (a lost connection names another process "
                                             "that stopped first: its own output says why); "),
-    ({"RANK": "1", "WORLD_SIZE": "2"}, True, None),  # rank 0 says it
+    ({**TORCHRUN, "RANK": "1", "LOCAL_RANK": "1"}, True, None),  # its node's local rank 0 says it
+    ({**TORCHRUN, "RANK": "2", "LOCAL_RANK": "0"}, True, "stopped by the error above (a lost connection names "
+     "another process that stopped first: its own output says why); "),  # another node's first, on a shared disk
 ])
 def test_a_crash_keeps_its_traceback_then_says_how_to_go_on(tmp_path, monkeypatch, capsys, env, during, line):
     last = tmp_path / "runs" / "r" / "last.pth"
-    for k in ("RANK", "WORLD_SIZE"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

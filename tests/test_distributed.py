@@ -322,3 +322,45 @@ def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_
     zero, one = spawn_two(_on_its_own_node, cfgs)
     assert re.search(rf"\(rank 0 on {re.escape(host)}: epoch 0 \(([0-9a-f]{{8}})\); rank 1 on {re.escape(host)}: "
                      rf"epoch 0 \((?!\1)[0-9a-f]{{8}}\)\)", zero["text"]), zero["text"]
+
+
+def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
+    from vitdeit.trainer import ranks_text
+
+    assert [ranks_text(r) for r in ([3], [0, 1, 2, 3], [8, 9], [0, 2, 5])] == [
+        "rank 3", "ranks 0-3", "ranks 8-9", "ranks 0, 2 and 5"]
+
+
+def test_the_node_check_groups_ranks_by_what_they_read_and_tells_alike_descriptions_apart(tiny_shards, monkeypatch):
+    from vitdeit import trainer
+    from vitdeit.classes import load_manifest
+    from vitdeit.config import Config
+
+    manifest = load_manifest(tiny_shards)
+    moved = {**manifest, "source": {"data_path": "/elsewhere/imagenet100"}}  # the same pack from another folder
+    resized = {**manifest, "splits": {**manifest["splits"], "train": {  # a shard of another size: same counts
+        **manifest["splits"]["train"], "shards": [{**s, "bytes": s["bytes"] + 1} for s in
+                                                  manifest["splits"]["train"]["shards"]]}}}
+    cfg = Config(data_path=str(tiny_shards))
+
+    def gathered(*ranks):  # all_gather_object over ranks of (host, manifest): each rank's view, as it gathers it
+        def gather(_):
+            views = []
+            for host, m in ranks:
+                monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
+                monkeypatch.setattr(trainer.socket, "gethostname", lambda: host)
+                trainer.check_nodes_agree(m, None, cfg)
+            monkeypatch.setattr(trainer, "all_gather_object", gather)
+            return views
+        return gather
+
+    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", moved), ("b", manifest)))
+    trainer.check_nodes_agree(manifest, None, cfg)  # the folder each node packed from is not the pack: no error
+    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", manifest), ("b", resized),
+                                                               ("c", resized), ("c", manifest)))
+    with pytest.raises(trainer.SettingError) as e:
+        trainer.check_nodes_agree(manifest, None, cfg)
+    ours, theirs = trainer.pack_fingerprint({**manifest, "source": {}}), trainer.pack_fingerprint(
+        {**resized, "source": {}})
+    said = "--seed 0, 96 train + 24 val images"
+    assert f"(ranks 0, 1 and 4 on a, c: {said} ({ours[:8]}); ranks 2-3 on b, c: {said} ({theirs[:8]}));" in str(e.value)

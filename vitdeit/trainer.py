@@ -215,7 +215,8 @@ def check_nodes_agree(manifest: dict, state: dict | None, cfg: Config, ckpt_flag
     pack = (pack_fingerprint({**manifest, "source": {}}),  # (the folder each node packed from does not matter)
             f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
             f"val images")
-    saved = ("", "no checkpoint") if state is None else (  # an epoch, told apart from another run's by that epoch's own figures
+    # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
+    saved = ("", "no checkpoint") if state is None else (
         hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
         f"epoch {state['epoch']}")
     seen = all_gather_object((socket.gethostname(), pack, saved))

@@ -644,7 +644,7 @@ def test_a_split_folder_linked_under_another_split_name_is_named_not_read_twice(
                                    f"link to it")
 
 
-def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
+def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path, capsys):
     bad = break_two(data)
     class_map = packing.ClassMap.from_labels(packing.load_labels(data / "Labels.json"))
     samples = packing.scan_split(packing.find_split_dirs(data)["train"], class_map, data / "Labels.json")
@@ -655,6 +655,14 @@ def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").glob("train-*.tar")) == sorted(s["file"] for s in shards)
     assert sorted(p.name for p in (tmp_path / "s").glob("train-*.idx")) == sorted(s["index"] for s in shards)
     assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
+    # nor kept as a record: the rerun reuses the others and reads the bad files again, with nothing to write again
+    assert sorted(p.stem for p in (tmp_path / "s" / ".progress").glob("train-*.json")) == sorted(
+        s["file"].removesuffix(".tar") for s in shards)
+    capsys.readouterr()
+    again = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, shard_size=1))  # as the command line
+    assert again["skipped"] == m["skipped"]
+    assert capsys.readouterr().out.splitlines()[0] == ("reused 18 of 20 shards an earlier run wrote (same inputs and "
+                                                       "options)")  # 14 train, 4 val; no line of shards written again
 
 
 def test_a_damaged_progress_record_is_rewritten_not_fatal(data, tmp_path, capsys):

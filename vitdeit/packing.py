@@ -610,6 +610,8 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         if r.num_samples == 0:  # every image of it skipped: DALI refuses an empty index, and it holds nothing
             (out / f"{r.name}.tar").unlink(missing_ok=True)
             (out / f"{r.name}.idx").unlink(missing_ok=True)
+            # and its record: a rerun reads its images again (as unreadable), not "wrote again ... missing"
+            (out / PROGRESS_DIR / f"{r.name}.json").unlink(missing_ok=True)
     packed = {}
     for split, srcs in sources.items():
         rs = [r for r in results if r.split == split and r.num_samples > 0]

@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     found = last.stat().st_mtime_ns if last.is_file() else None  # another run's, unless this one resumes from it
     before = signal.signal(signal.SIGTERM, _terminated)
 
-    def go_on() -> str:  # how to continue, where this run has written epochs (rank 0's files)
+    def go_on(first: str = "") -> str:  # how to continue, where this node sees the epochs this run has written
         ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
                                    or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
-        return (f"; the epochs finished so far are in {last}: go on with the same command and --resume {last}"
+        return (f"; the epochs finished so far are in {last}: {first}go on with the same command and --resume {last}"
                 if ours and not cfg.eval_only else "")
 
     try:
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
             wait_for_local_rank_0()
             say_error(e)  # still running: local rank 0 did not stop the run with it (a cause of this rank's own)
             return 1
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, as the node's others stop: not while it says it
         say_error(e)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (torchrun passes either to every process: one says it)
@@ -71,9 +72,10 @@ def main(argv=None) -> int:
             print(f"\n{why}{go_on()}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # a shell's code for the signal
     except Exception:  # CUDA OOM, a lost connection to another process, a bug: its traceback, then how to go on
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, as the node's others stop: not while it says it
         traceback.print_exc()
-        if not quiet_rank() and (then := go_on()):
-            peers = (" (a lost connection names another process that stopped first: its own output says why)"
+        if not quiet_rank() and (then := go_on("once its cause is mended, ")):
+            peers = (" (if it is a lost connection, another process stopped first: its own output says why)"
                      if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
             print(f"\nstopped by the error above{peers}{then}", file=sys.stderr)
         return 1

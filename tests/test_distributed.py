@@ -1,6 +1,7 @@
 """vitdeit.distributed with two real gloo processes: torchrun's environment read as torchrun sets it, and the
 collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums)."""
 
+import contextlib
 import json
 import os
 import re
@@ -284,7 +285,9 @@ def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_p
                             f"each (or pack each node's copy of the images with the same options and --seed).")
     assert one["text"] == zero["text"].replace(str(tiny_shards), str(other), 1)
     assert not (tmp_path / "runs0").exists() and not (tmp_path / "runs1").exists()  # refused before anything is written
-    shutil.copyfile(tiny_shards / "manifest.json", other / "manifest.json")  # the same pack, read from another folder
+    manifest["options"]["seed"] = 0  # the same pack, packed from another folder
+    manifest["source"]["data_path"] = "/elsewhere/imagenet100"
+    (other / "manifest.json").write_text(json.dumps(manifest))
     assert spawn_two(_on_its_own_node, cfgs) == [{"error": None}] * 2
 
 
@@ -331,36 +334,47 @@ def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
         "rank 3", "ranks 0-3", "ranks 8-9", "ranks 0, 2 and 5"]
 
 
-def test_the_node_check_groups_ranks_by_what_they_read_and_tells_alike_descriptions_apart(tiny_shards, monkeypatch):
+def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_could_not_read(tiny_shards,
+                                                                                            monkeypatch):
     from vitdeit import trainer
     from vitdeit.classes import load_manifest
     from vitdeit.config import Config
+    from vitdeit.errors import MissingFile
 
     manifest = load_manifest(tiny_shards)
-    moved = {**manifest, "source": {"data_path": "/elsewhere/imagenet100"}}  # the same pack from another folder
+    moved = {**manifest, "source": {"data_path": "/elsewhere/imagenet100"},  # the same pack from another folder,
+             "options": {**manifest["options"], "skip_bad": True}}  # asked to skip bad files (none were)
     resized = {**manifest, "splits": {**manifest["splits"], "train": {  # a shard of another size: same counts
         **manifest["splits"]["train"], "shards": [{**s, "bytes": s["bytes"] + 1} for s in
                                                   manifest["splits"]["train"]["shards"]]}}}
     cfg = Config(data_path=str(tiny_shards))
 
-    def gathered(*ranks):  # all_gather_object over ranks of (host, manifest): each rank's view, as it gathers it
+    def gathered(*ranks):  # all_gather_object over ranks of (host, manifest or error): each rank's own view
         def gather(_):
             views = []
             for host, m in ranks:
                 monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
                 monkeypatch.setattr(trainer.socket, "gethostname", lambda: host)
-                trainer.check_nodes_agree(m, None, cfg)
+                with contextlib.suppress(trainer.VitdeitError):  # (that rank's own error: raised there)
+                    trainer.read_on_every_node(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
+                                               cfg)
             monkeypatch.setattr(trainer, "all_gather_object", gather)
             return views
         return gather
 
     monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", moved), ("b", manifest)))
-    trainer.check_nodes_agree(manifest, None, cfg)  # the folder each node packed from is not the pack: no error
+    assert trainer.read_on_every_node(lambda: (manifest, None), cfg) == (manifest, None)  # all one pack
     monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", manifest), ("b", resized),
                                                                ("c", resized), ("c", manifest)))
     with pytest.raises(trainer.SettingError) as e:
-        trainer.check_nodes_agree(manifest, None, cfg)
-    ours, theirs = trainer.pack_fingerprint({**manifest, "source": {}}), trainer.pack_fingerprint(
-        {**resized, "source": {}})
-    said = "--seed 0, 96 train + 24 val images"
-    assert f"(ranks 0, 1 and 4 on a, c: {said} ({ours[:8]}); ranks 2-3 on b, c: {said} ({theirs[:8]}));" in str(e.value)
+        trainer.read_on_every_node(lambda: (manifest, None), cfg)
+    said = re.escape("--seed 0, 96 train + 24 val images")
+    ids = re.search(rf"\(ranks 0, 1 and 4 on a, c: {said} \(([0-9a-f]{{8}})\); ranks 2-3 on b, c: {said} "
+                    rf"\(([0-9a-f]{{8}})\)\); give every node the same shards", str(e.value))
+    assert ids and ids[1] != ids[2], str(e.value)
+    gone = MissingFile("--resume /runs/vit/last.pth: no such file")
+    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("b", gone), ("b", gone),
+                                                               ("c", resized)))
+    with pytest.raises(trainer.SettingError) as e:  # before comparing: the others would wait for them
+        trainer.read_on_every_node(lambda: (manifest, None), cfg)
+    assert str(e.value) == "ranks 1-2 on b could not read their node's copy: --resume /runs/vit/last.pth: no such file"

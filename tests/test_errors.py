@@ -538,11 +538,11 @@ TORCHRUN = {"TORCHELASTIC_RUN_ID": "job", "WORLD_SIZE": "4"}  # two nodes of two
 @pytest.mark.parametrize("env, during, line", [
     ({}, True, "stopped by the error above; "),  # one process, after an epoch: how to go on
     ({}, False, None),  # before its first epoch ended: nothing to go on from
-    ({"RANK": "0", "WORLD_SIZE": "2"}, True, "stopped by the error above (a lost connection names another process "
-                                            "that stopped first: its own output says why); "),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, True, "stopped by the error above (if it is a lost connection, another "
+                                            "process stopped first: its own output says why); "),
     ({**TORCHRUN, "RANK": "1", "LOCAL_RANK": "1"}, True, None),  # its node's local rank 0 says it
-    ({**TORCHRUN, "RANK": "2", "LOCAL_RANK": "0"}, True, "stopped by the error above (a lost connection names "
-     "another process that stopped first: its own output says why); "),  # another node's first, on a shared disk
+    ({**TORCHRUN, "RANK": "2", "LOCAL_RANK": "0"}, True, "stopped by the error above (if it is a lost "
+     "connection, another process stopped first: its own output says why); "),  # another node's first, on a shared disk
 ])
 def test_a_crash_keeps_its_traceback_then_says_how_to_go_on(tmp_path, monkeypatch, capsys, env, during, line):
     last = tmp_path / "runs" / "r" / "last.pth"
@@ -557,13 +557,20 @@ def test_a_crash_keeps_its_traceback_then_says_how_to_go_on(tmp_path, monkeypatc
             last.write_bytes(b"new")
         raise RuntimeError("Connection reset by peer")
 
+    import signal
+    import traceback
+
+    handlers, print_exc = [], traceback.print_exc  # torchrun's SIGTERM to the node's others must not cut the lines
+    monkeypatch.setattr(train.traceback, "print_exc", lambda: handlers.append(signal.getsignal(signal.SIGTERM))
+                        or print_exc())
     monkeypatch.setattr(train, "train", crashed)
     assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 1
+    assert handlers == [signal.SIG_IGN]
     err = capsys.readouterr().err.strip()
     assert err.startswith("Traceback (most recent call last):") and "RuntimeError: Connection reset by peer" in err
     tail = err.split("RuntimeError: Connection reset by peer")[1].strip()
-    assert tail == ("" if line is None else f"{line}the epochs finished so far are in {last}: go on with the same "
-                                            f"command and --resume {last}")
+    assert tail == ("" if line is None else f"{line}the epochs finished so far are in {last}: once its cause is "
+                                            f"mended, go on with the same command and --resume {last}")
 
 
 def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler_is_put_back(tmp_path, monkeypatch,
@@ -691,3 +698,18 @@ def test_a_usage_error_is_local_rank_0s_to_say_and_every_rank_stops(local_rank, 
         assert err.endswith(": error: --amp 'fp8': choose auto, bf16, fp16 or off\n")
     else:
         assert err == ""
+
+
+def test_a_run_error_is_said_with_torchruns_sigterm_ignored(tmp_path, monkeypatch):
+    import signal
+
+    from vitdeit.errors import DataError
+
+    for var in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    handlers = []  # the node's other processes stop as this one does: torchrun's SIGTERM must not cut its line
+    monkeypatch.setattr(train, "say_error", lambda e: handlers.append((signal.getsignal(signal.SIGTERM), str(e))))
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(DataError("a damaged shard")))
+    before = signal.getsignal(signal.SIGTERM)
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path)]) == 1
+    assert handlers == [(signal.SIG_IGN, "a damaged shard")] and signal.getsignal(signal.SIGTERM) is before

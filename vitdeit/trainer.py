@@ -25,7 +25,8 @@ from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
-from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line
+from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
+                     first_line)
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
@@ -205,36 +206,59 @@ def ranks_text(ranks: list[int]) -> str:
     return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
 
 
-def check_nodes_agree(manifest: dict, state: dict | None, cfg: Config, ckpt_flag: str = "--resume",
-                      ckpt: str | None = None) -> None:
-    """Under torchrun each process reads the shards and the checkpoint on its own node's disk: copies that differ
-    are refused on every rank, each group of ranks named with its host. Other shards would give the ranks sample
-    lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
-    checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out."""
-    opts, splits = manifest.get("options") or {}, manifest["splits"]
-    pack = (pack_fingerprint({**manifest, "source": {}}),  # (the folder each node packed from does not matter)
-            f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
-            f"val images")
-    # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
-    saved = ("", "no checkpoint") if state is None else (
-        hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
-        f"epoch {state['epoch']}")
-    seen = all_gather_object((socket.gethostname(), pack, saved))
+def hosts_of(ranks: list[int], seen: list) -> str:
+    return ", ".join(sorted({seen[r][0] for r in ranks}))
+
+
+def read_on_every_node(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | None = None) -> tuple:
+    """read() -> (manifest, checkpoint or None), on every rank from its own node's disk, then gathered before any
+    other collective: a rank whose copy is missing or unreadable stops every rank alike (the others name its ranks,
+    hosts and error, where they would wait for it in the next collective), and so do copies that differ, each group
+    of ranks named with its host. Other shards would give the ranks sample lists that overlap (an epoch sees some
+    images twice and others never; val scores a wrong mix); another checkpoint, other weights from another epoch,
+    whose collectives then wait on each other until they time out."""
+    failed, host = None, socket.gethostname()
+    try:
+        manifest, state = read()
+    except VitdeitError as e:
+        failed, mine = e, (host, None, None, str(e))
+    else:
+        opts, splits = manifest.get("options") or {}, manifest["splits"]
+        # what fixes the samples: the shuffle's seed, the classes, each shard's file, count and size (not the
+        # folder packed from, nor options that leave these as they are)
+        shards = [[s["file"], s["num_samples"], s["bytes"]] for split in ("train", "val")
+                  for s in splits[split]["shards"]]
+        what = [opts.get("seed"), manifest["classes"], shards]
+        pack = (hashlib.sha1(json.dumps(what).encode()).hexdigest(),
+                f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + "
+                f"{splits['val']['num_samples']:,} val images")
+        # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
+        saved = ("", "no checkpoint") if state is None else (
+            hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
+            f"epoch {state['epoch']}")
+        mine = (host, pack, saved, None)
+    seen = all_gather_object(mine)
+    if failed is not None:
+        raise failed
+    if stopped := [rank for rank, got in enumerate(seen) if got[3] is not None]:
+        raise SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} could not read their node's copy: "
+                           f"{seen[stopped[0]][3]}")
     for i, what, fix in (
             (1, f"--data-path {cfg.data_path} holds other shards",
              "give every node the same shards: copy one pack_shards.py --out folder to each (or pack each node's "
              "copy of the images with the same options and --seed)"),
             (2, f"{ckpt_flag} {ckpt or cfg.resume} is another checkpoint",
              "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes")):
-        groups: dict = {}  # identity -> (ranks, description)
+        groups: dict = {}  # (identity, description) -> ranks
         for rank, got in enumerate(seen):
             groups.setdefault(got[i], []).append(rank)
         if len(groups) > 1:
             said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
-            where = "; ".join(f"{ranks_text(ranks)} on {', '.join(sorted({seen[r][0] for r in ranks}))}: {desc}"
+            where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
                               + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
                               for (ident, desc), ranks in groups.items())
             raise SettingError(f"{what} on some nodes than on others ({where}); {fix}.")
+    return manifest, state
 
 
 def check_rewind(run_dir: Path, cfg: Config, resumed: dict, dist: Dist) -> None:
@@ -542,21 +566,23 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
 def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     device, run_dir = dist.device, cfg.run_dir
     with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
-        manifest = run_manifest(cfg)
+        def read():  # (each node's own files)
+            manifest = run_manifest(cfg)
+            if cfg.resume:  # a missing file is named as such, not as another folder's checkpoint by check_run_dir
+                checkpoint_file(cfg.resume, "--resume")
+            if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and notes:
+                checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # its file is checked now
+            elif cfg.distillation != "none":
+                check_weights_file(cfg.teacher_weights)
+            resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what="--resume") if cfg.resume else None
+            return manifest, resumed
+
+        manifest, resumed = read_on_every_node(read, cfg)
         class_map = manifest_class_map(manifest)
         num_classes = len(class_map)
-        if cfg.resume:  # a missing file is named as such, not as another folder's checkpoint by check_run_dir
-            checkpoint_file(cfg.resume, "--resume")
         check_run_dir(run_dir, cfg, dist)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
-        if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and notes:
-            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # its file is checked now
-        elif cfg.distillation != "none":
-            check_weights_file(cfg.teacher_weights)
-
-        resumed = load_checkpoint(cfg.resume, class_map, what="--resume") if cfg.resume else None
-        check_nodes_agree(manifest, resumed, cfg)
         if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
             check_resumable(resumed["config"], cfg)
             if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
@@ -655,11 +681,9 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split."""
     with process_group(cfg.device) as dist:
         with alike_on_every_rank():  # the manifest and the checkpoint: train.py says their errors once per node
-            manifest = run_manifest(cfg)
-            class_map = manifest_class_map(manifest)
             path = cfg.resume or str(cfg.run_dir / "best.pth")
-            state = load_checkpoint(path, class_map, what="--eval-only checkpoint")
-            check_nodes_agree(manifest, state, cfg, "--eval-only", path)
+            manifest, state = read_on_every_node(lambda: (m := run_manifest(cfg), load_checkpoint(
+                path, manifest_class_map(m), what="--eval-only checkpoint")), cfg, "--eval-only", path)
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",

@@ -32,13 +32,15 @@ def test_a_missing_input_is_one_line_naming_it_and_exit_1(entry, flags, tmp_path
     assert rc == 1 and err.startswith("error: ") and str(missing) in err and len(err.strip().splitlines()) == 1
 
 
-def test_out_of_memory_in_training_is_not_turned_into_a_one_line_message(monkeypatch):
+def test_out_of_memory_in_training_is_not_turned_into_a_one_line_message(monkeypatch, capsys, tmp_path):
     def oom(cfg):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "train", oom)
-    with pytest.raises(torch.OutOfMemoryError):
-        train.main(["--device", "cpu"])
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err  # its whole traceback, down to where it was raised
+    assert err.startswith("Traceback (most recent call last):\n") and ", in oom\n" in err
+    assert err.rstrip().endswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):

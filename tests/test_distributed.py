@@ -377,4 +377,4 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                                                                ("c", resized)))
     with pytest.raises(trainer.SettingError) as e:  # before comparing: the others would wait for them
         trainer.read_on_every_node(lambda: (manifest, None), cfg)
-    assert str(e.value) == "ranks 1-2 on b could not read their node's copy: --resume /runs/vit/last.pth: no such file"
+    assert str(e.value) == "ranks 1-2 on b stopped reading this run's files: --resume /runs/vit/last.pth: no such file"

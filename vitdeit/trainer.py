@@ -241,7 +241,7 @@ def read_on_every_node(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str
     if failed is not None:
         raise failed
     if stopped := [rank for rank, got in enumerate(seen) if got[3] is not None]:
-        raise SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} could not read their node's copy: "
+        raise SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} stopped reading this run's files: "
                            f"{seen[stopped[0]][3]}")
     for i, what, fix in (
             (1, f"--data-path {cfg.data_path} holds other shards",

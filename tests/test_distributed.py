@@ -356,18 +356,18 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                 monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
                 monkeypatch.setattr(trainer.socket, "gethostname", lambda: host)
                 with contextlib.suppress(trainer.VitdeitError):  # (that rank's own error: raised there)
-                    trainer.read_on_every_node(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
+                    trainer.read_run_files(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
                                                cfg)
             monkeypatch.setattr(trainer, "all_gather_object", gather)
             return views
         return gather
 
     monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", moved), ("b", manifest)))
-    assert trainer.read_on_every_node(lambda: (manifest, None), cfg) == (manifest, None)  # all one pack
+    assert trainer.read_run_files(lambda: (manifest, None), cfg) == (manifest, None)  # all one pack
     monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", manifest), ("b", resized),
                                                                ("c", resized), ("c", manifest)))
     with pytest.raises(trainer.SettingError) as e:
-        trainer.read_on_every_node(lambda: (manifest, None), cfg)
+        trainer.read_run_files(lambda: (manifest, None), cfg)
     said = re.escape("--seed 0, 96 train + 24 val images")
     ids = re.search(rf"\(ranks 0, 1 and 4 on a, c: {said} \(([0-9a-f]{{8}})\); ranks 2-3 on b, c: {said} "
                     rf"\(([0-9a-f]{{8}})\)\); give every node the same shards", str(e.value))
@@ -376,5 +376,40 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("b", gone), ("b", gone),
                                                                ("c", resized)))
     with pytest.raises(trainer.SettingError) as e:  # before comparing: the others would wait for them
-        trainer.read_on_every_node(lambda: (manifest, None), cfg)
+        trainer.read_run_files(lambda: (manifest, None), cfg)
     assert str(e.value) == "ranks 1-2 on b stopped reading this run's files: --resume /runs/vit/last.pth: no such file"
+
+
+def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_shards, tmp_path):
+    import shutil
+    import socket
+
+    from vitdeit.config import Config
+    from vitdeit.trainer import train
+
+    common = dict(img_size=32, batch_size=16, workers=0, progress=False, data_path=str(tiny_shards))
+    train(Config(**common, model="resnet18", epochs=1, output_dir=str(tmp_path / "runs"), run_name="t"))
+    teacher = tmp_path / "runs" / "t" / "best.pth"
+    (tmp_path / "node1").mkdir()
+    other = tmp_path / "node1" / "best.pth"  # the other node's copy: another teacher's weights
+    state = torch.load(teacher, weights_only=False)
+    state["model"]["fc.bias"] += 1.0
+    torch.save(state, other)
+    cfgs = [dict(common, model="deit_tiny_distill", patch_size=8, epochs=1, teacher_ckpt=str(path),
+                 allow_weak_teacher=True, output_dir=str(tmp_path / f"out{r}"))
+            for r, path in enumerate((teacher, other))]
+    zero, one = spawn_two(_on_its_own_node, cfgs)
+    host = re.escape(socket.gethostname())
+    assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
+    assert re.fullmatch(rf"the teacher \(--teacher-ckpt {re.escape(str(teacher))}\) is another on some nodes than on "
+                        rf"others \(rank 0 on {host}: its weights \(([0-9a-f]{{8}})\); rank 1 on {host}: its weights "
+                        rf"\((?!\1)[0-9a-f]{{8}}\)\); give every node the same file: a shared filesystem, or a copy "
+                        rf"of the run folder rank 0 writes\.", zero["text"]), zero["text"]
+    assert not (tmp_path / "out0").exists()
+    other.write_bytes(teacher.read_bytes()[:1000])  # a copy cut short on the other node
+    zero, one = spawn_two(_on_its_own_node, cfgs)
+    assert one["error"] == "DataError" and one["text"].startswith(f"--teacher-ckpt {other}: cannot be read")
+    assert zero["error"] == "SettingError" and zero["text"] == f"rank 1 on {socket.gethostname()} stopped reading " \
+                                                               f"this run's files: {one['text']}"
+    shutil.copyfile(teacher, other)  # the same teacher: it trains
+    assert spawn_two(_on_its_own_node, cfgs) == [{"error": None}] * 2

@@ -210,54 +210,71 @@ def hosts_of(ranks: list[int], seen: list) -> str:
     return ", ".join(sorted({seen[r][0] for r in ranks}))
 
 
-def read_on_every_node(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | None = None) -> tuple:
-    """read() -> (manifest, checkpoint or None), on every rank from its own node's disk, then gathered before any
-    other collective: a rank whose copy is missing or unreadable stops every rank alike (the others name its ranks,
-    hosts and error, where they would wait for it in the next collective), and so do copies that differ, each group
-    of ranks named with its host. Other shards would give the ranks sample lists that overlap (an epoch sees some
-    images twice and others never; val scores a wrong mix); another checkpoint, other weights from another epoch,
-    whose collectives then wait on each other until they time out."""
-    failed, host = None, socket.gethostname()
+def read_on_every_node(read, identify) -> tuple[list, object]:
+    """(every rank's (host, identify(value), None), read()'s value here): read() runs on every rank, on its own node's
+    files, and what each read is gathered before any other collective. A rank whose read raised a VitdeitError (a
+    copy missing or damaged) stops every rank alike: the others name its ranks, hosts and error, where they would
+    otherwise wait for it in their next collective. identify(value): a small picklable identity of what was read,
+    for refuse_differing."""
+    host = socket.gethostname()
     try:
-        manifest, state = read()
+        value = read()
+        mine = (host, identify(value), None)
     except VitdeitError as e:
-        failed, mine = e, (host, None, None, str(e))
-    else:
-        opts, splits = manifest.get("options") or {}, manifest["splits"]
-        # what fixes the samples: the shuffle's seed, the classes, each shard's file, count and size (not the
-        # folder packed from, nor options that leave these as they are)
-        shards = [[s["file"], s["num_samples"], s["bytes"]] for split in ("train", "val")
-                  for s in splits[split]["shards"]]
-        what = [opts.get("seed"), manifest["classes"], shards]
-        pack = (hashlib.sha1(json.dumps(what).encode()).hexdigest(),
-                f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + "
-                f"{splits['val']['num_samples']:,} val images")
-        # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
-        saved = ("", "no checkpoint") if state is None else (
-            hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
-            f"epoch {state['epoch']}")
-        mine = (host, pack, saved, None)
+        all_gather_object((host, None, str(e)))  # (the others' next collective: this one)
+        raise
     seen = all_gather_object(mine)
-    if failed is not None:
-        raise failed
-    if stopped := [rank for rank, got in enumerate(seen) if got[3] is not None]:
+    if stopped := [rank for rank, got in enumerate(seen) if got[2] is not None]:
         raise SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} stopped reading this run's files: "
-                           f"{seen[stopped[0]][3]}")
-    for i, what, fix in (
-            (1, f"--data-path {cfg.data_path} holds other shards",
-             "give every node the same shards: copy one pack_shards.py --out folder to each (or pack each node's "
-             "copy of the images with the same options and --seed)"),
-            (2, f"{ckpt_flag} {ckpt or cfg.resume} is another checkpoint",
-             "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes")):
-        groups: dict = {}  # (identity, description) -> ranks
-        for rank, got in enumerate(seen):
-            groups.setdefault(got[i], []).append(rank)
-        if len(groups) > 1:
-            said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
-            where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
-                              + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
-                              for (ident, desc), ranks in groups.items())
-            raise SettingError(f"{what} on some nodes than on others ({where}); {fix}.")
+                           f"{seen[stopped[0]][2]}")
+    return seen, value
+
+
+SAME_FILE = "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes"
+
+
+def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: identity) -> None:
+    """seen: read_on_every_node's; item(identity), an (id, description), must be one on every rank: else a
+    SettingError naming each group of ranks, its hosts and what it read. Other shards would give the ranks sample
+    lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
+    checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out;
+    another teacher, other targets on some ranks."""
+    groups: dict = {}  # (id, description) -> ranks
+    for rank, (_, identity, _) in enumerate(seen):
+        groups.setdefault(item(identity), []).append(rank)
+    if len(groups) > 1:
+        said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
+        where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
+                          + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
+                          for (ident, desc), ranks in groups.items())
+        raise SettingError(f"{what} on some nodes than on others ({where}); {fix}.")
+
+
+def pack_and_checkpoint(value: tuple) -> tuple:
+    """(manifest, checkpoint or None) -> their identities, each (id, description), for refuse_differing."""
+    manifest, state = value
+    opts, splits = manifest.get("options") or {}, manifest["splits"]
+    # what fixes the samples: the shuffle's seed, the classes, each shard's file, count and size (not the folder
+    # packed from, nor options that leave these as they are)
+    shards = [[s["file"], s["num_samples"], s["bytes"]] for split in ("train", "val") for s in splits[split]["shards"]]
+    pack = (hashlib.sha1(json.dumps([opts.get("seed"), manifest["classes"], shards]).encode()).hexdigest(),
+            f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
+            f"val images")
+    # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
+    saved = ("", "no checkpoint") if state is None else (
+        hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
+        f"epoch {state['epoch']}")
+    return pack, saved
+
+
+def read_run_files(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | None = None) -> tuple:
+    """read() -> (manifest, checkpoint or None) on every rank (read_on_every_node), the same on every node."""
+    seen, (manifest, state) = read_on_every_node(read, pack_and_checkpoint)
+    refuse_differing(seen, f"--data-path {cfg.data_path} holds other shards", "give every node the same shards: copy "
+                     "one pack_shards.py --out folder to each (or pack each node's copy of the images with the same "
+                     "options and --seed)", item=lambda identity: identity[0])
+    refuse_differing(seen, f"{ckpt_flag} {ckpt or cfg.resume} is another checkpoint", SAME_FILE,
+                     item=lambda identity: identity[1])
     return manifest, state
 
 
@@ -543,8 +560,21 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
     on the val split first: one at chance level is refused (check_teacher)."""
     if cfg.distillation == "none":
         return None, None
-    with alike_on_every_rank(), local_rank_zero_first(dist):  # torchvision's weights: one download per node
-        teacher = load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map)  # (its file: alike on the node)
+    def load():
+        with local_rank_zero_first(dist):  # torchvision's weights: one download per node
+            return load_teacher(cfg.teacher_ckpt, cfg.teacher_weights, class_map)
+
+    def weights(net) -> tuple:  # (on the CPU: ~45 MB, a fraction of a second)
+        h = hashlib.sha1()
+        for t in net.state_dict().values():
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest(), "its weights"
+
+    with alike_on_every_rank():  # each node's copy of its file: other weights would teach some ranks otherwise
+        seen, teacher = read_on_every_node(load, weights)
+        source = (f"--teacher-ckpt {cfg.teacher_ckpt}" if cfg.teacher_ckpt else
+                  f"--teacher-weights {cfg.teacher_weights or 'imagenet1k'}")
+        refuse_differing(seen, f"the teacher ({source}) is another", SAME_FILE)
     teacher = to_device(teacher, cfg, dist.device)
     if teacher.interpolation != cfg.interpolation:
         dist.print(f"warning: the teacher was trained on images resized with --interpolation "
@@ -577,7 +607,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what="--resume") if cfg.resume else None
             return manifest, resumed
 
-        manifest, resumed = read_on_every_node(read, cfg)
+        manifest, resumed = read_run_files(read, cfg)
         class_map = manifest_class_map(manifest)
         num_classes = len(class_map)
         check_run_dir(run_dir, cfg, dist)
@@ -682,7 +712,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     with process_group(cfg.device) as dist:
         with alike_on_every_rank():  # the manifest and the checkpoint: train.py says their errors once per node
             path = cfg.resume or str(cfg.run_dir / "best.pth")
-            manifest, state = read_on_every_node(lambda: (m := run_manifest(cfg), load_checkpoint(
+            manifest, state = read_run_files(lambda: (m := run_manifest(cfg), load_checkpoint(
                 path, manifest_class_map(m), what="--eval-only checkpoint")), cfg, "--eval-only", path)
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation

@@ -14,6 +14,7 @@ import torch
 from conftest import spawn_two, torchrun_env
 from vitdeit import distributed
 from vitdeit.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_buffers, cleanup, setup
+from vitdeit.errors import SettingError, together
 
 
 def _as_rank(rank, world, port, out_dir):
@@ -62,13 +63,14 @@ def _leave(rank, world, port, out_dir, fail):
     distributed.tdist.destroy_process_group = lambda *a, **k: destroys.append(1) or real_destroy(*a, **k)
     try:
         with distributed.process_group("cpu"):
-            if not fail:  # (a failing rank has no collective to finish: it would leave right after it)
+            if fail in (False, "decided"):  # (a rank failing alone has no collective to finish: it would leave at once)
                 all_reduce_sum(torch.ones(1000))
             time.sleep(1.0 if rank == 0 else 0.0)  # rank 0 ends its block a second after rank 1 (checkpoints)
             body_end = time.time()
             if fail:
-                raise KeyboardInterrupt() if fail == "ctrl-c" else RuntimeError("stop")
-    except (RuntimeError, KeyboardInterrupt):
+                raise (KeyboardInterrupt() if fail == "ctrl-c" else together(SettingError("both")) if fail == "decided"
+                       else RuntimeError("stop"))
+    except (RuntimeError, KeyboardInterrupt, SettingError):
         pass
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps({"body_end": body_end, "left": time.time(),
                                                             "barriers": len(barriers), "destroys": len(destroys)}))
@@ -134,10 +136,11 @@ def test_train_py_loads_its_teacher_inside_local_rank_zero_first(monkeypatch):
     assert seen == ["enter", "load", "exit", "to_device"]  # loaded (downloaded) inside; moved to the GPU after
 
 
-@pytest.mark.parametrize("fail", [False, "error", "ctrl-c"])
+@pytest.mark.parametrize("fail", [False, "decided", "error", "ctrl-c"])
 def test_ranks_leave_the_process_group_together_after_a_run_and_at_once_after_an_error_or_ctrl_c(fail):
     zero, one = spawn_two(_leave, fail)
-    if not fail:  # rank 1 waited for rank 0's block to end: it did not exit right after its last collective
+    if fail in (False, "decided"):  # rank 1 waited for rank 0's block to end: it did not exit right after its last
+        # collective (after a run, or an error every rank raised from one gathered decision: errors.together)
         assert zero["barriers"] == one["barriers"] == 1 and one["left"] >= zero["body_end"]
     else:  # nothing to wait for: a rank that raised must not keep the others waiting, nor wait for them
         assert zero["barriers"] == one["barriers"] == 0 and one["left"] < zero["body_end"]
@@ -203,6 +206,7 @@ def test_the_weak_teacher_refusal_is_alike_on_every_rank_and_names_a_size_mismat
     with pytest.raises(SettingError) as e:
         trainer.prepare_teacher(Config(model="deit_tiny_distill", img_size=48), None, manifest, None, Dist(), None)
     assert e.value.alike_on_every_rank  # the score every rank gathered: one verdict, said once per node
+    assert e.value.every_rank_stops  # and every rank raises it: they leave the process group together
     fix = "It was trained on 32 px crops and is fed 48 px ones here: distil at --img-size 32 first. Train one"
     assert (fix in str(e.value)) == (teacher_px == 32) and "too little of these classes to teach them." in str(e.value)
 
@@ -259,7 +263,8 @@ def _on_its_own_node(rank, world, port, out_dir, cfgs):
         evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
         out = {"error": None}
     except Exception as e:  # noqa: BLE001 (the test reads its type and text)
-        out = {"error": type(e).__name__, "text": str(e), "alike": getattr(e, "alike_on_every_rank", False)}
+        out = {"error": type(e).__name__, "text": str(e), "alike": getattr(e, "alike_on_every_rank", False),
+               "together": getattr(e, "every_rank_stops", False)}
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
 
 
@@ -278,6 +283,7 @@ def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_p
     zero, one = spawn_two(_on_its_own_node, cfgs)
     host = socket.gethostname()
     assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
+    assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
     # each rank names its own --data-path, and both the two packs, by rank and host
     assert zero["text"] == (f"--data-path {tiny_shards} holds other shards on some nodes than on others (rank 0 on "
                             f"{host}: --seed 0, 96 train + 24 val images; rank 1 on {host}: --seed 7, 96 train + 24 "
@@ -313,6 +319,7 @@ def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_
                 for r, folder in enumerate((tmp_path, tmp_path / "node1"))]
         zero, one = spawn_two(_on_its_own_node, cfgs)
         assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
+        assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
         assert zero["text"] == (f"{flag} {tmp_path / 'epoch0.pth'} is another checkpoint on some nodes than on "
                                 f"others (rank 0 on {host}: epoch 0; rank 1 on {host}: epoch 1); give every node the "
                                 f"same file: a shared filesystem, or a copy of the run folder rank 0 writes.")
@@ -401,6 +408,7 @@ def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_s
     zero, one = spawn_two(_on_its_own_node, cfgs)
     host = re.escape(socket.gethostname())
     assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
+    assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
     assert re.fullmatch(rf"the teacher \(--teacher-ckpt {re.escape(str(teacher))}\) is another on some nodes than on "
                         rf"others \(rank 0 on {host}: its weights \(([0-9a-f]{{8}})\); rank 1 on {host}: its weights "
                         rf"\((?!\1)[0-9a-f]{{8}}\)\); give every node the same file: a shared filesystem, or a copy "
@@ -409,6 +417,7 @@ def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_s
     other.write_bytes(teacher.read_bytes()[:1000])  # a copy cut short on the other node
     zero, one = spawn_two(_on_its_own_node, cfgs)
     assert one["error"] == "DataError" and one["text"].startswith(f"--teacher-ckpt {other}: cannot be read")
+    assert zero["together"] and one["together"]
     assert zero["error"] == "SettingError" and zero["text"] == f"rank 1 on {socket.gethostname()} stopped reading " \
                                                                f"this run's files: {one['text']}"
     shutil.copyfile(teacher, other)  # the same teacher: it trains

@@ -455,8 +455,9 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     files = lambda: {p.name: p.read_bytes() for p in run.iterdir()}  # noqa: E731
     before = files()
     with pytest.raises(SettingError, match=re.escape(f"{run} already holds a run (last.pth): continue it with "
-                                                     f"--resume {run / 'last.pth'}")):
+                                                     f"--resume {run / 'last.pth'}")) as e:
         train(dataclasses.replace(cfg, epochs=9))  # a rerun that forgot --resume
+    assert e.value.every_rank_stops  # rank 0's finding, gathered: every rank raises it and they leave together
     elsewhere = os.path.join(teacher_run[0].output_dir, "teacher", "last.pth")  # another folder's run, resumed here
     with pytest.raises(SettingError, match=re.escape(f"{run} already holds a run (last.pth) (--resume {elsewhere} is "
                                                      f"another folder's checkpoint: a run writes to --output-dir/"
@@ -545,8 +546,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
         real = distill.DistillationLoss.forward
         monkeypatch.setattr(distill.DistillationLoss, "forward", lambda *a: real(*a) * float("nan"))
 
-    with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint") as e:
         train(cfg, on_epoch_end=poison_after_first_epoch)
+    assert e.value.every_rank_stops  # summed over the ranks: every rank stops on it, together
     last = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
@@ -1067,6 +1069,7 @@ def test_resuming_in_place_from_an_older_checkpoint_is_refused_without_overwrite
         f"here would replace epochs 1-2 (last.pth, best.pth, metrics.jsonl). Continue with --resume "
         f"{run / 'last.pth'}; or branch with another --run-name (it takes this run's history up to epoch 0); or pass "
         f"--overwrite to rewind this run.")
+    assert e.value.every_rank_stops
     assert {f.name: f.read_bytes() for f in run.iterdir()} == files  # nothing written
     with pytest.raises(SettingError, match="is epoch 1's"):  # best.pth (epoch 1's) is older than last.pth too
         train(cfg_for(tiny_shards, tmp_path, resume=str(run / "best.pth"), **{**kw, "epochs": 5}))

@@ -52,13 +52,16 @@ def setup(device_pref: str = "auto") -> Dist:
 
 
 def cleanup(finished: bool = False) -> None:
-    """Leave the process group. finished: this rank got to the end without an error, and the others are expected
-    there too: they first wait for each other (rank 0 may still be writing checkpoints). Without that wait, rank 1
+    """Leave the process group. finished: this rank got to the end without an error, or stops on one that every rank
+    raised from one gathered decision (errors.together), and the others are expected there too: they first wait for
+    each other (rank 0 may still be writing checkpoints). Without that wait, rank 1
     of the two-process torchrun test, which leaves first, aborted while Python shut down (SIGABRT, "terminate
     called without an active exception") in 2 of 339 runs on the 2-core VM, most beside two busy processes
     (2026-12-05). Our reading, not proven: a gloo worker thread still held the last collective's tensors, and
-    releasing them took Python's lock after Python had begun to exit. Not after an error: a rank that stopped early
-    would keep the others waiting here (torchrun stops them when one fails)."""
+    releasing them took Python's lock after Python had begun to exit; the same abort ended rank 1 once (in a fresh
+    clone's suite, 2026-12-06) after both ranks refused other teacher copies right after the gather that showed
+    them. Not after another error: a rank that stopped early would keep the others waiting here (torchrun stops
+    them when one fails)."""
     if tdist.is_initialized():
         if finished:
             tdist.barrier()
@@ -68,12 +71,12 @@ def cleanup(finished: bool = False) -> None:
 @contextmanager
 def process_group(device_pref: str = "auto"):
     """`with process_group(cfg.device) as dist:` setup(), then cleanup(): with the ranks leaving together when the
-    block ended without an error, at once when it raised."""
+    block ended without an error or with one every rank raised (errors.together), at once after any other."""
     dist = setup(device_pref)
     try:
         yield dist
-    except BaseException:
-        cleanup()
+    except BaseException as e:
+        cleanup(finished=getattr(e, "every_rank_stops", False))
         raise
     cleanup(finished=True)
 

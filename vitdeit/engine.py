@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum, unwrap
-from .errors import NonFiniteLoss, SettingError
+from .errors import NonFiniteLoss, SettingError, together
 from .models import head_logits
 
 
@@ -111,9 +111,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
             loss_sum, correct, seen = sums.tolist()  # one sync per log_every steps, not per step
             # every rank stops together: a rank raising alone would leave the others waiting in backward()
             if all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0], device=device)).item() > 0:
-                raise NonFiniteLoss(f"epoch {epoch} step {i}: the loss is not finite on some rank; stopping. The "
-                                    f"last good checkpoint is kept. Lower --lr, raise --warmup-epochs, or keep "
-                                    f"--clip-grad on.")
+                raise together(NonFiniteLoss(f"epoch {epoch} step {i}: the loss is not finite on some rank; "
+                                             f"stopping. The last good checkpoint is kept. Lower --lr, raise "
+                                             f"--warmup-epochs, or keep --clip-grad on."))
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}",
                             img_s=f"{seen * dist.world / (time.perf_counter() - t_start):.0f}")
         bar.update(1)

@@ -25,6 +25,13 @@ class VitdeitError(Exception):
     """Base: bad input, a setting that cannot work, a missing file; the message says what to do."""
 
 
+def together(e: BaseException) -> BaseException:
+    """Mark an error every rank raises from one decision they gathered (the same values on every rank): the ranks
+    then leave the process group together, as after a finished run (distributed.cleanup says why)."""
+    e.every_rank_stops = True
+    return e
+
+
 @contextmanager
 def alike_on_every_rank():
     """Mark the VitdeitErrors raised inside as ones every process of a node meets alike: from the flags, a file on

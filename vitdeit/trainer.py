@@ -26,7 +26,7 @@ from .distill import DistillationLoss
 from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
-                     first_line)
+                     first_line, together)
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
@@ -142,12 +142,12 @@ def check_teacher(metrics: dict, val_class_counts: dict[str, int], cfg: Config, 
         bar, which = (chance + 100) / 2, "halfway from chance to 100%"
     dist.print(f"teacher val top-1 {metrics['val_top1']:.2f}% on {metrics['val_samples']} images "
                f"(chance {chance:.2f}%: the most common val class's share)")
-    if metrics["val_top1"] < bar and not cfg.allow_weak_teacher:
-        raise SettingError(
+    if metrics["val_top1"] < bar and not cfg.allow_weak_teacher:  # (metrics: summed over every rank)
+        raise together(SettingError(
             f"the teacher's val top-1 is {metrics['val_top1']:.2f}%, under {which} ({bar:.2f}%): it has learnt "
             f"too little of these classes to teach them. {first_fix}Train one (train.py --model resnet18) and pass "
             f"--teacher-ckpt, or pass --allow-weak-teacher to distil anyway."
-        )
+        ))
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
@@ -193,8 +193,9 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
     if any(all_gather_object(taken)):
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
-        raise SettingError(f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
-                           f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
+        raise together(SettingError(f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
+                                    f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to "
+                                    f"replace it."))
 
 
 def ranks_text(ranks: list[int]) -> str:
@@ -222,11 +223,11 @@ def read_on_every_node(read, identify) -> tuple[list, object]:
         mine = (host, identify(value), None)
     except VitdeitError as e:
         all_gather_object((host, None, str(e)))  # (the others' next collective: this one)
-        raise
+        raise together(e)
     seen = all_gather_object(mine)
     if stopped := [rank for rank, got in enumerate(seen) if got[2] is not None]:
-        raise SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} stopped reading this run's files: "
-                           f"{seen[stopped[0]][2]}")
+        raise together(SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} stopped reading this run's "
+                                    f"files: {seen[stopped[0]][2]}"))
     return seen, value
 
 
@@ -247,7 +248,7 @@ def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: iden
         where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
                           + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
                           for (ident, desc), ranks in groups.items())
-        raise SettingError(f"{what} on some nodes than on others ({where}); {fix}.")
+        raise together(SettingError(f"{what} on some nodes than on others ({where}); {fix}."))
 
 
 def pack_and_checkpoint(value: tuple) -> tuple:
@@ -293,10 +294,11 @@ def check_rewind(run_dir: Path, cfg: Config, resumed: dict, dist: Dist) -> None:
         newer = newer if isinstance(newer, int) and newer > resumed["epoch"] else None
     if (newest := max((e for e in all_gather_object(newer) if e is not None), default=None)) is not None:
         e = resumed["epoch"]
-        raise SettingError(f"--resume {cfg.resume} is epoch {e}'s, and {last} has trained up to epoch {newest}: going "
-                           f"on from it here would replace epochs {e + 1}-{newest} (last.pth, best.pth, "
-                           f"metrics.jsonl). Continue with --resume {last}; or branch with another --run-name (it "
-                           f"takes this run's history up to epoch {e}); or pass --overwrite to rewind this run.")
+        raise together(SettingError(
+            f"--resume {cfg.resume} is epoch {e}'s, and {last} has trained up to epoch {newest}: going on from it "
+            f"here would replace epochs {e + 1}-{newest} (last.pth, best.pth, metrics.jsonl). Continue with --resume "
+            f"{last}; or branch with another --run-name (it takes this run's history up to epoch {e}); or pass "
+            f"--overwrite to rewind this run."))
 
 
 def start_run_dir(run_dir: Path, cfg: Config) -> None:

@@ -285,7 +285,7 @@ def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_p
     assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
     assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
     # each rank names its own --data-path, and both the two packs, by rank and host
-    assert zero["text"] == (f"--data-path {tiny_shards} holds other shards on some nodes than on others (rank 0 on "
+    assert zero["text"] == (f"the shards at --data-path {tiny_shards} differ between nodes (rank 0 on "
                             f"{host}: --seed 0, 96 train + 24 val images; rank 1 on {host}: --seed 7, 96 train + 24 "
                             f"val images); give every node the same shards: copy one pack_shards.py --out folder to "
                             f"each (or pack each node's copy of the images with the same options and --seed).")
@@ -295,6 +295,22 @@ def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_p
     manifest["source"]["data_path"] = "/elsewhere/imagenet100"
     (other / "manifest.json").write_text(json.dumps(manifest))
     assert spawn_two(_on_its_own_node, cfgs) == [{"error": None}] * 2
+
+
+def test_nodes_run_with_other_settings_are_refused_on_every_rank_naming_them(tiny_shards, tmp_path):
+    import socket
+
+    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, progress=False, epochs=1,
+                  data_path=str(tiny_shards))
+    cfgs = [dict(common, workers=0, output_dir=str(tmp_path / "a")),  # its own --workers and --output-dir: fine
+            dict(common, workers=1, output_dir=str(tmp_path / "b"), loader="torch", epochs=2)]
+    zero, one = spawn_two(_on_its_own_node, cfgs)
+    host = socket.gethostname()
+    assert zero == one and zero["error"] == "SettingError" and zero["alike"] and zero["together"]
+    assert zero["text"] == (f"the nodes' commands differ (--epochs 1 on rank 0 ({host}), 2 on rank 1 ({host}); "
+                            f"--loader 'auto' on rank 0 ({host}), 'torch' on rank 1 ({host})); run the same command "
+                            f"on every node (only the paths of its files may differ, and --workers).")
+    assert not (tmp_path / "a").exists()
 
 
 def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_naming_each_nodes_epoch(
@@ -320,8 +336,8 @@ def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_
         zero, one = spawn_two(_on_its_own_node, cfgs)
         assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
         assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
-        assert zero["text"] == (f"{flag} {tmp_path / 'epoch0.pth'} is another checkpoint on some nodes than on "
-                                f"others (rank 0 on {host}: epoch 0; rank 1 on {host}: epoch 1); give every node the "
+        assert zero["text"] == (f"the checkpoint {flag} {tmp_path / 'epoch0.pth'} differs between nodes "
+                                f"(rank 0 on {host}: epoch 0; rank 1 on {host}: epoch 1); give every node the "
                                 f"same file: a shared filesystem, or a copy of the run folder rank 0 writes.")
         assert not (tmp_path / "out0").exists() and not (tmp_path / "out1").exists()
     # two runs' checkpoints of the same epoch: told apart by their figures
@@ -362,7 +378,7 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
             for host, m in ranks:
                 monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
                 monkeypatch.setattr(trainer.socket, "gethostname", lambda: host)
-                with contextlib.suppress(trainer.VitdeitError):  # (that rank's own error: raised there)
+                with contextlib.suppress(Exception):  # (that rank's own error: raised there)
                     trainer.read_run_files(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
                                                cfg)
             monkeypatch.setattr(trainer, "all_gather_object", gather)
@@ -379,12 +395,29 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     ids = re.search(rf"\(ranks 0, 1 and 4 on a, c: {said} \(([0-9a-f]{{8}})\); ranks 2-3 on b, c: {said} "
                     rf"\(([0-9a-f]{{8}})\)\); give every node the same shards", str(e.value))
     assert ids and ids[1] != ids[2], str(e.value)
-    gone = MissingFile("--resume /runs/vit/last.pth: no such file")
+    gone, cut = MissingFile("--resume /runs/vit/last.pth: no such file"), OSError(5, "Input/output error")
     monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("b", gone), ("b", gone),
-                                                               ("c", resized)))
+                                                               ("c", resized), ("d", cut)))
     with pytest.raises(trainer.SettingError) as e:  # before comparing: the others would wait for them
         trainer.read_run_files(lambda: (manifest, None), cfg)
-    assert str(e.value) == "ranks 1-2 on b stopped reading this run's files: --resume /runs/vit/last.pth: no such file"
+    assert str(e.value) == ("ranks 1-2 on b stopped reading this run's files: --resume /runs/vit/last.pth: no such "
+                            "file; rank 4 on d stopped reading this run's files: OSError: [Errno 5] Input/output error")
+    with pytest.raises(OSError) as own:  # a rank's own error, not a VitdeitError: raised as it is, marked together
+        trainer.read_run_files(lambda: (_ for _ in ()).throw(cut), cfg)
+    assert own.value is cut and cut.every_rank_stops
+    other_flags = Config(data_path="/elsewhere", epochs=9, allow_weak_teacher=True, workers=3, output_dir="/o")
+    views = []
+    monkeypatch.setattr(trainer.socket, "gethostname", lambda: "d")
+    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
+    trainer.read_run_files(lambda: (manifest, None), other_flags)  # a third rank's view, as it gathers it
+    monkeypatch.setattr(trainer.socket, "gethostname", lambda: "a")
+    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: [obj, obj, views[0]])
+    with pytest.raises(trainer.SettingError) as e:
+        trainer.read_run_files(lambda: (manifest, None), cfg)
+    # the flags each node may set for itself (its paths, --workers, --output-dir) are not named
+    assert str(e.value) == ("the nodes' commands differ (--allow-weak-teacher False on ranks 0-1 (a), True on rank 2 "
+                            "(d); --epochs 5 on ranks 0-1 (a), 9 on rank 2 (d)); run the same command on every node "
+                            "(only the paths of its files may differ, and --workers).")
 
 
 def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_shards, tmp_path):
@@ -409,8 +442,8 @@ def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_s
     host = re.escape(socket.gethostname())
     assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
     assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
-    assert re.fullmatch(rf"the teacher \(--teacher-ckpt {re.escape(str(teacher))}\) is another on some nodes than on "
-                        rf"others \(rank 0 on {host}: its weights \(([0-9a-f]{{8}})\); rank 1 on {host}: its weights "
+    assert re.fullmatch(rf"the teacher \(--teacher-ckpt {re.escape(str(teacher))}\) differs between nodes "
+                        rf"\(rank 0 on {host}: its weights \(([0-9a-f]{{8}})\); rank 1 on {host}: its weights "
                         rf"\((?!\1)[0-9a-f]{{8}}\)\); give every node the same file: a shared filesystem, or a copy "
                         rf"of the run folder rank 0 writes\.", zero["text"]), zero["text"]
     assert not (tmp_path / "out0").exists()

@@ -184,18 +184,21 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
 
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
     """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
-    without --overwrite (rank 0 looks, every rank stops), so that forgetting --resume loses nothing."""
-    if file := next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None):
-        flag = "--run-name" if file == run_dir else "--output-dir"
-        raise SettingError(f"{flag} {cfg.name if file == run_dir else cfg.output_dir}: {file} is a file, not a "
-                           f"folder; pass another {flag} (the run goes to --output-dir/--run-name, here {run_dir})")
-    taken = dist.is_main and (run_dir / "last.pth").is_file() and not resumes_in(run_dir, cfg) and not cfg.overwrite
-    if any(all_gather_object(taken)):
+    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be. Rank 0,
+    which alone writes there, looks; every rank stops on what it found."""
+    problem = None
+    file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if file:
+        name = "--run-name" if file == run_dir else "--output-dir"
+        problem = (f"{name} {cfg.name if file == run_dir else cfg.output_dir}: {file} is a file, not a folder; pass "
+                   f"another {name} (the run goes to --output-dir/--run-name, here {run_dir})")
+    elif dist.is_main and (run_dir / "last.pth").is_file() and not resumes_in(run_dir, cfg) and not cfg.overwrite:
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
-        raise together(SettingError(f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
-                                    f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to "
-                                    f"replace it."))
+        problem = (f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
+                   f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
+    if problem := all_gather_object(problem)[0]:  # (rank 0's)
+        raise together(SettingError(problem))
 
 
 def ranks_text(ranks: list[int]) -> str:
@@ -213,21 +216,25 @@ def hosts_of(ranks: list[int], seen: list) -> str:
 
 def read_on_every_node(read, identify) -> tuple[list, object]:
     """(every rank's (host, identify(value), None), read()'s value here): read() runs on every rank, on its own node's
-    files, and what each read is gathered before any other collective. A rank whose read raised a VitdeitError (a
-    copy missing or damaged) stops every rank alike: the others name its ranks, hosts and error, where they would
-    otherwise wait for it in their next collective. identify(value): a small picklable identity of what was read,
-    for refuse_differing."""
+    files, and what each read is gathered before any other collective. A rank whose read raised (a copy missing or
+    damaged) stops every rank alike: the others name its ranks, hosts and error, where they would otherwise wait for
+    it in their next collective. identify(value): a small picklable identity of what was read, for
+    refuse_differing."""
     host = socket.gethostname()
     try:
         value = read()
         mine = (host, identify(value), None)
-    except VitdeitError as e:
-        all_gather_object((host, None, str(e)))  # (the others' next collective: this one)
+    except Exception as e:  # (its traceback is kept where it is not a VitdeitError: train.py prints it)
+        all_gather_object((host, None, str(e) if isinstance(e, VitdeitError) else f"{type(e).__name__}: {e}"))
         raise together(e)
     seen = all_gather_object(mine)
     if stopped := [rank for rank, got in enumerate(seen) if got[2] is not None]:
-        raise together(SettingError(f"{ranks_text(stopped)} on {hosts_of(stopped, seen)} stopped reading this run's "
-                                    f"files: {seen[stopped[0]][2]}"))
+        by_error: dict = {}
+        for rank in stopped:
+            by_error.setdefault(seen[rank][2], []).append(rank)
+        raise together(SettingError("; ".join(
+            f"{ranks_text(ranks)} on {hosts_of(ranks, seen)} stopped reading this run's files: {error}"
+            for error, ranks in by_error.items())))
     return seen, value
 
 
@@ -248,7 +255,7 @@ def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: iden
         where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
                           + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
                           for (ident, desc), ranks in groups.items())
-        raise together(SettingError(f"{what} on some nodes than on others ({where}); {fix}."))
+        raise together(SettingError(f"{what} between nodes ({where}); {fix}."))
 
 
 def pack_and_checkpoint(value: tuple) -> tuple:
@@ -262,19 +269,43 @@ def pack_and_checkpoint(value: tuple) -> tuple:
             f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
             f"val images")
     # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
-    saved = ("", "no checkpoint") if state is None else (
-        hashlib.sha1(repr((state["epoch"], sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
-        f"epoch {state['epoch']}")
+    saved = ("", "no checkpoint") if state is None else (hashlib.sha1(repr((
+        state["epoch"], state.get("best_top1"), state.get("pack"), sorted(state.get("metrics", {}).items()))).encode(
+    )).hexdigest(), f"epoch {state['epoch']}")
     return pack, saved
 
 
+# the settings each node may set for itself: its own files' paths (what they hold is compared), its cores, its
+# output (rank 0's alone is written)
+NODE_OWN = ("data_path", "resume", "teacher_ckpt", "teacher_weights", "workers", "progress", "output_dir", "run_name")
+
+
+def refuse_other_settings(seen: list, i: int) -> None:
+    """seen[rank][1][i]: each rank's settings; every one not in NODE_OWN must be alike on every rank (another
+    --epochs, --loader or --allow-weak-teacher on one node would put its collectives out of step with the others')."""
+    differ = sorted({k for _, identity, _ in seen for k, v in identity[i].items() if v != seen[0][1][i].get(k)})
+    if differ:
+        said = []
+        for k in differ:
+            groups: dict = {}
+            for rank, (_, identity, _) in enumerate(seen):
+                groups.setdefault(repr(identity[i].get(k)), []).append(rank)
+            said.append(f"{flag(k)} " + ", ".join(f"{v} on {ranks_text(r)} ({hosts_of(r, seen)})"
+                                                  for v, r in groups.items()))
+        raise together(SettingError(f"the nodes' commands differ ({'; '.join(said)}); run the same command on every "
+                                    f"node (only the paths of its files may differ, and --workers)."))
+
+
 def read_run_files(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | None = None) -> tuple:
-    """read() -> (manifest, checkpoint or None) on every rank (read_on_every_node), the same on every node."""
-    seen, (manifest, state) = read_on_every_node(read, pack_and_checkpoint)
-    refuse_differing(seen, f"--data-path {cfg.data_path} holds other shards", "give every node the same shards: copy "
-                     "one pack_shards.py --out folder to each (or pack each node's copy of the images with the same "
-                     "options and --seed)", item=lambda identity: identity[0])
-    refuse_differing(seen, f"{ckpt_flag} {ckpt or cfg.resume} is another checkpoint", SAME_FILE,
+    """read() -> (manifest, checkpoint or None) on every rank (read_on_every_node): the same files, and the same
+    settings, on every node."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NODE_OWN}
+    seen, (manifest, state) = read_on_every_node(read, lambda value: (*pack_and_checkpoint(value), settings))
+    refuse_other_settings(seen, 2)
+    refuse_differing(seen, f"the shards at --data-path {cfg.data_path} differ", "give every node the same shards: "
+                     "copy one pack_shards.py --out folder to each (or pack each node's copy of the images with the "
+                     "same options and --seed)", item=lambda identity: identity[0])
+    refuse_differing(seen, f"the checkpoint {ckpt_flag} {ckpt or cfg.resume} differs", SAME_FILE,
                      item=lambda identity: identity[1])
     return manifest, state
 
@@ -576,7 +607,10 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
         seen, teacher = read_on_every_node(load, weights)
         source = (f"--teacher-ckpt {cfg.teacher_ckpt}" if cfg.teacher_ckpt else
                   f"--teacher-weights {cfg.teacher_weights or 'imagenet1k'}")
-        refuse_differing(seen, f"the teacher ({source}) is another", SAME_FILE)
+        cached = (f"give every node the same file: delete the downloaded one on the nodes that differ (under "
+                  f"{Path(torch.hub.get_dir()) / 'checkpoints'}) so that it downloads again"
+                  if (cfg.teacher_weights or "imagenet1k") == "imagenet1k" and not cfg.teacher_ckpt else SAME_FILE)
+        refuse_differing(seen, f"the teacher ({source}) differs", cached)
     teacher = to_device(teacher, cfg, dist.device)
     if teacher.interpolation != cfg.interpolation:
         dist.print(f"warning: the teacher was trained on images resized with --interpolation "

@@ -418,6 +418,12 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     assert str(e.value) == ("the nodes' commands differ (--allow-weak-teacher False on ranks 0-1 (a), True on rank 2 "
                             "(d); --epochs 5 on ranks 0-1 (a), 9 on rank 2 (d)); run the same command on every node "
                             "(only the paths of its files may differ, and --workers).")
+    host, (pack, saved, settings), error = views[0]  # a node whose older vitdeit has no --seed setting
+    older = (host, (pack, saved, {k: v for k, v in settings.items() if k != "seed"}), error)
+    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: [obj, older])
+    with pytest.raises(trainer.SettingError, match=r"--epochs 5 on rank 0 \(a\), 9 on rank 1 \(d\); --seed 0 on "
+                                                   r"rank 0 \(a\), None on rank 1 \(d\)\)"):
+        trainer.read_run_files(lambda: (manifest, None), cfg)
 
 
 def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_shards, tmp_path):

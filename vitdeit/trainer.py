@@ -283,7 +283,8 @@ NODE_OWN = ("data_path", "resume", "teacher_ckpt", "teacher_weights", "workers",
 def refuse_other_settings(seen: list, i: int) -> None:
     """seen[rank][1][i]: each rank's settings; every one not in NODE_OWN must be alike on every rank (another
     --epochs, --loader or --allow-weak-teacher on one node would put its collectives out of step with the others')."""
-    differ = sorted({k for _, identity, _ in seen for k, v in identity[i].items() if v != seen[0][1][i].get(k)})
+    keys = {k for _, identity, _ in seen for k in identity[i]}  # (a node's older vitdeit may lack a later setting)
+    differ = sorted(k for k in keys if len({repr(identity[i].get(k)) for _, identity, _ in seen}) > 1)
     if differ:
         said = []
         for k in differ:

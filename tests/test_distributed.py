@@ -405,7 +405,8 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     with pytest.raises(OSError) as own:  # a rank's own error, not a VitdeitError: raised as it is, marked together
         trainer.read_run_files(lambda: (_ for _ in ()).throw(cut), cfg)
     assert own.value is cut and cut.every_rank_stops
-    other_flags = Config(data_path="/elsewhere", epochs=9, allow_weak_teacher=True, workers=3, output_dir="/o")
+    other_flags = Config(data_path="/elsewhere", epochs=9, allow_weak_teacher=True, workers=3, output_dir="/o",
+                         progress=False, run_name="x", teacher_weights="/w.pth", resume="/r/last.pth")
     views = []
     monkeypatch.setattr(trainer.socket, "gethostname", lambda: "d")
     monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
@@ -420,10 +421,31 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                             "(only the paths of its files may differ, and --workers).")
     host, (pack, saved, settings), error = views[0]  # a node whose older vitdeit has no --seed setting
     older = (host, (pack, saved, {k: v for k, v in settings.items() if k != "seed"}), error)
-    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: [obj, older])
-    with pytest.raises(trainer.SettingError, match=r"--epochs 5 on rank 0 \(a\), 9 on rank 1 \(d\); --seed 0 on "
-                                                   r"rank 0 \(a\), None on rank 1 \(d\)\)"):
+    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: [older, obj])  # (rank 0's lacks it)
+    with pytest.raises(trainer.SettingError, match=r"--epochs 9 on rank 0 \(d\), 5 on rank 1 \(a\); --seed None on "
+                                                   r"rank 0 \(d\), 0 on rank 1 \(a\)\)"):
         trainer.read_run_files(lambda: (manifest, None), cfg)
+    relabelled = {**manifest, "classes": manifest["classes"][::-1]}  # the same shards' files, counts and sizes
+    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("b", relabelled)))
+    with pytest.raises(trainer.SettingError, match="the shards at --data-path .* differ between nodes"):
+        trainer.read_run_files(lambda: (manifest, None), cfg)
+    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", gone), ("b", manifest)))
+    with pytest.raises(trainer.SettingError) as e:
+        trainer.read_run_files(lambda: (manifest, None), cfg)
+    assert str(e.value) == "rank 0 on a stopped reading this run's files: --resume /runs/vit/last.pth: no such file"
+
+
+def test_a_checkpoints_identity_is_its_epoch_its_figures_its_best_score_and_its_pack(tiny_shards):
+    from vitdeit.classes import load_manifest
+    from vitdeit.trainer import pack_and_checkpoint
+
+    manifest = load_manifest(tiny_shards)
+    state = {"epoch": 3, "best_top1": 40.0, "pack": "ab12", "metrics": {"val_top1": 40.0, "train_loss": 1.25}}
+    ident = pack_and_checkpoint((manifest, state))[1]
+    assert ident[1] == "epoch 3"
+    for other in ({"epoch": 4}, {"best_top1": 41.0}, {"pack": "cd34"}, {"metrics": {"val_top1": 40.0}}):
+        assert pack_and_checkpoint((manifest, {**state, **other}))[1][0] != ident[0], other
+    assert pack_and_checkpoint((manifest, dict(state)))[1] == ident  # (a copy of the same file: the same identity)
 
 
 def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_shards, tmp_path):

@@ -472,6 +472,11 @@ def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reu
         f"wrote again 1 of {n} shards an earlier run wrote: 1 because its record is missing (a run stopped while "
         f"writing it, or it was deleted)"]
     assert record.is_file()
+    record.unlink()  # and its index: the tar alone left
+    (record.parent.parent / f"{record.stem}.idx").unlink()
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1))
+    assert capsys.readouterr().out.splitlines()[1].endswith("1 because its record is missing (a run stopped while "
+                                                            "writing it, or it was deleted)")
 
 
 def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):

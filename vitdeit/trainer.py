@@ -214,6 +214,14 @@ def hosts_of(ranks: list[int], seen: list) -> str:
     return ", ".join(sorted({seen[r][0] for r in ranks}))
 
 
+def ranks_by(values: list) -> dict:
+    """values[rank] -> {value: the ranks that hold it}, in the order of their first rank."""
+    groups: dict = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(value, []).append(rank)
+    return groups
+
+
 def read_on_every_node(read, identify) -> tuple[list, object]:
     """(every rank's (host, identify(value), None), read()'s value here): read() runs on every rank, on its own node's
     files, and what each read is gathered before any other collective. A rank whose read raised (a copy missing or
@@ -228,13 +236,10 @@ def read_on_every_node(read, identify) -> tuple[list, object]:
         all_gather_object((host, None, str(e) if isinstance(e, VitdeitError) else f"{type(e).__name__}: {e}"))
         raise together(e)
     seen = all_gather_object(mine)
-    if stopped := [rank for rank, got in enumerate(seen) if got[2] is not None]:
-        by_error: dict = {}
-        for rank in stopped:
-            by_error.setdefault(seen[rank][2], []).append(rank)
+    if stopped := {error: ranks for error, ranks in ranks_by([got[2] for got in seen]).items() if error is not None}:
         raise together(SettingError("; ".join(
             f"{ranks_text(ranks)} on {hosts_of(ranks, seen)} stopped reading this run's files: {error}"
-            for error, ranks in by_error.items())))
+            for error, ranks in stopped.items())))
     return seen, value
 
 
@@ -247,9 +252,7 @@ def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: iden
     lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
     checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out;
     another teacher, other targets on some ranks."""
-    groups: dict = {}  # (id, description) -> ranks
-    for rank, (_, identity, _) in enumerate(seen):
-        groups.setdefault(item(identity), []).append(rank)
+    groups = ranks_by([item(identity) for _, identity, _ in seen])  # (id, description) -> ranks
     if len(groups) > 1:
         said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
         where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
@@ -269,9 +272,10 @@ def pack_and_checkpoint(value: tuple) -> tuple:
             f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
             f"val images")
     # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
-    saved = ("", "no checkpoint") if state is None else (hashlib.sha1(repr((
-        state["epoch"], state.get("best_top1"), state.get("pack"), sorted(state.get("metrics", {}).items()))).encode(
-    )).hexdigest(), f"epoch {state['epoch']}")
+    saved = ("", "no checkpoint") if state is None else (
+        hashlib.sha1(repr((state["epoch"], state.get("best_top1"), state.get("pack"),
+                           sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
+        f"epoch {state['epoch']}")
     return pack, saved
 
 
@@ -280,19 +284,18 @@ def pack_and_checkpoint(value: tuple) -> tuple:
 NODE_OWN = ("data_path", "resume", "teacher_ckpt", "teacher_weights", "workers", "progress", "output_dir", "run_name")
 
 
-def refuse_other_settings(seen: list, i: int) -> None:
-    """seen[rank][1][i]: each rank's settings; every one not in NODE_OWN must be alike on every rank (another
-    --epochs, --loader or --allow-weak-teacher on one node would put its collectives out of step with the others')."""
-    keys = {k for _, identity, _ in seen for k in identity[i]}  # (a node's older vitdeit may lack a later setting)
-    differ = sorted(k for k in keys if len({repr(identity[i].get(k)) for _, identity, _ in seen}) > 1)
-    if differ:
-        said = []
-        for k in differ:
-            groups: dict = {}
-            for rank, (_, identity, _) in enumerate(seen):
-                groups.setdefault(repr(identity[i].get(k)), []).append(rank)
+def refuse_other_settings(seen: list, item) -> None:
+    """seen: read_on_every_node's; item(identity): a rank's settings, every one not in NODE_OWN alike on every rank
+    (another --epochs, --loader or --allow-weak-teacher on one node would put its collectives out of step with the
+    others')."""
+    settings = [item(identity) for _, identity, _ in seen]
+    keys = sorted({k for s in settings for k in s})  # (a node's older vitdeit may lack a later setting)
+    said = []
+    for k in keys:
+        if len(groups := ranks_by([repr(s.get(k)) for s in settings])) > 1:
             said.append(f"{flag(k)} " + ", ".join(f"{v} on {ranks_text(r)} ({hosts_of(r, seen)})"
                                                   for v, r in groups.items()))
+    if said:
         raise together(SettingError(f"the nodes' commands differ ({'; '.join(said)}); run the same command on every "
                                     f"node (only the paths of its files may differ, and --workers)."))
 
@@ -302,7 +305,7 @@ def read_run_files(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | N
     settings, on every node."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NODE_OWN}
     seen, (manifest, state) = read_on_every_node(read, lambda value: (*pack_and_checkpoint(value), settings))
-    refuse_other_settings(seen, 2)
+    refuse_other_settings(seen, item=lambda identity: identity[2])
     refuse_differing(seen, f"the shards at --data-path {cfg.data_path} differ", "give every node the same shards: "
                      "copy one pack_shards.py --out folder to each (or pack each node's copy of the images with the "
                      "same options and --seed)", item=lambda identity: identity[0])

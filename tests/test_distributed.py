@@ -351,7 +351,7 @@ def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_
 
 
 def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
-    from vitdeit.trainer import ranks_text
+    from vitdeit.distributed import ranks_text
 
     assert [ranks_text(r) for r in ([3], [0, 1, 2, 3], [8, 9], [0, 2, 5])] == [
         "rank 3", "ranks 0-3", "ranks 8-9", "ranks 0, 2 and 5"]
@@ -359,7 +359,7 @@ def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
 
 def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_could_not_read(tiny_shards,
                                                                                             monkeypatch):
-    from vitdeit import trainer
+    from vitdeit import distributed, trainer
     from vitdeit.classes import load_manifest
     from vitdeit.config import Config
     from vitdeit.errors import MissingFile
@@ -376,18 +376,18 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
         def gather(_):
             views = []
             for host, m in ranks:
-                monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
-                monkeypatch.setattr(trainer.socket, "gethostname", lambda: host)
+                monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
+                monkeypatch.setattr(distributed.socket, "gethostname", lambda: host)
                 with contextlib.suppress(Exception):  # (that rank's own error: raised there)
                     trainer.read_run_files(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
                                                cfg)
-            monkeypatch.setattr(trainer, "all_gather_object", gather)
+            monkeypatch.setattr(distributed, "all_gather_object", gather)
             return views
         return gather
 
-    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", moved), ("b", manifest)))
+    monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("a", moved), ("b", manifest)))
     assert trainer.read_run_files(lambda: (manifest, None), cfg) == (manifest, None)  # all one pack
-    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("a", manifest), ("b", resized),
+    monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("a", manifest), ("b", resized),
                                                                ("c", resized), ("c", manifest)))
     with pytest.raises(trainer.SettingError) as e:
         trainer.read_run_files(lambda: (manifest, None), cfg)
@@ -396,7 +396,7 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                     rf"\(([0-9a-f]{{8}})\)\); give every node the same shards", str(e.value))
     assert ids and ids[1] != ids[2], str(e.value)
     gone, cut = MissingFile("--resume /runs/vit/last.pth: no such file"), OSError(5, "Input/output error")
-    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("b", gone), ("b", gone),
+    monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("b", gone), ("b", gone),
                                                                ("c", resized), ("d", cut)))
     with pytest.raises(trainer.SettingError) as e:  # before comparing: the others would wait for them
         trainer.read_run_files(lambda: (manifest, None), cfg)
@@ -408,11 +408,11 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     other_flags = Config(data_path="/elsewhere", epochs=9, allow_weak_teacher=True, workers=3, output_dir="/o",
                          progress=False, run_name="x", teacher_weights="/w.pth", resume="/r/last.pth")
     views = []
-    monkeypatch.setattr(trainer.socket, "gethostname", lambda: "d")
-    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: views.append(obj) or [obj])
+    monkeypatch.setattr(distributed.socket, "gethostname", lambda: "d")
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
     trainer.read_run_files(lambda: (manifest, None), other_flags)  # a third rank's view, as it gathers it
-    monkeypatch.setattr(trainer.socket, "gethostname", lambda: "a")
-    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: [obj, obj, views[0]])
+    monkeypatch.setattr(distributed.socket, "gethostname", lambda: "a")
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, obj, views[0]])
     with pytest.raises(trainer.SettingError) as e:
         trainer.read_run_files(lambda: (manifest, None), cfg)
     # the flags each node may set for itself (its paths, --workers, --output-dir) are not named
@@ -421,15 +421,15 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                             "(only the paths of its files may differ, and --workers).")
     host, (pack, saved, settings), error = views[0]  # a node whose older vitdeit has no --seed setting
     older = (host, (pack, saved, {k: v for k, v in settings.items() if k != "seed"}), error)
-    monkeypatch.setattr(trainer, "all_gather_object", lambda obj: [older, obj])  # (rank 0's lacks it)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [older, obj])  # (rank 0's lacks it)
     with pytest.raises(trainer.SettingError, match=r"--epochs 9 on rank 0 \(d\), 5 on rank 1 \(a\); --seed None on "
                                                    r"rank 0 \(d\), 0 on rank 1 \(a\)\)"):
         trainer.read_run_files(lambda: (manifest, None), cfg)
     relabelled = {**manifest, "classes": manifest["classes"][::-1]}  # the same shards' files, counts and sizes
-    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", manifest), ("b", relabelled)))
+    monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("b", relabelled)))
     with pytest.raises(trainer.SettingError, match="the shards at --data-path .* differ between nodes"):
         trainer.read_run_files(lambda: (manifest, None), cfg)
-    monkeypatch.setattr(trainer, "all_gather_object", gathered(("a", gone), ("b", manifest)))
+    monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", gone), ("b", manifest)))
     with pytest.raises(trainer.SettingError) as e:
         trainer.read_run_files(lambda: (manifest, None), cfg)
     assert str(e.value) == "rank 0 on a stopped reading this run's files: --resume /runs/vit/last.pth: no such file"

@@ -1,15 +1,17 @@
-"""Distributed concerns in one place: torchrun set-up, rank helpers, exact metric sums, unwrapping."""
+"""Distributed concerns in one place: torchrun set-up, rank helpers, exact metric sums, what every node read
+(gathered and compared), unwrapping."""
 
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
-from .errors import SettingError, alike_on_every_rank
+from .errors import SettingError, VitdeitError, alike_on_every_rank, together
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,63 @@ def all_gather_object(obj) -> list:
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def ranks_text(ranks: list[int]) -> str:
+    """'rank 3', 'ranks 0-7', 'ranks 0, 2 and 5': a group of processes, to name in a message."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
+
+
+def hosts_of(ranks: list[int], seen: list) -> str:
+    return ", ".join(sorted({seen[r][0] for r in ranks}))
+
+
+def ranks_by(values: list) -> dict:
+    """values[rank] -> {value: the ranks that hold it}, in the order of their first rank."""
+    groups: dict = {}
+    for rank, value in enumerate(values):
+        groups.setdefault(value, []).append(rank)
+    return groups
+
+
+def read_on_every_node(read, identify) -> tuple[list, object]:
+    """(every rank's (host, identify(value), None), read()'s value here): read() runs on every rank, on its own node's
+    files, and what each read is gathered before any other collective. A rank whose read raised (a copy missing or
+    damaged) stops every rank alike: the others name its ranks, hosts and error, where they would otherwise wait for
+    it in their next collective. identify(value): a small picklable identity of what was read, for
+    refuse_differing."""
+    host = socket.gethostname()
+    try:
+        value = read()
+        mine = (host, identify(value), None)
+    except Exception as e:  # (its traceback is kept where it is not a VitdeitError: train.py prints it)
+        all_gather_object((host, None, str(e) if isinstance(e, VitdeitError) else f"{type(e).__name__}: {e}"))
+        raise together(e)
+    seen = all_gather_object(mine)
+    if stopped := {error: ranks for error, ranks in ranks_by([got[2] for got in seen]).items() if error is not None}:
+        raise together(SettingError("; ".join(
+            f"{ranks_text(ranks)} on {hosts_of(ranks, seen)} stopped reading this run's files: {error}"
+            for error, ranks in stopped.items())))
+    return seen, value
+
+
+def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: identity) -> None:
+    """seen: read_on_every_node's; item(identity), an (id, description), must be one on every rank: else a
+    SettingError naming each group of ranks, its hosts and what it read. Other shards would give the ranks sample
+    lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
+    checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out;
+    another teacher, other targets on some ranks."""
+    groups = ranks_by([item(identity) for _, identity, _ in seen])  # (id, description) -> ranks
+    if len(groups) > 1:
+        said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
+        where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
+                          + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
+                          for (ident, desc), ranks in groups.items())
+        raise together(SettingError(f"{what} between nodes ({where}); {fix}."))
 
 
 def wrap(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:

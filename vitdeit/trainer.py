@@ -9,7 +9,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, mani
 from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
-from .distributed import Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, process_group, wrap
+from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, process_group,
+                          ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
-from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
-                     first_line, together)
+from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line, together
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
@@ -201,64 +200,7 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
         raise together(SettingError(problem))
 
 
-def ranks_text(ranks: list[int]) -> str:
-    """'rank 3', 'ranks 0-7', 'ranks 0, 2 and 5': a group of processes, to name in a message."""
-    if len(ranks) == 1:
-        return f"rank {ranks[0]}"
-    if ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"ranks {ranks[0]}-{ranks[-1]}"
-    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
-
-
-def hosts_of(ranks: list[int], seen: list) -> str:
-    return ", ".join(sorted({seen[r][0] for r in ranks}))
-
-
-def ranks_by(values: list) -> dict:
-    """values[rank] -> {value: the ranks that hold it}, in the order of their first rank."""
-    groups: dict = {}
-    for rank, value in enumerate(values):
-        groups.setdefault(value, []).append(rank)
-    return groups
-
-
-def read_on_every_node(read, identify) -> tuple[list, object]:
-    """(every rank's (host, identify(value), None), read()'s value here): read() runs on every rank, on its own node's
-    files, and what each read is gathered before any other collective. A rank whose read raised (a copy missing or
-    damaged) stops every rank alike: the others name its ranks, hosts and error, where they would otherwise wait for
-    it in their next collective. identify(value): a small picklable identity of what was read, for
-    refuse_differing."""
-    host = socket.gethostname()
-    try:
-        value = read()
-        mine = (host, identify(value), None)
-    except Exception as e:  # (its traceback is kept where it is not a VitdeitError: train.py prints it)
-        all_gather_object((host, None, str(e) if isinstance(e, VitdeitError) else f"{type(e).__name__}: {e}"))
-        raise together(e)
-    seen = all_gather_object(mine)
-    if stopped := {error: ranks for error, ranks in ranks_by([got[2] for got in seen]).items() if error is not None}:
-        raise together(SettingError("; ".join(
-            f"{ranks_text(ranks)} on {hosts_of(ranks, seen)} stopped reading this run's files: {error}"
-            for error, ranks in stopped.items())))
-    return seen, value
-
-
 SAME_FILE = "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes"
-
-
-def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: identity) -> None:
-    """seen: read_on_every_node's; item(identity), an (id, description), must be one on every rank: else a
-    SettingError naming each group of ranks, its hosts and what it read. Other shards would give the ranks sample
-    lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
-    checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out;
-    another teacher, other targets on some ranks."""
-    groups = ranks_by([item(identity) for _, identity, _ in seen])  # (id, description) -> ranks
-    if len(groups) > 1:
-        said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
-        where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
-                          + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
-                          for (ident, desc), ranks in groups.items())
-        raise together(SettingError(f"{what} between nodes ({where}); {fix}."))
 
 
 def pack_and_checkpoint(value: tuple) -> tuple:

@@ -351,10 +351,11 @@ def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_
 
 
 def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
-    from vitdeit.distributed import ranks_text
+    from vitdeit.distributed import numbers_text, ranks_text
 
     assert [ranks_text(r) for r in ([3], [0, 1, 2, 3], [8, 9], [0, 2, 5])] == [
         "rank 3", "ranks 0-3", "ranks 8-9", "ranks 0, 2 and 5"]
+    assert [numbers_text(n) for n in ([0], [4, 5, 6], [1, 3])] == ["0", "4-6", "1 and 3"]  # (epochs, in a note)
 
 
 def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_could_not_read(tiny_shards,

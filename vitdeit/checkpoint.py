@@ -4,8 +4,10 @@ Keys: model, best_top1, epoch (the last finished, 0-based), config, classes (the
 the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (that epoch's), teacher_top1
 (the teacher's val top-1 when distilling, else None), loader (torch or dali), loader_states (per rank: the
 DALI loader's state(), its reader checkpoint and the settings it is valid for; None for the PyTorch loader,
-whose epoch is a function of (seed, epoch) alone). scheduler and teacher_top1 are for reading, not restored: a
-resumed run sets the lr from its step count, and evaluates its teacher again.
+whose epoch is a function of (seed, epoch) alone), amp (the precisions --amp resolved to, per device, over the
+run), pack (classes.pack_fingerprint of the shards it trained on), data_dir (their folder, resolved). scheduler and
+teacher_top1 are for reading, not restored: a resumed run sets the lr from its step count, and evaluates its
+teacher again.
 """
 
 from __future__ import annotations

@@ -129,13 +129,18 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def numbers_text(numbers: list[int]) -> str:
+    """'3', '0-7', '0, 2 and 5': sorted numbers (ranks, epochs), to name in a message."""
+    if len(numbers) == 1:
+        return str(numbers[0])
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return f"{', '.join(map(str, numbers[:-1]))} and {numbers[-1]}"
+
+
 def ranks_text(ranks: list[int]) -> str:
     """'rank 3', 'ranks 0-7', 'ranks 0, 2 and 5': a group of processes, to name in a message."""
-    if len(ranks) == 1:
-        return f"rank {ranks[0]}"
-    if ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"ranks {ranks[0]}-{ranks[-1]}"
-    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
+    return f"{'rank' if len(ranks) == 1 else 'ranks'} {numbers_text(ranks)}"
 
 
 def hosts_of(ranks: list[int], seen: list) -> str:

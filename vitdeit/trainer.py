@@ -22,8 +22,8 @@ from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, mani
 from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
-from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, process_group,
-                          ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
+from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
+                          process_group, ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line, together
 from .metrics import MetricsLog, read_metrics
@@ -391,10 +391,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
         except (MissingFile, DataError):
             logged = set()
         if missing := [e for e in range(resumed["epoch"] + 1) if e not in logged]:
-            span = str(missing[0]) if len(missing) == 1 else f"{missing[0]}-{missing[-1]}" if (
-                missing == list(range(missing[0], missing[-1] + 1))) else ", ".join(map(str, missing))
-            out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {span}: the run goes on, "
-                       f"and its curves and viz.py's report lack them")
+            out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {numbers_text(missing)}: "
+                       f"the run goes on, and its curves and viz.py's report lack them")
     if resumed is not None and (other := other_shards_note(resumed, cfg.resume, cfg.data_path, manifest)):
         out.append(f"note: --resume: {other[0]}: training goes on, not as the uninterrupted run would have {other[1]}")
     if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:

@@ -8,8 +8,8 @@ steps of 0.1 (DALI picks arguments from tables; timm computes them from the floa
 timm's level functions (tests compare the two, and each DALI op with timm's PIL op at the same argument).
 
 Where this differs from timm (the README says so too): geometric ops fill with one grey (115, the mean of timm's
-per-channel fill (124, 116, 104): DALI's warps take a scalar fill) and interpolate bilinearly (timm picks bilinear
-or bicubic per op); Equalize follows OpenCV's histogram formula, Color DALI's saturation; a noisy magnitude takes
+per-channel fill (124, 116, 104): DALI's warps take a scalar fill) and interpolate bilinearly (timm's use the
+run's --interpolation, bilinear or bicubic); Equalize follows OpenCV's histogram formula, Color DALI's saturation; a noisy magnitude takes
 the 0.1 step at or below it.
 """
 

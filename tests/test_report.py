@@ -368,6 +368,20 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
                             f"the teacher (here {teacher_ckpt.parent}?).")
 
 
+def test_a_model_that_did_not_distil_gets_no_teacher_row_from_an_unused_teacher_ckpt(runs, tmp_path):
+    import shutil
+
+    vit = tmp_path / "vit"  # a ViT labelled DeiT here, trained with a --teacher-ckpt it had no token to use
+    shutil.copytree(runs / "baseline_vit_tiny", vit)
+    state = torch.load(vit / "best.pth", weights_only=True)
+    state["config"].update(teacher_ckpt=str(runs / "teacher_resnet18" / "best.pth"), distillation_type="hard")
+    torch.save(state, vit / "best.pth")
+    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(vit / "best.pth"), num_images=2, workers=0,
+                 report_dir=str(tmp_path / "report"), out=str(tmp_path / "p.png"))
+    assert "| teacher |" not in (tmp_path / "report" / "report.md").read_text()
+    assert w["notes"] == [f"--deit {vit / 'best.pth'} holds a vit_tiny, labelled DeiT here"]
+
+
 def test_too_many_images_is_refused_before_any_val_pass_and_swapped_or_repeated_checkpoints_are_named(
         runs, tmp_path, monkeypatch):
     from vitdeit import report

@@ -321,9 +321,11 @@ def distilled_from(deit_state: dict) -> str | None:
 
 
 def teacher_ckpt_of(deit_state: dict) -> str | None:
-    """The --teacher-ckpt the DeiT checkpoint distilled from (None for torchvision's weights or no distillation)."""
+    """The --teacher-ckpt the DeiT checkpoint distilled from (None for torchvision's weights or no distillation: a
+    --distillation-type none, or a model without a distillation token, whose --teacher-ckpt went unused)."""
     cfg = deit_state["config"]
-    return None if cfg.get("distillation_type") == "none" else cfg.get("teacher_ckpt") or None
+    return None if distillation_of(cfg["model"], saved_setting(cfg, "distillation_type")) == "none" else (
+        cfg.get("teacher_ckpt") or None)
 
 
 KEPT = "the files written before it are kept"  # what a failed write of the picture or the report leaves

@@ -88,9 +88,9 @@ class Config:
     # DeiT's RASampler: an epoch keeps its length (and step count) but draws about 1/N of the images, each N times,
     # augmented anew each time; the PyTorch loader deals the copies to neighbouring ranks, DALI keeps them in a batch
     repeated_aug: int = 1  # train: repeated augmentation, N copies of each drawn image (DeiT: 3); 1 = off
-    # the rest go to nvJPEG on the CUDA cores, which the training step needs too. 1.0, not DALI's own 0.65: on an
-    # H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of the step, against 0.64 and 0.54 at
-    # 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
+    # the share not given to the JPEG engines goes to nvJPEG on the CUDA cores, which the training step needs too.
+    # 1.0, not DALI's own 0.65: on an H200 (BENCHMARKS.md) it gave the highest rate alone and end to end (0.72 of
+    # the step, against 0.64 and 0.54 at 0.65 and 0); DALI decodes on the CUDA cores where a GPU has no such engines
     dali_hw_decoder_load: float = 1.0  # DALI on a GPU: share of JPEGs for the hardware JPEG engines (A100/H100/H200)
     # dynamic, DALI 2's default, hands its outputs to PyTorch without a copy (DLPack), and frees each one in a DALI
     # thread after a cudaDeviceSynchronize; legacy copies each batch into PyTorch's own tensors on the step's stream

@@ -55,15 +55,11 @@ def setup(device_pref: str = "auto") -> Dist:
 
 def cleanup(finished: bool = False) -> None:
     """Leave the process group. finished: this rank got to the end without an error, or stops on one that every rank
-    raised from one gathered decision (errors.together), and the others are expected there too: they first wait for
-    each other (rank 0 may still be writing checkpoints). Without that wait, rank 1
-    of the two-process torchrun test, which leaves first, aborted while Python shut down (SIGABRT, "terminate
-    called without an active exception") in 2 of 339 runs on the 2-core VM, most beside two busy processes
-    (2026-12-05). Our reading, not proven: a gloo worker thread still held the last collective's tensors, and
-    releasing them took Python's lock after Python had begun to exit; the same abort ended rank 1 once (in a fresh
-    clone's suite, 2026-12-06) after both ranks refused other teacher copies right after the gather that showed
-    them. Not after another error: a rank that stopped early would keep the others waiting here (torchrun stops
-    them when one fails)."""
+    raised from one gathered decision (errors.together), so the others are on their way here too: they first wait
+    for each other (rank 0 may still be writing checkpoints). Without that wait, a rank that left first sometimes
+    aborted while Python shut down (SIGABRT, "terminate called without an active exception": 2 of 339 two-process
+    runs on a 2-core VM; likely a gloo thread still releasing the last collective's tensors). Not after another
+    error: a rank that stopped early would keep the others waiting here (torchrun stops them when one fails)."""
     if tdist.is_initialized():
         if finished:
             tdist.barrier()

@@ -121,7 +121,8 @@ def output_folder(path: Path, option: str, is_folder: bool) -> None:
     cannot take it is one error naming the option, not a traceback after minutes of work."""
     folder = path if is_folder else path.parent
     if not is_folder and path.is_dir():
-        raise SettingError(f"{option} {path}: a folder; name a picture file, e.g. {option} {path / 'vit_vs_deit.png'}")
+        raise SettingError(f"{option} {path}: a folder; name a picture file, e.g. {option} "
+                           f"{path / 'vit_vs_deit_random10.png'}")
     where = "" if is_folder else f" its folder {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)

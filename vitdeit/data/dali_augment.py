@@ -9,8 +9,8 @@ timm's level functions (tests compare the two, and each DALI op with timm's PIL 
 
 Where this differs from timm (the README says so too): geometric ops fill with one grey (115, the mean of timm's
 per-channel fill (124, 116, 104): DALI's warps take a scalar fill) and interpolate bilinearly (timm's use the
-run's --interpolation, bilinear or bicubic); Equalize follows OpenCV's histogram formula, Color DALI's saturation; a noisy magnitude takes
-the 0.1 step at or below it.
+run's --interpolation, bilinear or bicubic); Equalize follows OpenCV's histogram formula, Color DALI's saturation;
+a noisy magnitude takes the 0.1 step at or below it.
 """
 
 from __future__ import annotations

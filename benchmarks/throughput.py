@@ -137,7 +137,7 @@ def shard_loader(a, sdir: Path, backend: str, workers: int, device,
     cfg = Config(data_path=str(sdir), img_size=a.img_size, batch_size=a.batch_size, workers=workers,
                  loader=backend, progress=False, dali_hw_decoder_load=hw_decoder_load, interpolation=a.interpolation,
                  rand_augment=a.rand_augment, dali_executor=executor, dali_prefetch=prefetch)
-    return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device), backend=backend)
+    return build_loader(cfg, load_manifest(sdir), "train", Dist(device=device))
 
 
 def shard_loaders(a, shard_dirs: dict, workers: int, device):

@@ -858,7 +858,7 @@ def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shard
     from vitdeit.trainer import run_line
 
     line = run_line(cfg_for(tiny_shards, "runs", workers=workers), load_manifest(tiny_shards), Dist(), loader, None,
-                    False, "default", 1e-3)
+                    False, "default", 1e-3, steps=6)
     assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
 
 

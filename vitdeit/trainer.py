@@ -511,14 +511,14 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
 
 
 def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool, mode: str,
-             lr: float, steps: int | None = None) -> str:
+             lr: float, steps: int) -> str:
     """The run's first line: what trains on what, on which devices, with which loader and speed settings.
     steps: the train loader's batches an epoch (each process's): the line says how many images that trains on, all
     processes together, when whole batches leave some out."""
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
     n_train = splits["train"]["num_samples"]
-    per_epoch = n_train if steps is None else steps * cfg.global_batch(dist.world)
+    per_epoch = steps * cfg.global_batch(dist.world)
     whole = (f", {per_epoch} {'samples' if cfg.repeated_aug > 1 else 'images'} an epoch in whole batches"
              if per_epoch < n_train else "")  # (--repeated-aug N: samples, N augmented copies of each image)
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "

@@ -128,9 +128,9 @@ def resolve_loader(choice: str, device_type: str, torch_only: bool = False) -> s
     return choice
 
 
-def build_loader(cfg, manifest: dict, split: str, dist, backend: str | None = None, state=None):
+def build_loader(cfg, manifest: dict, split: str, dist, state=None):
     """state: the `state()` this rank's train loader returned in an earlier run (only DALI has one)."""
-    backend = backend or resolve_loader(cfg.loader, dist.device.type, bool(cfg.torch_only))
+    backend = resolve_loader(cfg.loader, dist.device.type, bool(cfg.torch_only))
     if backend == "dali" and split == "val" and manifest["splits"]["val"]["num_samples"] < dist.world:
         backend = "torch"  # DALI needs a sample per shard; the PyTorch loader gives empty ranks no batches
     kwargs = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, rank=dist.rank, world=dist.world,

@@ -110,6 +110,27 @@ def test_the_pack_fingerprint_changes_with_any_shard_and_with_the_packing_option
     assert pack_fingerprint(copy.deepcopy(m)) == first
 
 
+def test_the_pack_identity_nodes_compare_follows_the_samples_not_the_folder_or_the_options_that_keep_them():
+    import copy
+
+    from vitdeit.classes import pack_fingerprint, pack_identity
+
+    shard = lambda i, n: {"file": f"train-{i:06d}.tar", "num_samples": n, "bytes": 10240 * n}  # noqa: E731
+    m = {"options": {"seed": 0, "shard_size": 2, "skip_bad": False}, "source": {"data_path": "/d"},
+         "classes": ["n0", "n1"],
+         "splits": {"train": {"shards": [shard(0, 2), shard(1, 1)]}, "val": {"shards": [shard(0, 1)]}}}
+    first = pack_identity(m)
+    for edit, same in ((lambda c: c["source"].update(data_path="/e"), True),  # another node's copy of the images
+                       (lambda c: c["options"].update(skip_bad=True), True),  # (no bad file: the same shards)
+                       (lambda c: c["options"].update(seed=1), False),  # another shuffle: same names, counts, sizes
+                       (lambda c: c["classes"].reverse(), False),  # the labels mean other classes
+                       (lambda c: c["splits"]["val"]["shards"][0].update(bytes=1), False)):
+        changed = copy.deepcopy(m)
+        edit(changed)
+        assert (pack_identity(changed) == first) == same
+    assert pack_fingerprint({**m, "source": {"data_path": "/e"}}) != pack_fingerprint(m)  # (a checkpoint notes it)
+
+
 def test_shards_an_earlier_packer_described_without_a_later_option_are_the_same_pack_packed_again_now():
     from vitdeit.classes import LATER_OPTIONS, pack_fingerprint, same_pack
 

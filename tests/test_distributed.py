@@ -438,15 +438,15 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
 
 def test_a_checkpoints_identity_is_its_epoch_its_figures_its_best_score_and_its_pack(tiny_shards):
     from vitdeit.classes import load_manifest
-    from vitdeit.trainer import pack_and_checkpoint
+    from vitdeit.trainer import run_files_identity
 
     manifest = load_manifest(tiny_shards)
     state = {"epoch": 3, "best_top1": 40.0, "pack": "ab12", "metrics": {"val_top1": 40.0, "train_loss": 1.25}}
-    ident = pack_and_checkpoint((manifest, state))[1]
+    ident = run_files_identity((manifest, state))[1]
     assert ident[1] == "epoch 3"
     for other in ({"epoch": 4}, {"best_top1": 41.0}, {"pack": "cd34"}, {"metrics": {"val_top1": 40.0}}):
-        assert pack_and_checkpoint((manifest, {**state, **other}))[1][0] != ident[0], other
-    assert pack_and_checkpoint((manifest, dict(state)))[1] == ident  # (a copy of the same file: the same identity)
+        assert run_files_identity((manifest, {**state, **other}))[1][0] != ident[0], other
+    assert run_files_identity((manifest, dict(state)))[1] == ident  # (a copy of the same file: the same identity)
 
 
 def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_shards, tmp_path):

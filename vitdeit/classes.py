@@ -176,15 +176,27 @@ def class_difference(theirs, ours, only_theirs: str, only_ours: str) -> str:
 LATER_OPTIONS = {"allow_missing_classes": False}
 
 
+def shard_rows(manifest: dict) -> dict[str, list]:
+    """{split: [[file, sample count, bytes] of each shard]}: what the shards themselves are, in the manifest's order."""
+    return {split: [[s["file"], s["num_samples"], s["bytes"]] for s in info["shards"]]
+            for split, info in sorted(manifest["splits"].items())}
+
+
 def pack_fingerprint(manifest: dict, options: dict | None = None) -> str:
     """What a repack changes: the packing options (seed: the global shuffle), the source folder and each shard's
     file, sample count and size. Saved in every checkpoint: a --resume on shards repacked since says so.
     options: in place of the manifest's."""
     what = {"options": manifest.get("options") if options is None else options,
-            "source": manifest.get("source", {}).get("data_path"),
-            "shards": {split: [[s["file"], s["num_samples"], s["bytes"]] for s in info["shards"]]
-                       for split, info in sorted(manifest["splits"].items())}}
+            "source": manifest.get("source", {}).get("data_path"), "shards": shard_rows(manifest)}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pack_identity(manifest: dict) -> str:
+    """What fixes the samples a rank is dealt: the shuffle's seed, the classes and each shard's file, count and size;
+    not, as pack_fingerprint, the folder packed from nor options that leave these as they are. Nodes compare it:
+    one pack copied to each, or packed on each node from its own copy of the images with the same --seed, is one."""
+    seed = (manifest.get("options") or {}).get("seed")
+    return hashlib.sha1(json.dumps([seed, manifest["classes"], shard_rows(manifest)]).encode()).hexdigest()
 
 
 def same_pack(fingerprint: str, manifest: dict) -> bool:

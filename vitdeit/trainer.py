@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
-                      some)
+                      pack_identity, some)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
@@ -203,16 +203,12 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
 SAME_FILE = "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes"
 
 
-def pack_and_checkpoint(value: tuple) -> tuple:
+def run_files_identity(value: tuple) -> tuple:
     """(manifest, checkpoint or None) -> their identities, each (id, description), for refuse_differing."""
     manifest, state = value
-    opts, splits = manifest.get("options") or {}, manifest["splits"]
-    # what fixes the samples: the shuffle's seed, the classes, each shard's file, count and size (not the folder
-    # packed from, nor options that leave these as they are)
-    shards = [[s["file"], s["num_samples"], s["bytes"]] for split in ("train", "val") for s in splits[split]["shards"]]
-    pack = (hashlib.sha1(json.dumps([opts.get("seed"), manifest["classes"], shards]).encode()).hexdigest(),
-            f"--seed {opts.get('seed')}, {splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} "
-            f"val images")
+    splits = manifest["splits"]
+    pack = (pack_identity(manifest), f"--seed {(manifest.get('options') or {}).get('seed')}, "
+            f"{splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} val images")
     # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
     saved = ("", "no checkpoint") if state is None else (
         hashlib.sha1(repr((state["epoch"], state.get("best_top1"), state.get("pack"),
@@ -246,7 +242,7 @@ def read_run_files(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | N
     """read() -> (manifest, checkpoint or None) on every rank (read_on_every_node): the same files, and the same
     settings, on every node."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NODE_OWN}
-    seen, (manifest, state) = read_on_every_node(read, lambda value: (*pack_and_checkpoint(value), settings))
+    seen, (manifest, state) = read_on_every_node(read, lambda value: (*run_files_identity(value), settings))
     refuse_other_settings(seen, item=lambda identity: identity[2])
     refuse_differing(seen, f"the shards at --data-path {cfg.data_path} differ", "give every node the same shards: "
                      "copy one pack_shards.py --out folder to each (or pack each node's copy of the images with the "

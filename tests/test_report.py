@@ -234,11 +234,11 @@ def test_scoring_on_other_shards_or_shards_packed_too_small_is_noted(runs, tiny_
     torch.save({**state, "config": {**state["config"], "data_path": tiny_shards.name}}, tmp_path / "vit.pth")
     w = make_all(str(tmp_path / "vit.pth"), str(runs / "deit_tiny_distill" / "best.pth"),  # the note names its folder
                  data_path=str(data), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
-    assert w["notes"] == [f"ViT was trained on {tiny_shards.resolve()}; scored here on {data}, other shards",
+    assert w["notes"] == [f"ViT was trained and scored on {tiny_shards.resolve()}, other shards than {data}",
                           f"{data} was packed with --resize-short 20, under the 36 px shorter side val resizes to "
                           f"(--img-size 32 / --crop-pct 0.875): images are upscaled. Repack with --resize-short 36 or "
                           f"more, or lower --img-size",
-                          f"DeiT was trained on {tiny_shards.resolve()}; scored here on {data}, other shards"]
+                          f"DeiT was trained and scored on {tiny_shards.resolve()}, other shards than {data}"]
 
 
 def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_another_folder(runs, tiny_shards,
@@ -264,18 +264,18 @@ def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_ano
     (state := torch.load(vit, weights_only=False))["data_dir"] = str(copy.resolve())
     torch.save(state, tmp_path / "vit.pth")
     notes = make_all(str(tmp_path / "vit.pth"), deit, data_path=str(copy), **kw)["notes"]
-    assert notes[0] == f"ViT was trained on {copy} before it was packed again (other options, seed or images)"
-    assert notes[1] == f"DeiT was trained on {tiny_shards.resolve()}; scored here on {copy}, other shards"
+    assert notes[0] == f"{copy} was packed again since ViT was saved (other options, seed or images)"
+    assert notes[1] == f"DeiT was trained and scored on {tiny_shards.resolve()}, other shards than {copy}"
     del state["data_dir"]  # saved before the shards' folder was kept: not the same pack, but which change is unknown
     torch.save(state, tmp_path / "vit.pth")
     notes = make_all(str(tmp_path / "vit.pth"), deit, data_path=str(copy), **kw)["notes"]
-    assert notes[0] == f"ViT was trained on other shards than {copy}, or on these before they were packed again"
+    assert notes[0] == f"the shards at {copy} are not those ViT was saved with (packed again, or other shards)"
     old = {k: v for k, v in state.items() if k != "pack"}  # saved before packs were fingerprinted: its path alone
     torch.save({**old, "config": {**old["config"], "data_path": str(tiny_shards)}}, tmp_path / "old.pth")
     assert make_all(str(tmp_path / "old.pth"), deit, data_path=str(tiny_shards), **kw)["notes"] == []
     notes = make_all(str(tmp_path / "old.pth"), deit, data_path=str(copy), **kw)["notes"]
-    assert notes[0] == (f"ViT was trained on {tiny_shards} (as its run named it: a checkpoint from before packs were "
-                        f"fingerprinted); scored here on {copy}")
+    assert notes[0] == (f"ViT names {tiny_shards} as its shards (it was saved before vitdeit kept the pack's "
+                        f"fingerprint), not {copy}")
 
 
 def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path_as_typed(tiny_shards, tmp_path,

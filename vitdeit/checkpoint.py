@@ -125,3 +125,16 @@ def shards_change(state: dict, data_path: str | Path, manifest: dict) -> str | N
     if "data_dir" not in state:
         return "unknown"
     return "other" if state["data_dir"] != str(Path(data_path).resolve()) else "repacked"
+
+
+def shards_change_text(state: dict, name: str | Path, data_path: str | Path,
+                       manifest: dict) -> tuple[str, str] | None:
+    """(shards_change, how to say it), or None for the same pack; name: the checkpoint, as its reader names it (a
+    path, or the report's ViT and DeiT)."""
+    change = shards_change(state, data_path, manifest)
+    said = {"other": f"{name} was trained and scored on {state.get('data_dir')}, other shards than {data_path}",
+            "repacked": f"{data_path} was packed again since {name} was saved (other options, seed or images)",
+            "unknown": f"the shards at {data_path} are not those {name} was saved with (packed again, or other shards)",
+            "elsewhere": f"{name} names {state.get('config', {}).get('data_path')} as its shards (it was saved before "
+                         f"vitdeit kept the pack's fingerprint), not {data_path}"}
+    return None if change is None else (change, said[change])

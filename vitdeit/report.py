@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_class_map, load_checkpoint, shards_change
+from .checkpoint import check_class_map, load_checkpoint, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
                      saved_setting)
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
@@ -444,18 +444,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     if one_file:
         notes.insert(0, f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself")
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
-        change = shards_change(state, data_path, manifest)  # by the pack's fingerprint, not the path as typed
-        if change == "other":
-            notes.append(f"{label} was trained on {state['data_dir']}; scored here on {data_path}, other shards")
-        elif change == "repacked":
-            notes.append(f"{label} was trained on {data_path} before it was packed again (other options, seed or "
-                         f"images)")
-        elif change == "unknown":
-            notes.append(f"{label} was trained on other shards than {data_path}, or on these before they were packed "
-                         f"again")
-        elif change == "elsewhere":
-            notes.append(f"{label} was trained on {state['config']['data_path']} (as its run named it: a checkpoint "
-                         f"from before packs were fingerprinted); scored here on {data_path}")
+        if found := shards_change_text(state, label, data_path, manifest):  # by the pack's fingerprint, not the path
+            notes.append(found[1])
         upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
                                     saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
         if upscaled and upscaled not in notes:  # (once for both models where they share the size)

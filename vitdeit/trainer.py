@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change, torch_load
+from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change_text, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       pack_identity, some)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, flag, saved_setting
@@ -334,20 +334,12 @@ def run_manifest(cfg: Config) -> dict:
 def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: dict) -> tuple[str, str] | None:
     """How the shards the checkpoint `ckpt` was trained and scored on differ from data_path's, and what that does to
     a resumed run; None: the same pack (checkpoint.shards_change)."""
-    change = shards_change(state, data_path, manifest)
-    if change == "elsewhere":  # a checkpoint from before packs were fingerprinted: the path its run named is all
-        return (f"{ckpt} names {state['config']['data_path']} as its shards (it was saved before vitdeit kept the "
-                f"pack's fingerprint), not {data_path}", "(if those are other shards)")
-    if change == "unknown":
-        return (f"the shards at {data_path} are not those {ckpt} was saved with (packed again, or other shards)",
-                "(another pack)")
-    if change == "other":
-        return (f"{ckpt} was trained and scored on {state['data_dir']}, other shards than {data_path}",
-                "(other shards), and best.pth is picked by val scores of both shards' val splits")
-    if change == "repacked":
-        return (f"{data_path} was packed again since {ckpt} was saved (other options, seed or images)",
-                "(another sample order)")
-    return None
+    if (found := shards_change_text(state, ckpt, data_path, manifest)) is None:
+        return None
+    change, said = found
+    return said, {"elsewhere": "(if those are other shards)", "unknown": "(another pack)", "repacked":
+                  "(another sample order)", "other": "(other shards), and best.pth is picked by val scores of both "
+                  "shards' val splits"}[change]
 
 
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:

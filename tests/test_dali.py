@@ -493,7 +493,7 @@ def test_each_ranks_train_slice_holds_other_samples_every_epoch_in_an_order_that
 
 def test_train_reads_through_a_shuffle_buffer_not_each_tar_in_its_order(tiny_shards):
     from vitdeit.data import shard_paths
-    from vitdeit.data.torch_loader import read_index
+    from vitdeit.data.index import read_index
 
     m = load_manifest(tiny_shards)  # 4 tars (30, 30, 30, 6 samples)
     where = {key: (tar, i) for tar, (_, idx) in enumerate(shard_paths(tiny_shards, m, "train"))

@@ -528,7 +528,7 @@ def test_crop_areas_and_aspect_ratios_are_drawn_as_torchvisions_random_resized_c
 def damage(shards, nth: int = 4) -> str:
     """Overwrite the JPEG bytes of train-000000.tar's nth image (the tar keeps its size, as a bit-flipped copy
     would): its key."""
-    from vitdeit.data.torch_loader import read_index
+    from vitdeit.data.index import read_index
 
     key, entry = read_index(shards / "train-000000.idx")[nth]
     off, size = entry["jpg"]

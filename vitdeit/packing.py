@@ -28,7 +28,6 @@ import random
 import re
 import struct
 import sys
-import tarfile
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -42,7 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import MANIFEST_NAME, WNID_RE, ClassMap, holds_class_folders, load_labels, shards_dir_for, some
 from .config import usable_cores
-from .data import index_lines
+from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, write_failed
 
 FORMAT_VERSION = 1
@@ -305,28 +304,10 @@ def encode_image(raw: bytes, resize_short: int | None, quality: int) -> tuple[by
 
 
 def write_index(tar_path: Path, idx_path: Path) -> int:
-    """Write DALI's wds2idx index (v1.2) for a tar: one line per sample, `ext offset size name` per component.
-
-    The offset is that of the member's data (after its 512-byte tar header), as DALI's wds2idx tool writes it.
-    """
-    samples: dict[str, list[str]] = {}
-    with tarfile.open(tar_path) as tf:
-        for m in tf.getmembers():
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            key, ext = base.split(".", 1)
-            samples.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    write_text_atomic(idx_path, f"v1.2 {len(samples)}\n" + "".join(" ".join(c) + "\n" for c in samples.values()))
-    return len(samples)
-
-
-def index_count(idx_path: Path) -> int:
-    """The samples a whole index lists; -1 for one cut short or damaged."""
-    try:
-        return len(index_lines(idx_path))
-    except DataError:
-        return -1
+    """Write the tar's DALI index (data/index.py) beside it; the samples it lists."""
+    text, count = index_text(tar_path)
+    write_text_atomic(idx_path, text)
+    return count
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -16,7 +16,8 @@ from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, disti
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import shard_paths, upscale_warning
-from .data.torch_loader import ShardSamples, TorchLoader, ValTransform, read_index
+from .data.index import read_index
+from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .metrics import read_metrics
 from .models import OUTSIDE_DATA, head_logits, model_from_checkpoint
 

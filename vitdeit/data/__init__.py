@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..classes import MANIFEST_NAME
 from ..errors import DataError, SettingError
+from .index import index_lines
 
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,17 +97,6 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
             raise DataError(f"{idx}: {count} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; the "
                             f"index is not this pack's. Re-run pack_shards.py (it rewrites the shards that differ).")
     return out
-
-
-def index_lines(idx_path: Path) -> list[str]:
-    """The sample lines of a DALI wds2idx v1.2 index, once its header ("v1.2 COUNT") is checked against them."""
-    lines = idx_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    header = lines[0].split() if lines else []
-    if header != ["v1.2", str(len(lines) - 1)]:
-        raise DataError(f"{idx_path}: not a whole wds2idx v1.2 index (header {' '.join(header)!r} for "
-                        f"{max(len(lines) - 1, 0)} sample lines); re-run pack_shards.py (it rewrites the shards "
-                        f"that differ).")
-    return lines[1:]
 
 
 def dali_available() -> bool:

@@ -31,22 +31,11 @@ except ImportError:  # a torchvision without them: decode_rgb falls back to PIL
     decode_image = None
 
 from ..config import Config
-from ..errors import BatchTooLarge, DamagedSample, DataError, damaged_shard, first_line
-from . import MEAN, STD, index_lines, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
+from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line
+from . import MEAN, STD, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
+from .index import read_index
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
-
-def read_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Parse a wds2idx v1.2 file: per sample, (key, {ext: (data_offset, size)})."""
-    samples = []
-    for line in index_lines(idx_path):
-        try:
-            f = line.split()
-            samples.append((f[3].split(".", 1)[0], {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
-        except (ValueError, IndexError) as e:
-            raise DataError(f"{idx_path}: not a wds2idx v1.2 index (line {line!r}: {e}); re-run pack_shards.py.") from e
-    return samples
-
 
 class ShardSamples(Dataset):
     """Sample i of a split = (uint8 HWC image, label); `transform` maps JPEG bytes to the uint8 array."""

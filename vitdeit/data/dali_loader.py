@@ -25,11 +25,11 @@ from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 KEY_BYTES = 512
 
 
-def _pipeline(files, indexes, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
+def _pipeline(files, indexes, *, train: bool, img_size: int, crop_pct: float, scale, ratio, mean, std, shard_id: int,
               num_shards: int, seed: int, gpu: bool, fp16: bool, batch_size: int, num_threads: int, device_id,
-              with_keys: bool = False, checkpoint: bytes | None = None, *, hw_decoder_load: float, sample_bytes: int,
+              with_keys: bool = False, checkpoint: bytes | None = None, hw_decoder_load: float, sample_bytes: int,
               interpolation: str, executor: str, prefetch: int, rand_augment: RandAugmentSpec | None = None,
-              copies: int = 1):
+              copies: int = 1):  # (keywords only: 25 settings, several of one type)
     from nvidia.dali import fn, pipeline_def, types
 
     interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
@@ -175,8 +175,9 @@ class DaliLoader:
         # reader's pass then runs on over R epochs (next_batch)
         self.copies = repeats if self.train else 1
         self.reads = -(-batch_size // self.copies)
-        self.pipe = _pipeline(files, indexes, self.train, img_size, crop_pct, scale, ratio, mean, std, rank, world,
-                              seed, gpu, fp16=gpu if half is None else half, batch_size=self.reads,
+        self.pipe = _pipeline(files, indexes, train=self.train, img_size=img_size, crop_pct=crop_pct, scale=scale,
+                              ratio=ratio, mean=mean, std=std, shard_id=rank, num_shards=world, seed=seed, gpu=gpu,
+                              fp16=gpu if half is None else half, batch_size=self.reads,
                               num_threads=max(1, workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,

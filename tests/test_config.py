@@ -17,6 +17,18 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
         0.01, 7, "resnet18", True, Config().batch_size)
 
 
+def test_every_setting_the_field_groups_name_is_a_config_field():
+    from dataclasses import fields
+
+    from vitdeit import config
+    from vitdeit.report import NOT_THE_RECIPE
+
+    names = {f.name for f in fields(config.Config)}
+    groups = ("INVOCATION_FIELDS", "HOW_IT_RUNS", "DISTILL_ONLY", "NODE_OWN")
+    assert {g: sorted(set(getattr(config, g)) - names) for g in groups} == {g: [] for g in groups}
+    assert set(NOT_THE_RECIPE) <= names  # (a field renamed would leave its old name in a group, matching nothing)
+
+
 def test_a_saved_config_round_trips():
     cfg = Config(model="deit_tiny_distill", img_size=32, patch_size=4, teacher_ckpt="x.pth")
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -34,6 +34,9 @@ HOW_IT_RUNS = ("workers", "progress", "output_dir", "run_name", "compile", "comp
                "step_stream", "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "loader")
 # the settings only a run with a teacher reads
 DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
+# the settings each node of a multi-node run may set for itself: its own files' paths (what they hold is compared),
+# its cores, its output (rank 0's alone is written); the others must be alike on every node
+NODE_OWN = ("data_path", "resume", "teacher_ckpt", "teacher_weights", "workers", "progress", "output_dir", "run_name")
 
 
 def flag(name: str) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change_text, torch_load
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       pack_identity, some)
-from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, flag, saved_setting
+from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
@@ -215,11 +215,6 @@ def run_files_identity(value: tuple) -> tuple:
                            sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
         f"epoch {state['epoch']}")
     return pack, saved
-
-
-# the settings each node may set for itself: its own files' paths (what they hold is compared), its cores, its
-# output (rank 0's alone is written)
-NODE_OWN = ("data_path", "resume", "teacher_ckpt", "teacher_weights", "workers", "progress", "output_dir", "run_name")
 
 
 def refuse_other_settings(seen: list, item) -> None:

@@ -15,10 +15,9 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
-from vitdeit.classes import classes_without_images, some
 from vitdeit.config import refuse_below
 from vitdeit.errors import VitdeitError, say_error
-from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack
+from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack, summary_lines
 
 
 def main(argv=None) -> int:
@@ -60,33 +59,8 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: the finished shards in {a.out} are kept; run the same command again to go on",
               file=sys.stderr)
         return 130
-    for split, s in m["splits"].items():
-        n, dirs = len(s["shards"]), ", ".join(d + "/" for d in s["source_dirs"])
-        print(f"{split}: {s['num_samples']} images of {s['input_files']} from {dirs} in {n} shard{'s' * (n != 1)}")
-        empty = classes_without_images(m, split)
-        if empty:  # packed with --allow-missing-classes (a subset of Labels.json on purpose): still said
-            have = "has" if len(empty) == 1 else "have"
-            print(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json {have} no {split} images: "
-                  f"{some(empty, at_most=10)}")
-    if m["skipped"]:
-        print(f"skipped {len(m['skipped'])} files that are not readable images (listed in {a.out}/manifest.json)")
-    if m["hidden_not_read"]["count"]:
-        h = m["hidden_not_read"]
-        print(f"not read: {h['count']} file(s) or folder(s) in the split folders whose names start with '.' (macOS's "
-              f"._NAME, .DS_Store; e.g. {h['first'][0]}): rename any that are images (counted in the manifest)")
-    if m["converted"]:
-        print(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the "
-              f"manifest)")
-    if m["warnings"]:
-        w = m["warnings"][0]
-        print(f"warning: Pillow warned of {len(m['warnings'])} image(s) as it decoded them; packed as they are, listed "
-              f"in the manifest's \"warnings\" (e.g. {w['path']}: {w['warning']})")
-    if same := m["same_bytes"]:
-        across = sum(len(g["classes"]) > 1 for g in same)
-        print(f"warning: {len(same)} set(s) of byte-identical images within a split, packed as they are: {across} "
-              f"under more than one class (one image, two labels), {len(same) - across} within one class (one image "
-              f"weighed twice); listed in the manifest's \"same_bytes\" (e.g. {', '.join(same[0]['paths'])}): remove "
-              f"the extra copies, or keep them if meant")
+    for line in summary_lines(m, a.out):
+        print(line)
     print(f"wrote {a.out}/manifest.json ({len(m['classes'])} classes)")
     return 0
 

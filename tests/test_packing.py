@@ -1188,3 +1188,35 @@ def test_a_split_whose_every_image_was_skipped_is_an_error_not_an_empty_split(da
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, allow_missing_classes=True),
              progress=False)
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_the_packers_summary_says_each_count_and_each_kind_of_file_it_did_not_pack_as_it_was():
+    from vitdeit.packing import summary_lines
+
+    split = lambda n, files, shards, dirs: {  # noqa: E731
+        "num_samples": n, "input_files": files, "shards": [{}] * shards, "source_dirs": dirs,
+        "class_counts": {"n01": n, "n02": 0}}
+    m = {"classes": ["n01", "n02"], "splits": {"train": split(7, 9, 2, ["train.X1", "train.X2"]),
+                                               "val": split(1, 1, 1, ["val.X"])},
+         "skipped": [{"path": "a"}, {"path": "b"}], "hidden_not_read": {"count": 1, "first": ["/d/._x.JPEG"]},
+         "converted": [{"path": "c"}], "warnings": [{"path": "/d/w.JPEG", "warning": "EXIF data corrupt"}],
+         "same_bytes": [{"paths": ["/d/p.JPEG", "/d/q.JPEG"], "classes": ["n01", "n02"]},
+                        {"paths": ["/d/r.JPEG", "/d/s.JPEG"], "classes": ["n01"]}]}
+    assert summary_lines(m, "/out") == [
+        "train: 7 images of 9 from train.X1/, train.X2/ in 2 shards",
+        "warning: 1 of the 2 classes in Labels.json has no train images: n02",
+        "val: 1 images of 1 from val.X/ in 1 shard",
+        "warning: 1 of the 2 classes in Labels.json has no val images: n02",
+        "skipped 2 files that are not readable images (listed in /out/manifest.json)",
+        "not read: 1 file(s) or folder(s) in the split folders whose names start with '.' (macOS's ._NAME, "
+        ".DS_Store; e.g. /d/._x.JPEG): rename any that are images (counted in the manifest)",
+        "re-encoded 1 images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the manifest)",
+        "warning: Pillow warned of 1 image(s) as it decoded them; packed as they are, listed in the manifest's "
+        "\"warnings\" (e.g. /d/w.JPEG: EXIF data corrupt)",
+        "warning: 2 set(s) of byte-identical images within a split, packed as they are: 1 under more than one class "
+        "(one image, two labels), 1 within one class (one image weighed twice); listed in the manifest's "
+        "\"same_bytes\" (e.g. /d/p.JPEG, /d/q.JPEG): remove the extra copies, or keep them if meant"]
+    clean = {**m, "splits": {"val": {**split(1, 1, 1, ["val.X"]), "class_counts": {"n01": 1, "n02": 1}}},
+             "skipped": [], "hidden_not_read": {"count": 0, "first": []}, "converted": [], "warnings": [],
+             "same_bytes": []}
+    assert summary_lines(clean, "/out") == ["val: 1 images of 1 from val.X/ in 1 shard"]

@@ -39,7 +39,8 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import MANIFEST_NAME, WNID_RE, ClassMap, holds_class_folders, load_labels, shards_dir_for, some
+from .classes import (MANIFEST_NAME, WNID_RE, ClassMap, classes_without_images, holds_class_folders, load_labels,
+                      shards_dir_for, some)
 from .config import usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, write_failed
@@ -635,3 +636,38 @@ def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, l
     raise DataError(f"classes of {labels_path} with no images {found}:\n" + "\n".join(lines) + "\n"
                     f"A model trained on these shards would keep outputs it never learns (no train images) or is "
                     f"never scored on (no val images). {fix}, or pass {ALLOW_MISSING_FLAG} to pack them as they are.")
+
+
+def summary_lines(m: dict, out_dir) -> list[str]:
+    """What pack_shards.py says of a finished pack (m: its manifest), after the progress lines: each split's
+    counts, then what was skipped, left unread, re-encoded, warned of or found twice."""
+    out = []
+    for split, s in m["splits"].items():
+        n, dirs = len(s["shards"]), ", ".join(d + "/" for d in s["source_dirs"])
+        out.append(f"{split}: {s['num_samples']} images of {s['input_files']} from {dirs} in {n} "
+                   f"shard{'s' * (n != 1)}")
+        if empty := classes_without_images(m, split):  # --allow-missing-classes (a subset on purpose): still said
+            out.append(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json "
+                       f"{'has' if len(empty) == 1 else 'have'} no {split} images: {some(empty, at_most=10)}")
+    if m["skipped"]:
+        out.append(f"skipped {len(m['skipped'])} files that are not readable images (listed in "
+                   f"{out_dir}/manifest.json)")
+    if m["hidden_not_read"]["count"]:
+        h = m["hidden_not_read"]
+        out.append(f"not read: {h['count']} file(s) or folder(s) in the split folders whose names start with '.' "
+                   f"(macOS's ._NAME, .DS_Store; e.g. {h['first'][0]}): rename any that are images (counted in the "
+                   f"manifest)")
+    if m["converted"]:
+        out.append(f"re-encoded {len(m['converted'])} images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the "
+                   f"manifest)")
+    if m["warnings"]:
+        w = m["warnings"][0]
+        out.append(f"warning: Pillow warned of {len(m['warnings'])} image(s) as it decoded them; packed as they are, "
+                   f"listed in the manifest's \"warnings\" (e.g. {w['path']}: {w['warning']})")
+    if same := m["same_bytes"]:
+        across = sum(len(g["classes"]) > 1 for g in same)
+        out.append(f"warning: {len(same)} set(s) of byte-identical images within a split, packed as they are: "
+                   f"{across} under more than one class (one image, two labels), {len(same) - across} within one "
+                   f"class (one image weighed twice); listed in the manifest's \"same_bytes\" (e.g. "
+                   f"{', '.join(same[0]['paths'])}): remove the extra copies, or keep them if meant")
+    return out

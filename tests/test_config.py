@@ -72,6 +72,12 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"mixup": -0.8}, r"--mixup -0\.8: must be >= 0"),
     ({"warmup_epochs": -1.0}, r"--warmup-epochs -1\.0: must be >= 0"),
     ({"distillation_alpha": 1.5}, r"--distillation-alpha 1\.5: must be in \[0, 1\]"),
+    ({"model": "deit_tiny_distill", "distillation_alpha": 0.0},
+     r"--distillation-alpha 0 with --distillation-type hard: the distillation head then learns nothing, yet the DeiT "
+     r"predicts with the mean of its two heads; choose a value between 0 and 1 \(DeiT: 0\.5\), or "
+     r"--distillation-type none"),
+    ({"model": "deit_tiny_distill", "distillation_type": "soft", "distillation_alpha": 1.0},
+     "--distillation-alpha 1 with --distillation-type soft: the class head then learns nothing"),
     ({"distillation_tau": 0.0}, r"--distillation-tau 0\.0: must be > 0"),
     ({"crop_pct": 1.2}, r"--crop-pct 1\.2: must be in \(0, 1\]"),
     ({"crop_scale_min": 0.0}, r"--crop-scale-min 0\.0: must be in \(0, 1\]"),

@@ -798,6 +798,12 @@ def test_distillation_settings_on_a_run_without_a_teacher_are_named(tiny_shards,
         "warning: --distillation-alpha is for --model deit_tiny_distill with a --distillation-type other than none; "
         "this run trains without a teacher"]
     assert said(model="vit_tiny") == said(model="deit_tiny_distill", distillation_alpha=0.9) == []
+    tau = lambda **kw: [n for n in notes_for(tiny_shards, tmp_path, **kw) if "--distillation-tau" in n]  # noqa: E731
+    assert tau(model="deit_tiny_distill", distillation_tau=4.0) == [
+        "warning: --distillation-tau is for --distillation-type soft; hard distillation learns the teacher's top "
+        "class, which no temperature changes: this run ignores it"]
+    assert tau(model="deit_tiny_distill", distillation_type="soft", distillation_tau=4.0) == tau(
+        model="deit_tiny_distill") == []
 
 
 def test_distilling_from_torchvisions_imagenet1k_teacher_says_that_it_learnt_from_more_data(tiny_shards, tmp_path):

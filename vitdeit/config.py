@@ -179,6 +179,12 @@ class Config:
         need(self.teacher == "resnet18", f"--teacher {self.teacher!r}: only resnet18 is supported")
         need(0 <= self.distillation_alpha <= 1, f"--distillation-alpha {self.distillation_alpha}: must be in [0, 1]")
         need(self.distillation_tau > 0, f"--distillation-tau {self.distillation_tau}: must be > 0")
+        alpha = self.distillation_alpha  # (a DeiT that distils: at 0 or 1, one of its two heads learns nothing)
+        need(self.distillation == "none" or 0 < alpha < 1,
+             f"--distillation-alpha {alpha:g} with --distillation-type {self.distillation_type}: the "
+             f"{'distillation' if alpha == 0 else 'class'} head then learns nothing, yet the DeiT predicts with the "
+             f"mean of its two heads; choose a value between 0 and 1 (DeiT: 0.5), or --distillation-type none for a "
+             f"DeiT without a teacher (both heads then learn the labels)")
         need(self.img_size >= 8, f"--img-size {self.img_size}: must be >= 8")
         need(self.patch_size >= 1 and (self.model == "resnet18" or self.img_size % self.patch_size == 0),
              f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")  # ViT/DeiT only

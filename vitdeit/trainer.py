@@ -353,6 +353,9 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.distillation == "none" and unused:
         out.append(f"warning: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --model "
                    f"deit_tiny_distill with a --distillation-type other than none; this run trains without a teacher")
+    if cfg.distillation == "hard" and cfg.distillation_tau != Config.distillation_tau:
+        out.append(f"warning: --distillation-tau is for --distillation-type soft; hard distillation learns the "
+                   f"teacher's top class, which no temperature changes: this run ignores it")
     if cfg.distillation != "none" and not cfg.teacher_ckpt:
         out.append(f"note: {OUTSIDE_DATA}")
     if cfg.warmup_epochs >= cfg.epochs:

@@ -29,6 +29,39 @@ def test_every_setting_the_field_groups_name_is_a_config_field():
     assert set(NOT_THE_RECIPE) <= names  # (a field renamed would leave its old name in a group, matching nothing)
 
 
+def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_file_says_otherwise(tmp_path,
+                                                                                                      capsys):
+    import torch
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    saved = Config(data_path=str(shards), output_dir=str(tmp_path / "runs"), run_name="int8d",
+                   model="deit_tiny_distill", lr=0.01, mixup=0.8, epochs=8, workers=3, device="cpu", loader="torch",
+                   compile="off", teacher_ckpt="t/best.pth").to_dict()
+    ckpt = tmp_path / "runs" / "int8d" / "last.pth"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"config": saved, "data_dir": str(shards)}, ckpt)
+    cfg = parse_args(["--resume", str(ckpt), "--epochs", "11"])
+    assert cfg.run_dir == ckpt.parent and cfg.epochs == 11 and cfg.given == {"resume", "epochs"}
+    recipe = ("data_path", "model", "lr", "mixup", "teacher_ckpt", "batch_size", "seed")
+    assert {k: getattr(cfg, k) for k in recipe} == {k: saved[k] for k in recipe}
+    # how this machine runs it is this machine's: its cores, devices and packages may differ
+    assert (cfg.workers, cfg.device, cfg.loader, cfg.compile) == (-1, "auto", "auto", "auto")
+    (tmp_path / "cfg.json").write_text(json.dumps({"lr": 0.002}))
+    cfg = parse_args(["--config", str(tmp_path / "cfg.json"), "--resume", str(ckpt), "--run-name", "branch"])
+    assert (cfg.lr, cfg.run_dir, cfg.mixup) == (0.002, tmp_path / "runs" / "branch", 0.8)  # file, flag, checkpoint
+    torch.save({"config": {**saved, "data_path": "shards"}, "data_dir": str(shards)}, ckpt)  # typed from tmp_path
+    assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)  # the folder it resolved to then
+    torch.save({"config": {**saved, "distillation_alpha": 0.0}}, ckpt)  # (refused since it was saved)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(ckpt)])
+    assert (f"the value is the one --resume {ckpt} was saved with: give the flag to override it)"
+            in capsys.readouterr().err)
+    assert parse_args(["--resume", str(ckpt), "--distillation-alpha", "0.5"]).lr == 0.01
+    for unreadable in (tmp_path / "missing.pth", ckpt.parent):  # said with its fix as the run reads it
+        assert parse_args(["--resume", str(unreadable)]) == Config(resume=str(unreadable))
+
+
 def test_a_saved_config_round_trips():
     cfg = Config(model="deit_tiny_distill", img_size=32, patch_size=4, teacher_ckpt="x.pth")
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -374,7 +374,7 @@ def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teac
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
     with pytest.raises(DataError, match=re.escape("train: 640 samples per rank < --batch-size 1024; lower --batch-size"
                                                   f" (or use fewer processes); --resume {last} was trained with "
-                                                  "--batch-size 32 (its whole recipe: train.py --config")):
+                                                  "--batch-size 32 (drop --batch-size: train.py --resume goes on")):
         train(cfg_for(cfg.data_path, tmp_path, model="resnet18", lr=0.005, batch_size=1024, resume=last))
 
 
@@ -387,7 +387,7 @@ def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, t
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
     assert (f"note: --resume: settings differ from {last}'s: --epochs 3 -> 4; the run goes on with this "
-            f"invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)"
+            f"invocation's (without those flags, train.py --resume goes on with the saved ones)"
             ) in capsys.readouterr().out
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "b", **same, interpolation="bicubic", random_erasing=0.25))
@@ -1537,3 +1537,23 @@ def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, caps
     torch.save(old, tmp_path / "older.pth")
     evaluate_checkpoint(cfg_for(shards, tmp_path, resume=str(tmp_path / "older.pth"), eval_only=True, **kw))
     assert "names" not in capsys.readouterr().out  # its own shards: nothing to say
+
+
+def test_a_bare_resume_goes_on_in_its_runs_folder_with_its_saved_recipe(tiny_shards, tmp_path, monkeypatch, capsys):
+    import train as train_py
+    from vitdeit.metrics import read_metrics
+
+    monkeypatch.chdir(tmp_path)  # where a default runs/vit_tiny would go
+    first = ["--data-path", str(tiny_shards), "--output-dir", str(tmp_path / "out"), "--run-name", "r", "--img-size",
+             "32", "--patch-size", "8", "--batch-size", "16", "--lr", "0.003", "--mixup", "0.2", "--epochs", "1",
+             "--workers", "0", "--progress", "false", "--device", "cpu"]
+    assert train_py.main(first) == 0
+    capsys.readouterr()
+    last = tmp_path / "out" / "r" / "last.pth"
+    assert train_py.main(["--resume", str(last), "--epochs", "2", "--workers", "0", "--progress", "false"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"run {tmp_path / 'out' / 'r'}: vit_tiny on {tiny_shards} ")  # (--device: this machine's)
+    assert "settings differ from" in out and "'s: --epochs 1 -> 2; the run goes on" in out  # the one change given
+    assert [r["epoch"] for r in read_metrics(tmp_path / "out" / "r")] == [0, 1] and not (tmp_path / "runs").exists()
+    saved = torch.load(last, weights_only=True)["config"]
+    assert (saved["lr"], saved["mixup"], saved["batch_size"], saved["epochs"]) == (0.003, 0.2, 16, 2)

@@ -27,11 +27,14 @@ STEP_STREAMS = ("default", "side", "high")  # the CUDA stream the training step 
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
 INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
-# how a run runs, not what it computes: where it writes, its progress bars, its speed switches, the loader (whose
-# change a resume notes on its own): a resume may change them without a note, and viz.py does not list them among
-# two runs' differences
-HOW_IT_RUNS = ("workers", "progress", "output_dir", "run_name", "compile", "compile_mode", "channels_last",
+# how a run runs, not what it computes: where it writes, its progress bars, its device and speed switches, the loader
+# (whose change a resume notes on its own): a resume may change them without a note, and viz.py does not list them
+# among two runs' differences
+HOW_IT_RUNS = ("workers", "progress", "output_dir", "run_name", "device", "compile", "compile_mode", "channels_last",
                "step_stream", "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "loader")
+# how this machine runs a run, not taken from a --resume checkpoint's saved settings: the machine resuming it may
+# have other cores, devices or packages (the run folder, also in HOW_IT_RUNS, is taken: the run goes on there)
+THIS_MACHINE = tuple(k for k in HOW_IT_RUNS if k not in ("output_dir", "run_name"))
 # the settings only a run with a teacher reads
 DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distillation_tau", "allow_weak_teacher")
 # the settings each node of a multi-node run may set for itself: its own files' paths (what they hold is compared),
@@ -369,8 +372,26 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def resumed_settings(resume: str) -> dict:
+    """The settings the --resume checkpoint was saved with, but THIS_MACHINE's: what its run goes on with where
+    neither --config nor a flag says otherwise (a bare `--resume runs/NAME/last.pth` continues that run, in its
+    folder, with its recipe). {} where the file cannot be read: the run names its error as it reads it again."""
+    from .checkpoint import torch_load
+
+    try:
+        state = torch_load(Path(resume), "--resume")
+        saved = dict(state["config"])
+    except Exception:  # (missing, a folder, not a checkpoint, cut short: each said later, with its fix)
+        return {}
+    typed, resolved = saved.get("data_path"), state.get("data_dir")
+    if isinstance(typed, str) and not Path(typed).exists() and isinstance(resolved, str) and Path(resolved).exists():
+        saved["data_path"] = resolved  # typed relative to another working folder: the folder it resolved to then
+    known = {f.name for f in fields(Config)}
+    return {k: v for k, v in saved.items() if k in known and k not in THIS_MACHINE + INVOCATION_FIELDS}
+
+
 def parse_args(argv=None, description: str = "") -> Config:
-    """defaults <- --config FILE <- flags."""
+    """defaults <- a --resume checkpoint's saved settings <- --config FILE <- flags."""
     hints = get_type_hints(Config)
     comments = field_comments()
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,11 +418,16 @@ def parse_args(argv=None, description: str = "") -> Config:
         if not isinstance(values, dict):
             p.error(f"--config {path}: must hold a JSON object")
     values.update({k: v for k, v in ns.items() if v is not None})
+    inherited = resumed_settings(values["resume"]) if values.get("resume") else {}
     try:
-        cfg = from_dict(values, source=path or "arguments")
+        cfg = from_dict({**inherited, **values}, source=path or "arguments")
     except ValueError as e:
         named = re.match(r"--([a-z0-9-]+) ", str(e))
-        from_file = path and named and ns.get(named[1].replace("-", "_")) is None  # not given on the command line
+        key = named[1].replace("-", "_") if named else None
+        if key is not None and key not in values and key in inherited:
+            p.error(f"{e} (the value is the one --resume {values['resume']} was saved with: give the flag to "
+                    f"override it)")
+        from_file = path and named and ns.get(key) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
                           else ""))
     cfg.given = frozenset(values)  # not a field (not saved): the settings a flag or --config set, for messages

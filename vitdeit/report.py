@@ -332,11 +332,11 @@ def teacher_ckpt_of(deit_state: dict) -> str | None:
 KEPT = "the files written before it are kept"  # what a failed write of the picture or the report leaves
 
 
-# not listed among the two runs' other differences: what makes the DeiT a DeiT (its model, teacher, distillation),
-# what notes of their own compare (the shards, the image size), the EMA (the report scores the trained weights),
-# and the device (a recipe runs on either)
+# not listed among the two runs' other differences (beside HOW_IT_RUNS): what makes the DeiT a DeiT (its model,
+# teacher, distillation), what notes of their own compare (the shards, the image size), the EMA (the report scores
+# the trained weights)
 DISTILLATION = ("model", "teacher", "distillation_type") + DISTILL_ONLY
-NOT_THE_RECIPE = DISTILLATION + ("data_path", "img_size", "model_ema", "model_ema_decay", "device")
+NOT_THE_RECIPE = DISTILLATION + ("data_path", "img_size", "model_ema", "model_ema_decay")
 
 
 def recipe_differences(vit_config: dict, deit_config: dict) -> list[str]:

@@ -157,8 +157,9 @@ def check_resumable(saved: dict, cfg: Config) -> None:
     diff = [f"{flag(k)} {saved.get(k)} (this run: {getattr(cfg, k)})"
             for k in ("model", "img_size", "patch_size")[: 3 if patches else 2] if saved.get(k) != getattr(cfg, k)]
     if diff:
-        raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe "
-                           f"(train.py --config RUN_DIR/config.json --resume ...), or drop --resume for a new run.")
+        raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe (drop "
+                           f"those flags: train.py --resume goes on with the saved settings), or drop --resume for a "
+                           f"new run.")
     wd = saved_setting(saved, "weight_decay")
     if (wd == 0) != (cfg.weight_decay == 0):  # timm's optimiser: one parameter group without decay, else two
         raise SettingError(f"--resume {cfg.resume} was trained with --weight-decay {wd}, this run has "
@@ -354,8 +355,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
         out.append(f"warning: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} for --model "
                    f"deit_tiny_distill with a --distillation-type other than none; this run trains without a teacher")
     if cfg.distillation == "hard" and cfg.distillation_tau != Config.distillation_tau:
-        out.append(f"warning: --distillation-tau is for --distillation-type soft; hard distillation learns the "
-                   f"teacher's top class, which no temperature changes: this run ignores it")
+        out.append("warning: --distillation-tau is for --distillation-type soft; hard distillation learns the "
+                   "teacher's top class, which no temperature changes: this run ignores it")
     if cfg.distillation != "none" and not cfg.teacher_ckpt:
         out.append(f"note: {OUTSIDE_DATA}")
     if cfg.warmup_epochs >= cfg.epochs:
@@ -425,7 +426,7 @@ def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist:
     changed = recipe_changes(resumed["config"], cfg)
     if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
         dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
-                   f"with this invocation's (the saved ones: --config RUN_DIR/config.json, with no flag over them)")
+                   f"with this invocation's (without those flags, train.py --resume goes on with the saved ones)")
     net.load_state_dict(resumed["model"])
     saved = resumed["optimizer"]
     if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
@@ -437,7 +438,8 @@ def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist:
         optimizer.load_state_dict(saved)
     except ValueError as e:  # other parameter groups (a change to or from weight decay 0 is refused earlier)
         raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
-                           f"resume with the saved recipe: --config RUN_DIR/config.json --resume ...") from e
+                           f"resume with the saved recipe (drop the flags that change it: train.py --resume goes on "
+                           f"with the saved settings)") from e
     if resumed["scaler"]:  # empty when the saved run did not use fp16
         scaler.load_state_dict(resumed["scaler"])
 
@@ -492,7 +494,7 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
                 raise
             with alike_on_every_rank():
                 raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
-                                f"(its whole recipe: train.py --config RUN_DIR/config.json --resume ...)") from e
+                                f"(drop --batch-size: train.py --resume goes on with the saved settings)") from e
     return train_loader, val_loader, caught
 
 

@@ -122,6 +122,11 @@ def test_the_full_demo_runs_hard_distillation_and_gives_the_teacher_half_the_epo
     steps.clear()  # one epoch: the teacher still trains one (half of 1 is 0, which train.py refuses)
     assert demo.main(["--epochs", "1", "--out", str(tmp_path), "--workers", "1"]) == 0
     assert [flag(c, "--epochs") for c in (s.cmd for s in steps) if c[1].endswith("train.py")] == ["1", "1", "1"]
+    for flags, counts in (([], ["4", "8", "8"]), (["--quick"], ["1", "1", "1"]), (["--quick", "--epochs", "3"],
+                                                                                ["1", "3", "3"])):
+        steps.clear()  # the default; --quick's; --quick's small images for the epochs given
+        assert demo.main([*flags, "--out", str(tmp_path), "--workers", "1"]) == 0
+        assert [flag(c, "--epochs") for c in (s.cmd for s in steps) if c[1].endswith("train.py")] == counts
 
 
 def test_the_demos_classes_are_spread_over_the_class_list():

@@ -613,10 +613,9 @@ def test_a_resume_names_a_change_of_every_setting_that_changes_what_the_run_comp
                  drop_path=0.0, teacher_ckpt="t.pth", teacher_weights="imagenet1k", allow_weak_teacher=True,
                  distillation_type="soft", distillation_alpha=0.3, distillation_tau=3.0, epochs=10, batch_size=64,
                  lr=1e-3, min_lr=1e-5, warmup_epochs=2.0, weight_decay=0.1, label_smoothing=0.0, mixup=0.8, cutmix=1.0,
-                 random_erasing=0.25, clip_grad=0.0, model_ema=True, model_ema_decay=0.9999, device="cpu", amp="off",
-                 seed=1)
-    # where the run writes, what it shows, and how fast it runs (the loader's change has a note of its own)
-    quiet = dict(workers=3, progress=False, output_dir="elsewhere", run_name="x", compile="off",
+                 random_erasing=0.25, clip_grad=0.0, model_ema=True, model_ema_decay=0.9999, amp="off", seed=1)
+    # where the run writes, what it shows, where and how fast it runs (the loader's change has a note of its own)
+    quiet = dict(workers=3, progress=False, output_dir="elsewhere", run_name="x", device="cpu", compile="off",
                  compile_mode="default", channels_last=False, step_stream="high", dali_executor="legacy",
                  dali_prefetch=4, dali_hw_decoder_load=0.5, loader="torch")
     saved = Config().to_dict()

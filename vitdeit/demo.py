@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The whole comparison on the synthetic demo data: generate -> pack -> "
                                             "train teacher, ViT, DeiT -> pictures and report.")
     p.add_argument("--out", default=".", help="where demo_data/, demo_shards/ and demo_runs/ go (default: here)")
-    p.add_argument("--epochs", type=int, default=8, help="epochs for ViT and DeiT (the teacher gets half)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs for ViT and DeiT (the teacher gets half; default: 8, with --quick 1)")
     p.add_argument("--workers", type=int, default=max(1, min(4, usable_cores() - 1)))
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
@@ -272,7 +273,8 @@ def main(argv=None) -> int:
         print(f"wrote the synthetic demo dataset to {data}")
         return 0
     out = Path(a.out).resolve()  # the runs' saved data_path then names the shards from any folder (check_demo_runs)
-    epochs = {"vit": 1, "resnet18": 1} if a.quick else {"vit": a.epochs, "resnet18": max(1, a.epochs // 2)}
+    n = a.epochs or (1 if a.quick else 8)  # (--quick with --epochs: the given count, on the small images)
+    epochs = {"vit": n, "resnet18": max(1, n // 2)}
     try:
         check_demo_runs(out)
     except VitdeitError as e:

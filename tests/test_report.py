@@ -368,6 +368,35 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
                             f"the teacher (here {teacher_ckpt.parent}?).")
 
 
+def test_a_run_resumed_with_other_settings_is_noted_with_which_of_them_the_checkpoint_trained_with():
+    from vitdeit.report import resumed_changes_note
+
+    rows = [{"epoch": 0}, {"epoch": 1, "resumed_with": ["--lr 0.005 -> 0.01"]}, {"epoch": 2},
+            {"epoch": 3, "resumed_with": ["--epochs 4 -> 6", "--loader 'dali' -> 'torch'"]}, {"epoch": 4}]
+    said = ("ViT's run was resumed with other settings (from epoch 1, --lr 0.005 -> 0.01; from epoch 3, --epochs 4 -> "
+            "6, --loader 'dali' -> 'torch'); {}: the settings compared here are the ones it was saved with")
+    note = lambda path, epoch: resumed_changes_note("ViT", path, {"epoch": epoch}, rows)  # noqa: E731
+    assert note("b.pth", 0) == said.format("b.pth (epoch 0) was saved before them")
+    assert note("b.pth", 2) == said.format("b.pth (epoch 2) was saved before those from epoch 3 on")
+    assert note("l.pth", 4) == said.format("l.pth (epoch 4) was saved after them")
+    assert resumed_changes_note("ViT", "l.pth", {"epoch": 4}, [{"epoch": e} for e in range(5)]) is None
+
+
+def test_the_report_notes_the_settings_a_run_changed_when_resumed(runs, tmp_path):
+    import shutil
+
+    vit = tmp_path / "vit"
+    shutil.copytree(runs / "baseline_vit_tiny", vit)
+    rows = [json.loads(line) for line in (vit / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["resumed_with"] = ["--mixup 0.0 -> 0.2"]
+    (vit / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = make_all(str(vit / "last.pth"), str(runs / "deit_tiny_distill" / "best.pth"), num_images=2, workers=0,
+                 report_dir=str(tmp_path / "report"), out=str(tmp_path / "p.png"))
+    assert f"ViT's run was resumed with other settings (from epoch {rows[-1]['epoch']}, --mixup 0.0 -> 0.2)" in (
+        tmp_path / "report" / "report.md").read_text()
+    assert sum("resumed with other settings" in n for n in w["notes"]) == 1  # (the DeiT's run was not)
+
+
 def test_a_model_that_did_not_distil_gets_no_teacher_row_from_an_unused_teacher_ckpt(runs, tmp_path):
     import shutil
 

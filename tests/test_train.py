@@ -1556,3 +1556,17 @@ def test_a_bare_resume_goes_on_in_its_runs_folder_with_its_saved_recipe(tiny_sha
     assert [r["epoch"] for r in read_metrics(tmp_path / "out" / "r")] == [0, 1] and not (tmp_path / "runs").exists()
     saved = torch.load(last, weights_only=True)["config"]
     assert (saved["lr"], saved["mixup"], saved["batch_size"], saved["epochs"]) == (0.003, 0.2, 16, 2)
+
+
+def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metrics_line(tiny_shards, tmp_path):
+    from vitdeit.metrics import read_metrics
+
+    kw = dict(model="resnet18", batch_size=16, workers=0, run_name="r")
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, lr=0.005, **kw))
+    last = str(tmp_path / "r" / "last.pth")
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, lr=0.002, resume=last, **kw))
+    train(cfg_for(tiny_shards, tmp_path, epochs=3, lr=0.002, resume=last, progress=True, **kw))  # (how it runs)
+    rows = read_metrics(tmp_path / "r")
+    assert [r.get("resumed_with") for r in rows] == [None, ["--epochs 1 -> 2", "--lr 0.005 -> 0.002"],
+                                                     ["--epochs 2 -> 3"]]
+    assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 2 -> 3"]

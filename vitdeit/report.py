@@ -351,6 +351,21 @@ def recipe_differences(vit_config: dict, deit_config: dict) -> list[str]:
             and saved_setting(vit_config, f.name) != saved_setting(deit_config, f.name)]
 
 
+def resumed_changes_note(label: str, path: str, state: dict, rows: list[dict]) -> str | None:
+    """The settings the run changed when resumed (metrics.jsonl's resumed_with, on the first epoch after each
+    --resume that changed any), and which of them the checkpoint `path` was trained with: the settings the report
+    compares are those it was saved with, not its whole run's."""
+    history = [(r["epoch"], r["resumed_with"]) for r in rows if r.get("resumed_with")]
+    if not history:
+        return None
+    said = "; ".join(f"from epoch {e}, {', '.join(changes)}" for e, changes in history)
+    after = [e for e, _ in history if e > state["epoch"]]
+    which = (f"{path} (epoch {state['epoch']}) was saved before " + ("them" if len(after) == len(history) else
+             f"those from epoch {after[0]} on") if after else f"{path} (epoch {state['epoch']}) was saved after them")
+    return (f"{label}'s run was resumed with other settings ({said}); {which}: the settings compared here are the "
+            f"ones it was saved with")
+
+
 def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: str | None, class_map: ClassMap):
     """What the report reads besides the two checkpoints: the runs (teacher, when its folder is found; ViT; DeiT) by
     run folder, their metrics.jsonl rows, the teacher's (net, state) and notes for the summary."""
@@ -470,6 +485,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         how = [f"--amp {a} ({'as --amp auto resolved on its device' if f == 'auto' else 'by flag'})"
                for a, f in zip(amps, flags)]
         notes.append(f"ViT trained with {how[0]}, DeiT with {how[1]}: their arithmetic differs")
+    for label, path, state in (("ViT", vit_ckpt, vit_state), ("DeiT", deit_ckpt, deit_state)):
+        if note := resumed_changes_note(label, path, state, metrics.get(label, [])):
+            notes.append(note)
     if differ := recipe_differences(vit_state["config"], deit_state["config"]):
         notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
                      f"{', '.join(differ)}): the gap between them is not distillation's alone")

@@ -418,9 +418,10 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     return out
 
 
-def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist: Dist) -> None:
+def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist: Dist) -> list[str]:
     """--resume: the weights, the optimiser's moments and step counts (with this invocation's hyper-parameters),
-    the loss scaler; a note of the settings that differ from the saved run's. The schedule is not restored:
+    the loss scaler; a note of the settings that differ from the saved run's, which it returns. The schedule is not
+    restored:
     step_update() recomputes the lr from the step count every step, and a restored one would keep the old run's
     epochs and global batch if those changed."""
     changed = recipe_changes(resumed["config"], cfg)
@@ -442,6 +443,7 @@ def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist:
                            f"with the saved settings)") from e
     if resumed["scaler"]:  # empty when the saved run did not use fp16
         scaler.load_state_dict(resumed["scaler"])
+    return changed
 
 
 def make_ema(net: nn.Module, cfg: Config, resumed: dict | None, start_epoch: int, steps: int, dist: Dist):
@@ -613,9 +615,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     scheduler = lr_schedule(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_top1 = 0, -1.0  # below any accuracy: the first epoch always writes best.pth
+    start_epoch, best_top1, changed = 0, -1.0, []  # (-1: below any accuracy: the first epoch writes best.pth)
     if resumed is not None:
-        restore(resumed, cfg, net, optimizer, scaler, dist)
+        changed = restore(resumed, cfg, net, optimizer, scaler, dist)
+        if resumed.get("loader", train_loader.name) != train_loader.name:  # (noted as the run starts)
+            changed.append(f"--loader {resumed['loader']!r} -> {train_loader.name!r}")
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
     if dist.is_main:
         start_run_dir(run_dir, cfg)
@@ -642,6 +646,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}
+        if changed and epoch == start_epoch:  # the run's history: what this resume changed, for viz.py's report
+            record["resumed_with"] = changed
         if ema is not None:
             broadcast_buffers(ema.module)
             record["val_top1_ema"] = evaluate(ema.module, val_loader, dist, amp_dtype, progress=False)["val_top1"]

@@ -404,6 +404,53 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     return runs, metrics, teacher, notes
 
 
+def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: str, manifest: dict,
+                     metrics: dict) -> list[str]:
+    """What else the two runs (each (checkpoint path, state)) did differently, so that a gap between them is not read
+    as distillation's alone: a DeiT without a teacher, the shards and image sizes, process counts, loaders,
+    precisions, settings changed at a resume (metrics: each run's metrics.jsonl rows, where read), every other
+    setting."""
+    (vit_ckpt, vit_state), (deit_ckpt, deit_state) = vit, deit
+    notes = []
+    deit_cfg = deit_state["config"]
+    if deit_cfg["model"] == "deit_tiny_distill" and saved_setting(deit_cfg, "distillation_type") == "none":
+        notes.append("the DeiT was trained with --distillation-type none, without a teacher: both its heads learnt "
+                     "from the labels alone, so a gap to the ViT is not distillation's")
+    for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
+        if found := shards_change_text(state, label, data_path, manifest):  # by the pack's fingerprint, not the path
+            notes.append(found[1])
+        upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
+                                    saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
+        if upscaled and upscaled not in notes:  # (once for both models where they share the size)
+            notes.append(upscaled)
+    sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
+    if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
+        notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
+    worlds = [len(state.get("loader_states") or ()) for state in (vit_state, deit_state)]  # (one per process)
+    if all(worlds) and worlds[0] != worlds[1]:  # the same --batch-size and --lr, but not the same global batch
+        batches = [state["config"]["batch_size"] * w for state, w in zip((vit_state, deit_state), worlds)]
+        notes.append(f"ViT was trained by {worlds[0]} process(es), DeiT by {worlds[1]}: global batches of {batches[0]} "
+                     f"and {batches[1]} images (and the peak lr with them: --lr is per 512)")
+    loaders = [state.get("loader") for state in (vit_state, deit_state)]
+    if None not in loaders and loaders[0] != loaders[1]:
+        notes.append(f"ViT read its train batches with the {loaders[0]} loader, DeiT with the {loaders[1]} loader: "
+                     f"crops and augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)")
+    flags = [saved_setting(state["config"], "amp") for state in (vit_state, deit_state)]
+    # what each trained with: as --amp auto resolved (kept since 2026-12-06), else the flag where it says so
+    amps = [state.get("amp") or (f if f != "auto" else None) for state, f in zip((vit_state, deit_state), flags)]
+    if None not in amps and amps[0] != amps[1] and "auto" in flags:  # (both by flag: recipe_differences lists them)
+        how = [f"--amp {a} ({'as --amp auto resolved on its device' if f == 'auto' else 'by flag'})"
+               for a, f in zip(amps, flags)]
+        notes.append(f"ViT trained with {how[0]}, DeiT with {how[1]}: their arithmetic differs")
+    for label, path, state in (("ViT", vit_ckpt, vit_state), ("DeiT", deit_ckpt, deit_state)):
+        if note := resumed_changes_note(label, path, state, metrics.get(label, [])):
+            notes.append(note)
+    if differ := recipe_differences(vit_state["config"], deit_state["config"]):
+        notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
+                     f"{', '.join(differ)}): the gap between them is not distillation's alone")
+    return notes
+
+
 def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
              num_images: int | None = None, seed: int = 0, out: str = "vit_vs_deit_random10.png",
              report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
@@ -447,50 +494,15 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
     save_figure(fig, Path(out), "--out")
-    notes[:0] = [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
-                 for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
-                                                         ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
-                 if state["config"]["model"] != model]
-    deit_cfg = deit_state["config"]
-    if deit_cfg["model"] == "deit_tiny_distill" and saved_setting(deit_cfg, "distillation_type") == "none":
-        notes.append("the DeiT was trained with --distillation-type none, without a teacher: both its heads learnt "
-                     "from the labels alone, so a gap to the ViT is not distillation's")
+    heads = [f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself"] * one_file
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
-        notes.insert(0, f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
-    if one_file:
-        notes.insert(0, f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself")
-    for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
-        if found := shards_change_text(state, label, data_path, manifest):  # by the pack's fingerprint, not the path
-            notes.append(found[1])
-        upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
-                                    saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
-        if upscaled and upscaled not in notes:  # (once for both models where they share the size)
-            notes.append(upscaled)
-    sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
-    if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
-        notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
-    worlds = [len(state.get("loader_states") or ()) for state in (vit_state, deit_state)]  # (one per process)
-    if all(worlds) and worlds[0] != worlds[1]:  # the same --batch-size and --lr, but not the same global batch
-        batches = [state["config"]["batch_size"] * w for state, w in zip((vit_state, deit_state), worlds)]
-        notes.append(f"ViT was trained by {worlds[0]} process(es), DeiT by {worlds[1]}: global batches of {batches[0]} "
-                     f"and {batches[1]} images (and the peak lr with them: --lr is per 512)")
-    loaders = [state.get("loader") for state in (vit_state, deit_state)]
-    if None not in loaders and loaders[0] != loaders[1]:
-        notes.append(f"ViT read its train batches with the {loaders[0]} loader, DeiT with the {loaders[1]} loader: "
-                     f"crops and augmentations drawn each loader's way (README: NVIDIA DALI says where they differ)")
-    flags = [saved_setting(state["config"], "amp") for state in (vit_state, deit_state)]
-    # what each trained with: as --amp auto resolved (kept since 2026-12-06), else the flag where it says so
-    amps = [state.get("amp") or (f if f != "auto" else None) for state, f in zip((vit_state, deit_state), flags)]
-    if None not in amps and amps[0] != amps[1] and "auto" in flags:  # (both by flag: recipe_differences lists them)
-        how = [f"--amp {a} ({'as --amp auto resolved on its device' if f == 'auto' else 'by flag'})"
-               for a, f in zip(amps, flags)]
-        notes.append(f"ViT trained with {how[0]}, DeiT with {how[1]}: their arithmetic differs")
-    for label, path, state in (("ViT", vit_ckpt, vit_state), ("DeiT", deit_ckpt, deit_state)):
-        if note := resumed_changes_note(label, path, state, metrics.get(label, [])):
-            notes.append(note)
-    if differ := recipe_differences(vit_state["config"], deit_state["config"]):
-        notes.append(f"beside distillation, ViT and DeiT were trained with other settings (ViT's / DeiT's: "
-                     f"{', '.join(differ)}): the gap between them is not distillation's alone")
+        heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
+    heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
+              for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
+                                                      ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
+              if state["config"]["model"] != model]
+    notes = heads + notes + comparison_notes((vit_ckpt, vit_state), (deit_ckpt, deit_state), data_path, manifest,
+                                             metrics)
     keys = val_keys(data_path, manifest)
     written = {"figure": out, "notes": notes,
                "panels": [{"index": i, "key": keys[i], "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}

@@ -339,7 +339,8 @@ def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: d
 
 
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
-    """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant."""
+    """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
+    resume's last: resume_notes)."""
     out, num_classes, global_batch = [], len(manifest["classes"]), cfg.global_batch(dist.world)  # (classes: WNIDs)
     for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
         if empty := classes_without_images(manifest, split):
@@ -365,35 +366,6 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
         out.append(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
                    f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
-    states = saved_loader_states(resumed)
-    if resumed is not None and len(states) not in (0, dist.world):  # a state per rank of the saved run
-        saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
-        out.append(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
-                   f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
-                   f"here on, and the sample order is not the uninterrupted run's")
-    if resumed is not None:  # the history the resumed run goes on from: metrics.jsonl beside its checkpoint
-        src = Path(cfg.resume).parent
-        try:
-            logged = {r.get("epoch") for r in read_metrics(src, resumed_after=resumed["epoch"])}
-        except (MissingFile, DataError):
-            logged = set()
-        if missing := [e for e in range(resumed["epoch"] + 1) if e not in logged]:
-            out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {numbers_text(missing)}: "
-                       f"the run goes on, and its curves and viz.py's report lack them")
-    if resumed is not None and (other := other_shards_note(resumed, cfg.resume, cfg.data_path, manifest)):
-        out.append(f"note: --resume: {other[0]}: training goes on, not as the uninterrupted run would have {other[1]}")
-    if resumed is not None and resumed.get("loader", train_loader.name) != train_loader.name:
-        out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
-                   f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
-                   f"way from here on (--loader {resumed['loader']} keeps the old)")
-    if resumed is not None and train_loader.name == "dali" and not train_loader.restored:
-        # an earlier vitdeit's: settings naming the shard list, not the pack's fingerprint (before 2026-12-05), or
-        # before that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
-        earlier = any(s is not None and not (isinstance(s, dict) and "pack" in s.get("settings", {})) for s in states)
-        why = ("a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
-               f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")
-        out.append(f"note: --resume: {cfg.resume} holds {why}: DALI's sample stream starts afresh (training goes on, "
-                   f"not bit-exactly).")
     per_rank = manifest["splits"]["train"]["num_samples"] // dist.world
     trained = len(train_loader) * cfg.batch_size  # whole batches only (drop_last, as the DeiT reference)
     if per_rank - trained > 0.05 * per_rank:
@@ -401,11 +373,6 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                    f"{per_rank} train images, whole batches only; the other {per_rank - trained} "
                    f"({100 * (per_rank - trained) / per_rank:.0f} %) sit out each epoch (others each time: the order "
                    f"is reshuffled). A --batch-size that divides {per_rank} more evenly trains on more of them")
-    now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]
-    if (last := last_amp(resumed)) not in (None, now) and saved_setting(resumed["config"], "amp") == cfg.amp:
-        # (the same --amp resolved otherwise; another --amp is a recipe change, noted as such)
-        out.append(f"note: --resume: {cfg.resume} trained with --amp {last}, as --amp {cfg.amp} resolved on its "
-                   f"device; on {dist.device.type} here it trains with {now} from here on")
     if cfg.amp == "fp16" and dist.device.type == "cpu":  # --amp auto is off on a CPU
         out.append("note: --amp fp16 on a CPU: many of PyTorch's CPU kernels run float16 far slower than float32; "
                    "--amp off is the CPU's default")
@@ -415,6 +382,46 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
                    f"copies, in batches of 64 and more)")
     if upscaled := upscale_warning(cfg.data_path, manifest, cfg.img_size, cfg.crop_pct):
         out.append(f"warning: {upscaled}")
+    return out + (resume_notes(cfg, dist, manifest, train_loader, resumed) if resumed is not None else [])
+
+
+def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed: dict) -> list[str]:
+    """What a --resume goes on from otherwise than the uninterrupted run would: another process count, metrics lines
+    missing, other shards, another loader, a DALI stream that starts afresh, another precision."""
+    out, global_batch = [], cfg.global_batch(dist.world)
+    states = saved_loader_states(resumed)
+    if len(states) not in (0, dist.world):  # a state per rank of the saved run
+        saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
+        out.append(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
+                   f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
+                   f"here on, and the sample order is not the uninterrupted run's")
+    src = Path(cfg.resume).parent  # the history the resumed run goes on from: metrics.jsonl beside its checkpoint
+    try:
+        logged = {r.get("epoch") for r in read_metrics(src, resumed_after=resumed["epoch"])}
+    except (MissingFile, DataError):
+        logged = set()
+    if missing := [e for e in range(resumed["epoch"] + 1) if e not in logged]:
+        out.append(f"note: --resume: {src / 'metrics.jsonl'} has no line for epoch(s) {numbers_text(missing)}: "
+                   f"the run goes on, and its curves and viz.py's report lack them")
+    if other := other_shards_note(resumed, cfg.resume, cfg.data_path, manifest):
+        out.append(f"note: --resume: {other[0]}: training goes on, not as the uninterrupted run would have {other[1]}")
+    if resumed.get("loader", train_loader.name) != train_loader.name:
+        out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
+                   f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
+                   f"way from here on (--loader {resumed['loader']} keeps the old)")
+    if train_loader.name == "dali" and not train_loader.restored:
+        # an earlier vitdeit's: settings naming the shard list, not the pack's fingerprint (before 2026-12-05), or
+        # before that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
+        earlier = any(s is not None and not (isinstance(s, dict) and "pack" in s.get("settings", {})) for s in states)
+        why = ("a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
+               f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")
+        out.append(f"note: --resume: {cfg.resume} holds {why}: DALI's sample stream starts afresh (training goes on, "
+                   f"not bit-exactly).")
+    now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]
+    if (last := last_amp(resumed)) not in (None, now) and saved_setting(resumed["config"], "amp") == cfg.amp:
+        # (the same --amp resolved otherwise; another --amp is a recipe change, noted as such)
+        out.append(f"note: --resume: {cfg.resume} trained with --amp {last}, as --amp {cfg.amp} resolved on its "
+                   f"device; on {dist.device.type} here it trains with {now} from here on")
     return out
 
 

@@ -30,9 +30,11 @@ def test_every_setting_the_field_groups_name_is_a_config_field():
 
 
 def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_file_says_otherwise(tmp_path,
-                                                                                                      capsys):
+                                                                                                      capsys,
+                                                                                                      monkeypatch):
     import torch
 
+    monkeypatch.chdir(tmp_path)
     shards = tmp_path / "shards"
     shards.mkdir()
     saved = Config(data_path=str(shards), output_dir=str(tmp_path / "runs"), run_name="int8d",
@@ -50,8 +52,14 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
     (tmp_path / "cfg.json").write_text(json.dumps({"lr": 0.002}))
     cfg = parse_args(["--config", str(tmp_path / "cfg.json"), "--resume", str(ckpt), "--run-name", "branch"])
     assert (cfg.lr, cfg.run_dir, cfg.mixup) == (0.002, tmp_path / "runs" / "branch", 0.8)  # file, flag, checkpoint
-    torch.save({"config": {**saved, "data_path": "shards"}, "data_dir": str(shards)}, ckpt)  # typed from tmp_path
-    assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)  # the folder it resolved to then
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the run folder and shards typed relative to tmp_path:
+    torch.save({"config": {**saved, "data_path": "shards", "output_dir": "runs"}, "data_dir": str(shards)}, ckpt)
+    cfg = parse_args(["--resume", str(ckpt)])  # the folders they were then
+    assert (cfg.data_path, cfg.run_dir, cfg.inherited >= {"data_path", "lr"}) == (str(shards), ckpt.parent, True)
+    (tmp_path / "backup").mkdir()  # a copy outside its run folder: the run's folder, as typed
+    torch.save({"config": {**saved, "output_dir": "runs"}, "data_dir": str(shards)}, tmp_path / "backup" / "l.pth")
+    assert parse_args(["--resume", str(tmp_path / "backup" / "l.pth")]).run_dir == Path("runs") / "int8d"
     torch.save({"config": {**saved, "distillation_alpha": 0.0}}, ckpt)  # (refused since it was saved)
     with pytest.raises(SystemExit):
         parse_args(["--resume", str(ckpt)])
@@ -60,6 +68,11 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
     assert parse_args(["--resume", str(ckpt), "--distillation-alpha", "0.5"]).lr == 0.01
     for unreadable in (tmp_path / "missing.pth", ckpt.parent):  # said with its fix as the run reads it
         assert parse_args(["--resume", str(unreadable)]) == Config(resume=str(unreadable))
+
+
+def test_an_old_deit_trained_with_alpha_0_or_1_can_still_be_evaluated():
+    for alpha in (0.0, 1.0):  # refused for training since 2026-12-06; --eval-only does not read it
+        assert from_dict({"model": "deit_tiny_distill", "distillation_alpha": alpha, "eval_only": True}).eval_only
 
 
 def test_a_saved_config_round_trips():

@@ -484,3 +484,22 @@ def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_s
                                                                f"this run's files: {one['text']}"
     shutil.copyfile(teacher, other)  # the same teacher: it trains
     assert spawn_two(_on_its_own_node, cfgs) == [{"error": None}] * 2
+
+
+def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_those_copies_gave(tiny_shards,
+                                                                                              monkeypatch):
+    from vitdeit import distributed, trainer
+    from vitdeit.classes import load_manifest
+    from vitdeit.config import Config
+
+    manifest = load_manifest(tiny_shards)
+    cfg = Config(data_path=str(tiny_shards), resume="/r/last.pth")
+    state = {"epoch": 3, "best_top1": 40.0, "pack": "ab", "metrics": {"val_top1": 40.0}}
+    views = []
+    for epoch, lr in ((3, 5e-4), (5, 1e-3)):  # copies from either side of a resume that changed --lr
+        monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
+        trainer.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), Config(**{**vars(cfg), "lr": lr}))
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
+    with pytest.raises(trainer.SettingError, match=r"^the checkpoint --resume /r/last.pth differs between nodes "
+                                                   r"\(rank 0 on .*: epoch 3; rank 1 on .*: epoch 5\)"):
+        trainer.read_run_files(lambda: (manifest, state), cfg)

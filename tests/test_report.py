@@ -397,6 +397,22 @@ def test_the_report_notes_the_settings_a_run_changed_when_resumed(runs, tmp_path
     assert sum("resumed with other settings" in n for n in w["notes"]) == 1  # (the DeiT's run was not)
 
 
+@pytest.mark.parametrize("alpha, said", [
+    (0.0, "the DeiT was trained with --distillation-alpha 0: the teacher's term had no weight, so nothing was "
+          "distilled, and its distillation head, half of each prediction, never learnt"),
+    (1.0, "the DeiT was trained with --distillation-alpha 1: the labels' term had no weight, so its class head, half "
+          "of each prediction, never learnt"), (0.5, None)])
+def test_a_deit_distilled_with_alpha_0_or_1_is_noted(runs, alpha, said):
+    from vitdeit.report import comparison_notes
+
+    vit, deit = (torch.load(runs / run / "best.pth", weights_only=True) for run in ("baseline_vit_tiny",
+                                                                                      "deit_tiny_distill"))
+    deit["config"]["distillation_alpha"] = alpha  # (a run saved before they were refused)
+    data = deit["config"]["data_path"]
+    notes = comparison_notes(("v.pth", vit), ("d.pth", deit), data, load_manifest(data), {})
+    assert [n for n in notes if "--distillation-alpha" in n] == ([said] if said else [])
+
+
 def test_a_model_that_did_not_distil_gets_no_teacher_row_from_an_unused_teacher_ckpt(runs, tmp_path):
     import shutil
 

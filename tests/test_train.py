@@ -374,7 +374,8 @@ def test_a_resume_whose_batch_no_longer_fits_the_data_names_the_saved_batch(teac
     last = os.path.join(cfg.output_dir, "teacher", "last.pth")
     with pytest.raises(DataError, match=re.escape("train: 640 samples per rank < --batch-size 1024; lower --batch-size"
                                                   f" (or use fewer processes); --resume {last} was trained with "
-                                                  "--batch-size 32 (drop --batch-size: train.py --resume goes on")):
+                                                  "--batch-size 32 (drop --batch-size, from --config too: train.py "
+                                                  "--resume goes on")):
         train(cfg_for(cfg.data_path, tmp_path, model="resnet18", lr=0.005, batch_size=1024, resume=last))
 
 
@@ -387,7 +388,7 @@ def test_resuming_with_other_settings_names_each_one_that_changed(teacher_run, t
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "a", **same, workers=0))  # where and how fast: not the recipe
     assert (f"note: --resume: settings differ from {last}'s: --epochs 3 -> 4; the run goes on with this "
-            f"invocation's (without those flags, train.py --resume goes on with the saved ones)"
+            f"invocation's (without those flags and --config values, train.py --resume goes on with the saved ones)"
             ) in capsys.readouterr().out
     with pytest.raises(Stopped):
         train(cfg_for(cfg.data_path, tmp_path / "b", **same, interpolation="bicubic", random_erasing=0.25))
@@ -1542,18 +1543,24 @@ def test_a_bare_resume_goes_on_in_its_runs_folder_with_its_saved_recipe(tiny_sha
     import train as train_py
     from vitdeit.metrics import read_metrics
 
-    monkeypatch.chdir(tmp_path)  # where a default runs/vit_tiny would go
-    first = ["--data-path", str(tiny_shards), "--output-dir", str(tmp_path / "out"), "--run-name", "r", "--img-size",
-             "32", "--patch-size", "8", "--batch-size", "16", "--lr", "0.003", "--mixup", "0.2", "--epochs", "1",
-             "--workers", "0", "--progress", "false", "--device", "cpu"]
+    (tmp_path / "data").symlink_to(tiny_shards)
+    monkeypatch.chdir(tmp_path)  # the first run's paths typed relative to here
+    first = ["--data-path", "data", "--output-dir", "out", "--run-name", "r", "--img-size", "32", "--patch-size", "8",
+             "--batch-size", "16", "--lr", "0.003", "--mixup", "0.2", "--epochs", "1", "--workers", "0", "--progress",
+             "false", "--device", "cpu"]
     assert train_py.main(first) == 0
     capsys.readouterr()
     last = tmp_path / "out" / "r" / "last.pth"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where "data" is no folder, and a default runs/vit_tiny would go
     assert train_py.main(["--resume", str(last), "--epochs", "2", "--workers", "0", "--progress", "false"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"run {tmp_path / 'out' / 'r'}: vit_tiny on {tiny_shards} ")  # (--device: this machine's)
+    assert out.startswith(f"run {tmp_path / 'out' / 'r'}: vit_tiny on {tiny_shards.resolve()} ")  # (--device: here)
     assert "settings differ from" in out and "'s: --epochs 1 -> 2; the run goes on" in out  # the one change given
-    assert [r["epoch"] for r in read_metrics(tmp_path / "out" / "r")] == [0, 1] and not (tmp_path / "runs").exists()
+    assert [r["epoch"] for r in read_metrics(tmp_path / "out" / "r")] == [0, 1]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    assert train_py.main(["--resume", "out/r/lats.pth", "--workers", "0"]) == 1  # named itself, not its shards
+    assert "error: --resume out/r/lats.pth: file not found; pass the right path" in capsys.readouterr().err
     saved = torch.load(last, weights_only=True)["config"]
     assert (saved["lr"], saved["mixup"], saved["batch_size"], saved["epochs"]) == (0.003, 0.2, 16, 2)
 
@@ -1570,3 +1577,16 @@ def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metric
     assert [r.get("resumed_with") for r in rows] == [None, ["--epochs 1 -> 2", "--lr 0.005 -> 0.002"],
                                                      ["--epochs 2 -> 3"]]
     assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 2 -> 3"]
+
+
+def test_a_resumes_shards_that_are_gone_are_named_as_the_ones_it_was_trained_on(tmp_path, monkeypatch):
+    from vitdeit.config import parse_args
+    from vitdeit.trainer import run_manifest
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"config": Config(data_path="/moved/shards").to_dict(), "data_dir": "/moved/shards"}, "last.pth")
+    with pytest.raises(SettingError) as e:
+        run_manifest(parse_args(["--resume", "last.pth"]))
+    assert str(e.value) == (f"--data-path not given, and the one --resume last.pth was trained on, /moved/shards, "
+                            f"holds no manifest.json seen from {tmp_path} (moved, or another machine's path): pass "
+                            f"--data-path with these shards' folder here")

@@ -1,4 +1,5 @@
-"""One configuration object: defaults <- JSON config file <- command-line flags; validated; saved with every run.
+"""One configuration object: defaults <- a --resume checkpoint's saved settings <- JSON config file <- command-line
+flags; validated; saved with every run.
 
 Every field is a flag (`lr` -> `--lr`, `eval_only` -> `--eval-only`); a config file is a JSON object of
 the same names (a run's own `config.json` works: `--config runs/NAME/config.json`).
@@ -146,7 +147,7 @@ class Config:
     seed: int = 0  # weights, data order and augmentation all follow from it
     output_dir: str = "runs"  # runs go to OUTPUT_DIR/RUN_NAME/
     run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
-    resume: str = ""  # a last.pth to continue exactly from
+    resume: str = ""  # a last.pth to continue exactly from (its saved settings and run folder are the defaults)
     overwrite: bool = False  # replace the run in OUTPUT_DIR/RUN_NAME (a folder holding last.pth is refused without)
     eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth) on val and exit
     progress: bool = True  # tqdm bars
@@ -183,7 +184,7 @@ class Config:
         need(0 <= self.distillation_alpha <= 1, f"--distillation-alpha {self.distillation_alpha}: must be in [0, 1]")
         need(self.distillation_tau > 0, f"--distillation-tau {self.distillation_tau}: must be > 0")
         alpha = self.distillation_alpha  # (a DeiT that distils: at 0 or 1, one of its two heads learns nothing)
-        need(self.distillation == "none" or 0 < alpha < 1,
+        need(self.distillation == "none" or 0 < alpha < 1 or self.eval_only,  # (--eval-only: not read)
              f"--distillation-alpha {alpha:g} with --distillation-type {self.distillation_type}: the "
              f"{'distillation' if alpha == 0 else 'class'} head then learns nothing, yet the DeiT predicts with the "
              f"mean of its two heads; choose a value between 0 and 1 (DeiT: 0.5), or --distillation-type none for a "
@@ -376,16 +377,21 @@ def resumed_settings(resume: str) -> dict:
     """The settings the --resume checkpoint was saved with, but THIS_MACHINE's: what its run goes on with where
     neither --config nor a flag says otherwise (a bare `--resume runs/NAME/last.pth` continues that run, in its
     folder, with its recipe). {} where the file cannot be read: the run names its error as it reads it again."""
-    from .checkpoint import torch_load
+    import torch
 
-    try:
-        state = torch_load(Path(resume), "--resume")
+    try:  # (mmap: the config without reading the weights; the run loads the whole file later)
+        state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
         saved = dict(state["config"])
     except Exception:  # (missing, a folder, not a checkpoint, cut short: each said later, with its fix)
         return {}
-    typed, resolved = saved.get("data_path"), state.get("data_dir")
-    if isinstance(typed, str) and not Path(typed).exists() and isinstance(resolved, str) and Path(resolved).exists():
-        saved["data_path"] = resolved  # typed relative to another working folder: the folder it resolved to then
+    if isinstance(data_dir := state.get("data_dir"), str) and Path(data_dir).is_dir():
+        saved["data_path"] = data_dir  # the folder it resolved to then (as typed, it may be relative to another)
+    name = saved.get("run_name") or saved.get("model")  # (Config.name: the run folder's name)
+    folder = Path(resume).resolve().parent
+    if (Path(saved.get("output_dir", "runs")) / str(name)).resolve() != folder and folder.name == name:
+        # its run folder, seen from another working folder or moved: the run goes on there (a copy elsewhere, named
+        # otherwise, goes on in its run's folder as typed, taking its history: README, branching)
+        saved["output_dir"], saved["run_name"] = str(folder.parent), folder.name
     known = {f.name for f in fields(Config)}
     return {k: v for k, v in saved.items() if k in known and k not in THIS_MACHINE + INVOCATION_FIELDS}
 
@@ -431,4 +437,5 @@ def parse_args(argv=None, description: str = "") -> Config:
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
                           else ""))
     cfg.given = frozenset(values)  # not a field (not saved): the settings a flag or --config set, for messages
+    cfg.inherited = frozenset(inherited) - cfg.given  # (and those the --resume checkpoint set)
     return cfg

@@ -416,6 +416,12 @@ def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: s
     if deit_cfg["model"] == "deit_tiny_distill" and saved_setting(deit_cfg, "distillation_type") == "none":
         notes.append("the DeiT was trained with --distillation-type none, without a teacher: both its heads learnt "
                      "from the labels alone, so a gap to the ViT is not distillation's")
+    alpha = saved_setting(deit_cfg, "distillation_alpha")  # 0 or 1: refused since 2026-12-06, not before
+    if distillation_of(deit_cfg["model"], saved_setting(deit_cfg, "distillation_type")) != "none" and alpha in (0, 1):
+        notes.append(f"the DeiT was trained with --distillation-alpha {alpha:g}: " + (
+            "the teacher's term had no weight, so nothing was distilled, and its distillation head, half of each "
+            "prediction, never learnt" if alpha == 0 else "the labels' term had no weight, so its class head, half "
+            "of each prediction, never learnt"))
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
         if found := shards_change_text(state, label, data_path, manifest):  # by the pack's fingerprint, not the path
             notes.append(found[1])

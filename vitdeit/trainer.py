@@ -158,8 +158,8 @@ def check_resumable(saved: dict, cfg: Config) -> None:
             for k in ("model", "img_size", "patch_size")[: 3 if patches else 2] if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise SettingError(f"--resume {cfg.resume} was saved with {', '.join(diff)}; resume with its recipe (drop "
-                           f"those flags: train.py --resume goes on with the saved settings), or drop --resume for a "
-                           f"new run.")
+                           f"those flags, and their --config values: train.py --resume goes on with the saved "
+                           f"settings), or drop --resume for a new run.")
     wd = saved_setting(saved, "weight_decay")
     if (wd == 0) != (cfg.weight_decay == 0):  # timm's optimiser: one parameter group without decay, else two
         raise SettingError(f"--resume {cfg.resume} was trained with --weight-decay {wd}, this run has "
@@ -169,11 +169,15 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                            + ", or drop --resume for a new run.")
 
 
-def recipe_changes(saved: dict, cfg: Config) -> list[str]:
-    """This invocation's settings that differ from the resumed run's, as flags (not those that only say where the
-    run writes and how it shows progress); a run saved before a setting existed had its default."""
+def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None) -> list[str]:
+    """This invocation's settings that differ from the resumed run's, as flags (not HOW_IT_RUNS); a run saved before
+    a setting existed had its default. data_dir: the checkpoint's shards' folder, resolved: --data-path naming it
+    otherwise (from another working folder) is no change."""
+    def same(k, v) -> bool:
+        return saved_setting(saved, k) == v or k == "data_path" and str(Path(v).resolve()) == data_dir
+
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-            if k not in HOW_IT_RUNS and saved_setting(saved, k) != v]
+            if k not in HOW_IT_RUNS and not same(k, v)]
 
 
 def resumes_in(run_dir: Path, cfg: Config) -> bool:
@@ -239,12 +243,13 @@ def read_run_files(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | N
     settings, on every node."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NODE_OWN}
     seen, (manifest, state) = read_on_every_node(read, lambda value: (*run_files_identity(value), settings))
-    refuse_other_settings(seen, item=lambda identity: identity[2])
     refuse_differing(seen, f"the shards at --data-path {cfg.data_path} differ", "give every node the same shards: "
                      "copy one pack_shards.py --out folder to each (or pack each node's copy of the images with the "
                      "same options and --seed)", item=lambda identity: identity[0])
     refuse_differing(seen, f"the checkpoint {ckpt_flag} {ckpt or cfg.resume} differs", SAME_FILE,
                      item=lambda identity: identity[1])
+    # last: a --resume's saved settings are each node's defaults, so other copies would read as other commands
+    refuse_other_settings(seen, item=lambda identity: identity[2])
     return manifest, state
 
 
@@ -319,6 +324,10 @@ def train(cfg: Config, on_epoch_end=None) -> dict:
 def run_manifest(cfg: Config) -> dict:
     """cfg.data_path's manifest. --data-path left out on the command line and in --config means the demo's shards:
     where there are none, that is the error, not a pack command aimed at the demo's folder."""
+    if "data_path" in getattr(cfg, "inherited", ()) and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
+        raise SettingError(f"--data-path not given, and the one --resume {cfg.resume} was trained on, "
+                           f"{cfg.data_path}, holds no {MANIFEST_NAME} seen from {Path.cwd()} (moved, or another "
+                           f"machine's path): pass --data-path with these shards' folder here")
     defaulted = "data_path" not in getattr(cfg, "given", {"data_path"})  # (a Config not from parse_args: given)
     if defaulted and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
         raise SettingError(f"--data-path not given, and its default, {cfg.data_path} (the folder python -m "
@@ -431,10 +440,11 @@ def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist:
     restored:
     step_update() recomputes the lr from the step count every step, and a restored one would keep the old run's
     epochs and global batch if those changed."""
-    changed = recipe_changes(resumed["config"], cfg)
-    if changed:  # legitimate (more --epochs, another --data-path copy), or a forgotten --config: said, not refused
+    changed = recipe_changes(resumed["config"], cfg, resumed.get("data_dir"))
+    if changed:  # legitimate (more --epochs, another --data-path copy), or a flag given by mistake: said, not refused
         dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "
-                   f"with this invocation's (without those flags, train.py --resume goes on with the saved ones)")
+                   f"with this invocation's (without those flags and --config values, train.py --resume goes on with "
+                   f"the saved ones)")
     net.load_state_dict(resumed["model"])
     saved = resumed["optimizer"]
     if len(saved["param_groups"]) == len(optimizer.param_groups):  # else load_state_dict names the mismatch
@@ -446,8 +456,8 @@ def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist:
         optimizer.load_state_dict(saved)
     except ValueError as e:  # other parameter groups (a change to or from weight decay 0 is refused earlier)
         raise SettingError(f"--resume {cfg.resume}: its optimiser state does not fit this run's ({first_line(e)}); "
-                           f"resume with the saved recipe (drop the flags that change it: train.py --resume goes on "
-                           f"with the saved settings)") from e
+                           f"resume with the saved recipe (drop the flags and --config values that change it: "
+                           f"train.py --resume goes on with the saved settings)") from e
     if resumed["scaler"]:  # empty when the saved run did not use fp16
         scaler.load_state_dict(resumed["scaler"])
     return changed
@@ -503,7 +513,8 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
                 raise
             with alike_on_every_rank():
                 raise DataError(f"{str(e).rstrip('.')}; --resume {cfg.resume} was trained with --batch-size {saved} "
-                                f"(drop --batch-size: train.py --resume goes on with the saved settings)") from e
+                                f"(drop --batch-size, from --config too: train.py --resume goes on with the saved "
+                                f"settings)") from e
     return train_loader, val_loader, caught
 
 
@@ -574,9 +585,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     device, run_dir = dist.device, cfg.run_dir
     with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
         def read():  # (each node's own files)
+            if cfg.resume:  # a missing file is named as such: not by the shards it would have named (parse_args),
+                checkpoint_file(cfg.resume, "--resume")  # nor as another folder's checkpoint by check_run_dir
             manifest = run_manifest(cfg)
-            if cfg.resume:  # a missing file is named as such, not as another folder's checkpoint by check_run_dir
-                checkpoint_file(cfg.resume, "--resume")
             if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and notes:
                 checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # its file is checked now
             elif cfg.distillation != "none":
@@ -590,7 +601,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         check_run_dir(run_dir, cfg, dist)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
-        if resumed is not None:  # before the loaders: a forgotten --config is named as such, not by its batch size
+        if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
             check_resumable(resumed["config"], cfg)
             if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
                 dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "
@@ -693,8 +704,14 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     with process_group(cfg.device) as dist:
         with alike_on_every_rank():  # the manifest and the checkpoint: train.py says their errors once per node
             path = cfg.resume or str(cfg.run_dir / "best.pth")
-            manifest, state = read_run_files(lambda: (m := run_manifest(cfg), load_checkpoint(
-                path, manifest_class_map(m), what="--eval-only checkpoint")), cfg, "--eval-only", path)
+
+            def read():  # (each node's own files)
+                if cfg.resume:  # a missing file named first (as _train's read does): its settings were the defaults
+                    checkpoint_file(path, "--eval-only checkpoint")
+                manifest = run_manifest(cfg)
+                return manifest, load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
+
+            manifest, state = read_run_files(read, cfg, "--eval-only", path)
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",

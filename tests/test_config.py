@@ -70,6 +70,29 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
         assert parse_args(["--resume", str(unreadable)]) == Config(resume=str(unreadable))
 
 
+def test_a_resumes_saved_settings_leave_out_what_one_command_does_and_fields_no_longer_known(tmp_path, capsys):
+    import torch
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    ckpt = tmp_path / "runs" / "r" / "last.pth"
+    ckpt.parent.mkdir(parents=True)
+    saved = {**Config(data_path=str(shards), output_dir=str(tmp_path / "runs"), run_name="r", lr=0.01).to_dict(),
+             "eval_only": True, "overwrite": True, "resume": "runs/x/last.pth",  # (an earlier vitdeit saved them)
+             "backend": "dali"}  # a setting this vitdeit no longer has
+    torch.save({"config": saved, "data_dir": str(shards)}, ckpt)
+    cfg = parse_args(["--resume", str(ckpt)])
+    assert (cfg.eval_only, cfg.overwrite, cfg.resume, cfg.lr) == (False, False, str(ckpt), 0.01)
+    with pytest.raises(SystemExit):  # a bad flag given with it is the flag's, not the checkpoint's
+        parse_args(["--resume", str(ckpt), "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert "--epochs 0: must be >= 1" in err and "was saved with" not in err
+    other = tmp_path / "copy"  # the shards' resolved folder wins over a path, as typed, that names another here
+    other.mkdir()
+    torch.save({"config": {**saved, "data_path": str(other)}, "data_dir": str(shards)}, ckpt)
+    assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)
+
+
 def test_an_old_deit_trained_with_alpha_0_or_1_can_still_be_evaluated():
     for alpha in (0.0, 1.0):  # refused for training since 2026-12-06; --eval-only does not read it
         assert from_dict({"model": "deit_tiny_distill", "distillation_alpha": alpha, "eval_only": True}).eval_only

@@ -358,6 +358,10 @@ def test_the_teacher_row_comes_from_the_teacher_the_deit_distilled_from(runs, tm
     torch.save(state, moved / "best.pth")
     w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(moved / "best.pth"), **kw)
     assert w["notes"] == [OUTSIDE_DATA] and OUTSIDE_DATA in (tmp_path / "report" / "report.md").read_text()
+    w = make_all(str(moved / "best.pth"), str(moved / "best.pth"), **kw)  # what the picture compares comes first
+    assert w["notes"] == [f"--vit and --deit are the same file, {moved / 'best.pth'}: the comparison is of one model "
+                          f"with itself", f"--vit {moved / 'best.pth'} holds a deit_tiny_distill, labelled ViT here",
+                          OUTSIDE_DATA]
     assert "the teacher is an ImageNet-1k ResNet-18 (torchvision's, unless --teacher-weights named another file)" in (
         tmp_path / "report" / "report.md").read_text()
     teacher_ckpt = runs / "teacher_resnet18" / "best.pth"  # the checkpoint, not its run folder
@@ -379,6 +383,10 @@ def test_a_run_resumed_with_other_settings_is_noted_with_which_of_them_the_check
     assert note("b.pth", 0) == said.format("b.pth (epoch 0) was saved before them")
     assert note("b.pth", 2) == said.format("b.pth (epoch 2) was saved before those from epoch 3 on")
     assert note("l.pth", 4) == said.format("l.pth (epoch 4) was saved after them")
+    assert note("e.pth", 3) == said.format("e.pth (epoch 3) was saved after them")  # (epoch 3 trained with them)
+    rows = rows[:2] + [{"epoch": 2, "resumed_with": ["a"]}, {"epoch": 3, "resumed_with": ["b"]}]
+    assert note("b.pth", 1).endswith("b.pth (epoch 1) was saved before those from epoch 2 on: the settings compared "
+                                     "here are the ones it was saved with")
     assert resumed_changes_note("ViT", "l.pth", {"epoch": 4}, [{"epoch": e} for e in range(5)]) is None
 
 
@@ -411,6 +419,30 @@ def test_a_deit_distilled_with_alpha_0_or_1_is_noted(runs, alpha, said):
     data = deit["config"]["data_path"]
     notes = comparison_notes(("v.pth", vit), ("d.pth", deit), data, load_manifest(data), {})
     assert [n for n in notes if "--distillation-alpha" in n] == ([said] if said else [])
+
+
+def comparison_states(tiny_shards, **deit):
+    from vitdeit.classes import pack_fingerprint
+
+    m = load_manifest(tiny_shards)
+    base = {"epoch": 3, "pack": pack_fingerprint(m), "data_dir": str(tiny_shards.resolve())}
+    vit = {**base, "config": Config(model="vit_tiny", data_path=str(tiny_shards)).to_dict()}
+    deit = {**base, "config": Config(model="deit_tiny_distill", data_path=str(tiny_shards), **deit).to_dict()}
+    return m, vit, deit
+
+
+def test_the_deits_resumes_are_noted_and_a_vit_saved_with_distillation_none_is_no_deit_without_teacher(tiny_shards):
+    from vitdeit.report import comparison_notes
+
+    m, vit, deit = comparison_states(tiny_shards)
+    rows = [{"epoch": 0}, {"epoch": 1, "resumed_with": ["--epochs 2 -> 4"]}]
+    notes = comparison_notes(("v.pth", vit), ("d.pth", deit), str(tiny_shards), m, {"ViT": [], "DeiT": rows})
+    assert [n for n in notes if "resumed" in n] == [
+        "DeiT's run was resumed with other settings (from epoch 1, --epochs 2 -> 4); d.pth (epoch 3) was saved after "
+        "them: the settings compared here are the ones it was saved with"]
+    other = {**vit, "config": {**vit["config"], "distillation_type": "none"}}  # a ViT labelled DeiT
+    assert not [n for n in comparison_notes(("v.pth", vit), ("d.pth", other), str(tiny_shards), m, {})
+                if "--distillation-type none" in n]
 
 
 def test_a_model_that_did_not_distil_gets_no_teacher_row_from_an_unused_teacher_ckpt(runs, tmp_path):

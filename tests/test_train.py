@@ -17,6 +17,7 @@ from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
+from vitdeit.data import dali_available
 from vitdeit.trainer import ema_warning, evaluate_checkpoint, lr_schedule, train
 
 
@@ -804,6 +805,7 @@ def test_distillation_settings_on_a_run_without_a_teacher_are_named(tiny_shards,
         "class, which no temperature changes: this run ignores it"]
     assert tau(model="deit_tiny_distill", distillation_type="soft", distillation_tau=4.0) == tau(
         model="deit_tiny_distill") == []
+    assert not [n for n in tau(model="vit_tiny", distillation_tau=4.0) if "hard distillation" in n]  # (no teacher)
 
 
 def test_distilling_from_torchvisions_imagenet1k_teacher_says_that_it_learnt_from_more_data(tiny_shards, tmp_path):
@@ -1571,12 +1573,12 @@ def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metric
     kw = dict(model="resnet18", batch_size=16, workers=0, run_name="r")
     train(cfg_for(tiny_shards, tmp_path, epochs=1, lr=0.005, **kw))
     last = str(tmp_path / "r" / "last.pth")
-    train(cfg_for(tiny_shards, tmp_path, epochs=2, lr=0.002, resume=last, **kw))
-    train(cfg_for(tiny_shards, tmp_path, epochs=3, lr=0.002, resume=last, progress=True, **kw))  # (how it runs)
+    train(cfg_for(tiny_shards, tmp_path, epochs=3, lr=0.002, resume=last, **kw))  # two epochs: the first says it
+    train(cfg_for(tiny_shards, tmp_path, epochs=4, lr=0.002, resume=last, progress=True, **kw))  # (how it runs)
     rows = read_metrics(tmp_path / "r")
-    assert [r.get("resumed_with") for r in rows] == [None, ["--epochs 1 -> 2", "--lr 0.005 -> 0.002"],
-                                                     ["--epochs 2 -> 3"]]
-    assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 2 -> 3"]
+    assert [r.get("resumed_with") for r in rows] == [None, ["--epochs 1 -> 3", "--lr 0.005 -> 0.002"], None,
+                                                     ["--epochs 3 -> 4"]]
+    assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 3 -> 4"]
 
 
 def test_a_resumes_shards_that_are_gone_are_named_as_the_ones_it_was_trained_on(tmp_path, monkeypatch):
@@ -1590,3 +1592,39 @@ def test_a_resumes_shards_that_are_gone_are_named_as_the_ones_it_was_trained_on(
     assert str(e.value) == (f"--data-path not given, and the one --resume last.pth was trained on, /moved/shards, "
                             f"holds no manifest.json seen from {tmp_path} (moved, or another machine's path): pass "
                             f"--data-path with these shards' folder here")
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+def test_a_resume_on_another_loader_writes_it_into_its_first_epochs_metrics_line(tiny_shards, tmp_path):
+    from vitdeit.metrics import read_metrics
+
+    kw = dict(model="resnet18", batch_size=16, workers=0, run_name="r")
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, loader="torch", **kw))
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, loader="dali", resume=str(tmp_path / "r" / "last.pth"), **kw))
+    assert read_metrics(tmp_path / "r")[1]["resumed_with"] == ["--epochs 1 -> 2", "--loader 'torch' -> 'dali'"]
+
+
+def test_a_resumes_notes_come_after_the_others_and_an_older_checkpoint_gets_none_it_cannot_back(tiny_shards):
+    from vitdeit.classes import load_manifest
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_notes
+
+    cfg = cfg_for(tiny_shards, "runs", resume="runs/r/last.pth", amp="fp16")
+    resumed = {"config": cfg.to_dict(), "epoch": 0, "loader": "dali", "loader_states": [None, None]}
+    notes = run_notes(cfg, load_manifest(tiny_shards), Dist(), StepsOnly(6), resumed, 1e-3)
+    resume = [i for i, n in enumerate(notes) if n.startswith("note: --resume:")]
+    assert len(resume) >= 2 and resume == list(range(len(notes) - len(resume), len(notes))) and resume[0] > 0
+    # saved before checkpoints kept the loader and its states: no note on a loader or process count it did not save
+    notes = run_notes(cfg, load_manifest(tiny_shards), Dist(), StepsOnly(6), {"config": cfg.to_dict(), "epoch": 0},
+                      1e-3)
+    assert not [n for n in notes if "loader" in n or "process(es)" in n], notes
+
+
+def test_a_resume_on_shards_it_cannot_tell_says_what_that_may_change(tiny_shards):
+    from vitdeit.classes import load_manifest
+    from vitdeit.trainer import other_shards_note
+
+    m = load_manifest(tiny_shards)
+    assert other_shards_note({"pack": "0" * 16, "config": {}}, "old.pth", str(tiny_shards), m)[1] == "(another pack)"
+    assert other_shards_note({"config": {"data_path": "/elsewhere"}}, "older.pth", str(tiny_shards), m)[1] == (
+        "(if those are other shards)")

@@ -322,8 +322,9 @@ def train(cfg: Config, on_epoch_end=None) -> dict:
 
 
 def run_manifest(cfg: Config) -> dict:
-    """cfg.data_path's manifest. --data-path left out on the command line and in --config means the demo's shards:
-    where there are none, that is the error, not a pack command aimed at the demo's folder."""
+    """cfg.data_path's manifest. --data-path left out on the command line and in --config means the --resume
+    checkpoint's shards, or else the demo's: where there are none, that is the error, not a pack command aimed at
+    that folder."""
     if "data_path" in getattr(cfg, "inherited", ()) and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
         raise SettingError(f"--data-path not given, and the one --resume {cfg.resume} was trained on, "
                            f"{cfg.data_path}, holds no {MANIFEST_NAME} seen from {Path.cwd()} (moved, or another "
@@ -437,9 +438,8 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
 def restore(resumed: dict, cfg: Config, net: nn.Module, optimizer, scaler, dist: Dist) -> list[str]:
     """--resume: the weights, the optimiser's moments and step counts (with this invocation's hyper-parameters),
     the loss scaler; a note of the settings that differ from the saved run's, which it returns. The schedule is not
-    restored:
-    step_update() recomputes the lr from the step count every step, and a restored one would keep the old run's
-    epochs and global batch if those changed."""
+    restored: step_update() recomputes the lr from the step count every step, and a restored one would keep the old
+    run's epochs and global batch if those changed."""
     changed = recipe_changes(resumed["config"], cfg, resumed.get("data_dir"))
     if changed:  # legitimate (more --epochs, another --data-path copy), or a flag given by mistake: said, not refused
         dist.print(f"note: --resume: settings differ from {cfg.resume}'s: {', '.join(changed)}; the run goes on "

@@ -57,6 +57,20 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
     torch.save({"config": {**saved, "data_path": "shards", "output_dir": "runs"}, "data_dir": str(shards)}, ckpt)
     cfg = parse_args(["--resume", str(ckpt)])  # the folders they were then
     assert (cfg.data_path, cfg.run_dir, cfg.inherited >= {"data_path", "lr"}) == (str(shards), ckpt.parent, True)
+    assert cfg.teacher_ckpt == "t/best.pth"  # (no such file where it was typed: as typed, named when the run reads it)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "best.pth").write_bytes(b"")
+    assert parse_args(["--resume", str(ckpt)]).teacher_ckpt == str(tmp_path / "t" / "best.pth")  # typed from there
+    torch.save({"config": {**saved, "data_path": "shards", "output_dir": "runs"}}, ckpt)  # (saved before data_dir)
+    assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)
+    for output_dir in ("./runs", "."):  # the run folder typed otherwise from tmp_path
+        (tmp_path / output_dir / "int8d").mkdir(exist_ok=True)
+        torch.save({"config": {**saved, "output_dir": output_dir}}, tmp_path / output_dir / "int8d" / "last.pth")
+        assert parse_args(["--resume", str(tmp_path / output_dir / "int8d" / "last.pth")]).teacher_ckpt == str(
+            tmp_path / "t" / "best.pth")
+    torch.save({"config": {**saved, "output_dir": "../x/runs"}}, ckpt)  # (where it was typed from cannot be told)
+    assert parse_args(["--resume", str(ckpt)]).teacher_ckpt == "t/best.pth"
+    torch.save({"config": {**saved, "output_dir": "runs"}, "data_dir": str(shards)}, ckpt)
     (tmp_path / "backup").mkdir()  # a copy outside its run folder: the run's folder, as typed
     torch.save({"config": {**saved, "output_dir": "runs"}, "data_dir": str(shards)}, tmp_path / "backup" / "l.pth")
     assert parse_args(["--resume", str(tmp_path / "backup" / "l.pth")]).run_dir == Path("runs") / "int8d"

@@ -606,6 +606,17 @@ def test_the_speed_switches_are_no_change_of_recipe_on_resume():
     assert recipe_changes(saved, switched) == ["--lr 0.0005 -> 0.001"]  # what it computes, not how fast it runs
 
 
+def test_a_path_a_resumes_checkpoint_gave_rebased_to_here_is_no_change_but_one_typed_is():
+    from vitdeit.trainer import recipe_changes
+
+    saved = Config(teacher_ckpt="runs/resnet18/best.pth").to_dict()
+    cfg = Config(teacher_ckpt="/home/u/proj/runs/resnet18/best.pth")  # the same file, from another working folder
+    assert recipe_changes(saved, cfg) == ["--teacher-ckpt 'runs/resnet18/best.pth' -> "
+                                          "'/home/u/proj/runs/resnet18/best.pth'"]  # typed: it may be another file
+    cfg.inherited = frozenset({"teacher_ckpt"})  # (as parse_args sets it)
+    assert recipe_changes(saved, cfg) == []
+
+
 def test_a_resume_names_a_change_of_every_setting_that_changes_what_the_run_computes_and_of_no_other():
     from vitdeit.config import flag
     from vitdeit.trainer import recipe_changes
@@ -1565,6 +1576,29 @@ def test_a_bare_resume_goes_on_in_its_runs_folder_with_its_saved_recipe(tiny_sha
     assert "error: --resume out/r/lats.pth: file not found; pass the right path" in capsys.readouterr().err
     saved = torch.load(last, weights_only=True)["config"]
     assert (saved["lr"], saved["mixup"], saved["batch_size"], saved["epochs"]) == (0.003, 0.2, 16, 2)
+
+
+def test_a_bare_resumes_teacher_is_the_one_typed_where_its_run_began_and_one_gone_is_named_as_the_checkpoints(
+        tiny_shards, tmp_path, monkeypatch, capsys):
+    import train as train_py
+
+    run = tmp_path / "runs" / "deit_tiny_distill"
+    run.mkdir(parents=True)
+    saved = Config(data_path=str(tiny_shards), model="deit_tiny_distill", teacher_ckpt="runs/resnet18/best.pth",
+                   img_size=32, patch_size=8).to_dict()  # typed from tmp_path, as the README's commands are
+    torch.save({"config": saved, "data_dir": str(tiny_shards)}, run / "last.pth")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train_py.main(["--resume", str(run / "last.pth"), "--workers", "0"]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: --teacher-ckpt runs/resnet18/best.pth: file not found; train one with train.py (it writes "
+        f"OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or pass the right path. (the path --resume {run / 'last.pth'} "
+        f"was saved with, seen from {tmp_path / 'elsewhere'}: give --teacher-ckpt with the teacher's path here)")
+    (tmp_path / "runs" / "resnet18").mkdir()
+    (tmp_path / "runs" / "resnet18" / "best.pth").write_bytes(b"")  # found where it was typed: the run goes on to
+    assert train_py.main(["--resume", str(run / "last.pth"), "--workers", "0"]) == 1  # read --resume (a stub here)
+    err = capsys.readouterr().err
+    assert "--teacher-ckpt" not in err and "last.pth: not a vitdeit checkpoint (missing" in err
 
 
 def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metrics_line(tiny_shards, tmp_path):

@@ -373,6 +373,16 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def typed_from_now(output_dir: Path, found: Path) -> Path | None:
+    """The working folder a run was started from, as seen from here: its --output-dir, typed relative to that
+    folder, was found at `found` (moved, or seen from another working folder). None where that cannot be told (an
+    absolute --output-dir, one with '..', or `found` not ending in it)."""
+    n = len(output_dir.parts)  # ("." has none)
+    if output_dir.is_absolute() or ".." in output_dir.parts or (n and found.parts[-n:] != output_dir.parts):
+        return None
+    return found.parents[n - 1] if n else found
+
+
 def resumed_settings(resume: str) -> dict:
     """The settings the --resume checkpoint was saved with, but THIS_MACHINE's: what its run goes on with where
     neither --config nor a flag says otherwise (a bare `--resume runs/NAME/last.pth` continues that run, in its
@@ -388,10 +398,17 @@ def resumed_settings(resume: str) -> dict:
         saved["data_path"] = data_dir  # the folder it resolved to then (as typed, it may be relative to another)
     name = saved.get("run_name") or saved.get("model")  # (Config.name: the run folder's name)
     folder = Path(resume).resolve().parent
-    if (Path(saved.get("output_dir", "runs")) / str(name)).resolve() != folder and folder.name == name:
+    output_dir = Path(saved.get("output_dir", "runs"))
+    if (output_dir / str(name)).resolve() != folder and folder.name == name:
         # its run folder, seen from another working folder or moved: the run goes on there (a copy elsewhere, named
         # otherwise, goes on in its run's folder as typed, taking its history: README, branching)
         saved["output_dir"], saved["run_name"] = str(folder.parent), folder.name
+        if (typed_from := typed_from_now(output_dir, folder.parent)) is not None:
+            for key in ("data_path", "teacher_ckpt", "teacher_weights"):  # typed relative to it too: as seen from here
+                value = saved.get(key)  # (a data_path the checkpoint's data_dir gave is absolute)
+                if (isinstance(value, str) and value not in ("", "imagenet1k") and not Path(value).is_absolute()
+                        and (typed_from / value).exists()):
+                    saved[key] = str(typed_from / value)
     known = {f.name for f in fields(Config)}
     return {k: v for k, v in saved.items() if k in known and k not in THIS_MACHINE + INVOCATION_FIELDS}
 

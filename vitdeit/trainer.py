@@ -172,9 +172,10 @@ def check_resumable(saved: dict, cfg: Config) -> None:
 def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None) -> list[str]:
     """This invocation's settings that differ from the resumed run's, as flags (not HOW_IT_RUNS); a run saved before
     a setting existed had its default. data_dir: the checkpoint's shards' folder, resolved: --data-path naming it
-    otherwise (from another working folder) is no change."""
+    otherwise (from another working folder) is no change, nor is a path the checkpoint gave, rebased to here."""
     def same(k, v) -> bool:
-        return saved_setting(saved, k) == v or k == "data_path" and str(Path(v).resolve()) == data_dir
+        return (saved_setting(saved, k) == v or k in getattr(cfg, "inherited", ())
+                or k == "data_path" and str(Path(v).resolve()) == data_dir)
 
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
             if k not in HOW_IT_RUNS and not same(k, v)]
@@ -588,10 +589,17 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             if cfg.resume:  # a missing file is named as such: not by the shards it would have named (parse_args),
                 checkpoint_file(cfg.resume, "--resume")  # nor as another folder's checkpoint by check_run_dir
             manifest = run_manifest(cfg)
-            if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and notes:
-                checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # its file is checked now
-            elif cfg.distillation != "none":
-                check_weights_file(cfg.teacher_weights)
+            try:
+                if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and
+                    checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # notes: its file is checked now
+                elif cfg.distillation != "none":
+                    check_weights_file(cfg.teacher_weights)
+            except MissingFile as e:
+                key = "teacher_ckpt" if cfg.teacher_ckpt else "teacher_weights"
+                if key in getattr(cfg, "inherited", ()):
+                    raise MissingFile(f"{e} (the path --resume {cfg.resume} was saved with, seen from {Path.cwd()}: "
+                                      f"give {flag(key)} with the teacher's path here)") from None
+                raise
             resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what="--resume") if cfg.resume else None
             return manifest, resumed
 

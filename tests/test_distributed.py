@@ -160,11 +160,28 @@ def test_a_process_on_a_gpu_node_takes_the_gpu_of_its_local_rank_not_its_global_
     # so that no process group starts
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     for key, value in {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     dist = setup("auto")
     assert chosen == [1] and dist.device == torch.device("cuda", 1) and (dist.rank, dist.local_rank) == (3, 1)
+
+
+def test_a_process_whose_local_rank_has_no_gpu_on_its_node_is_told_how_many_it_sees(monkeypatch):
+    chosen = []  # torchrun --nproc_per_node=4 on a node that shows 2 GPUs: local ranks 2 and 3 have none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for key, value in {"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": "4,5"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingError) as e:
+        setup("auto")
+    assert str(e.value) == ("LOCAL_RANK 2: this process sees 2 GPU(s) (CUDA_VISIBLE_DEVICES=4,5), and each process "
+                            "needs its own: start at most 2 per node (torchrun --nproc_per_node=2), or show each its "
+                            "node's GPUs") and chosen == []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert setup("auto").device == torch.device("cuda", 1) and chosen == [1]
 
 
 def test_unwrap_finds_the_plain_module_under_ddp_and_compile_either_way_round():
@@ -266,6 +283,31 @@ def _on_its_own_node(rank, world, port, out_dir, cfgs):
         out = {"error": type(e).__name__, "text": str(e), "alike": getattr(e, "alike_on_every_rank", False),
                "together": getattr(e, "every_rank_stops", False)}
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
+
+
+def _disk_full_on_rank_0(rank, world, port, out_dir, cfgs):
+    import errno
+
+    from vitdeit import trainer
+    from vitdeit.errors import write_failed
+
+    def full(path, state):  # rank 0's disk fills up as it saves its first epoch
+        raise write_failed(Path(path), OSError(errno.ENOSPC, "No space left on device"), "nothing kept")
+
+    if rank == 0:
+        trainer.save_checkpoint = full
+    _on_its_own_node(rank, world, port, out_dir, cfgs)
+
+
+def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(tiny_shards, tmp_path):
+    # (else the other nodes' ranks went on to the next epoch's collectives and waited there: spawn_two's timeout)
+    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=2,
+                  data_path=str(tiny_shards))
+    zero, one = spawn_two(_disk_full_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)])
+    assert zero["error"] == one["error"] == "WriteFailed" and zero["text"] == one["text"]
+    assert zero["text"].startswith(f"could not write {tmp_path / 'runs0' / 'vit_tiny' / 'best.pth'}: [Errno 28] No space left")
+    assert zero["alike"] and one["alike"] and zero["together"] and one["together"]
+    assert not (tmp_path / "runs1").exists()  # (rank 0 alone writes)
 
 
 def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_pack(tiny_shards, tmp_path):

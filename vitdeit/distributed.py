@@ -43,6 +43,11 @@ def setup(device_pref: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
+        if local_rank >= (n := torch.cuda.device_count()):  # (else CUDA's "invalid device ordinal", a traceback)
+            shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise SettingError(f"LOCAL_RANK {local_rank}: this process sees {n} GPU(s)" + (
+                f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "") + f", and each process needs its "
+                f"own: start at most {n} per node (torchrun --nproc_per_node={n}), or show each its node's GPUs")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -123,6 +128,24 @@ def all_gather_object(obj) -> list:
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def on_rank_0(dist: Dist, write):
+    """write() on rank 0 alone (the run folder's files), its VitdeitError (a full disk's WriteFailed) raised on
+    every rank: the others would otherwise go on to their next collective and wait there (on other nodes until the
+    process group's timeout, with the message on rank 0's node alone). Returns write()'s value on rank 0, None on the
+    others."""
+    value, error = None, None
+    if dist.is_main:
+        try:
+            value = write()
+        except VitdeitError as e:
+            error = e
+    if dist.world > 1:
+        error = all_gather_object(error)[0]  # (rank 0's, pickled: its message and type)
+    if error is not None:
+        raise together(error)
+    return value
 
 
 def numbers_text(numbers: list[int]) -> str:

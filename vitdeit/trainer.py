@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, flag, saved_set
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
-                          process_group, ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
+                          on_rank_0, process_group, ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
-from .errors import BatchTooLarge, DataError, MissingFile, SettingError, alike_on_every_rank, first_line, together
+from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank, first_line,
+                     together, write_failed)
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
@@ -187,10 +189,23 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
     return bool(cfg.resume) and Path(cfg.resume).parent.resolve() == run_dir.resolve()
 
 
+def cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be made in `folder` (or, not there yet, in the nearest folder above it), e.g. "[Errno 13]
+    Permission denied: ..."; None if one can. Tried, not asked (os.access): root, read-only disks and network file
+    systems answer access() wrongly. Leaves nothing behind."""
+    here = next(p for p in (folder, *folder.parents) if p.exists())  # (a file on the path: check_run_dir's)
+    try:
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        return f"{e.strerror} in {here}" if e.strerror else first_line(e)
+    return None
+
+
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
     """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
-    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be. Rank 0,
-    which alone writes there, looks; every rank stops on what it found."""
+    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or a
+    folder this user cannot write in. Rank 0, which alone writes there, looks (before the set-up's minutes); every
+    rank stops on what it found."""
     problem = None
     file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if file:
@@ -202,6 +217,9 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
         problem = (f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
                    f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
+    elif dist.is_main and (why := cannot_write_in(run_dir)):
+        problem = (f"--output-dir {cfg.output_dir}: the run folder {run_dir} cannot be written ({why}); pass another "
+                   f"--output-dir")
     if problem := all_gather_object(problem)[0]:  # (rank 0's)
         raise together(SettingError(problem))
 
@@ -647,12 +665,21 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if resumed.get("loader", train_loader.name) != train_loader.name:  # (noted as the run starts)
             changed.append(f"--loader {resumed['loader']!r} -> {train_loader.name!r}")
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
-    if dist.is_main:
-        start_run_dir(run_dir, cfg)
+
+    def begin():  # rank 0's: the run folder, and the history a resumed run goes on from (rank 0's best counts)
+        try:
+            start_run_dir(run_dir, cfg)
+            best = (best_top1 if resumed is None else
+                    adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg)))
+            return best, MetricsLog(run_dir, True, resume_epoch=start_epoch - 1 if cfg.resume else None)
+        except VitdeitError:  # (WriteFailed is an OSError too: said already)
+            raise
+        except OSError as e:  # (after check_run_dir's test: a disk that filled up, or went read-only, since)
+            raise write_failed(Path(e.filename or run_dir), e, "the run stopped before its first epoch") from e
+
+    with alike_on_every_rank():
+        best_top1, log = on_rank_0(dist, begin) or (best_top1, MetricsLog(run_dir, False))
     if resumed is not None:
-        if dist.is_main:
-            # (rank 0's is the one that counts)
-            best_top1 = adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg))
         dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
             f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else f"(no best.pth of its epochs up to "
             f"{resumed['epoch']} was kept: the next epoch writes one)"))
@@ -661,7 +688,6 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     model, teacher, graphs = compile_for_training(net, teacher, use_compile, mode)
     model = wrap(model, dist)
     loss_fn = make_loss(cfg, teacher)
-    log = MetricsLog(run_dir, dist.is_main, resume_epoch=start_epoch - 1 if cfg.resume else None)
 
     record, pack = {}, pack_fingerprint(manifest)  # (the pack's, saved with every checkpoint)
     for epoch in range(start_epoch, cfg.epochs):
@@ -682,7 +708,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         is_best = va["val_top1"] > best_top1
         best_top1 = max(best_top1, va["val_top1"])
         loader_states = all_gather_object(train_loader.state())  # DALI: each rank's reader position and RNGs
-        if dist.is_main:
+
+        def save():  # rank 0's
             state = {
                 "model": net.state_dict(), "best_top1": best_top1, "epoch": epoch, "config": cfg.to_dict(),
                 "classes": list(class_map.wnids), "optimizer": optimizer.state_dict(),
@@ -697,6 +724,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 save_checkpoint(run_dir / "best.pth", state)
             log.write(record)
             save_checkpoint(run_dir / "last.pth", state)
+
+        with alike_on_every_rank():  # (a full disk: every rank stops with its message)
+            on_rank_0(dist, save)
         ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
         dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                    f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "

@@ -79,6 +79,8 @@ def test_the_lr_warms_up_to_its_peak_then_follows_a_cosine_to_min_lr_over_the_st
 def test_an_ema_that_would_still_be_mostly_its_starting_weights_is_warned_of_with_a_decay_that_fits():
     assert "leaves 37% of the EMA" in ema_warning(0.9998, 5000)  # 0.9998 ** 5000 = 0.3678
     assert ema_warning(0.99, 1000) is None  # 0.99 ** 1000: 4e-5 left
+    assert 0.05 < 0.99 ** 290 < 0.055 and 0.045 < 0.99 ** 300 < 0.05  # the 5 % bar, from either side:
+    assert "leaves 5% of the EMA" in ema_warning(0.99, 290) and ema_warning(0.99, 300) is None
     msg = ema_warning(0.9998, 1000)  # 0.9998 ** 1000 = 0.8187
     assert "leaves 82% of the EMA at its starting weights" in msg
     decay = float(msg.rsplit(" ", 1)[1])
@@ -1601,6 +1603,29 @@ def test_a_bare_resumes_teacher_is_the_one_typed_where_its_run_began_and_one_gon
     assert "--teacher-ckpt" not in err and "last.pth: not a vitdeit checkpoint (missing" in err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_a_run_folder_no_file_can_be_made_in_is_refused_before_the_set_up_naming_the_flag(tiny_shards, tmp_path):
+    from vitdeit.trainer import cannot_write_in
+
+    with pytest.raises(SettingError) as e:
+        train(cfg_for(tiny_shards, "/proc/runs"))  # (root too: it is tried, not asked)
+    assert str(e.value) == ("--output-dir /proc/runs: the run folder /proc/runs/vit_tiny cannot be written (No such "
+                            "file or directory in /proc); pass another --output-dir")
+    (tmp_path / "a").mkdir()
+    assert cannot_write_in(tmp_path / "a" / "b" / "c") is None and list(tmp_path.rglob("*")) == [tmp_path / "a"]
+
+
+def test_a_run_folder_write_that_fails_after_the_checks_is_one_line_naming_the_file(tiny_shards, tmp_path):
+    from vitdeit.errors import WriteFailed
+
+    (tmp_path / "vit_tiny" / "config.json").mkdir(parents=True)  # where the run writes its config: a folder
+    with pytest.raises(WriteFailed) as e:
+        train(cfg_for(tiny_shards, tmp_path, workers=0))
+    assert str(e.value).startswith(f"could not write {tmp_path / 'vit_tiny' / 'config.json'}: [Errno 21] Is a "
+                                   f"directory") and str(e.value).endswith(
+        "; the run stopped before its first epoch. Pass another --output-dir")
+
+
 def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metrics_line(tiny_shards, tmp_path):
     from vitdeit.metrics import read_metrics
 
@@ -1662,3 +1687,14 @@ def test_a_resume_on_shards_it_cannot_tell_says_what_that_may_change(tiny_shards
     assert other_shards_note({"pack": "0" * 16, "config": {}}, "old.pth", str(tiny_shards), m)[1] == "(another pack)"
     assert other_shards_note({"config": {"data_path": "/elsewhere"}}, "older.pth", str(tiny_shards), m)[1] == (
         "(if those are other shards)")
+
+
+def test_a_damaged_metrics_line_is_dropped_only_after_the_resumed_epochs_line(tmp_path):
+    from vitdeit.metrics import read_metrics
+
+    rows = [json.dumps({"epoch": e}) for e in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([rows[0], '{"epoch": 1, "val', rows[2]]) + "\n")
+    with pytest.raises(DataError, match="line 2"):  # before the resumed epoch's: history, not to be dropped
+        read_metrics(tmp_path, resumed_after=2)
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*rows, '{"epoch": 3, "val']) + "\n")
+    assert [r["epoch"] for r in read_metrics(tmp_path, resumed_after=2)] == [0, 1, 2]  # a partial write after it

@@ -246,3 +246,15 @@ def test_each_class_has_its_own_shape_and_about_half_its_images_its_own_hue(tmp_
         for _ in range(50):
             got = colorsys.rgb_to_hsv(*(v / 255 for v in demo._class_colour(rng, hue, 0.125)))[0]
             assert min(abs(got - hue), 1 - abs(got - hue)) <= 0.0625 + 0.01  # (+ 8-bit rounding)
+
+
+@pytest.mark.parametrize("cue, cued", [(1.0, 16), (0.0, 0)])
+def test_colour_cue_is_the_share_of_images_filled_with_their_class_hue(tmp_path, monkeypatch, cue, cued):
+    from vitdeit import demo
+
+    hues, real = [], demo.draw_sample
+    monkeypatch.setattr(demo, "draw_sample", lambda s, rng, size, hue=None, hue_width=0.05:
+                        (hues.append(hue), real(s, rng, size, hue, hue_width))[1])
+    demo.make_demo_dataset(tmp_path / "d", LABELS, num_classes=2, train_per_class=4, val_per_class=4,
+                           min_size=16, max_size=16, colour_cue=cue)
+    assert len(hues) == 16 and sum(h is not None for h in hues) == cued  # (2 classes x (4 + 4) images)

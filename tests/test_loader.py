@@ -590,3 +590,12 @@ def test_shards_packed_under_vals_shorter_side_and_only_those_are_warned_of(pack
     assert said == ("S was packed with --resize-short 255, under the 256 px shorter side val resizes to (--img-size "
                     "224 / --crop-pct 0.875): images are upscaled. Repack with --resize-short 256 or more, or lower "
                     "--img-size." if warned else None)
+
+
+def test_a_crop_spanning_a_whole_side_is_drawn_where_it_lands_not_centred():
+    # a 100x200 image at scale 0.5 and ratio 1: every crop is 100x100, the image's whole height; torchvision's
+    # RandomResizedCrop places it uniformly along the width (a centred fallback would put it at 50 every time)
+    t = TrainTransform(24, scale=(0.5, 0.5), ratio=(1.0, 1.0))
+    boxes = [t.crop_box(100, 200, random.Random(s)) for s in range(20)]
+    assert all(b[0] == 0 and b[2:] == (100, 100) for b in boxes)
+    assert len({b[1] for b in boxes}) > 5

@@ -1220,3 +1220,18 @@ def test_the_packers_summary_says_each_count_and_each_kind_of_file_it_did_not_pa
              "skipped": [], "hidden_not_read": {"count": 0, "first": []}, "converted": [], "warnings": [],
              "same_bytes": []}
     assert summary_lines(clean, "/out") == ["val: 1 images of 1 from val.X/ in 1 shard"]
+
+
+def test_an_index_whose_header_miscounts_its_lines_is_refused(tmp_path):
+    from vitdeit.data import shard_paths
+    from vitdeit.data.index import index_count
+
+    pack(small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=2), tmp_path / "s",
+         opts=PackOptions(workers=1), progress=False)
+    idx = tmp_path / "s" / "val-000000.idx"
+    lines = idx.read_text().splitlines(keepends=True)
+    assert lines[0] == "v1.2 4\n" and len(lines) == 5  # 2 classes x 2 val images
+    idx.write_text("v1.2 3\n" + "".join(lines[1:]))  # (hand-edited, or another tool's)
+    assert index_count(idx) == -1
+    with pytest.raises(DataError, match="not a whole wds2idx"):
+        shard_paths(tmp_path / "s", load_manifest(tmp_path / "s"), "val")

@@ -305,7 +305,8 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(tiny_sha
                   data_path=str(tiny_shards))
     zero, one = spawn_two(_disk_full_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)])
     assert zero["error"] == one["error"] == "WriteFailed" and zero["text"] == one["text"]
-    assert zero["text"].startswith(f"could not write {tmp_path / 'runs0' / 'vit_tiny' / 'best.pth'}: [Errno 28] No space left")
+    best = tmp_path / "runs0" / "vit_tiny" / "best.pth"
+    assert zero["text"].startswith(f"could not write {best}: [Errno 28] No space left")
     assert zero["alike"] and one["alike"] and zero["together"] and one["together"]
     assert not (tmp_path / "runs1").exists()  # (rank 0 alone writes)
 

@@ -70,6 +70,12 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
             tmp_path / "t" / "best.pth")
     torch.save({"config": {**saved, "output_dir": "../x/runs"}}, ckpt)  # (where it was typed from cannot be told)
     assert parse_args(["--resume", str(ckpt)]).teacher_ckpt == "t/best.pth"
+    (tmp_path / "proj" / "t").mkdir(parents=True)  # proj/runs, a link to the runs above: typed from proj
+    (tmp_path / "proj" / "t" / "best.pth").write_bytes(b"")  # (and tmp_path/t/best.pth, the links' target's, too)
+    (tmp_path / "proj" / "runs").symlink_to(tmp_path / "runs")
+    torch.save({"config": {**saved, "output_dir": "runs"}}, ckpt)
+    assert parse_args(["--resume", str(tmp_path / "proj" / "runs" / "int8d" / "last.pth")]).teacher_ckpt == str(
+        tmp_path / "proj" / "t" / "best.pth")
     torch.save({"config": {**saved, "output_dir": "runs"}, "data_dir": str(shards)}, ckpt)
     (tmp_path / "backup").mkdir()  # a copy outside its run folder: the run's folder, as typed
     torch.save({"config": {**saved, "output_dir": "runs"}, "data_dir": str(shards)}, tmp_path / "backup" / "l.pth")

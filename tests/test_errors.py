@@ -141,6 +141,21 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_file_and_leaves_no_par
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no last.pth.tmp left behind
 
 
+def test_a_checkpoint_whose_rename_fails_is_a_write_that_failed_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, {"epoch": 0})
+
+    def refused(src, dst):  # e.g. a network file system that went read-only between the write and the rename
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(WriteFailed, match=r"could not write .*last\.pth: \[Errno 13\] Permission denied.*the "
+                                          r"previous last\.pth is kept\. Pass another --output-dir"):
+        save_checkpoint(path, {"epoch": 1})
+    assert torch.load(path, weights_only=True) == {"epoch": 0} and [p.name for p in tmp_path.iterdir()] == [
+        "last.pth"]
+
+
 def test_a_checkpoint_write_that_fails_for_another_reason_keeps_its_own_error(tmp_path, monkeypatch):
     def cuda_error(obj, f):  # e.g. copying a CUDA tensor to the host: not the disk, so not a WriteFailed
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -1615,6 +1615,42 @@ def test_a_run_folder_no_file_can_be_made_in_is_refused_before_the_set_up_naming
     assert cannot_write_in(tmp_path / "a" / "b" / "c") is None and list(tmp_path.rglob("*")) == [tmp_path / "a"]
 
 
+def test_a_run_folder_that_cannot_be_written_is_no_matter_to_a_resume_with_nothing_left_to_do(tiny_shards, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    import train as train_py
+    from vitdeit import trainer
+
+    assert train_py.main(["--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--img-size", "32",
+                          "--patch-size", "8", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--progress",
+                          "false", "--device", "cpu"]) == 0
+    monkeypatch.setattr(trainer, "cannot_write_in", lambda folder: "Read-only file system in /archive")
+    last = tmp_path / "vit_tiny" / "last.pth"
+    capsys.readouterr()
+    assert train_py.main(["--resume", str(last), "--workers", "0"]) == 0  # (a finished run, kept read-only)
+    assert "has trained 1 epoch(s), --epochs 1: nothing to do" in capsys.readouterr().out
+    assert train_py.main(["--resume", str(last), "--workers", "0", "--epochs", "2"]) == 1
+    assert capsys.readouterr().err == (f"error: --output-dir {tmp_path}: the run folder {tmp_path / 'vit_tiny'} (the "
+                                       f"run folder of --resume {last}, where it goes on) cannot be written "
+                                       f"(Read-only file system in /archive); pass another --output-dir\n")
+
+
+def test_a_resumed_runs_file_that_cannot_be_read_is_named_as_read_not_written(tiny_shards, tmp_path, monkeypatch):
+    import shutil
+
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, workers=0, run_name="a"))
+    src = tmp_path / "a" / "metrics.jsonl"
+
+    def unreadable(a, b):
+        raise PermissionError(13, "Permission denied", str(a))
+
+    monkeypatch.setattr(shutil, "copyfile", unreadable)
+    with pytest.raises(DataError) as e:  # resumed into another run folder: its metrics.jsonl is copied there
+        train(cfg_for(tiny_shards, tmp_path, epochs=2, workers=0, run_name="b",
+                      resume=str(tmp_path / "a" / "last.pth")))
+    assert str(e.value) == (f"could not read {src}, of the run --resume {tmp_path / 'a' / 'last.pth'} goes on from: "
+                            f"[Errno 13] Permission denied: '{src}'; make it readable by this user")
+
+
 def test_a_run_folder_write_that_fails_after_the_checks_is_one_line_naming_the_file(tiny_shards, tmp_path):
     from vitdeit.errors import WriteFailed
 

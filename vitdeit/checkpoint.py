@@ -29,6 +29,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
+        os.replace(tmp, path)  # never a half-written checkpoint under the real name
     except (OSError, RuntimeError) as e:
         # a full disk surfaces as OSError or as a RuntimeError of torch's zip writer (inline_container.cc:
         # "PytorchStreamWriter failed writing file ...", "unexpected pos 704 vs 598"); any other RuntimeError (a
@@ -38,7 +39,6 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)  # a truncated .tmp would only take more of the space that ran out
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise write_failed(path, e, kept) from e
-    os.replace(tmp, path)  # never a half-written checkpoint under the real name
 
 
 def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:

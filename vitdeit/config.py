@@ -376,9 +376,9 @@ class Parser(argparse.ArgumentParser):
 def typed_from_now(output_dir: Path, found: Path) -> Path | None:
     """The working folder a run was started from, as seen from here: its --output-dir, typed relative to that
     folder, was found at `found` (moved, or seen from another working folder). None where that cannot be told (an
-    absolute --output-dir, one with '..', or `found` not ending in it)."""
+    absolute --output-dir, or `found` not ending in it: a folder's path here holds no '..')."""
     n = len(output_dir.parts)  # ("." has none)
-    if output_dir.is_absolute() or ".." in output_dir.parts or (n and found.parts[-n:] != output_dir.parts):
+    if output_dir.is_absolute() or (n and found.parts[-n:] != output_dir.parts):
         return None
     return found.parents[n - 1] if n else found
 
@@ -403,7 +403,10 @@ def resumed_settings(resume: str) -> dict:
         # its run folder, seen from another working folder or moved: the run goes on there (a copy elsewhere, named
         # otherwise, goes on in its run's folder as typed, taking its history: README, branching)
         saved["output_dir"], saved["run_name"] = str(folder.parent), folder.name
-        if (typed_from := typed_from_now(output_dir, folder.parent)) is not None:
+        typed_from = None
+        for seen in (Path(os.path.abspath(resume)).parent.parent, folder.parent):  # through symlinks, then targets
+            typed_from = typed_from or typed_from_now(output_dir, seen)
+        if typed_from is not None:
             for key in ("data_path", "teacher_ckpt", "teacher_weights"):  # typed relative to it too: as seen from here
                 value = saved.get(key)  # (a data_path the checkpoint's data_dir gave is absolute)
                 if (isinstance(value, str) and value not in ("", "imagenet1k") and not Path(value).is_absolute()

@@ -190,8 +190,8 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
 
 
 def cannot_write_in(folder: Path) -> str | None:
-    """Why no file can be made in `folder` (or, not there yet, in the nearest folder above it), e.g. "[Errno 13]
-    Permission denied: ..."; None if one can. Tried, not asked (os.access): root, read-only disks and network file
+    """Why no file can be made in `folder` (or, not there yet, in the nearest folder above it), e.g. "Permission
+    denied in /data"; None if one can. Tried, not asked (os.access): root, read-only disks and network file
     systems answer access() wrongly. Leaves nothing behind."""
     here = next(p for p in (folder, *folder.parents) if p.exists())  # (a file on the path: check_run_dir's)
     try:
@@ -201,11 +201,11 @@ def cannot_write_in(folder: Path) -> str | None:
     return None
 
 
-def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
+def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -> None:
     """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
-    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or a
-    folder this user cannot write in. Rank 0, which alone writes there, looks (before the set-up's minutes); every
-    rank stops on what it found."""
+    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or, for
+    a run that `writes` (not a resumed one with nothing left to do), a folder this user cannot write in. Rank 0,
+    which alone writes there, looks (before the set-up's minutes); every rank stops on what it found."""
     problem = None
     file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if file:
@@ -217,9 +217,11 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist) -> None:
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
         problem = (f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
                    f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
-    elif dist.is_main and (why := cannot_write_in(run_dir)):
-        problem = (f"--output-dir {cfg.output_dir}: the run folder {run_dir} cannot be written ({why}); pass another "
-                   f"--output-dir")
+    elif writes and dist.is_main and (why := cannot_write_in(run_dir)):
+        given = ("" if "output_dir" not in getattr(cfg, "inherited", ()) else
+                 f" (the run folder of --resume {cfg.resume}, where it goes on)")
+        problem = (f"--output-dir {cfg.output_dir}: the run folder {run_dir}{given} cannot be written ({why}); pass "
+                   f"another --output-dir")
     if problem := all_gather_object(problem)[0]:  # (rank 0's)
         raise together(SettingError(problem))
 
@@ -624,7 +626,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         manifest, resumed = read_run_files(read, cfg)
         class_map = manifest_class_map(manifest)
         num_classes = len(class_map)
-        check_run_dir(run_dir, cfg, dist)
+        check_run_dir(run_dir, cfg, dist, writes=resumed is None or resumed["epoch"] + 1 < cfg.epochs)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
@@ -675,7 +677,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         except VitdeitError:  # (WriteFailed is an OSError too: said already)
             raise
         except OSError as e:  # (after check_run_dir's test: a disk that filled up, or went read-only, since)
-            raise write_failed(Path(e.filename or run_dir), e, "the run stopped before its first epoch") from e
+            name = Path(e.filename or run_dir)
+            if run_dir not in (name, *name.parents):  # one of the --resume folder's files, read
+                raise DataError(f"could not read {name}, of the run --resume {cfg.resume} goes on from: "
+                                f"{first_line(e)}; make it readable by this user") from e
+            raise write_failed(name, e, "the run stopped before its first epoch") from e
 
     with alike_on_every_rank():
         best_top1, log = on_rank_0(dist, begin) or (best_top1, MetricsLog(run_dir, False))

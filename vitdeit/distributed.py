@@ -1,5 +1,5 @@
 """Distributed concerns in one place: torchrun set-up, rank helpers, exact metric sums, what every node read
-(gathered and compared), unwrapping."""
+(gathered and compared), rank 0's writes (their errors raised on every rank), unwrapping."""
 
 from __future__ import annotations
 

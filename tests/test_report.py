@@ -711,7 +711,10 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
 @pytest.mark.parametrize("out, report, said", [
     ("{tmp}/file/p.png", None, "--out {tmp}/file/p.png: its folder {tmp}/file cannot be made ([Errno 17] File exists"),
     ("{tmp}", None, "--out {tmp}: a folder; name a picture file, e.g. --out {tmp}/vit_vs_deit_random10.png"),
-    ("{tmp}/p.png", "{tmp}/file", "--report-dir {tmp}/file: cannot be made ([Errno 17] File exists")])
+    ("{tmp}/p.png", "{tmp}/file", "--report-dir {tmp}/file: cannot be made ([Errno 17] File exists"),
+    # a folder that is there but takes no file (root too: tried, not asked)
+    ("/proc/p.png", None, "--out /proc/p.png: its folder /proc cannot be written in (No such file or directory in "
+                          "/proc); pass another --out")])
 def test_an_output_path_that_cannot_be_written_is_refused_before_any_val_pass(runs, tmp_path, monkeypatch, out,
                                                                               report, said):
     from vitdeit import report as rep

@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,8 +129,20 @@ def output_folder(path: Path, option: str, is_folder: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
         raise SettingError(f"{option} {path}:{where} cannot be made ({first_line(e)}); pass another {option}") from e
-    if not os.access(folder, os.W_OK):  # (always true for root)
-        raise SettingError(f"{option} {path}:{where} cannot be written in by this user; pass another {option}")
+    if why := cannot_write_in(folder):
+        raise SettingError(f"{option} {path}:{where} cannot be written in ({why}); pass another {option}")
+
+
+def cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be made in `folder` (or, not there yet, in the nearest folder above it), e.g. "Permission
+    denied in /data"; None if one can. Tried, not asked (os.access): root, read-only disks and network file
+    systems answer access() wrongly. Leaves nothing behind."""
+    here = next(p for p in (folder, *folder.parents) if p.exists())  # (a file on the path: the caller's to name)
+    try:
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        return f"{e.strerror} in {here}" if e.strerror else first_line(e)
+    return None
 
 
 # what a full disk, a quota or a file-size limit raises; torch.save's own write errors carry no errno

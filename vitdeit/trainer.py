@@ -9,7 +9,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
                           on_rank_0, process_group, ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
 from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
-from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank, first_line,
-                     together, write_failed)
+from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
+                     cannot_write_in, first_line, together, write_failed)
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
@@ -187,18 +186,6 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
     """--resume names a checkpoint in run_dir itself: the run there goes on (else a new one starts, or one resumed
     from another folder, whose history adopt_history brings)."""
     return bool(cfg.resume) and Path(cfg.resume).parent.resolve() == run_dir.resolve()
-
-
-def cannot_write_in(folder: Path) -> str | None:
-    """Why no file can be made in `folder` (or, not there yet, in the nearest folder above it), e.g. "Permission
-    denied in /data"; None if one can. Tried, not asked (os.access): root, read-only disks and network file
-    systems answer access() wrongly. Leaves nothing behind."""
-    here = next(p for p in (folder, *folder.parents) if p.exists())  # (a file on the path: check_run_dir's)
-    try:
-        tempfile.TemporaryFile(dir=here).close()
-    except OSError as e:
-        return f"{e.strerror} in {here}" if e.strerror else first_line(e)
-    return None
 
 
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -> None:
@@ -626,12 +613,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         manifest, resumed = read_run_files(read, cfg)
         class_map = manifest_class_map(manifest)
         num_classes = len(class_map)
-        check_run_dir(run_dir, cfg, dist, writes=resumed is None or resumed["epoch"] + 1 < cfg.epochs)
+        done = resumed is not None and resumed["epoch"] + 1 >= cfg.epochs  # a resumed run with nothing left to do
+        check_run_dir(run_dir, cfg, dist, writes=not done)
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
             check_resumable(resumed["config"], cfg)
-            if resumed["epoch"] + 1 >= cfg.epochs:  # before anything is written: config.json keeps the run's recipe
+            if done:  # before anything is written: config.json keeps the run's recipe
                 dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "
                            f"to do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
                 return {}

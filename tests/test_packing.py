@@ -493,8 +493,10 @@ def test_ctrl_c_stops_the_packer_with_one_line_and_the_rerun_finishes(tmp_path):
     (slow / "sitecustomize.py").write_text("import time\nfrom PIL import Image\n_open = Image.open\n"
                                            "Image.open = lambda *a, **k: (time.sleep(0.01), _open(*a, **k))[1]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    # Ctrl-C's default action, as in a terminal: a suite started in the background by a shell without job control
+    # (`cmd &` in a script) runs with SIGINT ignored, which the packer would inherit (and then finish, exit 0)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not list((tmp_path / "s" / ".progress").glob("*.json")) and time.time() < deadline:
         time.sleep(0.05)

@@ -44,7 +44,7 @@ from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_
                             refuse_below)
 from vitdeit.data import MEAN, STD, build_loader, dali_available, val_resize  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
-from vitdeit.engine import compile_for_training, compile_mode, step_stream, train_step  # noqa: E402
+from vitdeit.engine import Step, compile_for_training, compile_mode, step_stream  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
 from vitdeit.errors import (DataError, SettingError, VitdeitError, first_line, output_folder, say_error,  # noqa: E402
                             save_output)
@@ -300,7 +300,7 @@ def bench_transforms(files: list[Path], img_size: int, n: int = 200) -> list[dic
 
 
 def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, compile_: bool):
-    """A closure running one step of train.py's training at its defaults (engine.train_step: forward, loss with the
+    """A closure running one step of train.py's training at its defaults (engine.Step: forward, loss with the
     teacher's forward, backward, clipping, AdamW; before it the lr schedule and the batch augmentations, as
     engine.train_one_epoch), on a batch already on the device."""
     cfg = Config(model=model_name, img_size=a.img_size, batch_size=a.batch_size, channels_last=channels_last)
@@ -313,12 +313,12 @@ def train_step_fn(model_name: str, a, device, amp_dtype, channels_last: bool, co
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augment = batch_augmentation(cfg, 100, device)  # (none at train.py's defaults)
     model, teacher, graphs = compile_for_training(net, teacher, compile_, a.compile_mode)  # as train.py compiles
-    loss_fn = make_loss(cfg, teacher)
+    train_step = Step(model, make_loss(cfg, teacher), optimizer, scaler, amp_dtype, cfg.clip_grad, graphs)
 
     def step(x, y):
         scheduler.step_update(next(count))
         x, targets = augment(x, y) if augment is not None else (x, y)
-        train_step(model, loss_fn, optimizer, scaler, x, targets, amp_dtype, cfg.clip_grad, graphs)
+        train_step(x, targets)
 
     return step, net, teacher
 

@@ -915,7 +915,7 @@ def test_the_gpu_session_skips_what_no_longer_fits_and_goes_on_past_a_failed_ste
 
 
 def test_the_timed_model_step_is_train_pys_step_at_its_defaults(monkeypatch):
-    """The ceiling every end-to-end fraction divides by is engine.train_step with train.py's loss, optimiser,
+    """The ceiling every end-to-end fraction divides by is engine.Step with train.py's loss, optimiser,
     clipping and drop path, not a lighter copy of it: the step's arguments and objects, one step on a CPU."""
     import types
 
@@ -924,14 +924,16 @@ def test_the_timed_model_step_is_train_pys_step_at_its_defaults(monkeypatch):
     from benchmarks import throughput
     from vitdeit.config import Config
 
-    calls, lrs, real = [], [], throughput.train_step
-    monkeypatch.setattr(throughput, "train_step", lambda *args: calls.append(args) or lrs.append(
-        args[2].param_groups[0]["lr"]) or real(*args))
+    calls, lrs, real = [], [], throughput.Step.__call__
+    monkeypatch.setattr(throughput.Step, "__call__", lambda self, x, y: calls.append(self) or lrs.append(
+        self.optimizer.param_groups[0]["lr"]) or real(self, x, y))
     a = types.SimpleNamespace(img_size=32, batch_size=4, compile_mode="default")
     step, net, teacher = throughput.train_step_fn("deit_tiny_distill", a, torch.device("cpu"), None, True, False)
     for _ in range(2):
         step(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 2, 3]))
-    (model, loss_fn, optimizer, _scaler, _x, _targets, amp, clip, graphs) = calls[0]
+    first = calls[0]  # (the Step object)
+    model, loss_fn, optimizer = first.model, first.loss_fn, first.optimizer
+    amp, clip, graphs = first.amp_dtype, first.clip_grad, first.graphs
     assert model is net and amp is None and clip == Config.clip_grad > 0 and not graphs
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, Config.weight_decay]
     # the schedule, set before each step: train.py's warm-up from peak / 1000, over its 1,000 steps (1 epoch)

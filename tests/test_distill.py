@@ -87,7 +87,7 @@ def test_deit_train_top1_scores_the_mean_of_its_heads_as_val_does():
     from types import SimpleNamespace
 
     from vitdeit.distributed import Dist
-    from vitdeit.engine import train_one_epoch
+    from vitdeit.engine import Step, train_one_epoch
 
     class TwoHeads(torch.nn.Module):  # each head alone is right on half of the images, their mean on all
         def __init__(self):
@@ -102,7 +102,6 @@ def test_deit_train_top1_scores_the_mean_of_its_heads_as_val_does():
     loader = [(torch.zeros(4, 3, 2, 2), torch.tensor([1, 0, 1, 0]))] * 2
     loss_fn = lambda images, outputs, y: sum(o.sum() for o in outputs) * 0  # noqa: E731
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    out = train_one_epoch(model, loss_fn, loader, opt, SimpleNamespace(step_update=lambda i: None),
-                          torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(),
-                          progress=False)
+    step = Step(model, loss_fn, opt, torch.amp.GradScaler("cpu", enabled=False))
+    out = train_one_epoch(step, loader, SimpleNamespace(step_update=lambda i: None), 0, Dist(), progress=False)
     assert out["train_top1"] == 100.0 and out["train_samples"] == 8  # either head alone: 50 %

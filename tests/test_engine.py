@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import spawn_two, torchrun_env
 from vitdeit.distributed import Dist, process_group
-from vitdeit.engine import evaluate, train_one_epoch
+from vitdeit.engine import Step, evaluate, train_one_epoch
 
 torch.manual_seed(0)
 N, C = 13, 10  # more classes than top-5, a last batch of 3
@@ -33,6 +33,12 @@ class TwoHeads(nn.Module):  # what head_logits reads of a timm DeiT: forward_fea
     def forward_features(self, x):
         i = x.view(-1).long()
         return torch.stack([CLS[i], DIST[i]], dim=1)
+
+
+def sgd_step(model, loss_fn, lr: float = 0.0, scaler=None, clip_grad: float = 0.0) -> Step:
+    """engine.Step with plain SGD at `lr` (0: the weights stay) and, unless given, float32's pass-through scaler."""
+    return Step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=lr),
+                scaler or torch.amp.GradScaler("cpu", enabled=False), clip_grad=clip_grad)
 
 
 def counted(logits):
@@ -106,8 +112,7 @@ def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts
 
     model = Model()
     loss_fn = lambda images, outputs, targets: images.mean() + 0 * model.w  # the batch's mean row index
-    out = train_one_epoch(model, loss_fn, BATCHES, torch.optim.SGD(model.parameters(), lr=0.0), NoSchedule(),
-                          torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(), progress=False)
+    out = train_one_epoch(sgd_step(model, loss_fn), BATCHES, NoSchedule(), 0, Dist(), progress=False)
     assert out["train_samples"] == N
     assert abs(out["train_loss"] - sum(range(N)) / N) < 1e-12  # 6.0; the mean of the 3 batch means is 6.67
     # DeiT: the mean of its heads, as evaluate() scores val (here not the class head's own top-1)
@@ -136,8 +141,8 @@ def test_clipping_bounds_the_unscaled_gradient_norm(scaled):
     loss_fn = lambda images, outputs, targets: (outputs * torch.tensor([3.0, 4.0])).sum() / len(outputs)  # noqa
     batches = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))]  # gradient (3, 4): norm 5
     scaler = torch.amp.GradScaler("cpu", enabled=scaled, init_scale=1024.0)  # fp16's scaler: unscaled before clipping
-    train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=1.0), NoSchedule(), scaler, None, None,
-                    None, 1.0, 0, Dist(), progress=False)
+    train_one_epoch(sgd_step(m, loss_fn, lr=1.0, scaler=scaler, clip_grad=1.0), batches, NoSchedule(), 0, Dist(),
+                    progress=False)
     assert torch.allclose(m.w.detach(), torch.tensor([-0.6, -0.8]))  # one SGD step along -(3, 4) / 5
 
 
@@ -161,9 +166,7 @@ def test_data_wait_is_the_time_blocked_on_the_loader_not_the_step():
     loss_fn = lambda images, outputs, targets: outputs.sum()  # noqa
     fast = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 4
     for model, loader, low, high in ((Bias(), SlowLoader(), 0.8, 1.0), (SlowModel(), fast, 0.0, 0.2)):
-        out = train_one_epoch(model, loss_fn, loader, torch.optim.SGD(model.parameters(), lr=0.0), NoSchedule(),
-                              torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(),
-                              progress=False)
+        out = train_one_epoch(sgd_step(model, loss_fn), loader, NoSchedule(), 0, Dist(), progress=False)
         assert low < out["data_wait_frac"] <= high
 
 
@@ -183,9 +186,8 @@ def test_the_epochs_rate_is_every_ranks_images_over_the_time_counted_once(monkey
         # the sums as two ranks with these same batches would add them up; the one rank's as they are
         monkeypatch.setattr(engine, "all_reduce_sum", lambda t: t.mul_(world))
         m = Bias()
-        rates[world] = train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=0.0), NoSchedule(),
-                                       torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0,
-                                       Dist(rank=0, world=world), progress=False)
+        rates[world] = train_one_epoch(sgd_step(m, loss_fn), batches, NoSchedule(), 0, Dist(rank=0, world=world),
+                                       progress=False)
     assert rates[1]["train_samples"] == 6 and rates[2]["train_samples"] == 12
     assert rates[2]["images_per_s"] == 2 * rates[1]["images_per_s"] > 0
 
@@ -202,8 +204,7 @@ def test_the_model_trains_in_train_mode_and_evaluates_in_eval_mode():
 
     m, batches = Recorder(), [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 3
     m.eval()
-    train_one_epoch(m, lambda images, outputs, targets: outputs.sum(), batches, torch.optim.SGD(m.parameters(), lr=0.0),
-                    NoSchedule(), torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 0, Dist(),
+    train_one_epoch(sgd_step(m, lambda images, outputs, targets: outputs.sum()), batches, NoSchedule(), 0, Dist(),
                     progress=False)
     assert m.modes == [True] * 3
     evaluate(m, batches, Dist(), progress=False)
@@ -237,8 +238,7 @@ def test_the_model_and_the_loss_with_its_teacher_see_the_augmented_batch_and_its
     batches = [(torch.full((2, 1), float(i)), torch.tensor([i, 1 - i])) for i in range(2)]
     augment = lambda x, y: (x * 10 + 1, F.one_hot(y, 2).float() * 0.9 + 0.05)  # noqa: E731 (mixed: soft targets)
     m = Recorder()
-    train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=0.0), NoSchedule(),
-                    torch.amp.GradScaler("cpu", enabled=False), None, augment, None, 0.0, 0, Dist(), progress=False)
+    train_one_epoch(sgd_step(m, loss_fn), batches, NoSchedule(), 0, Dist(), None, augment, progress=False)
     for (x, y), fed, (to_loss, targets) in zip(batches, seen["model"], seen["loss"]):
         assert torch.equal(fed, x * 10 + 1) and torch.equal(to_loss, fed)
         assert torch.equal(targets, F.one_hot(y, 2).float() * 0.9 + 0.05)
@@ -253,8 +253,7 @@ def test_each_step_applies_its_own_gradient_and_the_schedule_counts_steps_across
 
     loss_fn = lambda images, outputs, targets: (outputs * torch.tensor([3.0, 4.0])).sum() / len(outputs)  # noqa
     batches = [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))] * 3  # gradient (3, 4) every step
-    train_one_epoch(m, loss_fn, batches, torch.optim.SGD(m.parameters(), lr=1.0), Schedule(),
-                    torch.amp.GradScaler("cpu", enabled=False), None, None, None, 0.0, 2, Dist(), progress=False)
+    train_one_epoch(sgd_step(m, loss_fn, lr=1.0), batches, Schedule(), 2, Dist(), progress=False)
     assert torch.equal(m.w.detach(), torch.tensor([-9.0, -12.0]))  # 3 steps of (3, 4), not 1 + 2 + 3 of them
     assert steps == [6, 7, 8]  # epoch 2 of 3-step epochs: the lr of global steps 6..8
 

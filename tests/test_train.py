@@ -1325,8 +1325,8 @@ def test_clip_grad_drop_path_and_a_new_sample_order_each_epoch_reach_the_trainin
         p, max_norm, *a, **k))
     monkeypatch.setattr(timm.optim, "create_optimizer_v2", lambda net, *a, **k: made.append(net) or make_optimizer(
         net, *a, **k))
-    monkeypatch.setattr(trainer, "train_one_epoch", lambda model, loss_fn, loader, *a, **k: orders.append(
-        loader.sampler.indices()) or epoch_fn(model, loss_fn, loader, *a, **k))
+    monkeypatch.setattr(trainer, "train_one_epoch", lambda step, loader, *a, **k: orders.append(
+        loader.sampler.indices()) or epoch_fn(step, loader, *a, **k))
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=2, batch_size=16, workers=0, seed=5, clip_grad=0.25,
                   drop_path=0.2))
     assert clips == [0.25] * (2 * 96 // 16)  # every step of both epochs, at the flag's norm

@@ -1,10 +1,12 @@
-"""train_step / train_one_epoch / evaluate: AMP, CUDA graphs, exact metric sums across ranks, data-wait accounting."""
+"""Step / train_one_epoch / evaluate: AMP, CUDA graphs, exact metric sums across ranks, data-wait accounting."""
 
 from __future__ import annotations
 
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,31 +62,41 @@ def step_stream(kind: str, device: torch.device):
         torch.cuda.current_stream(device).wait_stream(stream)
 
 
-def train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad: float,
-               graphs: bool = False):
-    """One optimisation step on one batch, as train.py runs it (benchmarks/throughput.py times this very function):
-    forward and loss under autocast, backward, gradient clipping, the optimiser step. graphs: the model runs as CUDA
-    graphs (torch.compile's reduce-overhead). Returns (loss, outputs), still on the device: nothing here
-    synchronises."""
-    optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
-    if graphs:  # a new step: the graphs may now reuse the memory of the last step's outputs (only then: the marker
-        # imports ~180 more of torch._inductor's modules, about 1 s, into a run that compiles nothing)
-        torch.compiler.cudagraph_mark_step_begin()
-    with autocast(images.device, amp_dtype):
-        outputs = model(images)
-        loss = loss_fn(images, outputs, targets)
-    scaler.scale(loss).backward()
-    if clip_grad > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss, outputs
+@dataclass
+class Step:
+    """One optimisation step as train.py runs it (benchmarks/throughput.py times this very object): step(images,
+    targets) runs the forward and loss under autocast, backward, gradient clipping and the optimiser step, and
+    returns (loss, outputs), still on the device: nothing here synchronises."""
+    model: torch.nn.Module  # as it runs: compiled, DDP-wrapped
+    loss_fn: Callable  # loss_fn(images, outputs, targets): distill.DistillationLoss in train.py
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16's loss scaling; a disabled one passes through
+    amp_dtype: torch.dtype | None = None  # autocast's dtype; None: float32
+    clip_grad: float = 0.0  # the most the gradients' global norm may be; 0: not clipped
+    graphs: bool = False  # the model runs as CUDA graphs (torch.compile's reduce-overhead)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
+        if self.graphs:  # a new step: the graphs may now reuse the memory of the last step's outputs (only then: the
+            # marker imports ~180 more of torch._inductor's modules, about 1 s, into a run that compiles nothing)
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(images.device, self.amp_dtype):
+            outputs = self.model(images)
+            loss = self.loss_fn(images, outputs, targets)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, outputs
 
 
-def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, augment, amp_dtype, clip_grad: float,
-                    epoch: int, dist, progress: bool = True, log_every: int = 10, graphs: bool = False) -> dict:
-    """One pass over `loader`: the schedule, the batch augmentations, train_step, the EMA, the metric sums."""
+def train_one_epoch(step: Step, loader, scheduler, epoch: int, dist, ema=None, augment=None, progress: bool = True,
+                    log_every: int = 10) -> dict:
+    """One pass over `loader`: the schedule (scheduler.step_update(global step)), the batch augmentations
+    (augment(images, labels) -> (images, targets): Mixup/CutMix), the step, the EMA, the metric sums."""
+    model, optimizer = step.model, step.optimizer
     model.train()
     device = dist.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n  (kept on device: no sync)
@@ -96,9 +108,9 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scheduler, scaler, ema, a
         wait += time.perf_counter() - t_last  # time blocked on the loader
         scheduler.step_update(epoch * steps + i)
         images, targets = augment(images, labels) if augment is not None else (images, labels)
-        loss, outputs = train_step(model, loss_fn, optimizer, scaler, images, targets, amp_dtype, clip_grad, graphs)
+        loss, outputs = step(images, targets)
         if ema is not None:
-            # step = updates so far, this one included, as timm's train.py counts them: ModelEmaV3 copies the
+            # ModelEmaV3's step: the updates so far, this one included, as timm's train.py counts them; it copies the
             # weights at step 1 (decay 0) and averages from step 2 on
             ema.update(unwrap(model), step=epoch * steps + i + 1)
         # DeiT: the mean of its two heads, its prediction, as evaluate() scores it; under Mixup/CutMix the train top-1

@@ -24,7 +24,7 @@ from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
                           on_rank_0, process_group, ranks_by, ranks_text, read_on_every_node, refuse_differing, wrap)
-from .engine import compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
+from .engine import Step, compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
                      cannot_write_in, first_line, together, write_failed)
 from .metrics import MetricsLog, read_metrics
@@ -680,15 +680,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     ema = make_ema(net, cfg, resumed, start_epoch, steps, dist) if cfg.model_ema else None
 
     model, teacher, graphs = compile_for_training(net, teacher, use_compile, mode)
-    model = wrap(model, dist)
-    loss_fn = make_loss(cfg, teacher)
+    step = Step(wrap(model, dist), make_loss(cfg, teacher), optimizer, scaler, amp_dtype, cfg.clip_grad, graphs)
 
     record, pack = {}, pack_fingerprint(manifest)  # (the pack's, saved with every checkpoint)
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
-        tr = train_one_epoch(model, loss_fn, train_loader, optimizer, scheduler, scaler, ema, augment, amp_dtype,
-                             cfg.clip_grad, epoch, dist, cfg.progress, graphs=graphs)
+        tr = train_one_epoch(step, train_loader, scheduler, epoch, dist, ema, augment, cfg.progress)
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}

@@ -311,6 +311,29 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(tiny_sha
     assert not (tmp_path / "runs1").exists()  # (rank 0 alone writes)
 
 
+def _bug_on_rank_0(rank, world, port, out_dir, cfgs):
+    from vitdeit import trainer
+
+    def broken(path, state):  # an error that is no VitdeitError (a bug, a library's error) as rank 0 saves
+        raise RuntimeError("cannot pickle 'generator' object\nmore of the message")
+
+    if rank == 0:
+        trainer.save_checkpoint = broken
+    _on_its_own_node(rank, world, port, out_dir, cfgs)
+
+
+def test_any_other_error_of_rank_0_while_it_writes_stops_every_rank_naming_it(tiny_shards, tmp_path):
+    # (else rank 1 went on to the next epoch's collectives and waited there until spawn_two's timeout)
+    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=2,
+                  data_path=str(tiny_shards))
+    zero, one = spawn_two(_bug_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)])
+    # rank 0 raises its own error (train.py prints its traceback there); the others name it, once per node
+    assert zero == {"error": "RuntimeError", "text": "cannot pickle 'generator' object\nmore of the message",
+                    "alike": False, "together": True}
+    assert one == {"error": "RankFailed", "text": "rank 0 stopped while writing the run's files (RuntimeError: cannot "
+                   "pickle 'generator' object); its traceback is in rank 0's output", "alike": True, "together": True}
+
+
 def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_pack(tiny_shards, tmp_path):
     import shutil
     import socket

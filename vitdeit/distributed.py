@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
-from .errors import SettingError, VitdeitError, alike_on_every_rank, together
+from .errors import RankFailed, SettingError, VitdeitError, alike_on_every_rank, first_line, together
+
+
+GLOO_RELEASE_S = 0.05  # (gloo's worker needs the GIL for microseconds: cleanup says why)
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,22 @@ def setup(device_pref: str = "auto") -> Dist:
 def cleanup(finished: bool = False) -> None:
     """Leave the process group. finished: this rank got to the end without an error, or stops on one that every rank
     raised from one gathered decision (errors.together), so the others are on their way here too: they first wait
-    for each other (rank 0 may still be writing checkpoints). Without that wait, a rank that left first sometimes
-    aborted while Python shut down (SIGABRT, "terminate called without an active exception": 2 of 339 two-process
-    runs on a 2-core VM; likely a gloo thread still releasing the last collective's tensors). Not after another
-    error: a rank that stopped early would keep the others waiting here (torchrun stops them when one fails)."""
+    for each other (rank 0 may still be writing checkpoints). Not after another error: a rank that stopped early
+    would keep the others waiting here (torchrun stops them when one fails).
+
+    Then a pause of GLOO_RELEASE_S with the GIL released. gloo's worker thread frees each finished collective after
+    the caller has moved on, and a barrier's work holds the collectives before it, all_gather_object's among them,
+    whose tensors Python made: freeing those takes the GIL. Taken while Python shuts down, that ends the thread,
+    which C++ cannot unwind: SIGABRT, "terminate called without an active exception" (a core dump's stacks:
+    ProcessGroupGloo::runLoop in ~AsyncBarrierWork -> ~AsyncAllgatherWork -> take_gil -> pthread_exit, the main
+    thread in Py_FinalizeEx). Seen at exit in 2 of 339 two-process runs with no barrier here, and with the barrier in
+    5 of 55 runs of the two tests that stop every rank from rank 0's write (2-core VM); with the pause, in none of
+    30."""
     if tdist.is_initialized():
         if finished:
             tdist.barrier()
         tdist.destroy_process_group()
+        time.sleep(GLOO_RELEASE_S)
 
 
 @contextmanager
@@ -131,18 +143,23 @@ def all_gather_object(obj) -> list:
 
 
 def on_rank_0(dist: Dist, write):
-    """write() on rank 0 alone (the run folder's files), its VitdeitError (a full disk's WriteFailed) raised on
-    every rank: the others would otherwise go on to their next collective and wait there (on other nodes until the
-    process group's timeout, with the message on rank 0's node alone). Returns write()'s value on rank 0, None on the
-    others."""
+    """write() on rank 0 alone (the run folder's files), any error of it raised on every rank: the others would
+    otherwise go on to their next collective and wait there (on other nodes until the process group's timeout, with
+    the message on rank 0's node alone). A VitdeitError (a full disk's WriteFailed) is raised alike everywhere; any
+    other (a bug, a library's error) keeps its traceback on rank 0 and is named on the others. Returns write()'s
+    value on rank 0, None on the others."""
     value, error = None, None
     if dist.is_main:
         try:
             value = write()
-        except VitdeitError as e:
+        except Exception as e:  # noqa: BLE001 (raised again below, on every rank)
             error = e
-    if dist.world > 1:
-        error = all_gather_object(error)[0]  # (rank 0's, pickled: its message and type)
+    if dist.world > 1:  # rank 0's error, pickled (its message and type); a string for one that may not pickle
+        told = all_gather_object(error if error is None or isinstance(error, VitdeitError)
+                                 else f"{type(error).__name__}: {first_line(error)}")[0]
+        if not dist.is_main:
+            error = RankFailed(f"rank 0 stopped while writing the run's files ({told}); its traceback is in rank 0's "
+                               f"output") if isinstance(told, str) else told
     if error is not None:
         raise together(error)
     return value

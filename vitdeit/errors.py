@@ -113,6 +113,10 @@ class WriteFailed(VitdeitError, OSError):
     space left."""
 
 
+class RankFailed(VitdeitError, RuntimeError):
+    """Another rank stopped on an error of its own (its traceback is in its output); this one stops with it."""
+
+
 class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""
 

@@ -323,7 +323,8 @@ def _bug_on_rank_0(rank, world, port, out_dir, cfgs):
 
 
 def test_any_other_error_of_rank_0_while_it_writes_stops_every_rank_naming_it(tiny_shards, tmp_path):
-    # (else rank 1 went on to the next epoch's collectives and waited there until spawn_two's timeout)
+    # (else rank 1 stopped on gloo's "Connection closed by peer" as rank 0 left, a traceback naming nothing; rank 0's
+    # error was not `together`, so neither rank waited for the other to leave)
     common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=2,
                   data_path=str(tiny_shards))
     zero, one = spawn_two(_bug_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)])

@@ -145,9 +145,10 @@ def all_gather_object(obj) -> list:
 def on_rank_0(dist: Dist, write):
     """write() on rank 0 alone (the run folder's files), any error of it raised on every rank: the others would
     otherwise go on to their next collective and wait there (on other nodes until the process group's timeout, with
-    the message on rank 0's node alone). A VitdeitError (a full disk's WriteFailed) is raised alike everywhere; any
-    other (a bug, a library's error) keeps its traceback on rank 0 and is named on the others. Returns write()'s
-    value on rank 0, None on the others."""
+    the message on rank 0's node alone), or stop on a lost connection once rank 0 has left (gloo's "Connection
+    closed by peer", naming nothing). A VitdeitError (a full disk's WriteFailed) is raised alike everywhere; any other
+    (a bug, a library's error) keeps its traceback on rank 0 and is named on the others. Returns write()'s value on
+    rank 0, None on the others."""
     value, error = None, None
     if dist.is_main:
         try:

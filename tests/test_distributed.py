@@ -285,25 +285,33 @@ def _on_its_own_node(rank, world, port, out_dir, cfgs):
     (Path(out_dir) / f"{rank}.json").write_text(json.dumps(out))
 
 
-def _disk_full_on_rank_0(rank, world, port, out_dir, cfgs):
+def _save_raises_on_rank_0(rank, world, port, out_dir, cfgs, kind):
     import errno
 
     from vitdeit import trainer
     from vitdeit.errors import write_failed
 
-    def full(path, state):  # rank 0's disk fills up as it saves its first epoch
-        raise write_failed(Path(path), OSError(errno.ENOSPC, "No space left on device"), "nothing kept")
+    def save(path, state):  # rank 0's first save: its disk full, or an error that is no VitdeitError (a bug)
+        if kind == "disk full":
+            raise write_failed(Path(path), OSError(errno.ENOSPC, "No space left on device"), "nothing kept")
+        raise RuntimeError("cannot pickle 'generator' object\nmore of the message")
 
     if rank == 0:
-        trainer.save_checkpoint = full
+        trainer.save_checkpoint = save
     _on_its_own_node(rank, world, port, out_dir, cfgs)
+
+
+def save_raises_on_rank_0(kind: str, shards: Path, tmp_path: Path) -> list[dict]:
+    """What each of two ranks raised when rank 0's first checkpoint save raised (a tiny ViT, two epochs)."""
+    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=2,
+                  data_path=str(shards))
+    return spawn_two(_save_raises_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)],
+                     kind)
 
 
 def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(tiny_shards, tmp_path):
     # (else the other nodes' ranks went on to the next epoch's collectives and waited there: spawn_two's timeout)
-    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=2,
-                  data_path=str(tiny_shards))
-    zero, one = spawn_two(_disk_full_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)])
+    zero, one = save_raises_on_rank_0("disk full", tiny_shards, tmp_path)
     assert zero["error"] == one["error"] == "WriteFailed" and zero["text"] == one["text"]
     best = tmp_path / "runs0" / "vit_tiny" / "best.pth"
     assert zero["text"].startswith(f"could not write {best}: [Errno 28] No space left")
@@ -311,23 +319,10 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(tiny_sha
     assert not (tmp_path / "runs1").exists()  # (rank 0 alone writes)
 
 
-def _bug_on_rank_0(rank, world, port, out_dir, cfgs):
-    from vitdeit import trainer
-
-    def broken(path, state):  # an error that is no VitdeitError (a bug, a library's error) as rank 0 saves
-        raise RuntimeError("cannot pickle 'generator' object\nmore of the message")
-
-    if rank == 0:
-        trainer.save_checkpoint = broken
-    _on_its_own_node(rank, world, port, out_dir, cfgs)
-
-
 def test_any_other_error_of_rank_0_while_it_writes_stops_every_rank_naming_it(tiny_shards, tmp_path):
     # (else rank 1 stopped on gloo's "Connection closed by peer" as rank 0 left, a traceback naming nothing; rank 0's
     # error was not `together`, so neither rank waited for the other to leave)
-    common = dict(model="vit_tiny", img_size=32, patch_size=8, batch_size=16, workers=0, progress=False, epochs=2,
-                  data_path=str(tiny_shards))
-    zero, one = spawn_two(_bug_on_rank_0, [dict(common, output_dir=str(tmp_path / f"runs{r}")) for r in (0, 1)])
+    zero, one = save_raises_on_rank_0("bug", tiny_shards, tmp_path)
     # rank 0 raises its own error (train.py prints its traceback there); the others name it, once per node
     assert zero == {"error": "RuntimeError", "text": "cannot pickle 'generator' object\nmore of the message",
                     "alike": False, "together": True}

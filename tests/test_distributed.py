@@ -14,7 +14,7 @@ import torch
 from conftest import spawn_two, torchrun_env
 from vitdeit import distributed
 from vitdeit.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_buffers, cleanup, setup
-from vitdeit.errors import SettingError, together
+from vitdeit.errors import SettingError, VitdeitError, together
 
 
 def _as_rank(rank, world, port, out_dir):
@@ -565,3 +565,35 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
     with pytest.raises(trainer.SettingError, match=r"^the checkpoint --resume /r/last.pth differs between nodes "
                                                    r"\(rank 0 on .*: epoch 3; rank 1 on .*: epoch 5\)"):
         trainer.read_run_files(lambda: (manifest, state), cfg)
+
+
+class TwoArgs(VitdeitError):  # an error whose arguments are not its message: unpickling it fails
+    def __init__(self, path, why):
+        super().__init__(f"{path}: {why}")
+
+
+@pytest.mark.parametrize("error, sent", [
+    (KeyError(), "KeyError"),  # (no message: its type alone, not "KeyError: ")
+    (RuntimeError("out of memory\nat line 2"), "RuntimeError: out of memory"),
+    (TwoArgs("/x/last.pth", "read-only"), "TwoArgs: /x/last.pth: read-only"),
+])
+def test_rank_0_sends_an_error_that_would_not_come_back_as_itself_as_its_type_and_first_line(monkeypatch, error,
+                                                                                              sent):
+    from vitdeit.distributed import on_rank_0, picklable
+    from vitdeit.errors import BatchTooLarge
+
+    gathered = []
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered.append(obj) or [obj, None])
+
+    def write():
+        raise error
+
+    with pytest.raises(type(error)) as raised:  # rank 0 raises its own, traceback and all
+        on_rank_0(Dist(rank=0, world=2), write)
+    assert raised.value is error and gathered == [sent]
+    # what the other ranks raise from that text
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [sent, obj])
+    with pytest.raises(distributed.RankFailed, match=re.escape(f"rank 0 stopped while writing the run's files "
+                                                               f"({sent}); its traceback is in rank 0's output")):
+        on_rank_0(Dist(rank=1, world=2), write)
+    assert picklable(BatchTooLarge("train", 3, 16)) and not picklable(TwoArgs("a", "b"))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from contextlib import contextmanager
@@ -142,6 +143,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def picklable(e: BaseException) -> bool:
+    """Whether e goes through all_gather_object and comes back as itself: one that does not (an error class whose
+    arguments are not its message) would be raised inside the gather, with no rank told why."""
+    try:
+        back = pickle.loads(pickle.dumps(e))
+    except Exception:  # noqa: BLE001 (either way: sent as text)
+        return False
+    return type(back) is type(e) and str(back) == str(e)
+
+
 def on_rank_0(dist: Dist, write):
     """write() on rank 0 alone (the run folder's files), any error of it raised on every rank: the others would
     otherwise go on to their next collective and wait there (on other nodes until the process group's timeout, with
@@ -156,8 +167,8 @@ def on_rank_0(dist: Dist, write):
         except Exception as e:  # noqa: BLE001 (raised again below, on every rank)
             error = e
     if dist.world > 1:  # rank 0's error, pickled (its message and type); a string for one that may not pickle
-        told = all_gather_object(error if error is None or isinstance(error, VitdeitError)
-                                 else f"{type(error).__name__}: {first_line(error)}")[0]
+        told = all_gather_object(error if error is None or isinstance(error, VitdeitError) and picklable(error)
+                                 else ": ".join(filter(None, (type(error).__name__, first_line(error)))))[0]
         if not dist.is_main:
             error = RankFailed(f"rank 0 stopped while writing the run's files ({told}); its traceback is in rank 0's "
                                f"output") if isinstance(told, str) else told

@@ -1442,7 +1442,8 @@ def test_the_runs_amp_sets_the_autocast_dtype_of_every_step_and_the_grad_scaler(
                                                                                 amp, dtype, scaled):
     casts, scalers, scaler = autocast_spy(monkeypatch), [], torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scalers.append(k.get("enabled")) or scaler(*a, **k))
-    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, amp=amp, compile="off"))
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0, amp=amp, compile="off",
+                  img_size=16))  # (4 patches: PyTorch's float16 CPU kernels are ~10x slower than fp32's)
     assert casts == [dtype] * (6 + 2)  # 6 train steps, then 2 val batches (tiny_shards' 24 val images: 16 and 8)
     assert scalers == [scaled]  # a GradScaler for fp16 only: bf16 has fp32's range
 

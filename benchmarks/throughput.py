@@ -20,11 +20,9 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_
 from vitdeit.data import MEAN, STD, build_loader, dali_available, val_resize  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.engine import Step, compile_for_training, compile_mode, step_stream  # noqa: E402
+from vitdeit.machine import describe  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
 from vitdeit.errors import (DataError, SettingError, VitdeitError, first_line, output_folder, say_error,  # noqa: E402
                             save_output)
@@ -53,32 +52,6 @@ from vitdeit.trainer import (AMP_NAME, batch_augmentation, lr_schedule, make_los
                              resolve_amp, to_device)
 
 from benchmarks import traces  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")}
-    for mod in ("torchvision", "timm", "PIL", "nvidia.dali"):
-        try:
-            info[mod] = __import__(mod, fromlist=["_"]).__version__
-        except ImportError:
-            info[mod] = None
-    def git(*args) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    try:
-        info["git_commit"] = git("rev-parse", "HEAD") or None
-        # True: the code that ran is not that commit (edits, or a copy of a newer tree under older git metadata)
-        info["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except OSError:
-        info["git_commit"] = info["git_dirty"] = None
-    return info
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -667,7 +640,9 @@ def main(argv=None) -> int:
     output_folder(work, "--work-dir", is_folder=True)
     if a.profile:
         output_folder(Path(a.profile), "--profile", is_folder=True)
-    result = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    result = {"machine": describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                                  dali=dali_available()),  # (DALI's version wherever it is installed)
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "settings": dict(vars(a)), "seconds": {}}  # a copy: a DALI failure turns a.dali off later
     start = time.perf_counter()

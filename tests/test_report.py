@@ -193,7 +193,7 @@ def test_checkpoints_trained_at_other_sizes_are_compared_with_a_note_saying_so(r
     md = report_markdown([], {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [],
                               "per_class": [], "deit_only_right": 1, "vit_only_right": 0, "mcnemar_p": 1.0},
                          ("ViT", "DeiT"), w["notes"]).splitlines()
-    assert md[md.index("|---|---|---:|---:|---:|---:|---:|") + 1:][:3] == [
+    assert md[md.index("|---|---|---:|---:|---:|---:|---:|---|") + 1:][:3] == [
         "", "Note: ViT was trained at 16 px, DeiT at 32 px: their scores are not like for like.",
         f"Note: {w['notes'][1]}."]  # under the table
     import matplotlib.pyplot as plt
@@ -554,7 +554,8 @@ def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
     comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 32, 0.875),
                       Predictions("DeiT", labels, deit, np.ones(6), 32, 0.875))
     run = {"run": "ViT", "model": "vit_tiny", "val_top1": 1.0, "val_top5": 2.0, "best_epoch": 0, "last_epoch": 0,
-           "checkpoint_epoch": 0, "params": 1e6, "train_images_per_s": 1.0, "data_path": "s", "img_size": 32}
+           "checkpoint_epoch": 0, "params": 1e6, "train_images_per_s": 1.0, "trained_on": [None], "data_path": "s",
+           "img_size": 32}
     md = report_markdown([run], comp, ("ViT", "DeiT")).splitlines()
     section = md[md.index("## Where ViT and DeiT differ (6 val images)"):]
     # the same class on images 2, 3 and 4 (3 of 6); both right on 2 and 4 (2 of 6)
@@ -589,8 +590,8 @@ def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
 def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure():
     def summary(run, model, top1, data, size, **extra):
         return {"run": run, "model": model, "val_top1": top1, "val_top5": 90.0, "best_epoch": 1, "last_epoch": 1,
-                "checkpoint_epoch": 1, "params": 1e6, "train_images_per_s": 1.0, "data_path": data, "img_size": size,
-                **extra}
+                "checkpoint_epoch": 1, "params": 1e6, "train_images_per_s": 1.0, "trained_on": [None],
+                "data_path": data, "img_size": size, **extra}
 
     comp = {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [], "per_class": [],
             "deit_only_right": 0, "vit_only_right": 1, "mcnemar_p": 1.0}
@@ -616,10 +617,54 @@ def test_the_run_summary_is_the_best_val_epochs_with_the_median_speed_of_the_epo
                                               "epochs": 3}, "epoch": 2}, 5_000_000)
     assert s == {"run": "DeiT", "model": "deit_tiny_distill", "best_epoch": 1, "val_top1": 45.0, "val_top5": 80.0,
                  "params": 5_000_000, "epochs": 3, "epochs_planned": 3, "last_epoch": 2, "checkpoint_epoch": 2,
-                 "train_images_per_s": 410.0,
+                 "train_images_per_s": 410.0, "trained_on": [None],  # (rows of an earlier vitdeit: no machine)
                  "val_top1_cls_head": 44.0, "val_top1_dist_head": 43.0, "teacher_val_top1": 70.0, "data_path": "s",
                  "img_size": 32}
     assert run_summary("ViT", rows[:1], {"config": {"model": "vit_tiny"}, "epoch": 0}, 1)["train_images_per_s"] == 50.0
+
+
+GPU = {"cpu": "Intel Xeon", "cpu_count": 16, "gpu": "NVIDIA H100 80GB HBM3", "processes": 8, "torch": "2.11.0"}
+CPU = {"cpu": "AMD EPYC 7B13", "cpu_count": 2, "gpu": None, "processes": 1, "torch": "2.14.1"}
+
+
+def test_a_runs_images_per_s_name_the_machines_its_timed_epochs_ran_on():
+    from vitdeit.report import run_summary
+
+    def rows(*machines):  # epoch e recorded machines[e] (None: nothing recorded on that line)
+        return [{"epoch": e, "val_top1": 1.0, "val_top5": 1.0, "images_per_s": 1.0, **({"machine": m} if m else {})}
+                for e, m in enumerate(machines)]
+
+    ckpt = {"config": {"model": "vit_tiny"}, "epoch": 0}
+    on = lambda *m: run_summary("ViT", rows(*m), ckpt, 1)["trained_on"]  # noqa: E731
+    assert on(CPU, None, None) == ["AMD EPYC 7B13, 2 cores; torch 2.14.1"]  # epoch 0's, carried on
+    assert on(CPU) == ["AMD EPYC 7B13, 2 cores; torch 2.14.1"]  # one epoch: it is the one timed
+    # resumed on the GPUs at epoch 2: both; resumed there at epoch 1: the timed epochs (1-2) all ran there
+    assert on(CPU, None, GPU) == ["AMD EPYC 7B13, 2 cores; torch 2.14.1", "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"]
+    assert on(CPU, GPU, None) == ["NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"]
+    assert on(None, None, GPU) == [None, "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"]  # an earlier vitdeit's, then
+
+
+def test_the_report_names_each_runs_machine_and_says_when_they_differ():
+    from vitdeit.report import report_markdown
+
+    comp = {"per_class": [], "gains": [], "losses": [], "agreement": 50.0, "both_right": 40.0, "val_images": 10,
+            "deit_only_right": 1, "vit_only_right": 1, "mcnemar_p": 1.0}
+
+    def summary(run, trained_on):
+        return {"run": run, "model": "vit_tiny", "val_top1": 50.0, "val_top5": 90.0, "best_epoch": 1, "last_epoch": 1,
+                "checkpoint_epoch": 1, "params": 5e6, "train_images_per_s": 100.0, "trained_on": trained_on}
+
+    cpu, gpu = "AMD EPYC 7B13, 2 cores; torch 2.14.1", "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"
+    md = report_markdown([summary("ViT", [cpu]), summary("DeiT", [cpu])], comp, ("ViT", "DeiT")).splitlines()
+    assert f"| ViT | vit_tiny | 50.00 | 90.00 | 1 / 1 | 5.00 M | 100 | {cpu} |" in md
+    assert not any("different machines" in line or "median of epochs that ran on" in line for line in md)
+    md = report_markdown([summary("ViT", [cpu]), summary("DeiT", [None, gpu])], comp, ("ViT", "DeiT")).splitlines()
+    assert (f"| DeiT | vit_tiny | 50.00 | 90.00 | 1 / 1 | 5.00 M | 100 | not recorded (an earlier vitdeit), "
+            f"then {gpu} |") in md
+    assert ("The runs' images/s were measured on different machines or software (or not recorded for some): they "
+            "compare those too, not only the models.") in md
+    assert ("DeiT: its images/s are the median of epochs that ran on 2 machines (a resume elsewhere): its "
+            "`metrics.jsonl` names each start's.") in md
 
 
 def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence(tiny_shards):

@@ -18,6 +18,7 @@ from vitdeit.errors import DataError, SettingError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
 from vitdeit.data import dali_available
+from vitdeit.machine import describe
 from vitdeit.trainer import ema_warning, evaluate_checkpoint, lr_schedule, train
 
 
@@ -40,6 +41,7 @@ def autocast_spy(monkeypatch) -> list:
     monkeypatch.setattr(engine, "autocast", spy)
     return states
 
+A_CPU = {"cpu": "Some CPU", "cpu_count": 2, "gpu": None, "processes": 1, "torch": "2.0"}  # (machine.describe's)
 FAST = dict(img_size=32, patch_size=8, batch_size=32, workers=1, progress=False, warmup_epochs=0.5,
             crop_scale_min=0.5, drop_path=0.0)
 
@@ -540,6 +542,7 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     assert f"global batch 64, lr {0.005 * 64 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
     assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
+    assert rec["machine"] == describe(None, 2)  # the img/s of 2 processes (rank 0's node)
     saved = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["model"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved)  # DDP's wrapper left out
     # one process evaluating the saved weights (rank 0's, BatchNorm statistics included) gets what both ranks logged
@@ -888,7 +891,7 @@ def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shard
     from vitdeit.trainer import run_line
 
     line = run_line(cfg_for(tiny_shards, "runs", workers=workers), load_manifest(tiny_shards), Dist(), loader, None,
-                    False, "default", 1e-3, steps=6)
+                    False, "default", 1e-3, steps=6, machine=A_CPU)
     assert f", loader {loader} {said}, amp off, " in line  # DALI runs one thread at the least (--workers 0 too)
 
 
@@ -933,8 +936,8 @@ def test_the_run_line_says_how_many_train_images_an_epoch_takes_in_whole_batches
 
     cfg = cfg_for(tiny_shards, "runs", batch_size=batch_size, repeated_aug=repeated_aug)
     line = run_line(cfg, load_manifest(tiny_shards), Dist(world=world), "torch", None, False, "default", 1e-3,
-                    steps=steps)  # 96 train images: the loader's steps per process x the global batch
-    assert f"(4 classes, 96 train{said} / 24 val), {world} process(es) on cpu" in line
+                    steps=steps, machine=A_CPU)  # 96 train images: the loader's steps per process x the global batch
+    assert f"(4 classes, 96 train{said} / 24 val), {world} process(es) on cpu (Some CPU, 2 cores), loader" in line
 
 
 @pytest.mark.parametrize("saved, said", [
@@ -1683,6 +1686,8 @@ def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metric
     rows = read_metrics(tmp_path / "r")
     assert [r.get("resumed_with") for r in rows] == [None, ["--epochs 1 -> 3", "--lr 0.005 -> 0.002"], None,
                                                      ["--epochs 3 -> 4"]]
+    # the machine each start's img/s were measured on: on its first epoch, the resume without changes' too
+    assert [r.get("machine") for r in rows] == [describe(None, 1), describe(None, 1), None, describe(None, 1)]
     assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 3 -> 4"]
 
 

@@ -18,6 +18,7 @@ from .errors import DataError, MissingFile, SettingError, output_folder, save_ou
 from .data import shard_paths, upscale_warning
 from .data.index import read_index
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
+from .machine import machine_text
 from .metrics import read_metrics
 from .models import OUTSIDE_DATA, head_logits, model_from_checkpoint
 
@@ -169,13 +170,14 @@ def planned_epochs(run_dir: Path, ckpt: dict) -> int | None:
 def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int, planned: int | None = None) -> dict:
     """rows: the run's metrics.jsonl records; planned: its --epochs (planned_epochs), else the checkpoint's."""
     best = max(rows, key=lambda r: r["val_top1"])
+    timed = rows[1:] or rows  # the first epoch also compiles the model and starts the loader: steady speed is later
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows), "last_epoch": rows[-1]["epoch"],
            "checkpoint_epoch": ckpt["epoch"],  # of the checkpoint read here: the best epoch's, unless told otherwise
            "epochs_planned": planned or ckpt["config"].get("epochs"),  # its --epochs: more than it ran, if stopped
            "data_path": ckpt["config"].get("data_path"), "img_size": ckpt["config"].get("img_size"),
-           # the first epoch also compiles the model and starts the loader: steady speed is the later epochs'
-           "train_images_per_s": float(np.median([r["images_per_s"] for r in rows[1:] or rows]))}
+           "train_images_per_s": float(np.median([r["images_per_s"] for r in timed])),
+           "trained_on": machines_of(timed, rows)}
     for key in ("val_top1_cls_head", "val_top1_dist_head", "teacher_val_top1"):
         if key in best:
             out[key] = best[key]
@@ -183,6 +185,17 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int, planned:
         top = max(ema, key=lambda r: r["val_top1_ema"])
         out["val_top1_ema"], out["best_epoch_ema"] = top["val_top1_ema"], top["epoch"]
     return out
+
+
+def machines_of(timed: list[dict], rows: list[dict]) -> list[str | None]:
+    """The machines (machine_text; None: not recorded, a run of an earlier vitdeit) the `timed` rows' images/s were
+    measured on, in order: a row's is the one recorded on it or on the row before it that last recorded one (each
+    start and resume records it on its first epoch)."""
+    now, on = None, {}
+    for r in rows:
+        now = r.get("machine", now)
+        on[id(r)] = machine_text(now) if now else None
+    return list(dict.fromkeys(on[id(r)] for r in timed))
 
 
 def save_figure(fig, path: Path, flag: str) -> None:
@@ -239,16 +252,25 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
-             "trained it; best epoch by val top-1; images/s as each run measured them, lower for a run that shared "
-             "its machine with other work); the per-class figures below from `viz.py`'s own pass over val "
-             "with the two checkpoints viz.py read (each run's `best.pth` unless `--vit`/`--deit` named others).", "",
+             "trained it; best epoch by val top-1; images/s as each run measured them, on the machine named beside "
+             "them (rank 0's node), lower for a run that shared it with other work); the per-class figures below "
+             "from `viz.py`'s own pass over val with the two checkpoints viz.py read (each run's `best.pth` unless "
+             "`--vit`/`--deit` named others).", "",
              "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / last (0-based) | params "
-             "| train images/s (median of the epochs after the first, if any) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| train images/s (median of the epochs after the first, if any) | trained on |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
+        on = ", then ".join(m or "not recorded (an earlier vitdeit)" for m in s["trained_on"])
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
                      f"{s['best_epoch']} / {s['last_epoch']} | {s['params'] / 1e6:.2f} M | "
-                     f"{s['train_images_per_s']:.0f} |")
+                     f"{s['train_images_per_s']:.0f} | {on} |")
+    if len({tuple(s["trained_on"]) for s in summaries}) > 1:
+        lines += ["", "The runs' images/s were measured on different machines or software (or not recorded for "
+                      "some): they compare those too, not only the models."]
+    for s in summaries:
+        if len(s["trained_on"]) > 1:
+            lines += ["", f"{s['run']}: its images/s are the median of epochs that ran on {len(s['trained_on'])} "
+                          f"machines (a resume elsewhere): its `metrics.jsonl` names each start's."]
     classes = len(comp["per_class"]) + len(comp.get("classes_without_val_images", []))
     if 0 < classes <= 5:  # (evaluate's topk takes min(5, classes): every true class is among them)
         lines += ["", f"With {classes} classes, val top-5 is 100 % by construction."]

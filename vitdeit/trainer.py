@@ -27,6 +27,7 @@ from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, 
 from .engine import Step, compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
                      cannot_write_in, first_line, together, write_failed)
+from .machine import describe, hardware
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
 
@@ -527,10 +528,11 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
 
 
 def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool, mode: str,
-             lr: float, steps: int) -> str:
+             lr: float, steps: int, machine: dict) -> str:
     """The run's first line: what trains on what, on which devices, with which loader and speed settings.
     steps: the train loader's batches an epoch (each process's): the line says how many images that trains on, all
-    processes together, when whole batches leave some out."""
+    processes together, when whole batches leave some out. machine: this node's (machine.describe), named beside
+    the device: the img/s the epochs print were measured on it."""
     workers, connections = cfg.decode_workers, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)")
     splits = manifest["splits"]
     n_train = splits["train"]["num_samples"]
@@ -539,7 +541,7 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
              if per_epoch < n_train else "")  # (--repeated-aug N: samples, N augmented copies of each image)
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
             f"{n_train} train{whole} / {splits['val']['num_samples']} val), "
-            f"{dist.world} process(es) on {dist.device.type}, loader {loader_name} "
+            f"{dist.world} process(es) on {dist.device.type} ({hardware(machine)}), loader {loader_name} "
             + (f"({max(1, workers)} DALI thread{'s' * (workers > 1)}), " if loader_name == "dali" else
                f"({workers} worker{'s' * (workers != 1)}), ") + f"amp {AMP_NAME[amp_dtype]}, "
             f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
@@ -626,8 +628,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
+    machine = describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None, dist.world,
+                       dali=train_loader.name == "dali")
     dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr,
-                        steps=len(train_loader)))
+                        steps=len(train_loader), machine=machine))
     for w in caught:
         dist.print(f"warning: {w.message}")
     for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):
@@ -690,8 +694,10 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}
-        if changed and epoch == start_epoch:  # the run's history: what this resume changed, for viz.py's report
-            record["resumed_with"] = changed
+        if epoch == start_epoch:  # the run's history, for viz.py's report: where this start's img/s were measured
+            record["machine"] = machine  # (rank 0's node), and what a resume changed
+            if changed:
+                record["resumed_with"] = changed
         if ema is not None:
             broadcast_buffers(ema.module)
             record["val_top1_ema"] = evaluate(ema.module, val_loader, dist, amp_dtype, progress=False)["val_top1"]

@@ -1,0 +1,60 @@
+"""The machine a figure was measured on: its CPU and GPU, the software's versions and the code's commit. Recorded
+with every run (metrics.jsonl: the first epoch of each start and resume, rank 0's node's) and every benchmark
+result, and named beside the images/s they print."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from .config import usable_cores
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout the code runs from (its git commit, where it is one)
+VERSIONS = ("torch", "torchvision", "timm", "PIL", "nvidia.dali")
+
+
+def cpu_model() -> str:
+    try:  # (Linux: platform.processor() gives only the architecture there)
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no git on the machine
+        return ""
+
+
+def describe(gpu: str | None = None, processes: int = 1, dali: bool = False) -> dict:
+    """gpu: the name of the GPU the figures ran on (None: the CPU); processes: how many ran together (DDP's world);
+    dali: whether DALI ran (its version is recorded then, None otherwise). cpu_count is the cores this process may
+    use (a scheduler's or container's share), not the host's."""
+    info = {"cpu": cpu_model(), "cpu_count": usable_cores(), "gpu": gpu, "processes": processes,
+            "python": platform.python_version()}
+    for name in VERSIONS:  # (str: torch's is a str subclass, which a weights-only torch.load refuses)
+        try:
+            info[name] = str(importlib.import_module(name).__version__) if dali or name != "nvidia.dali" else None
+        except ImportError:
+            info[name] = None
+    info["cuda_device_max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") if gpu else None
+    info["git_commit"] = git("rev-parse", "HEAD") or None
+    # True: the code that ran is not that commit (edits, or a copy of a newer tree under older git metadata)
+    info["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no")) if info["git_commit"] else None
+    return info
+
+
+def hardware(m: dict) -> str:
+    """What the figures ran on: the GPU's name, else the CPU's and its cores."""
+    return m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} cores"
+
+
+def machine_text(m: dict) -> str:
+    """For a table: 'NVIDIA H100 80GB HBM3 x 8; torch 2.11.0' or 'AMD EPYC 7B13, 2 cores; torch 2.14.1'."""
+    n = m.get("processes", 1)
+    return f"{hardware(m)}{(f' x {n}' if m.get('gpu') else f', {n} processes') if n > 1 else ''}; torch {m['torch']}"

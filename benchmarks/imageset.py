@@ -11,7 +11,6 @@ alike: compare loaders within a run). Its pixels are not photographs: use real d
 from __future__ import annotations
 
 import json
-import os
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from vitdeit.classes import load_labels
+from vitdeit.config import usable_cores
 
 
 def pink_noise(rng: np.random.Generator, h: int, w: int, alpha: float) -> np.ndarray:
@@ -62,7 +62,7 @@ def make_imageset(out: str | Path, labels_path: str | Path, n_train: int = 512, 
             (out / split / wnid).mkdir(parents=True, exist_ok=True)
             name = f"{wnid}_{i}.JPEG" if split != "val.X" else f"ILSVRC2012_val_{i + 1:08d}.JPEG"
             jobs.append((str(out / split / wnid / name), seed * 10**7 + len(jobs)))
-    with Pool(workers or os.cpu_count()) as pool:  # ~0.1 s per image: use every core
+    with Pool(workers or usable_cores()) as pool:  # ~0.1 s per image: use every core this process may
         pool.map(_write_one, jobs, chunksize=16)
     # last: a set whose Labels.json is there is whole (throughput.py reuses it; a killed run's is made again)
     (out / "Labels.json").write_text(json.dumps({w: labels[w] for w in wnids}))

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_STREAMS, Config,  # noqa: E402
-                            refuse_below)
+                            refuse_below, usable_cores)
 from vitdeit.data import MEAN, STD, build_loader, dali_available, val_resize  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.engine import Step, compile_for_training, compile_mode, step_stream  # noqa: E402
@@ -554,7 +554,8 @@ def main(argv=None) -> int:
                    help="where to put images and shards, kept for reruns (default: a temp dir, deleted at the end)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for the 'all' runs")
+    p.add_argument("--workers", type=int, default=usable_cores(), help="decode processes for the 'all' runs "
+                   "(default: the cores this process may use)")
     p.add_argument("--loader-workers", type=worker_counts, default=None,
                    help="comma-separated worker counts of the loader runs (default: 1 and --workers)")
     p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")

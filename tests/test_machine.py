@@ -23,12 +23,13 @@ def test_the_record_is_this_process_s_cores_versions_and_commit_in_plain_values(
     m = describe("Some GPU", 4)
     assert m["cuda_device_max_connections"] == "32" and describe()["cuda_device_max_connections"] is None  # a CPU's
     assert m["cpu_count"] == len(os.sched_getaffinity(0)) and m["gpu"] == "Some GPU" and m["processes"] == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # a job given one core of many
+    assert describe()["cpu_count"] == 1
     assert (m["python"], m["torch"], m["torchvision"], m["timm"], m["PIL"]) == (
         platform.python_version(), torch.__version__, torchvision.__version__, timm.__version__, PIL.__version__)
     assert m["nvidia.dali"] is None  # not run: not named, installed or not
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    assert m["git_commit"] == git("rev-parse", "HEAD") and len(m["git_commit"]) == 40
-    assert m["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert m["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)  # (a copy without .git: None)
     buf = io.BytesIO()  # saved in checkpoints' metrics: a weights-only load must take it (torch's version is a str
     torch.save({"machine": m}, buf)  # subclass, which it refuses)
     buf.seek(0)
@@ -42,12 +43,33 @@ def test_the_record_is_this_process_s_cores_versions_and_commit_in_plain_values(
     assert describe(dali=True)["nvidia.dali"] == nvidia.dali.__version__
 
 
-def test_a_copy_outside_git_records_no_commit(monkeypatch, tmp_path):
+def test_the_commit_is_the_checkouts_own_and_dirty_when_a_tracked_file_differs(monkeypatch, tmp_path):
     from vitdeit import machine
 
-    monkeypatch.setattr(machine, "ROOT", tmp_path)  # (not a checkout)
-    m = machine.describe()
-    assert m["git_commit"] is None and m["git_dirty"] is None and m["gpu"] is None and m["processes"] == 1
+    def git(*args, cwd=tmp_path / "repo"):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                       capture_output=True)
+
+    (tmp_path / "repo" / "code").mkdir(parents=True)
+    git("init", "-q")
+    (tmp_path / "repo" / "code" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path / "repo", capture_output=True, text=True)
+    monkeypatch.setattr(machine, "ROOT", tmp_path / "repo")
+    assert machine.describe()["git_commit"] == head.stdout.strip()
+    assert machine.describe()["git_dirty"] is False
+    (tmp_path / "repo" / "untracked.txt").write_text("")  # (not the code that ran)
+    assert machine.describe()["git_dirty"] is False
+    (tmp_path / "repo" / "code" / "a.py").write_text("x = 2\n")
+    assert machine.describe()["git_dirty"] is True
+    monkeypatch.setattr(machine, "ROOT", tmp_path / "repo" / "code")  # a copy inside another repository's folder
+    assert (machine.describe()["git_commit"], machine.describe()["git_dirty"]) == (None, None)
+    monkeypatch.setattr(machine, "ROOT", tmp_path)  # not a checkout at all
+    assert (machine.describe()["git_commit"], machine.describe()["git_dirty"]) == (None, None)
+    monkeypatch.setattr(machine, "ROOT", tmp_path / "repo")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no git on the machine
+    assert (machine.describe()["git_commit"], machine.describe()["git_dirty"]) == (None, None)
 
 
 def test_the_machine_is_named_by_its_gpu_and_their_count_or_its_cpu_and_cores():

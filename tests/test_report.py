@@ -642,6 +642,9 @@ def test_a_runs_images_per_s_name_the_machines_its_timed_epochs_ran_on():
     assert on(CPU, None, GPU) == ["AMD EPYC 7B13, 2 cores; torch 2.14.1", "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"]
     assert on(CPU, GPU, None) == ["NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"]
     assert on(None, None, GPU) == [None, "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"]  # an earlier vitdeit's, then
+    # in turn: back on the CPU after the GPUs is a third stretch; staying on one machine through a resume, one
+    cpu, gpu = "AMD EPYC 7B13, 2 cores; torch 2.14.1", "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"
+    assert on(None, CPU, GPU, CPU) == [cpu, gpu, cpu] and on(None, CPU, None, CPU) == [cpu]
 
 
 def test_the_report_names_each_runs_machine_and_says_when_they_differ():
@@ -655,16 +658,20 @@ def test_the_report_names_each_runs_machine_and_says_when_they_differ():
                 "checkpoint_epoch": 1, "params": 5e6, "train_images_per_s": 100.0, "trained_on": trained_on}
 
     cpu, gpu = "AMD EPYC 7B13, 2 cores; torch 2.14.1", "NVIDIA H100 80GB HBM3 x 8; torch 2.11.0"
-    md = report_markdown([summary("ViT", [cpu]), summary("DeiT", [cpu])], comp, ("ViT", "DeiT")).splitlines()
+    # a teacher trained elsewhere: its own model, no note (ViT's and DeiT's are the speeds compared)
+    md = report_markdown([summary("teacher", [gpu]), summary("ViT", [cpu]), summary("DeiT", [cpu])], comp,
+                         ("ViT", "DeiT")).splitlines()
     assert f"| ViT | vit_tiny | 50.00 | 90.00 | 1 / 1 | 5.00 M | 100 | {cpu} |" in md
-    assert not any("different machines" in line or "median of epochs that ran on" in line for line in md)
+    assert f"| teacher | vit_tiny | 50.00 | 90.00 | 1 / 1 | 5.00 M | 100 | {gpu} |" in md
+    assert not any("different machines" in line or "stretches" in line for line in md)
     md = report_markdown([summary("ViT", [cpu]), summary("DeiT", [None, gpu])], comp, ("ViT", "DeiT")).splitlines()
-    assert (f"| DeiT | vit_tiny | 50.00 | 90.00 | 1 / 1 | 5.00 M | 100 | not recorded (an earlier vitdeit), "
-            f"then {gpu} |") in md
-    assert ("The runs' images/s were measured on different machines or software (or not recorded for some): they "
-            "compare those too, not only the models.") in md
-    assert ("DeiT: its images/s are the median of epochs that ran on 2 machines (a resume elsewhere): its "
-            "`metrics.jsonl` names each start's.") in md
+    assert f"| DeiT | vit_tiny | 50.00 | 90.00 | 1 / 1 | 5.00 M | 100 | not recorded, then {gpu} |" in md
+    assert ("ViT's and DeiT's images/s were measured on different machines or software (or not recorded for one): "
+            "they compare those too, not only the models.") in md
+    assert ("DeiT: its images/s are the median of epochs run in 2 stretches on the machines the table names in turn "
+            "(resumed elsewhere): its `metrics.jsonl` records each start's.") in md
+    md = report_markdown([summary("ViT", [gpu]), summary("DeiT", [cpu])], comp, ("ViT", "DeiT")).splitlines()
+    assert sum("different machines" in line for line in md) == 1 and not any("stretches" in line for line in md)
 
 
 def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence(tiny_shards):

@@ -325,6 +325,7 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny_shards, tmp_
     assert a["scaler"] == b["scaler"] == {}  # (no GradScaler without fp16)
     metrics_b = [json.loads(x) for x in open(tmp_path / "b" / "vit_tiny" / "metrics.jsonl")]
     assert [r["epoch"] for r in metrics_b] == [0, 1]
+    assert all(r["machine"]["processes"] == 1 for r in metrics_b)  # each start's, a resume that changed nothing too
 
 
 def test_a_resumed_fp16_run_goes_on_from_the_saved_loss_scale(tiny_shards, tmp_path):
@@ -536,7 +537,7 @@ def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
 def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weights(learn_shards, tmp_path):
     r = torchrun("train.py", "--data-path", str(learn_shards), "--output-dir", str(tmp_path), "--model", "resnet18",
                  "--epochs", "1", "--img-size", "32", "--batch-size", "32", "--workers", "0", "--lr", "0.005",
-                 "--progress", "false", timeout=600)
+                 "--progress", "false", "--device", "cpu", timeout=600)  # (cpu: the machine recorded, on any host)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
     assert f"global batch 64, lr {0.005 * 64 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch
@@ -1678,7 +1679,7 @@ def test_a_run_folder_write_that_fails_after_the_checks_is_one_line_naming_the_f
 def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metrics_line(tiny_shards, tmp_path):
     from vitdeit.metrics import read_metrics
 
-    kw = dict(model="resnet18", batch_size=16, workers=0, run_name="r")
+    kw = dict(model="resnet18", batch_size=16, workers=0, run_name="r", device="cpu")  # (cpu: the machine recorded)
     train(cfg_for(tiny_shards, tmp_path, epochs=1, lr=0.005, **kw))
     last = str(tmp_path / "r" / "last.pth")
     train(cfg_for(tiny_shards, tmp_path, epochs=3, lr=0.002, resume=last, **kw))  # two epochs: the first says it
@@ -1686,7 +1687,8 @@ def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metric
     rows = read_metrics(tmp_path / "r")
     assert [r.get("resumed_with") for r in rows] == [None, ["--epochs 1 -> 3", "--lr 0.005 -> 0.002"], None,
                                                      ["--epochs 3 -> 4"]]
-    # the machine each start's img/s were measured on: on its first epoch, the resume without changes' too
+    # the machine each start's img/s were measured on, on its first epoch (a resume without changes: the
+    # interruption test)
     assert [r.get("machine") for r in rows] == [describe(None, 1), describe(None, 1), None, describe(None, 1)]
     assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 3 -> 4"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass, fields
@@ -188,14 +189,14 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int, planned:
 
 
 def machines_of(timed: list[dict], rows: list[dict]) -> list[str | None]:
-    """The machines (machine_text; None: not recorded, a run of an earlier vitdeit) the `timed` rows' images/s were
-    measured on, in order: a row's is the one recorded on it or on the row before it that last recorded one (each
-    start and resume records it on its first epoch)."""
+    """The machines (machine_text; None: not recorded: an earlier vitdeit's run, or its start's line lost) the
+    `timed` rows' images/s were measured on, in turn (A, B, A: three stretches): a row's is the one recorded on it or
+    on the last row before it that recorded one (each start and resume records it on its first epoch)."""
     now, on = None, {}
     for r in rows:
         now = r.get("machine", now)
         on[id(r)] = machine_text(now) if now else None
-    return list(dict.fromkeys(on[id(r)] for r in timed))
+    return [m for m, _ in itertools.groupby(on[id(r)] for r in timed)]
 
 
 def save_figure(fig, path: Path, flag: str) -> None:
@@ -260,17 +261,18 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
              "| train images/s (median of the epochs after the first, if any) | trained on |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
-        on = ", then ".join(m or "not recorded (an earlier vitdeit)" for m in s["trained_on"])
+        on = ", then ".join(m or "not recorded" for m in s["trained_on"])
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
                      f"{s['best_epoch']} / {s['last_epoch']} | {s['params'] / 1e6:.2f} M | "
                      f"{s['train_images_per_s']:.0f} | {on} |")
-    if len({tuple(s["trained_on"]) for s in summaries}) > 1:
-        lines += ["", "The runs' images/s were measured on different machines or software (or not recorded for "
-                      "some): they compare those too, not only the models."]
+    if len({tuple(s["trained_on"]) for s in summaries if s["run"] != "teacher"}) > 1:  # (the teacher: its own model)
+        lines += ["", f"{v}'s and {d}'s images/s were measured on different machines or software (or not recorded "
+                      f"for one): they compare those too, not only the models."]
     for s in summaries:
         if len(s["trained_on"]) > 1:
-            lines += ["", f"{s['run']}: its images/s are the median of epochs that ran on {len(s['trained_on'])} "
-                          f"machines (a resume elsewhere): its `metrics.jsonl` names each start's."]
+            lines += ["", f"{s['run']}: its images/s are the median of epochs run in {len(s['trained_on'])} "
+                          f"stretches on the machines the table names in turn (resumed elsewhere): its "
+                          f"`metrics.jsonl` records each start's."]
     classes = len(comp["per_class"]) + len(comp.get("classes_without_val_images", []))
     if 0 < classes <= 5:  # (evaluate's topk takes min(5, classes): every true class is among them)
         lines += ["", f"With {classes} classes, val top-5 is 100 % by construction."]

@@ -694,8 +694,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         broadcast_buffers(net)  # evaluate (and save) rank 0's BatchNorm statistics on every rank
         va = evaluate(net, val_loader, dist, amp_dtype, progress=cfg.progress)
         record = {"epoch": epoch, **tr, **va}
-        if epoch == start_epoch:  # the run's history, for viz.py's report: where this start's img/s were measured
-            record["machine"] = machine  # (rank 0's node), and what a resume changed
+        if epoch == start_epoch:  # the run's history, for viz.py's report: the machine this start's img/s are
+            record["machine"] = machine  # measured on (rank 0's node), and the settings a resume changed
             if changed:
                 record["resumed_with"] = changed
         if ema is not None:

@@ -36,10 +36,11 @@ def git(*args: str) -> str | None:
 
 
 def version(name: str) -> str | None:
-    try:  # (str: torch's is a str subclass, which a weights-only torch.load of a checkpoint refuses)
-        return str(getattr(importlib.import_module(name), "__version__", None) or "") or None
+    try:
+        v = getattr(importlib.import_module(name), "__version__", None)
     except Exception:  # not installed, or failing to import: a label, not a reason to stop the run
         return None
+    return str(v) if v else None  # (str: torch's is a str subclass, which a weights-only torch.load refuses)
 
 
 def describe(gpu: str | None = None, processes: int = 1, dali: bool = False) -> dict:
@@ -51,8 +52,8 @@ def describe(gpu: str | None = None, processes: int = 1, dali: bool = False) -> 
     info.update({name: version(name) if dali or name != "nvidia.dali" else None for name in VERSIONS})
     info["cuda_device_max_connections"] = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") if gpu else None
     # the commit of this checkout itself, not of a repository some folder above a copy of it belongs to
-    top, commit = (git("rev-parse", "--show-toplevel", "HEAD") or "\n").split("\n")[:2]
-    info["git_commit"] = commit if top and Path(top).resolve() == ROOT else None
+    top, commit = ((git("rev-parse", "--show-toplevel", "HEAD") or "").split("\n") + ["", ""])[:2]
+    info["git_commit"] = commit if commit and Path(top).resolve() == ROOT else None
     status = git("status", "--porcelain", "--untracked-files=no") if info["git_commit"] else None
     # True: the code that ran is not that commit (edits, or a copy of a newer tree under older git metadata)
     info["git_dirty"] = bool(status) if status is not None else None

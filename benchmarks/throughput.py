@@ -641,8 +641,7 @@ def main(argv=None) -> int:
     output_folder(work, "--work-dir", is_folder=True)
     if a.profile:
         output_folder(Path(a.profile), "--profile", is_folder=True)
-    result = {"machine": describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                                  dali=dali_available()),  # (DALI's version wherever it is installed)
+    result = {"machine": describe(device, dali=dali_available()),  # (DALI's version wherever it is installed)
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "settings": dict(vars(a)), "seconds": {}}  # a copy: a DALI failure turns a.dali off later

@@ -83,7 +83,7 @@ def test_throughput_runs_every_part_and_writes_the_documented_json(tmp_path, e2e
     train = [f for d in Path(r["images"]["path"]).glob("train.X*") for f in d.rglob("*") if f.is_file()]
     kib = sum(f.stat().st_size for f in train) / 1024
     assert len(train) == 24 and r["images"]["mean_kb"] == pytest.approx(kib / 24)
-    assert r["machine"] == describe(None, 1, dali=dali_available())  # this machine (tests/test_machine.py checks it)
+    assert r["machine"] == describe("cpu", 1, dali=dali_available())  # this machine (tests/test_machine.py checks it)
     assert r["settings"]["compile_mode"] == "default"  # the mode that ran: --compile-mode auto is that on a CPU
     assert ("dali_error" in r) == dali_available() and r.get("dali_error") is None  # DALI's one-batch check passed
     n_val = 16  # max(16, 24 // 8)

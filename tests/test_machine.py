@@ -20,7 +20,10 @@ def test_the_record_is_this_process_s_cores_versions_and_commit_in_plain_values(
     import torchvision
 
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the entry points set it: vitdeit.use_cuda_connections)
-    m = describe("Some GPU", 4)
+    named = []  # the device whose name was asked for (a device object needs no GPU; its name would)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: named.append(device) or "Some GPU")
+    m = describe(torch.device("cuda", 1), 4)
+    assert named == [torch.device("cuda", 1)]
     assert m["cuda_device_max_connections"] == "32" and describe()["cuda_device_max_connections"] is None  # a CPU's
     assert m["cpu_count"] == len(os.sched_getaffinity(0)) and m["gpu"] == "Some GPU" and m["processes"] == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # a job given one core of many

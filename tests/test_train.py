@@ -543,7 +543,7 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     assert f"global batch 64, lr {0.005 * 64 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
     assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
-    assert rec["machine"] == describe(None, 2)  # the img/s of 2 processes (rank 0's node)
+    assert rec["machine"] == describe("cpu", 2)  # the img/s of 2 processes (rank 0's node)
     saved = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["model"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved)  # DDP's wrapper left out
     # one process evaluating the saved weights (rank 0's, BatchNorm statistics included) gets what both ranks logged
@@ -1689,7 +1689,7 @@ def test_a_resume_that_changes_settings_writes_them_into_its_first_epochs_metric
                                                      ["--epochs 3 -> 4"]]
     # the machine each start's img/s were measured on, on its first epoch (a resume without changes: the
     # interruption test)
-    assert [r.get("machine") for r in rows] == [describe(None, 1), describe(None, 1), None, describe(None, 1)]
+    assert [r.get("machine") for r in rows] == [describe("cpu", 1), describe("cpu", 1), None, describe("cpu", 1)]
     assert torch.load(last, weights_only=True)["metrics"]["resumed_with"] == ["--epochs 3 -> 4"]
 
 

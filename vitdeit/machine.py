@@ -10,6 +10,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
+
 from .config import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout the code runs from (its git commit, where it is one)
@@ -43,10 +45,12 @@ def version(name: str) -> str | None:
     return str(v) if v else None  # (str: torch's is a str subclass, which a weights-only torch.load refuses)
 
 
-def describe(gpu: str | None = None, processes: int = 1, dali: bool = False) -> dict:
-    """gpu: the name of the GPU the figures ran on (None: the CPU); processes: how many ran together (DDP's world);
-    dali: whether DALI ran (its version is recorded then, None otherwise). cpu_count is the cores this process may
-    use (a scheduler's or container's share), not the host's."""
+def describe(device: torch.device | str = "cpu", processes: int = 1, dali: bool = False) -> dict:
+    """device: the one the figures ran on (a GPU is named); processes: how many ran together (DDP's world); dali:
+    whether DALI ran (its version is recorded then, None otherwise). cpu_count is the cores this process may use (a
+    scheduler's or container's share), not the host's."""
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"cpu": cpu_model(), "cpu_count": usable_cores(), "gpu": gpu, "processes": processes,
             "python": platform.python_version()}
     info.update({name: version(name) if dali or name != "nvidia.dali" else None for name in VERSIONS})

@@ -628,8 +628,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
             check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
     lr = cfg.peak_lr(dist.world)
-    machine = describe(torch.cuda.get_device_name(device) if device.type == "cuda" else None, dist.world,
-                       dali=train_loader.name == "dali")
+    machine = describe(device, dist.world, dali=train_loader.name == "dali")
     dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr,
                         steps=len(train_loader), machine=machine))
     for w in caught:

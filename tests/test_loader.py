@@ -181,6 +181,8 @@ def test_train_ranks_are_disjoint_equal_sized_and_cover_everything(n, world):
     drawn = [i for p in parts for i in p]
     assert set(drawn) == set(range(n))
     assert len(drawn) - n == math.ceil(n / world) * world - n  # repeats: only the documented padding
+    seeds = [s for r in range(world) for _, s in RankSampler(n, r, world, shuffle=True, seed=3)]
+    assert len(set(seeds)) == len(seeds)  # a padding copy is augmented anew, not a twin of its first draw
 
 
 @pytest.mark.parametrize("n,world,r", [(96, 1, 3), (96, 4, 3), (97, 3, 3), (100, 8, 3), (60, 2, 2)])

@@ -216,21 +216,23 @@ class RankSampler(Sampler):
         self.epoch = epoch
 
     def draws(self) -> list[tuple[int, int]]:
-        """(index, copy) of each of this rank's samples this epoch; copy < repeats."""
+        """(index, copy) of each of this rank's samples this epoch: copy < repeats, or beyond for a sample the padding
+        draws again (it wraps to the permutation's start: a copy of its own, augmented anew)."""
         if not self.shuffle:
             return [(i, 0) for i in range(self.rank, self.n, self.world)]
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         order = [(i, k) for i in torch.randperm(self.n, generator=g).tolist() for k in range(self.repeats)]
-        total = math.ceil(len(order) / self.world) * self.world
-        order = (order * math.ceil(total / len(order)))[:total]  # wrapped, as often as fewer samples than ranks need
-        return order[self.rank : total : self.world][: len(self)]
+        total = math.ceil(len(order) / self.world) * self.world  # wrapped, as often as fewer samples than ranks need
+        mine = range(self.rank, total, self.world)[: len(self)]
+        return [(order[p % len(order)][0], order[p % len(order)][1] + self.repeats * (p // len(order))) for p in mine]
 
     def indices(self) -> list[int]:
         return [i for i, _ in self.draws()]
 
     def __iter__(self):
-        base = (self.seed * 1000003 + self.epoch) * 2654435761  # per-sample augmentation seeds
-        return iter([(i, (base + i * self.repeats + k) % 2**63) for i, k in self.draws()])
+        base = (self.seed * 1000003 + self.epoch) * 2654435761  # per-sample augmentation seeds; a padding copy's
+        r, n = self.repeats, self.n  # (copy >= repeats) lie past every first-pass seed, base + i * r + k < base + n * r
+        return iter([(i, (base + (c // r * n + i) * r + c % r) % 2**63) for i, c in self.draws()])
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world) if self.shuffle else len(range(self.rank, self.n, self.world))

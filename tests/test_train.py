@@ -1590,6 +1590,14 @@ def test_a_bare_resume_goes_on_in_its_runs_folder_with_its_saved_recipe(tiny_sha
     assert list((tmp_path / "elsewhere").iterdir()) == []
     assert train_py.main(["--resume", "out/r/lats.pth", "--workers", "0"]) == 1  # named itself, not its shards
     assert "error: --resume out/r/lats.pth: file not found; pass the right path" in capsys.readouterr().err
+    cut = tmp_path / "out" / "r" / "cut.pth"  # a copy cut short, or a file that is no checkpoint: named as such, not by
+    cut.write_bytes(last.read_bytes()[:5000])  # the default --data-path its unread settings left in place
+    config_json = str(tmp_path / "out" / "r" / "config.json")
+    for args, said in [(["--resume", str(cut)], f"--resume {cut}: cannot be read by torch.load"),
+                       (["--resume", str(cut), "--eval-only"], f"--eval-only checkpoint {cut}: cannot be read by"),
+                       (["--resume", config_json], f"--resume {config_json}: not a file torch.save wrote")]:
+        assert train_py.main([*args, "--workers", "0"]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {said}")
     saved = torch.load(last, weights_only=True)["config"]
     assert (saved["lr"], saved["mixup"], saved["batch_size"], saved["epochs"]) == (0.003, 0.2, 16, 2)
 

@@ -79,7 +79,9 @@ def torch_load(path: Path, what: str):
                         f"a pickle); pass a .pth checkpoint.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated copy, pickled code or objects
+    # a copy cut short (RuntimeError, EOFError; OSError "Invalid argument" where the cut falls inside a tensor's record)
+    # or pickled code and objects
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({load_failure(e)}); copy "
                         f"it again or pass another file.") from e
 

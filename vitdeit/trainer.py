@@ -330,6 +330,15 @@ def train(cfg: Config, on_epoch_end=None) -> dict:
         return _train(cfg, dist, on_epoch_end)
 
 
+def resume_file_first(cfg: Config, path: str, what: str) -> None:
+    """A --resume file missing, or one parse_args could not take the run's settings from (cut short, not a checkpoint),
+    is named as such before the shards: its run's --data-path was to come from it, and the default in its place
+    would be named instead."""
+    checkpoint_file(path, what)
+    if "data_path" not in getattr(cfg, "given", {"data_path"}) | getattr(cfg, "inherited", frozenset()):
+        load_checkpoint(path, what=what)  # (raises: a file that loads would have given its settings)
+
+
 def run_manifest(cfg: Config) -> dict:
     """cfg.data_path's manifest. --data-path left out on the command line and in --config means the --resume
     checkpoint's shards, or else the demo's: where there are none, that is the error, not a pack command aimed at
@@ -596,7 +605,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
     with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
         def read():  # (each node's own files)
             if cfg.resume:  # a missing file is named as such: not by the shards it would have named (parse_args),
-                checkpoint_file(cfg.resume, "--resume")  # nor as another folder's checkpoint by check_run_dir
+                resume_file_first(cfg, cfg.resume, "--resume")  # nor as another folder's checkpoint by check_run_dir
             manifest = run_manifest(cfg)
             try:
                 if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and
@@ -742,7 +751,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
 
             def read():  # (each node's own files)
                 if cfg.resume:  # a missing file named first (as _train's read does): its settings were the defaults
-                    checkpoint_file(path, "--eval-only checkpoint")
+                    resume_file_first(cfg, path, "--eval-only checkpoint")
                 manifest = run_manifest(cfg)
                 return manifest, load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
 

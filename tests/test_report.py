@@ -497,9 +497,34 @@ def test_shards_named_by_the_checkpoint_but_not_here_ask_for_data_path(runs, tmp
     monkeypatch.chdir(tmp_path)  # the checkpoint's data_path is relative to where it trained, as the demo's is
     state = torch.load(runs / "baseline_vit_tiny" / "best.pth", weights_only=True)
     state["config"]["data_path"] = "demo_shards"
+    state["data_dir"] = str(tmp_path / "gone")  # the folder they resolved to then: not here (another machine's)
     torch.save(state, tmp_path / "vit.pth")
     with pytest.raises(MissingFile, match=r"vit\.pth was trained on demo_shards, .*pass the shards with --data-path"):
         make_all(str(tmp_path / "vit.pth"), str(runs / "deit_tiny_distill" / "best.pth"), report_dir=None)
+
+
+@pytest.mark.parametrize("data_dir_kept", [True, False])
+def test_runs_started_in_another_folder_find_their_shards_and_teacher_from_here(runs, tiny_shards, tmp_path,
+                                                                                 monkeypatch, data_dir_kept):
+    import shutil
+
+    project = tmp_path / "project"  # where `train.py --data-path shards --output-dir runs` ran, paths typed relative
+    shutil.copytree(runs, project / "runs")
+    (project / "shards").symlink_to(tiny_shards)
+    for run, extra in (("baseline_vit_tiny", {}), ("deit_tiny_distill",
+                                                   {"teacher_ckpt": "runs/teacher_resnet18/best.pth"})):
+        path = project / "runs" / run / "best.pth"
+        state = torch.load(path, weights_only=True)
+        state["config"].update(data_path="shards", output_dir="runs", **extra)
+        if not data_dir_kept:  # saved before the resolved folder was kept: the path as typed, from where it ran
+            del state["data_dir"]
+        torch.save(state, path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # viz.py run from another folder, no --data-path, no --teacher-run
+    w = make_all("../project/runs/baseline_vit_tiny/best.pth", "../project/runs/deit_tiny_distill/best.pth",
+                 num_images=2, out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "report"), workers=0)
+    assert w["comparison"]["data_path"] == str(tiny_shards.resolve() if data_dir_kept else project / "shards")
+    assert [s["run"] for s in w["summaries"]] == ["teacher", "ViT", "DeiT"] and not w["notes"]
 
 
 def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_both_right():

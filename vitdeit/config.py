@@ -383,6 +383,39 @@ def typed_from_now(output_dir: Path, found: Path) -> Path | None:
     return found.parents[n - 1] if n else found
 
 
+RUN_FILES = ("data_path", "teacher_ckpt", "teacher_weights")  # the settings that name a run's input files
+
+
+def moved_run_folder(saved: dict, ckpt: str | Path) -> Path | None:
+    """The run folder of a checkpoint saved with the config `saved`, where its --output-dir and --run-name as typed
+    point elsewhere from here (moved, or seen from another working folder); None where they point at it, or where
+    the checkpoint is not in its run's folder (a copy elsewhere, named otherwise)."""
+    name = saved.get("run_name") or saved.get("model")  # (Config.name: the run folder's name)
+    folder = Path(ckpt).resolve().parent
+    moved = (Path(saved.get("output_dir", "runs")) / str(name)).resolve() != folder and folder.name == name
+    return folder if moved else None
+
+
+def run_files_here(state: dict, ckpt: str | Path) -> dict:
+    """A checkpoint's RUN_FILES as seen from here (train.py --resume, viz.py): its shards at the folder they
+    resolved to then (data_dir) where that is still a folder; a relative path, if its run folder has moved or is
+    seen from another working folder, taken from the folder the run was started from, where it exists there."""
+    saved = state["config"]
+    files = {k: saved[k] for k in RUN_FILES if k in saved}
+    if isinstance(data_dir := state.get("data_dir"), str) and Path(data_dir).is_dir():
+        files["data_path"] = data_dir
+    if moved_run_folder(saved, ckpt) is None:
+        return files
+    output_dir, typed_from = Path(saved.get("output_dir", "runs")), None
+    for seen in (Path(os.path.abspath(ckpt)).parent.parent, Path(ckpt).resolve().parent.parent):  # through symlinks,
+        typed_from = typed_from or typed_from_now(output_dir, seen)  # then their targets
+    for key, value in files.items() if typed_from is not None else ():
+        if (isinstance(value, str) and value not in ("", "imagenet1k") and not Path(value).is_absolute()
+                and (typed_from / value).exists()):
+            files[key] = str(typed_from / value)
+    return files
+
+
 def resumed_settings(resume: str) -> dict:
     """The settings the --resume checkpoint was saved with, but THIS_MACHINE's: what its run goes on with where
     neither --config nor a flag says otherwise (a bare `--resume runs/NAME/last.pth` continues that run, in its
@@ -391,27 +424,13 @@ def resumed_settings(resume: str) -> dict:
 
     try:  # (mmap: the config without reading the weights; the run loads the whole file later)
         state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
-        saved = dict(state["config"])
+        saved = {**state["config"], **run_files_here(state, resume)}
     except Exception:  # (missing, a folder, not a checkpoint, cut short: each said later, with its fix)
         return {}
-    if isinstance(data_dir := state.get("data_dir"), str) and Path(data_dir).is_dir():
-        saved["data_path"] = data_dir  # the folder it resolved to then (as typed, it may be relative to another)
-    name = saved.get("run_name") or saved.get("model")  # (Config.name: the run folder's name)
-    folder = Path(resume).resolve().parent
-    output_dir = Path(saved.get("output_dir", "runs"))
-    if (output_dir / str(name)).resolve() != folder and folder.name == name:
+    if (folder := moved_run_folder(saved, resume)) is not None:
         # its run folder, seen from another working folder or moved: the run goes on there (a copy elsewhere, named
         # otherwise, goes on in its run's folder as typed, taking its history: README, branching)
         saved["output_dir"], saved["run_name"] = str(folder.parent), folder.name
-        typed_from = None
-        for seen in (Path(os.path.abspath(resume)).parent.parent, folder.parent):  # through symlinks, then targets
-            typed_from = typed_from or typed_from_now(output_dir, seen)
-        if typed_from is not None:
-            for key in ("data_path", "teacher_ckpt", "teacher_weights"):  # typed relative to it too: as seen from here
-                value = saved.get(key)  # (a data_path the checkpoint's data_dir gave is absolute)
-                if (isinstance(value, str) and value not in ("", "imagenet1k") and not Path(value).is_absolute()
-                        and (typed_from / value).exists()):
-                    saved[key] = str(typed_from / value)
     known = {f.name for f in fields(Config)}
     return {k: v for k, v in saved.items() if k in known and k not in THIS_MACHINE + INVOCATION_FIELDS}
 

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import check_class_map, load_checkpoint, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
-                     saved_setting)
+                     run_files_here, saved_setting)
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import shard_paths, upscale_warning
@@ -334,23 +334,24 @@ def paired_line(comp: dict, names: tuple[str, str] = ("ViT", "DeiT")) -> str:
             f"{c}; McNemar's exact test p = {comp['mcnemar_p']:.2g}).")
 
 
-def distilled_from(deit_state: dict) -> str | None:
+def distilled_from(deit_state: dict, deit_ckpt: str | Path) -> str | None:
     """The train.py run folder of the teacher the DeiT checkpoint distilled from: its --teacher-ckpt's folder, if it is
     one here (None for torchvision's weights or no distillation: the report then shows no teacher row; the DeiT's
     metrics still hold the teacher's val top-1)."""
-    ckpt = teacher_ckpt_of(deit_state)
+    ckpt = teacher_ckpt_of(deit_state, deit_ckpt)
     if ckpt is None:
         return None
     run_dir = Path(ckpt).parent
     return str(run_dir) if (run_dir / "metrics.jsonl").is_file() else None
 
 
-def teacher_ckpt_of(deit_state: dict) -> str | None:
-    """The --teacher-ckpt the DeiT checkpoint distilled from (None for torchvision's weights or no distillation: a
-    --distillation-type none, or a model without a distillation token, whose --teacher-ckpt went unused)."""
+def teacher_ckpt_of(deit_state: dict, deit_ckpt: str | Path) -> str | None:
+    """The --teacher-ckpt the DeiT checkpoint `deit_ckpt` distilled from, as seen from here (None for torchvision's
+    weights or no distillation: a --distillation-type none, or a model without a distillation token, whose
+    --teacher-ckpt went unused)."""
     cfg = deit_state["config"]
     return None if distillation_of(cfg["model"], saved_setting(cfg, "distillation_type")) == "none" else (
-        cfg.get("teacher_ckpt") or None)
+        run_files_here(deit_state, deit_ckpt).get("teacher_ckpt") or None)
 
 
 KEPT = "the files written before it are kept"  # what a failed write of the picture or the report leaves
@@ -394,10 +395,10 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     """What the report reads besides the two checkpoints: the runs (teacher, when its folder is found; ViT; DeiT) by
     run folder, their metrics.jsonl rows, the teacher's (net, state) and notes for the summary."""
     runs, notes = {}, []
-    teacher_run = teacher_run or distilled_from(deit_state)
+    teacher_run = teacher_run or distilled_from(deit_state, deit_ckpt)
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)
-    elif ckpt := teacher_ckpt_of(deit_state):
+    elif ckpt := teacher_ckpt_of(deit_state, deit_ckpt):
         notes.append(f"no teacher row: the DeiT distilled from {ckpt}, whose run "
                      f"folder is not found from here ({Path.cwd()}); pass it with --teacher-run")
     cfg = deit_state["config"]
@@ -421,7 +422,7 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     if teacher is not None and (model := teacher[1]["config"]["model"]) != "resnet18":
         raise SettingError(f"--teacher-run {runs['teacher']}: a {model} run, not a ResNet-18 teacher's; pass the "
                            f"teacher's run folder, or leave --teacher-run out (the DeiT's own teacher is found)")
-    own = distilled_from(deit_state)
+    own = distilled_from(deit_state, deit_ckpt)
     if teacher is not None and own and Path(own).resolve() != runs["teacher"].resolve():
         notes.append(f"the teacher row is {runs['teacher']} (--teacher-run), not {own}, the run the DeiT distilled "
                      f"from")
@@ -505,8 +506,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         output_folder(Path(report_dir), "--report-dir", is_folder=True)
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
     if data_path is None:
-        data_path = vit_state["config"]["data_path"]
-        if not (Path(data_path) / MANIFEST_NAME).is_file():  # e.g. a relative path, viz.py run from elsewhere
+        data_path = run_files_here(vit_state, vit_ckpt)["data_path"]
+        if not (Path(data_path) / MANIFEST_NAME).is_file():  # e.g. moved, or on another machine
             raise MissingFile(f"{vit_ckpt} was trained on {data_path}, which holds no {MANIFEST_NAME} seen from here "
                               f"({Path.cwd()}); pass the shards with --data-path.")
     manifest = load_manifest(data_path)

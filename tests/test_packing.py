@@ -273,6 +273,9 @@ def test_skip_bad_skips_and_lists_them(data, tmp_path):
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
     assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
     assert m["splits"]["train"]["input_files"] == 16 and m["splits"]["train"]["num_samples"] == 14
+    why = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert why[str(bad[0])].endswith("(the file is cut short: a download or copy that did not finish; fetch it again)")
+    assert "cut short" not in why[str(bad[1])]
 
 
 def test_an_empty_file_is_named_as_such(data, tmp_path):

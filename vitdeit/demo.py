@@ -254,7 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".", help="where demo_data/, demo_shards/ and demo_runs/ go (default: here)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs for ViT and DeiT (the teacher gets half; default: 8, with --quick 1)")
-    p.add_argument("--workers", type=int, default=max(1, min(4, usable_cores() - 1)))
+    p.add_argument("--workers", type=int, default=max(1, min(4, usable_cores() - 1)),
+                   help="processes (DALI: threads) that pack and decode, for every step (default: the usable cores "
+                        "less one, 1 to 4: %(default)s here)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)

@@ -397,6 +397,8 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
                         data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
                 except Exception as e:  # PIL raises many types for corrupt files
                     why = ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e))
+                    if "runcated" in why:  # Pillow's "Truncated File Read", "image file is truncated (...)"
+                        why += " (the file is cut short: a download or copy that did not finish; fetch it again)"
                     result.bad.append((s.path, "an empty file (0 bytes)" if raw == b"" else
                                        f"{type(e).__name__}: {why}"))  # (e's text names an in-memory file)
                     continue

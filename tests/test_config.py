@@ -95,6 +95,7 @@ def test_a_resumes_saved_settings_leave_out_what_one_command_does_and_fields_no_
 
     shards = tmp_path / "shards"
     shards.mkdir()
+    (shards / "manifest.json").write_text("{}")  # (what makes a folder shards here: not read)
     ckpt = tmp_path / "runs" / "r" / "last.pth"
     ckpt.parent.mkdir(parents=True)
     saved = {**Config(data_path=str(shards), output_dir=str(tmp_path / "runs"), run_name="r", lr=0.01).to_dict(),
@@ -111,6 +112,8 @@ def test_a_resumes_saved_settings_leave_out_what_one_command_does_and_fields_no_
     other.mkdir()
     torch.save({"config": {**saved, "data_path": str(other)}, "data_dir": str(shards)}, ckpt)
     assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)
+    (shards / "manifest.json").unlink()  # no shards there now (moved, or being packed again): the path as typed
+    assert parse_args(["--resume", str(ckpt)]).data_path == str(other)
 
 
 def test_an_old_deit_trained_with_alpha_0_or_1_can_still_be_evaluated():

@@ -220,10 +220,13 @@ def test_one_train_tar_for_several_ranks_is_a_warning_naming_the_repack(tiny_dat
         warnings.simplefilter("error")  # 4 tars for 5 ranks: each rank's slice still changes every epoch
         DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", batch_size=4, img_size=16, world=5, workers=1)
     pack(tiny_data, tmp_path / "one", opts=PackOptions(workers=1), progress=False)  # 96 samples, one tar
-    with pytest.warns(UserWarning, match=re.escape(f"python pack_shards.py --data-path {tiny_data.resolve()} --out "
-                                                   f"{tmp_path / 'one'} --shard-size 12 (and the options")):
+    said = f"python pack_shards.py --data-path {tiny_data.resolve()} --out {tmp_path / 'one'} --shard-size 12 (with "
+    with pytest.warns(UserWarning, match=re.escape(said + "the --labels and options its manifest.json records)")):
         DaliLoader(tmp_path / "one", load_manifest(tmp_path / "one"), "train", batch_size=4, img_size=16, world=2,
                    workers=1)
+    manifest = {k: v for k, v in load_manifest(tmp_path / "one").items() if k != "source"}  # one that names none
+    with pytest.warns(UserWarning, match=re.escape("python pack_shards.py --data-path DATASET_DIR --out ")):
+        DaliLoader(tmp_path / "one", manifest, "train", batch_size=4, img_size=16, world=2, workers=1)
 
 
 def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):

@@ -503,9 +503,9 @@ def test_shards_named_by_the_checkpoint_but_not_here_ask_for_data_path(runs, tmp
         make_all(str(tmp_path / "vit.pth"), str(runs / "deit_tiny_distill" / "best.pth"), report_dir=None)
 
 
-@pytest.mark.parametrize("data_dir_kept", [True, False])
+@pytest.mark.parametrize("data_dir", ["kept", "none", "emptied"])
 def test_runs_started_in_another_folder_find_their_shards_and_teacher_from_here(runs, tiny_shards, tmp_path,
-                                                                                 monkeypatch, data_dir_kept):
+                                                                                 monkeypatch, data_dir):
     import shutil
 
     project = tmp_path / "project"  # where `train.py --data-path shards --output-dir runs` ran, paths typed relative
@@ -516,14 +516,17 @@ def test_runs_started_in_another_folder_find_their_shards_and_teacher_from_here(
         path = project / "runs" / run / "best.pth"
         state = torch.load(path, weights_only=True)
         state["config"].update(data_path="shards", output_dir="runs", **extra)
-        if not data_dir_kept:  # saved before the resolved folder was kept: the path as typed, from where it ran
+        if data_dir == "none":  # saved before the resolved folder was kept: the path as typed, from where it ran
             del state["data_dir"]
+        elif data_dir == "emptied":  # a folder still, its shards gone (moved, a link pointed elsewhere)
+            (tmp_path / "emptied").mkdir(exist_ok=True)
+            state["data_dir"] = str(tmp_path / "emptied")
         torch.save(state, path)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # viz.py run from another folder, no --data-path, no --teacher-run
     w = make_all("../project/runs/baseline_vit_tiny/best.pth", "../project/runs/deit_tiny_distill/best.pth",
                  num_images=2, out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "report"), workers=0)
-    assert w["comparison"]["data_path"] == str(tiny_shards.resolve() if data_dir_kept else project / "shards")
+    assert w["comparison"]["data_path"] == str(tiny_shards.resolve() if data_dir == "kept" else project / "shards")
     assert [s["run"] for s in w["summaries"]] == ["teacher", "ViT", "DeiT"] and not w["notes"]
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
+from .classes import MANIFEST_NAME
 from .errors import SettingError, quiet_rank, wait_for_local_rank_0
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
@@ -398,11 +399,11 @@ def moved_run_folder(saved: dict, ckpt: str | Path) -> Path | None:
 
 def run_files_here(state: dict, ckpt: str | Path) -> dict:
     """A checkpoint's RUN_FILES as seen from here (train.py --resume, viz.py): its shards at the folder they
-    resolved to then (data_dir) where that is still a folder; a relative path, if its run folder has moved or is
+    resolved to then (data_dir) where that still holds shards; a relative path, if its run folder has moved or is
     seen from another working folder, taken from the folder the run was started from, where it exists there."""
     saved = state["config"]
     files = {k: saved[k] for k in RUN_FILES if k in saved}
-    if isinstance(data_dir := state.get("data_dir"), str) and Path(data_dir).is_dir():
+    if isinstance(data_dir := state.get("data_dir"), str) and (Path(data_dir) / MANIFEST_NAME).is_file():
         files["data_path"] = data_dir
     if moved_run_folder(saved, ckpt) is None:
         return files
@@ -424,9 +425,10 @@ def resumed_settings(resume: str) -> dict:
 
     try:  # (mmap: the config without reading the weights; the run loads the whole file later)
         state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
-        saved = {**state["config"], **run_files_here(state, resume)}
+        saved = dict(state["config"])
     except Exception:  # (missing, a folder, not a checkpoint, cut short: each said later, with its fix)
         return {}
+    saved.update(run_files_here(state, resume))
     if (folder := moved_run_folder(saved, resume)) is not None:
         # its run folder, seen from another working folder or moved: the run goes on there (a copy elsewhere, named
         # otherwise, goes on in its run's folder as typed, taking its history: README, branching)

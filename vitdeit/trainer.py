@@ -336,7 +336,7 @@ def resume_file_first(cfg: Config, path: str, what: str) -> None:
     would be named instead."""
     checkpoint_file(path, what)
     if "data_path" not in getattr(cfg, "given", {"data_path"}) | getattr(cfg, "inherited", frozenset()):
-        load_checkpoint(path, what=what)  # (raises: a file that loads would have given its settings)
+        load_checkpoint(path, what=what)  # (raises, but for torch's pre-1.6 pickle, which mmap cannot read)
 
 
 def run_manifest(cfg: Config) -> dict:

@@ -143,11 +143,12 @@ class DaliLoader:
         n = manifest["splits"][split]["num_samples"]
         self.train, self.where = split == "train", f"{shards_dir} ({split})"
         if self.train and len(shards) == 1 and world > 1:
+            source = manifest.get("source", {})  # (what the pack read: every packer since fd473e4 records it)
             warnings.warn(f"{shards_dir}: one train shard for {world} processes: DALI gives each process the same "
                           f"slice of it every epoch (only the order of several tars can change). Repack, 4 tars per "
-                          f"process: python pack_shards.py --data-path {manifest['source']['data_path']} --out "
-                          f"{shards_dir} --shard-size {max(1, n // (4 * world))} (and the options in its manifest.json), "
-                          f"or use --loader torch.", stacklevel=2)
+                          f"process: python pack_shards.py --data-path {source.get('data_path', 'DATASET_DIR')} --out "
+                          f"{shards_dir} --shard-size {max(1, n // (4 * world))} (with the --labels and options its "
+                          f"manifest.json records), or use --loader torch.", stacklevel=2)
         # what a saved reader state depends on: the pack (its shards' names, samples and bytes, and its options: a
         # repack with another seed keeps the rest), every rank's slice of them, the batches and the random ops'
         # arguments; decode threads do not matter (per-sample generators)

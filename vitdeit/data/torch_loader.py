@@ -222,8 +222,9 @@ class RankSampler(Sampler):
             return [(i, 0) for i in range(self.rank, self.n, self.world)]
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         order = [(i, k) for i in torch.randperm(self.n, generator=g).tolist() for k in range(self.repeats)]
-        total = math.ceil(len(order) / self.world) * self.world  # wrapped, as often as fewer samples than ranks need
-        mine = range(self.rank, total, self.world)[: len(self)]
+        total = math.ceil(len(order) / self.world) * self.world
+        mine = range(self.rank, total, self.world)[: len(self)]  # positions past the order wrap to its start, as often
+        # as fewer samples than ranks need
         return [(order[p % len(order)][0], order[p % len(order)][1] + self.repeats * (p // len(order))) for p in mine]
 
     def indices(self) -> list[int]:

@@ -11,6 +11,7 @@
 #
 # What is missing there (webdataset and braceexpand as wheels in wheels/, DALI in parts): see gpu_env.sh.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac  # the header above
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

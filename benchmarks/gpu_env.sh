@@ -6,6 +6,8 @@
 #   benchmarks/dali_parts.sh writes to dali_parts/; the call that brings the last part reassembles them.
 # On a warm machine the folders stay between calls: a second script finds DALI installed.
 PY=${PYTHON:-python3}  # the GPU machine's python3 is the one holding torch
+$PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" 2>/dev/null || {
+  echo "$PY has no torch: set PYTHON to the interpreter that has it, e.g. PYTHON=.venv/bin/python"; exit 1; }
 # has MODULE: importable? DALI is imported (1 s; a broken install counts as missing, and is replaced below);
 # webdataset is only looked up: importing it imports torch, 2-4 s a time, which each script paid twice
 has() {

@@ -27,6 +27,7 @@
 #   TRAIN_SETTING=launches:pf4 bash benchmarks/gpu_session.sh --dry-run   # the train step's setting
 #                                                                         # (STEP:pfDEPTH) chosen, not measured
 set -uo pipefail  # not -e: one step failing must leave the others their turn
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac  # the header above
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: pack() writes to it from inside $WORK

@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_train.sh --dry-run          # here, on the CPU, at tiny sizes
 # BENCH_DIR (default /tmp/vitdeit-bench, gpu_check.sh's too) and TRAIN_DIR (/tmp/vitdeit-train) move its folders.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac  # the header above
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

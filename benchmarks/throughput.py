@@ -653,12 +653,15 @@ def main(argv=None) -> int:
         yield
         result["seconds"][part] = round(time.perf_counter() - t, 1)
 
-    def save():  # after every part: a run stopped at a time limit keeps what it measured
-        if a.json:
-            save_output(Path(a.json), lambda path: path.write_text(json.dumps(result, indent=1)),
+    def save(to: Path | None = None):  # after every part: a run stopped at a time limit keeps what it measured
+        if a.json:  # (to: the file written, where not --json itself; errors name --json)
+            save_output(Path(a.json), lambda path: (to or path).write_text(json.dumps(result, indent=1)),
                         "the figures measured so far are in the lines printed above", flag="--json")
 
-    save()  # the machine and settings: a --json that cannot be written stops the run before any work
+    if a.json:  # a --json that cannot be written stops the run before any work; tried beside it, so that a run
+        trial = Path(a.json).with_name(f".{Path(a.json).name}.trial")  # refused below keeps an earlier run's figures
+        save(trial)
+        trial.unlink()
 
     if not a.data_path and parts & {"loaders", "e2e"}:  # the synthetic set's counts: known before it is made
         few_batches(a.num_images, a, "raise --num-images or lower --batch-size")
@@ -787,9 +790,12 @@ def print_tables(r: dict) -> None:
                   f"{100 * row['host_wait_frac']:.0f} %" + bounds)
         above = [row["loader"] for row in r["end_to_end"] if row["fraction_of_ceiling"] > ABOVE_CEILING]
         if above:  # a loader cannot feed the step faster than the step runs alone: the ceiling read low
+            counts = [r.get("settings", {}).get(k) for k in ("steps", "repeats")]  # (a dry run's: 1 and 1)
             print(f"note: {', '.join(above)} ran over {ABOVE_CEILING:.2f} of the step alone, which no loader can: the "
                   f"ceiling's rounds were slowed (a busy machine, or too few --steps and --repeats). Read no fraction "
-                  f"of this run; rerun on an idle machine.")
+                  f"of this run; rerun on an idle machine" + (f", with more --steps and --repeats than its "
+                                                              f"{counts[0]} and {counts[1]}" if None not in counts
+                                                              else "") + ".")
     if r.get("profile"):
         print(traces.HEADER)
         for row in r["profile"]:

@@ -1,5 +1,6 @@
 """benchmarks/throughput.py end to end at tiny sizes: every part runs and the JSON keeps its documented schema."""
 
+import itertools
 import json
 import re
 import subprocess
@@ -243,6 +244,26 @@ def test_a_hardware_decoder_executor_or_prefetch_sweep_gives_one_named_dali_load
             throughput.depths(bad)
 
 
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_train.sh", "gpu_session.sh"])
+def test_the_gpu_scripts_print_their_header_for_help_and_name_an_interpreter_without_torch(tmp_path, script):
+    import os
+
+    lines = (ROOT / "benchmarks" / script).read_text().splitlines()[1:]  # after the #! line, up to the code
+    header = [line[2:] if line.startswith("# ") else line[1:] for line in itertools.takewhile(
+        lambda line: line.startswith("#"), lines)]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    for flag in ("--help", "-h"):
+        run = subprocess.run(["bash", str(ROOT / "benchmarks" / script), flag], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
+        assert (run.returncode, run.stdout.splitlines(), run.stderr) == (0, header, "")
+    assert len(header) > 8 and not (tmp_path / "out").exists()  # nothing run, nothing written
+    if script != "gpu_session.sh":  # (which runs the other two, each saying so)
+        run = subprocess.run(["bash", str(ROOT / "benchmarks" / script), "--dry-run"], capture_output=True,
+                             text=True, env={**env, "PYTHON": "false"}, cwd=tmp_path)
+        assert run.returncode == 1 and run.stdout.splitlines()[-1] == (
+            "false has no torch: set PYTHON to the interpreter that has it, e.g. PYTHON=.venv/bin/python")
+
+
 def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tmp_path):
     import os
 
@@ -381,6 +402,11 @@ def test_gpu_step_switches_are_refused_where_they_would_do_nothing_and_named_in_
     assert notes == ["note: shards_b ran over 1.10 of the step alone, which no loader can: the ceiling's rounds were "
                      "slowed (a busy machine, or too few --steps and --repeats). Read no fraction of this run; rerun "
                      "on an idle machine."]
+    throughput.print_tables({**result, "settings": {**result["settings"], "steps": 1, "repeats": 1},  # a dry run's
+                             "end_to_end": [{**row, "loader": "shards_b", "images_per_s": 2.6, "fraction_of_ceiling":
+                                             2.6 / 2.2}]})
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "rerun on an idle machine, with more --steps and --repeats than its 1 and 1.")
 
 
 def test_loader_and_end_to_end_rates_are_the_median_round_not_the_last_best_or_mean(monkeypatch, capsys):
@@ -689,14 +715,28 @@ def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypa
     write_text = P.write_text
 
     def full_disk(self, *a, **k):
-        if self == json_path:
+        if self.parent == tmp_path and self.name.endswith((".json", ".trial")):
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_text(self, *a, **k)
 
     monkeypatch.setattr(P, "write_text", full_disk)
+    monkeypatch.setattr(throughput, "train_files", lambda *a: pytest.fail("read the images before the --json"))
     with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 28] No space left on "
                                                     f"device (") + r".*pass another --json"):
         throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
+    assert list(tmp_path.glob("*.trial")) + list(tmp_path.glob(".*.trial")) == []
+
+
+def test_a_run_refused_for_its_data_keeps_an_earlier_runs_json(tmp_path):
+    from benchmarks import throughput
+    from vitdeit.errors import DataError
+
+    earlier = tmp_path / "t.json"
+    earlier.write_text('{"loaders": []}')  # an earlier run's figures
+    with pytest.raises(DataError, match="nope: does not exist"):
+        throughput.main(["--data-path", str(tmp_path / "nope"), "--json", str(earlier)])
+    assert earlier.read_text() == '{"loaders": []}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # (the trial write left nothing)
 
 
 def synthetic_trace(window_tid=5):

@@ -1100,6 +1100,11 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
     with pytest.raises(DataError, match=re.escape(f"{data / 'train.X1'} itself looks like a split folder: pass its "
                                                   f"parent, --data-path {data}.")):
         pack(data / "train.X1", tmp_path / "s", progress=False)
+    flat = tmp_path / "imagefolder"  # torchvision's layout: the class folders at the top
+    shutil.copytree(data / "train.X1", flat)
+    with pytest.raises(DataError, match=re.escape(f"{flat} holds the WNID class folders itself (torchvision's "
+                                                  f"ImageFolder layout): move them into {flat / 'train'}/ and")):
+        pack(flat, tmp_path / "s", progress=False)
     for f in list((data / "val.X").glob("*/*.JPEG")):  # ILSVRC's val as downloaded: every image in one folder
         shutil.move(f, data / "val.X" / f.name)
     for d in (data / "val.X").iterdir():

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU, at tiny sizes: proves the script before the GPU call
 #   bash benchmarks/gpu_check.sh --parts e2e --e2e-unit steps --steps 40 --workers 12   # one part, other settings
+#   (further arguments go to throughput.py after these: python benchmarks/throughput.py --help lists them)
 #   bash benchmarks/gpu_check.sh --profile "${OUT:-bench_out}/profile"   # + one profiled end-to-end window per unit
 #
 # What is missing there (webdataset and braceexpand as wheels in wheels/, DALI in parts): see gpu_env.sh.

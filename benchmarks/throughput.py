@@ -653,15 +653,17 @@ def main(argv=None) -> int:
         yield
         result["seconds"][part] = round(time.perf_counter() - t, 1)
 
-    def save(to: Path | None = None):  # after every part: a run stopped at a time limit keeps what it measured
-        if a.json:  # (to: the file written, where not --json itself; errors name --json)
-            save_output(Path(a.json), lambda path: (to or path).write_text(json.dumps(result, indent=1)),
-                        "the figures measured so far are in the lines printed above", flag="--json")
+    def save(write=lambda path: path.write_text(json.dumps(result, indent=1))):  # after every part: a run stopped
+        if a.json:  # at a time limit keeps what it measured
+            save_output(Path(a.json), write, "the figures measured so far are in the lines printed above",
+                        flag="--json")
 
-    if a.json:  # a --json that cannot be written stops the run before any work; tried beside it, so that a run
-        trial = Path(a.json).with_name(f".{Path(a.json).name}.trial")  # refused below keeps an earlier run's figures
-        save(trial)
-        trial.unlink()
+    # a --json that cannot be written stops the run before any work: a new one gets the machine and settings, an
+    # earlier run's is opened to append, nothing written (its figures stay until this run has measured its own)
+    if a.json and Path(a.json).exists():
+        save(lambda path: open(path, "a").close())
+    else:
+        save()
 
     if not a.data_path and parts & {"loaders", "e2e"}:  # the synthetic set's counts: known before it is made
         few_batches(a.num_images, a, "raise --num-images or lower --batch-size")

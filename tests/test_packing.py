@@ -1100,6 +1100,9 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
     with pytest.raises(DataError, match=re.escape(f"{data / 'train.X1'} itself looks like a split folder: pass its "
                                                   f"parent, --data-path {data}.")):
         pack(data / "train.X1", tmp_path / "s", progress=False)
+    (tmp_path / "val.X").mkdir()  # named like a split, its class folders not there (yet): the parent, still
+    with pytest.raises(DataError, match=re.escape(f"a split folder: pass its parent, --data-path {tmp_path}.")):
+        pack(tmp_path / "val.X", tmp_path / "s", progress=False)
     flat = tmp_path / "imagefolder"  # torchvision's layout: the class folders at the top
     shutil.copytree(data / "train.X1", flat)
     with pytest.raises(DataError, match=re.escape(f"{flat} holds the WNID class folders itself (torchvision's "

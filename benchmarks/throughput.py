@@ -792,12 +792,11 @@ def print_tables(r: dict) -> None:
                   f"{100 * row['host_wait_frac']:.0f} %" + bounds)
         above = [row["loader"] for row in r["end_to_end"] if row["fraction_of_ceiling"] > ABOVE_CEILING]
         if above:  # a loader cannot feed the step faster than the step runs alone: the ceiling read low
-            counts = [r.get("settings", {}).get(k) for k in ("steps", "repeats")]  # (a dry run's: 1 and 1)
+            steps, repeats = (r.get("settings", {}).get(k) for k in ("steps", "repeats"))  # (a dry run's: 1 and 1)
+            more = f", with more --steps and --repeats than its {steps} and {repeats}" if steps and repeats else ""
             print(f"note: {', '.join(above)} ran over {ABOVE_CEILING:.2f} of the step alone, which no loader can: the "
                   f"ceiling's rounds were slowed (a busy machine, or too few --steps and --repeats). Read no fraction "
-                  f"of this run; rerun on an idle machine" + (f", with more --steps and --repeats than its "
-                                                              f"{counts[0]} and {counts[1]}" if None not in counts
-                                                              else "") + ".")
+                  f"of this run; rerun on an idle machine{more}.")
     if r.get("profile"):
         print(traces.HEADER)
         for row in r["profile"]:

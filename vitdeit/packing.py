@@ -137,11 +137,14 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
         seen[real] = d
     for split, dirs in found.items():
         if not dirs:
-            named = any(p.match(data_path.name) for p in NEAR_MISS.values())  # train.X1, val, ... given itself
-            hint = (f" {data_path} itself looks like a split folder: pass its parent, --data-path {data_path.parent}."
-                    if named else f" {data_path} holds the WNID class folders itself (torchvision's ImageFolder "
-                    f"layout): move them into {data_path / 'train'}/ and the val images' class folders into "
-                    f"{data_path / 'val'}/." if holds_class_folders(data_path) else "")
+            hint = ""
+            if any(p.match(data_path.name) for p in NEAR_MISS.values()):  # train.X1, val, ... given itself
+                hint = (f" {data_path} itself looks like a split folder: pass its parent, --data-path "
+                        f"{data_path.parent}.")
+            elif holds_class_folders(data_path):
+                hint = (f" {data_path} holds the WNID class folders itself (torchvision's ImageFolder layout): move "
+                        f"them into {data_path / 'train'}/ and the val images' class folders into "
+                        f"{data_path / 'val'}/.")
             raise DataError(
                 f"{data_path}: no {split} split found (expected a folder {split}.X* or {split}/ with WNID "
                 f"class folders inside). Both splits are required: train to learn from, val to compare runs." + hint)

@@ -405,11 +405,11 @@ def run_files_here(state: dict, ckpt: str | Path) -> dict:
     files = {k: saved[k] for k in RUN_FILES if k in saved}
     if isinstance(data_dir := state.get("data_dir"), str) and (Path(data_dir) / MANIFEST_NAME).is_file():
         files["data_path"] = data_dir
-    if moved_run_folder(saved, ckpt) is None:
+    if (folder := moved_run_folder(saved, ckpt)) is None:
         return files
     output_dir, typed_from = Path(saved.get("output_dir", "runs")), None
-    for seen in (Path(os.path.abspath(ckpt)).parent.parent, Path(ckpt).resolve().parent.parent):  # through symlinks,
-        typed_from = typed_from or typed_from_now(output_dir, seen)  # then their targets
+    for seen in (Path(os.path.abspath(ckpt)).parent.parent, folder.parent):  # through symlinks, then their targets
+        typed_from = typed_from or typed_from_now(output_dir, seen)
     for key, value in files.items() if typed_from is not None else ():
         if (isinstance(value, str) and value not in ("", "imagenet1k") and not Path(value).is_absolute()
                 and (typed_from / value).exists()):

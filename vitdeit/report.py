@@ -395,7 +395,8 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     """What the report reads besides the two checkpoints: the runs (teacher, when its folder is found; ViT; DeiT) by
     run folder, their metrics.jsonl rows, the teacher's (net, state) and notes for the summary."""
     runs, notes = {}, []
-    teacher_run = teacher_run or distilled_from(deit_state, deit_ckpt)
+    own = distilled_from(deit_state, deit_ckpt)
+    teacher_run = teacher_run or own
     if teacher_run and (Path(teacher_run) / "best.pth").is_file():
         runs["teacher"] = Path(teacher_run)
     elif ckpt := teacher_ckpt_of(deit_state, deit_ckpt):
@@ -422,7 +423,6 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     if teacher is not None and (model := teacher[1]["config"]["model"]) != "resnet18":
         raise SettingError(f"--teacher-run {runs['teacher']}: a {model} run, not a ResNet-18 teacher's; pass the "
                            f"teacher's run folder, or leave --teacher-run out (the DeiT's own teacher is found)")
-    own = distilled_from(deit_state, deit_ckpt)
     if teacher is not None and own and Path(own).resolve() != runs["teacher"].resolve():
         notes.append(f"the teacher row is {runs['teacher']} (--teacher-run), not {own}, the run the DeiT distilled "
                      f"from")

@@ -653,17 +653,18 @@ def main(argv=None) -> int:
         yield
         result["seconds"][part] = round(time.perf_counter() - t, 1)
 
-    def save(write=lambda path: path.write_text(json.dumps(result, indent=1))):  # after every part: a run stopped
-        if a.json:  # at a time limit keeps what it measured
-            save_output(Path(a.json), write, "the figures measured so far are in the lines printed above",
-                        flag="--json")
+    def save(write=lambda path: path.write_text(json.dumps(result, indent=1)),  # after every part: a run stopped
+             kept="the figures measured so far are in the lines printed above"):  # at a time limit keeps them
+        if a.json:
+            save_output(Path(a.json), write, kept, flag="--json")
 
     # a --json that cannot be written stops the run before any work: a new one gets the machine and settings, an
     # earlier run's is opened to append, nothing written (its figures stay until this run has measured its own)
+    before = "nothing was measured: the run stops before any work"
     if a.json and Path(a.json).exists():
-        save(lambda path: open(path, "a").close())
+        save(lambda path: open(path, "a").close(), kept=before)
     else:
-        save()
+        save(kept=before)
 
     if not a.data_path and parts & {"loaders", "e2e"}:  # the synthetic set's counts: known before it is made
         few_batches(a.num_images, a, "raise --num-images or lower --batch-size")

@@ -721,8 +721,10 @@ def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypa
 
     monkeypatch.setattr(P, "write_text", full_disk)
     monkeypatch.setattr(throughput, "train_files", lambda *a: pytest.fail("read the images before the --json"))
+    before = "; nothing was measured: the run stops before any work. "
     with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 28] No space left on "
-                                                    f"device (") + r".*pass another --json"):
+                                                    f"device (") + r".*" + re.escape(before) + "Free space there or "
+                                                                                               "pass another --json"):
         throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
     json_path.write_bytes(b"{}")  # an earlier run's, that this user may no longer write (another's, read-only)
 
@@ -730,7 +732,21 @@ def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypa
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(throughput, "open", refused, raising=False)  # (the module's own open, not the builtin)
-    with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 13] Permission denied")):
+    with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 13] Permission denied")
+                       + r".*" + re.escape(before) + "Pass another --json"):
+        throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
+    monkeypatch.undo()  # a disk that fills after the first part: the figures so far were printed
+    saves = []
+
+    def fills_up(self, *a, **k):
+        saves.append(self)
+        if self == json_path and len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *a, **k)
+
+    json_path.unlink()
+    monkeypatch.setattr(P, "write_text", fills_up)
+    with pytest.raises(WriteFailed, match=r".*; the figures measured so far are in the lines printed above. Free "):
         throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
 
 

@@ -17,7 +17,7 @@ from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
 from vitdeit.packing import PackOptions, pack
 from vitdeit.config import Config
-from vitdeit.data import dali_available
+from vitdeit.data import build_loader, dali_available
 from vitdeit.machine import describe
 from vitdeit.trainer import ema_warning, evaluate_checkpoint, lr_schedule, train
 
@@ -796,11 +796,11 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
     assert "packed with --resize-short 32, under the 36 px" in lines[7]  # floor(32 / 0.875)
 
 
-class StepsOnly:  # a torch loader's name and steps per epoch, for run_notes
+class StepsOnly:  # a torch loader's name, steps per epoch and train images per rank (tiny_shards: 96), for run_notes
     name = "torch"
 
-    def __init__(self, steps):
-        self.steps = steps
+    def __init__(self, steps, per_rank=96):
+        self.steps, self.per_rank = steps, per_rank
 
     def __len__(self):
         return self.steps
@@ -812,8 +812,8 @@ def notes_for(shards, out, world=1, **kw):
 
     cfg = cfg_for(shards, out, **kw)
     manifest = load_manifest(shards)
-    steps = manifest["splits"]["train"]["num_samples"] // world // cfg.batch_size  # whole batches, as the loaders
-    return run_notes(cfg, manifest, Dist(world=world), StepsOnly(steps), None, 1e-3)
+    loader = build_loader(cfg, manifest, "train", Dist(world=world))  # rank 0's, which prints the notes
+    return run_notes(cfg, manifest, Dist(world=world), loader, None, 1e-3)
 
 
 def test_distillation_settings_on_a_run_without_a_teacher_are_named(tiny_shards, tmp_path):
@@ -868,20 +868,26 @@ def test_fp16_on_a_cpu_is_a_note_after_the_run_line(tiny_shards, tmp_path):
     assert notes_for(tiny_shards, tmp_path, amp="off") == notes_for(tiny_shards, tmp_path, amp="bf16") == []
 
 
-@pytest.mark.parametrize("batch_size, world, said", [
-    (32, 1, None), (18, 1, "trains on 90 of each process's 96 train images, whole batches only; the other 6 (6 %)"),
-    (64, 1, "trains on 64 of each process's 96 train images, whole batches only; the other 32 (33 %)"),
-    (20, 2, "trains on 40 of each process's 48 train images, whole batches only; the other 8 (17 %)"),
-    (16, 2, None)])  # 96 train images; a remainder up to 5 % of a process's share is no warning
+@pytest.mark.parametrize("batch_size, world, loader, said", [
+    (32, 1, "torch", None),
+    (18, 1, "torch", "trains on 90 of each process's 96 train images, whole batches only; the other 6 (6 %)"),
+    (64, 1, "torch", "trains on 64 of each process's 96 train images, whole batches only; the other 32 (33 %)"),
+    (20, 2, "torch", "trains on 40 of each process's 48 train images, whole batches only; the other 8 (17 %)"),
+    (16, 2, "torch", None),  # 96 train images; a remainder up to 5 % of a process's share is no warning
+    # 96 over 5 ranks: the PyTorch sampler pads each rank's share to 20, DALI gives rank 0 the slice [0, 19)
+    (8, 5, "torch", "trains on 16 of each process's 20 train images, whole batches only; the other 4 (20 %)"),
+    pytest.param(8, 5, "dali", "trains on 16 of each process's 19 train images, whole batches only; the other 3 (16 %)",
+                 marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed"))])
 def test_a_batch_size_that_leaves_many_train_images_out_of_each_epoch_is_a_warning(tiny_shards, tmp_path, batch_size,
-                                                                                  world, said):
-    notes = notes_for(tiny_shards, tmp_path, world=world, batch_size=batch_size)
+                                                                                  world, loader, said):
+    notes = notes_for(tiny_shards, tmp_path, world=world, batch_size=batch_size, loader=loader)
     if said is None:
         assert notes == []
     else:
+        share = re.search(r"process's (\d+) train images", said)[1]
         assert notes == [f"warning: --batch-size {batch_size}: an epoch {said} sit out each epoch (others each time: "
-                         f"the order is reshuffled). A --batch-size that divides {96 // world} more evenly trains on "
-                         f"more of them"]
+                         f"the order is reshuffled). A --batch-size that divides {share} more evenly trains on more of "
+                         f"them"]
 
 
 @pytest.mark.parametrize("loader, workers, said", [("torch", 0, "(0 workers)"), ("torch", 1, "(1 worker)"),

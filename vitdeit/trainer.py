@@ -394,7 +394,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
         out.append(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
                    f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
-    per_rank = manifest["splits"]["train"]["num_samples"] // dist.world
+    per_rank = train_loader.per_rank  # the PyTorch sampler pads to ceil(n / world), DALI slices floor or one more
     trained = len(train_loader) * cfg.batch_size  # whole batches only (drop_last, as the DeiT reference)
     if per_rank - trained > 0.05 * per_rank:
         out.append(f"warning: --batch-size {cfg.batch_size}: an epoch trains on {trained} of each process's "

@@ -164,13 +164,14 @@ class DaliLoader:
             {**saved, "pack": None} == {**self.settings, "pack": None})
         self.batch_size = batch_size
         self.decoded_ahead = prefetch  # batches decoded ahead, also as soon as an epoch ends (the benchmark's windows)
+        self.per_rank = (rank + 1) * n // world - rank * n // world  # this rank's slice: floor(n / world) or one more
         if self.train:
             self.steps = n // world // batch_size
             if self.steps == 0:
                 raise BatchTooLarge(split, n // world, batch_size)
             self.num_samples = self.steps * batch_size
         else:  # DALI's shard r of `world` holds samples [floor(r n / world), floor((r + 1) n / world))
-            self.num_samples = (rank + 1) * n // world - rank * n // world
+            self.num_samples = self.per_rank
             self.steps = math.ceil(self.num_samples / batch_size)
         # --repeated-aug R (train): each step reads ceil(batch / R) images and makes R copies of each (the last
         # copies trimmed to the batch), so an epoch keeps its steps and reads about 1/R of the rank's slice: the

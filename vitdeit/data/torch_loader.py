@@ -279,6 +279,7 @@ class TorchLoader:
                                  # workers only the first does, so a resumed run's drop-path masks would differ
                                  generator=torch.Generator().manual_seed(seed))
         self.scale, self.shift = uint8_normalizer(self.device, mean, std)
+        self.per_rank = len(self.sampler)  # samples this rank's epoch draws from: ceil(n / world) train (padded)
         self.num_samples = len(self.sampler) if not self.drop_last else len(self) * batch_size
 
     def __len__(self) -> int:

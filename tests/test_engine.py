@@ -77,6 +77,22 @@ def test_top5_with_fewer_than_five_classes_is_every_image():
     assert out["val_top5"] == 100.0 and out["val_top1"] == 100 * hits / 5 and out["val_samples"] == 5
 
 
+def test_top1_takes_the_first_of_tied_classes_as_each_heads_top1_and_top5_counts_it():
+    tied = torch.zeros(N, C)  # every class tied (a zero head, or logits rounded alike in bf16), ...
+    tied[1::2, 3:9] = 1.0  # ... or six tied at the top (the top-5 holds five of them)
+
+    class Tied(TwoHeads):
+        def forward_features(self, x):
+            return tied[x.view(-1).long()][:, None].expand(-1, 2, -1)
+
+    labels = torch.tensor([0, 3, 0, 8, 5, 3, 1, 4, 0, 3, 0, 3, 2])  # rows 0, 2, ...: class 0 first; 1, 3, ...: 3
+    out = evaluate(Tied(), list(zip([b[0] for b in BATCHES], labels.split(5))), Dist(), progress=False)
+    first = torch.tensor([0, 3] * 6 + [0])
+    top1 = 100 * int((first == labels).sum()) / N  # rows 0, 1, 2, 5, 8, 9, 10, 11: 8 of 13
+    assert out["val_top1"] == out["val_top1_cls_head"] == out["val_top1_dist_head"] == top1 == 100 * 8 / N
+    assert out["val_top5"] >= out["val_top1"]
+
+
 def _evaluate_as_rank(rank, world, port, out_dir):
     torchrun_env(rank, world, port)
     with process_group("cpu") as dist:  # each rank its own batches: rank 0 batches 0 and 2 (8 images), rank 1 batch 1

@@ -733,6 +733,10 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
                                             interpolation="bicubic")))[0]
     assert cubic.interpolation == "bicubic" and torch.equal(seen[-1], expected_images)
     assert not torch.equal(seen[0], seen[-1])  # the first call's bilinear images: the filter changed what it saw
+    cls_logits[:], dist_logits[:] = 0.0, 0.0  # every class tied: the first, as evaluate() scores top-1
+    tied = predict(TwoHeads(), {"config": {"img_size": 32, "crop_pct": 0.875}}, tiny_shards, manifest, "DeiT",
+                   workers=0)
+    assert set(tied.pred.tolist()) == {0} and np.allclose(tied.conf, 1 / c, rtol=1e-6)
 
 
 @pytest.mark.parametrize("crop_pct", [0.875, 1.0])

@@ -155,11 +155,13 @@ def evaluate(model, loader, dist, amp_dtype=None, progress: bool = True, desc: s
             heads = head_logits(model, images)
         heads = [h.float() for h in heads]
         logits = torch.stack(heads).mean(0)
+        # top-1 by argmax, the first of tied classes (ties are common in bf16 logits), as each head's top-1 and
+        # report.py's predictions: topk orders tied classes as it likes, and its top-5 then counts the argmax too
+        hit1 = logits.argmax(1) == labels
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit1 = top5[:, 0] == labels
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += hit1.sum()
-        sums[2] += (top5 == labels[:, None]).any(1).sum()
+        sums[2] += ((top5 == labels[:, None]).any(1) | hit1).sum()
         sums[3] += labels.shape[0]
         for k, h in enumerate(heads):
             sums[4 + k] += (h.argmax(1) == labels).sum()

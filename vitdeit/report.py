@@ -53,8 +53,9 @@ def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, dev
                          workers=workers, device=device, crop_pct=cfg["crop_pct"], interpolation=interpolation)
     labels, preds, confs = [], [], []
     for images, y in loader:
-        probs = torch.stack(head_logits(net, images)).mean(0).float().softmax(1)  # DeiT: mean of both heads
-        conf, pred = probs.max(1)
+        logits = torch.stack(head_logits(net, images)).mean(0).float()  # DeiT: mean of both heads
+        pred = logits.argmax(1)  # the first of tied classes, as evaluate() scores top-1
+        conf = logits.softmax(1).gather(1, pred[:, None])[:, 0]
         labels.append(y.cpu()), preds.append(pred.cpu()), confs.append(conf.cpu())
     return Predictions(name, torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(confs).numpy(),
                        cfg["img_size"], cfg["crop_pct"], interpolation)

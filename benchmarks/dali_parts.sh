@@ -9,6 +9,8 @@
 # part already there stays), the last one with dali_parts/dali.tar.sha256 too and the command
 # `bash benchmarks/gpu_check.sh`, which reassembles the tar, checks it and installs DALI before measuring.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac  # the header above
+[ $# -eq 0 ] || { echo "dali_parts.sh takes no arguments (got: $*); --help prints its use" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 DL=$(mktemp -d)
 PIP=${PIP:-pip}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ready GPU check: one call, at most ~8 minutes on one H100/H200 machine (16 cores, no network) where
+# The ready GPU check: one call of about 3.5 minutes (8 at most) on one H100/H200 machine (16 cores, no network) where
 # torch, torchvision and timm are installed. Makes a synthetic ImageNet-sized JPEG set there, packs it, and
 # measures packing, the loaders, the model step and end to end at 224 px, batch 256. Writes
 # $OUT/throughput.json and $OUT/throughput.log and prints the table last.

@@ -22,7 +22,7 @@
 # the device returns no file over 16 MiB, and 8 files or 64 MiB in all).
 #
 #   bash benchmarks/gpu_session.sh              # on the GPU machine, in the call that brings DALI's last part
-#   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (~4 minutes on 2 cores)
+#   bash benchmarks/gpu_session.sh --dry-run    # here, on the CPU, at tiny sizes (1.5-2 minutes on 2 idle cores)
 #   BUDGET=300 bash benchmarks/gpu_session.sh   # a shorter call: the later steps are skipped
 #   TRAIN_SETTING=launches:pf4 bash benchmarks/gpu_session.sh --dry-run   # the train step's setting
 #                                                                         # (STEP:pfDEPTH) chosen, not measured

@@ -44,5 +44,8 @@ def pick(found: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stdout if len(sys.argv) > 1 else sys.stderr)
+        sys.exit(0 if len(sys.argv) > 1 else 2)
     found = rates(Path(sys.argv[1]), sys.argv[2:] or ["profile", "launches"])
     print(pick(found), " ".join(f"{k} {v:.0f} img/s" for k, v in found.items()))

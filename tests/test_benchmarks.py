@@ -264,6 +264,27 @@ def test_the_gpu_scripts_print_their_header_for_help_and_name_an_interpreter_wit
             "false has no torch: set PYTHON to the interpreter that has it, e.g. PYTHON=.venv/bin/python")
 
 
+def test_dali_parts_and_pick_setting_print_their_use_for_help_and_start_nothing(tmp_path):
+    import os
+
+    lines = (ROOT / "benchmarks/dali_parts.sh").read_text().splitlines()[1:]
+    header = [line[2:] if line.startswith("# ") else line[1:] for line in itertools.takewhile(
+        lambda line: line.startswith("#"), lines)]
+    env = {**os.environ, "PIP": "false"}  # a download it started would fail: exit 1 (set -e), before any rm
+    for argv, rc in ((["--help"], 0), (["-h"], 0), (["--dry-run"], 2)):
+        run = subprocess.run(["bash", str(ROOT / "benchmarks/dali_parts.sh"), *argv], capture_output=True, text=True,
+                             env=env)
+        assert run.returncode == rc and (run.stdout.splitlines() == header if rc == 0 else run.stderr == (
+            "dali_parts.sh takes no arguments (got: --dry-run); --help prints its use\n"))
+    assert len(header) > 5
+    from benchmarks import pick_setting
+
+    for argv, rc in (([], 2), (["--help"], 0), (["-h"], 0)):
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks/pick_setting.py"), *argv], capture_output=True,
+                             text=True)
+        assert run.returncode == rc and (run.stdout if rc == 0 else run.stderr) == pick_setting.__doc__.strip() + "\n"
+
+
 def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tmp_path):
     import os
 

@@ -458,6 +458,117 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
     assert best["best_top1"] == max(r["val_top1"] for r in metrics)
 
 
+SCORES = [20.0, 30.0, 25.0, 40.0, 35.0]  # val top-1 by epoch: epochs 0, 1 and 3 are each the best so far
+
+
+def scored(monkeypatch):
+    """train() with SCORES as its val top-1 (the checkpoints' logic, not what the net learnt, is under test)."""
+    from vitdeit import trainer
+
+    evaluate, seen = trainer.evaluate, []
+
+    def fixed(net, loader, *a, **k):
+        out = evaluate(net, loader, *a, **k)
+        if k.get("desc") is None:  # not the teacher's
+            seen.append(len(seen))
+            out["val_top1"] = SCORES[len(seen) - 1]
+        return out
+
+    monkeypatch.setattr(trainer, "evaluate", fixed)
+    return seen
+
+
+@pytest.mark.parametrize("killed_at", ["last.pth", "best.pth"])
+def test_a_run_killed_between_an_epochs_checkpoints_resumes_with_its_best_weights_kept(tiny_shards, tmp_path,
+                                                                                     monkeypatch, killed_at):
+    from vitdeit import trainer
+
+    kw = dict(model="resnet18", epochs=5, lr=0.005, batch_size=16, workers=0)
+    save = trainer.save_checkpoint
+    saved = {}  # epoch -> the state each checkpoint got
+
+    def killed(path, state):  # SIGKILL, or the power gone, as epoch 3 (a best) writes `killed_at`
+        if state["epoch"] == 3 and path.name == killed_at:
+            raise SystemExit("killed")
+        saved.setdefault(path.name, {})[state["epoch"]] = state["model"]
+        save(path, state)
+
+    scored(monkeypatch)
+    monkeypatch.setattr(trainer, "save_checkpoint", killed)
+    with pytest.raises(SystemExit):
+        train(cfg_for(tiny_shards, tmp_path, **kw))
+    run = tmp_path / "resnet18"
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert best["epoch"] == 1 and best["best_top1"] == 30.0  # the last best, whole, whichever write was cut
+    assert sorted(p.name for p in run.iterdir()) == ["best.pth", "config.json", "last.pth", "metrics.jsonl"]
+    monkeypatch.undo()
+    scored(monkeypatch).extend(range(4 if killed_at == "best.pth" else 3))  # the resumed epochs' scores: SCORES'
+    trained = []
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "last.pth"), **kw),
+          on_epoch_end=lambda epoch, record: trained.append(epoch))
+    assert trained == ([4] if killed_at == "best.pth" else [3, 4])  # killed after last.pth: epoch 3 is done
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert best["epoch"] == 3 and best["best_top1"] == 40.0
+    if killed_at == "best.pth":  # made from last.pth at the resume: epoch 3's own weights
+        assert all(torch.equal(best["model"][k], v) for k, v in saved["last.pth"][3].items())
+
+
+def test_ctrl_c_while_an_epochs_checkpoints_are_written_stops_once_they_are(tiny_shards, tmp_path, monkeypatch,
+                                                                            capsys):
+    import signal
+
+    from vitdeit import trainer
+
+    kw = dict(model="resnet18", epochs=3, lr=0.005, batch_size=16, workers=0)
+    save = trainer.save_checkpoint
+
+    def interrupted(path, state):  # Ctrl-C as epoch 1's last.pth starts
+        if state["epoch"] == 1 and path.name == "last.pth":
+            signal.raise_signal(signal.SIGINT)
+        save(path, state)
+
+    scored(monkeypatch)
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted)
+    trained = []
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_shards, tmp_path, **kw), on_epoch_end=lambda epoch, record: trained.append(epoch))
+    run = tmp_path / "resnet18"
+    assert trained == [0]  # stopped before epoch 1's end was announced, but after its files
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(run / "best.pth", weights_only=True)["epoch"] == 1  # (30 %: a best)
+    assert not list(run.glob("*.tmp"))
+    assert "SIGINT: stopping once this epoch's checkpoint is written (Ctrl-C again stops now" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are as they were
+
+
+def test_signals_held_defer_ctrl_c_and_sigterm_to_the_blocks_end_and_a_second_ctrl_c_acts_at_once():
+    import signal
+
+    from vitdeit.checkpoint import signals_held
+
+    got, term = [], signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append("SIGTERM handled"))
+    try:
+        with signals_held(say=False):
+            signal.raise_signal(signal.SIGTERM)
+            got.append("block ended")
+        assert got == ["block ended", "SIGTERM handled"]
+        with pytest.raises(KeyboardInterrupt), signals_held(say=False):
+            signal.raise_signal(signal.SIGINT)
+            got.append("block ended again")
+        assert got[-1] == "block ended again"
+        with pytest.raises(KeyboardInterrupt), signals_held(say=False):
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            got.append("not reached")
+        assert got[-1] == "block ended again"
+        with signals_held(say=False):  # nothing caught: nothing raised after
+            got.append("quiet")
+        assert got[-1] == "quiet" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, term)
+
+
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
         teacher_run, tmp_path, monkeypatch, capsys):
     import shutil
@@ -487,6 +598,14 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
         train(dataclasses.replace(cfg, model="deit_tiny_distill", teacher_ckpt=str(tmp_path / "nothere.pth"),
                                   overwrite=True))
     assert files() == before  # config.json too: it is written once the set-up has passed
+    kept = tmp_path / "kept"  # a run whose last.pth is gone (deleted to save space): its best.pth is still a run
+    kept.mkdir()
+    shutil.copyfile(run / "best.pth", kept / "best.pth")
+    with pytest.raises(SettingError, match=re.escape(f"{kept} already holds a run (best.pth, without a last.pth): "
+                                                     f"continue it with --resume {kept / 'best.pth'}, choose another "
+                                                     f"--run-name, or pass --overwrite to replace it.")):
+        train(dataclasses.replace(cfg, epochs=9, run_name="kept"))
+    assert [p.name for p in kept.iterdir()] == ["best.pth"]
     for epochs in (3, 2):  # all 3 epochs trained, or more than asked: nothing to do, and config.json stays the run's
         train(dataclasses.replace(cfg, epochs=epochs, lr=0.001, resume=str(run / "last.pth")))
         assert files() == before
@@ -500,6 +619,7 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     with pytest.raises(Stopped):  # (stopped in the resumed run's first epoch, once the folder is set up)
         train(dataclasses.replace(cfg, epochs=4, run_name="other", resume=str(run / "last.pth"), overwrite=True))
     assert (other / "best.pth").read_bytes() == before["best.pth"] and not (other / "last.pth").exists()
+    (run / "last.pth.tmp").write_bytes(b"PK\x03\x04 a killed run's part-written checkpoint")
     with pytest.raises(Stopped):  # --overwrite: a replacing run stopped in its first epoch
         train(dataclasses.replace(cfg, epochs=9, overwrite=True))
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint of the old run

@@ -12,8 +12,12 @@ teacher again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -30,15 +34,45 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)  # never a half-written checkpoint under the real name
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a truncated .tmp (a full disk, an interrupt) would only take space
         # a full disk surfaces as OSError or as a RuntimeError of torch's zip writer (inline_container.cc:
         # "PytorchStreamWriter failed writing file ...", "unexpected pos 704 vs 598"); any other RuntimeError (a
         # CUDA error while copying tensors to the host) keeps its traceback
-        if not isinstance(e, OSError) and not any(m in str(e) for m in ("inline_container", "failed writing")):
+        if not isinstance(e, OSError) and not (isinstance(e, RuntimeError) and any(
+                m in str(e) for m in ("inline_container", "failed writing"))):
             raise
-        tmp.unlink(missing_ok=True)  # a truncated .tmp would only take more of the space that ran out
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise write_failed(path, e, kept) from e
+
+
+@contextlib.contextmanager
+def signals_held(say: bool = True):
+    """Ctrl-C and SIGTERM wait for the block (an epoch's files, written together) to end, then act as they would
+    have (train.py's handlers: stop, and say how to go on from the last.pth just written); a second Ctrl-C acts at
+    once. say: print that it waits (rank 0). Only the main thread can set handlers: elsewhere, no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught, before = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum, frame):
+        if caught and signum == signal.SIGINT:  # the second: now (save_checkpoint removes its .tmp)
+            raise KeyboardInterrupt
+        if not caught and say:
+            print(f"\n{signal.Signals(signum).name}: stopping once this epoch's checkpoint is written (Ctrl-C again "
+                  f"stops now, without it)", file=sys.stderr, flush=True)
+        caught.append(signum)
+
+    for s in before:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
+    if caught:  # (not after an error in the block: it is raised instead)
+        signal.raise_signal(caught[0])
 
 
 def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:

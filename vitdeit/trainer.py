@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_file, load_checkpoint, save_checkpoint, shards_change_text, torch_load
+from .checkpoint import (checkpoint_file, load_checkpoint, save_checkpoint, shards_change_text, signals_held,
+                         torch_load)
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       pack_identity, some)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, flag, saved_setting
@@ -190,9 +191,9 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
 
 
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -> None:
-    """A run folder that holds a last.pth is another run's, unless --resume continues it from there: refused
-    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or, for
-    a run that `writes` (not a resumed one with nothing left to do), a folder this user cannot write in. Rank 0,
+    """A run folder that holds a last.pth (or a best.pth) is another run's, unless --resume continues it from there:
+    refused without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be,
+    or, for a run that `writes` (not a resumed one with nothing left to do), a folder this user cannot write in. Rank 0,
     which alone writes there, looks (before the set-up's minutes); every rank stops on what it found."""
     problem = None
     file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
@@ -200,11 +201,13 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         name = "--run-name" if file == run_dir else "--output-dir"
         problem = (f"{name} {cfg.name if file == run_dir else cfg.output_dir}: {file} is a file, not a folder; pass "
                    f"another {name} (the run goes to --output-dir/--run-name, here {run_dir})")
-    elif dist.is_main and (run_dir / "last.pth").is_file() and not resumes_in(run_dir, cfg) and not cfg.overwrite:
+    elif dist.is_main and (held := next((run_dir / n for n in ("last.pth", "best.pth") if (run_dir / n).is_file()),
+                                        None)) and not resumes_in(run_dir, cfg) and not cfg.overwrite:
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
-        problem = (f"{run_dir} already holds a run (last.pth){other}: continue it with --resume "
-                   f"{run_dir / 'last.pth'}, choose another --run-name, or pass --overwrite to replace it.")
+        alone = "" if held.name == "last.pth" else ", without a last.pth"  # (deleted, or its first save cut short)
+        problem = (f"{run_dir} already holds a run ({held.name}{alone}){other}: continue it with --resume {held}, "
+                   f"choose another --run-name, or pass --overwrite to replace it.")
     elif writes and dist.is_main and (why := cannot_write_in(run_dir)):
         given = ("" if "output_dir" not in getattr(cfg, "inherited", ()) else
                  f" (the run folder of --resume {cfg.resume}, where it goes on)")
@@ -292,6 +295,8 @@ def start_run_dir(run_dir: Path, cfg: Config) -> None:
     if cfg.overwrite and not resumes_in(run_dir, cfg):
         for name in ("best.pth", "last.pth"):  # (a --resume from another folder brings its best.pth: adopt_history)
             (run_dir / name).unlink(missing_ok=True)
+    for name in ("best.pth.tmp", "last.pth.tmp"):  # a killed run's part-written checkpoints: never read, only space
+        (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
 
@@ -724,14 +729,17 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "teacher_top1": teacher_top1, "loader": train_loader.name, "loader_states": loader_states,
                 "amp": amp_trained(resumed, AMP_NAME[amp_dtype]),  # as --amp auto resolved on each device
                 "pack": pack, "data_dir": str(Path(cfg.data_path).resolve())}  # (config's data_path: as typed)
-            # last.pth, the resume point, goes last: a run killed before it redoes this epoch (--resume cuts
-            # metrics.jsonl back), instead of resuming after an epoch whose best.pth or metrics line is missing
-            if is_best:
-                save_checkpoint(run_dir / "best.pth", state)
+            # the metrics line, then last.pth (the resume point), then best.pth: a run killed before last.pth redoes
+            # this epoch (--resume cuts metrics.jsonl back) with the last best.pth kept; killed before best.pth,
+            # it resumes after this epoch, whose best.pth adopt_history writes from last.pth (the same state).
+            # (best.pth first lost the last best to a kill before last.pth: this epoch's, not in last.pth's history,
+            # was dropped at the resume.) Ctrl-C and SIGTERM wait for all three
             log.write(record)
             save_checkpoint(run_dir / "last.pth", state)
+            if is_best:
+                save_checkpoint(run_dir / "best.pth", state)
 
-        with alike_on_every_rank():  # (a full disk: every rank stops with its message)
+        with alike_on_every_rank(), signals_held(say=dist.is_main):  # (a full disk: every rank stops, saying it)
             on_rank_0(dist, save)
         ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
         dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "

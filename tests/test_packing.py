@@ -1010,6 +1010,49 @@ def test_an_index_that_cannot_be_written_is_named(data, tmp_path, monkeypatch):
         pack(data, tmp_path / "s", opts=PackOptions(shard_size=4, workers=1), progress=False)
 
 
+def test_a_manifest_that_cannot_be_written_is_named_and_the_rerun_reuses_every_shard(data, tmp_path, monkeypatch,
+                                                                                     capsys):
+    from vitdeit.errors import WriteFailed
+
+    real = Path.write_text
+
+    def full(self, text, *a, **k):  # the disk fills up halfway through the manifest, the last file written
+        if self.name == "manifest.json.tmp":
+            real(self, text[: len(text) // 2], *a, **k)
+            raise OSError(28, "No space left on device")
+        return real(self, text, *a, **k)
+
+    out = tmp_path / "s"
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(WriteFailed, match=re.escape(f"could not write {out / 'manifest.json'}: [Errno 28] No space "
+                                                    f"left on device") + r".*\); every shard is written and kept: a "
+                                                    r"rerun reuses them and writes only the manifest\. Free space "):
+        pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=True)
+    n = sum(len(sp["shards"]) for sp in m["splits"].values())
+    assert f"reused {n} of {n} shards an earlier run wrote" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text()) == m
+
+
+def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_it_goes_on(data, tmp_path):
+    import fcntl
+
+    out = tmp_path / "s"
+    (out / ".progress").mkdir(parents=True)
+    with open(out / ".progress" / "lock", "w") as held:  # as a pack_shards.py running now holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match=re.escape(f"--out {out}: another pack_shards.py is packing into it now "
+                                                      f"(it holds {out / '.progress' / 'lock'}); wait for it to "
+                                                      f"finish, or pass another --out")):
+            pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+        assert sorted(p.name for p in out.rglob("*")) == [".progress", "lock"]  # nothing written
+    m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # its pack has ended
+    assert m["splits"]["train"]["num_samples"] > 0
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # a pack lets go of it as it ends
+
+
 def jpeg_tables(data: bytes) -> dict:
     with Image.open(io.BytesIO(data)) as im:
         return {k: list(v) for k, v in im.quantization.items()}

@@ -322,6 +322,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")  # (an index holds file names: not the locale's)
     except OSError as e:
+        tmp.unlink(missing_ok=True)  # a part-written file only takes space (a full disk's)
         e.filename = e.filename or str(tmp)  # a failed write() names no file; the error message should
         raise
     os.replace(tmp, path)
@@ -471,43 +472,65 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         check_same_source(out, source_of(split_dirs))
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
-    tasks = []
-    for split, srcs in sources.items():
-        shards = plan_shards(srcs, opts.shard_size, opts.seed, split)
-        tasks += [(split, f"{split}-{i:06d}", s, opts, str(out)) for i, s in enumerate(shards)]
-    planned = {t[1] for t in tasks}
-    for d in (out, out / PROGRESS_DIR):
-        for stale in d.iterdir():
-            # what an earlier run with other inputs wrote (a killed one's ".NAME.tar.tmp" too), and nothing else
-            m = SHARD_FILE.match(stale.name)
-            if m and m.group(1) not in planned:
-                stale.unlink()
-
-    n_total = sum(len(s) for s in sources.values())
-    results: list[ShardResult] = []
-    bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
-    try:
-        with _shards(tasks, opts.workers) as shards, bar:
-            for r in shards:
-                if isinstance(r, WriteFailed):
-                    raise r
-                results.append(r)
-                bar.update(r.num_inputs)
-    except WriteFailed:  # the pool has ended: every partial file goes, space a full disk needs
+    with pack_lock(out):  # (held until the manifest is written)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
+        tasks = []
+        for split, srcs in sources.items():
+            shards = plan_shards(srcs, opts.shard_size, opts.seed, split)
+            tasks += [(split, f"{split}-{i:06d}", s, opts, str(out)) for i, s in enumerate(shards)]
+        planned = {t[1] for t in tasks}
         for d in (out, out / PROGRESS_DIR):
-            for partial in d.iterdir():
-                if SHARD_FILE.match(partial.name) and partial.name.endswith(".tmp"):
-                    partial.unlink()
-        raise
-    results.sort(key=lambda r: r.name)
-    if progress and any(r.reused for r in results):  # (the command line's: a rerun says what it did not redo)
-        print(f"reused {sum(r.reused for r in results)} of {len(results)} shards an earlier run wrote (same inputs "
-              f"and options)")
-    if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
-        print(f"wrote again {sum(why.values())} of {len(results)} shards an earlier run wrote: "
-              + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
-    return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
+            for stale in d.iterdir():
+                # what an earlier run with other inputs wrote (a killed one's ".NAME.tar.tmp" too), and nothing else
+                m = SHARD_FILE.match(stale.name)
+                if m and m.group(1) not in planned:
+                    stale.unlink()
+
+        n_total = sum(len(s) for s in sources.values())
+        results: list[ShardResult] = []
+        bar = tqdm(total=n_total, unit="img", desc=f"packing {out}", disable=not progress, smoothing=0.05)
+        try:
+            with _shards(tasks, opts.workers) as shards, bar:
+                for r in shards:
+                    if isinstance(r, WriteFailed):
+                        raise r
+                    results.append(r)
+                    bar.update(r.num_inputs)
+        except WriteFailed:  # the pool has ended: every partial file goes, space a full disk needs
+            for d in (out, out / PROGRESS_DIR):
+                for partial in d.iterdir():
+                    if SHARD_FILE.match(partial.name) and partial.name.endswith(".tmp"):
+                        partial.unlink()
+            raise
+        results.sort(key=lambda r: r.name)
+        if progress and any(r.reused for r in results):  # (the command line's: a rerun says what it did not redo)
+            print(f"reused {sum(r.reused for r in results)} of {len(results)} shards an earlier run wrote (same inputs "
+                  f"and options)")
+        if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
+            print(f"wrote again {sum(why.values())} of {len(results)} shards an earlier run wrote: "
+                  + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
+        return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
+
+
+@contextmanager
+def pack_lock(out: Path):
+    """One pack_shards.py at a time in an --out folder: two would rename each other's part-written shards away, and
+    each then fail on a file the other moved. An advisory lock on OUT/.progress/lock, let go when the pack ends
+    (or its process does); where the file system has no locks, none."""
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows)
+        yield
+        return
+    with open(out / PROGRESS_DIR / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"--out {out}: another pack_shards.py is packing into it now (it holds {f.name}); wait "
+                            f"for it to finish, or pass another --out") from None
+        except OSError:  # a file system without locks
+            pass
+        yield
 
 
 @contextmanager
@@ -626,7 +649,11 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         check_classes(packed, class_map, split_dirs, labels_path, opts, found=f"left once unreadable files were "
                       f"skipped (no {out / MANIFEST_NAME}; the shards are kept for the rerun)", fix=f"Fix or replace "
                       f"the {len(bad)} unreadable file(s) (e.g. {bad[0][1]}: {bad[0][2]})")
-    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    try:
+        write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    except OSError as e:  # a full disk, last of all: every shard is written and kept
+        raise write_failed(out / MANIFEST_NAME, e, "every shard is written and kept: a rerun reuses them and writes "
+                           "only the manifest", flag="--out") from e
     return manifest
 
 

@@ -491,6 +491,25 @@ def test_a_run_without_a_finished_epoch_is_an_error_naming_its_metrics(runs, tmp
                  report_dir=str(tmp_path / "report"), workers=0, out=str(tmp_path / "p.png"))
 
 
+def test_a_runs_last_metrics_line_cut_short_is_left_out_with_a_note_and_one_before_it_is_an_error(runs, tmp_path):
+    import shutil
+
+    vit = tmp_path / "vit"
+    shutil.copytree(runs / "baseline_vit_tiny", vit)
+    whole = (vit / "metrics.jsonl").read_text()
+    (vit / "metrics.jsonl").write_text(whole + '{"epoch": 2, "train_loss": 1.2')  # the next epoch's, mid-write
+    kw = dict(num_images=2, report_dir=str(tmp_path / "report"), workers=0, out=str(tmp_path / "p.png"))
+    make_all(str(vit / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"), **kw)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert f"{vit / 'metrics.jsonl'} line 3 is cut short (a run writing it now, or stopped mid-write): left out" in (
+        report["notes"])
+    vit_row = next(r for r in report["runs"] if r["run"] == "ViT")
+    assert (vit_row["epochs"], vit_row["last_epoch"]) == (2, 1)  # the two whole lines
+    (vit / "metrics.jsonl").write_text('{"epoch": 0, "tr\n' + whole.splitlines()[1] + "\n")  # not the last line
+    with pytest.raises(DataError, match=re.escape(f"{vit / 'metrics.jsonl'} line 1: not a JSON object")):
+        make_all(str(vit / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"), **kw)
+
+
 def test_shards_named_by_the_checkpoint_but_not_here_ask_for_data_path(runs, tmp_path, monkeypatch):
     from vitdeit.errors import MissingFile
 

@@ -31,20 +31,26 @@ class MetricsLog:
                 raise write_failed(self.path, e, "its earlier lines are kept") from e
 
 
-def read_metrics(run_dir: str | Path, resumed_after: int | None = None) -> list[dict]:
+def read_metrics(run_dir: str | Path, resumed_after: int | None = None, dropped: list[str] | None = None) -> list[dict]:
     """The run's records in order. resumed_after: the epoch a --resume continues from; a damaged line after that
     epoch's line (a partial write of the next epoch, whose last.pth was then not written) is left out, as the
-    resumed run redoes that epoch; anywhere else it is a DataError naming the line."""
+    resumed run redoes that epoch; anywhere else it is a DataError naming the line. dropped: where a damaged last
+    line is said and left out instead (viz.py's report: a run writing it now, or one stopped mid-write)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise MissingFile(f"{path}: no metrics; is {run_dir} a train.py run folder?")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    records, lines = [], path.read_text().splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:  # e.g. a partial last line: the disk filled up mid-write
                 if resumed_after is not None and any(r.get("epoch") == resumed_after for r in records):
+                    continue
+                if dropped is not None and n == last:
+                    dropped.append(f"{path} line {n} is cut short (a run writing it now, or stopped mid-write): "
+                                   f"left out")
                     continue
                 raise DataError(f"{path} line {n}: not a JSON object ({e}); if it is the last line (a partial "
                                 f"write), train.py --resume RUN_DIR/last.pth drops it and redoes that epoch; else "

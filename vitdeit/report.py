@@ -410,7 +410,7 @@ def report_inputs(vit_ckpt: str, deit_ckpt: str, deit_state: dict, teacher_run: 
     metrics = {}
     for name, run_dir in runs.items():
         try:
-            metrics[name] = read_metrics(run_dir)
+            metrics[name] = read_metrics(run_dir, dropped=notes)
         except MissingFile as e:  # a checkpoint copied out of its run folder
             fix = ("pass the teacher's train.py run folder with --teacher-run" if name == "teacher" else
                    f"pass the {name} checkpoint in its train.py run folder")

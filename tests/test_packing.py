@@ -1053,6 +1053,21 @@ def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # a pack lets go of it as it ends
 
 
+def test_shards_of_a_pack_that_did_not_finish_are_named_as_such_and_the_same_command_finishes_it(data, tmp_path):
+    from vitdeit.classes import load_manifest
+
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    (out / "manifest.json").unlink()  # as a pack stopped before its last step leaves it
+    with pytest.raises(DataError, match=re.escape(f"{out / 'manifest.json'} not found: {out} holds a pack that has not "
+                                                  f"finished (pack_shards.py writes its manifest last, once every "
+                                                  f"shard is written and checked): it was stopped, or failed, or is "
+                                                  f"running now. Run the same pack_shards.py command again")):
+        load_manifest(out)
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert load_manifest(out)["splits"]["train"]["num_samples"] > 0
+
+
 def jpeg_tables(data: bytes) -> dict:
     with Image.open(io.BytesIO(data)) as im:
         return {k: list(v) for k, v in im.quantization.items()}

@@ -15,6 +15,7 @@ from .errors import DataError
 
 WNID_RE = re.compile(r"^n\d{8}$")
 MANIFEST_NAME = "manifest.json"
+PROGRESS_DIR = ".progress"  # pack_shards.py's record of each shard written, for a rerun to reuse
 
 
 def _no_duplicate_keys(pairs):
@@ -111,6 +112,11 @@ def load_manifest(shards_dir: str | Path) -> dict:
             out = shards_dir_for(d)  # the image folders: shards go elsewhere
             raise DataError(f"{path} not found: {shards_dir} holds image folders, not packed shards. Pack them "
                             f"once: python pack_shards.py --data-path {d} --out {out}, then pass --data-path {out}")
+        if (Path(shards_dir) / PROGRESS_DIR).is_dir():  # shards, but no manifest: written last, once all are
+            raise DataError(f"{path} not found: {shards_dir} holds a pack that has not finished (pack_shards.py writes "
+                            f"its manifest last, once every shard is written and checked): it was stopped, or failed, "
+                            f"or is running now. Run the same pack_shards.py command again: it reuses the shards "
+                            f"already written")
         seen = "" if Path(shards_dir).is_absolute() else f" (a relative path: seen from {Path.cwd()})"
         raise DataError(
             f"{path} not found{seen}: {shards_dir} is not a packed dataset. "

@@ -39,8 +39,8 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import (MANIFEST_NAME, WNID_RE, ClassMap, classes_without_images, holds_class_folders, load_labels,
-                      shards_dir_for, some)
+from .classes import (MANIFEST_NAME, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images, holds_class_folders,
+                      load_labels, shards_dir_for, some)
 from .config import usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, write_failed
@@ -52,7 +52,6 @@ ENCODING_VERSION = 2
 SPLIT_DIR_PATTERNS = {"train": re.compile(r"^train(\.X\d*)?$"), "val": re.compile(r"^val(\.X\d*)?$")}
 # names a split folder was surely meant to have (case, "_" or "-" for ".", a lower-case x): an error, not a gap
 NEAR_MISS = {split: re.compile(rf"^{split}([._-]?x\d*)?$", re.IGNORECASE) for split in SPLIT_DIR_PATTERNS}
-PROGRESS_DIR = ".progress"
 # the files a run writes per shard NAME: NAME.tar, NAME.idx(.tmp), .NAME.tar.tmp, .progress/NAME.json(.tmp)
 SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|idx\.tmp|json|json\.tmp)$")
 SKIP_FLAG = "--skip-bad"

@@ -190,10 +190,18 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
     return bool(cfg.resume) and Path(cfg.resume).parent.resolve() == run_dir.resolve()
 
 
+def run_held_in(run_dir: Path, cfg: Config) -> Path | None:
+    """The checkpoint that makes run_dir a run's: its last.pth; for a new run (no --resume) a best.pth alone too (a
+    run whose last.pth was deleted, or whose first save was cut short). A --resume from another folder replaces a
+    lone best.pth (adopt_history): more likely an earlier try of that same resume, stopped before its first epoch."""
+    names = ("last.pth",) if cfg.resume else ("last.pth", "best.pth")
+    return next((run_dir / n for n in names if (run_dir / n).is_file()), None)
+
+
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -> None:
-    """A run folder that holds a last.pth (or a best.pth) is another run's, unless --resume continues it from there:
-    refused without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be,
-    or, for a run that `writes` (not a resumed one with nothing left to do), a folder this user cannot write in. Rank 0,
+    """A run folder that holds a run (run_held_in) is another run's, unless --resume continues it from there: refused
+    without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or, for
+    a run that `writes` (not a resumed one with nothing left to do), a folder this user cannot write in. Rank 0,
     which alone writes there, looks (before the set-up's minutes); every rank stops on what it found."""
     problem = None
     file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
@@ -201,8 +209,7 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         name = "--run-name" if file == run_dir else "--output-dir"
         problem = (f"{name} {cfg.name if file == run_dir else cfg.output_dir}: {file} is a file, not a folder; pass "
                    f"another {name} (the run goes to --output-dir/--run-name, here {run_dir})")
-    elif dist.is_main and (held := next((run_dir / n for n in ("last.pth", "best.pth") if (run_dir / n).is_file()),
-                                        None)) and not resumes_in(run_dir, cfg) and not cfg.overwrite:
+    elif dist.is_main and (held := run_held_in(run_dir, cfg)) and not resumes_in(run_dir, cfg) and not cfg.overwrite:
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
         alone = "" if held.name == "last.pth" else ", without a last.pth"  # (deleted, or its first save cut short)

@@ -90,7 +90,9 @@ def test_top1_takes_the_first_of_tied_classes_as_each_heads_top1_and_top5_counts
     first = torch.tensor([0, 3] * 6 + [0])
     top1 = 100 * int((first == labels).sum()) / N  # rows 0, 1, 2, 5, 8, 9, 10, 11: 8 of 13
     assert out["val_top1"] == out["val_top1_cls_head"] == out["val_top1_dist_head"] == top1 == 100 * 8 / N
-    assert out["val_top5"] >= out["val_top1"]
+    # top-5: the label among topk's five picks or the argmax, whichever five of the tied classes topk picks here
+    in_top5 = (tied.topk(5, dim=1).indices == labels[:, None]).any(1) | (first == labels)
+    assert out["val_top5"] == 100 * int(in_top5.sum()) / N and out["val_top5"] >= out["val_top1"]
 
 
 def _evaluate_as_rank(rank, world, port, out_dir):

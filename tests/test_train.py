@@ -458,26 +458,6 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
     assert best["best_top1"] == max(r["val_top1"] for r in metrics)
 
 
-SCORES = [20.0, 30.0, 25.0, 40.0, 35.0]  # val top-1 by epoch: epochs 0, 1 and 3 are each the best so far
-
-
-def scored(monkeypatch):
-    """train() with SCORES as its val top-1 (the checkpoints' logic, not what the net learnt, is under test)."""
-    from vitdeit import trainer
-
-    evaluate, seen = trainer.evaluate, []
-
-    def fixed(net, loader, *a, **k):
-        out = evaluate(net, loader, *a, **k)
-        if k.get("desc") is None:  # not the teacher's
-            seen.append(len(seen))
-            out["val_top1"] = SCORES[len(seen) - 1]
-        return out
-
-    monkeypatch.setattr(trainer, "evaluate", fixed)
-    return seen
-
-
 @pytest.mark.parametrize("killed_at", ["last.pth", "best.pth"])
 def test_a_run_killed_between_an_epochs_checkpoints_resumes_with_its_best_weights_kept(tiny_shards, tmp_path,
                                                                                      monkeypatch, killed_at):
@@ -493,7 +473,7 @@ def test_a_run_killed_between_an_epochs_checkpoints_resumes_with_its_best_weight
         saved.setdefault(path.name, {})[state["epoch"]] = state["model"]
         save(path, state)
 
-    scored(monkeypatch)
+    fake_val(monkeypatch, [20.0, 30.0, 25.0, 40.0])  # epochs 0, 1 and 3 are each the best so far
     monkeypatch.setattr(trainer, "save_checkpoint", killed)
     with pytest.raises(SystemExit):
         train(cfg_for(tiny_shards, tmp_path, **kw))
@@ -502,7 +482,7 @@ def test_a_run_killed_between_an_epochs_checkpoints_resumes_with_its_best_weight
     assert best["epoch"] == 1 and best["best_top1"] == 30.0  # the last best, whole, whichever write was cut
     assert sorted(p.name for p in run.iterdir()) == ["best.pth", "config.json", "last.pth", "metrics.jsonl"]
     monkeypatch.undo()
-    scored(monkeypatch).extend(range(4 if killed_at == "best.pth" else 3))  # the resumed epochs' scores: SCORES'
+    fake_val(monkeypatch, [35.0] if killed_at == "best.pth" else [40.0, 35.0])  # the epochs the resume trains
     trained = []
     train(cfg_for(tiny_shards, tmp_path, resume=str(run / "last.pth"), **kw),
           on_epoch_end=lambda epoch, record: trained.append(epoch))
@@ -527,13 +507,13 @@ def test_ctrl_c_while_an_epochs_checkpoints_are_written_stops_once_they_are(tiny
             signal.raise_signal(signal.SIGINT)
         save(path, state)
 
-    scored(monkeypatch)
+    fake_val(monkeypatch, [20.0, 30.0])
     monkeypatch.setattr(trainer, "save_checkpoint", interrupted)
     trained = []
     with pytest.raises(KeyboardInterrupt):
         train(cfg_for(tiny_shards, tmp_path, **kw), on_epoch_end=lambda epoch, record: trained.append(epoch))
     run = tmp_path / "resnet18"
-    assert trained == [0]  # stopped before epoch 1's end was announced, but after its files
+    assert trained == [0, 1]  # stopped once epoch 1's files were written and its line said, not before
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
     assert torch.load(run / "best.pth", weights_only=True)["epoch"] == 1  # (30 %: a best)
     assert not list(run.glob("*.tmp"))
@@ -565,8 +545,56 @@ def test_signals_held_defer_ctrl_c_and_sigterm_to_the_blocks_end_and_a_second_ct
         with signals_held(say=False):  # nothing caught: nothing raised after
             got.append("quiet")
         assert got[-1] == "quiet" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process started in the background: Ctrl-C stays ignored
+        with signals_held(say=True):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            got.append("ignored")
+        assert got[-1] == "ignored" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_signals_held_says_it_waits_once_and_offers_a_second_ctrl_c_only_for_ctrl_c(capsys):
+    import signal
+
+    from vitdeit.checkpoint import signals_held
+
+    term = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with signals_held(say=True):
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # (Slurm, then torchrun: held too, and said once)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    assert capsys.readouterr().err == "\nSIGTERM: stopping once this epoch's checkpoint is written\n"
+    with pytest.raises(KeyboardInterrupt), signals_held(say=True):
+        signal.raise_signal(signal.SIGINT)
+    assert capsys.readouterr().err == ("\nSIGINT: stopping once this epoch's checkpoint is written (Ctrl-C again "
+                                       "stops now, without it)\n")
+
+
+def test_a_checkpoint_write_cut_by_ctrl_c_leaves_no_tmp_and_the_last_one_whole(tmp_path, monkeypatch):
+    from vitdeit import checkpoint
+
+    path = tmp_path / "last.pth"
+    checkpoint.save_checkpoint(path, {"epoch": 0})
+    before = path.read_bytes()
+    save = torch.save
+
+    def cut(state, f):  # a second Ctrl-C halfway through the write
+        save(state, f)
+        with open(f, "r+b") as part:
+            part.truncate(len(before) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, {"epoch": 1})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
 
 
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
@@ -1080,7 +1108,7 @@ def test_a_dali_state_not_restored_is_said_with_its_reason(tiny_shards, saved, s
     from vitdeit.trainer import run_notes
 
     class NotRestored:  # a DALI train loader whose saved state did not fit
-        name, restored = "dali", False
+        name, restored, per_rank = "dali", False, 96
 
         def __len__(self):
             return 6
@@ -1327,28 +1355,41 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
     assert torch.load(run / "best.pth", weights_only=True) == resumed
 
 
-def test_a_run_stopped_while_writing_best_pth_redoes_that_epoch(tiny_shards, tmp_path, monkeypatch):
+def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
+        tiny_shards, tmp_path, monkeypatch, capsys):
     from vitdeit import trainer
 
-    kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=3)
-    fake_val(monkeypatch, [10.0, 20.0, 20.0, 30.0])
+    kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=2)
+    fake_val(monkeypatch, [10.0, 20.0])
     real = trainer.save_checkpoint
 
-    def save(path, state):
+    def save(path, state):  # killed (no handler runs) as the last epoch, the best, writes best.pth
         if path.name == "best.pth" and state["epoch"] == 1:
-            raise KeyboardInterrupt
+            raise SystemExit("killed")
         real(path, state)
 
     monkeypatch.setattr(trainer, "save_checkpoint", save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         train(cfg_for(tiny_shards, tmp_path, **kw))
     monkeypatch.setattr(trainer, "save_checkpoint", real)
-    trained = []
-    train(cfg_for(tiny_shards, tmp_path, resume=str(tmp_path / "vit_tiny" / "last.pth"), **kw),
-          on_epoch_end=lambda e, r: trained.append(e))
-    assert trained == [1, 2]  # last.pth is written last: it still said epoch 0
-    best = torch.load(tmp_path / "vit_tiny" / "best.pth", weights_only=True)
-    assert (best["epoch"], best["best_top1"]) == (2, 30.0)
+    run = tmp_path / "vit_tiny"
+    assert torch.load(run / "best.pth", weights_only=True)["epoch"] == 0  # (the last best, until the resume)
+    last = run / "last.pth"
+    capsys.readouterr()
+    for _ in range(2):  # the second: best.pth is whole, nothing written
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+        train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), on_epoch_end=lambda e, r: pytest.fail("trained"))
+        best = torch.load(run / "best.pth", weights_only=True)
+        assert (best["epoch"], best["best_top1"]) == (1, 20.0)
+        assert all(torch.equal(best["model"][k], v) for k, v in torch.load(last, weights_only=True)["model"].items())
+        changed = sorted(n for n, t in before.items() if (run / n).stat().st_mtime_ns != t)
+        out = capsys.readouterr().out
+        if _ == 0:
+            assert changed == ["best.pth"] and (f"{last} has trained 2 epoch(s), --epochs 2: nothing to do, "
+                                                f"{run / 'best.pth'} written from it (its epoch, the best, was "
+                                                f"stopped before best.pth was), nothing else") in out
+        else:
+            assert changed == [] and "nothing to do, nothing written" in out
 
 
 @pytest.mark.parametrize("rank", [0, 1])

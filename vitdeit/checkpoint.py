@@ -50,27 +50,33 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 def signals_held(say: bool = True):
     """Ctrl-C and SIGTERM wait for the block (an epoch's files, written together) to end, then act as they would
     have (train.py's handlers: stop, and say how to go on from the last.pth just written); a second Ctrl-C acts at
-    once. say: print that it waits (rank 0). Only the main thread can set handlers: elsewhere, no change."""
+    once. A signal ignored (SIG_IGN: started in the background) stays ignored. say: print that it waits (rank 0).
+    Only the main thread can set handlers: elsewhere, no change."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught, before = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGINT last: restored last below, a Ctrl-C from then on meets its own handler, with every other one restored
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    held = [s for s, handler in before.items() if handler is not signal.SIG_IGN]
+    caught, ending = [], []
 
     def hold(signum, frame):
-        if caught and signum == signal.SIGINT:  # the second: now (save_checkpoint removes its .tmp)
+        if caught and signum == signal.SIGINT and not ending:  # the second: now (save_checkpoint removes its .tmp)
             raise KeyboardInterrupt
-        if not caught and say:
-            print(f"\n{signal.Signals(signum).name}: stopping once this epoch's checkpoint is written (Ctrl-C again "
-                  f"stops now, without it)", file=sys.stderr, flush=True)
+        if not caught and say and not ending:
+            again = " (Ctrl-C again stops now, without it)" if signum == signal.SIGINT else ""
+            print(f"\n{signal.Signals(signum).name}: stopping once this epoch's checkpoint is written{again}",
+                  file=sys.stderr, flush=True)
         caught.append(signum)
 
-    for s in before:
+    for s in held:
         signal.signal(s, hold)
     try:
         yield
     finally:
-        for s, handler in before.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
+        ending.append(True)  # hold() no longer raises: the handlers are restored whole
+        for s in held:
+            signal.signal(s, signal.SIG_DFL if before[s] is None else before[s])  # (None: set outside Python)
     if caught:  # (not after an error in the block: it is raised instead)
         signal.raise_signal(caught[0])
 

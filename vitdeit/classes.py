@@ -115,8 +115,8 @@ def load_manifest(shards_dir: str | Path) -> dict:
         if (Path(shards_dir) / PROGRESS_DIR).is_dir():  # shards, but no manifest: written last, once all are
             raise DataError(f"{path} not found: {shards_dir} holds a pack that has not finished (pack_shards.py writes "
                             f"its manifest last, once every shard is written and checked): it was stopped, or failed, "
-                            f"or is running now. Run the same pack_shards.py command again: it reuses the shards "
-                            f"already written")
+                            f"or is running now. Run the same pack_shards.py command again (after mending what its "
+                            f"error said, if it failed): it reuses the shards already written")
         seen = "" if Path(shards_dir).is_absolute() else f" (a relative path: seen from {Path.cwd()})"
         raise DataError(
             f"{path} not found{seen}: {shards_dir} is not a packed dataset. "

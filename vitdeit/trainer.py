@@ -212,7 +212,8 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
     elif dist.is_main and (held := run_held_in(run_dir, cfg)) and not resumes_in(run_dir, cfg) and not cfg.overwrite:
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
-        alone = "" if held.name == "last.pth" else ", without a last.pth"  # (deleted, or its first save cut short)
+        # (a lone best.pth: its last.pth deleted, or a --resume into this folder stopped before its first epoch)
+        alone = "" if held.name == "last.pth" else ", without a last.pth"
         problem = (f"{run_dir} already holds a run ({held.name}{alone}){other}: continue it with --resume {held}, "
                    f"choose another --run-name, or pass --overwrite to replace it.")
     elif writes and dist.is_main and (why := cannot_write_in(run_dir)):
@@ -333,6 +334,22 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) ->
         return resumed["best_top1"]
     best.unlink(missing_ok=True)
     return -1.0
+
+
+def complete_best(run_dir: Path, resumed: dict) -> bool:
+    """A finished run stopped after its last epoch's last.pth, before its best.pth (that epoch the best): write
+    best.pth from last.pth's state, the same weights. True where written."""
+    best = run_dir / "best.pth"
+    if resumed.get("metrics", {}).get("val_top1") != resumed["best_top1"]:
+        return False  # the last epoch was not the best: best.pth is an earlier one's
+    try:
+        saved = torch_load(best, "best.pth") if best.is_file() else {}
+    except DataError:
+        saved = {}
+    if isinstance(saved, dict) and saved.get("best_top1") == resumed["best_top1"]:
+        return False  # written (or an earlier epoch's of the same top-1: is_best takes a strictly higher one)
+    save_checkpoint(best, resumed)
+    return True
 
 
 def train(cfg: Config, on_epoch_end=None) -> dict:
@@ -643,8 +660,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
+                completed = on_rank_0(dist, lambda: resumes_in(run_dir, cfg) and complete_best(run_dir, resumed))
+                written = (f"{run_dir / 'best.pth'} written from it (its epoch, the best, was stopped before "
+                           f"best.pth was), nothing else" if completed else "nothing written")
                 dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "
-                           f"to do, nothing written (raise --epochs above {resumed['epoch'] + 1} to go on)")
+                           f"to do, {written} (raise --epochs above {resumed['epoch'] + 1} to go on)")
                 return {}
             check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
@@ -738,23 +758,24 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
                 "pack": pack, "data_dir": str(Path(cfg.data_path).resolve())}  # (config's data_path: as typed)
             # the metrics line, then last.pth (the resume point), then best.pth: a run killed before last.pth redoes
             # this epoch (--resume cuts metrics.jsonl back) with the last best.pth kept; killed before best.pth,
-            # it resumes after this epoch, whose best.pth adopt_history writes from last.pth (the same state).
-            # (best.pth first lost the last best to a kill before last.pth: this epoch's, not in last.pth's history,
-            # was dropped at the resume.) Ctrl-C and SIGTERM wait for all three
+            # it resumes after this epoch, whose best.pth adopt_history (or, the last epoch, complete_best) writes
+            # from last.pth, the same state. (best.pth first lost the last best to a kill before last.pth: this
+            # epoch's, not in last.pth's history, was dropped at the resume.)
             log.write(record)
             save_checkpoint(run_dir / "last.pth", state)
             if is_best:
                 save_checkpoint(run_dir / "best.pth", state)
 
-        with alike_on_every_rank(), signals_held(say=dist.is_main):  # (a full disk: every rank stops, saying it)
-            on_rank_0(dist, save)
-        ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
-        dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
-                   f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
-                   f"({va['val_samples']} images){ema_top1} | {tr['images_per_s']:.0f} img/s, data wait "
-                   f"{100 * tr['data_wait_frac']:.0f}%" + (" *best" if is_best else ""))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
+        with signals_held(say=dist.is_main):  # Ctrl-C and SIGTERM: once the epoch is written and said
+            with alike_on_every_rank():  # (a full disk: every rank stops, saying it)
+                on_rank_0(dist, save)
+            ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
+            dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
+                       f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
+                       f"({va['val_samples']} images){ema_top1} | {tr['images_per_s']:.0f} img/s, data wait "
+                       f"{100 * tr['data_wait_frac']:.0f}%" + (" *best" if is_best else ""))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
     return record
 
 

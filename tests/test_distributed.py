@@ -313,8 +313,8 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(tiny_sha
     # (else the other nodes' ranks went on to the next epoch's collectives and waited there: spawn_two's timeout)
     zero, one = save_raises_on_rank_0("disk full", tiny_shards, tmp_path)
     assert zero["error"] == one["error"] == "WriteFailed" and zero["text"] == one["text"]
-    best = tmp_path / "runs0" / "vit_tiny" / "best.pth"
-    assert zero["text"].startswith(f"could not write {best}: [Errno 28] No space left")
+    last = tmp_path / "runs0" / "vit_tiny" / "last.pth"  # (an epoch's first checkpoint: best.pth follows it)
+    assert zero["text"].startswith(f"could not write {last}: [Errno 28] No space left")
     assert zero["alike"] and one["alike"] and zero["together"] and one["together"]
     assert not (tmp_path / "runs1").exists()  # (rank 0 alone writes)
 

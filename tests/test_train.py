@@ -541,6 +541,11 @@ def test_signals_held_defer_ctrl_c_and_sigterm_to_the_blocks_end_and_a_second_ct
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
             got.append("not reached")
+        assert got[-1] == "block ended again" and signal.getsignal(signal.SIGTERM) is not None
+        assert signal.getsignal(signal.SIGTERM).__name__ == "<lambda>"  # the SIGTERM handler as it was, too
+        with pytest.raises(ValueError, match="the block's own"), signals_held(say=False):
+            signal.raise_signal(signal.SIGTERM)  # held, then dropped: the block's error is what stops it
+            raise ValueError("the block's own")
         assert got[-1] == "block ended again"
         with signals_held(say=False):  # nothing caught: nothing raised after
             got.append("quiet")
@@ -555,6 +560,28 @@ def test_signals_held_defer_ctrl_c_and_sigterm_to_the_blocks_end_and_a_second_ct
     finally:
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_ctrl_c_while_signals_held_changes_the_handlers_waits_for_the_block(monkeypatch):
+    import signal
+
+    from vitdeit.checkpoint import signals_held
+
+    term, real, got = signal.getsignal(signal.SIGTERM), signal.signal, []
+
+    def racing(signum, handler):  # a Ctrl-C just after the first handler is changed (SIGTERM's), before SIGINT's
+        before = real(signum, handler)
+        if not got:
+            got.append("first change")
+            signal.raise_signal(signal.SIGINT)
+        return before
+
+    monkeypatch.setattr(signal, "signal", racing)
+    with pytest.raises(KeyboardInterrupt), signals_held(say=False):
+        got.append("block ran")
+    monkeypatch.undo()
+    assert got == ["first change", "block ran"]  # held, then raised as the block ended
+    assert signal.getsignal(signal.SIGTERM) is term and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_signals_held_says_it_waits_once_and_offers_a_second_ctrl_c_only_for_ctrl_c(capsys):
@@ -1259,6 +1286,8 @@ def test_resuming_in_place_from_an_older_checkpoint_is_refused_without_overwrite
         f"--overwrite to rewind this run.")
     assert e.value.every_rank_stops
     assert {f.name: f.read_bytes() for f in run.iterdir()} == files  # nothing written
+    train(cfg_for(tiny_shards, tmp_path, resume=str(run / "ep0.pth"), **{**kw, "epochs": 1}))  # nothing to train:
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == files  # epoch 1's better best.pth is kept
     with pytest.raises(SettingError, match="is epoch 1's"):  # best.pth (epoch 1's) is older than last.pth too
         train(cfg_for(tiny_shards, tmp_path, resume=str(run / "best.pth"), **{**kw, "epochs": 5}))
     fake_val(monkeypatch, [10.0, 10.0])
@@ -1358,6 +1387,7 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
 def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
         tiny_shards, tmp_path, monkeypatch, capsys):
     from vitdeit import trainer
+    from vitdeit.trainer import complete_best
 
     kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=2)
     fake_val(monkeypatch, [10.0, 20.0])
@@ -1377,6 +1407,7 @@ def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume
     last = run / "last.pth"
     capsys.readouterr()
     for _ in range(2):  # the second: best.pth is whole, nothing written
+        assert not complete_best(run, {**torch.load(last, weights_only=True), "metrics": {"val_top1": 19.0}})
         before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
         train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), on_epoch_end=lambda e, r: pytest.fail("trained"))
         best = torch.load(run / "best.pth", weights_only=True)

@@ -69,16 +69,31 @@ def signals_held(say: bool = True):
                   file=sys.stderr, flush=True)
         caught.append(signum)
 
-    for s in held:
-        signal.signal(s, hold)
     try:
+        with _blocked(held):  # a signal between two handlers' changes waits for both (one may raise)
+            for s in held:
+                signal.signal(s, hold)
         yield
     finally:
         ending.append(True)  # hold() no longer raises: the handlers are restored whole
-        for s in held:
-            signal.signal(s, signal.SIG_DFL if before[s] is None else before[s])  # (None: set outside Python)
+        with _blocked(held):
+            for s in held:
+                signal.signal(s, signal.SIG_DFL if before[s] is None else before[s])  # (None: set outside Python)
     if caught:  # (not after an error in the block: it is raised instead)
         signal.raise_signal(caught[0])
+
+
+@contextlib.contextmanager
+def _blocked(signums: list):
+    """The signals wait (pending) until the block ends, where the system can block them (not on Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:

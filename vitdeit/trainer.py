@@ -337,8 +337,9 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) ->
 
 
 def complete_best(run_dir: Path, resumed: dict) -> bool:
-    """A finished run stopped after its last epoch's last.pth, before its best.pth (that epoch the best): write
-    best.pth from last.pth's state, the same weights. True where written."""
+    """A finished run stopped after its last epoch's last.pth (`resumed`), before its best.pth (that epoch the best):
+    write best.pth from last.pth's state, the same weights. True where written; never over a best.pth as good or
+    as late (one written, an earlier epoch's of the same top-1, which is_best keeps, or a later run's)."""
     best = run_dir / "best.pth"
     if resumed.get("metrics", {}).get("val_top1") != resumed["best_top1"]:
         return False  # the last epoch was not the best: best.pth is an earlier one's
@@ -346,8 +347,9 @@ def complete_best(run_dir: Path, resumed: dict) -> bool:
         saved = torch_load(best, "best.pth") if best.is_file() else {}
     except DataError:
         saved = {}
-    if isinstance(saved, dict) and saved.get("best_top1") == resumed["best_top1"]:
-        return False  # written (or an earlier epoch's of the same top-1: is_best takes a strictly higher one)
+    saved = saved if isinstance(saved, dict) else {}
+    if saved.get("best_top1", -1.0) >= resumed["best_top1"] or saved.get("epoch", -1) >= resumed["epoch"]:
+        return False
     save_checkpoint(best, resumed)
     return True
 
@@ -660,7 +662,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
-                completed = on_rank_0(dist, lambda: resumes_in(run_dir, cfg) and complete_best(run_dir, resumed))
+                own = Path(cfg.resume).resolve() == (run_dir / "last.pth").resolve()  # (not an older copy)
+                completed = on_rank_0(dist, lambda: own and complete_best(run_dir, resumed))
                 written = (f"{run_dir / 'best.pth'} written from it (its epoch, the best, was stopped before "
                            f"best.pth was), nothing else" if completed else "nothing written")
                 dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "

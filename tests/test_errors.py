@@ -620,6 +620,39 @@ def test_sigterm_stops_training_as_ctrl_c_does_with_how_to_go_on_and_the_handler
     assert during == [signal.SIG_IGN] and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_while_an_epoch_is_written_stops_once_it_is_with_143_and_how_to_go_on(tiny_shards, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import signal
+
+    import torch
+
+    from vitdeit import trainer
+
+    save = trainer.save_checkpoint
+
+    def cancelled(path, state):  # the scheduler's time limit, as epoch 1's last.pth is being written
+        if state["epoch"] == 1 and path.name == "last.pth":
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(path, state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", cancelled)
+    before = signal.getsignal(signal.SIGTERM)
+    runs = tmp_path / "runs"
+    assert train.main(["--data-path", str(tiny_shards), "--model", "resnet18", "--img-size", "32", "--batch-size",
+                       "32", "--workers", "0", "--epochs", "4", "--device", "cpu", "--output-dir", str(runs),
+                       "--run-name", "r", "--progress", "false"]) == 143
+    last = runs / "r" / "last.pth"
+    assert torch.load(last, weights_only=True)["epoch"] == 1 and not list((runs / "r").glob("*.tmp"))
+    out, err = capsys.readouterr()
+    assert "\nepoch 1: " in out and "\nepoch 2: " not in out  # epoch 1 whole, said, then the stop
+    assert err.strip().splitlines() == [
+        "SIGTERM: stopping once this epoch's checkpoint is written",
+        "", f"terminated (SIGTERM: a scheduler's cancel or time limit, or torchrun ending this process after another "
+            f"failed: see above); the epochs finished so far are in {last}: go on with the same command and --resume "
+            f"{last}"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_batch_too_large_error_raised_in_a_worker_process_arrives_whole():
     import pickle
 

@@ -1039,15 +1039,19 @@ def test_a_manifest_that_cannot_be_written_is_named_and_the_rerun_reuses_every_s
 def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_it_goes_on(data, tmp_path):
     import fcntl
 
+    from vitdeit.errors import SettingError
+
     out = tmp_path / "s"
-    (out / ".progress").mkdir(parents=True)
-    with open(out / ".progress" / "lock", "w") as held:  # as a pack_shards.py running now holds it
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # as a pack_shards.py running now holds it
+    try:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(DataError, match=re.escape(f"--out {out}: another pack_shards.py is packing into it now "
-                                                      f"(it holds {out / '.progress' / 'lock'}); wait for it to "
-                                                      f"finish, or pass another --out")):
+        with pytest.raises(SettingError, match=re.escape(f"--out {out}: another pack_shards.py is packing into it "
+                                                         f"now; wait for it to finish, or pass another --out")):
             pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
-        assert sorted(p.name for p in out.rglob("*")) == [".progress", "lock"]  # nothing written
+        assert sorted(p.name for p in out.rglob("*")) == [".progress"]  # nothing written
+    finally:
+        os.close(held)
     m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # its pack has ended
     assert m["splits"]["train"]["num_samples"] > 0
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # a pack lets go of it as it ends

@@ -624,6 +624,27 @@ def test_a_checkpoint_write_cut_by_ctrl_c_leaves_no_tmp_and_the_last_one_whole(t
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
 
 
+def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_writes(tiny_shards, tmp_path):
+    import fcntl
+
+    run = tmp_path / "resnet18"
+    run.mkdir()
+    held = os.open(run, os.O_RDONLY)  # as another train.py holds it (srun starting one per GPU, or a second launch)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SettingError, match=re.escape(
+                f"{run}: another train.py is training in this folder now; wait for it to end, or choose another "
+                f"--run-name. (srun or mpirun starting train.py once per GPU, without torchrun, starts that many "
+                f"separate one-process runs: start torchrun once per node instead, as the README shows)")):
+            train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))
+        assert list(run.iterdir()) == []  # not even config.json
+    finally:
+        os.close(held)
+    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))  # once it has ended
+    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=2, batch_size=16, workers=0,
+                  resume=str(run / "last.pth")))  # and a run lets go of its folder as it ends
+
+
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
         teacher_run, tmp_path, monkeypatch, capsys):
     import shutil

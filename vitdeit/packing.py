@@ -44,6 +44,7 @@ from .classes import (MANIFEST_NAME, PROGRESS_DIR, WNID_RE, ClassMap, classes_wi
 from .config import usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, write_failed
+from .lock import folder_lock
 
 FORMAT_VERSION = 1
 # in every shard's fingerprint: raise it when the same input and options would be written differently, so that
@@ -471,7 +472,10 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         check_same_source(out, source_of(split_dirs))
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    with pack_lock(out):  # (held until the manifest is written)
+    # one pack_shards.py at a time here: two would rename each other's part-written shards away, and each then fail
+    # on a file the other moved (held until the manifest is written)
+    with folder_lock(out, f"--out {out}: another pack_shards.py is packing into it now; wait for it to finish, or "
+                          f"pass another --out"):
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
         tasks = []
         for split, srcs in sources.items():
@@ -509,27 +513,6 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
             print(f"wrote again {sum(why.values())} of {len(results)} shards an earlier run wrote: "
                   + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
         return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
-
-
-@contextmanager
-def pack_lock(out: Path):
-    """One pack_shards.py at a time in an --out folder: two would rename each other's part-written shards away, and
-    each then fail on a file the other moved. An advisory lock on OUT/.progress/lock, let go when the pack ends
-    (or its process does); where the file system has no locks, none."""
-    try:
-        import fcntl
-    except ImportError:  # (not on Windows)
-        yield
-        return
-    with open(out / PROGRESS_DIR / "lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"--out {out}: another pack_shards.py is packing into it now (it holds {f.name}); wait "
-                            f"for it to finish, or pass another --out") from None
-        except OSError:  # a file system without locks
-            pass
-        yield
 
 
 @contextmanager

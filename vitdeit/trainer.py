@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, 
 from .engine import Step, compile_for_training, compile_mode, evaluate, step_stream, train_one_epoch
 from .errors import (BatchTooLarge, DataError, MissingFile, SettingError, VitdeitError, alike_on_every_rank,
                      cannot_write_in, first_line, together, write_failed)
+from .lock import folder_lock
 from .machine import describe, hardware
 from .metrics import MetricsLog, read_metrics
 from .models import OUTSIDE_DATA, check_weights_file, create_model, load_teacher, model_from_checkpoint
@@ -225,6 +227,9 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         raise together(SettingError(problem))
 
 
+# srun (or mpirun) starting train.py once per GPU without torchrun: as many one-process runs into one folder
+ONE_RUN = ("srun or mpirun starting train.py once per GPU, without torchrun, starts that many separate one-process "
+           "runs: start torchrun once per node instead, as the README shows")
 SAME_FILE = "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes"
 
 
@@ -357,8 +362,8 @@ def complete_best(run_dir: Path, resumed: dict) -> bool:
 def train(cfg: Config, on_epoch_end=None) -> dict:
     """Train per `cfg`; return the last epoch's metrics. `on_epoch_end(epoch, record)` is called on every rank."""
     # the whole run, set-up to the last checkpoint, in the process group and on the step's stream
-    with process_group(cfg.device) as dist, step_stream(cfg.step_stream, dist.device):
-        return _train(cfg, dist, on_epoch_end)
+    with process_group(cfg.device) as dist, step_stream(cfg.step_stream, dist.device), ExitStack() as held:
+        return _train(cfg, dist, on_epoch_end, held)
 
 
 def resume_file_first(cfg: Config, path: str, what: str) -> None:
@@ -631,7 +636,8 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
     return teacher, metrics["val_top1"]
 
 
-def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
+def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
+    """held: what the run holds until it ends (rank 0's lock on its run folder)."""
     device, run_dir = dist.device, cfg.run_dir
     with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
         def read():  # (each node's own files)
@@ -705,6 +711,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end) -> dict:
 
     def begin():  # rank 0's: the run folder, and the history a resumed run goes on from (rank 0's best counts)
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(folder_lock(run_dir, f"{run_dir}: another train.py is training in this folder now; "
+                                                    f"wait for it to end, or choose another --run-name. ({ONE_RUN})"))
             start_run_dir(run_dir, cfg)
             best = (best_top1 if resumed is None else
                     adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg)))

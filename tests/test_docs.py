@@ -18,7 +18,6 @@ OTHER_TOOLS = {"--dry-run",  # gpu_check.sh's own
                "--no-deps", "--durations", "--dist",  # pip's, pytest's, pytest-xdist's
                "--nnodes", "--nproc_per_node", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--node-rank",
                "--master-addr", "--master-port",  # torchrun's
-               "--ntasks-per-node",  # Slurm srun's
                "--cooldown-epochs"}  # the DeiT reference's, quoted
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")  # (_: torchrun's --nproc_per_node is one flag)
 

@@ -1042,14 +1042,14 @@ def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_
     from vitdeit.errors import SettingError
 
     out = tmp_path / "s"
-    out.mkdir()
-    held = os.open(out, os.O_RDONLY)  # as a pack_shards.py running now holds it
+    (out / ".progress").mkdir(parents=True)
+    held = os.open(out / ".progress" / "lock", os.O_RDWR | os.O_CREAT)  # as a pack_shards.py running now holds it
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(SettingError, match=re.escape(f"--out {out}: another pack_shards.py is packing into it "
                                                          f"now; wait for it to finish, or pass another --out")):
             pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
-        assert sorted(p.name for p in out.rglob("*")) == [".progress"]  # nothing written
+        assert sorted(p.name for p in out.rglob("*")) == [".progress", "lock"]  # nothing written
     finally:
         os.close(held)
     m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # its pack has ended

@@ -480,7 +480,7 @@ def test_a_run_killed_between_an_epochs_checkpoints_resumes_with_its_best_weight
     run = tmp_path / "resnet18"
     best = torch.load(run / "best.pth", weights_only=True)
     assert best["epoch"] == 1 and best["best_top1"] == 30.0  # the last best, whole, whichever write was cut
-    assert sorted(p.name for p in run.iterdir()) == ["best.pth", "config.json", "last.pth", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pth", "config.json", "last.pth", "metrics.jsonl"]
     monkeypatch.undo()
     fake_val(monkeypatch, [35.0] if killed_at == "best.pth" else [40.0, 35.0])  # the epochs the resume trains
     trained = []
@@ -629,7 +629,7 @@ def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_w
 
     run = tmp_path / "resnet18"
     run.mkdir()
-    held = os.open(run, os.O_RDONLY)  # as another train.py holds it (srun starting one per GPU, or a second launch)
+    held = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)  # as another train.py holds it (srun starting one per GPU)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(SettingError, match=re.escape(
@@ -637,12 +637,19 @@ def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_w
                 f"--run-name. (srun or mpirun starting train.py once per GPU, without torchrun, starts that many "
                 f"separate one-process runs: start torchrun once per node instead, as the README shows)")):
             train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))
-        assert list(run.iterdir()) == []  # not even config.json
+        assert [p.name for p in run.iterdir()] == [".lock"]  # not even config.json
     finally:
         os.close(held)
     train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))  # once it has ended
-    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=2, batch_size=16, workers=0,
-                  resume=str(run / "last.pth")))  # and a run lets go of its folder as it ends
+    kw = dict(model="resnet18", batch_size=16, workers=1, resume=str(run / "last.pth"))  # (a forked decode worker)
+
+    def fails(epoch, record):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError) as kept:  # its traceback keeps the run's frame, its loader and worker alive
+        train(cfg_for(tiny_shards, tmp_path, epochs=2, **kw), on_epoch_end=fails)
+    train(cfg_for(tiny_shards, tmp_path, epochs=3, **kw))  # the worker's copy of the lock went as it forked
+    assert kept.value.args == ("a bug",)
 
 
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
@@ -698,7 +705,7 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     (run / "last.pth.tmp").write_bytes(b"PK\x03\x04 a killed run's part-written checkpoint")
     with pytest.raises(Stopped):  # --overwrite: a replacing run stopped in its first epoch
         train(dataclasses.replace(cfg, epochs=9, overwrite=True))
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint of the old run
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "metrics.jsonl"]  # none of the old run
     assert json.loads((run / "config.json").read_text())["epochs"] == 9 and (run / "metrics.jsonl").read_text() == ""
     assert "overwrite" not in json.loads((run / "config.json").read_text())  # an invocation flag, not the recipe
 
@@ -1408,7 +1415,7 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
 def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
         tiny_shards, tmp_path, monkeypatch, capsys):
     from vitdeit import trainer
-    from vitdeit.trainer import complete_best
+    from vitdeit.trainer import best_behind
 
     kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=2)
     fake_val(monkeypatch, [10.0, 20.0])
@@ -1428,7 +1435,7 @@ def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume
     last = run / "last.pth"
     capsys.readouterr()
     for _ in range(2):  # the second: best.pth is whole, nothing written
-        assert not complete_best(run, {**torch.load(last, weights_only=True), "metrics": {"val_top1": 19.0}})
+        assert not best_behind(run, {**torch.load(last, weights_only=True), "metrics": {"val_top1": 19.0}})
         before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
         train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), on_epoch_end=lambda e, r: pytest.fail("trained"))
         best = torch.load(run / "best.pth", weights_only=True)

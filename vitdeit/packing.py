@@ -468,14 +468,14 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
     replaced = (out / MANIFEST_NAME).is_file()
-    if replaced and not overwrite:
+    if replaced and not overwrite:  # (before anything is written there: a folder refused is left as it was)
         check_same_source(out, source_of(split_dirs))
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     # one pack_shards.py at a time here: two would rename each other's part-written shards away, and each then fail
     # on a file the other moved (held until the manifest is written)
-    with folder_lock(out, f"--out {out}: another pack_shards.py is packing into it now; wait for it to finish, or "
-                          f"pass another --out"):
+    with folder_lock(out / PROGRESS_DIR / "lock", f"--out {out}: another pack_shards.py is packing into it now; "
+                                                  f"wait for it to finish, or pass another --out"):
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # only a finished, checked run leaves a manifest
         tasks = []
         for split, srcs in sources.items():

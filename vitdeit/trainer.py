@@ -227,9 +227,16 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         raise together(SettingError(problem))
 
 
-# srun (or mpirun) starting train.py once per GPU without torchrun: as many one-process runs into one folder
-ONE_RUN = ("srun or mpirun starting train.py once per GPU, without torchrun, starts that many separate one-process "
-           "runs: start torchrun once per node instead, as the README shows")
+def run_lock(run_dir: Path):
+    """Rank 0's lock on its run folder (OUT/RUN/.lock) while it writes there: another train.py into the same folder
+    is refused, not mixed in (srun or mpirun starting train.py once per GPU, without torchrun, starts that many
+    separate one-process runs)."""
+    return folder_lock(run_dir / ".lock", f"{run_dir}: another train.py is training in this folder now; wait for it "
+                                          f"to end, or choose another --run-name. (srun or mpirun starting train.py "
+                                          f"once per GPU, without torchrun, starts that many separate one-process "
+                                          f"runs: start torchrun once per node instead, as the README shows)")
+
+
 SAME_FILE = "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes"
 
 
@@ -341,9 +348,9 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) ->
     return -1.0
 
 
-def complete_best(run_dir: Path, resumed: dict) -> bool:
+def best_behind(run_dir: Path, resumed: dict) -> bool:
     """A finished run stopped after its last epoch's last.pth (`resumed`), before its best.pth (that epoch the best):
-    write best.pth from last.pth's state, the same weights. True where written; never over a best.pth as good or
+    its best.pth is then to be written from last.pth's state, the same weights. Never over a best.pth as good or
     as late (one written, an earlier epoch's of the same top-1, which is_best keeps, or a later run's)."""
     best = run_dir / "best.pth"
     if resumed.get("metrics", {}).get("val_top1") != resumed["best_top1"]:
@@ -353,10 +360,7 @@ def complete_best(run_dir: Path, resumed: dict) -> bool:
     except DataError:
         saved = {}
     saved = saved if isinstance(saved, dict) else {}
-    if saved.get("best_top1", -1.0) >= resumed["best_top1"] or saved.get("epoch", -1) >= resumed["epoch"]:
-        return False
-    save_checkpoint(best, resumed)
-    return True
+    return saved.get("best_top1", -1.0) < resumed["best_top1"] and saved.get("epoch", -1) < resumed["epoch"]
 
 
 def train(cfg: Config, on_epoch_end=None) -> dict:
@@ -669,7 +673,14 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
                 own = Path(cfg.resume).resolve() == (run_dir / "last.pth").resolve()  # (not an older copy)
-                completed = on_rank_0(dist, lambda: own and complete_best(run_dir, resumed))
+                def complete():  # (under the folder's lock: not while another train.py writes there)
+                    if not (own and best_behind(run_dir, resumed)):
+                        return False
+                    with run_lock(run_dir):
+                        save_checkpoint(run_dir / "best.pth", resumed)
+                    return True
+
+                completed = on_rank_0(dist, complete)
                 written = (f"{run_dir / 'best.pth'} written from it (its epoch, the best, was stopped before "
                            f"best.pth was), nothing else" if completed else "nothing written")
                 dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "
@@ -712,8 +723,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
     def begin():  # rank 0's: the run folder, and the history a resumed run goes on from (rank 0's best counts)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(folder_lock(run_dir, f"{run_dir}: another train.py is training in this folder now; "
-                                                    f"wait for it to end, or choose another --run-name. ({ONE_RUN})"))
+            held.enter_context(run_lock(run_dir))
             start_run_dir(run_dir, cfg)
             best = (best_top1 if resumed is None else
                     adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg)))
@@ -770,7 +780,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
                 "pack": pack, "data_dir": str(Path(cfg.data_path).resolve())}  # (config's data_path: as typed)
             # the metrics line, then last.pth (the resume point), then best.pth: a run killed before last.pth redoes
             # this epoch (--resume cuts metrics.jsonl back) with the last best.pth kept; killed before best.pth,
-            # it resumes after this epoch, whose best.pth adopt_history (or, the last epoch, complete_best) writes
+            # it resumes after this epoch, whose best.pth adopt_history (or, the last epoch, best_behind) writes
             # from last.pth, the same state. (best.pth first lost the last best to a kill before last.pth: this
             # epoch's, not in last.pth's history, was dropped at the resume.)
             log.write(record)

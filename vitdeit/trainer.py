@@ -194,8 +194,8 @@ def resumes_in(run_dir: Path, cfg: Config) -> bool:
 
 def run_held_in(run_dir: Path, cfg: Config) -> Path | None:
     """The checkpoint that makes run_dir a run's: its last.pth; for a new run (no --resume) a best.pth alone too (a
-    run whose last.pth was deleted, or whose first save was cut short). A --resume from another folder replaces a
-    lone best.pth (adopt_history): more likely an earlier try of that same resume, stopped before its first epoch."""
+    run whose last.pth was deleted). A --resume from another folder replaces a lone best.pth (adopt_history): more
+    likely an earlier try of that same resume, stopped before its first epoch."""
     names = ("last.pth",) if cfg.resume else ("last.pth", "best.pth")
     return next((run_dir / n for n in names if (run_dir / n).is_file()), None)
 
@@ -673,6 +673,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
                 own = Path(cfg.resume).resolve() == (run_dir / "last.pth").resolve()  # (not an older copy)
+
                 def complete():  # (under the folder's lock: not while another train.py writes there)
                     if not (own and best_behind(run_dir, resumed)):
                         return False
@@ -781,8 +782,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
             # the metrics line, then last.pth (the resume point), then best.pth: a run killed before last.pth redoes
             # this epoch (--resume cuts metrics.jsonl back) with the last best.pth kept; killed before best.pth,
             # it resumes after this epoch, whose best.pth adopt_history (or, the last epoch, best_behind) writes
-            # from last.pth, the same state. (best.pth first lost the last best to a kill before last.pth: this
-            # epoch's, not in last.pth's history, was dropped at the resume.)
+            # from last.pth, the same state (best.pth first would lose the last best: this epoch's, not in
+            # last.pth's history, is dropped at the resume)
             log.write(record)
             save_checkpoint(run_dir / "last.pth", state)
             if is_best:

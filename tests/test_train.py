@@ -100,7 +100,7 @@ def teacher_run(learn_shards, tmp_path_factory):
 def test_teacher_learns_and_writes_its_run_folder(teacher_run, learn_shards):
     cfg, last = teacher_run
     run = os.path.join(cfg.output_dir, "teacher")
-    assert sorted(os.listdir(run)) == ["best.pth", "config.json", "last.pth", "metrics.jsonl"]
+    assert sorted(os.listdir(run)) == [".lock", "best.pth", "config.json", "last.pth", "metrics.jsonl"]
     chance = 100 / len(load_manifest(learn_shards)["classes"])
     assert last["val_top1"] > 2 * chance  # 4 classes: well above 25 %
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]

@@ -1066,8 +1066,9 @@ def test_shards_of_a_pack_that_did_not_finish_are_named_as_such_and_the_same_com
     with pytest.raises(DataError, match=re.escape(f"{out / 'manifest.json'} not found: {out} holds a pack that has not "
                                                   f"finished (pack_shards.py writes its manifest last, once every "
                                                   f"shard is written and checked): it was stopped, or failed, or is "
-                                                  f"running now. Run the same pack_shards.py command again (after mending what its error "
-                                                  f"said, if it failed): it reuses the shards already written")):
+                                                  f"running now. Run the same pack_shards.py command again (after "
+                                                  f"mending what its error said, if it failed): it reuses the shards "
+                                                  f"already written")):
         load_manifest(out)
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     assert load_manifest(out)["splits"]["train"]["num_samples"] > 0

@@ -141,6 +141,16 @@ def torch_load(path: Path, what: str):
                         f"it again or pass another file.") from e
 
 
+def saved_state(path: Path, what: str) -> dict:
+    """The dict torch.save wrote at `path`, or {} where there is none, or it does not load, or is no dict: a run's own
+    best.pth or last.pth read for what it says of the run's history, where a missing or damaged one says nothing."""
+    try:
+        state = torch_load(path, what) if path.is_file() else {}
+    except DataError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def load_failure(e: Exception) -> str:
     """The reason in torch.load's error: a weights-only refusal wraps its one line in a page of advice."""
     text = str(e)

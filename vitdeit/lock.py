@@ -31,13 +31,11 @@ def folder_lock(lock_file: Path, busy: str):
     write in, which the writes that follow name), no lock: the block runs as before."""
     try:
         import fcntl
-    except ImportError:
-        fcntl = None
-    try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644) if fcntl else None
-    except OSError:
+
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
         fd = None
-    if fd is None:
+    if fd is None:  # (outside the except: an error in the block is not chained to this one)
         yield
         return
     _HELD.add(fd)

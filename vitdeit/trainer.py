@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (checkpoint_file, load_checkpoint, save_checkpoint, shards_change_text, signals_held,
-                         torch_load)
+from .checkpoint import (checkpoint_file, load_checkpoint, save_checkpoint, saved_state, shards_change_text,
+                         signals_held)
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       pack_identity, some)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, flag, saved_setting
@@ -293,10 +293,7 @@ def check_rewind(run_dir: Path, cfg: Config, resumed: dict, dist: Dist) -> None:
     newer = None
     if dist.is_main and resumes_in(run_dir, cfg) and not cfg.overwrite and last.is_file() and (
             Path(cfg.resume).resolve() != last.resolve()):
-        try:
-            newer = torch_load(last, "last.pth").get("epoch")
-        except (DataError, AttributeError):
-            newer = None
+        newer = saved_state(last, "last.pth").get("epoch")
         newer = newer if isinstance(newer, int) and newer > resumed["epoch"] else None
     if (newest := max((e for e in all_gather_object(newer) if e is not None), default=None)) is not None:
         e = resumed["epoch"]
@@ -307,11 +304,13 @@ def check_rewind(run_dir: Path, cfg: Config, resumed: dict, dist: Dist) -> None:
             f"--overwrite to rewind this run."))
 
 
-def start_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Rank 0, once the set-up has passed its checks: config.json (a run that stopped at a bad flag leaves the folder
-    as it was), and, for a run that replaces another (--overwrite, not resuming from this folder), the old checkpoints
-    go, so that a folder never mixes two runs."""
+def start_run_dir(run_dir: Path, cfg: Config, held: ExitStack) -> None:
+    """Rank 0, once the set-up has passed its checks: the folder's lock (run_lock, held in `held` until the run
+    ends), config.json (a run that stopped at a bad flag leaves the folder as it was), and, for a run that replaces
+    another (--overwrite, not resuming from this folder), the old checkpoints go, so that a folder never mixes two
+    runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(run_lock(run_dir))  # before anything is written there
     if cfg.overwrite and not resumes_in(run_dir, cfg):
         for name in ("best.pth", "last.pth"):  # (a --resume from another folder brings its best.pth: adopt_history)
             (run_dir / name).unlink(missing_ok=True)
@@ -332,10 +331,7 @@ def adopt_history(resume: Path, run_dir: Path, resumed: dict, in_place: bool) ->
         shutil.copyfile(src / "metrics.jsonl", metrics)
     elif not in_place:
         metrics.unlink(missing_ok=True)
-    try:
-        saved = torch_load(src / "best.pth", "best.pth") if (src / "best.pth").is_file() else {}
-    except DataError:
-        saved = {}
+    saved = saved_state(src / "best.pth", "best.pth")
     if saved.get("best_top1") == resumed["best_top1"] and saved.get("epoch", math.inf) <= resumed["epoch"]:
         if not in_place:
             shutil.copyfile(src / "best.pth", best.with_name("best.pth.tmp"))
@@ -352,14 +348,9 @@ def best_behind(run_dir: Path, resumed: dict) -> bool:
     """A finished run stopped after its last epoch's last.pth (`resumed`), before its best.pth (that epoch the best):
     its best.pth is then to be written from last.pth's state, the same weights. Never over a best.pth as good or
     as late (one written, an earlier epoch's of the same top-1, which is_best keeps, or a later run's)."""
-    best = run_dir / "best.pth"
     if resumed.get("metrics", {}).get("val_top1") != resumed["best_top1"]:
         return False  # the last epoch was not the best: best.pth is an earlier one's
-    try:
-        saved = torch_load(best, "best.pth") if best.is_file() else {}
-    except DataError:
-        saved = {}
-    saved = saved if isinstance(saved, dict) else {}
+    saved = saved_state(run_dir / "best.pth", "best.pth")
     return saved.get("best_top1", -1.0) < resumed["best_top1"] and saved.get("epoch", -1) < resumed["epoch"]
 
 
@@ -723,9 +714,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
 
     def begin():  # rank 0's: the run folder, and the history a resumed run goes on from (rank 0's best counts)
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(run_lock(run_dir))
-            start_run_dir(run_dir, cfg)
+            start_run_dir(run_dir, cfg, held)
             best = (best_top1 if resumed is None else
                     adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg)))
             return best, MetricsLog(run_dir, True, resume_epoch=start_epoch - 1 if cfg.resume else None)

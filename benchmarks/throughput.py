@@ -702,7 +702,7 @@ def main(argv=None) -> int:
                     print(f"DALI failed, its rows are skipped: {result['dali_error']}", flush=True)
                     a.dali = False
 
-    save()  # the machine and the images, even when no part measures anything (--parts data)
+    save(kept="nothing was measured yet")  # the machine and the images, even when no part measures any (--parts data)
     if "packing" in parts:
         print("packing ...", flush=True)
         with part_seconds("packing"):

@@ -69,6 +69,33 @@ def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def lock_held(lock_file: Path) -> bool:
+    """Whether some open file holds an flock on `lock_file` now: a try of our own, on a descriptor of its own (flock
+    conflicts between two opens of the file, in one process too)."""
+    import fcntl
+
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (lets go of ours, if it got it)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """Every test starts with Python's own Ctrl-C handler: a suite started in the background by a shell without job
+    control (`cmd &` in a script) inherits SIGINT ignored, which the code keeps ignored (as it should), and the
+    Ctrl-C tests would fail."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def small_dataset(path: Path, num_classes=4, train_per_class=24, val_per_class=6, seed=0) -> Path:
     return make_demo_dataset(path, LABELS, num_classes=num_classes, train_per_class=train_per_class,
                              val_per_class=val_per_class, seed=seed, min_size=40, max_size=64)

@@ -724,7 +724,7 @@ def test_a_work_dir_reused_with_other_images_measures_the_images_asked_for(tmp_p
     assert not (tmp_path / "killed" / "Labels.json").exists()
 
 
-def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypatch):
+def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
     import errno
     from pathlib import Path as P
 
@@ -756,19 +756,27 @@ def test_a_json_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypa
     with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 13] Permission denied")
                        + r".*" + re.escape(before) + "Pass another --json"):
         throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
-    monkeypatch.undo()  # a disk that fills after the first part: the figures so far were printed
-    saves = []
+    monkeypatch.undo()  # a disk that fills later: after the images are made, or after the first part
+    for fails, kept in ((2, "nothing was measured yet"), (3, "the figures measured so far are in the lines printed "
+                                                              "above")):
+        saves = []
 
-    def fills_up(self, *a, **k):
-        saves.append(self)
-        if self == json_path and len(saves) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_text(self, *a, **k)
+        def fills_up(self, *a, **k):
+            if self == json_path:
+                saves.append(self)
+                if len(saves) == fails:  # (the first: the run's start, before any work)
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return write_text(self, *a, **k)
 
-    json_path.unlink()
-    monkeypatch.setattr(P, "write_text", fills_up)
-    with pytest.raises(WriteFailed, match=r".*; the figures measured so far are in the lines printed above. Free "):
-        throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
+        json_path.unlink(missing_ok=True)
+        monkeypatch.setattr(P, "write_text", fills_up)
+        capsys.readouterr()
+        with pytest.raises(WriteFailed, match=re.escape(f"could not write {json_path}: [Errno 28] No space left on "
+                                                        f"device (") + r".*" + re.escape(f"; {kept}. Free ")):
+            throughput.main(["--data-path", str(data), "--parts", "transforms", "--json", str(json_path)])
+        said = re.findall(r"^  train_transform \(this project's worker, decode included\) +[0-9.]+ ms/image$",
+                          capsys.readouterr().out, re.M)  # the part's figures: said once measured
+        assert len(saves) == fails and len(said) == fails - 2
 
 
 def test_a_run_refused_for_its_data_keeps_an_earlier_runs_json(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, small_dataset
+from conftest import ROOT, lock_held, small_dataset
 from vitdeit import packing
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
@@ -1036,7 +1036,8 @@ def test_a_manifest_that_cannot_be_written_is_named_and_the_rerun_reuses_every_s
     assert json.loads((out / "manifest.json").read_text()) == m
 
 
-def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_it_goes_on(data, tmp_path):
+def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_it_goes_on(data, tmp_path,
+                                                                                         monkeypatch):
     import fcntl
 
     from vitdeit.errors import SettingError
@@ -1052,8 +1053,20 @@ def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_
         assert sorted(p.name for p in out.rglob("*")) == [".progress", "lock"]  # nothing written
     finally:
         os.close(held)
+    from vitdeit import packing
+
+    held_while, write, finish = [], packing.write_shard, packing._finish  # the lock as shards and manifest are written
+
+    def probed(real):
+        return lambda *a: (held_while.append(lock_held(out / ".progress" / "lock")), real(*a))[1]
+
+    monkeypatch.setattr(packing, "write_shard", probed(write))
+    monkeypatch.setattr(packing, "_finish", probed(finish))
     m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # its pack has ended
-    assert m["splits"]["train"]["num_samples"] > 0
+    n = sum(len(sp["shards"]) for sp in m["splits"].values())
+    assert m["splits"]["train"]["num_samples"] > 0 and held_while == [True] * (n + 1)  # every shard, the manifest
+    assert not lock_held(out / ".progress" / "lock")
+    monkeypatch.undo()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)  # a pack lets go of it as it ends
 
 

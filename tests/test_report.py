@@ -491,6 +491,19 @@ def test_a_run_without_a_finished_epoch_is_an_error_naming_its_metrics(runs, tmp
                  report_dir=str(tmp_path / "report"), workers=0, out=str(tmp_path / "p.png"))
 
 
+def test_the_cut_line_left_out_is_the_last_one_with_text_blank_lines_after_it_or_not(tmp_path):
+    from vitdeit.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0}\n{"epoch": 1, "tra\n\n  \n')  # (blank lines after: an editor's, say)
+    notes = []
+    assert read_metrics(tmp_path, dropped=notes) == [{"epoch": 0}]
+    assert notes == [f"{path} line 2 is cut short (a run writing it now, or stopped mid-write): left out"]
+    path.write_text('{"epoch": 0, "tra\n{"epoch": 1}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path} line 1: not a JSON object")):
+        read_metrics(tmp_path, dropped=[])
+
+
 def test_a_runs_last_metrics_line_cut_short_is_left_out_with_a_note_and_one_before_it_is_an_error(runs, tmp_path):
     import shutil
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_dataset, torchrun
+from conftest import lock_held, small_dataset, torchrun
 from vitdeit import distill
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
@@ -604,6 +604,27 @@ def test_signals_held_says_it_waits_once_and_offers_a_second_ctrl_c_only_for_ctr
                                        "stops now, without it)\n")
 
 
+def test_signals_held_outside_the_main_thread_runs_the_block_and_leaves_the_handlers_alone():
+    import signal
+    import threading
+
+    from vitdeit.checkpoint import signals_held
+
+    before, got = signal.getsignal(signal.SIGINT), []
+
+    def in_thread():
+        try:
+            with signals_held(say=False):  # (signal.signal raises ValueError outside the main thread)
+                got.append(signal.getsignal(signal.SIGINT))
+        except Exception as e:  # noqa: BLE001 (said in the assertion below)
+            got.append(e)
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert got == [before] and signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_checkpoint_write_cut_by_ctrl_c_leaves_no_tmp_and_the_last_one_whole(tmp_path, monkeypatch):
     from vitdeit import checkpoint
 
@@ -640,7 +661,10 @@ def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_w
         assert [p.name for p in run.iterdir()] == [".lock"]  # not even config.json
     finally:
         os.close(held)
-    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0))  # once it has ended
+    held_while = []  # the lock as the epoch ends: the run holds it for all of its work, and lets go as it ends
+    train(cfg_for(tiny_shards, tmp_path, model="resnet18", epochs=1, batch_size=16, workers=0),  # once it has ended
+          on_epoch_end=lambda epoch, record: held_while.append(lock_held(run / ".lock")))
+    assert held_while == [True] and not lock_held(run / ".lock")
     kw = dict(model="resnet18", batch_size=16, workers=1, resume=str(run / "last.pth"))  # (a forked decode worker)
 
     def fails(epoch, record):
@@ -702,7 +726,8 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_fai
     with pytest.raises(Stopped):  # (stopped in the resumed run's first epoch, once the folder is set up)
         train(dataclasses.replace(cfg, epochs=4, run_name="other", resume=str(run / "last.pth"), overwrite=True))
     assert (other / "best.pth").read_bytes() == before["best.pth"] and not (other / "last.pth").exists()
-    (run / "last.pth.tmp").write_bytes(b"PK\x03\x04 a killed run's part-written checkpoint")
+    for name in ("last.pth.tmp", "best.pth.tmp"):
+        (run / name).write_bytes(b"PK\x03\x04 a killed run's part-written checkpoint")
     with pytest.raises(Stopped):  # --overwrite: a replacing run stopped in its first epoch
         train(dataclasses.replace(cfg, epochs=9, overwrite=True))
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "metrics.jsonl"]  # none of the old run
@@ -1414,6 +1439,9 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
 
 def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
         tiny_shards, tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    from vitdeit.errors import SettingError
     from vitdeit import trainer
     from vitdeit.trainer import best_behind
 
@@ -1434,10 +1462,22 @@ def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume
     assert torch.load(run / "best.pth", weights_only=True)["epoch"] == 0  # (the last best, until the resume)
     last = run / "last.pth"
     capsys.readouterr()
+    never = dict(on_epoch_end=lambda e, r: pytest.fail("trained"))
+    train(cfg_for(tiny_shards, tmp_path, resume=str(last), run_name="branch", **kw), **never)
+    assert not (tmp_path / "branch").exists()  # another folder's last.pth: this run's best.pth is not made there
+    assert "nothing to do, nothing written" in capsys.readouterr().out
+    held = os.open(run / ".lock", os.O_RDWR)  # another train.py writing in the folder now: best.pth waits for it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SettingError, match=re.escape(f"{run}: another train.py is training in this folder now")):
+            train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), **never)
+    finally:
+        os.close(held)
+    assert torch.load(run / "best.pth", weights_only=True)["epoch"] == 0
     for _ in range(2):  # the second: best.pth is whole, nothing written
         assert not best_behind(run, {**torch.load(last, weights_only=True), "metrics": {"val_top1": 19.0}})
         before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
-        train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), on_epoch_end=lambda e, r: pytest.fail("trained"))
+        train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), **never)
         best = torch.load(run / "best.pth", weights_only=True)
         assert (best["epoch"], best["best_top1"]) == (1, 20.0)
         assert all(torch.equal(best["model"][k], v) for k, v in torch.load(last, weights_only=True)["model"].items())
@@ -1449,6 +1489,23 @@ def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume
                                                 f"stopped before best.pth was), nothing else") in out
         else:
             assert changed == [] and "nothing to do, nothing written" in out
+
+
+def test_a_best_pth_is_written_from_the_last_epoch_only_over_one_both_lower_and_earlier(tmp_path):
+    from vitdeit.trainer import best_behind
+
+    last = {"epoch": 1, "best_top1": 20.0, "metrics": {"val_top1": 20.0}}  # the last epoch, the best: 20 %
+    assert best_behind(tmp_path, last)  # no best.pth
+    torch.save([1, 2], tmp_path / "best.pth")  # not a checkpoint: says nothing of the run
+    assert best_behind(tmp_path, last)
+    for top1, epoch, behind in ((10.0, 0, True),  # the earlier best: written over
+                                (20.0, 0, False),  # a tie: the earlier epoch's is kept (is_best keeps it too)
+                                (10.0, 1, False), (20.0, 1, False),  # as late: written already
+                                (30.0, 0, False)):  # higher: another run's (the history disagrees), left alone
+        torch.save({"best_top1": top1, "epoch": epoch}, tmp_path / "best.pth")
+        assert best_behind(tmp_path, last) is behind, (top1, epoch)
+    torch.save({"best_top1": 10.0, "epoch": 0}, tmp_path / "best.pth")
+    assert not best_behind(tmp_path, {**last, "metrics": {"val_top1": 19.0}})  # the last epoch was not the best
 
 
 @pytest.mark.parametrize("rank", [0, 1])

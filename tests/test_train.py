@@ -1,6 +1,7 @@
 """train.py on CPU: learning, checkpoints, exact resume, eval-only, torchrun with 2 processes."""
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -674,6 +675,8 @@ def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_w
         train(cfg_for(tiny_shards, tmp_path, epochs=2, **kw), on_epoch_end=fails)
     train(cfg_for(tiny_shards, tmp_path, epochs=3, **kw))  # the worker's copy of the lock went as it forked
     assert kept.value.args == ("a bug",)
+    del kept  # the run's loaders go now, not in some later test's garbage collection (5 s of waiting per worker there)
+    gc.collect()
 
 
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(

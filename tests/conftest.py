@@ -35,14 +35,23 @@ def torchrun_env(rank: int, world: int, port: int) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
+# spawn_two's processes fork from one server that imported these once (spawn imported torch, timm and the trainer
+# again in each: 2-3 s of every two-rank test); a server, not a fork of the test process, which has run threads
+SERVER_PRELOAD = ["torch", "torch.distributed", "timm", "torchvision", "vitdeit.trainer", "conftest"]
+
+
 def spawn_two(fn, *args, timeout: float = 120) -> list[dict]:
     """fn(rank, 2, port, out_dir, *args) in two processes; what each wrote to out_dir/RANK.json, in rank order.
     Past `timeout` s, both are killed and the test fails: a rank stuck in a collective would otherwise wait out
-    gloo's 30-minute default."""
+    gloo's 30-minute default. The processes start from the fork server with the environment it started with (this
+    session's first call): fn sets what a rank's differs in."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    multiprocessing.set_forkserver_preload(SERVER_PRELOAD)  # (once the server runs, no change)
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(fn, args=(2, free_port(), d, *args), nprocs=2, join=False)
+        ctx = mp.start_processes(fn, args=(2, free_port(), d, *args), nprocs=2, join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):  # (raises if a rank failed)
             if time.monotonic() >= deadline:

@@ -1,7 +1,6 @@
 """train.py on CPU: learning, checkpoints, exact resume, eval-only, torchrun with 2 processes."""
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -675,8 +674,8 @@ def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_w
         train(cfg_for(tiny_shards, tmp_path, epochs=2, **kw), on_epoch_end=fails)
     train(cfg_for(tiny_shards, tmp_path, epochs=3, **kw))  # the worker's copy of the lock went as it forked
     assert kept.value.args == ("a bug",)
-    del kept  # the run's loaders go now, not in some later test's garbage collection (5 s of waiting per worker there)
-    gc.collect()
+    del kept  # the run's loaders go as the test ends, not in a later test's garbage collection (which closes their
+    # workers' queues first, then waits 5 s for each worker to see its end)
 
 
 def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite_and_a_failed_start_leaves_it_as_it_was(
@@ -1738,58 +1737,60 @@ def test_the_runs_amp_sets_the_autocast_dtype_of_every_step_and_the_grad_scaler(
     assert scalers == [scaled]  # a GradScaler for fp16 only: bf16 has fp32's range
 
 
-def test_a_resumed_distillation_whose_teacher_now_scores_otherwise_says_so(teacher_run, tmp_path, capsys, monkeypatch):
-    cfg, _ = teacher_run
+def test_a_resumed_distillation_whose_teacher_now_scores_otherwise_says_so(teacher_run, tiny_shards, tmp_path, capsys,
+                                                                           monkeypatch):
+    cfg, _ = teacher_run  # (trained on learn_shards: the same 4 classes as tiny_shards)
     ckpt = os.path.join(cfg.output_dir, "teacher", "best.pth")
     kw = dict(model="deit_tiny_distill", teacher_ckpt=ckpt, allow_weak_teacher=True, run_name="deit")
     fake_val(monkeypatch, [50.0, 40.0, 50.0, 45.0])  # the teacher, epoch 0; resumed: the teacher again, epoch 1
-    train(cfg_for(cfg.data_path, tmp_path, epochs=1, **kw))
+    train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
     last = tmp_path / "deit" / "last.pth"
     assert torch.load(last, weights_only=True)["teacher_top1"] == 50.0
     capsys.readouterr()
-    train(cfg_for(cfg.data_path, tmp_path, epochs=2, resume=str(last), **kw))  # the same teacher: no note
+    train(cfg_for(tiny_shards, tmp_path, epochs=2, resume=str(last), **kw))  # the same teacher: no note
     assert "the teacher scores" not in capsys.readouterr().out
     fake_val(monkeypatch, [60.0, 45.0])  # as if another teacher had been copied over best.pth
-    train(cfg_for(cfg.data_path, tmp_path, epochs=3, resume=str(last), **kw))
+    stop_before_the_first_epoch(monkeypatch)  # (the note comes before it)
+    with pytest.raises(Stopped):
+        train(cfg_for(tiny_shards, tmp_path, epochs=3, resume=str(last), **kw))
     assert (f"note: --resume: the teacher scores 60.00% on val now, 50.00% when {last} was saved: not the teacher "
             f"this run distilled from so far (its file replaced or retrained?), or the val images read another way "
             f"(loader, device); the run goes on with this one") in capsys.readouterr().out.splitlines()
 
 
-@pytest.mark.parametrize("lines_kept, said", [(None, "0-1"), ([1], "0"), ([0], "1")])
-def test_a_resume_whose_metrics_lack_epochs_says_which(tiny_shards, tmp_path, capsys, lines_kept, said):
-    kw = dict(model="resnet18", batch_size=16, workers=0)
-    train(cfg_for(tiny_shards, tmp_path, epochs=2, **kw))
-    metrics = tmp_path / "resnet18" / "metrics.jsonl"
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_shards, tmp_path_factory):
+    """A finished 2-epoch run (ViT-Tiny at 16 px: the cheapest), for tests that resume a copy of it."""
+    out = tmp_path_factory.mktemp("two")
+    train(cfg_for(tiny_shards, out, **TWO_EPOCHS))
+    return out / "vit_tiny"
+
+
+TWO_EPOCHS = dict(model="vit_tiny", img_size=16, batch_size=16, workers=0, epochs=2)
+
+
+@pytest.mark.parametrize("lines_kept, said", [(None, "0-1"), ([1], "0"), ([0], "1"), ([0, 1], None)])
+def test_a_resume_whose_metrics_lack_epochs_says_which(two_epoch_run, tiny_shards, tmp_path, capsys, monkeypatch,
+                                                       lines_kept, said):
+    import shutil
+
+    run = tmp_path / "vit_tiny"
+    shutil.copytree(two_epoch_run, run)
+    metrics = run / "metrics.jsonl"
     if lines_kept is None:
         metrics.unlink()  # deleted by hand
     else:
         rows = metrics.read_text().splitlines()
+        assert len(rows) == 2
         metrics.write_text("".join(rows[i] + "\n" for i in lines_kept))
     capsys.readouterr()
-    train(cfg_for(tiny_shards, tmp_path, epochs=3, resume=str(tmp_path / "resnet18" / "last.pth"), **kw))
-    assert (f"note: --resume: {metrics} has no line for epoch(s) {said}: the run goes on, and its curves and viz.py's "
-            f"report lack them") in capsys.readouterr().out.splitlines()
-
-
-@pytest.mark.parametrize("flag, given", [("ckpt", "missing.pth"), ("ckpt", "run_folder"), ("weights", "r18.pth")])
-def test_a_teacher_file_that_is_not_there_is_named_before_the_loaders_and_the_run_line(
-        tiny_shards, tmp_path, monkeypatch, capsys, flag, given):
-    from vitdeit import trainer
-    from vitdeit.errors import MissingFile
-
-    (tmp_path / "run_folder").mkdir()
-    monkeypatch.setattr(trainer, "build_loaders", lambda *a: pytest.fail("built the loaders first"))
-    with pytest.raises(MissingFile, match=re.escape(f"--teacher-{flag} {tmp_path / given}: ")) as e:
-        train(cfg_for(tiny_shards, tmp_path, model="deit_tiny_distill", **{f"teacher_{flag}": str(tmp_path / given)}))
-    assert e.value.alike_on_every_rank and capsys.readouterr().out == ""
-
-
-def test_a_resume_with_its_whole_history_has_no_such_note(tiny_shards, tmp_path, capsys):
-    kw = dict(model="resnet18", batch_size=16, workers=0)
-    train(cfg_for(tiny_shards, tmp_path, epochs=1, **kw))
-    train(cfg_for(tiny_shards, tmp_path, epochs=2, resume=str(tmp_path / "resnet18" / "last.pth"), **kw))
-    assert "has no line for epoch" not in capsys.readouterr().out
+    stop_before_the_first_epoch(monkeypatch)  # (the notes come before it)
+    with pytest.raises(Stopped):
+        train(cfg_for(tiny_shards, tmp_path, **{**TWO_EPOCHS, "epochs": 3}, resume=str(run / "last.pth")))
+    out = capsys.readouterr().out
+    note = (f"note: --resume: {metrics} has no line for epoch(s) {said}: the run goes on, and its curves and viz.py's "
+            f"report lack them")
+    assert note in out.splitlines() if said else "has no line for epoch" not in out and "run " in out
 
 
 def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ WORK=${BENCH_DIR:-/tmp/vitdeit-bench}  # shared with gpu_check.sh: its images an
 RUNS=${TRAIN_DIR:-/tmp/vitdeit-train}  # checkpoints stay here, out of $OUT
 if [ "${1:-}" = "--dry-run" ]; then
   shift
-  DATA=(--device cpu --num-images 48 --batch-size 8 --workers 2)  # batch: only the header line shows it
+  DATA=(--device cpu --num-images 24 --batch-size 8 --workers 2)  # batch: only the header line shows it
   TRAIN=(--device cpu --img-size 32 --patch-size 4 --batch-size 8 --workers 2)
 else
   DATA=(--device cuda --num-images 4096 --batch-size 256 --workers 16)

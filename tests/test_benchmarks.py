@@ -293,7 +293,8 @@ def test_the_gpu_train_check_dry_run_trains_both_runs_and_prints_their_epochs(tm
     (tmp_path / "bench").mkdir()  # gpu_check.sh's JSON, as it leaves it there: its end-to-end ceiling, its settings
     (tmp_path / "bench/throughput.json").write_text(json.dumps({
         "end_to_end": [{"ceiling_images_per_s": 250.0}], "settings": {"compile_mode": "reduce-overhead"}}))
-    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_train.sh"), "--dry-run", "--step-stream", "default"],
+    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_train.sh"), "--dry-run", "--step-stream", "default",
+                          "--patch-size", "8"],  # (16 tokens, not 64: what is checked is what it prints)
                          capture_output=True, text=True, env=env, cwd=tmp_path)  # (train.py's default, as a flag)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     table = run.stdout.rstrip().splitlines()[-4:]  # printed last: teacher epoch 0, DeiT epochs 0-2

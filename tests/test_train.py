@@ -774,20 +774,20 @@ def test_checkpoint_from_another_class_map_is_refused(teacher_run, tmp_path):
         evaluate_checkpoint(cfg_for(other, cfg.output_dir, run_name="teacher", eval_only=True))
 
 
-def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weights(learn_shards, tmp_path):
-    r = torchrun("train.py", "--data-path", str(learn_shards), "--output-dir", str(tmp_path), "--model", "resnet18",
-                 "--epochs", "1", "--img-size", "32", "--batch-size", "32", "--workers", "0", "--lr", "0.005",
+def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weights(tiny_shards, tmp_path):
+    r = torchrun("train.py", "--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--model", "resnet18",
+                 "--epochs", "1", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--lr", "0.005",
                  "--progress", "false", "--device", "cpu", timeout=600)  # (cpu: the machine recorded, on any host)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("epoch 0:") == 1  # only rank 0 prints
-    assert f"global batch 64, lr {0.005 * 64 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch
+    assert f"global batch 32, lr {0.005 * 32 / 512:.3g}" in r.stdout  # --lr per 512 images of the global batch
     rec = json.loads(open(tmp_path / "resnet18" / "metrics.jsonl").read())
-    assert rec["val_samples"] == 120 and rec["train_samples"] == 2 * (320 // 32) * 32  # 640 images / 2 ranks
+    assert rec["val_samples"] == 24 and rec["train_samples"] == 2 * (48 // 16) * 16  # 96 images / 2 ranks
     assert rec["machine"] == describe("cpu", 2)  # the img/s of 2 processes (rank 0's node)
     saved = torch.load(tmp_path / "resnet18" / "last.pth", weights_only=True)["model"]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved)  # DDP's wrapper left out
     # one process evaluating the saved weights (rank 0's, BatchNorm statistics included) gets what both ranks logged
-    alone = evaluate_checkpoint(cfg_for(learn_shards, tmp_path, model="resnet18", img_size=32, workers=0,
+    alone = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, model="resnet18", img_size=32, workers=0,
                                         resume=str(tmp_path / "resnet18" / "last.pth"), eval_only=True))
     assert alone["val_loss"] == pytest.approx(rec["val_loss"], rel=1e-5) and alone["val_top1"] == rec["val_top1"]
 

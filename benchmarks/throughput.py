@@ -739,7 +739,7 @@ def main(argv=None) -> int:
                         result["profile"].append(row)
                         save()
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)
-    save()
+    save(**({} if parts - {"data"} else {"kept": "nothing was measured (--parts data)"}))
     print_tables(result)
     return 0
 

@@ -37,21 +37,46 @@ def torchrun_env(rank: int, world: int, port: int) -> None:
 
 # spawn_two's processes fork from one server that imported these once (spawn imported torch, timm and the trainer
 # again in each: 2-3 s of every two-rank test); a server, not a fork of the test process, which has run threads
-SERVER_PRELOAD = ["torch", "torch.distributed", "timm", "torchvision", "vitdeit.trainer", "conftest"]
+SERVER_PRELOAD = ["torch", "torch.distributed", "timm", "torchvision", "vitdeit.trainer"]
+
+
+def _server() -> None:
+    """Start the fork server once, from the repository root: Python 3.11's imports its preloads from the folder it
+    starts in (its sys.path is '' and the standard paths), which would otherwise be pytest's, and could hold
+    another copy of vitdeit."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(SERVER_PRELOAD)  # (once the server runs, no change)
+    here = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.chdir(here)
+
+
+def _in_env(rank: int, env: dict, fn, *args) -> None:
+    """fn(rank, *args) under the test process's environment of now: a fork server's children inherit its own,
+    from when it started."""
+    import vitdeit
+
+    assert Path(vitdeit.__file__).parent == ROOT / "vitdeit", f"the ranks import another vitdeit: {vitdeit.__file__}"
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
 
 
 def spawn_two(fn, *args, timeout: float = 120) -> list[dict]:
     """fn(rank, 2, port, out_dir, *args) in two processes; what each wrote to out_dir/RANK.json, in rank order.
     Past `timeout` s, both are killed and the test fails: a rank stuck in a collective would otherwise wait out
-    gloo's 30-minute default. The processes start from the fork server with the environment it started with (this
-    session's first call): fn sets what a rank's differs in."""
-    import multiprocessing
-
+    gloo's 30-minute default."""
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(SERVER_PRELOAD)  # (once the server runs, no change)
+    _server()
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(fn, args=(2, free_port(), d, *args), nprocs=2, join=False, start_method="forkserver")
+        ctx = mp.start_processes(_in_env, args=(dict(os.environ), fn, 2, free_port(), d, *args), nprocs=2, join=False,
+                                 start_method="forkserver")
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):  # (raises if a rank failed)
             if time.monotonic() >= deadline:

@@ -1053,8 +1053,6 @@ def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_
         assert sorted(p.name for p in out.rglob("*")) == [".progress", "lock"]  # nothing written
     finally:
         os.close(held)
-    from vitdeit import packing
-
     held_while, write, finish = [], packing.write_shard, packing._finish  # the lock as shards and manifest are written
 
     def probed(real):

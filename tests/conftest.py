@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,37 @@ def ctrl_c_as_in_a_terminal():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+_LOADER_ITERATORS = weakref.WeakSet()  # every DataLoader iterator with worker processes this session made
+
+
+def _track_loader_iterators() -> None:
+    from torch.utils.data import dataloader
+
+    init = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _LOADER_ITERATORS.add(self)
+
+    dataloader._MultiProcessingDataLoaderIter.__init__ = tracked
+
+
+_track_loader_iterators()
+
+
+@pytest.fixture(autouse=True)
+def loader_workers_end_with_their_test():
+    """A test's DataLoader workers end with it. Ones it leaves alive (a kept traceback, `pytest.raises(...) as e`,
+    holding its frame, which holds the loader) end in some later test's garbage collection, which closes their
+    queues before the iterator can send them their end: 5 s of waiting per worker in an unrelated test."""
+    before = {id(it) for it in _LOADER_ITERATORS}
+    yield
+    left = [it for it in _LOADER_ITERATORS if id(it) not in before and not it._shutdown]
+    if left:
+        pytest.fail(f"{len(left)} DataLoader iterator(s) this test made still have their workers: delete what holds "
+                    f"them (an `as e` of pytest.raises around the loop holds the loader through its traceback)")
 
 
 def small_dataset(path: Path, num_classes=4, train_per_class=24, val_per_class=6, seed=0) -> Path:

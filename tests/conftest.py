@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import socket
@@ -102,6 +103,20 @@ def torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
             out, err = proc.communicate(timeout=60)  # (torchrun waits up to 30 s for its workers, then kills them)
             pytest.fail(f"torchrun {' '.join(args)}: still running after {timeout} s; its stderr:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def held_elsewhere(lock_file: Path):
+    """The folder lock `lock_file` (made if missing) held for the block as another command would hold it: on a
+    descriptor of its own (flock conflicts between two opens of the file, in one process too)."""
+    import fcntl
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (lets go of it)
 
 
 def lock_held(lock_file: Path) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, lock_held, small_dataset
+from conftest import ROOT, held_elsewhere, lock_held, small_dataset
 from vitdeit import packing
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError
@@ -1038,21 +1038,15 @@ def test_a_manifest_that_cannot_be_written_is_named_and_the_rerun_reuses_every_s
 
 def test_a_second_pack_into_an_out_folder_being_packed_is_refused_and_one_after_it_goes_on(data, tmp_path,
                                                                                          monkeypatch):
-    import fcntl
-
     from vitdeit.errors import SettingError
 
     out = tmp_path / "s"
     (out / ".progress").mkdir(parents=True)
-    held = os.open(out / ".progress" / "lock", os.O_RDWR | os.O_CREAT)  # as a pack_shards.py running now holds it
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with held_elsewhere(out / ".progress" / "lock"):  # as a pack_shards.py running now holds it
         with pytest.raises(SettingError, match=re.escape(f"--out {out}: another pack_shards.py is packing into it "
                                                          f"now; wait for it to finish, or pass another --out")):
             pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
         assert sorted(p.name for p in out.rglob("*")) == [".progress", "lock"]  # nothing written
-    finally:
-        os.close(held)
     held_while, write, finish = [], packing.write_shard, packing._finish  # the lock as shards and manifest are written
 
     def probed(real):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import lock_held, small_dataset, torchrun
+from conftest import held_elsewhere, lock_held, small_dataset, torchrun
 from vitdeit import distill
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
@@ -655,21 +655,15 @@ def test_a_checkpoint_write_cut_by_ctrl_c_leaves_no_tmp_and_the_last_one_whole(t
 
 
 def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_writes(tiny_shards, tmp_path):
-    import fcntl
-
     run = tmp_path / "vit_tiny"
     run.mkdir()
-    held = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)  # as another train.py holds it (srun starting one per GPU)
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with held_elsewhere(run / ".lock"):  # as another train.py holds it (srun starting one per GPU)
         with pytest.raises(SettingError, match=re.escape(
                 f"{run}: another train.py is training in this folder now; wait for it to end, or choose another "
                 f"--run-name. (srun or mpirun starting train.py once per GPU, without torchrun, starts that many "
                 f"separate one-process runs: start torchrun once per node instead, as the README shows)")):
             train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=1, batch_size=16, workers=0))
         assert [p.name for p in run.iterdir()] == [".lock"]  # not even config.json
-    finally:
-        os.close(held)
     held_while = []  # the lock as the epoch ends: the run holds it for all of its work, and lets go as it ends
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=1, batch_size=16, workers=0),
           on_epoch_end=lambda epoch, record: held_while.append(lock_held(run / ".lock")))  # once it has ended
@@ -1453,9 +1447,6 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
 
 def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
         tiny_shards, tmp_path, monkeypatch, capsys):
-    import fcntl
-
-    from vitdeit.errors import SettingError
     from vitdeit import trainer
     from vitdeit.trainer import best_behind
 
@@ -1480,13 +1471,9 @@ def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume
     train(cfg_for(tiny_shards, tmp_path, resume=str(last), run_name="branch", **kw), **never)
     assert not (tmp_path / "branch").exists()  # another folder's last.pth: this run's best.pth is not made there
     assert "nothing to do, nothing written" in capsys.readouterr().out
-    held = os.open(run / ".lock", os.O_RDWR)  # another train.py writing in the folder now: best.pth waits for it
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with held_elsewhere(run / ".lock"):  # another train.py writing in the folder now: best.pth waits for it
         with pytest.raises(SettingError, match=re.escape(f"{run}: another train.py is training in this folder now")):
             train(cfg_for(tiny_shards, tmp_path, resume=str(last), **kw), **never)
-    finally:
-        os.close(held)
     assert torch.load(run / "best.pth", weights_only=True)["epoch"] == 0
     for _ in range(2):  # the second: best.pth is whole, nothing written
         assert not best_behind(run, {**torch.load(last, weights_only=True), "metrics": {"val_top1": 19.0}})

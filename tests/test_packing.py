@@ -22,6 +22,20 @@ from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 
 
+SIZE_CHANGED = "its tar or index has another size than written"
+OPTIONS_CHANGED = "its inputs or options changed (or how this vitdeit encodes them)"
+
+
+def reused(k: int, n: int) -> str:
+    """The line a pack prints for the k of its n shards it took from an earlier run as they were."""
+    return f"reused {k} of this pack's {n} shards: an earlier run wrote them (same inputs and options)"
+
+
+def again(k: int, n: int, why: str) -> str:
+    """The line a pack prints for the k of its n shards it wrote over an earlier run's, and why."""
+    return f"wrote again {k} of this pack's {n} shards, which an earlier run had written: {why}"
+
+
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
     """Independent reader: key -> {ext: bytes}, with tarfile."""
     samples: dict[str, dict[str, bytes]] = defaultdict(dict)
@@ -295,23 +309,23 @@ def test_the_rerun_a_bad_file_asks_for_rewrites_only_the_shards_that_hold_one(da
     good = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in (tmp_path / "s").glob("*.tar")}  # no bad file in them
     capsys.readouterr()
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True))  # as the command line
-    assert capsys.readouterr().out == f"reused {len(good)} of 5 shards an earlier run wrote (same inputs and options)\n"
+    assert capsys.readouterr().out == reused(len(good), 5) + "\n"
     # 16 train and 4 val images in shards of 4: a shard that held a bad file is the one now short of 4
     whole = {s["file"] for split in ("train", "val") for s in m["splits"][split]["shards"] if s["num_samples"] == 4}
     assert {f.name for f in good} == whole and len(whole) < 5
     assert all((f.stat().st_ino, f.stat().st_mtime_ns) == t for f, t in good.items())  # reused, not rewritten
     assert sorted(x["path"] for x in m["skipped"]) == sorted(map(str, bad))
     pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True))  # again: nothing to redo
-    assert capsys.readouterr().out == "reused 5 of 5 shards an earlier run wrote (same inputs and options)\n"
+    assert capsys.readouterr().out == reused(5, 5) + "\n"
     # without --skip-bad they are read again, and stop it; the manifest of the run before is gone
     with pytest.raises(DataError, match=r"2 file\(s\) that are not readable images.*manifest\.json \(an earlier one "
                                         r"went when this run began"):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4))
     # the 2 shards with a bad file were read again but not written: no "wrote again" for them
-    assert capsys.readouterr().out == "reused 3 of 5 shards an earlier run wrote (same inputs and options)\n"
+    assert capsys.readouterr().out == reused(3, 5) + "\n"
     # and they and their records are as before: asked again to skip, the packer reuses them all
     pack(data, tmp_path / "s", opts=PackOptions(workers=1, shard_size=4, skip_bad=True))
-    assert capsys.readouterr().out == "reused 5 of 5 shards an earlier run wrote (same inputs and options)\n"
+    assert capsys.readouterr().out == reused(5, 5) + "\n"
 
 
 def test_a_file_that_failed_once_packs_when_it_reads_again_without_skip_bad(data, tmp_path, monkeypatch):
@@ -441,8 +455,8 @@ def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reu
     assert [w["path"] for w in m["warnings"]] == [str(big)]
     assert m["warnings"][0]["warning"].startswith("DecompressionBombWarning: Image size (40000 pixels) exceeds limit")
     assert m["splits"]["train"]["num_samples"] == 16  # packed as it is
-    again = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
-    assert again["warnings"] == m["warnings"]  # every shard reused: the record keeps them
+    repacked = pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert repacked["warnings"] == m["warnings"]  # every shard reused: the record keeps them
     record = next((tmp_path / "s" / ".progress").glob("train-*.json"))
     old = json.loads(record.read_text())
     del old["warnings"]  # a record written before warnings were recorded
@@ -454,26 +468,23 @@ def test_pillows_warnings_are_named_with_their_file_and_kept_when_a_shard_is_reu
     assert tar.stat().st_ino != before  # read again and written anew, not reused: and the command line says why
     n = len(list((tmp_path / "s").glob("*.tar")))
     out = capsys.readouterr().out.splitlines()
-    assert out[:2] == [f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
-                       f"wrote again 1 of {n} shards an earlier run wrote: 1 because its record is an earlier "
-                       f"vitdeit's, without the images' warnings"]
+    assert out[:2] == [reused(n - 1, n),
+                       again(1, n, "1 because its record is an earlier vitdeit's, without the images' warnings")]
     Image.new("RGB", (200, 200), (10, 20, 30)).save(big, format="JPEG")  # the image changed in place
     pack(data, tmp_path / "s", opts=PackOptions(workers=1))
-    assert (f"wrote again 1 of {n} shards an earlier run wrote: 1 because its inputs or options changed (or how this "
-            f"vitdeit encodes them)") in capsys.readouterr().out.splitlines()
+    assert again(1, n, f"1 because {OPTIONS_CHANGED}") in capsys.readouterr().out.splitlines()
     assert not {"reused", "rewritten"} & set(json.loads(record.read_text()))  # one run's doings: not in the record
     record.write_text(json.dumps({**json.loads(record.read_text()), "a_later_field": 1}))  # a later packer's: reused
     next(p for p in (tmp_path / "s").glob("*.tar") if p.stem != record.stem).unlink()  # another shard's tar gone
     pack(data, tmp_path / "s", opts=PackOptions(workers=1))
     assert capsys.readouterr().out.splitlines()[:2] == [
-        f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
-        f"wrote again 1 of {n} shards an earlier run wrote: 1 because its tar or index is missing"]
+        reused(n - 1, n),
+        again(1, n, "1 because its tar or index is missing")]
     record.unlink()  # a run killed between replacing a shard and writing its record; or a record deleted
     pack(data, tmp_path / "s", opts=PackOptions(workers=1))
     assert capsys.readouterr().out.splitlines()[:2] == [
-        f"reused {n - 1} of {n} shards an earlier run wrote (same inputs and options)",
-        f"wrote again 1 of {n} shards an earlier run wrote: 1 because its record is missing (a run stopped while "
-        f"writing it, or it was deleted)"]
+        reused(n - 1, n),
+        again(1, n, "1 because its record is missing (a run stopped while writing it, or it was deleted)")]
     assert record.is_file()
     record.unlink()  # and its index: the tar alone left
     (record.parent.parent / f"{record.stem}.idx").unlink()
@@ -669,10 +680,10 @@ def test_a_shard_whose_images_were_all_skipped_is_left_out(data, tmp_path, capsy
     assert sorted(p.stem for p in (tmp_path / "s" / ".progress").glob("train-*.json")) == sorted(
         s["file"].removesuffix(".tar") for s in shards)
     capsys.readouterr()
-    again = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, shard_size=1))  # as the command line
-    assert again["skipped"] == m["skipped"]
+    repacked = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True, shard_size=1))  # as the CLI does
+    assert repacked["skipped"] == m["skipped"]
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "reused 18 of 20 shards an earlier run wrote (same inputs and options)"  # 14 train, 4 val
+    assert out[0] == reused(18, 20)  # 14 train, 4 val
     assert not [line for line in out if line.startswith("wrote again")]
 
 
@@ -682,7 +693,7 @@ def test_a_damaged_progress_record_is_rewritten_not_fatal(data, tmp_path, capsys
     (out / ".progress" / "train-000000.json").write_text('{"fingerprint": "ab')  # killed mid-write
     capsys.readouterr()
     assert pack(data, out, opts=PackOptions(workers=1))["splits"] == first["splits"]  # as the command line
-    assert "wrote again 1 of 2 shards an earlier run wrote: 1 because its record is unreadable" in (
+    assert again(1, 2, "1 because its record is unreadable") in (
         capsys.readouterr().out.splitlines())
     assert len(json.loads((out / ".progress" / "train-000000.json").read_text())["fingerprint"]) == 40  # rewritten
 
@@ -857,8 +868,6 @@ def test_out_inside_the_source_folders_is_refused_and_beside_them_allowed(data):
     assert m["splits"]["train"]["num_samples"] == 16 and m["splits"]["val"]["num_samples"] == 4
 
 
-SIZE_CHANGED = "its tar or index has another size than written"
-OPTIONS_CHANGED = "its inputs or options changed (or how this vitdeit encodes them)"
 
 
 @pytest.mark.parametrize("damage", ["shortened", "cut"])
@@ -873,7 +882,7 @@ def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage, c
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
     assert idx.read_text() == whole
-    assert (f"wrote again 1 of 5 shards an earlier run wrote: 1 because {SIZE_CHANGED}"
+    assert (again(1, 5, f"1 because {SIZE_CHANGED}")
             in capsys.readouterr().out.splitlines())
 
 
@@ -893,10 +902,10 @@ def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pac
     pack(data, out, opts=PackOptions(workers=1, shard_size=4))  # same inputs: reuse all but the cut
     assert {f.name: f.read_bytes() for f in out.glob("*.tar")} == whole
     assert capsys.readouterr().out.splitlines()[:2] == [
-        "reused 4 of 5 shards an earlier run wrote (same inputs and options)",
-        f"wrote again 1 of 5 shards an earlier run wrote: 1 because {SIZE_CHANGED}"]
+        reused(4, 5),
+        again(1, 5, f"1 because {SIZE_CHANGED}")]
     pack(data, out, opts=PackOptions(workers=1, shard_size=4, resize_short=20))  # every shard, for one reason
-    assert (f"wrote again 5 of 5 shards an earlier run wrote: 5 because {OPTIONS_CHANGED}"
+    assert (again(5, 5, f"5 because {OPTIONS_CHANGED}")
             in capsys.readouterr().out.splitlines())
     assert len(shard_paths(out, load_manifest(out), "train")) == 4
 
@@ -1032,7 +1041,7 @@ def test_a_manifest_that_cannot_be_written_is_named_and_the_rerun_reuses_every_s
     monkeypatch.undo()
     m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=True)
     n = sum(len(sp["shards"]) for sp in m["splits"].values())
-    assert f"reused {n} of {n} shards an earlier run wrote" in capsys.readouterr().out
+    assert reused(n, n) in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text()) == m
 
 
@@ -1172,6 +1181,18 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
     (tmp_path / "val.X").mkdir()  # named like a split, its class folders not there (yet): the parent, still
     with pytest.raises(DataError, match=re.escape(f"a split folder: pass its parent, --data-path {tmp_path}.")):
         pack(tmp_path / "val.X", tmp_path / "s", progress=False)
+    top = tmp_path / "download"  # one level too high: the folder an archive unpacked the dataset into
+    shutil.copytree(data, top / "imagenet100")
+    with pytest.raises(DataError, match=re.escape(f"{top}: no train split found (expected a folder train.X* or train/ "
+                                                  f"with WNID class folders inside). Both splits are required: train "
+                                                  f"to learn from, val to compare runs. {top / 'imagenet100'} holds "
+                                                  f"split folders: pass --data-path {top / 'imagenet100'}.")):
+        pack(top, tmp_path / "s", progress=False)
+    shutil.copytree(data, top / "copy")
+    (top / "notes").mkdir()
+    with pytest.raises(DataError, match=re.escape(f"Folders in it hold split folders ({top / 'copy'}, "
+                                                  f"{top / 'imagenet100'}): pass one as --data-path.")):
+        pack(top, tmp_path / "s", progress=False)
     flat = tmp_path / "imagefolder"  # torchvision's layout: the class folders at the top
     shutil.copytree(data / "train.X1", flat)
     with pytest.raises(DataError, match=re.escape(f"{flat} holds the WNID class folders itself (torchvision's "

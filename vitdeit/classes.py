@@ -85,13 +85,19 @@ class ClassMap:
         return name if len(name) <= max_len else name[: max_len - 1] + "…"
 
 
-def holds_class_folders(d: Path) -> bool:
-    """d holds WNID-named folders: a split folder of an ImageNet-style dataset (an unreadable d holds none)."""
+def holds_folders_named(d: Path, named) -> bool:
+    """d holds a folder whose name named(name) accepts (an unreadable d, or a file, holds none). The name is matched
+    first: a folder of images is read without a stat per file."""
     try:
         with os.scandir(d) as entries:
-            return any(WNID_RE.match(e.name) and e.is_dir() for e in entries)
+            return any(named(e.name) and e.is_dir() for e in entries)
     except OSError:  # e.g. a volume's root-only lost+found: not ours to read, not a split
         return False
+
+
+def holds_class_folders(d: Path) -> bool:
+    """d holds WNID-named folders: a split folder of an ImageNet-style dataset."""
+    return holds_folders_named(d, WNID_RE.match)
 
 
 def shards_dir_for(data_path: Path) -> Path:

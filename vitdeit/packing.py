@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import (MANIFEST_NAME, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images, holds_class_folders,
-                      load_labels, shards_dir_for, some)
+                      holds_folders_named, load_labels, shards_dir_for, some)
 from .config import usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, write_failed
@@ -141,6 +141,9 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
             if any(p.match(data_path.name) for p in NEAR_MISS.values()):  # train.X1, val, ... given itself
                 hint = (f" {data_path} itself looks like a split folder: pass its parent, --data-path "
                         f"{data_path.parent}.")
+            elif inner := folders_holding_splits(data_path):  # one level too high: an archive's own top folder
+                hint = (f" {inner[0]} holds split folders: pass --data-path {inner[0]}." if len(inner) == 1 else
+                        f" Folders in it hold split folders ({', '.join(map(str, inner))}): pass one as --data-path.")
             elif holds_class_folders(data_path):
                 hint = (f" {data_path} holds the WNID class folders itself (torchvision's ImageFolder layout): move "
                         f"them into {data_path / 'train'}/ and the val images' class folders into "
@@ -149,6 +152,16 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                 f"{data_path}: no {split} split found (expected a folder {split}.X* or {split}/ with WNID "
                 f"class folders inside). Both splits are required: train to learn from, val to compare runs." + hint)
     return found
+
+
+def folders_holding_splits(data_path: Path) -> list[Path]:
+    """data_path's folders that hold a split folder (train.X1, val.X, ...): the dataset one level down, as an archive
+    unpacks it (imagenet100/train.X1/...), for the hint of a --data-path given one level too high."""
+    def split_name(name: str) -> bool:
+        return any(p.match(name) for p in SPLIT_DIR_PATTERNS.values())
+    with os.scandir(data_path) as entries:  # (is_dir: the entry's type as listed, no stat per file)
+        folders = sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+    return [d for d in folders if holds_folders_named(d, split_name)]
 
 
 def what_is(path: Path) -> str:
@@ -507,10 +520,11 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
             raise
         results.sort(key=lambda r: r.name)
         if progress and any(r.reused for r in results):  # (the command line's: a rerun says what it did not redo)
-            print(f"reused {sum(r.reused for r in results)} of {len(results)} shards an earlier run wrote (same inputs "
-                  f"and options)")
+            print(f"reused {sum(r.reused for r in results)} of this pack's {len(results)} shards: an earlier run wrote "
+                  f"them (same inputs and options)")
         if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
-            print(f"wrote again {sum(why.values())} of {len(results)} shards an earlier run wrote: "
+            print(f"wrote again {sum(why.values())} of this pack's {len(results)} shards, which an earlier run had "
+                  f"written: "
                   + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
         return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
 

@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,22 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "best.pth").write_bytes(b"")
     assert parse_args(["--resume", str(ckpt)]).teacher_ckpt == str(tmp_path / "t" / "best.pth")  # typed from there
+    (shards / "manifest.json").write_text("{}")  # shards there: typed relative, seen from where the run started,
+    monkeypatch.chdir(tmp_path)  # the path stays as typed (config.json keeps it so); from elsewhere, their folder
+    torch.save({"config": {**saved, "data_path": "shards", "output_dir": "runs"}, "data_dir": str(shards)}, ckpt)
+    assert parse_args(["--resume", str(ckpt)]).data_path == "shards"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)
+    (tmp_path / "elsewhere" / "shards").mkdir()  # "shards" names another folder from here: not taken for them
+    assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)
+    (tmp_path / "elsewhere" / "shards").rmdir()
+    moved = tmp_path / "b" / "runs" / "int8d" / "last.pth"  # the run folder moved beside other shards: its own kept
+    moved.parent.mkdir(parents=True), (tmp_path / "b" / "shards").mkdir(), shutil.copyfile(ckpt, moved)
+    (tmp_path / "b" / "shards" / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["--resume", str(moved)]).data_path == "shards"  # tmp_path/shards, not b/shards
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (shards / "manifest.json").unlink()
     torch.save({"config": {**saved, "data_path": "shards", "output_dir": "runs"}}, ckpt)  # (saved before data_dir)
     assert parse_args(["--resume", str(ckpt)]).data_path == str(shards)
     for output_dir in ("./runs", "."):  # the run folder typed otherwise from tmp_path

@@ -242,7 +242,10 @@ def test_eval_onlys_manifest_and_checkpoint_errors_are_alike_on_every_rank(tiny_
     from vitdeit.errors import DataError, MissingFile
     from vitdeit.trainer import evaluate_checkpoint
 
-    for cfg, kind in ((Config(data_path=str(tmp_path / "nowhere"), eval_only=True), DataError),
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "best.pth").write_bytes(b"")  # found: the shards are read next
+    for cfg, kind in ((Config(data_path=str(tmp_path / "nowhere"), output_dir=str(tmp_path), run_name="r",
+                              eval_only=True), DataError),
                       (Config(data_path=str(tiny_shards), output_dir=str(tmp_path), run_name="none", eval_only=True),
                        MissingFile)):
         with pytest.raises(kind) as e:

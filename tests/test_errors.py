@@ -417,10 +417,16 @@ def test_a_missing_data_path_says_where_the_path_came_from(tmp_path, monkeypatch
     """Left out: the demo's default folder, not a pack command aimed at it; relative: the folder it is seen from
     (a --config of a run started elsewhere)."""
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--model", "vit_tiny", "--eval-only"]) == 1
+    assert train.main(["--model", "vit_tiny", "--epochs", "1"]) == 1
     assert capsys.readouterr().err == (f"error: --data-path not given, and its default, demo_shards (the folder python "
                                        f"-m vitdeit.demo packs the demo data into), holds no manifest.json seen from "
                                        f"{tmp_path}: pass --data-path with the --out folder of pack_shards.py\n")
+    assert os.listdir(tmp_path) == []  # (refused before the run folder is made)
+    # --eval-only with no run to evaluate: that is named first (its shards were to come from its checkpoint)
+    assert train.main(["--model", "vit_tiny", "--eval-only"]) == 1
+    assert capsys.readouterr().err == ("error: --eval-only checkpoint runs/vit_tiny/best.pth: file not found; train "
+                                       "one with train.py (it writes OUTPUT_DIR/RUN_NAME/best.pth and last.pth) or "
+                                       "pass the right path.\n")
     (tmp_path / "cfg.json").write_text('{"data_path": "data/shards"}')
     assert train.main(["--config", "cfg.json", "--model", "vit_tiny"]) == 1
     assert capsys.readouterr().err.startswith(f"error: data/shards/manifest.json not found (a relative path: seen "

@@ -149,6 +149,41 @@ def test_eval_only_reproduces_best_top1(teacher_run, tmp_path):
     assert zeroed["val_top1"] == 25.0 != best["best_top1"]  # 4 balanced classes: class 0's share
 
 
+def test_eval_only_of_a_run_by_its_name_reads_the_shards_it_was_trained_on(teacher_run, tmp_path, monkeypatch, capsys):
+    """`--run-name NAME --eval-only` takes RUN_DIR/best.pth's settings as `--resume PATH --eval-only` does: its
+    --data-path, not the default demo_shards (here none), nor another run's; a flag still overrides them."""
+    import shutil
+
+    from vitdeit.config import parse_args
+
+    cfg, _ = teacher_run
+    best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
+    monkeypatch.chdir(tmp_path)  # no demo_shards here
+    flags = ["--output-dir", cfg.output_dir, "--run-name", "teacher", "--eval-only", "--workers", "0"]
+    assert parse_args(flags).data_path == cfg.data_path
+    capsys.readouterr()
+    out = evaluate_checkpoint(parse_args(flags))
+    assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
+    assert f"images of {cfg.data_path} resized" in capsys.readouterr().out
+    with pytest.raises(DataError, match="elsewhere/manifest.json not found"):
+        evaluate_checkpoint(parse_args(flags + ["--data-path", "elsewhere"]))
+    saved = dict(best["config"], data_path="moved_shards")  # shards since moved: the message names whose path it is
+    torch.save({**best, "config": saved, "data_dir": str(tmp_path / "moved_shards")}, tmp_path / "best.pth")
+    os.mkdir("r"), os.replace(tmp_path / "best.pth", "r/best.pth")
+    with pytest.raises(SettingError, match=r"^--data-path not given, and the one r/best.pth was trained on, "
+                                           r"moved_shards, holds no manifest.json"):
+        evaluate_checkpoint(parse_args(["--output-dir", ".", "--run-name", "r", "--eval-only"]))
+    with pytest.raises(SettingError, match=r"^--data-path not given, and the one --resume r/best.pth was trained on"):
+        evaluate_checkpoint(parse_args(["--resume", "r/best.pth", "--eval-only"]))
+    # a copy, its config still naming the teacher's folder: the copy is the one evaluated (a zeroed head: class 0)
+    zeroed = {**best, "model": {k: v.zero_() if k.startswith("fc.") else v for k, v in best["model"].items()}}
+    torch.save(zeroed, "r/best.pth")
+    os.makedirs("runs/vit_tiny"), shutil.copyfile("r/best.pth", "runs/vit_tiny/best.pth")  # (the default run)
+    for folder, flags in (("r", ["--output-dir", ".", "--run-name", "r"]), ("runs/vit_tiny", [])):
+        assert evaluate_checkpoint(parse_args(flags + ["--eval-only", "--workers", "0"]))["val_top1"] == 25.0
+        assert f"{folder}/best.pth: val top-1 25.00%" in capsys.readouterr().out
+
+
 def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys, monkeypatch):
     from vitdeit import trainer
 
@@ -1775,6 +1810,54 @@ def test_a_resume_whose_metrics_lack_epochs_says_which(two_epoch_run, tiny_shard
             f"report lack them")
     assert f"resumed from {run / 'last.pth'} after epoch 1" in out  # (said after the notes)
     assert note in out.splitlines() if said else "has no line for epoch" not in out
+
+
+def test_a_resume_with_more_epochs_says_where_its_lr_goes(two_epoch_run, tiny_shards, tmp_path, capsys, monkeypatch):
+    """The schedule is the resuming run's (DeiT's and timm's way): 2 epochs ended at --min-lr; with --epochs 4 the
+    cosine is stretched, and its next step trains at the middle of it, which the note says with both figures; a
+    resume that keeps its schedule says nothing of it."""
+    import shutil
+
+    run = tmp_path / "vit_tiny"
+    shutil.copytree(two_epoch_run, run)
+    saved = torch.load(run / "last.pth", weights_only=True)
+    steps = saved["metrics"]["train_samples"] // TWO_EPOCHS["batch_size"]  # whole batches of one process
+    was, peak, floor = saved["metrics"]["lr"], Config.lr * TWO_EPOCHS["batch_size"] / 512, Config.min_lr
+    warm = int(FAST["warmup_epochs"] * steps)
+    cosine = lambda t, total: floor + (peak - floor) * (1 + math.cos(math.pi * (t - warm) / (total - warm))) / 2  # noqa
+    assert was == pytest.approx(cosine(2 * steps - 1, 2 * steps))  # the 2-epoch cosine's last step, near its floor
+    t = 2 * steps
+    now = cosine(t, 4 * steps)
+    capsys.readouterr()
+    stopped = []
+
+    def stop_after_this_epoch(epoch, record):
+        stopped.append(record["lr"])
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        train(cfg_for(tiny_shards, tmp_path, **{**TWO_EPOCHS, "epochs": 4}, resume=str(run / "last.pth")),
+              on_epoch_end=stop_after_this_epoch)
+    assert (f"note: --resume: the lr goes from {was:.3g} (the last step of epoch 1) to {now:.3g} at the next step: "
+            f"the schedule (warm-up, then a cosine to --min-lr) is this run's, 4 epochs of {steps} steps at a peak lr "
+            f"of {peak:.3g}, taken up at step {t}\n") in capsys.readouterr().out
+    assert stopped[0] < now  # (epoch 2 trained on down the new cosine)
+    stop_before_the_first_epoch(monkeypatch)
+    with pytest.raises(Stopped):  # epoch 2's last.pth, resumed with its own 4 epochs: no jump
+        train(cfg_for(tiny_shards, tmp_path, **{**TWO_EPOCHS, "epochs": 4}, resume=str(run / "last.pth")))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "the lr goes from" not in out
+    # nor one stopped at the end of its warm-up, whose next step's lr is 1.5x its last (3 steps an epoch, 3 of warm-up)
+    monkeypatch.undo()
+    kw = {**TWO_EPOCHS, "batch_size": 32, "warmup_epochs": 1.0, "epochs": 3}
+    with pytest.raises(Stopped):
+        train(cfg_for(tiny_shards, tmp_path / "w", **kw), on_epoch_end=stop_after_this_epoch)
+    assert stopped[-1] == pytest.approx(Config.lr * 32 / 512 * (1e-3 + (1 - 1e-3) * 2 / 3))  # warm-up step 2 of 3
+    stop_before_the_first_epoch(monkeypatch)
+    with pytest.raises(Stopped):
+        train(cfg_for(tiny_shards, tmp_path / "w", **kw, resume=str(tmp_path / "w" / "vit_tiny" / "last.pth")))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "the lr goes from" not in out
 
 
 def test_a_resume_on_shards_packed_again_since_says_so(tiny_data, tmp_path, capsys, monkeypatch):

@@ -150,7 +150,7 @@ class Config:
     run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
     resume: str = ""  # a last.pth to continue exactly from (its saved settings and run folder are the defaults)
     overwrite: bool = False  # replace the run in OUTPUT_DIR/RUN_NAME (a folder holding last.pth is refused without)
-    eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth) on val and exit
+    eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth; its saved settings the defaults) on val, exit
     progress: bool = True  # tqdm bars
 
     def __post_init__(self):
@@ -398,21 +398,26 @@ def moved_run_folder(saved: dict, ckpt: str | Path) -> Path | None:
 
 
 def run_files_here(state: dict, ckpt: str | Path) -> dict:
-    """A checkpoint's RUN_FILES as seen from here (train.py --resume, viz.py): its shards at the folder they
-    resolved to then (data_dir) where that still holds shards; a relative path, if its run folder has moved or is
-    seen from another working folder, taken from the folder the run was started from, where it exists there."""
+    """A checkpoint's RUN_FILES as seen from here (train.py --resume, viz.py): its shards as typed where that names,
+    from here, the folder they resolved to then (data_dir), else at that folder where it still holds shards; a
+    relative path, if its run folder has moved or is seen from another working folder, taken from the folder the run
+    was started from, where it exists there."""
     saved = state["config"]
     files = {k: saved[k] for k in RUN_FILES if k in saved}
+    settled = set()  # the files found as they are
     if isinstance(data_dir := state.get("data_dir"), str) and (Path(data_dir) / MANIFEST_NAME).is_file():
-        files["data_path"] = data_dir
+        typed = files.get("data_path")  # (kept: the resumed run's config.json then keeps the path as it was typed)
+        if not (isinstance(typed, str) and typed and Path(typed).resolve() == Path(data_dir).resolve()):
+            files["data_path"] = data_dir
+        settled.add("data_path")
     if (folder := moved_run_folder(saved, ckpt)) is None:
         return files
     output_dir, typed_from = Path(saved.get("output_dir", "runs")), None
     for seen in (Path(os.path.abspath(ckpt)).parent.parent, folder.parent):  # through symlinks, then their targets
         typed_from = typed_from or typed_from_now(output_dir, seen)
     for key, value in files.items() if typed_from is not None else ():
-        if (isinstance(value, str) and value not in ("", "imagenet1k") and not Path(value).is_absolute()
-                and (typed_from / value).exists()):
+        if (key not in settled and isinstance(value, str) and value not in ("", "imagenet1k")
+                and not Path(value).is_absolute() and (typed_from / value).exists()):
             files[key] = str(typed_from / value)
     return files
 
@@ -435,6 +440,23 @@ def resumed_settings(resume: str) -> dict:
         saved["output_dir"], saved["run_name"] = str(folder.parent), folder.name
     known = {f.name for f in fields(Config)}
     return {k: v for k, v in saved.items() if k in known and k not in THIS_MACHINE + INVOCATION_FIELDS}
+
+
+def settings_source(values: dict) -> str:
+    """The checkpoint whose saved settings are the run's defaults: --resume's, or for a bare --eval-only the
+    RUN_DIR/best.pth it evaluates (`--run-name NAME --eval-only` scores that run on its own shards); "" for none."""
+    if values.get("resume") or not values.get("eval_only"):
+        return values.get("resume") or ""
+    name = values.get("run_name") or values.get("model") or Config.model  # (Config.name, from the values as given)
+    return str(Path(values.get("output_dir") or Config.output_dir) / name / "best.pth")
+
+
+def checkpoint_named(values) -> str:
+    """The settings' source as messages name it: `--resume PATH`, or the --eval-only checkpoint's path. `values`: a
+    dict of settings or a Config."""
+    get = values.get if isinstance(values, dict) else lambda k: getattr(values, k)
+    source = settings_source({k: get(k) for k in ("resume", "eval_only", "run_name", "model", "output_dir")})
+    return f"--resume {source}" if get("resume") else source
 
 
 def parse_args(argv=None, description: str = "") -> Config:
@@ -465,14 +487,17 @@ def parse_args(argv=None, description: str = "") -> Config:
         if not isinstance(values, dict):
             p.error(f"--config {path}: must hold a JSON object")
     values.update({k: v for k, v in ns.items() if v is not None})
-    inherited = resumed_settings(values["resume"]) if values.get("resume") else {}
+    source = settings_source(values)
+    inherited = resumed_settings(source) if source else {}
+    if inherited and not values.get("resume"):  # --eval-only's RUN_DIR/best.pth: evaluated there, whatever folder
+        inherited.update(output_dir=str(Path(source).parent.parent), run_name=Path(source).parent.name)  # it names
     try:
         cfg = from_dict({**inherited, **values}, source=path or "arguments")
     except ValueError as e:
         named = re.match(r"--([a-z0-9-]+) ", str(e))
         key = named[1].replace("-", "_") if named else None
         if key is not None and key not in values and key in inherited:
-            p.error(f"{e} (the value is the one --resume {values['resume']} was saved with: give the flag to "
+            p.error(f"{e} (the value is the one {checkpoint_named(values)} was saved with: give the flag to "
                     f"override it)")
         from_file = path and named and ns.get(key) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -21,7 +22,7 @@ from .checkpoint import (checkpoint_file, load_checkpoint, save_checkpoint, save
                          signals_held)
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       pack_identity, some)
-from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, flag, saved_setting
+from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
@@ -375,7 +376,7 @@ def run_manifest(cfg: Config) -> dict:
     checkpoint's shards, or else the demo's: where there are none, that is the error, not a pack command aimed at
     that folder."""
     if "data_path" in getattr(cfg, "inherited", ()) and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
-        raise SettingError(f"--data-path not given, and the one --resume {cfg.resume} was trained on, "
+        raise SettingError(f"--data-path not given, and the one {checkpoint_named(cfg)} was trained on, "
                            f"{cfg.data_path}, holds no {MANIFEST_NAME} seen from {Path.cwd()} (moved, or another "
                            f"machine's path): pass --data-path with these shards' folder here")
     defaulted = "data_path" not in getattr(cfg, "given", {"data_path"})  # (a Config not from parse_args: given)
@@ -444,6 +445,36 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     return out + (resume_notes(cfg, dist, manifest, train_loader, resumed) if resumed is not None else [])
 
 
+def lr_jump(cfg: Config, dist: Dist, steps: int, resumed: dict) -> str | None:
+    """A note where the resumed run's next step trains at another lr than the saved run's own schedule would have:
+    the schedule is a function of the step count and this run's --epochs, lr, global batch, warm-up and --min-lr
+    (as timm's train.py resumes; the DeiT reference restores the saved schedule, which keeps more --epochs at
+    --min-lr), so more --epochs after a run's cosine ended take the lr back up. None where the process count
+    changed (resume_notes says so: the steps are other steps) and where nothing is left to train."""
+    states, step = saved_loader_states(resumed), (resumed["epoch"] + 1) * steps
+    if len(states) not in (0, dist.world) or step >= cfg.epochs * steps:
+        return None
+
+    def lr_at(c: Config) -> float:
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.peak_lr(dist.world))  # (a throwaway)
+        lr_schedule(probe, c, steps).step_update(step)
+        return probe.param_groups[0]["lr"]
+
+    saved = resumed["config"]
+    then = copy.copy(cfg)  # (not dataclasses.replace, whose validation a mix of saved and new settings may fail)
+    vars(then).update({k: saved_setting(saved, k) for k in SCHEDULE})
+    if math.isclose(now := lr_at(cfg), lr_at(then), rel_tol=1e-6):
+        return None
+    was = resumed.get("metrics", {}).get("lr")
+    return (f"note: --resume: the lr goes from {f'{was:.3g}' if isinstance(was, float) else 'its saved value'} (the "
+            f"last step of epoch {resumed['epoch']}) to {now:.3g} at the next step: the schedule (warm-up, then a "
+            f"cosine to --min-lr) is this run's, {cfg.epochs} epochs of {steps} steps at a peak lr of "
+            f"{cfg.peak_lr(dist.world):.3g}, taken up at step {step}")
+
+
+SCHEDULE = ("epochs", "lr", "batch_size", "warmup_epochs", "min_lr")  # the settings lr_schedule's lr depends on
+
+
 def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed: dict) -> list[str]:
     """What a --resume goes on from otherwise than the uninterrupted run would: another process count, metrics lines
     missing, other shards, another loader, a DALI stream that starts afresh, another precision."""
@@ -476,6 +507,8 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
                f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")
         out.append(f"note: --resume: {cfg.resume} holds {why}: DALI's sample stream starts afresh (training goes on, "
                    f"not bit-exactly).")
+    if jump := lr_jump(cfg, dist, len(train_loader), resumed):
+        out.append(jump)
     now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]
     if (last := last_amp(resumed)) not in (None, now) and saved_setting(resumed["config"], "amp") == cfg.amp:
         # (the same --amp resolved otherwise; another --amp is a recipe change, noted as such)
@@ -798,8 +831,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
             path = cfg.resume or str(cfg.run_dir / "best.pth")
 
             def read():  # (each node's own files)
-                if cfg.resume:  # a missing file named first (as _train's read does): its settings were the defaults
-                    resume_file_first(cfg, path, "--eval-only checkpoint")
+                # a missing file named first (as _train's read does): its settings were the defaults
+                resume_file_first(cfg, path, "--eval-only checkpoint")
                 manifest = run_manifest(cfg)
                 return manifest, load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
 

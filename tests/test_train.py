@@ -1695,6 +1695,31 @@ def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_sh
     assert f"(24 images), EMA top-1 {last['val_top1_ema']:.2f}% | " in capsys.readouterr().out  # the epoch's line
 
 
+def test_eval_ema_scores_the_checkpoints_ema_as_training_did_and_is_refused_where_there_is_none(
+        two_epoch_run, tiny_shards, tmp_path, capsys):
+    kw = dict(model="vit_tiny", img_size=16, batch_size=16, workers=0, epochs=1, model_ema=True, model_ema_decay=0.5)
+    train(cfg_for(tiny_shards, tmp_path, **kw))
+    best = tmp_path / "vit_tiny" / "best.pth"
+    scores = torch.load(best, weights_only=True)["metrics"]
+    capsys.readouterr()
+    ema = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **kw, eval_only=True, eval_ema=True))
+    trained = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **kw, eval_only=True))
+    assert (ema["val_top1"], trained["val_top1"]) == (scores["val_top1_ema"], scores["val_top1"])  # as training scored
+    assert ema["val_loss"] != trained["val_loss"]  # other weights (EMA decay 0.5 over 6 steps)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{best} (its EMA weights): val top-1 {ema['val_top1']:.2f}% ")
+    assert out[0].endswith(f"(its epoch 0 scored {scores['val_top1_ema']:.2f}% when saved; its trained weights "
+                           f"{scores['val_top1']:.2f}%)")
+    assert out[1].startswith(f"{best}: val top-1 {trained['val_top1']:.2f}% ")
+    without = two_epoch_run / "best.pth"  # trained without --model-ema
+    with pytest.raises(SettingError, match=re.escape(f"--eval-ema: {without} holds no EMA of its weights (its run "
+                                                     f"trained without --model-ema); drop --eval-ema to score its")):
+        evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **TWO_EPOCHS, resume=str(without), eval_only=True,
+                                    eval_ema=True))
+    with pytest.raises(SettingError, match=r"^--eval-ema: scores a checkpoint's EMA with --eval-only"):
+        cfg_for(tiny_shards, tmp_path, **kw, eval_ema=True)
+
+
 def test_the_distillation_alpha_and_tau_reach_the_loss(teacher_run, tiny_shards, tmp_path, monkeypatch):
     """The loss of each DeiT step, recomputed here: (1 - alpha) * label-smoothed CE of the class head + alpha * tau^2
     KL(teacher_tau || dist head_tau) / numel, with the teacher's logits from its checkpoint's weights."""

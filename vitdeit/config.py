@@ -28,7 +28,7 @@ DALI_EXECUTORS = ("dynamic", "legacy")  # DALI's execution models (Config.dali_e
 STEP_STREAMS = ("default", "side", "high")  # the CUDA stream the training step runs on (engine.step_stream)
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
-INVOCATION_FIELDS = ("resume", "eval_only", "overwrite")
+INVOCATION_FIELDS = ("resume", "eval_only", "eval_ema", "overwrite")
 # how a run runs, not what it computes: where it writes, its progress bars, its device and speed switches, the loader
 # (whose change a resume notes on its own): a resume may change them without a note, and viz.py does not list them
 # among two runs' differences
@@ -151,6 +151,7 @@ class Config:
     resume: str = ""  # a last.pth to continue exactly from (its saved settings and run folder are the defaults)
     overwrite: bool = False  # replace the run in OUTPUT_DIR/RUN_NAME (a folder holding last.pth is refused without)
     eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth; its saved settings the defaults) on val, exit
+    eval_ema: bool = False  # --eval-only: score the checkpoint's EMA of the weights (--model-ema), not the weights
     progress: bool = True  # tqdm bars
 
     def __post_init__(self):
@@ -184,6 +185,8 @@ class Config:
         need(self.teacher == "resnet18", f"--teacher {self.teacher!r}: only resnet18 is supported")
         need(0 <= self.distillation_alpha <= 1, f"--distillation-alpha {self.distillation_alpha}: must be in [0, 1]")
         need(self.distillation_tau > 0, f"--distillation-tau {self.distillation_tau}: must be > 0")
+        need(self.eval_only or not self.eval_ema, "--eval-ema: scores a checkpoint's EMA with --eval-only (training "
+             "with --model-ema scores it every epoch); add --eval-only, or drop --eval-ema")
         alpha = self.distillation_alpha  # (a DeiT that distils: at 0 or 1, one of its two heads learns nothing)
         need(self.distillation == "none" or 0 < alpha < 1 or self.eval_only,  # (--eval-only: not read)
              f"--distillation-alpha {alpha:g} with --distillation-type {self.distillation_type}: the "

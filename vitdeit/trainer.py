@@ -825,7 +825,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
 
 
 def evaluate_checkpoint(cfg: Config) -> dict:
-    """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split."""
+    """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split: its trained weights,
+    or with --eval-ema the EMA of them it holds (--model-ema), as timm's validate.py --use-ema."""
     with process_group(cfg.device) as dist:
         with alike_on_every_rank():  # the manifest and the checkpoint: train.py says their errors once per node
             path = cfg.resume or str(cfg.run_dir / "best.pth")
@@ -834,7 +835,11 @@ def evaluate_checkpoint(cfg: Config) -> dict:
                 # a missing file named first (as _train's read does): its settings were the defaults
                 resume_file_first(cfg, path, "--eval-only checkpoint")
                 manifest = run_manifest(cfg)
-                return manifest, load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
+                state = load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
+                if cfg.eval_ema and state.get("ema") is None:
+                    raise SettingError(f"--eval-ema: {path} holds no EMA of its weights (its run trained without "
+                                       f"--model-ema); drop --eval-ema to score its trained weights")
+                return manifest, state
 
             manifest, state = read_run_files(read, cfg, "--eval-only", path)
         trained = state["config"]
@@ -851,15 +856,21 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         ecfg = dataclasses.replace(cfg, **geometry)
         if upscaled := upscale_warning(cfg.data_path, manifest, ecfg.img_size, ecfg.crop_pct):
             dist.print(f"warning: {upscaled}")
-        net = to_device(model_from_checkpoint(state), ecfg, dist.device)
+        weights = {**state, "model": state["ema"]} if cfg.eval_ema else state
+        net = to_device(model_from_checkpoint(weights), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
-        saved = state.get("metrics", {}).get("val_top1")  # this checkpoint's own score when it was saved
+        scores = state.get("metrics", {})  # this checkpoint's own scores when it was saved
+        saved = scores.get("val_top1_ema" if cfg.eval_ema else "val_top1")
         then = (f"its epoch {state['epoch']} scored {saved:.2f}% when saved" if saved is not None
-                else f"saved after epoch {state['epoch']}") + (
-            "" if saved == state["best_top1"] else f"; the run's best.pth {state['best_top1']:.2f}%")
+                else f"saved after epoch {state['epoch']}")
+        if cfg.eval_ema:  # (best.pth is picked by the trained weights' score)
+            then += f"; its trained weights {scores['val_top1']:.2f}%" if "val_top1" in scores else ""
+        elif saved != state["best_top1"]:
+            then += f"; the run's best.pth {state['best_top1']:.2f}%"
         if other := other_shards_note(state, path, cfg.data_path, manifest):
             then += f"; {other[0]}"
-        dist.print(f"{path}: val top-1 {out['val_top1']:.2f}% top-5 {out['val_top5']:.2f}% on {out['val_samples']} "
-                   f"images of {cfg.data_path} resized with its {ecfg.interpolation} filter ({then})")
+        dist.print(f"{path}{' (its EMA weights)' if cfg.eval_ema else ''}: val top-1 {out['val_top1']:.2f}% top-5 "
+                   f"{out['val_top5']:.2f}% on {out['val_samples']} images of {cfg.data_path} resized with its "
+                   f"{ecfg.interpolation} filter ({then})")
         return out

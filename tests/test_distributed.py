@@ -485,6 +485,13 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     assert str(e.value) == ("the nodes' commands differ (--allow-weak-teacher False on ranks 0-1 (a), True on rank 2 "
                             "(d); --epochs 5 on ranks 0-1 (a), 9 on rank 2 (d)); run the same command on every node "
                             "(only the paths of its files may differ, and --workers).")
+    ema = [Config(data_path=str(tiny_shards), eval_only=True, eval_ema=on) for on in (False, True)]
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
+    trainer.read_run_files(lambda: (manifest, None), ema[1])  # --eval-ema on one node alone: named, as --epochs is
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, views[-1]])
+    with pytest.raises(trainer.SettingError, match=r"^the nodes' commands differ \(--eval-ema False on rank 0 \(a\), "
+                                                   r"True on rank 1 \(a\)\)"):
+        trainer.read_run_files(lambda: (manifest, None), ema[0])
     host, (pack, saved, settings), error = views[0]  # a node whose older vitdeit has no --seed setting
     older = (host, (pack, saved, {k: v for k, v in settings.items() if k != "seed"}), error)
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [older, obj])  # (rank 0's lacks it)

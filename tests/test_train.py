@@ -1695,11 +1695,12 @@ def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_sh
     assert f"(24 images), EMA top-1 {last['val_top1_ema']:.2f}% | " in capsys.readouterr().out  # the epoch's line
 
 
+@pytest.mark.parametrize("model", ["vit_tiny", "resnet18"])  # (ResNet-18: the EMA's BatchNorm statistics too)
 def test_eval_ema_scores_the_checkpoints_ema_as_training_did_and_is_refused_where_there_is_none(
-        two_epoch_run, tiny_shards, tmp_path, capsys):
-    kw = dict(model="vit_tiny", img_size=16, batch_size=16, workers=0, epochs=1, model_ema=True, model_ema_decay=0.5)
+        two_epoch_run, tiny_shards, tmp_path, capsys, model):
+    kw = dict(model=model, img_size=16, batch_size=16, workers=0, epochs=1, model_ema=True, model_ema_decay=0.5)
     train(cfg_for(tiny_shards, tmp_path, **kw))
-    best = tmp_path / "vit_tiny" / "best.pth"
+    best = tmp_path / model / "best.pth"
     scores = torch.load(best, weights_only=True)["metrics"]
     capsys.readouterr()
     ema = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **kw, eval_only=True, eval_ema=True))
@@ -1712,8 +1713,8 @@ def test_eval_ema_scores_the_checkpoints_ema_as_training_did_and_is_refused_wher
                            f"{scores['val_top1']:.2f}%)")
     assert out[1].startswith(f"{best}: val top-1 {trained['val_top1']:.2f}% ")
     without = two_epoch_run / "best.pth"  # trained without --model-ema
-    with pytest.raises(SettingError, match=re.escape(f"--eval-ema: {without} holds no EMA of its weights (its run "
-                                                     f"trained without --model-ema); drop --eval-ema to score its")):
+    with pytest.raises(SettingError, match=re.escape(f"--eval-ema: {without} holds no EMA of its weights (saved "
+                                                     f"without --model-ema); drop --eval-ema to score its")):
         evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **TWO_EPOCHS, resume=str(without), eval_only=True,
                                     eval_ema=True))
     with pytest.raises(SettingError, match=r"^--eval-ema: scores a checkpoint's EMA with --eval-only"):

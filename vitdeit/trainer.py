@@ -835,13 +835,12 @@ def evaluate_checkpoint(cfg: Config) -> dict:
                 # a missing file named first (as _train's read does): its settings were the defaults
                 resume_file_first(cfg, path, "--eval-only checkpoint")
                 manifest = run_manifest(cfg)
-                state = load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
-                if cfg.eval_ema and state.get("ema") is None:
-                    raise SettingError(f"--eval-ema: {path} holds no EMA of its weights (its run trained without "
-                                       f"--model-ema); drop --eval-ema to score its trained weights")
-                return manifest, state
+                return manifest, load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
 
             manifest, state = read_run_files(read, cfg, "--eval-only", path)
+            if cfg.eval_ema and state.get("ema") is None:  # (after the nodes' flags and files are found alike)
+                raise together(SettingError(f"--eval-ema: {path} holds no EMA of its weights (saved without "
+                                            f"--model-ema); drop --eval-ema to score its trained weights"))
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--report-dir", default="runs/report",
                    help="report.md, report.json and curves.png (default: %(default)s)")
     p.add_argument("--no-report", action="store_true", help="only the picture")
+    p.add_argument("--ema", action="store_true", help="predict with each checkpoint's EMA of its weights (runs "
+                   "trained with --model-ema) instead of the trained weights")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: a GPU where there is one")
     p.add_argument("--workers", type=int, default=2, help="val decode processes; -1: this node's share of its "
                    "cores, as train.py's (default: %(default)s)")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
                      None if a.no_report else a.report_dir, resolve_device(a.device),
-                     resolve_workers(a.workers))
+                     resolve_workers(a.workers), a.ema)
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         say_error(e)
         return 1

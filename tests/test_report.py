@@ -156,6 +156,46 @@ def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path
     assert f"| {best} / {rows[-1]['epoch']} |" in vit_row  # the table's column: the best epoch, not the one read
 
 
+def test_viz_ema_predicts_with_each_checkpoints_ema_and_the_report_says_so(runs, tiny_shards, tmp_path, capsys):
+    """--ema: the ViT copy's EMA has zeroed heads (every logit 0: class 0 at 25 % on 4 classes), the DeiT copy's is
+    its own trained weights (the same predictions either way); a checkpoint without an EMA is refused first."""
+    import shutil
+
+    import viz
+
+    copies = {}
+    for run, name, zeroed in (("baseline_vit_tiny", "v", True), ("deit_tiny_distill", "d", False)):
+        shutil.copytree(runs / run, tmp_path / name)
+        state = torch.load(tmp_path / name / "best.pth", weights_only=True)
+        ema = {k: torch.zeros_like(v) if zeroed and k.startswith("head") else v.clone()
+               for k, v in state["model"].items()}
+        torch.save({**state, "ema": ema}, tmp_path / name / "best.pth")
+        copies[name] = str(tmp_path / name / "best.pth")
+    cm = manifest_class_map(load_manifest(tiny_shards))
+    kw = dict(num_images=24, workers=0, out=str(tmp_path / "p.png"))
+    trained = make_all(copies["v"], copies["d"], report_dir=None, **kw)
+    averaged = make_all(copies["v"], copies["d"], report_dir=str(tmp_path / "report"), ema=True, **kw)
+    assert [p["lines"][1] for p in averaged["panels"]] == [f"ViT: {cm.short_name(0)} (25%)"] * 24
+    assert [p["lines"][1] for p in trained["panels"]] != [f"ViT: {cm.short_name(0)} (25%)"] * 24
+    assert [p["lines"][2] for p in averaged["panels"]] == [p["lines"][2] for p in trained["panels"]]  # (DeiT's)
+    assert [r["vit_top1"] for r in averaged["comparison"]["per_class"]] == [100.0, 0.0, 0.0, 0.0]
+    said = ("--ema: the picture and the comparison are of each checkpoint's EMA of its weights (--model-ema), as of "
+            "its epoch; the table and the curves are of the trained weights")
+    assert said in averaged["notes"] and not any("--ema" in n for n in trained["notes"])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"Note: {said}." in md.splitlines()
+    assert "(each run's `best.pth` unless `--vit`/`--deit` named others; the EMA of their weights, `--ema`)." in md
+    capsys.readouterr()
+    for args in ([copies["v"], str(runs / "deit_tiny_distill" / "best.pth")],  # (one of two without: named)
+                 [str(runs / "baseline_vit_tiny" / "best.pth"), copies["d"]]):
+        without = next(a for a in args if a.startswith(str(runs)))
+        assert viz.main(["--vit", args[0], "--deit", args[1], "--ema", "--out", str(tmp_path / "q.png"),
+                         "--no-report", "--workers", "0", "--device", "cpu"]) == 1
+        assert capsys.readouterr().err == (f"error: --ema: {without} holds no EMA of its weights (saved without "
+                                           f"--model-ema); drop --ema to use its trained weights\n")
+    assert not (tmp_path / "q.png").exists()  # refused before any val pass
+
+
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "viz.py"), "--vit", str(tmp_path / "nope.pth")],
                        capture_output=True, text=True, cwd=tmp_path)
@@ -1073,9 +1113,11 @@ def test_the_report_gives_the_emas_best_val_top1_beside_the_trained_weights():
                           for i in range(6)], "deit_only_right": 1, "vit_only_right": 0,
             "mcnemar_p": 1.0}
     md = report_markdown([s], comp, ("ViT", "DeiT")).splitlines()
-    assert ("ViT: the EMA of its weights (--model-ema) scored up to 44.50% val top-1 (epoch 2); the table and the "
-            "figures below are of the trained weights (the checkpoint read also holds the EMA's, as of its "
-            "epoch).") in md
+    said = "ViT: the EMA of its weights (--model-ema) scored up to 44.50% val top-1 (epoch 2); the table is of the "
+    assert (said + "trained weights, and so are the figures below (the checkpoint read also holds the EMA's, as of its "
+            "epoch: viz.py --ema compares those).") in md
+    assert (said + "trained weights, and the figures below of the EMA's in the checkpoint read, as of its epoch "
+            "(viz.py --ema).") in report_markdown([s], comp, ("ViT", "DeiT"), ema=True).splitlines()
     assert not any("stopped" in line for line in md)  # (its config names no --epochs to fall short of)
     stopped = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 6}, "epoch": 1}, 5_000_000)
     assert ("ViT: its run stopped after 3 of its --epochs 6 (epochs 0-2; interrupted, or still going on): its lr "

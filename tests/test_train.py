@@ -1714,7 +1714,7 @@ def test_eval_ema_scores_the_checkpoints_ema_as_training_did_and_is_refused_wher
     assert out[1].startswith(f"{best}: val top-1 {trained['val_top1']:.2f}% ")
     without = two_epoch_run / "best.pth"  # trained without --model-ema
     with pytest.raises(SettingError, match=re.escape(f"--eval-ema: {without} holds no EMA of its weights (saved "
-                                                     f"without --model-ema); drop --eval-ema to score its")):
+                                                     f"without --model-ema); drop --eval-ema to use its")):
         evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **TWO_EPOCHS, resume=str(without), eval_only=True,
                                     eval_ema=True))
     with pytest.raises(SettingError, match=r"^--eval-ema: scores a checkpoint's EMA with --eval-only"):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .classes import ClassMap, class_difference, same_pack
-from .errors import DataError, MissingFile, first_line, write_failed
+from .errors import DataError, MissingFile, SettingError, first_line, write_failed
 
 REQUIRED = ("model", "best_top1", "epoch", "config", "classes")
 
@@ -162,6 +162,15 @@ def load_failure(e: Exception) -> str:
         if reason:
             return f"it holds more than tensors and plain containers: {first_line(reason[0])}"
     return f"{type(e).__name__}: {first_line(e)}"
+
+
+def ema_weights(state: dict, path: str | Path, flag: str) -> dict:
+    """The checkpoint `state` with its EMA of the weights (--model-ema) in their place, for `flag` (train.py
+    --eval-ema, viz.py --ema); a SettingError naming the file where it holds none."""
+    if state.get("ema") is None:
+        raise SettingError(f"{flag}: {path} holds no EMA of its weights (saved without --model-ema); drop {flag} to "
+                           f"use its trained weights")
+    return {**state, "model": state["ema"]}
 
 
 def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: str = "checkpoint") -> None:

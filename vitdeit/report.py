@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_class_map, load_checkpoint, shards_change_text
+from .checkpoint import check_class_map, ema_weights, load_checkpoint, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
                      run_files_here, saved_setting)
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
@@ -248,16 +248,17 @@ def comparison(class_map: ClassMap, vit: Predictions, deit: Predictions, top: in
 
 
 def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], notes: list[str] = (),
-                    picture: tuple[str, list[str]] | None = None) -> str:
+                    picture: tuple[str, list[str]] | None = None, ema: bool = False) -> str:
     """notes: what viz.py printed as `note:` lines (a model under another label, other image sizes, no teacher row),
-    kept with the report under its table. picture: the picture's file name and its images' val keys."""
+    kept with the report under its table. picture: the picture's file name and its images' val keys. ema: the
+    comparison's predictions are of the checkpoints' EMA weights (viz.py --ema)."""
     v, d = names
     lines = ["# ViT vs DeiT: comparison report", "",
              "The table comes from each run's `metrics.jsonl` (written during training, on the machine that "
              "trained it; best epoch by val top-1; images/s as each run measured them, on the machine named beside "
              "them (rank 0's node), lower for a run that shared it with other work); the per-class figures below "
              "from `viz.py`'s own pass over val with the two checkpoints viz.py read (each run's `best.pth` unless "
-             "`--vit`/`--deit` named others).", "",
+             "`--vit`/`--deit` named others" + ("; the EMA of their weights, `--ema`" if ema else "") + ").", "",
              "| run | model | best val top-1 (%) | val top-5 (%) | best epoch / last (0-based) | params "
              "| train images/s (median of the epochs after the first, if any) | trained on |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -280,8 +281,10 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
     for s in summaries:
         if "val_top1_ema" in s:
             lines += ["", f"{s['run']}: the EMA of its weights (--model-ema) scored up to {s['val_top1_ema']:.2f}% val "
-                          f"top-1 (epoch {s['best_epoch_ema']}); the table and the figures below are of the trained "
-                          f"weights (the checkpoint read also holds the EMA's, as of its epoch)."]
+                          f"top-1 (epoch {s['best_epoch_ema']}); the table is of the trained weights, and "
+                          + ("the figures below of the EMA's in the checkpoint read, as of its epoch (viz.py --ema)."
+                             if ema else "so are the figures below (the checkpoint read also holds the EMA's, as of "
+                             "its epoch: viz.py --ema compares those).")]
     for s in summaries:  # a run stopped before its schedule ended: its --epochs differ from what it trained
         done = max(s["last_epoch"], s["checkpoint_epoch"]) + 1  # (a metrics.jsonl may have lost its last lines)
         if done < (s.get("epochs_planned") or 0):
@@ -485,9 +488,10 @@ def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: s
 
 def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
              num_images: int | None = None, seed: int = 0, out: str = "vit_vs_deit_random10.png",
-             report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2) -> dict:
+             report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2, ema: bool = False) -> dict:
     """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written.
-    num_images None: 10, or every val image where there are fewer."""
+    num_images None: 10, or every val image where there are fewer. ema: predict with each checkpoint's EMA of its
+    weights (--model-ema) instead of the trained weights."""
     for option, path in (("--vit", vit_ckpt), ("--deit", deit_ckpt)):
         if Path(path).is_dir():  # the run folder, not its checkpoint
             raise MissingFile(f"{option} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {option} "
@@ -517,8 +521,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     n_val = manifest["splits"]["val"]["num_samples"]
     shown = min(DEFAULT_PANELS, n_val) if num_images is None else num_images
     indices = sample_indices(n_val, shown, seed)  # before the val passes
-    vit_net = model_from_checkpoint(vit_state).to(device).eval()
-    deit_net, deit_state = load_model(deit_ckpt, class_map, device)
+    deit_state = load_checkpoint(deit_ckpt, class_map)
+    vit_net, deit_net = (model_from_checkpoint(ema_weights(state, path, "--ema") if ema else state).to(device).eval()
+                         for state, path in ((vit_state, vit_ckpt), (deit_state, deit_ckpt)))
     # the report's runs, metrics and teacher before the val passes: their errors cost no minutes
     runs, metrics, teacher, notes = (report_inputs(vit_ckpt, deit_ckpt, deit_state, teacher_run, class_map)
                                      if report_dir is not None else ({}, {}, None, []))
@@ -527,6 +532,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
     save_figure(fig, Path(out), "--out")
     heads = [f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself"] * one_file
+    heads += ["--ema: the picture and the comparison are of each checkpoint's EMA of its weights (--model-ema), as of "
+              "its epoch; the table and the curves are of the trained weights"] * ema
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
@@ -548,7 +555,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
     comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
     picture = (Path(out).name, [p["key"] for p in written["panels"]])
-    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, picture)),
+    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, picture, ema)),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes,
                                                    "panels": written["panels"]}, indent=1))):
         save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)

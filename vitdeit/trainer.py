@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (checkpoint_file, load_checkpoint, save_checkpoint, saved_state, shards_change_text,
-                         signals_held)
+from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_state,
+                         shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
                       pack_identity, some)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
@@ -838,9 +838,10 @@ def evaluate_checkpoint(cfg: Config) -> dict:
                 return manifest, load_checkpoint(path, manifest_class_map(manifest), what="--eval-only checkpoint")
 
             manifest, state = read_run_files(read, cfg, "--eval-only", path)
-            if cfg.eval_ema and state.get("ema") is None:  # (after the nodes' flags and files are found alike)
-                raise together(SettingError(f"--eval-ema: {path} holds no EMA of its weights (saved without "
-                                            f"--model-ema); drop --eval-ema to score its trained weights"))
+            try:  # (after the nodes' flags and files are found alike: every rank meets it)
+                weights = ema_weights(state, path, "--eval-ema") if cfg.eval_ema else state
+            except SettingError as e:
+                raise together(e) from None
         trained = state["config"]
         # the geometry the weights were trained with; data and system settings from this invocation
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",
@@ -855,7 +856,6 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         ecfg = dataclasses.replace(cfg, **geometry)
         if upscaled := upscale_warning(cfg.data_path, manifest, ecfg.img_size, ecfg.crop_pct):
             dist.print(f"warning: {upscaled}")
-        weights = {**state, "model": state["ema"]} if cfg.eval_ema else state
         net = to_device(model_from_checkpoint(weights), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)

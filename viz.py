@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
                      None if a.no_report else a.report_dir, resolve_device(a.device),
-                     resolve_workers(a.workers), a.ema)
+                     resolve_workers(a.workers), ema=a.ema)
     except VitdeitError as e:  # the user's to fix; anything else keeps its traceback
         say_error(e)
         return 1

@@ -459,7 +459,7 @@ def test_viz_workers_minus_one_is_this_machines_share_as_in_train_and_no_report_
 
     monkeypatch.setattr(config, "default_workers", lambda: 5)
     # make_all's 8th argument: the report's folder (None: no report); its last: the val loader's workers
-    monkeypatch.setattr(viz, "make_all", lambda *a: seen.append((a[7], a[-1])) or {"notes": [], "figure": "p.png"})
+    monkeypatch.setattr(viz, "make_all", lambda *a, **k: seen.append((a[7], a[-1])) or {"notes": [], "figure": "p.png"})
     for given in ("-1", "3"):
         assert viz.main(["--workers", given, "--out", str(tmp_path / "p.png"), "--no-report"]) == 0
     assert viz.main(["--workers", "3", "--out", str(tmp_path / "p.png"), "--report-dir", str(tmp_path / "r")]) == 0
@@ -502,7 +502,7 @@ HERE = Path(__file__).resolve().parent  # a folder that exists
                                          (["--no-report", "--report-dir", "r"], "--no-report with --report-dir r: "
                                                                                 "--no-report writes no report")])
 def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_work(flags, said, capsys, monkeypatch):
-    monkeypatch.setattr(viz, "make_all", lambda *a: pytest.fail("predicted before checking its flags"))
+    monkeypatch.setattr(viz, "make_all", lambda *a, **k: pytest.fail("predicted before checking its flags"))
     with pytest.raises(SystemExit) as e:
         viz.main(flags)
     assert e.value.code == 2 and said in capsys.readouterr().err
@@ -511,7 +511,7 @@ def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_wor
 @pytest.mark.parametrize("out", ["p.png", "P.PNG", "p.Jpg", "p.pdf", "p.svg"])
 def test_viz_takes_a_picture_name_in_any_case_of_matplotlibs_formats(out, monkeypatch, capsys):
     made = []
-    monkeypatch.setattr(viz, "make_all", lambda *a: made.append(a[6]) or {"notes": [], "figure": a[6]})
+    monkeypatch.setattr(viz, "make_all", lambda *a, **k: made.append(a[6]) or {"notes": [], "figure": a[6]})
     assert viz.main(["--out", out, "--no-report"]) == 0 and made == [out]  # (matplotlib saves P.PNG as a PNG)
 
 

@@ -64,11 +64,13 @@ def main(argv=None) -> int:
     if "report" in w:
         print(f"wrote {w['report']} and {w['curves']}")
         for s in w["summaries"]:
-            print(f"  {s['run']:8s} best val top-1 {s['val_top1']:6.2f}%  top-5 {s['val_top5']:6.2f}%" + (
+            print(f"  {s['run']:8s} best val top-1 {s['val_top1']:6.2f}%  top-5 {s['val_top5']:6.2f}%"
+                  + ("  (trained weights)" if a.ema else "") + (
                 f"  (the checkpoint read is epoch {s['checkpoint_epoch']}'s, not the best epoch {s['best_epoch']}'s)"
                 if s["checkpoint_epoch"] != s["best_epoch"] else ""))
         c = w["comparison"]
-        print(f"  ViT and DeiT agree on {c['agreement']:.1f}% of {c['val_images']} val images")
+        print(f"  ViT and DeiT{' (EMA weights)' if a.ema else ''} agree on {c['agreement']:.1f}% of "
+              f"{c['val_images']} val images")
         print(f"  {paired_line(c)}")
     return 0
 

@@ -156,36 +156,53 @@ def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path
     assert f"| {best} / {rows[-1]['epoch']} |" in vit_row  # the table's column: the best epoch, not the one read
 
 
-def test_viz_ema_predicts_with_each_checkpoints_ema_and_the_report_says_so(runs, tiny_shards, tmp_path, capsys):
-    """--ema: the ViT copy's EMA has zeroed heads (every logit 0: class 0 at 25 % on 4 classes), the DeiT copy's is
-    its own trained weights (the same predictions either way); a checkpoint without an EMA is refused first."""
+def test_viz_ema_predicts_with_each_checkpoints_ema_and_the_report_says_so(runs, tiny_shards, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--ema: the ViT copy's EMA says class 0 for every image, the DeiT copy's class 1 (their heads zeroed but a bias);
+    a checkpoint without an EMA is refused before any val pass."""
+    import math
     import shutil
 
     import viz
+    from vitdeit import report
 
     copies = {}
-    for run, name, zeroed in (("baseline_vit_tiny", "v", True), ("deit_tiny_distill", "d", False)):
+    for run, name, cls in (("baseline_vit_tiny", "v", 0), ("deit_tiny_distill", "d", 1)):  # each EMA: one class
         shutil.copytree(runs / run, tmp_path / name)
         state = torch.load(tmp_path / name / "best.pth", weights_only=True)
-        ema = {k: torch.zeros_like(v) if zeroed and k.startswith("head") else v.clone()
-               for k, v in state["model"].items()}
+        ema = {k: torch.zeros_like(v) if k.startswith("head") else v.clone() for k, v in state["model"].items()}
+        for key in ("head.bias", "head_dist.bias"):  # (the DeiT's two heads): logits 1 for that class, 0 for others
+            if key in ema:
+                ema[key][cls] = 1.0
         torch.save({**state, "ema": ema}, tmp_path / name / "best.pth")
         copies[name] = str(tmp_path / name / "best.pth")
     cm = manifest_class_map(load_manifest(tiny_shards))
     kw = dict(num_images=24, workers=0, out=str(tmp_path / "p.png"))
     trained = make_all(copies["v"], copies["d"], report_dir=None, **kw)
     averaged = make_all(copies["v"], copies["d"], report_dir=str(tmp_path / "report"), ema=True, **kw)
-    assert [p["lines"][1] for p in averaged["panels"]] == [f"ViT: {cm.short_name(0)} (25%)"] * 24
-    assert [p["lines"][1] for p in trained["panels"]] != [f"ViT: {cm.short_name(0)} (25%)"] * 24
-    assert [p["lines"][2] for p in averaged["panels"]] == [p["lines"][2] for p in trained["panels"]]  # (DeiT's)
-    assert [r["vit_top1"] for r in averaged["comparison"]["per_class"]] == [100.0, 0.0, 0.0, 0.0]
+    conf = round(100 * math.e / (math.e + 3))  # softmax of logits (1, 0, 0, 0) or (0, 1, 0, 0)
+    for i, (name, cls) in enumerate((("ViT", 0), ("DeiT", 1)), start=1):
+        assert [p["lines"][i] for p in averaged["panels"]] == [f"{name}: {cm.short_name(cls)} ({conf}%)"] * 24
+        assert [p["lines"][i] for p in trained["panels"]] != [f"{name}: {cm.short_name(cls)} ({conf}%)"] * 24
+    comp = averaged["comparison"]
+    assert [(r["vit_top1"], r["deit_top1"]) for r in comp["per_class"]] == [(100, 0), (0, 100), (0, 0), (0, 0)]
+    assert comp["ema"] and json.loads((tmp_path / "report" / "report.json").read_text())["comparison"]["ema"]
     said = ("--ema: the picture and the comparison are of each checkpoint's EMA of its weights (--model-ema), as of "
             "its epoch; the table and the curves are of the trained weights")
     assert said in averaged["notes"] and not any("--ema" in n for n in trained["notes"])
+    alone = make_all(copies["v"], copies["d"], report_dir=None, ema=True, **kw)  # --no-report: no table to speak of
+    assert ("--ema: the picture is of each checkpoint's EMA of its weights (--model-ema), as of its epoch"
+            in alone["notes"])
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"Note: {said}." in md.splitlines()
     assert "(each run's `best.pth` unless `--vit`/`--deit` named others; the EMA of their weights, `--ema`)." in md
     capsys.readouterr()
+    assert viz.main(["--vit", copies["v"], "--deit", copies["d"], "--ema", "--num-images", "2", "--out",
+                     str(tmp_path / "r.png"), "--report-dir", str(tmp_path / "r"), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "  ViT and DeiT (EMA weights) agree on 0.0% of 24 val images" in printed  # (class 0 against class 1)
+    assert [line.split()[0] for line in printed if line.endswith("%  (trained weights)")] == ["teacher", "ViT", "DeiT"]
+    monkeypatch.setattr(report, "predict", lambda *a, **k: pytest.fail("a val pass before the refusal"))
     for args in ([copies["v"], str(runs / "deit_tiny_distill" / "best.pth")],  # (one of two without: named)
                  [str(runs / "baseline_vit_tiny" / "best.pth"), copies["d"]]):
         without = next(a for a in args if a.startswith(str(runs)))
@@ -1114,10 +1131,13 @@ def test_the_report_gives_the_emas_best_val_top1_beside_the_trained_weights():
             "mcnemar_p": 1.0}
     md = report_markdown([s], comp, ("ViT", "DeiT")).splitlines()
     said = "ViT: the EMA of its weights (--model-ema) scored up to 44.50% val top-1 (epoch 2); the table is of the "
-    assert (said + "trained weights, and so are the figures below (the checkpoint read also holds the EMA's, as of its "
-            "epoch: viz.py --ema compares those).") in md
-    assert (said + "trained weights, and the figures below of the EMA's in the checkpoint read, as of its epoch "
-            "(viz.py --ema).") in report_markdown([s], comp, ("ViT", "DeiT"), ema=True).splitlines()
+    assert (said + "trained weights, and so are the figures below (the checkpoint read also holds its EMA, epoch 1's, "
+            "41.00% then: viz.py --ema compares those).") in md  # (best.pth: the trained weights' best epoch, 1)
+    assert (said + "trained weights, the figures below of the EMA in the checkpoint read (epoch 1's, 41.00% then; "
+            "viz.py --ema).") in report_markdown([s], comp, ("ViT", "DeiT"), ema=True).splitlines()
+    teacher = {**s, "run": "teacher"}  # in no figure: its sentence ends with the table
+    assert ("teacher: the EMA of its weights (--model-ema) scored up to 44.50% val top-1 (epoch 2); the table is of "
+            "the trained weights.") in report_markdown([teacher], comp, ("ViT", "DeiT"), ema=True).splitlines()
     assert not any("stopped" in line for line in md)  # (its config names no --epochs to fall short of)
     stopped = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 6}, "epoch": 1}, 5_000_000)
     assert ("ViT: its run stopped after 3 of its --epochs 6 (epochs 0-2; interrupted, or still going on): its lr "

@@ -41,7 +41,12 @@ class Predictions:
 
 def load_model(ckpt_path: str | Path, class_map: ClassMap | None, device: str = "cpu"):
     state = load_checkpoint(ckpt_path, class_map)
-    return model_from_checkpoint(state).to(device).eval(), state
+    return model_of(state, ckpt_path, device), state
+
+
+def model_of(state: dict, path: str | Path, device: str = "cpu", ema: bool = False):
+    """The checkpoint's network in eval mode on `device`: its trained weights, or with `ema` its EMA of them."""
+    return model_from_checkpoint(ema_weights(state, path, "--ema") if ema else state).to(device).eval()
 
 
 @torch.no_grad()
@@ -186,6 +191,8 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int, planned:
     if ema := [r for r in rows if "val_top1_ema" in r]:  # --model-ema: the average's own best, beside the weights'
         top = max(ema, key=lambda r: r["val_top1_ema"])
         out["val_top1_ema"], out["best_epoch_ema"] = top["val_top1_ema"], top["epoch"]
+        # and the score of the EMA the checkpoint read holds (viz.py --ema predicts with it)
+        out["checkpoint_val_top1_ema"] = next((r["val_top1_ema"] for r in ema if r["epoch"] == ckpt["epoch"]), None)
     return out
 
 
@@ -280,11 +287,14 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
         lines += ["", f"With {classes} classes, val top-5 is 100 % by construction."]
     for s in summaries:
         if "val_top1_ema" in s:
-            lines += ["", f"{s['run']}: the EMA of its weights (--model-ema) scored up to {s['val_top1_ema']:.2f}% val "
-                          f"top-1 (epoch {s['best_epoch_ema']}); the table is of the trained weights, and "
-                          + ("the figures below of the EMA's in the checkpoint read, as of its epoch (viz.py --ema)."
-                             if ema else "so are the figures below (the checkpoint read also holds the EMA's, as of "
-                             "its epoch: viz.py --ema compares those).")]
+            said = (f"{s['run']}: the EMA of its weights (--model-ema) scored up to {s['val_top1_ema']:.2f}% val top-1 "
+                    f"(epoch {s['best_epoch_ema']}); the table is of the trained weights")
+            then = s.get("checkpoint_val_top1_ema")  # (best.pth is the trained weights' best epoch: not the EMA's)
+            read = f"epoch {s['checkpoint_epoch']}'s" + (f", {then:.2f}% then" if then is not None else "")
+            lines += ["", said + ("." if s["run"] == "teacher" else  # (the teacher is in no figure below)
+                                  f", the figures below of the EMA in the checkpoint read ({read}; viz.py --ema)."
+                                  if ema else f", and so are the figures below (the checkpoint read also holds its "
+                                  f"EMA, {read}: viz.py --ema compares those).")]
     for s in summaries:  # a run stopped before its schedule ended: its --epochs differ from what it trained
         done = max(s["last_epoch"], s["checkpoint_epoch"]) + 1  # (a metrics.jsonl may have lost its last lines)
         if done < (s.get("epochs_planned") or 0):
@@ -522,8 +532,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     shown = min(DEFAULT_PANELS, n_val) if num_images is None else num_images
     indices = sample_indices(n_val, shown, seed)  # before the val passes
     deit_state = load_checkpoint(deit_ckpt, class_map)
-    vit_net, deit_net = (model_from_checkpoint(ema_weights(state, path, "--ema") if ema else state).to(device).eval()
-                         for state, path in ((vit_state, vit_ckpt), (deit_state, deit_ckpt)))
+    vit_net, deit_net = model_of(vit_state, vit_ckpt, device, ema), model_of(deit_state, deit_ckpt, device, ema)
     # the report's runs, metrics and teacher before the val passes: their errors cost no minutes
     runs, metrics, teacher, notes = (report_inputs(vit_ckpt, deit_ckpt, deit_state, teacher_run, class_map)
                                      if report_dir is not None else ({}, {}, None, []))
@@ -532,8 +541,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     fig = prediction_figure(data_path, manifest, [vit, deit], indices)
     save_figure(fig, Path(out), "--out")
     heads = [f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself"] * one_file
-    heads += ["--ema: the picture and the comparison are of each checkpoint's EMA of its weights (--model-ema), as of "
-              "its epoch; the table and the curves are of the trained weights"] * ema
+    heads += [f"--ema: the picture{' and the comparison are' if report_dir is not None else ' is'} of each "
+              f"checkpoint's EMA of its weights (--model-ema), as of its epoch"
+              + ("; the table and the curves are of the trained weights" if report_dir is not None else "")] * ema
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
@@ -553,7 +563,7 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()),
                              planned_epochs(runs[name], nets[name][1])) for name in runs]
     save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
-    comp = {**comparison(class_map, vit, deit), "data_path": str(data_path)}
+    comp = {**comparison(class_map, vit, deit), "data_path": str(data_path), "ema": ema}  # (ema: whose predictions)
     picture = (Path(out).name, [p["key"] for p in written["panels"]])
     for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, picture, ema)),
                        ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes,

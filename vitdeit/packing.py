@@ -524,8 +524,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
                   f"them (same inputs and options)")
         if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
             print(f"wrote again {sum(why.values())} of this pack's {len(results)} shards, which an earlier run had "
-                  f"written: "
-                  + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
+                  "written: " + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
         return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
 
 

@@ -349,12 +349,12 @@ def test_nodes_whose_shards_differ_are_refused_on_every_rank_naming_each_nodes_p
     host = socket.gethostname()
     assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
     assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
-    # each rank names its own --data-path, and both the two packs, by rank and host
-    assert zero["text"] == (f"the shards at --data-path {tiny_shards} differ between nodes (rank 0 on "
-                            f"{host}: --seed 0, 96 train + 24 val images; rank 1 on {host}: --seed 7, 96 train + 24 "
-                            f"val images); give every node the same shards: copy one pack_shards.py --out folder to "
-                            f"each (or pack each node's copy of the images with the same options and --seed).")
-    assert one["text"] == zero["text"].replace(str(tiny_shards), str(other), 1)
+    # every rank names each node's --data-path and pack, by rank and host
+    assert zero["text"] == one["text"] == (
+        f"the shards (--data-path) differ between nodes (rank 0 on {host}: {tiny_shards}: --seed 0, 96 train + 24 val "
+        f"images; rank 1 on {host}: {other}: --seed 7, 96 train + 24 val images); give every node the same shards: "
+        f"copy one pack_shards.py --out folder to each (or pack each node's copy of the images with the same options "
+        f"and --seed).")
     assert not (tmp_path / "runs0").exists() and not (tmp_path / "runs1").exists()  # refused before anything is written
     manifest["options"]["seed"] = 0  # the same pack, packed from another folder
     manifest["source"]["data_path"] = "/elsewhere/imagenet100"
@@ -401,18 +401,19 @@ def test_nodes_that_resume_or_score_other_checkpoints_are_refused_on_every_rank_
         zero, one = spawn_two(_on_its_own_node, cfgs)
         assert zero["error"] == one["error"] == "SettingError" and zero["alike"] and one["alike"]
         assert zero["together"] and one["together"]  # decided from one gather: the ranks leave the group together
-        assert zero["text"] == (f"the checkpoint {flag} {tmp_path / 'epoch0.pth'} differs between nodes "
-                                f"(rank 0 on {host}: epoch 0; rank 1 on {host}: epoch 1); give every node the "
-                                f"same file: a shared filesystem, or a copy of the run folder rank 0 writes.")
+        assert zero["text"] == one["text"] == (
+            f"the checkpoint ({flag}) differs between nodes (rank 0 on {host}: {tmp_path / 'epoch0.pth'}: epoch 0; "
+            f"rank 1 on {host}: {tmp_path / 'node1' / 'epoch0.pth'}: epoch 1); give every node the same file: a "
+            f"shared filesystem, or a copy of the run folder rank 0 writes.")
         assert not (tmp_path / "out0").exists() and not (tmp_path / "out1").exists()
     # two runs' checkpoints of the same epoch: told apart by their figures
     shutil.copyfile(tmp_path / "epoch0.pth", tmp_path / "node1" / "epoch0.pth")
     state = torch.load(tmp_path / "node1" / "epoch0.pth", weights_only=False)
     state["metrics"]["val_top1"] += 1.0
     torch.save(state, tmp_path / "node1" / "epoch0.pth")
-    zero, one = spawn_two(_on_its_own_node, cfgs)
-    assert re.search(rf"\(rank 0 on {re.escape(host)}: epoch 0 \(([0-9a-f]{{8}})\); rank 1 on {re.escape(host)}: "
-                     rf"epoch 0 \((?!\1)[0-9a-f]{{8}}\)\)", zero["text"]), zero["text"]
+    zero, one = spawn_two(_on_its_own_node, cfgs)  # (each node's path names it here; alike paths: the unit test below)
+    assert (f"(rank 0 on {host}: {tmp_path / 'epoch0.pth'}: epoch 0; rank 1 on {host}: "
+            f"{tmp_path / 'node1' / 'epoch0.pth'}: epoch 0)") in zero["text"], zero["text"]
 
 
 def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
@@ -457,7 +458,7 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                                                                ("c", resized), ("c", manifest)))
     with pytest.raises(trainer.SettingError) as e:
         trainer.read_run_files(lambda: (manifest, None), cfg)
-    said = re.escape("--seed 0, 96 train + 24 val images")
+    said = re.escape(f"{tiny_shards}: --seed 0, 96 train + 24 val images")
     ids = re.search(rf"\(ranks 0, 1 and 4 on a, c: {said} \(([0-9a-f]{{8}})\); ranks 2-3 on b, c: {said} "
                     rf"\(([0-9a-f]{{8}})\)\); give every node the same shards", str(e.value))
     assert ids and ids[1] != ids[2], str(e.value)
@@ -500,7 +501,7 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
         trainer.read_run_files(lambda: (manifest, None), cfg)
     relabelled = {**manifest, "classes": manifest["classes"][::-1]}  # the same shards' files, counts and sizes
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("b", relabelled)))
-    with pytest.raises(trainer.SettingError, match="the shards at --data-path .* differ between nodes"):
+    with pytest.raises(trainer.SettingError, match=r"the shards \(--data-path\) differ between nodes"):
         trainer.read_run_files(lambda: (manifest, None), cfg)
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", gone), ("b", manifest)))
     with pytest.raises(trainer.SettingError) as e:
@@ -572,8 +573,17 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
         monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
         trainer.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), Config(**{**vars(cfg), "lr": lr}))
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
-    with pytest.raises(trainer.SettingError, match=r"^the checkpoint --resume /r/last.pth differs between nodes "
-                                                   r"\(rank 0 on .*: epoch 3; rank 1 on .*: epoch 5\)"):
+    with pytest.raises(trainer.SettingError, match=r"^the checkpoint \(--resume\) differs between nodes "
+                                                   r"\(rank 0 on .*: /r/last.pth: epoch 3; rank 1 on .*: /r/last.pth: "
+                                                   r"epoch 5\)"):
+        trainer.read_run_files(lambda: (manifest, state), cfg)
+    views.clear()  # the same path and epoch on both nodes, other figures (two runs' epoch 3): told apart by their id
+    for top1 in (40.0, 41.0):
+        monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
+        trainer.read_run_files(lambda: (manifest, {**state, "metrics": {"val_top1": top1}}), cfg)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
+    with pytest.raises(trainer.SettingError, match=r"\(rank 0 on .*: /r/last.pth: epoch 3 \(([0-9a-f]{8})\); rank 1 "
+                                                   r"on .*: /r/last.pth: epoch 3 \((?!\1)[0-9a-f]{8}\)\)"):
         trainer.read_run_files(lambda: (manifest, state), cfg)
 
 

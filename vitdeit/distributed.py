@@ -225,17 +225,20 @@ def read_on_every_node(read, identify) -> tuple[list, object]:
 
 
 def refuse_differing(seen: list, what: str, fix: str, item=lambda identity: identity) -> None:
-    """seen: read_on_every_node's; item(identity), an (id, description), must be one on every rank: else a
-    SettingError naming each group of ranks, its hosts and what it read. Other shards would give the ranks sample
-    lists that overlap (an epoch sees some images twice and others never; val scores a wrong mix); another
-    checkpoint, other weights from another epoch, whose collectives then wait on each other until they time out;
-    another teacher, other targets on some ranks."""
-    groups = ranks_by([item(identity) for _, identity, _ in seen])  # (id, description) -> ranks
+    """seen: read_on_every_node's; item(identity), an (id, description), must have one id on every rank: else a
+    SettingError naming each group of ranks, its hosts and what it read (its ranks' descriptions). Other shards
+    would give the ranks sample lists that overlap (an epoch sees some images twice and others never; val scores a
+    wrong mix); another checkpoint, other weights from another epoch, whose collectives then wait on each other until
+    they time out; another teacher, other targets on some ranks."""
+    items = [item(identity) for _, identity, _ in seen]  # each rank's (id, description)
+    groups = ranks_by([ident for ident, _ in items])  # id -> ranks
     if len(groups) > 1:
-        said = [desc for _, desc in groups]  # (alike descriptions of different files: told apart by their id)
-        where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc}"
-                          + (f" ({ident[:8]})" if said.count(desc) > 1 else "")
-                          for (ident, desc), ranks in groups.items())
+        # a group's description: its ranks' (each node's path to the same file may differ)
+        desc = {ident: " / ".join(dict.fromkeys(items[r][1] for r in ranks)) for ident, ranks in groups.items()}
+        said = list(desc.values())  # (alike descriptions of different files: told apart by their id)
+        where = "; ".join(f"{ranks_text(ranks)} on {hosts_of(ranks, seen)}: {desc[ident]}"
+                          + (f" ({ident[:8]})" if said.count(desc[ident]) > 1 else "")
+                          for ident, ranks in groups.items())
         raise together(SettingError(f"{what} between nodes ({where}); {fix}."))
 
 

@@ -241,17 +241,19 @@ def run_lock(run_dir: Path):
 SAME_FILE = "give every node the same file: a shared filesystem, or a copy of the run folder rank 0 writes"
 
 
-def run_files_identity(value: tuple) -> tuple:
-    """(manifest, checkpoint or None) -> their identities, each (id, description), for refuse_differing."""
+def run_files_identity(value: tuple, data_path: str = "", ckpt: str = "") -> tuple:
+    """(manifest, checkpoint or None) -> their identities, each (id, description), for refuse_differing; each
+    description names the path this node read it from (data_path, ckpt) where given."""
     manifest, state = value
     splits = manifest["splits"]
-    pack = (pack_identity(manifest), f"--seed {(manifest.get('options') or {}).get('seed')}, "
-            f"{splits['train']['num_samples']:,} train + {splits['val']['num_samples']:,} val images")
+    pack = (pack_identity(manifest), f"{f'{data_path}: ' if data_path else ''}--seed "
+            f"{(manifest.get('options') or {}).get('seed')}, {splits['train']['num_samples']:,} train + "
+            f"{splits['val']['num_samples']:,} val images")
     # an epoch's checkpoint, told apart from another run's of that epoch by the epoch's own figures
     saved = ("", "no checkpoint") if state is None else (
         hashlib.sha1(repr((state["epoch"], state.get("best_top1"), state.get("pack"),
                            sorted(state.get("metrics", {}).items()))).encode()).hexdigest(),
-        f"epoch {state['epoch']}")
+        f"{f'{ckpt}: ' if ckpt else ''}epoch {state['epoch']}")
     return pack, saved
 
 
@@ -275,12 +277,12 @@ def read_run_files(read, cfg: Config, ckpt_flag: str = "--resume", ckpt: str | N
     """read() -> (manifest, checkpoint or None) on every rank (read_on_every_node): the same files, and the same
     settings, on every node."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NODE_OWN}
-    seen, (manifest, state) = read_on_every_node(read, lambda value: (*run_files_identity(value), settings))
-    refuse_differing(seen, f"the shards at --data-path {cfg.data_path} differ", "give every node the same shards: "
-                     "copy one pack_shards.py --out folder to each (or pack each node's copy of the images with the "
-                     "same options and --seed)", item=lambda identity: identity[0])
-    refuse_differing(seen, f"the checkpoint {ckpt_flag} {ckpt or cfg.resume} differs", SAME_FILE,
-                     item=lambda identity: identity[1])
+    seen, (manifest, state) = read_on_every_node(read, lambda value: (
+        *run_files_identity(value, cfg.data_path, ckpt or cfg.resume), settings))
+    refuse_differing(seen, "the shards (--data-path) differ", "give every node the same shards: copy one "
+                     "pack_shards.py --out folder to each (or pack each node's copy of the images with the same "
+                     "options and --seed)", item=lambda identity: identity[0])
+    refuse_differing(seen, f"the checkpoint ({ckpt_flag}) differs", SAME_FILE, item=lambda identity: identity[1])
     # last: a --resume's saved settings are each node's defaults, so other copies would read as other commands
     refuse_other_settings(seen, item=lambda identity: identity[2])
     return manifest, state

@@ -276,6 +276,12 @@ class Config:
         """Where the run writes: OUTPUT_DIR/RUN_NAME (relative to the folder the command runs in)."""
         return Path(self.output_dir) / self.name
 
+    @property
+    def checkpoint_read(self) -> str:
+        """The checkpoint this command reads, whose saved settings are its defaults (parse_args' settings_source):
+        --resume, or for --eval-only RUN_DIR/best.pth; "" for a new run."""
+        return self.resume or (str(self.run_dir / "best.pth") if self.eval_only else "")
+
     def to_dict(self) -> dict:
         """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""
         return {k: v for k, v in asdict(self).items() if k not in INVOCATION_FIELDS}
@@ -454,12 +460,10 @@ def settings_source(values: dict) -> str:
     return str(Path(values.get("output_dir") or Config.output_dir) / name / "best.pth")
 
 
-def checkpoint_named(values) -> str:
-    """The settings' source as messages name it: `--resume PATH`, or the --eval-only checkpoint's path. `values`: a
-    dict of settings or a Config."""
-    get = values.get if isinstance(values, dict) else lambda k: getattr(values, k)
-    source = settings_source({k: get(k) for k in ("resume", "eval_only", "run_name", "model", "output_dir")})
-    return f"--resume {source}" if get("resume") else source
+def checkpoint_named(resume: str, source: str) -> str:
+    """The checkpoint whose settings a run took (settings_source's), as messages name it: `--resume PATH`, or the
+    --eval-only checkpoint's path."""
+    return f"--resume {source}" if resume else source
 
 
 def parse_args(argv=None, description: str = "") -> Config:
@@ -500,8 +504,8 @@ def parse_args(argv=None, description: str = "") -> Config:
         named = re.match(r"--([a-z0-9-]+) ", str(e))
         key = named[1].replace("-", "_") if named else None
         if key is not None and key not in values and key in inherited:
-            p.error(f"{e} (the value is the one {checkpoint_named(values)} was saved with: give the flag to "
-                    f"override it)")
+            p.error(f"{e} (the value is the one {checkpoint_named(values.get('resume'), source)} was saved with: "
+                    f"give the flag to override it)")
         from_file = path and named and ns.get(key) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
                           else ""))

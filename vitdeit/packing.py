@@ -122,8 +122,8 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                 raise DataError(f"{d}: a folder named almost like a {split} split folder ({split}.X<digits> or "
                                 f"{split}); it would be left out. Rename it (e.g. {split}.X2), or move it out of "
                                 f"{data_path}.")
-        if d.is_dir() and not d.name.startswith(".") and d.resolve() not in targets and not any(
-                pattern.match(d.name) for pattern in SPLIT_DIR_PATTERNS.values()) and holds_class_folders(d):
+        if (d.is_dir() and not d.name.startswith(".") and d.resolve() not in targets and not split_dir_name(d.name)
+                and holds_class_folders(d)):
             # train.X4 (copy), train4, old_val: class folders a run would leave out without a word
             raise DataError(f"{d}: holds WNID class folders but is not named like a split folder (train.X<digits>, "
                             f"train, val.X<digits> or val); they would be left out. Move it out of {data_path}, or, "
@@ -157,11 +157,14 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
 def folders_holding_splits(data_path: Path) -> list[Path]:
     """data_path's folders that hold a split folder (train.X1, val.X, ...): the dataset one level down, as an archive
     unpacks it (imagenet100/train.X1/...), for the hint of a --data-path given one level too high."""
-    def split_name(name: str) -> bool:
-        return any(p.match(name) for p in SPLIT_DIR_PATTERNS.values())
     with os.scandir(data_path) as entries:  # (is_dir: the entry's type as listed, no stat per file)
         folders = sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
-    return [d for d in folders if holds_folders_named(d, split_name)]
+    return [d for d in folders if holds_folders_named(d, split_dir_name)]
+
+
+def split_dir_name(name: str) -> bool:
+    """A name a split folder has: train.X1, train, val.X, val, ..."""
+    return any(pattern.match(name) for pattern in SPLIT_DIR_PATTERNS.values())
 
 
 def what_is(path: Path) -> str:

@@ -378,9 +378,9 @@ def run_manifest(cfg: Config) -> dict:
     checkpoint's shards, or else the demo's: where there are none, that is the error, not a pack command aimed at
     that folder."""
     if "data_path" in getattr(cfg, "inherited", ()) and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
-        raise SettingError(f"--data-path not given, and the one {checkpoint_named(cfg)} was trained on, "
-                           f"{cfg.data_path}, holds no {MANIFEST_NAME} seen from {Path.cwd()} (moved, or another "
-                           f"machine's path): pass --data-path with these shards' folder here")
+        raise SettingError(f"--data-path not given, and the one {checkpoint_named(cfg.resume, cfg.checkpoint_read)} "
+                           f"was trained on, {cfg.data_path}, holds no {MANIFEST_NAME} seen from {Path.cwd()} (moved, "
+                           f"or another machine's path): pass --data-path with these shards' folder here")
     defaulted = "data_path" not in getattr(cfg, "given", {"data_path"})  # (a Config not from parse_args: given)
     if defaulted and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
         raise SettingError(f"--data-path not given, and its default, {cfg.data_path} (the folder python -m "
@@ -831,7 +831,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
     or with --eval-ema the EMA of them it holds (--model-ema), as timm's validate.py --use-ema."""
     with process_group(cfg.device) as dist:
         with alike_on_every_rank():  # the manifest and the checkpoint: train.py says their errors once per node
-            path = cfg.resume or str(cfg.run_dir / "best.pth")
+            path = cfg.checkpoint_read
 
             def read():  # (each node's own files)
                 # a missing file named first (as _train's read does): its settings were the defaults

@@ -17,7 +17,7 @@ import sys
 
 from vitdeit.config import refuse_below
 from vitdeit.errors import VitdeitError, say_error
-from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, PackOptions, pack, summary_lines
+from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, SUBSET_FLAG, PackOptions, pack, summary_lines
 
 
 def main(argv=None) -> int:
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                    help="skip files that are not readable images (listed in manifest.json)")
     p.add_argument(ALLOW_MISSING_FLAG, action="store_true",
                    help="pack even if some classes of Labels.json have no train or no val images (default: refused)")
+    p.add_argument(SUBSET_FLAG, action="store_true",
+                   help="pack only the classes of Labels.json (--labels): class folders of other WNIDs are not read "
+                        "(listed in manifest.json; default: refused). For some classes, or a partial download")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards in --out if another --data-path packed them (default: refused)")
     p.add_argument("--workers", type=int, default=d.workers,
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
         p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
                        jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers,
-                       allow_missing_classes=a.allow_missing_classes)
+                       allow_missing_classes=a.allow_missing_classes, subset=a.subset)
     try:
         m = pack(a.data_path, a.out, a.labels, opts, overwrite=a.overwrite)
     except VitdeitError as e:

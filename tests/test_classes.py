@@ -30,7 +30,8 @@ def test_shipped_labels_json_has_100_classes():
     ('{"n01000000": "a", "n01000000": "b"}', "duplicate key 'n01000000'"),
     ("[1, 2]", "non-empty JSON object"),
     ("{}", "non-empty JSON object"),
-    ('{"dog": "a"}', "not a WNID"),
+    ('{"dog": "a"}', "not a WNID (expected 'n' + 8 digits, e.g. 'n01440764'); for classes of your own, name each "
+                     "class folder and its Labels.json key by a WNID of your own making (n00000001, n00000002"),
     ('{"n01000000": ""}', "non-empty string"),
     ('{"n01000000": "  "}', "non-empty string"),
     ('{"n01000000": 5}', "non-empty string"),  # a number, not a name
@@ -140,5 +141,10 @@ def test_shards_an_earlier_packer_described_without_a_later_option_are_the_same_
     now = {**earlier, "options": {**earlier["options"], **LATER_OPTIONS}}  # the same shards, packed again now
     assert pack_fingerprint(now) != saved and same_pack(saved, now) and same_pack(pack_fingerprint(now), now)
     assert same_pack(pack_fingerprint(now), earlier)  # saved on the shards packed again, read on an older copy
-    for options in ({"allow_missing_classes": True}, {"seed": 1}):  # a later option at another value; another seed
-        assert not same_pack(saved, {**now, "options": {**now["options"], **options}})
+    for options in ({"allow_missing_classes": True}, {"subset": True}, {"seed": 1}):  # a later option at another
+        assert not same_pack(saved, {**now, "options": {**now["options"], **options}})  # value; another seed
+    # the packer between: allow_missing_classes, not yet subset (LATER_OPTIONS: in the order they came)
+    between = {**earlier, "options": {**earlier["options"], "allow_missing_classes": False}}
+    assert len({saved, pack_fingerprint(between), pack_fingerprint(now)}) == 3
+    assert same_pack(pack_fingerprint(between), now) and same_pack(pack_fingerprint(now), between)
+    assert same_pack(pack_fingerprint(between), earlier) and same_pack(saved, between)

@@ -379,12 +379,56 @@ def test_classes_without_train_or_val_images_are_refused_naming_them_unless_allo
     assert str(e.value).splitlines()[1:3] == [
         f"  train (train.X1/, train.X2/, train.X3/, train.X4/): 2 of 3 classes, {first}, n99999998",
         "  val (val.X/): 1 of 3 classes, n99999998"]
-    assert str(e.value).endswith("Add the missing split or class folders (a train.X* folder not unpacked?), or pass "
-                                 "--allow-missing-classes to pack them as they are.")
+    assert str(e.value).endswith("Add the missing split or class folders (a train.X* folder not unpacked?), pass "
+                                 "--allow-missing-classes to pack them as they are, or, to pack only some classes (a "
+                                 "partial download), pass --labels a Labels.json of those classes and --subset.")
     assert not (tmp_path / "s").exists()  # refused before any write
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
     assert m["splits"]["train"]["class_counts"][first] == 0 and m["splits"]["val"]["class_counts"][first] == 2
     assert m["options"]["allow_missing_classes"] is True
+
+
+def test_a_partial_download_packs_only_the_classes_of_its_labels_with_subset(tmp_path):
+    data = small_dataset(tmp_path / "data", num_classes=4, train_per_class=8, val_per_class=2)
+    wnids = sorted(json.loads((data / "Labels.json").read_text()))
+    kept, gone = wnids[:2], wnids[2:]
+    for d in data.glob("train.X*"):  # two classes' train images not downloaded; val.X holds all four
+        for w in gone:
+            shutil.rmtree(d / w)
+    with pytest.raises(DataError, match=r"pass --labels a Labels.json of those classes and --subset\.$"):
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    labels = tmp_path / "L2.json"
+    labels.write_text(json.dumps({w: f"class {w}" for w in kept}))
+    with pytest.raises(DataError) as e:  # the other classes' val folders: one line for their split folder
+        pack(data, tmp_path / "s", labels, opts=PackOptions(workers=1), progress=False)
+    assert str(e.value).splitlines()[1:] == [
+        f"  {data / 'val.X'}: 2 class folders whose WNIDs are not in {labels} ({gone[0]}, {gone[1]}): add them there "
+        f"(WNID -> name), remove them, or pass --subset to pack only its 2 classes (the others are then listed in the "
+        f"manifest, not read)"]
+    assert not (tmp_path / "s").exists()
+    m = pack(data, tmp_path / "s", labels, opts=PackOptions(workers=1, subset=True), progress=False)
+    assert m["classes"] == kept and m["labels"] == {w: f"class {w}" for w in kept} and m["options"]["subset"] is True
+    assert {split: m["splits"][split]["class_counts"] for split in ("train", "val")} == {
+        "train": {w: 8 for w in kept}, "val": {w: 2 for w in kept}}
+    assert m["splits"]["train"]["num_samples"] == 16 and m["splits"]["val"]["num_samples"] == 4
+    assert m["not_in_labels"] == [{"path": str(data / "val.X" / w), "files": 2} for w in gone]
+    r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
+                        str(tmp_path / "s"), "--labels", str(labels), "--subset", "--workers", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (f"not read (--subset): 2 class folder(s) of WNIDs not in {labels}, 4 file(s) (e.g. "
+            f"{data / 'val.X' / gone[0]}): listed in the manifest's \"not_in_labels\"") in r.stdout.splitlines()
+
+
+def test_an_empty_class_folder_is_named_as_such(data, tmp_path):
+    empty = data / "val.X" / sorted(json.loads((data / "Labels.json").read_text()))[0]
+    for f in empty.iterdir():
+        f.unlink()
+    (empty / ".DS_Store").write_bytes(b"")  # hidden files are not read: still empty
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert str(e.value).splitlines()[1:3] == [f"  val (val.X/): 1 of 2 classes, {empty.name}",
+                                              f"  empty class folder(s): {empty}"]
 
 
 def test_many_classes_without_images_are_counted_and_the_first_ten_named(data, tmp_path):
@@ -1260,9 +1304,10 @@ def test_every_pack_shards_flag_reaches_the_packer(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(pack_shards, "pack", fake_pack)
     assert pack_shards.main(["--data-path", "D", "--out", "O", "--labels", "L.json", "--seed", "3", "--shard-size",
                              "5", "--resize-short", "32", "--jpeg-quality", "80", "--skip-bad",
-                             "--allow-missing-classes", "--overwrite", "--workers", "11"]) == 1
+                             "--allow-missing-classes", "--subset", "--overwrite", "--workers", "11"]) == 1
     assert asked == [(("D", "O", "L.json", PackOptions(seed=3, shard_size=5, resize_short=32, jpeg_quality=80,
-                                                         skip_bad=True, workers=11, allow_missing_classes=True)),
+                                                         skip_bad=True, workers=11, allow_missing_classes=True,
+                                                         subset=True)),
                       {"overwrite": True})]
     assert capsys.readouterr().err == "error: stop here\n"
 
@@ -1302,6 +1347,8 @@ def test_the_packers_summary_says_each_count_and_each_kind_of_file_it_did_not_pa
     m = {"classes": ["n01", "n02"], "splits": {"train": split(7, 9, 2, ["train.X1", "train.X2"]),
                                                "val": split(1, 1, 1, ["val.X"])},
          "skipped": [{"path": "a"}, {"path": "b"}], "hidden_not_read": {"count": 1, "first": ["/d/._x.JPEG"]},
+         "source": {"labels": "/d/L.json"}, "not_in_labels": [{"path": "/d/val.X/n03", "files": 1200},
+                                                             {"path": "/d/val.X/n04", "files": 3}],
          "converted": [{"path": "c"}], "warnings": [{"path": "/d/w.JPEG", "warning": "EXIF data corrupt"}],
          "same_bytes": [{"paths": ["/d/p.JPEG", "/d/q.JPEG"], "classes": ["n01", "n02"]},
                         {"paths": ["/d/r.JPEG", "/d/s.JPEG"], "classes": ["n01"]}]}
@@ -1310,7 +1357,9 @@ def test_the_packers_summary_says_each_count_and_each_kind_of_file_it_did_not_pa
         "warning: 1 of the 2 classes in Labels.json has no train images: n02",
         "val: 1 images of 1 from val.X/ in 1 shard",
         "warning: 1 of the 2 classes in Labels.json has no val images: n02",
-        "skipped 2 files that are not readable images (listed in /out/manifest.json)",
+        "skipped 2 file(s) that are not readable images (listed in /out/manifest.json)",
+        "not read (--subset): 2 class folder(s) of WNIDs not in /d/L.json, 1,203 file(s) (e.g. /d/val.X/n03): listed "
+        "in the manifest's \"not_in_labels\"",
         "not read: 1 file(s) or folder(s) in the split folders whose names start with '.' (macOS's ._NAME, "
         ".DS_Store; e.g. /d/._x.JPEG): rename any that are images (counted in the manifest)",
         "re-encoded 1 images (CMYK/grayscale/PNG/EXIF-rotated/resized; listed in the manifest)",
@@ -1321,7 +1370,7 @@ def test_the_packers_summary_says_each_count_and_each_kind_of_file_it_did_not_pa
         "\"same_bytes\" (e.g. /d/p.JPEG, /d/q.JPEG): remove the extra copies, or keep them if meant"]
     clean = {**m, "splits": {"val": {**split(1, 1, 1, ["val.X"]), "class_counts": {"n01": 1, "n02": 1}}},
              "skipped": [], "hidden_not_read": {"count": 0, "first": []}, "converted": [], "warnings": [],
-             "same_bytes": []}
+             "same_bytes": [], "not_in_labels": []}
     assert summary_lines(clean, "/out") == ["val: 1 images of 1 from val.X/ in 1 shard"]
 
 

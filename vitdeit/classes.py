@@ -14,6 +14,10 @@ from pathlib import Path
 from .errors import DataError
 
 WNID_RE = re.compile(r"^n\d{8}$")
+# a class folder and its Labels.json key are a WNID: ImageNet's own, or one made up for a class that is not ImageNet's
+OWN_CLASSES = ("for classes of your own, name each class folder and its Labels.json key by a WNID of your own making "
+               "(n00000001, n00000002, ...; the ImageNet-1k teacher cannot predict those: train one on your shards "
+               "and pass train.py --teacher-ckpt)")
 MANIFEST_NAME = "manifest.json"
 PROGRESS_DIR = ".progress"  # pack_shards.py's record of each shard written, for a rerun to reuse
 
@@ -49,7 +53,8 @@ def load_labels(path: str | Path) -> dict[str, str]:
         raise DataError(f"{path}: must be a non-empty JSON object mapping WNID -> name.")
     for wnid, name in labels.items():
         if not WNID_RE.match(wnid):
-            raise DataError(f"{path}: key {wnid!r} is not a WNID (expected 'n' + 8 digits, e.g. 'n01440764').")
+            raise DataError(f"{path}: key {wnid!r} is not a WNID (expected 'n' + 8 digits, e.g. 'n01440764'); "
+                            f"{OWN_CLASSES}.")
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{path}: the name of {wnid} must be a non-empty string, got {name!r}.")
     return labels
@@ -185,7 +190,7 @@ def class_difference(theirs, ours, only_theirs: str, only_ours: str) -> str:
 
 # packing options added after the first packs, at the value that packs as before: a manifest an earlier packer wrote
 # lacks them, and the same shards packed again by this one have them
-LATER_OPTIONS = {"allow_missing_classes": False}
+LATER_OPTIONS = {"allow_missing_classes": False, "subset": False}
 
 
 def shard_rows(manifest: dict) -> dict[str, list]:
@@ -217,13 +222,32 @@ def same_pack(fingerprint: str, manifest: dict) -> bool:
     (a checkpoint of shards packed again since, read on an older copy of them, too)."""
     options = manifest.get("options") or {}
     earlier = {k: v for k, v in options.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
-    return fingerprint in {pack_fingerprint(manifest), pack_fingerprint(manifest, earlier),
-                           pack_fingerprint(manifest, {**LATER_OPTIONS, **earlier})}
+    # each packer's description: the options at their old value that packer had (the later ones come in this order)
+    later = list(LATER_OPTIONS)
+    olds = [{**{k: LATER_OPTIONS[k] for k in later[:n]}, **earlier} for n in range(len(later) + 1)]
+    return fingerprint in {pack_fingerprint(manifest)} | {pack_fingerprint(manifest, old) for old in olds}
 
 
 def classes_without_images(manifest: dict, split: str) -> list[str]:
     """The WNIDs of the split with no images (shards packed with --allow-missing-classes), in class order."""
     return [w for w, n in manifest["splits"][split]["class_counts"].items() if n == 0]
+
+
+def without_images_text(manifest: dict, split: str, data_path) -> str | None:
+    """What a model trained on these shards makes of the classes with no `split` images (--allow-missing-classes),
+    for train.py's warning and viz.py's report; None where there are none. Val images of classes with no train
+    images are scored and never predicted right by any learnt rule: the val top-1 they leave is said."""
+    if not (empty := classes_without_images(manifest, split)):
+        return None
+    text = (f"{len(empty)} of the {len(manifest['classes'])} classes {'has' if len(empty) == 1 else 'have'} no "
+            f"{split} images in {data_path} ({some(empty, at_most=5)}): the model has outputs for them that it "
+            + ("never learns" if split == "train" else "is never scored on"))
+    val = manifest["splits"]["val"]["class_counts"]
+    if split == "train" and (unlearnt := sum(val[w] for w in empty)):
+        total = sum(val.values())
+        text += (f"; {unlearnt:,} of the {total:,} val images are of those classes, so val top-1 is at most "
+                 f"{100 * (total - unlearnt) / total:.1f} %")
+    return text
 
 
 def manifest_class_map(manifest: dict) -> ClassMap:

@@ -39,8 +39,8 @@ import webdataset
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .classes import (MANIFEST_NAME, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images, holds_class_folders,
-                      holds_folders_named, load_labels, shards_dir_for, some)
+from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images,
+                      holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some)
 from .config import usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, write_failed
@@ -58,6 +58,7 @@ SHARD_FILE = re.compile(r"^\.?((?:train|val)-\d{6})\.(?:tar|idx|tar\.tmp|idx\.tm
 SKIP_FLAG = "--skip-bad"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".jpe"}  # files that are surely images: loose in a split folder, misplaced
 ALLOW_MISSING_FLAG = "--allow-missing-classes"
+SUBSET_FLAG = "--subset"
 # how the pool starts its workers: fork on Linux (nothing to re-import); macOS and Windows fork unsafely or not at all
 START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
@@ -70,6 +71,7 @@ class PackOptions:
     jpeg_quality: int = 90  # only for images that are re-encoded (converted or resized)
     skip_bad: bool = False
     allow_missing_classes: bool = False  # a class of Labels.json with no train or no val images: packed, not refused
+    subset: bool = False  # only Labels.json's classes: class folders of other WNIDs are not read (listed), not refused
     workers: int = max(1, min(8, usable_cores()))
 
 
@@ -175,14 +177,17 @@ def what_is(path: Path) -> str:
 
 
 def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden: list[str] | None = None,
-               misnamed: list[str] | None = None) -> list[Source]:
+               misnamed: list[str] | None = None, unlisted: list[dict] | None = None) -> list[Source]:
     """The split's image files as samples. Names starting with "." are not read (macOS's ._NAME and .DS_Store
     files, an editor's backups): they go to `hidden`, which the manifest counts. A file or class folder whose name
     the shards cannot hold goes to `misnamed` (one line each), for pack() to list them all at once: a camera's
-    `IMG 0001.JPG` names thousands; raised here when no list is passed."""
+    `IMG 0001.JPG` names thousands; raised here when no list is passed. Class folders of WNIDs not in Labels.json
+    go to `unlisted` ({path, files}: --subset's, left unread) where a list is passed, else to `misnamed`, one line
+    per split folder."""
     sources, hidden = [], [] if hidden is None else hidden
     problems = [] if misnamed is None else misnamed
     for d in dirs:
+        other_wnids = []  # class folders of WNIDs Labels.json does not list
         for class_dir in sorted(d.iterdir()):
             if class_dir.name.startswith("."):
                 hidden.append(str(class_dir))
@@ -199,11 +204,13 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
             if class_dir.name not in class_map.index and any(p.match(class_dir.name) for p in NEAR_MISS.values()):
                 raise DataError(f"{class_dir}: a split folder inside the split folder {d} (an archive unpacked one "
                                 f"level too deep?); move its class folders up into {d} and remove it.")
+            if class_dir.name not in class_map.index and WNID_RE.match(class_dir.name):
+                other_wnids.append(class_dir)
+                continue
             if class_dir.name not in class_map.index:
-                problems.append(f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; " + (
-                    "add it there (WNID -> name) or remove the folder" if WNID_RE.match(class_dir.name) else
-                    "class folders are named by WNID ('n' + 8 digits, e.g. n01440764), as Labels.json's keys: "
-                    "rename it to its class's WNID (and add that to Labels.json), or remove it"))
+                problems.append(f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; class folders "
+                                f"are named by WNID ('n' + 8 digits, e.g. n01440764), as Labels.json's keys: rename it "
+                                f"to its class's WNID (and add that to Labels.json), or remove it ({OWN_CLASSES})")
                 continue
             label = class_map.index[class_dir.name]
             for f in sorted(class_dir.iterdir()):
@@ -228,6 +235,17 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
                                     f"separated by spaces) cannot hold; rename the file")
                 else:
                     sources.append(Source(str(f), f.stem, label))
+        if unlisted is not None:
+            unlisted += [{"path": str(c), "files": sum(not f.name.startswith(".") for f in c.iterdir())}
+                         for c in other_wnids]
+        elif other_wnids:  # one line per split folder: a partial Labels.json leaves out dozens
+            only = (f"or pass {SUBSET_FLAG} to pack only its {len(class_map)} classes (the others are then listed in "
+                    f"the manifest, not read)")
+            problems.append(f"{other_wnids[0]}: class folder {other_wnids[0].name!r} is not in {labels_path}; add it "
+                            f"there (WNID -> name), remove the folder, {only}" if len(other_wnids) == 1 else
+                            f"{d}: {len(other_wnids)} class folders whose WNIDs are not in {labels_path} "
+                            f"({some([c.name for c in other_wnids], at_most=5)}): add them there (WNID -> name), "
+                            f"remove them, {only}")
     if misnamed is None:
         check_names(problems)
     return sources
@@ -471,7 +489,9 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     class_map = ClassMap.from_labels(load_labels(labels_path))
     hidden: list[str] = []
     misnamed: list[str] = []  # every split's, in one error
-    sources = {split: scan_split(dirs, class_map, labels_path, hidden, misnamed) for split, dirs in split_dirs.items()}
+    unlisted: list[dict] | None = [] if opts.subset else None  # --subset: the class folders left unread
+    sources = {split: scan_split(dirs, class_map, labels_path, hidden, misnamed, unlisted)
+               for split, dirs in split_dirs.items()}
     check_names(misnamed)
     check_unique_keys(sources["train"] + sources["val"])
     for split, srcs in sources.items():
@@ -528,7 +548,8 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
         if progress and (why := Counter(r.rewritten for r in results if r.rewritten)):  # and what it redid, and why
             print(f"wrote again {sum(why.values())} of this pack's {len(results)} shards, which an earlier run had "
                   "written: " + "; ".join(f"{n} because {reason}" for reason, n in why.most_common()))
-        return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden)
+        return _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced, hidden,
+                       unlisted or [])
 
 
 @contextmanager
@@ -570,7 +591,7 @@ def _init_worker(stop) -> None:
 
 
 def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, replaced: bool,
-            hidden: list[str]) -> dict:
+            hidden: list[str], unlisted: list[dict]) -> dict:
     bad = [(r.split, p, why) for r in results for p, why in r.bad]
     if bad and not opts.skip_bad:
         lines = "\n".join(f"  {p}: {why}" for _, p, why in bad)
@@ -615,6 +636,8 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         "same_bytes": same_bytes,
         # names starting with "." in the split folders, not read: counted, a few named (macOS leaves one per image)
         "hidden_not_read": {"count": len(hidden), "first": hidden[:20]},
+        # --subset: the class folders of WNIDs not in Labels.json, not read ({path, files}: each, with its file count)
+        "not_in_labels": unlisted,
     }
     for r in results:
         if r.num_samples == 0:  # every image of it skipped: DALI refuses an empty index, and it holds nothing
@@ -665,9 +688,16 @@ def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, l
         return
     lines = [f"  {split} ({', '.join(d.name + '/' for d in split_dirs[split])}): {len(m)} of {len(class_map)} "
              f"classes, {some(m, at_most=10)}" for split, m in missing.items() if m]
+    # a class folder that is there, but empty (or holds only hidden files): named, as it is no folder to add
+    empty = [str(d / w) for split, m in missing.items() for d in split_dirs[split] for w in m
+             if (d / w).is_dir() and not any(not f.name.startswith(".") for f in (d / w).iterdir())]
+    if empty:
+        lines.append(f"  empty class folder(s): {some(empty, at_most=5)}")
     raise DataError(f"classes of {labels_path} with no images {found}:\n" + "\n".join(lines) + "\n"
                     f"A model trained on these shards would keep outputs it never learns (no train images) or is "
-                    f"never scored on (no val images). {fix}, or pass {ALLOW_MISSING_FLAG} to pack them as they are.")
+                    f"never scored on (no val images). {fix}, pass {ALLOW_MISSING_FLAG} to pack them as they are, "
+                    f"or, to pack only some classes (a partial download), pass --labels a Labels.json of those "
+                    f"classes and {SUBSET_FLAG}.")
 
 
 def summary_lines(m: dict, out_dir) -> list[str]:
@@ -682,8 +712,12 @@ def summary_lines(m: dict, out_dir) -> list[str]:
             out.append(f"warning: {len(empty)} of the {len(m['classes'])} classes in Labels.json "
                        f"{'has' if len(empty) == 1 else 'have'} no {split} images: {some(empty, at_most=10)}")
     if m["skipped"]:
-        out.append(f"skipped {len(m['skipped'])} files that are not readable images (listed in "
+        out.append(f"skipped {len(m['skipped'])} file(s) that are not readable images (listed in "
                    f"{out_dir}/manifest.json)")
+    if unread := m.get("not_in_labels"):  # --subset
+        out.append(f"not read ({SUBSET_FLAG}): {len(unread)} class folder(s) of WNIDs not in {m['source']['labels']}, "
+                   f"{sum(u['files'] for u in unread):,} file(s) (e.g. {unread[0]['path']}): listed in the manifest's "
+                   f"\"not_in_labels\"")
     if m["hidden_not_read"]["count"]:
         h = m["hidden_not_read"]
         out.append(f"not read: {h['count']} file(s) or folder(s) in the split folders whose names start with '.' "

@@ -20,8 +20,8 @@ from torch import nn
 
 from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_state,
                          shards_change_text, signals_held)
-from .classes import (MANIFEST_NAME, classes_without_images, load_manifest, manifest_class_map, pack_fingerprint,
-                      pack_identity, some)
+from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint, pack_identity,
+                      without_images_text)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
@@ -404,11 +404,10 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
     resume's last: resume_notes)."""
     out, num_classes, global_batch = [], len(manifest["classes"]), cfg.global_batch(dist.world)  # (classes: WNIDs)
-    for split, role in (("train", "never learns"), ("val", "is never scored on")):  # --allow-missing-classes
-        if empty := classes_without_images(manifest, split):
-            out.append(f"warning: {len(empty)} of the {num_classes} classes {'has' if len(empty) == 1 else 'have'} no "
-                       f"{split} images in {cfg.data_path} ({some(empty, at_most=5)}): the "
-                       f"model has outputs for them that it {role}")
+    out += [f"warning: {text}" for split in ("train", "val")  # --allow-missing-classes
+            if (text := without_images_text(manifest, split, cfg.data_path))]
+    if num_classes <= 5:  # (evaluate() prints top-5 every epoch)
+        out.append(f"note: with {num_classes} classes, val top-5 is 100 % by construction")
     if cfg.rand_augment and train_loader.name == "dali":
         out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")

@@ -586,6 +586,25 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
                                                    r"on .*: /r/last.pth: epoch 3 \((?!\1)[0-9a-f]{8}\)\)"):
         trainer.read_run_files(lambda: (manifest, state), cfg)
 
+    def gathered(*reads):  # each rank's view: (its --resume, or --eval-only's RUN_DIR/best.pth, and the epoch saved)
+        views.clear()
+        for (flag, path), epoch in reads:
+            monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
+            on = (Config(**{**vars(cfg), "resume": path}),) if flag == "--resume" else (
+                Config(**{**vars(cfg), "resume": "", "eval_only": True}), flag, path)
+            trainer.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), *on)
+        monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
+
+    gathered((("--resume", "/x/last.pth"), 3), (("--resume", "/y/last.pth"), 3), (("--resume", "/x/last.pth"), 5))
+    with pytest.raises(trainer.SettingError, match=r"\(ranks 0-1 on .*: /x/last.pth: epoch 3 / /y/last.pth: epoch 3; "
+                                                   r"rank 2 on .*: /x/last.pth: epoch 5\)"):  # each node's own path
+        trainer.read_run_files(lambda: (manifest, state), cfg)
+    gathered((("--eval-only", "/r/best.pth"), 3), (("--eval-only", "/r/best.pth"), 5))  # by run name: no --resume
+    with pytest.raises(trainer.SettingError, match=r"^the checkpoint \(--eval-only\) differs between nodes \(rank 0 "
+                                                   r"on .*: /r/best.pth: epoch 3; rank 1 on .*: /r/best.pth: epoch 5"):
+        trainer.read_run_files(lambda: (manifest, state), Config(**{**vars(cfg), "resume": "", "eval_only": True}),
+                               "--eval-only", "/r/best.pth")
+
 
 class TwoArgs(VitdeitError):  # an error whose arguments are not its message: unpickling it fails
     def __init__(self, path, why):

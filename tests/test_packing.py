@@ -397,27 +397,40 @@ def test_a_partial_download_packs_only_the_classes_of_its_labels_with_subset(tmp
             shutil.rmtree(d / w)
     with pytest.raises(DataError, match=r"pass --labels a Labels.json of those classes and --subset\.$"):
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    stray = data / "train.X1" / "n09999999"  # and a class no Labels.json names, with a hidden file
+    stray.mkdir()
+    shutil.copy(first_image(data), stray / "n09999999_1.JPEG")
+    (stray / ".DS_Store").write_bytes(b"")
     labels = tmp_path / "L2.json"
     labels.write_text(json.dumps({w: f"class {w}" for w in kept}))
-    with pytest.raises(DataError) as e:  # the other classes' val folders: one line for their split folder
+    with pytest.raises(DataError) as e:  # the other classes' folders: a line for each split folder holding some
         pack(data, tmp_path / "s", labels, opts=PackOptions(workers=1), progress=False)
-    assert str(e.value).splitlines()[1:] == [
+    subset = "or pass --subset to pack only its 2 classes (the others are then listed in the manifest, not read)"
+    assert str(e.value).splitlines() == [
+        "2 problem(s) with file or class folder names; nothing was written. Fix each and run again:",
+        f"  {stray}: class folder 'n09999999' is not in {labels}; add it there (WNID -> name), remove the folder, "
+        f"{subset}",
         f"  {data / 'val.X'}: 2 class folders whose WNIDs are not in {labels} ({gone[0]}, {gone[1]}): add them there "
-        f"(WNID -> name), remove them, or pass --subset to pack only its 2 classes (the others are then listed in the "
-        f"manifest, not read)"]
+        f"(WNID -> name), remove them, {subset}"]
     assert not (tmp_path / "s").exists()
     m = pack(data, tmp_path / "s", labels, opts=PackOptions(workers=1, subset=True), progress=False)
     assert m["classes"] == kept and m["labels"] == {w: f"class {w}" for w in kept} and m["options"]["subset"] is True
     assert {split: m["splits"][split]["class_counts"] for split in ("train", "val")} == {
         "train": {w: 8 for w in kept}, "val": {w: 2 for w in kept}}
     assert m["splits"]["train"]["num_samples"] == 16 and m["splits"]["val"]["num_samples"] == 4
-    assert m["not_in_labels"] == [{"path": str(data / "val.X" / w), "files": 2} for w in gone]
+    assert m["not_in_labels"] == [{"path": str(stray), "files": 1}] + [
+        {"path": str(data / "val.X" / w), "files": 2} for w in gone]
     r = subprocess.run([sys.executable, str(ROOT / "pack_shards.py"), "--data-path", str(data), "--out",
                         str(tmp_path / "s"), "--labels", str(labels), "--subset", "--workers", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert (f"not read (--subset): 2 class folder(s) of WNIDs not in {labels}, 4 file(s) (e.g. "
-            f"{data / 'val.X' / gone[0]}): listed in the manifest's \"not_in_labels\"") in r.stdout.splitlines()
+    assert (f"not read (--subset): 3 class folder(s) of WNIDs not in {labels}, 5 file(s) (e.g. {stray}): listed in "
+            f"the manifest's \"not_in_labels\"") in r.stdout.splitlines()
+    labels.write_text(json.dumps({w: f"class {w}" for w in kept + ["n09999998"]}))  # a typo for n09999999
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", labels, opts=PackOptions(workers=1, subset=True), progress=False)
+    assert str(e.value).endswith(f"or mend {labels} (--subset left 3 class folder(s) of other WNIDs unread: "
+                                 f"n09999999, {gone[0]}, {gone[1]}; one misspelt?).")
 
 
 def test_an_empty_class_folder_is_named_as_such(data, tmp_path):
@@ -680,9 +693,12 @@ def test_every_misnamed_file_and_class_folder_is_listed_at_once_across_splits(da
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     lines = str(e.value).splitlines()
-    assert lines[0].startswith("6 file or class folder name(s) the shards cannot hold; nothing was written")
-    named = {line.split(": ", 1)[0].strip(): line for line in lines[1:]}
+    assert lines[0] == "6 problem(s) with file or class folder names; nothing was written. Fix each and run again:"
+    named = {line.split(": ", 1)[0].strip(): line for line in lines[1:-1]}
     assert set(named) == {str(p) for p in (spaced, dotted, val_spaced, nested, cats, stray)}
+    assert lines[-1] == ("For classes of your own, name each class folder and its Labels.json key by a WNID of your "
+                         "own making (n00000001, n00000002, ...; the ImageNet-1k teacher cannot predict those: train "
+                         "one on your shards and pass train.py --teacher-ckpt).")  # once, after the list
     assert "named by WNID ('n' + 8 digits" in named[str(cats)] and "add it there" in named[str(stray)]
     assert "contains whitespace" in named[str(val_spaced)] and "contains '.'" in named[str(dotted)]
     assert not (tmp_path / "s").exists()
@@ -695,7 +711,7 @@ def test_past_fifty_misnamed_files_the_rest_are_counted(data, tmp_path):
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     lines = str(e.value).splitlines()
-    assert lines[0].startswith("53 file or class folder name(s)") and lines[-1] == "  ... and 3 more"
+    assert lines[0].startswith("53 problem(s) with file or class folder names") and lines[-1] == "  ... and 3 more"
     assert len(lines) == 52 and all("contains whitespace" in line for line in lines[1:51])
 
 
@@ -1234,6 +1250,8 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
         pack(top, tmp_path / "s", progress=False)
     shutil.copytree(data, top / "copy")
     (top / "notes").mkdir()
+    (top / "notes" / "train").write_text("")  # a file named like a split: no split folder
+    shutil.copytree(data, top / ".snapshot")  # a hidden folder (a filer's snapshots): not offered
     with pytest.raises(DataError, match=re.escape(f"Folders in it hold split folders ({top / 'copy'}, "
                                                   f"{top / 'imagenet100'}): pass one as --data-path.")):
         pack(top, tmp_path / "s", progress=False)

@@ -359,18 +359,25 @@ def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path
 def test_shards_with_a_class_of_no_train_images_are_said_with_the_val_top1_left(runs, tiny_shards, tmp_path):
     import shutil
 
+    from vitdeit.classes import pack_fingerprint
+
     data = tmp_path / "data"
     shutil.copytree(json.loads((tiny_shards / "manifest.json").read_text())["source"]["data_path"], data)
     gone = sorted(p.name for p in (data / "val.X").iterdir())[0]
     for d in data.glob("train.X*"):
         shutil.rmtree(d / gone)
     n_val, n_gone = len(list((data / "val.X").glob("*/*"))), len(list((data / "val.X" / gone).iterdir()))
-    pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
-    w = make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
-                 data_path=str(tmp_path / "s"), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
-    assert (n_val, n_gone) == (24, 6) and w["notes"][0] == (  # (then: other shards than the runs')
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+    kw = dict(data_path=str(tmp_path / "s"), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    assert not any("never learns" in n for n in make_all(vit, deit, **kw)["notes"])  # they trained on all 4 classes
+    for name, path in (("v.pth", vit), ("d.pth", deit)):  # the same runs, as if trained on these shards
+        torch.save({**torch.load(path, weights_only=False), "pack": pack_fingerprint(m),
+                    "data_dir": str((tmp_path / "s").resolve())}, tmp_path / name)
+    w = make_all(str(tmp_path / "v.pth"), str(tmp_path / "d.pth"), **kw)
+    assert (n_val, n_gone) == (24, 6) and w["notes"] == [
         f"1 of the 4 classes has no train images in {tmp_path / 's'} ({gone}): the model has outputs for them that it "
-        f"never learns; 6 of the 24 val images are of those classes, so val top-1 is at most 75.0 %")
+        f"never learns; 6 of the 24 val images are of those classes, so val top-1 is at most 75.0 %"]
 
 
 def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,

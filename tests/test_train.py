@@ -161,6 +161,7 @@ def test_eval_only_of_a_run_by_its_name_reads_the_shards_it_was_trained_on(teach
     monkeypatch.chdir(tmp_path)  # no demo_shards here
     flags = ["--output-dir", cfg.output_dir, "--run-name", "teacher", "--eval-only", "--workers", "0"]
     assert parse_args(flags).data_path == cfg.data_path
+    assert parse_args(flags + ["--model", "vit_tiny"]).data_path == cfg.data_path  # the run named, not runs/vit_tiny
     capsys.readouterr()
     out = evaluate_checkpoint(parse_args(flags))
     assert out["val_top1"] == pytest.approx(best["best_top1"], abs=1e-9) and out["val_samples"] == 120
@@ -175,6 +176,12 @@ def test_eval_only_of_a_run_by_its_name_reads_the_shards_it_was_trained_on(teach
         evaluate_checkpoint(parse_args(["--output-dir", ".", "--run-name", "r", "--eval-only"]))
     with pytest.raises(SettingError, match=r"^--data-path not given, and the one --resume r/best.pth was trained on"):
         evaluate_checkpoint(parse_args(["--resume", "r/best.pth", "--eval-only"]))
+    os.mkdir("t")  # a saved setting no longer valid: the error says whose value it is, by the file evaluated
+    torch.save({**best, "config": {**best["config"], "distillation_tau": 0}}, "t/best.pth")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", ".", "--run-name", "t", "--eval-only"])
+    assert "(the value is the one t/best.pth was saved with: give the flag to override it)" in capsys.readouterr().err
     # a copy, its config still naming the teacher's folder: the copy is the one evaluated (a zeroed head: class 0)
     zeroed = {**best, "model": {k: v.zero_() if k.startswith("fc.") else v for k, v in best["model"].items()}}
     torch.save(zeroed, "r/best.pth")
@@ -1716,9 +1723,10 @@ def test_eval_ema_scores_the_checkpoints_ema_as_training_did_and_is_refused_wher
     assert out[1].startswith(f"{best}: val top-1 {trained['val_top1']:.2f}% ")
     without = two_epoch_run / "best.pth"  # trained without --model-ema
     with pytest.raises(SettingError, match=re.escape(f"--eval-ema: {without} holds no EMA of its weights (saved "
-                                                     f"without --model-ema); drop --eval-ema to use its")):
+                                                     f"without --model-ema); drop --eval-ema to use its")) as e:
         evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, **TWO_EPOCHS, resume=str(without), eval_only=True,
                                     eval_ema=True))
+    assert e.value.every_rank_stops  # every rank read the same file: they leave the process group together
     with pytest.raises(SettingError, match=r"^--eval-ema: scores a checkpoint's EMA with --eval-only"):
         cfg_for(tiny_shards, tmp_path, **kw, eval_ema=True)
 
@@ -1838,6 +1846,24 @@ def test_a_resume_whose_metrics_lack_epochs_says_which(two_epoch_run, tiny_shard
             f"report lack them")
     assert f"resumed from {run / 'last.pth'} after epoch 1" in out  # (said after the notes)
     assert note in out.splitlines() if said else "has no line for epoch" not in out
+
+
+def test_the_lr_note_of_a_resume_compares_each_schedule_setting_with_the_saved_runs():
+    from types import SimpleNamespace
+
+    from vitdeit.trainer import lr_jump
+
+    base = dict(lr=1e-3, min_lr=1e-5, epochs=4, warmup_epochs=0.0, batch_size=16)
+    resumed = {"epoch": 1, "config": Config(**base).to_dict(), "metrics": {"lr": 0.25}}  # 10 steps an epoch: step 20
+    note = lambda **kw: lr_jump(Config(**{**base, **kw}), SimpleNamespace(world=1), 10, resumed)  # noqa: E731
+    halfway = lambda lr, floor: floor + (lr * 16 / 512 - floor) / 2  # noqa: E731  (step 20 of a 40-step cosine)
+    assert note() is None and note(warmup_epochs=0.0, batch_size=16) is None  # the saved schedule, as it was
+    assert note(lr=2e-3) == (f"note: --resume: the lr goes from 0.25 (the last step of epoch 1) to "
+                             f"{halfway(2e-3, 1e-5):.3g} at the next step: the schedule (warm-up, then a cosine to "
+                             f"--min-lr) is this run's, 4 epochs of 10 steps at a peak lr of 6.25e-05, taken up at "
+                             f"step 20")
+    assert f"to {halfway(1e-3, 1e-4):.3g} at the next step" in note(min_lr=1e-4)  # each setting of the schedule
+    assert f"to {halfway(1.05e-3, 1e-5):.3g} at the next step" in note(lr=1.05e-3)  # a 5 % change is still said
 
 
 def test_a_resume_with_more_epochs_says_where_its_lr_goes(two_epoch_run, tiny_shards, tmp_path, capsys, monkeypatch):
@@ -2121,6 +2147,20 @@ def test_a_resumes_notes_come_after_the_others_and_an_older_checkpoint_gets_none
     notes = run_notes(cfg, load_manifest(tiny_shards), Dist(), StepsOnly(6), {"config": cfg.to_dict(), "epoch": 0},
                       1e-3)
     assert not [n for n in notes if "loader" in n or "process(es)" in n], notes
+
+
+def test_a_run_of_five_classes_or_fewer_notes_that_top5_is_always_right(tiny_shards):
+    from vitdeit.classes import load_manifest
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import run_notes
+
+    m = load_manifest(tiny_shards)  # 4 classes; the notes read the count from "classes"
+
+    def said(n):
+        manifest = {**m, "classes": [f"n{i:08d}" for i in range(n)]}
+        return [x for x in run_notes(cfg_for(tiny_shards, "runs"), manifest, Dist(), StepsOnly(6), None, 1e-3)
+                if "top-5" in x]
+    assert said(5) == ["note: with 5 classes, val top-5 is 100 % by construction"] and said(6) == []
 
 
 def test_a_resume_on_shards_it_cannot_tell_says_what_that_may_change(tiny_shards):

@@ -190,7 +190,9 @@ def class_difference(theirs, ours, only_theirs: str, only_ours: str) -> str:
 
 # packing options added after the first packs, at the value that packs as before: a manifest an earlier packer wrote
 # lacks them, and the same shards packed again by this one have them
-LATER_OPTIONS = {"allow_missing_classes": False, "subset": False}
+LATER_OPTIONS = {"allow_missing_classes": False}
+# packing options that leave every shard as it is (--subset: which classes are read is the classes' and shards' own)
+UNFINGERPRINTED = {"subset"}
 
 
 def shard_rows(manifest: dict) -> dict[str, list]:
@@ -203,7 +205,8 @@ def pack_fingerprint(manifest: dict, options: dict | None = None) -> str:
     """What a repack changes: the packing options (seed: the global shuffle), the source folder and each shard's
     file, sample count and size. Saved in every checkpoint: a --resume on shards repacked since says so.
     options: in place of the manifest's."""
-    what = {"options": manifest.get("options") if options is None else options,
+    options = manifest.get("options") if options is None else options
+    what = {"options": options and {k: v for k, v in options.items() if k not in UNFINGERPRINTED},
             "source": manifest.get("source", {}).get("data_path"), "shards": shard_rows(manifest)}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -222,10 +225,8 @@ def same_pack(fingerprint: str, manifest: dict) -> bool:
     (a checkpoint of shards packed again since, read on an older copy of them, too)."""
     options = manifest.get("options") or {}
     earlier = {k: v for k, v in options.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
-    # each packer's description: the options at their old value that packer had (the later ones come in this order)
-    later = list(LATER_OPTIONS)
-    olds = [{**{k: LATER_OPTIONS[k] for k in later[:n]}, **earlier} for n in range(len(later) + 1)]
-    return fingerprint in {pack_fingerprint(manifest)} | {pack_fingerprint(manifest, old) for old in olds}
+    return fingerprint in {pack_fingerprint(manifest), pack_fingerprint(manifest, earlier),
+                           pack_fingerprint(manifest, {**LATER_OPTIONS, **earlier})}
 
 
 def classes_without_images(manifest: dict, split: str) -> list[str]:
@@ -246,7 +247,7 @@ def without_images_text(manifest: dict, split: str, data_path) -> str | None:
     if split == "train" and (unlearnt := sum(val[w] for w in empty)):
         total = sum(val.values())
         text += (f"; {unlearnt:,} of the {total:,} val images are of those classes, so val top-1 is at most "
-                 f"{100 * (total - unlearnt) / total:.1f} %")
+                 f"{-(-1000 * (total - unlearnt) // total) / 10:.1f} %")  # (rounded up: a bound, in integers)
     return text
 
 

@@ -59,6 +59,7 @@ SKIP_FLAG = "--skip-bad"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".jpe"}  # files that are surely images: loose in a split folder, misplaced
 ALLOW_MISSING_FLAG = "--allow-missing-classes"
 SUBSET_FLAG = "--subset"
+NOT_A_WNID = "class folders are named by WNID ('n' + 8 digits, e.g. n01440764), as Labels.json's keys"
 # how the pool starts its workers: fork on Linux (nothing to re-import); macOS and Windows fork unsafely or not at all
 START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
@@ -208,9 +209,8 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
                 other_wnids.append(class_dir)
                 continue
             if class_dir.name not in class_map.index:
-                problems.append(f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; class folders "
-                                f"are named by WNID ('n' + 8 digits, e.g. n01440764), as Labels.json's keys: rename it "
-                                f"to its class's WNID (and add that to Labels.json), or remove it ({OWN_CLASSES})")
+                problems.append(f"{class_dir}: class folder {class_dir.name!r} is not in {labels_path}; {NOT_A_WNID}: "
+                                f"rename it to its class's WNID (and add that to Labels.json), or remove it")
                 continue
             label = class_map.index[class_dir.name]
             for f in sorted(class_dir.iterdir()):
@@ -235,9 +235,9 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
                                     f"separated by spaces) cannot hold; rename the file")
                 else:
                     sources.append(Source(str(f), f.stem, label))
-        if unlisted is not None:
-            unlisted += [{"path": str(c), "files": sum(not f.name.startswith(".") for f in c.iterdir())}
-                         for c in other_wnids]
+        if unlisted is not None:  # (scandir: a file's type without a stat, for up to 1,300 files a folder)
+            unlisted += [{"path": str(c), "files": sum(e.is_file() and not e.name.startswith(".") for e in
+                                                       os.scandir(c))} for c in other_wnids]
         elif other_wnids:  # one line per split folder: a partial Labels.json leaves out dozens
             only = (f"or pass {SUBSET_FLAG} to pack only its {len(class_map)} classes (the others are then listed in "
                     f"the manifest, not read)")
@@ -255,8 +255,9 @@ def check_names(problems: list[str]) -> None:
     """All of scan_split's misnamed files and folders in one error: the first 50 named, the rest counted."""
     if problems:
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise DataError(f"{len(problems)} file or class folder name(s) the shards cannot hold; nothing was written. "
-                        f"Fix each and run again:\n" + "\n".join(f"  {p}" for p in problems[:50]) + more)
+        own = f"\n{OWN_CLASSES[0].upper()}{OWN_CLASSES[1:]}." if any(NOT_A_WNID in p for p in problems) else ""
+        raise DataError(f"{len(problems)} problem(s) with file or class folder names; nothing was written. Fix each "
+                        f"and run again:\n" + "\n".join(f"  {p}" for p in problems[:50]) + more + own)
 
 
 def check_unique_keys(sources: list[Source]) -> None:
@@ -499,7 +500,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
             raise DataError(f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files.")
     check_classes({split: Counter(s.label for s in srcs) for split, srcs in sources.items()}, class_map, split_dirs,
                   labels_path, opts, found="found", fix="Add the missing split or class folders (a train.X* folder not "
-                  "unpacked?)")
+                  "unpacked?)", unread=unlisted or [])
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
@@ -679,10 +680,11 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
 
 
 def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, labels_path, opts: PackOptions,
-                  found: str, fix: str) -> None:
+                  found: str, fix: str, unread: list[dict] = ()) -> None:
     """Every class of Labels.json needs train images to be learnt and val images to be scored: one with none in a
     split is a split folder not unpacked or a class folder lost (train.X4 left out is 25 of ImageNet-100's classes),
-    unless --allow-missing-classes says the subset is meant. counts: split -> class index -> images."""
+    unless --allow-missing-classes says the subset is meant. counts: split -> class index -> images; unread: the
+    class folders --subset left unread (a misspelt WNID among them is a class with no folder)."""
     missing = {split: [w for i, w in enumerate(class_map.wnids) if not c.get(i)] for split, c in counts.items()}
     if opts.allow_missing_classes or not any(missing.values()):
         return
@@ -693,11 +695,17 @@ def check_classes(counts: dict[str, Counter], class_map: ClassMap, split_dirs, l
              if (d / w).is_dir() and not any(not f.name.startswith(".") for f in (d / w).iterdir())]
     if empty:
         lines.append(f"  empty class folder(s): {some(empty, at_most=5)}")
+    if not opts.subset:
+        route = (f"or, to pack only some classes (a partial download), pass --labels a Labels.json of those classes "
+                 f"and {SUBSET_FLAG}")
+    else:  # (already a subset: a class of it with no folder is a typo in Labels.json, or in a folder's name)
+        unread_names = some([Path(u["path"]).name for u in unread], at_most=5)
+        route = f"or mend {labels_path}" + (f" ({SUBSET_FLAG} left {len(unread)} class folder(s) of other WNIDs "
+                                            f"unread: {unread_names}; one misspelt?)" if unread else "")
     raise DataError(f"classes of {labels_path} with no images {found}:\n" + "\n".join(lines) + "\n"
                     f"A model trained on these shards would keep outputs it never learns (no train images) or is "
                     f"never scored on (no val images). {fix}, pass {ALLOW_MISSING_FLAG} to pack them as they are, "
-                    f"or, to pack only some classes (a partial download), pass --labels a Labels.json of those "
-                    f"classes and {SUBSET_FLAG}.")
+                    f"{route}.")
 
 
 def summary_lines(m: dict, out_dir) -> list[str]:

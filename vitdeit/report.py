@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_class_map, ema_weights, load_checkpoint, shards_change_text
+from .checkpoint import check_class_map, ema_weights, load_checkpoint, shards_change, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
                      run_files_here, saved_setting)
 from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map, without_images_text
@@ -544,9 +544,10 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     heads += [f"--ema: the picture{' and the comparison are' if report_dir is not None else ' is'} of each "
               f"checkpoint's EMA of its weights (--model-ema), as of its epoch"
               + ("; the table and the curves are of the trained weights" if report_dir is not None else "")] * ema
-    # shards packed with --allow-missing-classes: what neither model could learn (classes with no val images: the
-    # per-class table says so)
-    heads += [text] if (text := without_images_text(manifest, "train", data_path)) else []
+    # shards packed with --allow-missing-classes, that both models trained on: what neither could learn (classes
+    # with no val images: the per-class table says so; runs trained on other shards: comparison_notes says so)
+    trained_here = not any(shards_change(state, data_path, manifest) for state in (vit_state, deit_state))
+    heads += [text] if trained_here and (text := without_images_text(manifest, "train", data_path)) else []
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"

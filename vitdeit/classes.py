@@ -237,7 +237,7 @@ def classes_without_images(manifest: dict, split: str) -> list[str]:
 def without_images_text(manifest: dict, split: str, data_path) -> str | None:
     """What a model trained on these shards makes of the classes with no `split` images (--allow-missing-classes),
     for train.py's warning and viz.py's report; None where there are none. Val images of classes with no train
-    images are scored and never predicted right by any learnt rule: the val top-1 they leave is said."""
+    images are scored, and nothing teaches the model those classes: the val top-1 the others leave is said."""
     if not (empty := classes_without_images(manifest, split)):
         return None
     text = (f"{len(empty)} of the {len(manifest['classes'])} classes {'has' if len(empty) == 1 else 'have'} no "
@@ -246,8 +246,9 @@ def without_images_text(manifest: dict, split: str, data_path) -> str | None:
     val = manifest["splits"]["val"]["class_counts"]
     if split == "train" and (unlearnt := sum(val[w] for w in empty)):
         total = sum(val.values())
-        text += (f"; {unlearnt:,} of the {total:,} val images are of those classes, so val top-1 is at most "
-                 f"{-(-1000 * (total - unlearnt) // total) / 10:.1f} %")  # (rounded up: a bound, in integers)
+        top = -(-1000 * (total - unlearnt) // total) / 10  # the share of the others, rounded up (in integers)
+        text += (f"; {unlearnt:,} of the {total:,} val images {'is' if unlearnt == 1 else 'are'} of those classes, "
+                 f"which it gets right only by chance: val top-1 tops out near {top:.1f} %")
     return text
 
 

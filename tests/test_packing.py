@@ -433,6 +433,26 @@ def test_a_partial_download_packs_only_the_classes_of_its_labels_with_subset(tmp
                                  f"n09999999, {gone[0]}, {gone[1]}; one misspelt?).")
 
 
+def test_every_kind_of_problem_found_before_writing_is_said_at_once(data, tmp_path):
+    first, second = sorted(json.loads((data / "Labels.json").read_text()))
+    image = first_image(data)  # train.X1/FIRST/...
+    (image.parent / "extra").mkdir()  # a subfolder in a class folder
+    shutil.copy(image, data / "train.X2" / first / image.name)  # the same stem twice
+    for f in (data / "val.X" / second).iterdir():  # a class left without val images
+        f.unlink()
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    parts = str(e.value).split("\n\n")
+    assert [p.splitlines()[0] for p in parts] == [
+        "1 problem(s) with file or class folder names; nothing was written. Fix each and run again:",
+        "1 duplicate file stem(s): the stem is each sample's key and must be unique across all splits. Rename or "
+        "remove:", f"classes of {data / 'Labels.json'} with no images found:"]
+    assert parts[0].splitlines()[1].startswith(f"  {image.parent / 'extra'}: expected image files")
+    assert parts[2].splitlines()[1:3] == [f"  val (val.X/): 1 of 2 classes, {second}",
+                                          f"  empty class folder(s): {data / 'val.X' / second}"]
+    assert not (tmp_path / "s").exists()
+
+
 def test_an_empty_class_folder_is_named_as_such(data, tmp_path):
     empty = data / "val.X" / sorted(json.loads((data / "Labels.json").read_text()))[0]
     for f in empty.iterdir():

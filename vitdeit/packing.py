@@ -251,6 +251,25 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
     return sources
 
 
+@contextmanager
+def said_together():
+    """`with said_together() as each:`, then `with each(): check()` for several checks: their DataErrors are raised
+    as one at the end, every message in it, so that a dataset with several kinds of problems is mended in one round
+    and not one round per kind."""
+    said = []
+
+    @contextmanager
+    def each():
+        try:
+            yield
+        except DataError as e:
+            said.append(str(e))
+
+    yield each
+    if said:
+        raise DataError("\n\n".join(said))
+
+
 def check_names(problems: list[str]) -> None:
     """All of scan_split's misnamed files and folders in one error: the first 50 named, the rest counted."""
     if problems:
@@ -493,14 +512,18 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     unlisted: list[dict] | None = [] if opts.subset else None  # --subset: the class folders left unread
     sources = {split: scan_split(dirs, class_map, labels_path, hidden, misnamed, unlisted)
                for split, dirs in split_dirs.items()}
-    check_names(misnamed)
-    check_unique_keys(sources["train"] + sources["val"])
-    for split, srcs in sources.items():
-        if not srcs:
-            raise DataError(f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files.")
-    check_classes({split: Counter(s.label for s in srcs) for split, srcs in sources.items()}, class_map, split_dirs,
-                  labels_path, opts, found="found", fix="Add the missing split or class folders (a train.X* folder not "
-                  "unpacked?)", unread=unlisted or [])
+    with said_together() as each:  # every kind of problem at once: the dataset is mended in one round
+        with each():
+            check_names(misnamed)
+        with each():
+            check_unique_keys(sources["train"] + sources["val"])
+        with each():
+            if empty := [f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files."
+                         for split, srcs in sources.items() if not srcs]:
+                raise DataError("\n".join(empty))  # (then every class would be said to have no images)
+            check_classes({split: Counter(s.label for s in srcs) for split, srcs in sources.items()}, class_map,
+                          split_dirs, labels_path, opts, found="found", fix="Add the missing split or class folders "
+                          "(a train.X* folder not unpacked?)", unread=unlisted or [])
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")

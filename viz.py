@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if problem := workers_problem(a.workers):
         p.error(problem)
+    for name, value in (("--vit", a.vit), ("--deit", a.deit), ("--data-path", a.data_path), ("--out", a.out),
+                        ("--report-dir", a.report_dir), ("--teacher-run", a.teacher_run)):
+        if value is not None and not value.strip():  # ("" is the working folder to pathlib)
+            p.error(f"{name} {value!r}: empty; name a {'file' if name in ('--vit', '--deit', '--out') else 'folder'}")
     if a.no_report and a.report_dir != p.get_default("report_dir"):
         p.error(f"--no-report with --report-dir {a.report_dir}: --no-report writes no report; drop one of them")
     from matplotlib.backend_bases import FigureCanvasBase

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_STREAMS, Config,  # noqa: E402
-                            refuse_below, usable_cores)
+                            rand_augment_problem, refuse_below, usable_cores)
 from vitdeit.data import MEAN, STD, build_loader, dali_available, val_resize  # noqa: E402
 from vitdeit.distributed import Dist, resolve_device  # noqa: E402
 from vitdeit.engine import Step, compile_for_training, compile_mode, step_stream  # noqa: E402
@@ -629,6 +629,8 @@ def main(argv=None) -> int:
     if a.json and (Path(a.json).is_dir() or not Path(a.json).parent.is_dir()):
         p.error(f"--json {a.json}: " + ("a folder; name a file in it" if Path(a.json).is_dir() else
                                         f"its folder {Path(a.json).parent} does not exist; create it or pass another"))
+    if a.rand_augment and (problem := rand_augment_problem(a.rand_augment)):  # (timm's bare assert, after packing)
+        p.error(f"--rand-augment {a.rand_augment!r}: {problem}; e.g. 'rand-m9-mstd0.5-inc1', as train.py takes it")
     if a.profile and "e2e" not in parts:
         p.error(f"--profile {a.profile}: profiles the end-to-end windows; add e2e to --parts")
     if a.work_dir and Path(a.work_dir).exists() and not Path(a.work_dir).is_dir():

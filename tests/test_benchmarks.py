@@ -614,7 +614,8 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
     (["--json", "{tmp}"], "--json {tmp}: a folder; name a file in it"),
     (["--work-dir", "{tmp}/file"], "--work-dir {tmp}/file: a file, not a folder"),
     (["--profile", "{tmp}/p", "--parts", "loaders"], "--profile {tmp}/p: profiles the end-to-end windows; add e2e"),
-    (["--profile", "{tmp}/p", "--profile-steps", "0"], "--profile-steps 0: must be >= 1")])
+    (["--profile", "{tmp}/p", "--profile-steps", "0"], "--profile-steps 0: must be >= 1"),
+    (["--rand-augment", "foo"], "--rand-augment 'foo': not a timm RandAugment spec; e.g. 'rand-m9-mstd0.5-inc1'")])
 def test_throughput_refuses_a_flag_it_cannot_use_before_any_work(flags, said, tmp_path, monkeypatch, capsys):
     from benchmarks import throughput
 

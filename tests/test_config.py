@@ -103,6 +103,11 @@ def test_a_resume_goes_on_with_its_checkpoints_settings_where_no_flag_or_config_
     assert (f"the value is the one --resume {ckpt} was saved with: give the flag to override it)"
             in capsys.readouterr().err)
     assert parse_args(["--resume", str(ckpt), "--distillation-alpha", "0.5"]).lr == 0.01
+    torch.save({"config": {**saved, "lr": "x"}}, ckpt)  # a saved value of the wrong type: the checkpoint's, too
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(ckpt)])
+    assert capsys.readouterr().err.endswith(f"error: lr='x' should be of type float (the value is the one --resume "
+                                            f"{ckpt} was saved with: give the flag to override it)\n")
     for unreadable in (tmp_path / "missing.pth", ckpt.parent):  # said with its fix as the run reads it
         assert parse_args(["--resume", str(unreadable)]) == Config(resume=str(unreadable))
 
@@ -191,6 +196,8 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"crop_pct": 1.2}, r"--crop-pct 1\.2: must be in \(0, 1\]"),
     ({"crop_scale_min": 0.0}, r"--crop-scale-min 0\.0: must be in \(0, 1\]"),
     ({"epochs": 0}, r"--epochs 0: must be >= 1"),
+    ({"seed": -1}, r"--seed -1: must be in 0\.\.2147483647"),
+    ({"seed": 2**31}, r"--seed 2147483648: must be in 0\.\.2147483647"),  # (was a traceback from the loader's seed)
     ({"batch_size": 0}, r"--batch-size 0: must be >= 1"),
     ({"lr": -0.1}, r"--lr -0\.1: must be > 0"),
     ({"workers": -2}, r"--workers -2: must be >= 0 \(0: load in the main process\), or -1 for this node's share"),
@@ -214,10 +221,13 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"run_name": ".."}, r"--run-name '\.\.': a folder inside --output-dir \(no absolute path, no '\.\.'"),
     ({"run_name": "a/../../b"}, "--run-name 'a/../../b': a folder inside --output-dir"),
     ({"run_name": "/tmp/x"}, "--run-name '/tmp/x': a folder inside --output-dir"),
+    ({"run_name": " "}, "--run-name ' ': a folder inside --output-dir"),  # (was a run folder named ' ')
+    ({"run_name": "."}, "--run-name '.': a folder inside --output-dir"),
     ({"run_name": "."}, r"--run-name '\.': a folder inside --output-dir"),  # --output-dir itself
     ({"rand_augment": "rand-m9-p0"}, "--rand-augment 'rand-m9-p0': p0 applies no op to any image"),
     ({"rand_augment": "rand--m9"}, r"--rand-augment 'rand--m9': it has an empty part \('--'\)"),
     ({"output_dir": " "}, "--output-dir ' ': name a folder"),
+    ({"data_path": ""}, "--data-path '': name the shards' folder"),
     ({"loader": "dali", "rand_augment": "rand-m9-tweights"}, "--rand-augment 'rand-m9-tweights': PyTorch loader only"),
     ({"repeated_aug": 0}, r"--repeated-aug 0: must be >= 1"),
     ({"compile_mode": "max-autotune"}, "--compile-mode 'max-autotune': choose auto, default, reduce-overhead"),
@@ -416,6 +426,7 @@ def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path):
 
 @pytest.mark.parametrize("content, said", [(None, "No such file"), ("{lr: 1}", "Expecting property name"),
                                            ("[1, 2]", "must hold a JSON object"),
+                                           ('{"lr": 1e-3, "lr": 5e-4}', "duplicate key 'lr'"),  # (json: the last)
                                            ('{"lr": 1}'.encode("utf-16"), "codec can't decode")])  # not UTF-8
 def test_a_config_file_that_is_missing_or_not_a_json_object_is_a_usage_error_naming_it(content, said, tmp_path,
                                                                                         capsys):

@@ -113,8 +113,8 @@ def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(
                 "classes": ["n00000001", "n00000002"]}, path)
     other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c", "n00000004": "d"})
     with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, against these "
-                                                  f"shards' 3: 1 of its not in these shards (n00000002), 2 of these "
-                                                  f"shards' not in it (n00000003, n00000004))")
+                                                  f"shards' 3: 1 of its classes not in these shards (n00000002), 2 of "
+                                                  f"these shards' classes not in it (n00000003, n00000004))")
                        + ".*data_path: old_shards"):
         load_checkpoint(path, other)
     assert load_checkpoint(path, ClassMap.from_labels({"n00000002": "b", "n00000001": "a"}))["epoch"] == 0
@@ -328,6 +328,15 @@ def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_o
         load_manifest(tiny_data.parent / "nothing_here")
 
 
+def test_shards_named_by_a_file_are_told_to_name_the_folder(tiny_shards):
+    from vitdeit.classes import load_manifest
+
+    for name in ("manifest.json", "train-000000.tar"):  # the folder's own files: the folder is named
+        with pytest.raises(DataError, match=re.escape(f"{tiny_shards / name}: a file, not a folder; pass the shards' "
+                                                      f"folder (pack_shards.py's --out, here {tiny_shards})")):
+            load_manifest(tiny_shards / name)
+
+
 @pytest.mark.parametrize("key", ["classes", "labels", "splits"])
 def test_a_manifest_without_a_key_it_needs_is_named_with_the_fix(tiny_shards, tmp_path, key, capsys):
     import shutil
@@ -373,7 +382,22 @@ def _replace_last(m):  # another class in its place, named in 'labels': as many 
     m["classes"][-1] = "n09999999"
 
 
+def _drop_shard(m):  # a train shard left out, every count made to agree: only the files found tell
+    train = m["splits"]["train"]
+    n = train["shards"].pop()["num_samples"]
+    train["num_samples"] -= n
+    first = m["classes"][0]
+    train["class_counts"][first] -= n  # (24: the first class's count of tiny_shards)
+
+
+def _count_as_text(m):
+    m["splits"]["train"]["num_samples"] = str(m["splits"]["train"]["num_samples"])
+
+
 @pytest.mark.parametrize("edit, said", [
+    (_drop_shard, "split 'train' packed 72 samples and skipped 0 of the 96 image files found: 24 are in no shard it "
+                  "lists"),
+    (_count_as_text, "split 'train' has a count that is not a whole number (num_samples '96')"),
     # was IndexError in the loss; the WNID named is the one dropped
     (_drop_last_class,
      "split 'train' counts 4 classes, but 'classes' lists 3: 1 counted but not in 'classes' ({last})"),
@@ -500,7 +524,10 @@ HERE = Path(__file__).resolve().parent  # a folder that exists
                                                                 f"e.g. --out {HERE / 'vit_vs_deit_random10.png'}"),
                                          (["--workers", "-2"], "--workers -2: must be >= 0"),
                                          (["--no-report", "--report-dir", "r"], "--no-report with --report-dir r: "
-                                                                                "--no-report writes no report")])
+                                                                                "--no-report writes no report"),
+                                         (["--out", ""], "--out '': empty; name a file"),
+                                         (["--report-dir", " "], "--report-dir ' ': empty; name a folder"),
+                                         (["--data-path", ""], "--data-path '': empty; name a folder")])
 def test_viz_refuses_an_output_name_or_worker_count_it_cannot_use_before_any_work(flags, said, capsys, monkeypatch):
     monkeypatch.setattr(viz, "make_all", lambda *a, **k: pytest.fail("predicted before checking its flags"))
     with pytest.raises(SystemExit) as e:

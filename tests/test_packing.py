@@ -280,6 +280,8 @@ def test_unreadable_files_stop_the_packer_and_all_are_listed(data, tmp_path):
     assert all(str(p) in msg for p in bad) and "--skip-bad" in msg and "2 file(s) that are not readable images" in msg
     assert "an earlier one" not in msg  # the first pack into this folder: there was no manifest to remove
     assert not (tmp_path / "s" / "manifest.json").exists()
+    assert msg.endswith(f"The shards that hold none are kept in {tmp_path / 's'}: the rerun writes only the others.")
+    assert sorted(f.name for f in (tmp_path / "s").glob("*.tar")) == ["val-000000.tar"]  # train's held both
 
 
 def test_skip_bad_skips_and_lists_them(data, tmp_path):
@@ -451,6 +453,19 @@ def test_every_kind_of_problem_found_before_writing_is_said_at_once(data, tmp_pa
     assert parts[2].splitlines()[1:3] == [f"  val (val.X/): 1 of 2 classes, {second}",
                                           f"  empty class folder(s): {data / 'val.X' / second}"]
     assert not (tmp_path / "s").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_or_is_empty_is_named(data, tmp_path, capsys):
+    import pack_shards
+    from vitdeit.errors import SettingError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SettingError, match=re.escape(f"--out {tmp_path / 'afile' / 'sub'}: cannot be made (")):
+        pack(data, tmp_path / "afile" / "sub", opts=PackOptions(workers=1), progress=False)
+    for args in (["--out", ""], ["--out", " "]):
+        with pytest.raises(SystemExit):
+            pack_shards.main(["--data-path", str(data), *args])
+        assert f"error: --out {args[1]!r}: empty; name a folder" in capsys.readouterr().err
 
 
 def test_an_empty_class_folder_is_named_as_such(data, tmp_path):

@@ -907,9 +907,10 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
 
 
 @pytest.mark.parametrize("out, report, said", [
-    ("{tmp}/file/p.png", None, "--out {tmp}/file/p.png: its folder {tmp}/file cannot be made ([Errno 17] File exists"),
+    ("{tmp}/file/p.png", None, "--out {tmp}/file/p.png: its folder {tmp}/file cannot be made ({tmp}/file is a file)"),
     ("{tmp}", None, "--out {tmp}: a folder; name a picture file, e.g. --out {tmp}/vit_vs_deit_random10.png"),
-    ("{tmp}/p.png", "{tmp}/file", "--report-dir {tmp}/file: cannot be made ([Errno 17] File exists"),
+    ("{tmp}/p.png", "{tmp}/file", "--report-dir {tmp}/file: cannot be made ({tmp}/file is a file)"),
+    ("{tmp}/p.png", "{tmp}/file/r", "--report-dir {tmp}/file/r: cannot be made ({tmp}/file is a file)"),
     # a folder that is there but takes no file (root too: tried, not asked)
     ("/proc/p.png", None, "--out /proc/p.png: its folder /proc cannot be written in (No such file or directory in "
                           "/proc); pass another --out")])
@@ -923,6 +924,16 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_val_pass(ru
     with pytest.raises(SettingError, match=re.escape(said.format(tmp=tmp_path))):
         make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
                  out=out.format(tmp=tmp_path), report_dir=report and report.format(tmp=tmp_path), workers=0)
+
+
+def test_a_refused_comparison_leaves_no_empty_output_folders(runs, tmp_path):
+    from vitdeit.errors import SettingError
+
+    with pytest.raises(SettingError, match="--num-images 0"):  # refused after the outputs' paths were checked
+        make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),
+                 num_images=0, out=str(tmp_path / "new" / "sub" / "p.png"), report_dir=str(tmp_path / "rep" / "deep"),
+                 workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_report_that_cannot_be_written_is_one_error_naming_the_file(runs, tmp_path, monkeypatch):

@@ -179,7 +179,8 @@ def check_class_map(state: dict, class_map: ClassMap, path: str | Path, what: st
         ours, theirs = set(class_map.wnids), set(state["classes"])
         which = ("the same classes in another order (class indices differ)" if ours == theirs else
                  f"another class map ({len(theirs)} classes, against these shards' {len(ours)}: "
-                 + class_difference(theirs, ours, "of its not in these shards", "of these shards' not in it") + ")")
+                 + class_difference(theirs, ours, "of its classes not in these shards",
+                                    "of these shards' classes not in it") + ")")
         raise DataError(
             f"{what} {path} was trained on {which}; use a checkpoint trained on these shards' manifest, or the shards "
             f"it was trained on (its config's data_path: {state['config'].get('data_path')})."

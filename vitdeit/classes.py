@@ -22,7 +22,7 @@ MANIFEST_NAME = "manifest.json"
 PROGRESS_DIR = ".progress"  # pack_shards.py's record of each shard written, for a rerun to reuse
 
 
-def _no_duplicate_keys(pairs):
+def no_duplicate_keys(pairs):
     seen = {}
     for key, value in pairs:
         if key in seen:
@@ -42,7 +42,7 @@ def load_labels(path: str | Path) -> dict[str, str]:
                         f"ImageNet-100, the Labels.json at the top of the vitdeit repository).")
     try:
         # bytes: json reads UTF-8 (with a byte-order mark, as some Windows editors write) and UTF-16/32
-        labels = json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys)
+        labels = json.loads(path.read_bytes(), object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); save it as UTF-8, JSON's encoding.") from e
     except json.JSONDecodeError as e:
@@ -114,6 +114,10 @@ def shards_dir_for(data_path: Path) -> Path:
 def load_manifest(shards_dir: str | Path) -> dict:
     """Read SHARDS_DIR/manifest.json, the description of a packed dataset."""
     path = Path(shards_dir) / MANIFEST_NAME
+    if Path(shards_dir).is_file():  # (its manifest.json, or a shard, given for the folder)
+        raise DataError(f"{shards_dir}: a file, not a folder; pass the shards' folder (pack_shards.py's --out"
+                        + (f", here {Path(shards_dir).parent})" if Path(shards_dir).name == MANIFEST_NAME or
+                           Path(shards_dir).suffix in (".tar", ".idx") else ")"))
     if not path.is_file():
         d = Path(shards_dir).resolve()
         if holds_class_folders(d):
@@ -161,6 +165,8 @@ def manifest_problem(manifest: dict) -> str | None:
             in_shards, in_classes = sum(s["num_samples"] for s in info["shards"]), sum(counted.values())
         except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
+        if not all(type(n) is int for n in (total, in_shards, in_classes)):  # ("192" would read as 192 below)
+            return f"split {split!r} has a count that is not a whole number (num_samples {total!r})"
         if list(counted) != classes:
             if set(counted) == set(classes):  # (neither holds a WNID twice: dict keys, and checked above)
                 return f"split {split!r} counts its classes in another order"
@@ -171,6 +177,11 @@ def manifest_problem(manifest: dict) -> str | None:
         if total != in_shards or total != in_classes:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
                     f"add up to {in_classes}")
+        # every image file the packer found is packed or skipped: a shard left out with the counts made to agree
+        skipped = sum(1 for x in manifest.get("skipped", []) if isinstance(x, dict) and x.get("split") == split)
+        if isinstance(found := info.get("input_files"), int) and total + skipped != found:
+            return (f"split {split!r} packed {total} samples and skipped {skipped} of the {found} image files found: "
+                    f"{found - total - skipped} are in no shard it lists")
     return None
 
 

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-from .classes import MANIFEST_NAME
-from .errors import SettingError, quiet_rank, wait_for_local_rank_0
+from .classes import MANIFEST_NAME, no_duplicate_keys
+from .errors import DataError, SettingError, quiet_rank, wait_for_local_rank_0
 
 MODELS = ("vit_tiny", "deit_tiny_distill", "resnet18")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -197,6 +197,8 @@ class Config:
         need(self.patch_size >= 1 and (self.model == "resnet18" or self.img_size % self.patch_size == 0),
              f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")  # ViT/DeiT only
         need(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
+        # (numpy's and DALI's generators take 32 bits; the PyTorch loader's epoch seed, seed * 1000003 + epoch, 64)
+        need(0 <= self.seed < 2**31, f"--seed {self.seed}: must be in 0..{2**31 - 1}")
         need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1 (images per process)")
         need(self.lr > 0, f"--lr {self.lr}: must be > 0")
         need(workers_problem(self.workers) is None, workers_problem(self.workers))
@@ -230,10 +232,13 @@ class Config:
         need(not (self.teacher_ckpt and self.teacher_weights),
              "give either --teacher-ckpt or --teacher-weights, not both")
         name = Path(self.run_name)
-        need(not self.run_name or (name.parts and not name.is_absolute() and ".." not in name.parts),
+        need(not self.run_name or (self.run_name.strip() and name.parts and not name.is_absolute()
+                                   and ".." not in name.parts),
              f"--run-name {self.run_name!r}: a folder inside --output-dir (no absolute path, no '..': the run goes to "
              f"--output-dir/RUN_NAME; set --output-dir for another place)")
         need(self.output_dir.strip() != "", f"--output-dir {self.output_dir!r}: name a folder (the default: runs)")
+        need(self.data_path.strip() != "", f"--data-path {self.data_path!r}: name the shards' folder (pack_shards.py "
+                                           f"--out; the default: demo_shards)")
 
     @property
     def torch_only(self) -> list[str]:
@@ -485,8 +490,9 @@ def parse_args(argv=None, description: str = "") -> Config:
     if path:
         try:
             raw = Path(path).read_bytes()
-            values = json.loads(raw.decode("utf-8"))  # JSON's encoding, whatever the locale's
-        except (OSError, ValueError) as e:  # (ValueError: JSONDecodeError, and UnicodeDecodeError for other bytes)
+            # JSON's encoding, whatever the locale's; a key twice is refused (json keeps the last without a word)
+            values = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+        except (OSError, ValueError, DataError) as e:  # (ValueError: JSONDecodeError, UnicodeDecodeError)
             if isinstance(e, UnicodeDecodeError) and raw[:2] == b"PK":  # torch.save's zip archive
                 p.error(f"--config {path}: a checkpoint, not a JSON config; pass its run's config.json (--config "
                         f"{Path(path).parent / 'config.json'}), or the checkpoint itself as --resume")
@@ -501,10 +507,12 @@ def parse_args(argv=None, description: str = "") -> Config:
     try:
         cfg = from_dict({**inherited, **values}, source=path or "arguments")
     except ValueError as e:
-        named = re.match(r"--([a-z0-9-]+) ", str(e))
+        typed = re.match(rf"{re.escape(path or 'arguments')}: ([a-z0-9_]+)=", str(e))  # from_dict's: a wrong type
+        named = re.match(r"--([a-z0-9-]+) ", str(e)) or typed
         key = named[1].replace("-", "_") if named else None
         if key is not None and key not in values and key in inherited:
-            p.error(f"{e} (the value is the one {checkpoint_named(values.get('resume'), source)} was saved with: "
+            said = str(e).split(": ", 1)[1] if typed else e  # (not the arguments': the checkpoint's)
+            p.error(f"{said} (the value is the one {checkpoint_named(values.get('resume'), source)} was saved with: "
                     f"give the flag to override it)")
         from_file = path and named and ns.get(key) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file

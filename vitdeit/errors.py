@@ -121,16 +121,20 @@ class NonFiniteLoss(VitdeitError, RuntimeError):
     """The training loss became NaN/inf: the run stops, its last good checkpoint is kept."""
 
 
-def output_folder(path: Path, option: str, is_folder: bool) -> None:
+def output_folder(path: Path, option: str, is_folder: bool, make: bool = True) -> None:
     """Make the folder an output goes in (path itself, or its parent for a file), before any slow work: a path that
-    cannot take it is one error naming the option, not a traceback after minutes of work."""
+    cannot take it is one error naming the option, not a traceback after minutes of work. make False: only checked
+    (a command that may still refuse leaves no empty folder; save_output makes it)."""
     folder = path if is_folder else path.parent
     if not is_folder and path.is_dir():
         raise SettingError(f"{option} {path}: a folder; name a picture file, e.g. {option} "
                            f"{path / 'vit_vs_deit_random10.png'}")
     where = "" if is_folder else f" its folder {folder}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not (there := next(p for p in (folder, *folder.parents) if p.exists())).is_dir():
+            raise NotADirectoryError(f"{there} is a file")
     except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
         raise SettingError(f"{option} {path}:{where} cannot be made ({first_line(e)}); pass another {option}") from e
     if why := cannot_write_in(folder):
@@ -167,8 +171,10 @@ def write_failed(path: Path, e: Exception, kept: str, flag: str = "--output-dir"
 
 
 def save_output(path: Path, write, kept: str, flag: str = "--output-dir") -> None:
-    """write(path); an OSError (a full disk, a folder it may not write in) becomes write_failed's one-line error."""
+    """write(path), in its folder (made if missing); an OSError (a full disk, a folder it may not write in) becomes
+    write_failed's one-line error."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(path)
     except OSError as e:
         raise write_failed(path, e, kept, flag=flag) from e

@@ -43,7 +43,7 @@ from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMa
                       holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some)
 from .config import usable_cores
 from .data.index import index_count, index_text
-from .errors import DataError, WriteFailed, write_failed
+from .errors import DataError, WriteFailed, output_folder, write_failed
 from .lock import folder_lock
 
 FORMAT_VERSION = 1
@@ -530,7 +530,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     replaced = (out / MANIFEST_NAME).is_file()
     if replaced and not overwrite:  # (before anything is written there: a folder refused is left as it was)
         check_same_source(out, source_of(split_dirs))
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out", is_folder=True)  # (a file on its path, a read-only disk: named, no traceback)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     # one pack_shards.py at a time here: two would rename each other's part-written shards away, and each then fail
     # on a file the other moved (held until the manifest is written)
@@ -622,7 +622,8 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         earlier = " (an earlier one went when this run began: its shards are being rewritten)" if replaced else ""
         raise DataError(
             f"{len(bad)} file(s) that are not readable images, so no {out / MANIFEST_NAME}{earlier}:\n{lines}\n"
-            f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest)."
+            f"Fix or remove them, or re-run with {SKIP_FLAG} to skip them (they are then listed in the manifest). "
+            f"The shards that hold none are kept in {out}: the rerun writes only the others."
         )
     copies: dict[str, dict[str, list[str]]] = {}  # source bytes' sha1 -> split -> the paths holding them
     for r in results:

@@ -516,9 +516,9 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
         what = (f"a file, not a run folder; {fix} (here {Path(teacher_run).parent}?)" if Path(teacher_run).is_file()
                 else f"no best.pth there; {fix}")
         raise MissingFile(f"--teacher-run {teacher_run}: {what}.")
-    output_folder(Path(out), "--out", is_folder=False)
-    if report_dir is not None:
-        output_folder(Path(report_dir), "--report-dir", is_folder=True)
+    output_folder(Path(out), "--out", is_folder=False, make=False)  # (made as they are written: a refusal below
+    if report_dir is not None:                                      # leaves no empty folder)
+        output_folder(Path(report_dir), "--report-dir", is_folder=True, make=False)
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
     if data_path is None:
         data_path = run_files_here(vit_state, vit_ckpt)["data_path"]

@@ -22,7 +22,8 @@ from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_che
                          shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint, pack_identity,
                       without_images_text)
-from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
+from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, NODE_OWN, Config, checkpoint_named, flag,
+                     saved_setting)
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
@@ -854,6 +855,12 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         if asked:
             dist.print(f"note: --eval-only evaluates with the settings {path} was trained with ({flags(geometry)}), "
                        f"not {flags(asked)}")
+        # a training setting given otherwise than the checkpoint's (parse_args' `given`): nothing here reads it
+        reads = {"data_path", "batch_size", "amp", *geometry, *HOW_IT_RUNS, *INVOCATION_FIELDS}
+        if unread := {k: getattr(cfg, k) for k in sorted(getattr(cfg, "given", ())) if k not in reads
+                      and getattr(cfg, k) != saved_setting(trained, k)}:
+            dist.print(f"note: --eval-only: {flags(unread)} set{'s' * (len(unread) == 1)} training, not evaluation: "
+                       f"not used here")
         ecfg = dataclasses.replace(cfg, **geometry)
         if upscaled := upscale_warning(cfg.data_path, manifest, ecfg.img_size, ecfg.crop_pct):
             dist.print(f"warning: {upscaled}")

@@ -617,7 +617,8 @@ def main(argv=None) -> int:
                  ("--profile-steps", a.profile_steps, 1))  # train.py's, pack_shards.py's
     parts = {part.strip() for part in a.parts.split(",")}  # "loaders, model" as typed with a space
     if parts - set(PARTS):
-        p.error(f"--parts {a.parts}: no part {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
+        unknown = ", ".join(repr(x) if not x else x for x in sorted(parts - set(PARTS)))  # ('' for an empty one)
+        p.error(f"--parts {a.parts!r}: no part {unknown}; choose from {', '.join(PARTS)}")
     if parts & {"loaders", "e2e", "data"} and a.resize_short < val_resize(a.img_size, Config.crop_pct):
         print(f"note: --resize-short {a.resize_short} is under the {val_resize(a.img_size, Config.crop_pct)} px "
               f"shorter side train.py's val resizes to at --img-size {a.img_size}; train.py warns that shards packed "

@@ -601,8 +601,9 @@ def test_on_users_folders_every_loader_reads_the_images_the_packer_packs(tmp_pat
 
 
 @pytest.mark.parametrize("flags, said", [
-    (["--parts", "transforms,modle"], "--parts transforms,modle: no part modle; choose from transforms, loaders"),
-    (["--parts", "transforms, modle"], "--parts transforms, modle: no part modle; choose"),  # a space: only the typo
+    (["--parts", "transforms,modle"], "--parts 'transforms,modle': no part modle; choose from transforms, loaders"),
+    (["--parts", "transforms, modle"], "--parts 'transforms, modle': no part modle; choose"),  # a space: the typo
+    (["--parts", ""], "--parts '': no part ''; choose from transforms"),
     (["--num-images", "0"], "--num-images 0: must be >= 1"), (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (["--img-size", "0"], "--img-size 0: must be >= 8"), (["--steps", "0"], "--steps 0: must be >= 1"),
     (["--repeats", "0"], "--repeats 0: must be >= 1"), (["--workers", "-1"], "--workers -1: must be >= 1"),

@@ -161,12 +161,12 @@ def write_failed(path: Path, e: Exception, kept: str, flag: str = "--output-dir"
     """The one-line error for an output that could not be written (usually a full disk): the file, the cause, the
     space left, what was kept, the fix (freeing space only where space can be the cause: not for a folder it may not
     write in, a read-only disk or a name that is a folder)."""
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk"
-    except OSError:
-        free = "its folder cannot be read"
     space = getattr(e, "errno", None) in (None, *NO_SPACE)
-    return WriteFailed(f"could not write {path}: {first_line(e)} ({free}); {kept}. "
+    try:
+        free = f" ({shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk)" if space else ""
+    except OSError:
+        free = " (its folder cannot be read)"
+    return WriteFailed(f"could not write {path}: {first_line(e)}{free}; {kept}. "
                        + (f"Free space there or pass another {flag}" if space else f"Pass another {flag}"))
 
 

@@ -197,7 +197,7 @@ def test_a_resumed_runs_saved_config_trains_its_recipe_not_another_resume(tmp_pa
     ({"crop_scale_min": 0.0}, r"--crop-scale-min 0\.0: must be in \(0, 1\]"),
     ({"epochs": 0}, r"--epochs 0: must be >= 1"),
     ({"seed": -1}, r"--seed -1: must be in 0\.\.2147483647"),
-    ({"seed": 2**31}, r"--seed 2147483648: must be in 0\.\.2147483647"),  # (was a traceback from the loader's seed)
+    ({"seed": 2**31}, r"--seed 2147483648: must be in 0\.\.2147483647"),
     ({"batch_size": 0}, r"--batch-size 0: must be >= 1"),
     ({"lr": -0.1}, r"--lr -0\.1: must be > 0"),
     ({"workers": -2}, r"--workers -2: must be >= 0 \(0: load in the main process\), or -1 for this node's share"),
@@ -426,7 +426,7 @@ def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path):
 
 @pytest.mark.parametrize("content, said", [(None, "No such file"), ("{lr: 1}", "Expecting property name"),
                                            ("[1, 2]", "must hold a JSON object"),
-                                           ('{"lr": 1e-3, "lr": 5e-4}', "duplicate key 'lr'"),  # (json: the last)
+                                           ('{"lr": 1e-3, "lr": 5e-4}', "duplicate key 'lr'; keep one of them"),
                                            ('{"lr": 1}'.encode("utf-16"), "codec can't decode")])  # not UTF-8
 def test_a_config_file_that_is_missing_or_not_a_json_object_is_a_usage_error_naming_it(content, said, tmp_path,
                                                                                         capsys):

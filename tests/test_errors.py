@@ -266,8 +266,8 @@ def test_a_metrics_line_that_cannot_be_written_is_one_error_naming_the_file(tmp_
     log = MetricsLog(tmp_path, enabled=True)
     (tmp_path / "metrics.jsonl").mkdir()  # open(..., "a") fails with an OSError (IsADirectoryError), not the disk's
     path = re.escape(str(tmp_path / "metrics.jsonl"))
-    with pytest.raises(WriteFailed, match=rf"could not write {path}: .* GiB free on its disk\); its earlier lines are "
-                                          rf"kept\. Pass another --output-dir$"):
+    with pytest.raises(WriteFailed, match=rf"could not write {path}: \[Errno 21\] Is a directory: .*; its earlier "
+                                          rf"lines are kept\. Pass another --output-dir$"):
         log.write({"epoch": 0})
 
 
@@ -329,13 +329,17 @@ def test_train_pointed_at_the_image_folders_is_told_to_pack_them_into_a_folder_o
         load_manifest(tiny_data.parent / "nothing_here")
 
 
-def test_shards_named_by_a_file_are_told_to_name_the_folder(tiny_shards):
+def test_shards_named_by_a_file_are_told_to_name_the_folder(tiny_shards, tmp_path):
     from vitdeit.classes import load_manifest
 
     for name in ("manifest.json", "train-000000.tar"):  # the folder's own files: the folder is named
         with pytest.raises(DataError, match=re.escape(f"{tiny_shards / name}: a file, not a folder; pass the shards' "
                                                       f"folder (pack_shards.py's --out, here {tiny_shards})")):
             load_manifest(tiny_shards / name)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'notes.txt'}: a file, not a folder; pass the shards' "
+                                                  f"folder (pack_shards.py's --out)")):
+        load_manifest(tmp_path / "notes.txt")  # (some other file: no folder to suggest)
 
 
 @pytest.mark.parametrize("key", ["classes", "labels", "splits"])
@@ -391,14 +395,19 @@ def _drop_shard(m):  # a train shard left out, every count made to agree: only t
     train["class_counts"][first] -= n  # (24: the first class's count of tiny_shards)
 
 
+def _count_as_float(m):
+    m["splits"]["val"]["class_counts"][m["classes"][0]] = 6.0
+
+
 def _count_as_text(m):
     m["splits"]["train"]["num_samples"] = str(m["splits"]["train"]["num_samples"])
 
 
 @pytest.mark.parametrize("edit, said", [
-    (_drop_shard, "split 'train' packed 72 samples and skipped 0 of the 96 image files found: 24 are in no shard it "
-                  "lists"),
-    (_count_as_text, "split 'train' has a count that is not a whole number (num_samples '96')"),
+    (_drop_shard, "split 'train' packed 72 samples and skipped 0, but 96 image files were found: its shards are not "
+                  "the ones the packer wrote"),
+    (_count_as_text, "split 'train': num_samples is '96', not a whole number"),
+    (_count_as_float, "split 'val': class_counts[{first}] is 6.0, not a whole number"),
     # was IndexError in the loss; the WNID named is the one dropped
     (_drop_last_class,
      "split 'train' counts 4 classes, but 'classes' lists 3: 1 counted but not in 'classes' ({last})"),

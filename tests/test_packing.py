@@ -289,6 +289,7 @@ def test_skip_bad_skips_and_lists_them(data, tmp_path):
     m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, skip_bad=True), progress=False)
     assert sorted(s["path"] for s in m["skipped"]) == sorted(map(str, bad))
     assert m["splits"]["train"]["input_files"] == 16 and m["splits"]["train"]["num_samples"] == 14
+    assert load_manifest(tmp_path / "s") == m  # 14 packed + 2 skipped of 16 found: a manifest the readers take
     why = {s["path"]: s["reason"] for s in m["skipped"]}
     assert why[str(bad[0])].endswith("(the file is cut short: a download or copy that did not finish; fetch it again)")
     assert "cut short" not in why[str(bad[1])]
@@ -462,10 +463,33 @@ def test_an_out_folder_that_cannot_be_made_or_is_empty_is_named(data, tmp_path, 
     (tmp_path / "afile").write_text("")
     with pytest.raises(SettingError, match=re.escape(f"--out {tmp_path / 'afile' / 'sub'}: cannot be made (")):
         pack(data, tmp_path / "afile" / "sub", opts=PackOptions(workers=1), progress=False)
-    for args in (["--out", ""], ["--out", " "]):
+    for args in (["--data-path", str(data), "--out", ""], ["--data-path", str(data), "--out", " "],
+                 ["--data-path", "", "--out", str(tmp_path / "s")]):
         with pytest.raises(SystemExit):
-            pack_shards.main(["--data-path", str(data), *args])
-        assert f"error: --out {args[1]!r}: empty; name a folder" in capsys.readouterr().err
+            pack_shards.main(args)
+        bad = args.index("") if "" in args else 3
+        assert f"error: {args[bad - 1]} {args[bad]!r}: empty; name a folder" in capsys.readouterr().err
+
+
+def test_a_class_whose_files_or_folder_are_misnamed_is_said_as_such_not_as_a_class_without_images(data, tmp_path):
+    first, second = sorted(json.loads((data / "Labels.json").read_text()))
+    for f in (data / "val.X" / second).iterdir():  # every val image of a class misnamed: it has images
+        f.rename(f.with_name(f"IMG {f.name}"))
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert "\n\n" not in str(e.value) and str(e.value).startswith("2 problem(s) with file or class folder names")
+    (data / "val.X" / second).rename(data / "val.X" / "tench")  # its folder misnamed: the class has none, and why
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    names, classes = str(e.value).split("\n\n")
+    assert names.splitlines()[1].startswith(f"  {data / 'val.X' / 'tench'}: class folder 'tench' is not in")
+    assert classes.splitlines()[1] == f"  val (val.X/): 1 of 2 classes, {second}"
+    assert "(or, where a class folder above is named otherwise than by its WNID, rename it)" in classes
+    shutil.rmtree(data / "val.X" / "tench")
+    shutil.rmtree(data / "val.X" / first)  # no val images at all: said once, not as every class without any
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert str(e.value) == f"{data / 'val.X'}: the val split holds no image files."
 
 
 def test_an_empty_class_folder_is_named_as_such(data, tmp_path):

@@ -165,8 +165,11 @@ def manifest_problem(manifest: dict) -> str | None:
             in_shards, in_classes = sum(s["num_samples"] for s in info["shards"]), sum(counted.values())
         except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
-        if not all(type(n) is int for n in (total, in_shards, in_classes)):  # ("192" would read as 192 below)
-            return f"split {split!r} has a count that is not a whole number (num_samples {total!r})"
+        counts = [("num_samples", total), ("input_files", info.get("input_files", 0))]
+        counts += [(f"shards[{i}].num_samples", x["num_samples"]) for i, x in enumerate(info["shards"])]
+        counts += [(f"class_counts[{w}]", n) for w, n in counted.items()]
+        if wrong := next(((k, v) for k, v in counts if type(v) is not int), None):  # ("192" would read as 192 below)
+            return f"split {split!r}: {wrong[0]} is {wrong[1]!r}, not a whole number"
         if list(counted) != classes:
             if set(counted) == set(classes):  # (neither holds a WNID twice: dict keys, and checked above)
                 return f"split {split!r} counts its classes in another order"
@@ -178,10 +181,10 @@ def manifest_problem(manifest: dict) -> str | None:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
                     f"add up to {in_classes}")
         # every image file the packer found is packed or skipped: a shard left out with the counts made to agree
-        skipped = sum(1 for x in manifest.get("skipped", []) if isinstance(x, dict) and x.get("split") == split)
-        if isinstance(found := info.get("input_files"), int) and total + skipped != found:
-            return (f"split {split!r} packed {total} samples and skipped {skipped} of the {found} image files found: "
-                    f"{found - total - skipped} are in no shard it lists")
+        skipped = sum(1 for x in manifest.get("skipped") or [] if isinstance(x, dict) and x.get("split") == split)
+        if "input_files" in info and total + skipped != info["input_files"]:
+            return (f"split {split!r} packed {total} samples and skipped {skipped}, but {info['input_files']} image "
+                    f"files were found: its shards are not the ones the packer wrote")
     return None
 
 

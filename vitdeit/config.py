@@ -197,7 +197,8 @@ class Config:
         need(self.patch_size >= 1 and (self.model == "resnet18" or self.img_size % self.patch_size == 0),
              f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")  # ViT/DeiT only
         need(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
-        # (numpy's and DALI's generators take 32 bits; the PyTorch loader's epoch seed, seed * 1000003 + epoch, 64)
+        # (31 bits: what every generator the run seeds takes; the PyTorch loader's epoch seed, seed * 1000003 +
+        # epoch, overflowed 64 bits past 9e12 with a traceback after the run folder was made)
         need(0 <= self.seed < 2**31, f"--seed {self.seed}: must be in 0..{2**31 - 1}")
         need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1 (images per process)")
         need(self.lr > 0, f"--lr {self.lr}: must be > 0")
@@ -496,7 +497,7 @@ def parse_args(argv=None, description: str = "") -> Config:
             if isinstance(e, UnicodeDecodeError) and raw[:2] == b"PK":  # torch.save's zip archive
                 p.error(f"--config {path}: a checkpoint, not a JSON config; pass its run's config.json (--config "
                         f"{Path(path).parent / 'config.json'}), or the checkpoint itself as --resume")
-            p.error(f"--config {path}: {e}")
+            p.error(f"--config {path}: {e}" + ("; keep one of them" if isinstance(e, DataError) else ""))
         if not isinstance(values, dict):
             p.error(f"--config {path}: must hold a JSON object")
     values.update({k: v for k, v in ns.items() if v is not None})
@@ -511,7 +512,7 @@ def parse_args(argv=None, description: str = "") -> Config:
         named = re.match(r"--([a-z0-9-]+) ", str(e)) or typed
         key = named[1].replace("-", "_") if named else None
         if key is not None and key not in values and key in inherited:
-            said = str(e).split(": ", 1)[1] if typed else e  # (not the arguments': the checkpoint's)
+            said = str(e).removeprefix(f"{path or 'arguments'}: ") if typed else e  # (the checkpoint's, not theirs)
             p.error(f"{said} (the value is the one {checkpoint_named(values.get('resume'), source)} was saved with: "
                     f"give the flag to override it)")
         from_file = path and named and ns.get(key) is None  # not given on the command line

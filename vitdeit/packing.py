@@ -177,14 +177,32 @@ def what_is(path: Path) -> str:
     return "a folder" if path.is_dir() else "a file"
 
 
+def misnamed_file(f: Path, class_dir: Path) -> str | None:
+    """Why the shards cannot hold the entry f of a class folder under its name (one line, the fix in it), or None."""
+    if not f.is_file():
+        return f"{f}: expected image files in {class_dir}, found {what_is(f)}; fix it or move it away"
+    try:
+        f.name.encode("utf-8")
+    except UnicodeEncodeError:  # tar member names and DALI's index are UTF-8
+        return f"{f}: the file name is not valid UTF-8 (bytes {os.fsencode(f.name)!r}); rename the file"
+    if "." in f.stem:
+        return (f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to separate a sample's key "
+                f"from its extension; rename the file")
+    if re.search(r"\s", f.name):
+        return (f"{f}: the file name contains whitespace, which DALI's index format (fields separated by spaces) "
+                f"cannot hold; rename the file")
+    return None
+
+
 def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden: list[str] | None = None,
-               misnamed: list[str] | None = None, unlisted: list[dict] | None = None) -> list[Source]:
+               misnamed: list[str] | None = None, unlisted: list[dict] | None = None,
+               misnamed_in: Counter | None = None) -> list[Source]:
     """The split's image files as samples. Names starting with "." are not read (macOS's ._NAME and .DS_Store
     files, an editor's backups): they go to `hidden`, which the manifest counts. A file or class folder whose name
     the shards cannot hold goes to `misnamed` (one line each), for pack() to list them all at once: a camera's
     `IMG 0001.JPG` names thousands; raised here when no list is passed. Class folders of WNIDs not in Labels.json
     go to `unlisted` ({path, files}: --subset's, left unread) where a list is passed, else to `misnamed`, one line
-    per split folder."""
+    per split folder. misnamed_in counts the misnamed entries of each class folder, by class index."""
     sources, hidden = [], [] if hidden is None else hidden
     problems = [] if misnamed is None else misnamed
     for d in dirs:
@@ -216,23 +234,10 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
             for f in sorted(class_dir.iterdir()):
                 if f.name.startswith("."):
                     hidden.append(str(f))
-                    continue
-                if not f.is_file():
-                    problems.append(f"{f}: expected image files in {class_dir}, found {what_is(f)}; fix it or move "
-                                    f"it away")
-                    continue
-                try:
-                    f.name.encode("utf-8")
-                except UnicodeEncodeError:  # tar member names and DALI's index are UTF-8
-                    problems.append(f"{f}: the file name is not valid UTF-8 (bytes {os.fsencode(f.name)!r}); rename "
-                                    f"the file")
-                    continue
-                if "." in f.stem:
-                    problems.append(f"{f}: the file stem {f.stem!r} contains '.', which WebDataset reserves to "
-                                    f"separate a sample's key from its extension; rename the file")
-                elif re.search(r"\s", f.name):
-                    problems.append(f"{f}: the file name contains whitespace, which DALI's index format (fields "
-                                    f"separated by spaces) cannot hold; rename the file")
+                elif why := misnamed_file(f, class_dir):
+                    problems.append(why)
+                    if misnamed_in is not None:  # (its class has images, once this file is renamed)
+                        misnamed_in[label] += 1
                 else:
                     sources.append(Source(str(f), f.stem, label))
         if unlisted is not None:  # (scandir: a file's type without a stat, for up to 1,300 files a folder)
@@ -249,25 +254,6 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
     if misnamed is None:
         check_names(problems)
     return sources
-
-
-@contextmanager
-def said_together():
-    """`with said_together() as each:`, then `with each(): check()` for several checks: their DataErrors are raised
-    as one at the end, every message in it, so that a dataset with several kinds of problems is mended in one round
-    and not one round per kind."""
-    said = []
-
-    @contextmanager
-    def each():
-        try:
-            yield
-        except DataError as e:
-            said.append(str(e))
-
-    yield each
-    if said:
-        raise DataError("\n\n".join(said))
 
 
 def check_names(problems: list[str]) -> None:
@@ -510,20 +496,29 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
     hidden: list[str] = []
     misnamed: list[str] = []  # every split's, in one error
     unlisted: list[dict] | None = [] if opts.subset else None  # --subset: the class folders left unread
-    sources = {split: scan_split(dirs, class_map, labels_path, hidden, misnamed, unlisted)
+    misnamed_in = {split: Counter() for split in split_dirs}  # a class's files the names error lists: it has them
+    sources = {split: scan_split(dirs, class_map, labels_path, hidden, misnamed, unlisted, misnamed_in[split])
                for split, dirs in split_dirs.items()}
-    with said_together() as each:  # every kind of problem at once: the dataset is mended in one round
-        with each():
-            check_names(misnamed)
-        with each():
-            check_unique_keys(sources["train"] + sources["val"])
-        with each():
-            if empty := [f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files."
-                         for split, srcs in sources.items() if not srcs]:
-                raise DataError("\n".join(empty))  # (then every class would be said to have no images)
-            check_classes({split: Counter(s.label for s in srcs) for split, srcs in sources.items()}, class_map,
-                          split_dirs, labels_path, opts, found="found", fix="Add the missing split or class folders "
-                          "(a train.X* folder not unpacked?)", unread=unlisted or [])
+
+    def check_contents():
+        if empty := [f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files."
+                     for split, srcs in sources.items() if not srcs]:
+            raise DataError("\n".join(empty))  # (then every class would be said to have no images)
+        renamed = (" (or, where a class folder above is named otherwise than by its WNID, rename it)"
+                   if any(NOT_A_WNID in m for m in misnamed) else "")
+        check_classes({split: Counter(s.label for s in srcs) + misnamed_in[split] for split, srcs in sources.items()},
+                      class_map, split_dirs, labels_path, opts, found="found", fix="Add the missing split or class "
+                      f"folders (a train.X* folder not unpacked?){renamed}", unread=unlisted or [])
+
+    said = []  # every kind of problem at once, so that the dataset is mended in one round, not one round per kind
+    for check in (lambda: check_names(misnamed), lambda: check_unique_keys(sources["train"] + sources["val"]),
+                  check_contents):
+        try:
+            check()
+        except DataError as e:
+            said.append(str(e))
+    if said:
+        raise DataError("\n\n".join(said))
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")

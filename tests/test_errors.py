@@ -399,6 +399,14 @@ def _count_as_float(m):
     m["splits"]["val"]["class_counts"][m["classes"][0]] = 6.0
 
 
+def _class_count_as_text(m):
+    m["splits"]["train"]["class_counts"][m["classes"][0]] = "24"
+
+
+def _skipped_not_a_list(m):
+    m["skipped"] = 5
+
+
 def _count_as_text(m):
     m["splits"]["train"]["num_samples"] = str(m["splits"]["train"]["num_samples"])
 
@@ -408,6 +416,8 @@ def _count_as_text(m):
                   "the ones the packer wrote"),
     (_count_as_text, "split 'train': num_samples is '96', not a whole number"),
     (_count_as_float, "split 'val': class_counts[{first}] is 6.0, not a whole number"),
+    (_class_count_as_text, "split 'train': class_counts[{first}] is '24', not a whole number"),
+    (_skipped_not_a_list, "'skipped' is int, not a list"),
     # was IndexError in the loss; the WNID named is the one dropped
     (_drop_last_class,
      "split 'train' counts 4 classes, but 'classes' lists 3: 1 counted but not in 'classes' ({last})"),

@@ -478,18 +478,26 @@ def test_a_class_whose_files_or_folder_are_misnamed_is_said_as_such_not_as_a_cla
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     assert "\n\n" not in str(e.value) and str(e.value).startswith("2 problem(s) with file or class folder names")
+    for f in (data / "val.X" / first).iterdir():  # and the other's: the split has images, all of them misnamed
+        f.rename(f.with_name(f"IMG {f.name}"))
+    with pytest.raises(DataError) as e:
+        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    assert "\n\n" not in str(e.value) and str(e.value).startswith("4 problem(s) with file or class folder names")
     (data / "val.X" / second).rename(data / "val.X" / "tench")  # its folder misnamed: the class has none, and why
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
     names, classes = str(e.value).split("\n\n")
-    assert names.splitlines()[1].startswith(f"  {data / 'val.X' / 'tench'}: class folder 'tench' is not in")
+    assert any(line.startswith(f"  {data / 'val.X' / 'tench'}: class folder 'tench' is not in")
+               for line in names.splitlines())
     assert classes.splitlines()[1] == f"  val (val.X/): 1 of 2 classes, {second}"
     assert "(or, where a class folder above is named otherwise than by its WNID, rename it)" in classes
     shutil.rmtree(data / "val.X" / "tench")
     shutil.rmtree(data / "val.X" / first)  # no val images at all: said once, not as every class without any
+    (data / "val.X" / first).mkdir()
+    (data / "val.X" / first / "sub").mkdir()  # (a subfolder is no image: the split holds none)
     with pytest.raises(DataError) as e:
         pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
-    assert str(e.value) == f"{data / 'val.X'}: the val split holds no image files."
+    assert str(e.value).endswith(f"\n\n{data / 'val.X'}: the val split holds no image files.")
 
 
 def test_an_empty_class_folder_is_named_as_such(data, tmp_path):

@@ -913,6 +913,7 @@ def test_the_curves_show_whole_epochs_numbered_as_metrics_and_say_what_each_loss
     ("{tmp}/p.png", "{tmp}/file/r", "--report-dir {tmp}/file/r: cannot be made ({tmp}/file is a file)"),
     ("{tmp}/gone/p.png", None, "--out {tmp}/gone/p.png: its folder {tmp}/gone cannot be made ({tmp}/gone is a link to "
                                "nowhere)"),
+    ("{tmp}/link/p.png", None, "--out {tmp}/link/p.png: its folder {tmp}/link cannot be made ({tmp}/link is a file)"),
     # a folder that is there but takes no file (root too: tried, not asked)
     ("/proc/p.png", None, "--out /proc/p.png: its folder /proc cannot be written in (No such file or directory in "
                           "/proc); pass another --out")])
@@ -923,6 +924,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_val_pass(ru
 
     (tmp_path / "file").write_text("x")
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a link whose target was removed
+    (tmp_path / "link").symlink_to(tmp_path / "file")  # a link to a file
     monkeypatch.setattr(rep, "predict", lambda *a, **k: pytest.fail("predicted before checking the outputs"))
     with pytest.raises(SettingError, match=re.escape(said.format(tmp=tmp_path))):
         make_all(str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth"),

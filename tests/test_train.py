@@ -223,9 +223,10 @@ def test_eval_only_names_a_flag_it_replaces_even_at_its_default(teacher_run, cap
     assert "note:" not in capsys.readouterr().out  # its own recipe: nothing replaced
     evaluate_checkpoint(parse_args(["--config", os.path.join(cfg.output_dir, "teacher", "config.json"),
                                     "--eval-only", "--workers", "0", "--lr", "0.1", "--epochs", "7", "--batch-size",
-                                    "8"]))  # (--batch-size: evaluation's too)
+                                    "8", "--compile", "on", "--overwrite"]))  # (--batch-size: evaluation's too)
     assert [n for n in capsys.readouterr().out.splitlines() if n.startswith("note:")] == [
-        "note: --eval-only: --epochs 7, --lr 0.1 set training, not evaluation: not used here"]
+        "note: --eval-only: --compile on, --epochs 7, --lr 0.1, --overwrite True set training, not evaluation: not "
+        "used here"]
 
 
 def test_eval_only_says_the_checkpoints_own_score_and_the_runs_best_apart(teacher_run, tmp_path, capsys):

@@ -162,14 +162,14 @@ def manifest_problem(manifest: dict) -> str | None:
     for split, info in manifest["splits"].items():
         try:
             counted, total = info["class_counts"], info["num_samples"]
-            in_shards, in_classes = sum(s["num_samples"] for s in info["shards"]), sum(counted.values())
+            counts = [("num_samples", total), ("input_files", info.get("input_files", 0))]
+            counts += [(f"shards[{i}].num_samples", x["num_samples"]) for i, x in enumerate(info["shards"])]
+            counts += [(f"class_counts[{w}]", n) for w, n in counted.items()]
         except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
-        counts = [("num_samples", total), ("input_files", info.get("input_files", 0))]
-        counts += [(f"shards[{i}].num_samples", x["num_samples"]) for i, x in enumerate(info["shards"])]
-        counts += [(f"class_counts[{w}]", n) for w, n in counted.items()]
         if wrong := next(((k, v) for k, v in counts if type(v) is not int), None):  # ("192" would read as 192 below)
             return f"split {split!r}: {wrong[0]} is {wrong[1]!r}, not a whole number"
+        in_shards, in_classes = sum(s["num_samples"] for s in info["shards"]), sum(counted.values())
         if list(counted) != classes:
             if set(counted) == set(classes):  # (neither holds a WNID twice: dict keys, and checked above)
                 return f"split {split!r} counts its classes in another order"
@@ -181,7 +181,9 @@ def manifest_problem(manifest: dict) -> str | None:
             return (f"split {split!r} says {total} samples, but its shards hold {in_shards} and its class counts "
                     f"add up to {in_classes}")
         # every image file the packer found is packed or skipped: a shard left out with the counts made to agree
-        skipped = sum(1 for x in manifest.get("skipped") or [] if isinstance(x, dict) and x.get("split") == split)
+        if not isinstance(listed := manifest.get("skipped", []), list):
+            return f"'skipped' is {type(listed).__name__}, not a list"
+        skipped = sum(1 for x in listed if isinstance(x, dict) and x.get("split") == split)
         if "input_files" in info and total + skipped != info["input_files"]:
             return (f"split {split!r} packed {total} samples and skipped {skipped}, but {info['input_files']} image "
                     f"files were found: its shards are not the ones the packer wrote")

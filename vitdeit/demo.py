@@ -260,9 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)
-    refuse_below(p, ("--epochs", a.epochs, 1), ("--workers", a.workers, 1))  # before minutes of data and packing
     if a.generate_only and a.epochs is not None:  # (not taken without a word)
         p.error(f"--generate-only writes the images and trains nothing: drop --epochs {a.epochs}")
+    refuse_below(p, ("--epochs", a.epochs, 1), ("--workers", a.workers, 1))  # before minutes of data and packing
     if Path(a.out).exists() and not Path(a.out).is_dir():
         print(f"error: --out {a.out}: a file, not a folder; pass a folder (it is made if missing).", file=sys.stderr)
         return 1

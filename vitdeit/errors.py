@@ -134,7 +134,7 @@ def output_folder(path: Path, option: str, is_folder: bool, make: bool = True) -
         if make:
             folder.mkdir(parents=True, exist_ok=True)
         elif not (there := next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())).is_dir():
-            raise NotADirectoryError(f"{there} is {'a link to nowhere' if there.is_symlink() else 'a file'}")
+            raise NotADirectoryError(f"{there} is {'a file' if there.exists() else 'a link to nowhere'}")
     except OSError as e:  # a file on the path (FileExistsError even with exist_ok), a folder it may not write in
         raise SettingError(f"{option} {path}:{where} cannot be made ({first_line(e)}); pass another {option}") from e
     if why := cannot_write_in(folder):

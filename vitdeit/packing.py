@@ -236,7 +236,7 @@ def scan_split(dirs: list[Path], class_map: ClassMap, labels_path: Path, hidden:
                     hidden.append(str(f))
                 elif why := misnamed_file(f, class_dir):
                     problems.append(why)
-                    if misnamed_in is not None:  # (its class has images, once this file is renamed)
+                    if misnamed_in is not None and f.is_file():  # (its class has images, once it is renamed)
                         misnamed_in[label] += 1
                 else:
                     sources.append(Source(str(f), f.stem, label))
@@ -502,7 +502,7 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
 
     def check_contents():
         if empty := [f"{', '.join(map(str, split_dirs[split]))}: the {split} split holds no image files."
-                     for split, srcs in sources.items() if not srcs]:
+                     for split, srcs in sources.items() if not srcs and not misnamed_in[split]]:
             raise DataError("\n".join(empty))  # (then every class would be said to have no images)
         renamed = (" (or, where a class folder above is named otherwise than by its WNID, rename it)"
                    if any(NOT_A_WNID in m for m in misnamed) else "")

@@ -22,8 +22,7 @@ from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_che
                          shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint, pack_identity,
                       without_images_text)
-from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, NODE_OWN, Config, checkpoint_named, flag,
-                     saved_setting)
+from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, hosts_of, local_rank_zero_first, numbers_text,
@@ -826,6 +825,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
     return record
 
 
+# the settings --eval-only reads (with the checkpoint's geometry): the val loader's and the device's, the checkpoint's
+# path; rand_augment too, as one DALI cannot run makes --loader auto the PyTorch loader's, for val as well
+EVAL_READS = ("data_path", "batch_size", "amp", "loader", "workers", "progress", "device", "channels_last",
+              "dali_executor", "dali_prefetch", "dali_hw_decoder_load", "rand_augment", "output_dir", "run_name",
+              "resume", "eval_only", "eval_ema")
+
+
 def evaluate_checkpoint(cfg: Config) -> dict:
     """--eval-only: evaluate --resume (default RUN_DIR/best.pth) on cfg.data_path's val split: its trained weights,
     or with --eval-ema the EMA of them it holds (--model-ema), as timm's validate.py --use-ema."""
@@ -856,7 +862,7 @@ def evaluate_checkpoint(cfg: Config) -> dict:
             dist.print(f"note: --eval-only evaluates with the settings {path} was trained with ({flags(geometry)}), "
                        f"not {flags(asked)}")
         # a training setting given otherwise than the checkpoint's (parse_args' `given`): nothing here reads it
-        reads = {"data_path", "batch_size", "amp", *geometry, *HOW_IT_RUNS, *INVOCATION_FIELDS}
+        reads = {*geometry, *EVAL_READS}
         if unread := {k: getattr(cfg, k) for k in sorted(getattr(cfg, "given", ())) if k not in reads
                       and getattr(cfg, k) != saved_setting(trained, k)}:
             dist.print(f"note: --eval-only: {flags(unread)} set{'s' * (len(unread) == 1)} training, not evaluation: "

@@ -403,11 +403,9 @@ def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: d
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
     resume's last: resume_notes)."""
-    out, num_classes, global_batch = [], len(manifest["classes"]), cfg.global_batch(dist.world)  # (classes: WNIDs)
+    out, global_batch = [], cfg.global_batch(dist.world)
     out += [f"warning: {text}" for split in ("train", "val")  # --allow-missing-classes
             if (text := without_images_text(manifest, split, cfg.data_path))]
-    if num_classes <= 5:  # (evaluate() prints top-5 every epoch)
-        out.append(f"note: with {num_classes} classes, val top-5 is 100 % by construction")
     if cfg.rand_augment and train_loader.name == "dali":
         out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")

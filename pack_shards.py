@@ -15,7 +15,7 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
-from vitdeit.config import refuse_below
+from vitdeit.config import refuse_below, refuse_empty
 from vitdeit.errors import VitdeitError, say_error
 from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, SUBSET_FLAG, PackOptions, pack, summary_lines
 
@@ -48,9 +48,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     refuse_below(p, ("--shard-size", a.shard_size, 1), ("--workers", a.workers, 1),
                  ("--resize-short", a.resize_short, 8))
-    for name, value in (("--data-path", a.data_path), ("--out", a.out)):
-        if not value.strip():  # ("" is the working folder to pathlib: shards written among whatever is there)
-            p.error(f"{name} {value!r}: empty; name a folder")
+    refuse_empty(p, ("--data-path", a.data_path, "folder"), ("--out", a.out, "folder"))
     if not 1 <= a.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) without a word
         p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,

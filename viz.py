@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitdeit.config import resolve_workers, workers_problem
+from vitdeit.config import refuse_empty, resolve_workers, workers_problem
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError, say_error
 from vitdeit.report import make_all, paired_line
@@ -40,10 +40,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if problem := workers_problem(a.workers):
         p.error(problem)
-    for name, value in (("--vit", a.vit), ("--deit", a.deit), ("--data-path", a.data_path), ("--out", a.out),
-                        ("--report-dir", a.report_dir), ("--teacher-run", a.teacher_run)):
-        if value is not None and not value.strip():  # ("" is the working folder to pathlib)
-            p.error(f"{name} {value!r}: empty; name a {'file' if name in ('--vit', '--deit', '--out') else 'folder'}")
+    refuse_empty(p, ("--vit", a.vit, "file"), ("--deit", a.deit, "file"), ("--data-path", a.data_path, "folder"),
+                 ("--out", a.out, "file"), ("--report-dir", a.report_dir, "folder"),
+                 ("--teacher-run", a.teacher_run, "folder"))
     if a.no_report and a.report_dir != p.get_default("report_dir"):
         p.error(f"--no-report with --report-dir {a.report_dir}: --no-report writes no report; drop one of them")
     from matplotlib.backend_bases import FigureCanvasBase

@@ -57,6 +57,14 @@ def refuse_below(parser: argparse.ArgumentParser, *checks: tuple[str, int | None
             parser.error(f"{name} {value}: must be >= {least}")
 
 
+def refuse_empty(parser: argparse.ArgumentParser, *checks: tuple[str, str | None, str]) -> None:
+    """argparse's usage error (exit 2) for the first (flag, value, what it names) whose value is empty or blank
+    (None: unset): "" is the working folder to pathlib, where a command would read or write among whatever is there."""
+    for name, value, what in checks:
+        if value is not None and not value.strip():
+            parser.error(f"{name} {value!r}: empty; name a {what}")
+
+
 def usable_cores() -> int:
     """The cores this process may run on: a job scheduler's or container's share, not the host's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

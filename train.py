@@ -23,7 +23,7 @@ import vitdeit
 vitdeit.use_cuda_connections()  # before any import can reach CUDA (vitdeit.CUDA_CONNECTIONS says why)
 
 from vitdeit.config import parse_args  # noqa: E402
-from vitdeit.errors import VitdeitError, quiet_rank, say_error, wait_for_local_rank_0  # noqa: E402
+from vitdeit.errors import VitdeitError, out_of_memory, quiet_rank, say_error, wait_for_local_rank_0  # noqa: E402
 from vitdeit.trainer import evaluate_checkpoint, train  # noqa: E402
 
 
@@ -71,9 +71,11 @@ def main(argv=None) -> int:
                    "another failed: see above)" if isinstance(e, Terminated) else "interrupted")
             print(f"\n{why}{go_on()}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # a shell's code for the signal
-    except Exception:  # CUDA OOM, a lost connection to another process, a bug: its traceback, then how to go on
+    except Exception as e:  # CUDA OOM, a lost connection to another process, a bug: its traceback, then how to go on
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, as the node's others stop: not while it says it
         traceback.print_exc()
+        if hint := out_of_memory(e, cfg.batch_size, cfg.img_size):  # said by the rank that ran out, under its traceback
+            print(f"\n{hint}", file=sys.stderr)
         if not quiet_rank() and (then := go_on("once its cause is mended, ")):
             peers = (" (if it is a lost connection, another process stopped first: its own output says why)"
                      if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")

@@ -32,15 +32,23 @@ def test_a_missing_input_is_one_line_naming_it_and_exit_1(entry, flags, tmp_path
     assert rc == 1 and err.startswith("error: ") and str(missing) in err and len(err.strip().splitlines()) == 1
 
 
-def test_out_of_memory_in_training_is_not_turned_into_a_one_line_message(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("where", ["cuda", "cpu"])
+def test_out_of_memory_keeps_its_traceback_then_names_the_two_settings_to_lower(monkeypatch, capsys, tmp_path, where):
     def oom(cfg):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if where == "cuda":  # what the CUDA caching allocator raises (no GPU here to make one run out)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        torch.empty(2**50, dtype=torch.uint8)  # the CPU allocator's own refusal (1 PiB): a RuntimeError
 
     monkeypatch.setattr(train, "train", oom)
-    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err  # its whole traceback, down to where it was raised
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path), "--batch-size", "96", "--img-size", "192"]) == 1
+    err = capsys.readouterr().err  # its whole traceback, down to where it was raised, then what to change
     assert err.startswith("Traceback (most recent call last):\n") and ", in oom\n" in err
-    assert err.rstrip().endswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    raised, hint = err.rstrip().split("\n\n")[-2:]
+    assert raised.endswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" if where == "cuda"
+                           else "can't allocate memory: you tried to allocate 1125899906842624 bytes. Error code 12 "
+                                "(Cannot allocate memory)")
+    assert hint == ("out of memory at --batch-size 96 (images per process) and --img-size 192 px: lower --batch-size "
+                    "(--lr is per 512 images of global batch, so the peak lr follows it) or --img-size")
 
 
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
@@ -274,7 +282,8 @@ def test_a_metrics_line_that_cannot_be_written_is_one_error_naming_the_file(tmp_
 @pytest.mark.parametrize("error, fix", [
     (OSError(errno.ENOSPC, "No space left on device"), "Free space there or pass another --out"),
     (OSError(errno.EDQUOT, "Disk quota exceeded"), "Free space there or pass another --out"),
-    (OSError(errno.EFBIG, "File too large"), "Free space there or pass another --out"),
+    (OSError(errno.EFBIG, "File too large"), "The file is over a size limit (`ulimit -f`, or the file system's own, "
+                                             "e.g. FAT32's 4 GiB): raise it or pass another --out"),
     (RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"),  # torch.save: no errno
      "Free space there or pass another --out"),
     (PermissionError(errno.EACCES, "Permission denied"), "Pass another --out"),

@@ -153,21 +153,35 @@ def cannot_write_in(folder: Path) -> str | None:
     return None
 
 
-# what a full disk, a quota or a file-size limit raises; torch.save's own write errors carry no errno
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+def out_of_memory(e: BaseException, batch_size: int, img_size: int) -> str | None:
+    """What to change after running out of memory (torch's CUDA OutOfMemoryError, the CPU allocator's "can't
+    allocate memory", DALI's failed allocations), said under its traceback; None for any other error. Memory grows
+    with the images per step (batch x img_size**2), so those are the two settings to lower."""
+    text = str(e).lower()
+    if type(e).__name__ != "OutOfMemoryError" and not ("out of memory" in text or "can't allocate memory" in text):
+        return None
+    return (f"out of memory at --batch-size {batch_size} (images per process) and --img-size {img_size} px: lower "
+            "--batch-size (--lr is per 512 images of global batch, so the peak lr follows it) or --img-size")
+
+
+# what a full disk or a quota raises; torch.save's own write errors carry no errno
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_failed(path: Path, e: Exception, kept: str, flag: str = "--output-dir") -> WriteFailed:
     """The one-line error for an output that could not be written (usually a full disk): the file, the cause, the
     space left, what was kept, the fix (freeing space only where space can be the cause: not for a folder it may not
-    write in, a read-only disk or a name that is a folder)."""
-    space = getattr(e, "errno", None) in (None, *NO_SPACE)
+    write in, a read-only disk, a name that is a folder, or a file over a size limit)."""
+    code = getattr(e, "errno", None)
+    space = code in (None, *NO_SPACE)
     try:
         free = f" ({shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free on its disk)" if space else ""
     except OSError:
         free = " (its folder cannot be read)"
-    return WriteFailed(f"could not write {path}: {first_line(e)}{free}; {kept}. "
-                       + (f"Free space there or pass another {flag}" if space else f"Pass another {flag}"))
+    fix = (f"Free space there or pass another {flag}" if space else
+           f"The file is over a size limit (`ulimit -f`, or the file system's own, e.g. FAT32's 4 GiB): raise it or "
+           f"pass another {flag}" if code == errno.EFBIG else f"Pass another {flag}")
+    return WriteFailed(f"could not write {path}: {first_line(e)}{free}; {kept}. {fix}")
 
 
 def save_output(path: Path, write, kept: str, flag: str = "--output-dir") -> None:

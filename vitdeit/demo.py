@@ -254,14 +254,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".", help="where demo_data/, demo_shards/ and demo_runs/ go (default: here)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs for ViT and DeiT (the teacher gets half; default: 8, with --quick 1)")
-    p.add_argument("--workers", type=int, default=max(1, min(4, usable_cores() - 1)),
-                   help="processes (DALI: threads) that pack and decode, for every step (default: the usable cores "
-                        "less one, 1 to 4: %(default)s here)")
+    workers = max(1, min(4, usable_cores() - 1))
+    p.add_argument("--workers", type=int, default=None,  # None: not given (--generate-only refuses a given one)
+                   help=f"processes (DALI: threads) that pack and decode, for every step (default: the usable cores "
+                        f"less one, 1 to 4: {workers} here)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests, CI): minutes become seconds")
     p.add_argument("--generate-only", action="store_true", help="only write the demo dataset, to --out/demo_data")
     a = p.parse_args(argv)
     if a.generate_only and a.epochs is not None:  # (not taken without a word)
         p.error(f"--generate-only writes the images and trains nothing: drop --epochs {a.epochs}")
+    if a.generate_only and a.workers is not None:
+        p.error(f"--generate-only writes the images in this one process: drop --workers {a.workers}")
+    a.workers = workers if a.workers is None else a.workers
     refuse_below(p, ("--epochs", a.epochs, 1), ("--workers", a.workers, 1))  # before minutes of data and packing
     if Path(a.out).exists() and not Path(a.out).is_dir():
         print(f"error: --out {a.out}: a file, not a folder; pass a folder (it is made if missing).", file=sys.stderr)

@@ -17,7 +17,8 @@ import sys
 
 from vitdeit.config import refuse_below, refuse_empty
 from vitdeit.errors import VitdeitError, say_error
-from vitdeit.packing import ALLOW_MISSING_FLAG, SKIP_FLAG, SUBSET_FLAG, PackOptions, pack, summary_lines
+from vitdeit.packing import (ALLOW_MISSING_FLAG, SKIP_FLAG, SUBSET_FLAG, VAL_COPIES_FLAG, PackOptions, pack,
+                             summary_lines)
 
 
 def main(argv=None) -> int:
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument(SUBSET_FLAG, action="store_true",
                    help="pack only the classes of Labels.json (--labels): class folders of other WNIDs are not read "
                         "(listed in manifest.json; default: refused). For some classes, or a partial download")
+    p.add_argument(VAL_COPIES_FLAG, action="store_true",
+                   help="pack val images whose bytes are also in train as they are (listed in manifest.json; "
+                        "default: refused). For a published split kept whole")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards in --out if another --data-path packed them (default: refused)")
     p.add_argument("--workers", type=int, default=d.workers,
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
         p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
     opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
                        jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers,
-                       allow_missing_classes=a.allow_missing_classes, subset=a.subset)
+                       allow_missing_classes=a.allow_missing_classes, subset=a.subset,
+                       allow_train_val_copies=a.allow_train_val_copies)
     try:
         m = pack(a.data_path, a.out, a.labels, opts, overwrite=a.overwrite)
     except VitdeitError as e:

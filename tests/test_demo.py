@@ -181,8 +181,8 @@ def test_generate_only_writes_demo_data_under_out_as_the_full_demo_does(tmp_path
                                          (["--workers", "0"], "--workers 0: must be >= 1"),
                                          (["--generate-only", "--epochs", "0"], "--generate-only writes the images "
                                                                                 "and trains nothing: drop --epochs 0"),
-                                         (["--generate-only", "--workers", "3"], "--generate-only writes the images "
-                                                                                 "in this one process: drop --workers 3")])
+                                         (["--generate-only", "--workers", "3"],
+                                          "--generate-only writes the images in this one process: drop --workers 3")])
 def test_the_demo_refuses_counts_it_cannot_use_before_generating_anything(tmp_path, monkeypatch, capsys, flags, said):
     import subprocess
 

@@ -40,7 +40,8 @@ def test_out_of_memory_keeps_its_traceback_then_names_the_two_settings_to_lower(
         torch.empty(2**50, dtype=torch.uint8)  # the CPU allocator's own refusal (1 PiB): a RuntimeError
 
     monkeypatch.setattr(train, "train", oom)
-    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path), "--batch-size", "96", "--img-size", "192"]) == 1
+    assert train.main(["--device", "cpu", "--output-dir", str(tmp_path), "--batch-size", "96",
+                       "--img-size", "192"]) == 1
     err = capsys.readouterr().err  # its whole traceback, down to where it was raised, then what to change
     assert err.startswith("Traceback (most recent call last):\n") and ", in oom\n" in err
     raised, hint = err.rstrip().split("\n\n")[-2:]
@@ -416,6 +417,10 @@ def _skipped_not_a_list(m):
     m["skipped"] = 5
 
 
+def _val_copies_not_listed(m):  # --allow-train-val-copies' list, edited into one path
+    m["train_val_same_bytes"] = [{"train": ["a.JPEG"], "val": "b.JPEG", "classes": [m["classes"][0]]}]
+
+
 def _count_as_text(m):
     m["splits"]["train"]["num_samples"] = str(m["splits"]["train"]["num_samples"])
 
@@ -427,6 +432,7 @@ def _count_as_text(m):
     (_count_as_float, "split 'val': class_counts[{first}] is 6.0, not a whole number"),
     (_class_count_as_text, "split 'train': class_counts[{first}] is '24', not a whole number"),
     (_skipped_not_a_list, "'skipped' is int, not a list"),
+    (_val_copies_not_listed, "'train_val_same_bytes' is not a list of {{train, val, classes}} entries"),
     # was IndexError in the loss; the WNID named is the one dropped
     (_drop_last_class,
      "split 'train' counts 4 classes, but 'classes' lists 3: 1 counted but not in 'classes' ({last})"),

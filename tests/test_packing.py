@@ -668,13 +668,44 @@ def test_duplicate_stems_are_an_error_naming_both(data, tmp_path, split):
     assert "duplicate file stem" in str(e.value) and str(src) in str(e.value) and str(dst) in str(e.value)
 
 
-def test_an_image_in_both_train_and_val_is_an_error(data, tmp_path):
+def test_an_image_in_both_train_and_val_is_an_error_or_with_the_flag_packed_as_it_is_listed_and_warned_of(data,
+                                                                                                      tmp_path):
+    from vitdeit.classes import pack_fingerprint
+    from vitdeit.config import Config
+    from vitdeit.distributed import Dist
+    from vitdeit.packing import summary_lines
+    from vitdeit.trainer import run_notes
+
     src = first_image(data)
     copy = data / "val.X" / src.parent.name / "ILSVRC2012_val_99999999.JPEG"
     shutil.copyfile(src, copy)
+    out = tmp_path / "s"
     with pytest.raises(DataError) as e:
-        pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
-    assert "both train and val" in str(e.value) and str(src) in str(e.value) and str(copy) in str(e.value)
+        pack(data, out, opts=PackOptions(workers=1), progress=False)
+    assert str(e.value).startswith("1 image(s) appear in both train and val (identical bytes)")
+    assert "re-run with --allow-train-val-copies" in str(e.value) and str(e.value).endswith(f":\n  {src}  ==  {copy}")
+    assert not (out / "manifest.json").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    m = pack(data, out, opts=PackOptions(workers=1, allow_train_val_copies=True), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == written and len(written) == 2  # reused
+    assert m["train_val_same_bytes"] == [{"train": [str(src)], "val": [str(copy)], "classes": [src.parent.name]}]
+    assert m["splits"]["val"]["num_samples"] == 2 * 2 + 1  # packed as it is, not dropped
+    said = ("1 of the 5 val images has byte-identical copies in train")
+    assert (f'warning: {said}, packed as they are (--allow-train-val-copies): listed in the manifest\'s '
+            f'"train_val_same_bytes" (e.g. {copy} == {src})') in summary_lines(m, out)
+    # the flag changes no shard: checkpoints of a pack without it (another copy removed since) are of these shards
+    assert pack_fingerprint(m) == pack_fingerprint({**m, "options": {**m["options"], "allow_train_val_copies": False}})
+
+    class Loader:  # run_notes reads a loader's name, its length and the train images each rank is dealt
+        name, per_rank = "torch", 16
+
+        def __len__(self):
+            return 1
+
+    cfg = Config(data_path=str(out), model="vit_tiny", device="cpu", img_size=16, batch_size=8)
+    notes = run_notes(cfg, m, Dist(), Loader(), None, 1e-3)
+    assert f'warning: {said} (the manifest\'s "train_val_same_bytes"): val top-1 counts images the model trained on' \
+        in notes
 
 
 def pack_killed_at_image(n: int, data, out, monkeypatch, shard_size: int = 4) -> None:

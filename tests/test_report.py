@@ -356,7 +356,7 @@ def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path
     assert shards_change(old, str(tmp_path), m) == "elsewhere"
 
 
-def test_shards_with_a_class_of_no_train_images_are_said_with_the_val_top1_left(runs, tiny_shards, tmp_path):
+def test_shards_with_a_class_of_no_train_images_or_val_copies_of_train_images_are_said(runs, tiny_shards, tmp_path):
     import shutil
 
     from vitdeit.classes import pack_fingerprint
@@ -367,18 +367,24 @@ def test_shards_with_a_class_of_no_train_images_are_said_with_the_val_top1_left(
     for d in data.glob("train.X*"):
         shutil.rmtree(d / gone)
     n_val, n_gone = len(list((data / "val.X").glob("*/*"))), len(list((data / "val.X" / gone).iterdir()))
-    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True), progress=False)
+    kept = sorted(data.glob("train.X*/*/*"))[0]  # a train image of a class that has some, copied into val
+    shutil.copyfile(kept, data / "val.X" / kept.parent.name / "ILSVRC2012_val_99999999.JPEG")
+    m = pack(data, tmp_path / "s", opts=PackOptions(workers=1, allow_missing_classes=True, allow_train_val_copies=True),
+             progress=False)
     kw = dict(data_path=str(tmp_path / "s"), num_images=2, out=str(tmp_path / "p.png"), report_dir=None, workers=0)
     vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
-    assert not any("never learns" in n for n in make_all(vit, deit, **kw)["notes"])  # they trained on all 4 classes
+    elsewhere = make_all(vit, deit, **kw)["notes"]  # trained on all 4 classes, scored on their own val split
+    assert not any("never learns" in n or "byte-identical" in n for n in elsewhere) and len(elsewhere) == 2
     for name, path in (("v.pth", vit), ("d.pth", deit)):  # the same runs, as if trained on these shards
         torch.save({**torch.load(path, weights_only=False), "pack": pack_fingerprint(m),
                     "data_dir": str((tmp_path / "s").resolve())}, tmp_path / name)
     w = make_all(str(tmp_path / "v.pth"), str(tmp_path / "d.pth"), **kw)
     assert (n_val, n_gone) == (24, 6) and w["notes"] == [
         f"1 of the 4 classes has no train images in {tmp_path / 's'} ({gone}): the model has outputs for them that it "
-        f"never learns; 6 of the 24 val images are of those classes, which it gets right only by chance: val top-1 "
-        f"tops out near 75.0 %"]
+        f"never learns; 6 of the 25 val images are of those classes, which it gets right only by chance: val top-1 "
+        f"tops out near 76.0 %",  # 19 / 25
+        "1 of the 25 val images has byte-identical copies in train (--allow-train-val-copies): val top-1 counts images "
+        "both models trained on"]
 
 
 def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,

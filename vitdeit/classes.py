@@ -187,6 +187,9 @@ def manifest_problem(manifest: dict) -> str | None:
         if "input_files" in info and total + skipped != info["input_files"]:
             return (f"split {split!r} packed {total} samples and skipped {skipped}, but {info['input_files']} image "
                     f"files were found: its shards are not the ones the packer wrote")
+    both = manifest.get("train_val_same_bytes", [])  # (--allow-train-val-copies; read by val_copies_text)
+    if not isinstance(both, list) or not all(isinstance(g, dict) and isinstance(g.get("val"), list) for g in both):
+        return "'train_val_same_bytes' is not a list of {train, val, classes} entries"
     return None
 
 
@@ -207,8 +210,9 @@ def class_difference(theirs, ours, only_theirs: str, only_ours: str) -> str:
 # packing options added after the first packs, at the value that packs as before: a manifest an earlier packer wrote
 # lacks them, and the same shards packed again by this one have them
 LATER_OPTIONS = {"allow_missing_classes": False}
-# packing options that leave every shard as it is (--subset: which classes are read is the classes' and shards' own)
-UNFINGERPRINTED = {"subset"}
+# packing options that leave every shard as it is (--subset: which classes are read is the classes' and shards' own;
+# --allow-train-val-copies: it only lets a pack that holds them finish)
+UNFINGERPRINTED = {"subset", "allow_train_val_copies"}
 
 
 def shard_rows(manifest: dict) -> dict[str, list]:
@@ -266,6 +270,16 @@ def without_images_text(manifest: dict, split: str, data_path) -> str | None:
         text += (f"; {unlearnt:,} of the {total:,} val images {'is' if unlearnt == 1 else 'are'} of those classes, "
                  f"which it gets right only by chance: val top-1 tops out near {top:.1f} %")
     return text
+
+
+def val_copies_text(manifest: dict) -> str | None:
+    """How many val images have byte-identical copies in train (shards packed with --allow-train-val-copies), for
+    pack_shards.py's and train.py's warnings; None where none do."""
+    if not (both := manifest.get("train_val_same_bytes")):  # (earlier packers refused them: no such field)
+        return None
+    n = sum(len(g["val"]) for g in both)
+    return (f"{n:,} of the {manifest['splits']['val']['num_samples']:,} val images {'has' if n == 1 else 'have'} "
+            f"byte-identical copies in train")
 
 
 def manifest_class_map(manifest: dict) -> ClassMap:

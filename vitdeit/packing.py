@@ -40,7 +40,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images,
-                      holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some)
+                      holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some,
+                      val_copies_text)
 from .config import usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, WriteFailed, output_folder, write_failed
@@ -59,6 +60,7 @@ SKIP_FLAG = "--skip-bad"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".jpe"}  # files that are surely images: loose in a split folder, misplaced
 ALLOW_MISSING_FLAG = "--allow-missing-classes"
 SUBSET_FLAG = "--subset"
+VAL_COPIES_FLAG = "--allow-train-val-copies"
 NOT_A_WNID = "class folders are named by WNID ('n' + 8 digits, e.g. n01440764), as Labels.json's keys"
 # how the pool starts its workers: fork on Linux (nothing to re-import); macOS and Windows fork unsafely or not at all
 START_METHOD = "fork" if sys.platform == "linux" else "spawn"
@@ -73,6 +75,7 @@ class PackOptions:
     skip_bad: bool = False
     allow_missing_classes: bool = False  # a class of Labels.json with no train or no val images: packed, not refused
     subset: bool = False  # only Labels.json's classes: class folders of other WNIDs are not read (listed), not refused
+    allow_train_val_copies: bool = False  # val images whose bytes are also in train: packed and listed, not refused
     workers: int = max(1, min(8, usable_cores()))
 
 
@@ -625,16 +628,23 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         for digest, path in r.hashes:
             copies.setdefault(digest, {}).setdefault(r.split, []).append(path)
     overlap = [paths for paths in copies.values() if len(paths) > 1]
-    if overlap:
+    if overlap and not opts.allow_train_val_copies:
         lines = "\n".join(f"  {p['train'][0]}  ==  {p['val'][0]}" for p in overlap[:50])
+        more = f"\n  ... and {len(overlap) - 50} more" if len(overlap) > 50 else ""
         raise DataError(
-            f"{len(overlap)} image(s) appear in both train and val (identical bytes); validation would be "
-            f"contaminated. Remove one copy of each:\n{lines}"
+            f"{len(overlap)} image(s) appear in both train and val (identical bytes): val top-1 would count images "
+            f"the model trained on. Remove the val copy of each, or re-run with {VAL_COPIES_FLAG} to pack them as "
+            f"they are (a published split you keep whole; listed in the manifest, and train.py says how many val "
+            f"images it scores have copies in train). The shards are kept in {out}: a rerun reuses those that do "
+            f"not change:\n{lines}{more}"
         )
 
     label_of = {s.path: s.label for srcs in sources.values() for s in srcs}
+    wnids_of = lambda paths: sorted({class_map.wnids[label_of[p]] for p in paths})  # noqa: E731
+    train_val = sorted(({"train": sorted(p["train"]), "val": sorted(p["val"]),
+                         "classes": wnids_of(p["train"] + p["val"])} for p in overlap), key=lambda g: g["val"])
     same_bytes = sorted(({"split": split, "paths": sorted(paths),
-                          "classes": sorted({class_map.wnids[label_of[p]] for p in paths})}
+                          "classes": wnids_of(paths)}
                          for by_split in copies.values() for split, paths in by_split.items() if len(paths) > 1),
                         key=lambda g: (g["split"], g["paths"]))
 
@@ -654,6 +664,8 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
         # under two labels, or one weighed twice); pack_shards.py says how many
         "warnings": [{"path": p, "warning": w} for r in results for p, w in r.warnings],
         "same_bytes": same_bytes,
+        # --allow-train-val-copies: val images whose bytes are also in train ({train, val: paths; classes: WNIDs})
+        "train_val_same_bytes": train_val,
         # names starting with "." in the split folders, not read: counted, a few named (macOS leaves one per image)
         "hidden_not_read": {"count": len(hidden), "first": hidden[:20]},
         # --subset: the class folders of WNIDs not in Labels.json, not read ({path, files}: each, with its file count)
@@ -763,4 +775,7 @@ def summary_lines(m: dict, out_dir) -> list[str]:
                    f"{across} under more than one class (one image, two labels), {len(same) - across} within one "
                    f"class (one image weighed twice); listed in the manifest's \"same_bytes\" (e.g. "
                    f"{', '.join(same[0]['paths'])}): remove the extra copies, or keep them if meant")
+    if both := m.get("train_val_same_bytes"):  # --allow-train-val-copies
+        out.append(f"warning: {val_copies_text(m)}, packed as they are ({VAL_COPIES_FLAG}): listed in the manifest's "
+                   f"\"train_val_same_bytes\" (e.g. {both[0]['val'][0]} == {both[0]['train'][0]})")
     return out

@@ -14,7 +14,8 @@ import torch
 from .checkpoint import check_class_map, ema_weights, load_checkpoint, shards_change, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
                      run_files_here, saved_setting)
-from .classes import MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map, without_images_text
+from .classes import (MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map, val_copies_text,
+                      without_images_text)
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import shard_paths, upscale_warning
 from .data.index import read_index
@@ -548,6 +549,8 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     # with no val images: the per-class table says so; runs trained on other shards: comparison_notes says so)
     trained_here = not any(shards_change(state, data_path, manifest) for state in (vit_state, deit_state))
     heads += [text] if trained_here and (text := without_images_text(manifest, "train", data_path)) else []
+    heads += [f"{text} (--allow-train-val-copies): val top-1 counts images both models trained on"] \
+        if trained_here and (text := val_copies_text(manifest)) else []
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"

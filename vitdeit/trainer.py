@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_state,
                          shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint, pack_identity,
-                      without_images_text)
+                      val_copies_text, without_images_text)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
@@ -406,6 +406,9 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     out, global_batch = [], cfg.global_batch(dist.world)
     out += [f"warning: {text}" for split in ("train", "val")  # --allow-missing-classes
             if (text := without_images_text(manifest, split, cfg.data_path))]
+    if text := val_copies_text(manifest):  # --allow-train-val-copies
+        out.append(f"warning: {text} (the manifest's \"train_val_same_bytes\"): val top-1 counts images the model "
+                   f"trained on")
     if cfg.rand_augment and train_loader.name == "dali":
         out.append(f"note: --rand-augment {cfg.rand_augment}: timm's policy run with DALI's ops (README: NVIDIA DALI "
                    f"says where they differ from timm's); --loader torch runs timm's own")

@@ -143,6 +143,21 @@ def test_an_old_deit_trained_with_alpha_0_or_1_can_still_be_evaluated():
         assert from_dict({"model": "deit_tiny_distill", "distillation_alpha": alpha, "eval_only": True}).eval_only
 
 
+@pytest.mark.parametrize("values, read", [
+    ({}, ""),  # a new run reads no checkpoint
+    ({"resume": "elsewhere/last.pth"}, "elsewhere/last.pth"),
+    ({"resume": "elsewhere/last.pth", "eval_only": True}, "elsewhere/last.pth"),  # --eval-only of the one named
+    ({"eval_only": True}, "runs/vit_tiny/best.pth"),  # the model's run folder, under the default --output-dir
+    ({"eval_only": True, "model": "resnet18", "output_dir": "/o"}, "/o/resnet18/best.pth"),
+    ({"eval_only": True, "run_name": "a/b", "output_dir": "o"}, "o/a/b/best.pth"),  # a nested --run-name
+])
+def test_the_checkpoint_a_command_reads_is_resume_else_the_eval_only_runs_best(values, read):
+    from vitdeit.config import settings_source
+
+    assert Config(**values).checkpoint_read == read  # as the run reads it
+    assert settings_source(values) == read  # as parse_args takes its settings, before a Config exists
+
+
 def test_a_saved_config_round_trips():
     cfg = Config(model="deit_tiny_distill", img_size=32, patch_size=4, teacher_ckpt="x.pth")
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

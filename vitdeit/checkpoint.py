@@ -6,8 +6,8 @@ the weights belong to), optimizer, scheduler, scaler, ema (or None), metrics (th
 DALI loader's state(), its reader checkpoint and the settings it is valid for; None for the PyTorch loader,
 whose epoch is a function of (seed, epoch) alone), amp (the precisions --amp resolved to, per device, over the
 run), pack (classes.pack_fingerprint of the shards it trained on), data_dir (their folder, resolved). scheduler and
-teacher_top1 are for reading, not restored: a resumed run sets the lr from its step count, and evaluates its
-teacher again.
+teacher_top1 are not restored: a resumed run sets the lr from its step count (scheduler is kept for inspection: nothing
+reads it), and evaluates its teacher again (viz.py's report reads teacher_top1).
 """
 
 from __future__ import annotations
@@ -149,6 +149,12 @@ def saved_state(path: Path, what: str) -> dict:
     except DataError:
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def saved_world(state: dict | None) -> int | None:
+    """The process count the checkpoint's run trained with (it keeps a train-loader state per rank); None for a new
+    run (state None) or a checkpoint that kept none."""
+    return len(states) if (states := (state or {}).get("loader_states")) else None
 
 
 def load_failure(e: Exception) -> str:

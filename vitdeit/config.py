@@ -292,9 +292,9 @@ class Config:
 
     @property
     def checkpoint_read(self) -> str:
-        """The checkpoint this command reads, whose saved settings are its defaults (parse_args' settings_source):
-        --resume, or for --eval-only RUN_DIR/best.pth; "" for a new run."""
-        return self.resume or (str(self.run_dir / "best.pth") if self.eval_only else "")
+        """The checkpoint this command reads, whose saved settings are its defaults: --resume, or for --eval-only
+        RUN_DIR/best.pth; "" for a new run (settings_source, which parse_args asks before a Config exists)."""
+        return settings_source(asdict(self))
 
     def to_dict(self) -> dict:
         """The run's recipe, as saved in config.json and in checkpoints: every field but INVOCATION_FIELDS."""

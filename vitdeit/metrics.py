@@ -1,5 +1,5 @@
 """metrics.jsonl: one JSON object per epoch, appended by rank 0, cut back to the resumed epoch on --resume, read
-by the report."""
+by viz.py's report and, on --resume, by the run's notes (epochs missing from it)."""
 
 from __future__ import annotations
 

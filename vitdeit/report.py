@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_class_map, ema_weights, load_checkpoint, shards_change, shards_change_text
+from .checkpoint import check_class_map, ema_weights, load_checkpoint, saved_world, shards_change, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
                      run_files_here, saved_setting)
 from .classes import (MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map, val_copies_text,
@@ -472,8 +472,8 @@ def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: s
     sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
     if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
         notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
-    worlds = [len(state.get("loader_states") or ()) for state in (vit_state, deit_state)]  # (one per process)
-    if all(worlds) and worlds[0] != worlds[1]:  # the same --batch-size and --lr, but not the same global batch
+    worlds = [saved_world(state) for state in (vit_state, deit_state)]
+    if None not in worlds and worlds[0] != worlds[1]:  # the same --batch-size and --lr, but not the same global batch
         batches = [state["config"]["batch_size"] * w for state, w in zip((vit_state, deit_state), worlds)]
         notes.append(f"ViT was trained by {worlds[0]} process(es), DeiT by {worlds[1]}: global batches of {batches[0]} "
                      f"and {batches[1]} images (and the peak lr with them: --lr is per 512)")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_state,
+from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_state, saved_world,
                          shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint, pack_identity,
                       val_copies_text, without_images_text)
@@ -90,12 +90,12 @@ def batch_augmentation(cfg: Config, num_classes: int, device: torch.device):
     return augment
 
 
-def make_optimizer(net: nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """timm's AdamW at peak lr `lr`, with no weight decay on norms, biases and the model's no_weight_decay()
+def make_optimizer(net: nn.Module, cfg: Config, peak_lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """timm's AdamW at `peak_lr`, with no weight decay on norms, biases and the model's no_weight_decay()
     (position embedding, cls/dist tokens); fused (one kernel per step) on CUDA."""
     import timm.optim
 
-    return timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=cfg.weight_decay,
+    return timm.optim.create_optimizer_v2(net, "adamw", lr=peak_lr, weight_decay=cfg.weight_decay,
                                           **({"fused": True} if device.type == "cuda" else {}))
 
 
@@ -120,7 +120,7 @@ def lr_schedule(optimizer, cfg: Config, steps: int):
     from timm.scheduler import CosineLRScheduler
 
     total, warm, lr = cfg.epochs * steps, int(cfg.warmup_epochs * steps), optimizer.param_groups[0]["lr"]
-    # a run no longer than its warm-up never reaches the peak (train() warns); 2: timm logs a warning for a 1-step
+    # a run no longer than its warm-up never reaches the peak (run_notes warns); 2: timm logs a warning for a 1-step
     # cosine, on every rank, that this one never reaches anyway
     return CosineLRScheduler(optimizer, t_initial=max(2, total - warm), lr_min=cfg.min_lr, warmup_t=warm,
                              warmup_lr_init=lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
@@ -358,7 +358,8 @@ def best_behind(run_dir: Path, resumed: dict) -> bool:
 
 
 def train(cfg: Config, on_epoch_end=None) -> dict:
-    """Train per `cfg`; return the last epoch's metrics. `on_epoch_end(epoch, record)` is called on every rank."""
+    """Train per `cfg`; return the last epoch's metrics ({} where a --resume has no epoch left to train).
+    `on_epoch_end(epoch, record)` is called on every rank."""
     # the whole run, set-up to the last checkpoint, in the process group and on the step's stream
     with process_group(cfg.device) as dist, step_stream(cfg.step_stream, dist.device), ExitStack() as held:
         return _train(cfg, dist, on_epoch_end, held)
@@ -400,7 +401,7 @@ def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: d
                   "shards' val splits"}[change]
 
 
-def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, lr: float) -> list[str]:
+def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, peak_lr: float) -> list[str]:
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
     resume's last: resume_notes)."""
     out, global_batch = [], cfg.global_batch(dist.world)
@@ -424,10 +425,10 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
         out.append(f"note: {OUTSIDE_DATA}")
     if cfg.warmup_epochs >= cfg.epochs:
         out.append(f"warning: --warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the whole run warms up "
-                   f"and never reaches the peak lr {lr:.3g}")
-    if cfg.min_lr >= lr:  # --min-lr is absolute, the peak scales with the global batch
-        out.append(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {lr:.3g} (--lr {cfg.lr:.3g} x global batch "
-                   f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {lr / 100:.3g})")
+                   f"and never reaches the peak lr {peak_lr:.3g}")
+    if cfg.min_lr >= peak_lr:  # --min-lr is absolute, the peak scales with the global batch
+        out.append(f"warning: --min-lr {cfg.min_lr:.3g} >= the peak lr {peak_lr:.3g} (--lr {cfg.lr:.3g} x global batch "
+                   f"{global_batch} / 512): the cosine cannot decay to it; lower --min-lr (e.g. {peak_lr / 100:.3g})")
     per_rank = train_loader.per_rank  # the PyTorch sampler pads to ceil(n / world), DALI slices floor or one more
     trained = len(train_loader) * cfg.batch_size  # whole batches only (drop_last, as the DeiT reference)
     if per_rank - trained > 0.05 * per_rank:
@@ -447,14 +448,17 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     return out + (resume_notes(cfg, dist, manifest, train_loader, resumed) if resumed is not None else [])
 
 
+SCHEDULE = ("epochs", "lr", "batch_size", "warmup_epochs", "min_lr")  # the settings lr_schedule's lr depends on
+
+
 def lr_jump(cfg: Config, dist: Dist, steps: int, resumed: dict) -> str | None:
     """A note where the resumed run's next step trains at another lr than the saved run's own schedule would have:
     the schedule is a function of the step count and this run's --epochs, lr, global batch, warm-up and --min-lr
     (as timm's train.py resumes; the DeiT reference restores the saved schedule, which keeps more --epochs at
     --min-lr), so more --epochs after a run's cosine ended take the lr back up. None where the process count
     changed (resume_notes says so: the steps are other steps) and where nothing is left to train."""
-    states, step = saved_loader_states(resumed), (resumed["epoch"] + 1) * steps
-    if len(states) not in (0, dist.world) or step >= cfg.epochs * steps:
+    step = (resumed["epoch"] + 1) * steps
+    if saved_world(resumed) not in (None, dist.world) or step >= cfg.epochs * steps:
         return None
 
     def lr_at(c: Config) -> float:
@@ -474,17 +478,13 @@ def lr_jump(cfg: Config, dist: Dist, steps: int, resumed: dict) -> str | None:
             f"{cfg.peak_lr(dist.world):.3g}, taken up at step {step}")
 
 
-SCHEDULE = ("epochs", "lr", "batch_size", "warmup_epochs", "min_lr")  # the settings lr_schedule's lr depends on
-
-
 def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed: dict) -> list[str]:
     """What a --resume goes on from otherwise than the uninterrupted run would: another process count, metrics lines
     missing, other shards, another loader, a DALI stream that starts afresh, another precision."""
     out, global_batch = [], cfg.global_batch(dist.world)
-    states = saved_loader_states(resumed)
-    if len(states) not in (0, dist.world):  # a state per rank of the saved run
-        saved_batch = saved_setting(resumed["config"], "batch_size") * len(states)
-        out.append(f"note: --resume: {cfg.resume} was trained by {len(states)} process(es), this run has {dist.world}: "
+    if (then := saved_world(resumed)) not in (None, dist.world):
+        saved_batch = saved_setting(resumed["config"], "batch_size") * then
+        out.append(f"note: --resume: {cfg.resume} was trained by {then} process(es), this run has {dist.world}: "
                    f"the global batch ({saved_batch} -> {global_batch}), the lr and the steps per epoch change from "
                    f"here on, and the sample order is not the uninterrupted run's")
     src = Path(cfg.resume).parent  # the history the resumed run goes on from: metrics.jsonl beside its checkpoint
@@ -504,7 +504,8 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
     if train_loader.name == "dali" and not train_loader.restored:
         # an earlier vitdeit's: settings naming the shard list, not the pack's fingerprint (before 2026-12-05), or
         # before that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
-        earlier = any(s is not None and not (isinstance(s, dict) and "pack" in s.get("settings", {})) for s in states)
+        earlier = any(s is not None and not (isinstance(s, dict) and "pack" in s.get("settings", {}))
+                      for s in saved_loader_states(resumed))
         why = ("a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
                f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")
         out.append(f"note: --resume: {cfg.resume} holds {why}: DALI's sample stream starts afresh (training goes on, "
@@ -603,7 +604,7 @@ def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None)
 
 
 def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtype, use_compile: bool, mode: str,
-             lr: float, steps: int, machine: dict) -> str:
+             peak_lr: float, steps: int, machine: dict) -> str:
     """The run's first line: what trains on what, on which devices, with which loader and speed settings.
     steps: the train loader's batches an epoch (each process's): the line says how many images that trains on, all
     processes together, when whole batches leave some out. machine: this node's (machine.describe), named beside
@@ -622,7 +623,7 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
             f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
             f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
             f"{f', CUDA connections {connections}' if dist.device.type == 'cuda' else ''}, global batch "
-            f"{cfg.global_batch(dist.world)}, lr {lr:.3g}")
+            f"{cfg.global_batch(dist.world)}, lr {peak_lr:.3g}")
 
 
 def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Dist, amp_dtype):
@@ -667,7 +668,8 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
 
 
 def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
-    """held: what the run holds until it ends (rank 0's lock on its run folder)."""
+    """train(), in its process group: set-up, the epochs, their checkpoints. held: what the run holds until it
+    ends (rank 0's lock on its run folder)."""
     device, run_dir = dist.device, cfg.run_dir
     with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
         def read():  # (each node's own files)
@@ -715,13 +717,13 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
                 return {}
             check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
-    lr = cfg.peak_lr(dist.world)
+    peak_lr = cfg.peak_lr(dist.world)
     machine = describe(device, dist.world, dali=train_loader.name == "dali")
-    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, lr,
+    dist.print(run_line(cfg, manifest, dist, train_loader.name, amp_dtype, use_compile, mode, peak_lr,
                         steps=len(train_loader), machine=machine))
     for w in caught:
         dist.print(f"warning: {w.message}")
-    for line in run_notes(cfg, manifest, dist, train_loader, resumed, lr):
+    for line in run_notes(cfg, manifest, dist, train_loader, resumed, peak_lr):
         dist.print(line)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -735,7 +737,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
                    f"the val images read another way (loader, device); the run goes on with this one")
 
     augment = batch_augmentation(cfg, num_classes, device)
-    optimizer = make_optimizer(net, cfg, lr, device)
+    optimizer = make_optimizer(net, cfg, peak_lr, device)
     steps = len(train_loader)
     scheduler = lr_schedule(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -667,30 +667,71 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
     return teacher, metrics["val_top1"]
 
 
+def read_inputs(cfg: Config) -> tuple[dict, dict | None]:
+    """(the manifest, the --resume checkpoint or None) as this node reads them, its teacher's file checked (read after
+    the loaders and notes); read_run_files compares what each node read."""
+    if cfg.resume:  # a missing file is named as such: not by the shards it would have named (parse_args), nor as
+        resume_file_first(cfg, cfg.resume, "--resume")  # another folder's checkpoint by check_run_dir
+    manifest = run_manifest(cfg)
+    try:
+        if cfg.distillation != "none" and cfg.teacher_ckpt:
+            checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")
+        elif cfg.distillation != "none":
+            check_weights_file(cfg.teacher_weights)
+    except MissingFile as e:
+        key = "teacher_ckpt" if cfg.teacher_ckpt else "teacher_weights"
+        if key in getattr(cfg, "inherited", ()):
+            raise MissingFile(f"{e} (the path --resume {cfg.resume} was saved with, seen from {Path.cwd()}: give "
+                              f"{flag(key)} with the teacher's path here)") from None
+        raise
+    resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what="--resume") if cfg.resume else None
+    return manifest, resumed
+
+
+def nothing_left(cfg: Config, dist: Dist, resumed: dict) -> None:
+    """A --resume of a run that has trained its --epochs: said, with nothing written but, where its own last.pth's
+    epoch was the best and was stopped before best.pth was, that best.pth (under the folder's lock)."""
+    run_dir = cfg.run_dir
+    own = Path(cfg.resume).resolve() == (run_dir / "last.pth").resolve()  # (not an older copy)
+
+    def complete():  # rank 0's
+        if not (own and best_behind(run_dir, resumed)):
+            return False
+        with run_lock(run_dir):  # not while another train.py writes there
+            save_checkpoint(run_dir / "best.pth", resumed)
+        return True
+
+    written = (f"{run_dir / 'best.pth'} written from it (its epoch, the best, was stopped before best.pth was), "
+               f"nothing else" if on_rank_0(dist, complete) else "nothing written")
+    dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to do, "
+               f"{written} (raise --epochs above {resumed['epoch'] + 1} to go on)")
+
+
+def begin_run(cfg: Config, held: ExitStack, resumed: dict | None, best_top1: float) -> tuple[float, MetricsLog]:
+    """Rank 0's start: the run folder (config.json, the lock, held by `held`) and, for a --resume, the history it
+    goes on from (its best.pth and metrics.jsonl, brought along from another folder); (best val top-1, the log)."""
+    run_dir = cfg.run_dir
+    try:
+        start_run_dir(run_dir, cfg, held)
+        best = (best_top1 if resumed is None else
+                adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg)))
+        return best, MetricsLog(run_dir, True, resume_epoch=resumed["epoch"] if resumed is not None else None)
+    except VitdeitError:  # (WriteFailed is an OSError too: said already)
+        raise
+    except OSError as e:  # (after check_run_dir's test: a disk that filled up, or went read-only, since)
+        name = Path(e.filename or run_dir)
+        if run_dir not in (name, *name.parents):  # one of the --resume folder's files, read
+            raise DataError(f"could not read {name}, of the run --resume {cfg.resume} goes on from: "
+                            f"{first_line(e)}; make it readable by this user") from e
+        raise write_failed(name, e, "the run stopped before its first epoch") from e
+
+
 def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
     """train(), in its process group: set-up, the epochs, their checkpoints. held: what the run holds until it
     ends (rank 0's lock on its run folder)."""
     device, run_dir = dist.device, cfg.run_dir
     with alike_on_every_rank():  # the flags, the manifest, a checkpoint, gathered decisions: train.py says it once
-        def read():  # (each node's own files)
-            if cfg.resume:  # a missing file is named as such: not by the shards it would have named (parse_args),
-                resume_file_first(cfg, cfg.resume, "--resume")  # nor as another folder's checkpoint by check_run_dir
-            manifest = run_manifest(cfg)
-            try:
-                if cfg.distillation != "none" and cfg.teacher_ckpt:  # the teacher is read after the loaders and
-                    checkpoint_file(cfg.teacher_ckpt, "--teacher-ckpt")  # notes: its file is checked now
-                elif cfg.distillation != "none":
-                    check_weights_file(cfg.teacher_weights)
-            except MissingFile as e:
-                key = "teacher_ckpt" if cfg.teacher_ckpt else "teacher_weights"
-                if key in getattr(cfg, "inherited", ()):
-                    raise MissingFile(f"{e} (the path --resume {cfg.resume} was saved with, seen from {Path.cwd()}: "
-                                      f"give {flag(key)} with the teacher's path here)") from None
-                raise
-            resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what="--resume") if cfg.resume else None
-            return manifest, resumed
-
-        manifest, resumed = read_run_files(read, cfg)
+        manifest, resumed = read_run_files(lambda: read_inputs(cfg), cfg)
         class_map = manifest_class_map(manifest)
         num_classes = len(class_map)
         done = resumed is not None and resumed["epoch"] + 1 >= cfg.epochs  # a resumed run with nothing left to do
@@ -700,20 +741,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
-                own = Path(cfg.resume).resolve() == (run_dir / "last.pth").resolve()  # (not an older copy)
-
-                def complete():  # (under the folder's lock: not while another train.py writes there)
-                    if not (own and best_behind(run_dir, resumed)):
-                        return False
-                    with run_lock(run_dir):
-                        save_checkpoint(run_dir / "best.pth", resumed)
-                    return True
-
-                completed = on_rank_0(dist, complete)
-                written = (f"{run_dir / 'best.pth'} written from it (its epoch, the best, was stopped before "
-                           f"best.pth was), nothing else" if completed else "nothing written")
-                dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing "
-                           f"to do, {written} (raise --epochs above {resumed['epoch'] + 1} to go on)")
+                nothing_left(cfg, dist, resumed)
                 return {}
             check_rewind(run_dir, cfg, resumed, dist)
     train_loader, val_loader, caught = build_loaders(cfg, manifest, dist, resumed)
@@ -749,23 +777,9 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
             changed.append(f"--loader {resumed['loader']!r} -> {train_loader.name!r}")
         start_epoch, best_top1 = resumed["epoch"] + 1, resumed["best_top1"]
 
-    def begin():  # rank 0's: the run folder, and the history a resumed run goes on from (rank 0's best counts)
-        try:
-            start_run_dir(run_dir, cfg, held)
-            best = (best_top1 if resumed is None else
-                    adopt_history(Path(cfg.resume), run_dir, resumed, in_place=resumes_in(run_dir, cfg)))
-            return best, MetricsLog(run_dir, True, resume_epoch=start_epoch - 1 if cfg.resume else None)
-        except VitdeitError:  # (WriteFailed is an OSError too: said already)
-            raise
-        except OSError as e:  # (after check_run_dir's test: a disk that filled up, or went read-only, since)
-            name = Path(e.filename or run_dir)
-            if run_dir not in (name, *name.parents):  # one of the --resume folder's files, read
-                raise DataError(f"could not read {name}, of the run --resume {cfg.resume} goes on from: "
-                                f"{first_line(e)}; make it readable by this user") from e
-            raise write_failed(name, e, "the run stopped before its first epoch") from e
-
-    with alike_on_every_rank():
-        best_top1, log = on_rank_0(dist, begin) or (best_top1, MetricsLog(run_dir, False))
+    with alike_on_every_rank():  # rank 0's: the run folder, and the history a resumed run goes on from
+        best_top1, log = (on_rank_0(dist, lambda: begin_run(cfg, held, resumed, best_top1))
+                          or (best_top1, MetricsLog(run_dir, False)))  # (rank 0's best counts)
     if resumed is not None:
         dist.print(f"resumed from {cfg.resume} after epoch {resumed['epoch']} " + (
             f"(best val top-1 {best_top1:.2f}%)" if best_top1 >= 0 else f"(no best.pth of its epochs up to "

@@ -15,8 +15,8 @@ Run once per dataset; train.py, viz.py and the benchmarks read SHARDS_DIR/manife
 import argparse
 import sys
 
-from vitdeit.config import refuse_below, refuse_empty
-from vitdeit.errors import VitdeitError, say_error
+from vitdeit.config import refuse_empty
+from vitdeit.errors import SettingError, VitdeitError, say_error
 from vitdeit.packing import (ALLOW_MISSING_FLAG, SKIP_FLAG, SUBSET_FLAG, VAL_COPIES_FLAG, PackOptions, pack,
                              summary_lines)
 
@@ -50,15 +50,14 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=d.workers,
                    help="parallel processes (default: %(default)s, the cores up to 8)")
     a = p.parse_args(argv)
-    refuse_below(p, ("--shard-size", a.shard_size, 1), ("--workers", a.workers, 1),
-                 ("--resize-short", a.resize_short, 8))
     refuse_empty(p, ("--data-path", a.data_path, "folder"), ("--out", a.out, "folder"))
-    if not 1 <= a.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) without a word
-        p.error(f"--jpeg-quality {a.jpeg_quality}: must be in 1..100")
-    opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
-                       jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers,
-                       allow_missing_classes=a.allow_missing_classes, subset=a.subset,
-                       allow_train_val_copies=a.allow_train_val_copies)
+    try:  # (its counts and sizes checked: argparse's usage error, before any work)
+        opts = PackOptions(seed=a.seed, shard_size=a.shard_size, resize_short=a.resize_short,
+                           jpeg_quality=a.jpeg_quality, skip_bad=a.skip_bad, workers=a.workers,
+                           allow_missing_classes=a.allow_missing_classes, subset=a.subset,
+                           allow_train_val_copies=a.allow_train_val_copies)
+    except SettingError as e:
+        p.error(str(e))
     try:
         m = pack(a.data_path, a.out, a.labels, opts, overwrite=a.overwrite)
     except VitdeitError as e:

@@ -939,6 +939,19 @@ def test_the_cli_refuses_a_value_just_past_its_bounds_and_accepts_the_bounds(dat
             assert {s["num_samples"] for split in m["splits"].values() for s in split["shards"]} == {1}
 
 
+@pytest.mark.parametrize("kw, said", [({"jpeg_quality": 0}, "--jpeg-quality 0: must be in 1..100"),
+                                      ({"workers": 0}, "--workers 0: must be >= 1"),
+                                      ({"resize_short": 7}, "--resize-short 7: must be >= 8"),
+                                      ({"shard_size": 0}, "--shard-size 0: must be >= 1")])
+def test_pack_options_refuse_what_no_pack_can_use_whoever_makes_them(kw, said):
+    from vitdeit.errors import SettingError
+
+    with pytest.raises(SettingError) as e:  # (the demo and the benchmarks call pack() without pack_shards.py's flags)
+        PackOptions(**kw)
+    assert str(e.value) == said
+    assert PackOptions(**{k: {"jpeg_quality": 100, "resize_short": 8}.get(k, 1) for k in kw})  # the bounds themselves
+
+
 def test_16_bit_grey_is_scaled_however_pillow_opens_it_and_32_bit_is_refused():
     import numpy as np
 

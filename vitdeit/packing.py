@@ -44,7 +44,7 @@ from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMa
                       val_copies_text)
 from .config import usable_cores
 from .data.index import index_count, index_text
-from .errors import DataError, WriteFailed, output_folder, write_failed
+from .errors import DataError, SettingError, WriteFailed, output_folder, write_failed
 from .lock import folder_lock
 
 FORMAT_VERSION = 1
@@ -77,6 +77,14 @@ class PackOptions:
     subset: bool = False  # only Labels.json's classes: class folders of other WNIDs are not read (listed), not refused
     allow_train_val_copies: bool = False  # val images whose bytes are also in train: packed and listed, not refused
     workers: int = max(1, min(8, usable_cores()))
+
+    def __post_init__(self):  # (pack_shards.py makes this argparse's usage error; pack()'s other callers meet it too)
+        for name, value, least in (("--shard-size", self.shard_size, 1), ("--workers", self.workers, 1),
+                                   ("--resize-short", self.resize_short, 8)):
+            if value is not None and value < least:
+                raise SettingError(f"{name} {value}: must be >= {least}")
+        if not 1 <= self.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) silently
+            raise SettingError(f"--jpeg-quality {self.jpeg_quality}: must be in 1..100")
 
 
 @dataclass(frozen=True)

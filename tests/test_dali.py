@@ -562,3 +562,35 @@ def test_dalis_failed_sample_message_names_the_shard_and_image():
         with pytest.raises(RuntimeError, match="CUDA out of memory|failure: '#5'"):
             with DaliLoader.decode_errors(SimpleNamespace(where="/d/s (train)")):
                 raise RuntimeError(other)
+
+
+@pytest.mark.parametrize("long_side, wrong", [(39, "truncated"), (37, "rounded half up")])
+def test_val_centre_crop_rounds_a_half_pixel_margin_to_even_as_torchvisions_centercrop(tmp_path, long_side, wrong):
+    """The 36 px shorter side kept (--img-size 32 at crop_pct 0.875: no resize), a long side of 39 or 37 px leaves
+    a 7 or 5 px margin, whose half, 3.5 or 2.5, torchvision's CenterCrop rounds half to even: to 4 and 2. Truncating
+    gives 3 for the first, rounding half up (DALI's own crop_pos=0.5) 3 for the second. Noise pictures: a pixel off
+    is ~80 grey levels."""
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from conftest import small_dataset
+    from vitdeit.data import MEAN, STD
+    from vitdeit.packing import PackOptions, pack
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    rng = np.random.default_rng(0)
+    pictures = {}
+    for f, (w, h) in zip(sorted(data.glob("val.X/*/*.JPEG")), [(long_side, 36), (36, long_side)]):  # across, down
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f, quality=100, subsampling=0)
+        pictures[f.stem] = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float()
+    pack(data, tmp_path / "s", opts=PackOptions(workers=1), progress=False)
+    (x,), _, (keys,) = zip(*DaliLoader(tmp_path / "s", load_manifest(tmp_path / "s"), "val", batch_size=2,
+                                       img_size=32, workers=1, with_keys=True))
+    pixels = x * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    assert sorted(keys) == sorted(pictures)
+    for got, key in zip(pixels, keys):
+        picture = pictures[key]
+        assert (got - T.CenterCrop(32)(picture)).abs().mean() < 0.5, key
+        across = picture.shape[2] > picture.shape[1]
+        off = picture[:, 2:34, 3:35] if across else picture[:, 3:35, 2:34]  # the long side's offset 3: wrongly rounded
+        assert (got - off).abs().mean() > 20, (key, wrong)

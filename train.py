@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     except Exception as e:  # CUDA OOM, a lost connection to another process, a bug: its traceback, then how to go on
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's, as the node's others stop: not while it says it
         traceback.print_exc()
-        if hint := out_of_memory(e, cfg.batch_size, cfg.img_size):  # said by the rank that ran out, under its traceback
+        # said by the rank that ran out, under its traceback
+        if hint := out_of_memory(e, cfg.batch_size, cfg.img_size, bool(cfg.resume), cfg.eval_only):
             print(f"\n{hint}", file=sys.stderr)
         if not quiet_rank() and (then := go_on("once its cause is mended, ")):
             peers = (" (if it is a lost connection, another process stopped first: its own output says why)"

@@ -52,6 +52,19 @@ def test_out_of_memory_keeps_its_traceback_then_names_the_two_settings_to_lower(
                     "(--lr is per 512 images of global batch, so the peak lr follows it) or --img-size")
 
 
+def test_the_out_of_memory_line_names_only_the_settings_the_command_can_change():
+    from vitdeit.errors import out_of_memory
+
+    oom, at = torch.OutOfMemoryError("CUDA out of memory."), "out of memory at --batch-size 64 (images per process)"
+    lr = "--batch-size (--lr is per 512 images of global batch, so the peak lr follows it)"
+    assert out_of_memory(oom, 64, 224, resume=False, eval_only=True) == f"{at}: lower --batch-size"  # its own size
+    assert out_of_memory(oom, 64, 224, resume=True, eval_only=False) == (
+        f"{at} and --img-size 224 px: lower {lr}; a resumed run keeps its --img-size")  # another size is refused
+    assert out_of_memory(MemoryError(), 64, 224, resume=False, eval_only=False) == (  # Python's (numpy's too)
+        f"{at} and --img-size 224 px: lower {lr} or --img-size")
+    assert out_of_memory(RuntimeError("Connection reset by peer"), 64, 224, resume=False, eval_only=False) is None
+
+
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
     whole = tmp_path / "whole.pth"
     torch.save({"model": {"w": torch.zeros(100_000)}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": []}, whole)

@@ -679,20 +679,24 @@ def test_an_image_in_both_train_and_val_is_an_error_or_with_the_flag_packed_as_i
     src = first_image(data)
     copy = data / "val.X" / src.parent.name / "ILSVRC2012_val_99999999.JPEG"
     shutil.copyfile(src, copy)
+    again = data / "val.X" / src.parent.name / "ILSVRC2012_val_99999998.JPEG"  # a second val copy: named as well
+    shutil.copyfile(src, again)
     out = tmp_path / "s"
     with pytest.raises(DataError) as e:
         pack(data, out, opts=PackOptions(workers=1), progress=False)
-    assert str(e.value).startswith("1 image(s) appear in both train and val (identical bytes)")
-    assert "re-run with --allow-train-val-copies" in str(e.value) and str(e.value).endswith(f":\n  {src}  ==  {copy}")
+    assert str(e.value).startswith("2 val image(s) have byte-identical copies in train")
+    assert "re-run with --allow-train-val-copies" in str(e.value)
+    assert str(e.value).endswith(f":\n  {src}  ==  {again}\n  {src}  ==  {copy}")
     assert not (out / "manifest.json").exists()
     written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     m = pack(data, out, opts=PackOptions(workers=1, allow_train_val_copies=True), progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == written and len(written) == 2  # reused
-    assert m["train_val_same_bytes"] == [{"train": [str(src)], "val": [str(copy)], "classes": [src.parent.name]}]
-    assert m["splits"]["val"]["num_samples"] == 2 * 2 + 1  # packed as it is, not dropped
-    said = ("1 of the 5 val images has byte-identical copies in train")
+    assert m["train_val_same_bytes"] == [{"train": [str(src)], "val": [str(again), str(copy)],
+                                          "classes": [src.parent.name]}]
+    assert m["splits"]["val"]["num_samples"] == 2 * 2 + 2  # packed as they are, not dropped
+    said = "2 of the 6 val images have byte-identical copies in train"
     assert (f'warning: {said}, packed as they are (--allow-train-val-copies): listed in the manifest\'s '
-            f'"train_val_same_bytes" (e.g. {copy} == {src})') in summary_lines(m, out)
+            f'"train_val_same_bytes" (e.g. {again} == {src})') in summary_lines(m, out)
     # the flag changes no shard: checkpoints of a pack without it (another copy removed since) are of these shards
     assert pack_fingerprint(m) == pack_fingerprint({**m, "options": {**m["options"], "allow_train_val_copies": False}})
 

@@ -356,7 +356,8 @@ def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path
     assert shards_change(old, str(tmp_path), m) == "elsewhere"
 
 
-def test_shards_with_a_class_of_no_train_images_or_val_copies_of_train_images_are_said(runs, tiny_shards, tmp_path):
+def test_shards_with_a_class_of_no_train_images_or_val_copies_of_train_images_are_said(runs, tiny_shards, tmp_path,
+                                                                                        capsys):
     import shutil
 
     from vitdeit.classes import pack_fingerprint
@@ -385,6 +386,13 @@ def test_shards_with_a_class_of_no_train_images_or_val_copies_of_train_images_ar
         f"tops out near 76.0 %",  # 19 / 25
         "1 of the 25 val images has byte-identical copies in train (--allow-train-val-copies): val top-1 counts images "
         "both models trained on"]
+    import train
+
+    capsys.readouterr()
+    assert train.main(["--eval-only", "--resume", str(tmp_path / "v.pth"), "--data-path", str(tmp_path / "s"),
+                       "--device", "cpu", "--workers", "0"]) == 0  # train.py's score of it says so too
+    assert ('warning: 1 of the 25 val images has byte-identical copies in train (the manifest\'s "train_val_same_bytes"'
+            '): val top-1 counts images that a model trained on these shards has seen') in capsys.readouterr().out
 
 
 def test_without_num_images_a_val_split_under_ten_images_is_shown_whole_with_a_note(runs, tiny_shards, tmp_path,

@@ -7,7 +7,7 @@ DALI loader's state(), its reader checkpoint and the settings it is valid for; N
 whose epoch is a function of (seed, epoch) alone), amp (the precisions --amp resolved to, per device, over the
 run), pack (classes.pack_fingerprint of the shards it trained on), data_dir (their folder, resolved). scheduler and
 teacher_top1 are not restored: a resumed run sets the lr from its step count (scheduler is kept for inspection: nothing
-reads it), and evaluates its teacher again (viz.py's report reads teacher_top1).
+reads it), and evaluates its teacher again (a --resume compares teacher_top1 with its score now).
 """
 
 from __future__ import annotations

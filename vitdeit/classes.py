@@ -188,7 +188,8 @@ def manifest_problem(manifest: dict) -> str | None:
             return (f"split {split!r} packed {total} samples and skipped {skipped}, but {info['input_files']} image "
                     f"files were found: its shards are not the ones the packer wrote")
     both = manifest.get("train_val_same_bytes", [])  # (--allow-train-val-copies; read by val_copies_text)
-    if not isinstance(both, list) or not all(isinstance(g, dict) and isinstance(g.get("val"), list) for g in both):
+    if not isinstance(both, list) or not all(isinstance(g, dict) and isinstance(g.get("val"), list)
+                                             and isinstance(g.get("train"), list) for g in both):
         return "'train_val_same_bytes' is not a list of {train, val, classes} entries"
     return None
 

@@ -153,15 +153,21 @@ def cannot_write_in(folder: Path) -> str | None:
     return None
 
 
-def out_of_memory(e: BaseException, batch_size: int, img_size: int) -> str | None:
+def out_of_memory(e: BaseException, batch_size: int, img_size: int, resume: bool, eval_only: bool) -> str | None:
     """What to change after running out of memory (torch's CUDA OutOfMemoryError, the CPU allocator's "can't
-    allocate memory", DALI's failed allocations), said under its traceback; None for any other error. Memory grows
-    with the images per step (batch x img_size**2), so those are the two settings to lower."""
+    allocate memory", Python's MemoryError, DALI's failed allocations), said under its traceback; None for any other
+    error. Memory grows with the images per step (batch x img_size**2): the settings to lower, where they can be
+    (--eval-only evaluates at the checkpoint's own size, a --resume goes on at its run's)."""
     text = str(e).lower()
-    if type(e).__name__ != "OutOfMemoryError" and not ("out of memory" in text or "can't allocate memory" in text):
+    if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError) or "out of memory" in text
+            or "can't allocate memory" in text):
         return None
-    return (f"out of memory at --batch-size {batch_size} (images per process) and --img-size {img_size} px: lower "
-            "--batch-size (--lr is per 512 images of global batch, so the peak lr follows it) or --img-size")
+    if eval_only:
+        return f"out of memory at --batch-size {batch_size} (images per process): lower --batch-size"
+    lower = ("--batch-size (--lr is per 512 images of global batch, so the peak lr follows it)"
+             + ("; a resumed run keeps its --img-size" if resume else " or --img-size"))
+    at = f"--batch-size {batch_size} (images per process) and --img-size {img_size} px"
+    return f"out of memory at {at}: lower {lower}"
 
 
 # what a full disk or a quota raises; torch.save's own write errors carry no errno

@@ -637,11 +637,12 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
             copies.setdefault(digest, {}).setdefault(r.split, []).append(path)
     overlap = [paths for paths in copies.values() if len(paths) > 1]
     if overlap and not opts.allow_train_val_copies:
-        lines = "\n".join(f"  {p['train'][0]}  ==  {p['val'][0]}" for p in overlap[:50])
-        more = f"\n  ... and {len(overlap) - 50} more" if len(overlap) > 50 else ""
+        pairs = [(sorted(p["train"])[0], v) for p in overlap for v in sorted(p["val"])]  # every val copy, once
+        lines = "\n".join(f"  {t}  ==  {v}" for t, v in pairs[:50])
+        more = f"\n  ... and {len(pairs) - 50} more" if len(pairs) > 50 else ""
         raise DataError(
-            f"{len(overlap)} image(s) appear in both train and val (identical bytes): val top-1 would count images "
-            f"the model trained on. Remove the val copy of each, or re-run with {VAL_COPIES_FLAG} to pack them as "
+            f"{len(pairs)} val image(s) have byte-identical copies in train: val top-1 would count images the "
+            f"model trained on. Remove each of those val files, or re-run with {VAL_COPIES_FLAG} to pack them as "
             f"they are (a published split you keep whole; listed in the manifest, and train.py says how many val "
             f"images it scores have copies in train). The shards are kept in {out}: a rerun reuses those that do "
             f"not change:\n{lines}{more}"

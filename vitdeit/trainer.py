@@ -900,6 +900,9 @@ def evaluate_checkpoint(cfg: Config) -> dict:
             then += f"; the run's best.pth {state['best_top1']:.2f}%"
         if other := other_shards_note(state, path, cfg.data_path, manifest):
             then += f"; {other[0]}"
+        if text := val_copies_text(manifest):  # --allow-train-val-copies
+            dist.print(f"warning: {text} (the manifest's \"train_val_same_bytes\"): val top-1 counts images that a "
+                       f"model trained on these shards has seen")
         dist.print(f"{path}{' (its EMA weights)' if cfg.eval_ema else ''}: val top-1 {out['val_top1']:.2f}% top-5 "
                    f"{out['val_top5']:.2f}% on {out['val_samples']} images of {cfg.data_path} resized with its "
                    f"{ecfg.interpolation} filter ({then})")

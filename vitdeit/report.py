@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_class_map, ema_weights, load_checkpoint, saved_world, shards_change, shards_change_text
+from .checkpoint import check_class_map, ema_weights, load_checkpoint, saved_world, shards_change_text
 from .config import (DISTILL_ONLY, HOW_IT_RUNS, INVOCATION_FIELDS, Config, distillation_of, flag,
                      run_files_here, saved_setting)
 from .classes import (MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map, val_copies_text,
@@ -462,13 +462,20 @@ def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: s
             "the teacher's term had no weight, so nothing was distilled, and its distillation head, half of each "
             "prediction, never learnt" if alpha == 0 else "the labels' term had no weight, so its class head, half "
             "of each prediction, never learnt"))
+    trained_here = True  # both, on these shards
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
         if found := shards_change_text(state, label, data_path, manifest):  # by the pack's fingerprint, not the path
             notes.append(found[1])
+            trained_here = False
         upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
                                     saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
         if upscaled and upscaled not in notes:  # (once for both models where they share the size)
             notes.append(upscaled)
+    if trained_here:  # what neither could learn (--allow-missing-classes; classes with no val images: the per-class
+        # table says so) and the val images both trained on (--allow-train-val-copies)
+        notes += [text] if (text := without_images_text(manifest, "train", data_path)) else []
+        notes += [f"{text} (--allow-train-val-copies): val top-1 counts images both models trained on"] \
+            if (text := val_copies_text(manifest)) else []
     sizes = vit_state["config"]["img_size"], deit_state["config"]["img_size"]
     if sizes[0] != sizes[1]:  # each is evaluated at its own size: a gap between them is partly the resolution's
         notes.append(f"ViT was trained at {sizes[0]} px, DeiT at {sizes[1]} px: their scores are not like for like")
@@ -545,12 +552,6 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     heads += [f"--ema: the picture{' and the comparison are' if report_dir is not None else ' is'} of each "
               f"checkpoint's EMA of its weights (--model-ema), as of its epoch"
               + ("; the table and the curves are of the trained weights" if report_dir is not None else "")] * ema
-    # shards packed with --allow-missing-classes, that both models trained on: what neither could learn (classes
-    # with no val images: the per-class table says so; runs trained on other shards: comparison_notes says so)
-    trained_here = not any(shards_change(state, data_path, manifest) for state in (vit_state, deit_state))
-    heads += [text] if trained_here and (text := without_images_text(manifest, "train", data_path)) else []
-    heads += [f"{text} (--allow-train-val-copies): val top-1 counts images both models trained on"] \
-        if trained_here and (text := val_copies_text(manifest)) else []
     if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
         heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
     heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"

@@ -825,6 +825,9 @@ def test_the_report_names_each_runs_machine_and_says_when_they_differ():
     assert ("ViT's and DeiT's images/s were measured on different machines or software (or not recorded for one): "
             "they compare those too, not only the models.") in md
     assert ("DeiT: its images/s are the median of epochs run in 2 stretches on the machines the table names in turn "
+            "where recorded (not by an earlier vitdeit, nor where a start's line was lost).") in md  # (not "elsewhere")
+    md = report_markdown([summary("ViT", [cpu]), summary("DeiT", [cpu, gpu])], comp, ("ViT", "DeiT")).splitlines()
+    assert ("DeiT: its images/s are the median of epochs run in 2 stretches on the machines the table names in turn "
             "(resumed elsewhere): its `metrics.jsonl` records each start's.") in md
     md = report_markdown([summary("ViT", [gpu]), summary("DeiT", [cpu])], comp, ("ViT", "DeiT")).splitlines()
     assert sum("different machines" in line for line in md) == 1 and not any("stretches" in line for line in md)

@@ -415,10 +415,11 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
         # same inputs, same options: reuse the shard, unless one of these says why not (the first that holds)
         result.rewritten = (
             "its record is unreadable" if not done else
+            # (a record from before decode warnings were recorded has no "warnings": read again, to list them; its
+            # fingerprint may be an earlier formula's too, so this is said first: not as inputs that changed)
+            "its record is an earlier vitdeit's, without the images' warnings" if "warnings" not in done else
             "its inputs or options changed (or how this vitdeit encodes them)"
             if done.get("fingerprint") != result.fingerprint else
-            # (a record from before decode warnings were recorded has no "warnings": read again, to list them)
-            "its record is an earlier vitdeit's, without the images' warnings" if "warnings" not in done else
             # one that skipped bad files is reused only where skipping is asked for (without --skip-bad they are
             # read again: a file fixed in place, e.g. its permissions, then packs)
             "its bad files are read again" if done.get("bad") and not opts.skip_bad else

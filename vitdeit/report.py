@@ -280,9 +280,10 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
                       f"for one): they compare those too, not only the models."]
     for s in summaries:
         if len(s["trained_on"]) > 1:
+            where = ("(resumed elsewhere): its `metrics.jsonl` records each start's" if None not in s["trained_on"]
+                     else "where recorded (not by an earlier vitdeit, nor where a start's line was lost)")
             lines += ["", f"{s['run']}: its images/s are the median of epochs run in {len(s['trained_on'])} "
-                          f"stretches on the machines the table names in turn (resumed elsewhere): its "
-                          f"`metrics.jsonl` records each start's."]
+                          f"stretches on the machines the table names in turn {where}."]
     classes = len(comp["per_class"]) + len(comp.get("classes_without_val_images", []))
     if 0 < classes <= 5:  # (evaluate's topk takes min(5, classes): every true class is among them)
         lines += ["", f"With {classes} classes, val top-5 is 100 % by construction."]

@@ -377,6 +377,22 @@ def test_a_state_saved_on_an_earlier_packers_manifest_of_these_shards_is_restore
     assert DaliLoader(tiny_shards, m, "train", state=first.state(), **kw).restored  # packed again since, unchanged
 
 
+def test_a_state_saved_before_packs_were_fingerprinted_is_restored_where_its_shard_list_is_these_shards(tiny_shards):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
+    first = DaliLoader(tiny_shards, m, "train", **kw)
+    next(iter(first))
+    saved = first.state()
+    rows = [[s["file"], s["num_samples"], s["bytes"]] for s in m["splits"]["train"]["shards"]]
+    settings = {k: v for k, v in saved["settings"].items() if k != "pack"}
+    for old in ({**settings, "shards": rows},  # 2026-12-04's: the shard list in place of the pack's fingerprint
+                {**saved["settings"], "shards": rows}):  # 2026-12-05's, for a while: both
+        assert DaliLoader(tiny_shards, m, "train", state={**saved, "settings": old}, **kw).restored
+    moved = [[rows[0][0], rows[0][1], rows[0][2] + 512], *rows[1:]]  # a tar of another size: other shards
+    other = DaliLoader(tiny_shards, m, "train", state={**saved, "settings": {**settings, "shards": moved}}, **kw)
+    assert not other.restored and len(list(other)) == len(other)
+
+
 def test_a_bare_reader_checkpoint_of_an_earlier_version_is_not_restored(tiny_shards):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1)

@@ -329,7 +329,9 @@ def test_the_shards_a_run_was_trained_on_are_no_other_shards_when_named_from_ano
     assert notes[0] == f"the shards at {copy} are not those ViT was saved with (packed again, or other shards)"
     old = {k: v for k, v in state.items() if k != "pack"}  # saved before packs were fingerprinted: its path alone
     torch.save({**old, "config": {**old["config"], "data_path": str(tiny_shards)}}, tmp_path / "old.pth")
-    assert make_all(str(tmp_path / "old.pth"), deit, data_path=str(tiny_shards), **kw)["notes"] == []
+    assert make_all(str(tmp_path / "old.pth"), deit, data_path=str(tiny_shards), **kw)["notes"] == [
+        f"whether {tiny_shards} was packed again since ViT was saved cannot be told (it was saved before vitdeit kept "
+        f"the pack's fingerprint, 2026-12-05)"]  # (its own folder: repacked there since or not, it holds no record)
     notes = make_all(str(tmp_path / "old.pth"), deit, data_path=str(copy), **kw)["notes"]
     assert notes[0] == (f"ViT names {tiny_shards} as its shards (it was saved before vitdeit kept the pack's "
                         f"fingerprint), not {copy}")
@@ -352,7 +354,13 @@ def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path
     assert shards_change({"pack": pack_fingerprint(seed), "config": {}}, tiny_shards, m) == "unknown"  # no data_dir
     monkeypatch.chdir(tiny_shards.parent)  # before fingerprints: the path as its run typed it, from where it ran
     old = {"config": {"data_path": tiny_shards.name}}
-    assert shards_change(old, str(tiny_shards.resolve()), m) is None
+    assert shards_change(old, str(tiny_shards.resolve()), m) == "untold"  # the same folder: packed again since?
+    assert shards_change({"config": {}}, str(tiny_shards.resolve()), m) == "untold"  # (a config naming none)
+    from vitdeit.trainer import other_shards_note
+
+    assert other_shards_note(old, "old.pth", str(tiny_shards.resolve()), m) == (  # a --resume's and --eval-only's
+        f"whether {tiny_shards.resolve()} was packed again since old.pth was saved cannot be told (it was saved before "
+        f"vitdeit kept the pack's fingerprint, 2026-12-05)", "(if it was)")
     assert shards_change(old, str(tmp_path), m) == "elsewhere"
 
 

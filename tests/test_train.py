@@ -1231,10 +1231,12 @@ def test_the_run_line_says_how_many_train_images_an_epoch_takes_in_whole_batches
 
 
 @pytest.mark.parametrize("saved, said", [
-    ([{"settings": {"pack": "0123", "batch_size": 8}, "checkpoint": "x"}],
+    ([{"settings": {"pack": "0123", "batch_size": 8, "epoch": "reader pass"}, "checkpoint": "x"}],
      "no DALI reader state for these shards, batch, size, seed and 1 process(es)"),
-    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"}],  # before 12-05
+    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"}],  # before 12-04
      "a DALI reader state of an earlier vitdeit, which this one does not restore"),
+    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "epoch": "reader pass"}, "checkpoint": "x"}],  # 12-04's
+     "no DALI reader state for these shards, batch, size, seed and 1 process(es)"),  # (restored where it fits)
     ([b"reader bytes"], "a DALI reader state of an earlier vitdeit, which this one does not restore"),  # bare, older
     ([None], "no DALI reader state for these shards, batch, size, seed and 1 process(es)")])  # the PyTorch loader's
 def test_a_dali_state_not_restored_is_said_with_its_reason(tiny_shards, saved, said):

@@ -199,10 +199,11 @@ def shards_change(state: dict, data_path: str | Path, manifest: dict) -> str | N
     folder's shards; "repacked", the same folder packed again since; "unknown", not the same pack, from a checkpoint
     saved before its folder was kept (its data_path, as typed, may have been relative to another working folder);
     "elsewhere", a checkpoint from before packs were fingerprinted whose data_path, as typed, names another folder
-    (or the same one, typed relative to another working folder: its path is all it has)."""
+    (or the same one, typed relative to another working folder: its path is all it has); "untold", one whose
+    data_path is this folder (or that names none): packed again since or not, it cannot tell."""
     if "pack" not in state:
         typed = state.get("config", {}).get("data_path")
-        return "elsewhere" if typed and Path(typed).resolve() != Path(data_path).resolve() else None
+        return "elsewhere" if typed and Path(typed).resolve() != Path(data_path).resolve() else "untold"
     if same_pack(state["pack"], manifest):
         return None
     if "data_dir" not in state:
@@ -219,5 +220,7 @@ def shards_change_text(state: dict, name: str | Path, data_path: str | Path,
             "repacked": f"{data_path} was packed again since {name} was saved (other options, seed or images)",
             "unknown": f"the shards at {data_path} are not those {name} was saved with (packed again, or other shards)",
             "elsewhere": f"{name} names {state.get('config', {}).get('data_path')} as its shards (it was saved before "
-                         f"vitdeit kept the pack's fingerprint), not {data_path}"}
+                         f"vitdeit kept the pack's fingerprint), not {data_path}",
+            "untold": f"whether {data_path} was packed again since {name} was saved cannot be told (it was saved "
+                      f"before vitdeit kept the pack's fingerprint, 2026-12-05)"}
     return None if change is None else (change, said[change])

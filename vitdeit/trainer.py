@@ -396,9 +396,9 @@ def other_shards_note(state: dict, ckpt: str | Path, data_path: str, manifest: d
     if (found := shards_change_text(state, ckpt, data_path, manifest)) is None:
         return None
     change, said = found
-    return said, {"elsewhere": "(if those are other shards)", "unknown": "(another pack)", "repacked":
-                  "(another sample order)", "other": "(other shards), and best.pth is picked by val scores of both "
-                  "shards' val splits"}[change]
+    return said, {"elsewhere": "(if those are other shards)", "untold": "(if it was)", "unknown": "(another pack)",
+                  "repacked": "(another sample order)", "other": "(other shards), and best.pth is picked by val scores "
+                  "of both shards' val splits"}[change]
 
 
 def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: dict | None, peak_lr: float) -> list[str]:
@@ -502,9 +502,10 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
                    f"way from here on (--loader {resumed['loader']} keeps the old)")
     if train_loader.name == "dali" and not train_loader.restored:
-        # an earlier vitdeit's: settings naming the shard list, not the pack's fingerprint (before 2026-12-05), or
-        # before that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
-        earlier = any(s is not None and not (isinstance(s, dict) and "pack" in s.get("settings", {}))
+        # an earlier vitdeit's: of the fixed-size epochs before one reader pass made an epoch (2026-12-04), or before
+        # that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
+        earlier = any(s is not None and not (isinstance(s, dict) and isinstance(s.get("settings"), dict)
+                                             and s["settings"].get("epoch") == "reader pass")
                       for s in saved_loader_states(resumed))
         why = ("a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
                f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")

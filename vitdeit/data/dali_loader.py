@@ -160,6 +160,11 @@ class DaliLoader:
         # (a dict: checkpoints of earlier versions held the bare reader bytes, without settings: not restored; the
         # pack: the same shards even where a later packer described their options with more keys)
         saved = state.get("settings") if isinstance(state, dict) else None
+        if isinstance(saved, dict) and "shards" in saved:  # saved before 2026-12-05: the split's shard list named the
+            # pack (beside its fingerprint, or in its place): the same list of names, samples and bytes is this pack
+            same = saved["shards"] == [[s["file"], s["num_samples"], s["bytes"]] for s in shards]
+            saved = {**{k: v for k, v in saved.items() if k != "shards"},
+                     "pack": saved.get("pack", self.settings["pack"]) if same else ""}
         self.restored = self.train and isinstance(saved, dict) and same_pack(saved.get("pack", ""), manifest) and (
             {**saved, "pack": None} == {**self.settings, "pack": None})
         self.batch_size = batch_size

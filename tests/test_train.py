@@ -1861,14 +1861,25 @@ def test_the_lr_note_of_a_resume_compares_each_schedule_setting_with_the_saved_r
     from vitdeit.trainer import lr_jump
 
     base = dict(lr=1e-3, min_lr=1e-5, epochs=4, warmup_epochs=0.0, batch_size=16)
-    resumed = {"epoch": 1, "config": Config(**base).to_dict(), "metrics": {"lr": 0.25}}  # 10 steps an epoch: step 20
+    cosine = lambda t: 1e-5 + (1e-3 * 16 / 512 - 1e-5) * (1 + math.cos(math.pi * t / 40)) / 2  # noqa: E731
+    was = cosine(19)  # the saved run's last step (10 steps an epoch, a 40-step cosine): what its metrics.jsonl logs
+    resumed = {"epoch": 1, "config": Config(**base).to_dict(), "metrics": {"lr": was}}
     note = lambda **kw: lr_jump(Config(**{**base, **kw}), SimpleNamespace(world=1), 10, resumed)  # noqa: E731
     halfway = lambda lr, floor: floor + (lr * 16 / 512 - floor) / 2  # noqa: E731  (step 20 of a 40-step cosine)
     assert note() is None and note(warmup_epochs=0.0, batch_size=16) is None  # the saved schedule, as it was
-    assert note(lr=2e-3) == (f"note: --resume: the lr goes from 0.25 (the last step of epoch 1) to "
-                             f"{halfway(2e-3, 1e-5):.3g} at the next step: the schedule (warm-up, then a cosine to "
-                             f"--min-lr) is this run's, 4 epochs of 10 steps at a peak lr of 6.25e-05, taken up at "
-                             f"step 20")
+    said = (f"note: --resume: the lr goes from {was:.3g} (the last step of epoch 1) to {halfway(2e-3, 1e-5):.3g} at "
+            f"the next step: the schedule (warm-up, then a cosine to --min-lr) is this run's, 4 epochs of 10 steps at "
+            f"a peak lr of 6.25e-05, taken up at step 20")
+    assert note(lr=2e-3) == said
+    # a run whose last step trained at another lr than this schedule gives it (an earlier vitdeit's schedule): said,
+    # with its settings unchanged too
+    resumed["metrics"]["lr"] = 0.25
+    assert note() == (f"note: --resume: the lr goes from 0.25 (the last step of epoch 1) to {halfway(1e-3, 1e-5):.3g} "
+                      f"at the next step: the schedule (warm-up, then a cosine to --min-lr) is this run's, 4 epochs of "
+                      f"10 steps at a peak lr of 3.13e-05, taken up at step 20; the saved run's last step trained at "
+                      f"0.25, not the {was:.3g} this schedule gives it: an earlier vitdeit's schedule (before "
+                      f"2026-12-02, whose cosine ran during the warm-up) or other steps per epoch")
+    resumed["metrics"]["lr"] = was
     assert f"to {halfway(1e-3, 1e-4):.3g} at the next step" in note(min_lr=1e-4)  # each setting of the schedule
     assert f"to {halfway(1.05e-3, 1e-5):.3g} at the next step" in note(lr=1.05e-3)  # a 5 % change is still said
 

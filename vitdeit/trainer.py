@@ -455,27 +455,35 @@ def lr_jump(cfg: Config, dist: Dist, steps: int, resumed: dict) -> str | None:
     """A note where the resumed run's next step trains at another lr than the saved run's own schedule would have:
     the schedule is a function of the step count and this run's --epochs, lr, global batch, warm-up and --min-lr
     (as timm's train.py resumes; the DeiT reference restores the saved schedule, which keeps more --epochs at
-    --min-lr), so more --epochs after a run's cosine ended take the lr back up. None where the process count
+    --min-lr), so more --epochs after a run's cosine ended take the lr back up; also where the saved run's last step
+    trained at another lr than this schedule gives it (an earlier vitdeit's schedule). None where the process count
     changed (resume_notes says so: the steps are other steps) and where nothing is left to train."""
     step = (resumed["epoch"] + 1) * steps
     if saved_world(resumed) not in (None, dist.world) or step >= cfg.epochs * steps:
         return None
 
-    def lr_at(c: Config) -> float:
+    def lr_at(c: Config, t: int) -> float:
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.peak_lr(dist.world))  # (a throwaway)
-        lr_schedule(probe, c, steps).step_update(step)
+        lr_schedule(probe, c, steps).step_update(t)
         return probe.param_groups[0]["lr"]
 
     saved = resumed["config"]
     then = copy.copy(cfg)  # (not dataclasses.replace, whose validation a mix of saved and new settings may fail)
     vars(then).update({k: saved_setting(saved, k) for k in SCHEDULE})
-    if math.isclose(now := lr_at(cfg), lr_at(then), rel_tol=1e-6):
+    # the lr the saved run's last step trained at (metrics' lr), against what this schedule gives that step: another
+    # where an earlier vitdeit's schedule trained it (before 2026-12-02 its cosine ran during the warm-up), or where
+    # the steps per epoch were others
+    was, ended = resumed.get("metrics", {}).get("lr"), lr_at(then, step - 1)
+    other = isinstance(was, float) and not math.isclose(was, ended, rel_tol=1e-6)
+    if math.isclose(now := lr_at(cfg, step), lr_at(then, step), rel_tol=1e-6) and not other:
         return None
-    was = resumed.get("metrics", {}).get("lr")
     return (f"note: --resume: the lr goes from {f'{was:.3g}' if isinstance(was, float) else 'its saved value'} (the "
             f"last step of epoch {resumed['epoch']}) to {now:.3g} at the next step: the schedule (warm-up, then a "
             f"cosine to --min-lr) is this run's, {cfg.epochs} epochs of {steps} steps at a peak lr of "
-            f"{cfg.peak_lr(dist.world):.3g}, taken up at step {step}")
+            f"{cfg.peak_lr(dist.world):.3g}, taken up at step {step}"
+            + (f"; the saved run's last step trained at {was:.3g}, not the {ended:.3g} this schedule gives it: an "
+               f"earlier vitdeit's schedule (before 2026-12-02, whose cosine ran during the warm-up) or other steps "
+               f"per epoch" if other else ""))
 
 
 def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed: dict) -> list[str]:

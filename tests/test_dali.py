@@ -229,12 +229,17 @@ def test_one_train_tar_for_several_ranks_is_a_warning_naming_the_repack(tiny_dat
         DaliLoader(tmp_path / "one", manifest, "train", batch_size=4, img_size=16, world=2, workers=1)
 
 
+def state_after_a_batch(shards, manifest, **kw) -> dict:
+    """The train loader's state() after its first batch: what a checkpoint saved mid-pass holds."""
+    first = DaliLoader(shards, manifest, "train", **kw)
+    next(iter(first))
+    return first.state()
+
+
 def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1)
-    first = DaliLoader(tiny_shards, m, "train", **kw)
-    next(iter(first))
-    old = first.state()
+    old = state_after_a_batch(tiny_shards, m, **kw)
     del old["settings"]["epoch"]  # what an earlier version saved; its iterator state lacks what this one reads
     again = DaliLoader(tiny_shards, m, "train", state=old, **kw)
     assert not again.restored and len(list(again)) == len(again)
@@ -331,9 +336,8 @@ def test_the_executor_and_prefetch_depth_change_neither_the_batches_nor_where_a_
 def test_a_state_saved_with_other_settings_is_not_restored(tiny_shards, change):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, rank=1, world=2, workers=1, seed=3)
-    first = DaliLoader(tiny_shards, m, "train", **kw)
-    next(iter(first))
-    other = DaliLoader(tiny_shards, m, "train", state=first.state(), **{**kw, **change})
+    saved = state_after_a_batch(tiny_shards, m, **kw)
+    other = DaliLoader(tiny_shards, m, "train", state=saved, **{**kw, **change})
     assert not other.restored and len(list(other)) == len(other)  # a fresh stream, whole epochs
 
 
@@ -342,9 +346,7 @@ def test_a_state_saved_by_a_gpu_pipeline_is_not_restored_on_the_cpu(tiny_shards)
     # pipeline's to load
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
-    first = DaliLoader(tiny_shards, m, "train", **kw)
-    next(iter(first))
-    saved = first.state()
+    saved = state_after_a_batch(tiny_shards, m, **kw)
     assert saved["settings"]["gpu"] is False  # the state says where its pipeline ran
     assert DaliLoader(tiny_shards, m, "train", state=saved, **kw).restored  # (as saved: restored)
     on_gpu = {**saved, "settings": {**saved["settings"], "gpu": True}}
@@ -356,12 +358,11 @@ def test_a_state_saved_on_other_shards_of_the_same_images_is_not_restored(tiny_d
     from vitdeit.packing import PackOptions, pack
 
     kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
-    first = DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", **kw)  # tars of 30 samples
-    next(iter(first))
+    saved = state_after_a_batch(tiny_shards, load_manifest(tiny_shards), **kw)  # tars of 30 samples
     m = pack(tiny_data, tmp_path / "s", opts=PackOptions(shard_size=20, workers=1), progress=False)  # repacked
-    other = DaliLoader(tmp_path / "s", m, "train", state=first.state(), **kw)
+    other = DaliLoader(tmp_path / "s", m, "train", state=saved, **kw)
     assert not other.restored and len(list(other)) == len(other)
-    again = DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", state=first.state(), **kw)
+    again = DaliLoader(tiny_shards, load_manifest(tiny_shards), "train", state=saved, **kw)
     assert again.restored  # (the same shards: restored)
 
 
@@ -372,17 +373,14 @@ def test_a_state_saved_on_an_earlier_packers_manifest_of_these_shards_is_restore
     m = load_manifest(tiny_shards)
     assert LATER_OPTIONS.items() <= m["options"].items()  # this packer's manifest has them
     earlier = {**m, "options": {k: v for k, v in m["options"].items() if k not in LATER_OPTIONS}}
-    first = DaliLoader(tiny_shards, earlier, "train", **kw)  # a run on the shards as an earlier packer described them
-    next(iter(first))
-    assert DaliLoader(tiny_shards, m, "train", state=first.state(), **kw).restored  # packed again since, unchanged
+    saved = state_after_a_batch(tiny_shards, earlier, **kw)  # a run on the shards as an earlier packer described them
+    assert DaliLoader(tiny_shards, m, "train", state=saved, **kw).restored  # packed again since, unchanged
 
 
 def test_a_state_saved_before_packs_were_fingerprinted_is_restored_where_its_shard_list_is_these_shards(tiny_shards):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
-    first = DaliLoader(tiny_shards, m, "train", **kw)
-    next(iter(first))
-    saved = first.state()
+    saved = state_after_a_batch(tiny_shards, m, **kw)
     rows = [[s["file"], s["num_samples"], s["bytes"]] for s in m["splits"]["train"]["shards"]]
     settings = {k: v for k, v in saved["settings"].items() if k != "pack"}
     for old in ({**settings, "shards": rows},  # 2026-12-04's: the shard list in place of the pack's fingerprint
@@ -396,9 +394,8 @@ def test_a_state_saved_before_packs_were_fingerprinted_is_restored_where_its_sha
 def test_a_bare_reader_checkpoint_of_an_earlier_version_is_not_restored(tiny_shards):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1)
-    first = DaliLoader(tiny_shards, m, "train", **kw)
-    next(iter(first))
-    old = DaliLoader(tiny_shards, m, "train", state=first.state()["checkpoint"], **kw)  # bytes, no settings
+    saved = state_after_a_batch(tiny_shards, m, **kw)
+    old = DaliLoader(tiny_shards, m, "train", state=saved["checkpoint"], **kw)  # bytes, no settings
     assert not old.restored and len(list(old)) == len(old)
 
 

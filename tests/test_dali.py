@@ -383,9 +383,11 @@ def test_a_state_saved_before_packs_were_fingerprinted_is_restored_where_its_sha
     saved = state_after_a_batch(tiny_shards, m, **kw)
     rows = [[s["file"], s["num_samples"], s["bytes"]] for s in m["splits"]["train"]["shards"]]
     settings = {k: v for k, v in saved["settings"].items() if k != "pack"}
-    for old in ({**settings, "shards": rows},  # 2026-12-04's: the shard list in place of the pack's fingerprint
-                {**saved["settings"], "shards": rows}):  # 2026-12-05's, for a while: both
+    for old in ({**settings, "shards": rows},  # 2026-12-02 to -05's: the shard list in place of the pack's fingerprint
+                {**saved["settings"], "shards": rows}):  # 2026-12-05's, for an hour: both
         assert DaliLoader(tiny_shards, m, "train", state={**saved, "settings": old}, **kw).restored
+    reseeded = {**saved["settings"], "shards": rows, "pack": "another seed's"}  # the same tars' names and sizes
+    assert not DaliLoader(tiny_shards, m, "train", state={**saved, "settings": reseeded}, **kw).restored
     moved = [[rows[0][0], rows[0][1], rows[0][2] + 512], *rows[1:]]  # a tar of another size: other shards
     other = DaliLoader(tiny_shards, m, "train", state={**saved, "settings": {**settings, "shards": moved}}, **kw)
     assert not other.restored and len(list(other)) == len(other)

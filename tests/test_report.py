@@ -394,6 +394,15 @@ def test_shards_with_a_class_of_no_train_images_or_val_copies_of_train_images_ar
         f"tops out near 76.0 %",  # 19 / 25
         "1 of the 25 val images has byte-identical copies in train (--allow-train-val-copies): val top-1 counts images "
         "both models trained on"]
+    for name in ("v.pth", "d.pth"):  # saved before packs were fingerprinted, on this folder: its images, said too
+        old = torch.load(tmp_path / name, weights_only=False)
+        del old["pack"], old["data_dir"]
+        old["config"]["data_path"] = str(tmp_path / "s")
+        torch.save(old, tmp_path / name)
+    untold = make_all(str(tmp_path / "v.pth"), str(tmp_path / "d.pth"), **kw)["notes"]
+    assert untold == [f"whether {tmp_path / 's'} was packed again since {label} was saved cannot be told (it was "
+                      f"saved before vitdeit kept the pack's fingerprint, 2026-12-05)" for label in ("ViT", "DeiT")
+                      ] + w["notes"]
     import train
 
     capsys.readouterr()

@@ -1233,9 +1233,9 @@ def test_the_run_line_says_how_many_train_images_an_epoch_takes_in_whole_batches
 @pytest.mark.parametrize("saved, said", [
     ([{"settings": {"pack": "0123", "batch_size": 8, "epoch": "reader pass"}, "checkpoint": "x"}],
      "no DALI reader state for these shards, batch, size, seed and 1 process(es)"),
-    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"}],  # before 12-04
+    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"}],  # before 12-02
      "a DALI reader state of an earlier vitdeit, which this one does not restore"),
-    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "epoch": "reader pass"}, "checkpoint": "x"}],  # 12-04's
+    ([{"settings": {"shards": [["train-000000.tar", 96, 1]], "epoch": "reader pass"}, "checkpoint": "x"}],  # 12-02's
      "no DALI reader state for these shards, batch, size, seed and 1 process(es)"),  # (restored where it fits)
     ([b"reader bytes"], "a DALI reader state of an earlier vitdeit, which this one does not restore"),  # bare, older
     ([None], "no DALI reader state for these shards, batch, size, seed and 1 process(es)")])  # the PyTorch loader's
@@ -1877,9 +1877,14 @@ def test_the_lr_note_of_a_resume_compares_each_schedule_setting_with_the_saved_r
     assert note() == (f"note: --resume: the lr goes from 0.25 (the last step of epoch 1) to {halfway(1e-3, 1e-5):.3g} "
                       f"at the next step: the schedule (warm-up, then a cosine to --min-lr) is this run's, 4 epochs of "
                       f"10 steps at a peak lr of 3.13e-05, taken up at step 20; the saved run's last step trained at "
-                      f"0.25, not the {was:.3g} this schedule gives it: an earlier vitdeit's schedule (before "
-                      f"2026-12-02, whose cosine ran during the warm-up) or other steps per epoch")
+                      f"0.25, not the {was:.3g} its own settings give it under this vitdeit's schedule: it trained "
+                      f"under an earlier vitdeit's (before 2026-12-02, whose cosine ran during the warm-up)")
     resumed["metrics"]["lr"] = was
+    # a run of this vitdeit resumed with another --batch-size (5 steps an epoch now): its last step's lr is taken at
+    # its own 10 steps (160 images of 16), not as if by an earlier schedule
+    resumed["metrics"]["train_samples"] = 160
+    other = lr_jump(Config(**{**base, "batch_size": 32}), SimpleNamespace(world=1), 5, resumed)
+    assert other.startswith(f"note: --resume: the lr goes from {was:.3g}") and "earlier vitdeit" not in other
     assert f"to {halfway(1e-3, 1e-4):.3g} at the next step" in note(min_lr=1e-4)  # each setting of the schedule
     assert f"to {halfway(1.05e-3, 1e-5):.3g} at the next step" in note(lr=1.05e-3)  # a 5 % change is still said
 

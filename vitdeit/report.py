@@ -467,7 +467,7 @@ def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: s
     for label, state in (("ViT", vit_state), ("DeiT", deit_state)):
         if found := shards_change_text(state, label, data_path, manifest):  # by the pack's fingerprint, not the path
             notes.append(found[1])
-            trained_here = False
+            trained_here = trained_here and found[0] == "untold"  # (its images are these: said below too)
         upscaled = (upscale_warning(data_path, manifest, state["config"]["img_size"],
                                     saved_setting(state["config"], "crop_pct")) or "").rstrip(".")
         if upscaled and upscaled not in notes:  # (once for both models where they share the size)

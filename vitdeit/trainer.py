@@ -456,34 +456,39 @@ def lr_jump(cfg: Config, dist: Dist, steps: int, resumed: dict) -> str | None:
     the schedule is a function of the step count and this run's --epochs, lr, global batch, warm-up and --min-lr
     (as timm's train.py resumes; the DeiT reference restores the saved schedule, which keeps more --epochs at
     --min-lr), so more --epochs after a run's cosine ended take the lr back up; also where the saved run's last step
-    trained at another lr than this schedule gives it (an earlier vitdeit's schedule). None where the process count
-    changed (resume_notes says so: the steps are other steps) and where nothing is left to train."""
+    trained at another lr than its own settings give it under this vitdeit's schedule (an earlier vitdeit's). None
+    where the process count changed (resume_notes says so: the steps are other steps) and where nothing is left to
+    train."""
     step = (resumed["epoch"] + 1) * steps
     if saved_world(resumed) not in (None, dist.world) or step >= cfg.epochs * steps:
         return None
 
-    def lr_at(c: Config, t: int) -> float:
+    def lr_at(c: Config, t: int, per_epoch: int = steps) -> float:
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.peak_lr(dist.world))  # (a throwaway)
-        lr_schedule(probe, c, steps).step_update(t)
+        lr_schedule(probe, c, per_epoch).step_update(t)
         return probe.param_groups[0]["lr"]
 
     saved = resumed["config"]
     then = copy.copy(cfg)  # (not dataclasses.replace, whose validation a mix of saved and new settings may fail)
     vars(then).update({k: saved_setting(saved, k) for k in SCHEDULE})
-    # the lr the saved run's last step trained at (metrics' lr), against what this schedule gives that step: another
-    # where an earlier vitdeit's schedule trained it (before 2026-12-02 its cosine ran during the warm-up), or where
-    # the steps per epoch were others
-    was, ended = resumed.get("metrics", {}).get("lr"), lr_at(then, step - 1)
-    other = isinstance(was, float) and not math.isclose(was, ended, rel_tol=1e-6)
+    # the lr the saved run's last step trained at (metrics' lr), against what its settings give that step under this
+    # schedule, at its own steps per epoch (its train images / its global batch: another loader or --batch-size may
+    # give this run others): another where an earlier vitdeit's schedule trained it (before 2026-12-02 its cosine
+    # ran during the warm-up)
+    metrics = resumed.get("metrics", {})
+    seen, batch = metrics.get("train_samples"), saved_setting(saved, "batch_size") * dist.world
+    then_steps = seen // batch if isinstance(seen, int) and seen >= batch else steps
+    was, ended = metrics.get("lr"), lr_at(then, (resumed["epoch"] + 1) * then_steps - 1, then_steps)
+    other = isinstance(was, float) and not math.isclose(was, ended, rel_tol=1e-6) and f"{was:.3g}" != f"{ended:.3g}"
     if math.isclose(now := lr_at(cfg, step), lr_at(then, step), rel_tol=1e-6) and not other:
         return None
     return (f"note: --resume: the lr goes from {f'{was:.3g}' if isinstance(was, float) else 'its saved value'} (the "
             f"last step of epoch {resumed['epoch']}) to {now:.3g} at the next step: the schedule (warm-up, then a "
             f"cosine to --min-lr) is this run's, {cfg.epochs} epochs of {steps} steps at a peak lr of "
             f"{cfg.peak_lr(dist.world):.3g}, taken up at step {step}"
-            + (f"; the saved run's last step trained at {was:.3g}, not the {ended:.3g} this schedule gives it: an "
-               f"earlier vitdeit's schedule (before 2026-12-02, whose cosine ran during the warm-up) or other steps "
-               f"per epoch" if other else ""))
+            + (f"; the saved run's last step trained at {was:.3g}, not the {ended:.3g} its own settings give it under "
+               f"this vitdeit's schedule: it trained under an earlier vitdeit's (before 2026-12-02, whose cosine ran "
+               f"during the warm-up)" if other else ""))
 
 
 def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed: dict) -> list[str]:
@@ -510,7 +515,7 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
                    f"way from here on (--loader {resumed['loader']} keeps the old)")
     if train_loader.name == "dali" and not train_loader.restored:
-        # an earlier vitdeit's: of the fixed-size epochs before one reader pass made an epoch (2026-12-04), or before
+        # an earlier vitdeit's: of the fixed-size epochs before one reader pass made an epoch (2026-12-02), or before
         # that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
         earlier = any(s is not None and not (isinstance(s, dict) and isinstance(s.get("settings"), dict)
                                              and s["settings"].get("epoch") == "reader pass")

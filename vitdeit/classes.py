@@ -275,7 +275,7 @@ def without_images_text(manifest: dict, split: str, data_path) -> str | None:
 
 def val_copies_text(manifest: dict) -> str | None:
     """How many val images have byte-identical copies in train (shards packed with --allow-train-val-copies), for
-    pack_shards.py's and train.py's warnings; None where none do."""
+    the warnings of pack_shards.py, train.py (training and --eval-only) and viz.py's report; None where none do."""
     if not (both := manifest.get("train_val_same_bytes")):  # (earlier packers refused them: no such field)
         return None
     n = sum(len(g["val"]) for g in both)

@@ -49,12 +49,17 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def below(*checks: tuple[str, int | None, int]) -> str | None:
+    """What is wrong with the first (flag, value, least) whose value is below least (None: unset), or None."""
+    return next((f"{name} {value}: must be >= {least}" for name, value, least in checks
+                 if value is not None and value < least), None)
+
+
 def refuse_below(parser: argparse.ArgumentParser, *checks: tuple[str, int | None, int]) -> None:
-    """argparse's usage error (exit 2) for the first (flag, value, least) whose value is below least (None: unset):
-    the entry points' counts and sizes, checked before any work."""
-    for name, value, least in checks:
-        if value is not None and value < least:
-            parser.error(f"{name} {value}: must be >= {least}")
+    """argparse's usage error (exit 2) for below(*checks): the entry points' counts and sizes, checked before any
+    work."""
+    if problem := below(*checks):
+        parser.error(problem)
 
 
 def refuse_empty(parser: argparse.ArgumentParser, *checks: tuple[str, str | None, str]) -> None:

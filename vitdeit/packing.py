@@ -42,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images,
                       holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some,
                       val_copies_text)
-from .config import usable_cores
+from .config import below, usable_cores
 from .data.index import index_count, index_text
 from .errors import DataError, SettingError, WriteFailed, output_folder, write_failed
 from .lock import folder_lock
@@ -79,10 +79,9 @@ class PackOptions:
     workers: int = max(1, min(8, usable_cores()))
 
     def __post_init__(self):  # (pack_shards.py makes this argparse's usage error; pack()'s other callers meet it too)
-        for name, value, least in (("--shard-size", self.shard_size, 1), ("--workers", self.workers, 1),
-                                   ("--resize-short", self.resize_short, 8)):
-            if value is not None and value < least:
-                raise SettingError(f"{name} {value}: must be >= {least}")
+        if problem := below(("--shard-size", self.shard_size, 1), ("--workers", self.workers, 1),
+                            ("--resize-short", self.resize_short, 8)):
+            raise SettingError(problem)
         if not 1 <= self.jpeg_quality <= 100:  # PIL takes any number (-1: its default 75; above 100: 100) silently
             raise SettingError(f"--jpeg-quality {self.jpeg_quality}: must be in 1..100")
 

@@ -151,10 +151,15 @@ def saved_state(path: Path, what: str) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+def saved_loader_states(state: dict | None) -> list:
+    """The checkpoint's train-loader states, one per rank of its run ([] for a new run, state None, or a checkpoint
+    that kept none)."""
+    return (state or {}).get("loader_states") or []
+
+
 def saved_world(state: dict | None) -> int | None:
-    """The process count the checkpoint's run trained with (it keeps a train-loader state per rank); None for a new
-    run (state None) or a checkpoint that kept none."""
-    return len(states) if (states := (state or {}).get("loader_states")) else None
+    """The process count the checkpoint's run trained with (a train-loader state per rank); None where it kept none."""
+    return len(saved_loader_states(state)) or None
 
 
 def load_failure(e: Exception) -> str:

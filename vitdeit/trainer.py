@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_state, saved_world,
-                         shards_change_text, signals_held)
+from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_checkpoint, saved_loader_states,
+                         saved_state, saved_world, shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint, pack_identity,
                       val_copies_text, without_images_text)
 from .config import DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, flag, saved_setting
@@ -588,11 +588,6 @@ def compile_setting(cfg: Config, device: torch.device, world: int) -> tuple[bool
         raise SettingError(f"--compile-mode reduce-overhead with {world} processes: CUDA graphs under DDP are "
                            f"not supported here (never run); drop it, or train one process per run")
     return use_compile, compile_mode(cfg.compile_mode, device, world)
-
-
-def saved_loader_states(resumed: dict | None) -> list:
-    """The resumed run's train-loader states, one per rank of that run ([] for a new run or a run that kept none)."""
-    return (resumed or {}).get("loader_states") or []
 
 
 def build_loaders(cfg: Config, manifest: dict, dist: Dist, resumed: dict | None):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import held_elsewhere, lock_held, small_dataset, torchrun
-from vitdeit import distill
+from vitdeit import distill, trainer
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
 from vitdeit.packing import PackOptions, pack
@@ -51,7 +51,6 @@ class Stopped(Exception):
 
 
 def stop_before_the_first_epoch(monkeypatch) -> None:
-    from vitdeit import trainer
 
     def stop(*args, **kwargs):
         raise Stopped
@@ -192,7 +191,6 @@ def test_eval_only_of_a_run_by_its_name_reads_the_shards_it_was_trained_on(teach
 
 
 def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys, monkeypatch):
-    from vitdeit import trainer
 
     cfg, _ = teacher_run
     best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
@@ -518,7 +516,6 @@ def test_a_run_killed_while_writing_an_epochs_outputs_resumes_with_every_epoch_l
 @pytest.mark.parametrize("killed_at", ["last.pth", "best.pth"])
 def test_a_run_killed_between_an_epochs_checkpoints_resumes_with_its_best_weights_kept(tiny_shards, tmp_path,
                                                                                      monkeypatch, killed_at):
-    from vitdeit import trainer
 
     kw = dict(model="resnet18", epochs=3, lr=0.005, batch_size=16, workers=0)
     save = trainer.save_checkpoint
@@ -554,7 +551,6 @@ def test_ctrl_c_while_an_epochs_checkpoints_are_written_stops_once_they_are(tiny
                                                                             capsys):
     import signal
 
-    from vitdeit import trainer
 
     kw = dict(model="vit_tiny", img_size=16, epochs=3, lr=0.005, batch_size=16, workers=0)
     save = trainer.save_checkpoint
@@ -702,9 +698,16 @@ def test_a_checkpoint_write_cut_by_ctrl_c_leaves_no_tmp_and_the_last_one_whole(t
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
 
 
-def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_writes(tiny_shards, tmp_path):
+def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_writes(tiny_shards, tmp_path,
+                                                                                       monkeypatch):
     run = tmp_path / "vit_tiny"
     run.mkdir()
+    build_loaders = trainer.build_loaders
+
+    def set_up(*args):
+        raise AssertionError("the set-up began")
+
+    monkeypatch.setattr(trainer, "build_loaders", set_up)  # refused before the set-up's minutes, not after them
     with held_elsewhere(run / ".lock"):  # as another train.py holds it (srun starting one per GPU)
         with pytest.raises(SettingError, match=re.escape(
                 f"{run}: another train.py is training in this folder now; wait for it to end, or choose another "
@@ -712,6 +715,7 @@ def test_a_second_train_py_into_a_folder_being_trained_in_is_refused_before_it_w
                 f"separate one-process runs: start torchrun once per node instead, as the README shows)")):
             train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=1, batch_size=16, workers=0))
         assert [p.name for p in run.iterdir()] == [".lock"]  # not even config.json
+    monkeypatch.setattr(trainer, "build_loaders", build_loaders)
     held_while = []  # the lock as the epoch ends: the run holds it for all of its work, and lets go as it ends
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=1, batch_size=16, workers=0),
           on_epoch_end=lambda epoch, record: held_while.append(lock_held(run / ".lock")))  # once it has ended
@@ -1018,7 +1022,6 @@ def test_a_checkpoint_keeps_each_precision_amp_auto_resolved_to_across_a_resume(
 
 
 def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_path, monkeypatch):
-    from vitdeit import trainer
 
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 9.0, "val_top1": 0.0, "val_top5": 0.0,
                                                               "val_samples": 24})
@@ -1029,7 +1032,6 @@ def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_p
 
 @pytest.mark.parametrize("saved_best", ["its own", "none", "another run's"])
 def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, tmp_path, monkeypatch, saved_best):
-    from vitdeit import trainer
 
     top1 = iter([50.0, 10.0])  # epoch 0 stays the best: the resumed run writes no best.pth of its own
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(top1),
@@ -1058,7 +1060,6 @@ def test_warnings_follow_the_run_line_small_shards_a_loaders_own_and_an_unused_t
                                                                                         monkeypatch):
     import warnings
 
-    from vitdeit import trainer
 
     build = trainer.build_loader
     monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: (warnings.warn("one train shard"), build(*a, **k))[1])
@@ -1372,7 +1373,6 @@ def test_each_rank_restores_its_own_train_loader_state(teacher_run, tmp_path, mo
 
 
 def fake_val(monkeypatch, values):
-    from vitdeit import trainer
 
     it = iter(values)
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(it),
@@ -1498,7 +1498,6 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
 
 def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
         tiny_shards, tmp_path, monkeypatch, capsys):
-    from vitdeit import trainer
     from vitdeit.trainer import best_behind
 
     kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=2)
@@ -1649,7 +1648,6 @@ def test_clip_grad_drop_path_and_a_new_sample_order_each_epoch_reach_the_trainin
     paths at timm's linear ramp up to --drop-path, and each epoch's sampler draws that epoch's permutation."""
     import timm.optim
 
-    from vitdeit import trainer
 
     clips, orders, made = [], [], []
     clip, make_optimizer = torch.nn.utils.clip_grad_norm_, timm.optim.create_optimizer_v2
@@ -1695,7 +1693,6 @@ def test_cutmix_alone_trains_on_its_soft_targets_smoothed_once(tiny_shards, tmp_
 
 
 def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_shards, tmp_path, monkeypatch, capsys):
-    from vitdeit import trainer
 
     def fingerprint(state):  # a number that tells two sets of weights apart
         return sum(float(v.double().sum()) for v in state.values() if v.is_floating_point())
@@ -2071,7 +2068,6 @@ def test_a_run_folder_no_file_can_be_made_in_is_refused_before_the_set_up_naming
 def test_a_run_folder_that_cannot_be_written_is_no_matter_to_a_resume_with_nothing_left_to_do(tiny_shards, tmp_path,
                                                                                                  monkeypatch, capsys):
     import train as train_py
-    from vitdeit import trainer
 
     assert train_py.main(["--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--img-size", "32",
                           "--patch-size", "8", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--progress",

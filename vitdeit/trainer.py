@@ -204,7 +204,8 @@ def run_held_in(run_dir: Path, cfg: Config) -> Path | None:
 def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -> None:
     """A run folder that holds a run (run_held_in) is another run's, unless --resume continues it from there: refused
     without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or, for
-    a run that `writes` (not a resumed one with nothing left to do), a folder this user cannot write in. Rank 0,
+    a run that `writes` (not a resumed one with nothing left to do), a folder another train.py is training in now
+    (lock_busy: not resumed from under it either) or that this user cannot write in. Rank 0,
     which alone writes there, looks (before the set-up's minutes); every rank stops on what it found."""
     problem = None
     file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
@@ -212,6 +213,8 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         name = "--run-name" if file == run_dir else "--output-dir"
         problem = (f"{name} {cfg.name if file == run_dir else cfg.output_dir}: {file} is a file, not a folder; pass "
                    f"another {name} (the run goes to --output-dir/--run-name, here {run_dir})")
+    elif writes and dist.is_main and (busy := lock_busy(run_dir)):
+        problem = busy
     elif dist.is_main and (held := run_held_in(run_dir, cfg)) and not resumes_in(run_dir, cfg) and not cfg.overwrite:
         other = (f" (--resume {cfg.resume} is another folder's checkpoint: a run writes to --output-dir/--run-name, "
                  f"here {run_dir}, wherever it resumes from)" if cfg.resume else "")
@@ -226,6 +229,18 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
                    f"another --output-dir")
     if problem := all_gather_object(problem)[0]:  # (rank 0's)
         raise together(SettingError(problem))
+
+
+def lock_busy(run_dir: Path) -> str | None:
+    """run_lock's refusal where another train.py holds the folder's lock now, else None: a look before the set-up's
+    minutes (the lock itself is taken once the set-up has passed its checks: start_run_dir)."""
+    if not (run_dir / ".lock").is_file():
+        return None
+    try:
+        with run_lock(run_dir):
+            return None
+    except SettingError as e:
+        return str(e)
 
 
 def run_lock(run_dir: Path):

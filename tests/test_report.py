@@ -681,7 +681,7 @@ def test_the_comparison_counts_per_class_accuracy_gains_losses_agreement_and_bot
     labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     vit = [0, 1, 2, 1, 1, 1, 0, 2, 2, 2, 2, 2]  # right: 1 of class 0, 2 of class 1, 4 of class 2
     deit = [0, 0, 0, 0, 1, 1, 1, 0, 2, 0, 1, 2]  # right: 4, 3, 2
-    as_preds = lambda name, p: Predictions(name, np.array(labels), np.array(p), np.ones(12), 32, 0.875)
+    as_preds = lambda name, p: Predictions(name, np.array(labels), np.array(p), np.ones(12), 0.875)
     comp = comparison(cm, as_preds("ViT", vit), as_preds("DeiT", deit))
     rows = [(r["class"], r["name"], r["images"], r["vit_top1"], r["deit_top1"], r["delta"]) for r in comp["per_class"]]
     assert rows == [("n00000001", "alpha", 4, 25.0, 100.0, 75.0), ("n00000002", "beta", 4, 50.0, 75.0, 25.0),
@@ -724,8 +724,8 @@ def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
     cm = ClassMap.from_labels({"n00000001": "alpha, a", "n00000002": "beta", "n00000003": "gamma"})
     labels = np.array([0, 0, 1, 1, 2, 2])
     vit, deit = np.array([1, 1, 1, 0, 2, 2]), np.array([0, 0, 1, 0, 2, 1])  # DeiT: +100 alpha, 0 beta, -50 gamma
-    comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 32, 0.875),
-                      Predictions("DeiT", labels, deit, np.ones(6), 32, 0.875))
+    comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 0.875),
+                      Predictions("DeiT", labels, deit, np.ones(6), 0.875))
     run = {"run": "ViT", "model": "vit_tiny", "val_top1": 1.0, "val_top5": 2.0, "best_epoch": 0, "last_epoch": 0,
            "checkpoint_epoch": 0, "params": 1e6, "train_images_per_s": 1.0, "trained_on": [None], "data_path": "s",
            "img_size": 32}
@@ -753,8 +753,8 @@ def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
     labels = np.array([0, 0, 1, 1, 2, 2])
     vit = np.array([0, 1, 1, 0, 2, 2])  # right: 1 of class 0, 1 of class 1, 2 of class 2
     deit = np.array([0, 0, 0, 1, 2, 2])  # right: 2, 1 (another image), 2
-    comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 32, 0.875),
-                      Predictions("DeiT", labels, deit, np.ones(6), 32, 0.875))
+    comp = comparison(cm, Predictions("ViT", labels, vit, np.ones(6), 0.875),
+                      Predictions("DeiT", labels, deit, np.ones(6), 0.875))
     assert [(r["class"], r["delta"]) for r in comp["per_class"]] == [("n00000001", 50.0), ("n00000002", 0.0),
                                                                       ("n00000003", 0.0)]
     assert [r["class"] for r in comp["gains"]] == ["n00000001"] and comp["losses"] == []
@@ -891,7 +891,7 @@ def test_predictions_are_the_mean_of_deits_two_heads_with_its_softmax_confidence
 def test_the_figure_shows_each_image_resized_with_the_models_filter_and_crop(tiny_shards, crop_pct):
     manifest = load_manifest(tiny_shards)
     n = manifest["splits"]["val"]["num_samples"]
-    p = Predictions("x", np.zeros(n, int), np.zeros(n, int), np.ones(n), 32, crop_pct, "bicubic")
+    p = Predictions("x", np.zeros(n, int), np.zeros(n, int), np.ones(n), crop_pct, "bicubic")
     fig = prediction_figure(tiny_shards, manifest, [p], [3, 0], display_px=48)
     for ax, idx in zip(fig.axes, [3, 0]):  # each panel its own image
         expected = ShardSamples(tiny_shards, manifest, "val", ValTransform(48, crop_pct, "bicubic"))[idx][0]
@@ -1020,8 +1020,8 @@ def test_the_picture_is_titled_with_each_models_score_on_its_images_and_sets_eac
     labels = np.arange(n) % 4
     vit_pred, deit_pred = labels.copy(), labels.copy()
     vit_pred[5], deit_pred[0], deit_pred[5] = (labels[5] + 1) % 4, (labels[0] + 1) % 4, (labels[5] + 1) % 4
-    preds = [Predictions("ViT", labels, vit_pred, np.ones(n), 32, 0.875),  # over all 24 images: right on 23 and 22,
-             Predictions("DeiT", labels, deit_pred, np.ones(n), 32, 0.875)]  # on images 3, 0 and 5: on 2 and 1
+    preds = [Predictions("ViT", labels, vit_pred, np.ones(n), 0.875),  # over all 24 images: right on 23 and 22,
+             Predictions("DeiT", labels, deit_pred, np.ones(n), 0.875)]  # on images 3, 0 and 5: on 2 and 1
     fig = prediction_figure(tiny_shards, manifest, preds, [3, 0, 5])
     assert fig._suptitle.get_text() == ("ViT vs DeiT on 3 random val images (right here: ViT 67%, DeiT 33%; "
                                         "green = right, red = wrong)")

@@ -35,8 +35,7 @@ class Predictions:
     labels: np.ndarray  # (N,) true class
     pred: np.ndarray  # (N,) predicted class
     conf: np.ndarray  # (N,) softmax probability of the prediction
-    img_size: int
-    crop_pct: float
+    crop_pct: float  # the val centre crop's share the model was evaluated with (the panels' crop too)
     interpolation: str = Config.interpolation  # the val resize filter the model was evaluated with
 
 
@@ -64,7 +63,7 @@ def predict(net, state: dict, shards: str | Path, manifest: dict, name: str, dev
         conf = logits.softmax(1).gather(1, pred[:, None])[:, 0]
         labels.append(y.cpu()), preds.append(pred.cpu()), confs.append(conf.cpu())
     return Predictions(name, torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(confs).numpy(),
-                       cfg["img_size"], cfg["crop_pct"], interpolation)
+                       cfg["crop_pct"], interpolation)
 
 
 DEFAULT_PANELS = 10  # the picture's val images when --num-images is not given

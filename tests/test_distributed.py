@@ -426,7 +426,7 @@ def test_ranks_are_named_as_runs_of_consecutive_numbers_or_listed():
 
 def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_could_not_read(tiny_shards,
                                                                                             monkeypatch):
-    from vitdeit import distributed, trainer
+    from vitdeit import distributed, runs
     from vitdeit.classes import load_manifest
     from vitdeit.config import Config
     from vitdeit.errors import MissingFile
@@ -446,18 +446,18 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
                 monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
                 monkeypatch.setattr(distributed.socket, "gethostname", lambda: host)
                 with contextlib.suppress(Exception):  # (that rank's own error: raised there)
-                    trainer.read_run_files(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
+                    runs.read_run_files(lambda: (m, None) if isinstance(m, dict) else (_ for _ in ()).throw(m),
                                                cfg)
             monkeypatch.setattr(distributed, "all_gather_object", gather)
             return views
         return gather
 
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("a", moved), ("b", manifest)))
-    assert trainer.read_run_files(lambda: (manifest, None), cfg) == (manifest, None)  # all one pack
+    assert runs.read_run_files(lambda: (manifest, None), cfg) == (manifest, None)  # all one pack
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("a", manifest), ("b", resized),
                                                                ("c", resized), ("c", manifest)))
-    with pytest.raises(trainer.SettingError) as e:
-        trainer.read_run_files(lambda: (manifest, None), cfg)
+    with pytest.raises(runs.SettingError) as e:
+        runs.read_run_files(lambda: (manifest, None), cfg)
     said = re.escape(f"{tiny_shards}: --seed 0, 96 train + 24 val images")
     ids = re.search(rf"\(ranks 0, 1 and 4 on a, c: {said} \(([0-9a-f]{{8}})\); ranks 2-3 on b, c: {said} "
                     rf"\(([0-9a-f]{{8}})\)\); give every node the same shards", str(e.value))
@@ -465,53 +465,53 @@ def test_the_node_check_groups_ranks_by_what_they_read_and_names_a_node_that_cou
     gone, cut = MissingFile("--resume /runs/vit/last.pth: no such file"), OSError(5, "Input/output error")
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("b", gone), ("b", gone),
                                                                ("c", resized), ("d", cut)))
-    with pytest.raises(trainer.SettingError) as e:  # before comparing: the others would wait for them
-        trainer.read_run_files(lambda: (manifest, None), cfg)
+    with pytest.raises(runs.SettingError) as e:  # before comparing: the others would wait for them
+        runs.read_run_files(lambda: (manifest, None), cfg)
     assert str(e.value) == ("ranks 1-2 on b stopped reading this run's files: --resume /runs/vit/last.pth: no such "
                             "file; rank 4 on d stopped reading this run's files: OSError: [Errno 5] Input/output error")
     with pytest.raises(OSError) as own:  # a rank's own error, not a VitdeitError: raised as it is, marked together
-        trainer.read_run_files(lambda: (_ for _ in ()).throw(cut), cfg)
+        runs.read_run_files(lambda: (_ for _ in ()).throw(cut), cfg)
     assert own.value is cut and cut.every_rank_stops
     other_flags = Config(data_path="/elsewhere", epochs=9, allow_weak_teacher=True, workers=3, output_dir="/o",
                          progress=False, run_name="x", teacher_weights="/w.pth", resume="/r/last.pth")
     views = []
     monkeypatch.setattr(distributed.socket, "gethostname", lambda: "d")
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
-    trainer.read_run_files(lambda: (manifest, None), other_flags)  # a third rank's view, as it gathers it
+    runs.read_run_files(lambda: (manifest, None), other_flags)  # a third rank's view, as it gathers it
     monkeypatch.setattr(distributed.socket, "gethostname", lambda: "a")
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, obj, views[0]])
-    with pytest.raises(trainer.SettingError) as e:
-        trainer.read_run_files(lambda: (manifest, None), cfg)
+    with pytest.raises(runs.SettingError) as e:
+        runs.read_run_files(lambda: (manifest, None), cfg)
     # the flags each node may set for itself (its paths, --workers, --output-dir) are not named
     assert str(e.value) == ("the nodes' commands differ (--allow-weak-teacher False on ranks 0-1 (a), True on rank 2 "
                             "(d); --epochs 5 on ranks 0-1 (a), 9 on rank 2 (d)); run the same command on every node "
                             "(only the paths of its files may differ, and --workers).")
     ema = [Config(data_path=str(tiny_shards), eval_only=True, eval_ema=on) for on in (False, True)]
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
-    trainer.read_run_files(lambda: (manifest, None), ema[1])  # --eval-ema on one node alone: named, as --epochs is
+    runs.read_run_files(lambda: (manifest, None), ema[1])  # --eval-ema on one node alone: named, as --epochs is
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, views[-1]])
-    with pytest.raises(trainer.SettingError, match=r"^the nodes' commands differ \(--eval-ema False on rank 0 \(a\), "
+    with pytest.raises(runs.SettingError, match=r"^the nodes' commands differ \(--eval-ema False on rank 0 \(a\), "
                                                    r"True on rank 1 \(a\)\)"):
-        trainer.read_run_files(lambda: (manifest, None), ema[0])
+        runs.read_run_files(lambda: (manifest, None), ema[0])
     host, (pack, saved, settings), error = views[0]  # a node whose older vitdeit has no --seed setting
     older = (host, (pack, saved, {k: v for k, v in settings.items() if k != "seed"}), error)
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [older, obj])  # (rank 0's lacks it)
-    with pytest.raises(trainer.SettingError, match=r"--epochs 9 on rank 0 \(d\), 5 on rank 1 \(a\); --seed None on "
+    with pytest.raises(runs.SettingError, match=r"--epochs 9 on rank 0 \(d\), 5 on rank 1 \(a\); --seed None on "
                                                    r"rank 0 \(d\), 0 on rank 1 \(a\)\)"):
-        trainer.read_run_files(lambda: (manifest, None), cfg)
+        runs.read_run_files(lambda: (manifest, None), cfg)
     relabelled = {**manifest, "classes": manifest["classes"][::-1]}  # the same shards' files, counts and sizes
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", manifest), ("b", relabelled)))
-    with pytest.raises(trainer.SettingError, match=r"the shards \(--data-path\) differ between nodes"):
-        trainer.read_run_files(lambda: (manifest, None), cfg)
+    with pytest.raises(runs.SettingError, match=r"the shards \(--data-path\) differ between nodes"):
+        runs.read_run_files(lambda: (manifest, None), cfg)
     monkeypatch.setattr(distributed, "all_gather_object", gathered(("a", gone), ("b", manifest)))
-    with pytest.raises(trainer.SettingError) as e:
-        trainer.read_run_files(lambda: (manifest, None), cfg)
+    with pytest.raises(runs.SettingError) as e:
+        runs.read_run_files(lambda: (manifest, None), cfg)
     assert str(e.value) == "rank 0 on a stopped reading this run's files: --resume /runs/vit/last.pth: no such file"
 
 
 def test_a_checkpoints_identity_is_its_epoch_its_figures_its_best_score_and_its_pack(tiny_shards):
     from vitdeit.classes import load_manifest
-    from vitdeit.trainer import run_files_identity
+    from vitdeit.runs import run_files_identity
 
     manifest = load_manifest(tiny_shards)
     state = {"epoch": 3, "best_top1": 40.0, "pack": "ab12", "metrics": {"val_top1": 40.0, "train_loss": 1.25}}
@@ -561,7 +561,7 @@ def test_nodes_whose_teacher_copies_differ_or_do_not_load_stop_every_rank(tiny_s
 
 def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_those_copies_gave(tiny_shards,
                                                                                               monkeypatch):
-    from vitdeit import distributed, trainer
+    from vitdeit import distributed, runs
     from vitdeit.classes import load_manifest
     from vitdeit.config import Config
 
@@ -571,20 +571,20 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
     views = []
     for epoch, lr in ((3, 5e-4), (5, 1e-3)):  # copies from either side of a resume that changed --lr
         monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
-        trainer.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), Config(**{**vars(cfg), "lr": lr}))
+        runs.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), Config(**{**vars(cfg), "lr": lr}))
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
-    with pytest.raises(trainer.SettingError, match=r"^the checkpoint \(--resume\) differs between nodes "
+    with pytest.raises(runs.SettingError, match=r"^the checkpoint \(--resume\) differs between nodes "
                                                    r"\(rank 0 on .*: /r/last.pth: epoch 3; rank 1 on .*: /r/last.pth: "
                                                    r"epoch 5\)"):
-        trainer.read_run_files(lambda: (manifest, state), cfg)
+        runs.read_run_files(lambda: (manifest, state), cfg)
     views.clear()  # the same path and epoch on both nodes, other figures (two runs' epoch 3): told apart by their id
     for top1 in (40.0, 41.0):
         monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
-        trainer.read_run_files(lambda: (manifest, {**state, "metrics": {"val_top1": top1}}), cfg)
+        runs.read_run_files(lambda: (manifest, {**state, "metrics": {"val_top1": top1}}), cfg)
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
-    with pytest.raises(trainer.SettingError, match=r"\(rank 0 on .*: /r/last.pth: epoch 3 \(([0-9a-f]{8})\); rank 1 "
+    with pytest.raises(runs.SettingError, match=r"\(rank 0 on .*: /r/last.pth: epoch 3 \(([0-9a-f]{8})\); rank 1 "
                                                    r"on .*: /r/last.pth: epoch 3 \((?!\1)[0-9a-f]{8}\)\)"):
-        trainer.read_run_files(lambda: (manifest, state), cfg)
+        runs.read_run_files(lambda: (manifest, state), cfg)
 
     def gathered(*reads):  # each rank's view: (its --resume, or --eval-only's RUN_DIR/best.pth, and the epoch saved)
         views.clear()
@@ -592,17 +592,17 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
             monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
             on = (Config(**{**vars(cfg), "resume": path}),) if flag == "--resume" else (
                 Config(**{**vars(cfg), "resume": "", "eval_only": True}), flag, path)
-            trainer.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), *on)
+            runs.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), *on)
         monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
 
     gathered((("--resume", "/x/last.pth"), 3), (("--resume", "/y/last.pth"), 3), (("--resume", "/x/last.pth"), 5))
-    with pytest.raises(trainer.SettingError, match=r"\(ranks 0-1 on .*: /x/last.pth: epoch 3 / /y/last.pth: epoch 3; "
+    with pytest.raises(runs.SettingError, match=r"\(ranks 0-1 on .*: /x/last.pth: epoch 3 / /y/last.pth: epoch 3; "
                                                    r"rank 2 on .*: /x/last.pth: epoch 5\)"):  # each node's own path
-        trainer.read_run_files(lambda: (manifest, state), cfg)
+        runs.read_run_files(lambda: (manifest, state), cfg)
     gathered((("--eval-only", "/r/best.pth"), 3), (("--eval-only", "/r/best.pth"), 5))  # by run name: no --resume
-    with pytest.raises(trainer.SettingError, match=r"^the checkpoint \(--eval-only\) differs between nodes \(rank 0 "
+    with pytest.raises(runs.SettingError, match=r"^the checkpoint \(--eval-only\) differs between nodes \(rank 0 "
                                                    r"on .*: /r/best.pth: epoch 3; rank 1 on .*: /r/best.pth: epoch 5"):
-        trainer.read_run_files(lambda: (manifest, state), Config(**{**vars(cfg), "resume": "", "eval_only": True}),
+        runs.read_run_files(lambda: (manifest, state), Config(**{**vars(cfg), "resume": "", "eval_only": True}),
                                "--eval-only", "/r/best.pth")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import held_elsewhere, lock_held, small_dataset, torchrun
-from vitdeit import distill, trainer
+from vitdeit import distill, runs, trainer
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
 from vitdeit.packing import PackOptions, pack
@@ -1451,7 +1451,7 @@ def test_resuming_in_place_from_an_earlier_epoch_drops_a_best_pth_of_the_abandon
 def test_a_best_pth_from_after_the_resumed_epoch_is_not_adopted_even_at_the_same_score(tmp_path, in_place):
     # the score alone cannot tell: a best.pth written by a later epoch (of an abandoned history) at the resumed
     # run's best top-1 holds other weights than that history's best epoch
-    from vitdeit.trainer import adopt_history
+    from vitdeit.runs import adopt_history
 
     src, run = tmp_path / "src", tmp_path / ("src" if in_place else "run")
     src.mkdir(), run.mkdir(exist_ok=True)
@@ -1465,7 +1465,7 @@ def test_a_best_pth_from_after_the_resumed_epoch_is_not_adopted_even_at_the_same
 
 
 def test_a_resume_from_another_folder_brings_its_metrics_or_none_never_the_destinations_old_lines(tmp_path):
-    from vitdeit.trainer import adopt_history
+    from vitdeit.runs import adopt_history
 
     src, run = tmp_path / "src", tmp_path / "run"
     src.mkdir(), run.mkdir()
@@ -1482,7 +1482,7 @@ def test_a_resume_from_another_folder_brings_its_metrics_or_none_never_the_desti
 
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopted(tmp_path, in_place):
-    from vitdeit.trainer import adopt_history
+    from vitdeit.runs import adopt_history
 
     src, run = tmp_path / "src", tmp_path / ("src" if in_place else "run")
     src.mkdir(), run.mkdir(exist_ok=True)
@@ -1498,7 +1498,7 @@ def test_a_damaged_best_pth_beside_the_resumed_checkpoint_is_replaced_not_adopte
 
 def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume_with_nothing_to_train(
         tiny_shards, tmp_path, monkeypatch, capsys):
-    from vitdeit.trainer import best_behind
+    from vitdeit.runs import best_behind
 
     kw = dict(model="vit_tiny", batch_size=16, workers=0, epochs=2)
     fake_val(monkeypatch, [10.0, 20.0])
@@ -1543,7 +1543,7 @@ def test_a_run_stopped_in_its_last_epoch_before_best_pth_gets_it_from_the_resume
 
 
 def test_a_best_pth_is_written_from_the_last_epoch_only_over_one_both_lower_and_earlier(tmp_path):
-    from vitdeit.trainer import best_behind
+    from vitdeit.runs import best_behind
 
     last = {"epoch": 1, "best_top1": 20.0, "metrics": {"val_top1": 20.0}}  # the last epoch, the best: 20 %
     assert best_behind(tmp_path, last)  # no best.pth
@@ -2055,7 +2055,7 @@ def test_a_bare_resumes_teacher_is_the_one_typed_where_its_run_began_and_one_gon
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
 def test_a_run_folder_no_file_can_be_made_in_is_refused_before_the_set_up_naming_the_flag(tiny_shards, tmp_path):
-    from vitdeit.trainer import cannot_write_in
+    from vitdeit.errors import cannot_write_in
 
     with pytest.raises(SettingError) as e:
         train(cfg_for(tiny_shards, "/proc/runs"))  # (root too: it is tried, not asked)
@@ -2072,7 +2072,7 @@ def test_a_run_folder_that_cannot_be_written_is_no_matter_to_a_resume_with_nothi
     assert train_py.main(["--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--img-size", "32",
                           "--patch-size", "8", "--batch-size", "16", "--epochs", "1", "--workers", "0", "--progress",
                           "false", "--device", "cpu"]) == 0
-    monkeypatch.setattr(trainer, "cannot_write_in", lambda folder: "Read-only file system in /archive")
+    monkeypatch.setattr(runs, "cannot_write_in", lambda folder: "Read-only file system in /archive")
     last = tmp_path / "vit_tiny" / "last.pth"
     capsys.readouterr()
     assert train_py.main(["--resume", str(last), "--workers", "0"]) == 0  # (a finished run, kept read-only)

@@ -325,10 +325,10 @@ def bench_model_step(a, device, sync, only_e2e: bool = False):
         for compile_, amp, cl in variants:
             step, net, teacher = train_step_fn(model_name, a, device, amp, cl, compile_)
             x, y = device_batch(a, device, cl)
+            if device.type == "cuda":  # before the warm-up: CUDA graphs allocate the step's memory as they are
+                torch.cuda.reset_peak_memory_stats()  # recorded there, and their replays allocate nothing
             for _ in range(a.warmup_steps):
                 step(x, y)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
             # (the step bound as a default: the loop deletes `step` after its row)
             secs = timed(lambda step=step: [step(x, y) for _ in range(a.steps)], a.repeats, sync)
             rows.append({"model": model_name + (" + resnet18 teacher" if teacher is not None else ""),

@@ -65,6 +65,35 @@ def test_the_out_of_memory_line_names_only_the_settings_the_command_can_change()
     assert out_of_memory(RuntimeError("Connection reset by peer"), 64, 224, resume=False, eval_only=False) is None
 
 
+def test_dalis_own_failed_allocations_get_the_out_of_memory_line():
+    from vitdeit.data import dali_available
+    from vitdeit.errors import out_of_memory
+
+    said = [  # DALI 2.4's, as its libraries spell them (no GPU here to run out of): each in its pipeline's error
+        "Critical error in pipeline:\nError in GPU operator `nvidia.dali.fn.decoders.image`,\nencountered:\n\n"
+        "Can't allocate 1073741824 bytes on device 0.", "Critical error in pipeline:\nencountered:\n\nCUDA "
+        "allocation failed", "Critical error in pipeline:\nencountered:\n\nCannot allocate memory"]
+    if dali_available():  # and one it raises here: 4 TiB of host memory asked for
+        from nvidia.dali import fn, pipeline_def
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def too_big():
+            return fn.random.uniform(shape=[2**20, 2**20])  # float32
+
+        with pytest.raises(RuntimeError) as raised:
+            pipe = too_big()
+            pipe.build()
+            pipe.run()
+        said.append(str(raised.value))
+        assert "std::bad_alloc" in said[-1]
+    hint = ("out of memory at --batch-size 64 (images per process) and --img-size 224 px: lower --batch-size (--lr is "
+            "per 512 images of global batch, so the peak lr follows it) or --img-size")
+    assert [out_of_memory(RuntimeError(text), 64, 224, resume=False, eval_only=False) for text in said] == (
+        [hint] * len(said))
+    assert out_of_memory(RuntimeError("Critical error in pipeline:\nencountered:\n\nnvImageCodec failure: "
+                                      "'#4'"), 64, 224, resume=False, eval_only=False) is None  # a damaged JPEG
+
+
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
     whole = tmp_path / "whole.pth"
     torch.save({"model": {"w": torch.zeros(100_000)}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": []}, whole)

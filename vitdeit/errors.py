@@ -153,14 +153,20 @@ def cannot_write_in(folder: Path) -> str | None:
     return None
 
 
+# how a failed allocation reads, lower-cased: CUDA's and PyTorch's; the CPU allocator's; DALI 2.4's, as its
+# libraries spell them ("Can't allocate N bytes on device D." / "on host.", "CUDA allocation failed", strerror's
+# "Cannot allocate memory", C++'s std::bad_alloc), each inside its "Critical error in pipeline" RuntimeError
+OUT_OF_MEMORY = ("out of memory", "can't allocate", "cannot allocate memory", "cuda allocation failed", "bad_alloc")
+
+
 def out_of_memory(e: BaseException, batch_size: int, img_size: int, resume: bool, eval_only: bool) -> str | None:
     """What to change after running out of memory (torch's CUDA OutOfMemoryError, the CPU allocator's "can't
-    allocate memory", Python's MemoryError, DALI's failed allocations), said under its traceback; None for any other
-    error. Memory grows with the images per step (batch x img_size**2): the settings to lower, where they can be
-    (--eval-only evaluates at the checkpoint's own size, a --resume goes on at its run's)."""
+    allocate memory", Python's MemoryError, DALI's failed allocations: OUT_OF_MEMORY), said under its traceback;
+    None for any other error. Memory grows with the images per step (batch x img_size**2): the settings to lower,
+    where they can be (--eval-only evaluates at the checkpoint's own size, a --resume goes on at its run's)."""
     text = str(e).lower()
-    if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError) or "out of memory" in text
-            or "can't allocate memory" in text):
+    if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError)
+            or any(words in text for words in OUT_OF_MEMORY)):
         return None
     if eval_only:
         return f"out of memory at --batch-size {batch_size} (images per process): lower --batch-size"

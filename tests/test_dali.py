@@ -245,6 +245,26 @@ def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
     assert not again.restored and len(list(again)) == len(again)
 
 
+@pytest.mark.parametrize("saved, said", [
+    ({"settings": {"pack": "0123", "batch_size": 8, "epoch": "reader pass"}, "checkpoint": "x"},  # another pack's
+     "no DALI reader state for these shards, batch, size, seed and 2 process(es)"),
+    ({"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"},  # before 12-02
+     "a DALI reader state of an earlier vitdeit, which this one does not restore"),
+    ({"settings": {"shards": [["train-000000.tar", 96, 1]], "epoch": "reader pass"}, "checkpoint": "x"},  # 12-02's
+     "no DALI reader state for these shards, batch, size, seed and 2 process(es)"),  # (restored where it fits)
+    (b"reader bytes", "a DALI reader state of an earlier vitdeit, which this one does not restore"),  # bare, older
+    (None, "no DALI reader state for these shards, batch, size, seed and 2 process(es)"),  # a PyTorch-loader run's
+    ("fits", None)])
+def test_a_train_loader_says_why_a_saved_state_was_not_restored(tiny_shards, saved, said):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, workers=1, world=2)
+    if saved == "fits":
+        saved = state_after_a_batch(tiny_shards, m, **kw)
+    loader = DaliLoader(tiny_shards, m, "train", state=saved, **kw)
+    assert (loader.restored, loader.not_restored) == (said is None, said)
+    assert DaliLoader(tiny_shards, m, "val", **kw).not_restored is None  # (val: never a state)
+
+
 @pytest.mark.parametrize("rand_augment, repeats, batch, world, saved_after", [
     ("", 1, 8, 2, 1), ("rand-m9-mstd0.5-inc1", 1, 8, 2, 1),
     ("", 3, 8, 2, 1),  # an epoch reads a third of the rank's slice: saved in the middle of a reader pass

@@ -343,16 +343,9 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
         out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
                    f"way from here on (--loader {resumed['loader']} keeps the old)")
-    if train_loader.name == "dali" and not train_loader.restored:
-        # an earlier vitdeit's: of the fixed-size epochs before one reader pass made an epoch (2026-12-02), or before
-        # that the reader's bare checkpoint (None: a PyTorch-loader run's, which has no state)
-        earlier = any(s is not None and not (isinstance(s, dict) and isinstance(s.get("settings"), dict)
-                                             and s["settings"].get("epoch") == "reader pass")
-                      for s in saved_loader_states(resumed))
-        why = ("a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
-               f"no DALI reader state for these shards, batch, size, seed and {dist.world} process(es)")
-        out.append(f"note: --resume: {cfg.resume} holds {why}: DALI's sample stream starts afresh (training goes on, "
-                   f"not bit-exactly).")
+    if train_loader.name == "dali" and not train_loader.restored:  # (rank 0's: every rank's state is one version's)
+        out.append(f"note: --resume: {cfg.resume} holds {train_loader.not_restored}: DALI's sample stream starts "
+                   f"afresh (training goes on, not bit-exactly).")
     if jump := lr_jump(cfg, dist, len(train_loader), resumed):
         out.append(jump)
     now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]

@@ -6,7 +6,7 @@ A loader yields (images, labels) on the run's device, images normalised and chan
 - `set_epoch(e)`, before each train epoch;
 - `name` ("torch" or "dali") and `state()`: what a checkpoint keeps to resume the sample stream exactly (DALI's
   reader position and generators; None for the PyTorch loader, whose epoch follows from (seed, epoch)); a DALI
-  loader built with a saved state says in `restored` whether it fitted.
+  loader built with a saved state says in `restored` whether it fitted, and in `not_restored` why not.
 DALI is imported only when chosen.
 """
 

@@ -129,7 +129,8 @@ class DaliLoader:
                  executor: str = Config.dali_executor, prefetch: int = Config.dali_prefetch):
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
-        settings (`restored` says whether it did); otherwise the sample stream starts afresh. hw_decoder_load: on a
+        settings (`restored` says whether it did); otherwise the sample stream starts afresh (`not_restored` says
+        why). hw_decoder_load: on a
         GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load). executor:
         DALI's execution model, dynamic or legacy (Config.dali_executor). prefetch: batches DALI decodes ahead of the
         one in use, across the end of an epoch too (auto_reset; Config.dali_prefetch)."""
@@ -167,6 +168,13 @@ class DaliLoader:
                      "pack": saved.get("pack", self.settings["pack"]) if same else ""}
         self.restored = self.train and isinstance(saved, dict) and same_pack(saved.get("pack", ""), manifest) and (
             {**saved, "pack": None} == {**self.settings, "pack": None})
+        # why the sample stream starts afresh (None where it goes on): the state an earlier vitdeit saved (of the
+        # fixed-size epochs before one reader pass made an epoch, 2026-12-02, or before that the bare reader
+        # bytes), or none that fits (another pack, batch, size, seed or process count; a PyTorch-loader run's)
+        earlier = state is not None and not (isinstance(saved, dict) and saved.get("epoch") == "reader pass")
+        self.not_restored = None if self.restored or not self.train else (
+            "a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
+            f"no DALI reader state for these shards, batch, size, seed and {world} process(es)")
         self.batch_size = batch_size
         self.decoded_ahead = prefetch  # batches decoded ahead, also as soon as an epoch ends (the benchmark's windows)
         self.per_rank = (rank + 1) * n // world - rank * n // world  # this rank's slice: floor(n / world) or one more

@@ -72,7 +72,8 @@ def test_dalis_own_failed_allocations_get_the_out_of_memory_line():
     said = [  # DALI 2.4's, as its libraries spell them (no GPU here to run out of): each in its pipeline's error
         "Critical error in pipeline:\nError in GPU operator `nvidia.dali.fn.decoders.image`,\nencountered:\n\n"
         "Can't allocate 1073741824 bytes on device 0.", "Critical error in pipeline:\nencountered:\n\nCUDA "
-        "allocation failed", "Critical error in pipeline:\nencountered:\n\nCannot allocate memory"]
+        "allocation failed", "Critical error in pipeline:\nencountered:\n\nCannot allocate memory",
+        "Critical error in pipeline:\nencountered:\n\nnvImageCodec failure: '#5'"]
     if dali_available():  # and one it raises here: 4 TiB of host memory asked for
         from nvidia.dali import fn, pipeline_def
 
@@ -90,8 +91,11 @@ def test_dalis_own_failed_allocations_get_the_out_of_memory_line():
             "per 512 images of global batch, so the peak lr follows it) or --img-size")
     assert [out_of_memory(RuntimeError(text), 64, 224, resume=False, eval_only=False) for text in said] == (
         [hint] * len(said))
-    assert out_of_memory(RuntimeError("Critical error in pipeline:\nencountered:\n\nnvImageCodec failure: "
-                                      "'#4'"), 64, 224, resume=False, eval_only=False) is None  # a damaged JPEG
+    for other in ("Critical error in pipeline:\nencountered:\n\nnvImageCodec failure: '#4'",  # a damaged JPEG
+                  # the same words outside DALI, about other limits: InfiniBand's locked memory, a process count
+                  "NCCL WARN Call to ibv_reg_mr failed with error Cannot allocate memory",
+                  "[Errno 12] Cannot allocate memory"):
+        assert out_of_memory(RuntimeError(other), 64, 224, resume=False, eval_only=False) is None, other
 
 
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):

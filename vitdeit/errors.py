@@ -7,6 +7,7 @@ Entry points (pack_shards.py, train.py, viz.py) print a VitdeitError as one line
 
 import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -153,20 +154,23 @@ def cannot_write_in(folder: Path) -> str | None:
     return None
 
 
-# how a failed allocation reads, lower-cased: CUDA's and PyTorch's; the CPU allocator's; DALI 2.4's, as its
-# libraries spell them ("Can't allocate N bytes on device D." / "on host.", "CUDA allocation failed", strerror's
-# "Cannot allocate memory", C++'s std::bad_alloc), each inside its "Critical error in pipeline" RuntimeError
-OUT_OF_MEMORY = ("out of memory", "can't allocate", "cannot allocate memory", "cuda allocation failed", "bad_alloc")
+# DALI 2.4's failed allocations, as its libraries and nvImageCodec spell them ("Can't allocate N bytes on device D."
+# / "on host.", "CUDA allocation failed", strerror's "Cannot allocate memory", C++'s std::bad_alloc, nvImageCodec's
+# allocator statuses 5 and 15), lower-cased; read only inside DALI's "Critical error in pipeline" RuntimeError: the
+# same words elsewhere can mean another limit (NCCL's ibv_reg_mr failing on `ulimit -l`, a fork refused)
+DALI_OUT_OF_MEMORY = re.compile(r"can't allocate \d+ bytes|cuda allocation failed|cannot allocate memory|bad_alloc|"
+                                r"nvimagecodec failure: '#(?:5|15)'")
 
 
 def out_of_memory(e: BaseException, batch_size: int, img_size: int, resume: bool, eval_only: bool) -> str | None:
     """What to change after running out of memory (torch's CUDA OutOfMemoryError, the CPU allocator's "can't
-    allocate memory", Python's MemoryError, DALI's failed allocations: OUT_OF_MEMORY), said under its traceback;
+    allocate memory", Python's MemoryError, DALI's failed allocations: DALI_OUT_OF_MEMORY), said under its traceback;
     None for any other error. Memory grows with the images per step (batch x img_size**2): the settings to lower,
     where they can be (--eval-only evaluates at the checkpoint's own size, a --resume goes on at its run's)."""
     text = str(e).lower()
-    if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError)
-            or any(words in text for words in OUT_OF_MEMORY)):
+    if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError) or "out of memory" in text
+            or "can't allocate memory" in text
+            or "critical error in pipeline" in text and DALI_OUT_OF_MEMORY.search(text)):
         return None
     if eval_only:
         return f"out of memory at --batch-size {batch_size} (images per process): lower --batch-size"

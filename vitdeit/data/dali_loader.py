@@ -18,7 +18,7 @@ import torch
 
 from ..classes import pack_fingerprint, same_pack
 from ..config import Config
-from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line
+from ..errors import DALI_OUT_OF_MEMORY, BatchTooLarge, DamagedSample, damaged_shard, first_line
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
@@ -239,7 +239,8 @@ class DaliLoader:
         try:
             yield
         except RuntimeError as e:  # nvImageCodec's status 3 and 4: a codestream it cannot parse (not out of memory)
-            if not re.search(r"Failed to decode sample|nvImageCodec failure: '#[34]'", str(e)):
+            if (not re.search(r"Failed to decode sample|nvImageCodec failure: '#[34]'", str(e))
+                    or DALI_OUT_OF_MEMORY.search(str(e).lower())):  # (a sample it had no memory for: not damaged)
                 raise
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             sample = re.search(r"Failed to decode sample #\d+ : (.+):(\d+):([^.:\s]+)", str(e))

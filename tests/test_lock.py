@@ -31,3 +31,49 @@ def test_where_the_file_cannot_be_opened_or_locked_the_block_runs_unlocked(tmp_p
     with lock.folder_lock(tmp_path / "lock", "busy"):
         ran.append("not locked")
     assert ran == ["not opened", "not locked"] and not lock._HELD
+
+
+def test_a_holder_of_an_instant_is_waited_for(tmp_path):
+    import threading
+
+    path = tmp_path / "lock"
+    held, let_go = threading.Event(), threading.Event()
+
+    def look():  # train.py's look at the lock before its set-up (lock_busy): held, then let go at once
+        with lock.folder_lock(path, "busy"):
+            held.set()
+            let_go.wait()
+
+    looker = threading.Thread(target=look)
+    looker.start()
+    held.wait()
+    threading.Timer(0.1, let_go.set).start()  # let go 0.1 s in: within the 0.5 s a holder is waited for
+    with lock.folder_lock(path, "busy"):
+        assert lock_held(path)
+    looker.join()
+    with lock.folder_lock(path, "held on"):
+        with pytest.raises(SettingError, match="^held on$"), lock.folder_lock(path, "held on", wait=0.2):
+            pytest.fail("a second holder ran")  # (one that holds on is refused once the wait is over)
+
+
+def test_a_lock_file_this_user_cannot_write_is_locked_all_the_same(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "lock"
+    path.touch()
+    real = os.open
+
+    def read_only(file, flags, *mode):  # another user's lock file, 0644, in a folder both write in
+        if str(file) == str(path) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, flags, *mode)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", read_only)
+        held = lock.folder_lock(path, "busy")
+        held.__enter__()
+    try:
+        assert lock_held(path)  # another train.py into the folder would be refused, not run beside it
+    finally:
+        held.__exit__(None, None, None)
+    assert not lock_held(path)

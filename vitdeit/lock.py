@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,29 +24,42 @@ os.register_at_fork(after_in_child=_drop_in_child)
 
 
 @contextmanager
-def folder_lock(lock_file: Path, busy: str):
+def folder_lock(lock_file: Path, busy: str, wait: float = 0.5):
     """Hold an exclusive flock on `lock_file` (made if missing, in a folder that exists) until the block ends, or
     this process does; another process holding it is a SettingError: `busy`, what to do. A regular file, not the
     folder: NFS and Lustre (mounted with -o flock) lock files across nodes, folders only within one. Where there are
     no such locks (Windows, a file system without them) or the file cannot be opened (a folder this user may not
-    write in, which the writes that follow name), no lock: the block runs as before."""
+    write in, which the writes that follow name), no lock: the block runs as before. A lock file another user made
+    (read-only to this one, in a folder both write in) is opened for reading, which flock locks all the same on a
+    local disk (NFS's flock needs it writable: there, no lock). A holder is waited for up to `wait` seconds
+    (train.py's look at the lock before its set-up, lock_busy, holds it for an instant)."""
     try:
         import fcntl
-
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    except (ImportError, OSError):
-        fd = None
-    if fd is None:  # (outside the except: an error in the block is not chained to this one)
+    except ImportError:
+        fcntl = None
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY) if fcntl else ():
+        try:
+            fd = os.open(lock_file, flags, 0o644)
+            break
+        except OSError:
+            pass
+    if fd is None:
         yield
         return
     _HELD.add(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SettingError(busy) from None
-        except OSError:  # a file system without flock (Lustre mounted without -o flock: ENOSYS)
-            pass
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # held: by another command, or for an instant by train.py's look (lock_busy)
+                if time.monotonic() >= deadline:
+                    raise SettingError(busy) from None
+                time.sleep(0.05)
+            except OSError:  # a file system without flock (Lustre mounted without -o flock: ENOSYS)
+                break
         yield
     finally:
         _HELD.discard(fd)

@@ -245,23 +245,32 @@ def test_a_state_of_the_earlier_fixed_size_epochs_is_not_restored(tiny_shards):
     assert not again.restored and len(list(again)) == len(again)
 
 
-@pytest.mark.parametrize("saved, said", [
-    ({"settings": {"pack": "0123", "batch_size": 8, "epoch": "reader pass"}, "checkpoint": "x"},  # another pack's
-     "no DALI reader state for these shards, batch, size, seed and 2 process(es)"),
-    ({"settings": {"shards": [["train-000000.tar", 96, 1]], "batch_size": 16}, "checkpoint": "x"},  # before 12-02
-     "a DALI reader state of an earlier vitdeit, which this one does not restore"),
-    ({"settings": {"shards": [["train-000000.tar", 96, 1]], "epoch": "reader pass"}, "checkpoint": "x"},  # 12-02's
-     "no DALI reader state for these shards, batch, size, seed and 2 process(es)"),  # (restored where it fits)
-    (b"reader bytes", "a DALI reader state of an earlier vitdeit, which this one does not restore"),  # bare, older
-    (None, "no DALI reader state for these shards, batch, size, seed and 2 process(es)"),  # a PyTorch-loader run's
-    ("fits", None)])
-def test_a_train_loader_says_why_a_saved_state_was_not_restored(tiny_shards, saved, said):
+EARLIER = "a DALI reader state of an earlier vitdeit, which this one does not restore"
+
+
+@pytest.mark.parametrize("change, said", [
+    ({}, None),  # it fits: restored
+    ({"batch_size": 4}, "a DALI reader state saved with other --batch-size"),
+    ({"world": 1}, "a DALI reader state saved with other process count"),
+    ({"seed": 7, "img_size": 16}, "a DALI reader state saved with other --img-size and --seed"),
+    ({"pack": "0123", "gpu": True, "rand_augment": "rand-m9"},
+     "a DALI reader state saved with other shards, device (GPU or CPU) and --rand-augment"),
+    ({"pack": None, "shards": [["train-000000.tar", 96, 1]]}, "a DALI reader state saved with other shards"),  # 12-02
+    ({"epoch": None}, EARLIER),  # of the fixed-size epochs before 2026-12-02
+    ({"pack": None, "epoch": None, "shards": [["train-000000.tar", 96, 1]]}, EARLIER),  # the same, keyed by its tars
+    ("reader bytes", EARLIER),  # bare, older still
+    (None, None)])  # none: a PyTorch-loader run's (the trainer says "no DALI reader state")
+def test_a_train_loader_says_why_a_saved_state_was_not_restored(tiny_shards, change, said):
     m = load_manifest(tiny_shards)
     kw = dict(batch_size=8, img_size=24, workers=1, world=2)
-    if saved == "fits":
-        saved = state_after_a_batch(tiny_shards, m, **kw)
+    saved = state_after_a_batch(tiny_shards, m, **kw)
+    if isinstance(change, dict):
+        settings = {k: v for k, v in {**saved["settings"], **change}.items() if v is not None}
+        saved = {**saved, "settings": settings}
+    else:
+        saved = change if change is None else change.encode()
     loader = DaliLoader(tiny_shards, m, "train", state=saved, **kw)
-    assert (loader.restored, loader.not_restored) == (said is None, said)
+    assert (loader.restored, loader.not_restored) == (change == {}, said)
     assert DaliLoader(tiny_shards, m, "val", **kw).not_restored is None  # (val: never a state)
 
 

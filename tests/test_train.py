@@ -51,7 +51,6 @@ class Stopped(Exception):
 
 
 def stop_before_the_first_epoch(monkeypatch) -> None:
-
     def stop(*args, **kwargs):
         raise Stopped
 
@@ -191,7 +190,6 @@ def test_eval_only_of_a_run_by_its_name_reads_the_shards_it_was_trained_on(teach
 
 
 def test_eval_only_says_which_asked_for_settings_it_replaces_with_the_checkpoints(teacher_run, capsys, monkeypatch):
-
     cfg, _ = teacher_run
     best = torch.load(os.path.join(cfg.output_dir, "teacher", "best.pth"), weights_only=True)
     checked = []  # the geometry the shards' --resize-short is checked against: the one evaluated, the trained one
@@ -1022,7 +1020,6 @@ def test_a_checkpoint_keeps_each_precision_amp_auto_resolved_to_across_a_resume(
 
 
 def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_path, monkeypatch):
-
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 9.0, "val_top1": 0.0, "val_top5": 0.0,
                                                               "val_samples": 24})
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", epochs=1, batch_size=16, workers=0))
@@ -1032,7 +1029,6 @@ def test_best_pth_is_written_even_when_val_top1_stays_at_zero(tiny_shards, tmp_p
 
 @pytest.mark.parametrize("saved_best", ["its own", "none", "another run's"])
 def test_resuming_into_another_run_folder_brings_its_history_along(tiny_shards, tmp_path, monkeypatch, saved_best):
-
     top1 = iter([50.0, 10.0])  # epoch 0 stays the best: the resumed run writes no best.pth of its own
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(top1),
                                                               "val_top5": 90.0, "val_samples": 24})
@@ -1231,13 +1227,15 @@ def test_the_run_line_says_how_many_train_images_an_epoch_takes_in_whole_batches
     assert f"(4 classes, 96 train{said} / 24 val), {world} process(es) on cpu (Some CPU, 2 cores), loader" in line
 
 
-def test_a_dali_state_not_restored_is_said_with_the_loaders_reason(tiny_shards):
+@pytest.mark.parametrize("why, said", [("a state of another kind", "a state of another kind"),
+                                       (None, "no DALI reader state")])  # (none given: a PyTorch-loader run's)
+def test_a_dali_state_not_restored_is_said_with_the_loaders_reason(tiny_shards, why, said):
     from vitdeit.classes import load_manifest
     from vitdeit.distributed import Dist
     from vitdeit.trainer import run_notes
 
     class NotRestored:  # a DALI train loader whose saved state did not fit (test_dali: its reasons)
-        name, restored, per_rank, not_restored = "dali", False, 96, "a state of another kind"
+        name, restored, per_rank, not_restored = "dali", False, 96, why
 
         def __len__(self):
             return 6
@@ -1245,8 +1243,8 @@ def test_a_dali_state_not_restored_is_said_with_the_loaders_reason(tiny_shards):
     cfg = cfg_for(tiny_shards, "runs", loader="dali", resume="runs/r/last.pth")
     resumed = {"config": cfg.to_dict(), "epoch": 0, "loader": "dali", "loader_states": [None]}
     notes = run_notes(cfg, load_manifest(tiny_shards), Dist(), NotRestored(), resumed, 1e-3)
-    assert "note: --resume: runs/r/last.pth holds a state of another kind: DALI's sample stream starts afresh " \
-           "(training goes on, not bit-exactly)." in notes
+    assert f"note: --resume: runs/r/last.pth holds {said}: DALI's sample stream starts afresh (training goes on, " \
+           f"not bit-exactly)." in notes
 
 
 def test_the_run_line_says_how_many_train_images_an_epoch_trains_on_when_whole_batches_leave_some_out(
@@ -1364,7 +1362,6 @@ def test_each_rank_restores_its_own_train_loader_state(teacher_run, tmp_path, mo
 
 
 def fake_val(monkeypatch, values):
-
     it = iter(values)
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(it),
                                                               "val_top5": 90.0, "val_samples": 24})
@@ -1684,7 +1681,6 @@ def test_cutmix_alone_trains_on_its_soft_targets_smoothed_once(tiny_shards, tmp_
 
 
 def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_shards, tmp_path, monkeypatch, capsys):
-
     def fingerprint(state):  # a number that tells two sets of weights apart
         return sum(float(v.double().sum()) for v in state.values() if v.is_floating_point())
 

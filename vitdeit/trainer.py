@@ -343,9 +343,9 @@ def resume_notes(cfg: Config, dist: Dist, manifest: dict, train_loader, resumed:
         out.append(f"note: --resume: {cfg.resume} was trained with the {resumed['loader']} loader, this run reads with "
                    f"{train_loader.name} (--loader {cfg.loader}): crops and augmentations are drawn the new loader's "
                    f"way from here on (--loader {resumed['loader']} keeps the old)")
-    if train_loader.name == "dali" and not train_loader.restored:  # (rank 0's: every rank's state is one version's)
-        out.append(f"note: --resume: {cfg.resume} holds {train_loader.not_restored}: DALI's sample stream starts "
-                   f"afresh (training goes on, not bit-exactly).")
+    if train_loader.name == "dali" and not train_loader.restored:  # (rank 0's state: every rank's is one version's)
+        out.append(f"note: --resume: {cfg.resume} holds {train_loader.not_restored or 'no DALI reader state'}: "
+                   f"DALI's sample stream starts afresh (training goes on, not bit-exactly).")
     if jump := lr_jump(cfg, dist, len(train_loader), resumed):
         out.append(jump)
     now = AMP_NAME[resolve_amp(cfg.amp, dist.device)]
@@ -738,4 +738,3 @@ def evaluate_checkpoint(cfg: Config) -> dict:
                    f"{out['val_top5']:.2f}% on {out['val_samples']} images of {cfg.data_path} resized with its "
                    f"{ecfg.interpolation} filter ({then})")
         return out
-

@@ -107,6 +107,12 @@ def _val_geometry(shape, short: int, crop: int):
     return [fn.cast(x, dtype=types.FLOAT) for x in size], pos
 
 
+# a train state's settings (DaliLoader.settings), as a note names those that differ
+STATE_SETTINGS = {"pack": "shards", "rank": "process count", "world": "process count", "batch_size": "--batch-size",
+                  "img_size": "--img-size", "seed": "--seed", "scale": "--crop-scale-min", "ratio": "crop aspect ratios",
+                  "gpu": "device (GPU or CPU)", "rand_augment": "--rand-augment", "repeats": "--repeated-aug"}
+
+
 class DaliLoader:
     """Same interface as TorchLoader: yields (images NCHW channels-last, int64 labels) on the run's device.
 
@@ -130,10 +136,10 @@ class DaliLoader:
         """half: float16 images (default: on CUDA); float32 otherwise. state: `state()` of the same rank's train
         loader in an earlier run: continue exactly where it stopped if it read the same shards with the same
         settings (`restored` says whether it did); otherwise the sample stream starts afresh (`not_restored` says
-        why). hw_decoder_load: on a
-        GPU, the share of JPEGs decoded by the hardware JPEG engines (see Config.dali_hw_decoder_load). executor:
-        DALI's execution model, dynamic or legacy (Config.dali_executor). prefetch: batches DALI decodes ahead of the
-        one in use, across the end of an epoch too (auto_reset; Config.dali_prefetch)."""
+        why). hw_decoder_load: on a GPU, the share of JPEGs decoded by the hardware JPEG engines (see
+        Config.dali_hw_decoder_load). executor: DALI's execution model, dynamic or legacy (Config.dali_executor).
+        prefetch: batches DALI decodes ahead of the one in use, across the end of an epoch too (auto_reset;
+        Config.dali_prefetch)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         spec = RandAugmentSpec.parse(rand_augment) if rand_augment and split == "train" else None
@@ -168,13 +174,8 @@ class DaliLoader:
                      "pack": saved.get("pack", self.settings["pack"]) if same else ""}
         self.restored = self.train and isinstance(saved, dict) and same_pack(saved.get("pack", ""), manifest) and (
             {**saved, "pack": None} == {**self.settings, "pack": None})
-        # why the sample stream starts afresh (None where it goes on): the state an earlier vitdeit saved (of the
-        # fixed-size epochs before one reader pass made an epoch, 2026-12-02, or before that the bare reader
-        # bytes), or none that fits (another pack, batch, size, seed or process count; a PyTorch-loader run's)
-        earlier = state is not None and not (isinstance(saved, dict) and saved.get("epoch") == "reader pass")
-        self.not_restored = None if self.restored or not self.train else (
-            "a DALI reader state of an earlier vitdeit, which this one does not restore" if earlier else
-            f"no DALI reader state for these shards, batch, size, seed and {world} process(es)")
+        # why a given state was not restored (None: restored, or none given)
+        self.not_restored = None if self.restored or state is None else self._why_not(saved, manifest)
         self.batch_size = batch_size
         self.decoded_ahead = prefetch  # batches decoded ahead, also as soon as an epoch ends (the benchmark's windows)
         self.per_rank = (rank + 1) * n // world - rank * n // world  # this rank's slice: floor(n / world) or one more
@@ -209,6 +210,19 @@ class DaliLoader:
         with self.decode_errors():
             self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
                                           last_batch_policy=LastBatchPolicy.PARTIAL)
+
+    def _why_not(self, saved, manifest: dict) -> str:
+        """Why a given state was not restored: an earlier vitdeit's (of the fixed-size epochs before one reader pass
+        made an epoch, 2026-12-02, or before that the bare reader bytes), or what it was saved with that differs
+        from this loader's settings."""
+        if not (isinstance(saved, dict) and saved.get("epoch") == "reader pass"):
+            return "a DALI reader state of an earlier vitdeit, which this one does not restore"
+        differ = [k for k in (*STATE_SETTINGS, *sorted({*saved, *self.settings} - set(STATE_SETTINGS)))
+                  if (not same_pack(saved.get("pack", ""), manifest) if k == "pack"
+                      else saved.get(k) != self.settings.get(k))]
+        names = list(dict.fromkeys(STATE_SETTINGS.get(k, k) for k in differ))  # (rank and world: one name)
+        said = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+        return f"a DALI reader state saved with other {said}"
 
     def __len__(self) -> int:
         return self.steps

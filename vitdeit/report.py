@@ -504,12 +504,10 @@ def comparison_notes(vit: tuple[str, dict], deit: tuple[str, dict], data_path: s
     return notes
 
 
-def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
-             num_images: int | None = None, seed: int = 0, out: str = "vit_vs_deit_random10.png",
-             report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2, ema: bool = False) -> dict:
-    """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written.
-    num_images None: 10, or every val image where there are fewer. ema: predict with each checkpoint's EMA of its
-    weights (--model-ema) instead of the trained weights."""
+def check_report_inputs(vit_ckpt: str, deit_ckpt: str, teacher_run: str | None, out: str,
+                        report_dir: str | None) -> bool:
+    """make_all's paths checked before anything is read: two checkpoint files, a teacher run folder with its
+    best.pth, outputs that can be written. Returns whether --vit and --deit are one file."""
     for option, path in (("--vit", vit_ckpt), ("--deit", deit_ckpt)):
         if Path(path).is_dir():  # the run folder, not its checkpoint
             raise MissingFile(f"{option} {path}: a folder, not a checkpoint; pass the checkpoint in it, e.g. {option} "
@@ -527,6 +525,49 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
     output_folder(Path(out), "--out", is_folder=False, make=False)  # (made as they are written: a refusal below
     if report_dir is not None:                                      # leaves no empty folder)
         output_folder(Path(report_dir), "--report-dir", is_folder=True, make=False)
+    return one_file
+
+
+def picture_notes(vit: tuple[str, dict], deit: tuple[str, dict], one_file: bool, ema: bool, report: bool,
+                  shown: int, n_val: int, num_images: int | None) -> list[str]:
+    """The notes on what the picture (and the report) compare: one file twice, EMA weights, fewer val images than
+    panels, a checkpoint of another model than its flag names. vit, deit: (path, checkpoint)."""
+    heads = [f"--vit and --deit are the same file, {vit[0]}: the comparison is of one model with itself"] * one_file
+    heads += [f"--ema: the picture{' and the comparison are' if report else ' is'} of each checkpoint's EMA of its "
+              f"weights (--model-ema), as of its epoch"
+              + ("; the table and the curves are of the trained weights" if report else "")] * ema
+    if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
+        heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
+    return heads + [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
+                    for option, (path, state), label, model in (("vit", vit, "ViT", "vit_tiny"),
+                                                                ("deit", deit, "DeiT", "deit_tiny_distill"))
+                    if state["config"]["model"] != model]
+
+
+def write_report(rdir: Path, written: dict, runs: dict, metrics: dict, nets: dict, comp: dict, ema: bool) -> None:
+    """curves.png, report.md and report.json in rdir; `written` (make_all's) gains their paths, the run summaries
+    and the comparison. nets: name -> (network, checkpoint) of each run in `runs`."""
+    summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()),
+                             planned_epochs(runs[name], nets[name][1])) for name in runs]
+    save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
+    picture = (Path(written["figure"]).name, [p["key"] for p in written["panels"]])
+    notes = written["notes"]
+    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, picture, ema)),
+                       ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes,
+                                                   "panels": written["panels"]}, indent=1))):
+        save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)
+                    flag="--report-dir")  # (the lambda is called at once)
+    written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,
+                   comparison=comp)
+
+
+def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teacher_run: str | None = None,
+             num_images: int | None = None, seed: int = 0, out: str = "vit_vs_deit_random10.png",
+             report_dir: str | None = "runs/report", device: str = "cpu", workers: int = 2, ema: bool = False) -> dict:
+    """The picture, and (unless report_dir is None) curves.png, report.md and report.json. Returns what was written.
+    num_images None: 10, or every val image where there are fewer. ema: predict with each checkpoint's EMA of its
+    weights (--model-ema) instead of the trained weights."""
+    one_file = check_report_inputs(vit_ckpt, deit_ckpt, teacher_run, out, report_dir)
     vit_state = load_checkpoint(vit_ckpt)  # read once: it also names the default shards
     if data_path is None:
         data_path = run_files_here(vit_state, vit_ckpt)["data_path"]
@@ -546,38 +587,16 @@ def make_all(vit_ckpt: str, deit_ckpt: str, data_path: str | None = None, teache
                                      if report_dir is not None else ({}, {}, None, []))
     vit = predict(vit_net, vit_state, data_path, manifest, "ViT", device, workers)
     deit = predict(deit_net, deit_state, data_path, manifest, "DeiT", device, workers)
-    fig = prediction_figure(data_path, manifest, [vit, deit], indices)
-    save_figure(fig, Path(out), "--out")
-    heads = [f"--vit and --deit are the same file, {vit_ckpt}: the comparison is of one model with itself"] * one_file
-    heads += [f"--ema: the picture{' and the comparison are' if report_dir is not None else ' is'} of each "
-              f"checkpoint's EMA of its weights (--model-ema), as of its epoch"
-              + ("; the table and the curves are of the trained weights" if report_dir is not None else "")] * ema
-    if num_images is None and shown < DEFAULT_PANELS:  # (an explicit --num-images over the count stopped above)
-        heads.append(f"the val split holds {n_val} images: the picture shows all of them, not {DEFAULT_PANELS}")
-    heads += [f"--{option} {path} holds a {state['config']['model']}, labelled {label} here"
-              for option, path, state, label, model in (("vit", vit_ckpt, vit_state, "ViT", "vit_tiny"),
-                                                      ("deit", deit_ckpt, deit_state, "DeiT", "deit_tiny_distill"))
-              if state["config"]["model"] != model]
-    notes = heads + notes + comparison_notes((vit_ckpt, vit_state), (deit_ckpt, deit_state), data_path, manifest,
-                                             metrics)
+    save_figure(prediction_figure(data_path, manifest, [vit, deit], indices), Path(out), "--out")
+    notes = (picture_notes((vit_ckpt, vit_state), (deit_ckpt, deit_state), one_file, ema, report_dir is not None,
+                           shown, n_val, num_images)
+             + notes + comparison_notes((vit_ckpt, vit_state), (deit_ckpt, deit_state), data_path, manifest, metrics))
     keys = val_keys(data_path, manifest)
     written = {"figure": out, "notes": notes,
                "panels": [{"index": i, "key": keys[i], "lines": [t for t, _ in panel_texts(class_map, i, [vit, deit])]}
                           for i in indices]}
-    if report_dir is None:
-        return written
-    rdir = Path(report_dir)
-    nets = {"teacher": teacher, "ViT": (vit_net, vit_state), "DeiT": (deit_net, deit_state)}
-    summaries = [run_summary(name, metrics[name], nets[name][1], sum(p.numel() for p in nets[name][0].parameters()),
-                             planned_epochs(runs[name], nets[name][1])) for name in runs]
-    save_figure(curves_figure(metrics), rdir / "curves.png", "--report-dir")
-    comp = {**comparison(class_map, vit, deit), "data_path": str(data_path), "ema": ema}  # (ema: whose predictions)
-    picture = (Path(out).name, [p["key"] for p in written["panels"]])
-    for name, text in (("report.md", report_markdown(summaries, comp, ("ViT", "DeiT"), notes, picture, ema)),
-                       ("report.json", json.dumps({"runs": summaries, "comparison": comp, "notes": notes,
-                                                   "panels": written["panels"]}, indent=1))):
-        save_output(rdir / name, lambda path: path.write_text(text, encoding="utf-8"), KEPT,  # (→, Δ: any locale)
-                    flag="--report-dir")  # (the lambda is called at once)
-    written.update(curves=str(rdir / "curves.png"), report=str(rdir / "report.md"), summaries=summaries,
-                   comparison=comp)
+    if report_dir is not None:
+        comp = {**comparison(class_map, vit, deit), "data_path": str(data_path), "ema": ema}  # (ema: whose predictions)
+        write_report(Path(report_dir), written, runs, metrics,
+                     {"teacher": teacher, "ViT": (vit_net, vit_state), "DeiT": (deit_net, deit_state)}, comp, ema)
     return written

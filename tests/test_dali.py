@@ -387,7 +387,7 @@ def test_a_state_saved_on_other_shards_of_the_same_images_is_not_restored(tiny_d
     from vitdeit.packing import PackOptions, pack
 
     kw = dict(batch_size=8, img_size=24, workers=1, seed=3)
-    saved = state_after_a_batch(tiny_shards, load_manifest(tiny_shards), **kw)  # tars of 30 samples
+    saved = state_after_a_batch(tiny_shards, load_manifest(tiny_shards), **kw)  # tars of 24 samples
     m = pack(tiny_data, tmp_path / "s", opts=PackOptions(shard_size=20, workers=1), progress=False)  # repacked
     other = DaliLoader(tmp_path / "s", m, "train", state=saved, **kw)
     assert not other.restored and len(list(other)) == len(other)
@@ -526,7 +526,7 @@ def test_build_loader_asks_dali_for_16_bit_images_only_where_autocast_runs_16_bi
 def test_each_ranks_train_slice_holds_other_samples_every_epoch_in_an_order_that_follows_the_seed(tiny_shards):
     """The tar order is reshuffled every epoch, the same on every rank and by --seed: a rank's slice of the samples
     changes, not only their order within it, and another seed deals other slices."""
-    m = load_manifest(tiny_shards)  # 4 tars (30, 30, 30, 6 samples): a rank's slice spans some of them
+    m = load_manifest(tiny_shards)  # 4 tars of 24 samples: a rank's slice spans some of them
 
     def slices(seed):  # per epoch, each rank's set of samples
         loaders = [DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=16, rank=r, world=2, workers=1,
@@ -544,7 +544,7 @@ def test_train_reads_through_a_shuffle_buffer_not_each_tar_in_its_order(tiny_sha
     from vitdeit.data import shard_paths
     from vitdeit.data.index import read_index
 
-    m = load_manifest(tiny_shards)  # 4 tars (30, 30, 30, 6 samples)
+    m = load_manifest(tiny_shards)  # 4 tars of 24 samples
     where = {key: (tar, i) for tar, (_, idx) in enumerate(shard_paths(tiny_shards, m, "train"))
              for i, (key, _) in enumerate(read_index(idx))}  # each sample's tar and place in it
     loader = DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=16, workers=1, seed=3, with_keys=True)

@@ -47,8 +47,8 @@ def test_a_holder_of_an_instant_is_waited_for(tmp_path):
     looker = threading.Thread(target=look)
     looker.start()
     held.wait()
-    threading.Timer(0.1, let_go.set).start()  # let go 0.1 s in: within the 0.5 s a holder is waited for
-    with lock.folder_lock(path, "busy"):
+    threading.Timer(0.1, let_go.set).start()  # let go 0.1 s in: within the wait (the default 0.5 s; 5 here, on a
+    with lock.folder_lock(path, "busy", wait=5):  # loaded machine), it takes the lock
         assert lock_held(path)
     looker.join()
     with lock.folder_lock(path, "held on"):

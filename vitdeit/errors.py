@@ -156,8 +156,9 @@ def cannot_write_in(folder: Path) -> str | None:
 
 # DALI 2.4's failed allocations, as its libraries and nvImageCodec spell them ("Can't allocate N bytes on device D."
 # / "on host.", "CUDA allocation failed", strerror's "Cannot allocate memory", C++'s std::bad_alloc, nvImageCodec's
-# allocator statuses 5 and 15), lower-cased; read only inside DALI's "Critical error in pipeline" RuntimeError: the
-# same words elsewhere can mean another limit (NCCL's ibv_reg_mr failing on `ulimit -l`, a fork refused)
+# allocator statuses 5 and 15), lower-cased; read only inside DALI's own RuntimeError ("Critical error in pipeline",
+# or "when building pipeline"): the same words elsewhere can mean another limit (NCCL's ibv_reg_mr failing on
+# `ulimit -l`, a fork refused)
 DALI_OUT_OF_MEMORY = re.compile(r"can't allocate \d+ bytes|cuda allocation failed|cannot allocate memory|bad_alloc|"
                                 r"nvimagecodec failure: '#(?:5|15)'")
 
@@ -170,7 +171,7 @@ def out_of_memory(e: BaseException, batch_size: int, img_size: int, resume: bool
     text = str(e).lower()
     if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError) or "out of memory" in text
             or "can't allocate memory" in text
-            or "critical error in pipeline" in text and DALI_OUT_OF_MEMORY.search(text)):
+            or re.search(r"critical error (?:in|when building) pipeline", text) and DALI_OUT_OF_MEMORY.search(text)):
         return None
     if eval_only:
         return f"out of memory at --batch-size {batch_size} (images per process): lower --batch-size"

@@ -109,8 +109,9 @@ def _val_geometry(shape, short: int, crop: int):
 
 # a train state's settings (DaliLoader.settings), as a note names those that differ
 STATE_SETTINGS = {"pack": "shards", "rank": "process count", "world": "process count", "batch_size": "--batch-size",
-                  "img_size": "--img-size", "seed": "--seed", "scale": "--crop-scale-min", "ratio": "crop aspect ratios",
-                  "gpu": "device (GPU or CPU)", "rand_augment": "--rand-augment", "repeats": "--repeated-aug"}
+                  "img_size": "--img-size", "seed": "--seed", "scale": "--crop-scale-min",
+                  "ratio": "crop aspect ratios", "gpu": "device (GPU or CPU)", "rand_augment": "--rand-augment",
+                  "repeats": "--repeated-aug"}
 
 
 class DaliLoader:
@@ -221,7 +222,7 @@ class DaliLoader:
                   if (not same_pack(saved.get("pack", ""), manifest) if k == "pack"
                       else saved.get(k) != self.settings.get(k))]
         names = list(dict.fromkeys(STATE_SETTINGS.get(k, k) for k in differ))  # (rank and world: one name)
-        said = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+        said = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names) or "settings"
         return f"a DALI reader state saved with other {said}"
 
     def __len__(self) -> int:

@@ -77,3 +77,34 @@ def test_a_lock_file_this_user_cannot_write_is_locked_all_the_same(tmp_path, mon
     finally:
         held.__exit__(None, None, None)
     assert not lock_held(path)
+
+
+def test_a_lock_file_is_made_group_writable_and_one_nfs_cannot_lock_read_only_is_said(tmp_path, monkeypatch, capsys):
+    import fcntl
+    import os
+    import stat
+
+    path = tmp_path / "lock"
+    with lock.folder_lock(path, "busy"):
+        pass
+    assert stat.S_IMODE(path.stat().st_mode) & 0o060 == 0o060  # (a colleague's command opens it for writing too)
+    real = os.open
+
+    def read_only(file, flags, *mode):  # another user's older lock file, 0644
+        if str(file) == str(path) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, flags, *mode)
+
+    def nfs(fd, operation):  # NFS's flock is fcntl's lock, which needs a file open for writing
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    ran = []
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", read_only)
+        m.setattr(fcntl, "flock", nfs)
+        with lock.folder_lock(path, "busy"):
+            ran.append(True)
+    assert ran == [True] and capsys.readouterr().err == (
+        f"warning: {path} is read-only to this user, and this file system locks writable files only (NFS): no lock, "
+        f"so nothing stops another command writing in {tmp_path} at the same time; make it writable (chmod g+w "
+        f"{path})\n")

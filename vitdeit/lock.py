@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,18 +33,24 @@ def folder_lock(lock_file: Path, busy: str, wait: float = 0.5):
     no such locks (Windows, a file system without them) or the file cannot be opened (a folder this user may not
     write in, which the writes that follow name), no lock: the block runs as before. A lock file another user made
     (read-only to this one, in a folder both write in) is opened for reading, which flock locks all the same on a
-    local disk (NFS's flock needs it writable: there, no lock). A holder is waited for up to `wait` seconds
+    local disk (NFS's flock needs it writable: there, no lock, and a warning; a lock file this user makes is made
+    group-writable for that reason). A holder is waited for up to `wait` seconds
     (train.py's look at the lock before its set-up, lock_busy, holds it for an instant)."""
     try:
         import fcntl
     except ImportError:
         fcntl = None
-    fd = None
+    fd, flags = None, 0
     for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY) if fcntl else ():
         try:
             fd = os.open(lock_file, flags, 0o644)
             break
         except OSError:
+            pass
+    if fd is not None and flags != os.O_RDONLY:
+        try:  # writable by the group too, so that a colleague's command in a folder you share locks it on NFS too
+            os.fchmod(fd, os.fstat(fd).st_mode & 0o777 | 0o060)
+        except OSError:  # (not this user's file)
             pass
     if fd is None:
         yield
@@ -58,7 +66,12 @@ def folder_lock(lock_file: Path, busy: str, wait: float = 0.5):
                 if time.monotonic() >= deadline:
                     raise SettingError(busy) from None
                 time.sleep(0.05)
-            except OSError:  # a file system without flock (Lustre mounted without -o flock: ENOSYS)
+            except OSError as e:  # a file system without flock (Lustre mounted without -o flock: ENOSYS), or
+                if flags == os.O_RDONLY and e.errno == errno.EBADF:  # NFS, whose flock needs a writable file
+                    print(f"warning: {lock_file} is read-only to this user, and this file system locks writable "
+                          f"files only (NFS): no lock, so nothing stops another command writing in "
+                          f"{lock_file.parent} at the same time; make it writable (chmod g+w {lock_file})",
+                          file=sys.stderr)
                 break
         yield
     finally:

@@ -250,11 +250,12 @@ EARLIER = "a DALI reader state of an earlier vitdeit, which this one does not re
 
 @pytest.mark.parametrize("change, said", [
     ({}, None),  # it fits: restored
-    ({"batch_size": 4}, "a DALI reader state saved with other --batch-size"),
-    ({"world": 1}, "a DALI reader state saved with other process count"),
-    ({"seed": 7, "img_size": 16}, "a DALI reader state saved with other --img-size and --seed"),
+    ({"batch_size": 4}, "a DALI reader state saved with another --batch-size"),
+    ({"world": 1}, "a DALI reader state saved with another process count"),
+    ({"seed": 7, "img_size": 16}, "a DALI reader state saved with another --img-size and another --seed"),
     ({"pack": "0123", "gpu": True, "rand_augment": "rand-m9"},
-     "a DALI reader state saved with other shards, device (GPU or CPU) and --rand-augment"),
+     "a DALI reader state saved with other shards, another kind of device (GPU or CPU) and another "
+     "--rand-augment"),
     ({"pack": None, "shards": [["train-000000.tar", 96, 1]]}, "a DALI reader state saved with other shards"),  # 12-02
     ({"epoch": None}, EARLIER),  # of the fixed-size epochs before 2026-12-02
     ({"pack": None, "epoch": None, "shards": [["train-000000.tar", 96, 1]]}, EARLIER),  # the same, keyed by its tars

@@ -108,10 +108,11 @@ def _val_geometry(shape, short: int, crop: int):
 
 
 # a train state's settings (DaliLoader.settings), as a note names those that differ
-STATE_SETTINGS = {"pack": "shards", "rank": "process count", "world": "process count", "batch_size": "--batch-size",
-                  "img_size": "--img-size", "seed": "--seed", "scale": "--crop-scale-min",
-                  "ratio": "crop aspect ratios", "gpu": "device (GPU or CPU)", "rand_augment": "--rand-augment",
-                  "repeats": "--repeated-aug"}
+STATE_SETTINGS = {"pack": "other shards", "rank": "another process count", "world": "another process count",
+                  "batch_size": "another --batch-size", "img_size": "another --img-size", "seed": "another --seed",
+                  "scale": "another --crop-scale-min", "ratio": "other crop aspect ratios",
+                  "gpu": "another kind of device (GPU or CPU)", "rand_augment": "another --rand-augment",
+                  "repeats": "another --repeated-aug"}
 
 
 class DaliLoader:
@@ -221,9 +222,9 @@ class DaliLoader:
         differ = [k for k in (*STATE_SETTINGS, *sorted({*saved, *self.settings} - set(STATE_SETTINGS)))
                   if (not same_pack(saved.get("pack", ""), manifest) if k == "pack"
                       else saved.get(k) != self.settings.get(k))]
-        names = list(dict.fromkeys(STATE_SETTINGS.get(k, k) for k in differ))  # (rank and world: one name)
-        said = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names) or "settings"
-        return f"a DALI reader state saved with other {said}"
+        names = list(dict.fromkeys(STATE_SETTINGS.get(k, f"another {k}") for k in differ))  # (rank, world: one)
+        said = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names) or "other settings"
+        return f"a DALI reader state saved with {said}"
 
     def __len__(self) -> int:
         return self.steps

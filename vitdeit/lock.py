@@ -34,8 +34,8 @@ def folder_lock(lock_file: Path, busy: str, wait: float = 0.5):
     write in, which the writes that follow name), no lock: the block runs as before. A lock file another user made
     (read-only to this one, in a folder both write in) is opened for reading, which flock locks all the same on a
     local disk (NFS's flock needs it writable: there, no lock, and a warning; a lock file this user makes is made
-    group-writable for that reason). A holder is waited for up to `wait` seconds
-    (train.py's look at the lock before its set-up, lock_busy, holds it for an instant)."""
+    group-writable for that reason). A holder is waited for up to `wait` seconds (train.py's look at the lock
+    before its set-up, lock_busy, holds it for an instant)."""
     try:
         import fcntl
     except ImportError:

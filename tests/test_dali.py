@@ -275,6 +275,15 @@ def test_a_train_loader_says_why_a_saved_state_was_not_restored(tiny_shards, cha
     assert DaliLoader(tiny_shards, m, "val", **kw).not_restored is None  # (val: never a state)
 
 
+def test_a_saved_setting_this_loader_lacks_does_not_fit_even_when_it_is_none(tiny_shards):
+    m = load_manifest(tiny_shards)
+    kw = dict(batch_size=8, img_size=24, workers=1)
+    saved = state_after_a_batch(tiny_shards, m, **kw)
+    saved = {**saved, "settings": {**saved["settings"], "rand_augment": None}}  # a key this loader's settings lack
+    loader = DaliLoader(tiny_shards, m, "train", state=saved, **kw)
+    assert (loader.restored, loader.not_restored) == (False, "a DALI reader state saved with another --rand-augment")
+
+
 @pytest.mark.parametrize("rand_augment, repeats, batch, world, saved_after", [
     ("", 1, 8, 2, 1), ("rand-m9-mstd0.5-inc1", 1, 8, 2, 1),
     ("", 3, 8, 2, 1),  # an epoch reads a third of the rank's slice: saved in the middle of a reader pass

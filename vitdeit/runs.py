@@ -38,8 +38,8 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
     """A run folder that holds a run (run_held_in) is another run's, unless --resume continues it from there: refused
     without --overwrite, so that forgetting --resume loses nothing; so is a file where the folder would be, or, for
     a run that `writes` (not a resumed one with nothing left to do), a folder another train.py is training in now
-    (lock_busy: not resumed from under it either) or that this user cannot write in. Rank 0,
-    which alone writes there, looks (before the set-up's minutes); every rank stops on what it found."""
+    (lock_busy: not resumed from under it either) or that this user cannot write in. Rank 0, which alone writes
+    there, looks (before the set-up's minutes); every rank stops on what it found."""
     problem = None
     file = dist.is_main and next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
     if file:

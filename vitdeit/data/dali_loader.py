@@ -113,6 +113,7 @@ STATE_SETTINGS = {"pack": "other shards", "rank": "another process count", "worl
                   "scale": "another --crop-scale-min", "ratio": "other crop aspect ratios",
                   "gpu": "another kind of device (GPU or CPU)", "rand_augment": "another --rand-augment",
                   "repeats": "another --repeated-aug"}
+_ABSENT = object()  # a setting one state has and the other lacks
 
 
 class DaliLoader:
@@ -174,10 +175,9 @@ class DaliLoader:
             same = saved["shards"] == [[s["file"], s["num_samples"], s["bytes"]] for s in shards]
             saved = {**{k: v for k, v in saved.items() if k != "shards"},
                      "pack": saved.get("pack", self.settings["pack"]) if same else ""}
-        self.restored = self.train and isinstance(saved, dict) and same_pack(saved.get("pack", ""), manifest) and (
-            {**saved, "pack": None} == {**self.settings, "pack": None})
-        # why a given state was not restored (None: restored, or none given)
-        self.not_restored = None if self.restored or state is None else self._why_not(saved, manifest)
+        # why a given state does not fit (None: it fits, or none was given), and so whether it is restored
+        self.not_restored = None if state is None else self._unfit(saved, manifest)
+        self.restored = self.train and state is not None and self.not_restored is None
         self.batch_size = batch_size
         self.decoded_ahead = prefetch  # batches decoded ahead, also as soon as an epoch ends (the benchmark's windows)
         self.per_rank = (rank + 1) * n // world - rank * n // world  # this rank's slice: floor(n / world) or one more
@@ -213,18 +213,20 @@ class DaliLoader:
             self.it = DALIGenericIterator(self.pipe, self.outputs, reader_name="Reader", auto_reset=True,
                                           last_batch_policy=LastBatchPolicy.PARTIAL)
 
-    def _why_not(self, saved, manifest: dict) -> str:
-        """Why a given state was not restored: an earlier vitdeit's (of the fixed-size epochs before one reader pass
-        made an epoch, 2026-12-02, or before that the bare reader bytes), or what it was saved with that differs
-        from this loader's settings."""
+    def _unfit(self, saved, manifest: dict) -> str | None:
+        """Why a saved state's settings do not fit this loader, or None where they do (the same pack, and every other
+        setting present and equal): an earlier vitdeit's (of the fixed-size epochs before one reader pass made an
+        epoch, 2026-12-02, or before that the bare reader bytes), or the settings it was saved with that differ."""
         if not (isinstance(saved, dict) and saved.get("epoch") == "reader pass"):
             return "a DALI reader state of an earlier vitdeit, which this one does not restore"
         differ = [k for k in (*STATE_SETTINGS, *sorted({*saved, *self.settings} - set(STATE_SETTINGS)))
                   if (not same_pack(saved.get("pack", ""), manifest) if k == "pack"
-                      else saved.get(k) != self.settings.get(k))]
+                      else saved.get(k, _ABSENT) != self.settings.get(k, _ABSENT))]
+        if not differ:
+            return None
         names = list(dict.fromkeys(STATE_SETTINGS.get(k, f"another {k}") for k in differ))  # (rank, world: one)
-        said = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names) or "other settings"
-        return f"a DALI reader state saved with {said}"
+        return "a DALI reader state saved with " + (", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1
+                                                     else names[0])
 
     def __len__(self) -> int:
         return self.steps

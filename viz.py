@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitdeit.config import refuse_empty, resolve_workers, workers_problem
+from vitdeit.config import refuse_empty, resolve_workers, workers_problem, workers_warning
 from vitdeit.distributed import resolve_device
 from vitdeit.errors import VitdeitError, say_error
 from vitdeit.report import make_all, paired_line
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if problem := workers_problem(a.workers):
         p.error(problem)
+    if text := workers_warning(resolve_workers(a.workers)):
+        print(f"warning: {text}")
     refuse_empty(p, ("--vit", a.vit, "file"), ("--deit", a.deit, "file"), ("--data-path", a.data_path, "folder"),
                  ("--out", a.out, "file"), ("--report-dir", a.report_dir, "folder"),
                  ("--teacher-run", a.teacher_run, "folder"))

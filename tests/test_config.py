@@ -371,6 +371,30 @@ def test_default_workers_share_the_usable_cores_among_the_ranks_on_a_node(monkey
     assert config.Config().decode_workers == expected  # cores / ranks - 1 for each rank's main process, in 1..8
 
 
+@pytest.mark.parametrize("workers, cores, local_world, dali, said", [
+    (2, 2, None, False, None), (0, 1, None, True, None),  # within the cores (DALI's 0: its one thread)
+    (3, 2, None, False, "--workers 3: 3 decode processes on this node, more than its 2 usable cores: they take turns "
+                        "and slow each other; --workers -1 takes this node's share (1 here)"),
+    (2, 1, None, True, "--workers 2: 2 decode threads on this node, more than its 1 usable core: they take turns and "
+                       "slow each other; --workers -1 takes this node's share (1 here)"),
+    (2, 16, "8", False, None),  # 8 ranks x 2 = the node's 16
+    (4, 16, "8", True, "--workers 4: 32 decode threads on this node (4 for each of its 8 processes), more than its 16 "
+                       "usable cores: they take turns and slow each other; --workers -1 takes this node's share (1 "
+                       "here)")])
+def test_more_decoders_than_the_nodes_cores_are_warned_of_all_ranks_together(monkeypatch, workers, cores, local_world,
+                                                                              dali, said):
+    import os
+
+    from vitdeit import config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert config.workers_warning(workers, dali=dali) == said
+
+
 def test_without_an_affinity_call_the_host_count_is_used(monkeypatch):
     import os
 

@@ -1170,6 +1170,27 @@ def test_a_batch_size_that_leaves_many_train_images_out_of_each_epoch_is_a_warni
                          f"them"]
 
 
+def test_more_workers_than_cores_are_warned_of_once_in_place_of_pytorchs_four_warnings(tiny_shards, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """PyTorch's DataLoader warns of workers over the cores as it is made and again at its first iteration, for the
+    train and the val loader each; the run says it once, with its notes."""
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # PyTorch's count too
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=1, batch_size=16, workers=2,
+                      loader="torch"))
+    out = capsys.readouterr().out
+    assert ", 1 core), loader torch (2 workers), " in out.splitlines()[0]  # (one core: "core")
+    assert out.splitlines()[1] == ("warning: --workers 2: 2 decode processes on this node, more than its 1 usable "
+                                   "core: they take turns and slow each other; --workers -1 takes this node's share "
+                                   "(1 here)")
+    assert out.count("--workers 2:") == 1
+    assert not [w for w in caught if "worker" in str(w.message)] and "This DataLoader will create" not in out
+
+
 @pytest.mark.parametrize("loader, workers, said", [("torch", 0, "(0 workers)"), ("torch", 1, "(1 worker)"),
                                                    ("dali", 0, "(1 DALI thread)"), ("dali", 3, "(3 DALI threads)")])
 def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shards, loader, workers, said):

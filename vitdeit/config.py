@@ -89,6 +89,20 @@ def workers_problem(workers: int) -> str | None:
     return None
 
 
+def workers_warning(workers: int, dali: bool = False) -> str | None:
+    """A warning where --workers asks for more decode processes (DALI: threads) on this node, every rank's together
+    (torchrun's LOCAL_WORLD_SIZE), than it has usable cores: they then take turns on them, and with each rank's main
+    process slow the step they feed (train.py and viz.py; it replaces PyTorch's own DataLoader warning, which counts
+    one process's workers, is raised by each loader and again at its first iteration); None otherwise."""
+    local, cores = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)), usable_cores()
+    if workers * local <= cores:
+        return None
+    each = f" ({workers} for each of its {local} processes)" if local > 1 else ""
+    return (f"--workers {workers}: {workers * local} decode {'threads' if dali else 'processes'} on this node{each}, "
+            f"more than its {cores} usable core{'s' * (cores != 1)}: they take turns and slow each other; "
+            f"--workers -1 takes this node's share ({default_workers()} here)")
+
+
 def resolve_workers(workers: int) -> int:
     """A --workers value as it runs here: -1 is default_workers(), resolved on this machine (train.py and viz.py)."""
     return default_workers() if workers == -1 else workers

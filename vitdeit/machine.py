@@ -66,7 +66,7 @@ def describe(device: torch.device | str = "cpu", processes: int = 1, dali: bool 
 
 def hardware(m: dict) -> str:
     """What the figures ran on: the GPU's name, else the CPU's and its cores."""
-    return m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} cores"
+    return m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} core{'s' * (m['cpu_count'] != 1)}"
 
 
 def machine_text(m: dict) -> str:

@@ -20,7 +20,7 @@ from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_che
                          saved_world, shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint,
                       val_copies_text, without_images_text)
-from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, checkpoint_named, flag, saved_setting
+from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, checkpoint_named, flag, saved_setting, workers_warning
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, numbers_text, on_rank_0,
@@ -234,6 +234,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
     resume's last: resume_notes)."""
     out, global_batch = [], cfg.global_batch(dist.world)
+    if text := workers_warning(cfg.decode_workers, dali=train_loader.name == "dali"):
+        out.append(f"warning: {text}")
     out += [f"warning: {text}" for split in ("train", "val")  # --allow-missing-classes
             if (text := without_images_text(manifest, split, cfg.data_path))]
     if text := val_copies_text(manifest):  # --allow-train-val-copies

@@ -37,6 +37,15 @@ from .index import read_index
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
+class QuietDataLoader(DataLoader):
+    """PyTorch's DataLoader without its warning of more workers than cores, which it raises as it is made and again
+    at its first iteration (train and val: four times a run): train.py and viz.py say it once, counting every rank
+    on the node and DALI's threads too (config.workers_warning)."""
+
+    def check_worker_number_rationality(self) -> None:
+        pass
+
+
 class ShardSamples(Dataset):
     """Sample i of a split = (uint8 HWC image, label); `transform` maps JPEG bytes to the uint8 array."""
 
@@ -270,7 +279,7 @@ class TorchLoader:
         if self.drop_last and len(self.sampler) < batch_size:
             raise BatchTooLarge(split, len(self.sampler), batch_size)
         self.device = torch.device(device)
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+        self.loader = QuietDataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",
                                  drop_last=self.drop_last, persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None, worker_init_fn=end_quietly_on_sigterm,

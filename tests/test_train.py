@@ -1191,6 +1191,26 @@ def test_more_workers_than_cores_are_warned_of_once_in_place_of_pytorchs_four_wa
     assert not [w for w in caught if "worker" in str(w.message)] and "This DataLoader will create" not in out
 
 
+def test_each_epoch_says_how_long_it_took_and_the_time_left_at_its_pace(tiny_shards, tmp_path, capsys):
+    import time
+
+    from vitdeit.trainer import pace_text
+
+    assert pace_text(59.6, 0) == "1:00 this epoch"
+    assert pace_text(754.4, 5) == "12:34 this epoch, 1:02:52 left at its pace"  # 3,772 s
+    assert pace_text(3600, 1) == "1:00:00 this epoch, 1:00:00 left at its pace"
+    t0 = time.perf_counter()
+    train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=3, batch_size=16, workers=0))
+    wall = time.perf_counter() - t0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    said = [re.search(r"\| (\d+):(\d\d) this epoch(?:, (\d+):(\d\d) left at its pace)?( \*best)?$", line)
+            for line in lines]
+    took = [60 * int(m[1]) + int(m[2]) for m in said]
+    left = [60 * int(m[3]) + int(m[4]) if m[3] else None for m in said]
+    assert left[2] is None and abs(left[0] - 2 * took[0]) <= 1 and abs(left[1] - took[1]) <= 1  # (whole seconds)
+    assert sum(took) <= wall + 1.5  # each epoch's own share of the run (whole seconds, rounded)
+
+
 @pytest.mark.parametrize("loader, workers, said", [("torch", 0, "(0 workers)"), ("torch", 1, "(1 worker)"),
                                                    ("dali", 0, "(1 DALI thread)"), ("dali", 3, "(3 DALI threads)")])
 def test_the_run_line_names_the_loaders_decoding_processes_or_threads(tiny_shards, loader, workers, said):

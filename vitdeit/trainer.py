@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import random
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -58,6 +59,16 @@ def amp_trained(resumed: dict | None, now: str) -> str:
     checkpoint saved before the precision was kept (2026-12-06) adds nothing."""
     before = last_amp(resumed)
     return now if before is None else resumed["amp"] if before == now else f"{resumed['amp']}, then {now}"
+
+
+def pace_text(took: float, epochs_left: int) -> str:
+    """An epoch's wall time (train, val, checkpoints) and the run's time left at its pace (the first epoch's
+    includes torch.compile's compiling), as h:mm:ss or m:ss."""
+    def clock(seconds: float) -> str:
+        s = round(seconds)
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+    return f"{clock(took)} this epoch" + (f", {clock(took * epochs_left)} left at its pace" if epochs_left else "")
 
 
 def seed_everything(*parts: int) -> None:
@@ -624,6 +635,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
 
     record, pack = {}, pack_fingerprint(manifest)  # (the pack's, saved with every checkpoint)
     for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
         seed_everything(cfg.seed, epoch, dist.rank)  # drop-path/erasing/mixup draws: a function of (seed, epoch, rank)
         train_loader.set_epoch(epoch)
         tr = train_one_epoch(step, train_loader, scheduler, epoch, dist, ema, augment, cfg.progress)
@@ -666,10 +678,11 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
             with alike_on_every_rank():  # (a full disk: every rank stops, saying it)
                 on_rank_0(dist, save)
             ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
+            pace = pace_text(time.perf_counter() - t_epoch, cfg.epochs - 1 - epoch)  # (rank 0's clock)
             dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                        f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
                        f"({va['val_samples']} images){ema_top1} | {tr['images_per_s']:.0f} img/s, data wait "
-                       f"{100 * tr['data_wait_frac']:.0f}%" + (" *best" if is_best else ""))
+                       f"{100 * tr['data_wait_frac']:.0f}% | {pace}" + (" *best" if is_best else ""))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     return record

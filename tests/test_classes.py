@@ -161,3 +161,13 @@ def test_the_val_top1_left_by_classes_without_train_images_is_a_bound_rounded_up
     assert without_images_text(manifest({"n1": 3, "n2": 9}, {"n1": 0, "n2": 5}), "val", "/s") == (
         "1 of the 2 classes has no val images in /s (n1): the model has outputs for them that it is never scored on")
     assert without_images_text(manifest({"n1": 3, "n2": 9}, {"n1": 0, "n2": 5}), "train", "/s") is None
+
+
+def test_a_file_named_by_a_wnid_is_no_class_folder(tmp_path):
+    from vitdeit.classes import holds_class_folders
+
+    (tmp_path / "n01440764").write_bytes(b"")  # e.g. an image saved without its extension
+    (tmp_path / "train.X1").mkdir()
+    assert not holds_class_folders(tmp_path)
+    (tmp_path / "n01443537").mkdir()
+    assert holds_class_folders(tmp_path)

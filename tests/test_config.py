@@ -475,3 +475,14 @@ def test_a_config_file_that_is_missing_or_not_a_json_object_is_a_usage_error_nam
         parse_args(["--config", str(f)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"error: --config {f}: " in err and said in err
+
+
+def test_a_whole_number_in_a_config_file_for_a_real_setting_is_the_real_number_its_flag_gives(tmp_path):
+    # JSON's 1 for --lr 1: saved and compared (between nodes, which compare the settings' repr) as the flag's 1.0
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": 1, "min_lr": 0, "warmup_epochs": 2, "epochs": 3}))
+    cfg = parse_args(["--config", str(f)])
+    assert [repr(v) for v in (cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)] == ["1.0", "0.0", "2.0", "3"]
+    flags = parse_args(["--lr", "1", "--min-lr", "0", "--warmup-epochs", "2", "--epochs", "3"])
+    assert json.dumps(cfg.to_dict()) == json.dumps(flags.to_dict())
+    assert repr(from_dict({"distillation_tau": 2}).distillation_tau) == "2.0"

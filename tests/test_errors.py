@@ -176,6 +176,44 @@ def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(
     assert load_checkpoint(path, ClassMap.from_labels({"n00000002": "b", "n00000001": "a"}))["epoch"] == 0
 
 
+def test_a_checkpoint_of_as_many_classes_but_other_ones_is_another_class_map_not_another_order(tmp_path):
+    from vitdeit.classes import ClassMap
+
+    path = tmp_path / "x.pth"
+    torch.save({"model": {}, "best_top1": 1.0, "epoch": 0, "config": {"data_path": "old_shards"},
+                "classes": ["n00000001", "n00000002"]}, path)
+    other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c"})  # two classes, one of them another
+    with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, against these "
+                                                  f"shards' 2: 1 of its classes not in these shards (n00000002), 1 of "
+                                                  f"these shards' classes not in it (n00000003))")):
+        load_checkpoint(path, other)
+
+
+def test_a_checkpoint_torch_saved_in_its_format_before_1_6_is_read(tmp_path):
+    path = tmp_path / "old.pth"  # the legacy format: a bare pickle stream, not a zip archive
+    torch.save({"model": {"w": torch.arange(3.0)}, "best_top1": 12.5, "epoch": 4, "config": {},
+                "classes": ["n00000001"]}, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    state = load_checkpoint(path)
+    assert (state["epoch"], state["best_top1"], state["model"]["w"].tolist()) == (4, 12.5, [0.0, 1.0, 2.0])
+
+
+def test_a_full_disk_said_by_torchs_zip_writer_without_the_enforce_prefix_is_a_write_that_failed(tmp_path,
+                                                                                                 monkeypatch):
+    path = tmp_path / "best.pth"
+
+    def full_disk(obj, f):  # torch's TORCH_CHECK form of the zip writer's refusal: no "inline_container.cc" in it
+        open(f, "wb").write(b"PK" * 100)
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WriteFailed, match=r"^could not write .*best\.pth: PytorchStreamWriter failed writing file "
+                                          r"data/0: file write failed \(.* GiB free on its disk\); no best\.pth was "
+                                          r"written\. Free space there or pass another --output-dir$"):
+        save_checkpoint(path, {"epoch": 0})
+    assert list(tmp_path.iterdir()) == []  # no best.pth.tmp left behind
+
+
 # what torch.save raised on full disks: on CI's, and on a 1 MB tmpfs
 @pytest.mark.parametrize("message", ["[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
                                      "file data/3: file write failed",
@@ -468,6 +506,10 @@ def _val_copies_not_listed(m):  # --allow-train-val-copies' list, edited into on
     m["train_val_same_bytes"] = [{"train": ["a.JPEG"], "val": "b.JPEG", "classes": [m["classes"][0]]}]
 
 
+def _classes_as_text(m):  # the list edited into one string
+    m["classes"] = ",".join(m["classes"])
+
+
 def _count_as_text(m):
     m["splits"]["train"]["num_samples"] = str(m["splits"]["train"]["num_samples"])
 
@@ -476,6 +518,7 @@ def _count_as_text(m):
     (_drop_shard, "split 'train' packed 72 samples and skipped 0, but 96 image files were found: its shards are not "
                   "the ones the packer wrote"),
     (_count_as_text, "split 'train': num_samples is '96', not a whole number"),
+    (_classes_as_text, "'classes' is not a list of WNIDs"),
     (_count_as_float, "split 'val': class_counts[{first}] is 6.0, not a whole number"),
     (_class_count_as_text, "split 'train': class_counts[{first}] is '24', not a whole number"),
     (_skipped_not_a_list, "'skipped' is int, not a list"),

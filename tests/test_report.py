@@ -365,6 +365,28 @@ def test_how_the_shards_differ_from_a_checkpoints_by_fingerprint_folder_and_path
     assert shards_change(old, str(tmp_path), m) == "elsewhere"
 
 
+def test_shards_named_by_a_relative_path_are_the_checkpoints_own_folder_packed_again_not_other_shards(tiny_shards,
+                                                                                                    monkeypatch):
+    from vitdeit.checkpoint import shards_change_text
+    from vitdeit.classes import pack_fingerprint
+
+    m = load_manifest(tiny_shards)
+    seed = {**m, "options": {**m["options"], "seed": m["options"]["seed"] + 1}}  # packed again with another seed
+    state = {"pack": pack_fingerprint(seed), "data_dir": str(tiny_shards.resolve()), "config": {}}
+    monkeypatch.chdir(tiny_shards.parent)  # --data-path typed relative to the working folder
+    for typed in (tiny_shards.name, Path(tiny_shards.name)):
+        assert shards_change_text(state, "ViT", typed, m) == (
+            "repacked", f"{tiny_shards.name} was packed again since ViT was saved (other options, seed or images)")
+
+
+def test_the_deits_own_teacher_run_named_by_another_path_gets_no_note(runs, tmp_path, monkeypatch):
+    kw = dict(num_images=2, out=str(tmp_path / "p.png"), report_dir=str(tmp_path / "report"), workers=0)
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    monkeypatch.chdir(runs)
+    for spelled in ("teacher_resnet18", str(runs / "baseline_vit_tiny" / ".." / "teacher_resnet18")):
+        assert make_all(vit, deit, teacher_run=spelled, **kw)["notes"] == []
+
+
 def test_shards_with_a_class_of_no_train_images_or_val_copies_of_train_images_are_said(runs, tiny_shards, tmp_path,
                                                                                         capsys):
     import shutil
@@ -772,6 +794,8 @@ def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure
     deit = summary("DeiT", "deit_tiny_distill", 40.0, "b", 16, val_top1_cls_head=41.0, val_top1_dist_head=39.0,
                    teacher_val_top1=1.01)
     for data, size, said in (("a", 32, " The teacher row is its own run's best epoch, on a at 32 px."),
+                             ("b", 32, " The teacher row is its own run's best epoch, on b at 32 px."),
+                             ("a", 16, " The teacher row is its own run's best epoch, on a at 16 px."),
                              ("b", 16, "")):  # the same val images and size: the row and the figure agree, or
         # differ by an image or two evaluated again (another classifier precision or loader), not by other data
         md = report_markdown([summary("teacher", "resnet18", 2.5, data, size), deit], comp, ("ViT", "DeiT"))

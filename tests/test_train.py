@@ -2215,3 +2215,22 @@ def test_a_damaged_metrics_line_is_dropped_only_after_the_resumed_epochs_line(tm
         read_metrics(tmp_path, resumed_after=2)
     (tmp_path / "metrics.jsonl").write_text("\n".join([*rows, '{"epoch": 3, "val']) + "\n")
     assert [r["epoch"] for r in read_metrics(tmp_path, resumed_after=2)] == [0, 1, 2]  # a partial write after it
+
+
+def test_a_resume_typed_relative_to_the_working_folder_goes_on_in_its_own_run_folder(tmp_path, monkeypatch):
+    # `--resume runs/NAME/last.pth` with the default --output-dir runs: the run folder's own checkpoint, however
+    # either path is typed (else check_run_dir would call the folder another run's, and --overwrite would delete it)
+    from pathlib import Path
+
+    from vitdeit.runs import resumes_in
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "vit_tiny").mkdir(parents=True)
+    relative = Config(resume="runs/vit_tiny/last.pth")
+    absolute = Config(resume=str(tmp_path / "runs" / "vit_tiny" / "last.pth"))
+    assert resumes_in(Path("runs") / "vit_tiny", relative)
+    assert resumes_in(tmp_path / "runs" / "vit_tiny", relative)
+    assert resumes_in(Path("runs") / "vit_tiny", absolute)
+    assert resumes_in(Path("./runs/../runs/vit_tiny"), relative)
+    assert not resumes_in(Path("runs") / "other", relative)
+    assert not resumes_in(Path("runs") / "vit_tiny", Config())  # a new run

@@ -1199,6 +1199,7 @@ def test_each_epoch_says_how_long_it_took_and_the_time_left_at_its_pace(tiny_sha
     assert pace_text(59.6, 0) == "1:00 this epoch"
     assert pace_text(754.4, 5) == "12:34 this epoch, 1:02:52 left at its pace"  # 3,772 s
     assert pace_text(3600, 1) == "1:00:00 this epoch, 1:00:00 left at its pace"
+    assert pace_text(95, 9, compiling=True) == "1:35 this epoch, torch.compile's compiling included"
     t0 = time.perf_counter()
     train(cfg_for(tiny_shards, tmp_path, model="vit_tiny", img_size=16, epochs=3, batch_size=16, workers=0))
     wall = time.perf_counter() - t0
@@ -1319,7 +1320,7 @@ def test_resuming_with_another_process_count_says_what_changes(tiny_shards, tmp_
 
 
 def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cpu(teacher_run, tiny_shards, tmp_path,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, capsys):
     """What a GPU run does by default (compile, 16-bit autocast, the teacher compiled too), here on a CPU: 7-9 s with
     inductor's cache warm (a first run on a machine compiles for longer). The checkpoint must hold the plain module's
     weights, not the compiled wrapper's. In mode reduce-overhead (CUDA graphs on a GPU), which compiles the same on a
@@ -1343,6 +1344,8 @@ def test_the_gpu_recipe_compiled_bf16_with_a_compiled_teacher_and_ema_runs_on_cp
     # EMA's val passes
     assert steps == 3 and casts == [torch.bfloat16] * (1 + steps + 1 + 1)
     assert math.isfinite(last["train_loss"]) and last["val_samples"] == 24 and "val_top1_ema" in last
+    epoch_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0: "))
+    assert re.search(r"\| \d+:\d\d this epoch, torch.compile's compiling included( \*best)?$", epoch_line)  # no pace
     saved = torch.load(tmp_path / "deit_tiny_distill" / "last.pth", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for part in ("model", "ema") for k in saved[part])
     # the saved weights, in a plain (eager) model, score what the compiled run logged, within an image or two

@@ -61,13 +61,16 @@ def amp_trained(resumed: dict | None, now: str) -> str:
     return now if before is None else resumed["amp"] if before == now else f"{resumed['amp']}, then {now}"
 
 
-def pace_text(took: float, epochs_left: int) -> str:
-    """An epoch's wall time (train, val, checkpoints) and the run's time left at its pace (the first epoch's
-    includes torch.compile's compiling), as h:mm:ss or m:ss."""
+def pace_text(took: float, epochs_left: int, compiling: bool = False) -> str:
+    """An epoch's wall time (train, val, checkpoints) and the run's time left at its pace, as h:mm:ss or m:ss.
+    compiling: the epoch also compiled the model (a compiled run's first, after each start): no pace to go by (on
+    a GPU compiling can take minutes, an ImageNet-100 epoch seconds)."""
     def clock(seconds: float) -> str:
         s = round(seconds)
         return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
+    if compiling:
+        return f"{clock(took)} this epoch, torch.compile's compiling included"
     return f"{clock(took)} this epoch" + (f", {clock(took * epochs_left)} left at its pace" if epochs_left else "")
 
 
@@ -678,7 +681,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
             with alike_on_every_rank():  # (a full disk: every rank stops, saying it)
                 on_rank_0(dist, save)
             ema_top1 = f", EMA top-1 {record['val_top1_ema']:.2f}%" if ema is not None else ""
-            pace = pace_text(time.perf_counter() - t_epoch, cfg.epochs - 1 - epoch)  # (rank 0's clock)
+            pace = pace_text(time.perf_counter() - t_epoch, cfg.epochs - 1 - epoch,  # (rank 0's clock)
+                             compiling=use_compile and epoch == start_epoch)
             dist.print(f"epoch {epoch}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f}% | val loss "
                        f"{va['val_loss']:.4f} top-1 {va['val_top1']:.2f}% top-5 {va['val_top5']:.2f}% "
                        f"({va['val_samples']} images){ema_top1} | {tr['images_per_s']:.0f} img/s, data wait "

@@ -40,8 +40,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if problem := workers_problem(a.workers):
         p.error(problem)
-    if text := workers_warning(resolve_workers(a.workers)):
-        print(f"warning: {text}")
     refuse_empty(p, ("--vit", a.vit, "file"), ("--deit", a.deit, "file"), ("--data-path", a.data_path, "folder"),
                  ("--out", a.out, "file"), ("--report-dir", a.report_dir, "folder"),
                  ("--teacher-run", a.teacher_run, "folder"))
@@ -56,6 +54,8 @@ def main(argv=None) -> int:
     if Path(a.out).suffix.lower().lstrip(".") not in kinds:
         p.error(f"--out {a.out}: end it in one of matplotlib's picture formats, e.g. {Path(a.out).stem}.png "
                 f"({', '.join(sorted(kinds))})")
+    if text := workers_warning(a.workers):  # (the arguments' errors first: then the slow part)
+        print(f"warning: {text}")
     try:
         w = make_all(a.vit, a.deit, a.data_path, a.teacher_run, a.num_images, a.seed, a.out,
                      None if a.no_report else a.report_dir, resolve_device(a.device),

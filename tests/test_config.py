@@ -380,7 +380,16 @@ def test_default_workers_share_the_usable_cores_among_the_ranks_on_a_node(monkey
     (2, 16, "8", False, None),  # 8 ranks x 2 = the node's 16
     (4, 16, "8", True, "--workers 4: 32 decode threads on this node (4 for each of its 8 processes), more than its 16 "
                        "usable cores: they take turns and slow each other; --workers -1 takes this node's share (1 "
-                       "here)")])
+                       "here)"),
+    (-1, 16, None, False, None),  # its share: 8 of 16
+    # more processes than cores: -1's one each is too many already; PyTorch's loader can decode in each process,
+    # DALI runs a thread at the least (--workers 0 too)
+    (-1, 4, "8", False, "--workers -1: 8 decode processes on this node (1 for each of its 8 processes), more than its "
+                        "4 usable cores: they take turns and slow each other; start fewer processes on this node, or "
+                        "--workers 0 (each decodes its own batches)"),
+    (0, 4, "8", True, "--workers 0: 8 decode threads on this node (1 for each of its 8 processes), more than its 4 "
+                      "usable cores: they take turns and slow each other; start fewer processes on this node"),
+    (0, 4, "8", False, None)])
 def test_more_decoders_than_the_nodes_cores_are_warned_of_all_ranks_together(monkeypatch, workers, cores, local_world,
                                                                               dali, said):
     import os

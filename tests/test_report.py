@@ -1263,3 +1263,25 @@ def test_a_runs_planned_epochs_are_its_latest_invocations(tmp_path):
     assert planned_epochs(tmp_path, ckpt) == 20
     (tmp_path / "config.json").write_text("{")
     assert planned_epochs(tmp_path, ckpt) == 10
+
+
+def test_viz_warns_of_more_workers_than_cores_once_after_its_arguments_are_checked(runs, tiny_shards, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import warnings
+
+    import viz
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # PyTorch's count too
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    vit, deit = str(runs / "baseline_vit_tiny" / "best.pth"), str(runs / "deit_tiny_distill" / "best.pth")
+    args = ["--vit", vit, "--deit", deit, "--data-path", str(tiny_shards), "--no-report", "--workers", "2"]
+    with pytest.raises(SystemExit):  # a usage error first: no warning before it
+        viz.main([*args, "--out", str(tmp_path / "p.nope")])
+    assert "warning" not in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert viz.main([*args, "--out", str(tmp_path / "p.png")]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")] == [
+        "warning: --workers 2: 2 decode processes on this node, more than its 1 usable core: they take turns and slow "
+        "each other; --workers -1 takes this node's share (1 here)"]
+    assert not [w for w in caught if "worker" in str(w.message)]

@@ -75,10 +75,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def local_processes() -> int:
+    """The training processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun): they share its cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+
+
 def default_workers() -> int:
-    """1 to 8 per rank: the usable cores split over the ranks on this node (torchrun's LOCAL_WORLD_SIZE: its ranks
-    share the launcher's cores), less one for each rank's main process."""
-    return max(1, min(8, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) - 1))
+    """1 to 8 per rank: the usable cores split over the ranks on this node, less one for each rank's main process."""
+    return max(1, min(8, usable_cores() // local_processes() - 1))
 
 
 def workers_problem(workers: int) -> str | None:
@@ -89,23 +93,32 @@ def workers_problem(workers: int) -> str | None:
     return None
 
 
-def workers_warning(workers: int, dali: bool = False) -> str | None:
-    """A warning where --workers asks for more decode processes (DALI: threads) on this node, every rank's together
-    (torchrun's LOCAL_WORLD_SIZE), than it has usable cores: they then take turns on them, and with each rank's main
-    process slow the step they feed (train.py and viz.py; it replaces PyTorch's own DataLoader warning, which counts
-    one process's workers, is raised by each loader and again at its first iteration); None otherwise."""
-    local, cores = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)), usable_cores()
-    if workers * local <= cores:
-        return None
-    each = f" ({workers} for each of its {local} processes)" if local > 1 else ""
-    return (f"--workers {workers}: {workers * local} decode {'threads' if dali else 'processes'} on this node{each}, "
-            f"more than its {cores} usable core{'s' * (cores != 1)}: they take turns and slow each other; "
-            f"--workers -1 takes this node's share ({default_workers()} here)")
-
-
 def resolve_workers(workers: int) -> int:
     """A --workers value as it runs here: -1 is default_workers(), resolved on this machine (train.py and viz.py)."""
     return default_workers() if workers == -1 else workers
+
+
+def dali_threads(workers: int) -> int:
+    """DALI's decode threads for a resolved --workers value: one at the least (0 too)."""
+    return max(1, workers)
+
+
+def workers_warning(workers: int, dali: bool = False) -> str | None:
+    """A warning where --workers (as given: -1 is resolved here) asks for more decode processes (DALI: threads) on
+    this node, every rank's together, than it has usable cores: they then take turns on them, and with each rank's
+    main process slow the step they feed (train.py, --eval-only and viz.py; in place of PyTorch's own DataLoader
+    warning, which counts one process's workers, raised by each loader and again at its first iteration); None
+    otherwise. Rank 0's node speaks for all of them, as default_workers does."""
+    each = resolve_workers(workers)
+    each = dali_threads(each) if dali else each
+    local, cores = local_processes(), usable_cores()
+    if each * local <= cores:
+        return None
+    fix = (f"--workers -1 takes this node's share ({default_workers()} here)" if each > default_workers() else
+           "start fewer processes on this node" + ("" if dali else ", or --workers 0 (each decodes its own batches)"))
+    return (f"--workers {workers}: {each * local} decode {'threads' if dali else 'processes'} on this node"
+            + (f" ({each} for each of its {local} processes)" if local > 1 else "")
+            + f", more than its {cores} usable core{'s' * (cores != 1)}: they take turns and slow each other; {fix}")
 
 
 @dataclass

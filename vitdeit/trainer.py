@@ -21,7 +21,8 @@ from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_che
                          saved_world, shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint,
                       val_copies_text, without_images_text)
-from .config import DISTILL_ONLY, HOW_IT_RUNS, Config, checkpoint_named, flag, saved_setting, workers_warning
+from .config import (DISTILL_ONLY, HOW_IT_RUNS, Config, checkpoint_named, dali_threads, flag, saved_setting,
+                     workers_warning)
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, numbers_text, on_rank_0,
@@ -248,7 +249,7 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
     resume's last: resume_notes)."""
     out, global_batch = [], cfg.global_batch(dist.world)
-    if text := workers_warning(cfg.decode_workers, dali=train_loader.name == "dali"):
+    if text := workers_warning(cfg.workers, dali=train_loader.name == "dali"):
         out.append(f"warning: {text}")
     out += [f"warning: {text}" for split in ("train", "val")  # --allow-missing-classes
             if (text := without_images_text(manifest, split, cfg.data_path))]
@@ -465,7 +466,7 @@ def run_line(cfg: Config, manifest: dict, dist: Dist, loader_name: str, amp_dtyp
     return (f"run {cfg.run_dir}: {cfg.model} on {cfg.data_path} ({len(manifest['classes'])} classes, "
             f"{n_train} train{whole} / {splits['val']['num_samples']} val), "
             f"{dist.world} process(es) on {dist.device.type} ({hardware(machine)}), loader {loader_name} "
-            + (f"({max(1, workers)} DALI thread{'s' * (workers > 1)}), " if loader_name == "dali" else
+            + (f"({dali_threads(workers)} DALI thread{'s' * (workers > 1)}), " if loader_name == "dali" else
                f"({workers} worker{'s' * (workers != 1)}), ") + f"amp {AMP_NAME[amp_dtype]}, "
             f"compile {use_compile}{f' ({mode})' if use_compile and mode != 'default' else ''}"
             f"{f', step stream {cfg.step_stream}' if cfg.step_stream != 'default' else ''}"
@@ -739,6 +740,8 @@ def evaluate_checkpoint(cfg: Config) -> dict:
             dist.print(f"warning: {upscaled}")
         net = to_device(model_from_checkpoint(weights), ecfg, dist.device)
         loader = build_loader(ecfg, manifest, "val", dist)
+        if text := workers_warning(cfg.workers, dali=loader.name == "dali"):
+            dist.print(f"warning: {text}")
         out = evaluate(net, loader, dist, resolve_amp(ecfg.amp, dist.device), progress=cfg.progress)
         scores = state.get("metrics", {})  # this checkpoint's own scores when it was saved
         saved = scores.get("val_top1_ema" if cfg.eval_ema else "val_top1")

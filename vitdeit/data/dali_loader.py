@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ..classes import pack_fingerprint, same_pack
-from ..config import Config
+from ..config import Config, dali_threads
 from ..errors import DALI_OUT_OF_MEMORY, BatchTooLarge, DamagedSample, damaged_shard, first_line
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
@@ -197,7 +197,7 @@ class DaliLoader:
         self.pipe = _pipeline(files, indexes, train=self.train, img_size=img_size, crop_pct=crop_pct, scale=scale,
                               ratio=ratio, mean=mean, std=std, shard_id=rank, num_shards=world, seed=seed, gpu=gpu,
                               fp16=gpu if half is None else half, batch_size=self.reads,
-                              num_threads=max(1, workers),
+                              num_threads=dali_threads(workers),
                               device_id=(self.device.index or 0) if gpu else None, with_keys=with_keys,
                               checkpoint=state["checkpoint"] if self.restored else None,
                               hw_decoder_load=hw_decoder_load, interpolation=interpolation, rand_augment=spec,

@@ -1225,3 +1225,14 @@ def test_the_json_records_the_unit_that_ran_and_a_resize_short_under_val_resize_
                 f"--img-size 32; train.py warns that shards packed so are upscaled.\n" in out) == noted
         settings = json.loads(json_path.read_text())["settings"]
         assert settings["e2e_unit"] == "steps" and settings["device"] == "cpu"  # auto, resolved as on a CPU
+
+
+def test_a_traces_copies_are_its_memcpys_and_its_memsets():
+    from benchmarks import traces
+
+    events = [{"ph": "X", "cat": "user_annotation", "name": traces.window_name(1), "ts": 0, "dur": 1000, "tid": 5},
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 100, "dur": 40, "args": {"stream": 7}},
+              {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 300, "dur": 20, "args": {"stream": 7}},
+              {"ph": "X", "cat": "kernel", "name": "k", "ts": 500, "dur": 100, "args": {"stream": 7}}]
+    s = traces.summary(events)
+    assert s["copy_ms_per_step"] == pytest.approx(0.06) and s["gpu_busy_frac"] == pytest.approx(0.16)

@@ -188,3 +188,10 @@ def test_a_noisy_magnitude_is_clipped_to_mmax_not_to_10():
     # Brightness at m 12.05 +- 0.001 under mmax 15: the 0.1 step at or below is 12.0, factor 12 / 10 * 1.8 + 0.1 =
     # 2.26 on grey 100 (clipped to 10: 1.9, 190)
     assert set(policy(RandAugmentSpec(("Brightness",), 1, 1.0, 12.05, 0.001, 15.0), batch=8)) == {226}
+
+
+def test_posterize_past_magnitude_10_keeps_no_bits_as_the_pytorch_loaders_does():
+    # PosterizeIncreasing keeps 4 - int(m / 10 * 4) bits: 0 at m 10, -1 at m 12.5 and -2 at m 15 under mmax 15,
+    # which the PyTorch loader's posterize makes a black image; the AND mask here: 0 for each (4 bits at m 0, 2 at m 5)
+    (op,) = dali_ops(RandAugmentSpec(("PosterizeIncreasing",), 1, 1.0, 9.0, 0.5, 15.0), SIZE)
+    assert [int(op.table[2 * step]) for step in (0, 50, 100, 125, 150)] == [0xF0, 0xC0, 0, 0, 0]

@@ -262,3 +262,46 @@ def test_colour_cue_is_the_share_of_images_filled_with_their_class_hue(tmp_path,
     demo.make_demo_dataset(tmp_path / "d", LABELS, num_classes=2, train_per_class=4, val_per_class=4,
                            min_size=16, max_size=16, colour_cue=cue)
     assert len(hues) == 16 and sum(h is not None for h in hues) == cued  # (2 classes x (4 + 4) images)
+
+
+@pytest.mark.parametrize("num_classes", [1, 13])
+def test_a_class_count_the_demo_cannot_draw_is_refused_before_anything_is_written(tmp_path, num_classes):
+    from vitdeit.errors import SettingError
+
+    with pytest.raises(SettingError, match=rf"^num_classes={num_classes}: the demo supports 2\.\.12\.$"):
+        small_dataset(tmp_path / "d", num_classes=num_classes, train_per_class=4, val_per_class=1)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_split_folder_that_is_a_link_is_replaced_and_what_it_points_to_kept(tmp_path):
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(data / "train.X1", elsewhere)
+    (data / "train.X1").symlink_to(elsewhere)  # a user's own folder, linked in
+    kept = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
+    small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    assert not (data / "train.X1").is_symlink() and len(list(data.glob("train.X1/*/*"))) == 2
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == kept
+
+
+@pytest.mark.parametrize("config", [None, "{", '{"epochs": 3}'])
+def test_a_run_whose_data_cannot_be_read_is_not_replaced(tmp_path, config):
+    from vitdeit.demo import check_demo_runs
+    from vitdeit.errors import SettingError
+
+    run = tmp_path / "demo_runs" / "baseline_vit_tiny"
+    run.mkdir(parents=True)
+    (run / "last.pth").write_bytes(b"")
+    if config is not None:
+        (run / "config.json").write_text(config)
+    with pytest.raises(SettingError, match=f"^{run} holds a run on unknown data, not on the demo's"):
+        check_demo_runs(tmp_path)
+
+
+def test_the_quick_demo_lets_its_one_epoch_teacher_teach_and_the_full_one_does_not():
+    from vitdeit.demo import demo_commands
+
+    for quick in (True, False):
+        deit = demo_commands(Path("/o"), {"resnet18": 1, "vit": 1}, 1, quick)[4]
+        assert deit[deit.index("--model") + 1] == "deit_tiny_distill"
+        assert ("--allow-weak-teacher" in deit) == quick

@@ -636,3 +636,33 @@ def test_rank_0_sends_an_error_that_would_not_come_back_as_itself_as_its_type_an
                                                                f"({sent}); its traceback is in rank 0's output")):
         on_rank_0(Dist(rank=1, world=2), write)
     assert picklable(BatchTooLarge("train", 3, 16)) and not picklable(TwoArgs("a", "b"))
+
+
+class Reformatted(VitdeitError):  # one argument, formatted into its message: unpickled, it formats that message again
+    def __init__(self, epochs):
+        super().__init__(f"{epochs} epochs left")
+
+
+def test_an_error_that_comes_back_with_another_message_is_sent_as_its_type_and_first_line(monkeypatch):
+    from vitdeit.distributed import on_rank_0, picklable
+
+    assert not picklable(Reformatted(3))  # (it would come back as "3 epochs left epochs left")
+    gathered = []
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered.append(obj) or [obj, None])
+
+    def write():
+        raise Reformatted(3)
+
+    with pytest.raises(Reformatted, match="^3 epochs left$"):
+        on_rank_0(Dist(rank=0, world=2), write)
+    assert gathered == ["Reformatted: 3 epochs left"]
+
+
+def test_ddp_on_a_gpu_node_is_given_the_gpu_of_the_local_rank_not_the_global_one(monkeypatch):
+    given = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids: given.append(device_ids) or "ddp")
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model, Dist(rank=5, world=8, local_rank=1, device=torch.device("cuda", 1))) == "ddp"
+    assert distributed.wrap(model, Dist(rank=1, world=2, local_rank=1)) == "ddp"  # gloo on CPUs: no device ids
+    assert distributed.wrap(model, Dist()) is model and given == [[1], None]

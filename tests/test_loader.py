@@ -605,3 +605,24 @@ def test_a_crop_spanning_a_whole_side_is_drawn_where_it_lands_not_centred():
     boxes = [t.crop_box(100, 200, random.Random(s)) for s in range(20)]
     assert all(b[0] == 0 and b[2:] == (100, 100) for b in boxes)
     assert len({b[1] for b in boxes}) > 5
+
+
+@pytest.mark.parametrize("amp, device, half", [("auto", "cuda", True), ("fp16", "cuda", True), ("off", "cuda", False),
+                                               ("auto", "cpu", False)])
+def test_dali_gives_float16_images_only_on_a_gpu_where_autocast_runs_the_model_in_16_bits(monkeypatch, amp, device,
+                                                                                          half):
+    import sys
+    import types
+
+    from vitdeit import data
+    from vitdeit.config import Config
+    from vitdeit.distributed import Dist
+
+    made = []
+    monkeypatch.setitem(sys.modules, "vitdeit.data.dali_loader",
+                        types.SimpleNamespace(DaliLoader=lambda *a, **k: made.append(k["half"]) or "dali"))
+    monkeypatch.setattr(data, "dali_available", lambda: True)
+    cfg = Config(data_path="/s", loader="dali", amp=amp)
+    assert data.build_loader(cfg, {"splits": {"val": {"num_samples": 24}}}, "train",
+                             Dist(device=torch.device(device))) == "dali"
+    assert made == [half]

@@ -108,3 +108,24 @@ def test_a_lock_file_is_made_group_writable_and_one_nfs_cannot_lock_read_only_is
         f"warning: {path} is read-only to this user, and this file system locks writable files only (NFS): no lock, "
         f"so nothing stops another command writing in {tmp_path} at the same time; make it writable (chmod g+w "
         f"{path})\n")
+
+
+def test_a_forked_child_lets_go_of_the_lock_with_its_parent(tmp_path):
+    import os
+
+    path = tmp_path / "lock"
+    (read, write), (started, says) = os.pipe(), os.pipe()
+    with lock.folder_lock(path, "busy"):
+        child = os.fork()
+        if child == 0:  # a DataLoader worker that outlives the block: it waits for the pipe to close, then exits
+            os.close(write)
+            os.write(says, b"1")  # (its fork handlers have run)
+            os.read(read, 1)
+            os._exit(0)
+    assert os.read(started, 1) == b"1"
+    try:
+        assert not lock_held(path)  # the parent let go, and the child keeps no copy of the lock
+    finally:
+        for fd in (write, read, started, says):
+            os.close(fd)
+        os.waitpid(child, 0)

@@ -80,3 +80,20 @@ def test_the_machine_is_named_by_its_gpu_and_their_count_or_its_cpu_and_cores():
     assert machine_text({**GPU, "processes": 1}) == "NVIDIA H100 80GB HBM3; torch 2.11.0"
     assert machine_text(CPU) == "AMD EPYC 7B13, 2 cores; torch 2.14.1"
     assert machine_text({**CPU, "processes": 2}) == "AMD EPYC 7B13, 2 cores, 2 processes; torch 2.14.1"
+
+
+def test_a_checkout_without_a_commit_yet_or_a_module_without_a_version_records_none(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from vitdeit import machine
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # rev-parse prints "HEAD", then fails
+    monkeypatch.setattr(machine, "ROOT", tmp_path.resolve())
+    assert (machine.describe()["git_commit"], machine.describe()["git_dirty"]) == (None, None)
+    monkeypatch.setitem(sys.modules, "no_version_here", types.ModuleType("no_version_here"))
+    assert machine.version("no_version_here") is None and machine.version("torch") == torch.__version__
+
+
+def test_one_core_is_named_in_the_singular():
+    assert machine_text({**CPU, "cpu_count": 1}) == "AMD EPYC 7B13, 1 core; torch 2.14.1"

@@ -37,10 +37,11 @@ from .index import read_index
 
 DRAFT_GAP = 2.0  # a reduced-scale decode keeps >= 2x the output resolution (see decode_resize)
 
+
 class QuietDataLoader(DataLoader):
     """PyTorch's DataLoader without its warning of more workers than cores, which it raises as it is made and again
-    at its first iteration (train and val: four times a run): train.py and viz.py say it once, counting every rank
-    on the node and DALI's threads too (config.workers_warning)."""
+    at its first iteration (train and val: four times a run): train.py (--eval-only too) and viz.py say it once,
+    counting every rank on the node and DALI's threads too (config.workers_warning)."""
 
     def check_worker_number_rationality(self) -> None:
         pass
@@ -280,13 +281,15 @@ class TorchLoader:
             raise BatchTooLarge(split, len(self.sampler), batch_size)
         self.device = torch.device(device)
         self.loader = QuietDataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",
-                                 drop_last=self.drop_last, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=end_quietly_on_sigterm,
-                                 # its own generator for the workers' base seed (unused: samples carry their seeds),
-                                 # which each new iterator otherwise draws from the global one; with persistent
-                                 # workers only the first does, so a resumed run's drop-path masks would differ
-                                 generator=torch.Generator().manual_seed(seed))
+                                      collate_fn=collate_uint8, pin_memory=self.device.type == "cuda",
+                                      drop_last=self.drop_last, persistent_workers=workers > 0,
+                                      prefetch_factor=4 if workers > 0 else None,
+                                      worker_init_fn=end_quietly_on_sigterm,
+                                      # its own generator for the workers' base seed (unused: samples carry their
+                                      # seeds), which each new iterator otherwise draws from the global one; with
+                                      # persistent workers only the first does, so a resumed run's drop-path masks
+                                      # would differ
+                                      generator=torch.Generator().manual_seed(seed))
         self.scale, self.shift = uint8_normalizer(self.device, mean, std)
         self.per_rank = len(self.sampler)  # samples this rank's epoch draws from: ceil(n / world) train (padded)
         self.num_samples = len(self.sampler) if not self.drop_last else len(self) * batch_size

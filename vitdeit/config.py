@@ -109,12 +109,12 @@ def workers_warning(workers: int, dali: bool = False) -> str | None:
     main process slow the step they feed (train.py, --eval-only and viz.py; in place of PyTorch's own DataLoader
     warning, which counts one process's workers, raised by each loader and again at its first iteration); None
     otherwise. Rank 0's node speaks for all of them, as default_workers does."""
+    share, local, cores = default_workers(), local_processes(), usable_cores()
     each = resolve_workers(workers)
     each = dali_threads(each) if dali else each
-    local, cores = local_processes(), usable_cores()
     if each * local <= cores:
         return None
-    fix = (f"--workers -1 takes this node's share ({default_workers()} here)" if each > default_workers() else
+    fix = (f"--workers -1 takes this node's share ({share} here)" if each > share else
            "start fewer processes on this node" + ("" if dali else ", or --workers 0 (each decodes its own batches)"))
     return (f"--workers {workers}: {each * local} decode {'threads' if dali else 'processes'} on this node"
             + (f" ({each} for each of its {local} processes)" if local > 1 else "")

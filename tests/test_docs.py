@@ -15,7 +15,7 @@ SCRIPTS = {"train.py": "train", "pack_shards.py": "pack_shards", "viz.py": "viz"
            "throughput.py": "benchmarks.throughput", "vitdeit.demo": "vitdeit.demo",
            "gpu_check.sh": "benchmarks.throughput", "gpu_train.sh": "train"}  # the .sh pass their flags on
 OTHER_TOOLS = {"--dry-run",  # gpu_check.sh's own
-               "--no-deps", "--durations", "--dist",  # pip's, pytest's, pytest-xdist's
+               "--no-deps", "--index-url", "--durations", "--dist",  # pip's, pytest's, pytest-xdist's
                "--nnodes", "--nproc_per_node", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--node-rank",
                "--master-addr", "--master-port",  # torchrun's
                "--cooldown-epochs"}  # the DeiT reference's, quoted

@@ -547,23 +547,27 @@ PARTS = ("transforms", "loaders", "model", "e2e", "packing", "data")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: cuda where a GPU is seen")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="default cpu, on a GPU machine too; auto: cuda where a GPU is seen")
     p.add_argument("--data-path", default=None, help="ImageNet-style folders (default: make a synthetic set)")
-    p.add_argument("--num-images", type=int, default=512, help="size of the synthetic train set")
+    p.add_argument("--num-images", type=int, default=512, help="size of the synthetic train set (default 512)")
     p.add_argument("--work-dir", default=None,
                    help="where to put images and shards, kept for reruns (default: a temp dir, deleted at the end)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224,
+                   help="px, the loaders' output and the models' input (default 224)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch, every part (default 16)")
     p.add_argument("--workers", type=int, default=usable_cores(), help="decode processes for the 'all' runs "
                    "(default: the cores this process may use)")
     p.add_argument("--loader-workers", type=worker_counts, default=None,
                    help="comma-separated worker counts of the loader runs (default: 1 and --workers)")
-    p.add_argument("--resize-short", type=int, default=256, help="pre-resized shards for the second shard set")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat")
-    p.add_argument("--warmup-steps", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resize-short", type=int, default=256,
+                   help="px, the shorter side of the second, pre-resized shard set (default 256)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat (default 2)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; each figure is their median (default 3)")
     p.add_argument("--parts", default="transforms,loaders,model,e2e,packing",
-                   help="comma-separated subset to run; 'data' alone makes the images and shards (in --work-dir) and, "
+                   help="comma-separated subset of transforms, loaders, model, e2e, packing (the default: all five); "
+                   "'data' alone makes the images and shards (in --work-dir) and, "
                    "where DALI is installed, runs its one-batch check, nothing else")
     p.add_argument("--e2e-unit", default="auto", choices=["auto", "epoch", "steps"],
                    help="end to end: time whole epochs or --steps steps (auto: epochs on CUDA)")

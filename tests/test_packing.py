@@ -1376,6 +1376,12 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
     with pytest.raises(DataError, match=re.escape(f"{flat} holds the WNID class folders itself (torchvision's "
                                                   f"ImageFolder layout): move them into {flat / 'train'}/ and")):
         pack(flat, tmp_path / "s", progress=False)
+    packed = tmp_path / "packed"  # the shards given for the images (train.py's --data-path, typed to the packer)
+    pack(data, packed, opts=PackOptions(workers=1), progress=False)
+    with pytest.raises(DataError, match=re.escape(f"{packed}: no train split found") + ".*" + re.escape(
+            f"{packed} holds packed shards (its manifest.json), pack_shards.py's output: pass the image folders they "
+            f"were packed from, or train on these: train.py --data-path {packed}.")):
+        pack(packed, tmp_path / "s", progress=False)
     for f in list((data / "val.X").glob("*/*.JPEG")):  # ILSVRC's val as downloaded: every image in one folder
         shutil.move(f, data / "val.X" / f.name)
     for d in (data / "val.X").iterdir():

@@ -151,7 +151,10 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     for split, dirs in found.items():
         if not dirs:
             hint = ""
-            if any(p.match(data_path.name) for p in NEAR_MISS.values()):  # train.X1, val, ... given itself
+            if (data_path / MANIFEST_NAME).is_file():  # the shards given for the images: pack_shards.py's output
+                hint = (f" {data_path} holds packed shards (its {MANIFEST_NAME}), pack_shards.py's output: pass the "
+                        f"image folders they were packed from, or train on these: train.py --data-path {data_path}.")
+            elif any(p.match(data_path.name) for p in NEAR_MISS.values()):  # train.X1, val, ... given itself
                 hint = (f" {data_path} itself looks like a split folder: pass its parent, --data-path "
                         f"{data_path.parent}.")
             elif inner := folders_holding_splits(data_path):  # one level too high: an archive's own top folder

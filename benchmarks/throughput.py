@@ -37,7 +37,7 @@ vitdeit.use_cuda_connections()  # as train.py: before torch can touch the GPU
 
 import torch  # noqa: E402
 
-from vitdeit.classes import MANIFEST_NAME, ClassMap, load_manifest  # noqa: E402
+from vitdeit.classes import ClassMap, load_manifest  # noqa: E402
 from vitdeit.config import (COMPILE_MODES, DALI_EXECUTORS, INTERPOLATIONS, STEP_STREAMS, Config,  # noqa: E402
                             rand_augment_problem, refuse_below, usable_cores)
 from vitdeit.data import MEAN, STD, build_loader, dali_available, val_resize  # noqa: E402
@@ -47,7 +47,7 @@ from vitdeit.machine import describe  # noqa: E402
 from vitdeit.models import create_model, frozen_teacher  # noqa: E402
 from vitdeit.errors import (DataError, SettingError, VitdeitError, first_line, output_folder, say_error,  # noqa: E402
                             save_output)
-from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, pack, scan_split  # noqa: E402
+from vitdeit.packing import SKIP_FLAG, PackOptions, find_split_dirs, holds_shards, pack, scan_split  # noqa: E402
 from vitdeit.trainer import (AMP_NAME, batch_augmentation, lr_schedule, make_loss, make_optimizer,  # noqa: E402
                              resolve_amp, to_device)
 
@@ -197,10 +197,9 @@ def bench_loaders(a, data_dir: Path, shard_dirs: dict, device, sync) -> list[dic
 def train_files(data_dir: Path) -> list[Path]:
     """The train images of ImageNet-style folders, found as pack_shards.py finds them (dotfiles skipped, a stray
     file or folder a DataError naming it), so that every loader measures the same images."""
-    if (data_dir / MANIFEST_NAME).is_file():  # train.py's and viz.py's --data-path: the packed shards
-        raise DataError(f"{data_dir}: holds packed shards ({MANIFEST_NAME}); --data-path here takes the "
-                        f"ImageNet-style JPEG folders (train.X*/, val.X/, Labels.json) they were packed from: the "
-                        f"benchmark packs them itself.")
+    if holds_shards(data_dir):  # train.py's and viz.py's --data-path: the packed shards
+        raise DataError(f"{data_dir}: holds packed shards; --data-path here takes the ImageNet-style JPEG folders "
+                        f"(train.X*/, val.X/, Labels.json) they were packed from: the benchmark packs them itself.")
     labels, split_dirs = data_dir / "Labels.json", find_split_dirs(data_dir)  # (a wrong --data-path named first)
     if not labels.is_file():  # (the packer's own advice, --labels PATH, is pack_shards.py's flag: not one here)
         raise DataError(f"{labels}: not found; --data-path's folders need their Labels.json (WNID -> name) beside "

@@ -639,8 +639,8 @@ def test_throughput_on_cuda_without_a_gpu_is_one_error_before_any_work(monkeypat
 def test_throughput_given_packed_shards_asks_for_the_image_folders(tiny_shards):
     from benchmarks import throughput
 
-    with pytest.raises(DataError, match=re.escape(f"{tiny_shards}: holds packed shards (manifest.json); --data-path "
-                                                  f"here takes the ImageNet-style JPEG folders")):
+    with pytest.raises(DataError, match=re.escape(f"{tiny_shards}: holds packed shards; --data-path here takes the "
+                                                  f"ImageNet-style JPEG folders")):
         throughput.main(["--data-path", str(tiny_shards), "--parts", "transforms"])
 
 

@@ -1379,9 +1379,18 @@ def test_a_wrong_data_path_or_unsorted_val_images_are_named_with_the_fix(data, t
     packed = tmp_path / "packed"  # the shards given for the images (train.py's --data-path, typed to the packer)
     pack(data, packed, opts=PackOptions(workers=1), progress=False)
     with pytest.raises(DataError, match=re.escape(f"{packed}: no train split found") + ".*" + re.escape(
-            f"{packed} holds packed shards (its manifest.json), pack_shards.py's output: pass the image folders they "
-            f"were packed from, or train on these: train.py --data-path {packed}.")):
+            f"{packed} holds shards, pack_shards.py's output: pass the image folders they were packed from, "
+            f"--data-path {data.resolve()}, or train on these: train.py --data-path {packed}.")):
         pack(packed, tmp_path / "s", progress=False)
+    (packed / "manifest.json").unlink()  # a pack stopped before its manifest: shards, no source named
+    with pytest.raises(DataError, match=re.escape(f"{packed} holds shards, pack_shards.py's output: pass the image "
+                                                  f"folders they were packed from.")):
+        pack(packed, tmp_path / "s", progress=False)
+    shutil.rmtree(top / "imagenet100")
+    (top / "manifest.json").write_text("{}")  # a download's own manifest: no shards beside it, so the usual hint
+    with pytest.raises(DataError, match=re.escape(f"{top / 'copy'} holds split folders: pass --data-path "
+                                                  f"{top / 'copy'}.")):
+        pack(top, tmp_path / "s", progress=False)
     for f in list((data / "val.X").glob("*/*.JPEG")):  # ILSVRC's val as downloaded: every image in one folder
         shutil.move(f, data / "val.X" / f.name)
     for d in (data / "val.X").iterdir():

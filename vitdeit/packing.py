@@ -151,9 +151,8 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
     for split, dirs in found.items():
         if not dirs:
             hint = ""
-            if (data_path / MANIFEST_NAME).is_file():  # the shards given for the images: pack_shards.py's output
-                hint = (f" {data_path} holds packed shards (its {MANIFEST_NAME}), pack_shards.py's output: pass the "
-                        f"image folders they were packed from, or train on these: train.py --data-path {data_path}.")
+            if holds_shards(data_path):  # pack_shards.py's output given for the images (train.py's --data-path)
+                hint = f" {data_path} holds shards, pack_shards.py's output: {packed_from_text(data_path)}."
             elif any(p.match(data_path.name) for p in NEAR_MISS.values()):  # train.X1, val, ... given itself
                 hint = (f" {data_path} itself looks like a split folder: pass its parent, --data-path "
                         f"{data_path.parent}.")
@@ -168,6 +167,27 @@ def find_split_dirs(data_path: Path) -> dict[str, list[Path]]:
                 f"{data_path}: no {split} split found (expected a folder {split}.X* or {split}/ with WNID "
                 f"class folders inside). Both splits are required: train to learn from, val to compare runs." + hint)
     return found
+
+
+def holds_shards(folder: Path) -> bool:
+    """folder holds pack_shards.py's shard files (a finished pack, or one stopped before its manifest); a
+    manifest.json alone is not taken for one (a download may have its own). False for a missing folder (named by
+    find_split_dirs' own error)."""
+    if not folder.is_dir():
+        return False
+    with os.scandir(folder) as entries:
+        return any(SHARD_FILE.match(e.name) for e in entries)
+
+
+def packed_from_text(shards: Path) -> str:
+    """What to pass instead of a shards folder given where the image folders go: the folder its manifest names as
+    the source, and train.py for the shards themselves (where the pack finished: its manifest is there)."""
+    try:
+        source = json.loads((shards / MANIFEST_NAME).read_text())["source"]["data_path"]
+    except (OSError, ValueError, KeyError, TypeError):  # a pack stopped before its manifest, or a damaged one
+        return "pass the image folders they were packed from"
+    return f"pass the image folders they were packed from, --data-path {source}, or train on these: train.py " \
+           f"--data-path {shards}"
 
 
 def folders_holding_splits(data_path: Path) -> list[Path]:

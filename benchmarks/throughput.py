@@ -554,15 +554,20 @@ def main(argv=None) -> int:
                    help="where to put images and shards, kept for reruns (default: a temp dir, deleted at the end)")
     p.add_argument("--img-size", type=int, default=224,
                    help="px, the loaders' output and the models' input (default 224)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch, every part (default 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per batch: loaders, model step, end to end (default 16)")
     p.add_argument("--workers", type=int, default=usable_cores(), help="decode processes for the 'all' runs "
                    "(default: the cores this process may use)")
     p.add_argument("--loader-workers", type=worker_counts, default=None,
                    help="comma-separated worker counts of the loader runs (default: 1 and --workers)")
     p.add_argument("--resize-short", type=int, default=256,
                    help="px, the shorter side of the second, pre-resized shard set (default 256)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per model-step repeat (default 2)")
-    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before timing (default 1)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="timed steps per model-step repeat and per end-to-end window (the ceiling's always, the "
+                   "loaders' with --e2e-unit steps; default 2)")
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="untimed steps before each model step's timed repeats and each end-to-end window (default 1; "
+                   "the loaders' own warm-up is an untimed epoch)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; each figure is their median (default 3)")
     p.add_argument("--parts", default="transforms,loaders,model,e2e,packing",
                    help="comma-separated subset of transforms, loaders, model, e2e, packing (the default: all five); "
@@ -583,28 +588,29 @@ def main(argv=None) -> int:
                    "that stream at CUDA's highest priority, so the GPU schedules the step's waiting thread blocks "
                    "ahead of DALI's (running blocks are not preempted)")
     p.add_argument("--interpolation", default=Config.interpolation, choices=INTERPOLATIONS,
-                   help="the loaders' resize filter: train.py's --interpolation, and the baseline's with it")
+                   help="the loaders' resize filter: train.py's --interpolation, and the baseline's with it (default "
+                   f"{Config.interpolation})")
     p.add_argument("--rand-augment", default="", metavar="SPEC",
                    help="train.py's --rand-augment in every loader (the baseline: timm's on PIL images), e.g. "
                         "rand-m9-mstd0.5-inc1; default off")
     p.add_argument("--no-dali", dest="dali", action="store_false", help="skip DALI even where installed")
     p.add_argument("--dali-hw-decoder-load", type=fractions, default=[Config.dali_hw_decoder_load], metavar="LOADS",
                    help="CUDA: comma-separated shares of JPEGs DALI sends to the GPU's hardware JPEG engines; one DALI "
-                   "row per value (e.g. 0,0.65,1)")
+                   f"row per value (e.g. 0,0.65,1; default {Config.dali_hw_decoder_load})")
     p.add_argument("--dali-executor", type=executors, default=[Config.dali_executor], metavar="EXECUTORS",
                    help="comma-separated DALI execution models (train.py's --dali-executor); one DALI row per value "
-                   "(e.g. dynamic,legacy)")
+                   f"(e.g. dynamic,legacy; default {Config.dali_executor})")
     p.add_argument("--dali-prefetch", type=depths, default=[Config.dali_prefetch], metavar="DEPTHS",
                    help="comma-separated DALI prefetch depths, batches decoded ahead (train.py's --dali-prefetch); one "
-                   "DALI row per value (e.g. 2,4)")
+                   f"DALI row per value (e.g. 2,4; default {Config.dali_prefetch})")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="end to end: after the timed rounds, one more window of --profile-steps steps per unit under "
                    "torch.profiler; a Chrome trace of each (DIR/UNIT.json.gz) and a per-step summary of what the "
                    "GPU did (benchmarks/traces.py)")
     p.add_argument("--profile-steps", type=int, default=10,
-                   help="--profile: steps per profiled window (a GPU trace holds an event per kernel and per "
-                   "launch: thousands per step)")
+                   help="--profile: steps per profiled window (default 10; a GPU trace holds an event per kernel and "
+                   "per launch: thousands per step)")
     a = p.parse_args(argv)
     a.device = resolve_device(a.device)  # --device cuda without a GPU: one line, before any work
     if a.step_stream != "default" and a.device != "cuda":

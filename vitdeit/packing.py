@@ -179,12 +179,19 @@ def holds_shards(folder: Path) -> bool:
         return any(SHARD_FILE.match(e.name) for e in entries)
 
 
+def packed_source(folder: Path) -> str | None:
+    """The dataset folder the manifest in `folder` was packed from (source_of's); None where there is no manifest,
+    a damaged one, or one that names no source (another tool's)."""
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text()).get("source", {}).get("data_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def packed_from_text(shards: Path) -> str:
     """What to pass instead of a shards folder given where the image folders go: the folder its manifest names as
     the source, and train.py for the shards themselves (where the pack finished: its manifest is there)."""
-    try:
-        source = json.loads((shards / MANIFEST_NAME).read_text())["source"]["data_path"]
-    except (OSError, ValueError, KeyError, TypeError):  # a pack stopped before its manifest, or a damaged one
+    if not (source := packed_source(shards)):  # a pack stopped before its manifest, or a damaged one
         return "pass the image folders they were packed from"
     return f"pass the image folders they were packed from, --data-path {source}, or train on these: train.py " \
            f"--data-path {shards}"
@@ -330,14 +337,11 @@ def source_of(split_dirs: dict[str, list[Path]]) -> str:
 def check_same_source(out: Path, source: str) -> None:
     """--out holding shards of another dataset folder: refused, not replaced without a word (a rerun on the same
     folder goes on: it reuses the unchanged shards)."""
-    try:
-        earlier = json.loads((out / MANIFEST_NAME).read_text()).get("source", {}).get("data_path")
-    except (OSError, ValueError, AttributeError):
-        earlier = None  # a damaged manifest (load_manifest's advice is this rerun): it names no other source
+    earlier = packed_source(out)  # (none from a damaged manifest: load_manifest's advice is this rerun)
     if earlier and earlier != source:
         raise DataError(f"--out {out}: holds shards packed from {earlier}, not from {source}; pass another --out, "
                         f"or --overwrite to replace them.")
-    if not earlier and not any(SHARD_FILE.match(f.name) for f in out.iterdir()):  # no shards: not a damaged one
+    if not earlier and not holds_shards(out):  # no shards: not a damaged one
         raise DataError(f"--out {out}: its {MANIFEST_NAME} is not a pack_shards.py manifest, and there are no shards "
                         f"beside it; pass another --out (a new or empty folder), or --overwrite to replace it.")
 

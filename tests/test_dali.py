@@ -575,21 +575,25 @@ def test_val_with_fewer_images_than_ranks_goes_to_the_pytorch_loader_which_gives
     assert isinstance(build_loader(cfg, m, "train", Dist(rank=0, world=2)), DaliLoader)  # train: as asked
 
 
-def test_an_image_damaged_after_packing_is_one_error_with_the_fix_not_dalis_traceback(tiny_shards, tmp_path):
+@pytest.mark.parametrize("header", [False, True])
+def test_an_image_damaged_after_packing_is_one_error_with_the_fix_not_dalis_traceback(tiny_shards, tmp_path, header):
     import shutil
 
     from test_loader import damage
 
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
-    damage(shards)
+    key = damage(shards, header=header)  # header: 65,500 px square, past what its CPU decoders accept
     with pytest.raises(DataError) as e:  # DALI decodes ahead as the iterator is made: the error may come then
         for _ in DaliLoader(shards, load_manifest(shards), "train", batch_size=8, img_size=32, workers=1):
             pass
-    assert str(e.value).startswith(f"an image of the shards in {shards} (train) does not decode (DALI: ")
-    assert str(e.value).endswith("; --loader torch names the shard and image): the shard was damaged after packing (a "
-                                 "copy cut short or changed?); copy it again, or delete it and re-run pack_shards.py "
-                                 "with the same flags (it writes the missing shards again).")
+    tar = shards / "train-000000.tar"
+    assert str(e.value).startswith(f"{tar}: the image {key} does not decode (DALI: Failed to decode sample #" if header
+                                   else f"an image of the shards in {shards} (train) does not decode (DALI: ")
+    assert str(e.value).endswith((f"{key}.jpg)" if header else "; --loader torch names the shard and image)")
+                                 + ": the shard was damaged after packing (a copy cut short or changed?); copy it "
+                                 "again, or delete it and re-run pack_shards.py with the same flags (it writes the "
+                                 "missing shards again).")
     assert "\n" not in str(e.value)
 
 

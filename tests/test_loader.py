@@ -527,36 +527,45 @@ def test_crop_areas_and_aspect_ratios_are_drawn_as_torchvisions_random_resized_c
 
 
 
-def damage(shards, nth: int = 4) -> str:
+def damage(shards, nth: int = 4, header: bool = False) -> str:
     """Overwrite the JPEG bytes of train-000000.tar's nth image (the tar keeps its size, as a bit-flipped copy
-    would): its key."""
+    would), or (header) only its frame header's height and width, to 65,500 px each: its key."""
     from vitdeit.data.index import read_index
 
     key, entry = read_index(shards / "train-000000.idx")[nth]
     off, size = entry["jpg"]
     with open(shards / "train-000000.tar", "r+b") as f:
         f.seek(off)
-        f.write(b"A" * size)
+        jpeg = bytearray(f.read(size))
+        if header:  # walk the markers (FF xx, then a 2-byte big-endian length) to the start of frame
+            at = 2
+            while jpeg[at + 1] not in (0xC0, 0xC1, 0xC2):
+                at += 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+            jpeg[at + 5 : at + 9] = (65_500).to_bytes(2, "big") * 2  # after length and precision: height, width
+        f.seek(off)
+        f.write(jpeg if header else b"A" * size)
     return key
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_an_image_damaged_after_packing_is_named_with_its_shard_and_the_fix(tiny_shards, tmp_path, workers):
+@pytest.mark.parametrize("workers, header", [(0, False), (1, False), (0, True)])
+def test_an_image_damaged_after_packing_is_named_with_its_shard_and_the_fix(tiny_shards, tmp_path, workers, header):
     import shutil
 
     shards = tmp_path / "s"
     shutil.copytree(tiny_shards, shards)
-    key = damage(shards)
+    key = damage(shards, header=header)
     loader = TorchLoader(shards, load_manifest(shards), "train", batch_size=8, img_size=32, workers=workers)
     with pytest.raises(DataError) as e:  # in a worker or not: one line, not the worker's traceback
         for _ in loader:
             pass
-    assert re.fullmatch(re.escape(f"{shards / 'train-000000.tar'}: the image {key} does not decode "
-                                  f"(UnidentifiedImageError: cannot identify image file ") + r"<_io\.BytesIO object at "
-                        r"0x[0-9a-f]+>" + re.escape("): the shard was damaged after packing (a copy cut short or "
-                                                    "changed?); copy it again, or delete it and re-run pack_shards.py "
-                                                    "with the same flags (it writes the missing shards again)."),
-                        str(e.value))
+    # 65,500**2 px, over PIL's limit (twice its warning's 2**30 // 4 // 3)
+    cause = (re.escape("DecompressionBombError: Image size (4290250000 pixels) exceeds limit of 178956970 pixels, "
+                       "could be decompression bomb DOS attack.") if header else
+             re.escape("UnidentifiedImageError: cannot identify image file ") + r"<_io\.BytesIO object at 0x[0-9a-f]+>")
+    assert re.fullmatch(re.escape(f"{shards / 'train-000000.tar'}: the image {key} does not decode (") + cause
+                        + re.escape("): the shard was damaged after packing (a copy cut short or changed?); copy it "
+                                    "again, or delete it and re-run pack_shards.py with the same flags (it writes the "
+                                    "missing shards again)."), str(e.value))
     if workers:  # the worker's error, raised again here, is in a reference cycle with its frames, which hold the
         # iterator: its worker would end in a later test's garbage collection, which closes its queues before the
         # iterator can send it its end, then waits 5 s for it (gc.collect() alone: 5.2 s). End it now.

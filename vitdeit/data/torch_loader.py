@@ -84,7 +84,10 @@ class ShardSamples(Dataset):
         try:
             return self.transform(data, random.Random(seed)), label
         except Exception as e:
-            try:  # the image alone: a transform that fails on bytes that decode is a bug, with its own traceback
+            try:  # the image alone, read as the transforms read it: a transform that fails on an image that reads is
+                # a bug, with its own traceback. PIL's header first: a damaged one can claim a size past PIL's limit
+                # (DecompressionBombError), which torchvision's decoder would fill in as grey (65,500 px square: 12 GB)
+                Image.open(io.BytesIO(data))
                 decode_rgb(data)
             except Exception:  # PIL and torchvision raise many kinds (UnidentifiedImageError, OSError, RuntimeError)
                 pass

@@ -92,6 +92,15 @@ def test_dalis_own_failed_allocations_get_the_out_of_memory_line():
             "per 512 images of global batch, so the peak lr follows it) or --img-size")
     assert [out_of_memory(RuntimeError(text), 64, 224, resume=False, eval_only=False) for text in said] == (
         [hint] * len(said))
+    # where it names the image it was decoding: that image too (a damaged header can claim a size past memory)
+    text = ("Critical error in pipeline:\nError in GPU operator `nvidia.dali.fn.decoders.image_random_crop`,\n"
+            "encountered:\n\nFailed to decode sample #4 : /d/s/train-000003.tar:331776:n01930112_13.jpg\n"
+            "nvImageCodec failure: '#5'")
+    image = (" (DALI ran out decoding /d/s/train-000003.tar: the image n01930112_13; if a lower --batch-size runs out "
+             "on it too, its header may be damaged: --loader torch refuses one claiming over 178,956,970 px)")
+    assert out_of_memory(RuntimeError(text), 64, 224, resume=False, eval_only=False) == hint + image
+    assert out_of_memory(RuntimeError(text), 64, 224, resume=False, eval_only=True) == (
+        "out of memory at --batch-size 64 (images per process): lower --batch-size" + image)
     for other in ("Critical error in pipeline:\nencountered:\n\nnvImageCodec failure: '#4'",  # a damaged JPEG
                   # the same words outside DALI, about other limits: InfiniBand's locked memory, a process count
                   "NCCL WARN Call to ibv_reg_mr failed with error Cannot allocate memory",

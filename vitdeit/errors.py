@@ -161,24 +161,34 @@ def cannot_write_in(folder: Path) -> str | None:
 # `ulimit -l`, a fork refused)
 DALI_OUT_OF_MEMORY = re.compile(r"can't allocate \d+ bytes|cuda allocation failed|cannot allocate memory|bad_alloc|"
                                 r"nvimagecodec failure: '#(?:5|15)'")
+# how DALI's decoders name the sample they failed on (image_decoder.h: its source info, tar:offset:name)
+DALI_SAMPLE = re.compile(r"Failed to decode sample #\d+ : (.+):(\d+):([^.:\s]+)")
 
 
 def out_of_memory(e: BaseException, batch_size: int, img_size: int, resume: bool, eval_only: bool) -> str | None:
     """What to change after running out of memory (torch's CUDA OutOfMemoryError, the CPU allocator's "can't
     allocate memory", Python's MemoryError, DALI's failed allocations: DALI_OUT_OF_MEMORY), said under its traceback;
     None for any other error. Memory grows with the images per step (batch x img_size**2): the settings to lower,
-    where they can be (--eval-only evaluates at the checkpoint's own size, a --resume goes on at its run's)."""
+    where they can be (--eval-only evaluates at the checkpoint's own size, a --resume goes on at its run's). Where
+    DALI's error names the image it was decoding, that image too: a damaged header can claim a size far past the
+    image's, and the memory for it."""
     text = str(e).lower()
     if not (type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError) or "out of memory" in text
             or "can't allocate memory" in text
             or re.search(r"critical error (?:in|when building) pipeline", text) and DALI_OUT_OF_MEMORY.search(text)):
         return None
+    from PIL import Image
+
+    sample = DALI_SAMPLE.search(str(e))  # PIL's decompression-bomb limit: twice its warning's
+    image = (f" (DALI ran out decoding {sample[1]}: the image {sample[3]}; if a lower --batch-size runs out on it "
+             f"too, its header may be damaged: --loader torch refuses one claiming over "
+             f"{2 * Image.MAX_IMAGE_PIXELS:,} px)" if sample else "")
     if eval_only:
-        return f"out of memory at --batch-size {batch_size} (images per process): lower --batch-size"
+        return f"out of memory at --batch-size {batch_size} (images per process): lower --batch-size{image}"
     lower = ("--batch-size (--lr is per 512 images of global batch, so the peak lr follows it)"
              + ("; a resumed run keeps its --img-size" if resume else " or --img-size"))
     at = f"--batch-size {batch_size} (images per process) and --img-size {img_size} px"
-    return f"out of memory at {at}: lower {lower}"
+    return f"out of memory at {at}: lower {lower}{image}"
 
 
 # what a full disk or a quota raises; torch.save's own write errors carry no errno

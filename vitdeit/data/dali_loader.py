@@ -18,7 +18,7 @@ import torch
 
 from ..classes import pack_fingerprint, same_pack
 from ..config import Config, dali_threads
-from ..errors import DALI_OUT_OF_MEMORY, BatchTooLarge, DamagedSample, damaged_shard, first_line
+from ..errors import DALI_OUT_OF_MEMORY, DALI_SAMPLE, BatchTooLarge, DamagedSample, damaged_shard, first_line
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
@@ -261,7 +261,7 @@ class DaliLoader:
                     or DALI_OUT_OF_MEMORY.search(str(e).lower())):  # (a sample it had no memory for: not damaged)
                 raise
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            sample = re.search(r"Failed to decode sample #\d+ : (.+):(\d+):([^.:\s]+)", str(e))
+            sample = DALI_SAMPLE.search(str(e))
             where = (f"{sample[1]}: the image {sample[3]}" if sample else f"an image of the shards in {self.where}")
             cause = next((line for line in lines if "Failed to decode" in line or "failure" in line), lines[-1])
             raise DamagedSample(damaged_shard(where, f"DALI: {first_line(cause)}" + (

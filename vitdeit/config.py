@@ -165,7 +165,7 @@ class Config:
     batch_size: int = 128  # per process; global batch = batch_size * world size
     lr: float = 5e-4  # per 512 images of global batch: effective lr = lr * global_batch / 512 (DeiT; peak_lr)
     min_lr: float = 1e-6  # cosine floor (absolute)
-    warmup_epochs: float = 1.0  # per-step linear warm-up from lr/1000 to the peak lr
+    warmup_epochs: float = 1.0  # per-step linear warm-up from peak lr / 1000 to the peak lr
     weight_decay: float = 0.05  # not applied to norms, biases, position embeddings and tokens
     label_smoothing: float = 0.1  # of the label cross-entropy
     mixup: float = 0.0  # timm Mixup alpha (DeiT: 0.8); 0 = off

@@ -180,6 +180,7 @@ def run_summary(name: str, rows: list[dict], ckpt: dict, n_params: int, planned:
     timed = rows[1:] or rows  # the first epoch also compiles the model and starts the loader: steady speed is later
     out = {"run": name, "model": ckpt["config"]["model"], "best_epoch": best["epoch"], "val_top1": best["val_top1"],
            "val_top5": best["val_top5"], "params": n_params, "epochs": len(rows), "last_epoch": rows[-1]["epoch"],
+           "last_val_top1": rows[-1]["val_top1"],  # unpicked: the best epoch is chosen on the val set it is scored on
            "checkpoint_epoch": ckpt["epoch"],  # of the checkpoint read here: the best epoch's, unless told otherwise
            "epochs_planned": planned or ckpt["config"].get("epochs"),  # its --epochs: more than it ran, if stopped
            "data_path": ckpt["config"].get("data_path"), "img_size": ckpt["config"].get("img_size"),
@@ -274,6 +275,10 @@ def report_markdown(summaries: list[dict], comp: dict, names: tuple[str, str], n
         lines.append(f"| {s['run']} | {s['model']} | {s['val_top1']:.2f} | {s['val_top5']:.2f} | "
                      f"{s['best_epoch']} / {s['last_epoch']} | {s['params'] / 1e6:.2f} M | "
                      f"{s['train_images_per_s']:.0f} | {on} |")
+    if picked := [s for s in summaries if s["best_epoch"] != s["last_epoch"]]:
+        lines += ["", "Each best epoch is picked by the val top-1 it is scored on (ImageNet-100 has no other held-out "
+                      "split; the DeiT reference picks so too), which flatters it a little; the last epochs scored "
+                      + ", ".join(f"{s['run']} {s['last_val_top1']:.2f}%" for s in picked) + "."]
     if len({tuple(s["trained_on"]) for s in summaries if s["run"] != "teacher"}) > 1:  # (the teacher: its own model)
         lines += ["", f"{v}'s and {d}'s images/s were measured on different machines or software (or not recorded "
                       f"for one): they compare those too, not only the models."]

@@ -108,6 +108,33 @@ def test_dalis_own_failed_allocations_get_the_out_of_memory_line():
         assert out_of_memory(RuntimeError(other), 64, 224, resume=False, eval_only=False) is None, other
 
 
+def test_a_checkpoint_changed_in_place_is_a_data_error_naming_the_record_unless_saved_without_crcs(tmp_path):
+    import struct
+    import zipfile
+
+    path, tensor = tmp_path / "c.pth", torch.zeros(1000)
+    torch.save({"model": {"w": tensor}}, path)
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data/0"))  # the tensor's bytes
+    with open(path, "r+b") as f:  # one byte of the tensor's data, after its local header (name, extra: 64-B alignment)
+        f.seek(info.header_offset + 26)
+        name, extra = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name + extra + 100)
+        f.write(b"\x7f")
+    assert torch.load(path, weights_only=True)["model"]["w"].count_nonzero() == 1  # torch.load takes it as it is
+    with pytest.raises(DataError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (f"checkpoint {path}: its record {info.filename} does not match the CRC-32 torch.save wrote "
+                            f"for it: the file changed after it was written (a damaged copy or disk); copy it again "
+                            f"or pass another file.")
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # records saved without CRCs (all 0): nothing to check them by
+    try:
+        torch.save({"model": {"w": tensor}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": []}, path)
+    finally:
+        torch.serialization.set_crc32_options(before)
+    assert {i.CRC for i in zipfile.ZipFile(path).infolist()} == {0} and load_checkpoint(path)["epoch"] == 0
+
+
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
     whole = tmp_path / "whole.pth"
     torch.save({"model": {"w": torch.zeros(100_000)}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": []}, whole)

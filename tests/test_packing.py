@@ -22,7 +22,7 @@ from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 
 
-SIZE_CHANGED = "its tar or index has another size than written"
+SIZE_CHANGED = "its tar has another size than written, or its index is not the tar's"
 OPTIONS_CHANGED = "its inputs or options changed (or how this vitdeit encodes them)"
 
 
@@ -1062,6 +1062,50 @@ def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage, c
             in capsys.readouterr().out.splitlines())
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda f: f[:8], "no lbl"),  # (fields: cls, jpg, lbl, each `ext offset size name`)
+    (lambda f: [*f[:4], *f[8:]], "no jpg"),
+    (lambda f: [*f[:10], "2", f[11]], "its lbl is 2 bytes, not 4"),
+    (lambda f: [*f[:9], "-4", *f[10:]], "its lbl at -4 (+4 bytes) is not a file's data in a {size}-byte tar"),
+    (lambda f: [*f[:9], str(int(f[9]) + 4), *f[10:]], "its lbl at {lbl} (+4 bytes) is not a file's data in a "
+                                                      "{size}-byte tar"),  # inside a block
+    (lambda f: [*f[:9], "{size}", *f[10:]], "its lbl at {size} (+4 bytes) is not a file's data in a {size}-byte tar"),
+    (lambda f: [*f[:6], "-5", *f[7:]], "its jpg at {jpg} (+-5 bytes) is not a file's data in a {size}-byte tar")])
+def test_an_index_line_that_points_outside_its_tars_files_is_refused_and_rewritten_by_the_next_pack(
+        data, tmp_path, capsys, edit, problem):
+    from vitdeit.data import shard_paths
+
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    idx, size = out / "train-000001.idx", (out / "train-000001.tar").stat().st_size
+    whole = idx.read_text()
+    lines = whole.splitlines()
+    fields = lines[2].split()
+    assert fields[0:9:4] == ["cls", "jpg", "lbl"]
+    said = problem.format(size=size, jpg=fields[5], lbl=int(fields[9]) + 4)
+    idx.write_text("\n".join([*lines[:2], " ".join(edit(fields)).format(size=size), *lines[3:]]) + "\n")
+    with pytest.raises(DataError) as e:  # both loaders' first check of the shards, before DALI reads at the offsets
+        shard_paths(out, load_manifest(out), "train")
+    assert str(e.value) == (f"{idx} line 3: {said}; the index is damaged or not its tar's. Re-run pack_shards.py (it "
+                            f"rewrites each index that differs from its tar).")
+    capsys.readouterr()
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
+    assert idx.read_text() == whole and again(1, 5, f"1 because {SIZE_CHANGED}") in capsys.readouterr().out.splitlines()
+
+
+def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(data, tmp_path, capsys):
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    first, second = out / "train-000000.idx", out / "train-000001.idx"
+    whole = {first: first.read_text(), second: second.read_text()}
+    first.write_text(whole[second])  # 4 samples each: every count agrees, every offset lies in the tar
+    second.write_text(whole[first])
+    capsys.readouterr()
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1))
+    assert {first: first.read_text(), second: second.read_text()} == whole
+    assert again(2, 5, f"2 because {SIZE_CHANGED}") in capsys.readouterr().out.splitlines()
+
+
 def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path, capsys):
     from vitdeit.data import shard_paths
 
@@ -1525,7 +1569,7 @@ def test_the_packers_summary_says_each_count_and_each_kind_of_file_it_did_not_pa
 
 def test_an_index_whose_header_miscounts_its_lines_is_refused(tmp_path):
     from vitdeit.data import shard_paths
-    from vitdeit.data.index import index_count
+    from vitdeit.data.index import index_matches
 
     pack(small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=2), tmp_path / "s",
          opts=PackOptions(workers=1), progress=False)
@@ -1533,6 +1577,6 @@ def test_an_index_whose_header_miscounts_its_lines_is_refused(tmp_path):
     lines = idx.read_text().splitlines(keepends=True)
     assert lines[0] == "v1.2 4\n" and len(lines) == 5  # 2 classes x 2 val images
     idx.write_text("v1.2 3\n" + "".join(lines[1:]))  # (hand-edited, or another tool's)
-    assert index_count(idx) == -1
+    assert not index_matches(idx, idx.with_suffix(".tar"))
     with pytest.raises(DataError, match="not a whole wds2idx"):
         shard_paths(tmp_path / "s", load_manifest(tmp_path / "s"), "val")

@@ -43,7 +43,7 @@ from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMa
                       holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some,
                       val_copies_text)
 from .config import below, usable_cores
-from .data.index import index_count, index_text
+from .data.index import index_matches, index_text
 from .errors import DataError, SettingError, WriteFailed, output_folder, write_failed
 from .lock import folder_lock
 
@@ -449,10 +449,10 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             # one that skipped bad files is reused only where skipping is asked for (without --skip-bad they are
             # read again: a file fixed in place, e.g. its permissions, then packs)
             "its bad files are read again" if done.get("bad") and not opts.skip_bad else
-            # a tar of another size than written (a copy cut short, a full disk), or an index of another count (the
-            # loaders refuse both)
-            "its tar or index has another size than written"
-            if tar_path.stat().st_size != done.get("bytes") or index_count(idx_path) != done.get("num_samples") else
+            # a tar of another size than written (a copy cut short, a full disk), or an index that is not the tar's
+            # (cut short, edited, another shard's: the loaders refuse or misread it)
+            "its tar has another size than written, or its index is not the tar's"
+            if tar_path.stat().st_size != done.get("bytes") or not index_matches(idx_path, tar_path) else
             "")
         if not result.rewritten:
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}

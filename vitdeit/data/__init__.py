@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..classes import MANIFEST_NAME
 from ..errors import DataError, SettingError
-from .index import index_lines
+from .index import read_index
 
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -92,7 +92,8 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
                             f"short or not this pack's. Copy it again from where it was packed, or re-run "
                             f"pack_shards.py (it rewrites only the shards that differ).")
     for (_, idx), shard in zip(out, manifest["splits"][split]["shards"]):
-        count = len(index_lines(idx))  # DALI trusts an index: one cut short or from another pack drops samples
+        count = len(read_index(idx, shard["bytes"]))  # DALI trusts an index: one cut short or from another pack
+        # drops samples, one whose offsets are off reads other bytes (or crashes it)
         if count != shard["num_samples"]:
             raise DataError(f"{idx}: {count} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; the "
                             f"index is not this pack's. Re-run pack_shards.py (it rewrites the shards that differ).")

@@ -35,21 +35,35 @@ def index_lines(idx_path: Path) -> list[str]:
     return lines[1:]
 
 
-def index_count(idx_path: Path) -> int:
-    """The samples a whole index lists; -1 for one cut short or damaged."""
+def index_matches(idx_path: Path, tar_path: Path) -> bool:
+    """Whether the index at idx_path is the one index_text writes for the tar at tar_path (both readable). Reads
+    the tar's headers only, one 512-byte block per file."""
     try:
-        return len(index_lines(idx_path))
-    except DataError:
-        return -1
+        return idx_path.read_text(encoding="utf-8") == index_text(tar_path)[0]
+    except (OSError, UnicodeDecodeError, ValueError, tarfile.TarError):  # (ValueError: a member named without .ext)
+        return False
 
 
-def read_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Per sample, (key, {ext: (data offset, size)})."""
+def read_index(idx_path: Path, tar_bytes: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Per sample, (key, {ext: (data offset, size)}), each sample's jpg and 4-byte int32 lbl checked to lie within
+    the tar (tar_bytes: its size; the .tar beside the index where not given), each at a whole 512-byte tar block
+    after its header: the loaders read at these offsets, DALI unchecked (a negative size crashes it)."""
+    if tar_bytes is None:
+        tar_bytes = idx_path.with_suffix(".tar").stat().st_size
     samples = []
-    for line in index_lines(idx_path):
+    for n, line in enumerate(index_lines(idx_path), 2):  # (line 1: the header)
         try:
             f = line.split()
             samples.append((f[3].split(".", 1)[0], {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))
         except (ValueError, IndexError) as e:
             raise DataError(f"{idx_path}: not a wds2idx v1.2 index (line {line!r}: {e}); re-run pack_shards.py.") from e
+        entry = samples[-1][1]
+        problem = ("no jpg" if "jpg" not in entry else "no lbl" if "lbl" not in entry else
+                   f"its lbl is {entry['lbl'][1]} bytes, not 4" if entry["lbl"][1] != 4 else
+                   next((f"its {ext} at {off} (+{size} bytes) is not a file's data in a {tar_bytes}-byte tar"
+                         for ext, (off, size) in entry.items()
+                         if off < 512 or off % 512 or size < 0 or off + size > tar_bytes), None))
+        if problem:
+            raise DataError(f"{idx_path} line {n}: {problem}; the index is damaged or not its tar's. Re-run "
+                            f"pack_shards.py (it rewrites each index that differs from its tar).")
     return samples

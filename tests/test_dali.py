@@ -597,6 +597,23 @@ def test_an_image_damaged_after_packing_is_one_error_with_the_fix_not_dalis_trac
     assert "\n" not in str(e.value)
 
 
+def test_a_label_that_is_no_class_is_one_error_on_the_cpu(tiny_shards, tmp_path):
+    import shutil
+
+    from test_loader import relabel
+
+    shards = tmp_path / "s"
+    shutil.copytree(tiny_shards, shards)
+    relabel(shards, 4)  # 4 classes: 0-3
+    with pytest.raises(DataError) as e:
+        for _ in DaliLoader(shards, load_manifest(shards), "train", batch_size=8, img_size=32, workers=1):
+            pass
+    assert str(e.value) == (f"an image of the shards in {shards} (train) has label 4 (not one of the manifest's 4 "
+                            f"classes, 0-3; --loader torch names the shard and image): the shard was damaged after "
+                            f"packing (a copy cut short or changed?); copy it again, or delete it and re-run "
+                            f"pack_shards.py with the same flags (it writes the missing shards again).")
+
+
 def test_dalis_failed_sample_message_names_the_shard_and_image():
     from types import SimpleNamespace
 

@@ -547,6 +547,37 @@ def damage(shards, nth: int = 4, header: bool = False) -> str:
     return key
 
 
+def relabel(shards, label: int, nth: int = 4) -> str:
+    """Overwrite the int32 label of train-000000.tar's nth image (as damage to that byte would): its key."""
+    import struct
+
+    from vitdeit.data.index import read_index
+
+    key, entry = read_index(shards / "train-000000.idx")[nth]
+    with open(shards / "train-000000.tar", "r+b") as f:
+        f.seek(entry["lbl"][0])
+        f.write(struct.pack("<i", label))
+    return key
+
+
+@pytest.mark.parametrize("label", [-100, -1, 4])
+def test_a_label_that_is_no_class_is_named_with_its_shard_not_left_to_the_loss(tiny_shards, tmp_path, label):
+    import shutil
+
+    shards = tmp_path / "s"
+    shutil.copytree(tiny_shards, shards)
+    m = load_manifest(shards)
+    assert len(m["classes"]) == 4
+    key = relabel(shards, label)  # -100: cross-entropy's ignore_index, which would leave the image out silently
+    with pytest.raises(DataError) as e:
+        for _ in TorchLoader(shards, m, "train", batch_size=8, img_size=32, workers=0):
+            pass
+    assert str(e.value) == (f"{shards / 'train-000000.tar'}: the image {key} has label {label} (not one of the "
+                            f"manifest's 4 classes, 0-3): the shard was damaged after packing (a copy cut short or "
+                            f"changed?); copy it again, or delete it and re-run pack_shards.py with the same flags (it "
+                            f"writes the missing shards again).")
+
+
 @pytest.mark.parametrize("workers, header", [(0, False), (1, False), (0, True)])
 def test_an_image_damaged_after_packing_is_named_with_its_shard_and_the_fix(tiny_shards, tmp_path, workers, header):
     import shutil

@@ -94,9 +94,10 @@ class DamagedSample(DataError):
         super().__init__(message)
 
 
-def damaged_shard(where: str, cause: str) -> str:
-    """The fix for a shard whose image does not decode (the same words for both loaders)."""
-    return (f"{where} does not decode ({cause}): the shard was damaged after packing (a copy cut short or changed?); "
+def damaged_shard(where: str, cause: str, what: str = "does not decode") -> str:
+    """The fix for a shard whose image does not decode, or whose label is no class (the same words for both
+    loaders)."""
+    return (f"{where} {what} ({cause}): the shard was damaged after packing (a copy cut short or changed?); "
             f"copy it again, or delete it and re-run pack_shards.py with the same flags (it writes the missing shards "
             f"again).")
 
@@ -189,6 +190,13 @@ def out_of_memory(e: BaseException, batch_size: int, img_size: int, resume: bool
              + ("; a resumed run keeps its --img-size" if resume else " or --img-size"))
     at = f"--batch-size {batch_size} (images per process) and --img-size {img_size} px"
     return f"out of memory at {at}: lower {lower}{image}"
+
+
+def no_class(where: str, label: int, classes: int, hint: str = "") -> str:
+    """damaged_shard's words for a label outside 0..classes-1 (a label byte changed since packing: the loss would
+    fail on it, or drop it silently at -100, cross-entropy's ignore_index)."""
+    return damaged_shard(where, f"not one of the manifest's {classes} classes, 0-{classes - 1}{hint}",
+                         f"has label {label}")
 
 
 # what a full disk or a quota raises; torch.save's own write errors carry no errno

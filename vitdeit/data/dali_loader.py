@@ -18,7 +18,8 @@ import torch
 
 from ..classes import pack_fingerprint, same_pack
 from ..config import Config, dali_threads
-from ..errors import DALI_OUT_OF_MEMORY, DALI_SAMPLE, BatchTooLarge, DamagedSample, damaged_shard, first_line
+from ..errors import (DALI_OUT_OF_MEMORY, DALI_SAMPLE, BatchTooLarge, DamagedSample, damaged_shard, first_line,
+                      no_class)
 from . import MEAN, STD, shard_paths, val_resize
 from .dali_augment import RandAugmentSpec, rand_augment as dali_rand_augment
 
@@ -151,7 +152,7 @@ class DaliLoader:
         shards = manifest["splits"][split]["shards"]
         files, indexes = zip(*[(str(tar), str(idx)) for tar, idx in shard_paths(shards_dir, manifest, split)])
         n = manifest["splits"][split]["num_samples"]
-        self.train, self.where = split == "train", f"{shards_dir} ({split})"
+        self.train, self.where, self.classes = split == "train", f"{shards_dir} ({split})", len(manifest["classes"])
         if self.train and len(shards) == 1 and world > 1:
             source = manifest.get("source", {})  # (what the pack read: every packer since fd473e4 records it)
             warnings.warn(f"{shards_dir}: one train shard for {world} processes: DALI gives each process the same "
@@ -282,8 +283,13 @@ class DaliLoader:
             images = out["images0"]
             if self.copies > 1:  # copy k of read i at k * reads + i, trimmed to the batch
                 images = torch.cat([out[f"images{k}"] for k in range(self.copies)])[:n]
-            batch = (images.permute(0, 3, 1, 2), out["labels"].view(-1).long().repeat(self.copies)[:n])  # NHWC
-            # memory = channels-last NCHW
+            labels = out["labels"].view(-1).long()
+            if labels.device.type == "cpu" and not ((labels >= 0) & (labels < self.classes)).all():  # (on a GPU: not
+                # checked, which would wait for every batch; the loss fails on such a label, or drops -100's image)
+                label = int(labels[(labels < 0) | (labels >= self.classes)][0])
+                raise DamagedSample(no_class(f"an image of the shards in {self.where}", label, self.classes,
+                                             "; --loader torch names the shard and image"))
+            batch = (images.permute(0, 3, 1, 2), labels.repeat(self.copies)[:n])  # NHWC memory = channels-last NCHW
             if "keys" in out:
                 keys = [bytes(k.cpu().numpy()).rstrip(b"\0").decode().rsplit(":", 1)[1].split(".")[0]
                         for k in out["keys"]]

@@ -31,7 +31,7 @@ except ImportError:  # a torchvision without them: decode_rgb falls back to PIL
     decode_image = None
 
 from ..config import Config
-from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line
+from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line, no_class
 from . import MEAN, STD, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
 from .index import read_index
 
@@ -51,7 +51,7 @@ class ShardSamples(Dataset):
     """Sample i of a split = (uint8 HWC image, label); `transform` maps JPEG bytes to the uint8 array."""
 
     def __init__(self, shards_dir: str | Path, manifest: dict, split: str, transform=None):
-        self.transform = transform
+        self.transform, self.classes = transform, len(manifest["classes"])
         paths = shard_paths(shards_dir, manifest, split)
         self.files = [str(tar) for tar, _ in paths]
         rows = []
@@ -81,6 +81,8 @@ class ShardSamples(Dataset):
         of (run seed, epoch, index) alone, so a resumed run sees exactly the batches it would have seen."""
         i, seed = item if isinstance(item, tuple) else (item, None)
         data, label = self.raw(i)
+        if not 0 <= label < self.classes:
+            raise DamagedSample(no_class(self.where(i), label, self.classes))
         try:
             return self.transform(data, random.Random(seed)), label
         except Exception as e:
@@ -93,11 +95,14 @@ class ShardSamples(Dataset):
                 pass
             else:
                 raise
-            shard, off = int(self.rows[i][0]), int(self.rows[i][1])
-            index = read_index(Path(self.files[shard]).with_suffix(".idx"))
-            key = next((k for k, entry in index if entry["jpg"][0] == off), f"at byte {off}")
-            raise DamagedSample(damaged_shard(f"{self.files[shard]}: the image {key}",
-                                              f"{type(e).__name__}: {first_line(e)}")) from e
+            raise DamagedSample(damaged_shard(self.where(i), f"{type(e).__name__}: {first_line(e)}")) from e
+
+    def where(self, i: int) -> str:
+        """Sample i's shard and key, for its error."""
+        shard, off = int(self.rows[i][0]), int(self.rows[i][1])
+        index = read_index(Path(self.files[shard]).with_suffix(".idx"))
+        key = next((k for k, entry in index if entry["jpg"][0] == off), f"at byte {off}")
+        return f"{self.files[shard]}: the image {key}"
 
     def __getstate__(self):  # mmaps don't pickle (spawned workers); they reopen lazily
         return {**self.__dict__, "_maps": {}}

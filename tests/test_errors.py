@@ -550,10 +550,47 @@ def _count_as_text(m):
     m["splits"]["train"]["num_samples"] = str(m["splits"]["train"]["num_samples"])
 
 
+def _drop_val(m):
+    del m["splits"]["val"]
+
+
+def _splits_as_list(m):
+    m["splits"] = []
+
+
+def _options_null(m):
+    m["options"] = None
+
+
+def _bytes_as_text(m):  # (it read "92160 bytes, but ... says 92160")
+    shard = m["splits"]["train"]["shards"][0]
+    shard["bytes"] = str(shard["bytes"])
+
+
+def _file_null(m):
+    m["splits"]["train"]["shards"][0]["file"] = None
+
+
+def _no_bytes(m):
+    del m["splits"]["val"]["shards"][0]["bytes"]
+
+
+def _shard_twice(m):  # the first shard listed in another's place, the counts agreeing: read twice, one never
+    shards = m["splits"]["train"]["shards"]
+    shards[1] = dict(shards[0], num_samples=shards[1]["num_samples"])
+
+
 @pytest.mark.parametrize("edit, said", [
     (_drop_shard, "split 'train' packed 72 samples and skipped 0, but 96 image files were found: its shards are not "
                   "the ones the packer wrote"),
     (_count_as_text, "split 'train': num_samples is '96', not a whole number"),
+    (_drop_val, "'splits' lacks val"),
+    (_splits_as_list, "'splits' lacks its {{split: ...}} object"),
+    (_options_null, "'options' is not an object"),
+    (_bytes_as_text, "split 'train': shards[0].bytes is '{bytes0}', not a whole number"),
+    (_file_null, "split 'train': shards[0].file is None, not a file name"),
+    (_no_bytes, "split 'val' lacks its counts (KeyError: 'bytes')"),
+    (_shard_twice, "it lists train-000000.idx, train-000000.tar more than once"),
     (_classes_as_text, "'classes' is not a list of WNIDs"),
     (_count_as_float, "split 'val': class_counts[{first}] is 6.0, not a whole number"),
     (_class_count_as_text, "split 'train': class_counts[{first}] is '24', not a whole number"),
@@ -576,13 +613,31 @@ def test_a_manifest_that_contradicts_itself_is_named_with_the_fix(tiny_shards, t
     copy = tmp_path / "shards"
     shutil.copytree(tiny_shards, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    said = said.format(first=manifest["classes"][0], second=manifest["classes"][1], last=manifest["classes"][-1])
+    said = said.format(first=manifest["classes"][0], second=manifest["classes"][1], last=manifest["classes"][-1],
+                       bytes0=manifest["splits"]["train"]["shards"][0]["bytes"])
     edit(manifest)  # (edited by hand)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert train.main(["--data-path", str(copy), "--output-dir", str(tmp_path / "runs"), "--device", "cpu",
                        "--workers", "0"]) == 1
     assert capsys.readouterr().err == (f"error: {copy / 'manifest.json'}: {said}: edited by hand, or not this pack's; "
                                        f"re-run pack_shards.py to rewrite it.\n")
+
+
+@pytest.mark.parametrize("text, said", [
+    (b"null", "its JSON is null, not the object pack_shards.py writes"),
+    (b"[1]", "its JSON is an array, not the object pack_shards.py writes"),
+    (b"\xff\xfe{", "not valid JSON ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)")])
+def test_a_manifest_that_is_no_json_object_is_named_with_the_fix(tiny_shards, tmp_path, text, said):
+    import shutil
+
+    from vitdeit.classes import load_manifest
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    (copy / "manifest.json").write_bytes(text)
+    with pytest.raises(DataError) as e:
+        load_manifest(copy)
+    assert str(e.value) == f"{copy / 'manifest.json'}: {said}; re-run pack_shards.py to rewrite it."
 
 
 @pytest.mark.parametrize("where", ["output_dir", "parent", "run_name"])

@@ -138,9 +138,14 @@ def load_manifest(shards_dir: str | Path) -> dict:
             f"Create it with: python pack_shards.py --data-path IMAGENET_DIR --out {shards_dir}"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (a damaged or foreign file)
         raise DataError(f"{path}: not valid JSON ({e}); re-run pack_shards.py to rewrite it.") from e
+    if not isinstance(manifest, dict):
+        kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(manifest),
+                                                                                              "a number")
+        raise DataError(f"{path}: its JSON is {kind}, not the object pack_shards.py writes; re-run pack_shards.py to "
+                        f"rewrite it.")
     for key in ("classes", "labels", "splits"):
         if key not in manifest:
             raise DataError(f"{path}: missing key {key!r}; re-run pack_shards.py to rewrite it.")
@@ -159,16 +164,27 @@ def manifest_problem(manifest: dict) -> str | None:
         return f"'classes' lists {some(twice)} more than once"
     if missing := [w for w in classes if w not in manifest["labels"]]:
         return f"'labels' has no name for {len(missing)} of its classes ({some(missing)})"
+    if not isinstance(manifest["splits"], dict) or (missing := {"train", "val"} - set(manifest["splits"])):
+        return "'splits' lacks " + (" and ".join(sorted(missing)) if isinstance(manifest["splits"], dict) else
+                                    "its {split: ...} object")
+    if not isinstance(manifest.get("options", {}), dict):
+        return "'options' is not an object"
+    files = []
     for split, info in manifest["splits"].items():
         try:
             counted, total = info["class_counts"], info["num_samples"]
             counts = [("num_samples", total), ("input_files", info.get("input_files", 0))]
-            counts += [(f"shards[{i}].num_samples", x["num_samples"]) for i, x in enumerate(info["shards"])]
+            counts += [(f"shards[{i}].{k}", x[k]) for i, x in enumerate(info["shards"])
+                       for k in ("num_samples", "bytes")]
             counts += [(f"class_counts[{w}]", n) for w, n in counted.items()]
+            names = [(f"shards[{i}].{k}", x[k]) for i, x in enumerate(info["shards"]) for k in ("file", "index")]
         except (KeyError, TypeError, AttributeError) as e:
             return f"split {split!r} lacks its counts ({type(e).__name__}: {e})"
         if wrong := next(((k, v) for k, v in counts if type(v) is not int), None):  # ("192" would read as 192 below)
             return f"split {split!r}: {wrong[0]} is {wrong[1]!r}, not a whole number"
+        if wrong := next(((k, v) for k, v in names if not isinstance(v, str) or not v), None):
+            return f"split {split!r}: {wrong[0]} is {wrong[1]!r}, not a file name"
+        files += [v for _, v in names]
         in_shards, in_classes = sum(s["num_samples"] for s in info["shards"]), sum(counted.values())
         if list(counted) != classes:
             if set(counted) == set(classes):  # (neither holds a WNID twice: dict keys, and checked above)
@@ -187,6 +203,8 @@ def manifest_problem(manifest: dict) -> str | None:
         if "input_files" in info and total + skipped != info["input_files"]:
             return (f"split {split!r} packed {total} samples and skipped {skipped}, but {info['input_files']} image "
                     f"files were found: its shards are not the ones the packer wrote")
+    if twice := sorted(f for f, n in Counter(files).items() if n > 1):  # one shard read as two
+        return f"it lists {some(twice)} more than once"
     both = manifest.get("train_val_same_bytes", [])  # (--allow-train-val-copies; read by val_copies_text)
     if not isinstance(both, list) or not all(isinstance(g, dict) and isinstance(g.get("val"), list)
                                              and isinstance(g.get("train"), list) for g in both):

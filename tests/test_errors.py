@@ -170,6 +170,23 @@ def test_a_pth_that_holds_no_dict_is_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "tensor.pth", what="--resume")
 
 
+def test_weights_alone_given_for_a_checkpoint_name_where_they_go(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)  # what torchvision's download holds
+    n = len(torch.load(path, weights_only=True))
+    alone = f"not a vitdeit checkpoint (a state dict of {n} tensors, weights alone, without a run's best_top1, epoch, "
+    with pytest.raises(DataError) as e:
+        load_checkpoint(path, what="--teacher-ckpt")
+    assert str(e.value) == (f"--teacher-ckpt {path}: {alone}config, classes); a ResNet-18's weights (torchvision's) go "
+                            f"to --teacher-weights.")
+    with pytest.raises(DataError) as e:
+        load_checkpoint(path, what="--resume")
+    assert str(e.value) == (f"--resume {path}: {alone}config, classes); train.py writes its run's checkpoints, "
+                            f"RUN_DIR/best.pth and last.pth.")
+
+
 def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_unrun(tmp_path):
     class RunsCode:  # unpickling calls os.mkdir(MARKER): what a crafted .pth can do under weights_only=False
         def __reduce__(self):

@@ -119,6 +119,11 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     if not isinstance(state, dict):
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (a {type(state).__name__}, not a dict).")
     missing = [k for k in REQUIRED if k not in state]
+    if missing and state and all(isinstance(v, torch.Tensor) for v in state.values()):  # weights alone
+        hint = ("; a ResNet-18's weights (torchvision's) go to --teacher-weights" if what == "--teacher-ckpt" else
+                "; train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")
+        raise DataError(f"{what} {path}: not a vitdeit checkpoint (a state dict of {len(state)} tensors, weights "
+                        f"alone, without a run's {', '.join(REQUIRED[1:])}){hint}.")
     if missing:
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
     if class_map is not None:

@@ -592,7 +592,7 @@ def test_an_image_damaged_after_packing_is_named_with_its_shard_and_the_fix(tiny
     # 65,500**2 px, over PIL's limit (twice its warning's 2**30 // 4 // 3)
     cause = (re.escape("DecompressionBombError: Image size (4290250000 pixels) exceeds limit of 178956970 pixels, "
                        "could be decompression bomb DOS attack.") if header else
-             re.escape("UnidentifiedImageError: cannot identify image file ") + r"<_io\.BytesIO object at 0x[0-9a-f]+>")
+             re.escape("UnidentifiedImageError: not an image Pillow can identify"))
     assert re.fullmatch(re.escape(f"{shards / 'train-000000.tar'}: the image {key} does not decode (") + cause
                         + re.escape("): the shard was damaged after packing (a copy cut short or changed?); copy it "
                                     "again, or delete it and re-run pack_shards.py with the same flags (it writes the "

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 try:  # torchvision's decoders: deprecated since 0.29 (for TorchCodec's), to be removed in a later release
@@ -95,7 +95,9 @@ class ShardSamples(Dataset):
                 pass
             else:
                 raise
-            raise DamagedSample(damaged_shard(self.where(i), f"{type(e).__name__}: {first_line(e)}")) from e
+            cause = ("UnidentifiedImageError: not an image Pillow can identify" if isinstance(e, UnidentifiedImageError)
+                     else f"{type(e).__name__}: {first_line(e)}")  # (Pillow's own words name an in-memory file)
+            raise DamagedSample(damaged_shard(self.where(i), cause)) from e
 
     def where(self, i: int) -> str:
         """Sample i's shard and key, for its error."""

@@ -555,7 +555,7 @@ def test_train_reads_through_a_shuffle_buffer_not_each_tar_in_its_order(tiny_sha
     from vitdeit.data.index import read_index
 
     m = load_manifest(tiny_shards)  # 4 tars of 24 samples
-    where = {key: (tar, i) for tar, (_, idx) in enumerate(shard_paths(tiny_shards, m, "train"))
+    where = {key: (tar, i) for tar, (_, idx, _) in enumerate(shard_paths(tiny_shards, m, "train"))
              for i, (key, _) in enumerate(read_index(idx))}  # each sample's tar and place in it
     loader = DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=16, workers=1, seed=3, with_keys=True)
     for epoch in range(2):

@@ -18,7 +18,6 @@ from .classes import (MANIFEST_NAME, ClassMap, load_manifest, manifest_class_map
                       without_images_text)
 from .errors import DataError, MissingFile, SettingError, output_folder, save_output
 from .data import shard_paths, upscale_warning
-from .data.index import read_index
 from .data.torch_loader import ShardSamples, TorchLoader, ValTransform
 from .machine import machine_text
 from .metrics import read_metrics
@@ -78,7 +77,7 @@ def sample_indices(n_total: int, n: int, seed: int) -> list[int]:
 def val_keys(shards: str | Path, manifest: dict) -> list[str]:
     """Each val sample's key, in manifest order: its source file's name without the extension (unique in a split),
     so that an image in the picture can be found in the original folders."""
-    return [key for _, idx in shard_paths(shards, manifest, "val") for key, _ in read_index(idx)]
+    return [key for _, _, index in shard_paths(shards, manifest, "val") for key, _ in index]
 
 
 def panel_texts(class_map: ClassMap, idx: int, preds: list[Predictions]) -> list[tuple[str, str]]:

@@ -76,9 +76,10 @@ def uint8_normalizer(device, mean=MEAN, std=STD):
     return 1 / std255, -torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255 / std255
 
 
-def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path]]:
-    """(tar, DALI index) of each shard of `split`, in the manifest's order; a missing tar or index, or a tar of
-    another size than the manifest's, is a DataError now, not a worker crash at its first sample."""
+def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path, list]]:
+    """(tar, DALI index, the index read: read_index's samples) of each shard of `split`, in the manifest's order; a
+    missing tar or index, a tar of another size than the manifest's, or an index that read_index refuses or that
+    counts other samples, is a DataError now, not a worker crash at its first sample."""
     d = Path(shards_dir)
     out = [(d / s["file"], d / s["index"]) for s in manifest["splits"][split]["shards"]]
     for path in (p for pair in out for p in pair):
@@ -91,13 +92,15 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
             raise DataError(f"{tar}: {size} bytes, but {d / MANIFEST_NAME} says {shard['bytes']}; the file is cut "
                             f"short or not this pack's. Copy it again from where it was packed, or re-run "
                             f"pack_shards.py (it rewrites only the shards that differ).")
+    indexes = []
     for (_, idx), shard in zip(out, manifest["splits"][split]["shards"]):
-        count = len(read_index(idx, shard["bytes"]))  # DALI trusts an index: one cut short or from another pack
+        indexes.append(read_index(idx, shard["bytes"]))  # DALI trusts an index: one cut short or from another pack
         # drops samples, one whose offsets are off reads other bytes (or crashes it)
-        if count != shard["num_samples"]:
-            raise DataError(f"{idx}: {count} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; the "
-                            f"index is not this pack's. Re-run pack_shards.py (it rewrites the shards that differ).")
-    return out
+        if len(indexes[-1]) != shard["num_samples"]:
+            raise DataError(f"{idx}: {len(indexes[-1])} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; "
+                            f"the index is not this pack's. Re-run pack_shards.py (it rewrites the shards that "
+                            f"differ).")
+    return [(tar, idx, index) for (tar, idx), index in zip(out, indexes)]
 
 
 def dali_available() -> bool:

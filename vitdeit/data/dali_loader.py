@@ -150,7 +150,7 @@ class DaliLoader:
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         shards = manifest["splits"][split]["shards"]
-        files, indexes = zip(*[(str(tar), str(idx)) for tar, idx in shard_paths(shards_dir, manifest, split)])
+        files, indexes = zip(*[(str(tar), str(idx)) for tar, idx, _ in shard_paths(shards_dir, manifest, split)])
         n = manifest["splits"][split]["num_samples"]
         self.train, self.where, self.classes = split == "train", f"{shards_dir} ({split})", len(manifest["classes"])
         if self.train and len(shards) == 1 and world > 1:
@@ -285,7 +285,7 @@ class DaliLoader:
                 images = torch.cat([out[f"images{k}"] for k in range(self.copies)])[:n]
             labels = out["labels"].view(-1).long()
             if labels.device.type == "cpu" and not ((labels >= 0) & (labels < self.classes)).all():  # (on a GPU: not
-                # checked, which would wait for every batch; the loss fails on such a label, or drops -100's image)
+                # checked: the pipeline moves them there; a CPU copy to check is untried without a GPU here)
                 label = int(labels[(labels < 0) | (labels >= self.classes)][0])
                 raise DamagedSample(no_class(f"an image of the shards in {self.where}", label, self.classes,
                                              "; --loader torch names the shard and image"))

@@ -53,10 +53,10 @@ class ShardSamples(Dataset):
     def __init__(self, shards_dir: str | Path, manifest: dict, split: str, transform=None):
         self.transform, self.classes = transform, len(manifest["classes"])
         paths = shard_paths(shards_dir, manifest, split)
-        self.files = [str(tar) for tar, _ in paths]
+        self.files = [str(tar) for tar, _, _ in paths]
         rows = []
-        for shard_id, (_, idx) in enumerate(paths):  # (shard_paths checked each index's count)
-            for _key, e in read_index(idx):
+        for shard_id, (_, _, index) in enumerate(paths):  # (shard_paths checked each index's count and offsets)
+            for _key, e in index:
                 rows.append((shard_id, *e["jpg"], e["lbl"][0]))
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # shard, jpg offset, jpg size, label offset
         self._maps: dict[int, mmap.mmap] = {}

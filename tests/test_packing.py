@@ -22,7 +22,9 @@ from vitdeit.errors import DataError
 from vitdeit.packing import PackOptions, pack
 
 
-SIZE_CHANGED = "its tar has another size than written, or its index is not the tar's"
+OFF_BLOCKS = "does not lie on 512-byte blocks inside the {size}-byte tar"
+SIZE_CHANGED = "its tar has another size than written"
+NOT_ITS_INDEX = "its index is not its tar's"
 OPTIONS_CHANGED = "its inputs or options changed (or how this vitdeit encodes them)"
 
 
@@ -1058,7 +1060,7 @@ def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage, c
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
     assert idx.read_text() == whole
-    assert (again(1, 5, f"1 because {SIZE_CHANGED}")
+    assert (again(1, 5, f"1 because {NOT_ITS_INDEX}")
             in capsys.readouterr().out.splitlines())
 
 
@@ -1066,12 +1068,11 @@ def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage, c
     (lambda f: f[:8], "no lbl"),  # (fields: cls, jpg, lbl, each `ext offset size name`)
     (lambda f: [*f[:4], *f[8:]], "no jpg"),
     (lambda f: [*f[:10], "2", f[11]], "its lbl is 2 bytes, not 4"),
-    (lambda f: [*f[:9], "-4", *f[10:]], "its lbl at -4 (+4 bytes) is not a file's data in a {size}-byte tar"),
-    (lambda f: [*f[:9], str(int(f[9]) + 4), *f[10:]], "its lbl at {lbl} (+4 bytes) is not a file's data in a "
-                                                      "{size}-byte tar"),  # inside a block
-    (lambda f: [*f[:9], "{size}", *f[10:]], "its lbl at {size} (+4 bytes) is not a file's data in a {size}-byte tar"),
-    (lambda f: [*f[:6], "-5", *f[7:]], "its jpg at {jpg} (+-5 bytes) is not a file's data in a {size}-byte tar")])
-def test_an_index_line_that_points_outside_its_tars_files_is_refused_and_rewritten_by_the_next_pack(
+    (lambda f: [*f[:9], "-4", *f[10:]], f"its lbl (4 bytes at byte -4) {OFF_BLOCKS}"),
+    (lambda f: [*f[:9], str(int(f[9]) + 4), *f[10:]], f"its lbl (4 bytes at byte {{lbl}}) {OFF_BLOCKS}"),  # mid-block
+    (lambda f: [*f[:9], "{size}", *f[10:]], f"its lbl (4 bytes at byte {{size}}) {OFF_BLOCKS}"),  # past the end
+    (lambda f: [*f[:6], "-5", *f[7:]], f"its jpg (-5 bytes at byte {{jpg}}) {OFF_BLOCKS}")])
+def test_an_index_line_off_its_tars_blocks_is_refused_and_rewritten_by_the_next_pack(
         data, tmp_path, capsys, edit, problem):
     from vitdeit.data import shard_paths
 
@@ -1090,7 +1091,8 @@ def test_an_index_line_that_points_outside_its_tars_files_is_refused_and_rewritt
                             f"rewrites each index that differs from its tar).")
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
-    assert idx.read_text() == whole and again(1, 5, f"1 because {SIZE_CHANGED}") in capsys.readouterr().out.splitlines()
+    assert idx.read_text() == whole
+    assert again(1, 5, f"1 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
 
 
 def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(data, tmp_path, capsys):
@@ -1103,7 +1105,7 @@ def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(da
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))
     assert {first: first.read_text(), second: second.read_text()} == whole
-    assert again(2, 5, f"2 because {SIZE_CHANGED}") in capsys.readouterr().out.splitlines()
+    assert again(2, 5, f"2 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
 
 
 def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path, capsys):

@@ -451,8 +451,8 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             "its bad files are read again" if done.get("bad") and not opts.skip_bad else
             # a tar of another size than written (a copy cut short, a full disk), or an index that is not the tar's
             # (cut short, edited, another shard's: the loaders refuse or misread it)
-            "its tar has another size than written, or its index is not the tar's"
-            if tar_path.stat().st_size != done.get("bytes") or not index_matches(idx_path, tar_path) else
+            "its tar has another size than written" if tar_path.stat().st_size != done.get("bytes") else
+            "its index is not its tar's" if not index_matches(idx_path, tar_path) else
             "")
         if not result.rewritten:
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}

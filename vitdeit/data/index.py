@@ -45,9 +45,10 @@ def index_matches(idx_path: Path, tar_path: Path) -> bool:
 
 
 def read_index(idx_path: Path, tar_bytes: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Per sample, (key, {ext: (data offset, size)}), each sample's jpg and 4-byte int32 lbl checked to lie within
-    the tar (tar_bytes: its size; the .tar beside the index where not given), each at a whole 512-byte tar block
-    after its header: the loaders read at these offsets, DALI unchecked (a negative size crashes it)."""
+    """Per sample, (key, {ext: (data offset, size)}), with a jpg and a 4-byte (int32) lbl, each file starting on a
+    512-byte tar block after the first header and ending inside the tar (tar_bytes: its size; the .tar beside the
+    index where not given). The loaders read at these offsets, DALI unchecked (a negative size crashes it). Not
+    checked: that a header of that file precedes each (a read of every header; pack_shards.py's reuse does it)."""
     if tar_bytes is None:
         tar_bytes = idx_path.with_suffix(".tar").stat().st_size
     samples = []
@@ -60,7 +61,8 @@ def read_index(idx_path: Path, tar_bytes: int | None = None) -> list[tuple[str, 
         entry = samples[-1][1]
         problem = ("no jpg" if "jpg" not in entry else "no lbl" if "lbl" not in entry else
                    f"its lbl is {entry['lbl'][1]} bytes, not 4" if entry["lbl"][1] != 4 else
-                   next((f"its {ext} at {off} (+{size} bytes) is not a file's data in a {tar_bytes}-byte tar"
+                   next((f"its {ext} ({size} bytes at byte {off}) does not lie on 512-byte blocks inside the "
+                         f"{tar_bytes}-byte tar"
                          for ext, (off, size) in entry.items()
                          if off < 512 or off % 512 or size < 0 or off + size > tar_bytes), None))
         if problem:

@@ -121,11 +121,33 @@ def test_a_checkpoint_changed_in_place_is_a_data_error_naming_the_record_unless_
         f.seek(info.header_offset + 30 + name + extra + 100)
         f.write(b"\x7f")
     assert torch.load(path, weights_only=True)["model"]["w"].count_nonzero() == 1  # torch.load takes it as it is
+    fix = ": the file changed after it was written (a damaged copy or disk); copy it again or pass another file."
     with pytest.raises(DataError) as e:
         load_checkpoint(path)
-    assert str(e.value) == (f"checkpoint {path}: its record {info.filename} does not match the CRC-32 torch.save wrote "
-                            f"for it: the file changed after it was written (a damaged copy or disk); copy it again "
-                            f"or pass another file.")
+    assert str(e.value) == (f"checkpoint {path}: its record {info.filename} does not match the CRC-32 torch.save "
+                            f"wrote for it{fix}")
+    torch.save({"model": {"w": tensor}}, path)  # whole again
+    whole = path.read_bytes()
+    pkl = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data.pkl"))
+    said = set()
+    for at in range(pkl.compress_size):  # each byte of the pickle in turn: torch.load fails in many ways, or not
+        damaged = bytearray(whole)
+        name, extra = struct.unpack_from("<HH", whole, pkl.header_offset + 26)  # its local header's (not the
+        damaged[pkl.header_offset + 30 + name + extra + at] ^= 0x41  # central directory's: another extra field)
+        path.write_bytes(damaged)
+        with pytest.raises(DataError) as e:
+            load_checkpoint(path)
+        said.add(str(e.value))
+    assert said == {f"checkpoint {path}: its record {pkl.filename} does not match the CRC-32 torch.save wrote for "
+                    f"it{fix}"}
+    directory = bytearray(whole)  # its central directory's first entry, the version needed to extract it (6.5)
+    directory[whole.index(b"PK\x01\x02") + 6] ^= 0x41
+    path.write_bytes(directory)
+    assert torch.load(path, weights_only=True)["model"]["w"].count_nonzero() == 0  # as saved: torch.load skips it
+    with pytest.raises(DataError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == (f"checkpoint {path}: its zip directory does not read (NotImplementedError: zip file "
+                            f"version 6.5){fix}")
     before = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)  # records saved without CRCs (all 0): nothing to check them by
     try:

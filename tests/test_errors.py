@@ -193,20 +193,26 @@ def test_a_pth_that_holds_no_dict_is_not_a_checkpoint(tmp_path):
 
 
 def test_weights_alone_given_for_a_checkpoint_name_where_they_go(tmp_path):
+    import timm
     import torchvision
 
-    path = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)  # what torchvision's download holds
-    n = len(torch.load(path, weights_only=True))
-    alone = f"not a vitdeit checkpoint (a state dict of {n} tensors, weights alone, without a run's best_top1, epoch, "
-    with pytest.raises(DataError) as e:
-        load_checkpoint(path, what="--teacher-ckpt")
-    assert str(e.value) == (f"--teacher-ckpt {path}: {alone}config, classes); a ResNet-18's weights (torchvision's) go "
-                            f"to --teacher-weights.")
-    with pytest.raises(DataError) as e:
-        load_checkpoint(path, what="--resume")
-    assert str(e.value) == (f"--resume {path}: {alone}config, classes); train.py writes its run's checkpoints, "
-                            f"RUN_DIR/best.pth and last.pth.")
+    resnet, vit = tmp_path / "resnet18.pth", tmp_path / "deit.pth"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), resnet)  # what torchvision's download holds
+    weights = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8).state_dict()
+    torch.save({"model": weights, "epoch": 3}, vit)  # as the DeiT reference and timm's training scripts save them
+    n = len(torch.load(resnet, weights_only=True))
+    run = "without a run's best_top1, epoch, config, classes)"
+    for what in ("--teacher-ckpt", "--resume"):  # a ResNet-18's: the flag that takes them, whatever was given
+        with pytest.raises(DataError) as e:
+            load_checkpoint(resnet, what=what)
+        assert str(e.value) == (f"{what} {resnet}: not a vitdeit checkpoint (a model's weights, {n} tensors, {run}; a "
+                                f"ResNet-18's weights (torchvision's) go to --teacher-weights.")
+    held = f"a model's weights, {len(weights)} tensors under 'model', without a run's best_top1, config, classes)"
+    for what, hint in (("--teacher-ckpt", "train a teacher with train.py --model resnet18"),
+                       ("--resume", "train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")):
+        with pytest.raises(DataError) as e:
+            load_checkpoint(vit, what=what)
+        assert str(e.value) == f"{what} {vit}: not a vitdeit checkpoint ({held}; {hint}."
 
 
 def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_unrun(tmp_path):

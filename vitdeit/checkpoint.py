@@ -118,11 +118,16 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     if not isinstance(state, dict):
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (a {type(state).__name__}, not a dict).")
     missing = [k for k in REQUIRED if k not in state]
-    if missing and state and all(isinstance(v, torch.Tensor) for v in state.values()):  # weights alone
-        hint = ("; a ResNet-18's weights (torchvision's) go to --teacher-weights" if what == "--teacher-ckpt" else
-                "; train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")
-        raise DataError(f"{what} {path}: not a vitdeit checkpoint (a state dict of {len(state)} tensors, weights "
-                        f"alone, without a run's {', '.join(REQUIRED[1:])}){hint}.")
+    # another tool's weights (no config or classes, which only train.py writes): a state dict (torchvision's), or one
+    # under "model" (the DeiT reference's and timm's training checkpoints)
+    weights = state.get("model") if isinstance(state.get("model"), dict) else state
+    if {"config", "classes"} <= set(missing) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
+        held = f"{len(weights)} tensors" + (" under 'model'" if weights is not state else "")
+        hint = ("a ResNet-18's weights (torchvision's) go to --teacher-weights" if "fc.weight" in weights and
+                "layer4.0.conv1.weight" in weights else "train a teacher with train.py --model resnet18"
+                if what == "--teacher-ckpt" else "train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")
+        raise DataError(f"{what} {path}: not a vitdeit checkpoint (a model's weights, {held}, without a run's "
+                        f"{', '.join(k for k in missing if k != 'model')}); {hint}.")
     if missing:
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
     if class_map is not None:

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import os
@@ -1095,17 +1096,42 @@ def test_an_index_line_off_its_tars_blocks_is_refused_and_rewritten_by_the_next_
     assert again(1, 5, f"1 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
 
 
-def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(data, tmp_path, capsys):
+@pytest.mark.parametrize("recorded", [True, False])  # False: a record written before index_sha1 was kept
+def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(data, tmp_path, capsys, recorded):
     out = tmp_path / "s"
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     first, second = out / "train-000000.idx", out / "train-000001.idx"
     whole = {first: first.read_text(), second: second.read_text()}
+    records = sorted((out / ".progress").glob("train-*.json"))
+    assert [json.loads(r.read_text())["index_sha1"] for r in records[:2]] == [
+        hashlib.sha1(whole[idx].encode()).hexdigest() for idx in (first, second)]
+    if not recorded:
+        for r in records:
+            r.write_text(json.dumps({k: v for k, v in json.loads(r.read_text()).items() if k != "index_sha1"}))
+    capsys.readouterr()
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # every index its tar's: all reused
+    assert capsys.readouterr().out.splitlines()[0] == reused(5, 5)
+    assert [json.loads(r.read_text())["index_sha1"] for r in records[:2]] == [  # (an earlier record's: kept now)
+        hashlib.sha1(whole[idx].encode()).hexdigest() for idx in (first, second)]
     first.write_text(whole[second])  # 4 samples each: every count agrees, every offset lies in the tar
     second.write_text(whole[first])
-    capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))
     assert {first: first.read_text(), second: second.read_text()} == whole
     assert again(2, 5, f"2 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
+
+
+def test_a_shard_copied_over_another_with_its_index_is_rewritten_by_the_next_pack(data, tmp_path, capsys):
+    out = tmp_path / "s"
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    whole = {f.name: f.read_bytes() for f in out.glob("train-*")}
+    for ext in (".tar", ".idx"):  # one shard read twice, the other never: the index still its tar's
+        (out / f"train-000001{ext}").write_bytes(whole[f"train-000000{ext}"])
+    capsys.readouterr()
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1))
+    assert {f.name: f.read_bytes() for f in out.glob("train-*")} == whole
+    same = len(whole["train-000000.tar"]) == len(whole["train-000001.tar"])  # (then only the index's SHA-1 tells)
+    why = NOT_ITS_INDEX if same else SIZE_CHANGED
+    assert again(1, 5, f"1 because {why}") in capsys.readouterr().out.splitlines(), same
 
 
 def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path, capsys):

@@ -1120,12 +1120,21 @@ def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(da
     assert again(2, 5, f"2 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
 
 
-def test_a_shard_copied_over_another_with_its_index_is_rewritten_by_the_next_pack(data, tmp_path, capsys):
+def test_a_shard_copied_over_another_with_its_index_is_refused_and_rewritten_by_the_next_pack(data, tmp_path,
+                                                                                              capsys):
+    from vitdeit.data import shard_paths
+
     out = tmp_path / "s"
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     whole = {f.name: f.read_bytes() for f in out.glob("train-*")}
     for ext in (".tar", ".idx"):  # one shard read twice, the other never: the index still its tar's
         (out / f"train-000001{ext}").write_bytes(whole[f"train-000000{ext}"])
+    with pytest.raises(DataError) as e:  # both loaders' first check
+        shard_paths(out, load_manifest(out), "train")
+    assert str(e.value) == (f"{out / 'train-000001.idx'}: not the index pack_shards.py wrote for train-000001.tar (its "
+                            f"SHA-1 is not the one in {out / 'manifest.json'}): edited, damaged, or another shard's "
+                            f"with its tar. Re-run pack_shards.py (it writes again each shard whose index is not the "
+                            f"one it wrote).")
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))
     assert {f.name: f.read_bytes() for f in out.glob("train-*")} == whole

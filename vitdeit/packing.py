@@ -43,7 +43,7 @@ from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMa
                       holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some,
                       val_copies_text)
 from .config import below, usable_cores
-from .data.index import index_matches, index_text
+from .data.index import index_matches, index_sha1, index_text
 from .errors import DataError, SettingError, WriteFailed, output_folder, write_failed
 from .lock import folder_lock
 
@@ -395,14 +395,6 @@ def write_index(tar_path: Path, idx_path: Path) -> tuple[int, str]:
     return count, index_sha1(idx_path)
 
 
-def index_sha1(idx_path: Path) -> str:
-    """The SHA-1 of an index file's bytes ("" where it cannot be read): a shard's record keeps the one it wrote."""
-    try:
-        return hashlib.sha1(idx_path.read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write PATH.tmp, then rename it to PATH: a killed run never leaves a half-written file under the real name."""
     tmp = path.with_name(path.name + ".tmp")
@@ -468,7 +460,8 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
         if not result.rewritten:
             if not done.get("index_sha1"):  # an earlier record's index, found its tar's: kept, so the next reuse
                 # compares a SHA-1, not every tar header (135,000 images on the 2-core VM: 14.4 s against 6.4)
-                write_text_atomic(record, json.dumps({**done, "index_sha1": index_sha1(idx_path)}))
+                done["index_sha1"] = index_sha1(idx_path)
+                write_text_atomic(record, json.dumps(done))
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             kept = {f.name for f in fields(ShardResult)} - RUN_ONLY  # (a later packer's record may hold more)
             return ShardResult(**{k: v for k, v in done.items() if k in kept}, reused=True)
@@ -746,7 +739,7 @@ def _finish(results, sources, split_dirs, class_map, labels_path, out, opts, rep
             "source_dirs": [d.name for d in split_dirs[split]],
             "class_counts": {w: counts.get(i, 0) for i, w in enumerate(class_map.wnids)},
             "shards": [{"file": f"{r.name}.tar", "index": f"{r.name}.idx", "num_samples": r.num_samples,
-                        "bytes": r.bytes} for r in rs],
+                        "bytes": r.bytes, "index_sha1": r.index_sha1} for r in rs],
         }
     if bad:  # (only with --skip-bad: without it, unreadable files stopped the run above)
         check_classes(packed, class_map, split_dirs, labels_path, opts, found=f"left once unreadable files were "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..classes import MANIFEST_NAME
 from ..errors import DataError, SettingError
-from .index import read_index
+from .index import index_sha1, read_index
 
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -78,8 +78,9 @@ def uint8_normalizer(device, mean=MEAN, std=STD):
 
 def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path, list]]:
     """(tar, DALI index, the index read: read_index's samples) of each shard of `split`, in the manifest's order; a
-    missing tar or index, a tar of another size than the manifest's, or an index that read_index refuses or that
-    counts other samples, is a DataError now, not a worker crash at its first sample."""
+    missing tar or index, a tar of another size than the manifest's, or an index that read_index refuses, that
+    counts other samples or (where the manifest keeps its SHA-1) is another, is a DataError now, not a worker crash
+    at its first sample, nor samples read twice or other bytes read as a label."""
     d = Path(shards_dir)
     out = [(d / s["file"], d / s["index"]) for s in manifest["splits"][split]["shards"]]
     for path in (p for pair in out for p in pair):
@@ -93,13 +94,18 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
                             f"short or not this pack's. Copy it again from where it was packed, or re-run "
                             f"pack_shards.py (it rewrites only the shards that differ).")
     indexes = []
-    for (_, idx), shard in zip(out, manifest["splits"][split]["shards"]):
+    for (tar, idx), shard in zip(out, manifest["splits"][split]["shards"]):
         indexes.append(read_index(idx, shard["bytes"]))  # DALI trusts an index: one cut short or from another pack
         # drops samples, one whose offsets are off reads other bytes (or crashes it)
         if len(indexes[-1]) != shard["num_samples"]:
             raise DataError(f"{idx}: {len(indexes[-1])} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; "
                             f"the index is not this pack's. Re-run pack_shards.py (it rewrites the shards that "
                             f"differ).")
+        if shard.get("index_sha1") and index_sha1(idx) != shard["index_sha1"]:  # any other change (a manifest since
+            # 2026-12-07): an offset moved within the tar's blocks, or a shard copied over another with its index
+            raise DataError(f"{idx}: not the index pack_shards.py wrote for {tar.name} (its SHA-1 is not the one in "
+                            f"{d / MANIFEST_NAME}): edited, damaged, or another shard's with its tar. Re-run "
+                            f"pack_shards.py (it writes again each shard whose index is not the one it wrote).")
     return [(tar, idx, index) for (tar, idx), index in zip(out, indexes)]
 
 

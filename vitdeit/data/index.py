@@ -5,6 +5,7 @@ reads it, and so does the PyTorch loader, for random access into the tar."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -33,6 +34,15 @@ def index_lines(idx_path: Path) -> list[str]:
                         f"{max(len(lines) - 1, 0)} sample lines); re-run pack_shards.py (it rewrites the shards "
                         f"that differ).")
     return lines[1:]
+
+
+def index_sha1(idx_path: Path) -> str:
+    """The SHA-1 of an index file's bytes ("" where it cannot be read): the manifest and each shard's record keep
+    the one pack_shards.py wrote."""
+    try:
+        return hashlib.sha1(idx_path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def index_matches(idx_path: Path, tar_path: Path) -> bool:

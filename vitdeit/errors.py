@@ -94,6 +94,15 @@ class DamagedSample(DataError):
         super().__init__(message)
 
 
+def image_failure(e: Exception) -> str:
+    """Why image bytes did not decode: the exception's type and text, but Pillow's "cannot identify image file"
+    names the in-memory file it read them from (<_io.BytesIO object at 0x...>), not the image."""
+    from PIL import UnidentifiedImageError
+
+    return f"{type(e).__name__}: " + ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError)
+                                      else str(e))
+
+
 def damaged_shard(where: str, cause: str, what: str = "does not decode") -> str:
     """The fix for a shard whose image does not decode, or whose label is no class (the same words for both
     loaders)."""

@@ -37,14 +37,14 @@ from pathlib import Path
 
 import webdataset
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMap, classes_without_images,
                       holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some,
                       val_copies_text)
 from .config import below, usable_cores
 from .data.index import index_matches, index_sha1, index_text
-from .errors import DataError, SettingError, WriteFailed, output_folder, write_failed
+from .errors import DataError, SettingError, WriteFailed, image_failure, output_folder, write_failed
 from .lock import folder_lock
 
 FORMAT_VERSION = 1
@@ -487,11 +487,10 @@ def _write_tar(tmp, tar_path, idx_path, record, sources, opts, result) -> ShardR
                         warnings.simplefilter("always")
                         data, change = encode_image(raw, opts.resize_short, opts.jpeg_quality)
                 except Exception as e:  # PIL raises many types for corrupt files
-                    why = ("not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e))
+                    why = image_failure(e)
                     if "runcated" in why:  # Pillow's "Truncated File Read", "image file is truncated (...)"
                         why += " (the file is cut short: a download or copy that did not finish; fetch it again)"
-                    result.bad.append((s.path, "an empty file (0 bytes)" if raw == b"" else
-                                       f"{type(e).__name__}: {why}"))  # (e's text names an in-memory file)
+                    result.bad.append((s.path, "an empty file (0 bytes)" if raw == b"" else why))
                     continue
                 result.hashes.append((hashlib.sha1(raw).hexdigest(), s.path))
                 result.warnings += [(s.path, f"{w.category.__name__}: {w.message}") for w in warned]

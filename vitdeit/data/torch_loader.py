@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 try:  # torchvision's decoders: deprecated since 0.29 (for TorchCodec's), to be removed in a later release
@@ -31,7 +31,7 @@ except ImportError:  # a torchvision without them: decode_rgb falls back to PIL
     decode_image = None
 
 from ..config import Config
-from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line, no_class
+from ..errors import BatchTooLarge, DamagedSample, damaged_shard, first_line, image_failure, no_class
 from . import MEAN, STD, shard_paths, timm_rand_augment, uint8_normalizer, val_resize
 from .index import read_index
 
@@ -95,9 +95,7 @@ class ShardSamples(Dataset):
                 pass
             else:
                 raise
-            cause = ("UnidentifiedImageError: not an image Pillow can identify" if isinstance(e, UnidentifiedImageError)
-                     else f"{type(e).__name__}: {first_line(e)}")  # (Pillow's own words name an in-memory file)
-            raise DamagedSample(damaged_shard(self.where(i), cause)) from e
+            raise DamagedSample(damaged_shard(self.where(i), first_line(image_failure(e)))) from e
 
     def where(self, i: int) -> str:
         """Sample i's shard and key, for its error."""

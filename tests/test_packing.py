@@ -1215,11 +1215,18 @@ def test_a_full_disk_stops_the_pack_naming_the_file_and_out_and_the_rerun_finish
     assert {f.name: f.read_bytes() for f in out.glob("*.tar")} == {f.name: f.read_bytes() for f in clean.glob("*.tar")}
 
 
-def test_out_naming_a_file_is_an_error_naming_it(data, tmp_path):
+def test_out_naming_a_file_or_holding_a_manifest_folder_is_an_error_naming_it(data, tmp_path):
     out = tmp_path / "shards"
     out.write_text("not a folder")
     with pytest.raises(DataError, match=r"--out .*/shards: a file, not a folder; pass a folder"):
         pack(data, out, opts=PackOptions(workers=1), progress=False)
+    out.unlink()
+    (out / "manifest.json").mkdir(parents=True)  # a folder where the manifest goes: it could not be replaced
+    with pytest.raises(DataError) as e:
+        pack(data, out, opts=PackOptions(workers=1), progress=False)
+    assert str(e.value) == (f"{out / 'manifest.json'}: a folder where the manifest goes; move it away, or pass another "
+                            f"--out.")
+    assert os.listdir(out) == ["manifest.json"]  # nothing written
 
 
 def test_after_a_write_error_the_queued_shards_are_skipped_and_those_in_progress_finish(data, tmp_path, monkeypatch):

@@ -566,6 +566,9 @@ def pack(data_path: str | Path, out_dir: str | Path, labels_path: str | Path | N
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: {what_is(out)}, not a folder; pass a folder (it is made if missing).")
+    if (out / MANIFEST_NAME).is_dir():  # (the manifest is replaced as a file: a folder in its place would stop that)
+        raise DataError(f"{out / MANIFEST_NAME}: a folder where the manifest goes; move it away, or pass another "
+                        f"--out.")
     replaced = (out / MANIFEST_NAME).is_file()
     if replaced and not overwrite:  # (before anything is written there: a folder refused is left as it was)
         check_same_source(out, source_of(split_dirs))

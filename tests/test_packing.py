@@ -25,7 +25,8 @@ from vitdeit.packing import PackOptions, pack
 
 OFF_BLOCKS = "does not lie on 512-byte blocks inside the {size}-byte tar"
 SIZE_CHANGED = "its tar has another size than written"
-NOT_ITS_INDEX = "its index is not its tar's"
+NOT_WRITTEN = "its index is not the one written"
+NOT_ITS_INDEX = "its index is not its tar's"  # (a record from before index_sha1: every header of the tar read)
 OPTIONS_CHANGED = "its inputs or options changed (or how this vitdeit encodes them)"
 
 
@@ -1061,7 +1062,7 @@ def test_a_damaged_index_is_rewritten_by_the_next_pack(data, tmp_path, damage, c
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
     assert idx.read_text() == whole
-    assert (again(1, 5, f"1 because {NOT_ITS_INDEX}")
+    assert (again(1, 5, f"1 because {NOT_WRITTEN}")
             in capsys.readouterr().out.splitlines())
 
 
@@ -1093,54 +1094,88 @@ def test_an_index_line_off_its_tars_blocks_is_refused_and_rewritten_by_the_next_
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
     assert idx.read_text() == whole
-    assert again(1, 5, f"1 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
+    assert again(1, 5, f"1 because {NOT_WRITTEN}") in capsys.readouterr().out.splitlines()
 
 
-@pytest.mark.parametrize("recorded", [True, False])  # False: a record written before index_sha1 was kept
+@pytest.mark.parametrize("recorded", [True, False])  # False: records written before index_sha1 was kept
 def test_another_shards_index_of_the_same_count_is_rewritten_by_the_next_pack(data, tmp_path, capsys, recorded):
     out = tmp_path / "s"
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     first, second = out / "train-000000.idx", out / "train-000001.idx"
     whole = {first: first.read_text(), second: second.read_text()}
+    sha1 = [hashlib.sha1(whole[idx].encode()).hexdigest() for idx in (first, second)]
     records = sorted((out / ".progress").glob("train-*.json"))
-    assert [json.loads(r.read_text())["index_sha1"] for r in records[:2]] == [
-        hashlib.sha1(whole[idx].encode()).hexdigest() for idx in (first, second)]
+    assert [json.loads(r.read_text())["index_sha1"] for r in records[:2]] == sha1
     if not recorded:
         for r in records:
             r.write_text(json.dumps({k: v for k, v in json.loads(r.read_text()).items() if k != "index_sha1"}))
-    capsys.readouterr()
-    pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # every index its tar's: all reused
-    assert capsys.readouterr().out.splitlines()[0] == reused(5, 5)
-    assert [json.loads(r.read_text())["index_sha1"] for r in records[:2]] == [  # (an earlier record's: kept now)
-        hashlib.sha1(whole[idx].encode()).hexdigest() for idx in (first, second)]
     first.write_text(whole[second])  # 4 samples each: every count agrees, every offset lies in the tar
     second.write_text(whole[first])
+    capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))
     assert {first: first.read_text(), second: second.read_text()} == whole
-    assert again(2, 5, f"2 because {NOT_ITS_INDEX}") in capsys.readouterr().out.splitlines()
+    said = capsys.readouterr().out.splitlines()
+    assert again(2, 5, f"2 because {NOT_WRITTEN if recorded else NOT_ITS_INDEX}") in said
+    assert [json.loads(r.read_text())["index_sha1"] for r in records[:2]] == sha1  # the ones written again
 
 
-def test_a_shard_copied_over_another_with_its_index_is_refused_and_rewritten_by_the_next_pack(data, tmp_path,
-                                                                                              capsys):
+def test_an_earlier_records_index_read_against_its_tar_once_leaves_its_sha1_in_the_record_and_manifest(
+        data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s"
+    m = pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    sha1 = {s["index"]: hashlib.sha1((out / s["index"]).read_bytes()).hexdigest()
+            for split in ("train", "val") for s in m["splits"][split]["shards"]}
+    assert {s["index"]: s["index_sha1"] for split in ("train", "val") for s in m["splits"][split]["shards"]} == sha1
+    for split in ("train", "val"):  # a manifest and records as a packer before index_sha1 wrote them
+        for s in m["splits"][split]["shards"]:
+            del s["index_sha1"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    for r in (out / ".progress").glob("*.json"):
+        r.write_text(json.dumps({k: v for k, v in json.loads(r.read_text()).items() if k != "index_sha1"}))
+    real = packing.write_text_atomic
+
+    def full_disk(path, text):  # the records' upgrade is best effort: a full disk leaves them as they were
+        if path.parent.name == ".progress":
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(packing, "write_text_atomic", full_disk)
+    again_m = pack(data, out, opts=PackOptions(shard_size=4, workers=1))
+    assert capsys.readouterr().out.splitlines()[0] == reused(5, 5)
+    assert {s["index"]: s["index_sha1"] for split in ("train", "val") for s in again_m["splits"][split]["shards"]} == (
+        sha1)  # the manifest has them anyway
+    assert not any("index_sha1" in json.loads(r.read_text()) for r in (out / ".progress").glob("*.json"))
+    monkeypatch.setattr(packing, "write_text_atomic", real)
+    pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
+    assert {f"{r.stem}.idx": json.loads(r.read_text())["index_sha1"] for r in (out / ".progress").glob("*.json")} == (
+        sha1)
+    assert load_manifest(out)["splits"]["train"]["shards"][0]["index_sha1"] == sha1["train-000000.idx"]
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_a_shard_copied_over_another_is_refused_and_rewritten_by_the_next_pack(data, tmp_path, capsys, with_index):
     from vitdeit.data import shard_paths
 
     out = tmp_path / "s"
     pack(data, out, opts=PackOptions(shard_size=4, workers=1), progress=False)
     whole = {f.name: f.read_bytes() for f in out.glob("train-*")}
-    for ext in (".tar", ".idx"):  # one shard read twice, the other never: the index still its tar's
+    assert len(whole["train-000000.tar"]) == len(whole["train-000001.tar"])  # (tarfile pads to 10,240 bytes)
+    for ext in (".tar", ".idx") if with_index else (".tar",):  # one shard read twice, the other never
         (out / f"train-000001{ext}").write_bytes(whole[f"train-000000{ext}"])
     with pytest.raises(DataError) as e:  # both loaders' first check
         shard_paths(out, load_manifest(out), "train")
-    assert str(e.value) == (f"{out / 'train-000001.idx'}: not the index pack_shards.py wrote for train-000001.tar (its "
-                            f"SHA-1 is not the one in {out / 'manifest.json'}): edited, damaged, or another shard's "
-                            f"with its tar. Re-run pack_shards.py (it writes again each shard whose index is not the "
-                            f"one it wrote).")
+    assert str(e.value) == (
+        f"{out / 'train-000001.idx'}: not the index pack_shards.py wrote for train-000001.tar (its SHA-1 is not the "
+        f"one in {out / 'manifest.json'}): edited, damaged, or another shard's with its tar. Re-run pack_shards.py (it "
+        f"writes again each shard whose index is not the one it wrote)." if with_index else
+        f"{out / 'train-000001.tar'}: not the tar train-000001.idx describes (the headers of its first and last "
+        f"samples' files differ); another shard's copied over it? Copy it again from where it was packed, or re-run "
+        f"pack_shards.py (it writes again each shard whose tar is not its index's).")
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))
     assert {f.name: f.read_bytes() for f in out.glob("train-*")} == whole
-    same = len(whole["train-000000.tar"]) == len(whole["train-000001.tar"])  # (then only the index's SHA-1 tells)
-    why = NOT_ITS_INDEX if same else SIZE_CHANGED
-    assert again(1, 5, f"1 because {why}") in capsys.readouterr().out.splitlines(), same
+    why = NOT_WRITTEN if with_index else "its tar is not the one its index describes"
+    assert again(1, 5, f"1 because {why}") in capsys.readouterr().out.splitlines()
 
 
 def test_a_cut_short_tar_is_refused_by_the_loaders_and_rewritten_by_the_next_pack(data, tmp_path, capsys):

@@ -19,6 +19,7 @@ last, and only when every check passed: its presence means the output is complet
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -43,7 +44,7 @@ from .classes import (MANIFEST_NAME, OWN_CLASSES, PROGRESS_DIR, WNID_RE, ClassMa
                       holds_class_folders, holds_folders_named, load_labels, shards_dir_for, some,
                       val_copies_text)
 from .config import below, usable_cores
-from .data.index import index_matches, index_sha1, index_text
+from .data.index import index_matches, index_sha1, index_text, read_index, tar_agrees
 from .errors import DataError, SettingError, WriteFailed, image_failure, output_folder, write_failed
 from .lock import folder_lock
 
@@ -451,17 +452,20 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             # one that skipped bad files is reused only where skipping is asked for (without --skip-bad they are
             # read again: a file fixed in place, e.g. its permissions, then packs)
             "its bad files are read again" if done.get("bad") and not opts.skip_bad else
-            # a tar of another size than written (a copy cut short, a full disk), or an index that is not the tar's
-            # (cut short, edited, another shard's: the loaders refuse or misread it)
+            # a tar of another size than written (a copy cut short, a full disk), an index other than written (cut
+            # short, edited, another shard's: the loaders refuse or misread it), or a tar other than its index's (one
+            # copied over another of the same size); a record before index_sha1 reads every header of the tar instead
             "its tar has another size than written" if tar_path.stat().st_size != done.get("bytes") else
-            "its index is not its tar's" if (index_sha1(idx_path) != done["index_sha1"] if done.get("index_sha1")
-                                             else not index_matches(idx_path, tar_path)) else
+            ("its index is not the one written" if index_sha1(idx_path) != done["index_sha1"] else
+             "its tar is not the one its index describes" if not tar_agrees(tar_path, read_index(idx_path)) else "")
+            if done.get("index_sha1") else "its index is not its tar's" if not index_matches(idx_path, tar_path) else
             "")
         if not result.rewritten:
             if not done.get("index_sha1"):  # an earlier record's index, found its tar's: kept, so the next reuse
                 # compares a SHA-1, not every tar header (135,000 images on the 2-core VM: 14.4 s against 6.4)
                 done["index_sha1"] = index_sha1(idx_path)
-                write_text_atomic(record, json.dumps(done))
+                with contextlib.suppress(OSError):  # (a full disk: the shard is fine, the record upgraded next time)
+                    write_text_atomic(record, json.dumps(done))
             done["class_counts"] = {int(k): v for k, v in done["class_counts"].items()}
             kept = {f.name for f in fields(ShardResult)} - RUN_ONLY  # (a later packer's record may hold more)
             return ShardResult(**{k: v for k, v in done.items() if k in kept}, reused=True)

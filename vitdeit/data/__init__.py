@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..classes import MANIFEST_NAME
 from ..errors import DataError, SettingError
-from .index import index_sha1, read_index
+from .index import index_sha1, read_index, tar_agrees
 
 # ImageNet channel statistics (0..1 scale), shared by both loaders and the benchmark's baseline
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -78,9 +78,10 @@ def uint8_normalizer(device, mean=MEAN, std=STD):
 
 def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path, list]]:
     """(tar, DALI index, the index read: read_index's samples) of each shard of `split`, in the manifest's order; a
-    missing tar or index, a tar of another size than the manifest's, or an index that read_index refuses, that
-    counts other samples or (where the manifest keeps its SHA-1) is another, is a DataError now, not a worker crash
-    at its first sample, nor samples read twice or other bytes read as a label."""
+    missing tar or index, a tar of another size than the manifest's, an index that read_index refuses, that counts
+    other samples or (where the manifest keeps its SHA-1) is another, or a tar whose first and last samples' headers
+    are not the index's (tar_agrees), is a DataError now, not a worker crash at its first sample, nor samples read
+    twice or other bytes read as a label."""
     d = Path(shards_dir)
     out = [(d / s["file"], d / s["index"]) for s in manifest["splits"][split]["shards"]]
     for path in (p for pair in out for p in pair):
@@ -106,6 +107,10 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
             raise DataError(f"{idx}: not the index pack_shards.py wrote for {tar.name} (its SHA-1 is not the one in "
                             f"{d / MANIFEST_NAME}): edited, damaged, or another shard's with its tar. Re-run "
                             f"pack_shards.py (it writes again each shard whose index is not the one it wrote).")
+        if not tar_agrees(tar, indexes[-1]):  # a tar copied over another of the same size, without its index
+            raise DataError(f"{tar}: not the tar {idx.name} describes (the headers of its first and last samples' "
+                            f"files differ); another shard's copied over it? Copy it again from where it was packed, "
+                            f"or re-run pack_shards.py (it writes again each shard whose tar is not its index's).")
     return [(tar, idx, index) for (tar, idx), index in zip(out, indexes)]
 
 

@@ -196,23 +196,31 @@ def test_weights_alone_given_for_a_checkpoint_name_where_they_go(tmp_path):
     import timm
     import torchvision
 
-    resnet, vit = tmp_path / "resnet18.pth", tmp_path / "deit.pth"
-    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), resnet)  # what torchvision's download holds
+    resnet18, resnet50, deit, timm_ckpt = (tmp_path / f"{n}.pth" for n in ("resnet18", "resnet50", "deit", "timm"))
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), resnet18)  # what torchvision's download holds
+    torch.save(torchvision.models.resnet50(num_classes=4).state_dict(), resnet50)
     weights = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8).state_dict()
-    torch.save({"model": weights, "epoch": 3}, vit)  # as the DeiT reference and timm's training scripts save them
-    n = len(torch.load(resnet, weights_only=True))
+    torch.save({"model": weights}, deit)  # as the DeiT reference releases its weights
+    torch.save({"epoch": 3, "arch": "vit_tiny", "state_dict": weights, "version": 2}, timm_ckpt)  # timm's train.py
+    n18, n50 = (len(torch.load(p, weights_only=True)) for p in (resnet18, resnet50))
     run = "without a run's best_top1, epoch, config, classes)"
     for what in ("--teacher-ckpt", "--resume"):  # a ResNet-18's: the flag that takes them, whatever was given
         with pytest.raises(DataError) as e:
-            load_checkpoint(resnet, what=what)
-        assert str(e.value) == (f"{what} {resnet}: not a vitdeit checkpoint (a model's weights, {n} tensors, {run}; a "
-                                f"ResNet-18's weights (torchvision's) go to --teacher-weights.")
-    held = f"a model's weights, {len(weights)} tensors under 'model', without a run's best_top1, config, classes)"
-    for what, hint in (("--teacher-ckpt", "train a teacher with train.py --model resnet18"),
-                       ("--resume", "train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")):
-        with pytest.raises(DataError) as e:
-            load_checkpoint(vit, what=what)
-        assert str(e.value) == f"{what} {vit}: not a vitdeit checkpoint ({held}; {hint}."
+            load_checkpoint(resnet18, what=what)
+        assert str(e.value) == (f"{what} {resnet18}: not a vitdeit checkpoint (a model's weights, {n18} tensors, "
+                                f"{run}; a ResNet-18's weights (torchvision's) go to --teacher-weights.")
+    with pytest.raises(DataError) as e:  # another ResNet: not for --teacher-weights, which slices a ResNet-18's
+        load_checkpoint(resnet50, what="--teacher-ckpt")
+    assert str(e.value) == (f"--teacher-ckpt {resnet50}: not a vitdeit checkpoint (a model's weights, {n50} tensors, "
+                            f"{run}; train a teacher with train.py --model resnet18.")
+    for path, held, missing in ((deit, "under 'model'", "best_top1, epoch, config, classes"),
+                                (timm_ckpt, "under 'state_dict'", "best_top1, config, classes")):
+        for what, hint in (("--teacher-ckpt", "train a teacher with train.py --model resnet18"),
+                           ("--resume", "train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")):
+            with pytest.raises(DataError) as e:
+                load_checkpoint(path, what=what)
+            assert str(e.value) == (f"{what} {path}: not a vitdeit checkpoint (a model's weights, {len(weights)} "
+                                    f"tensors {held}, without a run's {missing}); {hint}.")
 
 
 def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_unrun(tmp_path):
@@ -228,8 +236,10 @@ def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_
     torch.save({**whole, "extra": RunsCode()}, tmp_path / "code.pth")
     with pytest.raises(DataError, match=r"code\.pth: cannot be read by torch\.load\(weights_only=True\) \(it holds "
                                         r"more than tensors and plain containers: Trying to load unsupported GLOBAL "
-                                        r"posix\.mkdir"):  # the reason, not torch's page of advice
+                                        r"posix\.mkdir") as e:  # the reason, not torch's page of advice
         load_checkpoint(tmp_path / "code.pth")
+    assert str(e.value).endswith("); pass a checkpoint train.py wrote (another tool's may pickle its settings: the "
+                                 "DeiT reference's argparse.Namespace).")
     torch.save({**whole, "best_top1": np.float64(71.2)}, tmp_path / "numpy.pth")  # torch's other form of refusal
     with pytest.raises(DataError, match=r"numpy\.pth: .*\(it holds more than tensors and plain containers: "
                                         r"Unsupported global: GLOBAL numpy"):

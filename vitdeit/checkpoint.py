@@ -119,13 +119,18 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (a {type(state).__name__}, not a dict).")
     missing = [k for k in REQUIRED if k not in state]
     # another tool's weights (no config or classes, which only train.py writes): a state dict (torchvision's), or one
-    # under "model" (the DeiT reference's and timm's training checkpoints)
-    weights = state.get("model") if isinstance(state.get("model"), dict) else state
+    # under "model" (the DeiT reference's released weights) or "state_dict" (timm's train.py checkpoints)
+    under = next((k for k in ("model", "state_dict") if isinstance(state.get(k), dict)), None)
+    weights = state[under] if under else state
     if {"config", "classes"} <= set(missing) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
-        held = f"{len(weights)} tensors" + (" under 'model'" if weights is not state else "")
-        hint = ("a ResNet-18's weights (torchvision's) go to --teacher-weights" if "fc.weight" in weights and
-                "layer4.0.conv1.weight" in weights else "train a teacher with train.py --model resnet18"
-                if what == "--teacher-ckpt" else "train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")
+        # torchvision's ResNet-18: 2 blocks a stage, no 1x1 bottleneck conv3 (not a ResNet-34 or 50), a flat state
+        # dict as --teacher-weights takes
+        resnet18 = under is None and "layer4.1.conv2.weight" in weights and not any(
+            k in weights for k in ("layer4.2.conv1.weight", "layer1.0.conv3.weight"))
+        hint = ("a ResNet-18's weights (torchvision's) go to --teacher-weights" if resnet18 else
+                "train a teacher with train.py --model resnet18" if what == "--teacher-ckpt" else
+                "train.py writes its run's checkpoints, RUN_DIR/best.pth and last.pth")
+        held = f"{len(weights)} tensors" + (f" under '{under}'" if under else "")
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (a model's weights, {held}, without a run's "
                         f"{', '.join(k for k in missing if k != 'model')}); {hint}.")
     if missing:
@@ -159,8 +164,10 @@ def torch_load(path: Path, what: str):
     # a copy cut short (RuntimeError, EOFError; OSError "Invalid argument" where the cut falls inside a tensor's record)
     # or pickled code and objects, or a pickle saved without CRCs and damaged since (anything: UnicodeDecodeError, ...)
     except Exception as e:
-        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({load_failure(e)}); copy "
-                        f"it again or pass another file.") from e
+        why = load_failure(e)
+        fix = ("pass a checkpoint train.py wrote (another tool's may pickle its settings: the DeiT reference's "
+               "argparse.Namespace)" if why.startswith("it holds more than") else "copy it again or pass another file")
+        raise DataError(f"{what} {path}: cannot be read by torch.load(weights_only=True) ({why}); {fix}.") from e
     if unread is not None:
         raise DataError(f"{what} {path}: its zip directory does not read ({type(unread).__name__}: "
                         f"{first_line(unread)}){changed}")

@@ -1090,7 +1090,7 @@ def test_an_index_line_off_its_tars_blocks_is_refused_and_rewritten_by_the_next_
     with pytest.raises(DataError) as e:  # both loaders' first check of the shards, before DALI reads at the offsets
         shard_paths(out, load_manifest(out), "train")
     assert str(e.value) == (f"{idx} line 3: {said}; the index is damaged or not its tar's. Re-run pack_shards.py (it "
-                            f"rewrites each index that differs from its tar).")
+                            f"writes again each shard whose index is not the one it wrote).")
     capsys.readouterr()
     pack(data, out, opts=PackOptions(shard_size=4, workers=1))  # as the command line
     assert idx.read_text() == whole

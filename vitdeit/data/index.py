@@ -97,5 +97,5 @@ def read_index(idx_path: Path, tar_bytes: int | None = None) -> list[tuple[str, 
                          if off < 512 or off % 512 or size < 0 or off + size > tar_bytes), None))
         if problem:
             raise DataError(f"{idx_path} line {n}: {problem}; the index is damaged or not its tar's. Re-run "
-                            f"pack_shards.py (it rewrites each index that differs from its tar).")
+                            f"pack_shards.py (it writes again each shard whose index is not the one it wrote).")
     return samples

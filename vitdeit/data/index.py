@@ -54,12 +54,10 @@ def tar_agrees(tar_path: Path, samples: list) -> bool:
             for key, files in (samples[0], samples[-1]) if samples else ():
                 for ext, (offset, size) in files.items():
                     f.seek(offset - 512)
-                    header = f.read(512)
-                    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                    if (os.path.basename(name) != f"{key}.{ext}"
-                            or int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8) != size):
+                    member = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")  # (its checksum too)
+                    if os.path.basename(member.name) != f"{key}.{ext}" or member.size != size:
                         return False
-    except (OSError, ValueError):  # (ValueError: a size field that is not octal)
+    except (OSError, tarfile.TarError):  # (TarError: no tar header there)
         return False
     return True
 

@@ -18,6 +18,18 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
         0.01, 7, "resnet18", True, Config().batch_size)
 
 
+def test_the_settings_given_are_those_typed_or_for_a_config_made_in_code_those_off_their_defaults(tmp_path):
+    import dataclasses
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": Config.lr, "seed": 3}))
+    typed = parse_args(["--config", str(f), "--epochs", str(Config.epochs)])  # (at their defaults, but typed)
+    assert (typed.given, typed.inherited) == ({"lr", "seed", "epochs"}, set())
+    made = Config(epochs=Config.epochs, seed=3, img_size=64)
+    assert (made.given, made.inherited) == ({"seed", "img_size", "data_path"}, set())  # (its caller names the shards)
+    assert dataclasses.replace(made, seed=0).given == {"img_size", "data_path"}
+
+
 def test_every_setting_the_field_groups_name_is_a_config_field():
     from dataclasses import fields
 

@@ -196,6 +196,10 @@ class Config:
 
     def __post_init__(self):
         self.validate()
+        # not fields (neither flags nor saved), for messages: parse_args sets both from what it read. A Config made in
+        # code counts as given the settings it sets off their defaults, and its data_path (its caller names the shards)
+        self.given = frozenset({"data_path", *(f.name for f in fields(self) if getattr(self, f.name) != f.default)})
+        self.inherited = frozenset()  # the settings the --resume (or --eval-only) checkpoint set, not given
 
     def validate(self) -> None:
         def need(ok: bool, msg: str):
@@ -558,6 +562,6 @@ def parse_args(argv=None, description: str = "") -> Config:
         from_file = path and named and ns.get(key) is None  # not given on the command line
         p.error(f"{e}" + (f" (the value comes from --config {path}: give the flag to override it)" if from_file
                           else ""))
-    cfg.given = frozenset(values)  # not a field (not saved): the settings a flag or --config set, for messages
-    cfg.inherited = frozenset(inherited) - cfg.given  # (and those the --resume checkpoint set)
+    cfg.given = frozenset(values)  # the settings a flag or --config set
+    cfg.inherited = frozenset(inherited) - cfg.given
     return cfg

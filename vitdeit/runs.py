@@ -56,7 +56,7 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         problem = (f"{run_dir} already holds a run ({held.name}{alone}){other}: continue it with --resume {held}, "
                    f"choose another --run-name, or pass --overwrite to replace it.")
     elif writes and dist.is_main and (why := cannot_write_in(run_dir)):
-        given = ("" if "output_dir" not in getattr(cfg, "inherited", ()) else
+        given = ("" if "output_dir" not in cfg.inherited else
                  f" (the run folder of --resume {cfg.resume}, where it goes on)")
         problem = (f"--output-dir {cfg.output_dir}: the run folder {run_dir}{given} cannot be written ({why}); pass "
                    f"another --output-dir")

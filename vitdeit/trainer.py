@@ -194,7 +194,7 @@ def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None) -> lis
     a setting existed had its default. data_dir: the checkpoint's shards' folder, resolved: --data-path naming it
     otherwise (from another working folder) is no change, nor is a path the checkpoint gave, rebased to here."""
     def same(k, v) -> bool:
-        return (saved_setting(saved, k) == v or k in getattr(cfg, "inherited", ())
+        return (saved_setting(saved, k) == v or k in cfg.inherited
                 or k == "data_path" and str(Path(v).resolve()) == data_dir)
 
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
@@ -214,7 +214,7 @@ def resume_file_first(cfg: Config, path: str, what: str) -> None:
     is named as such before the shards: its run's --data-path was to come from it, and the default in its place
     would be named instead."""
     checkpoint_file(path, what)
-    if "data_path" not in getattr(cfg, "given", {"data_path"}) | getattr(cfg, "inherited", frozenset()):
+    if "data_path" not in cfg.given | cfg.inherited:
         load_checkpoint(path, what=what)  # (raises, but for torch's pre-1.6 pickle, which mmap cannot read)
 
 
@@ -222,11 +222,11 @@ def run_manifest(cfg: Config) -> dict:
     """cfg.data_path's manifest. --data-path left out on the command line and in --config means the --resume
     checkpoint's shards, or else the demo's: where there are none, that is the error, not a pack command aimed at
     that folder."""
-    if "data_path" in getattr(cfg, "inherited", ()) and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
+    if "data_path" in cfg.inherited and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
         raise SettingError(f"--data-path not given, and the one {checkpoint_named(cfg.resume, cfg.checkpoint_read)} "
                            f"was trained on, {cfg.data_path}, holds no {MANIFEST_NAME} seen from {Path.cwd()} (moved, "
                            f"or another machine's path): pass --data-path with these shards' folder here")
-    defaulted = "data_path" not in getattr(cfg, "given", {"data_path"})  # (a Config not from parse_args: given)
+    defaulted = "data_path" not in cfg.given
     if defaulted and not (Path(cfg.data_path) / MANIFEST_NAME).is_file():
         raise SettingError(f"--data-path not given, and its default, {cfg.data_path} (the folder python -m "
                            f"vitdeit.demo packs the demo data into), holds no {MANIFEST_NAME} seen from {Path.cwd()}: "
@@ -528,7 +528,7 @@ def read_inputs(cfg: Config) -> tuple[dict, dict | None]:
             check_weights_file(cfg.teacher_weights)
     except MissingFile as e:
         key = "teacher_ckpt" if cfg.teacher_ckpt else "teacher_weights"
-        if key in getattr(cfg, "inherited", ()):
+        if key in cfg.inherited:
             raise MissingFile(f"{e} (the path --resume {cfg.resume} was saved with, seen from {Path.cwd()}: give "
                               f"{flag(key)} with the teacher's path here)") from None
         raise
@@ -723,15 +723,14 @@ def evaluate_checkpoint(cfg: Config) -> dict:
         geometry = {k: saved_setting(trained, k) for k in ("model", "img_size", "patch_size", "crop_pct",
                                                              "interpolation")}
         flags = lambda values: ", ".join(f"{flag(k)} {v}" for k, v in values.items())  # noqa: E731
-        # set to something else: by a flag or --config (parse_args' `given`), else (an API call) off its default
-        given = getattr(cfg, "given", {k for k in geometry if getattr(cfg, k) != getattr(Config, k)})
-        asked = {k: getattr(cfg, k) for k, v in geometry.items() if k in given and getattr(cfg, k) != v}
+        # set to something else by a flag or --config (an API call's Config: off its default)
+        asked = {k: getattr(cfg, k) for k, v in geometry.items() if k in cfg.given and getattr(cfg, k) != v}
         if asked:
             dist.print(f"note: --eval-only evaluates with the settings {path} was trained with ({flags(geometry)}), "
                        f"not {flags(asked)}")
         # a training setting given otherwise than the checkpoint's (parse_args' `given`): nothing here reads it
         reads = {*geometry, *EVAL_READS}
-        if unread := {k: getattr(cfg, k) for k in sorted(getattr(cfg, "given", ())) if k not in reads
+        if unread := {k: getattr(cfg, k) for k in sorted(cfg.given) if k not in reads
                       and getattr(cfg, k) != saved_setting(trained, k)}:
             dist.print(f"note: --eval-only: {flags(unread)} set{'s' * (len(unread) == 1)} training, not evaluation: "
                        f"not used here")

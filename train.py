@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     def go_on(first: str = "") -> str:  # how to continue, where this node sees the epochs this run has written
         ours = last.is_file() and (last.stat().st_mtime_ns != found  # this run wrote it (an epoch finished)
                                    or bool(cfg.resume) and Path(cfg.resume).resolve() == last.resolve())
-        return (f"; the epochs finished so far are in {last}: {first}go on with the same command and --resume {last}"
+        again = " (its --resume auto continues from it)" if cfg.auto_resume else f" and --resume {last}"
+        return (f"; the epochs finished so far are in {last}: {first}go on with the same command{again}"
                 if ours and not cfg.eval_only else "")
 
     try:

@@ -30,6 +30,42 @@ def test_the_settings_given_are_those_typed_or_for_a_config_made_in_code_those_o
     assert dataclasses.replace(made, seed=0).given == {"img_size", "data_path"}
 
 
+def test_resume_auto_continues_run_dir_last_pth_where_there_is_one_and_else_starts_a_new_run(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(["--resume", "auto", "--lr", "0.002"])  # runs/vit_tiny/: the default --output-dir and name
+    assert (cfg.resume, cfg.auto_resume, cfg.inherited, cfg.lr) == ("", True, set(), 0.002)
+    saved = Config(model="deit_tiny_distill", lr=0.01, epochs=8, output_dir="out", run_name="d").to_dict()
+    last = tmp_path / "out" / "d" / "last.pth"
+    last.parent.mkdir(parents=True)
+    torch.save({"config": saved}, last)
+    (tmp_path / "c.json").write_text(json.dumps({"output_dir": "out", "run_name": "d"}))
+    for typed in (["--output-dir", "out", "--run-name", "d"], ["--config", "c.json"]):
+        cfg = parse_args([*typed, "--resume", "auto", "--epochs", "9"])  # its saved settings, but those given
+        assert (cfg.resume, cfg.auto_resume, cfg.model, cfg.lr, cfg.epochs) == (
+            str(Path("out") / "d" / "last.pth"), True, "deit_tiny_distill", 0.01, 9)
+    (tmp_path / "out" / "resnet18").mkdir()
+    torch.save({"config": {**saved, "run_name": "", "model": "resnet18"}}, tmp_path / "out" / "resnet18" / "last.pth")
+    assert parse_args(["--output-dir", "out", "--model", "resnet18", "--resume", "auto"]).resume == str(
+        Path("out") / "resnet18" / "last.pth")  # (the run name defaults to the model's)
+    assert parse_args(["--output-dir", "out", "--run-name", "e", "--resume", "auto"]).resume == ""
+    assert not parse_args(["--resume", str(last)]).auto_resume
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--eval-only"], "--resume auto with --eval-only: --resume auto continues the training of the run in RUN; "
+                      "--eval-only without --resume scores its best.pth: drop --resume auto"),
+    (["--overwrite"], "--resume auto with --overwrite: one continues the run in RUN, the other replaces it; drop one"),
+])
+def test_resume_auto_with_eval_only_or_overwrite_is_refused_naming_the_run_folder(flags, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--run-name", "r", "--resume", "auto", *flags])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: {said.replace('RUN', 'runs/r')}\n")
+    with pytest.raises(SettingError, match="resume='auto': parse_args"):  # a Config made in code names its file
+        Config(resume="auto")
+
+
 def test_every_setting_the_field_groups_name_is_a_config_field():
     from dataclasses import fields
 

@@ -17,7 +17,8 @@ SCRIPTS = {"train.py": "train", "pack_shards.py": "pack_shards", "viz.py": "viz"
 OTHER_TOOLS = {"--dry-run",  # gpu_check.sh's own
                "--no-deps", "--index-url", "--durations", "--dist",  # pip's, pytest's, pytest-xdist's
                "--nnodes", "--nproc_per_node", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--node-rank",
-               "--master-addr", "--master-port",  # torchrun's
+               "--master-addr", "--master-port", "--max-restarts",  # torchrun's
+               "--requeue",  # Slurm's sbatch's
                "--cooldown-epochs"}  # the DeiT reference's, quoted
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")  # (_: torchrun's --nproc_per_node is one flag)
 

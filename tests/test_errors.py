@@ -819,6 +819,8 @@ def test_viz_takes_a_picture_name_in_any_case_of_matplotlibs_formats(out, monkey
     (True, ["--overwrite"], False, False),  # the old run's last.pth, not yet replaced: resuming it is not this run
     (True, ["--resume", "RUNS/r/last.pth"], False, True),  # a resumed run, stopped before its next epoch ended
     (True, ["--eval-only", "--resume", "RUNS/r/last.pth"], False, False),  # an evaluation: nothing to go on with
+    (False, ["--resume", "auto"], True, "auto"),  # a new run by --resume auto: the same command goes on
+    (True, ["--resume", "auto"], False, "auto"),  # a run --resume auto resumed, stopped before its next epoch ended
 ])
 def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, before, flags, during,
                                                                offered):
@@ -839,8 +841,9 @@ def test_ctrl_c_in_training_is_one_line_that_says_how_to_go_on(tmp_path, monkeyp
     flags = [f.replace("RUNS", str(tmp_path / "runs")) for f in flags]
     assert train.main(["--device", "cpu", "--output-dir", str(tmp_path / "runs"), "--run-name", "r", *flags]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == (f"interrupted; the epochs finished so far are in {last}: go on with the same command and --resume "
-                   f"{last}" if offered else "interrupted")
+    again = " (its --resume auto continues from it)" if offered == "auto" else f" and --resume {last}"
+    assert err == (f"interrupted; the epochs finished so far are in {last}: go on with the same command{again}"
+                   if offered else "interrupted")
 
 
 @pytest.mark.parametrize("rank, local_rank, says", [("0", "0", True), ("1", "1", False), ("2", "0", True)])

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -852,6 +853,82 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     alone = evaluate_checkpoint(cfg_for(tiny_shards, tmp_path, model="resnet18", img_size=32, workers=0,
                                         resume=str(tmp_path / "resnet18" / "last.pth"), eval_only=True))
     assert alone["val_loss"] == pytest.approx(rec["val_loss"], rel=1e-5) and alone["val_top1"] == rec["val_top1"]
+
+
+def test_the_same_command_with_resume_auto_starts_the_run_then_goes_on_from_its_last_epoch(tiny_shards, tmp_path,
+                                                                                            capsys):
+    import train as train_py
+
+    last = tmp_path / "r" / "last.pth"
+    cmd = ["--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--run-name", "r", "--img-size", "32",
+           "--patch-size", "8", "--batch-size", "16", "--workers", "0", "--progress", "false", "--device", "cpu",
+           "--resume", "auto"]
+    assert train_py.main([*cmd, "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: --resume auto: no {last} yet: a new run" in out and "resumed from" not in out
+    assert train_py.main([*cmd, "--epochs", "1"]) == 0  # a requeue of a run that has finished
+    assert f"{last} has trained 1 epoch(s), --epochs 1: nothing to do" in capsys.readouterr().out
+    assert train_py.main([*cmd, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {last} after epoch 0" in out and "--resume auto: no" not in out
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def processes_under(pid: int) -> dict[int, str]:
+    """The child processes of `pid`, each with its RANK (torchrun's workers)."""
+    import pathlib
+
+    out = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # (after the command's name, which may hold spaces)
+            if int(fields[1]) == pid:
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+                out[int(stat.parent.name)] = next((e[5:].decode() for e in env if e.startswith(b"RANK=")), "")
+        except (OSError, IndexError, ValueError):  # (a process that ended meanwhile)
+            continue
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's processes in /proc")
+def test_torchrun_restarts_a_run_whose_process_was_killed_and_resume_auto_ends_it_with_the_same_weights(
+        tiny_shards, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ROOT, free_port
+
+    flags = ["--data-path", str(tiny_shards), "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+             "--batch-size", "16", "--workers", "0", "--progress", "false", "--device", "cpu", "--epochs", "3"]
+    whole = torchrun("train.py", *flags, "--output-dir", str(tmp_path / "whole"), timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # torchrun as a cluster job restarts it (README): a c10d rendezvous, each try its own store
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "train.py", *flags, "--output-dir",
+           str(tmp_path / "killed"), "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    last = tmp_path / "killed" / "vit_tiny" / "last.pth"
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) as proc:
+        try:
+            deadline = time.monotonic() + 300
+            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ranks = processes_under(proc.pid)
+            assert last.exists() and sorted(ranks.values()) == ["0", "1"], (ranks, proc.poll())
+            os.kill(next(pid for pid, rank in ranks.items() if rank == "1"), signal.SIGKILL)  # after epoch 0
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # (torchrun passes it on to its workers, in sessions of their own)
+                proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("note: --resume auto: no") == 1 and out.count(f"resumed from {last} after epoch 0") == 1, out
+    epochs = [json.loads(line)["epoch"] for line in (last.parent / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    weights = [torch.load(folder / "vit_tiny" / "last.pth", weights_only=True)["model"]
+               for folder in (tmp_path / "whole", tmp_path / "killed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ STEP_STREAMS = ("default", "side", "high")  # the CUDA stream the training step 
 # what one command does, not the run's recipe: left out of saved configs, so `--config runs/NAME/config.json` of a
 # resumed run neither resumes it again nor replaces it: add --resume, --eval-only, --overwrite or another --run-name
 INVOCATION_FIELDS = ("resume", "eval_only", "eval_ema", "overwrite")
+AUTO = "auto"  # --resume auto: RUN_DIR/last.pth where there is one, else a new run (auto_resume)
 # how a run runs, not what it computes: where it writes, its progress bars, its device and speed switches, the loader
 # (whose change a resume notes on its own): a resume may change them without a note, and viz.py does not list them
 # among two runs' differences
@@ -188,7 +189,9 @@ class Config:
     seed: int = 0  # weights, data order and augmentation all follow from it
     output_dir: str = "runs"  # runs go to OUTPUT_DIR/RUN_NAME/
     run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
-    resume: str = ""  # a last.pth to continue exactly from (its saved settings and run folder are the defaults)
+    # auto, for a job restarted with the command it started with (torchrun --max-restarts, a Slurm requeue): the run
+    # goes on from its last finished epoch, or starts as a new one where it has none
+    resume: str = ""  # a last.pth to continue exactly from (its settings the defaults); auto: RUN_DIR/last.pth, if any
     overwrite: bool = False  # replace the run in OUTPUT_DIR/RUN_NAME (a folder holding last.pth is refused without)
     eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth; its saved settings the defaults) on val, exit
     eval_ema: bool = False  # --eval-only: score the checkpoint's EMA of the weights (--model-ema), not the weights
@@ -200,6 +203,7 @@ class Config:
         # code counts as given the settings it sets off their defaults, and its data_path (its caller names the shards)
         self.given = frozenset({"data_path", *(f.name for f in fields(self) if getattr(self, f.name) != f.default)})
         self.inherited = frozenset()  # the settings the --resume (or --eval-only) checkpoint set, not given
+        self.auto_resume = False  # --resume auto was typed (resume: what it found, or "")
 
     def validate(self) -> None:
         def need(ok: bool, msg: str):
@@ -229,6 +233,8 @@ class Config:
         need(self.teacher == "resnet18", f"--teacher {self.teacher!r}: only resnet18 is supported")
         need(0 <= self.distillation_alpha <= 1, f"--distillation-alpha {self.distillation_alpha}: must be in [0, 1]")
         need(self.distillation_tau > 0, f"--distillation-tau {self.distillation_tau}: must be > 0")
+        need(self.resume != AUTO, "resume='auto': parse_args (train.py --resume auto) looks for RUN_DIR/last.pth; a "
+             "Config made in code takes the checkpoint's path, or '' for a new run")
         need(self.eval_only or not self.eval_ema, "--eval-ema: scores a checkpoint's EMA with --eval-only (training "
              "with --model-ema scores it every epoch); add --eval-only, or drop --eval-ema")
         alpha = self.distillation_alpha  # (a DeiT that distils: at 0 or 1, one of its two heads learns nothing)
@@ -501,13 +507,32 @@ def resumed_settings(resume: str) -> dict:
     return {k: v for k, v in saved.items() if k in known and k not in THIS_MACHINE + INVOCATION_FIELDS}
 
 
+def run_dir_of(values: dict) -> Path:
+    """Config.run_dir of the settings given (flags and --config), before a Config exists."""
+    name = values.get("run_name") or values.get("model") or Config.model  # (Config.name)
+    return Path(values.get("output_dir") or Config.output_dir) / name
+
+
 def settings_source(values: dict) -> str:
     """The checkpoint whose saved settings are the run's defaults: --resume's, or for a bare --eval-only the
     RUN_DIR/best.pth it evaluates (`--run-name NAME --eval-only` scores that run on its own shards); "" for none."""
     if values.get("resume") or not values.get("eval_only"):
         return values.get("resume") or ""
-    name = values.get("run_name") or values.get("model") or Config.model  # (Config.name, from the values as given)
-    return str(Path(values.get("output_dir") or Config.output_dir) / name / "best.pth")
+    return str(run_dir_of(values) / "best.pth")
+
+
+def auto_resume(values: dict) -> str:
+    """--resume auto's checkpoint: RUN_DIR/last.pth of the settings given, where it is a file; else "" (a new run).
+    Each rank looks for itself, before any of them has written: a node that sees another last.pth than rank 0's (no
+    shared file system) is refused with the others by the node check (runs.read_run_files)."""
+    last = run_dir_of(values) / "last.pth"
+    if values.get("eval_only"):
+        raise SettingError(f"--resume auto with --eval-only: --resume auto continues the training of the run in "
+                           f"{last.parent}; --eval-only without --resume scores its best.pth: drop --resume auto")
+    if values.get("overwrite"):
+        raise SettingError(f"--resume auto with --overwrite: one continues the run in {last.parent}, the other "
+                           f"replaces it; drop one")
+    return str(last) if last.is_file() else ""
 
 
 def checkpoint_named(resume: str, source: str) -> str:
@@ -545,6 +570,11 @@ def parse_args(argv=None, description: str = "") -> Config:
         if not isinstance(values, dict):
             p.error(f"--config {path}: must hold a JSON object")
     values.update({k: v for k, v in ns.items() if v is not None})
+    if auto := values.get("resume") == AUTO:
+        try:
+            values["resume"] = auto_resume(values)
+        except SettingError as e:
+            p.error(str(e))
     source = settings_source(values)
     inherited = resumed_settings(source) if source else {}
     if inherited and not values.get("resume"):  # --eval-only's RUN_DIR/best.pth: evaluated there, whatever folder
@@ -564,4 +594,5 @@ def parse_args(argv=None, description: str = "") -> Config:
                           else ""))
     cfg.given = frozenset(values)  # the settings a flag or --config set
     cfg.inherited = frozenset(inherited) - cfg.given
+    cfg.auto_resume = auto
     return cfg

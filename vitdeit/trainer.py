@@ -249,6 +249,8 @@ def run_notes(cfg: Config, manifest: dict, dist: Dist, train_loader, resumed: di
     """The warnings and notes a run prints after its first line: settings that work, but maybe not as meant (a
     resume's last: resume_notes)."""
     out, global_batch = [], cfg.global_batch(dist.world)
+    if cfg.auto_resume and resumed is None:
+        out.append(f"note: --resume auto: no {cfg.run_dir / 'last.pth'} yet: a new run")
     if text := workers_warning(cfg.workers, dali=train_loader.name == "dali"):
         out.append(f"warning: {text}")
     out += [f"warning: {text}" for split in ("train", "val")  # --allow-missing-classes

@@ -21,6 +21,17 @@ from vitdeit.packing import PackOptions, pack  # noqa: E402
 LABELS = ROOT / "Labels.json"
 
 
+def checkpoint_state(classes: list[str], **keys) -> dict:
+    """The smallest dict load_checkpoint takes as train.py's: a ViT-Tiny of len(classes) classes at 32 px, 8 px
+    patches (its weights, its config), a best_top1 of 0 and epoch 0; `keys` added or replaced."""
+    from vitdeit.config import Config
+    from vitdeit.models import create_model
+
+    net = create_model("vit_tiny", len(classes), 32, 8)
+    return {"model": net.state_dict(), "best_top1": 0.0, "epoch": 0, "classes": list(classes),
+            "config": Config(model="vit_tiny", img_size=32, patch_size=8).to_dict(), **keys}
+
+
 def free_port() -> int:
     """A port nobody listens on now: a rendezvous's, or one with nothing behind it."""
     with socket.socket() as s:

@@ -15,7 +15,7 @@ import torch
 import pack_shards
 import train
 import viz
-from conftest import torchrun
+from conftest import checkpoint_state, torchrun
 from vitdeit.checkpoint import load_checkpoint, save_checkpoint
 from vitdeit.errors import DataError, WriteFailed
 
@@ -151,7 +151,7 @@ def test_a_checkpoint_changed_in_place_is_a_data_error_naming_the_record_unless_
     before = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)  # records saved without CRCs (all 0): nothing to check them by
     try:
-        torch.save({"model": {"w": tensor}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": []}, path)
+        torch.save(checkpoint_state(["n00000001"]), path)
     finally:
         torch.serialization.set_crc32_options(before)
     assert {i.CRC for i in zipfile.ZipFile(path).infolist()} == {0} and load_checkpoint(path)["epoch"] == 0
@@ -159,7 +159,7 @@ def test_a_checkpoint_changed_in_place_is_a_data_error_naming_the_record_unless_
 
 def test_a_truncated_checkpoint_is_a_data_error_naming_the_file(tmp_path):
     whole = tmp_path / "whole.pth"
-    torch.save({"model": {"w": torch.zeros(100_000)}, "best_top1": 1.0, "epoch": 0, "config": {}, "classes": []}, whole)
+    torch.save(checkpoint_state(["n00000001"]), whole)
     assert load_checkpoint(whole)["epoch"] == 0
     cut = tmp_path / "cut.pth"
     for size in (whole.stat().st_size // 2, 5000):  # torch.load: RuntimeError; OSError (a tensor cut)
@@ -252,12 +252,54 @@ def test_a_checkpoint_missing_a_required_key_or_holding_pickled_code_is_refused_
     assert not (tmp_path / "ran").exists()
 
 
+EDITED = "the file was changed after train.py wrote it: pass another checkpoint."
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda s: s.update(config=["vit_tiny"]), "its config is a list, not a dict of settings"),
+    (lambda s: s["config"].update(model="vit_base"), "its config's model is 'vit_base', not one of vit_tiny, "
+                                                     "deit_tiny_distill, resnet18"),
+    (lambda s: s["config"].update(patch_size=5), "its config's img_size 32 and patch_size 5 are not sizes a "
+                                                 "vit_tiny can have"),
+    (lambda s: s["config"].update(img_size="32"), "its config's img_size '32' and patch_size 8 are not sizes"),
+    (lambda s: s.update(classes="n00000001"), "its classes are not a list of WNIDs (a str)"),
+    (lambda s: s.update(model=None), "its weights are not a state dict of tensors (a NoneType)"),
+    # the weights against the model the config and classes describe: the first key missing, unexpected or misshapen
+    (lambda s: s["config"].pop("patch_size"), "its weights do not fit the vit_tiny of 2 classes (32 px, 16 px "
+                                              "patches) its config and classes describe: pos_embed of shape "
+                                              "[1, 17, 192], not [1, 5, 192]"),
+    (lambda s: s["config"].update(model="deit_tiny_distill"), "its weights do not fit the deit_tiny_distill of 2 "
+                                                              "classes (32 px, 8 px patches) its config and classes "
+                                                              "describe: no dist_token"),
+    (lambda s: s["config"].update(model="resnet18"), "its weights do not fit the resnet18 of 2 classes (32 px) its "
+                                                     "config and classes describe: no bn1.bias"),
+    (lambda s: s["model"].update(extra=torch.zeros(1)), "its weights do not fit the vit_tiny of 2 classes (32 px, "
+                                                        "8 px patches) its config and classes describe: an "
+                                                        "unexpected extra"),
+    (lambda s: s.update(classes=["n00000001"]), "its weights do not fit the vit_tiny of 1 class (32 px, 8 px "
+                                                "patches) its config and classes describe: head.weight of shape "
+                                                "[2, 192], not [1, 192]"),
+    (lambda s: s.update(ema={"w": torch.zeros(1)}), "its EMA weights do not fit the vit_tiny of 2 classes"),
+])
+def test_a_checkpoint_whose_config_classes_or_weights_do_not_fit_each_other_is_refused_naming_what(tmp_path, edit,
+                                                                                                   said):
+    state = checkpoint_state(["n00000001", "n00000002"], ema=None)
+    torch.save(state, tmp_path / "whole.pth")
+    assert load_checkpoint(tmp_path / "whole.pth")["epoch"] == 0
+    edit(state)
+    torch.save(state, tmp_path / "edited.pth")
+    with pytest.raises(DataError) as e:
+        load_checkpoint(tmp_path / "edited.pth", what="--resume")
+    assert str(e.value).startswith(f"--resume {tmp_path / 'edited.pth'}: {said}") and str(e.value).endswith(
+        f"; {EDITED}"), str(e.value)
+
+
 def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(tmp_path):
     from vitdeit.classes import ClassMap
 
     path = tmp_path / "x.pth"
-    torch.save({"model": {}, "best_top1": 1.0, "epoch": 0, "config": {"data_path": "old_shards"},
-                "classes": ["n00000001", "n00000002"]}, path)
+    state = checkpoint_state(["n00000001", "n00000002"])
+    torch.save({**state, "config": {**state["config"], "data_path": "old_shards"}}, path)
     other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c", "n00000004": "d"})
     with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, against these "
                                                   f"shards' 3: 1 of its classes not in these shards (n00000002), 2 of "
@@ -271,8 +313,7 @@ def test_a_checkpoint_of_as_many_classes_but_other_ones_is_another_class_map_not
     from vitdeit.classes import ClassMap
 
     path = tmp_path / "x.pth"
-    torch.save({"model": {}, "best_top1": 1.0, "epoch": 0, "config": {"data_path": "old_shards"},
-                "classes": ["n00000001", "n00000002"]}, path)
+    torch.save(checkpoint_state(["n00000001", "n00000002"]), path)
     other = ClassMap.from_labels({"n00000001": "a", "n00000003": "c"})  # two classes, one of them another
     with pytest.raises(DataError, match=re.escape(f"{path} was trained on another class map (2 classes, against these "
                                                   f"shards' 2: 1 of its classes not in these shards (n00000002), 1 of "
@@ -282,11 +323,12 @@ def test_a_checkpoint_of_as_many_classes_but_other_ones_is_another_class_map_not
 
 def test_a_checkpoint_torch_saved_in_its_format_before_1_6_is_read(tmp_path):
     path = tmp_path / "old.pth"  # the legacy format: a bare pickle stream, not a zip archive
-    torch.save({"model": {"w": torch.arange(3.0)}, "best_top1": 12.5, "epoch": 4, "config": {},
-                "classes": ["n00000001"]}, path, _use_new_zipfile_serialization=False)
+    saved = checkpoint_state(["n00000001"], best_top1=12.5, epoch=4)
+    torch.save(saved, path, _use_new_zipfile_serialization=False)
     assert path.read_bytes()[:1] == b"\x80"
     state = load_checkpoint(path)
-    assert (state["epoch"], state["best_top1"], state["model"]["w"].tolist()) == (4, 12.5, [0.0, 1.0, 2.0])
+    assert (state["epoch"], state["best_top1"]) == (4, 12.5)
+    assert all(torch.equal(state["model"][k], v) for k, v in saved["model"].items())
 
 
 def test_a_full_disk_said_by_torchs_zip_writer_without_the_enforce_prefix_is_a_write_that_failed(tmp_path,

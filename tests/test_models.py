@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import checkpoint_state
 from vitdeit.classes import ClassMap
 from vitdeit.errors import DataError
 from vitdeit.models import create_model, head_logits, imagenet1k_indices, load_teacher, sliced_resnet18
@@ -102,13 +103,10 @@ def test_models_take_the_class_count_and_image_size_from_arguments(name, heads):
 
 def test_a_student_checkpoint_as_teacher_is_named_with_the_fix(tmp_path):
     from vitdeit.checkpoint import save_checkpoint
-    from vitdeit.config import Config
     from vitdeit.errors import SettingError
 
     wnids = ("n01440764", "n01443537")
-    net = create_model("vit_tiny", 2, 32, 8)
-    save_checkpoint(tmp_path / "best.pth", {"model": net.state_dict(), "best_top1": 50.0, "epoch": 0, "classes":
-                                            list(wnids), "config": Config(model="vit_tiny", img_size=32).to_dict()})
+    save_checkpoint(tmp_path / "best.pth", checkpoint_state(list(wnids)))  # a vit_tiny's
     with pytest.raises(SettingError, match=re.escape(f"--teacher-ckpt {tmp_path / 'best.pth'}: a vit_tiny checkpoint; "
                                                      "the teacher must be a resnet18 (train one with train.py "
                                                      "--model resnet18).")):

@@ -135,9 +135,52 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
                         f"{', '.join(k for k in missing if k != 'model')}); {hint}.")
     if missing:
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
+    if problem := contents_problem(state):
+        raise DataError(f"{what} {path}: {problem}; the file was changed after train.py wrote it: pass another "
+                        f"checkpoint.")
     if class_map is not None:
         check_class_map(state, class_map, path, what)
     return state
+
+
+def contents_problem(state: dict) -> str | None:
+    """What in a dict with every REQUIRED key does not fit what train.py writes, which the readers of a checkpoint
+    take for granted: its config (a dict naming a model and sizes it can have), its classes (WNIDs), and its
+    weights and EMA of them, against the state dict of the model its config and classes describe (made on the meta
+    device: no memory, no RNG draw). None where all fit."""
+    from .config import MODELS, saved_setting
+    from .models import create_model  # (models reads checkpoints: imported here, not at the top)
+
+    cfg, classes = state["config"], state["classes"]
+    if not isinstance(cfg, dict):
+        return f"its config is a {type(cfg).__name__}, not a dict of settings"
+    if (model := cfg.get("model")) not in MODELS:
+        return f"its config's model is {model!r}, not one of {', '.join(MODELS)}"
+    img_size, patch_size = (saved_setting(cfg, k) for k in ("img_size", "patch_size"))
+    if not all(type(v) is int and v > 0 for v in (img_size, patch_size)) or (
+            model != "resnet18" and img_size % patch_size):
+        return f"its config's img_size {img_size!r} and patch_size {patch_size!r} are not sizes a {model} can have"
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return f"its classes are not a list of WNIDs (a {type(classes).__name__})"
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in create_model(model, len(classes), img_size, patch_size)
+                    .state_dict().items()}
+    for key, name in (("model", "weights"), ("ema", "EMA weights")):
+        weights = state.get(key)
+        if key == "ema" and weights is None:  # (trained without --model-ema)
+            continue
+        if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
+            return f"its {name} are not a state dict of tensors (a {type(weights).__name__})"
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        if shapes != expected:
+            missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
+            odd = (f"no {missing[0]}" if missing else f"an unexpected {unexpected[0]}" if unexpected else
+                   next(f"{k} of shape {list(shapes[k])}, not {list(expected[k])}" for k in expected
+                        if shapes[k] != expected[k]))
+            sizes = f"{img_size} px" + (f", {patch_size} px patches" if model != "resnet18" else "")
+            return (f"its {name} do not fit the {model} of {len(classes)} class{'es' * (len(classes) > 1)} ({sizes}) "
+                    f"its config and classes describe: {odd}")
+    return None
 
 
 def torch_load(path: Path, what: str):

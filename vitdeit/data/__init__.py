@@ -96,14 +96,16 @@ def shard_paths(shards_dir, manifest: dict, split: str) -> list[tuple[Path, Path
                             f"pack_shards.py (it rewrites only the shards that differ).")
     indexes = []
     for (tar, idx), shard in zip(out, manifest["splits"][split]["shards"]):
-        indexes.append(read_index(idx, shard["bytes"]))  # DALI trusts an index: one cut short or from another pack
-        # drops samples, one whose offsets are off reads other bytes (or crashes it)
+        data = idx.read_bytes()  # read once: the samples taken are those of the bytes whose SHA-1 is checked
+        indexes.append(read_index(idx, shard["bytes"], data))  # DALI trusts an index: one cut short or from another
+        # pack drops samples, one whose offsets are off reads other bytes (or crashes it)
         if len(indexes[-1]) != shard["num_samples"]:
             raise DataError(f"{idx}: {len(indexes[-1])} samples, but {d / MANIFEST_NAME} says {shard['num_samples']}; "
                             f"the index is not this pack's. Re-run pack_shards.py (it rewrites the shards that "
                             f"differ).")
-        if shard.get("index_sha1") and index_sha1(idx) != shard["index_sha1"]:  # any other change (a manifest since
-            # 2026-12-07): an offset moved within the tar's blocks, or a shard copied over another with its index
+        # any other change (in a manifest since 2026-12-07): an offset moved within the tar's blocks, or a shard
+        # copied over another with its index
+        if shard.get("index_sha1") and index_sha1(idx, data) != shard["index_sha1"]:
             raise DataError(f"{idx}: not the index pack_shards.py wrote for {tar.name} (its SHA-1 is not the one in "
                             f"{d / MANIFEST_NAME}): edited, damaged, or another shard's with its tar. Re-run "
                             f"pack_shards.py (it writes again each shard whose index is not the one it wrote).")

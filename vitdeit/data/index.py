@@ -25,9 +25,9 @@ def index_text(tar_path: Path) -> tuple[str, int]:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(c) + "\n" for c in samples.values()), len(samples)
 
 
-def index_lines(idx_path: Path) -> list[str]:
-    """The sample lines of an index, once its header is checked against them."""
-    lines = idx_path.read_text(encoding="utf-8", errors="replace").splitlines()
+def index_lines(idx_path: Path, data: bytes | None = None) -> list[str]:
+    """The sample lines of an index (data: its bytes, where read already), once its header is checked against them."""
+    lines = (idx_path.read_bytes() if data is None else data).decode("utf-8", errors="replace").splitlines()
     header = lines[0].split() if lines else []
     if header != ["v1.2", str(len(lines) - 1)]:
         raise DataError(f"{idx_path}: not a whole wds2idx v1.2 index (header {' '.join(header)!r} for "
@@ -36,11 +36,11 @@ def index_lines(idx_path: Path) -> list[str]:
     return lines[1:]
 
 
-def index_sha1(idx_path: Path) -> str:
-    """The SHA-1 of an index file's bytes ("" where it cannot be read): the manifest and each shard's record keep
-    the one pack_shards.py wrote."""
+def index_sha1(idx_path: Path, data: bytes | None = None) -> str:
+    """The SHA-1 of an index file's bytes (data: those bytes, where read already; "" where they cannot be read):
+    the manifest and each shard's record keep the one pack_shards.py wrote."""
     try:
-        return hashlib.sha1(idx_path.read_bytes()).hexdigest()
+        return hashlib.sha1(idx_path.read_bytes() if data is None else data).hexdigest()
     except OSError:
         return ""
 
@@ -71,7 +71,8 @@ def index_matches(idx_path: Path, tar_path: Path) -> bool:
         return False
 
 
-def read_index(idx_path: Path, tar_bytes: int | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def read_index(idx_path: Path, tar_bytes: int | None = None,
+               data: bytes | None = None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Per sample, (key, {ext: (data offset, size)}), with a jpg and a 4-byte (int32) lbl, each file starting on a
     512-byte tar block after the first header and ending inside the tar (tar_bytes: its size; the .tar beside the
     index where not given). The loaders read at these offsets, DALI unchecked (a negative size crashes it). Not
@@ -80,7 +81,7 @@ def read_index(idx_path: Path, tar_bytes: int | None = None) -> list[tuple[str, 
     if tar_bytes is None:
         tar_bytes = idx_path.with_suffix(".tar").stat().st_size
     samples = []
-    for n, line in enumerate(index_lines(idx_path), 2):  # (line 1: the header)
+    for n, line in enumerate(index_lines(idx_path, data), 2):  # (line 1: the header)
         try:
             f = line.split()
             samples.append((f[3].split(".", 1)[0], {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}))

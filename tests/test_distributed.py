@@ -2,6 +2,7 @@
 collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums)."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -571,7 +572,7 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
     views = []
     for epoch, lr in ((3, 5e-4), (5, 1e-3)):  # copies from either side of a resume that changed --lr
         monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
-        runs.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), Config(**{**vars(cfg), "lr": lr}))
+        runs.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), dataclasses.replace(cfg, lr=lr))
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
     with pytest.raises(runs.SettingError, match=r"^the checkpoint \(--resume\) differs between nodes "
                                                    r"\(rank 0 on .*: /r/last.pth: epoch 3; rank 1 on .*: /r/last.pth: "
@@ -590,8 +591,8 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
         views.clear()
         for (flag, path), epoch in reads:
             monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views.append(obj) or [obj])
-            on = (Config(**{**vars(cfg), "resume": path}),) if flag == "--resume" else (
-                Config(**{**vars(cfg), "resume": "", "eval_only": True}), flag, path)
+            on = (dataclasses.replace(cfg, resume=path),) if flag == "--resume" else (
+                dataclasses.replace(cfg, resume="", eval_only=True), flag, path)
             runs.read_run_files(lambda: (manifest, {**state, "epoch": epoch}), *on)
         monkeypatch.setattr(distributed, "all_gather_object", lambda obj: views)
 
@@ -602,7 +603,7 @@ def test_nodes_whose_checkpoint_copies_differ_are_told_so_before_the_settings_th
     gathered((("--eval-only", "/r/best.pth"), 3), (("--eval-only", "/r/best.pth"), 5))  # by run name: no --resume
     with pytest.raises(runs.SettingError, match=r"^the checkpoint \(--eval-only\) differs between nodes \(rank 0 "
                                                    r"on .*: /r/best.pth: epoch 3; rank 1 on .*: /r/best.pth: epoch 5"):
-        runs.read_run_files(lambda: (manifest, state), Config(**{**vars(cfg), "resume": "", "eval_only": True}),
+        runs.read_run_files(lambda: (manifest, state), dataclasses.replace(cfg, resume="", eval_only=True),
                                "--eval-only", "/r/best.pth")
 
 

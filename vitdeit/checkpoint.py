@@ -136,8 +136,8 @@ def load_checkpoint(path: str | Path, class_map: ClassMap | None = None, what: s
     if missing:
         raise DataError(f"{what} {path}: not a vitdeit checkpoint (missing {missing}).")
     if problem := contents_problem(state):
-        raise DataError(f"{what} {path}: {problem}; the file was changed after train.py wrote it: pass another "
-                        f"checkpoint.")
+        raise DataError(f"{what} {path}: {problem}: not what train.py writes (edited, made by another tool, or saved "
+                        f"with a timm or torchvision whose models differ); pass another checkpoint.")
     if class_map is not None:
         check_class_map(state, class_map, path, what)
     return state
@@ -161,7 +161,8 @@ def contents_problem(state: dict) -> str | None:
             model != "resnet18" and img_size % patch_size):
         return f"its config's img_size {img_size!r} and patch_size {patch_size!r} are not sizes a {model} can have"
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        return f"its classes are not a list of WNIDs (a {type(classes).__name__})"
+        kind = "an empty list" if classes == [] else f"a {type(classes).__name__}"
+        return f"its classes are not a list of WNIDs ({kind})"
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in create_model(model, len(classes), img_size, patch_size)
                     .state_dict().items()}

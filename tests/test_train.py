@@ -855,23 +855,47 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     assert alone["val_loss"] == pytest.approx(rec["val_loss"], rel=1e-5) and alone["val_top1"] == rec["val_top1"]
 
 
-def test_the_same_command_with_resume_auto_starts_the_run_then_goes_on_from_its_last_epoch(tiny_shards, tmp_path,
-                                                                                            capsys):
+def test_the_same_command_with_resume_auto_starts_the_run_goes_on_and_refuses_another_command(tiny_shards, tmp_path,
+                                                                                                monkeypatch, capsys):
     import train as train_py
 
     last = tmp_path / "r" / "last.pth"
     cmd = ["--data-path", str(tiny_shards), "--output-dir", str(tmp_path), "--run-name", "r", "--img-size", "32",
            "--patch-size", "8", "--batch-size", "16", "--workers", "0", "--progress", "false", "--device", "cpu",
-           "--resume", "auto"]
-    assert train_py.main([*cmd, "--epochs", "1"]) == 0
+           "--epochs", "2", "--resume", "auto"]
+
+    def stopped_after_epoch_0(epoch, record):
+        raise KeyboardInterrupt  # (a pre-emption: its epoch is written, then it stops)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_py, "train", lambda cfg: train(cfg, on_epoch_end=stopped_after_epoch_0))
+        assert train_py.main(cmd) == 130
+    said = capsys.readouterr()
+    assert f"note: --resume auto: no {last} yet: a new run" in said.out and "resumed from" not in said.out
+    assert said.err.strip().endswith("go on with the same command (its --resume auto continues from it)")
+    assert train_py.main(cmd) == 0  # the requeued job
     out = capsys.readouterr().out
-    assert f"note: --resume auto: no {last} yet: a new run" in out and "resumed from" not in out
-    assert train_py.main([*cmd, "--epochs", "1"]) == 0  # a requeue of a run that has finished
-    assert f"{last} has trained 1 epoch(s), --epochs 1: nothing to do" in capsys.readouterr().out
-    assert train_py.main([*cmd, "--epochs", "2"]) == 0
-    out = capsys.readouterr().out
-    assert f"resumed from {last} after epoch 0" in out and "--resume auto: no" not in out
+    assert f"resumed from {last} after epoch 0" in out and "--resume auto: no" not in out and "differ" not in out
     assert [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert train_py.main(cmd) == 0  # once more, finished: nothing to do, nothing written
+    assert (f"{last} has trained 2 epoch(s), --epochs 2: nothing to do, nothing written (--resume {last} with --epochs "
+            f"above 2 goes on)") in capsys.readouterr().out
+    before = last.read_bytes()
+    # another experiment under the same --run-name: refused, not run on from this one (nor called done)
+    for other, named in ((["--lr", "0.001"], "(--lr 0.0005 -> 0.001)"), (["--epochs", "3"], "(--epochs 2 -> 3)")):
+        assert train_py.main([*cmd, *other]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"error: --resume auto: {last} was saved by another command than this one {named}; --resume auto goes on "
+            f"only with the command its run started with. Pass another --run-name for a new run, or --resume {last} "
+            f"to continue that run with this command's settings.")
+    assert train_py.main([c for c in cmd if c not in ("--patch-size", "8")]) == 1  # left out: the default is not 8
+    assert "(--patch-size 8 -> not given (16))" in capsys.readouterr().err
+    assert last.read_bytes() == before
+    last.unlink()  # a best.pth alone: --resume auto takes a last.pth only, and says how to go on
+    assert train_py.main(cmd) == 1
+    assert capsys.readouterr().err.strip().endswith(f"continue it with --resume {tmp_path / 'r' / 'best.pth'}, choose "
+                                                    f"another --run-name, or pass --overwrite to replace it (in place "
+                                                    f"of --resume auto, which continues a last.pth only).")
 
 
 def processes_under(pid: int) -> dict[int, str]:
@@ -923,7 +947,9 @@ def test_torchrun_restarts_a_run_whose_process_was_killed_and_resume_auto_ends_i
                 proc.terminate()  # (torchrun passes it on to its workers, in sessions of their own)
                 proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
-    assert out.count("note: --resume auto: no") == 1 and out.count(f"resumed from {last} after epoch 0") == 1, out
+    # (killed during epoch 1, unless that epoch ended first: an epoch of 96 images takes seconds here)
+    assert out.count("note: --resume auto: no") == 1 and len(re.findall(f"resumed from {re.escape(str(last))} after "
+                                                                      f"epoch [01] ", out)) == 1, out
     epochs = [json.loads(line)["epoch"] for line in (last.parent / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
     weights = [torch.load(folder / "vit_tiny" / "last.pth", weights_only=True)["model"]

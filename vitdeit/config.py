@@ -190,7 +190,7 @@ class Config:
     output_dir: str = "runs"  # runs go to OUTPUT_DIR/RUN_NAME/
     run_name: str = ""  # default: the model name; the run writes OUTPUT_DIR/RUN_NAME/
     # auto, for a job restarted with the command it started with (torchrun --max-restarts, a Slurm requeue): the run
-    # goes on from its last finished epoch, or starts as a new one where it has none
+    # goes on from its last finished epoch, or starts as a new one where it has none; another command is refused
     resume: str = ""  # a last.pth to continue exactly from (its settings the defaults); auto: RUN_DIR/last.pth, if any
     overwrite: bool = False  # replace the run in OUTPUT_DIR/RUN_NAME (a folder holding last.pth is refused without)
     eval_only: bool = False  # evaluate --resume (or RUN_DIR/best.pth; its saved settings the defaults) on val, exit
@@ -199,8 +199,9 @@ class Config:
 
     def __post_init__(self):
         self.validate()
-        # not fields (neither flags nor saved), for messages: parse_args sets both from what it read. A Config made in
-        # code counts as given the settings it sets off their defaults, and its data_path (its caller names the shards)
+        # not fields (neither flags nor saved), for messages: parse_args sets them from what it read. A Config made in
+        # code counts as given the settings it sets off their defaults, and its data_path (its caller names the
+        # shards); so does one made by dataclasses.replace (copy.copy keeps them)
         self.given = frozenset({"data_path", *(f.name for f in fields(self) if getattr(self, f.name) != f.default)})
         self.inherited = frozenset()  # the settings the --resume (or --eval-only) checkpoint set, not given
         self.auto_resume = False  # --resume auto was typed (resume: what it found, or "")
@@ -510,7 +511,7 @@ def resumed_settings(resume: str) -> dict:
 def run_dir_of(values: dict) -> Path:
     """Config.run_dir of the settings given (flags and --config), before a Config exists."""
     name = values.get("run_name") or values.get("model") or Config.model  # (Config.name)
-    return Path(values.get("output_dir") or Config.output_dir) / name
+    return Path(str(values.get("output_dir") or Config.output_dir)) / str(name)  # (a wrong type: from_dict says it)
 
 
 def settings_source(values: dict) -> str:

@@ -54,7 +54,8 @@ def check_run_dir(run_dir: Path, cfg: Config, dist: Dist, writes: bool = True) -
         # (a lone best.pth: its last.pth deleted, or a --resume into this folder stopped before its first epoch)
         alone = "" if held.name == "last.pth" else ", without a last.pth"
         problem = (f"{run_dir} already holds a run ({held.name}{alone}){other}: continue it with --resume {held}, "
-                   f"choose another --run-name, or pass --overwrite to replace it.")
+                   f"choose another --run-name, or pass --overwrite to replace it" + (
+                       " (in place of --resume auto, which continues a last.pth only)." if cfg.auto_resume else "."))
     elif writes and dist.is_main and (why := cannot_write_in(run_dir)):
         given = ("" if "output_dir" not in cfg.inherited else
                  f" (the run folder of --resume {cfg.resume}, where it goes on)")

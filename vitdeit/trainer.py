@@ -201,6 +201,21 @@ def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None) -> lis
             if k not in HOW_IT_RUNS and not same(k, v)]
 
 
+def check_same_command(resumed: dict, cfg: Config) -> None:
+    """--resume auto goes on only with the command its run was started with (a restart's, a requeue's): a setting
+    given otherwise than the saved run's, or left out where the run had another than the default, is another
+    experiment in the same run folder, whose run it would take over (or, finished, call done): refused, naming them."""
+    saved = resumed["config"]
+    differ = recipe_changes(saved, cfg, resumed.get("data_dir")) + [
+        f"{flag(k)} {saved_setting(saved, k)!r} -> not given ({getattr(Config, k)!r})" for k in sorted(cfg.inherited)
+        if k not in HOW_IT_RUNS and saved_setting(saved, k) != getattr(Config, k)]
+    if differ:
+        raise SettingError(f"--resume auto: {cfg.resume} was saved by another command than this one "
+                           f"({'; '.join(differ)}); --resume auto goes on only with the command its run started "
+                           f"with. Pass another --run-name for a new run, or --resume {cfg.resume} to continue that "
+                           f"run with this command's settings.")
+
+
 def train(cfg: Config, on_epoch_end=None) -> dict:
     """Train per `cfg`; return the last epoch's metrics ({} where a --resume has no epoch left to train).
     `on_epoch_end(epoch, record)` is called on every rank."""
@@ -553,8 +568,10 @@ def nothing_left(cfg: Config, dist: Dist, resumed: dict) -> None:
 
     written = (f"{run_dir / 'best.pth'} written from it (its epoch, the best, was stopped before best.pth was), "
                f"nothing else" if on_rank_0(dist, complete) else "nothing written")
+    more = (f"--resume {cfg.resume} with --epochs above {resumed['epoch'] + 1} goes on" if cfg.auto_resume else
+            f"raise --epochs above {resumed['epoch'] + 1} to go on")  # (--resume auto: the same command only)
     dist.print(f"{cfg.resume} has trained {resumed['epoch'] + 1} epoch(s), --epochs {cfg.epochs}: nothing to do, "
-               f"{written} (raise --epochs above {resumed['epoch'] + 1} to go on)")
+               f"{written} ({more})")
 
 
 def begin_run(cfg: Config, held: ExitStack, resumed: dict | None, best_top1: float) -> tuple[float, MetricsLog]:
@@ -589,6 +606,8 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
         amp_dtype = resolve_amp(cfg.amp, device)
         use_compile, mode = compile_setting(cfg, device, dist.world)
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
+            if cfg.auto_resume:
+                check_same_command(resumed, cfg)
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
                 nothing_left(cfg, dist, resumed)

@@ -21,8 +21,8 @@ from .checkpoint import (checkpoint_file, ema_weights, load_checkpoint, save_che
                          saved_world, shards_change_text, signals_held)
 from .classes import (MANIFEST_NAME, load_manifest, manifest_class_map, pack_fingerprint,
                       val_copies_text, without_images_text)
-from .config import (DISTILL_ONLY, HOW_IT_RUNS, Config, checkpoint_named, dali_threads, flag, saved_setting,
-                     workers_warning)
+from .config import (DISTILL_ONLY, HOW_IT_RUNS, NODE_OWN, Config, checkpoint_named, dali_threads, flag,
+                     saved_setting, workers_warning)
 from .data import build_loader, upscale_warning
 from .distill import DistillationLoss
 from .distributed import (Dist, all_gather_object, broadcast_buffers, local_rank_zero_first, numbers_text, on_rank_0,
@@ -189,26 +189,29 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                            + ", or drop --resume for a new run.")
 
 
-def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None) -> list[str]:
-    """This invocation's settings that differ from the resumed run's, as flags (not HOW_IT_RUNS); a run saved before
-    a setting existed had its default. data_dir: the checkpoint's shards' folder, resolved: --data-path naming it
-    otherwise (from another working folder) is no change, nor is a path the checkpoint gave, rebased to here."""
+def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None, skip: tuple = HOW_IT_RUNS) -> list[str]:
+    """This invocation's settings that differ from the resumed run's, as flags (not those in `skip`); a run saved
+    before a setting existed had its default. data_dir: the checkpoint's shards' folder, resolved: --data-path naming
+    it otherwise (from another working folder) is no change, nor is a path the checkpoint gave, rebased to here."""
     def same(k, v) -> bool:
         return (saved_setting(saved, k) == v or k in cfg.inherited
                 or k == "data_path" and str(Path(v).resolve()) == data_dir)
 
     return [f"{flag(k)} {saved_setting(saved, k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-            if k not in HOW_IT_RUNS and not same(k, v)]
+            if k not in skip and not same(k, v)]
 
 
 def check_same_command(resumed: dict, cfg: Config) -> None:
     """--resume auto goes on only with the command its run was started with (a restart's, a requeue's): a setting
     given otherwise than the saved run's, or left out where the run had another than the default, is another
-    experiment in the same run folder, whose run it would take over (or, finished, call done): refused, naming them."""
+    experiment in the same run folder, whose run it would take over (or, finished, call done): refused, naming them.
+    Not the paths of its files, which each node may give its own (NODE_OWN): the nodes' settings are alike here,
+    and what the files hold is compared (the shards' pack: shards_change_text's note; the teacher's weights)."""
     saved = resumed["config"]
-    differ = recipe_changes(saved, cfg, resumed.get("data_dir")) + [
+    skip = HOW_IT_RUNS + NODE_OWN
+    differ = recipe_changes(saved, cfg, skip=skip) + [
         f"{flag(k)} {saved_setting(saved, k)!r} -> not given ({getattr(Config, k)!r})" for k in sorted(cfg.inherited)
-        if k not in HOW_IT_RUNS and saved_setting(saved, k) != getattr(Config, k)]
+        if k not in skip and saved_setting(saved, k) != getattr(Config, k)]
     if differ:
         raise SettingError(f"--resume auto: {cfg.resume} was saved by another command than this one "
                            f"({'; '.join(differ)}); --resume auto goes on only with the command its run started "

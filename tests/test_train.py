@@ -880,6 +880,10 @@ def test_the_same_command_with_resume_auto_starts_the_run_goes_on_and_refuses_an
     assert train_py.main(cmd) == 0  # once more, finished: nothing to do, nothing written
     assert (f"{last} has trained 2 epoch(s), --epochs 2: nothing to do, nothing written (--resume {last} with --epochs "
             f"above 2 goes on)") in capsys.readouterr().out
+    import shutil
+
+    copy = shutil.copytree(tiny_shards, tmp_path / "copy")  # a node's own copy of the shards: its path is its own
+    assert train_py.main([*cmd, "--data-path", str(copy)]) == 0 and "nothing to do" in capsys.readouterr().out
     before = last.read_bytes()
     # another experiment under the same --run-name: refused, not run on from this one (nor called done)
     for other, named in ((["--lr", "0.001"], "(--lr 0.0005 -> 0.001)"), (["--epochs", "3"], "(--epochs 2 -> 3)")):

@@ -115,8 +115,9 @@ def sliced_resnet18(state_dict: dict, wnids) -> nn.Module:
 
 def model_from_checkpoint(state: dict) -> nn.Module:
     """The network a vitdeit checkpoint (load_checkpoint's dict) holds, with its weights, on the CPU."""
-    cfg = state["config"]
-    net = create_model(cfg["model"], len(state["classes"]), cfg["img_size"], cfg["patch_size"])
+    cfg = state["config"]  # (its sizes read as load_checkpoint's check read them)
+    sizes = (saved_setting(cfg, k) for k in ("img_size", "patch_size"))
+    net = create_model(cfg["model"], len(state["classes"]), *sizes)
     net.load_state_dict(state["model"])
     return net
 

@@ -855,8 +855,9 @@ def test_torchrun_two_processes_evaluate_each_val_image_once_with_the_saved_weig
     assert alone["val_loss"] == pytest.approx(rec["val_loss"], rel=1e-5) and alone["val_top1"] == rec["val_top1"]
 
 
-def test_the_same_command_with_resume_auto_starts_the_run_goes_on_and_refuses_another_command(tiny_shards, tmp_path,
-                                                                                                monkeypatch, capsys):
+def test_the_same_command_with_resume_auto_starts_the_run_goes_on_and_refuses_another_command(tiny_data, tiny_shards,
+                                                                                                tmp_path, monkeypatch,
+                                                                                                capsys):
     import train as train_py
 
     last = tmp_path / "r" / "last.pth"
@@ -894,7 +895,17 @@ def test_the_same_command_with_resume_auto_starts_the_run_goes_on_and_refuses_an
             f"to continue that run with this command's settings.")
     assert train_py.main([c for c in cmd if c not in ("--patch-size", "8")]) == 1  # left out: the default is not 8
     assert "(--patch-size 8 -> not given (16))" in capsys.readouterr().err
-    assert last.read_bytes() == before
+    other = tmp_path / "seed1"  # another pack of the same images: the path is the node's own, the pack is not
+    pack(tiny_data, other, opts=PackOptions(shard_size=30, workers=1, seed=1), progress=False)
+    assert train_py.main([*cmd, "--data-path", str(other)]) == 1
+    assert (f"(other shards: {last} was trained and scored on {tiny_shards.resolve()}, other shards than {other}); "
+            f"--resume auto goes on only") in capsys.readouterr().err
+    assert last.read_bytes() == before  # (each refused before any write)
+    damaged = bytearray(before)  # a byte of a tensor's data changed since: named as the file --resume auto found
+    damaged[len(before) // 2] ^= 0xFF
+    last.write_bytes(damaged)
+    assert train_py.main(cmd) == 1 and capsys.readouterr().err.startswith(f"error: --resume auto: {last}: its record ")
+    last.write_bytes(before)
     last.unlink()  # a best.pth alone: --resume auto takes a last.pth only, and says how to go on
     assert train_py.main(cmd) == 1
     assert capsys.readouterr().err.strip().endswith(f"continue it with --resume {tmp_path / 'r' / 'best.pth'}, choose "

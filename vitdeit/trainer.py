@@ -201,17 +201,21 @@ def recipe_changes(saved: dict, cfg: Config, data_dir: str | None = None, skip: 
             if k not in skip and not same(k, v)]
 
 
-def check_same_command(resumed: dict, cfg: Config) -> None:
+def check_same_command(resumed: dict, cfg: Config, manifest: dict) -> None:
     """--resume auto goes on only with the command its run was started with (a restart's, a requeue's): a setting
     given otherwise than the saved run's, or left out where the run had another than the default, is another
     experiment in the same run folder, whose run it would take over (or, finished, call done): refused, naming them.
-    Not the paths of its files, which each node may give its own (NODE_OWN): the nodes' settings are alike here,
-    and what the files hold is compared (the shards' pack: shards_change_text's note; the teacher's weights)."""
+    Not the paths of its files, which each node may give its own (NODE_OWN; the nodes' other settings are alike
+    here), but what the shards hold: another pack than the run's (its fingerprint) is refused too. (The teacher's
+    val score may move with the loader or device, which a requeue may change: a note, as for any --resume.)"""
     saved = resumed["config"]
     skip = HOW_IT_RUNS + NODE_OWN
     differ = recipe_changes(saved, cfg, skip=skip) + [
         f"{flag(k)} {saved_setting(saved, k)!r} -> not given ({getattr(Config, k)!r})" for k in sorted(cfg.inherited)
         if k not in skip and saved_setting(saved, k) != getattr(Config, k)]
+    found = shards_change_text(resumed, cfg.resume, cfg.data_path, manifest)
+    if found and found[0] in ("other", "repacked", "unknown"):  # (not "elsewhere", "untold": it cannot tell)
+        differ.append(f"other shards: {found[1]}")
     if differ:
         raise SettingError(f"--resume auto: {cfg.resume} was saved by another command than this one "
                            f"({'; '.join(differ)}); --resume auto goes on only with the command its run started "
@@ -538,8 +542,9 @@ def prepare_teacher(cfg: Config, class_map, manifest: dict, val_loader, dist: Di
 def read_inputs(cfg: Config) -> tuple[dict, dict | None]:
     """(the manifest, the --resume checkpoint or None) as this node reads them, its teacher's file checked (read after
     the loaders and notes); read_run_files compares what each node read."""
+    what = "--resume auto:" if cfg.auto_resume else "--resume"  # (its errors name the last.pth it found)
     if cfg.resume:  # a missing file is named as such: not by the shards it would have named (parse_args), nor as
-        resume_file_first(cfg, cfg.resume, "--resume")  # another folder's checkpoint by check_run_dir
+        resume_file_first(cfg, cfg.resume, what)  # another folder's checkpoint by check_run_dir
     manifest = run_manifest(cfg)
     try:
         if cfg.distillation != "none" and cfg.teacher_ckpt:
@@ -552,7 +557,7 @@ def read_inputs(cfg: Config) -> tuple[dict, dict | None]:
             raise MissingFile(f"{e} (the path --resume {cfg.resume} was saved with, seen from {Path.cwd()}: give "
                               f"{flag(key)} with the teacher's path here)") from None
         raise
-    resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what="--resume") if cfg.resume else None
+    resumed = load_checkpoint(cfg.resume, manifest_class_map(manifest), what=what) if cfg.resume else None
     return manifest, resumed
 
 
@@ -610,7 +615,7 @@ def _train(cfg: Config, dist: Dist, on_epoch_end, held: ExitStack) -> dict:
         use_compile, mode = compile_setting(cfg, device, dist.world)
         if resumed is not None:  # before the loaders: another --model or size is named as such, not by its batch
             if cfg.auto_resume:
-                check_same_command(resumed, cfg)
+                check_same_command(resumed, cfg, manifest)
             check_resumable(resumed["config"], cfg)
             if done:  # before anything is written: config.json keeps the run's recipe
                 nothing_left(cfg, dist, resumed)

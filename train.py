@@ -7,6 +7,7 @@
     python train.py --data-path SHARDS --model deit_tiny_distill --teacher resnet18 \\
         --teacher-ckpt runs/teacher_resnet18/best.pth --run-name deit_tiny_distill
     torchrun --nproc_per_node=8 train.py ...       # same flags; --batch-size is per GPU
+    torchrun --max-restarts=3 ... train.py ... --resume auto   # a restart (or requeue) goes on from last.pth
     python train.py --config runs/deit_tiny_distill/config.json --eval-only
 
 Each run writes OUTPUT_DIR/RUN_NAME/{config.json, metrics.jsonl, last.pth, best.pth}.

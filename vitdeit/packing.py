@@ -421,6 +421,24 @@ def shard_fingerprint(sources: list[Source], opts: PackOptions) -> str:
 _STOP = None  # in a pool worker: set by the main process once a shard could not be written; the rest are skipped
 
 
+def files_changed(done: dict, tar_path: Path, idx_path: Path) -> str:
+    """Why a shard's tar and index are not those its record `done` says were written ("" where they are): a tar of
+    another size (a copy cut short, a full disk), an index other than written (cut short, edited, another shard's:
+    the loaders refuse or misread it), or a tar other than its index's (one copied over another of the same size).
+    A record from before index_sha1 has none: its index is read against every header of the tar instead."""
+    if tar_path.stat().st_size != done.get("bytes"):
+        return "its tar has another size than written"
+    if not done.get("index_sha1"):
+        return "" if index_matches(idx_path, tar_path) else "its index is not its tar's"
+    try:
+        data = idx_path.read_bytes()  # read once: the index checked is the one parsed
+    except OSError:
+        return "its index is not the one written"
+    if index_sha1(idx_path, data) != done["index_sha1"]:
+        return "its index is not the one written"
+    return "" if tar_agrees(tar_path, read_index(idx_path, data=data)) else "its tar is not the one its index describes"
+
+
 def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardResult | WriteFailed | None:
     """The shard's result; a WriteFailed (returned, so that the pool ends cleanly: pack() raises it); None when
     skipped after another shard's write error."""
@@ -452,14 +470,7 @@ def write_shard(task: tuple[str, str, list[Source], PackOptions, str]) -> ShardR
             # one that skipped bad files is reused only where skipping is asked for (without --skip-bad they are
             # read again: a file fixed in place, e.g. its permissions, then packs)
             "its bad files are read again" if done.get("bad") and not opts.skip_bad else
-            # a tar of another size than written (a copy cut short, a full disk), an index other than written (cut
-            # short, edited, another shard's: the loaders refuse or misread it), or a tar other than its index's (one
-            # copied over another of the same size); a record before index_sha1 reads every header of the tar instead
-            "its tar has another size than written" if tar_path.stat().st_size != done.get("bytes") else
-            ("its index is not the one written" if index_sha1(idx_path) != done["index_sha1"] else
-             "its tar is not the one its index describes" if not tar_agrees(tar_path, read_index(idx_path)) else "")
-            if done.get("index_sha1") else "its index is not its tar's" if not index_matches(idx_path, tar_path) else
-            "")
+            files_changed(done, tar_path, idx_path))
         if not result.rewritten:
             if not done.get("index_sha1"):  # an earlier record's index, found its tar's: kept, so the next reuse
                 # compares a SHA-1, not every tar header (135,000 images on the 2-core VM: 14.4 s against 6.4)

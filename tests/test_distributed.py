@@ -1,5 +1,6 @@
-"""vitdeit.distributed with two real gloo processes: torchrun's environment read as torchrun sets it, and the
-collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums)."""
+"""vitdeit.distributed with two real gloo processes: torchrun's environment read as torchrun sets it, the
+collectives every rank relies on (gathered objects in rank order, rank 0's buffers, exact sums), and DDP's training
+step against one process's."""
 
 import contextlib
 import dataclasses
@@ -14,8 +15,13 @@ import torch
 
 from conftest import spawn_two, torchrun_env
 from vitdeit import distributed
-from vitdeit.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_buffers, cleanup, setup
+from vitdeit.config import Config
+from vitdeit.distributed import (Dist, all_gather_object, all_reduce_sum, broadcast_buffers, cleanup, process_group,
+                                 setup, wrap)
+from vitdeit.engine import Step, train_one_epoch
 from vitdeit.errors import SettingError, VitdeitError, together
+from vitdeit.models import create_model
+from vitdeit.trainer import lr_schedule, make_loss, make_optimizer, to_device
 
 
 def _as_rank(rank, world, port, out_dir):
@@ -45,6 +51,58 @@ def test_two_processes_read_their_global_rank_gather_in_rank_order_and_share_ran
         assert out["running_mean"] == [1.0] * 3  # rank 0's running statistics on every rank...
         assert out["weight"] == [10.0 * (rank + 1)] * 3  # ...and only the buffers: parameters are DDP's to keep
         assert out["sum"] == [3.0, 2.0 * 2.0 ** 40 + 1]  # summed exactly, in float64
+
+
+_G = torch.Generator().manual_seed(1)  # three global batches of 8 images (32 px) of 5 classes
+GLOBAL_BATCHES = [(torch.randn(8, 3, 32, 32, generator=_G, dtype=torch.float64),
+                   torch.randint(0, 5, (8,), generator=_G)) for _ in range(3)]
+
+
+def _distilled_epoch(dist: Dist, batches) -> tuple[dict, dict]:
+    """One epoch of DeiT-Tiny (32 px, 8 px patches) distilled (hard) from a ResNet-18 as train.py builds it: its
+    optimiser, schedule, loss and Step, the model wrapped for `dist`, clipping on. In float64, so that where a sum's
+    order differs (one process's batch against two ranks' halves averaged) is far below what is compared."""
+    cfg = Config(model="deit_tiny_distill", img_size=32, patch_size=8, drop_path=0.0, batch_size=len(batches[0][1]),
+                 lr=0.5, warmup_epochs=0.0, epochs=2, clip_grad=0.5)  # (no drop-path: its draws are each rank's own)
+    torch.manual_seed(0)  # the same initial weights, as train.py seeds them
+    net = to_device(create_model(cfg.model, 5, cfg.img_size, cfg.patch_size).double(), cfg, dist.device)
+    teacher = create_model("resnet18", 5).double().eval()
+    optimizer = make_optimizer(net, cfg, cfg.peak_lr(dist.world), dist.device)
+    step = Step(wrap(net, dist), make_loss(cfg, teacher), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                clip_grad=cfg.clip_grad)
+    metrics = train_one_epoch(step, batches, lr_schedule(optimizer, cfg, len(batches)), 0, dist, progress=False)
+    return net.state_dict(), metrics
+
+
+def _distilled_epoch_as_rank(rank, world, port, out_dir, save_dir):
+    torchrun_env(rank, world, port)
+    half = slice(rank * 4, rank * 4 + 4)  # rank 0 the first 4 images of every global batch, rank 1 the last 4
+    with process_group("cpu") as dist:
+        weights, metrics = _distilled_epoch(dist, [(x[half].contiguous(memory_format=torch.channels_last), y[half])
+                                                   for x, y in GLOBAL_BATCHES])
+    torch.save(weights, Path(save_dir) / f"{rank}.pt")
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps(metrics))
+
+
+def test_two_ranks_on_halves_of_each_batch_train_the_weights_one_process_trains_on_the_whole_batches(tmp_path,
+                                                                                                      monkeypatch):
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda *a, **k: norms.append(float(clip(*a, **k))) or norms[-1])
+    torch.manual_seed(0)
+    start = create_model("deit_tiny_distill", 5, 32, 8).double().state_dict()
+    weights, metrics = _distilled_epoch(Dist(), [(x.contiguous(memory_format=torch.channels_last), y)
+                                                 for x, y in GLOBAL_BATCHES])
+    assert len(norms) == 3 and min(norms) > 0.5  # clipping scaled every step's gradients (by their global norm)
+    outs = spawn_two(_distilled_epoch_as_rank, str(tmp_path))
+    for rank, out in enumerate(outs):
+        ranks = torch.load(tmp_path / f"{rank}.pt")
+        # the lr is per global batch (8 images here, 4 per rank), DDP averages the ranks' gradients, and clipping
+        # sees their global norm: the same update, to float64's rounding, where the weights moved by 1e-3 or more
+        assert max((ranks[k] - weights[k]).abs().max().item() for k in weights) < 1e-10
+        assert max((weights[k] - start[k]).abs().max().item() for k in weights) > 1e-3
+        assert out["train_samples"] == 24 and out["train_top1"] == metrics["train_top1"]  # every rank's images counted
+        assert abs(out["train_loss"] - metrics["train_loss"]) < 1e-12 and out["lr"] == metrics["lr"]
 
 
 def test_one_process_without_torchrun_is_rank_0_of_1(monkeypatch):

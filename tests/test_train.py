@@ -1882,6 +1882,30 @@ def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_sh
     assert f"(24 images), EMA top-1 {last['val_top1_ema']:.2f}% | " in capsys.readouterr().out  # the epoch's line
 
 
+def test_with_an_ema_best_pth_is_still_the_epoch_whose_trained_weights_score_best(tiny_shards, tmp_path, monkeypatch):
+    scores = iter([50.0, 10.0, 40.0, 90.0])  # epoch 0: the weights 50, their EMA 10; epoch 1: 40, the EMA 90
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_loss": 1.0, "val_top1": next(scores),
+                                                              "val_top5": 0.0, "val_samples": 24})
+    train(cfg_for(tiny_shards, tmp_path, **{**TWO_EPOCHS, "model_ema": True}))
+    best = torch.load(tmp_path / "vit_tiny" / "best.pth", weights_only=True)
+    assert (best["epoch"], best["best_top1"], best["metrics"]["val_top1_ema"]) == (0, 50.0, 10.0)  # as in DeiT
+    assert torch.load(tmp_path / "vit_tiny" / "last.pth", weights_only=True)["best_top1"] == 50.0
+
+
+def test_a_teacher_from_a_checkpoint_with_an_ema_has_the_trained_weights(tiny_shards, tmp_path):
+    from vitdeit.classes import manifest_class_map
+    from vitdeit.models import load_teacher
+
+    train(cfg_for(tiny_shards, tmp_path, model="resnet18", img_size=16, batch_size=16, workers=0, epochs=1,
+                  model_ema=True, model_ema_decay=0.5))
+    path = tmp_path / "resnet18" / "best.pth"
+    saved = torch.load(path, weights_only=True)
+    teacher = load_teacher(str(path), "", manifest_class_map(load_manifest(tiny_shards))).state_dict()
+    assert teacher.keys() == saved["model"].keys()  # (its float32 classifier keeps nn.Linear's names)
+    assert all(torch.equal(teacher[k], saved["model"][k]) for k in teacher)
+    assert not all(torch.equal(saved["ema"][k], saved["model"][k]) for k in teacher)  # the EMA: other weights
+
+
 @pytest.mark.parametrize("model", ["vit_tiny", "resnet18"])  # (ResNet-18: the EMA's BatchNorm statistics too)
 def test_eval_ema_scores_the_checkpoints_ema_as_training_did_and_is_refused_where_there_is_none(
         two_epoch_run, tiny_shards, tmp_path, capsys, model):

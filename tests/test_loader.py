@@ -260,6 +260,29 @@ def test_train_transform_uses_reduced_dct_scale_and_matches_a_full_decode(monkey
     assert np.abs(out.astype(float) - full).mean() < 3  # of 255
 
 
+def test_a_crop_decoded_at_a_reduced_dct_scale_is_taken_where_the_full_image_has_it(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    decoded_sizes, real_draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, *a: (real_draft(self, *a), decoded_sizes.append(self.size))[0])
+    rng = np.random.default_rng(0)  # 512 x 384 px of 16 px blocks, each its own colour: a crop a block off reads wrong
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(rng.integers(0, 255, (24, 32, 3)), np.ones((16, 16, 1))).astype(np.uint8)).save(
+        buf, format="JPEG", quality=95)
+    tf = TrainTransform(32, scale=(0.2, 0.3), ratio=(1.0, 1.0), hflip=0.0)
+    boxes = [tf.crop_box(512, 384, random.Random(seed)) for seed in range(10)]
+    assert all(left > 0 and top > 0 for left, top, _, _ in boxes)  # (crops away from the corner: offsets count)
+    for seed, (left, top, w, h) in enumerate(boxes):
+        decoded_sizes.clear()
+        out = tf(buf.getvalue(), random.Random(seed)).astype(float)
+        assert decoded_sizes == [(256, 192)]  # a 215-241 px crop to 32 px: decoded at 1/2 scale
+        full = Image.open(io.BytesIO(buf.getvalue())).crop((left, top, left + w, top + h))
+        # the same box of the full-size decode: within a few grey levels (its offsets halved with the scale: kept at
+        # full size, the crop would sit as far off as it is from the corner: ~65 levels away)
+        assert np.abs(out - np.asarray(full.resize((32, 32), Image.BILINEAR)).astype(float)).mean() < 10
+
+
 def test_val_transform_keeps_the_center(tmp_path):
     arr = np.zeros((80, 120, 3), np.uint8)
     arr[:, 40:80] = 255  # a white band in the middle third

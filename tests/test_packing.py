@@ -239,6 +239,32 @@ def test_cmyk_grayscale_and_png_bytes_are_converted_and_kept(data, tmp_path):
             assert (im.format, im.mode) == ("JPEG", "RGB")
 
 
+_BLOCKS = np.kron(np.random.default_rng(0).integers(0, 255, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+_OPAQUE = np.where(np.arange(64) < 32, 255, 0).astype(np.uint8)[None, :].repeat(48, 0)  # the right half transparent
+
+
+@pytest.mark.parametrize("mode, fmt, change", [
+    ("RGBA", "PNG", "PNG bytes -> JPEG; RGBA -> RGB"), ("LA", "PNG", "PNG bytes -> JPEG; LA -> RGB"),
+    ("P", "GIF", "GIF bytes -> JPEG; P -> RGB"), ("RGB", "WEBP", "WEBP bytes -> JPEG"),
+    ("CMYK", "JPEG", "CMYK -> RGB")])
+def test_other_formats_and_modes_become_rgb_jpegs_of_the_same_picture_alpha_dropped_not_composited(mode, fmt,
+                                                                                                  change):
+    rgb = _BLOCKS if mode != "LA" else _BLOCKS[..., :1].repeat(3, 2)  # (LA: grey)
+    im = {"RGBA": lambda: Image.fromarray(np.dstack([rgb, _OPAQUE])),
+          "LA": lambda: Image.fromarray(np.dstack([rgb[..., 0], _OPAQUE]), "LA"),
+          "P": lambda: Image.fromarray(rgb).quantize(64)}.get(mode, lambda: Image.fromarray(rgb).convert(mode))()
+    raw = io.BytesIO()
+    im.save(raw, format=fmt, **({"lossless": True} if fmt == "WEBP" else {"quality": 95} if fmt == "JPEG" else {}))
+    out, said = packing.encode_image(raw.getvalue(), None, 90)
+    assert said == change
+    with Image.open(io.BytesIO(out)) as packed:
+        assert (packed.format, packed.mode, packed.size) == ("JPEG", "RGB", (64, 48))
+        diff = np.abs(np.asarray(packed).astype(float) - rgb)
+    # the same colours, to JPEG's loss (quality 90 on 8 px blocks: ~8 levels of 255), in the half that was
+    # transparent too: its colours kept, not black or white (over 100 levels away)
+    assert diff.mean() < 12 and diff[:, 32:].mean() < 12
+
+
 def test_exif_orientation_is_applied_and_16_bit_pixels_are_scaled(data, tmp_path):
     import numpy as np
 

@@ -1,6 +1,7 @@
 """The docs name only flags that exist: a command of train.py, pack_shards.py, viz.py or throughput.py in the docs
 passes only flags that script's parser takes, and every --flag the docs name anywhere is some entry point's (or one
-of the few other tools' they quote); the README's map of the files names those there are."""
+of the few other tools' they quote); the README's map of the files names those there are; its list of the default
+recipe is train.py's."""
 
 import argparse
 import importlib
@@ -81,3 +82,21 @@ def test_the_readmes_map_names_every_module_and_script_and_only_those():
              if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
     files |= {p.name for p in ROOT.glob("*.py")} | {"README.md", "demo_results.md"}
     assert named == files
+
+
+def test_the_readmes_list_of_the_default_recipe_is_train_pys_defaults():
+    import torch
+
+    from vitdeit.config import Config
+    from vitdeit.trainer import make_optimizer
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())  # (its lines joined)
+    said = re.search(r"\(the defaults: (AdamW, wd [^)]*)\)", text)[1]
+    d, num = Config(), lambda x: f"{x:g}".replace("e-0", "e-")  # (1e-6, as the README writes it)
+    assert said == (f"AdamW, wd {num(d.weight_decay)}, label smoothing {num(d.label_smoothing)}, drop path "
+                    f"{num(d.drop_path)}, gradient clipping at norm {num(d.clip_grad)}, {num(d.warmup_epochs)} warm-up "
+                    f"epoch, then a cosine to {num(d.min_lr)}, " + ("no Mixup" if d.mixup == d.cutmix == 0 else "Mixup")
+                    + ", " + ("an EMA" if d.model_ema else "no EMA"))
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), d, 1e-3, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW  # (its decay: the weights' group; norms and biases none)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, d.weight_decay]

@@ -117,8 +117,9 @@ class TrainTwoHeads(nn.Module):  # a timm DeiT in training mode: (class head, di
         return CLS[i], DIST[i]
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("heads", [OneHead, TrainTwoHeads])
-def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts_the_prediction(heads):
+def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts_the_prediction(heads, mixed):
     class Model(heads):
         def __init__(self):
             super().__init__()
@@ -130,13 +131,17 @@ def test_the_train_loss_is_the_mean_over_images_not_over_batches_and_top1_counts
 
     model = Model()
     loss_fn = lambda images, outputs, targets: images.mean() + 0 * model.w  # the batch's mean row index
-    out = train_one_epoch(sgd_step(model, loss_fn), BATCHES, NoSchedule(), 0, Dist(), progress=False)
+    # Mixup/CutMix's soft targets, here each image's mass on another class than its label: top-1 is still scored
+    # against the loader's labels (the README: it reads low under mixing), not against the targets' argmax
+    augment = (lambda x, y: (x, F.one_hot((y + 1) % C, C).float())) if mixed else None
+    out = train_one_epoch(sgd_step(model, loss_fn), BATCHES, NoSchedule(), 0, Dist(), augment=augment, progress=False)
     assert out["train_samples"] == N
     assert abs(out["train_loss"] - sum(range(N)) / N) < 1e-12  # 6.0; the mean of the 3 batch means is 6.67
     # DeiT: the mean of its heads, as evaluate() scores val (here not the class head's own top-1)
     predicted = CLS if heads is OneHead else (CLS + DIST) / 2
     assert out["train_top1"] == counted(predicted)[0]
     assert heads is OneHead or counted(predicted)[0] != counted(CLS)[0]
+    assert counted(predicted)[0] != 100 * int((predicted.argmax(1) == (LABELS + 1) % C).sum()) / N  # (tells apart)
 
 
 class Bias(nn.Module):  # outputs its parameter: the gradient is whatever the loss says

@@ -1602,10 +1602,11 @@ def test_every_pack_shards_flag_reaches_the_packer(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(pack_shards, "pack", fake_pack)
     assert pack_shards.main(["--data-path", "D", "--out", "O", "--labels", "L.json", "--seed", "3", "--shard-size",
                              "5", "--resize-short", "32", "--jpeg-quality", "80", "--skip-bad",
-                             "--allow-missing-classes", "--subset", "--overwrite", "--workers", "11"]) == 1
+                             "--allow-missing-classes", "--subset", "--allow-train-val-copies", "--overwrite",
+                             "--workers", "11"]) == 1
     assert asked == [(("D", "O", "L.json", PackOptions(seed=3, shard_size=5, resize_short=32, jpeg_quality=80,
                                                          skip_bad=True, workers=11, allow_missing_classes=True,
-                                                         subset=True)),
+                                                         subset=True, allow_train_val_copies=True)),
                       {"overwrite": True})]
     assert capsys.readouterr().err == "error: stop here\n"
 

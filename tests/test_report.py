@@ -127,6 +127,26 @@ def test_viz_writes_the_picture_and_a_report_matching_metrics_and_checkpoints(ru
                                                     ("ViT", "DeiT"))
 
 
+@pytest.mark.parametrize("no_report", [False, True])
+def test_every_viz_flag_reaches_the_report(tmp_path, monkeypatch, capsys, no_report):
+    import inspect
+
+    import viz
+
+    asked = []  # (every value below differs from its default: a flag dropped on the way shows)
+    monkeypatch.setattr(viz, "make_all", lambda *a, **k: asked.append((a, k)) or {"notes": [], "figure": "p.png"})
+    report = ["--no-report"] if no_report else ["--report-dir", "R"]
+    assert viz.main(["--vit", "V.pth", "--deit", "D.pth", "--teacher-run", "T", "--data-path", "S", "--num-images",
+                     "4", "--seed", "3", "--out", str(tmp_path / "p.png"), *report, "--ema", "--device", "cpu",
+                     "--workers", "1"]) == 0
+    (args, kwargs), = asked  # each value by the name of the parameter it reached
+    assert inspect.signature(make_all).bind(*args, **kwargs).arguments == {
+        "vit_ckpt": "V.pth", "deit_ckpt": "D.pth", "data_path": "S", "teacher_run": "T", "num_images": 4, "seed": 3,
+        "out": str(tmp_path / "p.png"), "report_dir": None if no_report else "R", "device": "cpu", "workers": 1,
+        "ema": True}
+    assert capsys.readouterr().out == "wrote p.png\n"
+
+
 def test_the_report_says_when_a_checkpoint_is_not_the_best_epochs(runs, tmp_path, capsys):
     import shutil
 

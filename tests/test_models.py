@@ -30,6 +30,22 @@ def test_teacher_slicing_keeps_the_logits_of_the_datasets_wnids(tmp_path):
         assert torch.allclose(sliced(x), full(x)[:, expected_idx], atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", ["", "imagenet1k"])  # (train.py's default is "": torchvision's, downloaded)
+def test_no_teacher_weights_given_is_torchvisions_imagenet1k_resnet18_downloaded_with_its_hash_checked(monkeypatch,
+                                                                                                     weights):
+    from vitdeit.models import RESNET18_IMAGENET1K
+
+    torch.manual_seed(0)
+    full, asked = torchvision.models.resnet18(num_classes=1000).eval(), []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda url, **k: asked.append((url, k["check_hash"])) or full.state_dict())
+    teacher = load_teacher("", weights, ClassMap(("n01440764", "n01443537"), ("tench", "goldfish")))  # 0 and 1
+    assert asked == [(RESNET18_IMAGENET1K, True)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), full(x)[:, :2], atol=1e-5)
+
+
 def test_the_teachers_logits_are_float32_under_bf16_autocast(tmp_path):
     """Its classifier runs outside autocast on the bf16 features: the logits hard distillation takes the argmax of
     are not rounded to bf16's 3 digits; the rest of the network keeps autocast's bf16."""

@@ -1867,6 +1867,29 @@ def test_cutmix_alone_trains_on_its_soft_targets_smoothed_once(tiny_shards, tmp_
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixup_blends_each_image_with_its_pair_and_cutmix_pastes_a_box_of_it_each_weighted_as_its_pixels(kind):
+    from vitdeit.trainer import batch_augmentation
+
+    trainer.seed_everything(0, 0, 0)
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16).clone()  # image i: the value i everywhere
+    augment = batch_augmentation(Config(mixup=0.8 if kind == "mixup" else 0.0, cutmix=1.0 if kind == "cutmix" else 0.0,
+                                        label_smoothing=0.0), 8, torch.device("cpu"))
+    out, targets = augment(images, torch.arange(8))  # (label i: image i's own class)
+    for i in range(8):
+        pair = 7 - i  # timm's batch mode pairs image i with the batch flipped
+        if kind == "cutmix":  # every pixel i's or its pair's; the label weight is the share of the pixels that are i's
+            assert torch.isin(out[i], torch.tensor([float(i), float(pair)])).all()
+            own = (out[i] == i).double().mean().item()
+            assert 0.0 < own < 1.0
+        else:  # one blend everywhere: own * i + (1 - own) * pair, off the integers
+            value = out[i, 0, 0, 0]
+            assert torch.equal(out[i], value.expand_as(out[i])) and value != value.round()
+            own = ((value - pair) / (i - pair)).item()
+        assert targets[i, i].item() == pytest.approx(own, abs=1e-6)
+        assert targets[i, pair].item() == pytest.approx(1 - own, abs=1e-6)
+
+
 def test_the_ema_val_top1_scores_the_ema_weights_and_val_top1_the_models(tiny_shards, tmp_path, monkeypatch, capsys):
     def fingerprint(state):  # a number that tells two sets of weights apart
         return sum(float(v.double().sum()) for v in state.values() if v.is_floating_point())

@@ -1734,6 +1734,28 @@ def test_a_best_pth_is_written_from_the_last_epoch_only_over_one_both_lower_and_
     assert not best_behind(tmp_path, {**last, "metrics": {"val_top1": 19.0}})  # the last epoch was not the best
 
 
+def test_the_seed_sets_the_initial_weights(tiny_shards, tmp_path, monkeypatch):
+    from vitdeit.models import create_model
+
+    made = []
+
+    def recorded(*args):
+        net = create_model(*args)
+        made.append({k: v.clone() for k, v in net.state_dict().items()})
+        return net
+
+    monkeypatch.setattr(trainer, "create_model", recorded)
+    stop_before_the_first_epoch(monkeypatch)
+    for seed in (7, 8):
+        with pytest.raises(Stopped):
+            train(cfg_for(tiny_shards, tmp_path / str(seed), model="vit_tiny", workers=0, seed=seed))
+    for seed, weights in zip((7, 8), made):
+        torch.manual_seed(seed)
+        expected = create_model("vit_tiny", 4, FAST["img_size"], FAST["patch_size"], FAST["drop_path"]).state_dict()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert not torch.equal(made[0]["pos_embed"], made[1]["pos_embed"])
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_epoch_seeds_from_seed_epoch_and_rank(tiny_shards, tmp_path, monkeypatch, rank):
     from vitdeit import distributed, trainer

@@ -245,6 +245,16 @@ def test_compile_mode_auto_is_cuda_graphs_for_one_process_on_a_gpu_and_default_e
         "default", "default", "reduce-overhead", "reduce-overhead"]  # a mode named is the mode used
 
 
+def test_compile_auto_compiles_on_a_gpu_only_and_on_or_off_is_obeyed_anywhere():
+    from vitdeit.config import Config
+    from vitdeit.trainer import compile_setting
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [compile_setting(Config(compile=c), d, 1)[0] for c in ("auto", "on", "off") for d in (gpu, cpu)] == [
+        True, False, True, True, False, False]
+    assert compile_setting(Config(), gpu, 1) == (True, "reduce-overhead")  # train.py's default on one GPU
+
+
 def test_the_model_and_the_loss_with_its_teacher_see_the_augmented_batch_and_its_targets():
     """DeiT's teacher runs on the student's mixed/erased images (the loss gets them): not the loader's batch."""
     seen = {}

@@ -1236,3 +1236,149 @@ def test_a_traces_copies_are_its_memcpys_and_its_memsets():
               {"ph": "X", "cat": "kernel", "name": "k", "ts": 500, "dur": 100, "args": {"stream": 7}}]
     s = traces.summary(events)
     assert s["copy_ms_per_step"] == pytest.approx(0.06) and s["gpu_busy_frac"] == pytest.approx(0.16)
+
+
+def test_packing_is_timed_from_an_empty_folder_on_a_rerun_in_the_same_work_dir(tmp_path, monkeypatch):
+    from benchmarks import throughput
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    real, found = throughput.pack, []  # (a pack into a finished one reuses its shards: 20x the images/s)
+    monkeypatch.setattr(throughput, "pack", lambda d, out, **k: found.append(Path(out).exists()) or real(d, out, **k))
+    for _ in range(2):  # a rerun in the same --work-dir, as gpu_check.sh's BENCH_DIR on a warm machine
+        throughput.bench_packing(data, tmp_path / "w", 2)
+    assert found == [False] * 4  # 1 worker and 2, twice
+
+
+def test_the_resized_rows_read_shards_whose_images_are_at_resize_short(tmp_path):
+    import io
+    import tarfile
+
+    from benchmarks import throughput
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)  # 40-64 px images
+    assert throughput.main(["--data-path", str(data), "--work-dir", str(tmp_path / "w"), "--parts", "data",
+                            "--no-dali", "--workers", "1", "--img-size", "16", "--resize-short", "24"]) == 0
+
+    def shorter_sides(shards: Path) -> list[int]:
+        sides = []
+        for path in sorted(shards.glob("train-*.tar")):
+            with tarfile.open(path) as tar:
+                sides += [min(Image.open(io.BytesIO(tar.extractfile(m).read())).size)
+                          for m in tar.getmembers() if m.name.endswith(".jpg")]
+        return sides
+
+    assert set(shorter_sides(tmp_path / "w" / "shards_24")) == {24}
+    assert min(shorter_sides(tmp_path / "w" / "shards")) >= 40 and len(shorter_sides(tmp_path / "w" / "shards")) == 8
+
+
+def test_transform_costs_are_timed_on_one_thread_after_the_warm_up_and_give_the_threads_back(tiny_data, monkeypatch):
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+
+    clock, threads = [0.0], []
+    monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def classic(*a, **k):  # the baseline's stage: 1 s a call, noting the threads it ran on
+        def transform(img):
+            threads.append(torch.get_num_threads())
+            clock[0] += 1.0
+        return transform
+
+    monkeypatch.setattr(throughput, "classic_transform", classic)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = {r["name"]: r["ms_per_image"] for r in throughput.bench_transforms(throughput.train_files(tiny_data)[:4],
+                                                                                   32)}
+        assert set(threads) == {1} and torch.get_num_threads() == 2  # the model part after it has its threads back
+    finally:
+        torch.set_num_threads(before)
+    assert rows["baseline_transform (decode + classic PIL train transform)"] == 1000.0  # (warm-up calls untimed)
+
+
+def test_the_loaders_take_turns_one_epoch_each_per_round(monkeypatch):
+    import argparse
+
+    import torch
+
+    from benchmarks import throughput
+
+    order = []
+    monkeypatch.setattr(throughput, "imagefolder_loader", lambda *a: "imagefolder")
+    monkeypatch.setattr(throughput, "shard_loaders", lambda *a: iter([("shards_a", "original", "shards_a")]))
+    monkeypatch.setattr(throughput, "epoch_seconds", lambda loader, sync: order.append(loader) or (4, 1.0))
+    a = argparse.Namespace(loader_workers="1", workers=1, img_size=8, batch_size=4, interpolation="bilinear",
+                           repeats=2, rand_augment="")
+    throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
+    assert order == ["imagefolder", "shards_a"] * 3  # a warm-up round, then the 2 timed rounds, in turn
+
+
+def test_the_resize_filter_and_output_size_reach_every_loader_of_the_comparison(tiny_data, tiny_shards, monkeypatch):
+    import argparse
+
+    import torch
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    from benchmarks import throughput
+
+    a = argparse.Namespace(img_size=32, batch_size=4, interpolation="bicubic", rand_augment="", dali=True,
+                           dali_hw_decoder_load=[0.65], dali_executor=["dynamic"], dali_prefetch=[2])
+    cfgs, built = [], []
+    with monkeypatch.context() as m:
+        m.setattr(throughput, "build_loader", lambda cfg, *r: cfgs.append(cfg) or [])
+        m.setattr(throughput, "dali_available", lambda: True)
+        list(throughput.shard_loaders(a, {"original": tiny_shards}, 1, torch.device("cpu")))
+        m.setattr(throughput, "imagefolder_loader", lambda *args: built.append(args) or [])
+        m.setattr(throughput, "shard_loaders", lambda *args: iter([]))
+        a.loader_workers, a.workers, a.repeats = "1", 1, 1
+        throughput.bench_loaders(a, Path("unused"), {}, torch.device("cpu"), lambda: None)
+    assert {(c.loader, c.interpolation, c.img_size, c.batch_size) for c in cfgs} == {
+        ("torch", "bicubic", 32, 4), ("dali", "bicubic", 32, 4)}
+    assert built[0][1:5] == (32, 4, 1, "bicubic")  # the baseline's size, batch, workers and filter
+    baseline = throughput.imagefolder_loader(tiny_data, 32, 4, 0, "bicubic")
+    crop, = [t for t in baseline.dataset.datasets[0].transform.transforms if isinstance(t, RandomResizedCrop)]
+    assert crop.interpolation == InterpolationMode.BICUBIC
+    x, _ = next(iter(baseline))
+    xs = next(iter(throughput.shard_loader(a, tiny_shards, "torch", 0, torch.device("cpu"))))[0]
+    assert x.shape == xs.shape == (4, 3, 32, 32) and x.dtype == xs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_model_step_rows_layout_is_the_layout_it_ran(channels_last, monkeypatch):
+    import types
+
+    import torch
+
+    from benchmarks import throughput
+
+    ran, call = [], throughput.Step.__call__
+    monkeypatch.setattr(throughput.Step, "__call__", lambda self, x, y: ran.append(
+        (x.is_contiguous(memory_format=torch.channels_last),
+         self.model.conv1.weight.is_contiguous(memory_format=torch.channels_last))) or call(self, x, y))
+    a = types.SimpleNamespace(img_size=32, batch_size=2, compile_mode="default")
+    step, _, _ = throughput.train_step_fn("resnet18", a, torch.device("cpu"), None, channels_last, False)
+    step(*throughput.device_batch(a, torch.device("cpu"), channels_last))
+    assert ran == [(channels_last, channels_last)]  # the input and the weights, as the row's `layout` says
+
+
+def test_gpu_train_divides_by_the_compiled_deit_row_where_no_end_to_end_part_ran(tmp_path):
+    code = (ROOT / "benchmarks/gpu_train.sh").read_text().split("<<'PYEOF'\n", 1)[1].split("\nPYEOF", 1)[0]
+    runs = tmp_path / "runs"
+    for run in ("teacher", "deit"):
+        (runs / run).mkdir(parents=True)
+        (runs / run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "images_per_s": 100.0,
+                                                              "data_wait_frac": 0.0, "val_top1": 1.0}) + "\n")
+    (runs / "deit" / "config.json").write_text(json.dumps({"compile_mode": "auto", "device": "cpu"}))
+    bench = tmp_path / "b.json"  # gpu_check.sh --parts model: model-step rows only
+    bench.write_text(json.dumps({"settings": {"compile_mode": "default"}, "model_step": [
+        {"model": "vit_tiny", "compile": True, "images_per_s": 1000.0},
+        {"model": "deit_tiny_distill + resnet18 teacher", "compile": False, "images_per_s": 50.0},
+        {"model": "deit_tiny_distill + resnet18 teacher", "compile": True, "images_per_s": 400.0}]}))
+    run = subprocess.run([sys.executable, "-", str(runs), str(bench)], input=code, capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    deit = [line for line in run.stdout.splitlines() if line.startswith("deit")]
+    assert [float(line.split()[-1]) for line in deit] == [0.25]  # 100 / 400: not the eager row's 50, nor the ViT's

@@ -689,3 +689,37 @@ def test_dali_gives_float16_images_only_on_a_gpu_where_autocast_runs_the_model_i
     assert data.build_loader(cfg, {"splits": {"val": {"num_samples": 24}}}, "train",
                              Dist(device=torch.device(device))) == "dali"
     assert made == [half]
+
+
+NO_DALI = """
+import sys
+
+class NoDali:  # as on macOS, Windows or an install without it: `import nvidia.dali` fails
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ImportError("no DALI here")
+
+sys.meta_path.insert(0, NoDali())
+import train
+from vitdeit.data import dali_available
+
+assert not dali_available()
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_without_dali_train_py_runs_on_the_pytorch_loader_with_every_augmentation(tiny_shards, tmp_path):
+    """DALI is imported only when chosen: with it missing, --loader auto is the PyTorch loader, and the settings that
+    DALI's pipeline also has (RandAugment, repeated augmentation) import nothing of it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.run([sys.executable, "-c", NO_DALI, "--data-path", str(tiny_shards), "--output-dir", str(tmp_path),
+                          "--model", "vit_tiny", "--img-size", "16", "--patch-size", "4", "--epochs", "1",
+                          "--batch-size", "8", "--workers", "1", "--rand-augment", "rand-m9-mstd0.5-inc1",
+                          "--repeated-aug", "2", "--progress", "false"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "loader torch" in run.stdout and (tmp_path / "vit_tiny" / "best.pth").is_file()

@@ -305,3 +305,43 @@ def test_the_quick_demo_lets_its_one_epoch_teacher_teach_and_the_full_one_does_n
         deit = demo_commands(Path("/o"), {"resnet18": 1, "vit": 1}, 1, quick)[4]
         assert deit[deit.index("--model") + 1] == "deit_tiny_distill"
         assert ("--allow-weak-teacher" in deit) == quick
+
+
+def test_the_demo_set_is_10_classes_of_240_train_and_50_val_images_each_side_drawn_in_56_to_88_px(tmp_path,
+                                                                                                  monkeypatch):
+    import numpy as np
+
+    from vitdeit import demo
+
+    sizes, widths = [], set()
+
+    def asked(shape, rng, size, hue=None, hue_width=0.05):  # no drawing: the counts, sizes and hue bands asked for
+        sizes.append(size)
+        widths.add(hue_width)
+        return Image.new("RGB", (1, 1))
+
+    monkeypatch.setattr(demo, "draw_sample", asked)
+    out = demo.make_demo_dataset(tmp_path / "d", LABELS)  # at the defaults, as `python -m vitdeit.demo` makes it
+    assert len(list(out.glob("train.X*/*/*.JPEG"))) == 2400 and len(list(out.glob("val.X/*/*.JPEG"))) == 500
+    assert max(widths) * 10 <= 1  # the 10 classes' hue bands (hue i / 10 +- width / 2) do not overlap
+    w, h = np.array(sizes).T
+    assert w.min() == h.min() == 56 and w.max() == h.max() == 88  # both ends of [min_size, max_size] reached
+    assert (w != h).mean() > 0.9 and abs(np.corrcoef(w, h)[0, 1]) < 0.1  # each side drawn on its own
+
+
+def test_each_shape_is_drawn_at_a_random_position_size_and_rotation_inside_the_image(monkeypatch):
+    import numpy as np
+
+    from vitdeit import demo
+
+    drawn, polygon = [], demo._polygon
+    monkeypatch.setattr(demo, "_polygon", lambda kind, cx, cy, r, rot: drawn.append((cx, cy, r, rot)) or polygon(
+        kind, cx, cy, r, rot))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        demo.draw_sample("square", rng, (80, 60))
+    cx, cy, r, rot = np.array(drawn).T
+    assert (r >= 0.28 * 60).all() and (r <= 0.42 * 60).all() and r.std() > 1.5  # 0.28-0.42 of the short side
+    assert (cx >= r).all() and (cx <= 80 - r).all() and (cy >= r).all() and (cy <= 60 - r).all()  # inside the image
+    assert cx.std() > 5 and cy.std() > 1.5  # not always centred (uniform over the room left: std ~8.7 and ~2.5 px)
+    assert np.abs(rot).max() <= 0.35 and rot.std() > 0.15  # within +-20 degrees, spread (uniform: std 0.20)

@@ -723,3 +723,15 @@ def test_without_dali_train_py_runs_on_the_pytorch_loader_with_every_augmentatio
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "loader torch" in run.stdout and (tmp_path / "vit_tiny" / "best.pth").is_file()
+
+
+def test_the_pytorch_loaders_randaugment_fills_its_warps_with_timms_imagenet_mean():
+    from timm.data import create_transform
+
+    warps = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+    ours = TrainTransform(32, rand_augment="rand-m9-mstd0.5-inc1").aa.ops
+    timms, = [t for t in create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1").transforms
+              if hasattr(t, "ops")]  # (the DeiT reference's: timm's transform for this spec)
+    fill = {op.name: op.kwargs["fillcolor"] for op in timms.ops if op.name in warps}
+    assert fill == dict.fromkeys(warps, (124, 116, 104))  # ImageNet's mean in grey levels, not timm's default 128
+    assert {op.name: op.kwargs["fillcolor"] for op in ours if op.name in warps} == fill

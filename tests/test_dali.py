@@ -62,6 +62,17 @@ def test_a_train_crop_is_resized_antialiased_as_the_pytorch_loader_resizes_it(tm
     assert gaps.max() < 0.1  # std units (measured 0.04-0.06: two antialiased resamplers of JPEG-decoded stripes)
 
 
+def test_a_train_epoch_is_the_same_whatever_the_decode_thread_count(tiny_shards):
+    """Why a saved reader state leaves --workers out (a resume on another machine takes its own cores' share): DALI
+    draws each sample's crop, flip and RandAugment ops from per-sample generators, not per thread."""
+    m = load_manifest(tiny_shards)
+    epochs = [list(DaliLoader(tiny_shards, m, "train", batch_size=8, img_size=24, workers=workers, seed=3,
+                              with_keys=True, rand_augment="rand-m9-mstd0.5-inc1")) for workers in (1, 2)]
+    assert len(epochs[0]) == len(epochs[1]) > 1
+    for (x1, y1, k1), (x2, y2, k2) in zip(*epochs):
+        assert k1 == k2 and torch.equal(y1, y2) and torch.equal(x1, x2)
+
+
 def test_val_crops_imagenet_sized_images_where_torchvision_does(tmp_path):
     """500 x 375 and 375 x 500 JPEGs at 224 px: resized to 341 x 256 (a 58.5 px margin, torchvision rounds it to 58)
     or 256 x 341. A crop a pixel off differs by ~6 grey levels on these textured images (measured before the mend)."""

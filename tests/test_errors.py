@@ -295,6 +295,22 @@ def test_a_checkpoint_whose_config_classes_or_weights_do_not_fit_each_other_is_r
         f": {EDITED}"), str(e.value)
 
 
+@pytest.mark.parametrize("img_size", [40, 100])  # (no multiple of the default 16 px patch)
+def test_a_resnet18_checkpoint_at_a_size_no_patch_divides_loads_as_a_vits_does_not(tmp_path, img_size):
+    from vitdeit.models import create_model
+
+    state = checkpoint_state(["n00000001", "n00000002"], ema=None)
+    state["config"].update(model="resnet18", img_size=img_size, patch_size=16)  # a CNN: any size (config.py's too)
+    state["model"] = create_model("resnet18", 2, img_size).state_dict()
+    torch.save(state, tmp_path / "teacher.pth")
+    assert load_checkpoint(tmp_path / "teacher.pth", what="--teacher-ckpt")["config"]["img_size"] == img_size
+    vit = checkpoint_state(["n00000001", "n00000002"], ema=None)
+    vit["config"].update(img_size=img_size, patch_size=16)  # a transformer's size is whole patches
+    torch.save(vit, tmp_path / "vit.pth")
+    with pytest.raises(DataError, match="are not sizes a vit_tiny can have"):
+        load_checkpoint(tmp_path / "vit.pth")
+
+
 def test_a_checkpoint_loaded_for_another_class_map_is_refused_naming_its_shards(tmp_path):
     from vitdeit.classes import ClassMap
 

@@ -1554,6 +1554,27 @@ def fake_val(monkeypatch, values):
                                                               "val_top5": 90.0, "val_samples": 24})
 
 
+@pytest.mark.parametrize("damage", ["cut short", "a byte changed"])
+def test_a_resume_in_place_beside_a_last_pth_that_does_not_load_is_not_refused_as_a_rewind(tmp_path, damage):
+    """A last.pth that does not load is no history to keep: --resume RUN/best.pth goes on (a loadable later one is
+    refused, as a rewind)."""
+    from vitdeit.distributed import Dist
+
+    run = tmp_path / "vit_tiny"
+    run.mkdir()
+    cfg = Config(resume=str(run / "best.pth"))
+    torch.save({"epoch": 2}, run / "last.pth")
+    with pytest.raises(SettingError, match="has trained up to epoch 2"):
+        runs.check_rewind(run, cfg, {"epoch": 0}, Dist())
+    good = bytearray((run / "last.pth").read_bytes())
+    if damage == "cut short":  # a disk that filled, a copy cut off
+        del good[len(good) // 2:]
+    else:  # in place: its CRC-32 no longer fits
+        good[len(good) // 2] ^= 0xFF
+    (run / "last.pth").write_bytes(bytes(good))
+    runs.check_rewind(run, cfg, {"epoch": 0}, Dist())  # goes on from best.pth
+
+
 def test_resuming_in_place_from_an_older_checkpoint_is_refused_without_overwrite(tiny_shards, tmp_path,
                                                                                    monkeypatch):
     import shutil

@@ -791,6 +791,21 @@ def test_the_report_renders_the_comparison_gains_losses_and_classes_by_delta():
     assert md[-1] == "No row for 1 class(es) with no val images here: n00000009."
 
 
+def test_the_classes_deit_loses_most_come_biggest_loss_first_cut_to_top():
+    cm = ClassMap.from_labels({f"n0000000{i}": f"c{i}" for i in range(1, 5)})
+    labels = np.repeat(np.arange(4), 4)  # 4 images a class; ViT right on all 16
+    deit = labels.copy()
+    deit[[0]], deit[[4, 5, 6]], deit[[8, 9]] = 1, 0, 0  # DeiT: class 1 at 75 %, class 2 at 25 %, class 3 at 50 %
+    p = lambda name, pred: Predictions(name, labels, pred, np.ones(16), 0.875)  # noqa: E731
+    comp = comparison(cm, p("ViT", labels), p("DeiT", deit))
+    assert [(r["class"], r["delta"]) for r in comp["losses"]] == [
+        ("n00000002", -75.0), ("n00000003", -50.0), ("n00000001", -25.0)]  # (class 4: 100 % both, no loss)
+    top2 = comparison(cm, p("ViT", labels), p("DeiT", deit), top=2)
+    assert [r["class"] for r in top2["losses"]] == ["n00000002", "n00000003"]  # the two largest, not the smallest
+    assert "**Classes DeiT loses most:** c2 (100% → 25%), c3 (100% → 50%)" in report_markdown([], top2,
+                                                                                             ("ViT", "DeiT"))
+
+
 def test_a_class_both_score_the_same_on_is_neither_a_gain_nor_a_loss():
     cm = ClassMap.from_labels({"n00000001": "a", "n00000002": "b", "n00000003": "c"})
     labels = np.array([0, 0, 1, 1, 2, 2])
@@ -842,6 +857,21 @@ def test_a_teacher_row_from_other_val_images_says_so_beside_the_deit_runs_figure
         md = report_markdown([summary("teacher", "resnet18", 2.5, data, size), deit], comp, ("ViT", "DeiT"))
         assert ("The teacher it distilled from: val top-1 1.01%, as the DeiT run evaluated it on b at 16 px."
                 + said) in md.splitlines()
+
+
+def test_a_tied_best_val_top1_is_the_earliest_epoch_the_one_best_pth_keeps():
+    from vitdeit.report import run_summary
+
+    rows = [{"epoch": 0, "val_top1": 10.0, "val_top5": 50.0, "images_per_s": 1.0},
+            {"epoch": 1, "val_top1": 100.0, "val_top5": 100.0, "images_per_s": 2.0},  # best.pth is this epoch's
+            {"epoch": 2, "val_top1": 100.0, "val_top5": 100.0, "images_per_s": 2.0},  # a tie: best.pth is kept
+            {"epoch": 3, "val_top1": 90.0, "val_top5": 100.0, "images_per_s": 2.0}]
+    s = run_summary("ViT", rows, {"config": {"model": "vit_tiny", "epochs": 4}, "epoch": 1}, 1)
+    assert s["best_epoch"] == 1 == s["checkpoint_epoch"]
+    comp = {"val_images": 2, "agreement": 50.0, "both_right": 0.0, "gains": [], "losses": [], "per_class": [],
+            "deit_only_right": 1, "vit_only_right": 0, "mcnemar_p": 1.0}
+    md = report_markdown([s], comp, ("ViT", "DeiT"))
+    assert "| 1 / 3 |" in md and "the checkpoint read here is from epoch" not in md  # (no false "not the best")
 
 
 def test_the_run_summary_is_the_best_val_epochs_with_the_median_speed_of_the_epochs_after_the_first():

@@ -33,14 +33,12 @@ def test_teacher_slicing_keeps_the_logits_of_the_datasets_wnids(tmp_path):
 @pytest.mark.parametrize("weights", ["", "imagenet1k"])  # (train.py's default is "": torchvision's, downloaded)
 def test_no_teacher_weights_given_is_torchvisions_imagenet1k_resnet18_downloaded_with_its_hash_checked(monkeypatch,
                                                                                                      weights):
-    from vitdeit.models import RESNET18_IMAGENET1K
-
     torch.manual_seed(0)
     full, asked = torchvision.models.resnet18(num_classes=1000).eval(), []
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda url, **k: asked.append((url, k["check_hash"])) or full.state_dict())
     teacher = load_teacher("", weights, ClassMap(("n01440764", "n01443537"), ("tench", "goldfish")))  # 0 and 1
-    assert asked == [(RESNET18_IMAGENET1K, True)]
+    assert asked == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, True)]  # (torchvision's own name of it)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(teacher(x), full(x)[:, :2], atol=1e-5)

@@ -135,6 +135,7 @@ def test_every_viz_flag_reaches_the_report(tmp_path, monkeypatch, capsys, no_rep
 
     asked = []  # (every value below differs from its default: a flag dropped on the way shows)
     monkeypatch.setattr(viz, "make_all", lambda *a, **k: asked.append((a, k)) or {"notes": [], "figure": "p.png"})
+    monkeypatch.setattr(viz, "resolve_device", lambda device: f"resolved {device}")  # (here auto is cpu too)
     report = ["--no-report"] if no_report else ["--report-dir", "R"]
     assert viz.main(["--vit", "V.pth", "--deit", "D.pth", "--teacher-run", "T", "--data-path", "S", "--num-images",
                      "4", "--seed", "3", "--out", str(tmp_path / "p.png"), *report, "--ema", "--device", "cpu",
@@ -142,8 +143,8 @@ def test_every_viz_flag_reaches_the_report(tmp_path, monkeypatch, capsys, no_rep
     (args, kwargs), = asked  # each value by the name of the parameter it reached
     assert inspect.signature(make_all).bind(*args, **kwargs).arguments == {
         "vit_ckpt": "V.pth", "deit_ckpt": "D.pth", "data_path": "S", "teacher_run": "T", "num_images": 4, "seed": 3,
-        "out": str(tmp_path / "p.png"), "report_dir": None if no_report else "R", "device": "cpu", "workers": 1,
-        "ema": True}
+        "out": str(tmp_path / "p.png"), "report_dir": None if no_report else "R", "device": "resolved cpu",
+        "workers": 1, "ema": True}
     assert capsys.readouterr().out == "wrote p.png\n"
 
 

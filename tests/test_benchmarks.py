@@ -1346,22 +1346,37 @@ def test_the_resize_filter_and_output_size_reach_every_loader_of_the_comparison(
     assert x.shape == xs.shape == (4, 3, 32, 32) and x.dtype == xs.dtype == torch.float32
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_a_model_step_rows_layout_is_the_layout_it_ran(channels_last, monkeypatch):
+def test_each_model_step_rows_layout_is_the_layout_its_timed_steps_ran(monkeypatch):
     import types
 
     import torch
 
     from benchmarks import throughput
 
-    ran, call = [], throughput.Step.__call__
-    monkeypatch.setattr(throughput.Step, "__call__", lambda self, x, y: ran.append(
-        (x.is_contiguous(memory_format=torch.channels_last),
-         self.model.conv1.weight.is_contiguous(memory_format=torch.channels_last))) or call(self, x, y))
-    a = types.SimpleNamespace(img_size=32, batch_size=2, compile_mode="default")
-    step, _, _ = throughput.train_step_fn("resnet18", a, torch.device("cpu"), None, channels_last, False)
-    step(*throughput.device_batch(a, torch.device("cpu"), channels_last))
-    assert ran == [(channels_last, channels_last)]  # the input and the weights, as the row's `layout` says
+    ran, marks, call = [], [], throughput.Step.__call__
+
+    def spied(self, x, y):  # the input's memory format and the first convolution's weights'
+        weight = next(p for p in self.model.parameters() if p.dim() == 4)
+        ran.append((x.is_contiguous(memory_format=torch.channels_last),
+                    weight.is_contiguous(memory_format=torch.channels_last)))
+        return call(self, x, y)
+
+    def timed(fn, repeats, sync):  # where each row's timed steps begin and end among the steps run
+        marks.append(len(ran))
+        fn()
+        marks.append(len(ran))
+        return 1.0
+
+    monkeypatch.setattr(throughput.Step, "__call__", spied)
+    monkeypatch.setattr(throughput, "timed", timed)
+    a = types.SimpleNamespace(img_size=32, batch_size=2, compile_mode="default", amp=False, compile=False,
+                              warmup_steps=1, steps=1, repeats=1)
+    rows, _ = throughput.bench_model_step(a, torch.device("cpu"), lambda: None)
+    assert [(r["model"], r["layout"]) for r in rows] == [(m, layout) for m in (
+        "vit_tiny", "resnet18", "deit_tiny_distill + resnet18 teacher") for layout in ("nchw", "channels_last")]
+    for row, start, end in zip(rows, marks[::2], marks[1::2]):  # the steps each row timed
+        cl = row["layout"] == "channels_last"
+        assert end > start and set(ran[start:end]) == {(cl, cl)}  # the input and the weights, as the row says
 
 
 def test_gpu_train_divides_by_the_compiled_deit_row_where_no_end_to_end_part_ran(tmp_path):

@@ -1569,8 +1569,13 @@ def test_a_resume_in_place_beside_a_last_pth_that_does_not_load_is_not_refused_a
     good = bytearray((run / "last.pth").read_bytes())
     if damage == "cut short":  # a disk that filled, a copy cut off
         del good[len(good) // 2:]
-    else:  # in place: its CRC-32 no longer fits
-        good[len(good) // 2] ^= 0xFF
+    else:  # in place, the first byte of its pickle: that record's CRC-32 no longer fits
+        import struct
+        import zipfile
+
+        pkl = next(i for i in zipfile.ZipFile(run / "last.pth").infolist() if i.filename.endswith("/data.pkl"))
+        name, extra = struct.unpack_from("<HH", good, pkl.header_offset + 26)  # (its local header's lengths)
+        good[pkl.header_offset + 30 + name + extra] ^= 0x41
     (run / "last.pth").write_bytes(bytes(good))
     runs.check_rewind(run, cfg, {"epoch": 0}, Dist())  # goes on from best.pth
 

@@ -61,12 +61,14 @@ GLOBAL_BATCHES = [(torch.randn(8, 3, 32, 32, generator=_G, dtype=torch.float64),
 def _distilled_epoch(dist: Dist, batches) -> tuple[dict, dict]:
     """One epoch of DeiT-Tiny (32 px, 8 px patches) distilled (hard) from a ResNet-18 as train.py builds it: its
     optimiser, schedule, loss and Step, the model wrapped for `dist`, clipping on. In float64, so that where a sum's
-    order differs (one process's batch against two ranks' halves averaged) is far below what is compared."""
+    order differs (one process's batch against two ranks' halves averaged) is far below what is compared; so the
+    teacher is a plain ResNet-18 in eval mode (models.frozen_teacher's float32 classifier takes no float64)."""
     cfg = Config(model="deit_tiny_distill", img_size=32, patch_size=8, drop_path=0.0, batch_size=len(batches[0][1]),
                  lr=0.5, warmup_epochs=0.0, epochs=2, clip_grad=0.5)  # (no drop-path: its draws are each rank's own)
     torch.manual_seed(0)  # the same initial weights, as train.py seeds them
-    net = to_device(create_model(cfg.model, 5, cfg.img_size, cfg.patch_size).double(), cfg, dist.device)
-    teacher = create_model("resnet18", 5).double().eval()
+    net = to_device(create_model(cfg.model, 5, cfg.img_size, cfg.patch_size, cfg.drop_path).double(), cfg,
+                    dist.device)
+    teacher = create_model("resnet18", 5).double().eval().requires_grad_(False)
     optimizer = make_optimizer(net, cfg, cfg.peak_lr(dist.world), dist.device)
     step = Step(wrap(net, dist), make_loss(cfg, teacher), optimizer, torch.amp.GradScaler("cpu", enabled=False),
                 clip_grad=cfg.clip_grad)

@@ -1211,10 +1211,22 @@ def test_the_gpu_session_trains_with_the_defaults_unless_another_setting_fed_the
     assert pick({}) == "profile:pf2"
 
 
-def test_the_json_records_the_unit_that_ran_and_a_resize_short_under_val_resize_is_noted(tmp_path, capsys):
+def test_the_resized_rows_shards_hold_images_at_resize_short_one_under_val_resize_is_noted_and_the_json_says_so(
+        tmp_path, capsys):
+    import io
+    import tarfile
+
     from benchmarks import throughput
 
-    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)
+    def shorter_sides(shards: Path) -> list[int]:
+        sides = []
+        for path in sorted(shards.glob("train-*.tar")):
+            with tarfile.open(path) as tar:
+                sides += [min(Image.open(io.BytesIO(tar.extractfile(m).read())).size)
+                          for m in tar.getmembers() if m.name.endswith(".jpg")]
+        return sides
+
+    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)  # 40-64 px images
     json_path = tmp_path / "b.json"
     for size, resize, noted in ((32, 36, False), (32, 35, True)):  # val resizes 32 px crops from floor(32 / 0.875)
         assert throughput.main(["--data-path", str(data), "--work-dir", str(tmp_path / "w"), "--parts", "data",
@@ -1225,6 +1237,9 @@ def test_the_json_records_the_unit_that_ran_and_a_resize_short_under_val_resize_
                 f"--img-size 32; train.py warns that shards packed so are upscaled.\n" in out) == noted
         settings = json.loads(json_path.read_text())["settings"]
         assert settings["e2e_unit"] == "steps" and settings["device"] == "cpu"  # auto, resolved as on a CPU
+        # the *_resized rows' shards: every image at --resize-short; the other rows' the originals
+        assert shorter_sides(tmp_path / "w" / f"shards_{resize}") == [resize] * 8
+        assert len(originals := shorter_sides(tmp_path / "w" / "shards")) == 8 and min(originals) >= 40
 
 
 def test_a_traces_copies_are_its_memcpys_and_its_memsets():
@@ -1247,28 +1262,6 @@ def test_packing_is_timed_from_an_empty_folder_on_a_rerun_in_the_same_work_dir(t
     for _ in range(2):  # a rerun in the same --work-dir, as gpu_check.sh's BENCH_DIR on a warm machine
         throughput.bench_packing(data, tmp_path / "w", 2)
     assert found == [False] * 4  # 1 worker and 2, twice
-
-
-def test_the_resized_rows_read_shards_whose_images_are_at_resize_short(tmp_path):
-    import io
-    import tarfile
-
-    from benchmarks import throughput
-
-    data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)  # 40-64 px images
-    assert throughput.main(["--data-path", str(data), "--work-dir", str(tmp_path / "w"), "--parts", "data",
-                            "--no-dali", "--workers", "1", "--img-size", "16", "--resize-short", "24"]) == 0
-
-    def shorter_sides(shards: Path) -> list[int]:
-        sides = []
-        for path in sorted(shards.glob("train-*.tar")):
-            with tarfile.open(path) as tar:
-                sides += [min(Image.open(io.BytesIO(tar.extractfile(m).read())).size)
-                          for m in tar.getmembers() if m.name.endswith(".jpg")]
-        return sides
-
-    assert set(shorter_sides(tmp_path / "w" / "shards_24")) == {24}
-    assert min(shorter_sides(tmp_path / "w" / "shards")) >= 40 and len(shorter_sides(tmp_path / "w" / "shards")) == 8
 
 
 def test_transform_costs_are_timed_on_one_thread_after_the_warm_up_and_give_the_threads_back(tiny_data, monkeypatch):

@@ -1,5 +1,6 @@
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -322,7 +323,10 @@ def test_the_demo_set_is_10_classes_of_240_train_and_50_val_images_each_side_dra
 
     monkeypatch.setattr(demo, "draw_sample", asked)
     out = demo.make_demo_dataset(tmp_path / "d", LABELS)  # at the defaults, as `python -m vitdeit.demo` makes it
-    assert len(list(out.glob("train.X*/*/*.JPEG"))) == 2400 and len(list(out.glob("val.X/*/*.JPEG"))) == 500
+    train = Counter(p.parent.name for p in out.glob("train.X*/*/*.JPEG"))
+    val = Counter(p.parent.name for p in out.glob("val.X/*/*.JPEG"))
+    assert len(train) == 10 and set(train.values()) == {240}  # 10 classes of 240 train images
+    assert val.keys() == train.keys() and set(val.values()) == {50}  # and of 50 val images
     assert max(widths) * 10 <= 1  # the 10 classes' hue bands (hue i / 10 +- width / 2) do not overlap
     w, h = np.array(sizes).T
     assert w.min() == h.min() == 56 and w.max() == h.max() == 88  # both ends of [min_size, max_size] reached

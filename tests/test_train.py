@@ -930,6 +930,32 @@ def processes_under(pid: int) -> dict[int, str]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's processes in /proc")
+def test_resume_auto_refuses_its_folder_packed_again_and_a_pack_it_cannot_place_not_a_pack_from_before_fingerprints(
+        tmp_path):
+    from vitdeit.classes import pack_fingerprint
+    from vitdeit.trainer import check_same_command
+
+    def manifest(seed: int) -> dict:
+        rows = [{"file": "train-000000.tar", "num_samples": 8, "bytes": 1000}]
+        return {"options": {"seed": seed, "shard_size": 30}, "source": {"data_path": "/data/imagenet100"},
+                "classes": ["n1", "n2"], "splits": {"train": {"shards": rows}, "val": {"shards": rows}}}
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cfg = dataclasses.replace(Config(data_path=str(shards)), resume=str(tmp_path / "runs" / "vit_tiny" / "last.pth"))
+    cfg.auto_resume = True
+    now, saved = manifest(seed=1), pack_fingerprint(manifest(seed=0))  # the folder packed again, with another --seed
+    assert saved != pack_fingerprint(now)
+    base = {"config": cfg.to_dict(), "pack": saved}
+    check_same_command({**base, "pack": pack_fingerprint(now), "data_dir": str(shards.resolve())}, cfg, now)  # same
+    for resumed, said in (({**base, "data_dir": str(shards.resolve())}, f"{shards} was packed again since"),
+                          (base, f"the shards at {shards} are not those"),  # saved before data_dir was kept
+                          ({**base, "data_dir": "/elsewhere"}, "other shards than")):
+        with pytest.raises(SettingError, match=re.escape("(other shards: ") + ".*" + re.escape(said)):
+            check_same_command(resumed, cfg, now)
+    check_same_command({"config": cfg.to_dict()}, cfg, now)  # saved before packs had fingerprints: cannot tell
+
+
 def test_torchrun_restarts_a_run_whose_process_was_killed_and_resume_auto_ends_it_with_the_same_weights(
         tiny_shards, tmp_path):
     import signal
@@ -1108,6 +1134,19 @@ def test_an_offline_imagenet1k_teacher_names_the_local_file_option(monkeypatch):
 
     with pytest.raises(MissingFile, match="could not download.*--teacher-weights /path/to/it"):
         load_teacher("", "imagenet1k", ClassMap(("n01440764",), ("tench",)))
+
+
+def test_the_ema_warning_counts_all_the_runs_updates_for_a_kept_ema_and_those_left_for_a_new_one(capsys):
+    from vitdeit.distributed import Dist
+    from vitdeit.trainer import make_ema
+
+    net = torch.nn.Linear(2, 2)
+    cfg = Config(model_ema=True, model_ema_decay=0.7, epochs=2)  # 0.7 ** 6 = 12 % > 5 %, 0.7 ** 12 = 1.4 % <= 5 %
+    kept = {"ema": {k: v.clone() for k, v in net.state_dict().items()}}  # the resumed run kept its EMA
+    make_ema(net, cfg, kept, start_epoch=1, steps=6, dist=Dist())
+    assert "over this run's" not in capsys.readouterr().out  # its 12 updates in all: 1.4 % left, no warning
+    make_ema(net, cfg, {"ema": None}, start_epoch=1, steps=6, dist=Dist())  # an EMA that starts here: 6 updates
+    assert "--model-ema-decay 0.7 over this run's 6 steps leaves 12% of the EMA" in capsys.readouterr().out
 
 
 def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tiny_shards, tmp_path, capsys):
@@ -2153,6 +2192,21 @@ def test_the_lr_note_of_a_resume_compares_each_schedule_setting_with_the_saved_r
     assert other.startswith(f"note: --resume: the lr goes from {was:.3g}") and "earlier vitdeit" not in other
     assert f"to {halfway(1e-3, 1e-4):.3g} at the next step" in note(min_lr=1e-4)  # each setting of the schedule
     assert f"to {halfway(1.05e-3, 1e-5):.3g} at the next step" in note(lr=1.05e-3)  # a 5 % change is still said
+
+
+def test_no_lr_note_where_the_process_count_changed_its_steps_are_other_steps():
+    from types import SimpleNamespace
+
+    from vitdeit.trainer import lr_jump
+
+    base = dict(lr=1e-3, min_lr=1e-5, epochs=4, warmup_epochs=0.0, batch_size=16)
+    cosine = lambda t: 1e-5 + (1e-3 * 16 / 512 - 1e-5) * (1 + math.cos(math.pi * t / 40)) / 2  # noqa: E731
+    # saved by 4 processes (a train-loader state each), 10 steps an epoch of 640 images; resumed with --lr 2e-3
+    resumed = {"epoch": 1, "config": Config(**base).to_dict(), "loader_states": [None] * 4,
+               "metrics": {"lr": cosine(19), "train_samples": 640}}
+    assert lr_jump(Config(**{**base, "lr": 2e-3}), SimpleNamespace(world=1), 10, resumed) is None  # (resume_notes
+    # says the process count changed)
+    assert lr_jump(Config(**{**base, "lr": 2e-3}), SimpleNamespace(world=4), 10, resumed) is not None  # the same 4
 
 
 def test_a_resume_with_more_epochs_says_where_its_lr_goes(two_epoch_run, tiny_shards, tmp_path, capsys, monkeypatch):

@@ -148,7 +148,7 @@ def contents_problem(state: dict) -> str | None:
     take for granted: its config (a dict naming a model and sizes it can have), its classes (WNIDs), and its
     weights and EMA of them, against the state dict of the model its config and classes describe (made on the meta
     device: no memory, no RNG draw). None where all fit."""
-    from .config import MODELS, saved_setting
+    from .config import MODELS, saved_setting, sizes_fit
     from .models import create_model  # (models reads checkpoints: imported here, not at the top)
 
     cfg, classes = state["config"], state["classes"]
@@ -157,8 +157,7 @@ def contents_problem(state: dict) -> str | None:
     if (model := cfg.get("model")) not in MODELS:
         return f"its config's model is {model!r}, not one of {', '.join(MODELS)}"
     img_size, patch_size = (saved_setting(cfg, k) for k in ("img_size", "patch_size"))
-    if not all(type(v) is int and v > 0 for v in (img_size, patch_size)) or (
-            model != "resnet18" and img_size % patch_size):
+    if not (all(type(v) is int and v > 0 for v in (img_size, patch_size)) and sizes_fit(model, img_size, patch_size)):
         return f"its config's img_size {img_size!r} and patch_size {patch_size!r} are not sizes a {model} can have"
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         kind = "an empty list" if classes == [] else f"a {type(classes).__name__}"

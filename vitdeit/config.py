@@ -45,6 +45,12 @@ DISTILL_ONLY = ("teacher_ckpt", "teacher_weights", "distillation_alpha", "distil
 NODE_OWN = ("data_path", "resume", "teacher_ckpt", "teacher_weights", "workers", "progress", "output_dir", "run_name")
 
 
+def sizes_fit(model: str, img_size: int, patch_size: int) -> bool:
+    """Whether a `model` can be made at these sizes (px): a transformer's image is whole patches; a CNN has none.
+    The one rule for a run's flags (Config.validate) and a checkpoint's config (checkpoint.contents_problem)."""
+    return model == "resnet18" or img_size % patch_size == 0
+
+
 def flag(name: str) -> str:
     """The command-line flag of a Config field: img_size -> --img-size (every message that names a setting)."""
     return "--" + name.replace("_", "-")
@@ -245,7 +251,7 @@ class Config:
              f"mean of its two heads; choose a value between 0 and 1 (DeiT: 0.5), or --distillation-type none for a "
              f"DeiT without a teacher (both heads then learn the labels)")
         need(self.img_size >= 8, f"--img-size {self.img_size}: must be >= 8")
-        need(self.patch_size >= 1 and (self.model == "resnet18" or self.img_size % self.patch_size == 0),
+        need(self.patch_size >= 1 and sizes_fit(self.model, self.img_size, self.patch_size),
              f"--patch-size {self.patch_size} must divide --img-size {self.img_size}")  # ViT/DeiT only
         need(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
         # (31 bits: what every generator the run seeds takes; the PyTorch loader's epoch seed, seed * 1000003 +

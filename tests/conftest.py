@@ -32,6 +32,20 @@ def checkpoint_state(classes: list[str], **keys) -> dict:
             "config": Config(model="vit_tiny", img_size=32, patch_size=8).to_dict(), **keys}
 
 
+def zip_record(path: Path, name_end: str):
+    """(the ZipInfo, the offset of its first data byte) of the record of a torch.save file whose name ends in
+    `name_end` ("/data.pkl", "/data/0"): its data starts after its local header, whose name and extra fields have
+    lengths of their own (the central directory's extra field may differ)."""
+    import struct
+    import zipfile
+
+    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith(name_end))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name, extra = struct.unpack("<HH", f.read(4))
+    return info, info.header_offset + 30 + name + extra
+
+
 def free_port() -> int:
     """A port nobody listens on now: a rendezvous's, or one with nothing behind it."""
     with socket.socket() as s:

@@ -15,7 +15,7 @@ import torch
 import pack_shards
 import train
 import viz
-from conftest import checkpoint_state, torchrun
+from conftest import checkpoint_state, torchrun, zip_record
 from vitdeit.checkpoint import load_checkpoint, save_checkpoint
 from vitdeit.errors import DataError, WriteFailed
 
@@ -109,16 +109,13 @@ def test_dalis_own_failed_allocations_get_the_out_of_memory_line():
 
 
 def test_a_checkpoint_changed_in_place_is_a_data_error_naming_the_record_unless_saved_without_crcs(tmp_path):
-    import struct
     import zipfile
 
     path, tensor = tmp_path / "c.pth", torch.zeros(1000)
     torch.save({"model": {"w": tensor}}, path)
-    info = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data/0"))  # the tensor's bytes
-    with open(path, "r+b") as f:  # one byte of the tensor's data, after its local header (name, extra: 64-B alignment)
-        f.seek(info.header_offset + 26)
-        name, extra = struct.unpack("<HH", f.read(4))
-        f.seek(info.header_offset + 30 + name + extra + 100)
+    info, start = zip_record(path, "/data/0")  # the tensor's bytes (after its header's name, extra: 64-B alignment)
+    with open(path, "r+b") as f:  # one byte of the tensor's data
+        f.seek(start + 100)
         f.write(b"\x7f")
     assert torch.load(path, weights_only=True)["model"]["w"].count_nonzero() == 1  # torch.load takes it as it is
     fix = ": the file changed after it was written (a damaged copy or disk); copy it again or pass another file."
@@ -128,12 +125,11 @@ def test_a_checkpoint_changed_in_place_is_a_data_error_naming_the_record_unless_
                             f"wrote for it{fix}")
     torch.save({"model": {"w": tensor}}, path)  # whole again
     whole = path.read_bytes()
-    pkl = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("/data.pkl"))
+    pkl, start = zip_record(path, "/data.pkl")
     said = set()
     for at in range(pkl.compress_size):  # each byte of the pickle in turn: torch.load fails in many ways, or not
         damaged = bytearray(whole)
-        name, extra = struct.unpack_from("<HH", whole, pkl.header_offset + 26)  # its local header's (not the
-        damaged[pkl.header_offset + 30 + name + extra + at] ^= 0x41  # central directory's: another extra field)
+        damaged[start + at] ^= 0x41
         path.write_bytes(damaged)
         with pytest.raises(DataError) as e:
             load_checkpoint(path)

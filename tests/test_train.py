@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import held_elsewhere, lock_held, small_dataset, torchrun
+from conftest import held_elsewhere, lock_held, small_dataset, torchrun, zip_record
 from vitdeit import distill, runs, trainer
 from vitdeit.classes import load_manifest
 from vitdeit.errors import DataError, SettingError
@@ -902,7 +902,7 @@ def test_the_same_command_with_resume_auto_starts_the_run_goes_on_and_refuses_an
             f"--resume auto goes on only") in capsys.readouterr().err
     assert last.read_bytes() == before  # (each refused before any write)
     damaged = bytearray(before)  # a byte of a tensor's data changed since: named as the file --resume auto found
-    damaged[len(before) // 2] ^= 0xFF
+    damaged[zip_record(last, "/data/0")[1]] ^= 0xFF
     last.write_bytes(damaged)
     assert train_py.main(cmd) == 1 and capsys.readouterr().err.startswith(f"error: --resume auto: {last}: its record ")
     last.write_bytes(before)
@@ -1609,12 +1609,7 @@ def test_a_resume_in_place_beside_a_last_pth_that_does_not_load_is_not_refused_a
     if damage == "cut short":  # a disk that filled, a copy cut off
         del good[len(good) // 2:]
     else:  # in place, the first byte of its pickle: that record's CRC-32 no longer fits
-        import struct
-        import zipfile
-
-        pkl = next(i for i in zipfile.ZipFile(run / "last.pth").infolist() if i.filename.endswith("/data.pkl"))
-        name, extra = struct.unpack_from("<HH", good, pkl.header_offset + 26)  # (its local header's lengths)
-        good[pkl.header_offset + 30 + name + extra] ^= 0x41
+        good[zip_record(run / "last.pth", "/data.pkl")[1]] ^= 0x41
     (run / "last.pth").write_bytes(bytes(good))
     runs.check_rewind(run, cfg, {"epoch": 0}, Dist())  # goes on from best.pth
 

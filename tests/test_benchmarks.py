@@ -1214,17 +1214,13 @@ def test_the_gpu_session_trains_with_the_defaults_unless_another_setting_fed_the
 def test_the_resized_rows_shards_hold_images_at_resize_short_one_under_val_resize_is_noted_and_the_json_says_so(
         tmp_path, capsys):
     import io
-    import tarfile
 
     from benchmarks import throughput
+    from test_packing import read_tar
 
     def shorter_sides(shards: Path) -> list[int]:
-        sides = []
-        for path in sorted(shards.glob("train-*.tar")):
-            with tarfile.open(path) as tar:
-                sides += [min(Image.open(io.BytesIO(tar.extractfile(m).read())).size)
-                          for m in tar.getmembers() if m.name.endswith(".jpg")]
-        return sides
+        return [min(Image.open(io.BytesIO(sample["jpg"])).size) for path in sorted(shards.glob("train-*.tar"))
+                for sample in read_tar(path).values()]
 
     data = small_dataset(tmp_path / "d", num_classes=2, train_per_class=4, val_per_class=1)  # 40-64 px images
     json_path = tmp_path / "b.json"
